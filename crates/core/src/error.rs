@@ -1,0 +1,78 @@
+use crate::store::{ExpectedVersion, Position};
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Everything an event store operation can fail with. Each variant carries what
+/// the caller needs to act: the actual version on a conflict, the file and offset
+/// of corruption, the limit that was exceeded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("wrong expected version for stream '{stream}': expected {expected}, actual version is {actual_version}")]
+    WrongExpectedVersion { stream: String, expected: ExpectedVersion, actual_version: u64 },
+
+    #[error("stream '{stream}' was deleted for good (tombstoned); its name cannot be written again")]
+    StreamDeleted { stream: String },
+
+    #[error("stream '{stream}' does not exist")]
+    StreamNotFound { stream: String },
+
+    #[error("event {index} of the batch is {size_bytes} bytes; the limit is {limit_bytes} bytes")]
+    EventTooLarge { index: usize, size_bytes: usize, limit_bytes: usize },
+
+    #[error("the append is {size_bytes} bytes; the limit for one append is {limit_bytes} bytes")]
+    AppendTooLarge { size_bytes: usize, limit_bytes: usize },
+
+    #[error("invalid stream name {name:?}: {reason}")]
+    InvalidStreamName { name: String, reason: String },
+
+    #[error("invalid event: {0}")]
+    InvalidEvent(String),
+
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    #[error("event id {id} was already written {detail}; a retried append must resend exactly the same batch to the same stream")]
+    IdempotencyConflict { id: uuid::Uuid, detail: String },
+
+    #[error("position {0} is not the position of an event")]
+    InvalidPosition(Position),
+
+    #[error("the store is busy: {0}; retry later")]
+    Busy(String),
+
+    #[error("the store is closed{}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
+    Closed { reason: Option<String> },
+
+    #[error("data corruption in {file} at offset {offset}: {reason}")]
+    Corrupt { file: String, offset: u64, reason: String },
+
+    #[error("the data directory {dir} is in use by another process (lock file {dir}/LOCK)")]
+    Locked { dir: String },
+
+    #[error("I/O error on {path}: {source}")]
+    Io { path: String, #[source] source: std::io::Error },
+}
+
+impl StoreError {
+    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        StoreError::Io { path: path.as_ref().display().to_string(), source }
+    }
+
+    /// True for errors that say "your request is wrong", as opposed to "the store failed".
+    pub fn is_client_error(&self) -> bool {
+        matches!(
+            self,
+            StoreError::WrongExpectedVersion { .. }
+                | StoreError::StreamDeleted { .. }
+                | StoreError::StreamNotFound { .. }
+                | StoreError::EventTooLarge { .. }
+                | StoreError::AppendTooLarge { .. }
+                | StoreError::InvalidStreamName { .. }
+                | StoreError::InvalidEvent(_)
+                | StoreError::InvalidArgument(_)
+                | StoreError::IdempotencyConflict { .. }
+                | StoreError::InvalidPosition(_)
+        )
+    }
+}

@@ -1,0 +1,24 @@
+//! Cairn's core: the event envelope, expected versions, positions, errors and the
+//! [`EventStore`] trait that every backend implements.
+//!
+//! Backends prove themselves against the same [`conformance`] suite (feature
+//! `conformance`), so code written against the trait behaves the same on the
+//! embedded engine, PostgreSQL or a remote server.
+
+mod error;
+mod event;
+mod limits;
+mod metadata;
+mod store;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use error::{Result, StoreError};
+pub use event::{ContentType, Metadata, NewEvent, RecordedEvent, Timestamp};
+pub use limits::{validate_stream_name, Limits, STREAM_NAME_BYTES_MAX};
+pub use metadata::{metadata_stream_name, StreamMetadata, StreamState};
+pub use store::{
+    AppendResult, Direction, EventStore, ExpectedVersion, Position, ReadAllOptions,
+    ReadStreamOptions, StartFrom, StreamInfo, Subscription, SubscriptionTarget,
+};

@@ -1,0 +1,229 @@
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use async_trait::async_trait;
+use futures_core::Stream;
+use serde::{Deserialize, Serialize};
+
+use crate::{NewEvent, RecordedEvent, Result, StreamMetadata, StreamState};
+
+/// A place in the global order of all events (`$all`). Positions strictly
+/// increase with every event but are not contiguous: the embedded engine uses
+/// byte offsets into its log. `Position::START` (0) is before every event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[serde(transparent)]
+pub struct Position(pub u64);
+
+impl Position {
+    pub const START: Position = Position(0);
+    pub const END: Position = Position(u64::MAX);
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self == Position::END { f.write_str("end") } else { write!(f, "{}", self.0) }
+    }
+}
+
+/// The condition an append puts on the stream's current version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpectedVersion {
+    /// No condition.
+    Any,
+    /// The stream must not exist (version 0). Same as `Exact(0)`.
+    NoStream,
+    /// The stream must have at least one event.
+    StreamExists,
+    /// The stream's version (its event count) must be exactly this.
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    /// Whether a stream at `current` version satisfies the condition.
+    pub fn accepts(self, current: u64) -> bool {
+        match self {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => current == 0,
+            ExpectedVersion::StreamExists => current > 0,
+            ExpectedVersion::Exact(v) => current == v,
+        }
+    }
+}
+
+impl fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpectedVersion::Any => f.write_str("any"),
+            ExpectedVersion::NoStream => f.write_str("no stream"),
+            ExpectedVersion::StreamExists => f.write_str("stream exists"),
+            ExpectedVersion::Exact(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+/// What a successful append returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendResult {
+    /// The stream's version after the append (the version of its last event).
+    pub next_version: u64,
+    /// Global position of the last event written.
+    pub position: Position,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    #[default]
+    Forward,
+    Backward,
+}
+
+/// Which events of one stream to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadStreamOptions {
+    /// First version to return (inclusive). Forward reads start at 1 by default,
+    /// backward reads at the newest event (`u64::MAX`).
+    pub from_version: u64,
+    pub direction: Direction,
+    pub limit: usize,
+}
+
+impl ReadStreamOptions {
+    pub fn forward() -> Self {
+        ReadStreamOptions { from_version: 1, direction: Direction::Forward, limit: usize::MAX }
+    }
+    pub fn backward() -> Self {
+        ReadStreamOptions { from_version: u64::MAX, direction: Direction::Backward, limit: usize::MAX }
+    }
+    pub fn from_version(mut self, version: u64) -> Self {
+        self.from_version = version;
+        self
+    }
+    pub fn limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+}
+
+/// Which events of the global order to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadAllOptions {
+    /// Forward: events at or after this position. Backward: events at or before
+    /// it (`Position::END` for the newest). Must be `START`, `END`, the head, or
+    /// the position of an event.
+    pub from: Position,
+    pub direction: Direction,
+    pub limit: usize,
+}
+
+impl ReadAllOptions {
+    pub fn forward() -> Self {
+        ReadAllOptions { from: Position::START, direction: Direction::Forward, limit: usize::MAX }
+    }
+    pub fn backward() -> Self {
+        ReadAllOptions { from: Position::END, direction: Direction::Backward, limit: usize::MAX }
+    }
+    pub fn from(mut self, position: Position) -> Self {
+        self.from = position;
+        self
+    }
+    pub fn limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+}
+
+/// What a subscription follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SubscriptionTarget {
+    Stream(String),
+    All,
+}
+
+/// Where a subscription starts. For a stream the number is a version, for `$all`
+/// a position; the subscription delivers the events strictly after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartFrom {
+    Start,
+    After(u64),
+    /// Only events appended after the subscription was made.
+    End,
+}
+
+/// A stream's current state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamInfo {
+    pub stream: String,
+    /// Number of events appended since the stream was (re)created, including
+    /// those that reads now hide because of its metadata.
+    pub version: u64,
+    pub state: StreamState,
+    pub metadata: StreamMetadata,
+    /// Position of its newest event, if any.
+    pub last_position: Option<Position>,
+}
+
+/// Events delivered by a subscription: first the history (catch-up), then live
+/// events as they become durable, with no gap and no duplicate at the switch.
+pub struct Subscription {
+    inner: Pin<Box<dyn Stream<Item = Result<RecordedEvent>> + Send>>,
+}
+
+impl Subscription {
+    pub fn new(stream: impl Stream<Item = Result<RecordedEvent>> + Send + 'static) -> Self {
+        Subscription { inner: Box::pin(stream) }
+    }
+
+    /// The next event; `None` once the store is closed.
+    pub async fn next(&mut self) -> Option<Result<RecordedEvent>> {
+        std::future::poll_fn(|cx| self.inner.as_mut().poll_next(cx)).await
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Result<RecordedEvent>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+/// The event store. Every backend (embedded, PostgreSQL, remote server)
+/// implements this and passes the conformance suite.
+#[async_trait]
+pub trait EventStore: Send + Sync {
+    /// Appends `events` to `stream` atomically (all or none) if the stream's
+    /// version satisfies `expected`. Re-sending a batch whose event ids were all
+    /// written by one earlier append returns that append's result and writes nothing.
+    async fn append(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>) -> Result<AppendResult>;
+
+    /// Reads a stream's events, honouring its metadata (max age, max count,
+    /// truncate-before). A stream that does not exist or was soft-deleted gives
+    /// `StreamNotFound`; a tombstoned one `StreamDeleted`.
+    async fn read_stream(&self, stream: &str, options: ReadStreamOptions) -> Result<Vec<RecordedEvent>>;
+
+    /// Reads the global order: every event of every stream, system events included.
+    async fn read_all(&self, options: ReadAllOptions) -> Result<Vec<RecordedEvent>>;
+
+    /// A stream's version, state and metadata; `StreamNotFound` if it never existed.
+    async fn stream_info(&self, stream: &str) -> Result<StreamInfo>;
+
+    /// Streams whose name starts with `prefix` (all user streams for ""), by name.
+    async fn list_streams(&self, prefix: &str, limit: usize) -> Result<Vec<StreamInfo>>;
+
+    /// Replaces a stream's metadata; takes effect on the next read.
+    async fn set_stream_metadata(&self, stream: &str, metadata: StreamMetadata) -> Result<AppendResult>;
+
+    /// Soft delete (`hard = false`): the stream reads as gone and a later append
+    /// starts it over at version 1. Hard delete: a tombstone; the name can never
+    /// be written again. Both honour `expected`.
+    async fn delete_stream(&self, stream: &str, expected: ExpectedVersion, hard: bool) -> Result<AppendResult>;
+
+    /// Catch-up then live subscription.
+    async fn subscribe(&self, target: SubscriptionTarget, from: StartFrom) -> Result<Subscription>;
+
+    /// The position just after the newest durable event (where the next goes).
+    async fn head_position(&self) -> Result<Position>;
+}

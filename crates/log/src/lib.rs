@@ -1,0 +1,21 @@
+//! Cairn's embedded storage engine, the default backend.
+//!
+//! One append-only log split into segment files of CRC-checked records, written
+//! by a single group-committing writer thread; a stream index derived from the
+//! log; recovery that cuts a torn tail and refuses to open a log damaged
+//! anywhere else. The record layout, commit protocol and recovery rules are in
+//! `docs/design.md`.
+
+mod index;
+mod read;
+mod record;
+mod recovery;
+mod segment;
+mod stats;
+mod store;
+mod verify;
+mod writer;
+
+pub use stats::Stats;
+pub use store::{EmbeddedStore, OpenReport, Options};
+pub use verify::{verify, VerifyReport};

@@ -1,0 +1,312 @@
+//! Reads, subscriptions and the `EventStore` implementation. Reads never take
+//! the writer's path: they look up positions in the index and decode records
+//! straight from the segment maps, below the durable head.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use cairn_core::{
+    AppendResult, Direction, EventStore, ExpectedVersion, NewEvent, Position, ReadAllOptions, ReadStreamOptions,
+    RecordedEvent, StartFrom, StoreError, StreamInfo, StreamMetadata, StreamState, Subscription, SubscriptionTarget,
+    Timestamp, STREAM_NAME_BYTES_MAX,
+};
+
+use crate::record::{self, RECORD_OVERHEAD_BYTES};
+use crate::segment::SEGMENT_HEADER_BYTES;
+use crate::store::{EmbeddedStore, Shared};
+
+/// Events a subscription reads from the log at a time.
+const SUBSCRIPTION_PAGE_EVENTS: usize = 512;
+
+fn check_read_name(stream: &str) -> Result<(), StoreError> {
+    if stream.is_empty() || stream.len() > STREAM_NAME_BYTES_MAX + 2 {
+        return Err(StoreError::InvalidStreamName { name: stream.to_string(), reason: "empty or too long".into() });
+    }
+    Ok(())
+}
+
+fn corrupt_at(shared: &Shared, position: u64, reason: &str) -> StoreError {
+    let file = shared.segment_for(position).map(|s| s.path.display().to_string()).unwrap_or_default();
+    let offset = shared.segment_for(position).map_or(position, |s| position - s.base);
+    StoreError::Corrupt { file, offset, reason: reason.to_string() }
+}
+
+impl Shared {
+    fn event_at(&self, position: u64) -> Result<RecordedEvent, StoreError> {
+        self.with_record(position, |v| v.to_event(Position(position)))
+            .ok_or_else(|| corrupt_at(self, position, "the index points at a position that holds no valid record"))
+    }
+
+    /// Positions of the visible events of `stream` selected by `options`.
+    fn stream_positions(&self, stream: &str, options: &ReadStreamOptions) -> Result<Vec<u64>, StoreError> {
+        let index = self.index.read().unwrap();
+        let not_found = || StoreError::StreamNotFound { stream: stream.to_string() };
+        let entry = index.streams.get(stream).ok_or_else(not_found)?;
+        match entry.state {
+            StreamState::Tombstoned => return Err(StoreError::StreamDeleted { stream: stream.to_string() }),
+            StreamState::Deleted => return Err(not_found()),
+            StreamState::Live if entry.version() == 0 => return Err(not_found()),
+            StreamState::Live => {}
+        }
+        let first = entry.first_visible_version(Timestamp::now().0);
+        let last = entry.version();
+        let at = |v: u64| entry.positions[(v - 1) as usize];
+        Ok(match options.direction {
+            Direction::Forward => {
+                let from = options.from_version.max(first);
+                (from..=last).take(options.limit).map(at).collect()
+            }
+            Direction::Backward => {
+                let from = options.from_version.min(last);
+                if from < first { Vec::new() } else { (first..=from).rev().take(options.limit).map(at).collect() }
+            }
+        })
+    }
+
+    fn first_record_position(&self) -> u64 {
+        self.segments.read().unwrap()[0].base + SEGMENT_HEADER_BYTES
+    }
+
+    /// Length of the event at `position`, checking that an event really starts
+    /// there (its id must map back to this position in the index).
+    fn event_len(&self, position: u64) -> Result<u64, StoreError> {
+        let found = self.with_record(position, |v| (v.id.as_u128(), v.len as u64));
+        match found {
+            Some((id, len)) if self.index.read().unwrap().ids.get(&id) == Some(&position) => Ok(len),
+            _ => Err(StoreError::InvalidPosition(Position(position))),
+        }
+    }
+
+    /// Reads forward from the record boundary `from`; returns the events and the
+    /// boundary after the last one.
+    fn read_forward(&self, mut from: u64, limit: usize) -> Result<(Vec<RecordedEvent>, u64), StoreError> {
+        let head = self.head.load(Ordering::Acquire);
+        let mut out = Vec::new();
+        let mut seg = match self.segment_for(from) {
+            Some(s) => s,
+            None => return Ok((out, from)),
+        };
+        while from < head && out.len() < limit {
+            let seg_end = (seg.base + seg.capacity()).min(head);
+            if from >= seg_end {
+                // Next segment: it starts where this one ends.
+                seg = match self.segment_for(seg.base + seg.capacity()) {
+                    Some(s) if s.base > seg.base => s,
+                    _ => break,
+                };
+                from = seg.base + SEGMENT_HEADER_BYTES;
+                continue;
+            }
+            let bytes = seg.bytes(from - seg.base, seg_end - seg.base);
+            let view = record::decode(bytes).map_err(|e| corrupt_at(self, from, &format!("{e:?}")))?;
+            out.push(view.to_event(Position(from)));
+            from += view.len as u64;
+        }
+        Ok((out, from))
+    }
+
+    /// Reads backward from the record boundary `end` (exclusive).
+    fn read_backward(&self, mut end: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+        let first = self.first_record_position();
+        let mut out = Vec::new();
+        while end > first && out.len() < limit {
+            let Some(seg) = self.segment_for(end - 1) else { break };
+            if end - seg.base <= SEGMENT_HEADER_BYTES {
+                end = seg.base; // continue at the end of the previous segment
+                continue;
+            }
+            let trailer = seg.bytes(end - seg.base - 4, end - seg.base);
+            let body_len = u32::from_le_bytes(trailer.try_into().unwrap()) as u64;
+            let start = end.checked_sub(body_len + RECORD_OVERHEAD_BYTES as u64)
+                .filter(|s| *s >= seg.base + SEGMENT_HEADER_BYTES)
+                .ok_or_else(|| corrupt_at(self, end - 4, "record trailer points before the segment start"))?;
+            out.push(self.event_at(start)?);
+            end = start;
+        }
+        Ok(out)
+    }
+
+    fn read_all(&self, options: &ReadAllOptions) -> Result<Vec<RecordedEvent>, StoreError> {
+        let head = self.head.load(Ordering::Acquire);
+        let from = options.from.0;
+        match options.direction {
+            Direction::Forward => {
+                let start = if from == 0 {
+                    self.first_record_position()
+                } else if from >= head {
+                    return if from == head || options.from == Position::END { Ok(Vec::new()) } else { Err(StoreError::InvalidPosition(options.from)) };
+                } else {
+                    self.event_len(from)?;
+                    from
+                };
+                Ok(self.read_forward(start, options.limit)?.0)
+            }
+            Direction::Backward => {
+                let end = if from >= head { head } else if from == 0 { return Ok(Vec::new()) } else { from + self.event_len(from)? };
+                self.read_backward(end, options.limit)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl EventStore for EmbeddedStore {
+    async fn append(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>) -> Result<AppendResult, StoreError> {
+        self.append_user(stream, expected, events).await
+    }
+
+    async fn read_stream(&self, stream: &str, options: ReadStreamOptions) -> Result<Vec<RecordedEvent>, StoreError> {
+        check_read_name(stream)?;
+        let positions = self.shared.stream_positions(stream, &options)?;
+        positions.into_iter().map(|p| self.shared.event_at(p)).collect()
+    }
+
+    async fn read_all(&self, options: ReadAllOptions) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.shared.read_all(&options)
+    }
+
+    async fn stream_info(&self, stream: &str) -> Result<StreamInfo, StoreError> {
+        check_read_name(stream)?;
+        let index = self.shared.index.read().unwrap();
+        let entry = index.streams.get(stream).ok_or_else(|| StoreError::StreamNotFound { stream: stream.to_string() })?;
+        Ok(info(stream, entry))
+    }
+
+    async fn list_streams(&self, prefix: &str, limit: usize) -> Result<Vec<StreamInfo>, StoreError> {
+        let index = self.shared.index.read().unwrap();
+        let system = prefix.starts_with('$');
+        let mut names: Vec<&String> = index.streams.keys()
+            .filter(|n| n.starts_with(prefix) && (system || !n.starts_with('$')))
+            .collect();
+        names.sort_unstable();
+        Ok(names.into_iter().take(limit).map(|n| info(n, &index.streams[n])).collect())
+    }
+
+    async fn set_stream_metadata(&self, stream: &str, metadata: StreamMetadata) -> Result<AppendResult, StoreError> {
+        self.set_metadata(stream, metadata).await
+    }
+
+    async fn delete_stream(&self, stream: &str, expected: ExpectedVersion, hard: bool) -> Result<AppendResult, StoreError> {
+        self.delete(stream, expected, hard).await
+    }
+
+    async fn subscribe(&self, target: SubscriptionTarget, from: StartFrom) -> Result<Subscription, StoreError> {
+        let shared = self.shared.clone();
+        match target {
+            SubscriptionTarget::All => {
+                let head = shared.head.load(Ordering::Acquire);
+                let next = match from {
+                    StartFrom::Start | StartFrom::After(0) => shared.first_record_position(),
+                    StartFrom::End => head,
+                    StartFrom::After(p) if p == head => head,
+                    StartFrom::After(p) if p > head => return Err(StoreError::InvalidPosition(Position(p))),
+                    StartFrom::After(p) => p + shared.event_len(p)?,
+                };
+                Ok(subscription(shared, Cursor::All(next)))
+            }
+            SubscriptionTarget::Stream(stream) => {
+                check_read_name(&stream)?;
+                let next = match from {
+                    StartFrom::Start => 1,
+                    StartFrom::After(v) => v + 1,
+                    StartFrom::End => shared.index.read().unwrap().current(&stream).0 + 1,
+                };
+                Ok(subscription(shared, Cursor::Stream(stream, next)))
+            }
+            other => Err(StoreError::InvalidArgument(format!("subscription target {other:?} is not supported by the embedded engine yet"))),
+        }
+    }
+
+    async fn head_position(&self) -> Result<Position, StoreError> {
+        Ok(Position(self.shared.head.load(Ordering::Acquire)))
+    }
+}
+
+fn info(stream: &str, entry: &crate::index::StreamEntry) -> StreamInfo {
+    StreamInfo {
+        stream: stream.to_string(),
+        version: entry.version(),
+        state: entry.state,
+        metadata: entry.metadata.clone(),
+        last_position: entry.positions.last().map(|p| Position(*p)),
+    }
+}
+
+enum Cursor {
+    /// Next record boundary to read in `$all`.
+    All(u64),
+    /// Stream name and next version to deliver.
+    Stream(String, u64),
+}
+
+struct SubState {
+    shared: Arc<Shared>,
+    cursor: Cursor,
+    head_rx: tokio::sync::watch::Receiver<u64>,
+    buffer: VecDeque<RecordedEvent>,
+    done: bool,
+}
+
+/// Catch-up and live are one loop: read the log from the cursor; when nothing
+/// is left, wait for the durable head to move, then read again. Because every
+/// event comes from the log by position, there is no gap and no duplicate at
+/// the switch from history to live.
+fn subscription(shared: Arc<Shared>, cursor: Cursor) -> Subscription {
+    let head_rx = shared.head_tx.subscribe();
+    let state = SubState { shared, cursor, head_rx, buffer: VecDeque::new(), done: false };
+    Subscription::new(futures_util::stream::unfold(state, |mut s| async move {
+        loop {
+            if s.done {
+                return None;
+            }
+            if let Some(e) = s.buffer.pop_front() {
+                return Some((Ok(e), s));
+            }
+            s.head_rx.borrow_and_update();
+            match s.fill() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    s.done = true;
+                    return Some((Err(e), s));
+                }
+            }
+            if s.head_rx.changed().await.is_err() {
+                // The writer is gone: the store was closed.
+                s.done = true;
+                let reason = s.shared.poisoned();
+                return reason.map(|r| (Err(StoreError::Closed { reason: Some(r) }), s));
+            }
+        }
+    }))
+}
+
+impl SubState {
+    /// Reads the next page into the buffer; false if there was nothing new.
+    fn fill(&mut self) -> Result<bool, StoreError> {
+        match &mut self.cursor {
+            Cursor::All(next) => {
+                let (events, after) = self.shared.read_forward(*next, SUBSCRIPTION_PAGE_EVENTS)?;
+                *next = after;
+                self.buffer.extend(events);
+            }
+            Cursor::Stream(stream, next) => {
+                let options = ReadStreamOptions::forward().from_version(*next).limit(SUBSCRIPTION_PAGE_EVENTS);
+                match self.shared.stream_positions(stream, &options) {
+                    Ok(positions) => {
+                        for p in positions {
+                            let e = self.shared.event_at(p)?;
+                            *next = e.version + 1;
+                            self.buffer.push_back(e);
+                        }
+                    }
+                    Err(StoreError::StreamNotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(!self.buffer.is_empty())
+    }
+}

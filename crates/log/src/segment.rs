@@ -1,0 +1,106 @@
+//! Segment files: `log/<base position, 20 digits>.seg`, each a 24-byte header
+//! (`CAIRNSEG`, format version, base position) followed by records. The active
+//! segment is preallocated (sparse) to its capacity and mapped read-only whole;
+//! the writer writes with `pwrite`, readers read the map (one page cache).
+//! A sealed segment is trimmed to its used length.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use cairn_core::StoreError;
+use memmap2::Mmap;
+
+pub const SEGMENT_MAGIC: &[u8; 8] = b"CAIRNSEG";
+pub const SEGMENT_FORMAT_VERSION: u32 = 1;
+pub const SEGMENT_HEADER_BYTES: u64 = 24;
+
+pub struct Segment {
+    /// Global position of the segment's first byte (its header).
+    pub base: u64,
+    pub path: PathBuf,
+    pub file: File,
+    map: Mmap,
+}
+
+impl Segment {
+    pub fn file_name(base: u64) -> String {
+        format!("{base:020}.seg")
+    }
+
+    /// Creates a new segment with room for `capacity` bytes and makes both the
+    /// file and its directory entry durable.
+    pub fn create(dir: &Path, base: u64, capacity: u64) -> Result<Segment, StoreError> {
+        let path = dir.join(Self::file_name(base));
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)
+            .map_err(|e| StoreError::io(&path, e))?;
+        let mut header = Vec::with_capacity(SEGMENT_HEADER_BYTES as usize);
+        header.extend_from_slice(SEGMENT_MAGIC);
+        header.extend_from_slice(&SEGMENT_FORMAT_VERSION.to_le_bytes());
+        header.extend_from_slice(&0u32.to_le_bytes());
+        header.extend_from_slice(&base.to_le_bytes());
+        file.set_len(capacity.max(SEGMENT_HEADER_BYTES)).map_err(|e| StoreError::io(&path, e))?;
+        file.write_all_at(&header, 0).map_err(|e| StoreError::io(&path, e))?;
+        file.sync_all().map_err(|e| StoreError::io(&path, e))?;
+        sync_dir(dir)?;
+        Self::map(base, path, file)
+    }
+
+    /// Opens an existing segment and checks its header.
+    pub fn open(path: &Path, writable: bool) -> Result<Segment, StoreError> {
+        let file = OpenOptions::new().read(true).write(writable).open(path).map_err(|e| StoreError::io(path, e))?;
+        let corrupt = |offset: u64, reason: String| StoreError::Corrupt { file: path.display().to_string(), offset, reason };
+        let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
+        file.read_exact_at(&mut header, 0).map_err(|_| corrupt(0, "file is shorter than a segment header".into()))?;
+        if &header[0..8] != SEGMENT_MAGIC {
+            return Err(corrupt(0, "not a Cairn segment (bad magic bytes)".into()));
+        }
+        let version = u32::from_le_bytes(header[8..12].try_into().unwrap());
+        if version != SEGMENT_FORMAT_VERSION {
+            return Err(corrupt(8, format!("segment format version {version} is not supported (this build reads {SEGMENT_FORMAT_VERSION})")));
+        }
+        let base = u64::from_le_bytes(header[16..24].try_into().unwrap());
+        Self::map(base, path.to_path_buf(), file)
+    }
+
+    fn map(base: u64, path: PathBuf, file: File) -> Result<Segment, StoreError> {
+        // SAFETY: the file is only ever appended to by this process's writer
+        // (the data directory lock keeps other processes out), and readers only
+        // look at bytes below the durable end, which never change again.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| StoreError::io(&path, e))?;
+        Ok(Segment { base, path, file, map })
+    }
+
+    /// Length of the file (and the map) in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    /// The file's bytes from `offset` up to `end` (file offsets).
+    pub fn bytes(&self, offset: u64, end: u64) -> &[u8] {
+        &self.map[offset as usize..end as usize]
+    }
+}
+
+pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StoreError::io(dir, e))
+}
+
+/// Segment files in `dir`, sorted by base position.
+pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))? {
+        let entry = entry.map_err(|e| StoreError::io(dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(stem) = name.strip_suffix(".seg") else { continue };
+        let base = stem.parse::<u64>().map_err(|_| StoreError::Corrupt {
+            file: entry.path().display().to_string(),
+            offset: 0,
+            reason: "segment file name is not a position".into(),
+        })?;
+        out.push((base, entry.path()));
+    }
+    out.sort();
+    Ok(out)
+}

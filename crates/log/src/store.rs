@@ -1,0 +1,328 @@
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use cairn_core::{metadata_stream_name, validate_stream_name, Limits, NewEvent, StoreError, StreamMetadata};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::index::{Index, METADATA_EVENT};
+use crate::record::{self, RECORD_OVERHEAD_BYTES};
+use crate::recovery::scan_segment;
+use crate::segment::{self, Segment, SEGMENT_HEADER_BYTES};
+use crate::stats::Stats;
+use crate::writer::{self, AppendKind, AppendRequest, Writer};
+
+/// Settings of an embedded store.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Size at which a segment is sealed and a new one started.
+    pub segment_bytes: u64,
+    pub limits: Limits,
+    /// Most append requests waiting for the writer; callers wait beyond that.
+    pub queue_depth: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { segment_bytes: 256 * 1024 * 1024, limits: Limits::default(), queue_depth: 4096 }
+    }
+}
+
+/// What opening the store found and did.
+#[derive(Debug, Clone, Default)]
+pub struct OpenReport {
+    pub segments: usize,
+    pub events: u64,
+    /// Bytes of a torn tail that recovery cut, and the file and offset where.
+    pub truncated_bytes: u64,
+    pub truncated_at: Option<(PathBuf, u64)>,
+}
+
+/// State shared by the store handles, the writer and the subscriptions.
+pub struct Shared {
+    pub options: Options,
+    pub log_dir: PathBuf,
+    pub segments: RwLock<Vec<Arc<Segment>>>,
+    pub index: RwLock<Index>,
+    /// Position just past the newest durable record.
+    pub head: AtomicU64,
+    pub head_tx: watch::Sender<u64>,
+    poisoned: Mutex<Option<String>>,
+    pub stats: Stats,
+}
+
+impl Shared {
+    pub fn poison(&self, reason: String) {
+        *self.poisoned.lock().unwrap() = Some(reason);
+    }
+
+    pub fn poisoned(&self) -> Option<String> {
+        self.poisoned.lock().unwrap().clone()
+    }
+
+    /// Applies a durable group to the index, then moves the head and wakes subscribers.
+    pub fn publish(&self, seg: &Segment, file_offset: u64, buf: &[u8]) {
+        let mut index = self.index.write().unwrap();
+        let mut at = 0usize;
+        while at < buf.len() {
+            let view = record::decode(&buf[at..]).expect("the writer encodes valid records");
+            index.apply(&view, seg.base + file_offset + at as u64).expect("the writer checked the append against the index");
+            at += view.len;
+        }
+        let events = index.events;
+        drop(index);
+        self.stats.events_written.store(events, Ordering::Relaxed);
+        let head = seg.base + file_offset + buf.len() as u64;
+        debug_assert!(head > self.head.load(Ordering::Relaxed), "positions strictly increase");
+        self.head.store(head, Ordering::Release);
+        self.head_tx.send_replace(head);
+    }
+
+    pub fn replace_active(&self, sealed: Arc<Segment>, fresh: Arc<Segment>) {
+        let mut segments = self.segments.write().unwrap();
+        let last = segments.len() - 1;
+        segments[last] = sealed;
+        segments.push(fresh);
+    }
+
+    pub fn segment_for(&self, position: u64) -> Option<Arc<Segment>> {
+        let segments = self.segments.read().unwrap();
+        let i = segments.partition_point(|s| s.base <= position);
+        if i == 0 { None } else { Some(segments[i - 1].clone()) }
+    }
+
+    /// The durable bytes of the record at `position`, or `None` if no record fits there.
+    pub fn with_record<T>(&self, position: u64, f: impl FnOnce(record::RecordView<'_>) -> T) -> Option<T> {
+        let seg = self.segment_for(position)?;
+        let head = self.head.load(Ordering::Acquire);
+        let end = seg.capacity().min(head.saturating_sub(seg.base));
+        let offset = position - seg.base;
+        if offset < SEGMENT_HEADER_BYTES || offset >= end {
+            return None;
+        }
+        record::decode(seg.bytes(offset, end)).ok().map(f)
+    }
+
+    /// Stream, version and batch-end flag of the event at `position`.
+    pub fn record_summary(&self, position: u64) -> Option<(String, u64, bool)> {
+        self.with_record(position, |v| (v.stream.to_string(), v.version, v.batch_end()))
+    }
+}
+
+/// Closes the store when the last handle goes: lets the writer drain, then
+/// releases the directory lock.
+struct CloseGuard {
+    writer: Mutex<Option<JoinHandle<()>>>,
+    _lock: File,
+}
+
+impl Drop for CloseGuard {
+    fn drop(&mut self) {
+        if let Some(handle) = self.writer.lock().unwrap().take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// An embedded event store on a local data directory. Cheap to clone; the
+/// store closes when the last clone is dropped.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    pub(crate) shared: Arc<Shared>,
+    // Field order matters: the sender must drop before the guard joins the writer.
+    tx: mpsc::Sender<AppendRequest>,
+    _guard: Arc<CloseGuard>,
+    report: Arc<OpenReport>,
+}
+
+impl EmbeddedStore {
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with(dir, Options::default())
+    }
+
+    pub fn open_with(dir: impl AsRef<Path>, options: Options) -> Result<Self, StoreError> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+        let lock_path = dir.join("LOCK");
+        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| StoreError::io(&lock_path, e))?;
+        if lock.try_lock().is_err() {
+            return Err(StoreError::Locked { dir: dir.display().to_string() });
+        }
+        let log_dir = dir.join("log");
+        if !log_dir.exists() {
+            std::fs::create_dir(&log_dir).map_err(|e| StoreError::io(&log_dir, e))?;
+            segment::sync_dir(dir)?;
+        }
+        let (segments, index, head, report) = recover(&log_dir, &options)?;
+        let last_timestamp = index.streams.values().filter_map(|s| s.timestamps.last().copied()).max().unwrap_or(0);
+        let (head_tx, _) = watch::channel(head);
+        let active = segments.last().expect("recovery leaves a segment").clone();
+        let offset = head - active.base;
+        let shared = Arc::new(Shared {
+            options: options.clone(),
+            log_dir,
+            segments: RwLock::new(segments),
+            index: RwLock::new(index),
+            head: AtomicU64::new(head),
+            head_tx,
+            poisoned: Mutex::new(None),
+            stats: Stats::default(),
+        });
+        let (tx, rx) = mpsc::channel(options.queue_depth);
+        let writer = Writer::new(shared.clone(), active, offset, last_timestamp);
+        let handle = std::thread::Builder::new()
+            .name("cairn-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::io(dir, e))?;
+        let guard = CloseGuard { writer: Mutex::new(Some(handle)), _lock: lock };
+        Ok(EmbeddedStore { shared, tx, _guard: Arc::new(guard), report: Arc::new(report) })
+    }
+
+    /// What recovery found when this store was opened.
+    pub fn open_report(&self) -> &OpenReport {
+        &self.report
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.shared.options
+    }
+
+    /// Checks input, then hands the append to the writer and waits for it to be durable.
+    pub(crate) async fn submit(&self, stream: String, expected: cairn_core::ExpectedVersion, events: Vec<NewEvent>, kind: AppendKind) -> Result<cairn_core::AppendResult, StoreError> {
+        let bytes = self.check_events(&stream, &events)?;
+        if let Some(reason) = self.shared.poisoned() {
+            return Err(StoreError::Closed { reason: Some(reason) });
+        }
+        let (reply, rx) = oneshot::channel();
+        let req = AppendRequest { stream, expected, events, kind, bytes, reply };
+        let closed = || StoreError::Closed { reason: self.shared.poisoned() };
+        self.tx.send(req).await.map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    /// Validates a batch against the limits; returns its encoded size.
+    fn check_events(&self, stream: &str, events: &[NewEvent]) -> Result<usize, StoreError> {
+        let limits = &self.shared.options.limits;
+        if events.is_empty() {
+            return Err(StoreError::InvalidEvent("an append needs at least one event".into()));
+        }
+        if events.len() > limits.append_events_max {
+            return Err(StoreError::InvalidEvent(format!("{} events in one append; the limit is {}", events.len(), limits.append_events_max)));
+        }
+        let mut total = 0;
+        let mut seen = std::collections::HashSet::with_capacity(events.len());
+        for (i, e) in events.iter().enumerate() {
+            let bad = |what: String| Err(StoreError::InvalidEvent(format!("event {i}: {what}")));
+            if e.event_type.is_empty() {
+                return bad("the event type is empty".into());
+            }
+            if e.event_type.len() > limits.event_type_bytes_max {
+                return bad(format!("the event type is {} bytes; the limit is {}", e.event_type.len(), limits.event_type_bytes_max));
+            }
+            if e.event_type.starts_with('$') && !stream.starts_with("$$") {
+                return bad("event types starting with '$' are reserved for the store".into());
+            }
+            if e.id.is_nil() {
+                return bad("the event id is the nil UUID".into());
+            }
+            if !seen.insert(e.id) {
+                return bad(format!("event id {} appears twice in the batch", e.id));
+            }
+            if e.content_type == cairn_core::ContentType::Json && serde_json::from_slice::<serde::de::IgnoredAny>(&e.data).is_err() {
+                return bad("the payload is marked as JSON but is not valid JSON".into());
+            }
+            if e.tags.len() > u16::MAX as usize || e.metadata.extra.len() > u16::MAX as usize {
+                return bad("too many tags or metadata entries".into());
+            }
+            if e.tags.iter().chain(e.metadata.extra.keys()).any(|s| s.len() > u16::MAX as usize) {
+                return bad("a tag or metadata key is longer than 65535 bytes".into());
+            }
+            let size = record::body_size(stream, e) + RECORD_OVERHEAD_BYTES;
+            if size > limits.event_bytes_max {
+                return Err(StoreError::EventTooLarge { index: i, size_bytes: size, limit_bytes: limits.event_bytes_max });
+            }
+            total += size;
+        }
+        if total > limits.append_bytes_max {
+            return Err(StoreError::AppendTooLarge { size_bytes: total, limit_bytes: limits.append_bytes_max });
+        }
+        Ok(total)
+    }
+
+    pub(crate) async fn append_user(&self, stream: &str, expected: cairn_core::ExpectedVersion, events: Vec<NewEvent>) -> Result<cairn_core::AppendResult, StoreError> {
+        validate_stream_name(stream)?;
+        self.submit(stream.to_string(), expected, events, AppendKind::User).await
+    }
+
+    pub(crate) async fn set_metadata(&self, stream: &str, metadata: StreamMetadata) -> Result<cairn_core::AppendResult, StoreError> {
+        validate_stream_name(stream)?;
+        if metadata.max_count == Some(0) {
+            return Err(StoreError::InvalidArgument("max_count must be at least 1 (delete the stream to hide all of it)".into()));
+        }
+        let event = NewEvent::json(METADATA_EVENT, &metadata).map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
+        let kind = AppendKind::Metadata { target: stream.to_string() };
+        self.submit(metadata_stream_name(stream), cairn_core::ExpectedVersion::Any, vec![event], kind).await
+    }
+
+    pub(crate) async fn delete(&self, stream: &str, expected: cairn_core::ExpectedVersion, hard: bool) -> Result<cairn_core::AppendResult, StoreError> {
+        validate_stream_name(stream)?;
+        let kind = AppendKind::Delete { target: stream.to_string() };
+        self.submit(metadata_stream_name(stream), expected, vec![writer::delete_event(hard)], kind).await
+    }
+}
+
+/// Opens every segment, rebuilds the index and cuts a torn tail.
+fn recover(log_dir: &Path, options: &Options) -> Result<(Vec<Arc<Segment>>, Index, u64, OpenReport), StoreError> {
+    let files = segment::list(log_dir)?;
+    let mut index = Index::default();
+    let mut report = OpenReport::default();
+    if files.is_empty() {
+        let seg = Segment::create(log_dir, 0, options.segment_bytes)?;
+        report.segments = 1;
+        return Ok((vec![Arc::new(seg)], index, SEGMENT_HEADER_BYTES, report));
+    }
+    let mut segments = Vec::with_capacity(files.len());
+    let mut expected_base = 0;
+    let mut head = 0;
+    for (i, (name_base, path)) in files.iter().enumerate() {
+        let last = i + 1 == files.len();
+        let seg = Segment::open(path, last)?;
+        if seg.base != *name_base || seg.base != expected_base {
+            return Err(StoreError::Corrupt {
+                file: path.display().to_string(),
+                offset: 16,
+                reason: format!("segment starts at position {} but {expected_base} was expected (a segment is missing or renamed)", seg.base),
+            });
+        }
+        let scan = scan_segment(&seg, last, Some(&mut index))?;
+        report.events += scan.events;
+        expected_base = seg.base + seg.capacity();
+        head = seg.base + scan.valid_end;
+        if last {
+            let mut seg = seg;
+            if let Some(at) = scan.torn_at {
+                // Zero everything after the last whole append, durably.
+                let capacity = seg.capacity().max(options.segment_bytes);
+                seg.file.set_len(at).and_then(|_| seg.file.set_len(capacity)).and_then(|_| seg.file.sync_all())
+                    .map_err(|e| StoreError::io(&seg.path, e))?;
+                report.truncated_bytes = scan.torn_bytes;
+                report.truncated_at = Some((seg.path.clone(), at));
+                seg = Segment::open(path, true)?;
+            } else if seg.capacity() < options.segment_bytes {
+                seg.file.set_len(options.segment_bytes).and_then(|_| seg.file.sync_all()).map_err(|e| StoreError::io(&seg.path, e))?;
+                seg = Segment::open(path, true)?;
+            }
+            segments.push(Arc::new(seg));
+        } else {
+            segments.push(Arc::new(seg));
+        }
+    }
+    report.segments = segments.len();
+    Ok((segments, index, head, report))
+}

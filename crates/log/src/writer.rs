@@ -1,0 +1,266 @@
+//! The single writer. It takes every append request waiting in its queue,
+//! checks each against the index plus the appends already accepted into the
+//! same group, encodes them into one buffer, writes it with one `pwrite` and
+//! makes it durable with one `fdatasync` (group commit). Only then does it
+//! publish the group to the index and the durable head, and answer the callers.
+//! After a failed write or sync it stops for good: the store must be reopened
+//! (an fsync error is never retried and trusted).
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use cairn_core::{AppendResult, ExpectedVersion, NewEvent, Position, StoreError, StreamState, Timestamp};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::index::{DELETED_EVENT, TOMBSTONE_EVENT};
+use crate::record::{self, RECORD_OVERHEAD_BYTES};
+use crate::segment::{Segment, SEGMENT_HEADER_BYTES};
+use crate::store::Shared;
+
+/// Most bytes gathered into one group commit before it is written.
+const GROUP_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+pub enum AppendKind {
+    User,
+    /// A `$metadata` event in `$$target`; `expected` applies to `$$target`.
+    Metadata { target: String },
+    /// A `$deleted`/`$tombstone` event in `$$target`; `expected` applies to `target`.
+    Delete { target: String },
+}
+
+pub struct AppendRequest {
+    pub stream: String,
+    pub expected: ExpectedVersion,
+    pub events: Vec<NewEvent>,
+    pub kind: AppendKind,
+    /// Encoded size, computed by the caller while checking limits.
+    pub bytes: usize,
+    pub reply: oneshot::Sender<Result<AppendResult, StoreError>>,
+}
+
+/// An event of the group not yet durable, for idempotency checks inside the group.
+struct PendingId {
+    stream: String,
+    version: u64,
+    position: u64,
+    batch_end: bool,
+}
+
+struct Group {
+    buf: Vec<u8>,
+    /// Stream → (version, state) after the accepted appends of this group.
+    streams: HashMap<String, (u64, StreamState)>,
+    ids: HashMap<Uuid, PendingId>,
+    replies: Vec<(oneshot::Sender<Result<AppendResult, StoreError>>, Result<AppendResult, StoreError>)>,
+}
+
+pub struct Writer {
+    shared: Arc<Shared>,
+    active: Arc<Segment>,
+    /// File offset in `active` where the next group goes.
+    offset: u64,
+    last_timestamp: i64,
+    group: Group,
+}
+
+impl Writer {
+    pub fn new(shared: Arc<Shared>, active: Arc<Segment>, offset: u64, last_timestamp: i64) -> Self {
+        let group = Group { buf: Vec::with_capacity(1 << 20), streams: HashMap::new(), ids: HashMap::new(), replies: Vec::new() };
+        Writer { shared, active, offset, last_timestamp, group }
+    }
+
+    pub fn run(mut self, mut rx: mpsc::Receiver<AppendRequest>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut next = Some(first);
+            let mut failed = None;
+            while let Some(req) = next.take() {
+                if let Err(e) = self.accept(req) {
+                    failed = Some(e);
+                    break;
+                }
+                if self.group.buf.len() < GROUP_BYTES_MAX {
+                    next = rx.try_recv().ok();
+                }
+            }
+            let result = match failed {
+                Some(e) => Err(e),
+                None => self.commit(),
+            };
+            if let Err(e) = result {
+                self.fail(e, &mut rx);
+                return;
+            }
+        }
+    }
+
+    /// After an I/O failure: answer everyone with the error and refuse all further work.
+    fn fail(&mut self, e: StoreError, rx: &mut mpsc::Receiver<AppendRequest>) {
+        let reason = format!("a write to the log failed ({e}); reopen the store");
+        self.shared.poison(reason.clone());
+        let reason = Some(reason);
+        for (reply, _) in self.group.replies.drain(..) {
+            let _ = reply.send(Err(StoreError::Closed { reason: reason.clone() }));
+        }
+        rx.close();
+        while let Ok(req) = rx.try_recv() {
+            let _ = req.reply.send(Err(StoreError::Closed { reason: reason.clone() }));
+        }
+    }
+
+    /// Checks one request and, if it passes, encodes it into the group.
+    /// Only I/O errors (from rolling the segment) are returned.
+    fn accept(&mut self, req: AppendRequest) -> Result<(), StoreError> {
+        let size = req.bytes;
+        if self.offset + (self.group.buf.len() + size) as u64 > self.active.capacity() {
+            self.commit()?;
+            self.roll(size)?;
+        }
+        let result = self.check_and_encode(&req);
+        self.group.replies.push((req.reply, result));
+        Ok(())
+    }
+
+    fn current(&self, stream: &str) -> (u64, StreamState) {
+        if let Some(s) = self.group.streams.get(stream) {
+            return *s;
+        }
+        self.shared.index.read().unwrap().current(stream)
+    }
+
+    fn check_and_encode(&mut self, req: &AppendRequest) -> Result<AppendResult, StoreError> {
+        if let Some(done) = self.already_written(req)? {
+            return Ok(done);
+        }
+        match &req.kind {
+            AppendKind::User | AppendKind::Metadata { .. } => {
+                let (version, state) = self.current(&req.stream);
+                if let AppendKind::Metadata { target } = &req.kind
+                    && self.current(target).1 == StreamState::Tombstoned
+                {
+                    return Err(StoreError::StreamDeleted { stream: target.clone() });
+                }
+                if state == StreamState::Tombstoned {
+                    return Err(StoreError::StreamDeleted { stream: req.stream.clone() });
+                }
+                if !req.expected.accepts(version) {
+                    return Err(StoreError::WrongExpectedVersion { stream: req.stream.clone(), expected: req.expected, actual_version: version });
+                }
+            }
+            AppendKind::Delete { target } => {
+                let (version, state) = self.current(target);
+                let hard = req.events[0].event_type == TOMBSTONE_EVENT;
+                match state {
+                    StreamState::Tombstoned => return Err(StoreError::StreamDeleted { stream: target.clone() }),
+                    StreamState::Deleted if !hard => return Err(StoreError::StreamNotFound { stream: target.clone() }),
+                    StreamState::Live if version == 0 && !hard => return Err(StoreError::StreamNotFound { stream: target.clone() }),
+                    _ => {}
+                }
+                if !req.expected.accepts(version) {
+                    return Err(StoreError::WrongExpectedVersion { stream: target.clone(), expected: req.expected, actual_version: version });
+                }
+                let new_state = if hard { StreamState::Tombstoned } else { StreamState::Deleted };
+                self.group.streams.insert(target.clone(), (0, new_state));
+            }
+        }
+        Ok(self.encode(req))
+    }
+
+    fn encode(&mut self, req: &AppendRequest) -> AppendResult {
+        let now = Timestamp::now().0.max(self.last_timestamp);
+        self.last_timestamp = now;
+        let (mut version, _) = self.current(&req.stream);
+        let mut position = 0;
+        let count = req.events.len();
+        for (i, event) in req.events.iter().enumerate() {
+            version += 1;
+            position = self.active.base + self.offset + self.group.buf.len() as u64;
+            let batch_end = i + 1 == count;
+            record::encode(&mut self.group.buf, &req.stream, version, Timestamp(now), event, batch_end);
+            self.group.ids.insert(event.id, PendingId { stream: req.stream.clone(), version, position, batch_end });
+        }
+        self.group.streams.insert(req.stream.clone(), (version, StreamState::Live));
+        AppendResult { next_version: version, position: Position(position) }
+    }
+
+    /// Idempotent retries: if the batch's ids were all written, in this order,
+    /// as one whole earlier append to this stream, returns that append's result.
+    fn already_written(&self, req: &AppendRequest) -> Result<Option<AppendResult>, StoreError> {
+        let index = self.shared.index.read().unwrap();
+        let lookup = |id: &Uuid| -> Option<(String, u64, u64, bool)> {
+            if let Some(p) = self.group.ids.get(id) {
+                return Some((p.stream.clone(), p.version, p.position, p.batch_end));
+            }
+            let position = *index.ids.get(&id.as_u128())?;
+            let (stream, version, batch_end) = self.shared.record_summary(position)?;
+            Some((stream, version, position, batch_end))
+        };
+        let found: Vec<_> = req.events.iter().map(|e| lookup(&e.id)).collect();
+        if found.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let conflict = |id: Uuid, detail: String| Err(StoreError::IdempotencyConflict { id, detail });
+        let mut last = None;
+        for (event, hit) in req.events.iter().zip(&found) {
+            let Some((stream, version, position, batch_end)) = hit else {
+                return conflict(req.events[0].id, "but other events of the batch were not".into());
+            };
+            if *stream != req.stream {
+                return conflict(event.id, format!("to stream '{stream}'"));
+            }
+            if let Some((prev_version, _, _)) = last
+                && *version != prev_version + 1
+            {
+                return conflict(event.id, "but not as part of the same append".into());
+            }
+            last = Some((*version, *position, *batch_end));
+        }
+        let (version, position, batch_end) = last.expect("batch is not empty");
+        if !batch_end {
+            return conflict(req.events[0].id, "as part of a larger append".into());
+        }
+        Ok(Some(AppendResult { next_version: version, position: Position(position) }))
+    }
+
+    /// Writes and syncs the group, then publishes it and answers the callers.
+    fn commit(&mut self) -> Result<(), StoreError> {
+        if !self.group.buf.is_empty() {
+            let seg = &self.active;
+            seg.file.write_all_at(&self.group.buf, self.offset).map_err(|e| StoreError::io(&seg.path, e))?;
+            let started = std::time::Instant::now();
+            seg.file.sync_data().map_err(|e| StoreError::io(&seg.path, e))?;
+            self.shared.stats.record_sync(started.elapsed(), self.group.buf.len());
+            let start = self.offset;
+            self.offset += self.group.buf.len() as u64;
+            self.shared.publish(&self.active, start, &self.group.buf);
+        }
+        self.group.buf.clear();
+        self.group.streams.clear();
+        self.group.ids.clear();
+        for (reply, result) in self.group.replies.drain(..) {
+            let _ = reply.send(result);
+        }
+        Ok(())
+    }
+
+    /// Seals the active segment and starts a new one with room for at least `size` bytes.
+    fn roll(&mut self, size: usize) -> Result<(), StoreError> {
+        let old = self.active.clone();
+        old.file.set_len(self.offset).map_err(|e| StoreError::io(&old.path, e))?;
+        old.file.sync_all().map_err(|e| StoreError::io(&old.path, e))?;
+        let sealed = Arc::new(Segment::open(&old.path, false)?);
+        let base = old.base + self.offset;
+        let capacity = self.shared.options.segment_bytes.max(SEGMENT_HEADER_BYTES + (size + RECORD_OVERHEAD_BYTES) as u64);
+        let fresh = Arc::new(Segment::create(&self.shared.log_dir, base, capacity)?);
+        self.shared.replace_active(sealed, fresh.clone());
+        self.active = fresh;
+        self.offset = SEGMENT_HEADER_BYTES;
+        Ok(())
+    }
+}
+
+/// The event written by a delete.
+pub fn delete_event(hard: bool) -> NewEvent {
+    NewEvent::json_bytes(if hard { TOMBSTONE_EVENT } else { DELETED_EVENT }, "{}")
+}
