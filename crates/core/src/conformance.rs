@@ -1,0 +1,484 @@
+//! The conformance suite: the behaviour every `EventStore` backend must show.
+//!
+//! A backend's test crate instantiates it with
+//! `cairn_core::conformance_suite!(make_store())`, where `make_store()` returns
+//! `(Arc<dyn EventStore>, guard)` for a fresh (or shared) store; the guard is
+//! kept alive for the test. Tests use unique stream names and bound their
+//! `$all` reads by positions they saw, so they also pass on a shared database
+//! or server.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::*;
+
+type Store = Arc<dyn EventStore>;
+
+/// A stream name no other test uses.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", Uuid::new_v4().simple())
+}
+
+pub fn deposit(amount: u64) -> NewEvent {
+    NewEvent::json("MoneyDeposited", &serde_json::json!({"amount": amount, "currency": "EUR"})).unwrap()
+}
+
+fn amounts(events: &[RecordedEvent]) -> Vec<u64> {
+    events.iter().map(|e| e.json::<serde_json::Value>().unwrap()["amount"].as_u64().unwrap()).collect()
+}
+
+fn versions(events: &[RecordedEvent]) -> Vec<u64> {
+    events.iter().map(|e| e.version).collect()
+}
+
+async fn append_n(store: &Store, stream: &str, from: u64, n: u64) -> AppendResult {
+    let events = (from..from + n).map(deposit).collect();
+    store.append(stream, ExpectedVersion::Any, events).await.unwrap()
+}
+
+async fn read(store: &Store, stream: &str) -> Vec<RecordedEvent> {
+    store.read_stream(stream, ReadStreamOptions::forward()).await.unwrap()
+}
+
+macro_rules! assert_err {
+    ($result:expr, $pattern:pat $(if $guard:expr)?) => {
+        match $result {
+            Err($pattern) $(if $guard)? => {}
+            other => panic!("expected {}, got {other:?}", stringify!($pattern)),
+        }
+    };
+}
+
+pub async fn versions_count_events(store: Store) {
+    let s = unique("account");
+    let r = store.append(&s, ExpectedVersion::NoStream, vec![deposit(1)]).await.unwrap();
+    assert_eq!(r.next_version, 1, "the first event of a stream has version 1");
+    let r = store.append(&s, ExpectedVersion::Exact(1), vec![deposit(2), deposit(3)]).await.unwrap();
+    assert_eq!(r.next_version, 3, "a stream's version is its number of events");
+    let events = read(&store, &s).await;
+    assert_eq!(versions(&events), vec![1, 2, 3]);
+    assert_eq!(amounts(&events), vec![1, 2, 3]);
+    assert_eq!(events[2].position, r.position, "the append returns the last event's position");
+    assert_eq!(store.stream_info(&s).await.unwrap().version, 3);
+}
+
+pub async fn expected_version_rules(store: Store) {
+    let s = unique("account");
+    assert_err!(store.append(&s, ExpectedVersion::StreamExists, vec![deposit(1)]).await,
+        StoreError::WrongExpectedVersion { actual_version: 0, .. });
+    assert_err!(store.append(&s, ExpectedVersion::Exact(1), vec![deposit(1)]).await,
+        StoreError::WrongExpectedVersion { actual_version: 0, .. });
+    store.append(&s, ExpectedVersion::Exact(0), vec![deposit(1)]).await.expect("exact(0) is the same as no stream");
+    assert_err!(store.append(&s, ExpectedVersion::NoStream, vec![deposit(2)]).await,
+        StoreError::WrongExpectedVersion { actual_version: 1, .. });
+    assert_err!(store.append(&s, ExpectedVersion::Exact(0), vec![deposit(2)]).await,
+        StoreError::WrongExpectedVersion { actual_version: 1, .. });
+    store.append(&s, ExpectedVersion::StreamExists, vec![deposit(2)]).await.unwrap();
+    store.append(&s, ExpectedVersion::Any, vec![deposit(3)]).await.unwrap();
+    match store.append(&s, ExpectedVersion::Exact(2), vec![deposit(4)]).await {
+        Err(StoreError::WrongExpectedVersion { stream, expected, actual_version }) => {
+            assert_eq!(stream, s);
+            assert_eq!(expected, ExpectedVersion::Exact(2));
+            assert_eq!(actual_version, 3, "the conflict carries the actual version");
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    store.append(&s, ExpectedVersion::Exact(3), vec![deposit(4)]).await.unwrap();
+    assert_eq!(amounts(&read(&store, &s).await), vec![1, 2, 3, 4], "failed appends wrote nothing");
+}
+
+pub async fn failed_batch_writes_nothing(store: Store) {
+    let s = unique("account");
+    append_n(&store, &s, 1, 2).await;
+    let head = store.head_position().await.unwrap();
+    let bad_json = NewEvent::json_bytes("MoneyDeposited", "{not json");
+    assert_err!(store.append(&s, ExpectedVersion::Any, vec![deposit(3), bad_json]).await, StoreError::InvalidEvent(_));
+    let empty_type = NewEvent::json_bytes("", "{}");
+    assert_err!(store.append(&s, ExpectedVersion::Any, vec![deposit(3), empty_type]).await, StoreError::InvalidEvent(_));
+    assert_err!(store.append(&s, ExpectedVersion::Exact(7), vec![deposit(3), deposit(4)]).await, StoreError::WrongExpectedVersion { .. });
+    assert_err!(store.append(&s, ExpectedVersion::Any, vec![]).await, StoreError::InvalidEvent(_));
+    let dup = deposit(3);
+    assert_err!(store.append(&s, ExpectedVersion::Any, vec![dup.clone(), dup]).await, StoreError::InvalidEvent(_));
+    assert_eq!(amounts(&read(&store, &s).await), vec![1, 2]);
+    let after = store.read_all(ReadAllOptions::forward().from(head)).await.unwrap();
+    assert!(after.iter().all(|e| e.stream != s), "no event of a rejected batch reached $all");
+}
+
+pub async fn event_fields_round_trip(store: Store) {
+    let s = unique("account");
+    let before = Timestamp::now();
+    let mut extra = BTreeMap::new();
+    extra.insert("user".to_string(), "alice".to_string());
+    let metadata = Metadata { correlation_id: Some(Uuid::new_v4()), causation_id: Some(Uuid::new_v4()), extra };
+    let id = Uuid::new_v4();
+    let json = NewEvent::json("MoneyDeposited", &serde_json::json!({"amount": 5, "note": "café ☕"})).unwrap()
+        .with_id(id)
+        .with_metadata(metadata.clone())
+        .with_schema_version(3)
+        .with_tags(["account:1", "customer:9"]);
+    let binary = NewEvent::binary("Blob", vec![0u8, 255, 1, 2, 0]);
+    let r = store.append(&s, ExpectedVersion::NoStream, vec![json.clone(), binary.clone()]).await.unwrap();
+    let after = Timestamp::now();
+    let events = read(&store, &s).await;
+    let e = &events[0];
+    assert_eq!(e.id, id);
+    assert_eq!(e.stream, s);
+    assert_eq!(e.event_type, "MoneyDeposited");
+    assert_eq!(e.data, json.data);
+    assert_eq!(e.content_type, ContentType::Json);
+    assert_eq!(e.metadata, metadata);
+    assert_eq!(e.schema_version, 3);
+    assert_eq!(e.tags, vec!["account:1", "customer:9"]);
+    assert!(e.timestamp >= before && e.timestamp <= after, "the store records the time of the append");
+    let b = &events[1];
+    assert_eq!(b.id, binary.id, "ids not set by the caller are generated");
+    assert_eq!(b.content_type, ContentType::Binary);
+    assert_eq!(&b.data[..], &[0u8, 255, 1, 2, 0]);
+    assert_eq!(b.schema_version, 1);
+    assert_eq!(b.position, r.position);
+    assert!(b.position > e.position);
+}
+
+pub async fn idempotent_retry(store: Store) {
+    let s = unique("account");
+    let batch = vec![deposit(1), deposit(2)];
+    let first = store.append(&s, ExpectedVersion::NoStream, batch.clone()).await.unwrap();
+    append_n(&store, &s, 3, 1).await;
+    // The same batch again, even with a now-stale expected version: same result, nothing written.
+    let again = store.append(&s, ExpectedVersion::NoStream, batch.clone()).await.unwrap();
+    assert_eq!(again, first);
+    let again = store.append(&s, ExpectedVersion::Any, batch.clone()).await.unwrap();
+    assert_eq!(again, first);
+    assert_eq!(amounts(&read(&store, &s).await), vec![1, 2, 3]);
+    // A batch that only partly matches is an error.
+    assert_err!(store.append(&s, ExpectedVersion::Any, vec![batch[0].clone(), deposit(9)]).await, StoreError::IdempotencyConflict { .. });
+    assert_err!(store.append(&s, ExpectedVersion::Any, vec![batch[0].clone()]).await, StoreError::IdempotencyConflict { .. });
+    assert_err!(store.append(&s, ExpectedVersion::Any, vec![batch[1].clone(), batch[0].clone()]).await, StoreError::IdempotencyConflict { .. });
+    // The same ids sent to another stream are not a retry.
+    let other = unique("account");
+    assert_err!(store.append(&other, ExpectedVersion::Any, batch.clone()).await, StoreError::IdempotencyConflict { .. });
+    assert_err!(store.stream_info(&other).await, StoreError::StreamNotFound { .. });
+    assert_eq!(amounts(&read(&store, &s).await), vec![1, 2, 3]);
+}
+
+pub async fn concurrent_retries_write_once(store: Store) {
+    let s = unique("account");
+    let batch = vec![deposit(1), deposit(2), deposit(3)];
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (store, s, batch) = (store.clone(), s.clone(), batch.clone());
+        tasks.push(tokio::spawn(async move { store.append(&s, ExpectedVersion::Any, batch).await.unwrap() }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    assert!(results.windows(2).all(|w| w[0] == w[1]), "every retry gets the original result: {results:?}");
+    assert_eq!(amounts(&read(&store, &s).await), vec![1, 2, 3]);
+}
+
+pub async fn read_stream_directions_and_limits(store: Store) {
+    let s = unique("account");
+    append_n(&store, &s, 1, 10).await;
+    let fwd = store.read_stream(&s, ReadStreamOptions::forward().from_version(4).limit(3)).await.unwrap();
+    assert_eq!(versions(&fwd), vec![4, 5, 6]);
+    let bwd = store.read_stream(&s, ReadStreamOptions::backward().limit(3)).await.unwrap();
+    assert_eq!(versions(&bwd), vec![10, 9, 8]);
+    let bwd = store.read_stream(&s, ReadStreamOptions::backward().from_version(2)).await.unwrap();
+    assert_eq!(versions(&bwd), vec![2, 1]);
+    let past = store.read_stream(&s, ReadStreamOptions::forward().from_version(11)).await.unwrap();
+    assert!(past.is_empty());
+    let zero = store.read_stream(&s, ReadStreamOptions::forward().limit(0)).await.unwrap();
+    assert!(zero.is_empty());
+    assert_err!(store.read_stream(&unique("missing"), ReadStreamOptions::forward()).await, StoreError::StreamNotFound { .. });
+}
+
+pub async fn read_all_in_global_order(store: Store) {
+    let (a, b) = (unique("account"), unique("account"));
+    let start = store.head_position().await.unwrap();
+    for i in 0..5 {
+        append_n(&store, &a, i * 2, 1).await;
+        append_n(&store, &b, i * 2 + 1, 1).await;
+    }
+    let ours = |events: Vec<RecordedEvent>| -> Vec<RecordedEvent> {
+        events.into_iter().filter(|e| e.stream == a || e.stream == b).collect()
+    };
+    let all = ours(store.read_all(ReadAllOptions::forward().from(start)).await.unwrap());
+    assert_eq!(amounts(&all), (0..10).collect::<Vec<_>>());
+    assert!(all.windows(2).all(|w| w[0].position < w[1].position), "positions strictly increase");
+    // From an event's position, inclusive.
+    let from = store.read_all(ReadAllOptions::forward().from(all[4].position).limit(3)).await.unwrap();
+    assert_eq!(from.iter().map(|e| e.position).collect::<Vec<_>>(), all[4..7].iter().map(|e| e.position).collect::<Vec<_>>());
+    // Backward from the end, and from an event's position.
+    let back = store.read_all(ReadAllOptions::backward().limit(2)).await.unwrap();
+    assert_eq!(back.len(), 2);
+    assert!(back[0].position > back[1].position);
+    let back = store.read_all(ReadAllOptions::backward().from(all[5].position).limit(3)).await.unwrap();
+    assert_eq!(back.iter().map(|e| e.position).collect::<Vec<_>>(), vec![all[5].position, all[4].position, all[3].position]);
+    let head = store.head_position().await.unwrap();
+    assert!(head > all[9].position);
+    assert!(store.read_all(ReadAllOptions::forward().from(head)).await.unwrap().is_empty());
+}
+
+pub async fn invalid_stream_names(store: Store) {
+    let long = "x".repeat(STREAM_NAME_BYTES_MAX + 1);
+    for name in ["", "$system", long.as_str(), "bad\nname"] {
+        assert_err!(store.append(name, ExpectedVersion::Any, vec![deposit(1)]).await, StoreError::InvalidStreamName { .. });
+    }
+    let longest = format!("{}-{}", Uuid::new_v4().simple(), "y".repeat(STREAM_NAME_BYTES_MAX - 33));
+    assert_eq!(longest.len(), STREAM_NAME_BYTES_MAX);
+    store.append(&longest, ExpectedVersion::Any, vec![deposit(1)]).await.expect("a 256-byte name is allowed");
+}
+
+pub async fn oversize_event_rejected(store: Store) {
+    let s = unique("account");
+    let big = NewEvent::binary("Big", vec![7u8; 16 * 1024 * 1024 + 1]);
+    assert_err!(store.append(&s, ExpectedVersion::Any, vec![deposit(1), big]).await, StoreError::EventTooLarge { index: 1, .. });
+    assert_err!(store.stream_info(&s).await, StoreError::StreamNotFound { .. });
+    let fits = NewEvent::binary("Big", vec![7u8; 1024 * 1024]);
+    store.append(&s, ExpectedVersion::Any, vec![fits]).await.expect("a 1 MiB event is fine");
+    assert_eq!(read(&store, &s).await[0].data.len(), 1024 * 1024);
+}
+
+pub async fn metadata_max_count_and_truncate_before(store: Store) {
+    let s = unique("account");
+    append_n(&store, &s, 1, 10).await;
+    store.set_stream_metadata(&s, StreamMetadata { max_count: Some(3), ..Default::default() }).await.unwrap();
+    assert_eq!(versions(&read(&store, &s).await), vec![8, 9, 10]);
+    let back = store.read_stream(&s, ReadStreamOptions::backward()).await.unwrap();
+    assert_eq!(versions(&back), vec![10, 9, 8]);
+    store.set_stream_metadata(&s, StreamMetadata { truncate_before: Some(5), ..Default::default() }).await.unwrap();
+    assert_eq!(versions(&read(&store, &s).await), vec![5, 6, 7, 8, 9, 10]);
+    let info = store.stream_info(&s).await.unwrap();
+    assert_eq!(info.version, 10, "hidden events still count in the version");
+    assert_eq!(info.metadata.truncate_before, Some(5));
+    store.append(&s, ExpectedVersion::Exact(10), vec![deposit(11)]).await.unwrap();
+    store.set_stream_metadata(&s, StreamMetadata::default()).await.unwrap();
+    assert_eq!(read(&store, &s).await.len(), 11, "clearing the metadata shows everything again");
+}
+
+pub async fn metadata_max_age(store: Store) {
+    let s = unique("account");
+    append_n(&store, &s, 1, 2).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    append_n(&store, &s, 3, 1).await;
+    store.set_stream_metadata(&s, StreamMetadata { max_age_secs: Some(1), ..Default::default() }).await.unwrap();
+    assert_eq!(amounts(&read(&store, &s).await), vec![3], "events older than max age are hidden");
+}
+
+pub async fn soft_delete(store: Store) {
+    let s = unique("account");
+    append_n(&store, &s, 1, 3).await;
+    assert_err!(store.delete_stream(&s, ExpectedVersion::Exact(2), false).await, StoreError::WrongExpectedVersion { actual_version: 3, .. });
+    store.delete_stream(&s, ExpectedVersion::Exact(3), false).await.unwrap();
+    assert_err!(store.read_stream(&s, ReadStreamOptions::forward()).await, StoreError::StreamNotFound { .. });
+    assert_eq!(store.stream_info(&s).await.unwrap().state, StreamState::Deleted);
+    assert_err!(store.delete_stream(&s, ExpectedVersion::Any, false).await, StoreError::StreamNotFound { .. });
+    // The name can be reused: the stream starts over.
+    let r = store.append(&s, ExpectedVersion::NoStream, vec![deposit(10)]).await.unwrap();
+    assert_eq!(r.next_version, 1);
+    assert_eq!(amounts(&read(&store, &s).await), vec![10]);
+    assert_eq!(store.stream_info(&s).await.unwrap().state, StreamState::Live);
+}
+
+pub async fn hard_delete(store: Store) {
+    let s = unique("account");
+    append_n(&store, &s, 1, 2).await;
+    store.delete_stream(&s, ExpectedVersion::Any, true).await.unwrap();
+    assert_err!(store.read_stream(&s, ReadStreamOptions::forward()).await, StoreError::StreamDeleted { .. });
+    for expected in [ExpectedVersion::Any, ExpectedVersion::NoStream, ExpectedVersion::Exact(2)] {
+        assert_err!(store.append(&s, expected, vec![deposit(3)]).await, StoreError::StreamDeleted { .. });
+    }
+    assert_err!(store.delete_stream(&s, ExpectedVersion::Any, true).await, StoreError::StreamDeleted { .. });
+    assert_err!(store.delete_stream(&s, ExpectedVersion::Any, false).await, StoreError::StreamDeleted { .. });
+    assert_err!(store.set_stream_metadata(&s, StreamMetadata::default()).await, StoreError::StreamDeleted { .. });
+    assert_eq!(store.stream_info(&s).await.unwrap().state, StreamState::Tombstoned);
+    // A soft-deleted stream can still be tombstoned.
+    let t = unique("account");
+    append_n(&store, &t, 1, 1).await;
+    store.delete_stream(&t, ExpectedVersion::Any, false).await.unwrap();
+    store.delete_stream(&t, ExpectedVersion::Any, true).await.unwrap();
+    assert_err!(store.append(&t, ExpectedVersion::Any, vec![deposit(1)]).await, StoreError::StreamDeleted { .. });
+}
+
+pub async fn list_streams_and_info(store: Store) {
+    let prefix = unique("list");
+    for i in 0..3u64 {
+        append_n(&store, &format!("{prefix}-{i}"), 0, i + 1).await;
+    }
+    let listed = store.list_streams(&prefix, 100).await.unwrap();
+    assert_eq!(listed.iter().map(|i| i.version).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert!(listed.windows(2).all(|w| w[0].stream < w[1].stream));
+    assert_eq!(store.list_streams(&prefix, 2).await.unwrap().len(), 2);
+    let all = store.list_streams("", usize::MAX).await.unwrap();
+    assert!(all.iter().all(|i| !i.stream.starts_with('$')), "system streams are listed only when asked for");
+    assert_err!(store.stream_info(&unique("nope")).await, StoreError::StreamNotFound { .. });
+}
+
+pub async fn concurrent_same_expected_version_one_wins(store: Store) {
+    let s = unique("account");
+    append_n(&store, &s, 0, 1).await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(16));
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let (store, s, barrier) = (store.clone(), s.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            store.append(&s, ExpectedVersion::Exact(1), vec![deposit(100 + i)]).await
+        }));
+    }
+    let mut wins = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => {
+                wins += 1;
+                assert_eq!(r.next_version, 2);
+            }
+            Err(StoreError::WrongExpectedVersion { actual_version, .. }) => assert_eq!(actual_version, 2),
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert_eq!(wins, 1, "exactly one of 16 racing appends succeeds");
+    assert_eq!(read(&store, &s).await.len(), 2);
+}
+
+pub async fn concurrent_appends_keep_streams_gap_free(store: Store) {
+    let prefix = unique("race");
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let (store, prefix) = (store.clone(), prefix.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..52u64 {
+                let stream = format!("{prefix}-{}", i % 4);
+                store.append(&stream, ExpectedVersion::Any, vec![deposit(t * 1000 + i)]).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut positions = Vec::new();
+    for i in 0..4 {
+        let events = read(&store, &format!("{prefix}-{i}")).await;
+        assert_eq!(versions(&events), (1..=104).collect::<Vec<_>>(), "versions are gap-free");
+        assert!(events.windows(2).all(|w| w[0].position < w[1].position));
+        positions.extend(events.iter().map(|e| e.position));
+    }
+    positions.sort();
+    positions.dedup();
+    assert_eq!(positions.len(), 416, "every event has its own position");
+}
+
+async fn next_event(sub: &mut Subscription) -> RecordedEvent {
+    tokio::time::timeout(Duration::from_secs(10), sub.next()).await
+        .expect("subscription delivered nothing within 10 s")
+        .expect("subscription ended")
+        .expect("subscription failed")
+}
+
+pub async fn subscribe_stream_catch_up_then_live(store: Store) {
+    let s = unique("account");
+    append_n(&store, &s, 1, 50).await;
+    let mut sub = store.subscribe(SubscriptionTarget::Stream(s.clone()), StartFrom::Start).await.unwrap();
+    let writer = {
+        let (store, s) = (store.clone(), s.clone());
+        tokio::spawn(async move {
+            for i in 51..=100 {
+                append_n(&store, &s, i, 1).await;
+            }
+        })
+    };
+    let mut got = Vec::new();
+    while got.len() < 100 {
+        got.push(next_event(&mut sub).await.version);
+    }
+    writer.await.unwrap();
+    assert_eq!(got, (1..=100).collect::<Vec<_>>(), "no gap and no duplicate across the switch to live");
+    let mut after = store.subscribe(SubscriptionTarget::Stream(s.clone()), StartFrom::After(98)).await.unwrap();
+    assert_eq!(next_event(&mut after).await.version, 99);
+    let mut end = store.subscribe(SubscriptionTarget::Stream(s.clone()), StartFrom::End).await.unwrap();
+    append_n(&store, &s, 101, 1).await;
+    assert_eq!(next_event(&mut end).await.version, 101);
+}
+
+pub async fn subscribe_stream_before_it_exists(store: Store) {
+    let s = unique("account");
+    let mut sub = store.subscribe(SubscriptionTarget::Stream(s.clone()), StartFrom::Start).await.unwrap();
+    append_n(&store, &s, 7, 1).await;
+    let e = next_event(&mut sub).await;
+    assert_eq!((e.version, amounts(&[e])[0]), (1, 7));
+}
+
+pub async fn subscribe_all_catch_up_then_live(store: Store) {
+    let s = unique("account");
+    let first = append_n(&store, &s, 0, 1).await;
+    let mut sub = store.subscribe(SubscriptionTarget::All, StartFrom::After(first.position.0)).await.unwrap();
+    let mut end = store.subscribe(SubscriptionTarget::All, StartFrom::End).await.unwrap();
+    append_n(&store, &s, 1, 30).await;
+    let writer = {
+        let (store, s) = (store.clone(), s.clone());
+        tokio::spawn(async move {
+            for i in 31..=60 {
+                append_n(&store, &s, i, 1).await;
+            }
+        })
+    };
+    let mut got = Vec::new();
+    let mut last = first.position;
+    while got.len() < 60 {
+        let e = next_event(&mut sub).await;
+        assert!(e.position > last, "positions strictly increase in a subscription");
+        last = e.position;
+        if e.stream == s {
+            got.push(e.version);
+        }
+    }
+    writer.await.unwrap();
+    assert_eq!(got, (2..=61).collect::<Vec<_>>(), "starts after the given position, no gap, no duplicate");
+    let e = loop {
+        let e = next_event(&mut end).await;
+        if e.stream == s { break e; }
+    };
+    assert_eq!(e.version, 2, "a subscription from the end sees only what comes after");
+}
+
+pub async fn system_streams_are_read_only(store: Store) {
+    let s = unique("account");
+    append_n(&store, &s, 1, 1).await;
+    store.set_stream_metadata(&s, StreamMetadata { max_count: Some(5), ..Default::default() }).await.unwrap();
+    let meta = store.read_stream(&metadata_stream_name(&s), ReadStreamOptions::forward()).await.unwrap();
+    assert_eq!(meta.len(), 1, "metadata changes are events too");
+    assert!(meta[0].is_system());
+    assert_err!(store.append(&metadata_stream_name(&s), ExpectedVersion::Any, vec![deposit(1)]).await, StoreError::InvalidStreamName { .. });
+    let reserved = NewEvent::json_bytes("$metadata", "{}");
+    assert_err!(store.append(&s, ExpectedVersion::Any, vec![reserved]).await, StoreError::InvalidEvent(_));
+}
+
+/// Instantiates every conformance test for a backend: `$make` is an expression
+/// giving `(Arc<dyn EventStore>, guard)`.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($make:expr) => {
+        $crate::conformance_suite!(@tests $make;
+            versions_count_events, expected_version_rules, failed_batch_writes_nothing,
+            event_fields_round_trip, idempotent_retry, concurrent_retries_write_once,
+            read_stream_directions_and_limits, read_all_in_global_order, invalid_stream_names,
+            oversize_event_rejected, metadata_max_count_and_truncate_before, metadata_max_age,
+            soft_delete, hard_delete, list_streams_and_info,
+            concurrent_same_expected_version_one_wins, concurrent_appends_keep_streams_gap_free,
+            subscribe_stream_catch_up_then_live, subscribe_stream_before_it_exists,
+            subscribe_all_catch_up_then_live, system_streams_are_read_only);
+    };
+    (@tests $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let (store, _guard) = $make;
+                $crate::conformance::$name(store).await;
+            }
+        )*
+    };
+}

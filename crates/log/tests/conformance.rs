@@ -1,0 +1,3 @@
+use crate::common::fresh_dyn;
+
+cairn_core::conformance_suite!(fresh_dyn());

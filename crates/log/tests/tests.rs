@@ -1,0 +1,4 @@
+//! Integration tests of the embedded engine, compiled into one binary.
+
+mod common;
+mod conformance;
