@@ -1,1 +1,93 @@
-fn main(){}
+//! `cairn`: the command-line tool. It parses arguments and calls the libraries.
+
+mod bench;
+mod commands;
+mod output;
+mod tour;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cairn", version, about = "Cairn: an event store for systems where history matters")]
+#[command(after_help = "Start with `cairn tour` for a five-minute walk through the patterns.")]
+struct Cli {
+    /// Data directory of the embedded store.
+    #[arg(long, global = true, default_value = "./cairn-data", env = "CAIRN_DATA")]
+    data: PathBuf,
+    /// Print JSON (one object per line) instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A short tour of Cairn on a fresh embedded store (bank accounts, concurrency, subscriptions).
+    Tour {
+        /// Keep the tour's data in this directory instead of a temporary one.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+    },
+    /// Append events to a stream: one from --type/--data, or JSON lines on stdin
+    /// (`{"type": "...", "data": {...}, "id"?: "...", "metadata"?: {...}}`), all in one atomic append.
+    Append(commands::AppendArgs),
+    /// Read a stream's events.
+    Read(commands::ReadArgs),
+    /// Read all events in global order ($all).
+    ReadAll(commands::ReadAllArgs),
+    /// Follow a stream, or $all, live (history first with --from).
+    Tail(commands::TailArgs),
+    /// List streams with their versions.
+    Streams(commands::StreamsArgs),
+    /// Show or change a stream's metadata (max age, max count, truncate before).
+    Metadata(commands::MetadataArgs),
+    /// Delete a stream: soft (the name can be reused) or --hard (tombstone, for good).
+    Delete(commands::DeleteArgs),
+    /// Check every record's checksum and every stream's version sequence.
+    Verify,
+    /// Rebuild the stream index from the log.
+    Reindex,
+    /// Run benchmark workloads (W1 W1c W2 W3 W4 W5, see WORKLOADS.md) on a fresh store.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ctx = commands::Context { data: cli.data, json: cli.json };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Tour { keep } => tour::run(keep).await,
+            Command::Append(a) => commands::append(&ctx, a).await,
+            Command::Read(a) => commands::read(&ctx, a).await,
+            Command::ReadAll(a) => commands::read_all(&ctx, a).await,
+            Command::Tail(a) => commands::tail(&ctx, a).await,
+            Command::Streams(a) => commands::streams(&ctx, a).await,
+            Command::Metadata(a) => commands::metadata(&ctx, a).await,
+            Command::Delete(a) => commands::delete(&ctx, a).await,
+            Command::Verify => commands::verify(&ctx),
+            Command::Reindex => commands::reindex(&ctx),
+            Command::Bench(a) => bench::run(a).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if let Some(hint) = e.downcast_ref::<cairn_core::StoreError>().and_then(output::hint) {
+                eprintln!("hint: {hint}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

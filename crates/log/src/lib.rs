@@ -11,6 +11,7 @@ mod read;
 mod record;
 mod recovery;
 mod segment;
+mod snapshot;
 mod stats;
 mod store;
 mod verify;

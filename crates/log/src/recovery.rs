@@ -30,12 +30,13 @@ fn corrupt(seg: &Segment, offset: u64, reason: impl Into<String>) -> StoreError 
     StoreError::Corrupt { file: seg.path.display().to_string(), offset, reason: reason.into() }
 }
 
-/// Scans `seg`, applying whole appends to `index` (if given).
-/// `last` says whether it is the newest segment, where a torn tail is allowed.
-pub fn scan_segment(seg: &Segment, last: bool, mut index: Option<&mut Index>) -> Result<SegmentScan, StoreError> {
+/// Scans `seg` from file offset `from` (a record boundary), applying whole
+/// appends to `index` (if given). `last` says whether it is the newest
+/// segment, where a torn tail is allowed.
+pub fn scan_segment(seg: &Segment, from: u64, last: bool, mut index: Option<&mut Index>) -> Result<SegmentScan, StoreError> {
     let end = seg.capacity();
     let bytes = seg.bytes(0, end);
-    let mut offset = SEGMENT_HEADER_BYTES;
+    let mut offset = from.max(SEGMENT_HEADER_BYTES);
     let mut scan = SegmentScan { valid_end: offset, ..Default::default() };
     // Records of the append in progress, applied once its last record is seen.
     let mut pending: Vec<(u64, record::RecordView<'_>)> = Vec::new();

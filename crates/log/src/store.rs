@@ -11,6 +11,7 @@ use crate::index::{Index, METADATA_EVENT};
 use crate::record::{self, RECORD_OVERHEAD_BYTES};
 use crate::recovery::scan_segment;
 use crate::segment::{self, Segment, SEGMENT_HEADER_BYTES};
+use crate::snapshot;
 use crate::stats::Stats;
 use crate::writer::{self, AppendKind, AppendRequest, Writer};
 
@@ -22,11 +23,14 @@ pub struct Options {
     pub limits: Limits,
     /// Most append requests waiting for the writer; callers wait beyond that.
     pub queue_depth: usize,
+    /// Check the checksum of every record at open, also those the index
+    /// snapshot covers. Off, a damaged old record is still caught when read.
+    pub verify_on_open: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { segment_bytes: 256 * 1024 * 1024, limits: Limits::default(), queue_depth: 4096 }
+        Options { segment_bytes: 256 * 1024 * 1024, limits: Limits::default(), queue_depth: 4096, verify_on_open: true }
     }
 }
 
@@ -38,6 +42,9 @@ pub struct OpenReport {
     /// Bytes of a torn tail that recovery cut, and the file and offset where.
     pub truncated_bytes: u64,
     pub truncated_at: Option<(PathBuf, u64)>,
+    /// Whether the index came from the snapshot (then only later events were scanned).
+    pub from_snapshot: bool,
+    pub scanned_events: u64,
 }
 
 /// State shared by the store handles, the writer and the subscriptions.
@@ -115,6 +122,8 @@ impl Shared {
 /// releases the directory lock.
 struct CloseGuard {
     writer: Mutex<Option<JoinHandle<()>>>,
+    shared: Arc<Shared>,
+    data_dir: PathBuf,
     _lock: File,
 }
 
@@ -122,6 +131,11 @@ impl Drop for CloseGuard {
     fn drop(&mut self) {
         if let Some(handle) = self.writer.lock().unwrap().take() {
             let _ = handle.join();
+        }
+        if self.shared.poisoned().is_none() {
+            // A cache for the next open; losing it only costs a longer scan.
+            let index = self.shared.index.read().unwrap();
+            let _ = snapshot::write(&self.data_dir, &index, self.shared.head.load(Ordering::Acquire));
         }
     }
 }
@@ -155,7 +169,7 @@ impl EmbeddedStore {
             std::fs::create_dir(&log_dir).map_err(|e| StoreError::io(&log_dir, e))?;
             segment::sync_dir(dir)?;
         }
-        let (segments, index, head, report) = recover(&log_dir, &options)?;
+        let (segments, index, head, report) = recover(dir, &log_dir, &options)?;
         let last_timestamp = index.streams.values().filter_map(|s| s.timestamps.last().copied()).max().unwrap_or(0);
         let (head_tx, _) = watch::channel(head);
         let active = segments.last().expect("recovery leaves a segment").clone();
@@ -176,8 +190,25 @@ impl EmbeddedStore {
             .name("cairn-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::io(dir, e))?;
-        let guard = CloseGuard { writer: Mutex::new(Some(handle)), _lock: lock };
+        let guard = CloseGuard { writer: Mutex::new(Some(handle)), shared: shared.clone(), data_dir: dir.to_path_buf(), _lock: lock };
         Ok(EmbeddedStore { shared, tx, _guard: Arc::new(guard), report: Arc::new(report) })
+    }
+
+    /// Throws the index snapshot away and rebuilds the index from the whole log
+    /// (then writes a fresh snapshot). Needs the data directory to be closed.
+    pub fn reindex(dir: impl AsRef<Path>) -> Result<OpenReport, StoreError> {
+        let dir = dir.as_ref();
+        let lock_path = dir.join("LOCK");
+        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| StoreError::io(&lock_path, e))?;
+        if lock.try_lock().is_err() {
+            return Err(StoreError::Locked { dir: dir.display().to_string() });
+        }
+        snapshot::remove(dir)?;
+        drop(lock);
+        let store = Self::open(dir)?;
+        let report = store.open_report().clone();
+        drop(store);
+        Ok(report)
     }
 
     /// What recovery found when this store was opened.
@@ -277,22 +308,40 @@ impl EmbeddedStore {
     }
 }
 
-/// Opens every segment, rebuilds the index and cuts a torn tail.
-fn recover(log_dir: &Path, options: &Options) -> Result<(Vec<Arc<Segment>>, Index, u64, OpenReport), StoreError> {
+/// Whether the snapshot's head is the end of a record the snapshot knows:
+/// otherwise it belongs to another log, or the log lost data it covers.
+fn snapshot_fits(segments: &[Segment], index: &Index, head: u64) -> bool {
+    let Some(seg) = segments.iter().find(|s| s.base < head && head <= s.base + s.capacity()) else { return false };
+    let offset = head - seg.base;
+    if offset == SEGMENT_HEADER_BYTES {
+        return seg.base == 0 && index.events == 0;
+    }
+    if offset < SEGMENT_HEADER_BYTES + RECORD_OVERHEAD_BYTES as u64 {
+        return false;
+    }
+    let body_len = u32::from_le_bytes(seg.bytes(offset - 4, offset).try_into().unwrap()) as u64;
+    let Some(start) = offset.checked_sub(body_len + RECORD_OVERHEAD_BYTES as u64).filter(|s| *s >= SEGMENT_HEADER_BYTES) else { return false };
+    match record::decode(seg.bytes(start, offset)) {
+        Ok(view) => view.batch_end() && index.ids.get(&view.id.as_u128()) == Some(&(seg.base + start)),
+        Err(_) => false,
+    }
+}
+
+/// Opens every segment, rebuilds the index (from the snapshot on, if there is
+/// a fitting one) and cuts a torn tail.
+fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<(Vec<Arc<Segment>>, Index, u64, OpenReport), StoreError> {
     let files = segment::list(log_dir)?;
-    let mut index = Index::default();
     let mut report = OpenReport::default();
     if files.is_empty() {
+        snapshot::remove(data_dir)?;
         let seg = Segment::create(log_dir, 0, options.segment_bytes)?;
         report.segments = 1;
-        return Ok((vec![Arc::new(seg)], index, SEGMENT_HEADER_BYTES, report));
+        return Ok((vec![Arc::new(seg)], Index::default(), SEGMENT_HEADER_BYTES, report));
     }
-    let mut segments = Vec::with_capacity(files.len());
+    let mut opened = Vec::with_capacity(files.len());
     let mut expected_base = 0;
-    let mut head = 0;
     for (i, (name_base, path)) in files.iter().enumerate() {
-        let last = i + 1 == files.len();
-        let seg = Segment::open(path, last)?;
+        let seg = Segment::open(path, i + 1 == files.len())?;
         if seg.base != *name_base || seg.base != expected_base {
             return Err(StoreError::Corrupt {
                 file: path.display().to_string(),
@@ -300,29 +349,49 @@ fn recover(log_dir: &Path, options: &Options) -> Result<(Vec<Arc<Segment>>, Inde
                 reason: format!("segment starts at position {} but {expected_base} was expected (a segment is missing or renamed)", seg.base),
             });
         }
-        let scan = scan_segment(&seg, last, Some(&mut index))?;
-        report.events += scan.events;
         expected_base = seg.base + seg.capacity();
-        head = seg.base + scan.valid_end;
-        if last {
-            let mut seg = seg;
-            if let Some(at) = scan.torn_at {
-                // Zero everything after the last whole append, durably.
-                let capacity = seg.capacity().max(options.segment_bytes);
-                seg.file.set_len(at).and_then(|_| seg.file.set_len(capacity)).and_then(|_| seg.file.sync_all())
-                    .map_err(|e| StoreError::io(&seg.path, e))?;
-                report.truncated_bytes = scan.torn_bytes;
-                report.truncated_at = Some((seg.path.clone(), at));
-                seg = Segment::open(path, true)?;
-            } else if seg.capacity() < options.segment_bytes {
-                seg.file.set_len(options.segment_bytes).and_then(|_| seg.file.sync_all()).map_err(|e| StoreError::io(&seg.path, e))?;
-                seg = Segment::open(path, true)?;
-            }
-            segments.push(Arc::new(seg));
-        } else {
-            segments.push(Arc::new(seg));
+        opened.push(seg);
+    }
+    let (mut index, start) = match snapshot::read(data_dir) {
+        Some((index, head)) if snapshot_fits(&opened, &index, head) => {
+            report.from_snapshot = true;
+            (index, head)
         }
+        _ => (Index::default(), 0),
+    };
+    let count = opened.len();
+    let mut segments = Vec::with_capacity(count);
+    let mut head = 0;
+    for (i, seg) in opened.into_iter().enumerate() {
+        let last = i + 1 == count;
+        let seg_end = seg.base + seg.capacity();
+        if options.verify_on_open && seg.base < start {
+            scan_segment(&seg, 0, last, None)?;
+        }
+        if !last && seg_end <= start {
+            segments.push(Arc::new(seg)); // covered by the snapshot
+            continue;
+        }
+        let from = start.saturating_sub(seg.base).max(SEGMENT_HEADER_BYTES);
+        let scan = scan_segment(&seg, from, last, Some(&mut index))?;
+        report.scanned_events += scan.events;
+        head = seg.base + scan.valid_end;
+        let mut seg = seg;
+        if let Some(at) = scan.torn_at {
+            // Zero everything after the last whole append, durably.
+            let capacity = seg.capacity().max(options.segment_bytes);
+            seg.file.set_len(at).and_then(|_| seg.file.set_len(capacity)).and_then(|_| seg.file.sync_all())
+                .map_err(|e| StoreError::io(&seg.path, e))?;
+            report.truncated_bytes = scan.torn_bytes;
+            report.truncated_at = Some((seg.path.clone(), at));
+            seg = Segment::open(&seg.path.clone(), true)?;
+        } else if last && seg.capacity() < options.segment_bytes {
+            seg.file.set_len(options.segment_bytes).and_then(|_| seg.file.sync_all()).map_err(|e| StoreError::io(&seg.path, e))?;
+            seg = Segment::open(&seg.path.clone(), true)?;
+        }
+        segments.push(Arc::new(seg));
     }
     report.segments = segments.len();
+    report.events = index.events;
     Ok((segments, index, head, report))
 }

@@ -35,7 +35,7 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
         if seg.base != expected_base {
             return Err(StoreError::Corrupt { file: path.display().to_string(), offset: 16, reason: format!("segment starts at position {} but {expected_base} was expected", seg.base) });
         }
-        let scan = scan_segment(&seg, last, Some(&mut index))?;
+        let scan = scan_segment(&seg, 0, last, Some(&mut index))?;
         report.events += scan.events;
         report.bytes += scan.valid_end;
         if let Some(at) = scan.torn_at {

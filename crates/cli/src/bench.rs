@@ -1,0 +1,251 @@
+//! `cairn bench`: the workloads of WORKLOADS.md on the embedded engine. Each
+//! prints one machine-readable line, e.g.
+//! `bench W1 backend=embedded events=20000 secs=0.41 events_per_s=48780 p50_us=18 p99_us=95`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use cairn_core::{EventStore, ExpectedVersion, Metadata, NewEvent, ReadAllOptions, ReadStreamOptions, StartFrom, SubscriptionTarget};
+use cairn_log::EmbeddedStore;
+use clap::Args;
+use uuid::Uuid;
+
+const ALL: [&str; 6] = ["W1", "W1c", "W2", "W3", "W4", "W5"];
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Workloads to run, in order (default: W1 W1c W2 W3 W4 W5). W4 reads what the others wrote.
+    pub workloads: Vec<String>,
+    /// Storage backend (only `embedded` so far).
+    #[arg(long, default_value = "embedded")]
+    pub backend: String,
+    /// Scale the event counts by this factor (1.0 = the sizes in WORKLOADS.md).
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// Concurrent appenders for W2 (group commit shares each fsync among them).
+    #[arg(long, default_value_t = 16)]
+    pub w2_tasks: usize,
+    /// Directory for the fresh data directory (default: the system temp dir).
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
+}
+
+/// A `MoneyDeposited` event of about 150 bytes with ordinary metadata.
+fn deposit(amount: u64, correlation: Uuid) -> NewEvent {
+    let data = serde_json::json!({"amount": amount, "currency": "EUR", "note": "salary for November, paid by ACME Widgets Ltd, ref 2026-11"});
+    let metadata = Metadata { correlation_id: Some(correlation), causation_id: Some(Uuid::now_v7()), ..Default::default() };
+    NewEvent::json("MoneyDeposited", &data).expect("serialisable").with_metadata(metadata)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> u128 {
+    if sorted.is_empty() { return 0; }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize].as_micros()
+}
+
+fn scaled(n: u64, scale: f64) -> u64 {
+    ((n as f64 * scale) as u64).max(1)
+}
+
+/// Load an account (read its stream and fold the balance), decide, append one event.
+async fn command(store: &EmbeddedStore, account: &str) -> Result<()> {
+    let (balance, version) = match store.read_stream(account, ReadStreamOptions::forward()).await {
+        Ok(events) => (events.iter().map(|e| e.json::<serde_json::Value>().map(|v| v["amount"].as_u64().unwrap_or(0)).unwrap_or(0)).sum::<u64>(), events.last().map_or(0, |e| e.version)),
+        Err(cairn_core::StoreError::StreamNotFound { .. }) => (0, 0),
+        Err(e) => return Err(e.into()),
+    };
+    if balance > u64::MAX / 2 { bail!("balance overflow"); }
+    store.append(account, ExpectedVersion::Exact(version), vec![deposit(125, Uuid::now_v7())]).await?;
+    Ok(())
+}
+
+fn spinner(what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_message(format!("running {what}"));
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+pub async fn run(args: BenchArgs) -> Result<()> {
+    if args.backend != "embedded" {
+        bail!("backend '{}' is not available yet; use --backend embedded", args.backend);
+    }
+    let workloads: Vec<String> = if args.workloads.is_empty() { ALL.iter().map(|s| s.to_string()).collect() } else { args.workloads.clone() };
+    for w in &workloads {
+        if !ALL.contains(&w.as_str()) {
+            bail!("unknown workload '{w}'; choose from {}", ALL.join(" "));
+        }
+    }
+    let tmp = match &args.dir {
+        Some(d) => tempfile::Builder::new().prefix("cairn-bench-").tempdir_in(d)?,
+        None => tempfile::Builder::new().prefix("cairn-bench-").tempdir()?,
+    };
+    let store = EmbeddedStore::open(tmp.path())?;
+    let s = args.scale;
+    for w in &workloads {
+        let bar = spinner(w);
+        let line = match w.as_str() {
+            "W1" => w1(&store, "acct", 1, scaled(20_000, s)).await?,
+            "W1c" => w1(&store, "acct-c", 16, scaled(20_000, s)).await?,
+            "W2" => w2(&store, scaled(100_000, s), args.w2_tasks).await?,
+            "W3" => w3(&store, scaled(10_000, s)).await?,
+            "W4" => w4(&store, scaled(120_000, s)).await?,
+            "W5" => w5(&store, scaled(10, s)).await?,
+            _ => unreachable!(),
+        };
+        bar.finish_and_clear();
+        println!("{line}");
+    }
+    Ok(())
+}
+
+async fn w1(store: &EmbeddedStore, prefix: &str, tasks: usize, commands: u64) -> Result<String> {
+    let accounts = 1000u64;
+    let per_task = commands / tasks as u64;
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for t in 0..tasks as u64 {
+        let store = store.clone();
+        let prefix = prefix.to_string();
+        handles.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(per_task as usize);
+            for i in 0..per_task {
+                // Disjoint accounts per task: account ≡ t (mod tasks).
+                let account = format!("{prefix}-{}", (i * tasks as u64 + t) % accounts);
+                let t0 = Instant::now();
+                command(&store, &account).await?;
+                latencies.push(t0.elapsed());
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for h in handles {
+        latencies.extend(h.await??);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    latencies.sort();
+    let n = latencies.len();
+    let name = if tasks == 1 { "W1" } else { "W1c" };
+    Ok(format!("bench {name} backend=embedded events={n} tasks={tasks} secs={secs:.2} events_per_s={:.0} p50_us={} p99_us={}",
+        n as f64 / secs, percentile(&latencies, 0.5), percentile(&latencies, 0.99)))
+}
+
+async fn w2(store: &EmbeddedStore, events: u64, tasks: usize) -> Result<String> {
+    let batches = events / 100;
+    let bytes_before = store.stats().bytes_written.load(std::sync::atomic::Ordering::Relaxed);
+    let syncs_before = store.stats().syncs.load(std::sync::atomic::Ordering::Relaxed);
+    // Build the batches first: the figure is the store's, not serde's.
+    let mut work: Vec<Vec<(String, Vec<NewEvent>)>> = (0..tasks).map(|_| Vec::new()).collect();
+    for b in 0..batches {
+        let batch = (0..100).map(|i| deposit(b * 100 + i, Uuid::now_v7())).collect();
+        work[(b as usize) % tasks].push((format!("batch-{}", b % 1000), batch));
+    }
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for mine in work {
+        let store = store.clone();
+        handles.push(tokio::spawn(async move {
+            for (stream, batch) in mine {
+                store.append(&stream, ExpectedVersion::Any, batch).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for h in handles {
+        h.await??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let bytes = store.stats().bytes_written.load(std::sync::atomic::Ordering::Relaxed) - bytes_before;
+    let syncs = store.stats().syncs.load(std::sync::atomic::Ordering::Relaxed) - syncs_before;
+    let n = batches * 100;
+    Ok(format!("bench W2 backend=embedded events={n} batch=100 tasks={tasks} secs={secs:.3} events_per_s={:.0} mb_per_s={:.1} fsyncs={syncs}",
+        n as f64 / secs, bytes as f64 / secs / 1e6))
+}
+
+async fn w3(store: &EmbeddedStore, events: u64) -> Result<String> {
+    let stream = format!("acct-big-{}", Uuid::now_v7().simple());
+    let mut left = events;
+    while left > 0 {
+        let n = left.min(100);
+        store.append(&stream, ExpectedVersion::Any, (0..n).map(|i| deposit(i, Uuid::now_v7())).collect()).await?;
+        left -= n;
+    }
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let loaded = store.read_stream(&stream, ReadStreamOptions::forward()).await?;
+        let balance: u64 = loaded.iter().map(|e| e.json::<serde_json::Value>().map(|v| v["amount"].as_u64().unwrap_or(0)).unwrap_or(0)).sum();
+        std::hint::black_box(balance);
+        times.push(t0.elapsed());
+        if loaded.len() as u64 != events { bail!("W3 loaded {} events, expected {events}", loaded.len()); }
+    }
+    times.sort();
+    let median = times[2].as_secs_f64();
+    Ok(format!("bench W3 backend=embedded events={events} snapshots=none median_ms={:.2} events_per_s={:.0}", median * 1e3, events as f64 / median))
+}
+
+async fn w4(store: &EmbeddedStore, minimum: u64) -> Result<String> {
+    let head = store.head_position().await?;
+    if head.0 < 1_000_000 {
+        // Run alone: fill the store first, as W1 + W2 would.
+        w2(store, minimum, 16).await?;
+    }
+    let mut best = f64::MAX;
+    let mut count = 0;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let mut page = store.read_all(ReadAllOptions::forward().limit(10_000)).await?;
+        count = 0u64;
+        while let Some(last) = page.last().map(|e| e.position) {
+            count += page.len() as u64;
+            // `from` is inclusive: read one more and drop the event we already have.
+            page = store.read_all(ReadAllOptions::forward().from(last).limit(10_001)).await?;
+            page.remove(0);
+        }
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Ok(format!("bench W4 backend=embedded events={count} secs={best:.3} events_per_s={:.0}", count as f64 / best))
+}
+
+async fn w5(store: &EmbeddedStore, seconds: u64) -> Result<String> {
+    let total = seconds * 1000;
+    let mut sub = store.subscribe(SubscriptionTarget::All, StartFrom::End).await?;
+    let receiver = tokio::spawn(async move {
+        let mut got = Vec::with_capacity(total as usize);
+        while (got.len() as u64) < total {
+            match sub.next().await {
+                Some(Ok(e)) => got.push((e.id, Instant::now())),
+                Some(Err(e)) => return Err(anyhow::Error::from(e)),
+                None => bail!("subscription ended"),
+            }
+        }
+        Ok(got)
+    });
+    let store2 = store.clone();
+    let writer = tokio::spawn(async move {
+        let mut sent = Vec::with_capacity(total as usize);
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        for i in 0..total {
+            tick.tick().await;
+            let e = deposit(i, Uuid::now_v7());
+            let id = e.id;
+            let t0 = Instant::now();
+            store2.append("latency", ExpectedVersion::Any, vec![e]).await?;
+            sent.push((id, t0, Instant::now()));
+        }
+        anyhow::Ok(sent)
+    });
+    let sent = writer.await??;
+    let got: std::collections::HashMap<Uuid, Instant> = receiver.await??.into_iter().collect();
+    let mut from_call = Vec::new();
+    let mut from_ack = Vec::new();
+    for (id, t0, acked) in sent {
+        let Some(at) = got.get(&id) else { bail!("event {id} was never delivered") };
+        from_call.push(at.saturating_duration_since(t0));
+        from_ack.push(at.saturating_duration_since(acked));
+    }
+    from_call.sort();
+    from_ack.sort();
+    Ok(format!("bench W5 backend=embedded events={total} rate_per_s=1000 p50_us={} p99_us={} after_ack_p50_us={} after_ack_p99_us={}",
+        percentile(&from_call, 0.5), percentile(&from_call, 0.99), percentile(&from_ack, 0.5), percentile(&from_ack, 0.99)))
+}

@@ -1,0 +1,309 @@
+//! The data verbs: each opens the embedded store in `--data`, does one thing, and prints.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _, Result};
+use cairn_core::{
+    EventStore, ExpectedVersion, Metadata, NewEvent, Position, ReadAllOptions, ReadStreamOptions, StartFrom,
+    StreamMetadata, SubscriptionTarget,
+};
+use cairn_log::EmbeddedStore;
+use clap::Args;
+use uuid::Uuid;
+
+use crate::output;
+
+pub struct Context {
+    pub data: PathBuf,
+    pub json: bool,
+}
+
+impl Context {
+    fn open(&self) -> Result<EmbeddedStore> {
+        let store = EmbeddedStore::open(&self.data)?;
+        let report = store.open_report();
+        if let Some((file, offset)) = &report.truncated_at {
+            eprintln!("note: recovery cut a torn tail of {} bytes in {} at offset {offset} (an append that was never acknowledged)", report.truncated_bytes, file.display());
+        }
+        Ok(store)
+    }
+
+    fn open_existing(&self) -> Result<EmbeddedStore> {
+        if !self.data.join("log").is_dir() {
+            bail!("no Cairn data in {} — append something first, or pass --data DIR", self.data.display());
+        }
+        self.open()
+    }
+}
+
+/// `any`, `no-stream`, `exists` or a number.
+fn parse_expected(s: &str) -> Result<ExpectedVersion, String> {
+    match s {
+        "any" => Ok(ExpectedVersion::Any),
+        "no-stream" | "no_stream" => Ok(ExpectedVersion::NoStream),
+        "exists" | "stream-exists" => Ok(ExpectedVersion::StreamExists),
+        n => n.parse().map(ExpectedVersion::Exact).map_err(|_| format!("'{n}' is not any, no-stream, exists or a version number")),
+    }
+}
+
+#[derive(Args)]
+pub struct AppendArgs {
+    pub stream: String,
+    /// Event type (with --data); without it, events are read as JSON lines from stdin.
+    #[arg(long = "type", short = 't')]
+    pub event_type: Option<String>,
+    /// JSON payload for --type.
+    #[arg(long, short = 'd', default_value = "{}")]
+    pub data: String,
+    /// any, no-stream, exists, or the stream's current version.
+    #[arg(long, short = 'e', default_value = "any", value_parser = parse_expected)]
+    pub expected_version: ExpectedVersion,
+    /// Event id (UUID) for --type; retrying with the same id is idempotent.
+    #[arg(long)]
+    pub id: Option<Uuid>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventLine {
+    #[serde(rename = "type")]
+    event_type: String,
+    #[serde(default)]
+    data: serde_json::Value,
+    id: Option<Uuid>,
+    #[serde(default)]
+    metadata: Metadata,
+    schema_version: Option<u32>,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+fn events_from_stdin() -> Result<Vec<NewEvent>> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprintln!("reading events as JSON lines from stdin (Ctrl-D to finish); or pass --type and --data");
+    }
+    let mut events = Vec::new();
+    for (n, line) in stdin.lock().lines().enumerate() {
+        let line = line.context("cannot read stdin")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed: EventLine = serde_json::from_str(&line)
+            .with_context(|| format!("line {}: expected {{\"type\": \"...\", \"data\": {{...}}}}", n + 1))?;
+        let mut e = NewEvent::json(parsed.event_type, &parsed.data)?.with_metadata(parsed.metadata).with_tags(parsed.tags);
+        if let Some(id) = parsed.id { e = e.with_id(id); }
+        if let Some(v) = parsed.schema_version { e = e.with_schema_version(v); }
+        events.push(e);
+    }
+    if events.is_empty() {
+        bail!("no events on stdin; give one per line, or use --type and --data");
+    }
+    Ok(events)
+}
+
+pub async fn append(ctx: &Context, a: AppendArgs) -> Result<()> {
+    let events = match &a.event_type {
+        Some(t) => {
+            let data: serde_json::Value = serde_json::from_str(&a.data).context("--data is not valid JSON")?;
+            let mut e = NewEvent::json(t.clone(), &data)?;
+            if let Some(id) = a.id { e = e.with_id(id); }
+            vec![e]
+        }
+        None => events_from_stdin()?,
+    };
+    let count = events.len();
+    let store = ctx.open()?;
+    let r = store.append(&a.stream, a.expected_version, events).await?;
+    if ctx.json {
+        println!("{}", serde_json::json!({"stream": a.stream, "next_version": r.next_version, "position": r.position.0}));
+    } else {
+        println!("appended {count} event{} to {}: version {} at position {}", if count == 1 { "" } else { "s" }, a.stream, r.next_version, r.position);
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ReadArgs {
+    pub stream: String,
+    /// First version to show (default: 1, or the newest with --backward).
+    #[arg(long)]
+    pub from: Option<u64>,
+    #[arg(long, short = 'n', default_value_t = 100)]
+    pub limit: usize,
+    #[arg(long)]
+    pub backward: bool,
+}
+
+pub async fn read(ctx: &Context, a: ReadArgs) -> Result<()> {
+    let store = ctx.open_existing()?;
+    let mut options = if a.backward { ReadStreamOptions::backward() } else { ReadStreamOptions::forward() };
+    if let Some(v) = a.from { options = options.from_version(v); }
+    let events = store.read_stream(&a.stream, options.limit(a.limit)).await?;
+    output::print_events(&events, ctx.json);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ReadAllArgs {
+    /// Position to start at (an event's position; default: the start, or the end with --backward).
+    #[arg(long)]
+    pub from: Option<u64>,
+    #[arg(long, short = 'n', default_value_t = 100)]
+    pub limit: usize,
+    #[arg(long)]
+    pub backward: bool,
+    /// Include system events ($metadata, deletions).
+    #[arg(long)]
+    pub system: bool,
+}
+
+pub async fn read_all(ctx: &Context, a: ReadAllArgs) -> Result<()> {
+    let store = ctx.open_existing()?;
+    let mut options = if a.backward { ReadAllOptions::backward() } else { ReadAllOptions::forward() };
+    if let Some(p) = a.from { options = options.from(Position(p)); }
+    let mut events = store.read_all(options.limit(a.limit)).await?;
+    if !a.system { events.retain(|e| !e.is_system()); }
+    output::print_events(&events, ctx.json);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct TailArgs {
+    /// Stream to follow; $all when omitted.
+    pub stream: Option<String>,
+    /// Deliver history after this version (stream) or position ($all) first; default: only new events.
+    #[arg(long)]
+    pub from: Option<u64>,
+    /// Stop after this many events.
+    #[arg(long, short = 'n')]
+    pub count: Option<usize>,
+}
+
+pub async fn tail(ctx: &Context, a: TailArgs) -> Result<()> {
+    let store = ctx.open()?;
+    let target = match &a.stream {
+        Some(s) => SubscriptionTarget::Stream(s.clone()),
+        None => SubscriptionTarget::All,
+    };
+    let from = match a.from { Some(n) => StartFrom::After(n), None => StartFrom::End };
+    let mut sub = store.subscribe(target, from).await?;
+    if !ctx.json {
+        eprintln!("following {} (Ctrl-C to stop)", a.stream.as_deref().unwrap_or("$all"));
+    }
+    let mut seen = 0;
+    loop {
+        tokio::select! {
+            next = sub.next() => match next {
+                Some(e) => {
+                    output::print_event_line(&e?, ctx.json);
+                    seen += 1;
+                    if a.count.is_some_and(|c| seen >= c) { return Ok(()); }
+                }
+                None => return Ok(()),
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct StreamsArgs {
+    /// Only streams whose name starts with this ('$$' for metadata streams).
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+    #[arg(long, short = 'n', default_value_t = 1000)]
+    pub limit: usize,
+}
+
+pub async fn streams(ctx: &Context, a: StreamsArgs) -> Result<()> {
+    let store = ctx.open_existing()?;
+    output::print_streams(&store.list_streams(&a.prefix, a.limit).await?, ctx.json);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct MetadataArgs {
+    pub stream: String,
+    /// Hide events older than this many seconds.
+    #[arg(long)]
+    pub max_age: Option<u64>,
+    /// Show only the newest N events.
+    #[arg(long)]
+    pub max_count: Option<u64>,
+    /// Hide events with a version below this.
+    #[arg(long)]
+    pub truncate_before: Option<u64>,
+    /// Remove all settings.
+    #[arg(long, conflicts_with_all = ["max_age", "max_count", "truncate_before"])]
+    pub clear: bool,
+}
+
+pub async fn metadata(ctx: &Context, a: MetadataArgs) -> Result<()> {
+    let store = ctx.open_existing()?;
+    let changing = a.clear || a.max_age.is_some() || a.max_count.is_some() || a.truncate_before.is_some();
+    if changing {
+        let m = StreamMetadata { max_age_secs: a.max_age, max_count: a.max_count, truncate_before: a.truncate_before };
+        store.set_stream_metadata(&a.stream, m).await?;
+    }
+    let info = store.stream_info(&a.stream).await?;
+    if ctx.json {
+        println!("{}", serde_json::to_string(&info)?);
+    } else {
+        output::print_streams(&[info], false);
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct DeleteArgs {
+    pub stream: String,
+    /// Tombstone the stream: its name can never be written again.
+    #[arg(long)]
+    pub hard: bool,
+    #[arg(long, short = 'e', default_value = "any", value_parser = parse_expected)]
+    pub expected_version: ExpectedVersion,
+}
+
+pub async fn delete(ctx: &Context, a: DeleteArgs) -> Result<()> {
+    let store = ctx.open_existing()?;
+    store.delete_stream(&a.stream, a.expected_version, a.hard).await?;
+    println!("{} {}", if a.hard { "tombstoned" } else { "deleted" }, a.stream);
+    Ok(())
+}
+
+fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} segments ({eta})").unwrap().progress_chars("=> "));
+    bar.set_message(what.to_string());
+    bar
+}
+
+pub fn verify(ctx: &Context) -> Result<()> {
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let report = cairn_log::verify(&ctx.data, |done, total| {
+        bar.get_or_insert_with(|| progress_bar(total as u64, "verifying")).set_position(done as u64);
+    })?;
+    if let Some(bar) = bar { bar.finish_and_clear(); }
+    if ctx.json {
+        println!("{}", serde_json::json!({"ok": true, "segments": report.segments, "events": report.events, "bytes": report.bytes, "streams": report.streams,
+            "torn_tail": report.torn_tail.as_ref().map(|(f, o, n)| serde_json::json!({"file": f, "offset": o, "bytes": n}))}));
+    } else {
+        println!("ok: {} events in {} streams, {} segment{}, {} bytes checked", report.events, report.streams, report.segments, if report.segments == 1 { "" } else { "s" }, report.bytes);
+        if let Some((file, offset, bytes)) = report.torn_tail {
+            println!("note: {} has a torn tail of {bytes} bytes at offset {offset} (an unacknowledged append); the next open cuts it", file.display());
+        }
+    }
+    Ok(())
+}
+
+pub fn reindex(ctx: &Context) -> Result<()> {
+    if !ctx.data.join("log").is_dir() {
+        bail!("no Cairn data in {} — pass --data DIR", ctx.data.display());
+    }
+    let started = std::time::Instant::now();
+    let report = cairn_log::EmbeddedStore::reindex(&ctx.data)?;
+    println!("rebuilt the index from the log: {} events in {} segments, {:.2} s", report.events, report.segments, started.elapsed().as_secs_f64());
+    Ok(())
+}

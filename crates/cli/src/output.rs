@@ -1,0 +1,87 @@
+//! How events and streams are shown to people (tables) and scripts (JSON lines).
+
+use base64::Engine;
+use cairn_core::{ContentType, RecordedEvent, StoreError, StreamInfo};
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use serde_json::{json, Value};
+
+/// An event as JSON, in the shape the HTTP API uses.
+pub fn event_json(e: &RecordedEvent) -> Value {
+    let data = match e.content_type {
+        ContentType::Json => serde_json::from_slice(&e.data).unwrap_or(Value::Null),
+        ContentType::Binary => Value::String(base64::engine::general_purpose::STANDARD.encode(&e.data)),
+    };
+    json!({
+        "id": e.id, "stream": e.stream, "type": e.event_type, "version": e.version,
+        "position": e.position.0, "timestamp": e.timestamp.to_rfc3339(),
+        "schema_version": e.schema_version, "content_type": e.content_type,
+        "data": data, "metadata": e.metadata, "tags": e.tags,
+    })
+}
+
+fn data_preview(e: &RecordedEvent) -> String {
+    let text = match e.content_type {
+        ContentType::Json => String::from_utf8_lossy(&e.data).into_owned(),
+        ContentType::Binary => format!("<{} bytes binary>", e.data.len()),
+    };
+    if text.chars().count() > 60 { format!("{}…", text.chars().take(59).collect::<String>()) } else { text }
+}
+
+pub fn print_events(events: &[RecordedEvent], json: bool) {
+    if json {
+        for e in events {
+            println!("{}", event_json(e));
+        }
+        return;
+    }
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED);
+    table.set_header(["position", "stream", "version", "type", "time (UTC)", "data"]);
+    for e in events {
+        let time = e.timestamp.to_rfc3339();
+        table.add_row([e.position.to_string(), e.stream.clone(), e.version.to_string(), e.event_type.clone(), time[..19].replace('T', " "), data_preview(e)]);
+    }
+    println!("{table}");
+    println!("{} event{}", events.len(), if events.len() == 1 { "" } else { "s" });
+}
+
+pub fn print_event_line(e: &RecordedEvent, json: bool) {
+    if json {
+        println!("{}", event_json(e));
+    } else {
+        println!("{:>10}  {}@{}  {}  {}", e.position, e.stream, e.version, e.event_type, data_preview(e));
+    }
+}
+
+pub fn print_streams(streams: &[StreamInfo], json: bool) {
+    if json {
+        for s in streams {
+            println!("{}", serde_json::to_string(s).unwrap_or_default());
+        }
+        return;
+    }
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED);
+    table.set_header(["stream", "version", "state", "last position", "metadata"]);
+    for s in streams {
+        let meta = serde_json::to_string(&s.metadata).unwrap_or_default();
+        let state = serde_json::to_value(s.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        table.add_row([s.stream.clone(), s.version.to_string(), state, s.last_position.map(|p| p.to_string()).unwrap_or_default(), if meta == "{}" { String::new() } else { meta }]);
+    }
+    println!("{table}");
+    println!("{} stream{}", streams.len(), if streams.len() == 1 { "" } else { "s" });
+}
+
+/// What to do next, for errors a person can fix.
+pub fn hint(e: &StoreError) -> Option<&'static str> {
+    Some(match e {
+        StoreError::Locked { .. } => "another cairn process (a server, `cairn tail`, or a bench) has this data directory open; stop it, or pass --data to use another directory",
+        StoreError::WrongExpectedVersion { .. } => "read the stream again (`cairn read STREAM`) and retry with its current version, or use --expected-version any",
+        StoreError::StreamNotFound { .. } => "list the streams with `cairn streams`",
+        StoreError::StreamDeleted { .. } => "a tombstoned stream's name cannot be reused; write to a new stream",
+        StoreError::Corrupt { .. } => "run `cairn verify` for a full report; restore the named file from a backup",
+        StoreError::InvalidStreamName { .. } => "stream names are 1 to 256 bytes and may not start with '$'",
+        StoreError::InvalidPosition(_) => "positions come from events (`cairn read-all` shows them); use 0 for the start",
+        _ => return None,
+    })
+}
