@@ -37,6 +37,16 @@ fn deposit(amount: u64, correlation: Uuid) -> NewEvent {
     NewEvent::json("MoneyDeposited", &data).expect("serialisable").with_metadata(metadata)
 }
 
+/// What a replay needs of a `MoneyDeposited` payload.
+#[derive(serde::Deserialize)]
+struct Deposited {
+    amount: u64,
+}
+
+fn amount(e: &cairn_core::RecordedEvent) -> u64 {
+    e.json::<Deposited>().map(|d| d.amount).unwrap_or(0)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> u128 {
     if sorted.is_empty() { return 0; }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize].as_micros()
@@ -49,7 +59,7 @@ fn scaled(n: u64, scale: f64) -> u64 {
 /// Load an account (read its stream and fold the balance), decide, append one event.
 async fn command(store: &EmbeddedStore, account: &str) -> Result<()> {
     let (balance, version) = match store.read_stream(account, ReadStreamOptions::forward()).await {
-        Ok(events) => (events.iter().map(|e| e.json::<serde_json::Value>().map(|v| v["amount"].as_u64().unwrap_or(0)).unwrap_or(0)).sum::<u64>(), events.last().map_or(0, |e| e.version)),
+        Ok(events) => (events.iter().map(amount).sum::<u64>(), events.last().map_or(0, |e| e.version)),
         Err(cairn_core::StoreError::StreamNotFound { .. }) => (0, 0),
         Err(e) => return Err(e.into()),
     };
@@ -174,7 +184,7 @@ async fn w3(store: &EmbeddedStore, events: u64) -> Result<String> {
     for _ in 0..5 {
         let t0 = Instant::now();
         let loaded = store.read_stream(&stream, ReadStreamOptions::forward()).await?;
-        let balance: u64 = loaded.iter().map(|e| e.json::<serde_json::Value>().map(|v| v["amount"].as_u64().unwrap_or(0)).unwrap_or(0)).sum();
+        let balance: u64 = loaded.iter().map(amount).sum();
         std::hint::black_box(balance);
         times.push(t0.elapsed());
         if loaded.len() as u64 != events { bail!("W3 loaded {} events, expected {events}", loaded.len()); }

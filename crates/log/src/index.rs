@@ -72,7 +72,10 @@ impl Index {
     }
 
     pub fn apply(&mut self, r: &RecordView<'_>, position: u64) -> Result<(), IndexError> {
-        let entry = self.streams.entry(r.stream.to_string()).or_default();
+        if !self.streams.contains_key(r.stream) {
+            self.streams.insert(r.stream.to_string(), StreamEntry::default());
+        }
+        let entry = self.streams.get_mut(r.stream).expect("inserted above");
         let expected = entry.version() + 1;
         if r.version != expected {
             return Err(IndexError(format!(

@@ -35,8 +35,32 @@ fn corrupt_at(shared: &Shared, position: u64, reason: &str) -> StoreError {
 
 impl Shared {
     fn event_at(&self, position: u64) -> Result<RecordedEvent, StoreError> {
-        self.with_record(position, |v| v.to_event(Position(position)))
-            .ok_or_else(|| corrupt_at(self, position, "the index points at a position that holds no valid record"))
+        let seg = self.segment_for(position);
+        self.events_at(&[position], seg.as_ref()).map(|mut v| v.remove(0))
+    }
+
+    /// Decodes the events at `positions`; `seg` is a guess at their segment,
+    /// reused while it holds (stream reads mostly stay in one segment).
+    fn events_at(&self, positions: &[u64], seg: Option<&Arc<crate::segment::Segment>>) -> Result<Vec<RecordedEvent>, StoreError> {
+        let head = self.head.load(Ordering::Acquire);
+        let mut out = Vec::with_capacity(positions.len());
+        let mut seg = seg.cloned();
+        for &position in positions {
+            let fits = |s: &Arc<crate::segment::Segment>| s.base <= position && position < s.base + s.capacity();
+            if !seg.as_ref().is_some_and(fits) {
+                seg = self.segment_for(position);
+            }
+            let missing = || corrupt_at(self, position, "the index points at a position that holds no valid record");
+            let s = seg.as_ref().ok_or_else(missing)?;
+            let end = s.capacity().min(head.saturating_sub(s.base));
+            let offset = position - s.base;
+            if offset < SEGMENT_HEADER_BYTES || offset >= end {
+                return Err(missing());
+            }
+            let view = record::decode(s.bytes(offset, end)).map_err(|e| corrupt_at(self, position, &format!("{e:?}")))?;
+            out.push(view.to_event_sharing(Position(position), s.share(view.data)));
+        }
+        Ok(out)
     }
 
     /// Positions of the visible events of `stream` selected by `options`.
@@ -83,7 +107,7 @@ impl Shared {
     /// boundary after the last one.
     fn read_forward(&self, mut from: u64, limit: usize) -> Result<(Vec<RecordedEvent>, u64), StoreError> {
         let head = self.head.load(Ordering::Acquire);
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(limit.min(16_384));
         let mut seg = match self.segment_for(from) {
             Some(s) => s,
             None => return Ok((out, from)),
@@ -101,7 +125,7 @@ impl Shared {
             }
             let bytes = seg.bytes(from - seg.base, seg_end - seg.base);
             let view = record::decode(bytes).map_err(|e| corrupt_at(self, from, &format!("{e:?}")))?;
-            out.push(view.to_event(Position(from)));
+            out.push(view.to_event_sharing(Position(from), seg.share(view.data)));
             from += view.len as u64;
         }
         Ok((out, from))
@@ -160,7 +184,7 @@ impl EventStore for EmbeddedStore {
     async fn read_stream(&self, stream: &str, options: ReadStreamOptions) -> Result<Vec<RecordedEvent>, StoreError> {
         check_read_name(stream)?;
         let positions = self.shared.stream_positions(stream, &options)?;
-        positions.into_iter().map(|p| self.shared.event_at(p)).collect()
+        self.shared.events_at(&positions, None)
     }
 
     async fn read_all(&self, options: ReadAllOptions) -> Result<Vec<RecordedEvent>, StoreError> {
@@ -296,11 +320,11 @@ impl SubState {
                 let options = ReadStreamOptions::forward().from_version(*next).limit(SUBSCRIPTION_PAGE_EVENTS);
                 match self.shared.stream_positions(stream, &options) {
                     Ok(positions) => {
-                        for p in positions {
-                            let e = self.shared.event_at(p)?;
-                            *next = e.version + 1;
-                            self.buffer.push_back(e);
+                        let events = self.shared.events_at(&positions, None)?;
+                        if let Some(last) = events.last() {
+                            *next = last.version + 1;
                         }
+                        self.buffer.extend(events);
                     }
                     Err(StoreError::StreamNotFound { .. }) => {}
                     Err(e) => return Err(e),

@@ -116,7 +116,8 @@ impl RecordView<'_> {
         self.flags & FLAG_BATCH_END != 0
     }
 
-    pub fn to_event(&self, position: Position) -> RecordedEvent {
+    /// The event, with `data` as its payload (a shared handle on `self.data`).
+    pub fn to_event_sharing(&self, position: Position, data: Bytes) -> RecordedEvent {
         let mut tags = Vec::with_capacity(self.tag_count as usize);
         let mut r = Reader { bytes: self.tags };
         for _ in 0..self.tag_count {
@@ -135,7 +136,7 @@ impl RecordView<'_> {
             version: self.version,
             position,
             event_type: self.event_type.to_string(),
-            data: Bytes::copy_from_slice(self.data),
+            data,
             content_type: if self.flags & FLAG_BINARY != 0 { ContentType::Binary } else { ContentType::Json },
             metadata,
             schema_version: self.schema_version,
@@ -147,6 +148,15 @@ impl RecordView<'_> {
 
 /// Decodes the record that starts at `bytes[0]`, checking length and CRC.
 pub fn decode(bytes: &[u8]) -> Result<RecordView<'_>, DecodeError> {
+    decode_inner(bytes, true)
+}
+
+/// Decodes a record this process just encoded (the writer's own buffer).
+pub fn decode_trusted(bytes: &[u8]) -> Result<RecordView<'_>, DecodeError> {
+    decode_inner(bytes, false)
+}
+
+fn decode_inner(bytes: &[u8], check_crc: bool) -> Result<RecordView<'_>, DecodeError> {
     if bytes.len() < RECORD_HEADER_BYTES {
         return if bytes.iter().all(|b| *b == 0) { Err(DecodeError::Empty) } else { Err(DecodeError::Truncated) };
     }
@@ -163,7 +173,7 @@ pub fn decode(bytes: &[u8]) -> Result<RecordView<'_>, DecodeError> {
     }
     let stored_crc = u32::from_le_bytes(bytes[4..8].try_into().unwrap());
     let body = &bytes[8..8 + body_len];
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[0..4]), body);
+    let crc = if check_crc { crc32c::crc32c_append(crc32c::crc32c(&bytes[0..4]), body) } else { stored_crc };
     if crc != stored_crc {
         return Err(DecodeError::Invalid(format!("checksum mismatch (stored {stored_crc:#010x}, computed {crc:#010x})")));
     }
@@ -271,7 +281,7 @@ mod tests {
         let view = decode(&buf).unwrap();
         assert_eq!(view.len, buf.len());
         assert!(view.batch_end());
-        let got = view.to_event(Position(99));
+        let got = view.to_event_sharing(Position(99), Bytes::copy_from_slice(view.data));
         assert_eq!(got.id, e.id);
         assert_eq!(got.stream, "account-1");
         assert_eq!(got.version, 7);

@@ -9,6 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use cairn_core::StoreError;
+use bytes::Bytes;
 use memmap2::Mmap;
 
 pub const SEGMENT_MAGIC: &[u8; 8] = b"CAIRNSEG";
@@ -20,7 +21,8 @@ pub struct Segment {
     pub base: u64,
     pub path: PathBuf,
     pub file: File,
-    map: Mmap,
+    /// The whole file, mapped; shared with the events whose payloads point into it.
+    map: Bytes,
 }
 
 impl Segment {
@@ -68,7 +70,7 @@ impl Segment {
         // (the data directory lock keeps other processes out), and readers only
         // look at bytes below the durable end, which never change again.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| StoreError::io(&path, e))?;
-        Ok(Segment { base, path, file, map })
+        Ok(Segment { base, path, file, map: Bytes::from_owner(map) })
     }
 
     /// Length of the file (and the map) in bytes.
@@ -79,6 +81,11 @@ impl Segment {
     /// The file's bytes from `offset` up to `end` (file offsets).
     pub fn bytes(&self, offset: u64, end: u64) -> &[u8] {
         &self.map[offset as usize..end as usize]
+    }
+
+    /// A shared handle on `sub`, which must lie inside this segment's bytes.
+    pub fn share(&self, sub: &[u8]) -> Bytes {
+        self.map.slice_ref(sub)
     }
 }
 

@@ -42,7 +42,7 @@ pub struct AppendRequest {
 
 /// An event of the group not yet durable, for idempotency checks inside the group.
 struct PendingId {
-    stream: String,
+    stream: Arc<str>,
     version: u64,
     position: u64,
     batch_end: bool,
@@ -172,13 +172,14 @@ impl Writer {
         self.last_timestamp = now;
         let (mut version, _) = self.current(&req.stream);
         let mut position = 0;
+        let stream: Arc<str> = Arc::from(req.stream.as_str());
         let count = req.events.len();
         for (i, event) in req.events.iter().enumerate() {
             version += 1;
             position = self.active.base + self.offset + self.group.buf.len() as u64;
             let batch_end = i + 1 == count;
             record::encode(&mut self.group.buf, &req.stream, version, Timestamp(now), event, batch_end);
-            self.group.ids.insert(event.id, PendingId { stream: req.stream.clone(), version, position, batch_end });
+            self.group.ids.insert(event.id, PendingId { stream: stream.clone(), version, position, batch_end });
         }
         self.group.streams.insert(req.stream.clone(), (version, StreamState::Live));
         AppendResult { next_version: version, position: Position(position) }
@@ -190,7 +191,7 @@ impl Writer {
         let index = self.shared.index.read().unwrap();
         let lookup = |id: &Uuid| -> Option<(String, u64, u64, bool)> {
             if let Some(p) = self.group.ids.get(id) {
-                return Some((p.stream.clone(), p.version, p.position, p.batch_end));
+                return Some((p.stream.to_string(), p.version, p.position, p.batch_end));
             }
             let position = *index.ids.get(&id.as_u128())?;
             let (stream, version, batch_end) = self.shared.record_summary(position)?;
