@@ -50,16 +50,16 @@ fn parse_expected(s: &str) -> Result<ExpectedVersion, String> {
 #[derive(Args)]
 pub struct AppendArgs {
     pub stream: String,
-    /// Event type (with --data); without it, events are read as JSON lines from stdin.
-    #[arg(long = "type", short = 't')]
+    /// Event type; without it, events are read as JSON lines from stdin.
+    #[arg(value_name = "TYPE")]
     pub event_type: Option<String>,
-    /// JSON payload for --type.
-    #[arg(long, short = 'd', default_value = "{}")]
-    pub data: String,
+    /// JSON payload of the event.
+    #[arg(value_name = "JSON", default_value = "{}")]
+    pub payload: String,
     /// any, no-stream, exists, or the stream's current version.
     #[arg(long, short = 'e', default_value = "any", value_parser = parse_expected)]
     pub expected_version: ExpectedVersion,
-    /// Event id (UUID) for --type; retrying with the same id is idempotent.
+    /// Event id (UUID); retrying with the same id is idempotent.
     #[arg(long)]
     pub id: Option<Uuid>,
 }
@@ -82,7 +82,7 @@ struct EventLine {
 fn events_from_stdin() -> Result<Vec<NewEvent>> {
     let stdin = std::io::stdin();
     if stdin.is_terminal() {
-        eprintln!("reading events as JSON lines from stdin (Ctrl-D to finish); or pass --type and --data");
+        eprintln!("reading events as JSON lines from stdin (Ctrl-D to finish); or pass TYPE and JSON as arguments");
     }
     let mut events = Vec::new();
     for (n, line) in stdin.lock().lines().enumerate() {
@@ -98,7 +98,7 @@ fn events_from_stdin() -> Result<Vec<NewEvent>> {
         events.push(e);
     }
     if events.is_empty() {
-        bail!("no events on stdin; give one per line, or use --type and --data");
+        bail!("no events on stdin; give one per line, or pass TYPE and JSON as arguments");
     }
     Ok(events)
 }
@@ -106,7 +106,7 @@ fn events_from_stdin() -> Result<Vec<NewEvent>> {
 pub async fn append(ctx: &Context, a: AppendArgs) -> Result<()> {
     let events = match &a.event_type {
         Some(t) => {
-            let data: serde_json::Value = serde_json::from_str(&a.data).context("--data is not valid JSON")?;
+            let data: serde_json::Value = serde_json::from_str(&a.payload).context("the JSON payload is not valid JSON")?;
             let mut e = NewEvent::json(t.clone(), &data)?;
             if let Some(id) = a.id { e = e.with_id(id); }
             vec![e]

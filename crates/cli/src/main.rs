@@ -32,7 +32,7 @@ enum Command {
         #[arg(long)]
         keep: Option<PathBuf>,
     },
-    /// Append events to a stream: one from --type/--data, or JSON lines on stdin
+    /// Append events to a stream: one from TYPE and JSON, or JSON lines on stdin
     /// (`{"type": "...", "data": {...}, "id"?: "...", "metadata"?: {...}}`), all in one atomic append.
     Append(commands::AppendArgs),
     /// Read a stream's events.

@@ -1,0 +1,96 @@
+//! End-to-end tests of the real `cairn` binary.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+fn cairn(dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cairn")).arg("--data").arg(dir).args(args).output().expect("run cairn")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn append_read_and_streams_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = cairn(dir.path(), &["append", "account-1", "MoneyDeposited", r#"{"amount":125}"#, "-e", "no-stream"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("version 1"), "{}", stdout(&o));
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cairn")).arg("--data").arg(dir.path())
+        .args(["append", "account-1", "-e", "1"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"{\"type\":\"MoneyWithdrawn\",\"data\":{\"amount\":5}}\n{\"type\":\"MoneyDeposited\",\"data\":{\"amount\":7}}\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success());
+    assert!(stdout(&o).contains("appended 2 events") && stdout(&o).contains("version 3"), "{}", stdout(&o));
+
+    let o = cairn(dir.path(), &["--json", "read", "account-1"]);
+    let lines: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[1]["type"], "MoneyWithdrawn");
+    assert_eq!(lines[2]["data"]["amount"], 7);
+    assert_eq!(lines[2]["version"], 3);
+
+    let o = cairn(dir.path(), &["--json", "streams"]);
+    let s: serde_json::Value = serde_json::from_str(stdout(&o).lines().next().unwrap()).unwrap();
+    assert_eq!((s["stream"].as_str(), s["version"].as_u64()), (Some("account-1"), Some(3)));
+
+    let o = cairn(dir.path(), &["verify"]);
+    assert!(o.status.success() && stdout(&o).contains("3 events"), "{}", stdout(&o));
+    let o = cairn(dir.path(), &["reindex"]);
+    assert!(o.status.success() && stdout(&o).contains("3 events"), "{}", stdout(&o));
+}
+
+#[test]
+fn errors_name_the_problem_and_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    cairn(dir.path(), &["append", "acc", "Opened"]);
+    let o = cairn(dir.path(), &["append", "acc", "Opened", "-e", "no-stream"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("actual version is 1") && stderr(&o).contains("hint:"), "{}", stderr(&o));
+
+    let o = cairn(dir.path(), &["append", "acc", "X", "{oops"]);
+    assert!(!o.status.success() && stderr(&o).contains("payload is not valid JSON"), "{}", stderr(&o));
+
+    let o = cairn(dir.path(), &["append", "$sys", "X"]);
+    assert!(!o.status.success() && stderr(&o).contains("reserved for system streams"), "{}", stderr(&o));
+
+    let o = cairn(dir.path(), &["append", "acc", "X", "-e", "banana"]);
+    assert!(!o.status.success() && stderr(&o).contains("not any, no-stream, exists or a version number"), "{}", stderr(&o));
+
+    let empty = tempfile::tempdir().unwrap();
+    let o = cairn(&empty.path().join("nothing"), &["read", "acc"]);
+    assert!(!o.status.success() && stderr(&o).contains("no Cairn data"), "{}", stderr(&o));
+
+    let o = cairn(dir.path(), &["read", "acc"]);
+    assert!(o.status.success(), "a failed command changed nothing: {}", stderr(&o));
+    assert!(stdout(&o).contains("1 event"), "{}", stdout(&o));
+}
+
+#[test]
+fn tour_runs_end_to_end() {
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn")).arg("tour").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("balance = 150"), "{out}");
+    assert!(out.contains("teller B: rejected"), "{out}");
+    assert!(out.contains("reopened: account-ada has 5 events, balance 30"), "{out}");
+}
+
+#[test]
+fn bench_prints_one_line_per_workload() {
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["bench", "W1", "W3", "--scale", "0.01"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].starts_with("bench W1 backend=embedded events=200 ") && lines[0].contains("events_per_s="), "{out}");
+    assert!(lines[1].starts_with("bench W3 backend=embedded events=100 ") && lines[1].contains("median_ms="), "{out}");
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["bench", "W9"]).output().unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("unknown workload 'W9'"));
+}
