@@ -278,8 +278,10 @@ struct SubState {
 /// event comes from the log by position, there is no gap and no duplicate at
 /// the switch from history to live.
 fn subscription(shared: Arc<Shared>, cursor: Cursor) -> Subscription {
-    let head_rx = shared.head_tx.subscribe();
-    let state = SubState { shared, cursor, head_rx, buffer: VecDeque::new(), done: false };
+    let head_rx = shared.watch_head();
+    let done = head_rx.is_none();
+    let head_rx = head_rx.unwrap_or_else(|| tokio::sync::watch::channel(0).1);
+    let state = SubState { shared, cursor, head_rx, buffer: VecDeque::new(), done };
     Subscription::new(futures_util::stream::unfold(state, |mut s| async move {
         loop {
             if s.done {

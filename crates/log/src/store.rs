@@ -55,7 +55,8 @@ pub struct Shared {
     pub index: RwLock<Index>,
     /// Position just past the newest durable record.
     pub head: AtomicU64,
-    pub head_tx: watch::Sender<u64>,
+    /// Wakes subscriptions when the head moves; taken (dropped) on close so they end.
+    head_tx: Mutex<Option<watch::Sender<u64>>>,
     poisoned: Mutex<Option<String>>,
     pub stats: Stats,
 }
@@ -84,7 +85,14 @@ impl Shared {
         let head = seg.base + file_offset + buf.len() as u64;
         debug_assert!(head > self.head.load(Ordering::Relaxed), "positions strictly increase");
         self.head.store(head, Ordering::Release);
-        self.head_tx.send_replace(head);
+        if let Some(tx) = self.head_tx.lock().unwrap().as_ref() {
+            tx.send_replace(head);
+        }
+    }
+
+    /// A receiver that sees every head move; `None` once the store is closed.
+    pub fn watch_head(&self) -> Option<watch::Receiver<u64>> {
+        self.head_tx.lock().unwrap().as_ref().map(|tx| tx.subscribe())
     }
 
     pub fn replace_active(&self, sealed: Arc<Segment>, fresh: Arc<Segment>) {
@@ -132,6 +140,7 @@ impl Drop for CloseGuard {
         if let Some(handle) = self.writer.lock().unwrap().take() {
             let _ = handle.join();
         }
+        self.shared.head_tx.lock().unwrap().take();
         if self.shared.poisoned().is_none() {
             // A cache for the next open; losing it only costs a longer scan.
             let index = self.shared.index.read().unwrap();
@@ -180,7 +189,7 @@ impl EmbeddedStore {
             segments: RwLock::new(segments),
             index: RwLock::new(index),
             head: AtomicU64::new(head),
-            head_tx,
+            head_tx: Mutex::new(Some(head_tx)),
             poisoned: Mutex::new(None),
             stats: Stats::default(),
         });
@@ -394,4 +403,80 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<(Vec<Ar
     report.segments = segments.len();
     report.events = index.events;
     Ok((segments, index, head, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use cairn_core::{EventStore, ExpectedVersion, NewEvent, ReadStreamOptions, StartFrom, SubscriptionTarget};
+
+    use super::*;
+
+    fn ev(n: u64) -> NewEvent {
+        NewEvent::json("MoneyDeposited", &serde_json::json!({ "amount": n })).unwrap()
+    }
+
+    #[tokio::test]
+    async fn subscriptions_end_when_the_store_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        store.append("a", ExpectedVersion::Any, vec![ev(1)]).await.unwrap();
+        let mut sub = store.subscribe(SubscriptionTarget::All, StartFrom::Start).await.unwrap();
+        assert_eq!(sub.next().await.unwrap().unwrap().version, 1);
+        drop(store);
+        let end = tokio::time::timeout(std::time::Duration::from_secs(5), sub.next()).await.expect("subscription ended");
+        assert!(end.is_none());
+    }
+
+    #[tokio::test]
+    async fn reopen_uses_the_snapshot_and_scans_only_what_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options { segment_bytes: 8 * 1024, ..Options::default() };
+        let store = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
+        for i in 0..100 {
+            store.append(&format!("s-{}", i % 7), ExpectedVersion::Any, vec![ev(i), ev(i)]).await.unwrap();
+        }
+        store.delete_stream("s-3", ExpectedVersion::Any, false).await.unwrap();
+        store.delete_stream("s-4", ExpectedVersion::Any, true).await.unwrap();
+        let expected: Vec<_> = store.list_streams("", 100).await.unwrap();
+        drop(store);
+
+        let store = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
+        assert!(store.open_report().from_snapshot);
+        assert_eq!(store.open_report().scanned_events, 0);
+        assert_eq!(store.list_streams("", 100).await.unwrap(), expected);
+        // A snapshot that is older than the log: later events are scanned.
+        let stale = std::fs::read(dir.path().join(snapshot::FILE)).unwrap();
+        store.append("s-0", ExpectedVersion::Any, vec![ev(1)]).await.unwrap();
+        drop(store);
+        std::fs::write(dir.path().join(snapshot::FILE), &stale).unwrap();
+        let store = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
+        assert!(store.open_report().from_snapshot);
+        assert_eq!(store.open_report().scanned_events, 1);
+        let s0 = store.read_stream("s-0", ReadStreamOptions::forward()).await.unwrap();
+        assert_eq!(s0.len(), 2 * 15 + 1);
+        drop(store);
+
+        // A damaged snapshot is ignored: the index is rebuilt from the log.
+        let mut bad = std::fs::read(dir.path().join(snapshot::FILE)).unwrap();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 1;
+        std::fs::write(dir.path().join(snapshot::FILE), &bad).unwrap();
+        let store = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
+        assert!(!store.open_report().from_snapshot);
+        assert_eq!(store.read_stream("s-0", ReadStreamOptions::forward()).await.unwrap().len(), 31);
+        assert!(matches!(store.read_stream("s-4", ReadStreamOptions::forward()).await, Err(StoreError::StreamDeleted { .. })));
+        drop(store);
+
+        // A snapshot from another store's log does not fit this one.
+        let other = tempfile::tempdir().unwrap();
+        let o = EmbeddedStore::open_with(other.path(), options.clone()).unwrap();
+        for i in 0..250 {
+            o.append("x", ExpectedVersion::Any, vec![ev(i)]).await.unwrap();
+        }
+        drop(o);
+        std::fs::copy(other.path().join(snapshot::FILE), dir.path().join(snapshot::FILE)).unwrap();
+        let store = EmbeddedStore::open_with(dir.path(), options).unwrap();
+        assert!(!store.open_report().from_snapshot);
+        assert!(matches!(store.stream_info("x").await, Err(StoreError::StreamNotFound { .. })));
+    }
 }
