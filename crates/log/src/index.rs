@@ -52,9 +52,9 @@ impl StreamEntry {
 
 #[derive(Default)]
 pub struct Index {
-    pub streams: HashMap<String, StreamEntry>,
+    pub streams: HashMap<String, StreamEntry, foldhash::fast::RandomState>,
     /// Event id → global position, for idempotent retries and unique ids.
-    pub ids: HashMap<u128, u64>,
+    pub ids: HashMap<u128, u64, foldhash::fast::RandomState>,
     pub events: u64,
 }
 
