@@ -19,3 +19,61 @@ pub fn fresh_dyn() -> (Arc<dyn EventStore>, TempDir) {
     let (store, dir) = fresh_with(Options { segment_bytes: 64 * 1024, ..Options::default() });
     (Arc::new(store), dir)
 }
+
+/// A small deterministic PRNG (SplitMix64): the tests log their seed so a
+/// failing run can be replayed.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// Seeded from the clock and the process id.
+    pub fn from_entropy() -> Self {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        Rng(nanos ^ ((std::process::id() as u64) << 32))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+}
+
+/// The segment files of a data directory, by base position.
+pub fn segment_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("log")).expect("log dir")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Size of the segment header; the first record starts here.
+pub const SEGMENT_HEADER: u64 = 24;
+
+/// (file offset, total length) of every record in a segment's bytes, walking
+/// the layout `[body_len u32][crc u32][body][body_len u32]` from offset 24 up
+/// to the first zero length (preallocated space) or the end of the bytes.
+pub fn walk_records(bytes: &[u8]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = SEGMENT_HEADER as usize;
+    while at + 4 <= bytes.len() {
+        let body_len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        if body_len == 0 {
+            break;
+        }
+        let len = body_len + 12;
+        assert!(at + len <= bytes.len(), "record at {at} runs past the end of the segment");
+        out.push((at as u64, len as u64));
+        at += len;
+    }
+    out
+}
