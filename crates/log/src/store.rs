@@ -79,12 +79,12 @@ impl Shared {
             index.apply(&view, seg.base + file_offset + at as u64).expect("the writer checked the append against the index");
             at += view.len;
         }
-        let events = index.events;
-        drop(index);
-        self.stats.events_written.store(events, Ordering::Relaxed);
         let head = seg.base + file_offset + buf.len() as u64;
         debug_assert!(head > self.head.load(Ordering::Relaxed), "positions strictly increase");
+        // Inside the lock: whoever sees the new index entries also sees the head that covers them.
         self.head.store(head, Ordering::Release);
+        self.stats.events_written.store(index.events, Ordering::Relaxed);
+        drop(index);
         if let Some(tx) = self.head_tx.lock().unwrap().as_ref() {
             tx.send_replace(head);
         }
