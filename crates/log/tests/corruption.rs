@@ -1,0 +1,450 @@
+//! Recovery from damaged files, done to the real segment files on disk: a torn
+//! tail is cut back to the last whole append (and reported), corruption
+//! anywhere else refuses to open and changes nothing, `verify` agrees with
+//! `open`, and the LOCK file keeps a second opener out.
+
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use cairn_core::{
+    EventStore, ExpectedVersion, NewEvent, ReadAllOptions, ReadStreamOptions, RecordedEvent, StoreError,
+};
+use cairn_log::{verify, EmbeddedStore, Options};
+
+use crate::common::{segment_files, walk_records, SEGMENT_HEADER};
+
+/// Small preallocated segments, so reading a whole segment file is cheap.
+const SEG_BYTES: u64 = 1 << 20;
+
+fn opts() -> Options {
+    Options { segment_bytes: SEG_BYTES, ..Options::default() }
+}
+
+fn open(dir: &Path) -> EmbeddedStore {
+    EmbeddedStore::open_with(dir, opts()).expect("open store")
+}
+
+fn ev(n: u64, pad: usize) -> NewEvent {
+    NewEvent::json("Tested", &serde_json::json!({"n": n, "pad": "p".repeat(pad)})).unwrap()
+}
+
+async fn all(store: &EmbeddedStore) -> Vec<RecordedEvent> {
+    store.read_all(ReadAllOptions::forward()).await.expect("read_all")
+}
+
+async fn stream(store: &EmbeddedStore, s: &str) -> Vec<RecordedEvent> {
+    store.read_stream(s, ReadStreamOptions::forward()).await.expect("read_stream")
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    /// Zero the bytes (the active segment is preallocated: this is what an
+    /// unfinished write into it looks like).
+    Zero,
+    /// Truncate the file (a file system that lost the end of the file).
+    Truncate,
+}
+
+/// Destroys the bytes `from..to` of `path` (truncating destroys everything from `from`).
+fn cut(path: &Path, from: u64, to: u64, how: Cut) {
+    let f = OpenOptions::new().write(true).open(path).unwrap();
+    match how {
+        Cut::Zero => f.write_all_at(&vec![0u8; (to - from) as usize], from).unwrap(),
+        Cut::Truncate => f.set_len(from).unwrap(),
+    }
+    f.sync_all().unwrap();
+}
+
+fn flip(path: &Path, offset: u64) {
+    let f = OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, offset).unwrap();
+    f.write_all_at(&[b[0] ^ 0x40], offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Bytes a torn tail starting at `start` holds: up to the last non-zero byte.
+fn nonzero_tail(bytes: &[u8], start: u64) -> u64 {
+    bytes[start as usize..].iter().rposition(|b| *b != 0).map_or(0, |i| i as u64 + 1)
+}
+
+/// Every file of the data directory and its bytes (a snapshot of the disk).
+fn disk(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = vec![];
+    for sub in [dir.to_path_buf(), dir.join("log")] {
+        for e in fs::read_dir(&sub).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file() {
+                let bytes = fs::read(&p).unwrap();
+                out.push((p, bytes));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn assert_corrupt<T>(result: Result<T, StoreError>, file: &Path, offset: u64, what: &str) -> String {
+    match result {
+        Err(StoreError::Corrupt { file: f, offset: o, reason }) => {
+            assert_eq!(Path::new(&f), file, "{what}: the error names the damaged segment ({reason})");
+            assert_eq!(o, offset, "{what}: the error gives the damaged record's offset ({reason})");
+            reason
+        }
+        Err(e) => panic!("{what}: expected Corrupt in {} at {offset}, got {e:?}", file.display()),
+        Ok(_) => panic!("{what}: expected Corrupt in {} at {offset}, but it succeeded", file.display()),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// (a) torn tail
+
+/// Appends a few events, then one last event; cuts that last record at
+/// `keep` bytes into it; checks what `verify` and `open` make of it.
+async fn torn_tail_case(how: Cut, keep: fn(u64) -> u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let (before, p) = {
+        let store = open(dir.path());
+        for i in 0..3 {
+            store.append("a", ExpectedVersion::Exact(i), vec![ev(i, 10)]).await.unwrap();
+        }
+        store.append("b", ExpectedVersion::NoStream, vec![ev(10, 50), ev(11, 5)]).await.unwrap();
+        store.append("c", ExpectedVersion::Any, vec![ev(20, 0)]).await.unwrap();
+        let before = all(&store).await;
+        assert_eq!(before.len(), 6);
+        let last = store.append("a", ExpectedVersion::Exact(3), vec![ev(99, 301)]).await.unwrap();
+        assert_eq!(last.next_version, 4);
+        (before, last.position.0)
+    };
+    let files = segment_files(dir.path());
+    assert_eq!(files.len(), 1);
+    let seg = &files[0];
+    let original = fs::read(seg).unwrap();
+    let records = walk_records(&original);
+    let &(last_at, len) = records.last().unwrap();
+    assert_eq!(last_at, p, "the first segment's base is 0: a position is a file offset");
+    assert_eq!(records.len(), 7);
+    let k = keep(len);
+    assert!(k > 0 && k < len);
+    cut(seg, p + k, p + len, how);
+
+    let cut_bytes = fs::read(seg).unwrap();
+    assert_ne!(cut_bytes, original, "test setup: the cut destroys bytes of the record");
+    let torn = nonzero_tail(&cut_bytes, p);
+    assert!(torn > 0, "test setup: the kept part of the record has non-zero bytes");
+
+    // verify reports the torn tail and changes nothing.
+    let report = verify(dir.path(), |_, _| {}).expect("a torn tail is not corruption");
+    assert_eq!(report.torn_tail, Some((seg.clone(), p, torn)), "{how:?} keep {k}/{len}");
+    assert_eq!(report.events, 6);
+    assert_eq!(fs::read(seg).unwrap(), cut_bytes, "verify must not modify the segment");
+
+    let store = open(dir.path());
+    let r = store.open_report().clone();
+    assert!(r.truncated_bytes > 0);
+    assert_eq!(r.truncated_bytes, torn, "{how:?} keep {k}/{len}");
+    assert_eq!(r.truncated_at, Some((seg.clone(), p)));
+    assert_eq!(r.events, 6);
+    assert_eq!(all(&store).await, before, "everything before the torn append is intact");
+    assert_eq!(store.stream_info("a").await.unwrap().version, 3);
+    assert_eq!(stream(&store, "a").await.len(), 3);
+    assert_eq!(store.head_position().await.unwrap().0, p);
+    // The tail is zeroed on disk, durably, up to the full segment capacity again.
+    let fixed = fs::read(seg).unwrap();
+    assert_eq!(fixed.len() as u64, SEG_BYTES);
+    assert_eq!(&fixed[..p as usize], &original[..p as usize], "bytes before the tail are untouched");
+    assert!(fixed[p as usize..].iter().all(|b| *b == 0), "the torn tail is zeroed");
+
+    // Appends work again; the next record goes where the torn one was.
+    let again = store.append("a", ExpectedVersion::Exact(3), vec![ev(100, 7)]).await.unwrap();
+    assert_eq!(again.next_version, 4);
+    assert_eq!(again.position.0, p);
+    let expected = all(&store).await;
+    assert_eq!(expected.len(), 7);
+    drop(store);
+
+    let store = open(dir.path());
+    assert_eq!(store.open_report().truncated_bytes, 0);
+    assert_eq!(store.open_report().truncated_at, None);
+    assert_eq!(all(&store).await, expected, "still there after another reopen");
+    assert_eq!(stream(&store, "a").await.iter().map(|e| e.version).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    assert_eq!(stream(&store, "b").await.len(), 2);
+}
+
+#[tokio::test]
+async fn torn_tail_zeroed_is_cut() {
+    for keep in [|_| 1, |_| 4, |_| 7, |_| 8, |l| l / 2, |l| l - 4, |l| l - 3] as [fn(u64) -> u64; 7] {
+        torn_tail_case(Cut::Zero, keep).await;
+    }
+}
+
+#[tokio::test]
+async fn torn_tail_truncated_file_is_cut() {
+    for keep in [|_| 1, |_| 4, |_| 7, |_| 8, |l| l / 2, |l| l - 4, |l| l - 3] as [fn(u64) -> u64; 7] {
+        torn_tail_case(Cut::Truncate, keep).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// (b) an incomplete batch
+
+/// The last append is a batch of three records; its bytes are destroyed from
+/// `from_record` (0-based) at `keep` bytes into that record.
+async fn incomplete_batch_case(how: Cut, from_record: usize, keep: fn(u64) -> u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let batch = vec![ev(1, 40), ev(2, 120), ev(3, 33)];
+    let (before, result) = {
+        let store = open(dir.path());
+        store.append("a", ExpectedVersion::NoStream, vec![ev(0, 3)]).await.unwrap();
+        store.append("b", ExpectedVersion::NoStream, vec![ev(0, 3)]).await.unwrap();
+        store.append("a", ExpectedVersion::Exact(1), vec![ev(0, 3), ev(0, 4)]).await.unwrap();
+        let before = all(&store).await;
+        let r = store.append("b", ExpectedVersion::Exact(1), batch.clone()).await.unwrap();
+        assert_eq!(r.next_version, 4);
+        (before, r)
+    };
+    let seg = segment_files(dir.path()).remove(0);
+    let original = fs::read(&seg).unwrap();
+    let records = walk_records(&original);
+    assert_eq!(records.len(), 7);
+    let batch_records = &records[4..];
+    let batch_start = batch_records[0].0;
+    let (at, len) = batch_records[from_record];
+    let from = at + keep(len);
+    let used_end = batch_records[2].0 + batch_records[2].1;
+    assert_eq!(result.position.0, batch_records[2].0);
+    cut(&seg, from, used_end, how);
+    let torn = nonzero_tail(&fs::read(&seg).unwrap(), batch_start);
+    let what = format!("{how:?}, record {from_record} cut at {}/{len}", keep(len));
+
+    let report = verify(dir.path(), |_, _| {}).expect("an incomplete last append is a torn tail");
+    assert_eq!(report.torn_tail, Some((seg.clone(), batch_start, torn)), "{what}");
+
+    let store = open(dir.path());
+    let r = store.open_report().clone();
+    assert!(r.truncated_bytes > 0, "{what}");
+    assert_eq!(r.truncated_bytes, torn, "{what}");
+    assert_eq!(r.truncated_at, Some((seg.clone(), batch_start)), "{what}: the whole batch is cut");
+    assert_eq!(all(&store).await, before, "{what}: none of the batch, nothing else lost");
+    assert_eq!(store.stream_info("b").await.unwrap().version, 1, "{what}");
+    let ids: Vec<_> = all(&store).await.iter().map(|e| e.id).collect();
+    assert!(batch.iter().all(|e| !ids.contains(&e.id)), "{what}");
+
+    // The client never got an answer, so it retries the same batch: it is
+    // written anew (the cut ids were forgotten), at the same versions and place.
+    let retry = store.append("b", ExpectedVersion::Exact(1), batch.clone()).await.unwrap();
+    assert_eq!(retry, result, "{what}");
+    let b = stream(&store, "b").await;
+    assert_eq!(b.iter().map(|e| e.id).collect::<Vec<_>>()[1..], batch.iter().map(|e| e.id).collect::<Vec<_>>()[..]);
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.open_report().truncated_bytes, 0);
+    assert_eq!(stream(&store, "b").await, b, "{what}");
+}
+
+#[tokio::test]
+async fn incomplete_batch_is_cut_whole() {
+    for how in [Cut::Zero, Cut::Truncate] {
+        // Inside the second record, at several depths.
+        for keep in [|_| 2, |l| l / 2, |l| l - 4, |l| l - 1] as [fn(u64) -> u64; 4] {
+            incomplete_batch_case(how, 1, keep).await;
+        }
+        // On record boundaries: the first one or two records are whole and
+        // valid, but the record carrying the end-of-append flag is missing.
+        incomplete_batch_case(how, 1, |_| 0).await;
+        incomplete_batch_case(how, 2, |_| 0).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// (c) a flipped byte in an early record, (e) verify agrees
+
+async fn populate(store: &EmbeddedStore, events: u64, pad: usize) {
+    let mut versions = [0u64; 3];
+    let (mut i, mut appends) = (0, 0);
+    while i < events {
+        let s = appends % 3;
+        appends += 1;
+        let n = (1 + (i * 7) % 3).min(events - i);
+        let batch = (0..n).map(|k| ev(i + k, pad + (i as usize * 7) % 50)).collect();
+        let r = store.append(&format!("s{s}"), ExpectedVersion::Exact(versions[s]), batch).await.unwrap();
+        versions[s] = r.next_version;
+        i += n;
+    }
+}
+
+#[tokio::test]
+async fn flipped_byte_in_early_record_refuses_to_open_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let before = {
+        let store = open(dir.path());
+        populate(&store, 24, 20).await;
+        all(&store).await
+    };
+    let seg = segment_files(dir.path()).remove(0);
+    let records = walk_records(&fs::read(&seg).unwrap());
+    assert_eq!(records.len(), 24);
+    for (i, &(at, len)) in [records[0], records[3], records[10]].iter().enumerate() {
+        // Length field (low and high byte), checksum, body start, middle and end, trailer.
+        for delta in [0, 3, 5, 8, 9, len / 2, len - 5, len - 4, len - 1] {
+            let what = format!("record {i} at {at} (len {len}), byte +{delta}");
+            flip(&seg, at + delta);
+            let damaged = disk(dir.path());
+            assert_corrupt(EmbeddedStore::open_with(dir.path(), opts()), &seg, at, &what);
+            assert!(disk(dir.path()) == damaged, "{what}: a failed open must not change any file");
+            // verify says the same.
+            assert_corrupt(verify(dir.path(), |_, _| {}), &seg, at, &format!("verify, {what}"));
+            assert!(disk(dir.path()) == damaged, "{what}: verify must not change any file");
+            flip(&seg, at + delta);
+        }
+    }
+    // Nothing was touched: with the bytes restored, everything is there.
+    let store = open(dir.path());
+    assert_eq!(store.open_report().truncated_bytes, 0);
+    assert_eq!(all(&store).await, before);
+}
+
+#[tokio::test]
+async fn flipped_byte_skipped_by_open_without_verify_fails_the_read() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        populate(&store, 12, 20).await;
+    } // clean close: the index snapshot covers the whole log
+    let seg = segment_files(dir.path()).remove(0);
+    let records = walk_records(&fs::read(&seg).unwrap());
+    let (at, len) = records[2];
+    flip(&seg, at + len / 2);
+    let store = EmbeddedStore::open_with(dir.path(), Options { verify_on_open: false, ..opts() })
+        .expect("without verify_on_open the snapshot-covered records are not checked");
+    assert!(store.open_report().from_snapshot);
+    let victim = {
+        // Find which stream the damaged record belongs to: the one whose read fails.
+        let mut failed = vec![];
+        for s in ["s0", "s1", "s2"] {
+            match store.read_stream(s, ReadStreamOptions::forward()).await {
+                Ok(_) => {}
+                Err(e) => failed.push((s, e)),
+            }
+        }
+        assert_eq!(failed.len(), 1, "exactly one stream holds the damaged record: {failed:?}");
+        failed.remove(0)
+    };
+    assert_corrupt(Err::<(), _>(victim.1), &seg, at, "read_stream of the damaged record");
+    assert_corrupt(store.read_all(ReadAllOptions::forward()).await, &seg, at, "read_all over the damaged record");
+    // Reads that avoid the record still work.
+    let tail = store.read_all(ReadAllOptions::backward().limit(3)).await.unwrap();
+    assert_eq!(tail.len(), 3);
+}
+
+// ---------------------------------------------------------------------------
+// (d) corruption in a sealed segment
+
+#[tokio::test]
+async fn corruption_in_sealed_segment_refuses_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = Options { segment_bytes: 64 * 1024, ..Options::default() };
+    let before = {
+        let store = EmbeddedStore::open_with(dir.path(), small.clone()).unwrap();
+        populate(&store, 240, 1000).await;
+        all(&store).await
+    };
+    assert_eq!(before.len(), 240);
+    let files = segment_files(dir.path());
+    assert!(files.len() >= 3, "expected several segments, got {}", files.len());
+    let seg0 = files[0].clone();
+    let seg1 = files[1].clone();
+    let bytes0 = fs::read(&seg0).unwrap();
+    let records0 = walk_records(&bytes0);
+    let (last_at, last_len) = *records0.last().unwrap();
+    assert_eq!(last_at + last_len, bytes0.len() as u64, "a sealed segment is trimmed to its records");
+    let records1 = walk_records(&fs::read(&seg1).unwrap());
+    let open_small = || EmbeddedStore::open_with(dir.path(), small.clone());
+
+    // A flipped byte in the last record of a sealed segment: in the last
+    // segment this would look like a torn tail, here it is corruption.
+    flip(&seg0, last_at + last_len / 2);
+    let damaged = disk(dir.path());
+    let reason = assert_corrupt(open_small(), &seg0, last_at, "flip in the last record of sealed segment 0");
+    assert!(reason.contains("sealed"), "{reason}");
+    assert_corrupt(verify(dir.path(), |_, _| {}), &seg0, last_at, "verify, flip in sealed segment 0");
+    assert!(disk(dir.path()) == damaged, "a failed open must not change any file");
+    flip(&seg0, last_at + last_len / 2);
+
+    // The same record zeroed from its middle: a "torn tail" inside a sealed segment.
+    cut(&seg0, last_at + last_len / 2, last_at + last_len, Cut::Zero);
+    let damaged = disk(dir.path());
+    assert_corrupt(open_small(), &seg0, last_at, "zeroed end of sealed segment 0");
+    assert_corrupt(verify(dir.path(), |_, _| {}), &seg0, last_at, "verify, zeroed end of sealed segment 0");
+    assert!(disk(dir.path()) == damaged);
+    fs::write(&seg0, &bytes0).unwrap();
+
+    // A flipped byte in the first record of the middle segment.
+    flip(&seg1, records1[0].0 + 30);
+    assert_corrupt(open_small(), &seg1, SEGMENT_HEADER, "flip in sealed segment 1");
+    assert_corrupt(verify(dir.path(), |_, _| {}), &seg1, SEGMENT_HEADER, "verify, flip in sealed segment 1");
+    flip(&seg1, records1[0].0 + 30);
+
+    // A sealed segment that lost its end, and one that is missing altogether.
+    cut(&seg0, last_at + 5, bytes0.len() as u64, Cut::Truncate);
+    assert!(matches!(open_small(), Err(StoreError::Corrupt { .. })), "a shortened sealed segment must not open");
+    assert!(matches!(verify(dir.path(), |_, _| {}), Err(StoreError::Corrupt { .. })));
+    fs::write(&seg0, &bytes0).unwrap();
+    let aside = seg1.with_extension("aside");
+    fs::rename(&seg1, &aside).unwrap();
+    assert!(matches!(open_small(), Err(StoreError::Corrupt { .. })), "a missing segment must not open");
+    assert!(matches!(verify(dir.path(), |_, _| {}), Err(StoreError::Corrupt { .. })));
+    fs::rename(&aside, &seg1).unwrap();
+
+    // Everything restored: it opens with every event, and verify is clean.
+    let report = verify(dir.path(), |_, _| {}).unwrap();
+    assert_eq!(report.events, 240);
+    assert_eq!(report.segments, files.len());
+    assert_eq!(report.torn_tail, None);
+    let store = open_small().unwrap();
+    assert_eq!(store.open_report().truncated_bytes, 0);
+    assert_eq!(all(&store).await, before);
+}
+
+// ---------------------------------------------------------------------------
+// (e) verify on a clean store
+
+#[tokio::test]
+async fn verify_clean_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    populate(&store, 30, 5).await;
+    store.set_stream_metadata("s1", cairn_core::StreamMetadata { max_count: Some(2), ..Default::default() }).await.unwrap();
+    // verify needs no lock: it works while the store is open, and after.
+    let report = verify(dir.path(), |_, _| {}).unwrap();
+    assert_eq!((report.segments, report.events, report.streams, report.torn_tail), (1, 31, 3, None));
+    drop(store);
+    let mut calls = vec![];
+    let report = verify(dir.path(), |done, total| calls.push((done, total))).unwrap();
+    assert_eq!(report.events, 31);
+    assert_eq!(calls, vec![(1, 1)]);
+}
+
+// ---------------------------------------------------------------------------
+// (f) the LOCK file
+
+#[tokio::test]
+async fn second_open_is_locked_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = open(dir.path());
+    first.append("a", ExpectedVersion::Any, vec![ev(1, 1)]).await.unwrap();
+    match EmbeddedStore::open_with(dir.path(), opts()) {
+        Err(StoreError::Locked { dir: d }) => assert_eq!(Path::new(&d), dir.path()),
+        other => panic!("expected Locked, got {:?}", other.map(|_| ())),
+    }
+    assert!(matches!(EmbeddedStore::reindex(dir.path()), Err(StoreError::Locked { .. })));
+    // A clone keeps the store (and the lock) alive.
+    let clone = first.clone();
+    drop(first);
+    assert!(matches!(EmbeddedStore::open_with(dir.path(), opts()), Err(StoreError::Locked { .. })));
+    clone.append("a", ExpectedVersion::Exact(1), vec![ev(2, 1)]).await.unwrap();
+    drop(clone);
+    let second = open(dir.path());
+    assert_eq!(stream(&second, "a").await.len(), 2);
+}
