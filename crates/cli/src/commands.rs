@@ -290,7 +290,8 @@ pub fn verify(ctx: &Context) -> Result<()> {
         println!("{}", serde_json::json!({"ok": true, "segments": report.segments, "events": report.events, "bytes": report.bytes, "streams": report.streams,
             "torn_tail": report.torn_tail.as_ref().map(|(f, o, n)| serde_json::json!({"file": f, "offset": o, "bytes": n}))}));
     } else {
-        println!("ok: {} events in {} streams, {} segment{}, {} bytes checked", report.events, report.streams, report.segments, if report.segments == 1 { "" } else { "s" }, report.bytes);
+        let plural = |n: u64, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+        println!("ok: {} in {}, {}, {} checked", plural(report.events, "event"), plural(report.streams as u64, "stream"), plural(report.segments as u64, "segment"), plural(report.bytes, "byte"));
         if let Some((file, offset, bytes)) = report.torn_tail {
             println!("note: {} has a torn tail of {bytes} bytes at offset {offset} (an unacknowledged append); the next open cuts it", file.display());
         }

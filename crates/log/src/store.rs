@@ -23,6 +23,8 @@ pub struct Options {
     pub limits: Limits,
     /// Most append requests waiting for the writer; callers wait beyond that.
     pub queue_depth: usize,
+    /// How long an append waits for room in a full queue before failing with `Busy`.
+    pub busy_timeout: std::time::Duration,
     /// Check the checksum of every record at open, also those the index
     /// snapshot covers. Off, a damaged old record is still caught when read.
     pub verify_on_open: bool,
@@ -30,7 +32,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { segment_bytes: 256 * 1024 * 1024, limits: Limits::default(), queue_depth: 4096, verify_on_open: true }
+        Options { segment_bytes: 256 * 1024 * 1024, limits: Limits::default(), queue_depth: 4096, busy_timeout: std::time::Duration::from_secs(10), verify_on_open: true }
     }
 }
 
@@ -242,7 +244,14 @@ impl EmbeddedStore {
         let (reply, rx) = oneshot::channel();
         let req = AppendRequest { stream, expected, events, kind, bytes, reply };
         let closed = || StoreError::Closed { reason: self.shared.poisoned() };
-        self.tx.send(req).await.map_err(|_| closed())?;
+        match self.tx.send_timeout(req, self.shared.options.busy_timeout).await {
+            Ok(()) => {}
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                let waited = self.shared.options.busy_timeout;
+                return Err(StoreError::Busy(format!("the write queue stayed full for {waited:?}")));
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err(closed()),
+        }
         rx.await.map_err(|_| closed())?
     }
 
