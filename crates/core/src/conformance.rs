@@ -157,11 +157,16 @@ pub async fn idempotent_retry(store: Store) {
     assert_err!(store.append(&s, ExpectedVersion::Any, vec![batch[0].clone(), deposit(9)]).await, StoreError::IdempotencyConflict { .. });
     assert_err!(store.append(&s, ExpectedVersion::Any, vec![batch[0].clone()]).await, StoreError::IdempotencyConflict { .. });
     assert_err!(store.append(&s, ExpectedVersion::Any, vec![batch[1].clone(), batch[0].clone()]).await, StoreError::IdempotencyConflict { .. });
+    assert_err!(store.append(&s, ExpectedVersion::Any, vec![batch[1].clone()]).await, StoreError::IdempotencyConflict { .. });
+    let three = vec![deposit(4), deposit(5), deposit(6)];
+    store.append(&s, ExpectedVersion::Any, three.clone()).await.unwrap();
+    assert_err!(store.append(&s, ExpectedVersion::Any, three[1..].to_vec()).await, StoreError::IdempotencyConflict { .. });
+    assert_err!(store.append(&s, ExpectedVersion::Any, three[..2].to_vec()).await, StoreError::IdempotencyConflict { .. });
     // The same ids sent to another stream are not a retry.
     let other = unique("account");
     assert_err!(store.append(&other, ExpectedVersion::Any, batch.clone()).await, StoreError::IdempotencyConflict { .. });
     assert_err!(store.stream_info(&other).await, StoreError::StreamNotFound { .. });
-    assert_eq!(amounts(&read(&store, &s).await), vec![1, 2, 3]);
+    assert_eq!(amounts(&read(&store, &s).await), vec![1, 2, 3, 4, 5, 6]);
 }
 
 pub async fn concurrent_retries_write_once(store: Store) {

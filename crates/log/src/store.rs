@@ -122,6 +122,24 @@ impl Shared {
         record::decode(seg.bytes(offset, end)).ok().map(f)
     }
 
+    /// Whether the durable record at `position` is the first of its append:
+    /// appends are contiguous in the log and never cross a segment, so it is
+    /// if the record before it ends an append or it opens its segment.
+    pub fn starts_append(&self, position: u64) -> bool {
+        let Some(seg) = self.segment_for(position) else { return false };
+        let offset = position - seg.base;
+        if offset == SEGMENT_HEADER_BYTES {
+            return true;
+        }
+        if offset < SEGMENT_HEADER_BYTES + RECORD_OVERHEAD_BYTES as u64 || offset > seg.capacity() {
+            return false;
+        }
+        let body_len = u32::from_le_bytes(seg.bytes(offset - 4, offset).try_into().unwrap()) as u64;
+        offset.checked_sub(body_len + RECORD_OVERHEAD_BYTES as u64)
+            .and_then(|start| self.with_record(seg.base + start, |v| v.batch_end()))
+            .unwrap_or(false)
+    }
+
     /// Stream, version and batch-end flag of the event at `position`.
     pub fn record_summary(&self, position: u64) -> Option<(String, u64, bool)> {
         self.with_record(position, |v| (v.stream.to_string(), v.version, v.batch_end()))

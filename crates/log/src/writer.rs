@@ -45,6 +45,7 @@ struct PendingId {
     stream: Arc<str>,
     version: u64,
     position: u64,
+    batch_start: bool,
     batch_end: bool,
 }
 
@@ -178,8 +179,9 @@ impl Writer {
             version += 1;
             position = self.active.base + self.offset + self.group.buf.len() as u64;
             let batch_end = i + 1 == count;
+            let batch_start = i == 0;
             record::encode(&mut self.group.buf, &req.stream, version, Timestamp(now), event, batch_end);
-            self.group.ids.insert(event.id, PendingId { stream: stream.clone(), version, position, batch_end });
+            self.group.ids.insert(event.id, PendingId { stream: stream.clone(), version, position, batch_start, batch_end });
         }
         self.group.streams.insert(req.stream.clone(), (version, StreamState::Live));
         AppendResult { next_version: version, position: Position(position) }
@@ -218,7 +220,12 @@ impl Writer {
             last = Some((*version, *position, *batch_end));
         }
         let (version, position, batch_end) = last.expect("batch is not empty");
-        if !batch_end {
+        let first = &req.events[0].id;
+        let batch_start = match self.group.ids.get(first) {
+            Some(p) => p.batch_start,
+            None => found[0].as_ref().is_some_and(|(_, _, at, _)| self.shared.starts_append(*at)),
+        };
+        if !batch_end || !batch_start {
             return conflict(req.events[0].id, "as part of a larger append".into());
         }
         Ok(Some(AppendResult { next_version: version, position: Position(position) }))
