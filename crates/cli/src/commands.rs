@@ -304,7 +304,11 @@ pub fn reindex(ctx: &Context) -> Result<()> {
         bail!("no Cairn data in {} — pass --data DIR", ctx.data.display());
     }
     let started = std::time::Instant::now();
-    let report = cairn_log::EmbeddedStore::reindex(&ctx.data)?;
+    let spinner = indicatif::ProgressBar::new_spinner().with_message("rebuilding the index from the log");
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let report = cairn_log::EmbeddedStore::reindex(&ctx.data);
+    spinner.finish_and_clear();
+    let report = report?;
     println!("rebuilt the index from the log: {} events in {} segments, {:.2} s", report.events, report.segments, started.elapsed().as_secs_f64());
     Ok(())
 }
