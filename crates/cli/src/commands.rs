@@ -124,36 +124,42 @@ pub async fn append(ctx: &Context, a: AppendArgs) -> Result<()> {
     Ok(())
 }
 
+/// Which part of a stream or of $all to show.
 #[derive(Args)]
-pub struct ReadArgs {
-    pub stream: String,
-    /// First version to show (default: 1, or the newest with --backward).
+pub struct Window {
+    /// Where to start, inclusive: a version for a stream, an event's position for $all
+    /// (default: the start, or the newest with --backward).
     #[arg(long)]
     pub from: Option<u64>,
+    /// Most events to show.
     #[arg(long, short = 'n', default_value_t = 100)]
     pub limit: usize,
+    /// Newest first.
     #[arg(long)]
     pub backward: bool,
 }
 
+#[derive(Args)]
+pub struct ReadArgs {
+    pub stream: String,
+    #[command(flatten)]
+    pub window: Window,
+}
+
 pub async fn read(ctx: &Context, a: ReadArgs) -> Result<()> {
     let store = ctx.open_existing()?;
-    let mut options = if a.backward { ReadStreamOptions::backward() } else { ReadStreamOptions::forward() };
-    if let Some(v) = a.from { options = options.from_version(v); }
-    let events = store.read_stream(&a.stream, options.limit(a.limit)).await?;
+    let w = a.window;
+    let mut options = if w.backward { ReadStreamOptions::backward() } else { ReadStreamOptions::forward() };
+    if let Some(v) = w.from { options = options.from_version(v); }
+    let events = store.read_stream(&a.stream, options.limit(w.limit)).await?;
     output::print_events(&events, ctx.json);
     Ok(())
 }
 
 #[derive(Args)]
 pub struct ReadAllArgs {
-    /// Position to start at (an event's position; default: the start, or the end with --backward).
-    #[arg(long)]
-    pub from: Option<u64>,
-    #[arg(long, short = 'n', default_value_t = 100)]
-    pub limit: usize,
-    #[arg(long)]
-    pub backward: bool,
+    #[command(flatten)]
+    pub window: Window,
     /// Include system events ($metadata, deletions).
     #[arg(long)]
     pub system: bool,
@@ -161,9 +167,10 @@ pub struct ReadAllArgs {
 
 pub async fn read_all(ctx: &Context, a: ReadAllArgs) -> Result<()> {
     let store = ctx.open_existing()?;
-    let mut options = if a.backward { ReadAllOptions::backward() } else { ReadAllOptions::forward() };
-    if let Some(p) = a.from { options = options.from(Position(p)); }
-    let mut events = store.read_all(options.limit(a.limit)).await?;
+    let w = a.window;
+    let mut options = if w.backward { ReadAllOptions::backward() } else { ReadAllOptions::forward() };
+    if let Some(p) = w.from { options = options.from(Position(p)); }
+    let mut events = store.read_all(options.limit(w.limit)).await?;
     if !a.system { events.retain(|e| !e.is_system()); }
     output::print_events(&events, ctx.json);
     Ok(())
