@@ -4,6 +4,7 @@ use cairn_core::EventStore;
 use cairn_log::{EmbeddedStore, Options};
 use tempfile::TempDir;
 
+#[allow(dead_code)]
 pub fn fresh() -> (EmbeddedStore, TempDir) {
     fresh_with(Options::default())
 }

@@ -3,5 +3,5 @@
 mod common;
 mod conformance;
 mod corruption;
+mod crash;
 mod model;
-mod scratch;
