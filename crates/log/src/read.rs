@@ -93,6 +93,12 @@ impl Shared {
         self.segments.read().unwrap()[0].base + SEGMENT_HEADER_BYTES
     }
 
+    /// Whether `position` is the base of a segment: a record boundary that
+    /// holds no event (the durable head sits there right after a roll).
+    fn is_segment_base(&self, position: u64) -> bool {
+        self.segment_for(position).is_some_and(|s| s.base == position)
+    }
+
     /// Length of the event at `position`, checking that an event really starts
     /// there (its id must map back to this position in the index).
     fn event_len(&self, position: u64) -> Result<u64, StoreError> {
@@ -112,6 +118,8 @@ impl Shared {
             Some(s) => s,
             None => return Ok((out, from)),
         };
+        // A segment's base is a boundary too (the head sits there right after a roll).
+        from = from.max(seg.base + SEGMENT_HEADER_BYTES);
         while from < head && out.len() < limit {
             let seg_end = (seg.base + seg.capacity()).min(head);
             if from >= seg_end {
@@ -161,6 +169,8 @@ impl Shared {
                     self.first_record_position()
                 } else if from >= head {
                     return if from == head || options.from == Position::END { Ok(Vec::new()) } else { Err(StoreError::InvalidPosition(options.from)) };
+                } else if self.is_segment_base(from) {
+                    from
                 } else {
                     self.event_len(from)?;
                     from
@@ -168,7 +178,15 @@ impl Shared {
                 Ok(self.read_forward(start, options.limit)?.0)
             }
             Direction::Backward => {
-                let end = if from >= head { head } else if from == 0 { return Ok(Vec::new()) } else { from + self.event_len(from)? };
+                let end = if from >= head {
+                    head
+                } else if from == 0 {
+                    return Ok(Vec::new());
+                } else if self.is_segment_base(from) {
+                    from
+                } else {
+                    from + self.event_len(from)?
+                };
                 self.read_backward(end, options.limit)
             }
         }
@@ -226,6 +244,7 @@ impl EventStore for EmbeddedStore {
                     StartFrom::End => head,
                     StartFrom::After(p) if p == head => head,
                     StartFrom::After(p) if p > head => return Err(StoreError::InvalidPosition(Position(p))),
+                    StartFrom::After(p) if shared.is_segment_base(p) => p,
                     StartFrom::After(p) => p + shared.event_len(p)?,
                 };
                 Ok(subscription(shared, Cursor::All(next)))

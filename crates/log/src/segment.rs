@@ -31,11 +31,14 @@ impl Segment {
     }
 
     /// Creates a new segment with room for `capacity` bytes and makes both the
-    /// file and its directory entry durable.
+    /// file and its directory entry durable. The file is prepared under a
+    /// temporary name and renamed into place, so a crash never leaves a
+    /// segment without its header (a leftover `.tmp` is removed at open).
     pub fn create(dir: &Path, base: u64, capacity: u64) -> Result<Segment, StoreError> {
         let path = dir.join(Self::file_name(base));
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)
-            .map_err(|e| StoreError::io(&path, e))?;
+        let tmp = dir.join(format!("{}.tmp", Self::file_name(base)));
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)
+            .map_err(|e| StoreError::io(&tmp, e))?;
         let mut header = Vec::with_capacity(SEGMENT_HEADER_BYTES as usize);
         header.extend_from_slice(SEGMENT_MAGIC);
         header.extend_from_slice(&SEGMENT_FORMAT_VERSION.to_le_bytes());
@@ -43,7 +46,8 @@ impl Segment {
         header.extend_from_slice(&base.to_le_bytes());
         file.set_len(capacity.max(SEGMENT_HEADER_BYTES)).map_err(|e| StoreError::io(&path, e))?;
         file.write_all_at(&header, 0).map_err(|e| StoreError::io(&path, e))?;
-        file.sync_all().map_err(|e| StoreError::io(&path, e))?;
+        file.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| StoreError::io(&path, e))?;
         sync_dir(dir)?;
         Self::map(base, path, file)
     }
@@ -91,6 +95,34 @@ impl Segment {
 
 pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StoreError::io(dir, e))
+}
+
+/// Removes segments whose creation a crash interrupted (`*.seg.tmp`): they never held data.
+pub fn remove_leftovers(dir: &Path) -> Result<(), StoreError> {
+    for entry in std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))? {
+        let entry = entry.map_err(|e| StoreError::io(dir, e))?;
+        if entry.file_name().to_str().is_some_and(|n| n.ends_with(".seg.tmp")) {
+            std::fs::remove_file(entry.path()).map_err(|e| StoreError::io(entry.path(), e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether a segment file is empty or all zeros, header included: a roll a
+/// crash cut short, on a filesystem that reordered the rename. No event was in it.
+pub fn never_written(path: &Path) -> Result<bool, StoreError> {
+    use std::io::Read;
+    let mut file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| StoreError::io(path, e))?;
+        if n == 0 {
+            return Ok(true);
+        }
+        if buf[..n].iter().any(|b| *b != 0) {
+            return Ok(false);
+        }
+    }
 }
 
 /// Segment files in `dir`, sorted by base position.

@@ -366,8 +366,14 @@ fn snapshot_fits(segments: &[Segment], index: &Index, head: u64) -> bool {
 /// Opens every segment, rebuilds the index (from the snapshot on, if there is
 /// a fitting one) and cuts a torn tail.
 fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<(Vec<Arc<Segment>>, Index, u64, OpenReport), StoreError> {
-    let files = segment::list(log_dir)?;
+    segment::remove_leftovers(log_dir)?;
+    let mut files = segment::list(log_dir)?;
     let mut report = OpenReport::default();
+    if files.len() > 1 && segment::never_written(&files[files.len() - 1].1)? {
+        let (_, path) = files.pop().expect("more than one");
+        std::fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
+        segment::sync_dir(log_dir)?;
+    }
     if files.is_empty() {
         snapshot::remove(data_dir)?;
         let seg = Segment::create(log_dir, 0, options.segment_bytes)?;

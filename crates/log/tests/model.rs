@@ -577,17 +577,14 @@ async fn resending_part_of_a_batch_is_a_conflict() {
 }
 
 // ---------------------------------------------------------------------------
-// Known engine bug, kept out of the model above so that it stays green: the
-// test states the contract and fails on the current engine. Run it with
-// `cargo test -p cairn-log -- --ignored model::`.
+// A saved head at a segment boundary
 
 /// The contract (`ReadAllOptions::from`): the head is a valid position to
-/// read `$all` from. When an append that needs a new segment is rejected, the
-/// writer has already rolled (writer.rs `accept` → `roll`), so the head stays
-/// at the new segment's base, a header byte; the next event goes 24 bytes
-/// later, and from then on that saved head gives `InvalidPosition`.
+/// read `$all` from and to subscribe after. When an append that needs a new
+/// segment is rejected, the writer has already rolled, so the head sits at
+/// the new segment's base, a header byte; the next event goes 24 bytes later.
+/// That saved head must stay valid.
 #[tokio::test]
-#[ignore = "engine bug: a head position saved at a segment boundary becomes an InvalidPosition once more events arrive (read.rs event_len / writer.rs roll)"]
 async fn saved_head_stays_a_valid_read_position() {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open_with(dir.path(), options()).unwrap();
