@@ -47,6 +47,9 @@ enum From {
     Inside(usize),
     /// The store's current head position.
     Head,
+    /// A head position the store reported after an earlier step (it stays a
+    /// valid place to read from, also after rolls and reopens).
+    SavedHead(usize),
 }
 
 #[derive(Debug, Clone)]
@@ -84,6 +87,7 @@ fn from() -> impl Strategy<Value = From> {
         3 => any::<usize>().prop_map(From::Event),
         1 => any::<usize>().prop_map(From::Inside),
         1 => Just(From::Head),
+        2 => any::<usize>().prop_map(From::SavedHead),
     ]
 }
 
@@ -157,6 +161,8 @@ struct Model {
     streams: HashMap<String, MStream>,
     /// Every successful fresh append: stream, batch, result.
     appends: Vec<(String, Vec<NewEvent>, AppendResult)>,
+    /// The store's head after each step.
+    heads: Vec<u64>,
     counter: u64,
 }
 
@@ -368,7 +374,8 @@ impl Model {
     fn read_all(&self, options: ReadAllOptions, head: u64) -> Out<Vec<Seen>> {
         let from = options.from.0;
         let is_event = self.log.iter().any(|e| e.position == from);
-        let valid = from == 0 || options.from == Position::END || from == head || is_event;
+        let was_head = self.heads.contains(&from);
+        let valid = from == 0 || options.from == Position::END || from == head || is_event || was_head;
         if !valid {
             return Out::InvalidPosition;
         }
@@ -489,6 +496,7 @@ async fn run(dir: &Path, ops: Vec<Op>) {
                     From::Event(k) => model.log.get(k % n).map_or(Position::START, |e| Position(e.position)),
                     From::Inside(k) => model.log.get(k % n).map_or(Position::START, |e| Position(e.position + 1)),
                     From::Head => store.head_position().await.unwrap(),
+                    From::SavedHead(k) => Position(model.heads.get(k % model.heads.len().max(1)).copied().unwrap_or(0)),
                 };
                 options = options.from(position);
                 if let Some(limit) = limit {
@@ -528,6 +536,7 @@ async fn run(dir: &Path, ops: Vec<Op>) {
             }
         }
         check_state(&store, &model, &step).await;
+        model.heads.push(store.head_position().await.unwrap().0);
     }
     // Finally, from the log alone: no snapshot, a full rebuild.
     drop(store);
