@@ -78,3 +78,21 @@ pub fn walk_records(bytes: &[u8]) -> Vec<(u64, u64)> {
     }
     out
 }
+
+/// Opens a data directory this process has just closed. A store releases its
+/// LOCK (an flock) when dropped, but a child process that another test thread
+/// is spawning at that moment (crash.rs starts children) holds a copy of every
+/// open file description, the lock's included, until it execs; during that
+/// short window the directory still reads as locked. A lock that is really
+/// kept (a leaked store handle) still fails here, after the deadline.
+pub fn reopen(dir: &std::path::Path, options: Options) -> Result<EmbeddedStore, cairn_core::StoreError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match EmbeddedStore::open_with(dir, options.clone()) {
+            Err(cairn_core::StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            other => return other,
+        }
+    }
+}

@@ -12,7 +12,7 @@ use cairn_core::{
 };
 use cairn_log::{verify, EmbeddedStore, Options};
 
-use crate::common::{segment_files, walk_records, SEGMENT_HEADER};
+use crate::common::{reopen, segment_files, walk_records, SEGMENT_HEADER};
 
 /// Small preallocated segments, so reading a whole segment file is cheap.
 const SEG_BYTES: u64 = 1 << 20;
@@ -22,7 +22,7 @@ fn opts() -> Options {
 }
 
 fn open(dir: &Path) -> EmbeddedStore {
-    EmbeddedStore::open_with(dir, opts()).expect("open store")
+    reopen(dir, opts()).expect("open store")
 }
 
 fn ev(n: u64, pad: usize) -> NewEvent {
@@ -291,7 +291,7 @@ async fn flipped_byte_in_early_record_refuses_to_open_and_changes_nothing() {
             let what = format!("record {i} at {at} (len {len}), byte +{delta}");
             flip(&seg, at + delta);
             let damaged = disk(dir.path());
-            assert_corrupt(EmbeddedStore::open_with(dir.path(), opts()), &seg, at, &what);
+            assert_corrupt(reopen(dir.path(), opts()), &seg, at, &what);
             assert!(disk(dir.path()) == damaged, "{what}: a failed open must not change any file");
             // verify says the same.
             assert_corrupt(verify(dir.path(), |_, _| {}), &seg, at, &format!("verify, {what}"));
@@ -316,7 +316,7 @@ async fn flipped_byte_skipped_by_open_without_verify_fails_the_read() {
     let records = walk_records(&fs::read(&seg).unwrap());
     let (at, len) = records[2];
     flip(&seg, at + len / 2);
-    let store = EmbeddedStore::open_with(dir.path(), Options { verify_on_open: false, ..opts() })
+    let store = reopen(dir.path(), Options { verify_on_open: false, ..opts() })
         .expect("without verify_on_open the snapshot-covered records are not checked");
     assert!(store.open_report().from_snapshot);
     let victim = {
@@ -360,7 +360,7 @@ async fn corruption_in_sealed_segment_refuses_to_open() {
     let (last_at, last_len) = *records0.last().unwrap();
     assert_eq!(last_at + last_len, bytes0.len() as u64, "a sealed segment is trimmed to its records");
     let records1 = walk_records(&fs::read(&seg1).unwrap());
-    let open_small = || EmbeddedStore::open_with(dir.path(), small.clone());
+    let open_small = || reopen(dir.path(), small.clone());
 
     // A flipped byte in the last record of a sealed segment: in the last
     // segment this would look like a torn tail, here it is corruption.
@@ -479,7 +479,7 @@ async fn crash_during_segment_roll_still_opens() {
         assert_eq!(report.events as usize, before.len());
         assert!(next.exists() && tmp.exists(), "verify changes nothing");
 
-        let store = EmbeddedStore::open_with(dir.path(), opts())
+        let store = reopen(dir.path(), opts())
             .unwrap_or_else(|e| panic!("new segment of {new_len} bytes without a header: {e}"));
         assert_eq!(all(&store).await, before);
         assert!(!tmp.exists(), "the leftover of an unfinished roll is removed at open");

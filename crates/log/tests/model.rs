@@ -528,7 +528,7 @@ async fn run(dir: &Path, ops: Vec<Op>) {
             }
             Op::Reopen => {
                 drop(store);
-                store = EmbeddedStore::open_with(dir, options()).unwrap();
+                store = crate::common::reopen(dir, options()).unwrap();
                 let report = store.open_report();
                 assert_eq!(report.truncated_bytes, 0, "{step}: a clean close leaves nothing to cut");
                 assert_eq!(report.truncated_at, None, "{step}");
@@ -541,7 +541,7 @@ async fn run(dir: &Path, ops: Vec<Op>) {
     // Finally, from the log alone: no snapshot, a full rebuild.
     drop(store);
     std::fs::remove_file(dir.join("index.snap")).unwrap();
-    let store = EmbeddedStore::open_with(dir, options()).unwrap();
+    let store = crate::common::reopen(dir, options()).unwrap();
     assert!(!store.open_report().from_snapshot);
     check_state(&store, &model, "after a rebuild from the log").await;
 }
@@ -581,7 +581,7 @@ async fn resending_part_of_a_batch_is_a_conflict() {
         assert_eq!(store.append("a", ExpectedVersion::Exact(7), batch.clone()).await.unwrap(), first);
         assert_eq!(store.read_stream("a", ReadStreamOptions::forward()).await.unwrap().len(), 3);
         drop(store);
-        store = EmbeddedStore::open_with(dir.path(), options()).unwrap();
+        store = crate::common::reopen(dir.path(), options()).unwrap();
     }
 }
 
