@@ -64,9 +64,13 @@ pub fn scan_segment(seg: &Segment, from: u64, last: bool, mut index: Option<&mut
         }
     };
     let damaged_at = offset;
+    // Only the parts of the file that hold data need looking at: the rest of
+    // a preallocated segment is a hole and reads as zeros.
+    let regions = data_regions(seg, scan.valid_end);
+    let all_zero = || regions.iter().all(|&(a, b)| bytes[a.max(offset).min(b) as usize..b as usize].iter().all(|x| *x == 0));
     match stop {
         None if pending.is_empty() => return Ok(scan),
-        Some(DecodeError::Empty) if pending.is_empty() && all_zero(&bytes[offset as usize..]) => return Ok(scan),
+        Some(DecodeError::Empty) if pending.is_empty() && all_zero() => return Ok(scan),
         _ => {}
     }
     let reason = match &stop {
@@ -78,7 +82,9 @@ pub fn scan_segment(seg: &Segment, from: u64, last: bool, mut index: Option<&mut
     if !last {
         return Err(corrupt(seg, damaged_at, format!("{reason} inside a sealed segment")));
     }
-    if let Some(valid_at) = find_valid_record(bytes, damaged_at + 1) {
+    let found = regions.iter().filter(|&&(_, b)| b > damaged_at + 1)
+        .find_map(|&(a, b)| find_valid_record(&bytes[..b as usize], a.max(damaged_at + 1)));
+    if let Some(valid_at) = found {
         return Err(corrupt(
             seg,
             damaged_at,
@@ -86,16 +92,40 @@ pub fn scan_segment(seg: &Segment, from: u64, last: bool, mut index: Option<&mut
         ));
     }
     scan.torn_at = Some(scan.valid_end);
-    scan.torn_bytes = last_non_zero(bytes).map_or(0, |nz| (nz as u64 + 1).saturating_sub(scan.valid_end));
+    let last_non_zero = regions.iter().rev()
+        .find_map(|&(a, b)| bytes[a as usize..b as usize].iter().rposition(|x| *x != 0).map(|i| a + i as u64));
+    scan.torn_bytes = last_non_zero.map_or(0, |nz| (nz + 1).saturating_sub(scan.valid_end));
     Ok(scan)
 }
 
-fn all_zero(bytes: &[u8]) -> bool {
-    bytes.iter().all(|b| *b == 0)
-}
-
-fn last_non_zero(bytes: &[u8]) -> Option<usize> {
-    bytes.iter().rposition(|b| *b != 0)
+/// The file ranges at or after `from` that may hold data, found with
+/// `SEEK_DATA`/`SEEK_HOLE`; the whole rest of the file where those are not supported.
+fn data_regions(seg: &Segment, from: u64) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let end = seg.capacity();
+    let fd = seg.file.as_raw_fd();
+    let mut regions = Vec::new();
+    let mut at = from;
+    while at < end {
+        // SAFETY: lseek on a file descriptor we own; it only moves the offset,
+        // which nothing else in the engine uses (all I/O is positional).
+        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let unsupported = std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO);
+            if unsupported && regions.is_empty() {
+                return vec![(from, end)];
+            }
+            break; // ENXIO: only holes from here on
+        }
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let (start, stop) = (data as u64, if hole < 0 { end } else { (hole as u64).min(end) });
+        if stop <= start {
+            break;
+        }
+        regions.push((start.max(from), stop));
+        at = stop;
+    }
+    regions
 }
 
 /// The first offset at or after `from` where a whole valid record starts.

@@ -188,11 +188,7 @@ impl EmbeddedStore {
     pub fn open_with(dir: impl AsRef<Path>, options: Options) -> Result<Self, StoreError> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
-        let lock_path = dir.join("LOCK");
-        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| StoreError::io(&lock_path, e))?;
-        if lock.try_lock().is_err() {
-            return Err(StoreError::Locked { dir: dir.display().to_string() });
-        }
+        let lock = lock_dir(dir)?;
         let log_dir = dir.join("log");
         if !log_dir.exists() {
             std::fs::create_dir(&log_dir).map_err(|e| StoreError::io(&log_dir, e))?;
@@ -227,11 +223,7 @@ impl EmbeddedStore {
     /// (then writes a fresh snapshot). Needs the data directory to be closed.
     pub fn reindex(dir: impl AsRef<Path>) -> Result<OpenReport, StoreError> {
         let dir = dir.as_ref();
-        let lock_path = dir.join("LOCK");
-        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| StoreError::io(&lock_path, e))?;
-        if lock.try_lock().is_err() {
-            return Err(StoreError::Locked { dir: dir.display().to_string() });
-        }
+        let lock = lock_dir(dir)?;
         snapshot::remove(dir)?;
         drop(lock);
         let store = Self::open(dir)?;
@@ -344,13 +336,29 @@ impl EmbeddedStore {
     }
 }
 
+/// Takes the data directory's lock. A child process that another thread is
+/// spawning shares the lock's file until it execs, so a held lock is retried
+/// for a moment before it counts as another process's.
+fn lock_dir(dir: &Path) -> Result<File, StoreError> {
+    let lock_path = dir.join("LOCK");
+    let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| StoreError::io(&lock_path, e))?;
+    for _ in 0..50 {
+        if lock.try_lock().is_ok() {
+            return Ok(lock);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(StoreError::Locked { dir: dir.display().to_string() })
+}
+
 /// Whether the snapshot's head is the end of a record the snapshot knows:
 /// otherwise it belongs to another log, or the log lost data it covers.
 fn snapshot_fits(segments: &[Segment], index: &Index, head: u64) -> bool {
     let Some(seg) = segments.iter().find(|s| s.base < head && head <= s.base + s.capacity()) else { return false };
     let offset = head - seg.base;
     if offset == SEGMENT_HEADER_BYTES {
-        return seg.base == 0 && index.events == 0;
+        // An empty segment: the last record, if any, ends the previous one.
+        return if seg.base == 0 { index.events == 0 } else { snapshot_fits(segments, index, seg.base) };
     }
     if offset < SEGMENT_HEADER_BYTES + RECORD_OVERHEAD_BYTES as u64 {
         return false;
@@ -458,6 +466,26 @@ mod tests {
         drop(store);
         let end = tokio::time::timeout(std::time::Duration::from_secs(5), sub.next()).await.expect("subscription ended");
         assert!(end.is_none());
+    }
+
+    #[tokio::test]
+    async fn snapshot_is_used_when_the_newest_segment_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options { segment_bytes: 8 * 1024, ..Options::default() };
+        let store = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
+        let big = |n| NewEvent::json("Big", &serde_json::json!({ "pad": "x".repeat(n) })).unwrap();
+        let mut version = 0;
+        while store.head_position().await.unwrap().0 + 3000 < 8 * 1024 {
+            version = store.append("a", ExpectedVersion::Exact(version), vec![big(1000)]).await.unwrap().next_version;
+        }
+        // Does not fit: the writer rolls, then rejects it; the new segment stays empty.
+        assert!(store.append("a", ExpectedVersion::Exact(version + 9), vec![big(3000)]).await.is_err());
+        drop(store);
+        for _ in 0..2 {
+            let store = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
+            assert!(store.open_report().from_snapshot, "{:?}", store.open_report());
+            assert_eq!(store.read_stream("a", ReadStreamOptions::forward()).await.unwrap().len() as u64, version);
+        }
     }
 
     #[tokio::test]
