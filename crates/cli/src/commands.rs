@@ -316,6 +316,7 @@ pub fn reindex(ctx: &Context) -> Result<()> {
     let report = cairn_log::EmbeddedStore::reindex(&ctx.data);
     spinner.finish_and_clear();
     let report = report?;
-    println!("rebuilt the index from the log: {} events in {} segments, {:.2} s", report.events, report.segments, started.elapsed().as_secs_f64());
+    let plural = |n: u64, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+    println!("rebuilt the index from the log: {} in {}, {:.2} s", plural(report.events, "event"), plural(report.segments as u64, "segment"), started.elapsed().as_secs_f64());
     Ok(())
 }
