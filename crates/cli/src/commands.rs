@@ -297,7 +297,7 @@ pub fn verify(ctx: &Context) -> Result<()> {
         println!("{}", serde_json::json!({"ok": true, "segments": report.segments, "events": report.events, "bytes": report.bytes, "streams": report.streams,
             "torn_tail": report.torn_tail.as_ref().map(|(f, o, n)| serde_json::json!({"file": f, "offset": o, "bytes": n}))}));
     } else {
-        let plural = |n: u64, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+        let plural = output::count;
         println!("ok: {} in {}, {}, {} checked", plural(report.events, "event"), plural(report.streams as u64, "stream"), plural(report.segments as u64, "segment"), plural(report.bytes, "byte"));
         if let Some((file, offset, bytes)) = report.torn_tail {
             println!("note: {} has a torn tail of {bytes} bytes at offset {offset} (an unacknowledged append); the next open cuts it", file.display());
@@ -316,7 +316,7 @@ pub fn reindex(ctx: &Context) -> Result<()> {
     let report = cairn_log::EmbeddedStore::reindex(&ctx.data);
     spinner.finish_and_clear();
     let report = report?;
-    let plural = |n: u64, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+    let plural = output::count;
     println!("rebuilt the index from the log: {} in {}, {:.2} s", plural(report.events, "event"), plural(report.segments as u64, "segment"), started.elapsed().as_secs_f64());
     Ok(())
 }

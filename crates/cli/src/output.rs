@@ -42,7 +42,7 @@ pub fn print_events(events: &[RecordedEvent], json: bool) {
         table.add_row([e.position.to_string(), e.stream.clone(), e.version.to_string(), e.event_type.clone(), time[..19].replace('T', " "), data_preview(e)]);
     }
     println!("{table}");
-    println!("{} event{}", events.len(), if events.len() == 1 { "" } else { "s" });
+    println!("{}", count(events.len() as u64, "event"));
 }
 
 pub fn print_event_line(e: &RecordedEvent, json: bool) {
@@ -69,7 +69,12 @@ pub fn print_streams(streams: &[StreamInfo], json: bool) {
         table.add_row([s.stream.clone(), s.version.to_string(), state, s.last_position.map(|p| p.to_string()).unwrap_or_default(), if meta == "{}" { String::new() } else { meta }]);
     }
     println!("{table}");
-    println!("{} stream{}", streams.len(), if streams.len() == 1 { "" } else { "s" });
+    println!("{}", count(streams.len() as u64, "stream"));
+}
+
+/// "1 event", "3 events".
+pub fn count(n: u64, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
 /// What to do next, for errors a person can fix.
