@@ -49,11 +49,13 @@ struct PendingId {
     batch_end: bool,
 }
 
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 struct Group {
     buf: Vec<u8>,
     /// Stream → (version, state) after the accepted appends of this group.
-    streams: HashMap<String, (u64, StreamState)>,
-    ids: HashMap<Uuid, PendingId>,
+    streams: FastMap<String, (u64, StreamState)>,
+    ids: FastMap<Uuid, PendingId>,
     replies: Vec<(oneshot::Sender<Result<AppendResult, StoreError>>, Result<AppendResult, StoreError>)>,
 }
 
@@ -68,7 +70,7 @@ pub struct Writer {
 
 impl Writer {
     pub fn new(shared: Arc<Shared>, active: Arc<Segment>, offset: u64, last_timestamp: i64) -> Self {
-        let group = Group { buf: Vec::with_capacity(1 << 20), streams: HashMap::new(), ids: HashMap::new(), replies: Vec::new() };
+        let group = Group { buf: Vec::with_capacity(1 << 20), streams: FastMap::default(), ids: FastMap::default(), replies: Vec::new() };
         Writer { shared, active, offset, last_timestamp, group }
     }
 
