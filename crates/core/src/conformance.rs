@@ -228,6 +228,37 @@ pub async fn read_all_in_global_order(store: Store) {
     assert!(store.read_all(ReadAllOptions::forward().from(head)).await.unwrap().is_empty());
 }
 
+pub async fn read_all_pages_with_after(store: Store) {
+    let s = unique("account");
+    let start = store.head_position().await.unwrap();
+    for i in 0..7 {
+        append_n(&store, &s, i * 3, 3).await;
+    }
+    let ours = |events: &[RecordedEvent]| -> Vec<Position> { events.iter().filter(|e| e.stream == s).map(|e| e.position).collect() };
+    let everything = ours(&store.read_all(ReadAllOptions::forward().from(start)).await.unwrap());
+    assert_eq!(everything.len(), 21);
+    // Forward pages of 4: each starts strictly after the previous page's last event.
+    let mut pages = Vec::new();
+    let mut page = store.read_all(ReadAllOptions::forward().from(everything[0]).limit(4)).await.unwrap();
+    while let Some(last) = page.last().map(|e| e.position) {
+        pages.extend(ours(&page));
+        page = store.read_all(ReadAllOptions::forward().after(last).limit(4)).await.unwrap();
+    }
+    assert_eq!(pages, everything, "forward paging with after: every event once, in order");
+    // Backward pages from the newest event of ours.
+    let mut back = Vec::new();
+    let mut page = store.read_all(ReadAllOptions::backward().from(everything[20]).limit(5)).await.unwrap();
+    while let Some(last) = page.last().map(|e| e.position) {
+        back.extend(ours(&page));
+        if last <= everything[0] { break; }
+        page = store.read_all(ReadAllOptions::backward().after(last).limit(5)).await.unwrap();
+    }
+    back.reverse();
+    assert_eq!(back, everything, "backward paging with after: every event once");
+    let first = everything[0];
+    assert!(!ours(&store.read_all(ReadAllOptions::forward().after(first).limit(1)).await.unwrap()).contains(&first));
+}
+
 pub async fn invalid_stream_names(store: Store) {
     let long = "x".repeat(STREAM_NAME_BYTES_MAX + 1);
     for name in ["", "$system", long.as_str(), "bad\nname"] {
@@ -470,7 +501,7 @@ macro_rules! conformance_suite {
         $crate::conformance_suite!(@tests $make;
             versions_count_events, expected_version_rules, failed_batch_writes_nothing,
             event_fields_round_trip, idempotent_retry, concurrent_retries_write_once,
-            read_stream_directions_and_limits, read_all_in_global_order, invalid_stream_names,
+            read_stream_directions_and_limits, read_all_in_global_order, read_all_pages_with_after, invalid_stream_names,
             oversize_event_rejected, metadata_max_count_and_truncate_before, metadata_max_age,
             soft_delete, hard_delete, list_streams_and_info,
             concurrent_same_expected_version_one_wins, concurrent_appends_keep_streams_gap_free,

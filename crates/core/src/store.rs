@@ -114,19 +114,31 @@ pub struct ReadAllOptions {
     /// it (`Position::END` for the newest). Must be `START`, `END`, the head, or
     /// the position of an event.
     pub from: Position,
+    /// Leave out the event at `from` itself: forward reads start strictly
+    /// after it, backward reads strictly before it (for paging).
+    pub exclusive: bool,
     pub direction: Direction,
     pub limit: usize,
 }
 
 impl ReadAllOptions {
     pub fn forward() -> Self {
-        ReadAllOptions { from: Position::START, direction: Direction::Forward, limit: usize::MAX }
+        ReadAllOptions { from: Position::START, exclusive: false, direction: Direction::Forward, limit: usize::MAX }
     }
     pub fn backward() -> Self {
-        ReadAllOptions { from: Position::END, direction: Direction::Backward, limit: usize::MAX }
+        ReadAllOptions { from: Position::END, exclusive: false, direction: Direction::Backward, limit: usize::MAX }
     }
+    /// Start at `position`, inclusive.
     pub fn from(mut self, position: Position) -> Self {
         self.from = position;
+        self.exclusive = false;
+        self
+    }
+    /// Start just past `position` (the last event of the previous page):
+    /// after it going forward, before it going backward.
+    pub fn after(mut self, position: Position) -> Self {
+        self.from = position;
+        self.exclusive = true;
         self
     }
     pub fn limit(mut self, limit: usize) -> Self {

@@ -172,8 +172,8 @@ impl Shared {
                 } else if self.is_segment_base(from) {
                     from
                 } else {
-                    self.event_len(from)?;
-                    from
+                    let len = self.event_len(from)?;
+                    if options.exclusive { from + len } else { from }
                 };
                 Ok(self.read_forward(start, options.limit)?.0)
             }
@@ -185,7 +185,8 @@ impl Shared {
                 } else if self.is_segment_base(from) {
                     from
                 } else {
-                    from + self.event_len(from)?
+                    let len = self.event_len(from)?;
+                    if options.exclusive { from } else { from + len }
                 };
                 self.read_backward(end, options.limit)
             }
