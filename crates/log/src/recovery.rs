@@ -30,10 +30,11 @@ fn corrupt(seg: &Segment, offset: u64, reason: impl Into<String>) -> StoreError 
     StoreError::Corrupt { file: seg.path.display().to_string(), offset, reason: reason.into() }
 }
 
-/// Scans `seg` from file offset `from` (a record boundary), applying whole
-/// appends to `index` (if given). `last` says whether it is the newest
+/// Scans `seg` from file offset `from` (a record boundary), checking every
+/// record and applying whole appends at or after `apply_from` to `index` (if
+/// given); `events` counts those. `last` says whether it is the newest
 /// segment, where a torn tail is allowed.
-pub fn scan_segment(seg: &Segment, from: u64, last: bool, mut index: Option<&mut Index>) -> Result<SegmentScan, StoreError> {
+pub fn scan_segment(seg: &Segment, from: u64, apply_from: u64, last: bool, mut index: Option<&mut Index>) -> Result<SegmentScan, StoreError> {
     let end = seg.capacity();
     let bytes = seg.bytes(0, end);
     let mut offset = from.max(SEGMENT_HEADER_BYTES);
@@ -51,7 +52,7 @@ pub fn scan_segment(seg: &Segment, from: u64, last: bool, mut index: Option<&mut
                 pending.push((offset, view));
                 offset += len;
                 if batch_end {
-                    for (at, view) in pending.drain(..) {
+                    for (at, view) in pending.drain(..).filter(|(at, _)| *at >= apply_from) {
                         if let Some(index) = index.as_deref_mut() {
                             index.apply(&view, seg.base + at).map_err(|e| corrupt(seg, at, e.0))?;
                         }

@@ -125,6 +125,29 @@ pub fn never_written(path: &Path) -> Result<bool, StoreError> {
     }
 }
 
+/// The log's segments, opened in order, each checked to start where the one
+/// before ended. An all-zero newest segment (an unfinished roll) is left out
+/// and returned apart, for the caller to remove or ignore.
+pub fn open_chain(dir: &Path, writable_last: bool) -> Result<(Vec<Segment>, Option<PathBuf>), StoreError> {
+    let mut files = list(dir)?;
+    let unfinished = if files.len() > 1 && never_written(&files[files.len() - 1].1)? { files.pop().map(|(_, p)| p) } else { None };
+    let mut opened = Vec::with_capacity(files.len());
+    let mut expected_base = 0;
+    for (i, (name_base, path)) in files.iter().enumerate() {
+        let seg = Segment::open(path, writable_last && i + 1 == files.len())?;
+        if seg.base != *name_base || seg.base != expected_base {
+            return Err(StoreError::Corrupt {
+                file: path.display().to_string(),
+                offset: 16,
+                reason: format!("segment starts at position {} but {expected_base} was expected (a segment is missing or renamed)", seg.base),
+            });
+        }
+        expected_base = seg.base + seg.capacity();
+        opened.push(seg);
+    }
+    Ok((opened, unfinished))
+}
+
 /// Segment files in `dir`, sorted by base position.
 pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
     let mut out = Vec::new();

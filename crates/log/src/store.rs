@@ -375,32 +375,17 @@ fn snapshot_fits(segments: &[Segment], index: &Index, head: u64) -> bool {
 /// a fitting one) and cuts a torn tail.
 fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<(Vec<Arc<Segment>>, Index, u64, OpenReport), StoreError> {
     segment::remove_leftovers(log_dir)?;
-    let mut files = segment::list(log_dir)?;
     let mut report = OpenReport::default();
-    if files.len() > 1 && segment::never_written(&files[files.len() - 1].1)? {
-        let (_, path) = files.pop().expect("more than one");
+    let (opened, unfinished) = segment::open_chain(log_dir, true)?;
+    if let Some(path) = unfinished {
         std::fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
         segment::sync_dir(log_dir)?;
     }
-    if files.is_empty() {
+    if opened.is_empty() {
         snapshot::remove(data_dir)?;
         let seg = Segment::create(log_dir, 0, options.segment_bytes)?;
         report.segments = 1;
         return Ok((vec![Arc::new(seg)], Index::default(), SEGMENT_HEADER_BYTES, report));
-    }
-    let mut opened = Vec::with_capacity(files.len());
-    let mut expected_base = 0;
-    for (i, (name_base, path)) in files.iter().enumerate() {
-        let seg = Segment::open(path, i + 1 == files.len())?;
-        if seg.base != *name_base || seg.base != expected_base {
-            return Err(StoreError::Corrupt {
-                file: path.display().to_string(),
-                offset: 16,
-                reason: format!("segment starts at position {} but {expected_base} was expected (a segment is missing or renamed)", seg.base),
-            });
-        }
-        expected_base = seg.base + seg.capacity();
-        opened.push(seg);
     }
     let (mut index, start) = match snapshot::read(data_dir) {
         Some((index, head)) if snapshot_fits(&opened, &index, head) => {
@@ -414,16 +399,15 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<(Vec<Ar
     let mut head = 0;
     for (i, seg) in opened.into_iter().enumerate() {
         let last = i + 1 == count;
-        let seg_end = seg.base + seg.capacity();
-        if options.verify_on_open && seg.base < start {
-            scan_segment(&seg, 0, last, None)?;
-        }
-        if !last && seg_end <= start {
+        // Records before `apply_from` are in the snapshot: checked (with
+        // verify_on_open) but not applied again.
+        let apply_from = start.saturating_sub(seg.base).max(SEGMENT_HEADER_BYTES);
+        if !last && apply_from >= seg.capacity() && !options.verify_on_open {
             segments.push(Arc::new(seg)); // covered by the snapshot
             continue;
         }
-        let from = start.saturating_sub(seg.base).max(SEGMENT_HEADER_BYTES);
-        let scan = scan_segment(&seg, from, last, Some(&mut index))?;
+        let from = if options.verify_on_open { SEGMENT_HEADER_BYTES } else { apply_from };
+        let scan = scan_segment(&seg, from, apply_from, last, Some(&mut index))?;
         report.scanned_events += scan.events;
         head = seg.base + scan.valid_end;
         let mut seg = seg;

@@ -2,11 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
+
 use cairn_core::StoreError;
 
 use crate::index::Index;
 use crate::recovery::scan_segment;
-use crate::segment::{self, Segment};
+use crate::segment;
 
 #[derive(Debug, Clone, Default)]
 pub struct VerifyReport {
@@ -25,27 +26,18 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
     if !log_dir.is_dir() {
         return Err(StoreError::io(&log_dir, std::io::Error::new(std::io::ErrorKind::NotFound, "no Cairn log here")));
     }
-    let mut files = segment::list(&log_dir)?;
-    if files.len() > 1 && segment::never_written(&files[files.len() - 1].1)? {
-        files.pop(); // an unfinished roll; the next open removes it
-    }
+    // An unfinished roll is left out here; the next open removes it.
+    let (segments, _) = segment::open_chain(&log_dir, false)?;
     let mut index = Index::default();
-    let mut report = VerifyReport { segments: files.len(), ..Default::default() };
-    let mut expected_base = 0;
-    for (i, (_, path)) in files.iter().enumerate() {
-        let last = i + 1 == files.len();
-        let seg = Segment::open(path, false)?;
-        if seg.base != expected_base {
-            return Err(StoreError::Corrupt { file: path.display().to_string(), offset: 16, reason: format!("segment starts at position {} but {expected_base} was expected", seg.base) });
-        }
-        let scan = scan_segment(&seg, 0, last, Some(&mut index))?;
+    let mut report = VerifyReport { segments: segments.len(), ..Default::default() };
+    for (i, seg) in segments.iter().enumerate() {
+        let scan = scan_segment(seg, 0, 0, i + 1 == segments.len(), Some(&mut index))?;
         report.events += scan.events;
         report.bytes += scan.valid_end;
         if let Some(at) = scan.torn_at {
-            report.torn_tail = Some((path.clone(), at, scan.torn_bytes));
+            report.torn_tail = Some((seg.path.clone(), at, scan.torn_bytes));
         }
-        expected_base = seg.base + seg.capacity();
-        progress(i + 1, files.len());
+        progress(i + 1, segments.len());
     }
     report.streams = index.streams.keys().filter(|s| !s.starts_with('$')).count();
     Ok(report)
