@@ -28,8 +28,9 @@ fn check_read_name(stream: &str) -> Result<(), StoreError> {
 }
 
 fn corrupt_at(shared: &Shared, position: u64, reason: &str) -> StoreError {
-    let file = shared.segment_for(position).map(|s| s.path.display().to_string()).unwrap_or_default();
-    let offset = shared.segment_for(position).map_or(position, |s| position - s.base);
+    let seg = shared.segment_for(position);
+    let file = seg.as_ref().map(|s| s.path.display().to_string()).unwrap_or_default();
+    let offset = seg.as_ref().map_or(position, |s| position - s.base);
     StoreError::Corrupt { file, offset, reason: reason.to_string() }
 }
 
