@@ -16,7 +16,7 @@ pub mod conformance;
 
 pub use error::{Result, StoreError};
 pub use event::{ContentType, Metadata, NewEvent, RecordedEvent, Timestamp};
-pub use limits::{validate_stream_name, Limits, STREAM_NAME_BYTES_MAX};
+pub use limits::{snapshot_stream_name, validate_stream_name, Limits, SNAPSHOT_STREAM_PREFIX, STREAM_NAME_BYTES_MAX};
 pub use metadata::{metadata_stream_name, StreamMetadata, StreamState};
 pub use store::{
     AppendResult, Direction, EventStore, ExpectedVersion, Position, ReadAllOptions,

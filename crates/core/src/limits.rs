@@ -27,9 +27,27 @@ impl Default for Limits {
     }
 }
 
+/// Prefix of the streams that hold an aggregate's snapshots. They are derived
+/// data, so they live among the system (`$`) streams that projections skip.
+pub const SNAPSHOT_STREAM_PREFIX: &str = "$snapshots-";
+
+/// Name of the stream that holds the snapshots of `stream`.
+pub fn snapshot_stream_name(stream: &str) -> String {
+    format!("{SNAPSHOT_STREAM_PREFIX}{stream}")
+}
+
 /// Checks a user stream name: not empty, at most 256 bytes, no leading `$`
-/// (reserved for system streams), no control characters.
+/// (reserved for system streams) except for snapshot streams, no control characters.
 pub fn validate_stream_name(name: &str) -> Result<(), StoreError> {
+    let owner = name.strip_prefix(SNAPSHOT_STREAM_PREFIX);
+    if let Some(owner) = owner {
+        return validate_stream_name(owner).map_err(|e| match e {
+            StoreError::InvalidStreamName { reason, .. } => {
+                StoreError::InvalidStreamName { name: name.to_string(), reason: format!("the snapshot stream's owner is invalid: {reason}") }
+            }
+            other => other,
+        });
+    }
     let reason = if name.is_empty() {
         Some("a stream name cannot be empty".to_string())
     } else if name.len() > STREAM_NAME_BYTES_MAX {
