@@ -12,7 +12,7 @@ fn replay(events: &[Event]) -> Account {
 fn opened_with(balance: u64) -> Account {
     let mut events = vec![Event::AccountOpened { owner: "ada".into(), currency: "EUR".into() }];
     if balance > 0 {
-        events.push(Event::MoneyDeposited { amount: balance, currency: "EUR".into() });
+        events.push(Event::MoneyDeposited { amount: balance, currency: "EUR".into(), note: None });
     }
     replay(&events)
 }
@@ -34,7 +34,7 @@ fn withdrawals_never_take_the_balance_below_zero() {
     let account = opened_with(100);
     assert_eq!(account.decide(&Command::Withdraw { amount: 101 }), Err(Error::InsufficientFunds { balance: 100, requested: 101 }));
     let events = account.decide(&Command::Withdraw { amount: 100 }).unwrap();
-    assert_eq!(replay(&[vec![Event::AccountOpened { owner: "ada".into(), currency: "EUR".into() }, Event::MoneyDeposited { amount: 100, currency: "EUR".into() }], events].concat()).balance, 0);
+    assert_eq!(replay(&[vec![Event::AccountOpened { owner: "ada".into(), currency: "EUR".into() }, Event::MoneyDeposited { amount: 100, currency: "EUR".into(), note: None }], events].concat()).balance, 0);
 }
 
 #[test]
@@ -43,7 +43,7 @@ fn amounts_and_currencies_are_checked() {
     assert_eq!(account.decide(&deposit(0)), Err(Error::ZeroAmount));
     assert_eq!(account.decide(&Command::Withdraw { amount: 0 }), Err(Error::ZeroAmount));
     assert_eq!(
-        account.decide(&Command::Deposit { amount: 5, currency: "USD".into() }),
+        account.decide(&Command::Deposit { amount: 5, currency: "USD".into(), note: None }),
         Err(Error::CurrencyMismatch { account: "EUR".into(), given: "USD".into() })
     );
 }

@@ -23,5 +23,5 @@ pub fn open(owner: &str) -> Command {
 }
 
 pub fn deposit(amount: u64) -> Command {
-    Command::Deposit { amount, currency: "EUR".into() }
+    Command::Deposit { amount, currency: "EUR".into(), note: None }
 }

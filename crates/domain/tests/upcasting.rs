@@ -15,14 +15,14 @@ async fn stored_v1_events_are_seen_as_v2_by_the_aggregate_and_the_history() {
     let (repo, _dir) = bank();
     let opened = NewEvent::json("AccountOpened", &json!({"owner": "old", "currency": "USD"})).unwrap();
     repo.store().append("account-u1", ExpectedVersion::NoStream, vec![opened, v1_deposit(300), v1_deposit(200)]).await.unwrap();
-    repo.execute("u1", &cairn_example_bank::Command::Deposit { amount: 50, currency: "USD".into() }).await.unwrap();
+    repo.execute("u1", &cairn_example_bank::Command::Deposit { amount: 50, currency: "USD".into(), note: None }).await.unwrap();
 
     let loaded = repo.load("u1").await.unwrap();
     assert_eq!(loaded.state.balance, 550);
     let history = repo.history("u1").await.unwrap();
     let seen: Vec<_> = history.iter().map(|h| (h.stored_schema_version, h.event.clone())).collect();
-    assert_eq!(seen[1], (1, Event::MoneyDeposited { amount: 300, currency: "USD".into() }));
-    assert_eq!(seen[3], (2, Event::MoneyDeposited { amount: 50, currency: "USD".into() }));
+    assert_eq!(seen[1], (1, Event::MoneyDeposited { amount: 300, currency: "USD".into(), note: None }));
+    assert_eq!(seen[3], (2, Event::MoneyDeposited { amount: 50, currency: "USD".into(), note: None }));
     assert_eq!(history.iter().map(|h| h.state.balance).collect::<Vec<_>>(), [0, 300, 500, 550]);
     // The stored bytes are untouched.
     let stored = repo.store().read_stream("account-u1", ReadStreamOptions::forward().from_version(2).limit(1)).await.unwrap();
@@ -83,7 +83,7 @@ fn a_chain_runs_every_step_and_renames_keep_old_names_readable() {
         d
     }));
     let event = codec.decode(&recorded("Credited", 1, json!({"value": 7}))).unwrap();
-    assert_eq!(event, Event::MoneyDeposited { amount: 7, currency: "USD".into() });
+    assert_eq!(event, Event::MoneyDeposited { amount: 7, currency: "USD".into(), note: None });
     let up = codec.upcast_json(&recorded("Credited", 1, json!({"value": 7}))).unwrap();
     assert_eq!((up.event_type.as_str(), up.schema_version), ("MoneyDeposited", 2));
 }
@@ -108,7 +108,7 @@ fn every_kind_of_variant_round_trips() {
     let codec = EventCodec::<Event>::new();
     for event in [
         Event::AccountOpened { owner: "ada".into(), currency: "EUR".into() },
-        Event::MoneyDeposited { amount: 5, currency: "EUR".into() },
+        Event::MoneyDeposited { amount: 5, currency: "EUR".into(), note: None },
         Event::AccountClosed,
     ] {
         let new = codec.encode(&event).unwrap();

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Open { owner: String, currency: String },
-    Deposit { amount: u64, currency: String },
+    Deposit { amount: u64, currency: String, note: Option<String> },
     Withdraw { amount: u64 },
     Close,
 }
@@ -18,7 +18,13 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
     AccountOpened { owner: String, currency: String },
-    MoneyDeposited { amount: u64, currency: String },
+    MoneyDeposited {
+        amount: u64,
+        currency: String,
+        /// The payer's reference, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
+    },
     MoneyWithdrawn { amount: u64 },
     AccountClosed,
 }
@@ -97,7 +103,7 @@ impl Aggregate for Account {
                 Status::New => Ok(vec![Event::AccountOpened { owner: owner.clone(), currency: currency.clone() }]),
                 _ => Err(Error::AlreadyOpen),
             },
-            Command::Deposit { amount, currency } => {
+            Command::Deposit { amount, currency, note } => {
                 self.check_open()?;
                 if *amount == 0 {
                     return Err(Error::ZeroAmount);
@@ -105,7 +111,7 @@ impl Aggregate for Account {
                 if *currency != self.currency {
                     return Err(Error::CurrencyMismatch { account: self.currency.clone(), given: currency.clone() });
                 }
-                Ok(vec![Event::MoneyDeposited { amount: *amount, currency: currency.clone() }])
+                Ok(vec![Event::MoneyDeposited { amount: *amount, currency: currency.clone(), note: note.clone() }])
             }
             Command::Withdraw { amount } => {
                 self.check_open()?;
