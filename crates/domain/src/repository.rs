@@ -1,5 +1,5 @@
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_core::{
@@ -126,7 +126,9 @@ pub struct Loaded<A> {
     pub position: Option<Position>,
     /// Version covered by the snapshot the load started from, if any.
     pub snapshot_version: Option<u64>,
-    /// Events replayed on top of the snapshot (or from the start).
+    /// Whether the load started from the repository's cache.
+    pub cached: bool,
+    /// Events replayed on top of the snapshot or cached state (or from the start).
     pub replayed: usize,
 }
 
@@ -146,6 +148,51 @@ pub struct Executed<A: Aggregate> {
     pub snapshotted: bool,
 }
 
+/// A state known to be the stream's at `version`, whose event has id `event`.
+#[derive(Clone)]
+struct Start<A> {
+    version: u64,
+    event: Uuid,
+    state: A,
+}
+
+/// Recently loaded states, so that a load only replays what is new. Entries are
+/// hints: each is checked against the stream like a snapshot before use.
+struct Cache<A> {
+    capacity: usize,
+    entries: Mutex<HashMap<String, Start<A>>>,
+}
+
+impl<A: Clone> Cache<A> {
+    fn get(&self, stream: &str) -> Option<Start<A>> {
+        self.entries.lock().unwrap().get(stream).cloned()
+    }
+
+    fn put(&self, stream: &str, start: Start<A>) {
+        let mut entries = self.entries.lock().unwrap();
+        if entries.len() >= self.capacity && !entries.contains_key(stream) {
+            // Evict an arbitrary entry: cheap, and a miss only costs a replay.
+            if let Some(victim) = entries.keys().next().cloned() {
+                entries.remove(&victim);
+            }
+        }
+        match entries.get_mut(stream) {
+            Some(old) if old.version > start.version => {}
+            Some(old) => *old = start,
+            None => {
+                entries.insert(stream.to_string(), start);
+            }
+        }
+    }
+}
+
+enum Check {
+    Holds(RecordedEvent),
+    /// Still valid, but after the point in time asked for.
+    OutOfBound,
+    Stale,
+}
+
 enum Snapshot<A> {
     Missing,
     /// Written for another state shape, or unreadable: replay and replace it.
@@ -159,11 +206,18 @@ pub struct Repository<A: Aggregate> {
     pub(crate) codec: Arc<EventCodec<A::Event>>,
     snapshots: SnapshotPolicy<A>,
     retry: RetryPolicy,
+    cache: Option<Arc<Cache<A>>>,
 }
 
 impl<A: Aggregate> Clone for Repository<A> {
     fn clone(&self) -> Self {
-        Repository { store: self.store.clone(), codec: self.codec.clone(), snapshots: self.snapshots.clone(), retry: self.retry }
+        Repository {
+            store: self.store.clone(),
+            codec: self.codec.clone(),
+            snapshots: self.snapshots.clone(),
+            retry: self.retry,
+            cache: self.cache.clone(),
+        }
     }
 }
 
@@ -171,7 +225,15 @@ impl<A: Aggregate> Repository<A> {
     /// A repository on `store` with the default snapshot policy (every 100
     /// events) and no retry on conflict.
     pub fn new(store: Arc<dyn EventStore>) -> Self {
-        Repository { store, codec: Arc::new(EventCodec::new()), snapshots: SnapshotPolicy::default(), retry: RetryPolicy::none() }
+        Repository { store, codec: Arc::new(EventCodec::new()), snapshots: SnapshotPolicy::default(), retry: RetryPolicy::none(), cache: None }
+    }
+
+    /// Keeps the states of up to `aggregates` recently used aggregates in
+    /// memory, so that loading one replays only the events appended since.
+    /// Clones of the repository share the cache.
+    pub fn with_cache(mut self, aggregates: usize) -> Self {
+        self.cache = (aggregates > 0).then(|| Arc::new(Cache { capacity: aggregates, entries: Mutex::new(HashMap::new()) }));
+        self
     }
 
     pub fn with_snapshots(mut self, policy: SnapshotPolicy<A>) -> Self {
@@ -238,6 +300,9 @@ impl<A: Aggregate> Repository<A> {
             match self.store.append(&stream, expected, batch).await {
                 Ok(result) => {
                     let state = events.iter().fold(loaded.state, |s, e| s.evolve(e));
+                    if let Some(cache) = &self.cache {
+                        cache.put(&stream, Start { version: result.next_version, event: last_id, state: state.clone() });
+                    }
                     let snapshotted = self.snapshots.wants(&state, loaded.version, result.next_version)
                         && self.store_snapshot(&stream, &state, result.next_version, last_id).await;
                     return Ok(Executed {
@@ -313,29 +378,39 @@ impl<A: Aggregate> Repository<A> {
         Ok(event.json::<SnapshotBody<A>>().map_or(Snapshot::Unusable, Snapshot::Usable))
     }
 
-    /// Replays `stream` up to `bound` (everything when `None`), from the newest
-    /// snapshot that lies within the bound and still matches the stream.
+    /// Replays `stream` up to `bound` (everything when `None`), from the best
+    /// starting point that lies within the bound and still matches the stream:
+    /// the cached state, else the newest snapshot, else the beginning.
     pub(crate) async fn load_bounded(&self, stream: &str, bound: Option<At>) -> Result<Loaded<A>, RepositoryError<A::Error>> {
-        let mut loaded =
-            Loaded { stream: stream.to_string(), state: A::default(), version: 0, position: None, snapshot_version: None, replayed: 0 };
-        let mut from = 1;
+        let mut loaded = Loaded {
+            stream: stream.to_string(),
+            state: A::default(),
+            version: 0,
+            position: None,
+            snapshot_version: None,
+            cached: false,
+            replayed: 0,
+        };
+        let mut last_event = None;
         let mut stale_snapshot = false;
-        if self.snapshots.enabled() {
+        let cached = bound.is_none().then(|| self.cache.as_ref().and_then(|c| c.get(stream))).flatten();
+        if let Some(start) = cached
+            && let Check::Holds(e) = self.check(stream, &start, bound).await?
+        {
+            (loaded.state, loaded.version, loaded.position, loaded.cached) = (start.state, start.version, Some(e.position), true);
+            last_event = Some(e.id);
+        } else if self.snapshots.enabled() {
             match self.newest_snapshot(stream).await? {
-                Snapshot::Usable(snap) if bound.is_none_or(|b| b.admits_version(snap.covers_version)) => {
-                    // Read from the covered event itself to check it is still the same event.
-                    let first = self.read_page(stream, snap.covers_version, 1).await?;
-                    let matches = first.first().is_some_and(|e| {
-                        e.version == snap.covers_version && e.id == snap.covers_event && bound.is_none_or(|b| b.admits(e))
-                    });
-                    if matches {
-                        loaded.state = snap.state;
-                        loaded.version = snap.covers_version;
-                        loaded.position = first.first().map(|e| e.position);
-                        loaded.snapshot_version = Some(snap.covers_version);
-                        from = snap.covers_version + 1;
-                    } else {
-                        stale_snapshot = bound.is_none();
+                Snapshot::Usable(s) if bound.is_none_or(|b| b.admits_version(s.covers_version)) => {
+                    let start = Start { version: s.covers_version, event: s.covers_event, state: s.state };
+                    match self.check(stream, &start, bound).await? {
+                        Check::Holds(e) => {
+                            (loaded.state, loaded.version, loaded.position) = (start.state, start.version, Some(e.position));
+                            loaded.snapshot_version = Some(start.version);
+                            last_event = Some(e.id);
+                        }
+                        Check::OutOfBound => {}
+                        Check::Stale => stale_snapshot = bound.is_none(),
                     }
                 }
                 Snapshot::Usable(_) | Snapshot::Missing => {}
@@ -343,7 +418,7 @@ impl<A: Aggregate> Repository<A> {
             }
         }
         'pages: loop {
-            let page = self.read_page(stream, from, PAGE).await?;
+            let page = self.read_page(stream, loaded.version + 1, PAGE).await?;
             let full = page.len() == PAGE;
             for stored in &page {
                 if bound.is_some_and(|b| !b.admits(stored)) {
@@ -353,22 +428,36 @@ impl<A: Aggregate> Repository<A> {
                 loaded.state = std::mem::take(&mut loaded.state).evolve(&event);
                 loaded.version = stored.version;
                 loaded.position = Some(stored.position);
+                last_event = Some(stored.id);
                 loaded.replayed += 1;
-                from = stored.version + 1;
             }
             if !full {
                 break;
             }
         }
-        if stale_snapshot && loaded.version > 0 {
-            // Replace the snapshot that could not be trusted.
-            if let Ok(last) = self.store.read_stream(stream, ReadStreamOptions::backward().limit(1)).await
-                && let Some(last) = last.first().filter(|e| e.version == loaded.version)
-            {
-                self.store_snapshot(stream, &loaded.state, loaded.version, last.id).await;
+        if let (None, Some(event)) = (bound, last_event) {
+            if let Some(cache) = self.cache.as_ref().filter(|_| !loaded.cached || loaded.replayed > 0) {
+                cache.put(stream, Start { version: loaded.version, event, state: loaded.state.clone() });
+            }
+            if stale_snapshot {
+                // Replace the snapshot that could not be trusted.
+                self.store_snapshot(stream, &loaded.state, loaded.version, event).await;
             }
         }
         Ok(loaded)
+    }
+
+    /// Whether `start` is still the state of `stream` at its version: reads the
+    /// covered event itself, whose id differs if the stream was deleted and
+    /// started over.
+    async fn check(&self, stream: &str, start: &Start<A>, bound: Option<At>) -> Result<Check, StoreError> {
+        let first = self.read_page(stream, start.version, 1).await?;
+        Ok(match first.into_iter().next() {
+            Some(e) if e.version == start.version && e.id == start.event => {
+                if bound.is_some_and(|b| !b.admits(&e)) { Check::OutOfBound } else { Check::Holds(e) }
+            }
+            _ => Check::Stale,
+        })
     }
 
     /// Events of `stream` from `from` on; none if the stream does not exist (yet, or any more).

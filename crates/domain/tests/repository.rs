@@ -164,3 +164,39 @@ async fn a_deleted_account_starts_over_and_a_tombstoned_one_reports_it() {
     let err = repo.execute("a8", &deposit(1)).await.unwrap_err();
     assert!(matches!(err, RepositoryError::Store(cairn_core::StoreError::StreamDeleted { .. })), "{err}");
 }
+
+#[tokio::test]
+async fn the_cache_replays_only_new_events_and_never_trusts_a_stale_entry() {
+    let (plain, _dir) = bank();
+    let cached = plain.clone().with_cache(2);
+    cached.execute("k1", &open("ada")).await.unwrap();
+    cached.execute("k1", &deposit(10)).await.unwrap();
+    let first = cached.load("k1").await.unwrap();
+    assert_eq!((first.cached, first.replayed, first.state.balance), (true, 0, 10));
+
+    // Another writer (no shared cache) moves the stream on: only its events are replayed.
+    plain.execute("k1", &deposit(5)).await.unwrap();
+    plain.execute("k1", &deposit(7)).await.unwrap();
+    let moved = cached.load("k1").await.unwrap();
+    assert_eq!((moved.cached, moved.replayed, moved.version, moved.state.balance), (true, 2, 4, 22));
+
+    // The stream is deleted and rewritten to the same version: the cached state
+    // is not the stream's any more, and the id check notices.
+    plain.store().delete_stream("account-k1", cairn_core::ExpectedVersion::Any, false).await.unwrap();
+    plain.execute("k1", &open("bob")).await.unwrap();
+    for amount in [1, 1, 1] {
+        plain.execute("k1", &deposit(amount)).await.unwrap();
+    }
+    let reset = cached.load("k1").await.unwrap();
+    assert_eq!((reset.cached, reset.replayed, reset.state.owner.as_str(), reset.state.balance), (false, 4, "bob", 3));
+
+    // Beyond its capacity the cache forgets, and loads stay correct.
+    for id in ["k2", "k3", "k4"] {
+        cached.execute(id, &open(id)).await.unwrap();
+        cached.execute(id, &deposit(3)).await.unwrap();
+    }
+    for id in ["k1", "k2", "k3", "k4"] {
+        let loaded = cached.load(id).await.unwrap();
+        assert_eq!(loaded.state, plain.load(id).await.unwrap().state);
+    }
+}
