@@ -29,7 +29,7 @@ impl Context {
         Ok(store)
     }
 
-    fn open_existing(&self) -> Result<EmbeddedStore> {
+    pub(crate) fn open_existing(&self) -> Result<EmbeddedStore> {
         if !self.data.join("log").is_dir() {
             bail!("no Cairn data in {} — append something first, or pass --data DIR", self.data.display());
         }

@@ -1,7 +1,9 @@
 //! `cairn`: the command-line tool. It parses arguments and calls the libraries.
 
 mod bench;
+mod census;
 mod commands;
+mod demo;
 mod output;
 mod tour;
 
@@ -37,6 +39,11 @@ enum Command {
         #[arg(long)]
         keep: Option<PathBuf>,
     },
+    /// Event sourcing for application code, narrated on a fresh store: `cairn demo bank`.
+    Demo {
+        #[arg(value_enum, default_value = "bank")]
+        which: Demo,
+    },
     /// Append events to a stream: one from TYPE and JSON, or JSON lines on stdin
     /// (`{"type": "...", "data": {...}, "id"?: "...", "metadata"?: {...}}`), all in one atomic append.
     Append(commands::AppendArgs),
@@ -54,10 +61,18 @@ enum Command {
     Delete(commands::DeleteArgs),
     /// Check every record's checksum and every stream's version sequence.
     Verify,
+    /// Count stored events per type and schema version (to know when an upcaster can go).
+    Census,
     /// Rebuild the stream index from the log.
     Reindex,
     /// Run benchmark workloads (W1 W1c W2 W3 W4 W5, see WORKLOADS.md) on a fresh store.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Demo {
+    /// The bank account: replay, rules, snapshots, time travel, upcasting, conflicts, what-if.
+    Bank,
 }
 
 fn main() -> ExitCode {
@@ -73,6 +88,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Tour { keep } => tour::run(keep).await,
+            Command::Demo { which: Demo::Bank } => demo::run_bank().await,
+            Command::Census => census::run(&ctx).await,
             Command::Append(a) => commands::append(&ctx, a).await,
             Command::Read(a) => commands::read(&ctx, a).await,
             Command::ReadAll(a) => commands::read_all(&ctx, a).await,

@@ -8,7 +8,7 @@ use cairn_core::{EventStore, ExpectedVersion, NewEvent, ReadAllOptions, ReadStre
 use cairn_log::EmbeddedStore;
 use serde_json::json;
 
-fn step(title: &str) {
+pub(crate) fn step(title: &str) {
     println!("\n\x1b[1m▸ {title}\x1b[0m");
 }
 
@@ -80,7 +80,11 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
     let store = EmbeddedStore::open(&dir)?;
     let events = store.read_stream("account-ada", ReadStreamOptions::forward()).await?;
     println!("   reopened: account-ada has {} events, balance {}", events.len(), balance(&events));
+    store.delete_stream("account-ada", ExpectedVersion::Any, false).await?;
 
-    println!("\nNext: `cairn --help`, `cairn bench`, and the README.");
+    println!("\n\x1b[1mNow the same bank account as application code: an aggregate behind a repository.\x1b[0m");
+    crate::demo::bank(store, 8).await?;
+
+    println!("\nNext: `cairn --help`, `cairn demo bank`, `cairn bench`, and the README.");
     Ok(())
 }

@@ -55,13 +55,13 @@ pub enum Error {
     AlreadyOpen,
     #[error("the account is closed")]
     Closed,
-    #[error("insufficient funds: the balance is {balance}, the withdrawal {requested}")]
+    #[error("insufficient funds: the balance is {}, the withdrawal {}", cents(*balance), cents(*requested))]
     InsufficientFunds { balance: u64, requested: u64 },
     #[error("an amount must be greater than zero")]
     ZeroAmount,
     #[error("the account holds {account}, not {given}")]
     CurrencyMismatch { account: String, given: String },
-    #[error("an account can only be closed when empty; the balance is {0}")]
+    #[error("an account can only be closed when empty; the balance is {}", cents(*.0))]
     NotEmpty(u64),
 }
 
@@ -150,6 +150,11 @@ impl Aggregate for Account {
 }
 
 /// Formats cents as `12.34 EUR`.
-pub fn money(cents: u64, currency: &str) -> String {
-    format!("{}.{:02} {currency}", cents / 100, cents % 100)
+pub fn money(amount: u64, currency: &str) -> String {
+    format!("{} {currency}", cents(amount))
+}
+
+/// Formats cents as `12.34`.
+pub fn cents(amount: u64) -> String {
+    format!("{}.{:02}", amount / 100, amount % 100)
 }
