@@ -493,6 +493,319 @@ pub async fn system_streams_are_read_only(store: Store) {
     assert_err!(store.append(&s, ExpectedVersion::Any, vec![reserved]).await, StoreError::InvalidEvent(_));
 }
 
+// ---------------------------------------------------------------------------
+// Tags, queries and append conditions (Dynamic Consistency Boundaries).
+// Every test uses its own tags (and, for type-only queries, its own types),
+// so the suite also passes on a shared store.
+
+/// A JSON event `{"n": n}` of `event_type` with `tags`.
+pub fn tagged(event_type: &str, n: u64, tags: &[&str]) -> NewEvent {
+    NewEvent::json(event_type, &serde_json::json!({ "n": n })).unwrap().with_tags(tags.iter().copied())
+}
+
+/// A tag no other test uses.
+pub fn unique_tag(prefix: &str) -> String {
+    format!("{prefix}:{}", Uuid::new_v4().simple())
+}
+
+fn ns(events: &[RecordedEvent]) -> Vec<u64> {
+    events.iter().map(|e| e.json::<serde_json::Value>().unwrap()["n"].as_u64().unwrap()).collect()
+}
+
+/// Appends one event and returns its position.
+async fn put(store: &Store, stream: &str, event: NewEvent) -> Position {
+    store.append(stream, ExpectedVersion::Any, vec![event]).await.unwrap().position
+}
+
+async fn query(store: &Store, q: &Query, options: ReadAllOptions) -> Vec<RecordedEvent> {
+    let events = store.read_query(q, options).await.unwrap();
+    assert!(events.iter().all(|e| !e.is_system()), "queries never return events of $ streams");
+    events
+}
+
+pub async fn query_reads_matching_events_in_order(store: Store) {
+    let (s1, s2) = (unique("course"), unique("student"));
+    let (course, ada, bob) = (unique_tag("course"), unique_tag("student"), unique_tag("student"));
+    let (c, a, b) = (course.as_str(), ada.as_str(), bob.as_str());
+    let mut at = Vec::new();
+    at.push(put(&store, &s1, tagged("CourseDefined", 0, &[c])).await);
+    at.push(put(&store, &s2, tagged("Subscribed", 1, &[c, a])).await);
+    at.push(put(&store, &s1, tagged("CourseRenamed", 2, &[])).await);
+    store.set_stream_metadata(&s1, StreamMetadata { max_count: Some(100), ..Default::default() }).await.unwrap();
+    let r = store.append(&s2, ExpectedVersion::Any, vec![tagged("Subscribed", 3, &[c, b]), tagged("Unsubscribed", 4, &[a, c])]).await.unwrap();
+    at.push(Position(0)); // event 3's position, found below
+    at.push(r.position);
+    at.push(put(&store, &s2, tagged("Subscribed", 5, &[b])).await);
+    let q = Query::tags([c]);
+    let all = query(&store, &q, ReadAllOptions::forward()).await;
+    assert_eq!(ns(&all), vec![0, 1, 3, 4], "every event carrying the tag, in position order");
+    at[3] = all[2].position;
+    assert_eq!(all.iter().map(|e| e.position).collect::<Vec<_>>(), vec![at[0], at[1], at[3], at[4]]);
+    assert_eq!(all[1].tags, vec![c, a], "tags are stored and returned as appended");
+    assert_eq!(all[1].stream, s2);
+    assert_eq!(all[1].version, 1);
+    assert_eq!(ns(&query(&store, &Query::tags([a, c]), ReadAllOptions::forward()).await), vec![1, 4], "an item needs all its tags");
+    assert_eq!(ns(&query(&store, &Query::from(QueryItem::types(["Subscribed"]).with_tags([c])), ReadAllOptions::forward()).await), vec![1, 3]);
+    let types = QueryItem::types(["Subscribed", "CourseDefined"]).with_tags([c]);
+    assert_eq!(ns(&query(&store, &types.into(), ReadAllOptions::forward()).await), vec![0, 1, 3]);
+    let either = Query::tags([a]).or(QueryItem::tags([b]));
+    assert_eq!(ns(&query(&store, &either, ReadAllOptions::forward()).await), vec![1, 3, 4, 5], "items are OR'ed, each event once");
+    let overlapping = Query::tags([c]).or(QueryItem::tags([a, c]));
+    assert_eq!(ns(&query(&store, &overlapping, ReadAllOptions::forward()).await), vec![0, 1, 3, 4], "an event matching two items is returned once");
+    assert!(query(&store, &Query::tags([unique_tag("nobody")]), ReadAllOptions::forward()).await.is_empty());
+    assert!(query(&store, &Query::tags([a]).or(QueryItem::types([unique("NoSuchType")])), ReadAllOptions::forward()).await.len() == 2);
+    // Backward, from, after, limit.
+    assert_eq!(ns(&query(&store, &q, ReadAllOptions::backward()).await), vec![4, 3, 1, 0]);
+    assert_eq!(ns(&query(&store, &q, ReadAllOptions::backward().limit(2)).await), vec![4, 3]);
+    assert_eq!(ns(&query(&store, &q, ReadAllOptions::forward().from(at[1]).limit(2)).await), vec![1, 3]);
+    assert_eq!(ns(&query(&store, &q, ReadAllOptions::forward().after(at[1])).await), vec![3, 4]);
+    assert_eq!(ns(&query(&store, &q, ReadAllOptions::backward().from(at[3])).await), vec![3, 1, 0]);
+    assert_eq!(ns(&query(&store, &q, ReadAllOptions::backward().after(at[3]).limit(1)).await), vec![1]);
+    assert_eq!(ns(&query(&store, &q, ReadAllOptions::forward().from(at[2])).await), vec![3, 4], "from need not be a matching event");
+    assert_eq!(ns(&query(&store, &q, ReadAllOptions::forward().from(Position(at[1].0 + 1))).await), vec![3, 4], "from is a bound, not necessarily an event");
+    assert!(query(&store, &q, ReadAllOptions::forward().limit(0)).await.is_empty());
+    let head = store.head_position().await.unwrap();
+    assert!(query(&store, &q, ReadAllOptions::forward().from(head)).await.is_empty());
+    // Paging forward with after: every event once.
+    let mut paged = Vec::new();
+    let mut page = query(&store, &q, ReadAllOptions::forward().limit(3)).await;
+    while let Some(last) = page.last().map(|e| e.position) {
+        paged.extend(ns(&page));
+        page = query(&store, &q, ReadAllOptions::forward().after(last).limit(3)).await;
+    }
+    assert_eq!(paged, vec![0, 1, 3, 4]);
+}
+
+pub async fn query_all_matches_every_user_event(store: Store) {
+    let s = unique("account");
+    let tag = unique_tag("account");
+    let before = store.last_position().await.unwrap();
+    append_n(&store, &s, 1, 2).await;
+    put(&store, &s, tagged("Tagged", 3, &[&tag])).await;
+    store.set_stream_metadata(&s, StreamMetadata { max_count: Some(1), ..Default::default() }).await.unwrap();
+    store.delete_stream(&s, ExpectedVersion::Any, false).await.unwrap();
+    let options = match before {
+        Some(p) => ReadAllOptions::forward().after(p),
+        None => ReadAllOptions::forward(),
+    };
+    let ours: Vec<RecordedEvent> = query(&store, &Query::all(), options).await.into_iter().filter(|e| e.stream == s).collect();
+    assert_eq!(versions(&ours), vec![1, 2, 3], "Query::all() matches every event of user streams, those of deleted streams too (like $all)");
+    let typed = query(&store, &Query::types(["$metadata", "$deleted"]), options).await;
+    assert!(typed.iter().all(|e| e.stream != metadata_stream_name(&s)), "events of $ streams never match, whatever the query");
+    let all = Query::tags([tag.as_str()]).or(QueryItem::any());
+    let ours_too = query(&store, &all, options).await.into_iter().filter(|e| e.stream == s).count();
+    assert_eq!(ours_too, 3, "an empty item makes the whole query match everything");
+}
+
+pub async fn invalid_queries_and_tags_rejected(store: Store) {
+    let s = unique("account");
+    let empty = Query { items: vec![] };
+    assert_err!(store.read_query(&empty, ReadAllOptions::forward()).await, StoreError::InvalidArgument(_));
+    match store.subscribe(SubscriptionTarget::Query(empty.clone()), StartFrom::Start).await {
+        Err(StoreError::InvalidArgument(_)) => {}
+        Err(e) => panic!("expected InvalidArgument, got {e:?}"),
+        Ok(_) => panic!("a subscription to a query without items was accepted"),
+    }
+    let condition = AppendCondition::fail_if_events_match(empty);
+    assert_err!(store.append_if(&s, ExpectedVersion::Any, vec![deposit(1)], condition).await, StoreError::InvalidArgument(_));
+    for bad in [Query::tags([""]), Query::tags(["a\u{7}b"]), Query::tags(["x".repeat(TAG_BYTES_MAX + 1)]), Query::types([""])] {
+        assert_err!(store.read_query(&bad, ReadAllOptions::forward()).await, StoreError::InvalidArgument(_));
+        let condition = AppendCondition::fail_if_events_match(bad);
+        assert_err!(store.append_if(&s, ExpectedVersion::Any, vec![deposit(1)], condition).await, StoreError::InvalidArgument(_));
+    }
+    let too_many_items = Query::new((0..=QUERY_ITEMS_MAX).map(|i| QueryItem::tags([format!("t:{i}")])));
+    assert_err!(store.read_query(&too_many_items, ReadAllOptions::forward()).await, StoreError::InvalidArgument(_));
+    let many: Vec<String> = (0..=Limits::default().event_tags_max).map(|i| format!("tag:{i}")).collect();
+    let long = "x".repeat(TAG_BYTES_MAX + 1);
+    for tags in [vec!["ok".to_string(), String::new()], vec!["bad\ntag".into()], vec![long.clone()], vec!["same".into(), "same".into()], many] {
+        let event = deposit(2).with_tags(tags.clone());
+        match store.append(&s, ExpectedVersion::Any, vec![deposit(1), event.clone()]).await {
+            Err(StoreError::InvalidEvent(message)) => assert!(message.contains("event 1"), "the error names the event: {message}"),
+            other => panic!("expected InvalidEvent for tags {tags:?}, got {other:?}"),
+        }
+        let condition = AppendCondition::fail_if_events_match(Query::tags(["ok"]));
+        assert_err!(store.append_if(&s, ExpectedVersion::Any, vec![event], condition).await, StoreError::InvalidEvent(_));
+    }
+    match store.append(&s, ExpectedVersion::Any, vec![deposit(1).with_tags(["fine", "a\u{1}b"])]).await {
+        Err(StoreError::InvalidEvent(message)) => assert!(message.contains("a\\u{1}b"), "the error names the tag: {message}"),
+        other => panic!("expected InvalidEvent, got {other:?}"),
+    }
+    assert_err!(store.stream_info(&s).await, StoreError::StreamNotFound { .. });
+    let longest = "y".repeat(TAG_BYTES_MAX);
+    let most: Vec<String> = (0..Limits::default().event_tags_max).map(|i| format!("{}:{i}", unique_tag("t"))).collect();
+    store.append(&s, ExpectedVersion::Any, vec![deposit(1).with_tags([longest]), deposit(2).with_tags(most)]).await
+        .expect("a 256-byte tag and the most tags allowed are fine");
+}
+
+pub async fn append_condition_after_what_was_read_succeeds(store: Store) {
+    let (s, tag) = (unique("course"), unique_tag("course"));
+    let q = Query::tags([tag.as_str()]);
+    // Nothing matched yet: the condition is after the newest event in the store.
+    let last = store.last_position().await.unwrap();
+    let seen = query(&store, &q, ReadAllOptions::forward()).await;
+    assert!(seen.is_empty());
+    let condition = AppendCondition::after_read(q.clone(), last, &seen);
+    assert_eq!(condition.after, last);
+    let first = store.append_if(&s, ExpectedVersion::Any, vec![tagged("CourseDefined", 1, &[&tag])], condition).await.unwrap();
+    // Something matched: after its position (which is now the head's last event).
+    let last = store.last_position().await.unwrap();
+    let seen = query(&store, &q, ReadAllOptions::forward()).await;
+    assert_eq!(seen.last().map(|e| e.position), Some(first.position));
+    let condition = AppendCondition::after_read(q.clone(), last, &seen);
+    let second = store.append_if(&s, ExpectedVersion::Any, vec![tagged("Subscribed", 2, &[&tag])], condition).await.unwrap();
+    assert!(second.position > first.position);
+    // A plain `after` of the last matching event's position works as well.
+    let condition = AppendCondition::fail_if_events_match(q.clone()).after(second.position);
+    store.append_if(&s, ExpectedVersion::Exact(2), vec![tagged("Subscribed", 3, &[&tag])], condition).await.unwrap();
+    assert_eq!(ns(&query(&store, &q, ReadAllOptions::forward()).await), vec![1, 2, 3]);
+}
+
+pub async fn append_condition_fails_on_a_later_match(store: Store) {
+    let (s, other, tag) = (unique("course"), unique("course"), unique_tag("course"));
+    let q = Query::tags([tag.as_str()]);
+    let last = store.last_position().await.unwrap();
+    let seen = query(&store, &q, ReadAllOptions::forward()).await;
+    let condition = AppendCondition::after_read(q.clone(), last, &seen);
+    // Another decision gets in first: its event lands right after what we saw.
+    let first = put(&store, &other, tagged("Subscribed", 1, &[&tag])).await;
+    let second = put(&store, &other, tagged("Subscribed", 2, &[&tag])).await;
+    match store.append_if(&s, ExpectedVersion::Any, vec![tagged("Subscribed", 3, &[&tag])], condition.clone()).await {
+        Err(StoreError::AppendConditionFailed { first_conflict, after }) => {
+            assert_eq!(first_conflict, first, "the error names the first conflicting position");
+            assert_eq!(after, condition.after);
+        }
+        other => panic!("expected AppendConditionFailed, got {other:?}"),
+    }
+    assert_err!(store.stream_info(&s).await, StoreError::StreamNotFound { .. });
+    // From an older position with matching events in between.
+    let condition = AppendCondition::fail_if_events_match(q.clone()).after(first);
+    assert_err!(store.append_if(&s, ExpectedVersion::Any, vec![deposit(1)], condition).await,
+        StoreError::AppendConditionFailed { first_conflict, .. } if first_conflict == second);
+    assert_eq!(ns(&query(&store, &q, ReadAllOptions::forward()).await), vec![1, 2], "a failed condition wrote nothing");
+    // Read again, decide again: now it goes through.
+    let last = store.last_position().await.unwrap();
+    let seen = query(&store, &q, ReadAllOptions::forward()).await;
+    let condition = AppendCondition::after_read(q.clone(), last, &seen);
+    store.append_if(&s, ExpectedVersion::Any, vec![tagged("Subscribed", 3, &[&tag])], condition).await.unwrap();
+    assert_eq!(ns(&query(&store, &q, ReadAllOptions::forward()).await), vec![1, 2, 3]);
+}
+
+pub async fn append_condition_ignores_events_that_do_not_match(store: Store) {
+    let (s, course, student) = (unique("course"), unique_tag("course"), unique_tag("student"));
+    let (c, st) = (course.as_str(), student.as_str());
+    let seen = put(&store, &s, tagged("Subscribed", 1, &[c, st])).await;
+    let q = Query::from(QueryItem::types(["Subscribed"]).with_tags([c, st]));
+    // In between: other tags, only one of the two tags, another type, untagged events.
+    put(&store, &s, tagged("Subscribed", 2, &[c])).await;
+    put(&store, &s, tagged("Subscribed", 3, &[st, &unique_tag("course")])).await;
+    put(&store, &s, tagged("Renamed", 4, &[c, st])).await;
+    append_n(&store, &s, 5, 2).await;
+    store.set_stream_metadata(&s, StreamMetadata { max_count: Some(10), ..Default::default() }).await.unwrap();
+    let condition = AppendCondition::fail_if_events_match(q.clone()).after(seen);
+    store.append_if(&s, ExpectedVersion::Any, vec![tagged("Unsubscribed", 7, &[c, st])], condition).await
+        .expect("events that do not match the query do not fail the condition");
+}
+
+pub async fn append_condition_without_after(store: Store) {
+    let (s, tag) = (unique("user"), unique_tag("username"));
+    let q = Query::tags([tag.as_str()]);
+    let condition = AppendCondition::fail_if_events_match(q.clone());
+    assert_eq!(condition.after, None);
+    let r = store.append_if(&s, ExpectedVersion::NoStream, vec![tagged("UserRegistered", 1, &[&tag])], condition.clone()).await
+        .expect("no matching event at all: the condition holds");
+    let again = unique("user");
+    match store.append_if(&again, ExpectedVersion::NoStream, vec![tagged("UserRegistered", 2, &[&tag])], condition).await {
+        Err(StoreError::AppendConditionFailed { first_conflict, after: None }) => assert_eq!(first_conflict, r.position),
+        other => panic!("a second registration of the same name must fail, got {other:?}"),
+    }
+    assert_err!(store.stream_info(&again).await, StoreError::StreamNotFound { .. });
+}
+
+pub async fn append_if_checks_expected_version_too(store: Store) {
+    let (s, tag) = (unique("course"), unique_tag("course"));
+    let q = Query::tags([tag.as_str()]);
+    let holds = AppendCondition::fail_if_events_match(q.clone());
+    assert_err!(store.append_if(&s, ExpectedVersion::Exact(3), vec![tagged("A", 1, &[&tag])], holds.clone()).await,
+        StoreError::WrongExpectedVersion { actual_version: 0, .. });
+    assert_err!(store.stream_info(&s).await, StoreError::StreamNotFound { .. });
+    let batch = vec![tagged("A", 1, &[&tag]), tagged("B", 2, &[&tag])];
+    let first = store.append_if(&s, ExpectedVersion::NoStream, batch.clone(), holds.clone()).await.unwrap();
+    assert_eq!(first.next_version, 2);
+    // Retrying the same batch returns the first result: its own events do not fail its condition.
+    assert_eq!(store.append_if(&s, ExpectedVersion::NoStream, batch, holds.clone()).await.unwrap(), first);
+    assert_err!(store.append_if(&s, ExpectedVersion::Exact(2), vec![tagged("C", 3, &[&tag])], holds).await,
+        StoreError::AppendConditionFailed { .. });
+    let after = AppendCondition::fail_if_events_match(q.clone()).after(first.position);
+    assert_err!(store.append_if(&s, ExpectedVersion::Exact(1), vec![tagged("C", 3, &[&tag])], after.clone()).await,
+        StoreError::WrongExpectedVersion { actual_version: 2, .. });
+    let r = store.append_if(&s, ExpectedVersion::Exact(2), vec![tagged("C", 3, &[&tag])], after).await.unwrap();
+    assert_eq!(r.next_version, 3);
+    assert_eq!(ns(&read(&store, &s).await), vec![1, 2, 3]);
+}
+
+pub async fn concurrent_conditional_appends_one_wins(store: Store) {
+    let tag = unique_tag("course");
+    let q = Query::tags([tag.as_str()]);
+    let last = store.last_position().await.unwrap();
+    let condition = AppendCondition::after_read(q.clone(), last, &query(&store, &q, ReadAllOptions::forward()).await);
+    let barrier = Arc::new(tokio::sync::Barrier::new(16));
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let (store, barrier, condition, tag) = (store.clone(), barrier.clone(), condition.clone(), tag.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            // Each to its own stream: only the condition links them.
+            store.append_if(&unique("seat"), ExpectedVersion::Any, vec![tagged("SeatTaken", i, &[&tag])], condition).await
+        }));
+    }
+    let mut wins = Vec::new();
+    let mut conflicts = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => wins.push(r.position),
+            Err(StoreError::AppendConditionFailed { first_conflict, .. }) => conflicts.push(first_conflict),
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert_eq!(wins.len(), 1, "exactly one of 16 racing conditional appends succeeds");
+    assert!(conflicts.iter().all(|p| *p == wins[0]), "the others name the winner's event");
+    assert_eq!(query(&store, &q, ReadAllOptions::forward()).await.len(), 1);
+}
+
+pub async fn subscribe_query_catch_up_then_live(store: Store) {
+    let (a, b, tag) = (unique("course"), unique("course"), unique_tag("course"));
+    let q = Query::tags([tag.as_str()]);
+    for i in 0..20 {
+        let tags: &[&str] = if i % 2 == 0 { &[&tag] } else { &[] };
+        put(&store, if i % 3 == 0 { &a } else { &b }, tagged("E", i, tags)).await;
+    }
+    let mut sub = store.subscribe(SubscriptionTarget::Query(q.clone()), StartFrom::Start).await.unwrap();
+    let mut end = store.subscribe(SubscriptionTarget::Query(q.clone()), StartFrom::End).await.unwrap();
+    let writer = {
+        let (store, a, b, tag) = (store.clone(), a.clone(), b.clone(), tag.clone());
+        tokio::spawn(async move {
+            for i in 20..40 {
+                let tags: &[&str] = if i % 2 == 0 { &[&tag] } else { &[] };
+                put(&store, if i % 3 == 0 { &a } else { &b }, tagged("E", i, tags)).await;
+            }
+        })
+    };
+    let mut got = Vec::new();
+    let mut last = Position::START;
+    while got.len() < 20 {
+        let e = next_event(&mut sub).await;
+        assert!(e.position > last, "positions strictly increase");
+        last = e.position;
+        got.push(ns(&[e])[0]);
+    }
+    writer.await.unwrap();
+    assert_eq!(got, (0..40).step_by(2).collect::<Vec<_>>(), "every matching event once, history then live");
+    assert_eq!(ns(&[next_event(&mut end).await]), vec![20], "from the end: only what comes after");
+    let history = query(&store, &q, ReadAllOptions::forward()).await;
+    let mut after = store.subscribe(SubscriptionTarget::Query(q), StartFrom::After(history[4].position.0)).await.unwrap();
+    assert_eq!(ns(&[next_event(&mut after).await]), vec![10], "after a position: strictly after it");
+}
+
 /// Instantiates every conformance test for a backend: `$make` is an expression
 /// giving `(Arc<dyn EventStore>, guard)`.
 #[macro_export]
@@ -506,7 +819,12 @@ macro_rules! conformance_suite {
             soft_delete, hard_delete, list_streams_and_info,
             concurrent_same_expected_version_one_wins, concurrent_appends_keep_streams_gap_free,
             subscribe_stream_catch_up_then_live, subscribe_stream_before_it_exists,
-            subscribe_all_catch_up_then_live, system_streams_are_read_only);
+            subscribe_all_catch_up_then_live, system_streams_are_read_only,
+            query_reads_matching_events_in_order, query_all_matches_every_user_event,
+            invalid_queries_and_tags_rejected, append_condition_after_what_was_read_succeeds,
+            append_condition_fails_on_a_later_match, append_condition_ignores_events_that_do_not_match,
+            append_condition_without_after, append_if_checks_expected_version_too,
+            concurrent_conditional_appends_one_wins, subscribe_query_catch_up_then_live);
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
         $(

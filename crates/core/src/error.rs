@@ -11,6 +11,9 @@ pub enum StoreError {
     #[error("wrong expected version for stream '{stream}': expected {expected}, actual version is {actual_version}")]
     WrongExpectedVersion { stream: String, expected: ExpectedVersion, actual_version: u64 },
 
+    #[error("append condition failed: an event matching the condition's query was appended at position {first_conflict}, after {}; read the matching events again and decide again", after.map(|p| format!("position {p}")).unwrap_or_else(|| "the start (the condition allowed no matching event at all)".into()))]
+    AppendConditionFailed { first_conflict: Position, after: Option<Position> },
+
     #[error("stream '{stream}' was deleted for good (tombstoned); its name cannot be written again")]
     StreamDeleted { stream: String },
 
@@ -64,6 +67,7 @@ impl StoreError {
         matches!(
             self,
             StoreError::WrongExpectedVersion { .. }
+                | StoreError::AppendConditionFailed { .. }
                 | StoreError::StreamDeleted { .. }
                 | StoreError::StreamNotFound { .. }
                 | StoreError::EventTooLarge { .. }

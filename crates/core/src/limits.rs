@@ -1,7 +1,16 @@
-use crate::StoreError;
+use crate::{Query, StoreError};
 
 /// Longest stream name accepted, in bytes of UTF-8.
 pub const STREAM_NAME_BYTES_MAX: usize = 256;
+
+/// Longest tag accepted, in bytes of UTF-8.
+pub const TAG_BYTES_MAX: usize = 256;
+
+/// Most items in one query (each item costs a walk of the index).
+pub const QUERY_ITEMS_MAX: usize = 64;
+
+/// Most types, and most tags, in one query item.
+pub const QUERY_ITEM_TERMS_MAX: usize = 64;
 
 /// Limits a store enforces on input. Every limit is named and configurable.
 #[derive(Debug, Clone)]
@@ -14,6 +23,8 @@ pub struct Limits {
     pub append_events_max: usize,
     /// Longest event type name, in bytes.
     pub event_type_bytes_max: usize,
+    /// Most tags on one event (each is an index entry).
+    pub event_tags_max: usize,
 }
 
 impl Default for Limits {
@@ -23,7 +34,71 @@ impl Default for Limits {
             append_bytes_max: 64 * 1024 * 1024,
             append_events_max: 10_000,
             event_type_bytes_max: 256,
+            event_tags_max: 32,
         }
+    }
+}
+
+impl Limits {
+    /// Checks the tags of event `index` of a batch: each valid
+    /// ([`validate_tag`]), none twice, at most `event_tags_max` of them.
+    pub fn check_tags(&self, index: usize, tags: &[String]) -> Result<(), StoreError> {
+        let bad = |what: String| Err(StoreError::InvalidEvent(format!("event {index}: {what}")));
+        if tags.len() > self.event_tags_max {
+            return bad(format!("it has {} tags; the limit is {}", tags.len(), self.event_tags_max));
+        }
+        for (i, tag) in tags.iter().enumerate() {
+            if let Err(reason) = validate_tag(tag) {
+                return bad(format!("invalid tag {tag:?}: {reason}"));
+            }
+            if tags[..i].contains(tag) {
+                return bad(format!("tag {tag:?} appears twice"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a query: at least one item, at most [`QUERY_ITEMS_MAX`], each
+    /// with at most [`QUERY_ITEM_TERMS_MAX`] types and tags, every type a
+    /// possible event type and every tag a valid tag.
+    pub fn check_query(&self, query: &Query) -> Result<(), StoreError> {
+        let bad = |what: String| Err(StoreError::InvalidArgument(format!("invalid query: {what}")));
+        if query.items.is_empty() {
+            return bad("it has no items, so it could match nothing; use Query::all() to match every event".into());
+        }
+        if query.items.len() > QUERY_ITEMS_MAX {
+            return bad(format!("it has {} items; the limit is {QUERY_ITEMS_MAX}", query.items.len()));
+        }
+        for (i, item) in query.items.iter().enumerate() {
+            if item.types.len() > QUERY_ITEM_TERMS_MAX || item.tags.len() > QUERY_ITEM_TERMS_MAX {
+                return bad(format!("item {i} has {} types and {} tags; the limit is {QUERY_ITEM_TERMS_MAX} of each", item.types.len(), item.tags.len()));
+            }
+            for t in &item.types {
+                if t.is_empty() || t.len() > self.event_type_bytes_max || t.chars().any(char::is_control) {
+                    return bad(format!("item {i}: {t:?} is not a valid event type (1 to {} bytes, no control characters)", self.event_type_bytes_max));
+                }
+            }
+            for tag in &item.tags {
+                if let Err(reason) = validate_tag(tag) {
+                    return bad(format!("item {i}: invalid tag {tag:?}: {reason}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks one tag: not empty, at most [`TAG_BYTES_MAX`] bytes, no control
+/// characters. Returns why not.
+pub fn validate_tag(tag: &str) -> Result<(), String> {
+    if tag.is_empty() {
+        Err("a tag cannot be empty".into())
+    } else if tag.len() > TAG_BYTES_MAX {
+        Err(format!("it is {} bytes; the limit is {TAG_BYTES_MAX}", tag.len()))
+    } else if tag.chars().any(char::is_control) {
+        Err("it contains a control character".into())
+    } else {
+        Ok(())
     }
 }
 

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use futures_core::Stream;
 use serde::{Deserialize, Serialize};
 
-use crate::{NewEvent, RecordedEvent, Result, StreamMetadata, StreamState};
+use crate::{AppendCondition, NewEvent, Query, RecordedEvent, Result, StreamMetadata, StreamState};
 
 /// A place in the global order of all events (`$all`). Positions strictly
 /// increase with every event but are not contiguous: the embedded engine uses
@@ -153,10 +153,12 @@ impl ReadAllOptions {
 pub enum SubscriptionTarget {
     Stream(String),
     All,
+    /// The events matching a query, in global order (never events of `$` streams).
+    Query(Query),
 }
 
 /// Where a subscription starts. For a stream the number is a version, for `$all`
-/// a position; the subscription delivers the events strictly after it.
+/// and queries a position; the subscription delivers the events strictly after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StartFrom {
     Start,
@@ -211,6 +213,21 @@ pub trait EventStore: Send + Sync {
     /// written by one earlier append returns that append's result and writes nothing.
     async fn append(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>) -> Result<AppendResult>;
 
+    /// [`EventStore::append`] plus a Dynamic Consistency Boundary condition:
+    /// both the expected version and `condition` are checked, atomically with
+    /// the append and against every append ordered before it; if either fails
+    /// nothing is written. A failed condition is
+    /// [`crate::StoreError::AppendConditionFailed`], naming the first
+    /// conflicting position (the expected version is checked first). A retry
+    /// of an append that was written returns its result, like `append`.
+    async fn append_if(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>, condition: AppendCondition) -> Result<AppendResult>;
+
+    /// Reads the events matching `query` in global order, forward or backward,
+    /// with `options` as for [`EventStore::read_all`], except that `from` is
+    /// only a bound and need not be an event's position. Events of `$` streams
+    /// never match; events of deleted or truncated streams do (like `$all`).
+    async fn read_query(&self, query: &Query, options: ReadAllOptions) -> Result<Vec<RecordedEvent>>;
+
     /// Reads a stream's events, honouring its metadata (max age, max count,
     /// truncate-before). A stream that does not exist or was soft-deleted gives
     /// `StreamNotFound`; a tombstoned one `StreamDeleted`.
@@ -238,4 +255,12 @@ pub trait EventStore: Send + Sync {
 
     /// The position just after the newest durable event (where the next goes).
     async fn head_position(&self) -> Result<Position>;
+
+    /// The position of the newest event in the store (of any stream, system
+    /// events included), or `None` while the store is empty. This, not the
+    /// head, is what an [`AppendCondition`]'s `after` takes when a decision's
+    /// query matched nothing; read it *before* the query.
+    async fn last_position(&self) -> Result<Option<Position>> {
+        Ok(self.read_all(ReadAllOptions::backward().limit(1)).await?.first().map(|e| e.position))
+    }
 }

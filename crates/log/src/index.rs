@@ -1,6 +1,9 @@
-//! The stream index: derived from the log, never the source of truth. Recovery
-//! rebuilds it by applying every record in order; the writer applies each
-//! durable group with the same [`Index::apply`], so both paths agree.
+//! The index: derived from the log, never the source of truth. It maps each
+//! stream to its events' positions, each event id to its position, and, for
+//! queries, each tag and each event type to the positions of the user events
+//! that carry it. Recovery rebuilds it by applying every record in order; the
+//! writer applies each durable group with the same [`Index::apply`], so both
+//! paths agree.
 
 use std::collections::HashMap;
 
@@ -50,12 +53,35 @@ impl StreamEntry {
     }
 }
 
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Default)]
 pub struct Index {
-    pub streams: HashMap<String, StreamEntry, foldhash::fast::RandomState>,
+    pub streams: FastMap<String, StreamEntry>,
     /// Event id → global position, for idempotent retries and unique ids.
-    pub ids: HashMap<u128, u64, foldhash::fast::RandomState>,
+    pub ids: FastMap<u128, u64>,
+    /// Tag → positions of the events of user streams that carry it, ascending.
+    pub tags: FastMap<String, Vec<u64>>,
+    /// Event type → positions of the events of user streams of that type, ascending.
+    pub types: FastMap<String, Vec<u64>>,
     pub events: u64,
+}
+
+/// Appends `position` to the list of `key`, creating it if needed. Positions
+/// arrive in log order, so lists stay sorted; a tag written twice on one
+/// event (possible in logs older than the tag checks) is indexed once.
+fn push_position(map: &mut FastMap<String, Vec<u64>>, key: &str, position: u64) {
+    match map.get_mut(key) {
+        Some(list) => {
+            debug_assert!(list.last().is_none_or(|p| *p <= position), "positions strictly increase");
+            if list.last() != Some(&position) {
+                list.push(position);
+            }
+        }
+        None => {
+            map.insert(key.to_string(), vec![position]);
+        }
+    }
 }
 
 /// An index update that does not fit the log: a bug or undetected corruption.
@@ -92,6 +118,13 @@ impl Index {
         self.events += 1;
         if let Some(target) = r.stream.strip_prefix("$$") {
             self.apply_system(target, r, position)?;
+        }
+        // Queries match the events of user streams only.
+        if !r.stream.starts_with('$') {
+            push_position(&mut self.types, r.event_type, position);
+            for tag in r.tags() {
+                push_position(&mut self.tags, tag, position);
+            }
         }
         Ok(())
     }

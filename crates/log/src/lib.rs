@@ -7,6 +7,7 @@
 //! `docs/design.md`.
 
 mod index;
+mod query;
 mod read;
 mod record;
 mod recovery;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use cairn_core::{
-    AppendResult, Direction, EventStore, ExpectedVersion, NewEvent, Position, ReadAllOptions, ReadStreamOptions,
+    AppendCondition, AppendResult, Direction, EventStore, ExpectedVersion, NewEvent, Position, Query, ReadAllOptions, ReadStreamOptions,
     RecordedEvent, StartFrom, StoreError, StreamInfo, StreamMetadata, StreamState, Subscription, SubscriptionTarget,
     Timestamp, STREAM_NAME_BYTES_MAX,
 };
@@ -161,6 +161,27 @@ impl Shared {
         Ok(out)
     }
 
+    /// Positions of the events matching `query` with `lo <= position <= hi`.
+    fn query_positions(&self, query: &Query, lo: u64, hi: u64, direction: Direction, limit: usize) -> Vec<u64> {
+        let index = self.index.read().unwrap();
+        crate::query::positions(&index, query, lo, hi, direction, limit)
+    }
+
+    fn read_query(&self, query: &Query, options: &ReadAllOptions) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.options.limits.check_query(query)?;
+        let from = options.from.0;
+        // `from` is only a bound here: events need not start at it.
+        let bounds = match (options.direction, options.exclusive) {
+            (Direction::Forward, false) => Some((from, u64::MAX)),
+            (Direction::Forward, true) => from.checked_add(1).map(|lo| (lo, u64::MAX)),
+            (Direction::Backward, false) => Some((0, from)),
+            (Direction::Backward, true) => from.checked_sub(1).map(|hi| (0, hi)),
+        };
+        let Some((lo, hi)) = bounds else { return Ok(Vec::new()) };
+        let positions = self.query_positions(query, lo, hi, options.direction, options.limit);
+        self.events_at(&positions, None)
+    }
+
     fn read_all(&self, options: &ReadAllOptions) -> Result<Vec<RecordedEvent>, StoreError> {
         let head = self.head.load(Ordering::Acquire);
         let from = options.from.0;
@@ -198,7 +219,15 @@ impl Shared {
 #[async_trait]
 impl EventStore for EmbeddedStore {
     async fn append(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>) -> Result<AppendResult, StoreError> {
-        self.append_user(stream, expected, events).await
+        self.append_user(stream, expected, events, None).await
+    }
+
+    async fn append_if(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>, condition: AppendCondition) -> Result<AppendResult, StoreError> {
+        self.append_user(stream, expected, events, Some(condition)).await
+    }
+
+    async fn read_query(&self, query: &Query, options: ReadAllOptions) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.shared.read_query(query, &options)
     }
 
     async fn read_stream(&self, stream: &str, options: ReadStreamOptions) -> Result<Vec<RecordedEvent>, StoreError> {
@@ -260,6 +289,17 @@ impl EventStore for EmbeddedStore {
                 };
                 Ok(subscription(shared, Cursor::Stream(stream, next)))
             }
+            SubscriptionTarget::Query(query) => {
+                shared.options.limits.check_query(&query)?;
+                let head = shared.head.load(Ordering::Acquire);
+                let next = match from {
+                    StartFrom::Start => 0,
+                    StartFrom::End => head,
+                    StartFrom::After(p) if p > head => return Err(StoreError::InvalidPosition(Position(p))),
+                    StartFrom::After(p) => p + 1,
+                };
+                Ok(subscription(shared, Cursor::Query(query, next)))
+            }
             other => Err(StoreError::InvalidArgument(format!("subscription target {other:?} is not supported by the embedded engine yet"))),
         }
     }
@@ -284,6 +324,8 @@ enum Cursor {
     All(u64),
     /// Stream name and next version to deliver.
     Stream(String, u64),
+    /// A query and the lowest position still to deliver.
+    Query(Query, u64),
 }
 
 struct SubState {
@@ -352,6 +394,13 @@ impl SubState {
                     Err(StoreError::StreamNotFound { .. }) => {}
                     Err(e) => return Err(e),
                 }
+            }
+            Cursor::Query(query, next) => {
+                let positions = self.shared.query_positions(query, *next, u64::MAX, Direction::Forward, SUBSCRIPTION_PAGE_EVENTS);
+                if let Some(last) = positions.last() {
+                    *next = last + 1;
+                }
+                self.buffer.extend(self.shared.events_at(&positions, None)?);
             }
         }
         Ok(!self.buffer.is_empty())

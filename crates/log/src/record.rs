@@ -111,18 +111,20 @@ pub struct RecordView<'a> {
     pub len: usize,
 }
 
-impl RecordView<'_> {
+impl<'a> RecordView<'a> {
     pub fn batch_end(&self) -> bool {
         self.flags & FLAG_BATCH_END != 0
     }
 
+    /// The event's tags, without copying.
+    pub fn tags(&self) -> impl Iterator<Item = &'a str> + use<'a> {
+        let mut r = Reader { bytes: self.tags };
+        (0..self.tag_count).map_while(move |_| r.str16().ok())
+    }
+
     /// The event, with `data` as its payload (a shared handle on `self.data`).
     pub fn to_event_sharing(&self, position: Position, data: Bytes) -> RecordedEvent {
-        let mut tags = Vec::with_capacity(self.tag_count as usize);
-        let mut r = Reader { bytes: self.tags };
-        for _ in 0..self.tag_count {
-            tags.push(r.str16().unwrap_or_default().to_string());
-        }
+        let tags = self.tags().map(str::to_string).collect();
         let mut metadata = Metadata { correlation_id: self.correlation_id, causation_id: self.causation_id, ..Default::default() };
         let mut r = Reader { bytes: self.extra };
         for _ in 0..self.extra_count {

@@ -1,4 +1,4 @@
-//! The index snapshot (`index.snap`): the stream index as of a log position,
+//! The index snapshot (`index.snap`): the index (streams, ids, tags, types) as of a log position,
 //! written when the store closes so the next open only scans the log after it.
 //! It is a cache: checked by CRC and against the log, and thrown away (the index
 //! is then rebuilt from the whole log) whenever anything about it is off.
@@ -13,7 +13,9 @@ use crate::index::{Index, StreamEntry};
 use crate::segment::sync_dir;
 
 const MAGIC: &[u8; 8] = b"CAIRNIDX";
-const VERSION: u32 = 1;
+/// 2: adds the tag and event-type indexes. A snapshot of another version is
+/// ignored (the index is rebuilt from the log), never misread.
+const VERSION: u32 = 2;
 pub const FILE: &str = "index.snap";
 
 pub fn write(dir: &Path, index: &Index, head: u64) -> Result<(), StoreError> {
@@ -42,6 +44,15 @@ pub fn write(dir: &Path, index: &Index, head: u64) -> Result<(), StoreError> {
     for (id, p) in &index.ids {
         w.put(&id.to_le_bytes()).map_err(io)?;
         w.put(&p.to_le_bytes()).map_err(io)?;
+    }
+    for map in [&index.tags, &index.types] {
+        w.put(&(map.len() as u64).to_le_bytes()).map_err(io)?;
+        for (key, positions) in map {
+            w.put(&(key.len() as u32).to_le_bytes()).map_err(io)?;
+            w.put(key.as_bytes()).map_err(io)?;
+            w.put(&(positions.len() as u64).to_le_bytes()).map_err(io)?;
+            for p in positions { w.put(&p.to_le_bytes()).map_err(io)?; }
+        }
     }
     let crc = w.crc;
     let mut inner = w.inner;
@@ -102,6 +113,20 @@ pub fn read(dir: &Path) -> Option<(Index, u64)> {
         let id = u128::from_le_bytes(take(16)?.try_into().unwrap());
         index.ids.insert(id, u64_at(take(8)?));
     }
+    for tags in [true, false] {
+        let keys = u64_at(take(8)?);
+        let map = if tags { &mut index.tags } else { &mut index.types };
+        map.reserve(keys.min(1 << 24) as usize);
+        for _ in 0..keys {
+            let n = u32_at(take(4)?) as usize;
+            let key = std::str::from_utf8(take(n)?).ok()?.to_string();
+            let n = u64_at(take(8)?) as usize;
+            let positions: Vec<u64> = take(n.checked_mul(8)?)?.chunks_exact(8).map(u64_at).collect();
+            if !positions.is_sorted() { return None; }
+            map.insert(key, positions);
+        }
+    }
+    if !r.is_empty() { return None; }
     Some((index, head))
 }
 

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
-use cairn_core::{metadata_stream_name, validate_stream_name, Limits, NewEvent, StoreError, StreamMetadata};
+use cairn_core::{metadata_stream_name, validate_stream_name, AppendCondition, Limits, NewEvent, StoreError, StreamMetadata};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::index::{Index, METADATA_EVENT};
@@ -246,13 +246,16 @@ impl EmbeddedStore {
     }
 
     /// Checks input, then hands the append to the writer and waits for it to be durable.
-    pub(crate) async fn submit(&self, stream: String, expected: cairn_core::ExpectedVersion, events: Vec<NewEvent>, kind: AppendKind) -> Result<cairn_core::AppendResult, StoreError> {
+    pub(crate) async fn submit(&self, stream: String, expected: cairn_core::ExpectedVersion, events: Vec<NewEvent>, kind: AppendKind, condition: Option<AppendCondition>) -> Result<cairn_core::AppendResult, StoreError> {
         let bytes = self.check_events(&stream, &events)?;
+        if let Some(c) = &condition {
+            self.shared.options.limits.check_query(&c.fail_if_events_match)?;
+        }
         if let Some(reason) = self.shared.poisoned() {
             return Err(StoreError::Closed { reason: Some(reason) });
         }
         let (reply, rx) = oneshot::channel();
-        let req = AppendRequest { stream, expected, events, kind, bytes, reply };
+        let req = AppendRequest { stream, expected, events, kind, condition, bytes, reply };
         let closed = || StoreError::Closed { reason: self.shared.poisoned() };
         match self.tx.send_timeout(req, self.shared.options.busy_timeout).await {
             Ok(()) => {}
@@ -296,11 +299,12 @@ impl EmbeddedStore {
             if e.content_type == cairn_core::ContentType::Json && serde_json::from_slice::<serde::de::IgnoredAny>(&e.data).is_err() {
                 return bad("the payload is marked as JSON but is not valid JSON".into());
             }
-            if e.tags.len() > u16::MAX as usize || e.metadata.extra.len() > u16::MAX as usize {
-                return bad("too many tags or metadata entries".into());
+            limits.check_tags(i, &e.tags)?;
+            if e.metadata.extra.len() > u16::MAX as usize {
+                return bad("too many metadata entries".into());
             }
-            if e.tags.iter().chain(e.metadata.extra.keys()).any(|s| s.len() > u16::MAX as usize) {
-                return bad("a tag or metadata key is longer than 65535 bytes".into());
+            if e.metadata.extra.keys().any(|s| s.len() > u16::MAX as usize) {
+                return bad("a metadata key is longer than 65535 bytes".into());
             }
             let size = record::body_size(stream, e) + RECORD_OVERHEAD_BYTES;
             if size > limits.event_bytes_max {
@@ -314,9 +318,9 @@ impl EmbeddedStore {
         Ok(total)
     }
 
-    pub(crate) async fn append_user(&self, stream: &str, expected: cairn_core::ExpectedVersion, events: Vec<NewEvent>) -> Result<cairn_core::AppendResult, StoreError> {
+    pub(crate) async fn append_user(&self, stream: &str, expected: cairn_core::ExpectedVersion, events: Vec<NewEvent>, condition: Option<AppendCondition>) -> Result<cairn_core::AppendResult, StoreError> {
         validate_stream_name(stream)?;
-        self.submit(stream.to_string(), expected, events, AppendKind::User).await
+        self.submit(stream.to_string(), expected, events, AppendKind::User, condition).await
     }
 
     pub(crate) async fn set_metadata(&self, stream: &str, metadata: StreamMetadata) -> Result<cairn_core::AppendResult, StoreError> {
@@ -326,13 +330,13 @@ impl EmbeddedStore {
         }
         let event = NewEvent::json(METADATA_EVENT, &metadata).map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
         let kind = AppendKind::Metadata { target: stream.to_string() };
-        self.submit(metadata_stream_name(stream), cairn_core::ExpectedVersion::Any, vec![event], kind).await
+        self.submit(metadata_stream_name(stream), cairn_core::ExpectedVersion::Any, vec![event], kind, None).await
     }
 
     pub(crate) async fn delete(&self, stream: &str, expected: cairn_core::ExpectedVersion, hard: bool) -> Result<cairn_core::AppendResult, StoreError> {
         validate_stream_name(stream)?;
         let kind = AppendKind::Delete { target: stream.to_string() };
-        self.submit(metadata_stream_name(stream), expected, vec![writer::delete_event(hard)], kind).await
+        self.submit(metadata_stream_name(stream), expected, vec![writer::delete_event(hard)], kind, None).await
     }
 }
 
@@ -450,6 +454,52 @@ mod tests {
         drop(store);
         let end = tokio::time::timeout(std::time::Duration::from_secs(5), sub.next()).await.expect("subscription ended");
         assert!(end.is_none());
+    }
+
+    #[tokio::test]
+    async fn tag_and_type_indexes_survive_reopen_and_an_old_snapshot_is_rebuilt() {
+        use cairn_core::{Query, ReadAllOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        for i in 0..10 {
+            store.append(&format!("s-{}", i % 3), ExpectedVersion::Any, vec![ev(i).with_tags([format!("t:{}", i % 2)])]).await.unwrap();
+        }
+        let positions = |events: Vec<cairn_core::RecordedEvent>| events.iter().map(|e| e.position).collect::<Vec<_>>();
+        let tagged = positions(store.read_query(&Query::tags(["t:1"]), ReadAllOptions::forward()).await.unwrap());
+        let typed = positions(store.read_query(&Query::types(["MoneyDeposited"]), ReadAllOptions::forward()).await.unwrap());
+        assert_eq!((tagged.len(), typed.len()), (5, 10));
+        drop(store);
+        let check = |store: &EmbeddedStore| {
+            let store = store.clone();
+            let (tagged, typed) = (tagged.clone(), typed.clone());
+            async move {
+                assert_eq!(positions(store.read_query(&Query::tags(["t:1"]), ReadAllOptions::forward()).await.unwrap()), tagged);
+                assert_eq!(positions(store.read_query(&Query::types(["MoneyDeposited"]), ReadAllOptions::forward()).await.unwrap()), typed);
+            }
+        };
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert!(store.open_report().from_snapshot);
+        check(&store).await;
+        drop(store);
+        // A snapshot of format version 1 (no tag or type index) with a valid
+        // CRC: ignored, and the index is rebuilt from the log.
+        let path = dir.path().join(snapshot::FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let body = bytes.len() - 4;
+        let crc = crc32c::crc32c(&bytes[..body]);
+        bytes[body..].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert!(!store.open_report().from_snapshot, "a snapshot of another format version is not used");
+        check(&store).await;
+        drop(store);
+        // `cairn reindex` rebuilds them too.
+        let report = EmbeddedStore::reindex(dir.path()).unwrap();
+        assert!(!report.from_snapshot);
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert!(store.open_report().from_snapshot);
+        check(&store).await;
     }
 
     #[tokio::test]

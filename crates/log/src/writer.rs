@@ -1,6 +1,6 @@
 //! The single writer. It takes every append request waiting in its queue,
-//! checks each against the index plus the appends already accepted into the
-//! same group, encodes them into one buffer, writes it with one `pwrite` and
+//! checks each (expected version, append condition) against the index plus
+//! the appends already accepted into the same group, encodes them into one buffer, writes it with one `pwrite` and
 //! makes it durable with one `fdatasync` (group commit). Only then does it
 //! publish the group to the index and the durable head, and answer the callers.
 //! After a failed write or sync it stops for good: the store must be reopened
@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use cairn_core::{AppendResult, ExpectedVersion, NewEvent, Position, StoreError, StreamState, Timestamp};
+use cairn_core::{AppendCondition, AppendResult, ExpectedVersion, NewEvent, Position, StoreError, StreamState, Timestamp};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -35,6 +35,8 @@ pub struct AppendRequest {
     pub expected: ExpectedVersion,
     pub events: Vec<NewEvent>,
     pub kind: AppendKind,
+    /// A DCB condition (user appends only), checked after the expected version.
+    pub condition: Option<AppendCondition>,
     /// Encoded size, computed by the caller while checking limits.
     pub bytes: usize,
     pub reply: oneshot::Sender<Result<AppendResult, StoreError>>,
@@ -56,6 +58,9 @@ struct Group {
     /// Stream → (version, state) after the accepted appends of this group.
     streams: FastMap<String, (u64, StreamState)>,
     ids: FastMap<Uuid, PendingId>,
+    /// (position, offset in `buf`) of each event of a user stream in this
+    /// group, in order: conditions must see them before they are durable.
+    user_events: Vec<(u64, usize)>,
     replies: Vec<(oneshot::Sender<Result<AppendResult, StoreError>>, Result<AppendResult, StoreError>)>,
 }
 
@@ -70,7 +75,13 @@ pub struct Writer {
 
 impl Writer {
     pub fn new(shared: Arc<Shared>, active: Arc<Segment>, offset: u64, last_timestamp: i64) -> Self {
-        let group = Group { buf: Vec::with_capacity(1 << 20), streams: FastMap::default(), ids: FastMap::default(), replies: Vec::new() };
+        let group = Group {
+            buf: Vec::with_capacity(1 << 20),
+            streams: FastMap::default(),
+            ids: FastMap::default(),
+            user_events: Vec::new(),
+            replies: Vec::new(),
+        };
         Writer { shared, active, offset, last_timestamp, group }
     }
 
@@ -150,6 +161,9 @@ impl Writer {
                 if !req.expected.accepts(version) {
                     return Err(StoreError::WrongExpectedVersion { stream: req.stream.clone(), expected: req.expected, actual_version: version });
                 }
+                if let Some(condition) = &req.condition {
+                    self.check_condition(condition)?;
+                }
             }
             AppendKind::Delete { target } => {
                 let (version, state) = self.current(target);
@@ -170,6 +184,27 @@ impl Writer {
         Ok(self.encode(req))
     }
 
+    /// Fails if an event matching the condition's query lies after its
+    /// position: first among the durable events (the index), then among the
+    /// events of this group, which are all newer. Only positions past the
+    /// condition's are looked at.
+    fn check_condition(&self, condition: &AppendCondition) -> Result<(), StoreError> {
+        let query = &condition.fail_if_events_match;
+        let after = condition.after.map(|p| p.0);
+        let durable = crate::query::first_match_after(&self.shared.index.read().unwrap(), query, after);
+        let first_conflict = durable.or_else(|| {
+            let start = self.group.user_events.partition_point(|(p, _)| after.is_some_and(|a| *p <= a));
+            self.group.user_events[start..].iter().find_map(|&(position, at)| {
+                let view = record::decode_trusted(&self.group.buf[at..]).expect("the writer encodes valid records");
+                crate::query::matches_record(query, &view).then_some(position)
+            })
+        });
+        match first_conflict {
+            Some(p) => Err(StoreError::AppendConditionFailed { first_conflict: Position(p), after: condition.after }),
+            None => Ok(()),
+        }
+    }
+
     fn encode(&mut self, req: &AppendRequest) -> AppendResult {
         let now = Timestamp::now().0.max(self.last_timestamp);
         self.last_timestamp = now;
@@ -177,11 +212,15 @@ impl Writer {
         let mut position = 0;
         let stream: Arc<str> = Arc::from(req.stream.as_str());
         let count = req.events.len();
+        let user = !req.stream.starts_with('$');
         for (i, event) in req.events.iter().enumerate() {
             version += 1;
             position = self.active.base + self.offset + self.group.buf.len() as u64;
             let batch_end = i + 1 == count;
             let batch_start = i == 0;
+            if user {
+                self.group.user_events.push((position, self.group.buf.len()));
+            }
             record::encode(&mut self.group.buf, &req.stream, version, Timestamp(now), event, batch_end);
             self.group.ids.insert(event.id, PendingId { stream: stream.clone(), version, position, batch_start, batch_end });
         }
@@ -248,6 +287,7 @@ impl Writer {
         self.group.buf.clear();
         self.group.streams.clear();
         self.group.ids.clear();
+        self.group.user_events.clear();
         for (reply, result) in self.group.replies.drain(..) {
             let _ = reply.send(result);
         }

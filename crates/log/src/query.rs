@@ -1,0 +1,178 @@
+//! Query evaluation on the index. Each item becomes a lazy iterator of
+//! positions in the requested direction; the items are merged in position
+//! order without duplicates, and evaluation stops at the limit.
+//!
+//! - An item with tags walks the shortest of its tags' position lists and
+//!   keeps the positions found (by binary search) in every other tag's list
+//!   and, if it names types, in one of its types' lists.
+//! - An item with only types merges its types' lists.
+//! - An empty item merges every type's list: all events of user streams.
+//!
+//! The conditional append uses the same walk: the first match strictly after
+//! the condition's position, looking only at positions past it.
+
+use std::collections::BinaryHeap;
+
+use cairn_core::{Direction, Query, QueryItem};
+
+use crate::index::Index;
+use crate::record::RecordView;
+
+/// Positions of the events matching `query` with `lo <= position <= hi`, in
+/// `direction`, at most `limit` of them.
+pub fn positions(index: &Index, query: &Query, lo: u64, hi: u64, direction: Direction, limit: usize) -> Vec<u64> {
+    if lo > hi || limit == 0 {
+        return Vec::new();
+    }
+    let items = query.items.iter().map(|item| item_positions(index, item, lo, hi, direction)).collect();
+    Merge::new(items, direction).take(limit).collect()
+}
+
+/// The first position after `after` (anywhere if `None`) of an event matching `query`.
+pub fn first_match_after(index: &Index, query: &Query, after: Option<u64>) -> Option<u64> {
+    let lo = match after {
+        None => 0,
+        Some(p) => p.checked_add(1)?,
+    };
+    positions(index, query, lo, u64::MAX, Direction::Forward, 1).first().copied()
+}
+
+/// Whether a record (of a user stream) matches `query`; for the events of
+/// the writer's group, which the index does not hold yet.
+pub fn matches_record(query: &Query, view: &RecordView<'_>) -> bool {
+    query.items.iter().any(|item| {
+        (item.types.is_empty() || item.types.iter().any(|t| t == view.event_type))
+            && item.tags.iter().all(|tag| view.tags().any(|t| t == tag))
+    })
+}
+
+type Positions<'a> = Box<dyn Iterator<Item = u64> + 'a>;
+
+/// The part of a sorted list within `lo..=hi`.
+fn window(list: &[u64], lo: u64, hi: u64) -> &[u64] {
+    let start = list.partition_point(|p| *p < lo);
+    let end = list.partition_point(|p| *p <= hi);
+    &list[start..end.max(start)]
+}
+
+fn walk(list: &[u64], direction: Direction) -> Positions<'_> {
+    match direction {
+        Direction::Forward => Box::new(list.iter().copied()),
+        Direction::Backward => Box::new(list.iter().rev().copied()),
+    }
+}
+
+fn item_positions<'a>(index: &'a Index, item: &'a QueryItem, lo: u64, hi: u64, direction: Direction) -> Positions<'a> {
+    let type_lists = || -> Vec<&'a [u64]> {
+        if item.types.is_empty() {
+            index.types.values().map(|l| window(l, lo, hi)).collect()
+        } else {
+            item.types.iter().filter_map(|t| index.types.get(t)).map(|l| window(l, lo, hi)).collect()
+        }
+    };
+    if item.tags.is_empty() {
+        let lists = type_lists().into_iter().filter(|l| !l.is_empty()).map(|l| walk(l, direction)).collect();
+        return Box::new(Merge::new(lists, direction));
+    }
+    let mut tag_lists = Vec::with_capacity(item.tags.len());
+    for tag in &item.tags {
+        match index.tags.get(tag) {
+            Some(list) => tag_lists.push(list.as_slice()),
+            None => return Box::new(std::iter::empty()), // no event carries it
+        }
+    }
+    tag_lists.sort_by_key(|l| l.len());
+    let (shortest, others) = tag_lists.split_first().expect("the item has tags");
+    let types: Vec<&[u64]> = if item.types.is_empty() {
+        Vec::new()
+    } else {
+        let lists: Vec<&[u64]> = item.types.iter().filter_map(|t| index.types.get(t)).map(Vec::as_slice).collect();
+        if lists.is_empty() {
+            return Box::new(std::iter::empty()); // no event has any of the types
+        }
+        lists
+    };
+    let any_type = item.types.is_empty();
+    let others = others.to_vec();
+    Box::new(walk(window(shortest, lo, hi), direction).filter(move |p| {
+        others.iter().all(|l| l.binary_search(p).is_ok()) && (any_type || types.iter().any(|l| l.binary_search(p).is_ok()))
+    }))
+}
+
+/// Merges sorted position iterators (all in one direction) into one, in
+/// that direction, without duplicates.
+struct Merge<'a> {
+    sources: Vec<Positions<'a>>,
+    /// Next position of each source, keyed for a max-heap: the position
+    /// itself going backward, its bitwise complement going forward.
+    heap: BinaryHeap<(u64, usize)>,
+    direction: Direction,
+    last: Option<u64>,
+}
+
+impl<'a> Merge<'a> {
+    fn new(mut sources: Vec<Positions<'a>>, direction: Direction) -> Self {
+        let mut heap = BinaryHeap::with_capacity(sources.len());
+        for (i, s) in sources.iter_mut().enumerate() {
+            if let Some(p) = s.next() {
+                heap.push((Self::key(direction, p), i));
+            }
+        }
+        Merge { sources, heap, direction, last: None }
+    }
+
+    fn key(direction: Direction, position: u64) -> u64 {
+        match direction {
+            Direction::Forward => !position,
+            Direction::Backward => position,
+        }
+    }
+
+    fn position_of(&self, key: u64) -> u64 {
+        // `key` is its own inverse in both directions.
+        Self::key(self.direction, key)
+    }
+}
+
+impl Iterator for Merge<'_> {
+    type Item = u64;
+    fn next(&mut self) -> Option<u64> {
+        loop {
+            let (key, i) = self.heap.pop()?;
+            if let Some(p) = self.sources[i].next() {
+                self.heap.push((Self::key(self.direction, p), i));
+            }
+            let position = self.position_of(key);
+            if self.last != Some(position) {
+                self.last = Some(position);
+                return Some(position);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn merged(lists: &[&[u64]], direction: Direction) -> Vec<u64> {
+        let sources = lists.iter().map(|l| walk(l, direction)).collect();
+        Merge::new(sources, direction).collect()
+    }
+
+    #[test]
+    fn merge_is_ordered_and_without_duplicates() {
+        let lists: [&[u64]; 3] = [&[1, 5, 9], &[2, 5, 10], &[]];
+        assert_eq!(merged(&lists, Direction::Forward), vec![1, 2, 5, 9, 10]);
+        assert_eq!(merged(&lists, Direction::Backward), vec![10, 9, 5, 2, 1]);
+        assert_eq!(merged(&[&[0, u64::MAX]], Direction::Forward), vec![0, u64::MAX]);
+    }
+
+    #[test]
+    fn window_bounds_are_inclusive() {
+        let list = [10, 20, 30, 40];
+        assert_eq!(window(&list, 20, 30), &[20, 30]);
+        assert_eq!(window(&list, 21, 29), &[] as &[u64]);
+        assert_eq!(window(&list, 0, u64::MAX), &list);
+    }
+}
