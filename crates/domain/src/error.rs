@@ -27,6 +27,14 @@ pub enum RepositoryError<E: std::error::Error + 'static> {
     )]
     Conflict { stream: String, expected: u64, actual_version: u64, attempts: u32 },
 
+    /// Events matching what a decision read were appended before its own, on every attempt.
+    #[error(
+        "the decision's condition failed: an event it depends on was appended at position {first_conflict} \
+         (after {attempts} attempt{}); decide again on fresh state, or give the decider a retry policy",
+        if *attempts == 1 { "" } else { "s" }
+    )]
+    ConditionFailed { first_conflict: cairn_core::Position, attempts: u32 },
+
     #[error(transparent)]
     Decode(#[from] DecodeError),
 
@@ -46,7 +54,8 @@ impl<E: std::error::Error + 'static> RepositoryError<E> {
         }
     }
 
+    /// A concurrency conflict: a stream's expected version or a decision's condition.
     pub fn is_conflict(&self) -> bool {
-        matches!(self, RepositoryError::Conflict { .. })
+        matches!(self, RepositoryError::Conflict { .. } | RepositoryError::ConditionFailed { .. })
     }
 }

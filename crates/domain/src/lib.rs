@@ -7,6 +7,10 @@
 //! answers temporal questions: the state at a version, position or time, the full
 //! history as (event, state after) pairs, and what-if branches kept in memory.
 //!
+//! Rules that span entities use a [`Decider`]: [`DecisionModel`]s declare the
+//! tag query they need and a fold; the decider appends on the condition that
+//! nothing matching their combined query changed since it read.
+//!
 //! Stored events keep the schema version they were written with; [`Upcasters`]
 //! bring old versions up to date on read, and [`census`] counts what is stored at
 //! each version.
@@ -14,6 +18,7 @@
 mod aggregate;
 mod census;
 mod codec;
+mod decision;
 mod error;
 mod repository;
 mod snapshot;
@@ -23,6 +28,7 @@ mod upcast;
 pub use aggregate::{Aggregate, DomainEvent};
 pub use census::{census, Census};
 pub use codec::{EventCodec, Upcasted};
+pub use decision::{Decided, Decider, DecisionModel, DecisionModels, DecisionOutcome};
 pub use error::{DecodeError, RepositoryError};
 pub use repository::{CommandContext, Executed, Loaded, Repository, RetryPolicy};
 pub use snapshot::SnapshotPolicy;

@@ -40,6 +40,14 @@ impl RetryPolicy {
         self
     }
 
+    /// Sleeps the pause due after failed attempt number `attempt`.
+    pub(crate) async fn wait(&self, attempt: u32) {
+        let pause = self.pause(attempt);
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+
     fn pause(&self, attempt: u32) -> Duration {
         let cap = self.backoff.saturating_mul(1 << (attempt - 1).min(10)).as_micros() as u64;
         if cap == 0 {
@@ -100,7 +108,7 @@ impl CommandContext {
         self
     }
 
-    fn metadata(&self) -> Metadata {
+    pub(crate) fn metadata(&self) -> Metadata {
         Metadata {
             correlation_id: Some(self.correlation_id.unwrap_or(self.command_id)),
             causation_id: Some(self.command_id),
@@ -318,10 +326,7 @@ impl<A: Aggregate> Repository<A> {
                     if attempt >= retry.attempts {
                         return Err(RepositoryError::Conflict { stream, expected: loaded.version, actual_version, attempts: attempt });
                     }
-                    let pause = retry.pause(attempt);
-                    if !pause.is_zero() {
-                        tokio::time::sleep(pause).await;
-                    }
+                    retry.wait(attempt).await;
                 }
                 Err(e) => return Err(e.into()),
             }
