@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context as _, Result};
 use cairn_core::{
-    EventStore, ExpectedVersion, Metadata, NewEvent, Position, ReadAllOptions, ReadStreamOptions, StartFrom,
-    StreamMetadata, SubscriptionTarget,
+    EventStore, ExpectedVersion, Metadata, NewEvent, Position, Query, QueryItem, ReadAllOptions, ReadStreamOptions,
+    StartFrom, StreamMetadata, SubscriptionTarget,
 };
 use cairn_log::EmbeddedStore;
 use clap::Args;
@@ -62,6 +62,10 @@ pub struct AppendArgs {
     /// Event id (UUID); retrying with the same id is idempotent.
     #[arg(long)]
     pub id: Option<Uuid>,
+    /// A tag for the event, such as `course:cs101` (repeatable). With stdin,
+    /// added to every event's own `tags`.
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -113,6 +117,12 @@ pub async fn append(ctx: &Context, a: AppendArgs) -> Result<()> {
         }
         None => events_from_stdin()?,
     };
+    let events: Vec<NewEvent> = events.into_iter().map(|mut e| {
+        for tag in &a.tags {
+            if !e.tags.contains(tag) { e.tags.push(tag.clone()); }
+        }
+        e
+    }).collect();
     let count = events.len();
     let store = ctx.open()?;
     let r = store.append(&a.stream, a.expected_version, events).await?;
@@ -172,6 +182,31 @@ pub async fn read_all(ctx: &Context, a: ReadAllArgs) -> Result<()> {
     if let Some(p) = w.from { options = options.from(Position(p)); }
     let mut events = store.read_all(options.limit(w.limit)).await?;
     if !a.system { events.retain(|e| !e.is_system()); }
+    output::print_events(&events, ctx.json);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct QueryArgs {
+    /// Only events of this type (repeatable: any of them); any type if omitted.
+    #[arg(long = "type", value_name = "TYPE")]
+    pub types: Vec<String>,
+    /// Only events carrying this tag (repeatable: all of them).
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+    #[command(flatten)]
+    pub window: Window,
+}
+
+/// `cairn query`: the events matching one query item (types OR'ed, tags AND'ed)
+/// in global order; events of `$` streams never match.
+pub async fn query(ctx: &Context, a: QueryArgs) -> Result<()> {
+    let store = ctx.open_existing()?;
+    let q = Query::from(QueryItem::types(a.types).with_tags(a.tags));
+    let w = a.window;
+    let mut options = if w.backward { ReadAllOptions::backward() } else { ReadAllOptions::forward() };
+    if let Some(p) = w.from { options = options.from(Position(p)); }
+    let events = store.read_query(&q, options.limit(w.limit)).await?;
     output::print_events(&events, ctx.json);
     Ok(())
 }

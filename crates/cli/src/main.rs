@@ -45,12 +45,15 @@ enum Command {
         which: Demo,
     },
     /// Append events to a stream: one from TYPE and JSON, or JSON lines on stdin
-    /// (`{"type": "...", "data": {...}, "id"?: "...", "metadata"?: {...}}`), all in one atomic append.
+    /// (`{"type": "...", "data": {...}, "id"?: "...", "metadata"?: {...}, "tags"?: [...]}`), all in one
+    /// atomic append; --tag adds tags (`course:cs101`) to every event.
     Append(commands::AppendArgs),
     /// Read a stream's events.
     Read(commands::ReadArgs),
     /// Read all events in global order ($all).
     ReadAll(commands::ReadAllArgs),
+    /// Read the events matching a query, in global order: any --type given, carrying every --tag given.
+    Query(commands::QueryArgs),
     /// Follow a stream, or $all, live (history first with --from).
     Tail(commands::TailArgs),
     /// List streams with their versions.
@@ -63,7 +66,7 @@ enum Command {
     Verify,
     /// Count stored events per type and schema version (to know when an upcaster can go).
     Census,
-    /// Rebuild the stream index from the log.
+    /// Rebuild the index (streams, ids, tags, event types) from the log.
     Reindex,
     /// Run benchmark workloads (W1 W1c W2 W3 W4 W5, see WORKLOADS.md) on a fresh store.
     Bench(bench::BenchArgs),
@@ -93,6 +96,7 @@ fn main() -> ExitCode {
             Command::Append(a) => commands::append(&ctx, a).await,
             Command::Read(a) => commands::read(&ctx, a).await,
             Command::ReadAll(a) => commands::read_all(&ctx, a).await,
+            Command::Query(a) => commands::query(&ctx, a).await,
             Command::Tail(a) => commands::tail(&ctx, a).await,
             Command::Streams(a) => commands::streams(&ctx, a).await,
             Command::Metadata(a) => commands::metadata(&ctx, a).await,

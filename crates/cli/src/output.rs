@@ -36,10 +36,17 @@ pub fn print_events(events: &[RecordedEvent], json: bool) {
     }
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED);
-    table.set_header(["position", "stream", "version", "type", "time (UTC)", "data"]);
+    let tagged = events.iter().any(|e| !e.tags.is_empty());
+    let mut header = vec!["position", "stream", "version", "type"];
+    if tagged { header.push("tags"); }
+    header.extend(["time (UTC)", "data"]);
+    table.set_header(header);
     for e in events {
         let time = e.timestamp.to_rfc3339();
-        table.add_row([e.position.to_string(), e.stream.clone(), e.version.to_string(), e.event_type.clone(), time[..19].replace('T', " "), data_preview(e)]);
+        let mut row = vec![e.position.to_string(), e.stream.clone(), e.version.to_string(), e.event_type.clone()];
+        if tagged { row.push(e.tags.join(" ")); }
+        row.extend([time[..19].replace('T', " "), data_preview(e)]);
+        table.add_row(row);
     }
     println!("{table}");
     println!("{}", count(events.len() as u64, "event"));
@@ -49,7 +56,8 @@ pub fn print_event_line(e: &RecordedEvent, json: bool) {
     if json {
         println!("{}", event_json(e));
     } else {
-        println!("{:>10}  {}@{}  {}  {}", e.position, e.stream, e.version, e.event_type, data_preview(e));
+        let tags = if e.tags.is_empty() { String::new() } else { format!("  [{}]", e.tags.join(" ")) };
+        println!("{:>10}  {}@{}  {}{tags}  {}", e.position, e.stream, e.version, e.event_type, data_preview(e));
     }
 }
 
@@ -86,6 +94,7 @@ pub fn hint(e: &StoreError) -> Option<&'static str> {
         StoreError::StreamDeleted { .. } => "a tombstoned stream's name cannot be reused; write to a new stream",
         StoreError::Corrupt { .. } => "run `cairn verify` for a full report; restore the named file from a backup",
         StoreError::InvalidStreamName { .. } => "stream names are 1 to 256 bytes and may not start with '$'",
+        StoreError::AppendConditionFailed { .. } => "events the decision did not see match its query; read them again (`cairn query --tag ...`), decide again, and retry with the new position",
         StoreError::InvalidPosition(_) => "positions come from events (`cairn read-all` shows them); use 0 for the start",
         _ => return None,
     })

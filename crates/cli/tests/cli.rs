@@ -94,3 +94,27 @@ fn bench_prints_one_line_per_workload() {
     let o = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["bench", "W9"]).output().unwrap();
     assert!(!o.status.success() && stderr(&o).contains("unknown workload 'W9'"));
 }
+
+#[test]
+fn tagged_appends_and_queries() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = |args: &[&str]| {
+        let o = cairn(dir.path(), args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        stdout(&o)
+    };
+    ok(&["append", "course-cs101", "CourseDefined", r#"{"capacity":30}"#, "--tag", "course:cs101"]);
+    ok(&["append", "student-42", "StudentSubscribed", "{}", "--tag", "course:cs101", "--tag", "student:42"]);
+    ok(&["append", "student-7", "StudentSubscribed", "{}", "--tag", "course:db", "--tag", "student:7"]);
+    let table = ok(&["query", "--tag", "course:cs101"]);
+    assert!(table.contains("course:cs101 student:42") && table.contains("2 events"), "tags are shown: {table}");
+    let json = ok(&["--json", "query", "--type", "StudentSubscribed", "--tag", "course:cs101"]);
+    let lines: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["stream"], "student-42");
+    assert_eq!(lines[0]["tags"], serde_json::json!(["course:cs101", "student:42"]));
+    let back = ok(&["--json", "query", "--type", "StudentSubscribed", "--backward", "-n", "1"]);
+    assert!(back.contains("student-7") && back.lines().count() == 1, "{back}");
+    let o = cairn(dir.path(), &["append", "x", "T", "{}", "--tag", ""]);
+    assert!(!o.status.success() && stderr(&o).contains("a tag cannot be empty"), "{}", stderr(&o));
+}
