@@ -83,8 +83,11 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
     store.delete_stream("account-ada", ExpectedVersion::Any, false).await?;
 
     println!("\n\x1b[1mNow the same bank account as application code: an aggregate behind a repository.\x1b[0m");
-    crate::demo::bank(store, 8).await?;
+    crate::demo::bank(store.clone(), 8).await?;
 
-    println!("\nNext: `cairn --help`, `cairn demo bank`, `cairn bench`, and the README.");
+    println!("\n\x1b[1mAnd rules that no single stream can guard: tags and conditional appends.\x1b[0m");
+    crate::demo::courses(store, 18).await?;
+
+    println!("\nNext: `cairn --help`, `cairn demo bank`, `cairn demo courses`, `cairn bench`, and the README.");
     Ok(())
 }
