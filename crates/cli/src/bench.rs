@@ -94,8 +94,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
     let workloads: Vec<String> = if args.workloads.is_empty() { ALL.iter().map(|s| s.to_string()).collect() } else { args.workloads.clone() };
     for w in &workloads {
-        if !ALL.contains(&w.as_str()) {
-            bail!("unknown workload '{w}'; choose from {}", ALL.join(" "));
+        if !ALL.contains(&w.as_str()) && !crate::bench_dcb::WORKLOADS.contains(&w.as_str()) {
+            bail!("unknown workload '{w}'; choose from {} {}", ALL.join(" "), crate::bench_dcb::WORKLOADS.join(" "));
         }
     }
     let tmp = match &args.dir {
@@ -113,6 +113,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             "W3" => w3(&store, scaled(10_000, s)).await?,
             "W4" => w4(&store, scaled(120_000, s)).await?,
             "W5" => w5(&store, scaled(10, s)).await?,
+            "D1" | "D2" => crate::bench_dcb::run(&store, w, s).await?,
             _ => unreachable!(),
         };
         bar.finish_and_clear();

@@ -1,6 +1,7 @@
 //! `cairn`: the command-line tool. It parses arguments and calls the libraries.
 
 mod bench;
+mod bench_dcb;
 mod census;
 mod commands;
 mod demo;
@@ -68,7 +69,7 @@ enum Command {
     Census,
     /// Rebuild the index (streams, ids, tags, event types) from the log.
     Reindex,
-    /// Run benchmark workloads (W1 W1c W2 W3 W4 W5, see WORKLOADS.md) on a fresh store.
+    /// Run benchmark workloads (W1 W1c W2 W3 W4 W5, see WORKLOADS.md; D1 D2 for tags and conditions) on a fresh store.
     Bench(bench::BenchArgs),
 }
 
