@@ -140,11 +140,11 @@ impl Shared {
         Ok((out, from))
     }
 
-    /// Reads backward from the record boundary `end` (exclusive).
-    fn read_backward(&self, mut end: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+    /// The position of the record that ends at the record boundary `end`
+    /// (found by its trailing length), or `None` if no record precedes it.
+    fn record_before(&self, mut end: u64) -> Result<Option<u64>, StoreError> {
         let first = self.first_record_position();
-        let mut out = Vec::new();
-        while end > first && out.len() < limit {
+        while end > first {
             let Some(seg) = self.segment_for(end - 1) else { break };
             if end - seg.base <= SEGMENT_HEADER_BYTES {
                 end = seg.base; // continue at the end of the previous segment
@@ -155,10 +155,33 @@ impl Shared {
             let start = end.checked_sub(body_len + RECORD_OVERHEAD_BYTES as u64)
                 .filter(|s| *s >= seg.base + SEGMENT_HEADER_BYTES)
                 .ok_or_else(|| corrupt_at(self, end - 4, "record trailer points before the segment start"))?;
+            return Ok(Some(start));
+        }
+        Ok(None)
+    }
+
+    /// Reads backward from the record boundary `end` (exclusive).
+    fn read_backward(&self, mut end: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let Some(start) = self.record_before(end)? else { break };
             out.push(self.event_at(start)?);
             end = start;
         }
         Ok(out)
+    }
+
+    /// The position of the newest durable event, checked to be a record
+    /// (its structure, not its checksum: no payload is read).
+    fn last_position(&self) -> Result<Option<Position>, StoreError> {
+        let head = self.head.load(Ordering::Acquire);
+        let Some(start) = self.record_before(head)? else { return Ok(None) };
+        let seg = self.segment_for(start).ok_or_else(|| corrupt_at(self, start, "no segment holds the newest record"))?;
+        // The record may end its segment while the head is in the next one.
+        let end = seg.capacity().min(head - seg.base);
+        record::decode_trusted(seg.bytes(start - seg.base, end))
+            .map_err(|e| corrupt_at(self, start, &format!("{e:?}")))?;
+        Ok(Some(Position(start)))
     }
 
     /// Positions of the events matching `query` with `lo <= position <= hi`.
@@ -306,6 +329,10 @@ impl EventStore for EmbeddedStore {
 
     async fn head_position(&self) -> Result<Position, StoreError> {
         Ok(Position(self.shared.head.load(Ordering::Acquire)))
+    }
+
+    async fn last_position(&self) -> Result<Option<Position>, StoreError> {
+        self.shared.last_position()
     }
 }
 

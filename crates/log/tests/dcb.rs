@@ -204,6 +204,8 @@ fn probes() -> Vec<Query> {
 }
 
 async fn check_probes(store: &EmbeddedStore, model: &Model, step: &str) {
+    let last = store.last_position().await.unwrap().map(|p| p.0);
+    assert_eq!(last, model.log.last().map(|e| e.position), "{step}: last_position is the newest event's");
     for q in probes() {
         for options in [ReadAllOptions::forward(), ReadAllOptions::backward()] {
             let got: Vec<u64> = store.read_query(&q, options).await.unwrap().iter().map(|e| e.position.0).collect();
@@ -299,7 +301,7 @@ async fn next(sub: &mut cairn_core::Subscription) -> RecordedEvent {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn queries_and_conditions_match_the_model(ops in prop::collection::vec(op(), 5..=40)) {
