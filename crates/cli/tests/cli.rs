@@ -118,3 +118,15 @@ fn tagged_appends_and_queries() {
     let o = cairn(dir.path(), &["append", "x", "T", "{}", "--tag", ""]);
     assert!(!o.status.success() && stderr(&o).contains("a tag cannot be empty"), "{}", stderr(&o));
 }
+
+#[test]
+fn bench_dcb_workloads_print_their_lines() {
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["bench", "D1", "D2", "--scale", "0.01"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[0].starts_with("bench D1 backend=embedded condition=none events=192 "), "{out}");
+    assert!(lines[1].starts_with("bench D1 backend=embedded condition=own_tag ") && lines[1].contains("ratio_vs_unconditional="), "{out}");
+    assert!(lines[2].starts_with("bench D2 backend=embedded ") && lines[2].contains("matches=100 ") && lines[2].contains(" ms="), "{out}");
+}
