@@ -40,7 +40,7 @@ enum Command {
         #[arg(long)]
         keep: Option<PathBuf>,
     },
-    /// Event sourcing for application code, narrated on a fresh store: `cairn demo bank`.
+    /// A narrated demo on a fresh store: `bank` (aggregates) or `courses` (tags and conditions).
     Demo {
         #[arg(value_enum, default_value = "bank")]
         which: Demo,
@@ -77,6 +77,8 @@ enum Command {
 enum Demo {
     /// The bank account: replay, rules, snapshots, time travel, upcasting, conflicts, what-if.
     Bank,
+    /// Course subscriptions: rules across entities with tags and conditional appends, raced.
+    Courses,
 }
 
 fn main() -> ExitCode {
@@ -93,6 +95,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Tour { keep } => tour::run(keep).await,
             Command::Demo { which: Demo::Bank } => demo::run_bank().await,
+            Command::Demo { which: Demo::Courses } => demo::run_courses().await,
             Command::Census => census::run(&ctx).await,
             Command::Append(a) => commands::append(&ctx, a).await,
             Command::Read(a) => commands::read(&ctx, a).await,
