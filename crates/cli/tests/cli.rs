@@ -7,6 +7,20 @@ fn cairn(dir: &std::path::Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cairn")).arg("--data").arg(dir).args(args).output().expect("run cairn")
 }
 
+fn cairn_stdin(dir: &std::path::Path, args: &[&str], input: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .arg("--data")
+        .arg(dir)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run cairn");
+    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
+    child.wait_with_output().expect("wait for cairn")
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -80,6 +94,35 @@ fn tour_runs_end_to_end() {
     assert!(out.contains("balance = 150"), "{out}");
     assert!(out.contains("teller B: rejected"), "{out}");
     assert!(out.contains("reopened: account-ada has 5 events, balance 30"), "{out}");
+    // The domain half: the same account through the repository.
+    assert!(out.contains("rejected: insufficient funds: the balance is 270.00, the withdrawal 1000.00"), "{out}");
+    assert!(out.contains("started from the snapshot of v20 and replayed only 6 events"), "{out}");
+    assert!(out.contains("seen as: MoneyDeposited 40.00 USD"), "{out}");
+    assert!(out.contains("/balance: real 540.00 EUR vs branch 50.00 EUR"), "{out}");
+    // The tags half: the rules hold under racing.
+    assert!(out.contains("30 subscribed, 10 refused"), "{out}");
+    assert!(out.contains("5 accepted, 3 refused"), "{out}");
+    assert!(out.contains("1 accepted, 1 refused"), "{out}");
+}
+
+#[test]
+fn census_counts_types_and_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = cairn(dir.path(), &["census"]);
+    assert!(!o.status.success() && stderr(&o).contains("no Cairn data"), "{}", stderr(&o));
+    for (stream, version) in [("a", "1"), ("b", "1"), ("c", "2")] {
+        let event = format!(r#"{{"type": "MoneyDeposited", "data": {{"amount": 1}}, "schema_version": {version}}}"#);
+        let o = cairn_stdin(dir.path(), &["append", stream], &event);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let o = cairn(dir.path(), &["census", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!((rows[0]["schema_version"].as_u64(), rows[0]["events"].as_u64()), (Some(1), Some(2)));
+    assert_eq!((rows[1]["schema_version"].as_u64(), rows[1]["events"].as_u64()), (Some(2), Some(1)));
+    let o = cairn(dir.path(), &["census"]);
+    assert!(stdout(&o).contains("66.7%"), "{}", stdout(&o));
 }
 
 #[test]
@@ -88,9 +131,10 @@ fn bench_prints_one_line_per_workload() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 2, "{out}");
-    assert!(lines[0].starts_with("bench W1 backend=embedded events=200 ") && lines[0].contains("events_per_s="), "{out}");
-    assert!(lines[1].starts_with("bench W3 backend=embedded events=100 ") && lines[1].contains("median_ms="), "{out}");
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[0].starts_with("bench W1 backend=embedded via=repository cache=0 events=200 ") && lines[0].contains("events_per_s="), "{out}");
+    assert!(lines[1].starts_with("bench W3 backend=embedded via=repository events=100 snapshots=none ") && lines[1].contains("median_ms="), "{out}");
+    assert!(lines[2].contains("snapshots=every_100") && lines[2].contains("replayed=0"), "{out}");
     let o = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["bench", "W9"]).output().unwrap();
     assert!(!o.status.success() && stderr(&o).contains("unknown workload 'W9'"));
 }
