@@ -13,7 +13,7 @@ use crate::travel::At;
 use crate::{Aggregate, EventCodec, RepositoryError, SnapshotPolicy};
 
 /// Events read per call while replaying, so a long stream never sits in memory whole.
-const PAGE: usize = 4096;
+const PAGE: usize = 1024;
 
 /// How often `execute` runs load/decide/append again after a concurrency conflict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

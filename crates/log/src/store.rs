@@ -28,11 +28,14 @@ pub struct Options {
     /// Check the checksum of every record at open, also those the index
     /// snapshot covers. Off, a damaged old record is still caught when read.
     pub verify_on_open: bool,
+    /// Longest a group commit waits for more of the concurrent appenders that
+    /// the previous group had (zero: never wait). A lone appender never waits.
+    pub group_linger: std::time::Duration,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { segment_bytes: 256 * 1024 * 1024, limits: Limits::default(), queue_depth: 4096, busy_timeout: std::time::Duration::from_secs(10), verify_on_open: true }
+        Options { segment_bytes: 256 * 1024 * 1024, limits: Limits::default(), queue_depth: 4096, busy_timeout: std::time::Duration::from_secs(10), verify_on_open: true, group_linger: std::time::Duration::from_micros(100) }
     }
 }
 
@@ -210,7 +213,7 @@ impl EmbeddedStore {
             stats: Stats::default(),
         });
         let (tx, rx) = mpsc::channel(options.queue_depth);
-        let writer = Writer::new(shared.clone(), active, offset, last_timestamp);
+        let writer = Writer::new(shared.clone(), active, offset, last_timestamp, options.group_linger);
         let handle = std::thread::Builder::new()
             .name("cairn-writer".into())
             .spawn(move || writer.run(rx))

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use cairn_core::{AppendCondition, AppendResult, ExpectedVersion, NewEvent, Position, StoreError, StreamState, Timestamp};
 use tokio::sync::{mpsc, oneshot};
@@ -71,10 +72,12 @@ pub struct Writer {
     offset: u64,
     last_timestamp: i64,
     group: Group,
+    /// How long a group may wait for stragglers (see `run`).
+    linger: Duration,
 }
 
 impl Writer {
-    pub fn new(shared: Arc<Shared>, active: Arc<Segment>, offset: u64, last_timestamp: i64) -> Self {
+    pub fn new(shared: Arc<Shared>, active: Arc<Segment>, offset: u64, last_timestamp: i64, linger: Duration) -> Self {
         let group = Group {
             buf: Vec::with_capacity(1 << 20),
             streams: FastMap::default(),
@@ -82,22 +85,41 @@ impl Writer {
             user_events: Vec::new(),
             replies: Vec::new(),
         };
-        Writer { shared, active, offset, last_timestamp, group }
+        Writer { shared, active, offset, last_timestamp, group, linger }
     }
 
+    /// Takes every waiting request into one group, then commits it. When the
+    /// queue runs dry before the group has as many requests as the previous
+    /// one, the writer lingers briefly (yielding the CPU) for the rest: the
+    /// callers the last fsync released are usually just computing their next
+    /// append, and one fsync for all of them beats one for the first alone
+    /// and another for the others. A lone caller never waits.
     pub fn run(mut self, mut rx: mpsc::Receiver<AppendRequest>) {
+        let mut previous_group = 0;
         while let Some(first) = rx.blocking_recv() {
             let mut next = Some(first);
             let mut failed = None;
+            let mut requests = 0;
+            let mut lingered: Option<Instant> = None;
             while let Some(req) = next.take() {
                 if let Err(e) = self.accept(req) {
                     failed = Some(e);
                     break;
                 }
-                if self.group.buf.len() < GROUP_BYTES_MAX {
-                    next = rx.try_recv().ok();
+                requests += 1;
+                if self.group.buf.len() >= GROUP_BYTES_MAX {
+                    break;
+                }
+                next = rx.try_recv().ok();
+                if next.is_none() && requests < previous_group && !self.linger.is_zero() {
+                    let since = *lingered.get_or_insert_with(Instant::now);
+                    while next.is_none() && since.elapsed() < self.linger {
+                        std::thread::yield_now();
+                        next = rx.try_recv().ok();
+                    }
                 }
             }
+            previous_group = requests;
             let result = match failed {
                 Some(e) => Err(e),
                 None => self.commit(),
