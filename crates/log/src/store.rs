@@ -179,6 +179,8 @@ pub struct EmbeddedStore {
     pub(crate) shared: Arc<Shared>,
     // Field order matters: the sender must drop before the guard joins the writer.
     tx: mpsc::Sender<AppendRequest>,
+    /// Unparked after each send: wakes a writer lingering for its group.
+    writer_thread: std::thread::Thread,
     _guard: Arc<CloseGuard>,
     report: Arc<OpenReport>,
 }
@@ -218,8 +220,9 @@ impl EmbeddedStore {
             .name("cairn-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::io(dir, e))?;
+        let writer_thread = handle.thread().clone();
         let guard = CloseGuard { writer: Mutex::new(Some(handle)), shared: shared.clone(), data_dir: dir.to_path_buf(), _lock: lock };
-        Ok(EmbeddedStore { shared, tx, _guard: Arc::new(guard), report: Arc::new(report) })
+        Ok(EmbeddedStore { shared, tx, writer_thread, _guard: Arc::new(guard), report: Arc::new(report) })
     }
 
     /// Throws the index snapshot away and rebuilds the index from the whole log
@@ -261,7 +264,7 @@ impl EmbeddedStore {
         let req = AppendRequest { stream, expected, events, kind, condition, bytes, reply };
         let closed = || StoreError::Closed { reason: self.shared.poisoned() };
         match self.tx.send_timeout(req, self.shared.options.busy_timeout).await {
-            Ok(()) => {}
+            Ok(()) => self.writer_thread.unpark(),
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
                 let waited = self.shared.options.busy_timeout;
                 return Err(StoreError::Busy(format!("the write queue stayed full for {waited:?}")));

@@ -90,11 +90,15 @@ impl Writer {
 
     /// Takes every waiting request into one group, then commits it. When the
     /// queue runs dry before the group has as many requests as the previous
-    /// one, the writer lingers briefly (yielding the CPU) for the rest: the
+    /// one, the writer lingers briefly (parked) for the rest: the
     /// callers the last fsync released are usually just computing their next
     /// append, and one fsync for all of them beats one for the first alone
     /// and another for the others. A lone caller never waits.
     pub fn run(mut self, mut rx: mpsc::Receiver<AppendRequest>) {
+        // Lingers are tens of microseconds: ask the kernel for timers that
+        // precise on this thread (the default slack is 50 µs).
+        // SAFETY: PR_SET_TIMERSLACK only changes this thread's timer slack.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1_000u64) };
         let mut previous_group = 0;
         while let Some(first) = rx.blocking_recv() {
             let mut next = Some(first);
@@ -113,8 +117,10 @@ impl Writer {
                 next = rx.try_recv().ok();
                 if next.is_none() && requests < previous_group && !self.linger.is_zero() {
                     let since = *lingered.get_or_insert_with(Instant::now);
-                    while next.is_none() && since.elapsed() < self.linger {
-                        std::thread::yield_now();
+                    while next.is_none() {
+                        let Some(left) = self.linger.checked_sub(since.elapsed()) else { break };
+                        // Appenders unpark this thread after each send.
+                        std::thread::park_timeout(left);
                         next = rx.try_recv().ok();
                     }
                 }
