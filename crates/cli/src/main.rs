@@ -34,7 +34,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// A short tour of Cairn on a fresh embedded store (bank accounts, concurrency, subscriptions).
+    /// A tour of Cairn on a fresh embedded store: events and streams, concurrency, subscriptions, then aggregates, snapshots, time travel, upcasting and tag conditions.
     Tour {
         /// Keep the tour's data in this directory instead of a temporary one.
         #[arg(long)]
