@@ -806,6 +806,223 @@ pub async fn subscribe_query_catch_up_then_live(store: Store) {
     assert_eq!(ns(&[next_event(&mut after).await]), vec![10], "after a position: strictly after it");
 }
 
+// ---------------------------------------------------------------------------
+// Categories and filtered subscriptions. Each test has its own category (a
+// uuid without dashes), so the suite also passes on a shared store.
+
+/// A category no other test uses.
+pub fn unique_category(prefix: &str) -> String {
+    format!("{prefix}{}", Uuid::new_v4().simple())
+}
+
+async fn read_category(store: &Store, category: &str, options: ReadAllOptions) -> Vec<RecordedEvent> {
+    let events = store.read_category(category, options).await.unwrap();
+    assert!(events.iter().all(|e| stream_category(&e.stream) == Some(category)), "only events of the category's streams");
+    events
+}
+
+fn positions(events: &[RecordedEvent]) -> Vec<Position> {
+    events.iter().map(|e| e.position).collect()
+}
+
+/// The user events appended after `before` (a `last_position`), from `$all`.
+async fn all_after(store: &Store, before: Option<Position>) -> Vec<RecordedEvent> {
+    let options = match before {
+        Some(p) => ReadAllOptions::forward().after(p),
+        None => ReadAllOptions::forward(),
+    };
+    store.read_all(options).await.unwrap()
+}
+
+pub async fn category_reads_in_order(store: Store) {
+    let cat = unique_category("account");
+    let before = store.last_position().await.unwrap();
+    // The first `-` ends the category, so `{cat}-x-y` is in it; `{cat}2-x`,
+    // `{cat}s-x` and `{cat}` (no `-`) are not, nor are `$` streams.
+    let ins = [format!("{cat}-1"), format!("{cat}-2"), format!("{cat}-x-y")];
+    let outs = [format!("{cat}2-x"), format!("{cat}s-x"), cat.clone()];
+    for n in 0..30u64 {
+        let stream = if n % 2 == 0 { &ins[(n / 2 % 3) as usize] } else { &outs[(n / 2 % 3) as usize] };
+        append_n(&store, stream, n * 10, 1 + n % 2).await;
+        match n {
+            7 => { store.set_stream_metadata(&ins[0], StreamMetadata { max_count: Some(1), ..Default::default() }).await.unwrap(); }
+            11 => { store.append(&snapshot_stream_name(&ins[1]), ExpectedVersion::Any, vec![deposit(1)]).await.unwrap(); }
+            17 => { store.delete_stream(&ins[1], ExpectedVersion::Any, false).await.unwrap(); }
+            _ => {}
+        }
+    }
+    let want: Vec<RecordedEvent> = all_after(&store, before).await.into_iter()
+        .filter(|e| ins.contains(&e.stream)).collect();
+    assert_eq!(want.len(), 15);
+    let at = positions(&want);
+    let all = read_category(&store, &cat, ReadAllOptions::forward()).await;
+    assert_eq!(positions(&all), at, "every event of the category's streams, in position order, also those hidden from stream reads");
+    assert_eq!(amounts(&all), amounts(&want));
+    let mut backward = at.clone();
+    backward.reverse();
+    assert_eq!(positions(&read_category(&store, &cat, ReadAllOptions::backward()).await), backward);
+    assert_eq!(positions(&read_category(&store, &cat, ReadAllOptions::backward().limit(4)).await), backward[..4]);
+    assert_eq!(positions(&read_category(&store, &cat, ReadAllOptions::forward().limit(4)).await), at[..4]);
+    assert_eq!(positions(&read_category(&store, &cat, ReadAllOptions::forward().from(at[5])).await), at[5..]);
+    assert_eq!(positions(&read_category(&store, &cat, ReadAllOptions::forward().after(at[5]).limit(3)).await), at[6..9]);
+    assert_eq!(positions(&read_category(&store, &cat, ReadAllOptions::forward().from(Position(at[5].0 + 1))).await), at[6..], "from is a bound");
+    assert_eq!(positions(&read_category(&store, &cat, ReadAllOptions::backward().from(at[5])).await), backward[9..]);
+    assert_eq!(positions(&read_category(&store, &cat, ReadAllOptions::backward().after(at[5])).await), backward[10..]);
+    let head = store.head_position().await.unwrap();
+    assert!(read_category(&store, &cat, ReadAllOptions::forward().from(head)).await.is_empty());
+    let mut paged = Vec::new();
+    let mut page = read_category(&store, &cat, ReadAllOptions::forward().limit(4)).await;
+    while let Some(last) = page.last().map(|e| e.position) {
+        paged.extend(positions(&page));
+        page = read_category(&store, &cat, ReadAllOptions::forward().after(last).limit(4)).await;
+    }
+    assert_eq!(paged, at, "paging with after: every event once");
+    assert_eq!(positions(&store.read_query(&Query::category(cat.as_str()), ReadAllOptions::forward()).await.unwrap()), at, "read_category is a category query");
+    for other in [format!("{cat}2"), format!("{cat}s")] {
+        assert_eq!(read_category(&store, &other, ReadAllOptions::forward()).await.len(), 10, "{other} holds only its own stream's events");
+    }
+}
+
+pub async fn category_combines_with_types_tags_and_conditions(store: Store) {
+    let (cat, other, tag) = (unique_category("order"), unique_category("order"), unique_tag("customer"));
+    let (o1, o2, x1) = (format!("{cat}-1"), format!("{cat}-2"), format!("{other}-1"));
+    put(&store, &o1, tagged("OrderPlaced", 0, &[&tag])).await;
+    put(&store, &x1, tagged("OrderPlaced", 1, &[&tag])).await;
+    put(&store, &o2, tagged("OrderPlaced", 2, &[])).await;
+    put(&store, &o1, tagged("OrderShipped", 3, &[&tag])).await;
+    let placed = Query::from(QueryItem::categories([cat.as_str()]).with_types(["OrderPlaced"]));
+    assert_eq!(ns(&query(&store, &placed, ReadAllOptions::forward()).await), vec![0, 2], "a category and a type: both must hold");
+    let tagged_in = Query::from(QueryItem::categories([cat.as_str()]).with_tags([tag.as_str()]));
+    assert_eq!(ns(&query(&store, &tagged_in, ReadAllOptions::backward()).await), vec![3, 0]);
+    let both = Query::from(QueryItem::categories([cat.as_str(), other.as_str()]));
+    assert_eq!(ns(&query(&store, &both, ReadAllOptions::forward()).await), vec![0, 1, 2, 3], "categories of one item are OR'ed");
+    let either = Query::category(other.as_str()).or(QueryItem::categories([cat.as_str()]).with_types(["OrderShipped"]));
+    assert_eq!(ns(&query(&store, &either, ReadAllOptions::forward()).await), vec![1, 3]);
+    // A condition on a category: "no new order of this category since I read".
+    let q = Query::category(cat.as_str());
+    let last = store.last_position().await.unwrap();
+    let read = query(&store, &q, ReadAllOptions::forward()).await;
+    let condition = AppendCondition::after_read(q.clone(), last, &read);
+    put(&store, &x1, tagged("OrderPlaced", 4, &[])).await;
+    store.append_if(&format!("{cat}-3"), ExpectedVersion::NoStream, vec![tagged("OrderPlaced", 5, &[])], condition.clone()).await
+        .expect("an event of another category does not break the condition");
+    match store.append_if(&format!("{cat}-4"), ExpectedVersion::NoStream, vec![tagged("OrderPlaced", 6, &[])], condition).await {
+        Err(StoreError::AppendConditionFailed { first_conflict, .. }) => {
+            let newest = read_category(&store, &cat, ReadAllOptions::backward().limit(1)).await;
+            assert_eq!(first_conflict, newest[0].position, "the conflict names the category's new event");
+        }
+        other => panic!("expected AppendConditionFailed, got {other:?}"),
+    }
+    assert_eq!(ns(&read_category(&store, &cat, ReadAllOptions::forward()).await), vec![0, 2, 3, 5]);
+}
+
+pub async fn invalid_categories_rejected(store: Store) {
+    for bad in ["", "account-1", "$snapshots", "a\u{7}b"] {
+        assert_err!(store.read_category(bad, ReadAllOptions::forward()).await, StoreError::InvalidArgument(_));
+        match store.subscribe(SubscriptionTarget::category(bad), StartFrom::Start).await {
+            Err(StoreError::InvalidArgument(_)) => {}
+            Err(e) => panic!("expected InvalidArgument for {bad:?}, got {e:?}"),
+            Ok(_) => panic!("a subscription to category {bad:?} was accepted"),
+        }
+        let condition = AppendCondition::fail_if_events_match(Query::category(bad));
+        assert_err!(store.append_if(&unique("account"), ExpectedVersion::Any, vec![deposit(1)], condition).await, StoreError::InvalidArgument(_));
+    }
+    assert!(store.read_category(&unique_category("nobody"), ReadAllOptions::forward()).await.unwrap().is_empty());
+}
+
+pub async fn subscribe_category_catch_up_then_live(store: Store) {
+    let cat = unique_category("account");
+    let (a, b, out) = (format!("{cat}-a"), format!("{cat}-b"), format!("{cat}x-a"));
+    let stream_of = |i: u64| [out.clone(), a.clone(), b.clone()][(i % 3) as usize].clone();
+    for i in 0..30 {
+        append_n(&store, &stream_of(i), i, 1).await;
+    }
+    let mut sub = store.subscribe(SubscriptionTarget::category(cat.as_str()), StartFrom::Start).await.unwrap();
+    let mut end = store.subscribe(SubscriptionTarget::category(cat.as_str()), StartFrom::End).await.unwrap();
+    let writer = {
+        let (store, streams) = (store.clone(), (30..60).map(stream_of).collect::<Vec<_>>());
+        tokio::spawn(async move {
+            for (i, s) in (30..60).zip(streams) {
+                append_n(&store, &s, i, 1).await;
+                if i == 40 {
+                    store.set_stream_metadata(&s, StreamMetadata { max_count: Some(2), ..Default::default() }).await.unwrap();
+                }
+            }
+        })
+    };
+    let mut got = Vec::new();
+    let mut last = Position::START;
+    while got.len() < 40 {
+        let e = next_event(&mut sub).await;
+        assert!(e.position > last, "positions strictly increase");
+        assert!(e.stream == a || e.stream == b, "only the category's streams, never {}", e.stream);
+        last = e.position;
+        got.push(amounts(&[e])[0]);
+    }
+    writer.await.unwrap();
+    assert_eq!(got, (0..60).filter(|i| i % 3 != 0).collect::<Vec<_>>(), "every event of the category once, history then live");
+    assert_eq!(amounts(&[next_event(&mut end).await]), vec![31], "from the end: only what comes after");
+}
+
+pub async fn subscribe_category_resumes_after_a_checkpoint(store: Store) {
+    let cat = unique_category("account");
+    let (a, b) = (format!("{cat}-a"), format!("{cat}-b"));
+    for i in 0..10 {
+        append_n(&store, if i % 2 == 0 { &a } else { &b }, i, 1).await;
+    }
+    let mut sub = store.subscribe(SubscriptionTarget::category(cat.as_str()), StartFrom::Start).await.unwrap();
+    let mut checkpoint = Position::START;
+    for want in 0..4 {
+        let e = next_event(&mut sub).await;
+        checkpoint = e.position;
+        assert_eq!(amounts(&[e]), vec![want]);
+    }
+    drop(sub); // "crash" after processing 0..=3
+    for i in 10..15 {
+        append_n(&store, if i % 2 == 0 { &a } else { &b }, i, 1).await;
+    }
+    let outsider = append_n(&store, &format!("{cat}x-a"), 99, 1).await.position;
+    append_n(&store, &a, 15, 1).await;
+    let mut resumed = store.subscribe(SubscriptionTarget::category(cat.as_str()), StartFrom::After(checkpoint.0)).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 4..16 {
+        got.push(amounts(&[next_event(&mut resumed).await])[0]);
+    }
+    assert_eq!(got, (4..16).collect::<Vec<_>>(), "exactly the events after the checkpoint");
+    let extra = tokio::time::timeout(Duration::from_millis(200), resumed.next()).await;
+    assert!(extra.is_err(), "nothing more: {extra:?}");
+    // A checkpoint may be any position, also one of an event outside the category.
+    let mut from_outsider = store.subscribe(SubscriptionTarget::category(cat.as_str()), StartFrom::After(outsider.0)).await.unwrap();
+    assert_eq!(amounts(&[next_event(&mut from_outsider).await]), vec![15]);
+}
+
+pub async fn subscription_filter_applies_a_predicate(store: Store) {
+    let (s, noise) = (unique("account"), unique("account"));
+    let first = append_n(&store, &s, 0, 1).await;
+    let wanted = s.clone();
+    let mut sub = store.subscribe(SubscriptionTarget::All, StartFrom::After(first.position.0)).await.unwrap()
+        .filter(move |e| e.stream == wanted && e.json::<serde_json::Value>().unwrap()["amount"].as_u64().unwrap() % 2 == 0);
+    for i in 1..=20 {
+        append_n(&store, &s, i, 1).await;
+        append_n(&store, &noise, i, 1).await;
+        if i == 10 {
+            store.set_stream_metadata(&s, StreamMetadata { max_count: Some(3), ..Default::default() }).await.unwrap();
+        }
+    }
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        let e = next_event(&mut sub).await;
+        assert_eq!(e.stream, s);
+        got.push(amounts(&[e])[0]);
+    }
+    assert_eq!(got, (2..=20).step_by(2).collect::<Vec<_>>(), "only the events the predicate keeps, in order, history then live");
+    let cat = unique_category("account");
+    append_n(&store, &format!("{cat}-1"), 1, 3).await;
+    let mut typed = store.subscribe(SubscriptionTarget::category(cat.as_str()), StartFrom::Start).await.unwrap()
+        .filter(|e| e.version >= 2);
+    assert_eq!(versions(&[next_event(&mut typed).await, next_event(&mut typed).await]), vec![2, 3], "any subscription can be filtered");
+}
+
 /// Instantiates every conformance test for a backend: `$make` is an expression
 /// giving `(Arc<dyn EventStore>, guard)`.
 #[macro_export]
@@ -824,7 +1041,10 @@ macro_rules! conformance_suite {
             invalid_queries_and_tags_rejected, append_condition_after_what_was_read_succeeds,
             append_condition_fails_on_a_later_match, append_condition_ignores_events_that_do_not_match,
             append_condition_without_after, append_if_checks_expected_version_too,
-            concurrent_conditional_appends_one_wins, subscribe_query_catch_up_then_live);
+            concurrent_conditional_appends_one_wins, subscribe_query_catch_up_then_live,
+            category_reads_in_order, category_combines_with_types_tags_and_conditions, invalid_categories_rejected,
+            subscribe_category_catch_up_then_live, subscribe_category_resumes_after_a_checkpoint,
+            subscription_filter_applies_a_predicate);
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
         $(

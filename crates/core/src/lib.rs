@@ -18,11 +18,11 @@ pub mod conformance;
 pub use error::{Result, StoreError};
 pub use event::{ContentType, Metadata, NewEvent, RecordedEvent, Timestamp};
 pub use limits::{
-    snapshot_stream_name, validate_stream_name, validate_tag, Limits, QUERY_ITEMS_MAX, QUERY_ITEM_TERMS_MAX,
+    snapshot_stream_name, validate_category, validate_stream_name, validate_tag, Limits, QUERY_ITEMS_MAX, QUERY_ITEM_TERMS_MAX,
     SNAPSHOT_STREAM_PREFIX, STREAM_NAME_BYTES_MAX, TAG_BYTES_MAX,
 };
 pub use metadata::{metadata_stream_name, StreamMetadata, StreamState};
-pub use query::{AppendCondition, Query, QueryItem};
+pub use query::{stream_category, AppendCondition, Query, QueryItem};
 pub use store::{
     AppendResult, Direction, EventStore, ExpectedVersion, Position, ReadAllOptions,
     ReadStreamOptions, StartFrom, StreamInfo, Subscription, SubscriptionTarget,

@@ -9,7 +9,7 @@ pub const TAG_BYTES_MAX: usize = 256;
 /// Most items in one query (each item costs a walk of the index).
 pub const QUERY_ITEMS_MAX: usize = 64;
 
-/// Most types, and most tags, in one query item.
+/// Most types, most tags, and most categories in one query item.
 pub const QUERY_ITEM_TERMS_MAX: usize = 64;
 
 /// Limits a store enforces on input. Every limit is named and configurable.
@@ -59,8 +59,9 @@ impl Limits {
     }
 
     /// Checks a query: at least one item, at most [`QUERY_ITEMS_MAX`], each
-    /// with at most [`QUERY_ITEM_TERMS_MAX`] types and tags, every type a
-    /// possible event type and every tag a valid tag.
+    /// with at most [`QUERY_ITEM_TERMS_MAX`] types, tags and categories, every
+    /// type a possible event type, every tag a valid tag and every category
+    /// a possible one ([`validate_category`]).
     pub fn check_query(&self, query: &Query) -> Result<(), StoreError> {
         let bad = |what: String| Err(StoreError::InvalidArgument(format!("invalid query: {what}")));
         if query.items.is_empty() {
@@ -70,8 +71,11 @@ impl Limits {
             return bad(format!("it has {} items; the limit is {QUERY_ITEMS_MAX}", query.items.len()));
         }
         for (i, item) in query.items.iter().enumerate() {
-            if item.types.len() > QUERY_ITEM_TERMS_MAX || item.tags.len() > QUERY_ITEM_TERMS_MAX {
-                return bad(format!("item {i} has {} types and {} tags; the limit is {QUERY_ITEM_TERMS_MAX} of each", item.types.len(), item.tags.len()));
+            if item.types.len().max(item.tags.len()).max(item.categories.len()) > QUERY_ITEM_TERMS_MAX {
+                return bad(format!(
+                    "item {i} has {} types, {} tags and {} categories; the limit is {QUERY_ITEM_TERMS_MAX} of each",
+                    item.types.len(), item.tags.len(), item.categories.len()
+                ));
             }
             for t in &item.types {
                 if t.is_empty() || t.len() > self.event_type_bytes_max || t.chars().any(char::is_control) {
@@ -81,6 +85,11 @@ impl Limits {
             for tag in &item.tags {
                 if let Err(reason) = validate_tag(tag) {
                     return bad(format!("item {i}: invalid tag {tag:?}: {reason}"));
+                }
+            }
+            for category in &item.categories {
+                if let Err(reason) = validate_category(category) {
+                    return bad(format!("item {i}: invalid category {category:?}: {reason}"));
                 }
             }
         }
@@ -96,6 +105,25 @@ pub fn validate_tag(tag: &str) -> Result<(), String> {
     } else if tag.len() > TAG_BYTES_MAX {
         Err(format!("it is {} bytes; the limit is {TAG_BYTES_MAX}", tag.len()))
     } else if tag.chars().any(char::is_control) {
+        Err("it contains a control character".into())
+    } else {
+        Ok(())
+    }
+}
+
+/// Checks a category in a query: a name some user stream could have as its
+/// category ([`crate::stream_category`]), so one that could match nothing is
+/// an error rather than an empty result. Returns why not.
+pub fn validate_category(category: &str) -> Result<(), String> {
+    if category.is_empty() {
+        Err("a category cannot be empty".into())
+    } else if category.contains('-') {
+        Err("a category is the part of a stream name before the first '-', so it has no '-'".into())
+    } else if category.starts_with('$') {
+        Err("streams starting with '$' belong to no category".into())
+    } else if category.len() >= STREAM_NAME_BYTES_MAX {
+        Err(format!("it is {} bytes; stream names have at most {STREAM_NAME_BYTES_MAX}", category.len()))
+    } else if category.chars().any(char::is_control) {
         Err("it contains a control character".into())
     } else {
         Ok(())

@@ -147,7 +147,9 @@ impl ReadAllOptions {
     }
 }
 
-/// What a subscription follows.
+/// What a subscription follows. Event types and stream categories are
+/// queries ([`SubscriptionTarget::category`], [`Query::types`]), served by the
+/// store's indexes; any other predicate is [`Subscription::filter`] over `All`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SubscriptionTarget {
@@ -155,6 +157,14 @@ pub enum SubscriptionTarget {
     All,
     /// The events matching a query, in global order (never events of `$` streams).
     Query(Query),
+}
+
+impl SubscriptionTarget {
+    /// The events of every stream of `category` (`account` follows
+    /// `account-1`, `account-2`, …), in global order: [`Query::category`].
+    pub fn category(category: impl Into<String>) -> Self {
+        SubscriptionTarget::Query(Query::category(category))
+    }
 }
 
 /// Where a subscription starts. For a stream the number is a version, for `$all`
@@ -195,6 +205,39 @@ impl Subscription {
     pub async fn next(&mut self) -> Option<Result<RecordedEvent>> {
         std::future::poll_fn(|cx| self.inner.as_mut().poll_next(cx)).await
     }
+
+    /// Only the events for which `predicate` holds; errors pass through.
+    /// This filters on the client: the store still reads and delivers every
+    /// event of the target (a predicate over `All` reads all of `$all`), so
+    /// prefer a query target when types, tags or categories say it. To
+    /// resume, checkpoint the last delivered event's position; the events
+    /// skipped after it are read (and skipped) again.
+    pub fn filter(self, predicate: impl Fn(&RecordedEvent) -> bool + Send + 'static) -> Subscription {
+        Subscription::new(Filtered { inner: self.inner, predicate: Box::new(predicate) })
+    }
+}
+
+/// Events skipped in one poll before [`Filtered`] yields to the executor: a
+/// long run of non-matching history must not hold a worker thread.
+const FILTER_SKIPS_PER_POLL: usize = 1024;
+
+struct Filtered {
+    inner: Pin<Box<dyn Stream<Item = Result<RecordedEvent>> + Send>>,
+    predicate: Box<dyn Fn(&RecordedEvent) -> bool + Send>,
+}
+
+impl Stream for Filtered {
+    type Item = Result<RecordedEvent>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        for _ in 0..FILTER_SKIPS_PER_POLL {
+            match self.inner.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(event))) if !(self.predicate)(&event) => continue,
+                other => return other,
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
 }
 
 impl Stream for Subscription {
@@ -227,6 +270,15 @@ pub trait EventStore: Send + Sync {
     /// only a bound and need not be an event's position. Events of `$` streams
     /// never match; events of deleted or truncated streams do (like `$all`).
     async fn read_query(&self, query: &Query, options: ReadAllOptions) -> Result<Vec<RecordedEvent>>;
+
+    /// Reads the events of the streams of `category` (the part of a stream's
+    /// name before its first `-`: see [`crate::stream_category`]) in global
+    /// order, with `options` as for [`EventStore::read_query`]; the same as
+    /// `read_query(&Query::category(category), options)`. `$` streams belong
+    /// to no category.
+    async fn read_category(&self, category: &str, options: ReadAllOptions) -> Result<Vec<RecordedEvent>> {
+        self.read_query(&Query::category(category), options).await
+    }
 
     /// Reads a stream's events, honouring its metadata (max age, max count,
     /// truncate-before). A stream that does not exist or was soft-deleted gives

@@ -55,7 +55,7 @@ async fn the_condition_covers_exactly_what_the_decision_read() {
     let read_again = courses.decider().load(&models).await.unwrap();
     assert_eq!(read_again.after, Some(first_conflict), "the conflict is the subscription of ada to a");
     assert_eq!((read_again.states.0.students, read_again.states.1.len()), (1, 1));
-    assert!(models.queries()[1].matches("StudentSubscribed", &Event::StudentSubscribed { student: "ada".into(), course: "x".into() }.tags()));
+    assert!(models.queries()[1].matches("student-ada", "StudentSubscribed", &Event::StudentSubscribed { student: "ada".into(), course: "x".into() }.tags()));
 }
 
 #[tokio::test]

@@ -1,13 +1,13 @@
 //! The index: derived from the log, never the source of truth. It maps each
 //! stream to its events' positions, each event id to its position, and, for
-//! queries, each tag and each event type to the positions of the user events
-//! that carry it. Recovery rebuilds it by applying every record in order; the
+//! queries, each tag, each event type and each stream category to the
+//! positions of the user events that carry it. Recovery rebuilds it by applying every record in order; the
 //! writer applies each durable group with the same [`Index::apply`], so both
 //! paths agree.
 
 use std::collections::HashMap;
 
-use cairn_core::{StreamMetadata, StreamState};
+use cairn_core::{stream_category, StreamMetadata, StreamState};
 
 use crate::record::RecordView;
 
@@ -64,6 +64,8 @@ pub struct Index {
     pub tags: FastMap<String, Vec<u64>>,
     /// Event type → positions of the events of user streams of that type, ascending.
     pub types: FastMap<String, Vec<u64>>,
+    /// Stream category → positions of the events of its streams, ascending.
+    pub categories: FastMap<String, Vec<u64>>,
     pub events: u64,
 }
 
@@ -122,6 +124,9 @@ impl Index {
         // Queries match the events of user streams only.
         if !r.stream.starts_with('$') {
             push_position(&mut self.types, r.event_type, position);
+            if let Some(category) = stream_category(r.stream) {
+                push_position(&mut self.categories, category, position);
+            }
             for tag in r.tags() {
                 push_position(&mut self.tags, tag, position);
             }

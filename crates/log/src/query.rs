@@ -2,10 +2,12 @@
 //! positions in the requested direction; the items are merged in position
 //! order without duplicates, and evaluation stops at the limit.
 //!
-//! - An item with tags walks the shortest of its tags' position lists and
-//!   keeps the positions found (by binary search) in every other tag's list
-//!   and, if it names types, in one of its types' lists.
-//! - An item with only types merges its types' lists.
+//! - An item is an AND of constraints: each of its tags (one list), its
+//!   types (any of their lists), its categories (any of their lists). It
+//!   walks the constraint with the fewest positions within the bounds
+//!   (merging its lists) and keeps the positions found, by binary search, in
+//!   every other constraint: a tag query walks its rarest tag, a category
+//!   with a rare type walks that type.
 //! - An empty item merges every type's list: all events of user streams.
 //!
 //! The conditional append uses the same walk: the first match strictly after
@@ -13,7 +15,7 @@
 
 use std::collections::BinaryHeap;
 
-use cairn_core::{Direction, Query, QueryItem};
+use cairn_core::{stream_category, Direction, Query, QueryItem};
 
 use crate::index::Index;
 use crate::record::RecordView;
@@ -40,8 +42,10 @@ pub fn first_match_after(index: &Index, query: &Query, after: Option<u64>) -> Op
 /// Whether a record (of a user stream) matches `query`; for the events of
 /// the writer's group, which the index does not hold yet.
 pub fn matches_record(query: &Query, view: &RecordView<'_>) -> bool {
+    let category = stream_category(view.stream);
     query.items.iter().any(|item| {
         (item.types.is_empty() || item.types.iter().any(|t| t == view.event_type))
+            && (item.categories.is_empty() || category.is_some_and(|c| item.categories.iter().any(|k| k == c)))
             && item.tags.iter().all(|tag| view.tags().any(|t| t == tag))
     })
 }
@@ -63,40 +67,42 @@ fn walk(list: &[u64], direction: Direction) -> Positions<'_> {
 }
 
 fn item_positions<'a>(index: &'a Index, item: &'a QueryItem, lo: u64, hi: u64, direction: Direction) -> Positions<'a> {
-    let type_lists = || -> Vec<&'a [u64]> {
-        if item.types.is_empty() {
-            index.types.values().map(|l| window(l, lo, hi)).collect()
-        } else {
-            item.types.iter().filter_map(|t| index.types.get(t)).map(|l| window(l, lo, hi)).collect()
-        }
-    };
-    if item.tags.is_empty() {
-        let lists = type_lists().into_iter().filter(|l| !l.is_empty()).map(|l| walk(l, direction)).collect();
-        return Box::new(Merge::new(lists, direction));
-    }
-    let mut tag_lists = Vec::with_capacity(item.tags.len());
+    let nothing = || -> Positions<'a> { Box::new(std::iter::empty()) };
+    // Each constraint is a set of lists; a match is in one list of every constraint.
+    let mut constraints: Vec<Vec<&'a [u64]>> = Vec::with_capacity(item.tags.len() + 2);
     for tag in &item.tags {
         match index.tags.get(tag) {
-            Some(list) => tag_lists.push(list.as_slice()),
-            None => return Box::new(std::iter::empty()), // no event carries it
+            Some(list) => constraints.push(vec![window(list, lo, hi)]),
+            None => return nothing(), // no event carries it
         }
     }
-    tag_lists.sort_by_key(|l| l.len());
-    let (shortest, others) = tag_lists.split_first().expect("the item has tags");
-    let types: Vec<&[u64]> = if item.types.is_empty() {
-        Vec::new()
-    } else {
-        let lists: Vec<&[u64]> = item.types.iter().filter_map(|t| index.types.get(t)).map(Vec::as_slice).collect();
-        if lists.is_empty() {
-            return Box::new(std::iter::empty()); // no event has any of the types
+    for (names, map) in [(&item.types, &index.types), (&item.categories, &index.categories)] {
+        if names.is_empty() {
+            continue;
         }
-        lists
+        let lists: Vec<&[u64]> = names.iter().filter_map(|n| map.get(n)).map(|l| window(l, lo, hi)).filter(|l| !l.is_empty()).collect();
+        if lists.is_empty() {
+            return nothing(); // none of them has an event in the bounds
+        }
+        constraints.push(lists);
+    }
+    if constraints.is_empty() {
+        // An empty item: every event of a user stream, each in one type list.
+        constraints.push(index.types.values().map(|l| window(l, lo, hi)).filter(|l| !l.is_empty()).collect());
+    }
+    // Walk the constraint with the fewest positions, keep what the others hold.
+    let size = |c: &Vec<&[u64]>| c.iter().map(|l| l.len()).sum::<usize>();
+    let smallest = (0..constraints.len()).min_by_key(|&i| size(&constraints[i])).expect("at least one constraint");
+    let mut driver = constraints.swap_remove(smallest);
+    let walked: Positions<'a> = if driver.len() == 1 {
+        walk(driver.pop().expect("one list"), direction)
+    } else {
+        Box::new(Merge::new(driver.into_iter().map(|l| walk(l, direction)).collect(), direction))
     };
-    let any_type = item.types.is_empty();
-    let others = others.to_vec();
-    Box::new(walk(window(shortest, lo, hi), direction).filter(move |p| {
-        others.iter().all(|l| l.binary_search(p).is_ok()) && (any_type || types.iter().any(|l| l.binary_search(p).is_ok()))
-    }))
+    if constraints.is_empty() {
+        return walked;
+    }
+    Box::new(walked.filter(move |p| constraints.iter().all(|lists| lists.iter().any(|l| l.binary_search(p).is_ok()))))
 }
 
 /// Merges sorted position iterators (all in one direction) into one, in

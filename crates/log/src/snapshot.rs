@@ -1,4 +1,4 @@
-//! The index snapshot (`index.snap`): the index (streams, ids, tags, types) as of a log position,
+//! The index snapshot (`index.snap`): the index (streams, ids, tags, types, categories) as of a log position,
 //! written when the store closes so the next open only scans the log after it.
 //! It is a cache: checked by CRC and against the log, and thrown away (the index
 //! is then rebuilt from the whole log) whenever anything about it is off.
@@ -13,9 +13,9 @@ use crate::index::{Index, StreamEntry};
 use crate::segment::sync_dir;
 
 const MAGIC: &[u8; 8] = b"CAIRNIDX";
-/// 2: adds the tag and event-type indexes. A snapshot of another version is
-/// ignored (the index is rebuilt from the log), never misread.
-const VERSION: u32 = 2;
+/// 2 added the tag and event-type indexes, 3 the category index. A snapshot
+/// of another version is ignored (the index is rebuilt from the log), never misread.
+pub const VERSION: u32 = 3;
 pub const FILE: &str = "index.snap";
 
 pub fn write(dir: &Path, index: &Index, head: u64) -> Result<(), StoreError> {
@@ -45,7 +45,7 @@ pub fn write(dir: &Path, index: &Index, head: u64) -> Result<(), StoreError> {
         w.put(&id.to_le_bytes()).map_err(io)?;
         w.put(&p.to_le_bytes()).map_err(io)?;
     }
-    for map in [&index.tags, &index.types] {
+    for map in [&index.tags, &index.types, &index.categories] {
         w.put(&(map.len() as u64).to_le_bytes()).map_err(io)?;
         for (key, positions) in map {
             w.put(&(key.len() as u32).to_le_bytes()).map_err(io)?;
@@ -113,9 +113,8 @@ pub fn read(dir: &Path) -> Option<(Index, u64)> {
         let id = u128::from_le_bytes(take(16)?.try_into().unwrap());
         index.ids.insert(id, u64_at(take(8)?));
     }
-    for tags in [true, false] {
+    for map in [&mut index.tags, &mut index.types, &mut index.categories] {
         let keys = u64_at(take(8)?);
-        let map = if tags { &mut index.tags } else { &mut index.types };
         map.reserve(keys.min(1 << 24) as usize);
         for _ in 0..keys {
             let n = u32_at(take(4)?) as usize;

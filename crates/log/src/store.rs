@@ -463,7 +463,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tag_and_type_indexes_survive_reopen_and_an_old_snapshot_is_rebuilt() {
+    async fn tag_type_and_category_indexes_survive_reopen_and_an_old_snapshot_is_rebuilt() {
         use cairn_core::{Query, ReadAllOptions};
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path()).unwrap();
@@ -471,35 +471,42 @@ mod tests {
             store.append(&format!("s-{}", i % 3), ExpectedVersion::Any, vec![ev(i).with_tags([format!("t:{}", i % 2)])]).await.unwrap();
         }
         let positions = |events: Vec<cairn_core::RecordedEvent>| events.iter().map(|e| e.position).collect::<Vec<_>>();
+        store.append("t-1", ExpectedVersion::Any, vec![ev(10)]).await.unwrap();
         let tagged = positions(store.read_query(&Query::tags(["t:1"]), ReadAllOptions::forward()).await.unwrap());
         let typed = positions(store.read_query(&Query::types(["MoneyDeposited"]), ReadAllOptions::forward()).await.unwrap());
-        assert_eq!((tagged.len(), typed.len()), (5, 10));
+        let in_s = positions(store.read_category("s", ReadAllOptions::forward()).await.unwrap());
+        assert_eq!((tagged.len(), typed.len(), in_s.len()), (5, 11, 10));
         drop(store);
         let check = |store: &EmbeddedStore| {
             let store = store.clone();
-            let (tagged, typed) = (tagged.clone(), typed.clone());
+            let (tagged, typed, in_s) = (tagged.clone(), typed.clone(), in_s.clone());
             async move {
                 assert_eq!(positions(store.read_query(&Query::tags(["t:1"]), ReadAllOptions::forward()).await.unwrap()), tagged);
                 assert_eq!(positions(store.read_query(&Query::types(["MoneyDeposited"]), ReadAllOptions::forward()).await.unwrap()), typed);
+                assert_eq!(positions(store.read_category("s", ReadAllOptions::forward()).await.unwrap()), in_s);
+                assert_eq!(store.read_category("t", ReadAllOptions::forward()).await.unwrap().len(), 1);
             }
         };
         let store = EmbeddedStore::open(dir.path()).unwrap();
         assert!(store.open_report().from_snapshot);
         check(&store).await;
         drop(store);
-        // A snapshot of format version 1 (no tag or type index) with a valid
-        // CRC: ignored, and the index is rebuilt from the log.
-        let path = dir.path().join(snapshot::FILE);
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
-        let body = bytes.len() - 4;
-        let crc = crc32c::crc32c(&bytes[..body]);
-        bytes[body..].copy_from_slice(&crc.to_le_bytes());
-        std::fs::write(&path, &bytes).unwrap();
-        let store = EmbeddedStore::open(dir.path()).unwrap();
-        assert!(!store.open_report().from_snapshot, "a snapshot of another format version is not used");
-        check(&store).await;
-        drop(store);
+        // A snapshot of an older format version (1: no tag or type index, 2:
+        // no category index) with a valid CRC: ignored, and the index is
+        // rebuilt from the log.
+        for old in 1..snapshot::VERSION {
+            let path = dir.path().join(snapshot::FILE);
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes[8..12].copy_from_slice(&old.to_le_bytes());
+            let body = bytes.len() - 4;
+            let crc = crc32c::crc32c(&bytes[..body]);
+            bytes[body..].copy_from_slice(&crc.to_le_bytes());
+            std::fs::write(&path, &bytes).unwrap();
+            let store = EmbeddedStore::open(dir.path()).unwrap();
+            assert!(!store.open_report().from_snapshot, "a snapshot of format version {old} is not used");
+            check(&store).await;
+            drop(store);
+        }
         // `cairn reindex` rebuilds them too.
         let report = EmbeddedStore::reindex(dir.path()).unwrap();
         assert!(!report.from_snapshot);

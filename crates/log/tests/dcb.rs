@@ -2,7 +2,8 @@
 //!
 //! - A model-based property test: random histories of tagged appends,
 //!   conditional appends, metadata changes, deletes and reopens (from the
-//!   snapshot, and rebuilt from the log alone); every query read and every
+//!   snapshot, rebuilt from the log alone, and after `reindex`); every query
+//!   read (tags, types, categories), every category read and every
 //!   condition's outcome must agree with `Query::matches` applied to the log.
 //! - The course race: 32 tasks subscribe students to a course of capacity 30
 //!   with conditional appends; exactly 30 succeed, every time, over 100 rounds.
@@ -19,7 +20,10 @@ use cairn_log::{EmbeddedStore, Options};
 use proptest::prelude::*;
 use uuid::Uuid;
 
-const STREAMS: [&str; 3] = ["course-a", "course-b", "student-c"];
+/// Categories: `course` (three streams: the first `-` counts), `student`,
+/// `courses` (not `course`); `course` has none.
+const STREAMS: [&str; 6] = ["course-a", "course-b", "student-c", "course-a-b", "courses-x", "course"];
+const CATEGORIES: [&str; 4] = ["course", "student", "courses", "nobody"];
 const TYPES: [&str; 3] = ["CourseDefined", "StudentSubscribed", "StudentUnsubscribed"];
 const TAGS: [&str; 5] = ["course:1", "course:2", "student:1", "student:2", "student:3"];
 
@@ -44,6 +48,8 @@ struct Item {
     /// Bit i: TYPES[i] is one of the item's types.
     types: u8,
     tags: Vec<usize>,
+    /// Bit i: CATEGORIES[i] is one of the item's categories.
+    categories: u8,
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +73,8 @@ enum Op {
     Reopen,
     /// Reopen without the index snapshot: the index is rebuilt from the log.
     Rebuild,
+    /// `EmbeddedStore::reindex`, then reopen.
+    Reindex,
 }
 
 fn ev() -> impl Strategy<Value = Ev> {
@@ -75,8 +83,9 @@ fn ev() -> impl Strategy<Value = Ev> {
 }
 
 fn item() -> impl Strategy<Value = Item> {
-    (prop_oneof![2 => Just(0u8), 1 => 1u8..8], prop::collection::vec(0..TAGS.len(), 0..=2))
-        .prop_map(|(types, tags)| Item { types, tags })
+    let categories = prop_oneof![3 => Just(0u8), 1 => Just(1u8), 1 => 1u8..16];
+    (prop_oneof![2 => Just(0u8), 1 => 1u8..8], prop::collection::vec(0..TAGS.len(), 0..=2), categories)
+        .prop_map(|(types, tags, categories)| Item { types, tags, categories })
 }
 
 fn at() -> impl Strategy<Value = At> {
@@ -102,13 +111,15 @@ fn op() -> impl Strategy<Value = Op> {
         1 => s.prop_map(|s| Op::Delete { s }),
         1 => Just(Op::Reopen),
         1 => Just(Op::Rebuild),
+        1 => Just(Op::Reindex),
     ]
 }
 
 fn to_query(items: &[Item]) -> Query {
     Query::new(items.iter().map(|i| {
         let types = (0..TYPES.len()).filter(|t| i.types & (1 << t) != 0).map(|t| TYPES[t]);
-        QueryItem::types(types).with_tags(i.tags.iter().map(|t| TAGS[*t]))
+        let categories = (0..CATEGORIES.len()).filter(|c| i.categories & (1 << c) != 0).map(|c| CATEGORIES[c]);
+        QueryItem::types(types).with_tags(i.tags.iter().map(|t| TAGS[*t])).with_categories(categories)
     }))
 }
 
@@ -136,7 +147,7 @@ impl Logged {
         Logged { position: e.position.0, id: e.id, stream: e.stream.clone(), event_type: e.event_type.clone(), tags: e.tags.clone() }
     }
     fn matches(&self, query: &Query) -> bool {
-        !self.stream.starts_with('$') && query.matches(&self.event_type, &self.tags)
+        query.matches(&self.stream, &self.event_type, &self.tags)
     }
 }
 
@@ -194,12 +205,15 @@ impl Model {
     }
 }
 
-/// Queries compared after every step: each tag, each type, everything, and mixes.
+/// Queries compared after every step: each tag, each type, each category,
+/// everything, and mixes.
 fn probes() -> Vec<Query> {
     let mut probes: Vec<Query> = TAGS.iter().map(|t| Query::tags([*t])).collect();
     probes.extend(TYPES.iter().map(|t| Query::types([*t])));
+    probes.extend(CATEGORIES.iter().map(|c| Query::category(*c)));
     probes.push(Query::all());
     probes.push(Query::tags([TAGS[0], TAGS[2]]).or(QueryItem::types([TYPES[0]]).with_tags([TAGS[1]])));
+    probes.push(Query::from(QueryItem::categories([CATEGORIES[0]]).with_types([TYPES[1]])).or(QueryItem::categories(["student", "courses"]).with_tags([TAGS[2]])));
     probes
 }
 
@@ -210,6 +224,12 @@ async fn check_probes(store: &EmbeddedStore, model: &Model, step: &str) {
         for options in [ReadAllOptions::forward(), ReadAllOptions::backward()] {
             let got: Vec<u64> = store.read_query(&q, options).await.unwrap().iter().map(|e| e.position.0).collect();
             assert_eq!(got, model.read(&q, &options), "{step}: probe {q:?} {:?}", options.direction);
+        }
+    }
+    for c in CATEGORIES {
+        for options in [ReadAllOptions::forward(), ReadAllOptions::backward().limit(3)] {
+            let got: Vec<u64> = store.read_category(c, options).await.unwrap().iter().map(|e| e.position.0).collect();
+            assert_eq!(got, model.read(&Query::category(c), &options), "{step}: category {c} {options:?}");
         }
     }
 }
@@ -266,13 +286,15 @@ async fn run(dir: &Path, ops: Vec<Op>) {
                 let _ = store.delete_stream(STREAMS[*s], ExpectedVersion::Any, false).await;
                 model.sync(&store, &[], &step).await;
             }
-            Op::Reopen | Op::Rebuild => {
+            Op::Reopen | Op::Rebuild | Op::Reindex => {
                 drop(store);
-                if matches!(op, Op::Rebuild) {
-                    let _ = std::fs::remove_file(dir.join("index.snap"));
+                match op {
+                    Op::Rebuild => { let _ = std::fs::remove_file(dir.join("index.snap")); }
+                    Op::Reindex => assert!(!reindex(dir).from_snapshot, "{step}: reindex rebuilds from the log"),
+                    _ => {}
                 }
                 store = crate::common::reopen(dir, options()).unwrap();
-                assert_eq!(store.open_report().from_snapshot, matches!(op, Op::Reopen), "{step}");
+                assert_eq!(store.open_report().from_snapshot, !matches!(op, Op::Rebuild), "{step}");
             }
         }
         check_probes(&store, &model, &step).await;
@@ -292,6 +314,18 @@ async fn run(dir: &Path, ops: Vec<Op>) {
         model.sync(&store, &[live], "live").await;
         if model.log.last().unwrap().matches(&q) {
             assert_eq!(next(&mut sub).await.position, r.position, "subscription to {q:?}: then live");
+        }
+    }
+}
+
+/// `EmbeddedStore::reindex`, retried while a child process another test is
+/// spawning still shares the lock (see `common::reopen`).
+fn reindex(dir: &Path) -> cairn_log::OpenReport {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match EmbeddedStore::reindex(dir) {
+            Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            other => return other.unwrap(),
         }
     }
 }
@@ -376,16 +410,19 @@ async fn course_capacity_holds_under_racing_subscriptions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conditions_see_the_events_of_their_own_group() {
     let (store, _dir) = crate::common::fresh();
-    for round in 0..20 {
+    for round in 0..40 {
+        // Even rounds: a tag query; odd rounds: a category query.
         let tag = format!("seat:{round}");
-        let q = Query::tags([tag.as_str()]);
+        let category = format!("seat{round}");
+        let q = if round % 2 == 0 { Query::tags([tag.as_str()]) } else { Query::category(category.as_str()) };
         let last = store.last_position().await.unwrap();
         let condition = AppendCondition::new(q.clone(), last);
         // Sent together: they almost always share one group.
         let seat = |n: u32| NewEvent::json("SeatTaken", &serde_json::json!({ "n": n })).unwrap().with_tags([tag.clone()]);
+        let (sa, sb) = (format!("{category}-a"), format!("{category}-b"));
         let (a, b, plain) = tokio::join!(
-            store.append_if("a", ExpectedVersion::Any, vec![seat(1)], condition.clone()),
-            store.append_if("b", ExpectedVersion::Any, vec![seat(2)], condition.clone()),
+            store.append_if(&sa, ExpectedVersion::Any, vec![seat(1)], condition.clone()),
+            store.append_if(&sb, ExpectedVersion::Any, vec![seat(2)], condition.clone()),
             store.append("c", ExpectedVersion::Any, vec![NewEvent::json("Other", &serde_json::json!({})).unwrap()]),
         );
         plain.expect("an unconditional append in the same group is unaffected");
