@@ -316,3 +316,42 @@ pub trait EventStore: Send + Sync {
         Ok(self.read_all(ReadAllOptions::backward().limit(1)).await?.first().map(|e| e.position))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(version: u64) -> RecordedEvent {
+        RecordedEvent {
+            id: uuid::Uuid::new_v4(),
+            stream: "s".into(),
+            version,
+            position: Position(version),
+            event_type: "T".into(),
+            data: bytes::Bytes::new(),
+            content_type: crate::ContentType::Json,
+            metadata: crate::Metadata::default(),
+            schema_version: 1,
+            tags: Vec::new(),
+            timestamp: crate::Timestamp(0),
+        }
+    }
+
+    #[test]
+    fn filter_skips_passes_errors_and_yields_on_long_skips() {
+        let items = (1..=3000).map(|v| if v == 2000 { Err(crate::StoreError::InvalidArgument("x".into())) } else { Ok(event(v)) });
+        let mut sub = Subscription::new(futures_util::stream::iter(items)).filter(|e| e.version.is_multiple_of(1500));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let (mut got, mut errors, mut pending) = (Vec::new(), 0, 0);
+        loop {
+            match Pin::new(&mut sub).poll_next(&mut cx) {
+                Poll::Ready(Some(Ok(e))) => got.push(e.version),
+                Poll::Ready(Some(Err(_))) => errors += 1,
+                Poll::Ready(None) => break,
+                Poll::Pending => pending += 1,
+            }
+        }
+        assert_eq!((got, errors), (vec![1500, 3000], 1));
+        assert!(pending > 0, "1,499 skipped events in a row: it yields to the executor in between");
+    }
+}
