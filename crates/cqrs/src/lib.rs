@@ -1,0 +1,24 @@
+//! The read side: projections that turn events into read models.
+//!
+//! A projection is a named handler of events. Its read model and its
+//! checkpoint (the position of the last event applied) are written together,
+//! in one transaction, so a crash at any point resumes without missing or
+//! double-applying an event. Read models live in memory ([`MemoryModel`]) or
+//! in a SQLite file whose schema the projection controls ([`SqliteModel`]).
+//! A [`Runner`] follows the store (catch-up, then live), reports its status
+//! and lag, and can be paused, resumed and reset; [`rebuild`] replays a
+//! projection from the start into a fresh model.
+
+mod error;
+mod memory;
+mod runner;
+mod sink;
+mod source;
+mod sqlite;
+
+pub use error::ProjectionError;
+pub use memory::{MemoryModel, MemoryProjection};
+pub use runner::{rebuild, Lag, Progress, Runner, RunnerHandle, State, Status};
+pub use sink::Sink;
+pub use source::Source;
+pub use sqlite::{SqliteModel, SqliteProjection};

@@ -1,0 +1,20 @@
+use cairn_core::{Position, RecordedEvent, Timestamp};
+
+use crate::ProjectionError;
+
+/// A read model with its checkpoint: applies a batch of events and moves the
+/// checkpoint to the batch's last position, all or nothing.
+pub trait Sink: Send + 'static {
+    /// The projection's name (the checkpoint's key).
+    fn name(&self) -> &str;
+
+    /// Position of the last event applied, and when that event was appended.
+    fn checkpoint(&mut self) -> Result<Option<(Position, Timestamp)>, ProjectionError>;
+
+    /// Applies `events` in order and records the last one's position, atomically.
+    /// `checkpoint` may be past the last event (events skipped by the source).
+    fn apply(&mut self, events: &[RecordedEvent], checkpoint: (Position, Timestamp)) -> Result<(), ProjectionError>;
+
+    /// Empties the read model and forgets the checkpoint.
+    fn reset(&mut self) -> Result<(), ProjectionError>;
+}

@@ -1,0 +1,4 @@
+//! One test binary for the read side.
+mod common;
+mod crash;
+mod projections;
