@@ -13,11 +13,11 @@ use cairn_log::EmbeddedStore;
 use clap::Args;
 use uuid::Uuid;
 
-const ALL: [&str; 6] = ["W1", "W1c", "W2", "W3", "W4", "W5"];
+const ALL: [&str; 7] = ["W1", "W1c", "W2", "W3", "W4", "W5", "W6"];
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Workloads to run, in order (default: W1 W1c W2 W3 W4 W5). W4 reads what the others wrote.
+    /// Workloads to run, in order (default: W1 W1c W2 W3 W4 W5 W6; also D1 D2). W4 reads what the others wrote.
     pub workloads: Vec<String>,
     /// Storage backend (only `embedded` so far).
     #[arg(long, default_value = "embedded")]
@@ -38,13 +38,13 @@ pub struct BenchArgs {
 }
 
 /// A `MoneyDeposited` event of about 150 bytes with ordinary metadata.
-fn deposit(amount: u64, correlation: Uuid) -> NewEvent {
+pub fn deposit(amount: u64, correlation: Uuid) -> NewEvent {
     let data = serde_json::json!({"amount": amount, "currency": "EUR", "note": "salary for November, paid by ACME Widgets Ltd, ref 2026-11"});
     let metadata = Metadata { correlation_id: Some(correlation), causation_id: Some(Uuid::now_v7()), ..Default::default() };
     NewEvent::json("MoneyDeposited", &data).expect("serialisable").with_metadata(metadata)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> u128 {
+pub fn percentile(sorted: &[Duration], p: f64) -> u128 {
     if sorted.is_empty() { return 0; }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize].as_micros()
 }
@@ -112,7 +112,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             "W2" => w2(&store, scaled(100_000, s), args.w2_tasks).await?,
             "W3" => w3(&store, scaled(10_000, s)).await?,
             "W4" => w4(&store, scaled(120_000, s)).await?,
-            "W5" => w5(&store, scaled(10, s)).await?,
+            "W5" => format!("{}\n{}", w5(&store, scaled(10, s)).await?, crate::bench_cqrs::w5_projection(&store, scaled(10, s)).await?),
+            "W6" => crate::bench_cqrs::w6(&store, scaled(1_000_000, s), tmp.path()).await?,
             "D1" | "D2" => crate::bench_dcb::run(&store, w, s).await?,
             _ => unreachable!(),
         };

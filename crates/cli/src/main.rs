@@ -1,6 +1,7 @@
 //! `cairn`: the command-line tool. It parses arguments and calls the libraries.
 
 mod bench;
+mod bench_cqrs;
 mod bench_dcb;
 mod census;
 mod commands;
