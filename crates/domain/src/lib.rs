@@ -7,6 +7,9 @@
 //! answers temporal questions: the state at a version, position or time, the full
 //! history as (event, state after) pairs, and what-if branches kept in memory.
 //!
+//! A [`Dispatcher`] routes typed commands to their aggregates, keeping invalid
+//! input, rejected commands and concurrency conflicts apart.
+//!
 //! Rules that span entities use a [`Decider`]: [`DecisionModel`]s declare the
 //! tag query they need and a fold; the decider appends on the condition that
 //! nothing matching their combined query changed since it read.
@@ -19,6 +22,7 @@ mod aggregate;
 mod census;
 mod codec;
 mod decision;
+mod dispatch;
 mod error;
 mod repository;
 mod snapshot;
@@ -29,6 +33,7 @@ pub use aggregate::{Aggregate, DomainEvent};
 pub use census::{census, Census};
 pub use codec::{EventCodec, Upcasted};
 pub use decision::{Decided, Decider, DecisionModel, DecisionModels, DecisionOutcome};
+pub use dispatch::{DispatchError, Dispatched, Dispatcher, Invalid, Validate};
 pub use error::{DecodeError, RepositoryError};
 pub use repository::{CommandContext, Executed, Loaded, Repository, RetryPolicy};
 pub use snapshot::SnapshotPolicy;

@@ -2,6 +2,7 @@
 mod bank;
 mod common;
 mod decisions;
+mod dispatch;
 mod repository;
 mod snapshots;
 mod travel;

@@ -158,3 +158,33 @@ pub fn money(amount: u64, currency: &str) -> String {
 pub fn cents(amount: u64) -> String {
     format!("{}.{:02}", amount / 100, amount % 100)
 }
+
+impl cairn_domain::Validate for Command {
+    /// Input checks that need no state; the rules that do stay in `decide`.
+    fn validate(&self) -> Result<(), cairn_domain::Invalid> {
+        use cairn_domain::Invalid;
+        let currency = |c: &str| {
+            if c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase()) {
+                Ok(())
+            } else {
+                Err(Invalid::new("currency", format!("{c:?} is not a three-letter ISO 4217 code such as EUR")))
+            }
+        };
+        match self {
+            Command::Open { owner, currency: c } => {
+                if owner.trim().is_empty() {
+                    return Err(Invalid::new("owner", "an account needs an owner's name"));
+                }
+                currency(c)
+            }
+            Command::Deposit { amount, currency: c, .. } => {
+                if *amount == 0 {
+                    return Err(Invalid::new("amount", "must be greater than zero"));
+                }
+                currency(c)
+            }
+            Command::Withdraw { amount } if *amount == 0 => Err(Invalid::new("amount", "must be greater than zero")),
+            Command::Withdraw { .. } | Command::Close => Ok(()),
+        }
+    }
+}
