@@ -6,6 +6,7 @@ mod bench_dcb;
 mod census;
 mod commands;
 mod demo;
+mod demo_orders;
 mod output;
 mod tour;
 
@@ -41,7 +42,8 @@ enum Command {
         #[arg(long)]
         keep: Option<PathBuf>,
     },
-    /// A narrated demo on a fresh store: `bank` (aggregates) or `courses` (tags and conditions).
+    /// A narrated demo on a fresh store: `bank` (aggregates), `courses` (tags and conditions)
+    /// or `orders` (projections, consumers, read models; notification vs event-carried state).
     Demo {
         #[arg(value_enum, default_value = "bank")]
         which: Demo,
@@ -80,6 +82,8 @@ enum Demo {
     Bank,
     /// Course subscriptions: rules across entities with tags and conditional appends, raced.
     Courses,
+    /// The order flow: independent consumers with checkpoints, lag, read models; the insurance quote.
+    Orders,
 }
 
 fn main() -> ExitCode {
@@ -97,6 +101,7 @@ fn main() -> ExitCode {
             Command::Tour { keep } => tour::run(keep).await,
             Command::Demo { which: Demo::Bank } => demo::run_bank().await,
             Command::Demo { which: Demo::Courses } => demo::run_courses().await,
+            Command::Demo { which: Demo::Orders } => demo_orders::run().await,
             Command::Census => census::run(&ctx).await,
             Command::Append(a) => commands::append(&ctx, a).await,
             Command::Read(a) => commands::read(&ctx, a).await,

@@ -91,6 +91,12 @@ pub struct Dispatched {
     pub attempts: u32,
 }
 
+/// A command type's name without its module path (`PlaceOrder`).
+fn command_name<C>() -> &'static str {
+    let full = type_name::<C>();
+    full.rsplit("::").next().unwrap_or(full)
+}
+
 type Pending<'a> = Pin<Box<dyn Future<Output = Result<Dispatched, DispatchError>> + Send + 'a>>;
 
 /// One route, erased to its command type.
@@ -101,7 +107,7 @@ trait Route<C>: Send + Sync {
 impl<A: Aggregate> Route<A::Command> for Repository<A> {
     fn handle<'a>(&'a self, id: &'a str, command: &'a A::Command, context: CommandContext) -> Pending<'a> {
         Box::pin(async move {
-            let name = type_name::<A::Command>();
+            let name = command_name::<A::Command>();
             match self.execute_with(id, command, &context).await {
                 Ok(done) => Ok(Dispatched {
                     stream: A::stream_name(id),
@@ -158,7 +164,7 @@ impl Dispatcher {
         command: &C,
         context: CommandContext,
     ) -> Result<Dispatched, DispatchError> {
-        let name = type_name::<C>();
+        let name = command_name::<C>();
         command.validate().map_err(|invalid| DispatchError::Invalid { command: name, invalid })?;
         let route = self
             .routes
