@@ -19,6 +19,6 @@ mod sqlite;
 pub use error::ProjectionError;
 pub use memory::{MemoryModel, MemoryProjection};
 pub use runner::{rebuild, Lag, Progress, Runner, RunnerHandle, State, Status};
-pub use sink::Sink;
+pub use sink::{Requested, Sink};
 pub use source::Source;
-pub use sqlite::{SqliteModel, SqliteProjection};
+pub use sqlite::{request, stored_checkpoints, SqliteModel, SqliteProjection, StoredCheckpoint};

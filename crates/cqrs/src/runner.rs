@@ -55,6 +55,9 @@ enum Control {
     Stop,
 }
 
+/// How often a runner reads the requests stored with its read model.
+const REQUEST_POLL: Duration = Duration::from_millis(250);
+
 /// Follows the store for one projection: from its checkpoint, catch-up then live.
 pub struct Runner {
     store: Arc<dyn EventStore>,
@@ -123,77 +126,89 @@ impl Runner {
         applied: &watch::Sender<Option<Position>>,
         mut control: watch::Receiver<Control>,
     ) -> Result<(), ProjectionError> {
-        let checkpoint = self.sink.checkpoint()?;
-        {
-            let mut s = status.lock().unwrap();
-            s.position = checkpoint.map(|c| c.0);
-            s.last_event_time = checkpoint.map(|c| c.1);
-        }
-        applied.send_replace(checkpoint.map(|c| c.0));
-        let from = checkpoint.map_or(StartFrom::Start, |(p, _)| StartFrom::After(p.0));
-        let mut sub = self.store.subscribe(self.source.target(), from).await?;
-        let mut batch: Vec<RecordedEvent> = Vec::with_capacity(self.batch);
-        loop {
-            let wanted = *control.borrow_and_update();
-            match wanted {
-                Control::Stop => return Ok(()),
-                Control::Pause => {
+        // Requests stored with the read model by other processes are polled this often.
+        let mut poll = tokio::time::interval(REQUEST_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        'subscribe: loop {
+            let checkpoint = self.sink.checkpoint()?;
+            {
+                let mut s = status.lock().unwrap();
+                s.position = checkpoint.map(|c| c.0);
+                s.last_event_time = checkpoint.map(|c| c.1);
+            }
+            applied.send_replace(checkpoint.map(|c| c.0));
+            let from = checkpoint.map_or(StartFrom::Start, |(p, _)| StartFrom::After(p.0));
+            let mut sub = self.store.subscribe(self.source.target(), from).await?;
+            let mut batch: Vec<RecordedEvent> = Vec::with_capacity(self.batch);
+            loop {
+                let wanted = *control.borrow_and_update();
+                if wanted == Control::Stop {
+                    return Ok(());
+                }
+                let requested = self.sink.requested()?;
+                if requested.reset {
+                    self.sink.reset()?;
+                    continue 'subscribe;
+                }
+                if wanted == Control::Pause || requested.paused {
                     status.lock().unwrap().state = State::Paused;
-                    if control.changed().await.is_err() {
-                        return Ok(());
+                    tokio::select! {
+                        changed = control.changed() => if changed.is_err() { return Ok(()) },
+                        _ = poll.tick() => {}
                     }
                     continue;
                 }
-                Control::Run => {
+                {
                     let mut s = status.lock().unwrap();
                     if s.state == State::Paused {
                         s.state = State::CatchingUp;
                     }
                 }
-            }
-            let first = tokio::select! {
-                next = sub.next() => next,
-                _ = control.changed() => continue,
-            };
-            let Some(first) = first else { return Ok(()) };
-            let first = first?;
-            // Take what is already there, up to a batch, without waiting.
-            batch.clear();
-            let mut checkpoint = (first.position, first.timestamp);
-            if self.source.wants(&first) {
-                batch.push(first);
-            }
-            let (mut taken, mut caught_up, mut ended) = (1, false, false);
-            while taken < self.batch {
-                match sub.next().now_or_never() {
-                    Some(Some(Ok(e))) => {
-                        checkpoint = (e.position, e.timestamp);
-                        if self.source.wants(&e) {
-                            batch.push(e);
+                let first = tokio::select! {
+                    next = sub.next() => next,
+                    _ = control.changed() => continue,
+                    _ = poll.tick() => continue,
+                };
+                let Some(first) = first else { return Ok(()) };
+                let first = first?;
+                // Take what is already there, up to a batch, without waiting.
+                batch.clear();
+                let mut checkpoint = (first.position, first.timestamp);
+                if self.source.wants(&first) {
+                    batch.push(first);
+                }
+                let (mut taken, mut caught_up, mut ended) = (1, false, false);
+                while taken < self.batch {
+                    match sub.next().now_or_never() {
+                        Some(Some(Ok(e))) => {
+                            checkpoint = (e.position, e.timestamp);
+                            if self.source.wants(&e) {
+                                batch.push(e);
+                            }
+                            taken += 1;
                         }
-                        taken += 1;
-                    }
-                    Some(Some(Err(e))) => return Err(e.into()),
-                    Some(None) => {
-                        ended = true;
-                        break;
-                    }
-                    None => {
-                        caught_up = true;
-                        break;
+                        Some(Some(Err(e))) => return Err(e.into()),
+                        Some(None) => {
+                            ended = true;
+                            break;
+                        }
+                        None => {
+                            caught_up = true;
+                            break;
+                        }
                     }
                 }
-            }
-            self.sink.apply(&batch, checkpoint)?;
-            let mut s = status.lock().unwrap();
-            s.position = Some(checkpoint.0);
-            s.last_event_time = Some(checkpoint.1);
-            s.applied += batch.len() as u64;
-            s.state = if caught_up { State::Live } else { State::CatchingUp };
-            drop(s);
-            applied.send_replace(Some(checkpoint.0));
-            if ended {
-                return Ok(());
+                self.sink.apply(&batch, checkpoint)?;
+                let mut s = status.lock().unwrap();
+                s.position = Some(checkpoint.0);
+                s.last_event_time = Some(checkpoint.1);
+                s.applied += batch.len() as u64;
+                s.state = if caught_up { State::Live } else { State::CatchingUp };
+                drop(s);
+                applied.send_replace(Some(checkpoint.0));
+                if ended {
+                    return Ok(());
+                }
             }
         }
     }

@@ -17,4 +17,19 @@ pub trait Sink: Send + 'static {
 
     /// Empties the read model and forgets the checkpoint.
     fn reset(&mut self) -> Result<(), ProjectionError>;
+
+    /// What an operator asked of this projection from outside the process
+    /// (`cairn projections pause|resume|reset`), read between batches.
+    fn requested(&mut self) -> Result<Requested, ProjectionError> {
+        Ok(Requested::default())
+    }
+}
+
+/// Requests stored with a read model by another process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Requested {
+    /// Stay paused until this is cleared.
+    pub paused: bool,
+    /// Empty the model and replay from the start (cleared by the reset).
+    pub reset: bool,
 }

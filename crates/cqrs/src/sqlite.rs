@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 use cairn_core::{Position, RecordedEvent, Timestamp};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use crate::{ProjectionError, Sink};
+use crate::{ProjectionError, Requested, Sink};
 
 /// A projection into tables of a SQLite file: plain SQL, a schema the
 /// projection owns. Each batch of events and the checkpoint commit in one
@@ -37,6 +37,11 @@ fn open(path: &Path) -> rusqlite::Result<Connection> {
              position INTEGER NOT NULL,
              event_time INTEGER NOT NULL,
              updated_at INTEGER NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS cairn_control (
+             projection TEXT PRIMARY KEY,
+             paused INTEGER NOT NULL DEFAULT 0,
+             reset INTEGER NOT NULL DEFAULT 0
          )",
     )?;
     Ok(conn)
@@ -121,6 +126,14 @@ impl<P: SqliteProjection> Sink for SqliteModel<P> {
         tx.commit().map_err(sql)
     }
 
+    fn requested(&mut self) -> Result<Requested, ProjectionError> {
+        self.conn
+            .prepare_cached("SELECT paused, reset FROM cairn_control WHERE projection = ?1")
+            .and_then(|mut s| s.query_row(params![self.projection.name()], |r| Ok(Requested { paused: r.get(0)?, reset: r.get(1)? })).optional())
+            .map(Option::unwrap_or_default)
+            .map_err(|source| self.sql(source))
+    }
+
     fn reset(&mut self) -> Result<(), ProjectionError> {
         // The projection owns its schema, so a reset starts from an empty file.
         let fresh = open(&self.path.with_extension("resetting")).map_err(|source| self.sql(source))?;
@@ -139,4 +152,61 @@ impl<P: SqliteProjection> Sink for SqliteModel<P> {
         }
         Ok(())
     }
+}
+
+/// A projection's checkpoint row in a SQLite read model file, for operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCheckpoint {
+    pub projection: String,
+    pub position: Position,
+    /// Append time of the last event applied.
+    pub event_time: Timestamp,
+    /// When the checkpoint last moved.
+    pub updated_at: Timestamp,
+    pub requested: Requested,
+}
+
+fn open_existing(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// The checkpoints held by the read model file at `path` (one per projection).
+pub fn stored_checkpoints(path: &Path) -> Result<Vec<StoredCheckpoint>, ProjectionError> {
+    let sql = |source| ProjectionError::Sqlite { projection: path.display().to_string(), source };
+    let conn = open_existing(path).map_err(sql)?;
+    let mut stmt = conn
+        .prepare(
+            "SELECT c.projection, c.position, c.event_time, c.updated_at, COALESCE(k.paused, 0), COALESCE(k.reset, 0)
+             FROM cairn_checkpoints c LEFT JOIN cairn_control k ON k.projection = c.projection ORDER BY c.projection",
+        )
+        .map_err(sql)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(StoredCheckpoint {
+                projection: r.get(0)?,
+                position: Position(r.get::<_, i64>(1)? as u64),
+                event_time: Timestamp(r.get(2)?),
+                updated_at: Timestamp(r.get(3)?),
+                requested: Requested { paused: r.get(4)?, reset: r.get(5)? },
+            })
+        })
+        .map_err(sql)?;
+    rows.collect::<Result<_, _>>().map_err(sql)
+}
+
+/// Stores a request for `projection` in the read model file at `path`; its
+/// runner acts on it within a quarter of a second. `paused`: `Some(true)` to
+/// pause, `Some(false)` to resume; `reset`: empty the model and replay.
+pub fn request(path: &Path, projection: &str, paused: Option<bool>, reset: bool) -> Result<(), ProjectionError> {
+    let sql = |source| ProjectionError::Sqlite { projection: projection.to_string(), source };
+    let conn = open_existing(path).map_err(sql)?;
+    conn.execute(
+        "INSERT INTO cairn_control (projection, paused, reset) VALUES (?1, COALESCE(?2, 0), ?3)
+         ON CONFLICT (projection) DO UPDATE SET paused = COALESCE(?2, paused), reset = MAX(reset, ?3)",
+        params![projection, paused, reset],
+    )
+    .map_err(sql)?;
+    Ok(())
 }

@@ -149,3 +149,47 @@ async fn a_query_source_sees_only_its_events() {
     assert!(model.read(|b| b.values().all(|v| v.0 > 0)));
     assert_eq!(deposits.len(), model.read(|b| b.len()));
 }
+
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("gave up waiting for {what}");
+}
+
+#[tokio::test]
+async fn an_operator_pauses_resumes_and_resets_a_sqlite_projection_through_its_file() {
+    let (store, dir) = store();
+    let path = dir.path().join("ops.db");
+    write_history(store.as_ref(), 10, 200, 12).await;
+    let model = SqliteModel::open(&path, SqlBalances).unwrap();
+    let reader = model.reader().unwrap();
+    let runner = Runner::new(store.clone(), Source::All, model).spawn();
+    runner.wait_for(store.last_position().await.unwrap().unwrap()).await.unwrap();
+    let rows = cairn_cqrs::stored_checkpoints(&path).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].projection.as_str(), Some(rows[0].position)), ("balances", runner.status().position));
+
+    // Another process (here: another connection) asks for a pause.
+    cairn_cqrs::request(&path, "balances", Some(true), false).unwrap();
+    until("the pause", || runner.status().state == State::Paused).await;
+    write_history(store.as_ref(), 10, 30, 13).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(runner.lag().await.unwrap().events, 30, "nothing applied while paused");
+    assert!(cairn_cqrs::stored_checkpoints(&path).unwrap()[0].requested.paused);
+
+    cairn_cqrs::request(&path, "balances", Some(false), false).unwrap();
+    runner.wait_for(store.last_position().await.unwrap().unwrap()).await.unwrap();
+    assert_eq!(sql_balances(&reader), expected(store.as_ref()).await);
+
+    // A reset empties the model and replays everything into it.
+    let applied = runner.status().applied;
+    cairn_cqrs::request(&path, "balances", None, true).unwrap();
+    until("the replay", || runner.status().applied >= applied + 230).await;
+    runner.wait_for(store.last_position().await.unwrap().unwrap()).await.unwrap();
+    assert_eq!(sql_balances(&SqliteModel::open(&path, SqlBalances).unwrap().reader().unwrap()), expected(store.as_ref()).await);
+    assert!(!cairn_cqrs::stored_checkpoints(&path).unwrap()[0].requested.reset, "the reset clears the request");
+}
