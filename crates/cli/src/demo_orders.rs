@@ -203,11 +203,15 @@ pub(crate) async fn status_table(runners: &[&RunnerHandle]) -> Result<Table> {
 pub async fn run() -> Result<()> {
     let dir = tempfile::Builder::new().prefix("cairn-demo-").tempdir()?;
     println!("Cairn demo: the order flow with CQRS, and notification vs event-carried state (store in {})", dir.path().display());
-    let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path())?);
-    orders(store.clone(), dir.path(), 1).await?;
-    insurance(store, 5).await?;
+    all(Arc::new(EmbeddedStore::open(dir.path())?), dir.path(), 1).await?;
     println!("\nThe code: crates/cli/src/demo_orders.rs; the library: crates/cqrs (projections) and crates/domain (Dispatcher).");
     Ok(())
+}
+
+/// The orders demo then the insurance one on `store` (read models in `dir`), steps numbered from `first`.
+pub async fn all(store: Arc<dyn EventStore>, dir: &std::path::Path, first: usize) -> Result<()> {
+    orders(store.clone(), dir, first).await?;
+    insurance(store, first + 4).await
 }
 
 async fn orders(store: Arc<dyn EventStore>, dir: &std::path::Path, first: usize) -> Result<()> {
@@ -275,7 +279,7 @@ async fn orders(store: Arc<dyn EventStore>, dir: &std::path::Path, first: usize)
     let orders_db = orders.reader()?;
     let orders_runner = Runner::new(store.clone(), Source::category("order"), orders).spawn();
     let bank = Repository::<cairn_example_bank::Account>::new(store.clone());
-    for (who, cents) in [("ada", 1_200_00u64), ("grace", 300_00), ("alan", 75_00)] {
+    for (who, cents) in [("shop-ada", 1_200_00u64), ("shop-grace", 300_00), ("shop-alan", 75_00)] {
         bank.execute(who, &cairn_example_bank::Command::Open { owner: who.into(), currency: "EUR".into() }).await?;
         bank.execute(who, &cairn_example_bank::Command::Deposit { amount: cents, currency: "EUR".into(), note: None }).await?;
     }

@@ -86,8 +86,11 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
     crate::demo::bank(store.clone(), 8).await?;
 
     println!("\n\x1b[1mAnd rules that no single stream can guard: tags and conditional appends.\x1b[0m");
-    crate::demo::courses(store, 18).await?;
+    crate::demo::courses(store.clone(), 18).await?;
 
-    println!("\nNext: `cairn --help`, `cairn demo bank`, `cairn demo courses`, `cairn bench`, and the README.");
+    println!("\n\x1b[1mThe read side: consumers with checkpoints, read models, and two ways to share state.\x1b[0m");
+    crate::demo_orders::all(std::sync::Arc::new(store), &dir, 22).await?;
+
+    println!("\nNext: `cairn --help`, `cairn demo bank|courses|orders`, `cairn bench`, and the README.");
     Ok(())
 }

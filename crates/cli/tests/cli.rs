@@ -103,6 +103,9 @@ fn tour_runs_end_to_end() {
     assert!(out.contains("30 subscribed, 10 refused"), "{out}");
     assert!(out.contains("5 accepted, 3 refused"), "{out}");
     assert!(out.contains("1 accepted, 1 refused"), "{out}");
+    // The read side: consumers, lag, read models, notification vs state transfer.
+    assert!(out.contains("analytics did 9 things") && out.contains("12 confirmations sent"), "{out}");
+    assert!(out.contains("made 3 calls back"), "{out}");
 }
 
 #[test]
@@ -173,4 +176,32 @@ fn bench_dcb_workloads_print_their_lines() {
     assert!(lines[0].starts_with("bench D1 backend=embedded condition=none events=192 "), "{out}");
     assert!(lines[1].starts_with("bench D1 backend=embedded condition=own_tag ") && lines[1].contains("ratio_vs_unconditional="), "{out}");
     assert!(lines[2].starts_with("bench D2 backend=embedded ") && lines[2].contains("matches=100 ") && lines[2].contains(" ms="), "{out}");
+}
+
+#[test]
+fn bench_read_side_workloads_print_their_lines() {
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["bench", "W6", "W5", "--scale", "0.01"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    assert!(lines[0].starts_with("bench W6 backend=embedded model=memory events=10000 ") && lines[0].contains("events_per_s="), "{out}");
+    assert!(lines[1].starts_with("bench W6 backend=embedded model=sqlite events=10000 "), "{out}");
+    assert!(lines[3].starts_with("bench W5 backend=embedded target=projection model=memory events=") && lines[3].contains("p99_us="), "{out}");
+}
+
+#[test]
+fn orders_demo_runs_every_consumer_and_the_query_side() {
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["demo", "orders"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for consumer in ["payment", "email", "inventory", "shipping", "analytics"] {
+        assert!(out.contains(&format!("{consumer:<9} did 9 things")), "{consumer}: {out}");
+    }
+    assert!(out.contains("Paused") && out.contains("3 events"), "the paused consumer's lag: {out}");
+    assert!(out.contains("12 confirmations sent"), "{out}");
+    assert!(out.contains("orders of customer ada (6 rows"), "{out}");
+    assert!(out.contains("account-shop-ada (1200.00 EUR), account-shop-grace (300.00 EUR)") && !out.contains("account-shop-alan ("), "{out}");
+    assert!(out.contains("made 3 calls back") && out.contains("0 calls back"), "{out}");
+    assert!(out.contains("PlaceOrder is invalid: invalid quantity"), "{out}");
 }
