@@ -261,8 +261,13 @@ pub async fn read_all_pages_with_after(store: Store) {
 
 pub async fn invalid_stream_names(store: Store) {
     let long = "x".repeat(STREAM_NAME_BYTES_MAX + 1);
-    for name in ["", "$system", long.as_str(), "bad\nname"] {
+    for name in ["", "$system", long.as_str(), "bad\nname", "$group-", "$parked-$x", "$snapshots-", "$groups"] {
         assert_err!(store.append(name, ExpectedVersion::Any, vec![deposit(1)]).await, StoreError::InvalidStreamName { .. });
+    }
+    // The system families applications write: snapshots and consumer groups.
+    for prefix in crate::WRITABLE_SYSTEM_PREFIXES {
+        let name = format!("{prefix}{}", unique("owner"));
+        store.append(&name, ExpectedVersion::Any, vec![deposit(1)]).await.expect("a writable system stream");
     }
     let longest = format!("{}-{}", Uuid::new_v4().simple(), "y".repeat(STREAM_NAME_BYTES_MAX - 33));
     assert_eq!(longest.len(), STREAM_NAME_BYTES_MAX);

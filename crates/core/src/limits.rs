@@ -134,22 +134,35 @@ pub fn validate_category(category: &str) -> Result<(), String> {
 /// data, so they live among the system (`$`) streams that projections skip.
 pub const SNAPSHOT_STREAM_PREFIX: &str = "$snapshots-";
 
+/// Prefix of the stream that holds a consumer group's acknowledged progress.
+pub const GROUP_STREAM_PREFIX: &str = "$group-";
+
+/// Prefix of a consumer group's dead-letter stream: the events it parked.
+pub const PARKED_STREAM_PREFIX: &str = "$parked-";
+
+/// The system stream families applications may write, each followed by the
+/// name of what it belongs to (a stream, a group), which must be a valid name.
+pub const WRITABLE_SYSTEM_PREFIXES: [&str; 3] = [SNAPSHOT_STREAM_PREFIX, GROUP_STREAM_PREFIX, PARKED_STREAM_PREFIX];
+
 /// Name of the stream that holds the snapshots of `stream`.
 pub fn snapshot_stream_name(stream: &str) -> String {
     format!("{SNAPSHOT_STREAM_PREFIX}{stream}")
 }
 
 /// Checks a user stream name: not empty, at most 256 bytes, no leading `$`
-/// (reserved for system streams) except for snapshot streams, no control characters.
+/// (reserved for system streams) except for the [`WRITABLE_SYSTEM_PREFIXES`]
+/// families, no control characters.
 pub fn validate_stream_name(name: &str) -> Result<(), StoreError> {
-    let owner = name.strip_prefix(SNAPSHOT_STREAM_PREFIX);
-    if let Some(owner) = owner {
-        return validate_stream_name(owner).map_err(|e| match e {
-            StoreError::InvalidStreamName { reason, .. } => {
-                StoreError::InvalidStreamName { name: name.to_string(), reason: format!("the snapshot stream's owner is invalid: {reason}") }
-            }
-            other => other,
-        });
+    for prefix in WRITABLE_SYSTEM_PREFIXES {
+        if let Some(owner) = name.strip_prefix(prefix) {
+            return validate_stream_name(owner).map_err(|e| match e {
+                StoreError::InvalidStreamName { reason, .. } => StoreError::InvalidStreamName {
+                    name: name.to_string(),
+                    reason: format!("the name after '{prefix}' is invalid: {reason}"),
+                },
+                other => other,
+            });
+        }
     }
     let reason = if name.is_empty() {
         Some("a stream name cannot be empty".to_string())

@@ -19,3 +19,23 @@ pub enum ProjectionError {
     #[error("projection '{0}' was stopped")]
     Stopped(String),
 }
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GroupError {
+    /// The group's settings cannot work (an empty name, zero attempts, …).
+    #[error("consumer group settings: {0}")]
+    Invalid(String),
+
+    /// The group's stored progress cannot be read back.
+    #[error("consumer group '{group}': its stored state in {stream} is unreadable: {reason}")]
+    Corrupt { group: String, stream: String, reason: String },
+
+    #[error(transparent)]
+    Store(#[from] StoreError),
+
+    /// The group was stopped before the acknowledgement became durable; the
+    /// event will be delivered again when the group next starts.
+    #[error("consumer group '{0}' was stopped")]
+    Stopped(String),
+}

@@ -7,16 +7,21 @@
 //! in a SQLite file whose schema the projection controls ([`SqliteModel`]).
 //! A [`Runner`] follows the store (catch-up, then live), reports its status
 //! and lag, and can be paused, resumed and reset; [`rebuild`] replays a
-//! projection from the start into a fresh model.
+//! projection from the start into a fresh model. A [`Group`] shares one
+//! subscription among competing workers, with acks, retries and a dead-letter stream.
 
 mod error;
+mod group;
 mod memory;
 mod runner;
 mod sink;
 mod source;
 mod sqlite;
 
-pub use error::ProjectionError;
+pub use error::{GroupError, ProjectionError};
+pub use group::{
+    group_stream_name, parked_stream_name, read_parked, Delivery, Group, GroupConfig, GroupStatus, Nacked, Parked, Worker,
+};
 pub use memory::{MemoryModel, MemoryProjection};
 pub use runner::{rebuild, Lag, Progress, Runner, RunnerHandle, State, Status};
 pub use sink::{Requested, Sink};

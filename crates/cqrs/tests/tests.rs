@@ -1,4 +1,5 @@
 //! One test binary for the read side.
 mod common;
 mod crash;
+mod groups;
 mod projections;
