@@ -128,6 +128,9 @@ struct Saved {
     /// Parked entries up to this one are to be replayed.
     #[serde(default)]
     replay_through: u64,
+    /// What the group follows, for operators' lag figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    source: Option<Source>,
 }
 
 /// An event the group gave up on, as stored in `$parked-<group>`.
@@ -221,6 +224,7 @@ impl State {
             parked_through: self.parked_through,
             parked_done: self.parked_done.iter().copied().collect(),
             replay_through: self.replay_through,
+            source: None,
         }
     }
 
@@ -413,19 +417,26 @@ impl Group {
     }
 }
 
-/// Reads a group's stored progress and its unsettled parked events.
-async fn load(store: &dyn EventStore, group: &str) -> Result<State, GroupError> {
+/// The newest saved state of a group and the version of its stream (0: none).
+async fn load_saved(store: &dyn EventStore, group: &str) -> Result<(Saved, u64), GroupError> {
     let stream = group_stream_name(group);
-    let corrupt = |reason: String| GroupError::Corrupt { group: group.to_string(), stream: stream.clone(), reason };
     let last = match store.read_stream(&stream, ReadStreamOptions::backward().limit(1)).await {
         Ok(events) => events.into_iter().next(),
         Err(StoreError::StreamNotFound { .. }) => None,
         Err(e) => return Err(e.into()),
     };
-    let saved: Saved = match &last {
-        Some(e) => e.json().map_err(|err| corrupt(format!("{err}")))?,
-        None => Saved::default(),
-    };
+    match last {
+        Some(e) => {
+            let saved = e.json().map_err(|err| GroupError::Corrupt { group: group.to_string(), stream, reason: format!("{err}") })?;
+            Ok((saved, e.version))
+        }
+        None => Ok((Saved::default(), 0)),
+    }
+}
+
+/// Reads a group's stored progress and its unsettled parked events.
+async fn load(store: &dyn EventStore, group: &str) -> Result<State, GroupError> {
+    let (saved, _) = load_saved(store, group).await?;
     let mut state = State {
         parked_through: saved.parked_through,
         parked_done: saved.parked_done.into_iter().collect(),
@@ -452,6 +463,51 @@ async fn load(store: &dyn EventStore, group: &str) -> Result<State, GroupError> 
         }
     }
     Ok(state)
+}
+
+/// A group's stored state, read without running it (for operators).
+#[derive(Debug, Clone)]
+pub struct StoredGroup {
+    pub name: String,
+    pub checkpoint: Option<(Position, Timestamp)>,
+    /// What it follows, as it last recorded.
+    pub source: Option<Source>,
+    /// Parked events not yet replayed with success.
+    pub parked: Vec<Parked>,
+    /// How many of those a replay was asked for.
+    pub replay_pending: usize,
+}
+
+/// The stored state of every group in the store, by name.
+pub async fn stored_groups(store: &dyn EventStore) -> Result<Vec<StoredGroup>, GroupError> {
+    let mut out = Vec::new();
+    for info in store.list_streams(GROUP_STREAM_PREFIX, usize::MAX).await? {
+        let Some(name) = info.stream.strip_prefix(GROUP_STREAM_PREFIX) else { continue };
+        let (saved, _) = load_saved(store, name).await?;
+        let state = load(store, name).await?;
+        out.push(StoredGroup {
+            name: name.to_string(),
+            checkpoint: state.checkpoint,
+            source: saved.source,
+            replay_pending: state.parked.range(..=state.replay_through).count(),
+            parked: state.parked.into_values().collect(),
+        });
+    }
+    Ok(out)
+}
+
+/// Asks that a group replay its parked events when it next starts (or now,
+/// if it is running in this process, use [`Group::replay_parked`]). Returns
+/// how many. Fails with a conflict if the group moved on meanwhile.
+pub async fn request_replay(store: &dyn EventStore, group: &str) -> Result<usize, GroupError> {
+    let (mut saved, version) = load_saved(store, group).await?;
+    let state = load(store, group).await?;
+    let Some(&last) = state.parked.keys().next_back() else { return Ok(0) };
+    saved.replay_through = saved.replay_through.max(last);
+    let expected = if version == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(version) };
+    let event = NewEvent::json(CHECKPOINT_TYPE, &saved).expect("group state serialises");
+    store.append(&group_stream_name(group), expected, vec![event]).await?;
+    Ok(state.parked.len())
 }
 
 /// Every entry of a group's dead-letter stream, oldest first.
@@ -573,7 +629,7 @@ async fn write(shared: Arc<Shared>, flushed: watch::Sender<u64>) {
         dirty.as_mut().enable();
         let (change, saved, stopped) = {
             let s = shared.lock();
-            (s.changes, s.saved(), s.stopped)
+            (s.changes, Saved { source: Some(shared.config.source.clone()), ..s.saved() }, s.stopped)
         };
         if change > *flushed.borrow() {
             let event = NewEvent::json(CHECKPOINT_TYPE, &saved).expect("group state serialises");

@@ -20,10 +20,11 @@ mod sqlite;
 
 pub use error::{GroupError, ProjectionError};
 pub use group::{
-    group_stream_name, parked_stream_name, read_parked, Delivery, Group, GroupConfig, GroupStatus, Nacked, Parked, Worker,
+    group_stream_name, parked_stream_name, read_parked, request_replay, stored_groups, Delivery, Group, GroupConfig, GroupStatus,
+    Nacked, Parked, StoredGroup, Worker,
 };
 pub use memory::{MemoryModel, MemoryProjection};
-pub use runner::{rebuild, Lag, Progress, Runner, RunnerHandle, State, Status};
+pub use runner::{lag, rebuild, Lag, Progress, Runner, RunnerHandle, State, Status};
 pub use sink::{Requested, Sink};
 pub use source::Source;
 pub use sqlite::{request, stored_checkpoints, SqliteModel, SqliteProjection, StoredCheckpoint};

@@ -130,6 +130,7 @@ impl Runner {
         let mut poll = tokio::time::interval(REQUEST_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         'subscribe: loop {
+            self.sink.follows(&self.source)?;
             let checkpoint = self.sink.checkpoint()?;
             {
                 let mut s = status.lock().unwrap();

@@ -1,6 +1,6 @@
 use cairn_core::{Position, RecordedEvent, Timestamp};
 
-use crate::ProjectionError;
+use crate::{ProjectionError, Source};
 
 /// A read model with its checkpoint: applies a batch of events and moves the
 /// checkpoint to the batch's last position, all or nothing.
@@ -17,6 +17,12 @@ pub trait Sink: Send + 'static {
 
     /// Empties the read model and forgets the checkpoint.
     fn reset(&mut self) -> Result<(), ProjectionError>;
+
+    /// Records which events the projection follows, so that operators' tools
+    /// can tell its lag without the code (called when a runner starts).
+    fn follows(&mut self, _source: &Source) -> Result<(), ProjectionError> {
+        Ok(())
+    }
 
     /// What an operator asked of this projection from outside the process
     /// (`cairn projections pause|resume|reset`), read between batches.

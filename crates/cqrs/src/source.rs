@@ -1,7 +1,8 @@
 use cairn_core::{EventStore, Position, Query, ReadAllOptions, RecordedEvent, StoreError, SubscriptionTarget};
 
 /// Which events a projection follows.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Source {
     /// Every user event (`$` streams are skipped).
     All,

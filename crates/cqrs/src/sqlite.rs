@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 use cairn_core::{Position, RecordedEvent, Timestamp};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use crate::{ProjectionError, Requested, Sink};
+use crate::{ProjectionError, Requested, Sink, Source};
 
 /// A projection into tables of a SQLite file: plain SQL, a schema the
 /// projection owns. Each batch of events and the checkpoint commit in one
@@ -42,6 +42,10 @@ fn open(path: &Path) -> rusqlite::Result<Connection> {
              projection TEXT PRIMARY KEY,
              paused INTEGER NOT NULL DEFAULT 0,
              reset INTEGER NOT NULL DEFAULT 0
+         );
+         CREATE TABLE IF NOT EXISTS cairn_sources (
+             projection TEXT PRIMARY KEY,
+             source TEXT NOT NULL
          )",
     )?;
     Ok(conn)
@@ -126,6 +130,18 @@ impl<P: SqliteProjection> Sink for SqliteModel<P> {
         tx.commit().map_err(sql)
     }
 
+    fn follows(&mut self, source: &Source) -> Result<(), ProjectionError> {
+        let source = serde_json::to_string(source).expect("a source serialises");
+        self.conn
+            .execute(
+                "INSERT INTO cairn_sources (projection, source) VALUES (?1, ?2)
+                 ON CONFLICT (projection) DO UPDATE SET source = ?2",
+                params![self.projection.name(), source],
+            )
+            .map(drop)
+            .map_err(|source| self.sql(source))
+    }
+
     fn requested(&mut self) -> Result<Requested, ProjectionError> {
         self.conn
             .prepare_cached("SELECT paused, reset FROM cairn_control WHERE projection = ?1")
@@ -164,6 +180,8 @@ pub struct StoredCheckpoint {
     /// When the checkpoint last moved.
     pub updated_at: Timestamp,
     pub requested: Requested,
+    /// Which events it follows, as its runner last recorded.
+    pub source: Option<Source>,
 }
 
 fn open_existing(path: &Path) -> rusqlite::Result<Connection> {
@@ -178,8 +196,11 @@ pub fn stored_checkpoints(path: &Path) -> Result<Vec<StoredCheckpoint>, Projecti
     let conn = open_existing(path).map_err(sql)?;
     let mut stmt = conn
         .prepare(
-            "SELECT c.projection, c.position, c.event_time, c.updated_at, COALESCE(k.paused, 0), COALESCE(k.reset, 0)
-             FROM cairn_checkpoints c LEFT JOIN cairn_control k ON k.projection = c.projection ORDER BY c.projection",
+            "SELECT c.projection, c.position, c.event_time, c.updated_at, COALESCE(k.paused, 0), COALESCE(k.reset, 0), s.source
+             FROM cairn_checkpoints c
+             LEFT JOIN cairn_control k ON k.projection = c.projection
+             LEFT JOIN cairn_sources s ON s.projection = c.projection
+             ORDER BY c.projection",
         )
         .map_err(sql)?;
     let rows = stmt
@@ -190,6 +211,7 @@ pub fn stored_checkpoints(path: &Path) -> Result<Vec<StoredCheckpoint>, Projecti
                 event_time: Timestamp(r.get(2)?),
                 updated_at: Timestamp(r.get(3)?),
                 requested: Requested { paused: r.get(4)?, reset: r.get(5)? },
+                source: r.get::<_, Option<String>>(6)?.and_then(|s| serde_json::from_str(&s).ok()),
             })
         })
         .map_err(sql)?;

@@ -393,3 +393,39 @@ fn kill_group_workers_and_resume() {
     assert!(acked.is_disjoint(&bad));
     eprintln!("groups::kill_group_workers_and_resume: {} acks logged over 8 kills", acked.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_sees_a_stopped_group_and_asks_for_a_replay() {
+    let (store, _dir) = store();
+    let events = write_orders(store.as_ref(), 5, 60).await;
+    let bad: HashSet<Uuid> = events.iter().filter(|e| index(e) % 13 == 5).map(|e| e.id).collect();
+    let config = || fast("analytics", Source::category("order"));
+    let group = Group::start(store.clone(), config()).await.unwrap();
+    run_workers(&group, 2, events.len(), Arc::new(Mutex::new(Seen::default())), false).await;
+    group.stop().await.unwrap();
+
+    let groups = cairn_cqrs::stored_groups(store.as_ref()).await.unwrap();
+    assert_eq!(groups.len(), 1);
+    let g = &groups[0];
+    assert_eq!(g.name, "analytics");
+    assert_eq!(g.checkpoint.map(|c| c.0), Some(events.last().unwrap().position));
+    assert_eq!(g.source, Some(Source::category("order")));
+    assert_eq!(g.parked.iter().map(|p| p.event_id).collect::<HashSet<_>>(), bad);
+    assert_eq!(g.replay_pending, 0);
+
+    assert_eq!(cairn_cqrs::request_replay(store.as_ref(), "analytics").await.unwrap(), bad.len());
+    assert_eq!(cairn_cqrs::stored_groups(store.as_ref()).await.unwrap()[0].replay_pending, bad.len());
+    // The group replays them as it starts, with no call of its own.
+    let group = Group::start(store.clone(), config()).await.unwrap();
+    let worker = group.worker();
+    let mut replayed = HashSet::new();
+    while replayed.len() < bad.len() {
+        let d = tokio::time::timeout(Duration::from_secs(10), worker.next()).await.expect("replays arrive").unwrap();
+        assert!(d.is_replay());
+        replayed.insert(d.event().id);
+        d.ack().await.unwrap();
+    }
+    assert_eq!(replayed, bad);
+    group.stop().await.unwrap();
+    assert!(cairn_cqrs::stored_groups(store.as_ref()).await.unwrap()[0].parked.is_empty());
+}

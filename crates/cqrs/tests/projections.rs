@@ -172,6 +172,7 @@ async fn an_operator_pauses_resumes_and_resets_a_sqlite_projection_through_its_f
     let rows = cairn_cqrs::stored_checkpoints(&path).unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!((rows[0].projection.as_str(), Some(rows[0].position)), ("balances", runner.status().position));
+    assert_eq!(rows[0].source, Some(Source::All), "the file says what the projection follows");
 
     // Another process (here: another connection) asks for a pause.
     cairn_cqrs::request(&path, "balances", Some(true), false).unwrap();
