@@ -9,13 +9,14 @@
 //! transfer** (the event carries the address; the quote service keeps a copy).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use cairn_core::{EventStore, ExpectedVersion, NewEvent, RecordedEvent};
-use cairn_cqrs::{MemoryModel, MemoryProjection, Runner, RunnerHandle, Source, SqliteModel, SqliteProjection};
+use cairn_cqrs::{Group, GroupConfig, MemoryModel, MemoryProjection, Runner, RunnerHandle, Source, SqliteModel, SqliteProjection};
 use cairn_domain::{Aggregate, DomainEvent, Dispatcher, Invalid, Repository, Validate};
 use cairn_log::EmbeddedStore;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
@@ -199,22 +200,107 @@ pub(crate) async fn status_table(runners: &[&RunnerHandle]) -> Result<Table> {
     Ok(table)
 }
 
-/// `cairn demo orders` on a fresh temporary store.
-pub async fn run() -> Result<()> {
-    let dir = tempfile::Builder::new().prefix("cairn-demo-").tempdir()?;
-    println!("Cairn demo: the order flow with CQRS, and notification vs event-carried state (store in {})", dir.path().display());
-    all(Arc::new(EmbeddedStore::open(dir.path())?), dir.path(), 1).await?;
-    println!("\nThe code: crates/cli/src/demo_orders.rs; the library: crates/cqrs (projections) and crates/domain (Dispatcher).");
+/// `cairn demo orders` on a fresh store: a temporary one, or `keep` (which must
+/// not hold one yet), so that `cairn projections status` and `cairn groups
+/// status` can look at it afterwards.
+pub async fn run(keep: Option<PathBuf>) -> Result<()> {
+    let temp = tempfile::Builder::new().prefix("cairn-demo-").tempdir()?;
+    let dir = match &keep {
+        Some(dir) => {
+            if dir.join("log").exists() {
+                anyhow::bail!("{} already holds a Cairn store; the demo needs a fresh one: pass another --keep directory", dir.display());
+            }
+            dir.clone()
+        }
+        None => temp.path().to_path_buf(),
+    };
+    println!("Cairn demo: the order flow with CQRS, and notification vs event-carried state (store in {})", dir.display());
+    all(Arc::new(EmbeddedStore::open(&dir)?), &dir, 1).await?;
+    println!("\nThe code: crates/cli/src/demo_orders.rs; the library: crates/cqrs (projections, consumer groups) and crates/domain (Dispatcher).");
+    if keep.is_some() {
+        println!("The data stays in {0}: try `cairn --data {0} projections status` and `cairn --data {0} groups status`.", dir.display());
+    }
     Ok(())
 }
 
-/// The orders demo then the insurance one on `store` (read models in `dir`), steps numbered from `first`.
-pub async fn all(store: Arc<dyn EventStore>, dir: &std::path::Path, first: usize) -> Result<()> {
-    orders(store.clone(), dir, first).await?;
-    insurance(store, first + 4).await
+/// Where read model files go in a data directory, by convention (`cairn projections` looks there).
+pub fn models_dir(data: &Path) -> PathBuf {
+    data.join("read-models")
 }
 
-async fn orders(store: Arc<dyn EventStore>, dir: &std::path::Path, first: usize) -> Result<()> {
+/// The orders demo then the insurance one on `store` (data in `dir`), steps numbered from `first`.
+pub async fn all(store: Arc<dyn EventStore>, dir: &Path, first: usize) -> Result<()> {
+    orders(store.clone(), dir, first).await?;
+    shipping_group(store.clone(), first + 4).await?;
+    insurance(store, first + 5).await
+}
+
+/// Shipping labels as a consumer group: workers share the events, a failing
+/// order is retried, parked, and replayed once the cause is fixed.
+async fn shipping_group(store: Arc<dyn EventStore>, n: usize) -> Result<()> {
+    step(&format!("{n}. A consumer group: three label printers share the orders; a failing one is retried, parked, replayed"));
+    let config = GroupConfig::new("shipping-labels", Source::category("order"))
+        .pin_streams()
+        .max_attempts(3)
+        .backoff(Duration::from_millis(20), Duration::from_millis(100));
+    let group = Group::start(store.clone(), config).await?;
+    let carrier_fixed = Arc::new(AtomicBool::new(false));
+    let printed: Arc<std::sync::Mutex<BTreeMap<usize, Vec<String>>>> = Default::default();
+    let mut workers = Vec::new();
+    for w in 1..=3 {
+        let (worker, fixed, printed) = (group.worker(), carrier_fixed.clone(), printed.clone());
+        workers.push(tokio::spawn(async move {
+            worker
+                .run(|e| {
+                    let (fixed, printed) = (fixed.clone(), printed.clone());
+                    async move {
+                        if e.stream == "order-1004" && !fixed.load(Ordering::SeqCst) {
+                            return Err("the carrier rejected the address (postcode missing)");
+                        }
+                        printed.lock().unwrap().entry(w).or_default().push(e.stream.clone());
+                        Ok(())
+                    }
+                })
+                .await
+        }));
+    }
+    let settled = |parked: usize| {
+        let group = &group;
+        async move {
+            let s = group.status();
+            Ok::<_, anyhow::Error>(group.lag().await?.events == 0 && s.parked == parked && s.waiting + s.in_flight + s.retrying == 0)
+        }
+    };
+    while !settled(1).await? {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for (w, labels) in printed.lock().unwrap().iter() {
+        println!("   printer {w} printed {} labels ({}…)", labels.len(), labels.iter().take(3).cloned().collect::<Vec<_>>().join(", "));
+    }
+    for p in group.parked() {
+        println!("   parked in $parked-shipping-labels: {}@{} after {} attempts: {}", p.stream, p.version, p.attempts, p.error);
+    }
+    carrier_fixed.store(true, Ordering::SeqCst);
+    let queued = group.replay_parked().await?;
+    while !settled(0).await? {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let labels: Vec<String> = printed.lock().unwrap().values().flatten().cloned().collect();
+    let orders: std::collections::BTreeSet<&String> = labels.iter().collect();
+    println!(
+        "   the carrier fixed its API; {queued} parked order replayed → {} labels for {} orders, {} acks",
+        labels.len(),
+        orders.len(),
+        group.status().acked
+    );
+    group.stop().await?;
+    for w in workers {
+        w.await??;
+    }
+    Ok(())
+}
+
+async fn orders(store: Arc<dyn EventStore>, dir: &Path, first: usize) -> Result<()> {
     let mut n = first;
     let mut next = |title: &str| {
         step(&format!("{n}. {title}"));
@@ -275,7 +361,8 @@ async fn orders(store: Arc<dyn EventStore>, dir: &std::path::Path, first: usize)
     println!("   email resumed from its checkpoint: {} confirmations sent, none twice", models[1].read(|d| d.len()));
 
     next("The query side answers from read models, without replaying events");
-    let orders = SqliteModel::open(dir.join("orders.db"), OrdersByCustomer)?;
+    std::fs::create_dir_all(models_dir(dir))?;
+    let orders = SqliteModel::open(models_dir(dir).join("orders.db"), OrdersByCustomer)?;
     let orders_db = orders.reader()?;
     let orders_runner = Runner::new(store.clone(), Source::category("order"), orders).spawn();
     let bank = Repository::<cairn_example_bank::Account>::new(store.clone());
@@ -283,7 +370,7 @@ async fn orders(store: Arc<dyn EventStore>, dir: &std::path::Path, first: usize)
         bank.execute(who, &cairn_example_bank::Command::Open { owner: who.into(), currency: "EUR".into() }).await?;
         bank.execute(who, &cairn_example_bank::Command::Deposit { amount: cents, currency: "EUR".into(), note: None }).await?;
     }
-    let balances = SqliteModel::open(dir.join("balances.db"), Balances)?;
+    let balances = SqliteModel::open(models_dir(dir).join("balances.db"), Balances)?;
     let balances_db = balances.reader()?;
     let balances_runner = Runner::new(store.clone(), Source::category("account"), balances).spawn();
     let head = store.last_position().await?.expect("events");

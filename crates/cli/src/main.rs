@@ -7,6 +7,7 @@ mod census;
 mod commands;
 mod demo;
 mod demo_orders;
+mod operate;
 mod output;
 mod tour;
 
@@ -47,6 +48,9 @@ enum Command {
     Demo {
         #[arg(value_enum, default_value = "bank")]
         which: Demo,
+        /// Keep the demo's data in this new directory (orders only), to look at it afterwards.
+        #[arg(long, value_name = "DIR")]
+        keep: Option<PathBuf>,
     },
     /// Append events to a stream: one from TYPE and JSON, or JSON lines on stdin
     /// (`{"type": "...", "data": {...}, "id"?: "...", "metadata"?: {...}, "tags"?: [...]}`), all in one
@@ -72,6 +76,10 @@ enum Command {
     Census,
     /// Rebuild the index (streams, ids, tags, event types) from the log.
     Reindex,
+    /// Projections kept in SQLite read model files: status and lag as a table; pause, resume, reset.
+    Projections(operate::ProjectionsArgs),
+    /// Consumer groups in the store: status and lag, parked events, replay.
+    Groups(operate::GroupsArgs),
     /// Run benchmark workloads (W1 W1c W2 W3 W4 W5, see WORKLOADS.md; D1 D2 for tags and conditions) on a fresh store.
     Bench(bench::BenchArgs),
 }
@@ -99,9 +107,10 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Tour { keep } => tour::run(keep).await,
-            Command::Demo { which: Demo::Bank } => demo::run_bank().await,
-            Command::Demo { which: Demo::Courses } => demo::run_courses().await,
-            Command::Demo { which: Demo::Orders } => demo_orders::run().await,
+            Command::Demo { which: Demo::Orders, keep } => demo_orders::run(keep).await,
+            Command::Demo { keep: Some(_), .. } => Err(anyhow::anyhow!("--keep works with `cairn demo orders` only for now; run the others without it")),
+            Command::Demo { which: Demo::Bank, .. } => demo::run_bank().await,
+            Command::Demo { which: Demo::Courses, .. } => demo::run_courses().await,
             Command::Census => census::run(&ctx).await,
             Command::Append(a) => commands::append(&ctx, a).await,
             Command::Read(a) => commands::read(&ctx, a).await,
@@ -113,6 +122,8 @@ fn main() -> ExitCode {
             Command::Delete(a) => commands::delete(&ctx, a).await,
             Command::Verify => commands::verify(&ctx),
             Command::Reindex => commands::reindex(&ctx),
+            Command::Projections(a) => operate::projections(&ctx, a).await,
+            Command::Groups(a) => operate::groups(&ctx, a).await,
             Command::Bench(a) => bench::run(a).await,
         }
     });

@@ -106,6 +106,7 @@ fn tour_runs_end_to_end() {
     // The read side: consumers, lag, read models, notification vs state transfer.
     assert!(out.contains("analytics did 9 things") && out.contains("12 confirmations sent"), "{out}");
     assert!(out.contains("made 3 calls back"), "{out}");
+    assert!(out.contains("12 labels for 12 orders"), "the consumer group: {out}");
 }
 
 #[test]
@@ -204,4 +205,43 @@ fn orders_demo_runs_every_consumer_and_the_query_side() {
     assert!(out.contains("account-shop-ada (1200.00 EUR), account-shop-grace (300.00 EUR)") && !out.contains("account-shop-alan ("), "{out}");
     assert!(out.contains("made 3 calls back") && out.contains("0 calls back"), "{out}");
     assert!(out.contains("PlaceOrder is invalid: invalid quantity"), "{out}");
+}
+
+#[test]
+fn operators_see_and_steer_the_read_side_of_a_kept_demo() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo");
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["demo", "orders", "--keep"]).arg(&data).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("1 parked order replayed → 12 labels for 12 orders, 12 acks"), "{}", stdout(&o));
+    // The same directory twice is refused, not mixed.
+    let again = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["demo", "orders", "--keep"]).arg(&data).output().unwrap();
+    assert!(!again.status.success() && stderr(&again).contains("already holds a Cairn store"), "{}", stderr(&again));
+
+    let status = cairn(&data, &["projections", "status"]);
+    assert!(status.status.success(), "{}", stderr(&status));
+    let table = stdout(&status);
+    for want in ["balances", "orders_by_customer", "category account", "category order", "2 projections in 2 read model files"] {
+        assert!(table.contains(want), "{want}: {table}");
+    }
+    assert!(!table.contains("UNHEALTHY") && !table.contains("paused"), "{table}");
+
+    let paused = cairn(&data, &["projections", "pause", "balances"]);
+    assert!(paused.status.success(), "{}", stderr(&paused));
+    let json = stdout(&cairn(&data, &["--json", "projections", "status"]));
+    let rows: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let balances = rows.iter().find(|r| r["projection"] == "balances").unwrap();
+    assert_eq!((balances["paused"].as_bool(), balances["behind_events"].as_u64()), (Some(true), Some(0)), "{json}");
+    let orders = rows.iter().find(|r| r["projection"] == "orders_by_customer").unwrap();
+    assert_eq!(orders["paused"].as_bool(), Some(false));
+
+    let unknown = cairn(&data, &["projections", "reset", "nope"]);
+    assert!(!unknown.status.success() && stderr(&unknown).contains("no projection named 'nope'"), "{}", stderr(&unknown));
+
+    let groups = stdout(&cairn(&data, &["groups", "status"]));
+    assert!(groups.contains("shipping-labels") && groups.contains("1 consumer group"), "{groups}");
+    let parked = stdout(&cairn(&data, &["groups", "parked", "shipping-labels"]));
+    assert!(parked.contains("no events parked"), "the demo replayed its parked order: {parked}");
+    let none = cairn(&data, &["groups", "replay", "nope"]);
+    assert!(!none.status.success() && stderr(&none).contains("groups: shipping-labels"), "{}", stderr(&none));
 }
