@@ -5,6 +5,9 @@
 //!   (the W1 payload, over 10,000 accounts), committing a checkpoint with
 //!   every batch: once into memory, once into a SQLite file. Targets:
 //!   memory ≥ 3,000,000 events/s, SQLite ≥ 300,000 events/s.
+//! - **G1** (Cairn's own, not in WORKLOADS.md): 100,000 deposits through a
+//!   consumer group of 4 workers that ack each one; acks are durable, so the
+//!   figure is how well the group shares its state writes among acks.
 //! - **W5 (projection)**: a live in-memory projection while a writer appends
 //!   1,000 events/s; from the append call to the event applied in the read
 //!   model. Target: p99 ≤ 5 ms.
@@ -15,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use cairn_core::{EventStore, ExpectedVersion, Position, RecordedEvent};
-use cairn_cqrs::{rebuild, MemoryModel, MemoryProjection, Runner, Sink, Source, SqliteModel, SqliteProjection};
+use cairn_cqrs::{rebuild, Group, GroupConfig, MemoryModel, MemoryProjection, Runner, Sink, Source, SqliteModel, SqliteProjection};
 use cairn_log::EmbeddedStore;
 use rusqlite::{params, Transaction};
 use serde::Deserialize;
@@ -83,7 +86,7 @@ impl SqliteProjection for SqlBalances {
 }
 
 /// Appends `events` W1 deposits over [`ACCOUNTS`] accounts, 100 per append (not timed).
-async fn fill(store: &EmbeddedStore, events: u64) -> Result<()> {
+async fn fill(store: &EmbeddedStore, category: &'static str, events: u64) -> Result<()> {
     let per_task = events.div_ceil(16);
     let mut handles = Vec::new();
     for t in 0..16 {
@@ -94,7 +97,7 @@ async fn fill(store: &EmbeddedStore, events: u64) -> Result<()> {
             while i < end {
                 let n = (end - i).min(100);
                 let batch = (0..n).map(|k| crate::bench::deposit(100 + (i + k) % 900, Uuid::now_v7())).collect();
-                store.append(&format!("w6acct-{}", (i / 100) % ACCOUNTS), ExpectedVersion::Any, batch).await?;
+                store.append(&format!("{category}-{}", (i / 100) % ACCOUNTS), ExpectedVersion::Any, batch).await?;
                 i += n;
             }
             anyhow::Ok(())
@@ -134,7 +137,7 @@ async fn timed_rebuild(store: &EmbeddedStore, sink: &mut dyn Sink, model: &str) 
 }
 
 pub async fn w6(store: &EmbeddedStore, events: u64, dir: &std::path::Path) -> Result<String> {
-    fill(store, events).await?;
+    fill(store, "w6acct", events).await?;
     let expected: i64 = (0..events).map(|i| (100 + i % 900) as i64).sum();
 
     let mut memory = MemoryModel::new(Balances);
@@ -176,5 +179,45 @@ pub async fn w5_projection(store: &EmbeddedStore, seconds: u64) -> Result<String
         "bench W5 backend=embedded target=projection model=memory events={total} rate_per_s=1000 p50_us={} p99_us={}",
         crate::bench::percentile(&latencies, 0.5),
         crate::bench::percentile(&latencies, 0.99)
+    ))
+}
+
+/// G1: every event through a 4-worker consumer group, each acked durably.
+pub async fn g1(store: &EmbeddedStore, events: u64) -> Result<String> {
+    fill(store, "g1acct", events).await?;
+    let shared: Arc<dyn EventStore> = Arc::new(store.clone());
+    let started = Instant::now();
+    let group = Group::start(shared, GroupConfig::new("g1", Source::category("g1acct")).max_in_flight(10_000)).await?;
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let worker = group.worker();
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut handled = 0u64;
+            while let Some(delivery) = worker.next().await {
+                amount(delivery.event()).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let t0 = Instant::now();
+                delivery.ack().await?;
+                latencies.push(t0.elapsed());
+                handled += 1;
+            }
+            anyhow::Ok((handled, latencies))
+        }));
+    }
+    while group.status().acked < events {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = started.elapsed();
+    group.stop().await?;
+    let mut latencies = Vec::new();
+    for w in workers {
+        latencies.extend(w.await??.1);
+    }
+    latencies.sort();
+    Ok(format!(
+        "bench G1 backend=embedded workers=4 events={events} events_per_s={:.0} ack_p50_us={} ack_p99_us={}",
+        events as f64 / elapsed.as_secs_f64(),
+        crate::bench::percentile(&latencies, 0.50),
+        crate::bench::percentile(&latencies, 0.99),
     ))
 }
