@@ -1,5 +1,9 @@
+use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+/// Upper bounds of the fsync latency histogram's buckets, in microseconds.
+pub const SYNC_BUCKETS_US: [u64; 11] = [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000];
 
 /// Counters the writer keeps; read them with [`crate::EmbeddedStore::stats`].
 #[derive(Default, Debug)]
@@ -8,12 +12,38 @@ pub struct Stats {
     pub sync_micros_total: AtomicU64,
     pub bytes_written: AtomicU64,
     pub events_written: AtomicU64,
+    /// Syncs that took at most each of [`SYNC_BUCKETS_US`] (not cumulative).
+    pub sync_buckets: [AtomicU64; SYNC_BUCKETS_US.len()],
 }
 
 impl Stats {
     pub fn record_sync(&self, took: Duration, bytes: usize) {
+        let us = took.as_micros() as u64;
         self.syncs.fetch_add(1, Ordering::Relaxed);
-        self.sync_micros_total.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.sync_micros_total.fetch_add(us, Ordering::Relaxed);
         self.bytes_written.fetch_add(bytes as u64, Ordering::Relaxed);
+        if let Some(i) = SYNC_BUCKETS_US.iter().position(|&b| us <= b) {
+            self.sync_buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The counters in Prometheus' text format.
+    pub fn prometheus(&self) -> String {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = String::new();
+        let _ = writeln!(out, "# HELP cairn_engine_bytes_written_total Bytes the embedded engine wrote to its log.");
+        let _ = writeln!(out, "# TYPE cairn_engine_bytes_written_total counter");
+        let _ = writeln!(out, "cairn_engine_bytes_written_total {}", get(&self.bytes_written));
+        let _ = writeln!(out, "# HELP cairn_engine_fsync_seconds Time of each fsync of the log (one per group commit).");
+        let _ = writeln!(out, "# TYPE cairn_engine_fsync_seconds histogram");
+        let mut cumulative = 0;
+        for (bound, count) in SYNC_BUCKETS_US.iter().zip(&self.sync_buckets) {
+            cumulative += get(count);
+            let _ = writeln!(out, "cairn_engine_fsync_seconds_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+        }
+        let _ = writeln!(out, "cairn_engine_fsync_seconds_bucket{{le=\"+Inf\"}} {}", get(&self.syncs));
+        let _ = writeln!(out, "cairn_engine_fsync_seconds_sum {}", get(&self.sync_micros_total) as f64 / 1e6);
+        let _ = writeln!(out, "cairn_engine_fsync_seconds_count {}", get(&self.syncs));
+        out
     }
 }

@@ -1,0 +1,289 @@
+//! A Cairn server as an [`EventStore`]: the same trait as the embedded engine,
+//! over the server's HTTP API, so code (and the conformance suite) runs
+//! unchanged against either. Subscriptions arrive as Server-Sent Events.
+
+pub mod wire;
+
+use async_trait::async_trait;
+use bytes::BytesMut;
+use cairn_core::{
+    AppendCondition, AppendResult, Direction, EventStore, ExpectedVersion, NewEvent, Position, Query, ReadAllOptions,
+    ReadStreamOptions, RecordedEvent, Result, StartFrom, StoreError, StreamInfo, StreamMetadata, Subscription,
+    SubscriptionTarget,
+};
+use futures_util::StreamExt;
+use reqwest::{Method, RequestBuilder, Response, Url};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::wire::{error_from, expected_to_wire, AppendRequest, EventIn, EventOut, Events, Head, QueryRequest};
+
+/// An event store reached over HTTP (`http://127.0.0.1:8720` by default).
+#[derive(Clone)]
+pub struct HttpStore {
+    base: Url,
+    http: reqwest::Client,
+    api_key: Option<String>,
+}
+
+impl HttpStore {
+    /// A client for the server at `url`; nothing is sent until the first call.
+    pub fn new(url: &str) -> Result<HttpStore> {
+        let mut base = Url::parse(url).map_err(|e| StoreError::InvalidArgument(format!("server URL {url:?}: {e}")))?;
+        if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
+            return Err(StoreError::InvalidArgument(format!("server URL {url:?}: use http://host:port or https://host:port")));
+        }
+        base.set_path("/");
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .build()
+            .map_err(|e| StoreError::InvalidArgument(format!("HTTP client: {e}")))?;
+        Ok(HttpStore { base, http, api_key: None })
+    }
+
+    /// Sends this API key (`Authorization: Bearer …`) with every request.
+    pub fn with_api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = Some(key.into());
+        self
+    }
+
+    pub fn url(&self) -> &Url {
+        &self.base
+    }
+
+    /// The URL of a path. Segments are percent-encoded here, every byte but
+    /// unreserved ones: `Url`'s own segment encoding drops tabs and newlines,
+    /// and a stream name must reach the server as it is (to be judged there).
+    fn url_for(&self, segments: &[&str]) -> Url {
+        const SEGMENT: &percent_encoding::AsciiSet =
+            &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+        let mut text = self.base.as_str().trim_end_matches('/').to_string();
+        for segment in segments {
+            text.push('/');
+            text.extend(percent_encoding::utf8_percent_encode(segment, SEGMENT));
+        }
+        Url::parse(&text).expect("a base URL with encoded segments")
+    }
+
+    fn request(&self, method: Method, segments: &[&str]) -> RequestBuilder {
+        let builder = self.http.request(method, self.url_for(segments));
+        match &self.api_key {
+            Some(key) => builder.bearer_auth(key),
+            None => builder,
+        }
+    }
+
+    fn io(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Io { path: self.base.to_string(), source: std::io::Error::other(e.to_string()) }
+    }
+
+    async fn send(&self, builder: RequestBuilder) -> Result<Response> {
+        let response = builder.send().await.map_err(|e| self.io(format!("cannot reach the server: {e}")))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        Err(error_from(status, &body, self.base.as_str()))
+    }
+
+    async fn call<T: DeserializeOwned>(&self, builder: RequestBuilder) -> Result<T> {
+        let response = self.send(builder).await?;
+        let bytes = response.bytes().await.map_err(|e| self.io(format!("reading the response: {e}")))?;
+        serde_json::from_slice(&bytes).map_err(|e| self.io(format!("the server's answer is not what this client expects: {e}")))
+    }
+
+    async fn events(&self, builder: RequestBuilder) -> Result<Vec<RecordedEvent>> {
+        let page: Events = self.call(builder).await?;
+        page.events.into_iter().map(|e| e.into_recorded().map_err(|e| self.io(e))).collect()
+    }
+
+    async fn append_body(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>, condition: Option<AppendCondition>) -> Result<AppendResult> {
+        let events = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| EventIn::from_new(e).map_err(|err| StoreError::InvalidEvent(format!("event {i}: {err}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let body = AppendRequest { expected_version: Some(expected_to_wire(expected)), events, condition };
+        let json = serde_json::to_vec(&body).map_err(|e| StoreError::InvalidEvent(e.to_string()))?;
+        self.call(self.request(Method::POST, &["streams", stream]).header("content-type", "application/json").body(json)).await
+    }
+}
+
+fn all_params(options: &ReadAllOptions) -> Vec<(&'static str, String)> {
+    let mut params = vec![(if options.exclusive { "after" } else { "from" }, options.from.0.to_string())];
+    if options.limit != usize::MAX {
+        params.push(("limit", options.limit.to_string()));
+    }
+    if options.direction == Direction::Backward {
+        params.push(("direction", "backward".into()));
+    }
+    params
+}
+
+#[async_trait]
+impl EventStore for HttpStore {
+    async fn append(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>) -> Result<AppendResult> {
+        self.append_body(stream, expected, events, None).await
+    }
+
+    async fn append_if(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>, condition: AppendCondition) -> Result<AppendResult> {
+        self.append_body(stream, expected, events, Some(condition)).await
+    }
+
+    async fn read_query(&self, query: &Query, options: ReadAllOptions) -> Result<Vec<RecordedEvent>> {
+        let body = QueryRequest {
+            query: query.clone(),
+            from: (!options.exclusive).then_some(options.from.0),
+            after: options.exclusive.then_some(options.from.0),
+            limit: (options.limit != usize::MAX).then_some(options.limit),
+            direction: options.direction,
+        };
+        self.events(self.request(Method::POST, &["query"]).json(&body)).await
+    }
+
+    async fn read_stream(&self, stream: &str, options: ReadStreamOptions) -> Result<Vec<RecordedEvent>> {
+        let mut params = vec![("from", options.from_version.to_string())];
+        if options.limit != usize::MAX {
+            params.push(("limit", options.limit.to_string()));
+        }
+        if options.direction == Direction::Backward {
+            params.push(("direction", "backward".into()));
+        }
+        self.events(self.request(Method::GET, &["streams", stream]).query(&params)).await
+    }
+
+    async fn read_all(&self, options: ReadAllOptions) -> Result<Vec<RecordedEvent>> {
+        self.events(self.request(Method::GET, &["all"]).query(&all_params(&options))).await
+    }
+
+    async fn stream_info(&self, stream: &str) -> Result<StreamInfo> {
+        self.call(self.request(Method::GET, &["streams", stream, "info"])).await
+    }
+
+    async fn list_streams(&self, prefix: &str, limit: usize) -> Result<Vec<StreamInfo>> {
+        #[derive(serde::Deserialize)]
+        struct Streams {
+            streams: Vec<StreamInfo>,
+        }
+        let mut params = vec![("prefix", prefix.to_string())];
+        if limit != usize::MAX {
+            params.push(("limit", limit.to_string()));
+        }
+        let page: Streams = self.call(self.request(Method::GET, &["streams"]).query(&params)).await?;
+        Ok(page.streams)
+    }
+
+    async fn set_stream_metadata(&self, stream: &str, metadata: StreamMetadata) -> Result<AppendResult> {
+        self.call(self.request(Method::PUT, &["streams", stream, "metadata"]).json(&metadata)).await
+    }
+
+    async fn delete_stream(&self, stream: &str, expected: ExpectedVersion, hard: bool) -> Result<AppendResult> {
+        let expected = match expected_to_wire(expected) {
+            Value::String(s) => s,
+            other => other.to_string(),
+        };
+        let params = [("expected_version", expected), ("hard", hard.to_string())];
+        self.call(self.request(Method::DELETE, &["streams", stream]).query(&params)).await
+    }
+
+    async fn subscribe(&self, target: SubscriptionTarget, from: StartFrom) -> Result<Subscription> {
+        let mut builder = match &target {
+            SubscriptionTarget::Stream(stream) => self.request(Method::GET, &["streams", stream, "subscribe"]),
+            SubscriptionTarget::All => self.request(Method::GET, &["all", "subscribe"]),
+            SubscriptionTarget::Query(q) => {
+                let q = serde_json::to_string(q).map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
+                self.request(Method::GET, &["all", "subscribe"]).query(&[("query", q)])
+            }
+            other => return Err(StoreError::InvalidArgument(format!("this client cannot subscribe to {other:?}"))),
+        };
+        builder = match from {
+            StartFrom::Start => builder,
+            StartFrom::After(n) => builder.query(&[("after", n.to_string())]),
+            StartFrom::End => builder.query(&[("from", "end")]),
+        };
+        let response = self.send(builder.header("accept", "text/event-stream")).await?;
+        let where_ = self.base.to_string();
+        let state = (response.bytes_stream(), BytesMut::new(), false, where_);
+        let events = futures_util::stream::unfold(state, |(mut body, mut buffer, ended, where_)| async move {
+            if ended {
+                return None;
+            }
+            loop {
+                if let Some(frame) = sse::take_frame(&mut buffer) {
+                    match sse::parse(&frame) {
+                        sse::Frame::Event(data) => {
+                            let item = serde_json::from_str::<EventOut>(&data)
+                                .map_err(|e| e.to_string())
+                                .and_then(EventOut::into_recorded)
+                                .map_err(|e| StoreError::Io { path: where_.clone(), source: std::io::Error::other(e) });
+                            return Some((item, (body, buffer, false, where_)));
+                        }
+                        sse::Frame::Error(data) => {
+                            let value: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+                            return Some((Err(error_from(500, &value, &where_)), (body, buffer, true, where_)));
+                        }
+                        sse::Frame::Other => continue,
+                    }
+                }
+                match body.next().await {
+                    Some(Ok(chunk)) => buffer.extend_from_slice(&chunk),
+                    Some(Err(e)) => {
+                        let e = StoreError::Io { path: where_.clone(), source: std::io::Error::other(format!("subscription: {e}")) };
+                        return Some((Err(e), (body, buffer, true, where_)));
+                    }
+                    None => return None,
+                }
+            }
+        });
+        Ok(Subscription::new(events))
+    }
+
+    async fn head_position(&self) -> Result<Position> {
+        let head: Head = self.call(self.request(Method::GET, &["head"])).await?;
+        Ok(Position(head.head))
+    }
+
+    async fn last_position(&self) -> Result<Option<Position>> {
+        let head: Head = self.call(self.request(Method::GET, &["head"])).await?;
+        Ok(head.last.map(Position))
+    }
+}
+
+/// The little of Server-Sent Events the API uses: `event:` and `data:` lines,
+/// frames ended by a blank line.
+mod sse {
+    use bytes::BytesMut;
+
+    pub enum Frame {
+        Event(String),
+        Error(String),
+        Other,
+    }
+
+    /// Cuts the first complete frame off `buffer`.
+    pub fn take_frame(buffer: &mut BytesMut) -> Option<String> {
+        let end = buffer.windows(2).position(|w| w == b"\n\n")?;
+        let frame = buffer.split_to(end + 2);
+        Some(String::from_utf8_lossy(&frame[..end]).into_owned())
+    }
+
+    pub fn parse(frame: &str) -> Frame {
+        let (mut kind, mut data) = ("message", String::new());
+        for line in frame.lines() {
+            if let Some(v) = line.strip_prefix("event:") {
+                kind = v.trim_start();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(v.strip_prefix(' ').unwrap_or(v));
+            }
+        }
+        match kind {
+            "event" | "message" if !data.is_empty() => Frame::Event(data),
+            "error" => Frame::Error(data),
+            _ => Frame::Other,
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! The JSON shapes of the HTTP API, shared by the server and the client so
+//! that the two cannot drift apart: events in and out, and errors as
+//! `{"error": code, "message": ..., fields}` with a fixed HTTP status each.
+
+use base64::Engine;
+use bytes::Bytes;
+use cairn_core::{
+    AppendCondition, ContentType, Direction, ExpectedVersion, Metadata, NewEvent, Position, Query, RecordedEvent,
+    StoreError, Timestamp,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// Body of `POST /streams/{stream}`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppendRequest {
+    /// `"any"` (the default), `"no_stream"`, `"exists"` or a version number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_version: Option<Value>,
+    pub events: Vec<EventIn>,
+    /// A Dynamic Consistency Boundary condition, checked with the append.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<AppendCondition>,
+}
+
+/// One event to append.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventIn {
+    /// Chosen by the client (a UUIDv7 if left out) so that a retry is recognised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Uuid>,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Any JSON value; for `content_type: "binary"`, the bytes in base64.
+    pub data: Box<RawValue>,
+    #[serde(default)]
+    pub content_type: ContentType,
+    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    pub metadata: Metadata,
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub schema_version: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(v: &u32) -> bool {
+    *v == 1
+}
+
+/// The expected version as the API writes it.
+pub fn expected_to_wire(expected: ExpectedVersion) -> Value {
+    match expected {
+        ExpectedVersion::Any => json!("any"),
+        ExpectedVersion::NoStream => json!("no_stream"),
+        ExpectedVersion::StreamExists => json!("exists"),
+        ExpectedVersion::Exact(v) => json!(v),
+    }
+}
+
+/// Reads an expected version: a word or a version number. Says why not.
+pub fn expected_from_wire(value: &Value) -> Result<ExpectedVersion, String> {
+    match value {
+        Value::String(s) => parse_expected(s),
+        Value::Number(n) => n.as_u64().map(ExpectedVersion::Exact).ok_or_else(|| {
+            format!("expected_version: {n} is not a version; use a whole number from 0, or \"any\", \"no_stream\", \"exists\"")
+        }),
+        other => Err(format!("expected_version: {other} is neither a version number nor \"any\", \"no_stream\", \"exists\"")),
+    }
+}
+
+/// `any`, `no_stream`, `exists` or a number, as in a query string.
+pub fn parse_expected(s: &str) -> Result<ExpectedVersion, String> {
+    match s {
+        "any" => Ok(ExpectedVersion::Any),
+        "no_stream" | "no-stream" => Ok(ExpectedVersion::NoStream),
+        "exists" | "stream_exists" => Ok(ExpectedVersion::StreamExists),
+        n => n.parse().map(ExpectedVersion::Exact).map_err(|_| {
+            format!("expected_version: {n:?} is not a version; use a whole number from 0, or \"any\", \"no_stream\", \"exists\"")
+        }),
+    }
+}
+
+impl EventIn {
+    pub fn from_new(e: &NewEvent) -> Result<EventIn, StoreError> {
+        let data = match e.content_type {
+            ContentType::Json => {
+                let text = String::from_utf8(e.data.to_vec()).map_err(|_| StoreError::InvalidEvent("data is not UTF-8 JSON".into()))?;
+                RawValue::from_string(text).map_err(|err| StoreError::InvalidEvent(format!("data is not valid JSON: {err}")))?
+            }
+            ContentType::Binary => RawValue::from_string(json!(B64.encode(&e.data)).to_string()).expect("a JSON string"),
+        };
+        Ok(EventIn {
+            id: Some(e.id),
+            event_type: e.event_type.clone(),
+            data,
+            content_type: e.content_type,
+            metadata: e.metadata.clone(),
+            schema_version: e.schema_version,
+            tags: e.tags.clone(),
+        })
+    }
+
+    /// The event to append; `index` names it in errors.
+    pub fn into_new(self, index: usize) -> Result<NewEvent, String> {
+        let data = match self.content_type {
+            ContentType::Json => Bytes::from(self.data.get().as_bytes().to_vec()),
+            ContentType::Binary => {
+                let text: String = serde_json::from_str(self.data.get())
+                    .map_err(|_| format!("events[{index}].data: a binary event's data is a base64 string"))?;
+                Bytes::from(B64.decode(text).map_err(|e| format!("events[{index}].data: not base64: {e}"))?)
+            }
+        };
+        let event = match self.content_type {
+            ContentType::Json => NewEvent::json_bytes(self.event_type, data),
+            ContentType::Binary => NewEvent::binary(self.event_type, data),
+        };
+        let event = event.with_metadata(self.metadata).with_schema_version(self.schema_version).with_tags(self.tags);
+        Ok(match self.id {
+            Some(id) => event.with_id(id),
+            None => event,
+        })
+    }
+}
+
+/// An event as the API returns it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EventOut {
+    pub id: Uuid,
+    pub stream: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub version: u64,
+    pub position: u64,
+    /// RFC 3339, UTC, microseconds.
+    pub timestamp: String,
+    pub schema_version: u32,
+    pub content_type: ContentType,
+    pub data: Box<RawValue>,
+    pub metadata: Metadata,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}
+
+impl EventOut {
+    pub fn from_recorded(e: &RecordedEvent) -> EventOut {
+        let data = match e.content_type {
+            ContentType::Json => match std::str::from_utf8(&e.data).ok().and_then(|s| RawValue::from_string(s.to_string()).ok()) {
+                Some(raw) => raw,
+                // Stored JSON is checked on append; shown as a string if ever not.
+                None => RawValue::from_string(json!(String::from_utf8_lossy(&e.data)).to_string()).expect("a JSON string"),
+            },
+            ContentType::Binary => RawValue::from_string(json!(B64.encode(&e.data)).to_string()).expect("a JSON string"),
+        };
+        EventOut {
+            id: e.id,
+            stream: e.stream.clone(),
+            event_type: e.event_type.clone(),
+            version: e.version,
+            position: e.position.0,
+            timestamp: e.timestamp.to_rfc3339(),
+            schema_version: e.schema_version,
+            content_type: e.content_type,
+            data,
+            metadata: e.metadata.clone(),
+            tags: e.tags.clone(),
+        }
+    }
+
+    pub fn into_recorded(self) -> Result<RecordedEvent, String> {
+        let time = humantime::parse_rfc3339(&self.timestamp).map_err(|e| format!("timestamp {:?}: {e}", self.timestamp))?;
+        let data = match self.content_type {
+            ContentType::Json => Bytes::from(self.data.get().as_bytes().to_vec()),
+            ContentType::Binary => {
+                let text: String = serde_json::from_str(self.data.get()).map_err(|e| format!("binary data: {e}"))?;
+                Bytes::from(B64.decode(text).map_err(|e| format!("binary data: {e}"))?)
+            }
+        };
+        Ok(RecordedEvent {
+            id: self.id,
+            stream: self.stream,
+            version: self.version,
+            position: Position(self.position),
+            event_type: self.event_type,
+            data,
+            content_type: self.content_type,
+            metadata: self.metadata,
+            schema_version: self.schema_version,
+            tags: self.tags,
+            timestamp: Timestamp::from_system_time(time),
+        })
+    }
+}
+
+/// `{"events": [...]}`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Events {
+    pub events: Vec<EventOut>,
+}
+
+/// Body of `POST /query`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryRequest {
+    pub query: Query,
+    /// Start here, inclusive (a bound; need not be an event's position).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<u64>,
+    /// Start just past here (paging).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    #[serde(default)]
+    pub direction: Direction,
+}
+
+/// `GET /head`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Head {
+    /// Where the next event goes.
+    pub head: u64,
+    /// The newest event, if any.
+    pub last: Option<u64>,
+}
+
+/// The HTTP status and JSON body of a store error.
+pub fn error_body(e: &StoreError) -> (u16, Value) {
+    use StoreError::*;
+    let (status, code, mut fields) = match e {
+        WrongExpectedVersion { stream, expected, actual_version } => (
+            409,
+            "wrong_expected_version",
+            json!({"stream": stream, "expected_version": expected_to_wire(*expected), "actual_version": actual_version}),
+        ),
+        AppendConditionFailed { first_conflict, after } => {
+            (409, "append_condition_failed", json!({"first_conflict": first_conflict.0, "after": after.map(|p| p.0)}))
+        }
+        StreamDeleted { stream } => (410, "stream_deleted", json!({"stream": stream})),
+        StreamNotFound { stream } => (404, "stream_not_found", json!({"stream": stream})),
+        EventTooLarge { index, size_bytes, limit_bytes } => {
+            (413, "event_too_large", json!({"index": index, "size_bytes": size_bytes, "limit_bytes": limit_bytes}))
+        }
+        AppendTooLarge { size_bytes, limit_bytes } => (413, "append_too_large", json!({"size_bytes": size_bytes, "limit_bytes": limit_bytes})),
+        InvalidStreamName { name, reason } => (400, "invalid_stream_name", json!({"name": name, "reason": reason})),
+        InvalidEvent(detail) => (400, "invalid_event", json!({"detail": detail})),
+        InvalidArgument(detail) => (400, "invalid_argument", json!({"detail": detail})),
+        IdempotencyConflict { id, detail } => (409, "idempotency_conflict", json!({"id": id, "detail": detail})),
+        InvalidPosition(p) => (400, "invalid_position", json!({"position": p.0})),
+        Busy(detail) => (503, "busy", json!({"detail": detail})),
+        Closed { reason } => (503, "closed", json!({"reason": reason})),
+        Corrupt { file, offset, reason } => (500, "corrupt", json!({"file": file, "offset": offset, "reason": reason})),
+        Locked { dir } => (500, "locked", json!({"dir": dir})),
+        Io { path, source } => (500, "io", json!({"path": path, "detail": source.to_string()})),
+        _ => (500, "internal", json!({})),
+    };
+    fields["error"] = json!(code);
+    fields["message"] = json!(e.to_string());
+    (status, fields)
+}
+
+/// The store error an API error body stands for (`where_` names the server
+/// for errors that are not the store's own).
+pub fn error_from(status: u16, body: &Value, where_: &str) -> StoreError {
+    let s = |k: &str| body[k].as_str().unwrap_or_default().to_string();
+    let n = |k: &str| body[k].as_u64().unwrap_or_default();
+    let message = s("message");
+    match body["error"].as_str().unwrap_or_default() {
+        "wrong_expected_version" => StoreError::WrongExpectedVersion {
+            stream: s("stream"),
+            expected: expected_from_wire(&body["expected_version"]).unwrap_or(ExpectedVersion::Any),
+            actual_version: n("actual_version"),
+        },
+        "append_condition_failed" => {
+            StoreError::AppendConditionFailed { first_conflict: Position(n("first_conflict")), after: body["after"].as_u64().map(Position) }
+        }
+        "stream_deleted" => StoreError::StreamDeleted { stream: s("stream") },
+        "stream_not_found" => StoreError::StreamNotFound { stream: s("stream") },
+        "event_too_large" => StoreError::EventTooLarge {
+            index: n("index") as usize,
+            size_bytes: n("size_bytes") as usize,
+            limit_bytes: n("limit_bytes") as usize,
+        },
+        "append_too_large" => StoreError::AppendTooLarge { size_bytes: n("size_bytes") as usize, limit_bytes: n("limit_bytes") as usize },
+        "invalid_stream_name" => StoreError::InvalidStreamName { name: s("name"), reason: s("reason") },
+        "invalid_event" => StoreError::InvalidEvent(s("detail")),
+        "invalid_argument" => StoreError::InvalidArgument(s("detail")),
+        "invalid_request" => StoreError::InvalidArgument(message),
+        "idempotency_conflict" => StoreError::IdempotencyConflict { id: s("id").parse().unwrap_or_default(), detail: s("detail") },
+        "invalid_position" => StoreError::InvalidPosition(Position(n("position"))),
+        "busy" | "too_many_requests" => StoreError::Busy(if message.is_empty() { s("detail") } else { message }),
+        "closed" => StoreError::Closed { reason: body["reason"].as_str().map(String::from) },
+        "corrupt" => StoreError::Corrupt { file: s("file"), offset: n("offset"), reason: s("reason") },
+        "locked" => StoreError::Locked { dir: s("dir") },
+        _ => {
+            let detail = if message.is_empty() { format!("HTTP status {status}: {body}") } else { format!("HTTP status {status}: {message}") };
+            StoreError::Io { path: where_.to_string(), source: std::io::Error::other(detail) }
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! The HTTP routes. Every error is `{"error": code, "message": ...}` with a
+//! status that says whose fault it was; bad input never reaches the store.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query as QueryString, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cairn_client::wire::{error_body, expected_from_wire, parse_expected, AppendRequest, EventOut, Head, QueryRequest};
+use cairn_core::{Direction, Position, Query, ReadAllOptions, ReadStreamOptions, StartFrom, StoreError, StreamMetadata, SubscriptionTarget};
+use futures_util::StreamExt;
+use serde_json::json;
+
+use crate::params::Params;
+use crate::App;
+
+type Shared = State<Arc<App>>;
+
+/// What a request gets instead of its answer.
+pub enum ApiError {
+    Store(StoreError),
+    /// The request itself is malformed (400), with what is wrong.
+    Request(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::Store(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match self {
+            ApiError::Store(e) => error_body(&e),
+            ApiError::Request(message) => (400, json!({"error": "invalid_request", "message": message})),
+        };
+        (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), Json(body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn params(map: HashMap<String, String>, allowed: &[&str]) -> ApiResult<Params> {
+    Params::new(map, allowed).map_err(ApiError::Request)
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    let limit = app.config.body_limit;
+    Router::new()
+        .route("/streams", get(list_streams))
+        .route("/streams/{stream}", post(append).get(read_stream).delete(delete_stream))
+        // An empty name gets the store's own "invalid stream name" answer.
+        .route("/streams/", post(|app: Shared, body: Bytes| append(app, Path(String::new()), body)))
+        .route("/streams/{stream}/info", get(stream_info))
+        .route("/streams/{stream}/metadata", get(get_metadata).put(set_metadata))
+        .route("/streams/{stream}/subscribe", get(subscribe_stream))
+        .route("/all", get(read_all))
+        .route("/all/subscribe", get(subscribe_all))
+        .route("/query", post(read_query))
+        .route("/head", get(head))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(|| async { Json(crate::openapi::document()) }))
+        .fallback(|| async {
+            let body = json!({"error": "not_found", "message": "no such endpoint; the API is described at /openapi.json"});
+            (StatusCode::NOT_FOUND, Json(body))
+        })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(app.clone(), count_status))
+        .with_state(app)
+}
+
+/// Counts answers by status class, and turns axum's own plain-text
+/// rejections (a body over the limit, a bad path) into the API's JSON errors.
+async fn count_status(State(app): Shared, request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    app.metrics.status(status.as_u16());
+    let is_json = response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if status.is_success() || is_json || status == StatusCode::NOT_FOUND && is_json {
+        return response;
+    }
+    let (code, message) = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ("body_too_large", format!("the request body is over the server's limit of {} bytes", app.config.body_limit)),
+        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "this endpoint does not take that method; see /openapi.json".to_string()),
+        _ => {
+            let body = axum::body::to_bytes(response.into_body(), 64 * 1024).await.unwrap_or_default();
+            let text = String::from_utf8_lossy(&body).into_owned();
+            return (status, Json(json!({"error": "invalid_request", "message": text}))).into_response();
+        }
+    };
+    (status, Json(json!({"error": code, "message": message}))).into_response()
+}
+
+async fn append(State(app): Shared, Path(stream): Path<String>, body: Bytes) -> ApiResult<Response> {
+    let request: AppendRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::Request(format!("the body is not a valid append: {e}")))?;
+    let expected = match &request.expected_version {
+        None => cairn_core::ExpectedVersion::Any,
+        Some(v) => expected_from_wire(v).map_err(ApiError::Request)?,
+    };
+    let mut events = Vec::with_capacity(request.events.len());
+    for (i, e) in request.events.into_iter().enumerate() {
+        events.push(e.into_new(i).map_err(ApiError::Request)?);
+    }
+    let (count, bytes) = (events.len(), events.iter().map(|e| e.data.len()).sum::<usize>());
+    let started = Instant::now();
+    let result = match request.condition {
+        Some(condition) => app.store.append_if(&stream, expected, events, condition).await,
+        None => app.store.append(&stream, expected, events).await,
+    };
+    match result {
+        Ok(done) => {
+            app.metrics.append_ok(count, bytes, started.elapsed());
+            Ok(Json(done).into_response())
+        }
+        Err(e) => {
+            app.metrics.append_failed();
+            Err(e.into())
+        }
+    }
+}
+
+/// Events as `{"events": [...]}`, serialised once, with the store's bytes as they are.
+fn events_response(events: &[cairn_core::RecordedEvent]) -> Response {
+    let out: Vec<EventOut> = events.iter().map(EventOut::from_recorded).collect();
+    Json(json!({ "events": out })).into_response()
+}
+
+async fn read_stream(State(app): Shared, Path(stream): Path<String>, QueryString(q): QueryString<HashMap<String, String>>) -> ApiResult<Response> {
+    let p = params(q, &["from", "limit", "direction"])?;
+    let direction = p.direction().map_err(ApiError::Request)?;
+    let mut options = if direction == Direction::Backward { ReadStreamOptions::backward() } else { ReadStreamOptions::forward() };
+    if let Some(from) = p.u64("from").map_err(ApiError::Request)? {
+        options = options.from_version(from);
+    }
+    options = options.limit(p.limit(1000).map_err(ApiError::Request)?);
+    Ok(events_response(&app.store.read_stream(&stream, options).await?))
+}
+
+/// `from` (inclusive) or `after` (exclusive), `limit`, `direction`.
+fn all_options(p: &Params) -> ApiResult<ReadAllOptions> {
+    let direction = p.direction().map_err(ApiError::Request)?;
+    let mut options = if direction == Direction::Backward { ReadAllOptions::backward() } else { ReadAllOptions::forward() };
+    match (p.u64("from").map_err(ApiError::Request)?, p.u64("after").map_err(ApiError::Request)?) {
+        (Some(_), Some(_)) => return Err(ApiError::Request("give from or after, not both".into())),
+        (Some(from), None) => options = options.from(Position(from)),
+        (None, Some(after)) => options = options.after(Position(after)),
+        (None, None) => {}
+    }
+    Ok(options.limit(p.limit(1000).map_err(ApiError::Request)?))
+}
+
+async fn read_all(State(app): Shared, QueryString(q): QueryString<HashMap<String, String>>) -> ApiResult<Response> {
+    let p = params(q, &["from", "after", "limit", "direction"])?;
+    Ok(events_response(&app.store.read_all(all_options(&p)?).await?))
+}
+
+async fn read_query(State(app): Shared, body: Bytes) -> ApiResult<Response> {
+    let request: QueryRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::Request(format!("the body is not a valid query: {e}")))?;
+    let mut options = if request.direction == Direction::Backward { ReadAllOptions::backward() } else { ReadAllOptions::forward() };
+    match (request.from, request.after) {
+        (Some(_), Some(_)) => return Err(ApiError::Request("give from or after, not both".into())),
+        (Some(from), None) => options = options.from(Position(from)),
+        (None, Some(after)) => options = options.after(Position(after)),
+        (None, None) => {}
+    }
+    options = options.limit(request.limit.unwrap_or(1000));
+    Ok(events_response(&app.store.read_query(&request.query, options).await?))
+}
+
+async fn list_streams(State(app): Shared, QueryString(q): QueryString<HashMap<String, String>>) -> ApiResult<Response> {
+    let p = params(q, &["prefix", "limit"])?;
+    let streams = app.store.list_streams(p.str("prefix").unwrap_or(""), p.limit(1000).map_err(ApiError::Request)?).await?;
+    Ok(Json(json!({ "streams": streams })).into_response())
+}
+
+async fn stream_info(State(app): Shared, Path(stream): Path<String>) -> ApiResult<Response> {
+    Ok(Json(app.store.stream_info(&stream).await?).into_response())
+}
+
+async fn get_metadata(State(app): Shared, Path(stream): Path<String>) -> ApiResult<Response> {
+    Ok(Json(app.store.stream_info(&stream).await?.metadata).into_response())
+}
+
+async fn set_metadata(State(app): Shared, Path(stream): Path<String>, body: Bytes) -> ApiResult<Response> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        #[serde(default)]
+        max_age_secs: Option<u64>,
+        #[serde(default)]
+        max_count: Option<u64>,
+        #[serde(default)]
+        truncate_before: Option<u64>,
+    }
+    let b: Body = serde_json::from_slice(&body).map_err(|e| ApiError::Request(format!("the body is not valid stream metadata: {e}")))?;
+    let metadata = StreamMetadata { max_age_secs: b.max_age_secs, max_count: b.max_count, truncate_before: b.truncate_before };
+    Ok(Json(app.store.set_stream_metadata(&stream, metadata).await?).into_response())
+}
+
+async fn delete_stream(State(app): Shared, Path(stream): Path<String>, QueryString(q): QueryString<HashMap<String, String>>) -> ApiResult<Response> {
+    let p = params(q, &["expected_version", "hard"])?;
+    let expected = match p.str("expected_version") {
+        None => cairn_core::ExpectedVersion::Any,
+        Some(v) => parse_expected(v).map_err(ApiError::Request)?,
+    };
+    let hard = p.bool("hard").map_err(ApiError::Request)?;
+    Ok(Json(app.store.delete_stream(&stream, expected, hard).await?).into_response())
+}
+
+async fn head(State(app): Shared) -> ApiResult<Response> {
+    let head = app.store.head_position().await?;
+    let last = app.store.last_position().await?;
+    Ok(Json(Head { head: head.0, last: last.map(|p| p.0) }).into_response())
+}
+
+async fn health(State(app): Shared) -> Response {
+    match app.store.head_position().await {
+        Ok(head) => Json(json!({"status": "ok", "live": true, "ready": true, "head": head.0})).into_response(),
+        Err(e) => {
+            let body = json!({"status": "unavailable", "live": true, "ready": false, "error": e.to_string()});
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+    }
+}
+
+async fn metrics(State(app): Shared) -> Response {
+    let mut text = app.metrics.render(app.started.elapsed());
+    if let Some(engine) = &app.config.engine_metrics {
+        text.push_str(&engine());
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// Where a subscription starts: `Last-Event-ID` (a reconnecting client), else
+/// `after=N`, else `from=start|end`.
+fn start_from(p: &Params, headers: &HeaderMap) -> ApiResult<StartFrom> {
+    if let Some(id) = headers.get("last-event-id") {
+        let id = id.to_str().ok().and_then(|s| s.trim().parse().ok());
+        return id.map(StartFrom::After).ok_or_else(|| ApiError::Request("Last-Event-ID is not a whole number".into()));
+    }
+    if let Some(after) = p.u64("after").map_err(ApiError::Request)? {
+        if p.str("from").is_some() {
+            return Err(ApiError::Request("give from or after, not both".into()));
+        }
+        return Ok(StartFrom::After(after));
+    }
+    match p.str("from") {
+        None | Some("start") => Ok(StartFrom::Start),
+        Some("end") => Ok(StartFrom::End),
+        Some(v) => Err(ApiError::Request(format!("from: {v:?} is not start or end (use after=N to start after an event)"))),
+    }
+}
+
+async fn subscribe_stream(
+    State(app): Shared,
+    Path(stream): Path<String>,
+    headers: HeaderMap,
+    QueryString(q): QueryString<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let p = params(q, &["from", "after"])?;
+    let from = start_from(&p, &headers)?;
+    live(app, SubscriptionTarget::Stream(stream), from, |e| e.version).await
+}
+
+async fn subscribe_all(State(app): Shared, headers: HeaderMap, QueryString(q): QueryString<HashMap<String, String>>) -> ApiResult<Response> {
+    let p = params(q, &["from", "after", "category", "type", "query"])?;
+    let from = start_from(&p, &headers)?;
+    let target = match (p.str("query"), p.str("category"), p.str("type")) {
+        (Some(q), None, None) => {
+            let query: Query = serde_json::from_str(q).map_err(|e| ApiError::Request(format!("query: not a valid query: {e}")))?;
+            SubscriptionTarget::Query(query)
+        }
+        (Some(_), _, _) => return Err(ApiError::Request("give query, or category and/or type, not both".into())),
+        (None, None, None) => SubscriptionTarget::All,
+        (None, category, types) => {
+            let mut item = cairn_core::QueryItem::default();
+            item.categories = category.map(|c| vec![c.to_string()]).unwrap_or_default();
+            item.types = types.map(|t| t.split(',').map(String::from).collect()).unwrap_or_default();
+            SubscriptionTarget::Query(Query { items: vec![item] })
+        }
+    };
+    live(app, target, from, |e| e.position.0).await
+}
+
+/// A Server-Sent Events response following `target`: `event: event` frames
+/// whose id resumes the subscription, an `event: error` frame if the store
+/// fails, and the end when the server shuts down.
+async fn live(app: Arc<App>, target: SubscriptionTarget, from: StartFrom, id: fn(&cairn_core::RecordedEvent) -> u64) -> ApiResult<Response> {
+    let subscription = app.store.subscribe(target, from).await?;
+    let guard = app.metrics.subscription();
+    let mut shutdown = app.shutdown.clone();
+    let stopped = async move {
+        let _ = shutdown.wait_for(|&stop| stop).await;
+    };
+    let frames = subscription
+        .scan(false, move |failed, item| {
+            let frame = if *failed {
+                None
+            } else {
+                Some(match item {
+                    Ok(e) => {
+                        let data = serde_json::to_string(&EventOut::from_recorded(&e)).unwrap_or_default();
+                        SseEvent::default().id(id(&e).to_string()).event("event").data(data)
+                    }
+                    Err(e) => {
+                        *failed = true;
+                        SseEvent::default().event("error").data(error_body(&e).1.to_string())
+                    }
+                })
+            };
+            std::future::ready(frame)
+        })
+        .map(move |frame| {
+            let _keep = &guard;
+            Ok::<_, Infallible>(frame)
+        })
+        .take_until(Box::pin(stopped));
+    Ok(Sse::new(frames).keep_alive(KeepAlive::default()).into_response())
+}
