@@ -20,7 +20,8 @@ pub struct Context {
 }
 
 impl Context {
-    fn open(&self) -> Result<EmbeddedStore> {
+    /// The store in `--data`, created if there is none yet.
+    pub(crate) fn open(&self) -> Result<EmbeddedStore> {
         let store = EmbeddedStore::open(&self.data)?;
         let report = store.open_report();
         if let Some((file, offset)) = &report.truncated_at {

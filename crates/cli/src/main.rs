@@ -8,6 +8,7 @@ mod commands;
 mod demo;
 mod demo_orders;
 mod operate;
+mod serve;
 mod output;
 mod tour;
 
@@ -52,6 +53,8 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         keep: Option<PathBuf>,
     },
+    /// Serve the store in --data over HTTP (default http://127.0.0.1:8720; the API at /openapi.json).
+    Serve(serve::ServeArgs),
     /// Append events to a stream: one from TYPE and JSON, or JSON lines on stdin
     /// (`{"type": "...", "data": {...}, "id"?: "...", "metadata"?: {...}, "tags"?: [...]}`), all in one
     /// atomic append; --tag adds tags (`course:cs101`) to every event.
@@ -111,6 +114,7 @@ fn main() -> ExitCode {
             Command::Demo { keep: Some(_), .. } => Err(anyhow::anyhow!("--keep works with `cairn demo orders` only for now; run the others without it")),
             Command::Demo { which: Demo::Bank, .. } => demo::run_bank().await,
             Command::Demo { which: Demo::Courses, .. } => demo::run_courses().await,
+            Command::Serve(a) => serve::run(&ctx, a).await,
             Command::Census => census::run(&ctx).await,
             Command::Append(a) => commands::append(&ctx, a).await,
             Command::Read(a) => commands::read(&ctx, a).await,
