@@ -1,7 +1,6 @@
 //! `cairn census`: how many stored events of each type are at each schema version.
 
 use anyhow::Result;
-use cairn_core::EventStore;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use serde_json::json;
 
@@ -9,11 +8,11 @@ use crate::commands::Context;
 use crate::output::count;
 
 pub async fn run(ctx: &Context) -> Result<()> {
-    let store = ctx.open_existing()?;
+    let store = ctx.store(false)?;
     let head = store.head_position().await?.0.max(1);
     let bar = indicatif::ProgressBar::new(head);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {percent}% {msg}").expect("valid template"));
-    let c = cairn_domain::census(&store, |scanned, at| {
+    let c = cairn_domain::census(store.as_ref(), |scanned, at| {
         bar.set_position(at.0);
         bar.set_message(format!("{scanned} events scanned"));
     })

@@ -17,6 +17,8 @@ use crate::output;
 pub struct Context {
     pub data: PathBuf,
     pub json: bool,
+    /// A running server to talk to instead of the data directory.
+    pub url: Option<String>,
 }
 
 impl Context {
@@ -28,6 +30,24 @@ impl Context {
             eprintln!("note: recovery cut a torn tail of {} bytes in {} at offset {offset} (an append that was never acknowledged)", report.truncated_bytes, file.display());
         }
         Ok(store)
+    }
+
+    /// The store the data verbs work on: the server at `--url`, or the data
+    /// directory (`create`: make a store there if there is none).
+    pub(crate) fn store(&self, create: bool) -> Result<std::sync::Arc<dyn EventStore>> {
+        Ok(match &self.url {
+            Some(url) => std::sync::Arc::new(cairn_client::HttpStore::new(url)?),
+            None if create => std::sync::Arc::new(self.open()?),
+            None => std::sync::Arc::new(self.open_existing()?),
+        })
+    }
+
+    /// For verbs that work on the files themselves.
+    pub(crate) fn local_only(&self, verb: &str) -> Result<()> {
+        if self.url.is_some() {
+            bail!("`cairn {verb}` works on a data directory's files, not through a server; run it with --data on the server's machine (with the server stopped)");
+        }
+        Ok(())
     }
 
     pub(crate) fn open_existing(&self) -> Result<EmbeddedStore> {
@@ -125,7 +145,7 @@ pub async fn append(ctx: &Context, a: AppendArgs) -> Result<()> {
         e
     }).collect();
     let count = events.len();
-    let store = ctx.open()?;
+    let store = ctx.store(true)?;
     let r = store.append(&a.stream, a.expected_version, events).await?;
     if ctx.json {
         println!("{}", serde_json::json!({"stream": a.stream, "next_version": r.next_version, "position": r.position.0}));
@@ -158,7 +178,7 @@ pub struct ReadArgs {
 }
 
 pub async fn read(ctx: &Context, a: ReadArgs) -> Result<()> {
-    let store = ctx.open_existing()?;
+    let store = ctx.store(false)?;
     let w = a.window;
     let mut options = if w.backward { ReadStreamOptions::backward() } else { ReadStreamOptions::forward() };
     if let Some(v) = w.from { options = options.from_version(v); }
@@ -177,7 +197,7 @@ pub struct ReadAllArgs {
 }
 
 pub async fn read_all(ctx: &Context, a: ReadAllArgs) -> Result<()> {
-    let store = ctx.open_existing()?;
+    let store = ctx.store(false)?;
     let w = a.window;
     let mut options = if w.backward { ReadAllOptions::backward() } else { ReadAllOptions::forward() };
     if let Some(p) = w.from { options = options.from(Position(p)); }
@@ -202,7 +222,7 @@ pub struct QueryArgs {
 /// `cairn query`: the events matching one query item (types OR'ed, tags AND'ed)
 /// in global order; events of `$` streams never match.
 pub async fn query(ctx: &Context, a: QueryArgs) -> Result<()> {
-    let store = ctx.open_existing()?;
+    let store = ctx.store(false)?;
     let q = Query::from(QueryItem::types(a.types).with_tags(a.tags));
     let w = a.window;
     let mut options = if w.backward { ReadAllOptions::backward() } else { ReadAllOptions::forward() };
@@ -225,7 +245,7 @@ pub struct TailArgs {
 }
 
 pub async fn tail(ctx: &Context, a: TailArgs) -> Result<()> {
-    let store = ctx.open()?;
+    let store = ctx.store(true)?;
     let target = match &a.stream {
         Some(s) => SubscriptionTarget::Stream(s.clone()),
         None => SubscriptionTarget::All,
@@ -261,7 +281,7 @@ pub struct StreamsArgs {
 }
 
 pub async fn streams(ctx: &Context, a: StreamsArgs) -> Result<()> {
-    let store = ctx.open_existing()?;
+    let store = ctx.store(false)?;
     output::print_streams(&store.list_streams(&a.prefix, a.limit).await?, ctx.json);
     Ok(())
 }
@@ -284,7 +304,7 @@ pub struct MetadataArgs {
 }
 
 pub async fn metadata(ctx: &Context, a: MetadataArgs) -> Result<()> {
-    let store = ctx.open_existing()?;
+    let store = ctx.store(false)?;
     let changing = a.clear || a.max_age.is_some() || a.max_count.is_some() || a.truncate_before.is_some();
     if changing {
         let m = StreamMetadata { max_age_secs: a.max_age, max_count: a.max_count, truncate_before: a.truncate_before };
@@ -310,7 +330,7 @@ pub struct DeleteArgs {
 }
 
 pub async fn delete(ctx: &Context, a: DeleteArgs) -> Result<()> {
-    let store = ctx.open_existing()?;
+    let store = ctx.store(false)?;
     store.delete_stream(&a.stream, a.expected_version, a.hard).await?;
     println!("{} {}", if a.hard { "tombstoned" } else { "deleted" }, a.stream);
     Ok(())
@@ -324,6 +344,7 @@ fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
 }
 
 pub fn verify(ctx: &Context) -> Result<()> {
+    ctx.local_only("verify")?;
     let mut bar: Option<indicatif::ProgressBar> = None;
     let report = cairn_log::verify(&ctx.data, |done, total| {
         bar.get_or_insert_with(|| progress_bar(total as u64, "verifying")).set_position(done as u64);
@@ -343,6 +364,7 @@ pub fn verify(ctx: &Context) -> Result<()> {
 }
 
 pub fn reindex(ctx: &Context) -> Result<()> {
+    ctx.local_only("reindex")?;
     if !ctx.data.join("log").is_dir() {
         bail!("no Cairn data in {} — pass --data DIR", ctx.data.display());
     }

@@ -29,6 +29,9 @@ struct Cli {
     /// Data directory of the embedded store.
     #[arg(long, global = true, default_value = "./cairn-data", env = "CAIRN_DATA")]
     data: PathBuf,
+    /// Work with the Cairn server at this URL (as `cairn serve` prints it) instead of --data.
+    #[arg(long, global = true, env = "CAIRN_URL", value_name = "URL")]
+    url: Option<String>,
     /// Print JSON (one object per line) instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -106,7 +109,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let ctx = commands::Context { data: cli.data, json: cli.json };
+    let ctx = commands::Context { data: cli.data, json: cli.json, url: cli.url };
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Tour { keep } => tour::run(keep).await,
@@ -134,9 +137,15 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            if let Some(hint) = e.downcast_ref::<cairn_core::StoreError>().and_then(output::hint) {
-                eprintln!("hint: {hint}");
+            match e.downcast_ref::<cairn_core::StoreError>() {
+                // A store error says it all; its sources would repeat it.
+                Some(store_error) => {
+                    eprintln!("error: {store_error}");
+                    if let Some(hint) = output::hint(store_error) {
+                        eprintln!("hint: {hint}");
+                    }
+                }
+                None => eprintln!("error: {e:#}"),
             }
             ExitCode::FAILURE
         }

@@ -126,9 +126,9 @@ fn lag_json(lag: &Result<Lag, String>) -> serde_json::Value {
     }
 }
 
-async fn lag_of(store: &Result<Option<cairn_log::EmbeddedStore>, String>, source: &Option<Source>, at: Option<(Position, Timestamp)>, alert: Duration) -> Result<Lag, String> {
+async fn lag_of(store: &Result<Option<&dyn EventStore>, String>, source: &Option<Source>, at: Option<(Position, Timestamp)>, alert: Duration) -> Result<Lag, String> {
     let store = match store {
-        Ok(Some(store)) => store,
+        Ok(Some(store)) => *store,
         Ok(None) => return Err("no store".into()),
         Err(e) => return Err(e.clone()),
     };
@@ -182,7 +182,8 @@ pub async fn projections(ctx: &Context, args: ProjectionsArgs) -> Result<()> {
 }
 
 async fn projections_status(ctx: &Context, files: Vec<PathBuf>, alert: Duration) -> Result<()> {
-    let store = store_if_free(ctx);
+    let opened = store_if_free(ctx);
+    let store = opened.as_ref().map(|s| s.as_ref().map(|s| s as &dyn EventStore)).map_err(Clone::clone);
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header(["projection", "file", "follows", "position", "head", "behind", "lag", "health", "requested", "updated"]);
     let mut rows = 0u64;
@@ -221,11 +222,12 @@ async fn projections_status(ctx: &Context, files: Vec<PathBuf>, alert: Duration)
 }
 
 pub async fn groups(ctx: &Context, args: GroupsArgs) -> Result<()> {
-    let store = ctx.open_existing()?;
+    let store = ctx.store(false)?;
+    let store = store.as_ref();
     match args.action {
         GroupsAction::Status { alert: seconds } => {
             let alert = alert(seconds)?;
-            let groups = cairn_cqrs::stored_groups(&store).await?;
+            let groups = cairn_cqrs::stored_groups(store).await?;
             let mut table = Table::new();
             table.load_preset(UTF8_FULL_CONDENSED).set_header(["group", "follows", "checkpoint", "head", "behind", "lag", "health", "parked", "replay asked"]);
             let found = Ok(Some(store));
@@ -247,7 +249,7 @@ pub async fn groups(ctx: &Context, args: GroupsArgs) -> Result<()> {
             }
         }
         GroupsAction::Parked { group } => {
-            let g = find_group(&store, &group).await?;
+            let g = find_group(store, &group).await?;
             if g.parked.is_empty() && !ctx.json {
                 println!("no events parked by '{group}'");
                 return Ok(());
@@ -267,8 +269,8 @@ pub async fn groups(ctx: &Context, args: GroupsArgs) -> Result<()> {
             }
         }
         GroupsAction::Replay { group } => {
-            find_group(&store, &group).await?;
-            let n = cairn_cqrs::request_replay(&store, &group).await?;
+            find_group(store, &group).await?;
+            let n = cairn_cqrs::request_replay(store, &group).await?;
             println!("{} of '{group}' will be delivered again when the group next starts", count(n as u64, "parked event"));
         }
     }

@@ -245,3 +245,38 @@ fn operators_see_and_steer_the_read_side_of_a_kept_demo() {
     let none = cairn(&data, &["groups", "replay", "nope"]);
     assert!(!none.status.success() && stderr(&none).contains("groups: shipping-labels"), "{}", stderr(&none));
 }
+
+#[test]
+fn serve_answers_the_cli_over_url_and_stops_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let refused = cairn(dir.path(), &["serve", "--listen", "0.0.0.0:8720"]);
+    assert!(!refused.status.success() && stderr(&refused).contains("only listens on loopback"), "{}", stderr(&refused));
+
+    let mut server = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .arg("--data").arg(dir.path()).args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped())
+        .spawn().unwrap();
+    let mut out = BufReader::new(server.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let url = line.split_whitespace().find(|w| w.starts_with("http://")).expect("the server prints its URL").to_string();
+
+    let remote = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_cairn")).args(["--url", &url]).args(args).output().unwrap();
+    let appended = remote(&["append", "order-1", "OrderPlaced", r#"{"total": 12}"#]);
+    assert!(appended.status.success(), "{}", stderr(&appended));
+    let conflict = remote(&["append", "order-1", "OrderPaid", "{}", "-e", "7"]);
+    assert!(!conflict.status.success() && stderr(&conflict).contains("actual version is 1"), "{}", stderr(&conflict));
+    let read = remote(&["--json", "read", "order-1"]);
+    let event: serde_json::Value = serde_json::from_str(stdout(&read).lines().next().unwrap()).unwrap();
+    assert_eq!((event["type"].as_str(), event["data"]["total"].as_u64()), (Some("OrderPlaced"), Some(12)));
+    let verify = remote(&["verify"]);
+    assert!(!verify.status.success() && stderr(&verify).contains("not through a server"), "{}", stderr(&verify));
+
+    Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
+    let status = server.wait().unwrap();
+    assert!(status.success(), "a graceful stop exits 0: {status:?}");
+    // What it acknowledged is in the data directory.
+    let local = cairn(dir.path(), &["--json", "read", "order-1"]);
+    assert!(stdout(&local).contains("OrderPlaced"), "{}", stdout(&local));
+}

@@ -78,7 +78,14 @@ impl HttpStore {
     }
 
     async fn send(&self, builder: RequestBuilder) -> Result<Response> {
-        let response = builder.send().await.map_err(|e| self.io(format!("cannot reach the server: {e}")))?;
+        let response = builder.send().await.map_err(|e| {
+            // The innermost cause says what happened (connection refused, …).
+            let mut cause: &dyn std::error::Error = &e;
+            while let Some(next) = cause.source() {
+                cause = next;
+            }
+            self.io(format!("cannot reach the server ({cause}); is `cairn serve` running there?"))
+        })?;
         if response.status().is_success() {
             return Ok(response);
         }
