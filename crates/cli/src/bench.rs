@@ -17,7 +17,7 @@ const ALL: [&str; 7] = ["W1", "W1c", "W2", "W3", "W4", "W5", "W6"];
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Workloads to run, in order (default: W1 W1c W2 W3 W4 W5 W6; also D1 D2, and G1 for consumer groups). W4 reads what the others wrote.
+    /// Workloads to run, in order (default: W1 W1c W2 W3 W4 W5 W6; also D1 D2, G1 for consumer groups, W7 for the HTTP server). W4 reads what the others wrote.
     pub workloads: Vec<String>,
     /// Storage backend (only `embedded` so far).
     #[arg(long, default_value = "embedded")]
@@ -94,8 +94,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
     let workloads: Vec<String> = if args.workloads.is_empty() { ALL.iter().map(|s| s.to_string()).collect() } else { args.workloads.clone() };
     for w in &workloads {
-        if !ALL.contains(&w.as_str()) && !crate::bench_dcb::WORKLOADS.contains(&w.as_str()) && w != "G1" {
-            bail!("unknown workload '{w}'; choose from {} {} G1", ALL.join(" "), crate::bench_dcb::WORKLOADS.join(" "));
+        if !ALL.contains(&w.as_str()) && !crate::bench_dcb::WORKLOADS.contains(&w.as_str()) && w != "G1" && w != "W7" {
+            bail!("unknown workload '{w}'; choose from {} {} G1 W7", ALL.join(" "), crate::bench_dcb::WORKLOADS.join(" "));
         }
     }
     let tmp = match &args.dir {
@@ -115,6 +115,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             "W5" => format!("{}\n{}", w5(&store, scaled(10, s)).await?, crate::bench_cqrs::w5_projection(&store, scaled(10, s)).await?),
             "W6" => crate::bench_cqrs::w6(&store, scaled(1_000_000, s), tmp.path()).await?,
             "G1" => crate::bench_cqrs::g1(&store, scaled(100_000, s)).await?,
+            "W7" => crate::bench_server::w7(&store, 10.0 * s).await?,
             "D1" | "D2" => crate::bench_dcb::run(&store, w, s).await?,
             _ => unreachable!(),
         };

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_cqrs;
 mod bench_dcb;
+mod bench_server;
 mod census;
 mod commands;
 mod demo;

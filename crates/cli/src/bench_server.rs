@@ -1,0 +1,79 @@
+//! `cairn bench W7`: 32 HTTP clients each appending single events to the
+//! server on loopback for 10 s (scaled), with an SSE subscriber on `$all`
+//! that must keep up. The clients run in the same process as the server, so
+//! the two share the machine's cores, as a load generator on loopback would.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use cairn_client::HttpStore;
+use cairn_core::{EventStore, ExpectedVersion, StartFrom, SubscriptionTarget};
+use cairn_log::EmbeddedStore;
+use cairn_server::ServerConfig;
+use uuid::Uuid;
+
+pub async fn w7(store: &EmbeddedStore, seconds: f64) -> Result<String> {
+    let shared: Arc<dyn EventStore> = Arc::new(store.clone());
+    let config = ServerConfig { listen: "127.0.0.1:0".parse()?, ..ServerConfig::default() };
+    let running = cairn_server::start(shared, config)?;
+    let client = HttpStore::new(&format!("http://{}", running.addr))?;
+    // The subscriber counts what it sees, from now on.
+    let mut sub = client.subscribe(SubscriptionTarget::All, StartFrom::End).await?;
+    let (progress, mut watched) = tokio::sync::watch::channel((0u64, None));
+    let seen = tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Some(Ok(e)) = sub.next().await {
+            if e.stream.starts_with("w7-") {
+                n += 1;
+                progress.send_replace((n, Some(e.position)));
+            }
+        }
+    });
+    let run_for = Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..32 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let stream = format!("w7-{c}");
+            let mut last = None;
+            while started.elapsed() < run_for {
+                let t0 = Instant::now();
+                let done = client.append(&stream, ExpectedVersion::Any, vec![crate::bench::deposit(100, Uuid::now_v7())]).await?;
+                latencies.push(t0.elapsed());
+                last = Some(done.position);
+            }
+            anyhow::Ok((latencies, last))
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut newest = None;
+    for t in tasks {
+        let (l, last) = t.await??;
+        latencies.extend(l);
+        newest = newest.max(last);
+    }
+    let elapsed = started.elapsed();
+    let total = latencies.len() as u64;
+    // How long after the last acknowledgement the subscriber had seen everything.
+    let stopped_writing = Instant::now();
+    let caught_up = tokio::time::timeout(Duration::from_secs(30), watched.wait_for(|(_, last)| *last >= newest)).await.map(|r| r.map(drop));
+    let sse_lag = stopped_writing.elapsed();
+    let (delivered, last_seen) = *watched.borrow();
+    running.shutdown().await?;
+    let _ = seen.await;
+    if caught_up.is_err() || delivered != total {
+        bail!("the SSE subscriber saw {delivered} of {total} events (last {last_seen:?}, newest {newest:?})");
+    }
+    latencies.sort();
+    Ok(format!(
+        "bench W7 backend=embedded api=http clients=32 secs={:.1} events={total} events_per_s={:.0} p50_us={} p99_us={} sse_delivered={delivered} sse_lag_ms={}",
+        elapsed.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64(),
+        crate::bench::percentile(&latencies, 0.50),
+        crate::bench::percentile(&latencies, 0.99),
+        sse_lag.as_millis(),
+    ))
+}
