@@ -1,22 +1,12 @@
 //! How events and streams are shown to people (tables) and scripts (JSON lines).
 
-use base64::Engine;
 use cairn_core::{ContentType, RecordedEvent, StoreError, StreamInfo};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
-use serde_json::{json, Value};
+use serde_json::Value;
 
-/// An event as JSON, in the shape the HTTP API uses.
+/// An event as JSON, in the shape the HTTP API uses (the same code makes both).
 pub fn event_json(e: &RecordedEvent) -> Value {
-    let data = match e.content_type {
-        ContentType::Json => serde_json::from_slice(&e.data).unwrap_or(Value::Null),
-        ContentType::Binary => Value::String(base64::engine::general_purpose::STANDARD.encode(&e.data)),
-    };
-    json!({
-        "id": e.id, "stream": e.stream, "type": e.event_type, "version": e.version,
-        "position": e.position.0, "timestamp": e.timestamp.to_rfc3339(),
-        "schema_version": e.schema_version, "content_type": e.content_type,
-        "data": data, "metadata": e.metadata, "tags": e.tags,
-    })
+    serde_json::to_value(cairn_client::wire::EventOut::from_recorded(e)).unwrap_or(Value::Null)
 }
 
 fn data_preview(e: &RecordedEvent) -> String {
