@@ -79,6 +79,7 @@ pub fn count(n: u64, what: &str) -> String {
 pub fn hint(e: &StoreError) -> Option<&'static str> {
     Some(match e {
         StoreError::Locked { .. } => "another cairn process (a server, `cairn tail`, or a bench) has this data directory open; stop it, or pass --data to use another directory",
+        StoreError::AccessDenied { .. } => "pass an API key with --api-key (or CAIRN_API_KEY); an admin creates one with `cairn keys add NAME --role ROLE`",
         StoreError::WrongExpectedVersion { .. } => "read the stream again (`cairn read STREAM`) and retry with its current version, or use --expected-version any",
         StoreError::StreamNotFound { .. } => "list the streams with `cairn streams`",
         StoreError::StreamDeleted { .. } => "a tombstoned stream's name cannot be reused; write to a new stream",

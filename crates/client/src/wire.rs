@@ -260,6 +260,7 @@ pub fn error_body(e: &StoreError) -> (u16, Value) {
         Closed { reason } => (503, "closed", json!({"reason": reason})),
         Corrupt { file, offset, reason } => (500, "corrupt", json!({"file": file, "offset": offset, "reason": reason})),
         Locked { dir } => (500, "locked", json!({"dir": dir})),
+        AccessDenied { code, reason } => (if code == "forbidden" { 403 } else { 401 }, code.as_str(), json!({"reason": reason})),
         Io { path, source } => (500, "io", json!({"path": path, "detail": source.to_string()})),
         _ => (500, "internal", json!({})),
     };
@@ -301,6 +302,9 @@ pub fn error_from(status: u16, body: &Value, where_: &str) -> StoreError {
         "closed" => StoreError::Closed { reason: body["reason"].as_str().map(String::from) },
         "corrupt" => StoreError::Corrupt { file: s("file"), offset: n("offset"), reason: s("reason") },
         "locked" => StoreError::Locked { dir: s("dir") },
+        code @ ("unauthorized" | "forbidden" | "too_many_failed_logins") => {
+            StoreError::AccessDenied { code: code.to_string(), reason: if body["reason"].is_string() { s("reason") } else { message } }
+        }
         _ => {
             let detail = if message.is_empty() { format!("HTTP status {status}: {body}") } else { format!("HTTP status {status}: {message}") };
             StoreError::Io { path: where_.to_string(), source: std::io::Error::other(detail) }

@@ -53,6 +53,11 @@ pub enum StoreError {
     #[error("the data directory {dir} is in use by another process (lock file {dir}/LOCK)")]
     Locked { dir: String },
 
+    /// A server refused the request: no or wrong credentials (`unauthorized`),
+    /// or credentials that do not allow this (`forbidden`).
+    #[error("access denied ({code}): {reason}")]
+    AccessDenied { code: String, reason: String },
+
     #[error("I/O error on {path}: {source}")]
     Io { path: String, #[source] source: std::io::Error },
 }
@@ -73,6 +78,7 @@ impl StoreError {
                 | StoreError::EventTooLarge { .. }
                 | StoreError::AppendTooLarge { .. }
                 | StoreError::InvalidStreamName { .. }
+                | StoreError::AccessDenied { .. }
                 | StoreError::InvalidEvent(_)
                 | StoreError::InvalidArgument(_)
                 | StoreError::IdempotencyConflict { .. }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query as QueryString, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Extension, Path, Query as QueryString, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -19,8 +19,18 @@ use cairn_core::{Direction, Position, Query, ReadAllOptions, ReadStreamOptions, 
 use futures_util::StreamExt;
 use serde_json::json;
 
+use crate::auth::{Principal, Refusal};
 use crate::params::Params;
 use crate::App;
+
+type Who = Extension<Principal>;
+
+fn forbidden(reason: Option<String>) -> ApiResult<()> {
+    match reason {
+        Some(reason) => Err(ApiError::Store(StoreError::AccessDenied { code: "forbidden".into(), reason })),
+        None => Ok(()),
+    }
+}
 
 type Shared = State<Arc<App>>;
 
@@ -55,11 +65,11 @@ fn params(map: HashMap<String, String>, allowed: &[&str]) -> ApiResult<Params> {
 
 pub fn router(app: Arc<App>) -> Router {
     let limit = app.config.body_limit;
-    Router::new()
+    let api = Router::new()
         .route("/streams", get(list_streams))
         .route("/streams/{stream}", post(append).get(read_stream).delete(delete_stream))
         // An empty name gets the store's own "invalid stream name" answer.
-        .route("/streams/", post(|app: Shared, body: Bytes| append(app, Path(String::new()), body)))
+        .route("/streams/", post(|app: Shared, who: Who, body: Bytes| append(app, who, Path(String::new()), body)))
         .route("/streams/{stream}/info", get(stream_info))
         .route("/streams/{stream}/metadata", get(get_metadata).put(set_metadata))
         .route("/streams/{stream}/subscribe", get(subscribe_stream))
@@ -67,6 +77,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/all/subscribe", get(subscribe_all))
         .route("/query", post(read_query))
         .route("/head", get(head))
+        .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
+    Router::new()
+        .merge(api)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { Json(crate::openapi::document()) }))
@@ -77,6 +90,30 @@ pub fn router(app: Arc<App>) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(app.clone(), count_status))
         .with_state(app)
+}
+
+/// Who is asking: the key's principal, or an admin when auth is off.
+async fn authenticate(State(app): Shared, ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>, mut request: Request, next: Next) -> Response {
+    let principal = match &app.auth {
+        None => Principal::anonymous_admin(),
+        Some(auth) => {
+            let header = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+            match auth.check(header, peer.ip()) {
+                Ok(principal) => principal,
+                Err(Refusal::Unauthorized(reason)) => {
+                    let body = json!({"error": "unauthorized", "message": format!("access denied: {reason}"), "reason": reason});
+                    return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], Json(body)).into_response();
+                }
+                Err(Refusal::TooManyFailures) => {
+                    let reason = "too many failed logins from this address; wait a minute";
+                    let body = json!({"error": "too_many_failed_logins", "message": reason, "reason": reason});
+                    return (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+                }
+            }
+        }
+    };
+    request.extensions_mut().insert(principal);
+    next.run(request).await
 }
 
 /// Counts answers by status class, and turns axum's own plain-text
@@ -101,7 +138,8 @@ async fn count_status(State(app): Shared, request: Request, next: Next) -> Respo
     (status, Json(json!({"error": code, "message": message}))).into_response()
 }
 
-async fn append(State(app): Shared, Path(stream): Path<String>, body: Bytes) -> ApiResult<Response> {
+async fn append(State(app): Shared, Extension(who): Who, Path(stream): Path<String>, body: Bytes) -> ApiResult<Response> {
+    forbidden(who.denies_stream(&stream, true))?;
     let request: AppendRequest =
         serde_json::from_slice(&body).map_err(|e| ApiError::Request(format!("the body is not a valid append: {e}")))?;
     let expected = match &request.expected_version {
@@ -136,7 +174,8 @@ fn events_response(events: &[cairn_core::RecordedEvent]) -> Response {
     Json(json!({ "events": out })).into_response()
 }
 
-async fn read_stream(State(app): Shared, Path(stream): Path<String>, QueryString(q): QueryString<HashMap<String, String>>) -> ApiResult<Response> {
+async fn read_stream(State(app): Shared, Extension(who): Who, Path(stream): Path<String>, QueryString(q): QueryString<HashMap<String, String>>) -> ApiResult<Response> {
+    forbidden(who.denies_stream(&stream, false))?;
     let p = params(q, &["from", "limit", "direction"])?;
     let direction = p.direction().map_err(ApiError::Request)?;
     let mut options = if direction == Direction::Backward { ReadStreamOptions::backward() } else { ReadStreamOptions::forward() };
@@ -160,12 +199,14 @@ fn all_options(p: &Params) -> ApiResult<ReadAllOptions> {
     Ok(options.limit(p.limit(1000).map_err(ApiError::Request)?))
 }
 
-async fn read_all(State(app): Shared, QueryString(q): QueryString<HashMap<String, String>>) -> ApiResult<Response> {
+async fn read_all(State(app): Shared, Extension(who): Who, QueryString(q): QueryString<HashMap<String, String>>) -> ApiResult<Response> {
+    forbidden(who.denies_all())?;
     let p = params(q, &["from", "after", "limit", "direction"])?;
     Ok(events_response(&app.store.read_all(all_options(&p)?).await?))
 }
 
-async fn read_query(State(app): Shared, body: Bytes) -> ApiResult<Response> {
+async fn read_query(State(app): Shared, Extension(who): Who, body: Bytes) -> ApiResult<Response> {
+    forbidden(who.denies_all())?;
     let request: QueryRequest =
         serde_json::from_slice(&body).map_err(|e| ApiError::Request(format!("the body is not a valid query: {e}")))?;
     let mut options = if request.direction == Direction::Backward { ReadAllOptions::backward() } else { ReadAllOptions::forward() };
@@ -179,21 +220,25 @@ async fn read_query(State(app): Shared, body: Bytes) -> ApiResult<Response> {
     Ok(events_response(&app.store.read_query(&request.query, options).await?))
 }
 
-async fn list_streams(State(app): Shared, QueryString(q): QueryString<HashMap<String, String>>) -> ApiResult<Response> {
+async fn list_streams(State(app): Shared, Extension(who): Who, QueryString(q): QueryString<HashMap<String, String>>) -> ApiResult<Response> {
+    forbidden(who.denies_all())?;
     let p = params(q, &["prefix", "limit"])?;
     let streams = app.store.list_streams(p.str("prefix").unwrap_or(""), p.limit(1000).map_err(ApiError::Request)?).await?;
     Ok(Json(json!({ "streams": streams })).into_response())
 }
 
-async fn stream_info(State(app): Shared, Path(stream): Path<String>) -> ApiResult<Response> {
+async fn stream_info(State(app): Shared, Extension(who): Who, Path(stream): Path<String>) -> ApiResult<Response> {
+    forbidden(who.denies_stream(&stream, false))?;
     Ok(Json(app.store.stream_info(&stream).await?).into_response())
 }
 
-async fn get_metadata(State(app): Shared, Path(stream): Path<String>) -> ApiResult<Response> {
+async fn get_metadata(State(app): Shared, Extension(who): Who, Path(stream): Path<String>) -> ApiResult<Response> {
+    forbidden(who.denies_stream(&stream, false))?;
     Ok(Json(app.store.stream_info(&stream).await?.metadata).into_response())
 }
 
-async fn set_metadata(State(app): Shared, Path(stream): Path<String>, body: Bytes) -> ApiResult<Response> {
+async fn set_metadata(State(app): Shared, Extension(who): Who, Path(stream): Path<String>, body: Bytes) -> ApiResult<Response> {
+    forbidden(who.denies_stream(&stream, true))?;
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Body {
@@ -209,7 +254,8 @@ async fn set_metadata(State(app): Shared, Path(stream): Path<String>, body: Byte
     Ok(Json(app.store.set_stream_metadata(&stream, metadata).await?).into_response())
 }
 
-async fn delete_stream(State(app): Shared, Path(stream): Path<String>, QueryString(q): QueryString<HashMap<String, String>>) -> ApiResult<Response> {
+async fn delete_stream(State(app): Shared, Extension(who): Who, Path(stream): Path<String>, QueryString(q): QueryString<HashMap<String, String>>) -> ApiResult<Response> {
+    forbidden(who.denies_stream(&stream, true))?;
     let p = params(q, &["expected_version", "hard"])?;
     let expected = match p.str("expected_version") {
         None => cairn_core::ExpectedVersion::Any,
@@ -219,7 +265,8 @@ async fn delete_stream(State(app): Shared, Path(stream): Path<String>, QueryStri
     Ok(Json(app.store.delete_stream(&stream, expected, hard).await?).into_response())
 }
 
-async fn head(State(app): Shared) -> ApiResult<Response> {
+async fn head(State(app): Shared, Extension(who): Who) -> ApiResult<Response> {
+    forbidden(who.denies_all())?;
     let head = app.store.head_position().await?;
     let last = app.store.last_position().await?;
     Ok(Json(Head { head: head.0, last: last.map(|p| p.0) }).into_response())
@@ -265,16 +312,19 @@ fn start_from(p: &Params, headers: &HeaderMap) -> ApiResult<StartFrom> {
 
 async fn subscribe_stream(
     State(app): Shared,
+    Extension(who): Who,
     Path(stream): Path<String>,
     headers: HeaderMap,
     QueryString(q): QueryString<HashMap<String, String>>,
 ) -> ApiResult<Response> {
+    forbidden(who.denies_stream(&stream, false))?;
     let p = params(q, &["from", "after"])?;
     let from = start_from(&p, &headers)?;
     live(app, SubscriptionTarget::Stream(stream), from, |e| e.version).await
 }
 
-async fn subscribe_all(State(app): Shared, headers: HeaderMap, QueryString(q): QueryString<HashMap<String, String>>) -> ApiResult<Response> {
+async fn subscribe_all(State(app): Shared, Extension(who): Who, headers: HeaderMap, QueryString(q): QueryString<HashMap<String, String>>) -> ApiResult<Response> {
+    forbidden(who.denies_all())?;
     let p = params(q, &["from", "after", "category", "type", "query"])?;
     let from = start_from(&p, &headers)?;
     let target = match (p.str("query"), p.str("category"), p.str("type")) {

@@ -4,6 +4,7 @@
 //! client and the server cannot drift apart.
 
 mod api;
+pub mod auth;
 mod metrics;
 mod openapi;
 mod params;
@@ -24,13 +25,16 @@ pub struct ServerConfig {
     /// Largest request body accepted (default 128 MiB, so that the store's own
     /// limits, 16 MiB per event and 64 MiB per append, decide first).
     pub body_limit: usize,
+    /// API keys; `None` (or no keys) leaves the API open, which `cairn serve`
+    /// allows on loopback only.
+    pub keys: Option<auth::KeyFile>,
     /// Extra Prometheus text from the storage engine (fsync histogram, bytes).
     pub engine_metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8720)), body_limit: 128 * 1024 * 1024, engine_metrics: None }
+        ServerConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8720)), body_limit: 128 * 1024 * 1024, keys: None, engine_metrics: None }
     }
 }
 
@@ -38,6 +42,7 @@ pub(crate) struct App {
     pub store: Arc<dyn EventStore>,
     pub metrics: Arc<Metrics>,
     pub config: ServerConfig,
+    pub auth: Option<auth::Auth>,
     pub shutdown: watch::Receiver<bool>,
     pub started: Instant,
 }
@@ -76,11 +81,13 @@ pub fn start(store: Arc<dyn EventStore>, config: ServerConfig) -> std::io::Resul
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let addr = listener.local_addr()?;
     let (stop, shutdown) = watch::channel(false);
-    let app = Arc::new(App { store, metrics: Arc::new(Metrics::default()), config, shutdown: shutdown.clone(), started: Instant::now() });
+    let mut config = config;
+    let auth = config.keys.take().map(auth::Auth::new).filter(|a| !a.is_empty());
+    let app = Arc::new(App { store, metrics: Arc::new(Metrics::default()), config, auth, shutdown: shutdown.clone(), started: Instant::now() });
     let router = api::router(app);
     let mut signal = shutdown;
     let task = tokio::spawn(async move {
-        axum::serve(listener, router)
+        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move {
                 let _ = signal.wait_for(|&stop| stop).await;
             })

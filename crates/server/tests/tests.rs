@@ -1,6 +1,8 @@
 //! The server over real sockets: the conformance suite through the HTTP
-//! client, and what bad requests get.
+//! client (open, and with keys), what bad requests get, and access control.
 
 mod api;
+mod auth;
 mod common;
 mod conformance;
+mod conformance_auth;
