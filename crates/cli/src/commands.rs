@@ -19,6 +19,7 @@ pub struct Context {
     pub json: bool,
     /// A running server to talk to instead of the data directory.
     pub url: Option<String>,
+    pub api_key: Option<String>,
 }
 
 impl Context {
@@ -36,7 +37,13 @@ impl Context {
     /// directory (`create`: make a store there if there is none).
     pub(crate) fn store(&self, create: bool) -> Result<std::sync::Arc<dyn EventStore>> {
         Ok(match &self.url {
-            Some(url) => std::sync::Arc::new(cairn_client::HttpStore::new(url)?),
+            Some(url) => {
+                let client = cairn_client::HttpStore::new(url)?;
+                std::sync::Arc::new(match &self.api_key {
+                    Some(key) => client.with_api_key(key),
+                    None => client,
+                })
+            }
             None if create => std::sync::Arc::new(self.open()?),
             None => std::sync::Arc::new(self.open_existing()?),
         })

@@ -33,6 +33,9 @@ struct Cli {
     /// Work with the Cairn server at this URL (as `cairn serve` prints it) instead of --data.
     #[arg(long, global = true, env = "CAIRN_URL", value_name = "URL")]
     url: Option<String>,
+    /// API key for the server at --url.
+    #[arg(long, global = true, env = "CAIRN_API_KEY", value_name = "KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Print JSON (one object per line) instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -59,6 +62,8 @@ enum Command {
     },
     /// Serve the store in --data over HTTP (default http://127.0.0.1:8720; the API at /openapi.json).
     Serve(serve::ServeArgs),
+    /// API keys for the server: add (printed once), list, remove.
+    Keys(serve::KeysArgs),
     /// Append events to a stream: one from TYPE and JSON, or JSON lines on stdin
     /// (`{"type": "...", "data": {...}, "id"?: "...", "metadata"?: {...}, "tags"?: [...]}`), all in one
     /// atomic append; --tag adds tags (`course:cs101`) to every event.
@@ -110,7 +115,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let ctx = commands::Context { data: cli.data, json: cli.json, url: cli.url };
+    let ctx = commands::Context { data: cli.data, json: cli.json, url: cli.url, api_key: cli.api_key };
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Tour { keep } => tour::run(keep).await,
@@ -119,6 +124,7 @@ fn main() -> ExitCode {
             Command::Demo { which: Demo::Bank, .. } => demo::run_bank().await,
             Command::Demo { which: Demo::Courses, .. } => demo::run_courses().await,
             Command::Serve(a) => serve::run(&ctx, a).await,
+            Command::Keys(a) => serve::keys(&ctx, a),
             Command::Census => census::run(&ctx).await,
             Command::Append(a) => commands::append(&ctx, a).await,
             Command::Read(a) => commands::read(&ctx, a).await,

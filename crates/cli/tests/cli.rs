@@ -251,7 +251,7 @@ fn serve_answers_the_cli_over_url_and_stops_on_sigterm() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let refused = cairn(dir.path(), &["serve", "--listen", "0.0.0.0:8720"]);
-    assert!(!refused.status.success() && stderr(&refused).contains("only listens on loopback"), "{}", stderr(&refused));
+    assert!(!refused.status.success() && stderr(&refused).contains("without authentication"), "{}", stderr(&refused));
 
     let mut server = Command::new(env!("CARGO_BIN_EXE_cairn"))
         .arg("--data").arg(dir.path()).args(["serve", "--listen", "127.0.0.1:0"])
@@ -279,4 +279,31 @@ fn serve_answers_the_cli_over_url_and_stops_on_sigterm() {
     // What it acknowledged is in the data directory.
     let local = cairn(dir.path(), &["--json", "read", "order-1"]);
     assert!(stdout(&local).contains("OrderPlaced"), "{}", stdout(&local));
+}
+
+#[test]
+fn a_served_store_with_keys_refuses_requests_without_one() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let added = cairn(dir.path(), &["keys", "add", "ops", "--role", "admin"]);
+    assert!(added.status.success(), "{}", stderr(&added));
+    let key = stdout(&added).trim().to_string();
+    assert!(key.starts_with("cairn_ops_"), "{key}");
+    let listed = stdout(&cairn(dir.path(), &["keys", "list"]));
+    assert!(listed.contains("ops") && listed.contains("admin") && !listed.contains(&key[10..]), "{listed}");
+
+    let mut server = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .arg("--data").arg(dir.path()).args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null())
+        .spawn().unwrap();
+    let mut out = BufReader::new(server.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_string();
+    let without = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["--url", &url, "streams"]).output().unwrap();
+    assert!(!without.status.success() && stderr(&without).contains("needs an API key") && stderr(&without).contains("--api-key"), "{}", stderr(&without));
+    let with = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["--url", &url, "append", "a-1", "X", "{}"]).env("CAIRN_API_KEY", &key).output().unwrap();
+    assert!(with.status.success(), "{}", stderr(&with));
+    server.kill().unwrap();
+    let _ = server.wait();
 }

@@ -106,11 +106,19 @@ impl KeyFile {
         }
     }
 
-    /// Writes the file whole, then renames it over the old one.
+    /// Writes the file whole (readable by its owner only), then renames it over the old one.
     pub fn save(&self, path: &Path) -> Result<(), String> {
         let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(self).expect("keys serialise");
-        std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        let write = || -> std::io::Result<()> {
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            std::io::Write::write_all(&mut options.open(&tmp)?, &text)?;
+            std::fs::rename(&tmp, path)
+        };
+        write().map_err(|e| format!("cannot write {}: {e}", path.display()))
     }
 
     /// Adds a key and returns its token (shown once; only its hash is kept).
