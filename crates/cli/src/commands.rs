@@ -20,6 +20,7 @@ pub struct Context {
     /// A running server to talk to instead of the data directory.
     pub url: Option<String>,
     pub api_key: Option<String>,
+    pub ca: Option<PathBuf>,
 }
 
 impl Context {
@@ -38,7 +39,11 @@ impl Context {
     pub(crate) fn store(&self, create: bool) -> Result<std::sync::Arc<dyn EventStore>> {
         Ok(match &self.url {
             Some(url) => {
-                let client = cairn_client::HttpStore::new(url)?;
+                let root = match &self.ca {
+                    Some(path) => Some(std::fs::read(path).with_context(|| format!("cannot read the CA certificate {}", path.display()))?),
+                    None => None,
+                };
+                let client = cairn_client::HttpStore::with_tls_root(url, root.as_deref())?;
                 std::sync::Arc::new(match &self.api_key {
                     Some(key) => client.with_api_key(key),
                     None => client,

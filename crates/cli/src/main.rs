@@ -33,6 +33,9 @@ struct Cli {
     /// Work with the Cairn server at this URL (as `cairn serve` prints it) instead of --data.
     #[arg(long, global = true, env = "CAIRN_URL", value_name = "URL")]
     url: Option<String>,
+    /// A CA certificate (PEM) to trust for an https --url signed by a private CA.
+    #[arg(long, global = true, env = "CAIRN_CA", value_name = "PEM")]
+    ca: Option<PathBuf>,
     /// API key for the server at --url.
     #[arg(long, global = true, env = "CAIRN_API_KEY", value_name = "KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -115,7 +118,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let ctx = commands::Context { data: cli.data, json: cli.json, url: cli.url, api_key: cli.api_key };
+    let ctx = commands::Context { data: cli.data, json: cli.json, url: cli.url, api_key: cli.api_key, ca: cli.ca };
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Tour { keep } => tour::run(keep).await,

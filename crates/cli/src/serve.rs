@@ -26,6 +26,12 @@ pub struct ServeArgs {
     /// The API key file [default: DATA/keys.json]. With keys in it, every request needs one.
     #[arg(long, env = "CAIRN_KEYS", value_name = "FILE")]
     keys: Option<std::path::PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "CAIRN_TLS_CERT", value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "CAIRN_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 pub async fn run(ctx: &Context, args: ServeArgs) -> Result<()> {
@@ -53,15 +59,19 @@ pub async fn run(ctx: &Context, args: ServeArgs) -> Result<()> {
     let head = store.head_position().await?;
     let store: Arc<dyn EventStore> = Arc::new(store);
     let secured = !keys.keys.is_empty();
-    let config = ServerConfig { listen: args.listen, body_limit: args.body_limit, keys: Some(keys), engine_metrics: Some(engine_metrics) };
+    let tls = args.tls_cert.zip(args.tls_key).map(|(cert, key)| cairn_server::TlsFiles { cert, key });
+    if secured && tls.is_none() && !args.listen.ip().is_loopback() {
+        eprintln!("warning: API keys will cross the network in clear text; give --tls-cert and --tls-key to serve HTTPS");
+    }
+    let config = ServerConfig { listen: args.listen, body_limit: args.body_limit, keys: Some(keys), tls, engine_metrics: Some(engine_metrics) };
     let running = cairn_server::start(store, config).with_context(|| format!("cannot listen on {}", args.listen))?;
-    println!("cairn serve: http://{} (data in {}, head at position {head})", running.addr, ctx.data.display());
+    println!("cairn serve: {} (data in {}, head at position {head})", running.url, ctx.data.display());
     if secured {
         println!("  API keys from {} are required (Authorization: Bearer <key>)", key_path.display());
     } else {
         println!("  no API keys: open to this machine only");
     }
-    println!("  try: curl http://{}/streams   ·   the API: /openapi.json   ·   stop: Ctrl-C", running.addr);
+    println!("  try: curl {}/streams   ·   the API: /openapi.json   ·   stop: Ctrl-C", running.url);
     let stop = running.stopper();
     tokio::spawn(async move {
         shutdown_signal().await;

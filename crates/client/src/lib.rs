@@ -29,13 +29,23 @@ pub struct HttpStore {
 impl HttpStore {
     /// A client for the server at `url`; nothing is sent until the first call.
     pub fn new(url: &str) -> Result<HttpStore> {
+        Self::with_tls_root(url, None)
+    }
+
+    /// A client that also trusts the CA certificate (PEM) `root`, for a
+    /// server whose certificate a private CA signed.
+    pub fn with_tls_root(url: &str, root: Option<&[u8]>) -> Result<HttpStore> {
         let mut base = Url::parse(url).map_err(|e| StoreError::InvalidArgument(format!("server URL {url:?}: {e}")))?;
         if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
             return Err(StoreError::InvalidArgument(format!("server URL {url:?}: use http://host:port or https://host:port")));
         }
         base.set_path("/");
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(64)
+        let mut builder = reqwest::Client::builder().pool_max_idle_per_host(64);
+        if let Some(pem) = root {
+            let cert = reqwest::Certificate::from_pem(pem).map_err(|e| StoreError::InvalidArgument(format!("CA certificate: {e}")))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder
             .build()
             .map_err(|e| StoreError::InvalidArgument(format!("HTTP client: {e}")))?;
         Ok(HttpStore { base, http, api_key: None })
@@ -84,7 +94,13 @@ impl HttpStore {
             while let Some(next) = cause.source() {
                 cause = next;
             }
-            self.io(format!("cannot reach the server ({cause}); is `cairn serve` running there?"))
+            let cause = cause.to_string();
+            let hint = if cause.contains("certificate") {
+                "trust the CA that signed the server's certificate (`--ca FILE`, `HttpStore::with_tls_root`)"
+            } else {
+                "is `cairn serve` running there?"
+            };
+            self.io(format!("cannot reach the server ({cause}); {hint}"))
         })?;
         if response.status().is_success() {
             return Ok(response);

@@ -28,14 +28,49 @@ pub struct ServerConfig {
     /// API keys; `None` (or no keys) leaves the API open, which `cairn serve`
     /// allows on loopback only.
     pub keys: Option<auth::KeyFile>,
+    /// Serve HTTPS with this certificate chain and private key (PEM files).
+    pub tls: Option<TlsFiles>,
     /// Extra Prometheus text from the storage engine (fsync histogram, bytes).
     pub engine_metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8720)), body_limit: 128 * 1024 * 1024, keys: None, engine_metrics: None }
+        ServerConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8720)), body_limit: 128 * 1024 * 1024, keys: None, tls: None, engine_metrics: None }
     }
+}
+
+/// PEM files for HTTPS.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+/// A rustls server configuration (ring) from PEM files, or what is wrong with them.
+fn tls_config(files: &TlsFiles) -> std::io::Result<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("TLS {what} {}: {e}", path.display()))
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .map_err(|e| bad("certificate", &files.cert, &e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad("certificate", &files.cert, &e))?;
+    if certs.is_empty() {
+        return Err(bad("certificate", &files.cert, &"no CERTIFICATE block in the file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| bad("private key", &files.key, &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("setup for", &files.cert, &e))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| bad("certificate and key", &files.cert, &e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 pub(crate) struct App {
@@ -50,6 +85,8 @@ pub(crate) struct App {
 /// A server running on the current tokio runtime.
 pub struct Running {
     pub addr: SocketAddr,
+    /// `http://…` or `https://…`.
+    pub url: String,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -76,9 +113,10 @@ impl Running {
 /// Binds `config.listen` (port 0 picks a free port) and serves `store` on
 /// the current tokio runtime (call it from inside one).
 pub fn start(store: Arc<dyn EventStore>, config: ServerConfig) -> std::io::Result<Running> {
+    let tls = config.tls.as_ref().map(tls_config).transpose()?;
+    let config_tls = tls.is_some();
     let listener = std::net::TcpListener::bind(config.listen)?;
     listener.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
     let addr = listener.local_addr()?;
     let (stop, shutdown) = watch::channel(false);
     let mut config = config;
@@ -86,12 +124,29 @@ pub fn start(store: Arc<dyn EventStore>, config: ServerConfig) -> std::io::Resul
     let app = Arc::new(App { store, metrics: Arc::new(Metrics::default()), config, auth, shutdown: shutdown.clone(), started: Instant::now() });
     let router = api::router(app);
     let mut signal = shutdown;
-    let task = tokio::spawn(async move {
-        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move {
-                let _ = signal.wait_for(|&stop| stop).await;
+    let task = match tls {
+        None => {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            tokio::spawn(async move {
+                axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+                    .with_graceful_shutdown(async move {
+                        let _ = signal.wait_for(|&stop| stop).await;
+                    })
+                    .await
             })
-            .await
-    });
-    Ok(Running { addr, stop, task })
+        }
+        Some(config) => {
+            let handle = axum_server::Handle::new();
+            let stopper = handle.clone();
+            tokio::spawn(async move {
+                let _ = signal.wait_for(|&stop| stop).await;
+                stopper.graceful_shutdown(None);
+            });
+            let rustls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(config));
+            let server = axum_server::from_tcp_rustls(listener, rustls)?.handle(handle);
+            tokio::spawn(async move { server.serve(router.into_make_service_with_connect_info::<SocketAddr>()).await })
+        }
+    };
+    let url = format!("{}://{addr}", if config_tls { "https" } else { "http" });
+    Ok(Running { addr, url, stop, task })
 }

@@ -6,3 +6,4 @@ mod auth;
 mod common;
 mod conformance;
 mod conformance_auth;
+mod tls;

@@ -1,0 +1,51 @@
+//! HTTPS with rustls from PEM files: a client that trusts the CA works,
+//! one that does not is refused, and plain HTTP to the TLS port fails.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cairn_client::HttpStore;
+use cairn_core::{EventStore, ExpectedVersion, NewEvent, ReadStreamOptions, StartFrom, SubscriptionTarget};
+use cairn_log::EmbeddedStore;
+use cairn_server::{ServerConfig, TlsFiles};
+use serde_json::json;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/tls").join(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_a_trusted_ca_and_refusals_without() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let tls = TlsFiles { cert: fixture("server.pem"), key: fixture("server.key") };
+    let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), tls: Some(tls), ..ServerConfig::default() };
+    let running = cairn_server::start(store, config).unwrap();
+    assert!(running.url.starts_with("https://"), "{}", running.url);
+
+    let ca = std::fs::read(fixture("ca.pem")).unwrap();
+    let client = HttpStore::with_tls_root(&running.url, Some(&ca)).unwrap();
+    client.append("secure-1", ExpectedVersion::NoStream, vec![NewEvent::json("Sealed", &json!({"n": 1})).unwrap()]).await.unwrap();
+    assert_eq!(client.read_stream("secure-1", ReadStreamOptions::forward()).await.unwrap().len(), 1);
+    let mut live = client.subscribe(SubscriptionTarget::Stream("secure-1".into()), StartFrom::Start).await.unwrap();
+    assert_eq!(live.next().await.unwrap().unwrap().event_type, "Sealed");
+
+    let untrusting = HttpStore::new(&running.url).unwrap();
+    let refused = untrusting.read_stream("secure-1", ReadStreamOptions::forward()).await.unwrap_err().to_string();
+    assert!(refused.contains("cannot reach the server"), "{refused}");
+    let plain = HttpStore::new(&format!("http://{}", running.addr)).unwrap();
+    assert!(plain.read_stream("secure-1", ReadStreamOptions::forward()).await.is_err(), "plain HTTP to the TLS port fails");
+    running.shutdown().await.unwrap();
+}
+
+#[test]
+fn bad_pem_files_are_named() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let _guard = rt.enter();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let tls = TlsFiles { cert: fixture("ca.pem"), key: fixture("missing.key") };
+    let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), tls: Some(tls), ..ServerConfig::default() };
+    let err = cairn_server::start(store, config).err().expect("refused").to_string();
+    assert!(err.contains("private key") && err.contains("missing.key"), "{err}");
+}
