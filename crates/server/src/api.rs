@@ -77,9 +77,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/all/subscribe", get(subscribe_all))
         .route("/query", post(read_query))
         .route("/head", get(head))
+        .route("/groups", get(groups))
         .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
     Router::new()
         .merge(api)
+        .route("/", get(|| async { axum::response::Html(include_str!("ui.html")) }))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { Json(crate::openapi::document()) }))
@@ -97,8 +99,12 @@ async fn authenticate(State(app): Shared, ConnectInfo(peer): ConnectInfo<std::ne
     let principal = match &app.auth {
         None => Principal::anonymous_admin(),
         Some(auth) => {
-            let header = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-            match auth.check(header, peer.ip()) {
+            // Browsers' EventSource cannot send headers: SSE may carry the key as `access_token`.
+            let from_query = request.uri().query().and_then(|q| {
+                q.split('&').find_map(|kv| kv.strip_prefix("access_token=")).map(|v| format!("Bearer {}", percent_decode(v)))
+            });
+            let header = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(String::from).or(from_query);
+            match auth.check(header.as_deref(), peer.ip()) {
                 Ok(principal) => principal,
                 Err(Refusal::Unauthorized(reason)) => {
                     let body = json!({"error": "unauthorized", "message": format!("access denied: {reason}"), "reason": reason});
@@ -272,6 +278,48 @@ async fn head(State(app): Shared, Extension(who): Who) -> ApiResult<Response> {
     Ok(Json(Head { head: head.0, last: last.map(|p| p.0) }).into_response())
 }
 
+/// `%XX` escapes decoded (a key in a query string).
+fn percent_decode(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The consumer groups stored in the store, with their lag.
+async fn groups(State(app): Shared, Extension(who): Who) -> ApiResult<Response> {
+    forbidden(who.denies_all())?;
+    let stored = cairn_cqrs::stored_groups(app.store.as_ref()).await.map_err(|e| match e {
+        cairn_cqrs::GroupError::Store(e) => ApiError::Store(e),
+        other => ApiError::Store(StoreError::Corrupt { file: "consumer group state".into(), offset: 0, reason: other.to_string() }),
+    })?;
+    let mut out = Vec::new();
+    for g in stored {
+        let mut row = json!({"group": g.name, "follows": g.source, "checkpoint": g.checkpoint.map(|c| c.0 .0), "parked": g.parked.len(), "replay_pending": g.replay_pending});
+        if let Some(source) = &g.source {
+            let lag = cairn_cqrs::lag(app.store.as_ref(), source, g.checkpoint.map(|c| c.0), g.checkpoint.map(|c| c.1), std::time::Duration::from_secs(5)).await?;
+            row["behind_events"] = json!(lag.events);
+            row["behind_seconds"] = json!(lag.seconds);
+            row["healthy"] = json!(lag.healthy);
+        }
+        out.push(row);
+    }
+    Ok(Json(json!({ "groups": out })).into_response())
+}
+
 async fn health(State(app): Shared) -> Response {
     match app.store.head_position().await {
         Ok(head) => Json(json!({"status": "ok", "live": true, "ready": true, "head": head.0})).into_response(),
@@ -318,14 +366,14 @@ async fn subscribe_stream(
     QueryString(q): QueryString<HashMap<String, String>>,
 ) -> ApiResult<Response> {
     forbidden(who.denies_stream(&stream, false))?;
-    let p = params(q, &["from", "after"])?;
+    let p = params(q, &["from", "after", "access_token"])?;
     let from = start_from(&p, &headers)?;
     live(app, SubscriptionTarget::Stream(stream), from, |e| e.version).await
 }
 
 async fn subscribe_all(State(app): Shared, Extension(who): Who, headers: HeaderMap, QueryString(q): QueryString<HashMap<String, String>>) -> ApiResult<Response> {
     forbidden(who.denies_all())?;
-    let p = params(q, &["from", "after", "category", "type", "query"])?;
+    let p = params(q, &["from", "after", "category", "type", "query", "access_token"])?;
     let from = start_from(&p, &headers)?;
     let target = match (p.str("query"), p.str("category"), p.str("type")) {
         (Some(q), None, None) => {

@@ -7,3 +7,4 @@ mod common;
 mod conformance;
 mod conformance_auth;
 mod tls;
+mod ui;

@@ -1,0 +1,82 @@
+//! The web admin UI in a real headless Chromium: events appended through the
+//! API appear in the page, event text is shown as text (never as markup),
+//! and an event's page shows its data and metadata.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cairn_client::HttpStore;
+use cairn_core::{EventStore, ExpectedVersion, Metadata, NewEvent};
+use cairn_log::EmbeddedStore;
+use cairn_server::ServerConfig;
+use serde_json::json;
+
+fn chromium() -> Option<PathBuf> {
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"].into_iter().map(PathBuf::from).find(|p| p.exists())
+}
+
+/// The page's DOM after its scripts ran, as Chromium prints it.
+fn dom(browser: &PathBuf, url: &str) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let mut child = Command::new(browser)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking"])
+        .args(["--disable-component-update", "--disable-sync", "--virtual-time-budget=5000", "--dump-dom"])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromium");
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("chromium did not finish within 60 s on {url}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn events_appended_through_the_api_appear_in_the_page() {
+    let Some(browser) = chromium() else {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI needs chromium for the UI test; .ci/run installs it");
+        eprintln!("skipped: no chromium (apt-get install chromium) for the web UI test");
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let running = rt.block_on(async { cairn_server::start(store, ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() }) }).unwrap();
+    let url = running.url.clone();
+    let correlation = uuid::Uuid::now_v7();
+    rt.block_on(async {
+        let client = HttpStore::new(&url).unwrap();
+        let meta = Metadata { correlation_id: Some(correlation), ..Default::default() };
+        let placed = NewEvent::json("OrderPlaced", &json!({"customer": "ada", "total": 42})).unwrap().with_metadata(meta.clone());
+        client.append("order-42", ExpectedVersion::NoStream, vec![placed]).await.unwrap();
+        let paid = NewEvent::json("PaymentTaken", &json!({"order": "order-42"})).unwrap().with_metadata(meta);
+        client.append("payment-42", ExpectedVersion::NoStream, vec![paid]).await.unwrap();
+        let nasty = NewEvent::json("<img src=x onerror=alert(1)>", &json!({"note": "<script>alert(2)</script>"})).unwrap();
+        client.append("order-43", ExpectedVersion::NoStream, vec![nasty]).await.unwrap();
+    });
+
+    let streams = dom(&browser, &format!("{url}/#/streams"));
+    assert!(streams.contains("order-42") && streams.contains("payment-42") && streams.contains("3 streams"), "{streams}");
+
+    let page = dom(&browser, &format!("{url}/#/stream/order-42"));
+    assert!(page.contains("OrderPlaced") && page.contains(r#""customer":"ada""#), "{page}");
+
+    let event = dom(&browser, &format!("{url}/#/event/order-42/1"));
+    assert!(event.contains("\"total\": 42"), "the event's data, pretty: {event}");
+    assert!(event.contains(&correlation.to_string()) && event.contains("(2 events)"), "the correlation chain: {event}");
+
+    let all = dom(&browser, &format!("{url}/#/all"));
+    assert!(all.contains("&lt;img src=x onerror=alert(1)&gt;"), "event text is escaped: {all}");
+    assert!(!all.contains("<img src=\"x\"") && !all.contains("<script>alert(2)"), "no markup from event text: {all}");
+    rt.block_on(running.shutdown()).unwrap();
+}
