@@ -35,6 +35,7 @@ pub fn document() -> Value {
     let after_pos = param("after", "query", "start just past this position (paging)", json!({"type": "integer", "minimum": 0}));
     let sub_from = param("from", "query", "start or end (only new events)", json!({"enum": ["start", "end"]}));
     let sub_after = param("after", "query", "deliver events strictly after this version (stream) or position ($all); the Last-Event-ID header wins", json!({"type": "integer"}));
+    let token = param("access_token", "query", "the API key, for clients that cannot send headers (EventSource)", json!({"type": "string"}));
     let mut append_errors = errors(&["400", "409", "410", "413"]);
     append_errors["200"] = ok("appended and durable", "AppendResult");
     let mut read_errors = errors(&["400", "404", "410"]);
@@ -42,7 +43,8 @@ pub fn document() -> Value {
     let sse = json!({"200": {"description": "Server-Sent Events: `event: event` frames (data: an Event, id: version or position), `event: error` then the end if the store fails", "content": {"text/event-stream": {}}}});
     json!({
         "openapi": "3.1.0",
-        "info": {"title": "Cairn", "version": env!("CARGO_PKG_VERSION"), "description": "The Cairn event store over HTTP. Errors are {\"error\": code, \"message\": text, ...fields}."},
+        "info": {"title": "Cairn", "version": env!("CARGO_PKG_VERSION"), "description": "The Cairn event store over HTTP. Errors are {\"error\": code, \"message\": text, ...fields}. With API keys, send Authorization: Bearer <key>."},
+        "security": [{"apiKey": []}, {}],
         "paths": {
             "/streams/{stream}": {
                 "post": {"summary": "Append events atomically", "parameters": [stream],
@@ -57,18 +59,19 @@ pub fn document() -> Value {
                 "get": {"summary": "A stream's metadata", "parameters": [stream], "responses": {"200": ok("metadata", "StreamMetadata")}},
                 "put": {"summary": "Replace a stream's metadata", "parameters": [stream], "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/StreamMetadata"}}}}, "responses": {"200": ok("stored", "AppendResult")}}
             },
-            "/streams/{stream}/subscribe": {"get": {"summary": "Follow a stream live (history first)", "parameters": [stream, sub_from, sub_after], "responses": sse}},
+            "/streams/{stream}/subscribe": {"get": {"summary": "Follow a stream live (history first)", "parameters": [stream, sub_from, sub_after, token.clone()], "responses": sse}},
             "/all": {"get": {"summary": "Read every event in global order", "parameters": [from_pos, after_pos, limit, direction], "responses": {"200": ok("the events", "Events")}}},
             "/all/subscribe": {"get": {"summary": "Follow $all, a category, event types or a query live", "parameters": [sub_from, sub_after,
                 param("category", "query", "streams named <category>-…", json!({"type": "string"})),
                 param("type", "query", "event types, comma-separated", json!({"type": "string"})),
-                param("query", "query", "a Query as JSON", json!({"type": "string"}))], "responses": sse}},
+                param("query", "query", "a Query as JSON", json!({"type": "string"})), token], "responses": sse}},
             "/query": {"post": {"summary": "Read the events matching a query (tags, types, categories)", "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/QueryRequest"}}}}, "responses": {"200": ok("the events", "Events")}}},
+            "/groups": {"get": {"summary": "Consumer groups stored in the store, with checkpoint, lag and parked count", "responses": {"200": {"description": "{\"groups\": [...]}"}}}},
             "/head": {"get": {"summary": "Where the next event goes, and the newest event's position", "responses": {"200": {"description": "{\"head\": n, \"last\": n|null}"}}}},
             "/health": {"get": {"summary": "Liveness and readiness", "responses": {"200": {"description": "ready"}, "503": {"description": "the store is unavailable"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text format 0.0.4", "content": {"text/plain": {}}}}}}
         },
-        "components": {"schemas": {
+        "components": {"securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer", "description": "a key from `cairn keys add`; required when the server has keys"}}, "schemas": {
             "AppendRequest": {"type": "object", "additionalProperties": false, "required": ["events"], "properties": {
                 "expected_version": {"oneOf": [{"enum": ["any", "no_stream", "exists"]}, {"type": "integer", "minimum": 0}]},
                 "events": {"type": "array", "items": {"$ref": "#/components/schemas/NewEvent"}},

@@ -235,3 +235,20 @@ fn sigkill_during_32_writers_loses_no_acknowledged_append() {
         });
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_describes_every_route() {
+    let s = server();
+    let doc: Value = reqwest::get(format!("{}/openapi.json", s.url)).await.unwrap().json().await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    for path in ["/streams/{stream}", "/streams", "/streams/{stream}/info", "/streams/{stream}/metadata", "/streams/{stream}/subscribe",
+                 "/all", "/all/subscribe", "/query", "/groups", "/head", "/health", "/metrics"] {
+        assert!(doc["paths"][path].is_object(), "{path} is not described");
+    }
+    // Every $ref points at a schema that exists.
+    let text = doc.to_string();
+    for piece in text.split("#/components/schemas/").skip(1) {
+        let name: String = piece.chars().take_while(|c| c.is_alphanumeric()).collect();
+        assert!(doc["components"]["schemas"][&name].is_object(), "missing schema {name}");
+    }
+}
