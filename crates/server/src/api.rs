@@ -79,7 +79,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/head", get(head))
         .route("/groups", get(groups))
         .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
-    Router::new()
+    let http = Router::new()
         .merge(api)
         .route("/", get(|| async { axum::response::Html(include_str!("ui.html")) }))
         .route("/health", get(health))
@@ -91,7 +91,9 @@ pub fn router(app: Arc<App>) -> Router {
         })
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(app.clone(), count_status))
-        .with_state(app)
+        .with_state(app.clone());
+    // gRPC on the same port: its routes first, everything else is the HTTP API.
+    crate::grpc::routes(app).fallback_service(http)
 }
 
 /// Who is asking: the key's principal, or an admin when auth is off.

@@ -5,6 +5,7 @@
 
 mod api;
 pub mod auth;
+mod grpc;
 mod metrics;
 mod openapi;
 mod params;

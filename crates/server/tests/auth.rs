@@ -100,3 +100,18 @@ fn a_key_file_refuses_bad_names_and_duplicates() {
     assert!(keys.add("has space", Role::Reader, vec![]).unwrap_err().contains("letters, digits"));
     assert!(keys.remove("ci-bot") && !keys.remove("ci-bot"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_applies_the_same_keys_and_checks() {
+    let s = secured();
+    let anonymous = cairn_grpc::GrpcStore::new(&s.url).unwrap();
+    denied(anonymous.append("account-1", ExpectedVersion::Any, event()).await, "unauthorized", "needs an API key");
+    let reader = cairn_grpc::GrpcStore::new(&s.url).unwrap().with_api_key(&s.reader).unwrap();
+    denied(reader.append("account-1", ExpectedVersion::Any, event()).await, "forbidden", "is a reader");
+    let orders = cairn_grpc::GrpcStore::new(&s.url).unwrap().with_api_key(&s.orders).unwrap();
+    orders.append("orders-1", ExpectedVersion::NoStream, event()).await.unwrap();
+    denied(orders.read_stream("account-1", ReadStreamOptions::forward()).await, "forbidden", "orders-");
+    denied(orders.read_all(ReadAllOptions::forward()).await, "forbidden", "across all streams");
+    let admin = cairn_grpc::GrpcStore::new(&s.url).unwrap().with_api_key(&s.admin).unwrap();
+    assert_eq!(admin.read_stream("orders-1", ReadStreamOptions::forward()).await.unwrap().len(), 1);
+}

@@ -6,5 +6,6 @@ mod auth;
 mod common;
 mod conformance;
 mod conformance_auth;
+mod conformance_grpc;
 mod tls;
 mod ui;

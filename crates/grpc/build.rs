@@ -1,0 +1,8 @@
+// Compiles proto/cairn/v1/store.proto with protox (pure Rust: no protoc to install).
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto = "../../proto";
+    println!("cargo:rerun-if-changed={proto}/cairn/v1/store.proto");
+    let fds = protox::compile(["cairn/v1/store.proto"], [proto])?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
+    Ok(())
+}

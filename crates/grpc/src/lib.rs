@@ -1,0 +1,169 @@
+//! The Cairn event store over gRPC (`proto/cairn/v1/store.proto`): the
+//! generated types, conversions to and from the core's, errors as statuses
+//! that carry the HTTP API's error body, and [`GrpcStore`], a client that is
+//! an [`EventStore`] so the conformance suite runs through it.
+
+pub mod convert;
+
+pub mod proto {
+    tonic::include_proto!("cairn.v1");
+}
+
+use async_trait::async_trait;
+use cairn_core::{
+    AppendCondition, AppendResult, EventStore, ExpectedVersion, NewEvent, Position, Query, ReadAllOptions,
+    ReadStreamOptions, RecordedEvent, Result, StartFrom, StoreError, StreamInfo, StreamMetadata, Subscription,
+    SubscriptionTarget,
+};
+use futures_util::StreamExt;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::convert::{all_request, event_from, expected_to, new_event_to, status_to_error};
+use crate::proto::event_store_client::EventStoreClient;
+
+/// Largest message either way (as the HTTP body limit): the store's own
+/// limits (16 MiB per event, 64 MiB per append) decide first.
+pub const MESSAGE_BYTES_MAX: usize = 128 * 1024 * 1024;
+
+/// An event store reached over gRPC (`http://127.0.0.1:8720`: the HTTP port serves both).
+#[derive(Clone)]
+pub struct GrpcStore {
+    client: EventStoreClient<Channel>,
+    api_key: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl GrpcStore {
+    /// A client for the server at `url`; it connects on first use.
+    pub fn new(url: &str) -> Result<GrpcStore> {
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| StoreError::InvalidArgument(format!("server URL {url:?}: {e}")))?;
+        let client = EventStoreClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX);
+        Ok(GrpcStore { client, api_key: None })
+    }
+
+    /// Sends this API key with every call.
+    pub fn with_api_key(mut self, key: &str) -> Result<Self> {
+        let value = format!("Bearer {key}").parse().map_err(|_| StoreError::InvalidArgument("the API key has characters a header cannot carry".into()))?;
+        self.api_key = Some(value);
+        Ok(self)
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(key) = &self.api_key {
+            request.metadata_mut().insert("authorization", key.clone());
+        }
+        request
+    }
+
+    async fn append_request(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>, condition: Option<AppendCondition>) -> Result<AppendResult> {
+        let condition_json = match condition {
+            Some(c) => serde_json::to_string(&c).map_err(|e| StoreError::InvalidArgument(e.to_string()))?,
+            None => String::new(),
+        };
+        let message = proto::AppendRequest {
+            stream: stream.to_string(),
+            expected: Some(expected_to(expected)),
+            events: events.iter().map(new_event_to).collect(),
+            condition_json,
+        };
+        let reply = self.client.clone().append(self.request(message)).await.map_err(|s| status_to_error(&s))?.into_inner();
+        Ok(AppendResult { next_version: reply.next_version, position: Position(reply.position) })
+    }
+
+    fn events(reply: proto::Events) -> Result<Vec<RecordedEvent>> {
+        reply.events.into_iter().map(event_from).collect()
+    }
+}
+
+fn stream_info(json: &str) -> Result<StreamInfo> {
+    serde_json::from_str(json).map_err(|e| StoreError::Io { path: "gRPC".into(), source: std::io::Error::other(e) })
+}
+
+#[async_trait]
+impl EventStore for GrpcStore {
+    async fn append(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>) -> Result<AppendResult> {
+        self.append_request(stream, expected, events, None).await
+    }
+
+    async fn append_if(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>, condition: AppendCondition) -> Result<AppendResult> {
+        self.append_request(stream, expected, events, Some(condition)).await
+    }
+
+    async fn read_query(&self, query: &Query, options: ReadAllOptions) -> Result<Vec<RecordedEvent>> {
+        let query_json = serde_json::to_string(query).map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
+        let message = proto::ReadQueryRequest { query_json, options: Some(all_request(&options)) };
+        Self::events(self.client.clone().read_query(self.request(message)).await.map_err(|s| status_to_error(&s))?.into_inner())
+    }
+
+    async fn read_stream(&self, stream: &str, options: ReadStreamOptions) -> Result<Vec<RecordedEvent>> {
+        let message = proto::ReadStreamRequest {
+            stream: stream.to_string(),
+            from_version: options.from_version,
+            direction: convert::direction_to(options.direction) as i32,
+            limit: (options.limit != usize::MAX).then_some(options.limit as u64),
+        };
+        Self::events(self.client.clone().read_stream(self.request(message)).await.map_err(|s| status_to_error(&s))?.into_inner())
+    }
+
+    async fn read_all(&self, options: ReadAllOptions) -> Result<Vec<RecordedEvent>> {
+        let message = all_request(&options);
+        Self::events(self.client.clone().read_all(self.request(message)).await.map_err(|s| status_to_error(&s))?.into_inner())
+    }
+
+    async fn stream_info(&self, stream: &str) -> Result<StreamInfo> {
+        let message = proto::StreamRequest { stream: stream.to_string() };
+        let reply = self.client.clone().stream_info(self.request(message)).await.map_err(|s| status_to_error(&s))?.into_inner();
+        stream_info(&reply.json)
+    }
+
+    async fn list_streams(&self, prefix: &str, limit: usize) -> Result<Vec<StreamInfo>> {
+        let message = proto::ListStreamsRequest { prefix: prefix.to_string(), limit: (limit != usize::MAX).then_some(limit as u64) };
+        let reply = self.client.clone().list_streams(self.request(message)).await.map_err(|s| status_to_error(&s))?.into_inner();
+        reply.streams.iter().map(|s| stream_info(&s.json)).collect()
+    }
+
+    async fn set_stream_metadata(&self, stream: &str, metadata: StreamMetadata) -> Result<AppendResult> {
+        let metadata_json = serde_json::to_string(&metadata).map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
+        let message = proto::SetMetadataRequest { stream: stream.to_string(), metadata_json };
+        let reply = self.client.clone().set_stream_metadata(self.request(message)).await.map_err(|s| status_to_error(&s))?.into_inner();
+        Ok(AppendResult { next_version: reply.next_version, position: Position(reply.position) })
+    }
+
+    async fn delete_stream(&self, stream: &str, expected: ExpectedVersion, hard: bool) -> Result<AppendResult> {
+        let message = proto::DeleteRequest { stream: stream.to_string(), expected: Some(expected_to(expected)), hard };
+        let reply = self.client.clone().delete_stream(self.request(message)).await.map_err(|s| status_to_error(&s))?.into_inner();
+        Ok(AppendResult { next_version: reply.next_version, position: Position(reply.position) })
+    }
+
+    async fn subscribe(&self, target: SubscriptionTarget, from: StartFrom) -> Result<Subscription> {
+        use proto::subscribe_request::{Start, Target};
+        let target = match target {
+            SubscriptionTarget::Stream(s) => Target::Stream(s),
+            SubscriptionTarget::All => Target::All(proto::Empty {}),
+            SubscriptionTarget::Query(q) => Target::QueryJson(serde_json::to_string(&q).map_err(|e| StoreError::InvalidArgument(e.to_string()))?),
+            other => return Err(StoreError::InvalidArgument(format!("this client cannot subscribe to {other:?}"))),
+        };
+        let start = match from {
+            StartFrom::Start => Start::FromStart(proto::Empty {}),
+            StartFrom::After(n) => Start::After(n),
+            StartFrom::End => Start::FromEnd(proto::Empty {}),
+        };
+        let message = proto::SubscribeRequest { target: Some(target), start: Some(start) };
+        let stream = self.client.clone().subscribe(self.request(message)).await.map_err(|s| status_to_error(&s))?.into_inner();
+        Ok(Subscription::new(stream.map(|item| item.map_err(|s| status_to_error(&s)).and_then(event_from))))
+    }
+
+    async fn head_position(&self) -> Result<Position> {
+        let reply = self.client.clone().head(self.request(proto::HeadRequest {})).await.map_err(|s| status_to_error(&s))?.into_inner();
+        Ok(Position(reply.head))
+    }
+
+    async fn last_position(&self) -> Result<Option<Position>> {
+        let reply = self.client.clone().head(self.request(proto::HeadRequest {})).await.map_err(|s| status_to_error(&s))?.into_inner();
+        Ok(reply.has_last.then_some(Position(reply.last)))
+    }
+}

@@ -1,0 +1,202 @@
+//! The gRPC service (`proto/cairn/v1/store.proto`) on the same port as the
+//! HTTP API, with the same keys, checks and metrics.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::ConnectInfo;
+use cairn_core::{AppendCondition, Direction, Query, ReadStreamOptions, StartFrom, StoreError, StreamMetadata, SubscriptionTarget};
+use cairn_grpc::convert::{all_options, error_to_status, event_to, expected_from, new_event_from, status_with_body};
+use cairn_grpc::proto;
+use futures_util::{Stream, StreamExt};
+use serde_json::json;
+use tonic::{Request, Response, Status};
+
+use crate::auth::{Principal, Refusal};
+use crate::App;
+
+pub struct GrpcService {
+    pub app: Arc<App>,
+}
+
+fn invalid(message: String) -> Status {
+    status_with_body(400, &json!({"error": "invalid_request", "message": message}))
+}
+
+fn denied(code: &str, reason: String) -> Status {
+    error_to_status(&StoreError::AccessDenied { code: code.into(), reason })
+}
+
+fn check(reason: Option<String>) -> Result<(), Status> {
+    reason.map_or(Ok(()), |r| Err(denied("forbidden", r)))
+}
+
+fn json_arg<T: serde::de::DeserializeOwned>(text: &str, field: &str) -> Result<T, Status> {
+    serde_json::from_str(text).map_err(|e| invalid(format!("{field}: {e}")))
+}
+
+impl GrpcService {
+    fn who<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
+        let Some(auth) = &self.app.auth else { return Ok(Principal::anonymous_admin()) };
+        let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        let peer = request
+            .extensions()
+            .get::<ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip())
+            .or(request.remote_addr().map(|a| a.ip()))
+            .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+        auth.check(header, peer).map_err(|refusal| match refusal {
+            Refusal::Unauthorized(reason) => denied("unauthorized", reason),
+            Refusal::TooManyFailures => denied("too_many_failed_logins", "too many failed logins from this address; wait a minute".into()),
+        })
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::event_store_server::EventStore for GrpcService {
+    async fn append(&self, request: Request<proto::AppendRequest>) -> Result<Response<proto::AppendResponse>, Status> {
+        let who = self.who(&request)?;
+        let r = request.into_inner();
+        check(who.denies_stream(&r.stream, true))?;
+        let expected = expected_from(r.expected);
+        let events = r.events.into_iter().enumerate().map(|(i, e)| new_event_from(e, i)).collect::<Result<Vec<_>, _>>().map_err(invalid)?;
+        let condition: Option<AppendCondition> = if r.condition_json.is_empty() { None } else { Some(json_arg(&r.condition_json, "condition_json")?) };
+        let (count, bytes) = (events.len(), events.iter().map(|e| e.data.len()).sum::<usize>());
+        let started = Instant::now();
+        let store = &self.app.store;
+        let result = match condition {
+            Some(c) => store.append_if(&r.stream, expected, events, c).await,
+            None => store.append(&r.stream, expected, events).await,
+        };
+        match result {
+            Ok(done) => {
+                self.app.metrics.append_ok(count, bytes, started.elapsed());
+                Ok(Response::new(proto::AppendResponse { next_version: done.next_version, position: done.position.0 }))
+            }
+            Err(e) => {
+                self.app.metrics.append_failed();
+                Err(error_to_status(&e))
+            }
+        }
+    }
+
+    async fn read_stream(&self, request: Request<proto::ReadStreamRequest>) -> Result<Response<proto::Events>, Status> {
+        let who = self.who(&request)?;
+        let r = request.into_inner();
+        check(who.denies_stream(&r.stream, false))?;
+        let direction = cairn_grpc::convert::direction_from(r.direction).map_err(|e| error_to_status(&e))?;
+        let mut options = if direction == Direction::Backward { ReadStreamOptions::backward() } else { ReadStreamOptions::forward() };
+        options = options.from_version(r.from_version).limit(r.limit.map_or(usize::MAX, |l| l as usize));
+        let events = self.app.store.read_stream(&r.stream, options).await.map_err(|e| error_to_status(&e))?;
+        Ok(Response::new(proto::Events { events: events.iter().map(event_to).collect() }))
+    }
+
+    async fn read_all(&self, request: Request<proto::ReadAllRequest>) -> Result<Response<proto::Events>, Status> {
+        check(self.who(&request)?.denies_all())?;
+        let options = all_options(request.get_ref()).map_err(|e| error_to_status(&e))?;
+        let events = self.app.store.read_all(options).await.map_err(|e| error_to_status(&e))?;
+        Ok(Response::new(proto::Events { events: events.iter().map(event_to).collect() }))
+    }
+
+    async fn read_query(&self, request: Request<proto::ReadQueryRequest>) -> Result<Response<proto::Events>, Status> {
+        check(self.who(&request)?.denies_all())?;
+        let r = request.into_inner();
+        let query: Query = json_arg(&r.query_json, "query_json")?;
+        let options = all_options(&r.options.unwrap_or_default()).map_err(|e| error_to_status(&e))?;
+        let events = self.app.store.read_query(&query, options).await.map_err(|e| error_to_status(&e))?;
+        Ok(Response::new(proto::Events { events: events.iter().map(event_to).collect() }))
+    }
+
+    async fn stream_info(&self, request: Request<proto::StreamRequest>) -> Result<Response<proto::StreamInfoReply>, Status> {
+        let who = self.who(&request)?;
+        let r = request.into_inner();
+        check(who.denies_stream(&r.stream, false))?;
+        let info = self.app.store.stream_info(&r.stream).await.map_err(|e| error_to_status(&e))?;
+        Ok(Response::new(proto::StreamInfoReply { json: serde_json::to_string(&info).unwrap_or_default() }))
+    }
+
+    async fn list_streams(&self, request: Request<proto::ListStreamsRequest>) -> Result<Response<proto::StreamInfoList>, Status> {
+        check(self.who(&request)?.denies_all())?;
+        let r = request.into_inner();
+        let limit = r.limit.map_or(usize::MAX, |l| l as usize);
+        let streams = self.app.store.list_streams(&r.prefix, limit).await.map_err(|e| error_to_status(&e))?;
+        let streams = streams.iter().map(|s| proto::StreamInfoReply { json: serde_json::to_string(s).unwrap_or_default() }).collect();
+        Ok(Response::new(proto::StreamInfoList { streams }))
+    }
+
+    async fn set_stream_metadata(&self, request: Request<proto::SetMetadataRequest>) -> Result<Response<proto::AppendResponse>, Status> {
+        let who = self.who(&request)?;
+        let r = request.into_inner();
+        check(who.denies_stream(&r.stream, true))?;
+        let metadata: StreamMetadata = json_arg(&r.metadata_json, "metadata_json")?;
+        let done = self.app.store.set_stream_metadata(&r.stream, metadata).await.map_err(|e| error_to_status(&e))?;
+        Ok(Response::new(proto::AppendResponse { next_version: done.next_version, position: done.position.0 }))
+    }
+
+    async fn delete_stream(&self, request: Request<proto::DeleteRequest>) -> Result<Response<proto::AppendResponse>, Status> {
+        let who = self.who(&request)?;
+        let r = request.into_inner();
+        check(who.denies_stream(&r.stream, true))?;
+        let done = self.app.store.delete_stream(&r.stream, expected_from(r.expected), r.hard).await.map_err(|e| error_to_status(&e))?;
+        Ok(Response::new(proto::AppendResponse { next_version: done.next_version, position: done.position.0 }))
+    }
+
+    async fn head(&self, request: Request<proto::HeadRequest>) -> Result<Response<proto::HeadReply>, Status> {
+        check(self.who(&request)?.denies_all())?;
+        let head = self.app.store.head_position().await.map_err(|e| error_to_status(&e))?;
+        let last = self.app.store.last_position().await.map_err(|e| error_to_status(&e))?;
+        Ok(Response::new(proto::HeadReply { head: head.0, last: last.map_or(0, |p| p.0), has_last: last.is_some() }))
+    }
+
+    type SubscribeStream = EventStream;
+
+    async fn subscribe(&self, request: Request<proto::SubscribeRequest>) -> Result<Response<EventStream>, Status> {
+        use proto::subscribe_request::{Start, Target};
+        let who = self.who(&request)?;
+        let r = request.into_inner();
+        let target = match r.target {
+            Some(Target::Stream(s)) => {
+                check(who.denies_stream(&s, false))?;
+                SubscriptionTarget::Stream(s)
+            }
+            Some(Target::All(_)) | None => {
+                check(who.denies_all())?;
+                SubscriptionTarget::All
+            }
+            Some(Target::QueryJson(q)) => {
+                check(who.denies_all())?;
+                SubscriptionTarget::Query(json_arg(&q, "query_json")?)
+            }
+        };
+        let from = match r.start {
+            Some(Start::FromStart(_)) | None => StartFrom::Start,
+            Some(Start::After(n)) => StartFrom::After(n),
+            Some(Start::FromEnd(_)) => StartFrom::End,
+        };
+        let subscription = self.app.store.subscribe(target, from).await.map_err(|e| error_to_status(&e))?;
+        let guard = self.app.metrics.subscription();
+        let mut shutdown = self.app.shutdown.clone();
+        let stopped = async move {
+            let _ = shutdown.wait_for(|&stop| stop).await;
+        };
+        let events = subscription
+            .map(move |item| {
+                let _keep = &guard;
+                item.map(|e| event_to(&e)).map_err(|e| error_to_status(&e))
+            })
+            .take_until(Box::pin(stopped));
+        Ok(Response::new(Box::pin(events)))
+    }
+}
+
+/// The gRPC routes, ready to merge into the HTTP router.
+pub fn routes(app: Arc<App>) -> axum::Router {
+    let limit = app.config.body_limit;
+    let service = proto::event_store_server::EventStoreServer::new(GrpcService { app })
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    tonic::service::Routes::new(service).into_axum_router()
+}
