@@ -1,5 +1,5 @@
-//! `cairn bench W7`: 32 HTTP clients each appending single events to the
-//! server on loopback for 10 s (scaled), with an SSE subscriber on `$all`
+//! `cairn bench W7`: 32 clients each appending single events to the server
+//! on loopback for 10 s (scaled), over HTTP then over gRPC, with an SSE subscriber on `$all`
 //! that must keep up. The clients run in the same process as the server, so
 //! the two share the machine's cores, as a load generator on loopback would.
 
@@ -13,13 +13,27 @@ use cairn_log::EmbeddedStore;
 use cairn_server::ServerConfig;
 use uuid::Uuid;
 
+/// W7 over HTTP, then over gRPC (a connection per client).
 pub async fn w7(store: &EmbeddedStore, seconds: f64) -> Result<String> {
+    let http = w7_api(store, seconds, "http").await?;
+    let grpc = w7_api(store, seconds, "grpc").await?;
+    Ok(format!("{http}\n{grpc}"))
+}
+
+async fn w7_api(store: &EmbeddedStore, seconds: f64, api: &str) -> Result<String> {
     let shared: Arc<dyn EventStore> = Arc::new(store.clone());
     let config = ServerConfig { listen: "127.0.0.1:0".parse()?, ..ServerConfig::default() };
     let running = cairn_server::start(shared, config)?;
-    let client = HttpStore::new(&format!("http://{}", running.addr))?;
+    let sse = HttpStore::new(&running.url)?;
+    // Each gRPC client has its own connection, as separate services would.
+    let client = |_: usize| -> Result<Arc<dyn EventStore>> {
+        Ok(match api {
+            "grpc" => Arc::new(cairn_grpc::GrpcStore::new(&running.url)?),
+            _ => Arc::new(sse.clone()),
+        })
+    };
     // The subscriber counts what it sees, from now on.
-    let mut sub = client.subscribe(SubscriptionTarget::All, StartFrom::End).await?;
+    let mut sub = sse.subscribe(SubscriptionTarget::All, StartFrom::End).await?;
     let (progress, mut watched) = tokio::sync::watch::channel((0u64, None));
     let seen = tokio::spawn(async move {
         let mut n = 0u64;
@@ -34,10 +48,10 @@ pub async fn w7(store: &EmbeddedStore, seconds: f64) -> Result<String> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..32 {
-        let client = client.clone();
+        let client = client(c)?;
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
-            let stream = format!("w7-{c}");
+            let stream = format!("w7-{c}-{}", Uuid::now_v7().simple());
             let mut last = None;
             while started.elapsed() < run_for {
                 let t0 = Instant::now();
@@ -69,7 +83,7 @@ pub async fn w7(store: &EmbeddedStore, seconds: f64) -> Result<String> {
     }
     latencies.sort();
     Ok(format!(
-        "bench W7 backend=embedded api=http clients=32 secs={:.1} events={total} events_per_s={:.0} p50_us={} p99_us={} sse_delivered={delivered} sse_lag_ms={}",
+        "bench W7 backend=embedded api={api} clients=32 secs={:.1} events={total} events_per_s={:.0} p50_us={} p99_us={} sse_delivered={delivered} sse_lag_ms={}",
         elapsed.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64(),
         crate::bench::percentile(&latencies, 0.50),
