@@ -14,8 +14,11 @@ use uuid::Uuid;
 
 use crate::output;
 
+#[derive(Clone)]
 pub struct Context {
     pub data: PathBuf,
+    /// `--data` was not given (so a config file may choose it).
+    pub data_is_default: bool,
     pub json: bool,
     /// A running server to talk to instead of the data directory.
     pub url: Option<String>,

@@ -110,7 +110,12 @@ enum Demo {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let data_is_default = matches.value_source("data") == Some(clap::parser::ValueSource::DefaultValue);
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -118,7 +123,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let ctx = commands::Context { data: cli.data, json: cli.json, url: cli.url, api_key: cli.api_key, ca: cli.ca };
+    let ctx = commands::Context { data: cli.data, data_is_default, json: cli.json, url: cli.url, api_key: cli.api_key, ca: cli.ca };
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Tour { keep } => tour::run(keep).await,

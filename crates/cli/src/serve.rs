@@ -2,6 +2,7 @@
 //! Ctrl-C or SIGTERM, then a graceful stop (appends in flight finish).
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
@@ -14,12 +15,16 @@ use crate::commands::Context;
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// Address to listen on. Anything but loopback needs API keys (`cairn keys add`).
-    #[arg(long, default_value = "127.0.0.1:8720", env = "CAIRN_LISTEN", value_name = "HOST:PORT")]
-    listen: SocketAddr,
-    /// Largest request body in bytes.
-    #[arg(long, default_value_t = 128 * 1024 * 1024, env = "CAIRN_BODY_LIMIT", value_name = "BYTES")]
-    body_limit: usize,
+    /// A TOML file with any of: listen, data, body_limit, keys, tls_cert, tls_key
+    /// (paths relative to the file). Flags and CAIRN_* variables win over it.
+    #[arg(long, env = "CAIRN_CONFIG", value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8720]. Anything but loopback needs API keys (`cairn keys add`).
+    #[arg(long, env = "CAIRN_LISTEN", value_name = "HOST:PORT")]
+    listen: Option<SocketAddr>,
+    /// Largest request body in bytes [default: 134217728, 128 MiB].
+    #[arg(long, env = "CAIRN_BODY_LIMIT", value_name = "BYTES")]
+    body_limit: Option<usize>,
     /// Into a data directory with no store yet, run the tour first, then serve what it wrote.
     #[arg(long)]
     demo: bool,
@@ -34,15 +39,66 @@ pub struct ServeArgs {
     tls_key: Option<std::path::PathBuf>,
 }
 
+/// `cairn serve --config FILE`.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    listen: Option<SocketAddr>,
+    data: Option<PathBuf>,
+    body_limit: Option<usize>,
+    keys: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+}
+
+impl ConfigFile {
+    fn load(path: &Path) -> Result<ConfigFile> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
+        let mut file: ConfigFile = toml::from_str(&text).map_err(|e| anyhow::anyhow!("the config file {} is not valid: {e}", path.display()))?;
+        // Paths in the file are relative to the file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut file.data, &mut file.keys, &mut file.tls_cert, &mut file.tls_key].into_iter().flatten() {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if file.tls_cert.is_some() != file.tls_key.is_some() {
+            bail!("the config file {} gives one of tls_cert and tls_key; HTTPS needs both", path.display());
+        }
+        Ok(file)
+    }
+}
+
 pub async fn run(ctx: &Context, args: ServeArgs) -> Result<()> {
+    let file = match &args.config {
+        Some(path) => ConfigFile::load(path)?,
+        None => ConfigFile::default(),
+    };
+    let mut ctx = ctx.clone();
+    if ctx.data_is_default {
+        if let Some(data) = file.data.clone() {
+            ctx.data = data;
+        }
+    }
+    let ctx = &ctx;
+    let args = ServeArgs {
+        listen: Some(args.listen.or(file.listen).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8720)))),
+        body_limit: Some(args.body_limit.or(file.body_limit).unwrap_or(128 * 1024 * 1024)),
+        keys: args.keys.or(file.keys),
+        tls_cert: args.tls_cert.or(file.tls_cert),
+        tls_key: args.tls_key.or(file.tls_key),
+        ..args
+    };
+    let listen = args.listen.expect("resolved above");
+    let body_limit = args.body_limit.expect("resolved above");
     let key_path = args.keys.clone().unwrap_or_else(|| KeyFile::default_path(&ctx.data));
     let keys = KeyFile::load(&key_path).map_err(anyhow::Error::msg)?;
-    if keys.keys.is_empty() && !args.listen.ip().is_loopback() {
+    if keys.keys.is_empty() && !listen.ip().is_loopback() {
         bail!(
             "refusing to listen on {} without authentication: create an API key first (`cairn keys add NAME --role admin`, stored in {}), or listen on loopback (--listen 127.0.0.1:{})",
-            args.listen,
+            listen,
             key_path.display(),
-            args.listen.port()
+            listen.port()
         );
     }
     if args.demo {
@@ -60,11 +116,11 @@ pub async fn run(ctx: &Context, args: ServeArgs) -> Result<()> {
     let store: Arc<dyn EventStore> = Arc::new(store);
     let secured = !keys.keys.is_empty();
     let tls = args.tls_cert.zip(args.tls_key).map(|(cert, key)| cairn_server::TlsFiles { cert, key });
-    if secured && tls.is_none() && !args.listen.ip().is_loopback() {
+    if secured && tls.is_none() && !listen.ip().is_loopback() {
         eprintln!("warning: API keys will cross the network in clear text; give --tls-cert and --tls-key to serve HTTPS");
     }
-    let config = ServerConfig { listen: args.listen, body_limit: args.body_limit, keys: Some(keys), tls, engine_metrics: Some(engine_metrics) };
-    let running = cairn_server::start(store, config).with_context(|| format!("cannot listen on {}", args.listen))?;
+    let config = ServerConfig { listen, body_limit, keys: Some(keys), tls, engine_metrics: Some(engine_metrics) };
+    let running = cairn_server::start(store, config).with_context(|| format!("cannot listen on {listen}"))?;
     println!("cairn serve: {} (data in {}, head at position {head})", running.url, ctx.data.display());
     if secured {
         println!("  API keys from {} are required (Authorization: Bearer <key>)", key_path.display());

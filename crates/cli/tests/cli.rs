@@ -307,3 +307,25 @@ fn a_served_store_with_keys_refuses_requests_without_one() {
     server.kill().unwrap();
     let _ = server.wait();
 }
+
+#[test]
+fn serve_reads_a_config_file_and_flags_win_over_it() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cairn.toml");
+    std::fs::write(&config, "listen = \"127.0.0.1:1\"\ndata = \"from-config\"\nbody_limit = 1024\n").unwrap();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["serve", "--config"]).arg(&config).args(["--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null())
+        .spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    server.kill().unwrap();
+    let _ = server.wait();
+    assert!(!line.contains("127.0.0.1:1 ") && line.contains("http://127.0.0.1:"), "the flag's address wins: {line}");
+    assert!(line.contains("from-config") && dir.path().join("from-config").join("log").is_dir(), "the file's data directory is used: {line}");
+
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\nport = 8\n").unwrap();
+    let bad = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["serve", "--config"]).arg(&config).output().unwrap();
+    assert!(!bad.status.success() && stderr(&bad).contains("unknown field `port`"), "{}", stderr(&bad));
+}
