@@ -13,11 +13,51 @@ use cairn_log::EmbeddedStore;
 use cairn_server::ServerConfig;
 use uuid::Uuid;
 
-/// W7 over HTTP, then over gRPC (a connection per client).
+/// W7 over HTTP with a lean client (raw HTTP/1.1 connections, so that the
+/// figure is the server's), then through the Rust clients: `HttpStore` and
+/// `GrpcStore` (a connection per client).
 pub async fn w7(store: &EmbeddedStore, seconds: f64) -> Result<String> {
-    let http = w7_api(store, seconds, "http").await?;
+    let raw = w7_api(store, seconds, "http").await?;
+    let http = w7_api(store, seconds, "http-client").await?;
     let grpc = w7_api(store, seconds, "grpc").await?;
-    Ok(format!("{http}\n{grpc}"))
+    Ok(format!("{raw}\n{http}\n{grpc}"))
+}
+
+/// A bare HTTP/1.1 client on one keep-alive connection: one POST per event.
+struct RawHttp {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    host: String,
+    body: bytes::Bytes,
+}
+
+impl RawHttp {
+    async fn connect(addr: std::net::SocketAddr) -> Result<RawHttp> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+        tokio::spawn(connection);
+        let event = cairn_client::wire::EventIn::from_new(&crate::bench::deposit(100, Uuid::now_v7()))?;
+        // No id: the server gives each event its own.
+        let event = cairn_client::wire::EventIn { id: None, ..event };
+        let body = serde_json::to_vec(&cairn_client::wire::AppendRequest { expected_version: None, events: vec![event], condition: None })?;
+        Ok(RawHttp { sender, host: addr.to_string(), body: body.into() })
+    }
+
+    async fn append(&mut self, stream: &str) -> Result<cairn_core::Position> {
+        use http_body_util::BodyExt;
+        let request = hyper::Request::post(format!("/streams/{stream}"))
+            .header(hyper::header::HOST, &self.host)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(self.body.clone()))?;
+        let response = self.sender.send_request(request).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            bail!("the server answered {status}: {}", String::from_utf8_lossy(&body));
+        }
+        let done: cairn_core::AppendResult = serde_json::from_slice(&body)?;
+        Ok(done.position)
+    }
 }
 
 async fn w7_api(store: &EmbeddedStore, seconds: f64, api: &str) -> Result<String> {
@@ -26,12 +66,14 @@ async fn w7_api(store: &EmbeddedStore, seconds: f64, api: &str) -> Result<String
     let running = cairn_server::start(shared, config)?;
     let sse = HttpStore::new(&running.url)?;
     // Each gRPC client has its own connection, as separate services would.
-    let client = |_: usize| -> Result<Arc<dyn EventStore>> {
+    let client = |_: usize| -> Result<Option<Arc<dyn EventStore>>> {
         Ok(match api {
-            "grpc" => Arc::new(cairn_grpc::GrpcStore::new(&running.url)?),
-            _ => Arc::new(sse.clone()),
+            "grpc" => Some(Arc::new(cairn_grpc::GrpcStore::new(&running.url)?)),
+            "http-client" => Some(Arc::new(sse.clone())),
+            _ => None,
         })
     };
+    let addr = running.addr;
     // The subscriber counts what it sees, from now on.
     let mut sub = sse.subscribe(SubscriptionTarget::All, StartFrom::End).await?;
     let (progress, mut watched) = tokio::sync::watch::channel((0u64, None));
@@ -53,11 +95,16 @@ async fn w7_api(store: &EmbeddedStore, seconds: f64, api: &str) -> Result<String
             let mut latencies = Vec::new();
             let stream = format!("w7-{c}-{}", Uuid::now_v7().simple());
             let mut last = None;
+            let mut raw = match client { None => Some(RawHttp::connect(addr).await?), Some(_) => None };
             while started.elapsed() < run_for {
                 let t0 = Instant::now();
-                let done = client.append(&stream, ExpectedVersion::Any, vec![crate::bench::deposit(100, Uuid::now_v7())]).await?;
+                let position = match (&client, &mut raw) {
+                    (Some(client), _) => client.append(&stream, ExpectedVersion::Any, vec![crate::bench::deposit(100, Uuid::now_v7())]).await?.position,
+                    (None, Some(raw)) => raw.append(&stream).await?,
+                    (None, None) => unreachable!("a client of one kind or the other"),
+                };
                 latencies.push(t0.elapsed());
-                last = Some(done.position);
+                last = Some(position);
             }
             anyhow::Ok((latencies, last))
         }));

@@ -67,12 +67,15 @@ impl HttpStore {
     fn url_for(&self, segments: &[&str]) -> Url {
         const SEGMENT: &percent_encoding::AsciiSet =
             &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
-        let mut text = self.base.as_str().trim_end_matches('/').to_string();
+        let mut path = String::new();
         for segment in segments {
-            text.push('/');
-            text.extend(percent_encoding::utf8_percent_encode(segment, SEGMENT));
+            path.push('/');
+            path.extend(percent_encoding::utf8_percent_encode(segment, SEGMENT));
         }
-        Url::parse(&text).expect("a base URL with encoded segments")
+        // Only the path changes: no parse of scheme and host per request.
+        let mut url = self.base.clone();
+        url.set_path(&path);
+        url
     }
 
     fn request(&self, method: Method, segments: &[&str]) -> RequestBuilder {
