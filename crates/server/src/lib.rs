@@ -127,7 +127,10 @@ pub fn start(store: Arc<dyn EventStore>, config: ServerConfig) -> std::io::Resul
     let mut signal = shutdown;
     let task = match tls {
         None => {
-            let listener = tokio::net::TcpListener::from_std(listener)?;
+            // No Nagle delay: HTTP/2 (gRPC) answers in several small writes.
+            let listener = axum::serve::ListenerExt::tap_io(tokio::net::TcpListener::from_std(listener)?, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             tokio::spawn(async move {
                 axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
                     .with_graceful_shutdown(async move {
