@@ -329,3 +329,14 @@ fn serve_reads_a_config_file_and_flags_win_over_it() {
     let bad = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["serve", "--config"]).arg(&config).output().unwrap();
     assert!(!bad.status.success() && stderr(&bad).contains("unknown field `port`"), "{}", stderr(&bad));
 }
+
+#[test]
+fn bench_w7_prints_a_line_per_api() {
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["bench", "W7", "--scale", "0.02"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for api in ["api=http ", "api=http-client ", "api=grpc "] {
+        let line = out.lines().find(|l| l.contains(api)).unwrap_or_else(|| panic!("no {api} line: {out}"));
+        assert!(line.starts_with("bench W7 backend=embedded") && line.contains("events_per_s=") && line.contains("sse_delivered="), "{line}");
+    }
+}
