@@ -140,9 +140,12 @@ pub const GROUP_STREAM_PREFIX: &str = "$group-";
 /// Prefix of a consumer group's dead-letter stream: the events it parked.
 pub const PARKED_STREAM_PREFIX: &str = "$parked-";
 
+/// Prefix of the stream that holds a relay's checkpoint (what it has published).
+pub const RELAY_STREAM_PREFIX: &str = "$relay-";
+
 /// The system stream families applications may write, each followed by the
 /// name of what it belongs to (a stream, a group), which must be a valid name.
-pub const WRITABLE_SYSTEM_PREFIXES: [&str; 3] = [SNAPSHOT_STREAM_PREFIX, GROUP_STREAM_PREFIX, PARKED_STREAM_PREFIX];
+pub const WRITABLE_SYSTEM_PREFIXES: [&str; 4] = [SNAPSHOT_STREAM_PREFIX, GROUP_STREAM_PREFIX, PARKED_STREAM_PREFIX, RELAY_STREAM_PREFIX];
 
 /// Name of the stream that holds the snapshots of `stream`.
 pub fn snapshot_stream_name(stream: &str) -> String {
