@@ -25,7 +25,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(name = "cairn", version, about = "Cairn: an event store for systems where history matters")]
-#[command(after_help = "Start with `cairn tour` for a five-minute walk through the patterns.")]
+#[command(after_help = "Start with `cairn tour` for a five-minute walk through the patterns, or `cairn serve --demo` for the tour plus the server and its web UI.")]
 struct Cli {
     /// Data directory of the embedded store.
     #[arg(long, global = true, default_value = "./cairn-data", env = "CAIRN_DATA")]
@@ -95,7 +95,7 @@ enum Command {
     Projections(operate::ProjectionsArgs),
     /// Consumer groups in the store: status and lag, parked events, replay.
     Groups(operate::GroupsArgs),
-    /// Run benchmark workloads (W1 W1c W2 W3 W4 W5, see WORKLOADS.md; D1 D2 for tags and conditions) on a fresh store.
+    /// Run benchmark workloads (W1 W1c W2 W3 W4 W5 W6, see WORKLOADS.md; D1 D2 tags and conditions, G1 consumer groups, W7 the server) on a fresh store.
     Bench(bench::BenchArgs),
 }
 
