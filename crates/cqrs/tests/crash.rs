@@ -9,14 +9,12 @@
 //!
 //! Replay a run with `CAIRN_CQRS_CRASH_SEED=<seed printed by the test>`.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cairn_cqrs::{Runner, Sink, Source, SqliteModel};
 
-use crate::common::{expected, expected_upto, sql_balances, store_in, write_history, Rng, SqlBalances};
+use crate::common::{expected, expected_upto, spawn_ready_child, sql_balances, store_in, write_history, Rng, SqlBalances};
 
 const DIR_VAR: &str = "CAIRN_CQRS_CRASH_DIR";
 const SEED_VAR: &str = "CAIRN_CQRS_CRASH_SEED";
@@ -54,31 +52,14 @@ fn kill_projection_and_resume() {
     eprintln!("crash::kill_projection_and_resume seed {seed} (set {SEED_VAR} to replay)");
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
-    let exe = std::env::current_exe().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     // History to catch up on, so that kills land in catch-up as well as live.
     rt.block_on(async { write_history(store_in(dir.path()).as_ref(), 25, 3_000, seed).await });
     let mut checkpoints = Vec::new();
 
     for cycle in 0..CYCLES {
-        let mut child = Command::new(&exe)
-            .args(["crash::child_projector", "--exact", "--nocapture", "--ignored", "--test-threads=1"])
-            .env(DIR_VAR, dir.path())
-            .env(SEED_VAR, rng.next_u64().to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn the child");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        loop {
-            line.clear();
-            assert!(stdout.read_line(&mut line).unwrap() > 0, "cycle {cycle}: the child ended before it was ready");
-            if line.trim_end().ends_with("ready") {
-                break;
-            }
-        }
+        let dir_var = dir.path().display().to_string();
+        let mut child = spawn_ready_child("crash::child_projector", &[(DIR_VAR, dir_var), (SEED_VAR, rng.next_u64().to_string())]);
         std::thread::sleep(Duration::from_millis(rng.range(5, 250)));
         assert!(child.try_wait().unwrap().is_none(), "cycle {cycle}: the child stopped on its own");
         child.kill().unwrap(); // SIGKILL

@@ -2,9 +2,8 @@
 //! per-stream order and durable acks (in-process restarts and real kills).
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +11,7 @@ use cairn_core::{EventStore, ExpectedVersion, NewEvent, RecordedEvent};
 use cairn_cqrs::{read_parked, Group, GroupConfig, GroupError, Nacked, Source};
 use uuid::Uuid;
 
-use crate::common::{store, store_in, Rng};
+use crate::common::{spawn_ready_child, store, store_in, Rng};
 
 /// `n` events over `streams` order streams, each carrying its index.
 async fn write_orders(store: &dyn EventStore, streams: u64, n: u64) -> Vec<RecordedEvent> {
@@ -37,6 +36,23 @@ fn flaky(e: &RecordedEvent, attempt: u32) -> Result<(), String> {
     } else {
         Ok(())
     }
+}
+
+/// The events `flaky` always fails on.
+fn always_failing(events: &[RecordedEvent]) -> HashSet<Uuid> {
+    events.iter().filter(|e| index(e) % 13 == 5).map(|e| e.id).collect()
+}
+
+/// Takes `n` replayed deliveries off `worker`, acks them, returns their ids.
+async fn ack_replays(worker: &cairn_cqrs::Worker, n: usize) -> HashSet<Uuid> {
+    let mut replayed = HashSet::new();
+    while replayed.len() < n {
+        let d = tokio::time::timeout(Duration::from_secs(10), worker.next()).await.expect("replays arrive").unwrap();
+        assert!(d.is_replay(), "only replays are delivered: {}", d.event().position);
+        replayed.insert(d.event().id);
+        d.ack().await.unwrap();
+    }
+    replayed
 }
 
 fn fast(name: &str, source: Source) -> GroupConfig {
@@ -115,7 +131,7 @@ async fn four_workers_with_a_failing_handler_settle_every_event_once() {
 
     let s = seen.lock().unwrap();
     assert!(s.handled_after_ack.is_empty(), "events delivered again after their ack: {:?}", s.handled_after_ack);
-    let bad: HashSet<Uuid> = events.iter().filter(|e| index(e) % 13 == 5).map(|e| e.id).collect();
+    let bad: HashSet<Uuid> = always_failing(&events);
     assert_eq!(s.parked, bad, "exactly the events that always fail are parked");
     assert!(s.acked.is_disjoint(&s.parked));
     let all: HashSet<Uuid> = events.iter().map(|e| e.id).collect();
@@ -202,7 +218,7 @@ async fn a_restarted_group_resumes_where_its_acks_left_it() {
 async fn parked_events_survive_a_restart_and_replay() {
     let (store, _dir) = store();
     let events = write_orders(store.as_ref(), 5, 100).await;
-    let bad: HashSet<Uuid> = events.iter().filter(|e| index(e) % 13 == 5).map(|e| e.id).collect();
+    let bad: HashSet<Uuid> = always_failing(&events);
     let config = || fast("inventory", Source::category("order"));
 
     let group = Group::start(store.clone(), config()).await.unwrap();
@@ -215,15 +231,7 @@ async fn parked_events_survive_a_restart_and_replay() {
     assert_eq!(parked, bad, "the parked events are known after a restart");
     // The handler is fixed; replay.
     assert_eq!(group.replay_parked().await.unwrap(), bad.len());
-    let worker = group.worker();
-    let mut replayed = HashSet::new();
-    while replayed.len() < bad.len() {
-        let d = tokio::time::timeout(Duration::from_secs(10), worker.next()).await.expect("replays arrive").unwrap();
-        assert!(d.is_replay(), "only replays are delivered: {}", d.event().position);
-        replayed.insert(d.event().id);
-        d.ack().await.unwrap();
-    }
-    assert_eq!(replayed, bad);
+    assert_eq!(ack_replays(&group.worker(), bad.len()).await, bad);
     assert!(group.parked().is_empty());
     group.stop().await.unwrap();
 
@@ -313,36 +321,19 @@ fn kill_group_workers_and_resume() {
     eprintln!("groups::kill_group_workers_and_resume seed {seed} (set {SEED_VAR} to replay)");
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
-    let exe = std::env::current_exe().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let events = rt.block_on(write_orders(store_in(dir.path()).as_ref(), 30, EVENTS));
 
     for cycle in 0..8 {
-        let mut child = Command::new(&exe)
-            .args(["groups::child_group", "--exact", "--nocapture", "--ignored", "--test-threads=1"])
-            .env(DIR_VAR, dir.path())
-            .env(SEED_VAR, rng.next_u64().to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn the child");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        loop {
-            line.clear();
-            assert!(stdout.read_line(&mut line).unwrap() > 0, "cycle {cycle}: the child ended before it was ready");
-            if line.trim_end().ends_with("ready") {
-                break;
-            }
-        }
+        let dir_var = dir.path().display().to_string();
+        let mut child = spawn_ready_child("groups::child_group", &[(DIR_VAR, dir_var), (SEED_VAR, rng.next_u64().to_string())]);
         std::thread::sleep(Duration::from_millis(rng.range(20, 300)));
         child.kill().unwrap(); // SIGKILL
         assert_eq!(child.wait().unwrap().signal(), Some(9), "cycle {cycle}");
     }
 
     // A last run settles the rest.
-    let bad: HashSet<Uuid> = events.iter().filter(|e| index(e) % 13 == 5).map(|e| e.id).collect();
+    let bad: HashSet<Uuid> = always_failing(&events);
     let log_path = dir.path().join("handled.txt");
     rt.block_on(async {
         let store = store_in(dir.path());
@@ -398,7 +389,7 @@ fn kill_group_workers_and_resume() {
 async fn an_operator_sees_a_stopped_group_and_asks_for_a_replay() {
     let (store, _dir) = store();
     let events = write_orders(store.as_ref(), 5, 60).await;
-    let bad: HashSet<Uuid> = events.iter().filter(|e| index(e) % 13 == 5).map(|e| e.id).collect();
+    let bad: HashSet<Uuid> = always_failing(&events);
     let config = || fast("analytics", Source::category("order"));
     let group = Group::start(store.clone(), config()).await.unwrap();
     run_workers(&group, 2, events.len(), Arc::new(Mutex::new(Seen::default())), false).await;
@@ -417,15 +408,7 @@ async fn an_operator_sees_a_stopped_group_and_asks_for_a_replay() {
     assert_eq!(cairn_cqrs::stored_groups(store.as_ref()).await.unwrap()[0].replay_pending, bad.len());
     // The group replays them as it starts, with no call of its own.
     let group = Group::start(store.clone(), config()).await.unwrap();
-    let worker = group.worker();
-    let mut replayed = HashSet::new();
-    while replayed.len() < bad.len() {
-        let d = tokio::time::timeout(Duration::from_secs(10), worker.next()).await.expect("replays arrive").unwrap();
-        assert!(d.is_replay());
-        replayed.insert(d.event().id);
-        d.ack().await.unwrap();
-    }
-    assert_eq!(replayed, bad);
+    assert_eq!(ack_replays(&group.worker(), bad.len()).await, bad);
     group.stop().await.unwrap();
     assert!(cairn_cqrs::stored_groups(store.as_ref()).await.unwrap()[0].parked.is_empty());
 }
