@@ -336,7 +336,8 @@ impl Group {
     /// following its source from there.
     pub async fn start(store: Arc<dyn EventStore>, config: GroupConfig) -> Result<Group, GroupError> {
         config.check()?;
-        let mut state = load(store.as_ref(), &config.name).await?;
+        let (saved, _) = load_saved(store.as_ref(), &config.name).await?;
+        let mut state = load(store.as_ref(), &config.name, &saved).await?;
         state.status.name = config.name.clone();
         let from = state.checkpoint.map_or(StartFrom::Start, |c| StartFrom::After(c.0 .0));
         let subscription = store.subscribe(config.source.target(), from).await?;
@@ -434,14 +435,13 @@ async fn load_saved(store: &dyn EventStore, group: &str) -> Result<(Saved, u64),
     }
 }
 
-/// Reads a group's stored progress and its unsettled parked events.
-async fn load(store: &dyn EventStore, group: &str) -> Result<State, GroupError> {
-    let (saved, _) = load_saved(store, group).await?;
+/// The group's state from its saved progress and its dead-letter stream.
+async fn load(store: &dyn EventStore, group: &str, saved: &Saved) -> Result<State, GroupError> {
     let mut state = State {
         parked_through: saved.parked_through,
-        parked_done: saved.parked_done.into_iter().collect(),
+        parked_done: saved.parked_done.iter().copied().collect(),
         replay_through: saved.replay_through,
-        skip: saved.done.into_iter().map(Position).collect(),
+        skip: saved.done.iter().copied().map(Position).collect(),
         ..State::default()
     };
     if let Some(p) = saved.checkpoint {
@@ -484,7 +484,7 @@ pub async fn stored_groups(store: &dyn EventStore) -> Result<Vec<StoredGroup>, G
     for info in store.list_streams(GROUP_STREAM_PREFIX, usize::MAX).await? {
         let Some(name) = info.stream.strip_prefix(GROUP_STREAM_PREFIX) else { continue };
         let (saved, _) = load_saved(store, name).await?;
-        let state = load(store, name).await?;
+        let state = load(store, name, &saved).await?;
         out.push(StoredGroup {
             name: name.to_string(),
             checkpoint: state.checkpoint,
@@ -501,7 +501,7 @@ pub async fn stored_groups(store: &dyn EventStore) -> Result<Vec<StoredGroup>, G
 /// how many. Fails with a conflict if the group moved on meanwhile.
 pub async fn request_replay(store: &dyn EventStore, group: &str) -> Result<usize, GroupError> {
     let (mut saved, version) = load_saved(store, group).await?;
-    let state = load(store, group).await?;
+    let state = load(store, group, &saved).await?;
     let Some(&last) = state.parked.keys().next_back() else { return Ok(0) };
     saved.replay_through = saved.replay_through.max(last);
     let expected = if version == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(version) };
