@@ -103,7 +103,7 @@ async fn authenticate(State(app): Shared, ConnectInfo(peer): ConnectInfo<std::ne
         Some(auth) => {
             // Browsers' EventSource cannot send headers: SSE may carry the key as `access_token`.
             let from_query = request.uri().query().and_then(|q| {
-                q.split('&').find_map(|kv| kv.strip_prefix("access_token=")).map(|v| format!("Bearer {}", percent_decode(v)))
+                q.split('&').find_map(|kv| kv.strip_prefix("access_token=")).map(|v| format!("Bearer {}", percent_encoding::percent_decode_str(v).decode_utf8_lossy()))
             });
             let header = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(String::from).or(from_query);
             match auth.check(header.as_deref(), peer.ip()) {
@@ -278,27 +278,6 @@ async fn head(State(app): Shared, Extension(who): Who) -> ApiResult<Response> {
     let head = app.store.head_position().await?;
     let last = app.store.last_position().await?;
     Ok(Json(Head { head: head.0, last: last.map(|p| p.0) }).into_response())
-}
-
-/// `%XX` escapes decoded (a key in a query string).
-fn percent_decode(v: &str) -> String {
-    let bytes = v.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The consumer groups stored in the store, with their lag.
