@@ -61,15 +61,30 @@ fn in_order(streams: &HashMap<String, Vec<u64>>, per_stream: u64) {
     }
 }
 
+/// A fresh store, and names no other test uses: a category, a subject prefix
+/// and a JetStream stream.
+struct Fixture {
+    store: Arc<dyn EventStore>,
+    id: String,
+    category: String,
+    prefix: String,
+    js_stream: String,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let id = Uuid::new_v4().simple().to_string();
+    Fixture { store, category: format!("shop{}", &id[..8]), prefix: format!("t{id}"), js_stream: format!("CAIRN_T_{id}"), id, _dir: dir }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_arrives_once_in_stream_order_and_a_replay_is_deduplicated() {
     if !reachable("127.0.0.1:4222", "NATS") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
-    let id = Uuid::new_v4().simple().to_string();
-    let (category, prefix, js_stream) = (format!("shop{}", &id[..8]), format!("t{id}"), format!("CAIRN_T_{id}"));
+    let Fixture { store, id, category, prefix, js_stream, _dir } = fixture();
     write(store.as_ref(), &category, 6, 0, 300).await;
     let client = async_nats::connect("127.0.0.1:4222").await.unwrap();
     let sink = NatsSink::new(client.clone(), &prefix);
@@ -146,10 +161,7 @@ async fn the_relay_waits_out_a_broker_outage_and_loses_nothing() {
     if !reachable("127.0.0.1:4222", "NATS") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
-    let id = Uuid::new_v4().simple().to_string();
-    let (category, prefix, js_stream) = (format!("shop{}", &id[..8]), format!("t{id}"), format!("CAIRN_T_{id}"));
+    let Fixture { store, id, category, prefix, js_stream, _dir } = fixture();
     let direct = async_nats::connect("127.0.0.1:4222").await.unwrap();
     NatsSink::new(direct.clone(), &prefix).ensure_stream(&js_stream).await.unwrap();
 
