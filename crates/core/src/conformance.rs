@@ -17,6 +17,19 @@ use crate::*;
 
 type Store = Arc<dyn EventStore>;
 
+/// Whether an outside service (PostgreSQL, Redis, a broker) answers at
+/// `addr`. Outside CI a test whose service is down prints why it skips;
+/// under `CI=true` it fails, because CI starts every service the tests need.
+pub fn reachable(addr: &str, what: &str) -> bool {
+    let addr: std::net::SocketAddr = addr.parse().expect("an address like 127.0.0.1:5432");
+    let ok = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok();
+    if !ok {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{what} at {addr} is not reachable; .ci/run starts it");
+        eprintln!("skipped: {what} at {addr} is not reachable");
+    }
+    ok
+}
+
 /// A stream name no other test uses.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", Uuid::new_v4().simple())

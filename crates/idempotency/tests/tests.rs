@@ -4,12 +4,4 @@
 mod postgres;
 mod redis_keys;
 
-/// Whether the service at `addr` answers; panics under CI if not.
-pub fn reachable(addr: &str, what: &str) -> bool {
-    let ok = std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), std::time::Duration::from_secs(1)).is_ok();
-    if !ok {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{what} at {addr} is not reachable; .ci/run starts it");
-        eprintln!("skipped: {what} at {addr} is not reachable");
-    }
-    ok
-}
+pub use cairn_core::conformance::reachable;
