@@ -89,7 +89,7 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
     crate::demo::courses(store.clone(), 18).await?;
 
     println!("\n\x1b[1mThe read side: consumers with checkpoints, read models, and two ways to share state.\x1b[0m");
-    crate::demo_orders::all(std::sync::Arc::new(store), &dir, 22).await?;
+    crate::demo_orders::all(std::sync::Arc::new(store), &dir, 23).await?;
 
     println!("\nNext: `cairn --help`, `cairn demo bank|courses|orders`, `cairn bench`, and the README.");
     Ok(())
