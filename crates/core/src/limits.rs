@@ -1,4 +1,4 @@
-use crate::{Query, StoreError};
+use crate::{ContentType, NewEvent, Query, StoreError};
 
 /// Longest stream name accepted, in bytes of UTF-8.
 pub const STREAM_NAME_BYTES_MAX: usize = 256;
@@ -40,6 +40,58 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// Checks a batch to append to `stream`: not empty, within the count,
+    /// type, tag and size limits, ids unique and not nil, JSON payloads
+    /// valid, `$` types only in `$$` streams. `size` gives an event's stored
+    /// size in the backend's own encoding; returns the batch's total.
+    pub fn check_batch(&self, stream: &str, events: &[NewEvent], size: impl Fn(&NewEvent) -> usize) -> Result<usize, StoreError> {
+        if events.is_empty() {
+            return Err(StoreError::InvalidEvent("an append needs at least one event".into()));
+        }
+        if events.len() > self.append_events_max {
+            return Err(StoreError::InvalidEvent(format!("{} events in one append; the limit is {}", events.len(), self.append_events_max)));
+        }
+        let mut total = 0;
+        let mut seen = std::collections::HashSet::with_capacity(events.len());
+        for (i, e) in events.iter().enumerate() {
+            let bad = |what: String| Err(StoreError::InvalidEvent(format!("event {i}: {what}")));
+            if e.event_type.is_empty() {
+                return bad("the event type is empty".into());
+            }
+            if e.event_type.len() > self.event_type_bytes_max {
+                return bad(format!("the event type is {} bytes; the limit is {}", e.event_type.len(), self.event_type_bytes_max));
+            }
+            if e.event_type.starts_with('$') && !stream.starts_with("$$") {
+                return bad("event types starting with '$' are reserved for the store".into());
+            }
+            if e.id.is_nil() {
+                return bad("the event id is the nil UUID".into());
+            }
+            if !seen.insert(e.id) {
+                return bad(format!("event id {} appears twice in the batch", e.id));
+            }
+            if e.content_type == ContentType::Json && serde_json::from_slice::<serde::de::IgnoredAny>(&e.data).is_err() {
+                return bad("the payload is marked as JSON but is not valid JSON".into());
+            }
+            self.check_tags(i, &e.tags)?;
+            if e.metadata.extra.len() > u16::MAX as usize {
+                return bad("too many metadata entries".into());
+            }
+            if e.metadata.extra.keys().any(|s| s.len() > u16::MAX as usize) {
+                return bad("a metadata key is longer than 65535 bytes".into());
+            }
+            let size = size(e);
+            if size > self.event_bytes_max {
+                return Err(StoreError::EventTooLarge { index: i, size_bytes: size, limit_bytes: self.event_bytes_max });
+            }
+            total += size;
+        }
+        if total > self.append_bytes_max {
+            return Err(StoreError::AppendTooLarge { size_bytes: total, limit_bytes: self.append_bytes_max });
+        }
+        Ok(total)
+    }
+
     /// Checks the tags of event `index` of a batch: each valid
     /// ([`validate_tag`]), none twice, at most `event_tags_max` of them.
     pub fn check_tags(&self, index: usize, tags: &[String]) -> Result<(), StoreError> {

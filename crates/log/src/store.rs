@@ -276,52 +276,7 @@ impl EmbeddedStore {
 
     /// Validates a batch against the limits; returns its encoded size.
     fn check_events(&self, stream: &str, events: &[NewEvent]) -> Result<usize, StoreError> {
-        let limits = &self.shared.options.limits;
-        if events.is_empty() {
-            return Err(StoreError::InvalidEvent("an append needs at least one event".into()));
-        }
-        if events.len() > limits.append_events_max {
-            return Err(StoreError::InvalidEvent(format!("{} events in one append; the limit is {}", events.len(), limits.append_events_max)));
-        }
-        let mut total = 0;
-        let mut seen = std::collections::HashSet::with_capacity(events.len());
-        for (i, e) in events.iter().enumerate() {
-            let bad = |what: String| Err(StoreError::InvalidEvent(format!("event {i}: {what}")));
-            if e.event_type.is_empty() {
-                return bad("the event type is empty".into());
-            }
-            if e.event_type.len() > limits.event_type_bytes_max {
-                return bad(format!("the event type is {} bytes; the limit is {}", e.event_type.len(), limits.event_type_bytes_max));
-            }
-            if e.event_type.starts_with('$') && !stream.starts_with("$$") {
-                return bad("event types starting with '$' are reserved for the store".into());
-            }
-            if e.id.is_nil() {
-                return bad("the event id is the nil UUID".into());
-            }
-            if !seen.insert(e.id) {
-                return bad(format!("event id {} appears twice in the batch", e.id));
-            }
-            if e.content_type == cairn_core::ContentType::Json && serde_json::from_slice::<serde::de::IgnoredAny>(&e.data).is_err() {
-                return bad("the payload is marked as JSON but is not valid JSON".into());
-            }
-            limits.check_tags(i, &e.tags)?;
-            if e.metadata.extra.len() > u16::MAX as usize {
-                return bad("too many metadata entries".into());
-            }
-            if e.metadata.extra.keys().any(|s| s.len() > u16::MAX as usize) {
-                return bad("a metadata key is longer than 65535 bytes".into());
-            }
-            let size = record::body_size(stream, e) + RECORD_OVERHEAD_BYTES;
-            if size > limits.event_bytes_max {
-                return Err(StoreError::EventTooLarge { index: i, size_bytes: size, limit_bytes: limits.event_bytes_max });
-            }
-            total += size;
-        }
-        if total > limits.append_bytes_max {
-            return Err(StoreError::AppendTooLarge { size_bytes: total, limit_bytes: limits.append_bytes_max });
-        }
-        Ok(total)
+        self.shared.options.limits.check_batch(stream, events, |e| record::body_size(stream, e) + RECORD_OVERHEAD_BYTES)
     }
 
     pub(crate) async fn append_user(&self, stream: &str, expected: cairn_core::ExpectedVersion, events: Vec<NewEvent>, condition: Option<AppendCondition>) -> Result<cairn_core::AppendResult, StoreError> {

@@ -1,0 +1,237 @@
+//! The schema, created and changed by numbered migrations. Each migration
+//! runs once, in its own transaction, under an advisory lock, so several
+//! `cairn serve` processes starting together on one database are safe.
+
+use tokio_postgres::Client;
+
+/// (version, what it does, SQL). Append new ones; never edit an applied one.
+/// `{key}` is the schema's advisory lock key for appends (see `append`).
+const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "events, streams, positions and the append function", V1)];
+
+/// The newest schema version this build knows.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
+/// Streams, with what an append must check under the stream's row lock.
+/// A row with version 0 in state live is a name only (a failed first
+/// append, or metadata set before any event): it reads as "not found".
+/// States: 0 live, 1 soft-deleted, 2 tombstoned. A delete starts a new
+/// incarnation, so the old events stay in `$all` but leave the stream.
+const V1: &str = r#"
+CREATE TABLE cairn_streams (
+    name text COLLATE "C" PRIMARY KEY,
+    incarnation int NOT NULL DEFAULT 0,
+    version bigint NOT NULL DEFAULT 0,
+    state smallint NOT NULL DEFAULT 0,
+    max_age_secs bigint,
+    max_count bigint,
+    truncate_before bigint,
+    last_position bigint
+);
+
+-- Positions: one per event, from a sequence that caches nothing, so that a
+-- gap is either a transaction still running or one that rolled back.
+CREATE SEQUENCE cairn_positions AS bigint START 1 CACHE 1;
+
+CREATE TABLE cairn_events (
+    position bigint PRIMARY KEY,
+    id uuid NOT NULL UNIQUE,
+    stream text COLLATE "C" NOT NULL,
+    incarnation int NOT NULL,
+    version bigint NOT NULL,
+    event_type text COLLATE "C" NOT NULL,
+    category text COLLATE "C",
+    sys boolean NOT NULL,
+    data bytea NOT NULL,
+    is_binary boolean NOT NULL,
+    metadata jsonb,
+    schema_version int NOT NULL,
+    tags text[] COLLATE "C" NOT NULL,
+    created_at bigint NOT NULL,
+    append_first bigint NOT NULL,
+    append_len int NOT NULL
+);
+CREATE UNIQUE INDEX cairn_events_stream ON cairn_events (stream, incarnation, version);
+CREATE INDEX cairn_events_type ON cairn_events (event_type, position) WHERE NOT sys;
+CREATE INDEX cairn_events_category ON cairn_events (category, position) WHERE category IS NOT NULL;
+CREATE INDEX cairn_events_tags ON cairn_events USING gin (tags) WHERE NOT sys;
+
+-- One append, checked and written in one call (one round trip). Codes:
+-- 0 written (or an idempotent retry), 1 wrong expected version, 2 stream
+-- tombstoned, 3 stream not found, 4 idempotency conflict, 5 condition failed.
+-- Failed checks return before writing anything but the stream's name row.
+CREATE FUNCTION cairn_append(
+    p_stream text, p_kind int, p_target text, p_expected bigint, p_category text,
+    p_ids uuid[], p_types text[], p_data bytea[], p_binary boolean[], p_meta text[], p_schema int[],
+    p_tags text[], p_tag_lo int[], p_tag_hi int[],
+    p_cond text, p_cond_types text[], p_cond_tags text[], p_cond_cats text[], p_cond_after bigint,
+    p_max_age bigint, p_max_count bigint, p_truncate bigint)
+RETURNS TABLE (o_code int, o_version bigint, o_position bigint, o_id uuid, o_detail text)
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
+DECLARE
+    n int := cardinality(p_ids);
+    s cairn_streams%ROWTYPE;
+    t cairn_streams%ROWTYPE;
+    f record;
+    found_n int := 0;
+    prev_version bigint;
+    last_pos bigint;
+    positions bigint[];
+    conflict bigint;
+    inserted int;
+    hard boolean := false;
+    current bigint;
+BEGIN
+    -- Conditional appends see every append ordered before them: they wait
+    -- for the appends in flight and hold new ones back until they commit.
+    IF p_cond IS NULL THEN
+        PERFORM pg_advisory_xact_lock_shared({key});
+    ELSE
+        PERFORM pg_advisory_xact_lock({key});
+    END IF;
+    -- Readers rely on this transaction having its id before it takes positions.
+    PERFORM pg_current_xact_id();
+    INSERT INTO cairn_streams (name) VALUES (p_stream) ON CONFLICT DO NOTHING;
+    SELECT * INTO s FROM cairn_streams x WHERE x.name = p_stream FOR UPDATE;
+    IF p_kind <> 0 THEN
+        INSERT INTO cairn_streams (name) VALUES (p_target) ON CONFLICT DO NOTHING;
+        SELECT * INTO t FROM cairn_streams x WHERE x.name = p_target FOR UPDATE;
+    END IF;
+
+    IF p_kind = 0 THEN
+        -- A retry: every id written, in order, as one whole append to this stream.
+        FOR f IN SELECT u.ord, e.stream, e.version, e.position, e.append_first, e.append_len
+                 FROM unnest(p_ids) WITH ORDINALITY AS u(id, ord) JOIN cairn_events e ON e.id = u.id
+                 ORDER BY u.ord
+        LOOP
+            found_n := found_n + 1;
+            IF f.ord <> found_n THEN
+                RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[1], 'but other events of the batch were not'; RETURN;
+            END IF;
+            IF f.stream <> p_stream THEN
+                RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[f.ord], format('to stream %L', f.stream); RETURN;
+            END IF;
+            IF found_n > 1 AND f.version <> prev_version + 1 THEN
+                RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[f.ord], 'but not as part of the same append'; RETURN;
+            END IF;
+            IF found_n = 1 AND (f.append_first <> f.position OR f.append_len <> n) THEN
+                RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[1], 'as part of a larger append'; RETURN;
+            END IF;
+            prev_version := f.version;
+            last_pos := f.position;
+        END LOOP;
+        IF found_n > 0 THEN
+            IF found_n < n THEN
+                RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[1], 'but other events of the batch were not'; RETURN;
+            END IF;
+            RETURN QUERY SELECT 0, prev_version, last_pos, NULL::uuid, NULL::text; RETURN;
+        END IF;
+    END IF;
+
+    IF p_kind = 2 THEN
+        hard := p_types[1] = '$tombstone';
+        IF t.state = 2 THEN
+            RETURN QUERY SELECT 2, 0::bigint, 0::bigint, NULL::uuid, p_target; RETURN;
+        END IF;
+        IF NOT hard AND (t.state = 1 OR t.version = 0) THEN
+            RETURN QUERY SELECT 3, 0::bigint, 0::bigint, NULL::uuid, p_target; RETURN;
+        END IF;
+        current := t.version;
+    ELSE
+        IF p_kind = 1 AND t.state = 2 THEN
+            RETURN QUERY SELECT 2, 0::bigint, 0::bigint, NULL::uuid, p_target; RETURN;
+        END IF;
+        IF s.state = 2 THEN
+            RETURN QUERY SELECT 2, 0::bigint, 0::bigint, NULL::uuid, p_stream; RETURN;
+        END IF;
+        current := s.version;
+    END IF;
+    IF NOT (p_expected = -1 OR (p_expected = -2 AND current > 0) OR p_expected = current) THEN
+        RETURN QUERY SELECT 1, current, 0::bigint, NULL::uuid, NULL::text; RETURN;
+    END IF;
+    IF p_cond IS NOT NULL THEN
+        EXECUTE p_cond INTO conflict USING p_cond_types, p_cond_tags, p_cond_cats, p_cond_after;
+        IF conflict IS NOT NULL THEN
+            RETURN QUERY SELECT 5, 0::bigint, conflict, NULL::uuid, NULL::text; RETURN;
+        END IF;
+    END IF;
+
+    positions := ARRAY(SELECT nextval('cairn_positions') FROM generate_series(1, n));
+    INSERT INTO cairn_events (position, id, stream, incarnation, version, event_type, category, sys, data,
+                              is_binary, metadata, schema_version, tags, created_at, append_first, append_len)
+    SELECT positions[i], p_ids[i], p_stream, s.incarnation, s.version + i, p_types[i], p_category,
+           left(p_stream, 1) = '$', p_data[i], p_binary[i], p_meta[i]::jsonb, p_schema[i],
+           p_tags[p_tag_lo[i]:p_tag_hi[i]], (extract(epoch FROM clock_timestamp()) * 1000000)::bigint,
+           positions[1], n
+    FROM generate_series(1, n) AS i
+    ON CONFLICT (id) DO NOTHING;
+    GET DIAGNOSTICS inserted = ROW_COUNT;
+    IF inserted < n THEN
+        -- A concurrent append wrote one of these ids first (it committed while we waited on it).
+        RAISE EXCEPTION 'an event id of this batch was written by a concurrent append' USING ERRCODE = 'CA409';
+    END IF;
+    UPDATE cairn_streams x SET version = s.version + n, state = 0, last_position = positions[n] WHERE x.name = p_stream;
+    IF p_kind = 1 THEN
+        UPDATE cairn_streams x SET max_age_secs = p_max_age, max_count = p_max_count, truncate_before = p_truncate
+        WHERE x.name = p_target;
+    ELSIF p_kind = 2 THEN
+        UPDATE cairn_streams x SET version = 0, state = CASE WHEN hard THEN 2 ELSE 1 END,
+            incarnation = t.incarnation + 1, last_position = NULL
+        WHERE x.name = p_target;
+    END IF;
+    RETURN QUERY SELECT 0, s.version + n, positions[n], NULL::uuid, NULL::text;
+END
+$fn$;
+"#;
+
+/// Brings the schema up to [`SCHEMA_VERSION`]; returns the migrations applied.
+/// Refuses a database that a newer Cairn has migrated past this build.
+pub async fn migrate(client: &mut Client, schema: &str, key: i64) -> Result<Vec<i32>, tokio_postgres::Error> {
+    let schema_ident = ident(schema);
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&(key ^ 0x6d69_6772)]).await?;
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema_ident};
+         CREATE TABLE IF NOT EXISTS {schema_ident}.cairn_migrations (
+             version int PRIMARY KEY, description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());"
+    ))
+    .await?;
+    let applied: Vec<i32> = tx
+        .query(&format!("SELECT version FROM {schema_ident}.cairn_migrations ORDER BY version"), &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut done = Vec::new();
+    for (version, description, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        tx.batch_execute(&format!("SET LOCAL search_path TO {schema_ident}; {}", sql.replace("{key}", &key.to_string())))
+            .await?;
+        tx.execute(
+            &format!("INSERT INTO {schema_ident}.cairn_migrations (version, description) VALUES ($1, $2)"),
+            &[version, description],
+        )
+        .await?;
+        done.push(*version);
+    }
+    tx.commit().await?;
+    Ok(done)
+}
+
+/// The newest migration applied to `schema`, if any.
+pub async fn applied_version(client: &Client, schema: &str) -> Result<Option<i32>, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&format!("{}.cairn_migrations", ident(schema))])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    client.query_one(&format!("SELECT max(version) FROM {}.cairn_migrations", ident(schema)), &[]).await.map(|r| r.get(0))
+}
+
+/// A quoted SQL identifier.
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
