@@ -4,7 +4,8 @@
 //! checkpoint (the position of the last event applied) are written together,
 //! in one transaction, so a crash at any point resumes without missing or
 //! double-applying an event. Read models live in memory ([`MemoryModel`]) or
-//! in a SQLite file whose schema the projection controls ([`SqliteModel`]).
+//! in a SQLite file whose schema the projection controls ([`SqliteModel`]) or
+//! in PostgreSQL tables the application owns ([`PgModel`]).
 //! A [`Runner`] follows the store (catch-up, then live), reports its status
 //! and lag, and can be paused, resumed and reset; [`rebuild`] replays a
 //! projection from the start into a fresh model. A [`Group`] shares one
@@ -13,6 +14,7 @@
 mod error;
 mod group;
 mod memory;
+mod postgres;
 mod runner;
 mod sink;
 mod source;
@@ -24,6 +26,7 @@ pub use group::{
     Nacked, Parked, StoredGroup, Worker,
 };
 pub use memory::{MemoryModel, MemoryProjection};
+pub use postgres::{pg_request, pg_stored_checkpoints, PgModel, PgProjection};
 pub use runner::{lag, rebuild, Lag, Progress, Runner, RunnerHandle, State, Status};
 pub use sink::{Requested, Sink};
 pub use source::Source;

@@ -31,7 +31,7 @@ pub async fn write_history(store: &dyn EventStore, accounts: u64, n: u64, seed: 
     }
 }
 
-fn signed_amount(e: &RecordedEvent) -> Option<i64> {
+pub fn signed_amount(e: &RecordedEvent) -> Option<i64> {
     let amount = e.json::<serde_json::Value>().ok()?["amount"].as_i64()?;
     match e.event_type.as_str() {
         "MoneyDeposited" => Some(amount),
