@@ -1,6 +1,8 @@
 //! The relay: moves committed events from the store to a broker, in order,
 //! at least once, each message carrying the event's id so that the broker
-//! (JetStream's `Nats-Msg-Id`) or the consumer can drop a repeat.
+//! (JetStream's `Nats-Msg-Id`) or the consumer (RabbitMQ's `message_id`) can
+//! drop a repeat. Sinks: [`NatsSink`] (NATS JetStream) and [`RabbitSink`]
+//! (a RabbitMQ topic exchange, with publisher confirms).
 //!
 //! It follows `$all` (user events; `$` streams are skipped) from a checkpoint
 //! kept in the store itself (`$relay-<name>`), publishes in batches (default
@@ -9,6 +11,7 @@
 //! While the broker is down it retries with backoff, and reports its lag.
 
 mod nats;
+mod rabbitmq;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 pub use nats::NatsSink;
+pub use rabbitmq::RabbitSink;
 
 /// Where events go. `publish` returns once the broker confirmed every event
 /// of the batch, in the order given; an error means "try the batch again".

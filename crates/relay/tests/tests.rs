@@ -1,6 +1,8 @@
-//! The relay against the machine's real NATS JetStream. Outside CI a test
-//! whose broker is down says so and passes; under `CI=true` it fails.
+//! The relay against the machine's real NATS JetStream and RabbitMQ. Outside
+//! CI a test whose broker is down says so and passes; under `CI=true` it fails.
 
+mod common;
 mod nats;
+mod rabbitmq;
 
 pub use cairn_core::conformance::reachable;

@@ -1,0 +1,109 @@
+//! What the broker tests share: a fresh store, events to relay, waiting for
+//! the relay, order checks, and a proxy that takes the broker away.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cairn_core::{EventStore, ExpectedVersion, NewEvent, Position, ReadAllOptions, RecordedEvent};
+use cairn_log::EmbeddedStore;
+use cairn_relay::RelayHandle;
+use uuid::Uuid;
+
+/// Appends events `from..from + n` (`ItemShipped`, `{"i": i}`), event `i`
+/// to stream `<category>-<i % streams>`.
+pub async fn write(store: &dyn EventStore, category: &str, streams: u64, from: u64, n: u64) {
+    for i in from..from + n {
+        let e = NewEvent::json("ItemShipped", &serde_json::json!({"i": i})).unwrap();
+        store.append(&format!("{category}-{}", i % streams), ExpectedVersion::Any, vec![e]).await.unwrap();
+    }
+}
+
+/// Every user event of the store, in global order.
+pub async fn user_events(store: &dyn EventStore) -> Vec<RecordedEvent> {
+    store.read_all(ReadAllOptions::forward()).await.unwrap().into_iter().filter(|e| !e.is_system()).collect()
+}
+
+pub async fn wait_until_relayed(relay: &RelayHandle, last: Position) {
+    for _ in 0..1500 {
+        if relay.status().checkpoint >= Some(last) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the relay did not reach position {last} within 15 s: {:?}", relay.status());
+}
+
+/// Per stream, the versions in the order the broker holds them.
+pub fn by_stream<'a>(messages: impl IntoIterator<Item = (&'a str, u64)>) -> HashMap<String, Vec<u64>> {
+    let mut out: HashMap<String, Vec<u64>> = HashMap::new();
+    for (stream, version) in messages {
+        out.entry(stream.to_string()).or_default().push(version);
+    }
+    out
+}
+
+pub fn in_order(streams: &HashMap<String, Vec<u64>>, per_stream: u64) {
+    for (stream, versions) in streams {
+        assert_eq!(versions, &(1..=per_stream).collect::<Vec<_>>(), "{stream} arrived out of order or with gaps");
+    }
+}
+
+/// A fresh store, and an id no other test uses (for broker-side names) with
+/// a category made from it.
+pub struct Fixture {
+    pub store: Arc<dyn EventStore>,
+    pub id: String,
+    pub category: String,
+    pub _dir: tempfile::TempDir,
+}
+
+pub fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let id = Uuid::new_v4().simple().to_string();
+    Fixture { store, category: format!("shop{}", &id[..8]), id, _dir: dir }
+}
+
+/// A TCP proxy that can cut every connection and refuse new ones, to take
+/// the broker away from the relay and give it back.
+pub struct Proxy {
+    pub port: u16,
+    open: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    pub async fn start(target: &'static str) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (o, c) = (open.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !o.load(Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                c.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                }));
+            }
+        });
+        Proxy { port, open, conns }
+    }
+
+    pub fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
