@@ -1,5 +1,6 @@
-//! `cairn bench`: the workloads of WORKLOADS.md on the embedded engine. Each
-//! prints one machine-readable line, e.g.
+//! `cairn bench`: the workloads of WORKLOADS.md on the embedded engine or
+//! PostgreSQL (`--backend postgres`, in a fresh schema dropped afterwards).
+//! Each prints one machine-readable line, e.g.
 //! `bench W1 backend=embedded events=20000 secs=0.41 events_per_s=48780 p50_us=18 p99_us=95`.
 
 use std::sync::Arc;
@@ -19,9 +20,6 @@ const ALL: [&str; 7] = ["W1", "W1c", "W2", "W3", "W4", "W5", "W6"];
 pub struct BenchArgs {
     /// Workloads to run, in order (default: W1 W1c W2 W3 W4 W5 W6; also D1 D2, G1 for consumer groups, W7 for the HTTP server). W4 reads what the others wrote.
     pub workloads: Vec<String>,
-    /// Storage backend (only `embedded` so far).
-    #[arg(long, default_value = "embedded")]
-    pub backend: String,
     /// Scale the event counts by this factor (1.0 = the sizes in WORKLOADS.md).
     #[arg(long, default_value_t = 1.0)]
     pub scale: f64,
@@ -32,6 +30,9 @@ pub struct BenchArgs {
     /// so that a load replays only events appended since the last one.
     #[arg(long, default_value_t = 0)]
     pub cache: usize,
+    /// W9: the brokers to relay to, in order (nats, rabbitmq).
+    #[arg(long = "sink", value_name = "SINK", default_values_t = ["nats".to_string(), "rabbitmq".to_string()])]
+    pub sink: Vec<String>,
     /// Directory for the fresh data directory (default: the system temp dir).
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
@@ -81,6 +82,23 @@ async fn open_accounts(repo: &Repository<bank::Account>, prefix: &str, accounts:
     Ok(())
 }
 
+/// The store under test. Engine counters (fsyncs, bytes) exist only for
+/// the embedded engine.
+pub struct Target {
+    pub store: Arc<dyn EventStore>,
+    pub backend: &'static str,
+    pub embedded: Option<EmbeddedStore>,
+}
+
+impl Target {
+    fn syncs(&self) -> Option<u64> {
+        self.embedded.as_ref().map(|s| s.stats().syncs.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// Workloads that run on PostgreSQL too (the others use the embedded engine's own parts).
+const ON_POSTGRES: [&str; 7] = ["W1", "W1c", "W2", "W3", "W4", "W5", "W9"];
+
 fn spinner(what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_message(format!("running {what}"));
@@ -88,36 +106,63 @@ fn spinner(what: &str) -> indicatif::ProgressBar {
     bar
 }
 
-pub async fn run(args: BenchArgs) -> Result<()> {
-    if args.backend != "embedded" {
-        bail!("backend '{}' is not available yet; use --backend embedded", args.backend);
-    }
-    let workloads: Vec<String> = if args.workloads.is_empty() { ALL.iter().map(|s| s.to_string()).collect() } else { args.workloads.clone() };
+pub async fn run(ctx: &crate::commands::Context, args: BenchArgs) -> Result<()> {
+    let postgres = ctx.backend == crate::commands::Backend::Postgres;
+    let workloads: Vec<String> = if args.workloads.is_empty() {
+        if postgres { ON_POSTGRES[..5].iter().map(|s| s.to_string()).collect() } else { ALL.iter().map(|s| s.to_string()).collect() }
+    } else {
+        args.workloads.clone()
+    };
     for w in &workloads {
-        if !ALL.contains(&w.as_str()) && !crate::bench_dcb::WORKLOADS.contains(&w.as_str()) && w != "G1" && w != "W7" {
-            bail!("unknown workload '{w}'; choose from {} {} G1 W7", ALL.join(" "), crate::bench_dcb::WORKLOADS.join(" "));
+        if !ALL.contains(&w.as_str()) && !crate::bench_dcb::WORKLOADS.contains(&w.as_str()) && w != "G1" && w != "W7" && w != "W9" {
+            bail!("unknown workload '{w}'; choose from {} {} G1 W7 W9", ALL.join(" "), crate::bench_dcb::WORKLOADS.join(" "));
+        }
+        if postgres && !ON_POSTGRES.contains(&w.as_str()) {
+            bail!("workload '{w}' runs on the embedded engine only for now; on PostgreSQL: {}", ON_POSTGRES.join(" "));
         }
     }
     let tmp = match &args.dir {
         Some(d) => tempfile::Builder::new().prefix("cairn-bench-").tempdir_in(d)?,
         None => tempfile::Builder::new().prefix("cairn-bench-").tempdir()?,
     };
-    let store = EmbeddedStore::open(tmp.path())?;
+    let mut pg_schema = None;
+    let target = if postgres {
+        let schema = format!("cairn_bench_{}", &Uuid::new_v4().simple().to_string()[..12]);
+        let ctx = crate::commands::Context { pg_schema: schema.clone(), ..ctx.clone() };
+        let store = ctx.postgres().await?;
+        pg_schema = Some((store.clone(), schema));
+        Target { store: Arc::new(store), backend: "postgres", embedded: None }
+    } else {
+        let store = EmbeddedStore::open(tmp.path())?;
+        Target { store: Arc::new(store.clone()), backend: "embedded", embedded: Some(store) }
+    };
+    let result = run_workloads(&target, &workloads, &args, tmp.path()).await;
+    if let Some((store, schema)) = pg_schema {
+        // A fresh schema per run; it goes with the run.
+        let client = store.pool().get().await?;
+        client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await?;
+    }
+    result
+}
+
+async fn run_workloads(target: &Target, workloads: &[String], args: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     let s = args.scale;
-    for w in &workloads {
+    for w in workloads {
         let bar = spinner(w);
-        let line = match w.as_str() {
-            "W1" => w1(&store, "acct", 1, scaled(20_000, s), args.cache).await?,
-            "W1c" => w1(&store, "acct-c", 16, scaled(20_000, s), args.cache).await?,
-            "W2" => w2(&store, scaled(100_000, s), args.w2_tasks).await?,
-            "W3" => w3(&store, scaled(10_000, s)).await?,
-            "W4" => w4(&store, scaled(120_000, s)).await?,
-            "W5" => format!("{}\n{}", w5(&store, scaled(10, s)).await?, crate::bench_cqrs::w5_projection(&store, scaled(10, s)).await?),
-            "W6" => crate::bench_cqrs::w6(&store, scaled(1_000_000, s), tmp.path()).await?,
-            "G1" => crate::bench_cqrs::g1(&store, scaled(100_000, s)).await?,
-            "W7" => crate::bench_server::w7(&store, 10.0 * s).await?,
-            "D1" | "D2" => crate::bench_dcb::run(&store, w, s).await?,
-            _ => unreachable!(),
+        let line = match (w.as_str(), &target.embedded) {
+            ("W1", _) => w1(target, "acct", 1, scaled(20_000, s), args.cache).await?,
+            ("W1c", _) => w1(target, "acct-c", 16, scaled(20_000, s), args.cache).await?,
+            ("W2", _) => w2(target, scaled(100_000, s), args.w2_tasks).await?,
+            ("W3", _) => w3(target, scaled(10_000, s)).await?,
+            ("W4", _) => w4(target, scaled(120_000, s)).await?,
+            ("W5", Some(store)) => format!("{}\n{}", w5(target, scaled(10, s)).await?, crate::bench_cqrs::w5_projection(store, scaled(10, s)).await?),
+            ("W5", None) => w5(target, scaled(10, s)).await?,
+            ("W6", Some(store)) => crate::bench_cqrs::w6(store, scaled(1_000_000, s), dir).await?,
+            ("G1", Some(store)) => crate::bench_cqrs::g1(store, scaled(100_000, s)).await?,
+            ("W7", Some(store)) => crate::bench_server::w7(store, 10.0 * s).await?,
+            ("W9", _) => crate::bench_relay::w9(target, scaled(100_000, s), &args.sink).await?,
+            ("D1" | "D2", Some(store)) => crate::bench_dcb::run(store, w, s).await?,
+            _ => unreachable!("checked above"),
         };
         bar.finish_and_clear();
         println!("{line}");
@@ -125,23 +170,23 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-async fn w1(store: &EmbeddedStore, prefix: &str, tasks: usize, commands: u64, cache: usize) -> Result<String> {
+async fn w1(t: &Target, prefix: &str, tasks: usize, commands: u64, cache: usize) -> Result<String> {
     let accounts = 1000u64;
-    let repo = Repository::<bank::Account>::new(Arc::new(store.clone())).with_cache(cache);
+    let repo = Repository::<bank::Account>::new(t.store.clone()).with_cache(cache);
     open_accounts(&repo, prefix, accounts).await?;
     let per_task = commands / tasks as u64;
     // Each task owns the accounts ≡ t (mod tasks), so no two tasks ever race.
     let per_task_accounts = accounts / tasks as u64;
-    let syncs_before = store.stats().syncs.load(std::sync::atomic::Ordering::Relaxed);
+    let syncs_before = t.syncs();
     let started = Instant::now();
     let mut handles = Vec::new();
-    for t in 0..tasks as u64 {
+    for task in 0..tasks as u64 {
         let repo = repo.clone();
         let prefix = prefix.to_string();
         handles.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(per_task as usize);
             for i in 0..per_task {
-                let account = format!("{prefix}-{}", t + tasks as u64 * (i % per_task_accounts));
+                let account = format!("{prefix}-{}", task + tasks as u64 * (i % per_task_accounts));
                 let t0 = Instant::now();
                 repo.execute(&account, &deposit_command(125)).await?;
                 latencies.push(t0.elapsed());
@@ -154,28 +199,30 @@ async fn w1(store: &EmbeddedStore, prefix: &str, tasks: usize, commands: u64, ca
         latencies.extend(h.await??);
     }
     let secs = started.elapsed().as_secs_f64();
-    let syncs = store.stats().syncs.load(std::sync::atomic::Ordering::Relaxed) - syncs_before;
+    let syncs = fsyncs(syncs_before, t.syncs());
     latencies.sort();
     let n = latencies.len();
     let name = if tasks == 1 { "W1" } else { "W1c" };
-    Ok(format!("bench {name} backend=embedded via=repository cache={cache} events={n} tasks={tasks} secs={secs:.2} events_per_s={:.0} p50_us={} p99_us={} fsyncs={syncs}",
-        n as f64 / secs, percentile(&latencies, 0.5), percentile(&latencies, 0.99)))
+    Ok(format!("bench {name} backend={} via=repository cache={cache} events={n} tasks={tasks} secs={secs:.2} events_per_s={:.0} p50_us={} p99_us={}{syncs}",
+        t.backend, n as f64 / secs, percentile(&latencies, 0.5), percentile(&latencies, 0.99)))
 }
 
-async fn w2(store: &EmbeddedStore, events: u64, tasks: usize) -> Result<String> {
+async fn w2(t: &Target, events: u64, tasks: usize) -> Result<String> {
     let batches = events / 100;
-    let bytes_before = store.stats().bytes_written.load(std::sync::atomic::Ordering::Relaxed);
-    let syncs_before = store.stats().syncs.load(std::sync::atomic::Ordering::Relaxed);
+    let syncs_before = t.syncs();
     // Build the batches first: the figure is the store's, not serde's.
     let mut work: Vec<Vec<(String, Vec<NewEvent>)>> = (0..tasks).map(|_| Vec::new()).collect();
     for b in 0..batches {
         let batch = (0..100).map(|i| deposit(b * 100 + i, Uuid::now_v7())).collect();
         work[(b as usize) % tasks].push((format!("batch-{}", b % 1000), batch));
     }
+    // Bytes as the engine writes them where it counts them, else the payloads and metadata.
+    let payload: usize = work.iter().flatten().flat_map(|(_, b)| b).map(|e| e.data.len() + e.event_type.len() + 64).sum();
+    let bytes_before = t.embedded.as_ref().map(|s| s.stats().bytes_written.load(std::sync::atomic::Ordering::Relaxed));
     let started = Instant::now();
     let mut handles = Vec::new();
     for mine in work {
-        let store = store.clone();
+        let store = t.store.clone();
         handles.push(tokio::spawn(async move {
             for (stream, batch) in mine {
                 store.append(&stream, ExpectedVersion::Any, batch).await?;
@@ -187,11 +234,19 @@ async fn w2(store: &EmbeddedStore, events: u64, tasks: usize) -> Result<String> 
         h.await??;
     }
     let secs = started.elapsed().as_secs_f64();
-    let bytes = store.stats().bytes_written.load(std::sync::atomic::Ordering::Relaxed) - bytes_before;
-    let syncs = store.stats().syncs.load(std::sync::atomic::Ordering::Relaxed) - syncs_before;
+    let bytes = match (&t.embedded, bytes_before) {
+        (Some(s), Some(before)) => s.stats().bytes_written.load(std::sync::atomic::Ordering::Relaxed) - before,
+        _ => payload as u64,
+    };
+    let syncs = fsyncs(syncs_before, t.syncs());
     let n = batches * 100;
-    Ok(format!("bench W2 backend=embedded events={n} batch=100 tasks={tasks} secs={secs:.3} events_per_s={:.0} mb_per_s={:.1} fsyncs={syncs}",
-        n as f64 / secs, bytes as f64 / secs / 1e6))
+    Ok(format!("bench W2 backend={} events={n} batch=100 tasks={tasks} secs={secs:.3} events_per_s={:.0} mb_per_s={:.1}{syncs}",
+        t.backend, n as f64 / secs, bytes as f64 / secs / 1e6))
+}
+
+/// ` fsyncs=N` where the engine counts them.
+fn fsyncs(before: Option<u64>, after: Option<u64>) -> String {
+    before.zip(after).map(|(b, a)| format!(" fsyncs={}", a - b)).unwrap_or_default()
 }
 
 /// Median time of five loads of account `id`, and what the last one replayed.
@@ -209,11 +264,12 @@ async fn median_load(repo: &Repository<bank::Account>, id: &str, events: u64) ->
     Ok((times[2].as_secs_f64(), replayed))
 }
 
-async fn w3(store: &EmbeddedStore, events: u64) -> Result<String> {
+async fn w3(t: &Target, events: u64) -> Result<String> {
+    let store = &t.store;
     let id = format!("big-{}", Uuid::now_v7().simple());
     let stream = format!("account-{id}");
-    let plain = Repository::<bank::Account>::new(Arc::new(store.clone())).with_snapshots(SnapshotPolicy::Never);
-    let snapshots = Repository::<bank::Account>::new(Arc::new(store.clone())).with_snapshots(SnapshotPolicy::every(100));
+    let plain = Repository::<bank::Account>::new(store.clone()).with_snapshots(SnapshotPolicy::Never);
+    let snapshots = Repository::<bank::Account>::new(store.clone()).with_snapshots(SnapshotPolicy::every(100));
     plain.execute(&id, &bank::Command::Open { owner: "W3".into(), currency: "EUR".into() }).await?;
     // Written in batches of 100 deposits, with a snapshot after each: what
     // `SnapshotPolicy::every(100)` leaves behind, built faster.
@@ -240,16 +296,21 @@ async fn w3(store: &EmbeddedStore, events: u64) -> Result<String> {
         reads.push(t0.elapsed());
     }
     reads.sort();
-    Ok(format!("bench W3 backend=embedded via=repository events={events} snapshots=none median_ms={:.3} read_ms={:.3} replayed={replayed_full} events_per_s={:.0}\n\
-        bench W3 backend=embedded via=repository events={events} snapshots=every_100 median_ms={:.3} replayed={replayed_snap}",
-        full * 1e3, reads[2].as_secs_f64() * 1e3, events as f64 / full, snap * 1e3))
+    Ok(format!("bench W3 backend={b} via=repository events={events} snapshots=none median_ms={:.3} read_ms={:.3} replayed={replayed_full} events_per_s={:.0}\n\
+        bench W3 backend={b} via=repository events={events} snapshots=every_100 median_ms={:.3} replayed={replayed_snap}",
+        full * 1e3, reads[2].as_secs_f64() * 1e3, events as f64 / full, snap * 1e3, b = t.backend))
 }
 
-async fn w4(store: &EmbeddedStore, minimum: u64) -> Result<String> {
-    let written = store.stats().events_written.load(std::sync::atomic::Ordering::Relaxed);
+async fn w4(t: &Target, minimum: u64) -> Result<String> {
+    let store = &t.store;
+    let written = match &t.embedded {
+        Some(s) => s.stats().events_written.load(std::sync::atomic::Ordering::Relaxed),
+        // Positions there count events (a rolled-back append leaves a hole, not here).
+        None => store.head_position().await?.0 - 1,
+    };
     if written < minimum {
         // Run alone (or after little): fill the store first, as W1 + W2 would.
-        w2(store, (minimum - written).div_ceil(100) * 100, 16).await?;
+        w2(t, (minimum - written).div_ceil(100) * 100, 16).await?;
     }
     let mut best = f64::MAX;
     let mut count = 0;
@@ -263,10 +324,11 @@ async fn w4(store: &EmbeddedStore, minimum: u64) -> Result<String> {
         }
         best = best.min(t0.elapsed().as_secs_f64());
     }
-    Ok(format!("bench W4 backend=embedded events={count} secs={best:.3} events_per_s={:.0}", count as f64 / best))
+    Ok(format!("bench W4 backend={} events={count} secs={best:.3} events_per_s={:.0}", t.backend, count as f64 / best))
 }
 
-async fn w5(store: &EmbeddedStore, seconds: u64) -> Result<String> {
+async fn w5(t: &Target, seconds: u64) -> Result<String> {
+    let store = &t.store;
     let total = seconds * 1000;
     let mut sub = store.subscribe(SubscriptionTarget::All, StartFrom::End).await?;
     let receiver = tokio::spawn(async move {
@@ -305,6 +367,6 @@ async fn w5(store: &EmbeddedStore, seconds: u64) -> Result<String> {
     }
     from_call.sort();
     from_ack.sort();
-    Ok(format!("bench W5 backend=embedded events={total} rate_per_s=1000 p50_us={} p99_us={} after_ack_p50_us={} after_ack_p99_us={}",
-        percentile(&from_call, 0.5), percentile(&from_call, 0.99), percentile(&from_ack, 0.5), percentile(&from_ack, 0.99)))
+    Ok(format!("bench W5 backend={} events={total} rate_per_s=1000 p50_us={} p99_us={} after_ack_p50_us={} after_ack_p99_us={}",
+        t.backend, percentile(&from_call, 0.5), percentile(&from_call, 0.99), percentile(&from_ack, 0.5), percentile(&from_ack, 0.99)))
 }

@@ -8,7 +8,7 @@ use crate::commands::Context;
 use crate::output::count;
 
 pub async fn run(ctx: &Context) -> Result<()> {
-    let store = ctx.store(false)?;
+    let store = ctx.store(false).await?;
     let head = store.head_position().await?.0.max(1);
     let bar = indicatif::ProgressBar::new(head);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {percent}% {msg}").expect("valid template"));

@@ -24,6 +24,19 @@ pub struct Context {
     pub url: Option<String>,
     pub api_key: Option<String>,
     pub ca: Option<PathBuf>,
+    pub backend: Backend,
+    /// The PostgreSQL database of `--backend postgres`, and the schema in it.
+    pub database_url: Option<String>,
+    pub pg_schema: String,
+}
+
+/// Where the data verbs, `serve` and `relay` keep events.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Backend {
+    /// The embedded engine in --data (nothing else to run).
+    Embedded,
+    /// A PostgreSQL database (--database-url), in the schema --pg-schema.
+    Postgres,
 }
 
 impl Context {
@@ -39,7 +52,10 @@ impl Context {
 
     /// The store the data verbs work on: the server at `--url`, or the data
     /// directory (`create`: make a store there if there is none).
-    pub(crate) fn store(&self, create: bool) -> Result<std::sync::Arc<dyn EventStore>> {
+    pub(crate) async fn store(&self, create: bool) -> Result<std::sync::Arc<dyn EventStore>> {
+        if self.url.is_none() && self.backend == Backend::Postgres {
+            return Ok(std::sync::Arc::new(self.postgres().await?));
+        }
         Ok(match &self.url {
             Some(url) => {
                 let root = match &self.ca {
@@ -57,8 +73,20 @@ impl Context {
         })
     }
 
+    /// The PostgreSQL store of `--backend postgres` (its schema made or migrated).
+    pub(crate) async fn postgres(&self) -> Result<cairn_postgres::PgStore> {
+        let Some(url) = &self.database_url else {
+            bail!("--backend postgres needs --database-url (or CAIRN_DATABASE_URL), e.g. postgres://postgres@127.0.0.1:5432/test");
+        };
+        let options = cairn_postgres::PgOptions::default().schema(&self.pg_schema);
+        cairn_postgres::PgStore::connect_with(url, options).await.with_context(|| format!("cannot open the event store in PostgreSQL (schema {})", self.pg_schema))
+    }
+
     /// For verbs that work on the files themselves.
     pub(crate) fn local_only(&self, verb: &str) -> Result<()> {
+        if self.backend == Backend::Postgres && self.url.is_none() {
+            bail!("`cairn {verb}` works on an embedded data directory's files; PostgreSQL keeps its own (use its tools)");
+        }
         if self.url.is_some() {
             bail!("`cairn {verb}` works on a data directory's files, not through a server; run it with --data on the server's machine (with the server stopped)");
         }
@@ -160,7 +188,7 @@ pub async fn append(ctx: &Context, a: AppendArgs) -> Result<()> {
         e
     }).collect();
     let count = events.len();
-    let store = ctx.store(true)?;
+    let store = ctx.store(true).await?;
     let r = store.append(&a.stream, a.expected_version, events).await?;
     if ctx.json {
         println!("{}", serde_json::json!({"stream": a.stream, "next_version": r.next_version, "position": r.position.0}));
@@ -193,7 +221,7 @@ pub struct ReadArgs {
 }
 
 pub async fn read(ctx: &Context, a: ReadArgs) -> Result<()> {
-    let store = ctx.store(false)?;
+    let store = ctx.store(false).await?;
     let w = a.window;
     let mut options = if w.backward { ReadStreamOptions::backward() } else { ReadStreamOptions::forward() };
     if let Some(v) = w.from { options = options.from_version(v); }
@@ -212,7 +240,7 @@ pub struct ReadAllArgs {
 }
 
 pub async fn read_all(ctx: &Context, a: ReadAllArgs) -> Result<()> {
-    let store = ctx.store(false)?;
+    let store = ctx.store(false).await?;
     let w = a.window;
     let mut options = if w.backward { ReadAllOptions::backward() } else { ReadAllOptions::forward() };
     if let Some(p) = w.from { options = options.from(Position(p)); }
@@ -237,7 +265,7 @@ pub struct QueryArgs {
 /// `cairn query`: the events matching one query item (types OR'ed, tags AND'ed)
 /// in global order; events of `$` streams never match.
 pub async fn query(ctx: &Context, a: QueryArgs) -> Result<()> {
-    let store = ctx.store(false)?;
+    let store = ctx.store(false).await?;
     let q = Query::from(QueryItem::types(a.types).with_tags(a.tags));
     let w = a.window;
     let mut options = if w.backward { ReadAllOptions::backward() } else { ReadAllOptions::forward() };
@@ -260,7 +288,7 @@ pub struct TailArgs {
 }
 
 pub async fn tail(ctx: &Context, a: TailArgs) -> Result<()> {
-    let store = ctx.store(true)?;
+    let store = ctx.store(true).await?;
     let target = match &a.stream {
         Some(s) => SubscriptionTarget::Stream(s.clone()),
         None => SubscriptionTarget::All,
@@ -296,7 +324,7 @@ pub struct StreamsArgs {
 }
 
 pub async fn streams(ctx: &Context, a: StreamsArgs) -> Result<()> {
-    let store = ctx.store(false)?;
+    let store = ctx.store(false).await?;
     output::print_streams(&store.list_streams(&a.prefix, a.limit).await?, ctx.json);
     Ok(())
 }
@@ -319,7 +347,7 @@ pub struct MetadataArgs {
 }
 
 pub async fn metadata(ctx: &Context, a: MetadataArgs) -> Result<()> {
-    let store = ctx.store(false)?;
+    let store = ctx.store(false).await?;
     let changing = a.clear || a.max_age.is_some() || a.max_count.is_some() || a.truncate_before.is_some();
     if changing {
         let m = StreamMetadata { max_age_secs: a.max_age, max_count: a.max_count, truncate_before: a.truncate_before };
@@ -345,7 +373,7 @@ pub struct DeleteArgs {
 }
 
 pub async fn delete(ctx: &Context, a: DeleteArgs) -> Result<()> {
-    let store = ctx.store(false)?;
+    let store = ctx.store(false).await?;
     store.delete_stream(&a.stream, a.expected_version, a.hard).await?;
     println!("{} {}", if a.hard { "tombstoned" } else { "deleted" }, a.stream);
     Ok(())

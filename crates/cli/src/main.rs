@@ -3,6 +3,7 @@
 mod bench;
 mod bench_cqrs;
 mod bench_dcb;
+mod bench_relay;
 mod bench_server;
 mod census;
 mod commands;
@@ -39,6 +40,15 @@ struct Cli {
     /// API key for the server at --url.
     #[arg(long, global = true, env = "CAIRN_API_KEY", value_name = "KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Where events live: the embedded engine in --data, or PostgreSQL (--database-url).
+    #[arg(long, global = true, value_enum, default_value = "embedded", env = "CAIRN_BACKEND")]
+    backend: commands::Backend,
+    /// PostgreSQL connection for --backend postgres: postgres://user@host:port/db or "host=… user=… dbname=…".
+    #[arg(long, global = true, env = "CAIRN_DATABASE_URL", value_name = "URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// The PostgreSQL schema that holds Cairn's tables (created and migrated on first use).
+    #[arg(long, global = true, env = "CAIRN_PG_SCHEMA", default_value = "cairn", value_name = "NAME")]
+    pg_schema: String,
     /// Print JSON (one object per line) instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -63,7 +73,7 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         keep: Option<PathBuf>,
     },
-    /// Serve the store in --data over HTTP (default http://127.0.0.1:8720; the API at /openapi.json).
+    /// Serve the store (--data, or PostgreSQL with --backend postgres) over HTTP and gRPC (default http://127.0.0.1:8720; the API at /openapi.json).
     Serve(serve::ServeArgs),
     /// API keys for the server: add (printed once), list, remove.
     Keys(serve::KeysArgs),
@@ -95,7 +105,7 @@ enum Command {
     Projections(operate::ProjectionsArgs),
     /// Consumer groups in the store: status and lag, parked events, replay.
     Groups(operate::GroupsArgs),
-    /// Run benchmark workloads (W1 W1c W2 W3 W4 W5 W6, see WORKLOADS.md; D1 D2 tags and conditions, G1 consumer groups, W7 the server) on a fresh store.
+    /// Run benchmark workloads (W1 W1c W2 W3 W4 W5 W6, see WORKLOADS.md; D1 D2 tags and conditions, G1 consumer groups, W7 the server, W9 the relay to NATS and RabbitMQ) on a fresh store; --backend postgres runs W1–W5 and W9 in a fresh schema.
     Bench(bench::BenchArgs),
 }
 
@@ -123,7 +133,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let ctx = commands::Context { data: cli.data, data_is_default, json: cli.json, url: cli.url, api_key: cli.api_key, ca: cli.ca };
+    let ctx = commands::Context {
+        data: cli.data,
+        data_is_default,
+        json: cli.json,
+        url: cli.url,
+        api_key: cli.api_key,
+        ca: cli.ca,
+        backend: cli.backend,
+        database_url: cli.database_url,
+        pg_schema: cli.pg_schema,
+    };
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Tour { keep } => tour::run(keep).await,
@@ -146,7 +166,7 @@ fn main() -> ExitCode {
             Command::Reindex => commands::reindex(&ctx),
             Command::Projections(a) => operate::projections(&ctx, a).await,
             Command::Groups(a) => operate::groups(&ctx, a).await,
-            Command::Bench(a) => bench::run(a).await,
+            Command::Bench(a) => bench::run(&ctx, a).await,
         }
     });
     match result {

@@ -222,7 +222,7 @@ async fn projections_status(ctx: &Context, files: Vec<PathBuf>, alert: Duration)
 }
 
 pub async fn groups(ctx: &Context, args: GroupsArgs) -> Result<()> {
-    let store = ctx.store(false)?;
+    let store = ctx.store(false).await?;
     let store = store.as_ref();
     match args.action {
         GroupsAction::Status { alert: seconds } => {

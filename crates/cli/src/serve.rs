@@ -11,7 +11,7 @@ use cairn_server::auth::{KeyFile, Role};
 use cairn_server::ServerConfig;
 use clap::Args;
 
-use crate::commands::Context;
+use crate::commands::{Backend, Context};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -101,27 +101,39 @@ pub async fn run(ctx: &Context, args: ServeArgs) -> Result<()> {
             listen.port()
         );
     }
-    if args.demo {
-        if ctx.data.join("log").exists() {
-            println!("{} already holds a store: serving it as it is (the tour runs only into a fresh directory)", ctx.data.display());
-        } else {
-            crate::tour::run(Some(ctx.data.clone())).await?;
-            println!();
+    let (store, engine_metrics, place): (Arc<dyn EventStore>, Option<Arc<dyn Fn() -> String + Send + Sync>>, String) = match ctx.backend {
+        Backend::Embedded => {
+            if args.demo {
+                if ctx.data.join("log").exists() {
+                    println!("{} already holds a store: serving it as it is (the tour runs only into a fresh directory)", ctx.data.display());
+                } else {
+                    crate::tour::run(Some(ctx.data.clone())).await?;
+                    println!();
+                }
+            }
+            let store = ctx.open()?;
+            let stats = store.clone();
+            let metrics: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || stats.stats().prometheus());
+            (Arc::new(store), Some(metrics), format!("data in {}", ctx.data.display()))
         }
-    }
-    let store = ctx.open()?;
-    let stats = store.clone();
-    let engine_metrics: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || stats.stats().prometheus());
+        Backend::Postgres => {
+            if args.demo {
+                println!("note: --demo runs the tour on the embedded engine only; serving PostgreSQL as it is");
+            }
+            let store = ctx.postgres().await?;
+            let place = format!("PostgreSQL schema {}", store.schema());
+            (Arc::new(store), None, place)
+        }
+    };
     let head = store.head_position().await?;
-    let store: Arc<dyn EventStore> = Arc::new(store);
     let secured = !keys.keys.is_empty();
     let tls = args.tls_cert.zip(args.tls_key).map(|(cert, key)| cairn_server::TlsFiles { cert, key });
     if secured && tls.is_none() && !listen.ip().is_loopback() {
         eprintln!("warning: API keys will cross the network in clear text; give --tls-cert and --tls-key to serve HTTPS");
     }
-    let config = ServerConfig { listen, body_limit, keys: Some(keys), tls, engine_metrics: Some(engine_metrics) };
+    let config = ServerConfig { listen, body_limit, keys: Some(keys), tls, engine_metrics };
     let running = cairn_server::start(store, config).with_context(|| format!("cannot listen on {listen}"))?;
-    println!("cairn serve: {} (data in {}, head at position {head})", running.url, ctx.data.display());
+    println!("cairn serve: {} ({place}, head at position {head})", running.url);
     if secured {
         println!("  API keys from {} are required (Authorization: Bearer <key>)", key_path.display());
     } else {
