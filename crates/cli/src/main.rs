@@ -10,6 +10,7 @@ mod commands;
 mod demo;
 mod demo_orders;
 mod operate;
+mod relay;
 mod serve;
 mod output;
 mod tour;
@@ -75,6 +76,8 @@ enum Command {
     },
     /// Serve the store (--data, or PostgreSQL with --backend postgres) over HTTP and gRPC (default http://127.0.0.1:8720; the API at /openapi.json).
     Serve(serve::ServeArgs),
+    /// Publish the store's events to NATS JetStream or RabbitMQ, in order, at least once (message id = event id), from a checkpoint in the store.
+    Relay(relay::RelayArgs),
     /// API keys for the server: add (printed once), list, remove.
     Keys(serve::KeysArgs),
     /// Append events to a stream: one from TYPE and JSON, or JSON lines on stdin
@@ -153,6 +156,7 @@ fn main() -> ExitCode {
             Command::Demo { which: Demo::Courses, .. } => demo::run_courses().await,
             Command::Serve(a) => serve::run(&ctx, a).await,
             Command::Keys(a) => serve::keys(&ctx, a),
+            Command::Relay(a) => relay::run(&ctx, a).await,
             Command::Census => census::run(&ctx).await,
             Command::Append(a) => commands::append(&ctx, a).await,
             Command::Read(a) => commands::read(&ctx, a).await,
