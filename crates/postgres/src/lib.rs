@@ -237,7 +237,9 @@ impl PgStore {
         condition: Option<AppendCondition>,
     ) -> Result<AppendResult> {
         validate_stream_name(stream)?;
-        let write = self.inner.check(stream, Kind::User, expected, events, condition)?;
+        let mut write = self.inner.check(stream, Kind::User, expected, events, condition)?;
+        // An error would abort the caller's transaction: look for retries up front.
+        write.check_first = true;
         let sql = &self.inner.sql.append_notify;
         let statement = tx.prepare(sql).await.map_err(|e| db_error(&self.inner.place, e))?;
         let channel = self.inner.listen_channel();
@@ -293,6 +295,8 @@ struct Write {
     max_age: Option<i64>,
     max_count: Option<i64>,
     truncate: Option<i64>,
+    /// Look for an earlier write of the batch before writing (see `cairn_append`).
+    check_first: bool,
 }
 
 /// An event's size as PostgreSQL stores it, near enough for the limits.
@@ -337,6 +341,7 @@ impl Inner {
             max_age: None,
             max_count: None,
             truncate: None,
+            check_first: false,
         };
         if let Some(c) = condition {
             self.options.limits.check_query(&c.fail_if_events_match)?;
@@ -373,10 +378,15 @@ impl Inner {
     }
 
     /// Runs a checked append on a pooled connection (its own transaction).
-    async fn write(&self, w: Write) -> Result<AppendResult> {
+    async fn write(&self, mut w: Write) -> Result<AppendResult> {
         let client = self.pool.get().await.map_err(|e| db_error(&self.place, e))?;
         let statement = client.prepare_cached(&self.sql.append).await.map_err(|e| db_error(&self.place, e))?;
-        let rows = client.query(&statement, &w.params_plain()).await;
+        let mut rows = client.query(&statement, &w.params_plain()).await;
+        if matches!(&rows, Err(e) if e.code().is_some_and(|c| c.code() == "CA410")) {
+            // An id of the batch exists: a retry, or a conflict. Ask again, looking first.
+            w.check_first = true;
+            rows = client.query(&statement, &w.params_plain()).await;
+        }
         let result = w.result(&self.place, rows);
         if result.is_ok() {
             self.wake.send_modify(|n| *n += 1);
@@ -411,6 +421,7 @@ impl Write {
             &self.max_age,
             &self.max_count,
             &self.truncate,
+            &self.check_first,
         ]
     }
 

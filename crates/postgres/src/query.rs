@@ -26,7 +26,7 @@ impl QuerySql {
                 out.types.extend(item.types.iter().cloned());
             }
             if !item.tags.is_empty() {
-                parts.push(format!("e.tags @> (${gp}::text[])[{}:{}]", out.tags.len() + 1, out.tags.len() + item.tags.len()));
+                parts.push(format!("e.tags <> '{{}}' AND e.tags @> (${gp}::text[])[{}:{}]", out.tags.len() + 1, out.tags.len() + item.tags.len()));
                 out.tags.extend(item.tags.iter().cloned());
             }
             if !item.categories.is_empty() {
@@ -66,7 +66,7 @@ mod tests {
         let sql = QuerySql::new(&q, 1);
         assert_eq!(
             sql.condition,
-            "NOT e.sys AND ((e.tags @> ($2::text[])[1:2]) OR (e.event_type = ANY(($1::text[])[1:2]) AND e.category = ANY(($3::text[])[1:1])) OR (true)) \
+            "NOT e.sys AND ((e.tags <> '{}' AND e.tags @> ($2::text[])[1:2]) OR (e.event_type = ANY(($1::text[])[1:2]) AND e.category = ANY(($3::text[])[1:1])) OR (true)) \
              AND $1::text[] IS NOT NULL AND $2::text[] IS NOT NULL AND $3::text[] IS NOT NULL"
         );
         assert_eq!((sql.types, sql.tags, sql.categories), (vec!["T".into(), "U".into()], vec!["a".into(), "b".into()], vec!["order".into()]));

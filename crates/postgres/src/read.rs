@@ -30,7 +30,7 @@ use crate::query::QuerySql;
 use crate::{db_error, Inner};
 
 /// The columns of an event, in the order [`event`] decodes them.
-pub const COLS: &str = "e.position, e.id, e.stream, e.version, e.event_type, e.data, e.is_binary, e.metadata::text, e.schema_version, e.tags, e.created_at";
+pub const COLS: &str = "e.position, e.id, e.stream, e.version, e.event_type, e.data, e.is_binary, e.metadata, e.schema_version, e.tags, e.created_at";
 
 /// The schema's SQL, qualified with its name once.
 pub struct Sql {
@@ -48,7 +48,7 @@ pub struct Sql {
 
 const APPEND_ARGS: &str = "$1::text, $2::int, $3::text, $4::bigint, $5::text, $6::uuid[], $7::text[], $8::bytea[], $9::boolean[], \
     $10::text[], $11::int[], $12::text[], $13::int[], $14::int[], $15::text, $16::text[], $17::text[], $18::text[], $19::bigint, \
-    $20::bigint, $21::bigint, $22::bigint";
+    $20::bigint, $21::bigint, $22::bigint, $23::boolean";
 
 impl Sql {
     pub fn new(s: &str) -> Sql {
@@ -68,7 +68,7 @@ impl Sql {
             schema: s.to_string(),
             append: format!("SELECT o_code, o_version, o_position, o_id, o_detail FROM {s}.cairn_append({APPEND_ARGS})"),
             append_notify: format!(
-                "SELECT o_code, o_version, o_position, o_id, o_detail, pg_notify($23::text, '') FROM {s}.cairn_append({APPEND_ARGS})"
+                "SELECT o_code, o_version, o_position, o_id, o_detail, pg_notify($24::text, '') FROM {s}.cairn_append({APPEND_ARGS})"
             ),
             all_forward: format!("SELECT {COLS} FROM {s}.cairn_events e WHERE e.position > $1 ORDER BY e.position LIMIT $2"),
             all_backward: format!("SELECT {COLS} FROM {s}.cairn_events e WHERE e.position < $1 ORDER BY e.position DESC LIMIT $2"),

@@ -43,7 +43,8 @@ CREATE TABLE cairn_events (
     sys boolean NOT NULL,
     data bytea NOT NULL,
     is_binary boolean NOT NULL,
-    metadata jsonb,
+    -- JSON text (cast to jsonb to query it): parsing jsonb on every append costs more than it gives.
+    metadata text,
     schema_version int NOT NULL,
     tags text[] COLLATE "C" NOT NULL,
     created_at bigint NOT NULL,
@@ -53,33 +54,81 @@ CREATE TABLE cairn_events (
 CREATE UNIQUE INDEX cairn_events_stream ON cairn_events (stream, incarnation, version);
 CREATE INDEX cairn_events_type ON cairn_events (event_type, position) WHERE NOT sys;
 CREATE INDEX cairn_events_category ON cairn_events (category, position) WHERE category IS NOT NULL;
-CREATE INDEX cairn_events_tags ON cairn_events USING gin (tags) WHERE NOT sys;
+-- Only tagged events: an empty array in a GIN index costs as much as a full one.
+CREATE INDEX cairn_events_tags ON cairn_events USING gin (tags) WHERE NOT sys AND tags <> '{}';
+
+-- Whether a batch was written before: every id, in order, as one whole
+-- append to this stream. No row: none of the ids exists. Otherwise the
+-- first append's result (code 0) or why it is not a retry (code 4).
+CREATE FUNCTION cairn_retry_of(p_stream text, p_ids uuid[])
+RETURNS TABLE (o_code int, o_version bigint, o_position bigint, o_id uuid, o_detail text)
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
+DECLARE
+    n int := cardinality(p_ids);
+    f record;
+    found_n int := 0;
+    prev_version bigint;
+    last_pos bigint;
+BEGIN
+    FOR f IN SELECT u.ord, e.stream, e.version, e.position, e.append_first, e.append_len
+             FROM unnest(p_ids) WITH ORDINALITY AS u(id, ord) JOIN cairn_events e ON e.id = u.id
+             ORDER BY u.ord
+    LOOP
+        found_n := found_n + 1;
+        IF f.ord <> found_n THEN
+            RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[1], 'but other events of the batch were not'; RETURN;
+        END IF;
+        IF f.stream <> p_stream THEN
+            RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[f.ord], format('to stream %L', f.stream); RETURN;
+        END IF;
+        IF found_n > 1 AND f.version <> prev_version + 1 THEN
+            RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[f.ord], 'but not as part of the same append'; RETURN;
+        END IF;
+        IF found_n = 1 AND (f.append_first <> f.position OR f.append_len <> n) THEN
+            RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[1], 'as part of a larger append'; RETURN;
+        END IF;
+        prev_version := f.version;
+        last_pos := f.position;
+    END LOOP;
+    IF found_n > 0 AND found_n < n THEN
+        RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[1], 'but other events of the batch were not'; RETURN;
+    END IF;
+    IF found_n > 0 THEN
+        RETURN QUERY SELECT 0, prev_version, last_pos, NULL::uuid, NULL::text;
+    END IF;
+END
+$fn$;
 
 -- One append, checked and written in one call (one round trip). Codes:
 -- 0 written (or an idempotent retry), 1 wrong expected version, 2 stream
 -- tombstoned, 3 stream not found, 4 idempotency conflict, 5 condition failed.
 -- Failed checks return before writing anything but the stream's name row.
+-- Retries are looked for up front only with p_check_first; otherwise only
+-- when a check fails or an id turns out to exist (then it raises CA410 and
+-- the caller calls again with p_check_first), so that the common append
+-- pays no lookup: the id index's insert does the work.
 CREATE FUNCTION cairn_append(
     p_stream text, p_kind int, p_target text, p_expected bigint, p_category text,
     p_ids uuid[], p_types text[], p_data bytea[], p_binary boolean[], p_meta text[], p_schema int[],
     p_tags text[], p_tag_lo int[], p_tag_hi int[],
     p_cond text, p_cond_types text[], p_cond_tags text[], p_cond_cats text[], p_cond_after bigint,
-    p_max_age bigint, p_max_count bigint, p_truncate bigint)
+    p_max_age bigint, p_max_count bigint, p_truncate bigint, p_check_first boolean)
 RETURNS TABLE (o_code int, o_version bigint, o_position bigint, o_id uuid, o_detail text)
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
 DECLARE
     n int := cardinality(p_ids);
     s cairn_streams%ROWTYPE;
     t cairn_streams%ROWTYPE;
-    f record;
-    found_n int := 0;
-    prev_version bigint;
-    last_pos bigint;
+    r record;
     positions bigint[];
     conflict bigint;
     inserted int;
     hard boolean := false;
     current bigint;
+    fail_code int;
+    fail_version bigint := 0;
+    fail_position bigint := 0;
+    fail_stream text;
 BEGIN
     -- Conditional appends see every append ordered before them: they wait
     -- for the appends in flight and hold new ones back until they commit.
@@ -97,77 +146,66 @@ BEGIN
         SELECT * INTO t FROM cairn_streams x WHERE x.name = p_target FOR UPDATE;
     END IF;
 
-    IF p_kind = 0 THEN
-        -- A retry: every id written, in order, as one whole append to this stream.
-        FOR f IN SELECT u.ord, e.stream, e.version, e.position, e.append_first, e.append_len
-                 FROM unnest(p_ids) WITH ORDINALITY AS u(id, ord) JOIN cairn_events e ON e.id = u.id
-                 ORDER BY u.ord
-        LOOP
-            found_n := found_n + 1;
-            IF f.ord <> found_n THEN
-                RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[1], 'but other events of the batch were not'; RETURN;
-            END IF;
-            IF f.stream <> p_stream THEN
-                RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[f.ord], format('to stream %L', f.stream); RETURN;
-            END IF;
-            IF found_n > 1 AND f.version <> prev_version + 1 THEN
-                RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[f.ord], 'but not as part of the same append'; RETURN;
-            END IF;
-            IF found_n = 1 AND (f.append_first <> f.position OR f.append_len <> n) THEN
-                RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[1], 'as part of a larger append'; RETURN;
-            END IF;
-            prev_version := f.version;
-            last_pos := f.position;
-        END LOOP;
-        IF found_n > 0 THEN
-            IF found_n < n THEN
-                RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[1], 'but other events of the batch were not'; RETURN;
-            END IF;
-            RETURN QUERY SELECT 0, prev_version, last_pos, NULL::uuid, NULL::text; RETURN;
+    IF p_kind = 0 AND p_check_first THEN
+        SELECT * INTO r FROM cairn_retry_of(p_stream, p_ids);
+        IF FOUND THEN
+            RETURN QUERY SELECT r.o_code, r.o_version, r.o_position, r.o_id, r.o_detail; RETURN;
         END IF;
     END IF;
 
     IF p_kind = 2 THEN
         hard := p_types[1] = '$tombstone';
         IF t.state = 2 THEN
-            RETURN QUERY SELECT 2, 0::bigint, 0::bigint, NULL::uuid, p_target; RETURN;
-        END IF;
-        IF NOT hard AND (t.state = 1 OR t.version = 0) THEN
-            RETURN QUERY SELECT 3, 0::bigint, 0::bigint, NULL::uuid, p_target; RETURN;
+            fail_code := 2; fail_stream := p_target;
+        ELSIF NOT hard AND (t.state = 1 OR t.version = 0) THEN
+            fail_code := 3; fail_stream := p_target;
         END IF;
         current := t.version;
     ELSE
         IF p_kind = 1 AND t.state = 2 THEN
-            RETURN QUERY SELECT 2, 0::bigint, 0::bigint, NULL::uuid, p_target; RETURN;
-        END IF;
-        IF s.state = 2 THEN
-            RETURN QUERY SELECT 2, 0::bigint, 0::bigint, NULL::uuid, p_stream; RETURN;
+            fail_code := 2; fail_stream := p_target;
+        ELSIF s.state = 2 THEN
+            fail_code := 2; fail_stream := p_stream;
         END IF;
         current := s.version;
     END IF;
-    IF NOT (p_expected = -1 OR (p_expected = -2 AND current > 0) OR p_expected = current) THEN
-        RETURN QUERY SELECT 1, current, 0::bigint, NULL::uuid, NULL::text; RETURN;
+    IF fail_code IS NULL AND NOT (p_expected = -1 OR (p_expected = -2 AND current > 0) OR p_expected = current) THEN
+        fail_code := 1; fail_version := current;
     END IF;
-    IF p_cond IS NOT NULL THEN
+    IF fail_code IS NULL AND p_cond IS NOT NULL THEN
         EXECUTE p_cond INTO conflict USING p_cond_types, p_cond_tags, p_cond_cats, p_cond_after;
         IF conflict IS NOT NULL THEN
-            RETURN QUERY SELECT 5, 0::bigint, conflict, NULL::uuid, NULL::text; RETURN;
+            fail_code := 5; fail_position := conflict;
         END IF;
+    END IF;
+    IF fail_code IS NOT NULL THEN
+        -- A retry of a written batch gets its result, whatever changed since.
+        IF p_kind = 0 AND NOT p_check_first THEN
+            SELECT * INTO r FROM cairn_retry_of(p_stream, p_ids);
+            IF FOUND THEN
+                RETURN QUERY SELECT r.o_code, r.o_version, r.o_position, r.o_id, r.o_detail; RETURN;
+            END IF;
+        END IF;
+        RETURN QUERY SELECT fail_code, fail_version, fail_position, NULL::uuid, fail_stream; RETURN;
     END IF;
 
     positions := ARRAY(SELECT nextval('cairn_positions') FROM generate_series(1, n));
     INSERT INTO cairn_events (position, id, stream, incarnation, version, event_type, category, sys, data,
                               is_binary, metadata, schema_version, tags, created_at, append_first, append_len)
-    SELECT positions[i], p_ids[i], p_stream, s.incarnation, s.version + i, p_types[i], p_category,
-           left(p_stream, 1) = '$', p_data[i], p_binary[i], p_meta[i]::jsonb, p_schema[i],
-           p_tags[p_tag_lo[i]:p_tag_hi[i]], (extract(epoch FROM clock_timestamp()) * 1000000)::bigint,
-           positions[1], n
-    FROM generate_series(1, n) AS i
+    SELECT positions[u.ord], u.id, p_stream, s.incarnation, s.version + u.ord, u.typ, p_category,
+           left(p_stream, 1) = '$', u.dat, u.bin, u.meta, u.sv,
+           CASE WHEN u.hi >= u.lo THEN p_tags[u.lo:u.hi] ELSE '{}' END,
+           (extract(epoch FROM clock_timestamp()) * 1000000)::bigint, positions[1], n
+    FROM unnest(p_ids, p_types, p_data, p_binary, p_meta, p_schema, p_tag_lo, p_tag_hi)
+         WITH ORDINALITY AS u(id, typ, dat, bin, meta, sv, lo, hi, ord)
     ON CONFLICT (id) DO NOTHING;
     GET DIAGNOSTICS inserted = ROW_COUNT;
     IF inserted < n THEN
-        -- A concurrent append wrote one of these ids first (it committed while we waited on it).
-        RAISE EXCEPTION 'an event id of this batch was written by a concurrent append' USING ERRCODE = 'CA409';
+        IF p_check_first THEN
+            -- A concurrent append wrote one of these ids first (it committed while we waited on it).
+            RAISE EXCEPTION 'an event id of this batch was written by a concurrent append' USING ERRCODE = 'CA409';
+        END IF;
+        RAISE EXCEPTION 'an event id of this batch exists: look for a retry' USING ERRCODE = 'CA410';
     END IF;
     UPDATE cairn_streams x SET version = s.version + n, state = 0, last_position = positions[n] WHERE x.name = p_stream;
     IF p_kind = 1 THEN
