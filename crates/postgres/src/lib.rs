@@ -281,7 +281,9 @@ struct Write {
     types: Vec<String>,
     data: Vec<Vec<u8>>,
     binary: Vec<bool>,
-    metadata: Vec<Option<String>>,
+    correlation: Vec<Option<Uuid>>,
+    causation: Vec<Option<Uuid>>,
+    extra: Vec<Option<String>>,
     schema: Vec<i32>,
     tags: Vec<String>,
     tag_lo: Vec<i32>,
@@ -327,7 +329,9 @@ impl Inner {
             types: Vec::with_capacity(events.len()),
             data: Vec::with_capacity(events.len()),
             binary: Vec::with_capacity(events.len()),
-            metadata: Vec::with_capacity(events.len()),
+            correlation: Vec::with_capacity(events.len()),
+            causation: Vec::with_capacity(events.len()),
+            extra: Vec::with_capacity(events.len()),
             schema: Vec::with_capacity(events.len()),
             tags: Vec::new(),
             tag_lo: Vec::with_capacity(events.len()),
@@ -353,7 +357,9 @@ impl Inner {
         }
         for e in events {
             w.ids.push(e.id);
-            w.metadata.push(if e.metadata.is_empty() { None } else { Some(serde_json::to_string(&e.metadata).expect("metadata serialises")) });
+            w.correlation.push(e.metadata.correlation_id);
+            w.causation.push(e.metadata.causation_id);
+            w.extra.push((!e.metadata.extra.is_empty()).then(|| serde_json::to_string(&e.metadata.extra).expect("metadata serialises")));
             w.tag_lo.push(w.tags.len() as i32 + 1);
             w.tags.extend(e.tags);
             w.tag_hi.push(w.tags.len() as i32);
@@ -408,7 +414,9 @@ impl Write {
             &self.types,
             &self.data,
             &self.binary,
-            &self.metadata,
+            &self.correlation,
+            &self.causation,
+            &self.extra,
             &self.schema,
             &self.tags,
             &self.tag_lo,

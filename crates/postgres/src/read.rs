@@ -30,7 +30,7 @@ use crate::query::QuerySql;
 use crate::{db_error, Inner};
 
 /// The columns of an event, in the order [`event`] decodes them.
-pub const COLS: &str = "e.position, e.id, e.stream, e.version, e.event_type, e.data, e.is_binary, e.metadata, e.schema_version, e.tags, e.created_at";
+pub const COLS: &str = "e.position, e.id, e.stream, e.version, e.event_type, e.data, e.is_binary, e.schema_version, e.tags, e.created_at, e.correlation_id, e.causation_id, e.metadata_extra";
 
 /// The schema's SQL, qualified with its name once.
 pub struct Sql {
@@ -47,8 +47,8 @@ pub struct Sql {
 }
 
 const APPEND_ARGS: &str = "$1::text, $2::int, $3::text, $4::bigint, $5::text, $6::uuid[], $7::text[], $8::bytea[], $9::boolean[], \
-    $10::text[], $11::int[], $12::text[], $13::int[], $14::int[], $15::text, $16::text[], $17::text[], $18::text[], $19::bigint, \
-    $20::bigint, $21::bigint, $22::bigint, $23::boolean";
+    $10::uuid[], $11::uuid[], $12::text[], $13::int[], $14::text[], $15::int[], $16::int[], $17::text, $18::text[], $19::text[], \
+    $20::text[], $21::bigint, $22::bigint, $23::bigint, $24::bigint, $25::boolean";
 
 impl Sql {
     pub fn new(s: &str) -> Sql {
@@ -68,7 +68,7 @@ impl Sql {
             schema: s.to_string(),
             append: format!("SELECT o_code, o_version, o_position, o_id, o_detail FROM {s}.cairn_append({APPEND_ARGS})"),
             append_notify: format!(
-                "SELECT o_code, o_version, o_position, o_id, o_detail, pg_notify($24::text, '') FROM {s}.cairn_append({APPEND_ARGS})"
+                "SELECT o_code, o_version, o_position, o_id, o_detail, pg_notify($26::text, '') FROM {s}.cairn_append({APPEND_ARGS})"
             ),
             all_forward: format!("SELECT {COLS} FROM {s}.cairn_events e WHERE e.position > $1 ORDER BY e.position LIMIT $2"),
             all_backward: format!("SELECT {COLS} FROM {s}.cairn_events e WHERE e.position < $1 ORDER BY e.position DESC LIMIT $2"),
@@ -108,11 +108,14 @@ fn pos(p: u64) -> i64 {
 
 /// Decodes an event from [`COLS`] starting at column `at`.
 pub fn event(row: &Row, at: usize) -> Result<RecordedEvent> {
-    let metadata: Option<String> = row.get(at + 7);
-    let metadata = match metadata {
-        Some(json) => serde_json::from_str::<Metadata>(&json)
-            .map_err(|e| StoreError::Corrupt { file: "cairn_events.metadata".into(), offset: row.get::<_, i64>(at) as u64, reason: e.to_string() })?,
-        None => Metadata::default(),
+    let extra: Option<&str> = row.get(at + 12);
+    let extra = match extra {
+        Some(json) => serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
+            file: "cairn_events.metadata_extra".into(),
+            offset: row.get::<_, i64>(at) as u64,
+            reason: e.to_string(),
+        })?,
+        None => Default::default(),
     };
     Ok(RecordedEvent {
         position: Position(row.get::<_, i64>(at) as u64),
@@ -120,12 +123,12 @@ pub fn event(row: &Row, at: usize) -> Result<RecordedEvent> {
         stream: row.get(at + 2),
         version: row.get::<_, i64>(at + 3) as u64,
         event_type: row.get(at + 4),
-        data: Bytes::from(row.get::<_, Vec<u8>>(at + 5)),
+        data: Bytes::copy_from_slice(row.get::<_, &[u8]>(at + 5)),
         content_type: if row.get(at + 6) { ContentType::Binary } else { ContentType::Json },
-        metadata,
-        schema_version: row.get::<_, i32>(at + 8) as u32,
-        tags: row.get(at + 9),
-        timestamp: Timestamp(row.get(at + 10)),
+        metadata: Metadata { correlation_id: row.get(at + 10), causation_id: row.get(at + 11), extra },
+        schema_version: row.get::<_, i32>(at + 7) as u32,
+        tags: row.get(at + 8),
+        timestamp: Timestamp(row.get(at + 9)),
     })
 }
 
@@ -297,7 +300,7 @@ pub async fn read_query_forward(inner: &Inner, client: &Client, q: &QuerySql, fl
         let rows = rows(inner, &client, &sql, &[&q.types, &q.tags, &q.categories, &pos(floor), &limit(n), &pos(check_from)]).await?;
         let Some(last) = rows.last() else { return Ok(Vec::new()) };
         let newest = last.get::<_, i64>(0) as u64;
-        let present = last.get::<_, i64>(11) as u64;
+        let present = last.get::<_, i64>(13) as u64;
         if newest <= horizon || present == newest - check_from {
             if check_from == horizon {
                 inner.horizon.fetch_max(newest, Ordering::AcqRel);

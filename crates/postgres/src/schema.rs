@@ -43,8 +43,11 @@ CREATE TABLE cairn_events (
     sys boolean NOT NULL,
     data bytea NOT NULL,
     is_binary boolean NOT NULL,
-    -- JSON text (cast to jsonb to query it): parsing jsonb on every append costs more than it gives.
-    metadata text,
+    -- Metadata: the two ids as columns (indexable, no JSON on the hot path),
+    -- other entries as a JSON object in text (cast to jsonb to query it).
+    correlation_id uuid,
+    causation_id uuid,
+    metadata_extra text,
     schema_version int NOT NULL,
     tags text[] COLLATE "C" NOT NULL,
     created_at bigint NOT NULL,
@@ -109,7 +112,7 @@ $fn$;
 -- pays no lookup: the id index's insert does the work.
 CREATE FUNCTION cairn_append(
     p_stream text, p_kind int, p_target text, p_expected bigint, p_category text,
-    p_ids uuid[], p_types text[], p_data bytea[], p_binary boolean[], p_meta text[], p_schema int[],
+    p_ids uuid[], p_types text[], p_data bytea[], p_binary boolean[], p_corr uuid[], p_caus uuid[], p_extra text[], p_schema int[],
     p_tags text[], p_tag_lo int[], p_tag_hi int[],
     p_cond text, p_cond_types text[], p_cond_tags text[], p_cond_cats text[], p_cond_after bigint,
     p_max_age bigint, p_max_count bigint, p_truncate bigint, p_check_first boolean)
@@ -126,6 +129,7 @@ DECLARE
     hard boolean := false;
     current bigint;
     fail_code int;
+    now_us bigint;
     fail_version bigint := 0;
     fail_position bigint := 0;
     fail_stream text;
@@ -190,14 +194,16 @@ BEGIN
     END IF;
 
     positions := ARRAY(SELECT nextval('cairn_positions') FROM generate_series(1, n));
+    now_us := (extract(epoch FROM clock_timestamp()) * 1000000)::bigint;
     INSERT INTO cairn_events (position, id, stream, incarnation, version, event_type, category, sys, data,
-                              is_binary, metadata, schema_version, tags, created_at, append_first, append_len)
+                              is_binary, correlation_id, causation_id, metadata_extra, schema_version, tags, created_at,
+                              append_first, append_len)
     SELECT positions[u.ord], u.id, p_stream, s.incarnation, s.version + u.ord, u.typ, p_category,
-           left(p_stream, 1) = '$', u.dat, u.bin, u.meta, u.sv,
+           left(p_stream, 1) = '$', u.dat, u.bin, u.corr, u.caus, u.extra, u.sv,
            CASE WHEN u.hi >= u.lo THEN p_tags[u.lo:u.hi] ELSE '{}' END,
-           (extract(epoch FROM clock_timestamp()) * 1000000)::bigint, positions[1], n
-    FROM unnest(p_ids, p_types, p_data, p_binary, p_meta, p_schema, p_tag_lo, p_tag_hi)
-         WITH ORDINALITY AS u(id, typ, dat, bin, meta, sv, lo, hi, ord)
+           now_us, positions[1], n
+    FROM unnest(p_ids, p_types, p_data, p_binary, p_corr, p_caus, p_extra, p_schema, p_tag_lo, p_tag_hi)
+         WITH ORDINALITY AS u(id, typ, dat, bin, corr, caus, extra, sv, lo, hi, ord)
     ON CONFLICT (id) DO NOTHING;
     GET DIAGNOSTICS inserted = ROW_COUNT;
     IF inserted < n THEN
