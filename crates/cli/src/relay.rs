@@ -3,6 +3,7 @@
 //! Ctrl-C or SIGTERM. Prints its figures (published, pending, oldest
 //! unpublished age) every few seconds.
 
+use std::io::Write as _;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -112,10 +113,12 @@ async fn print_status(ctx: &Context, relay: &RelayHandle) {
             "published": s.published, "pending": pending, "oldest_pending_ms": oldest.as_millis() as u64,
             "checkpoint": s.checkpoint.map(|p| p.0), "retries": s.retries, "error": s.error,
         });
-        println!("{line}");
+        // A closed stdout (a pipe whose reader left) must not stop the relay.
+        let _ = writeln!(std::io::stdout(), "{line}");
     } else {
         let error = s.error.map(|e| format!(", failing: {e}")).unwrap_or_default();
-        println!(
+        let _ = writeln!(
+            std::io::stdout(),
             "published {}, pending {pending} (oldest {:.1}s), checkpoint {checkpoint}, retries {}{error}",
             s.published,
             oldest.as_secs_f64(),

@@ -1,8 +1,8 @@
-//! `cairn relay` on PostgreSQL, killed with SIGKILL again and again while
-//! the application appends through the outbox: every committed event
-//! reaches NATS, none that rolled back does, a repeat carries the same id,
-//! and a consumer that records message ids with its effect applies each
-//! event once.
+//! The `cairn` binary on PostgreSQL: two servers sharing one schema, and
+//! `cairn relay` killed with SIGKILL again and again while the application
+//! appends through the outbox (every committed event reaches NATS, none that
+//! rolled back does, a repeat carries the same id, and a consumer that
+//! records message ids with its effect applies each event once).
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
@@ -157,5 +157,56 @@ async fn a_relay_killed_again_and_again_loses_nothing_and_consumers_apply_each_e
     }
     js.delete_stream(&jetstream).await.unwrap();
     drop(store);
+    client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
+}
+
+/// A `cairn serve --backend postgres` process on a free port; its URL, and
+/// its stdout, which must stay open while it runs.
+fn serve(schema: &str) -> (Child, String, impl Sized) {
+    use std::io::{BufRead, BufReader};
+    let mut server = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["--backend", "postgres", "--database-url", URL, "--pg-schema", schema, "serve", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run cairn serve");
+    let mut line = String::new();
+    let mut out = BufReader::new(server.stdout.take().unwrap());
+    out.read_line(&mut line).unwrap();
+    assert!(line.contains(&format!("PostgreSQL schema {schema}")), "{line}");
+    let url = line.split_whitespace().find(|w| w.starts_with("http://")).expect("the server prints its URL").to_string();
+    (server, url, out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_one_schema_share_the_store_and_its_live_events() {
+    if !reachable("127.0.0.1:5432", "PostgreSQL") {
+        return;
+    }
+    let schema = format!("cairn_serve_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let ((mut a, url_a, _out_a), (mut b, url_b, _out_b)) = (serve(&schema), serve(&schema));
+    let a_store = cairn_client::HttpStore::new(&url_a).unwrap();
+    let b_store = cairn_client::HttpStore::new(&url_b).unwrap();
+    let mut live = b_store.subscribe(cairn_core::SubscriptionTarget::category("order"), cairn_core::StartFrom::Start).await.unwrap();
+    a_store.append("order-1", ExpectedVersion::NoStream, vec![NewEvent::json("OrderPlaced", &serde_json::json!({"total": 12})).unwrap()]).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), live.next()).await.expect("B delivers A's append").unwrap().unwrap();
+    assert_eq!((e.stream.as_str(), e.version), ("order-1", 1));
+    // Optimistic concurrency holds across the two servers.
+    match b_store.append("order-1", ExpectedVersion::NoStream, vec![NewEvent::json("OrderPlaced", &serde_json::json!({})).unwrap()]).await {
+        Err(cairn_core::StoreError::WrongExpectedVersion { actual_version: 1, .. }) => {}
+        other => panic!("expected a conflict through B, got {other:?}"),
+    }
+    // The CLI reads the same store directly.
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["--backend", "postgres", "--database-url", URL, "--pg-schema", &schema, "--json", "read", "order-1"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OrderPlaced"), "{}", String::from_utf8_lossy(&out.stderr));
+    for server in [&mut a, &mut b] {
+        Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
+        assert!(server.wait().unwrap().success(), "a graceful stop exits 0");
+    }
+    let (client, conn) = tokio_postgres::connect(URL, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
     client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
 }
