@@ -22,6 +22,7 @@ use cairn_core::{
     StreamInfo, StreamMetadata, StreamState, Timestamp, STREAM_NAME_BYTES_MAX,
 };
 use tokio_postgres::types::ToSql;
+use futures_util::TryStreamExt;
 use tokio_postgres::Row;
 
 type Client = deadpool_postgres::Client;
@@ -132,6 +133,19 @@ pub fn event(row: &Row, at: usize) -> Result<RecordedEvent> {
     })
 }
 
+/// Runs `sql` and decodes each row's event (from column `at`) as it
+/// arrives, rather than holding every row first.
+pub(crate) async fn query_events(inner: &Inner, client: &Client, sql: &str, params: &[&(dyn ToSql + Sync)], at: usize) -> Result<Vec<RecordedEvent>> {
+    let statement = client.prepare_cached(sql).await.map_err(|e| db_error(&inner.place, e))?;
+    let stream = client.query_raw(&statement, params.iter().copied()).await.map_err(|e| db_error(&inner.place, e))?;
+    let mut stream = std::pin::pin!(stream);
+    let mut out = Vec::new();
+    while let Some(row) = stream.try_next().await.map_err(|e| db_error(&inner.place, e))? {
+        out.push(event(&row, at)?);
+    }
+    Ok(out)
+}
+
 fn events(rows: &[Row]) -> Result<Vec<RecordedEvent>> {
     rows.iter().map(|r| event(r, 0)).collect()
 }
@@ -222,8 +236,7 @@ pub async fn read_all(inner: &Inner, options: ReadAllOptions) -> Result<Vec<Reco
                 p => p.0.saturating_add(1).min(head + 1),
             };
             let client = self::client(inner).await?;
-            let rows = rows(inner, &client, &inner.sql.all_backward, &[&pos(below), &limit(options.limit)]).await?;
-            events(&rows)
+            query_events(inner, &client, &inner.sql.all_backward, &[&pos(below), &limit(options.limit)], 0).await
         }
     }
 }
@@ -231,12 +244,12 @@ pub async fn read_all(inner: &Inner, options: ReadAllOptions) -> Result<Vec<Reco
 /// Up to `n` events after `floor`, none past a position that is not final.
 pub async fn read_all_forward(inner: &Inner, client: &Client, floor: u64, n: usize) -> Result<Vec<RecordedEvent>> {
     loop {
-        let rows = rows(inner, &client, &inner.sql.all_forward, &[&pos(floor), &limit(n)]).await?;
+        let events = query_events(inner, client, &inner.sql.all_forward, &[&pos(floor), &limit(n)], 0).await?;
         let horizon = inner.horizon.load(Ordering::Acquire);
         let mut previous = floor;
         let mut gap = false;
-        for row in &rows {
-            let p = row.get::<_, i64>(0) as u64;
+        for e in &events {
+            let p = e.position.0;
             // Fine if nothing can be missing between the previous event and this one.
             if p != previous + 1 && p - 1 > horizon {
                 gap = true;
@@ -248,9 +261,9 @@ pub async fn read_all_forward(inner: &Inner, client: &Client, floor: u64, n: usi
             if floor <= horizon {
                 inner.horizon.fetch_max(previous, Ordering::AcqRel);
             }
-            return events(&rows);
+            return Ok(events);
         }
-        let newest = rows.last().map(|r| r.get::<_, i64>(0) as u64).unwrap_or(floor);
+        let newest = events.last().map_or(floor, |e| e.position.0);
         settle(inner, client, newest).await?;
     }
 }
@@ -278,8 +291,7 @@ pub async fn read_query(inner: &Inner, query: &Query, options: ReadAllOptions) -
                 s = inner.sql.schema,
                 c = q.condition
             );
-            let rows = rows(inner, &client, &sql, &[&q.types, &q.tags, &q.categories, &pos(below), &limit(options.limit)]).await?;
-            events(&rows)
+            query_events(inner, &client, &sql, &[&q.types, &q.tags, &q.categories, &pos(below), &limit(options.limit)], 0).await
         }
     }
 }
