@@ -189,11 +189,11 @@ async fn follow(inner: Arc<Inner>, mut cursor: Cursor, tx: mpsc::Sender<Result<R
 }
 
 async fn page(inner: &Inner, cursor: &Cursor) -> Result<Vec<RecordedEvent>> {
-    let client = inner.pool.get().await.map_err(|e| db_error(&inner.place, e))?;
     match cursor {
-        Cursor::All(after) => read::read_all_forward(inner, &client, *after, PAGE).await,
-        Cursor::Query(q, after) => read::read_query_forward(inner, &client, q, *after, PAGE).await,
+        Cursor::All(after) => read::read_all_forward(inner, *after, PAGE).await,
+        Cursor::Query(q, after) => read::read_query_forward(inner, q, *after, PAGE).await,
         Cursor::Stream(stream, after) => {
+            let client = inner.pool.get().await.map_err(|e| db_error(&inner.place, e))?;
             let sql = format!(
                 "SELECT {} FROM {s}.cairn_events e JOIN {s}.cairn_streams s ON s.name = e.stream AND s.incarnation = e.incarnation
                  WHERE e.stream = $1 AND e.version > $2 ORDER BY e.version LIMIT $3",

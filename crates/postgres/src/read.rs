@@ -161,8 +161,9 @@ pub(crate) async fn rows(inner: &Inner, client: &Client, sql: &str, params: &[&(
 }
 
 /// Waits until every transaction in progress now has ended (see the module
-/// docs). Returns at once when none is.
-async fn wait_for_running(inner: &Inner, client: &Client, running: Vec<String>) -> Result<()> {
+/// docs). Returns at once when none is. Holds a pooled connection only
+/// while it asks, so waiting readers cannot starve the writers they wait for.
+async fn wait_for_running(inner: &Inner, running: Vec<String>) -> Result<()> {
     if running.is_empty() {
         return Ok(());
     }
@@ -170,7 +171,9 @@ async fn wait_for_running(inner: &Inner, client: &Client, running: Vec<String>) 
     let mut pause = Duration::from_micros(200);
     let mut running = running;
     loop {
+        let client = client(inner).await?;
         let rows = rows(inner, &client, "SELECT x FROM unnest($1::text[]) x WHERE pg_xact_status(x::xid8) = 'in progress'", &[&running]).await?;
+        drop(client);
         running = rows.iter().map(|r| r.get(0)).collect();
         if running.is_empty() {
             return Ok(());
@@ -189,9 +192,11 @@ async fn wait_for_running(inner: &Inner, client: &Client, running: Vec<String>) 
 
 /// Waits for the transactions in progress now; afterwards every position up
 /// to `seen` (a position that was visible before this call) is final.
-async fn settle(inner: &Inner, client: &Client, seen: u64) -> Result<()> {
-    let row = rows(inner, client, "SELECT ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot())::text)", &[]).await?.remove(0);
-    wait_for_running(inner, client, row.get(0)).await?;
+async fn settle(inner: &Inner, seen: u64) -> Result<()> {
+    let client = client(inner).await?;
+    let row = rows(inner, &client, "SELECT ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot())::text)", &[]).await?.remove(0);
+    drop(client);
+    wait_for_running(inner, row.get(0)).await?;
     inner.horizon.fetch_max(seen, Ordering::AcqRel);
     Ok(())
 }
@@ -201,9 +206,10 @@ async fn settle(inner: &Inner, client: &Client, seen: u64) -> Result<()> {
 pub async fn final_head(inner: &Inner) -> Result<u64> {
     let client = client(inner).await?;
     let row = rows(inner, &client, &inner.sql.head, &[]).await?.remove(0);
+    drop(client);
     let max = row.get::<_, i64>(0) as u64;
     if inner.horizon.load(Ordering::Acquire) < max {
-        wait_for_running(inner, &client, row.get(1)).await?;
+        wait_for_running(inner, row.get(1)).await?;
         inner.horizon.fetch_max(max, Ordering::AcqRel);
     }
     Ok(max)
@@ -221,14 +227,12 @@ pub async fn read_all(inner: &Inner, options: ReadAllOptions) -> Result<Vec<Reco
     if options.limit == 0 {
         return Ok(Vec::new());
     }
-    let client = client(inner).await?;
     match options.direction {
         Direction::Forward => {
             let Some(floor) = forward_floor(&options) else { return Ok(Vec::new()) };
-            read_all_forward(inner, &client, floor, options.limit).await
+            read_all_forward(inner, floor, options.limit).await
         }
         Direction::Backward => {
-            drop(client);
             let head = final_head(inner).await?;
             let below = match options.from {
                 Position::END => head + 1,
@@ -242,9 +246,11 @@ pub async fn read_all(inner: &Inner, options: ReadAllOptions) -> Result<Vec<Reco
 }
 
 /// Up to `n` events after `floor`, none past a position that is not final.
-pub async fn read_all_forward(inner: &Inner, client: &Client, floor: u64, n: usize) -> Result<Vec<RecordedEvent>> {
+pub async fn read_all_forward(inner: &Inner, floor: u64, n: usize) -> Result<Vec<RecordedEvent>> {
     loop {
-        let events = query_events(inner, client, &inner.sql.all_forward, &[&pos(floor), &limit(n)], 0).await?;
+        let client = client(inner).await?;
+        let events = query_events(inner, &client, &inner.sql.all_forward, &[&pos(floor), &limit(n)], 0).await?;
+        drop(client);
         let horizon = inner.horizon.load(Ordering::Acquire);
         let mut previous = floor;
         let mut gap = false;
@@ -264,7 +270,7 @@ pub async fn read_all_forward(inner: &Inner, client: &Client, floor: u64, n: usi
             return Ok(events);
         }
         let newest = events.last().map_or(floor, |e| e.position.0);
-        settle(inner, client, newest).await?;
+        settle(inner, newest).await?;
     }
 }
 
@@ -273,14 +279,14 @@ pub async fn read_query(inner: &Inner, query: &Query, options: ReadAllOptions) -
         return Ok(Vec::new());
     }
     let q = QuerySql::new(query, 1);
-    let client = client(inner).await?;
     match options.direction {
         Direction::Forward => {
             let Some(floor) = forward_floor(&options) else { return Ok(Vec::new()) };
-            read_query_forward(inner, &client, &q, floor, options.limit).await
+            read_query_forward(inner, &q, floor, options.limit).await
         }
         Direction::Backward => {
             let head = final_head(inner).await?;
+            let client = client(inner).await?;
             let below = match options.from {
                 Position::END => head + 1,
                 p if options.exclusive => p.0.min(head + 1),
@@ -299,7 +305,7 @@ pub async fn read_query(inner: &Inner, query: &Query, options: ReadAllOptions) -
 /// Up to `n` matching events after `floor`, none past a position that is
 /// not final. The count of all events in the range, taken in the same
 /// snapshot as the matches, tells whether anything could be missing.
-pub async fn read_query_forward(inner: &Inner, client: &Client, q: &QuerySql, floor: u64, n: usize) -> Result<Vec<RecordedEvent>> {
+pub async fn read_query_forward(inner: &Inner, q: &QuerySql, floor: u64, n: usize) -> Result<Vec<RecordedEvent>> {
     let sql = format!(
         "WITH m AS (SELECT {COLS} FROM {s}.cairn_events e WHERE e.position > $4 AND {c} ORDER BY e.position LIMIT $5)
          SELECT m.*, (SELECT count(*) FROM {s}.cairn_events x WHERE x.position > $6 AND x.position <= (SELECT max(position) FROM m)) FROM m",
@@ -309,7 +315,9 @@ pub async fn read_query_forward(inner: &Inner, client: &Client, q: &QuerySql, fl
     loop {
         let horizon = inner.horizon.load(Ordering::Acquire);
         let check_from = floor.max(horizon);
+        let client = client(inner).await?;
         let rows = rows(inner, &client, &sql, &[&q.types, &q.tags, &q.categories, &pos(floor), &limit(n), &pos(check_from)]).await?;
+        drop(client);
         let Some(last) = rows.last() else { return Ok(Vec::new()) };
         let newest = last.get::<_, i64>(0) as u64;
         let present = last.get::<_, i64>(13) as u64;
@@ -319,7 +327,7 @@ pub async fn read_query_forward(inner: &Inner, client: &Client, q: &QuerySql, fl
             }
             return events(&rows);
         }
-        settle(inner, client, newest).await?;
+        settle(inner, newest).await?;
     }
 }
 

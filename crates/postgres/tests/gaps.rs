@@ -117,3 +117,29 @@ async fn racing_writers_and_slow_transactions_never_make_a_subscriber_skip() {
     assert_eq!(all.len() as u64, total);
     assert!(tokio::time::timeout(Duration::from_millis(300), sub.next()).await.is_err(), "and nothing more");
 }
+
+/// Readers waiting at a gap hold no pooled connection while they wait, so
+/// a small pool still serves appends (and the transaction can end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_waiting_at_a_gap_leave_the_pool_to_writers() {
+    let Some((_, schema)) = store().await else { return };
+    let options = PgOptions { pool_size: 2, ..PgOptions::default().schema(&schema.0) };
+    let store = Arc::new(PgStore::connect_with(URL, options).await.unwrap());
+    let start = store.head_position().await.unwrap();
+    let mut held = connect().await;
+    let tx = held.transaction().await.unwrap();
+    store.append_in(&tx, "held-1", ExpectedVersion::NoStream, vec![event(1)]).await.unwrap();
+    store.append("after-1", ExpectedVersion::NoStream, vec![event(2)]).await.unwrap();
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let store = store.clone();
+        readers.push(tokio::spawn(async move { store.read_all(ReadAllOptions::forward().from(start)).await.unwrap().len() }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let appended = tokio::time::timeout(Duration::from_secs(5), store.append("after-2", ExpectedVersion::NoStream, vec![event(3)])).await;
+    assert!(matches!(appended, Ok(Ok(_))), "an append got through while 4 readers waited on a pool of 2: {appended:?}");
+    tx.commit().await.unwrap();
+    for r in readers {
+        assert!(r.await.unwrap() >= 2, "each reader got the held event and the one after it");
+    }
+}
