@@ -160,7 +160,7 @@ async fn run_workloads(target: &Target, workloads: &[String], args: &BenchArgs, 
             ("W6", Some(store)) => crate::bench_cqrs::w6(store, scaled(1_000_000, s), dir).await?,
             ("G1", Some(store)) => crate::bench_cqrs::g1(store, scaled(100_000, s)).await?,
             ("W7", Some(store)) => crate::bench_server::w7(store, 10.0 * s).await?,
-            ("W9", _) => crate::bench_relay::w9(target, scaled(100_000, s), &args.sink).await?,
+            ("W9", _) => crate::bench_relay::w9(target, scaled(100_000, s), crate::bench_relay::live_events(s), &args.sink).await?,
             ("D1" | "D2", Some(store)) => crate::bench_dcb::run(store, w, s).await?,
             _ => unreachable!("checked above"),
         };

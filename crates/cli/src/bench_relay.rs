@@ -18,12 +18,17 @@ use uuid::Uuid;
 use crate::bench::{deposit, percentile, Target};
 
 pub const NATS_URL: &str = "127.0.0.1:4222";
+/// Scales the live part with the backlog (at least 100 events).
+pub fn live_events(scale: f64) -> usize {
+    ((LIVE as f64 * scale) as usize).max(100)
+}
+
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// Live events timed end to end.
+/// Live events timed end to end at full scale.
 const LIVE: usize = 2_000;
 
-pub async fn w9(t: &Target, events: u64, sinks: &[String]) -> Result<String> {
+pub async fn w9(t: &Target, events: u64, live: usize, sinks: &[String]) -> Result<String> {
     // The backlog: as W2 writes it (batches of 100 over 1,000 streams).
     let mut handles = Vec::new();
     for task in 0..16u64 {
@@ -62,7 +67,7 @@ pub async fn w9(t: &Target, events: u64, sinks: &[String]) -> Result<String> {
                         }
                     }
                 });
-                let result = measure(t, "nats", sink, &id, last, events, rx).await;
+                let result = measure(t, "nats", sink, &id, last, events, live, rx).await;
                 consumer.abort();
                 let _ = async_nats::jetstream::new(client).delete_stream(&stream).await;
                 result?
@@ -75,7 +80,7 @@ pub async fn w9(t: &Target, events: u64, sinks: &[String]) -> Result<String> {
                 sink.bind_queue(&queue, "#").await.map_err(|e| anyhow!("RabbitMQ at {AMQP_URL} (W9 needs it): {}", e.0))?;
                 let (tx, rx) = mpsc::unbounded_channel();
                 let consumer = tokio::spawn(rabbit_consumer(queue.clone(), tx));
-                let result = measure(t, "rabbitmq", sink, &id, last, events, rx).await;
+                let result = measure(t, "rabbitmq", sink, &id, last, events, live, rx).await;
                 consumer.abort();
                 let _ = rabbit_cleanup(&queue, &exchange).await;
                 result?
@@ -94,6 +99,7 @@ async fn measure<S: Sink + 'static>(
     id: &str,
     last: cairn_core::Position,
     events: u64,
+    live: usize,
     mut arrivals: mpsc::UnboundedReceiver<(Uuid, Instant)>,
 ) -> Result<String> {
     let started = Instant::now();
@@ -102,17 +108,17 @@ async fn measure<S: Sink + 'static>(
     let secs = started.elapsed().as_secs_f64();
     // The live path: the relay is idle; each event is timed from the append call.
     while arrivals.try_recv().is_ok() {}
-    let mut sent = HashMap::with_capacity(LIVE);
+    let mut sent = HashMap::with_capacity(live);
     let mut tick = tokio::time::interval(Duration::from_millis(2));
-    for i in 0..LIVE {
+    for i in 0..live {
         tick.tick().await;
         let e: NewEvent = deposit(i as u64, Uuid::now_v7());
         sent.insert(e.id, Instant::now());
         t.store.append(&format!("live-{}", i % 10), ExpectedVersion::Any, vec![e]).await?;
     }
-    let mut latencies = Vec::with_capacity(LIVE);
+    let mut latencies = Vec::with_capacity(live);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while latencies.len() < LIVE {
+    while latencies.len() < live {
         match tokio::time::timeout_at(deadline, arrivals.recv()).await {
             Ok(Some((id, at))) => {
                 if let Some(t0) = sent.remove(&id) {
@@ -127,7 +133,7 @@ async fn measure<S: Sink + 'static>(
     latencies.sort();
     let ms = |p: f64| percentile(&latencies, p) as f64 / 1000.0;
     Ok(format!(
-        "bench W9 backend={} sink={name} events={events} batch=100 secs={secs:.2} events_per_s={:.0} live={LIVE} live_rate_per_s=500 p50_ms={:.2} p99_ms={:.2} retries={}",
+        "bench W9 backend={} sink={name} events={events} batch=100 secs={secs:.2} events_per_s={:.0} live={live} live_rate_per_s=500 p50_ms={:.2} p99_ms={:.2} retries={}",
         t.backend,
         events as f64 / secs,
         ms(0.5),

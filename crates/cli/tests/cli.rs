@@ -139,8 +139,34 @@ fn bench_prints_one_line_per_workload() {
     assert!(lines[0].starts_with("bench W1 backend=embedded via=repository cache=0 events=200 ") && lines[0].contains("events_per_s="), "{out}");
     assert!(lines[1].starts_with("bench W3 backend=embedded via=repository events=100 snapshots=none ") && lines[1].contains("median_ms="), "{out}");
     assert!(lines[2].contains("snapshots=every_100") && lines[2].contains("replayed=0"), "{out}");
-    let o = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["bench", "W9"]).output().unwrap();
-    assert!(!o.status.success() && stderr(&o).contains("unknown workload 'W9'"));
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["bench", "W99"]).output().unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("unknown workload 'W99'"), "{}", stderr(&o));
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["--backend", "postgres", "bench", "W6"]).output().unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("embedded engine only"), "{}", stderr(&o));
+}
+
+#[test]
+fn bench_w9_relays_to_both_brokers_and_postgres_runs_the_append_workloads() {
+    let up = |addr: &str| std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), std::time::Duration::from_secs(1)).is_ok();
+    if !(up("127.0.0.1:4222") && up("127.0.0.1:5672") && up("127.0.0.1:5432")) {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "NATS, RabbitMQ and PostgreSQL must run under CI");
+        eprintln!("skipped: NATS, RabbitMQ or PostgreSQL is not reachable");
+        return;
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["bench", "W9", "--scale", "0.01"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].starts_with("bench W9 backend=embedded sink=nats events=1000 ") && lines[0].contains("p99_ms="), "{out}");
+    assert!(lines[1].starts_with("bench W9 backend=embedded sink=rabbitmq events=1000 ") && lines[1].contains("p99_ms="), "{out}");
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["--backend", "postgres", "--database-url", "postgres://postgres@127.0.0.1:5432/test", "bench", "W1", "W2", "W4", "--scale", "0.01"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("bench W1 backend=postgres") && out.contains("bench W2 backend=postgres") && out.contains("bench W4 backend=postgres"), "{out}");
 }
 
 #[test]
