@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cairn_core::{stream_category, ContentType, RecordedEvent};
-use cairn_relay::{Sink, SinkError};
+use cairn_relay::{Confirm, Sink, SinkError};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
@@ -90,10 +90,10 @@ fn headers(e: &RecordedEvent) -> OwnedHeaders {
 
 #[async_trait]
 impl Sink for KafkaSink {
-    async fn publish(&mut self, events: &[RecordedEvent]) -> Result<(), SinkError> {
-        // Enqueue the whole batch, then wait for every delivery report in
-        // order: pipelined, and the idempotent producer keeps a partition's
-        // order across its own retries.
+    async fn send(&mut self, events: &[RecordedEvent]) -> Result<Confirm, SinkError> {
+        // Enqueue the whole batch; the delivery reports are awaited later, in
+        // order, while the relay sends the next batches. The idempotent
+        // producer keeps a partition's order across its own retries.
         let mut deliveries = Vec::with_capacity(events.len());
         for e in events {
             let topic = self.topic(e);
@@ -105,17 +105,19 @@ impl Sink for KafkaSink {
             let delivery = self.producer.send_result(record).map_err(|(err, _)| SinkError(format!("Kafka enqueue: {err}")))?;
             deliveries.push(delivery);
         }
-        // Wait for all of them even after a failure, so that nothing of this
-        // batch is still in flight when the relay sends it again.
-        let mut first_error = None;
-        for delivery in deliveries {
-            let error = match delivery.await {
-                Ok(Ok(_)) => continue,
-                Ok(Err((err, _))) => format!("Kafka did not confirm: {err}"),
-                Err(_) => "the Kafka producer dropped a delivery".to_string(),
-            };
-            first_error.get_or_insert(SinkError(error));
-        }
-        first_error.map_or(Ok(()), Err)
+        Ok(Box::pin(async move {
+            // Wait for all of them even after a failure, so that nothing of
+            // this batch is still in flight when the relay sends it again.
+            let mut first_error = None;
+            for delivery in deliveries {
+                let error = match delivery.await {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err((err, _))) => format!("Kafka did not confirm: {err}"),
+                    Err(_) => "the Kafka producer dropped a delivery".to_string(),
+                };
+                first_error.get_or_insert(SinkError(error));
+            }
+            first_error.map_or(Ok(()), Err)
+        }))
     }
 }

@@ -3,23 +3,37 @@
 //! event id. RabbitMQ does not drop repeats itself: consumers dedupe on
 //! `message_id`. Queues get their share through bindings (`order.*`,
 //! `*.PaymentFailed`); an event no binding matches is dropped by the broker.
+//!
+//! Batches are pipelined on one channel in confirm mode: a batch's messages
+//! are handed to the channel in order without waiting, and its confirm
+//! awaits their acks. A lost connection fails every later batch until the
+//! relay, once nothing is in flight, resets the sink; only then does it
+//! connect again. A nack (say, a queue of `x-overflow: reject-publish` that
+//! is full) does not stop RabbitMQ from accepting the next messages, so a
+//! later event can land before the repeat of a refused one; consumers that
+//! need strict order per stream should not let the broker refuse messages.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use cairn_core::{stream_category, ContentType, RecordedEvent};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm};
+use tokio::time::Instant;
 
-use crate::{Sink, SinkError};
+use crate::{Confirm, Sink, SinkError};
 
 pub struct RabbitSink {
     uri: String,
     exchange: ShortString,
     confirm_timeout: Duration,
-    /// `None` until the first use and after any failure: the next call
-    /// connects again, since the relay keeps one sink across its retries.
+    /// `None` until the first use and after a reset (the relay's, after a
+    /// failure): the next batch connects again. A link lost meanwhile fails
+    /// each batch until then.
     link: Option<(Connection, Channel)>,
 }
 
@@ -46,9 +60,9 @@ impl RabbitSink {
         Ok(RabbitSink { uri: uri.into(), exchange, confirm_timeout: Duration::from_secs(5), link: None })
     }
 
-    /// How long to wait for RabbitMQ to confirm a batch (connecting included)
-    /// before trying it again (default 5 s). While the broker is away, this
-    /// is how soon the relay notices and reports it.
+    /// How long RabbitMQ may take to confirm a batch, from its sending
+    /// (connecting included), before it is sent again (default 5 s). While
+    /// the broker is away, this is how soon the relay notices and reports it.
     pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
         self.confirm_timeout = timeout;
         self
@@ -118,26 +132,63 @@ impl RabbitSink {
         Ok(channel)
     }
 
-    async fn send(&mut self, events: &[RecordedEvent]) -> Result<(), SinkError> {
+    /// Queues the batch's messages on the channel, in order, and returns
+    /// what awaits their confirms.
+    async fn queue(&mut self, events: &[RecordedEvent], deadline: Instant) -> Result<Confirm, SinkError> {
+        // Never reconnect behind messages that may be unconfirmed on a lost
+        // channel: fail, and the relay resets once everything settled.
+        if let Some((connection, channel)) = &self.link
+            && !(connection.status().connected() && channel.status().connected())
+        {
+            return Err(SinkError("RabbitMQ connection lost".into()));
+        }
         let channel = self.channel().await?;
-        // Send the whole batch, then wait for the confirms: in order, pipelined.
-        let mut confirms = Vec::with_capacity(events.len());
+        let mut queued = Vec::with_capacity(events.len());
+        let mut cx = Context::from_waker(Waker::noop());
         for e in events {
-            let confirm = channel
-                .basic_publish(self.exchange.clone(), short(&Self::routing_key(e), "routing key")?, BasicPublishOptions::default(), &e.data, properties(e))
+            let (channel, exchange, data) = (channel.clone(), self.exchange.clone(), e.data.clone());
+            let (key, properties) = (short(&Self::routing_key(e), "routing key")?, properties(e));
+            let mut publish: Publishing =
+                Box::pin(async move { channel.basic_publish(exchange, key, BasicPublishOptions::default(), &data, properties).await });
+            // The first poll puts the frames in the channel's queue (and
+            // numbers the message for its confirm), so the messages go out
+            // in this order; the write itself is awaited with the confirms.
+            queued.push(match publish.as_mut().poll(&mut cx) {
+                Poll::Ready(Err(err)) => return Err(amqp("publish")(err)),
+                Poll::Ready(Ok(confirm)) => Queued::Written(confirm),
+                Poll::Pending => Queued::Writing(publish),
+            });
+        }
+        let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
+        let timeout = self.confirm_timeout;
+        Ok(Box::pin(async move {
+            let confirms = async {
+                for (q, id) in queued.into_iter().zip(ids) {
+                    let confirm = match q {
+                        Queued::Written(confirm) => confirm,
+                        Queued::Writing(publish) => publish.await.map_err(amqp("publish"))?,
+                    };
+                    match confirm.await.map_err(amqp("confirm"))? {
+                        Confirmation::Ack(_) => {}
+                        Confirmation::Nack(_) => return Err(SinkError(format!("RabbitMQ refused event {id} (nack)"))),
+                        Confirmation::NotRequested => return Err(SinkError("RabbitMQ channel is not in confirm mode".into())),
+                    }
+                }
+                Ok(())
+            };
+            tokio::time::timeout_at(deadline, confirms)
                 .await
-                .map_err(amqp("publish"))?;
-            confirms.push(confirm);
-        }
-        for (confirm, e) in confirms.into_iter().zip(events) {
-            match confirm.await.map_err(amqp("confirm"))? {
-                Confirmation::Ack(_) => {}
-                Confirmation::Nack(_) => return Err(SinkError(format!("RabbitMQ refused event {} (nack)", e.id))),
-                Confirmation::NotRequested => return Err(SinkError("RabbitMQ channel is not in confirm mode".into())),
-            }
-        }
-        Ok(())
+                .map_err(|_| SinkError(format!("RabbitMQ did not confirm within {timeout:?}")))?
+        }))
     }
+}
+
+type Publishing = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send>>;
+
+/// A message handed to the channel: written already, or still being written.
+enum Queued {
+    Written(PublisherConfirm),
+    Writing(Publishing),
 }
 
 fn properties(e: &RecordedEvent) -> BasicProperties {
@@ -165,17 +216,20 @@ fn properties(e: &RecordedEvent) -> BasicProperties {
 
 #[async_trait]
 impl Sink for RabbitSink {
-    async fn publish(&mut self, events: &[RecordedEvent]) -> Result<(), SinkError> {
+    async fn send(&mut self, events: &[RecordedEvent]) -> Result<Confirm, SinkError> {
         let timeout = self.confirm_timeout;
-        let result = match tokio::time::timeout(timeout, self.send(events)).await {
+        let deadline = Instant::now() + timeout;
+        match tokio::time::timeout_at(deadline, self.queue(events, deadline)).await {
             Ok(result) => result,
-            Err(_) => Err(SinkError(format!("RabbitMQ did not confirm within {timeout:?}"))),
-        };
-        if result.is_err() {
-            // Unconfirmed messages may still be on the old channel: start afresh.
-            self.link = None;
+            Err(_) => Err(SinkError(format!("RabbitMQ did not take the messages within {timeout:?}"))),
         }
-        result
+    }
+
+    async fn reset(&mut self) {
+        // Start afresh: the next batch connects again.
+        if let Some((connection, _)) = self.link.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), connection.close(200, "cairn relay: reconnecting".into())).await;
+        }
     }
 }
 

@@ -25,6 +25,16 @@ pub async fn user_events(store: &dyn EventStore) -> Vec<RecordedEvent> {
     store.read_all(ReadAllOptions::forward()).await.unwrap().into_iter().filter(|e| !e.is_system()).collect()
 }
 
+pub async fn wait_for_retries(relay: &RelayHandle, retries: u64) {
+    for _ in 0..1500 {
+        if relay.status().retries >= retries {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the relay did not retry {retries} times within 15 s: {:?}", relay.status());
+}
+
 pub async fn wait_until_relayed(relay: &RelayHandle, last: Position) {
     for _ in 0..1500 {
         if relay.status().checkpoint >= Some(last) {
@@ -106,4 +116,47 @@ impl Proxy {
     pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
     }
+}
+
+/// Appends `streams × per_stream` events in appends of 50 to one stream,
+/// going round the streams `<category>-0..`: a backlog written fast.
+pub async fn write_backlog(store: &dyn EventStore, category: &str, streams: u64, per_stream: u64) {
+    for round in 0..per_stream / 50 {
+        for s in 0..streams {
+            let batch = (0..50).map(|i| NewEvent::json("ItemShipped", &serde_json::json!({"round": round, "i": i})).unwrap()).collect();
+            store.append(&format!("{category}-{s}"), ExpectedVersion::Any, batch).await.unwrap();
+        }
+    }
+}
+
+/// Waits until the relay has confirmed at least `confirmed` events and has
+/// at least `in_flight` events sent and not yet confirmed.
+pub async fn wait_until_in_flight(relay: &RelayHandle, confirmed: Position, in_flight: u64) {
+    for _ in 0..15_000 {
+        let s = relay.status();
+        if s.checkpoint >= Some(confirmed) && s.in_flight >= in_flight {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("the relay never had {in_flight} events in flight after {confirmed}: {:?}", relay.status());
+}
+
+/// What a broker holds, as indexes into `events` (by id), may repeat
+/// events (at least once) but never skip one: each message is the event
+/// right after the previous message's, or an earlier one (the relay sending
+/// again from its oldest unconfirmed event). Every event is there. So a
+/// consumer that drops repeats by id applies all of them in global order.
+pub fn no_event_skipped(events: &[RecordedEvent], message_ids: &[String]) {
+    let index: HashMap<String, usize> = events.iter().enumerate().map(|(i, e)| (e.id.to_string(), i)).collect();
+    let mut next = 0; // the first event not yet delivered
+    let mut previous: Option<usize> = None;
+    for (k, id) in message_ids.iter().enumerate() {
+        let i = *index.get(id).unwrap_or_else(|| panic!("message {k} has an unknown id {id}"));
+        let expected = previous.map_or(0, |p| p + 1);
+        assert!(i <= expected, "message {k} is event {i}, right after event {previous:?}: events {expected}..{i} were skipped");
+        next = next.max(i + 1);
+        previous = Some(i);
+    }
+    assert_eq!(next, events.len(), "the broker holds events 0..{next} of {}", events.len());
 }

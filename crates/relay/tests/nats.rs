@@ -2,7 +2,9 @@ use std::time::Duration;
 
 use cairn_relay::{NatsSink, Relay, RelayConfig};
 
-use crate::common::{by_stream, fixture, in_order, user_events, wait_until_relayed, write, Fixture, Proxy};
+use crate::common::{
+    by_stream, fixture, in_order, no_event_skipped, user_events, wait_for_retries, wait_until_in_flight, wait_until_relayed, write, write_backlog, Fixture, Proxy,
+};
 use crate::reachable;
 
 /// Every message of a JetStream stream, as (stream, version, event id) from its headers.
@@ -94,4 +96,85 @@ async fn the_relay_waits_out_a_broker_outage_and_loses_nothing() {
     assert_eq!(got.len(), 200, "every event arrived, once");
     in_order(&by_stream(got.iter().map(|m| (m.0.as_str(), m.1))), 50);
     async_nats::jetstream::new(direct).delete_stream(&js_stream).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_with_batches_in_flight_loses_nothing_and_skips_nothing() {
+    if !reachable("127.0.0.1:4222", "NATS") {
+        return;
+    }
+    let Fixture { store, id, category, _dir } = fixture();
+    let (prefix, js_stream) = names(&id);
+    let direct = async_nats::connect("127.0.0.1:4222").await.unwrap();
+    NatsSink::new(direct.clone(), &prefix).ensure_stream(&js_stream).await.unwrap();
+    write_backlog(store.as_ref(), &category, 8, 750).await;
+    let events = user_events(store.as_ref()).await;
+    let last = events.last().unwrap().position;
+
+    let proxy = Proxy::start("127.0.0.1:4222").await;
+    let options = async_nats::ConnectOptions::new().retry_on_initial_connect().request_timeout(Some(Duration::from_millis(500)));
+    let through_proxy = options.connect(format!("127.0.0.1:{}", proxy.port)).await.unwrap();
+    let config =
+        RelayConfig::new(format!("nats-{id}")).batch(50).max_in_flight(8).backoff(Duration::from_millis(20), Duration::from_millis(200));
+    let sink = NatsSink::new(through_proxy, &prefix).ack_timeout(Duration::from_millis(500));
+    let relay = Relay::new(store.clone(), config, sink).spawn();
+
+    // Cut while a part is confirmed and at least three batches are out.
+    wait_until_in_flight(&relay, events[500].position, 150).await;
+    proxy.cut();
+    wait_for_retries(&relay, 2).await;
+    let status = relay.status();
+    assert!(status.checkpoint < Some(last) && status.error.is_some(), "{status:?}");
+    proxy.restore();
+    wait_until_relayed(&relay, last).await;
+    relay.stop().await.unwrap();
+
+    let got = messages(&direct, &js_stream).await;
+    let ids: Vec<String> = got.iter().map(|m| m.2.clone()).collect();
+    assert_eq!(got.len(), events.len(), "JetStream holds each event once (repeats dropped by message id)");
+    no_event_skipped(&events, &ids);
+    in_order(&by_stream(got.iter().map(|m| (m.0.as_str(), m.1))), 750);
+    async_nats::jetstream::new(direct).delete_stream(&js_stream).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_jetstream_stream_has_its_own_chain_when_categories_go_to_different_streams() {
+    if !reachable("127.0.0.1:4222", "NATS") {
+        return;
+    }
+    let Fixture { store, id, _dir, .. } = fixture();
+    let (prefix, js_stream) = names(&id);
+    let client = async_nats::connect("127.0.0.1:4222").await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let (orders, users) = (format!("{js_stream}_ORDERS"), format!("{js_stream}_USERS"));
+    for (name, category) in [(&orders, "order"), (&users, "user")] {
+        let config = async_nats::jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("{prefix}.{category}.>")],
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        };
+        js.create_stream(config).await.unwrap();
+    }
+    // Alternating categories: each message's predecessor in the relay's
+    // order is in the other stream, its predecessor in its own stream two back.
+    write(store.as_ref(), "order", 3, 0, 60).await;
+    write(store.as_ref(), "user", 3, 0, 60).await;
+    for i in 60..120 {
+        write(store.as_ref(), if i % 2 == 0 { "order" } else { "user" }, 3, i, 1).await;
+    }
+    let events = user_events(store.as_ref()).await;
+    let config = RelayConfig::new(format!("nats-{id}")).batch(7).backoff(Duration::from_millis(20), Duration::from_millis(200));
+    let relay = Relay::new(store.clone(), config, NatsSink::new(client.clone(), &prefix)).spawn();
+    wait_until_relayed(&relay, events.last().unwrap().position).await;
+    let status = relay.status();
+    relay.stop().await.unwrap();
+    assert_eq!((status.published, status.retries), (180, 0), "{status:?}");
+
+    for (name, category) in [(&orders, "order"), (&users, "user")] {
+        let got = messages(&client, name).await;
+        let want: Vec<String> = events.iter().filter(|e| e.stream.starts_with(category)).map(|e| e.id.to_string()).collect();
+        assert_eq!(got.iter().map(|m| m.2.clone()).collect::<Vec<_>>(), want, "{name} holds its category, in order");
+        js.delete_stream(name).await.unwrap();
+    }
 }

@@ -2,12 +2,14 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use cairn_core::{ExpectedVersion, NewEvent, RecordedEvent};
-use cairn_relay::{RabbitSink, Relay, RelayConfig, RelayHandle};
+use cairn_relay::{RabbitSink, Relay, RelayConfig};
 use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties};
 
-use crate::common::{by_stream, fixture, in_order, user_events, wait_until_relayed, write, Fixture, Proxy};
+use crate::common::{
+    by_stream, fixture, in_order, no_event_skipped, user_events, wait_for_retries, wait_until_in_flight, wait_until_relayed, write, write_backlog, Fixture, Proxy,
+};
 use crate::reachable;
 
 const RABBIT: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -87,16 +89,6 @@ fn message_ids(messages: &[Message]) -> Vec<String> {
 
 fn streams(messages: &[Message]) -> impl Iterator<Item = (&str, u64)> {
     messages.iter().map(|m| (m.stream.as_str(), m.version))
-}
-
-async fn wait_for_retries(relay: &RelayHandle, retries: u64) {
-    for _ in 0..1500 {
-        if relay.status().retries >= retries {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the relay did not retry {retries} times within 15 s: {:?}", relay.status());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,5 +292,44 @@ async fn a_nacked_batch_is_published_again_once_the_broker_has_room() {
     let mut seen = HashSet::new();
     let applied: Vec<String> = got.iter().map(|m| m.id.clone()).filter(|id| seen.insert(id.clone())).collect();
     assert_eq!(applied, ids(&events), "every event, in global order");
+    clean_up(&channel, &exchange, &[&queue]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_with_batches_in_flight_loses_nothing_and_skips_nothing() {
+    if !reachable("127.0.0.1:5672", "RabbitMQ") {
+        return;
+    }
+    let Fixture { store, id, category, _dir } = fixture();
+    let (exchange, queue) = (format!("cairn-t-{id}"), format!("cairn-t-{id}-all"));
+    RabbitSink::new(RABBIT, &exchange).unwrap().bind_queue(&queue, "#").await.unwrap();
+    write_backlog(store.as_ref(), &category, 8, 750).await;
+    let events = user_events(store.as_ref()).await;
+    let last = events.last().unwrap().position;
+
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let through_proxy = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    let sink = RabbitSink::new(through_proxy, &exchange).unwrap().confirm_timeout(Duration::from_millis(500));
+    let config =
+        RelayConfig::new(format!("rabbit-{id}")).batch(50).max_in_flight(8).backoff(Duration::from_millis(20), Duration::from_millis(200));
+    let relay = Relay::new(store.clone(), config, sink).spawn();
+
+    // Cut while a part is confirmed and at least three batches are out.
+    wait_until_in_flight(&relay, events[500].position, 150).await;
+    proxy.cut();
+    wait_for_retries(&relay, 2).await;
+    let status = relay.status();
+    assert!(status.checkpoint < Some(last) && status.error.is_some(), "{status:?}");
+    proxy.restore();
+    wait_until_relayed(&relay, last).await;
+    relay.stop().await.unwrap();
+
+    let (_connection, channel) = consumer().await;
+    let got = take_all(&channel, &queue).await;
+    no_event_skipped(&events, &message_ids(&got));
+    let mut seen = HashSet::new();
+    let applied: Vec<&Message> = got.iter().filter(|m| seen.insert(m.id.clone())).collect();
+    assert_eq!(applied.iter().map(|m| m.id.clone()).collect::<Vec<_>>(), ids(&events), "a deduping consumer applies each event once, in global order");
+    in_order(&by_stream(applied.iter().map(|m| (m.stream.as_str(), m.version))), 750);
     clean_up(&channel, &exchange, &[&queue]).await;
 }
