@@ -97,8 +97,14 @@ async fn a_relay_killed_again_and_again_loses_nothing_and_consumers_apply_each_e
     while rounds < 6 || (!repeated(&deliveries) && rounds < 30) {
         committed.extend(place_orders(&store, &mut client, &orders, next, 60).await);
         next += 60;
+        // And a backlog big enough that the relay is still at work when killed.
+        for b in 0..3 {
+            let batch: Vec<NewEvent> = (0..100).map(|i| NewEvent::json("ItemPicked", &serde_json::json!({"i": i})).unwrap()).collect();
+            committed.extend(batch.iter().map(|e| e.id));
+            store.append(&format!("pick-{}", (rounds * 3 + b) % 5), ExpectedVersion::Any, batch).await.unwrap();
+        }
         let mut child = relay(&schema, &prefix, &jetstream);
-        tokio::time::sleep(Duration::from_millis(40 + (rounds * 37) % 160)).await;
+        tokio::time::sleep(Duration::from_millis(25 + (rounds * 37) % 120)).await;
         child.kill().unwrap();
         child.wait().unwrap();
         rounds += 1;
@@ -108,7 +114,7 @@ async fn a_relay_killed_again_and_again_loses_nothing_and_consumers_apply_each_e
     // The newest order (the relay's own checkpoints come after it).
     let last = store.read_query(&cairn_core::Query::all(), ReadAllOptions::backward().limit(1)).await.unwrap()[0].position;
     let mut caught_up = false;
-    for _ in 0..300 {
+    for _ in 0..600 {
         if cairn_relay::stored_checkpoint(&store, "nats").await.unwrap() >= Some(last) {
             caught_up = true;
             break;
@@ -117,13 +123,13 @@ async fn a_relay_killed_again_and_again_loses_nothing_and_consumers_apply_each_e
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(caught_up, "the relay did not catch up within 15 s");
+    assert!(caught_up, "the relay did not catch up within 30 s");
     let wanted: HashSet<uuid::Uuid> = committed.iter().copied().collect();
-    assert_eq!(wanted.len() as u64, rounds * 48, "rounds of 60, every fifth rolled back");
+    assert_eq!(wanted.len() as u64, rounds * (48 + 300), "rounds of 60 orders (every fifth rolled back) and 300 picks");
 
     // The consumer has applied each committed event exactly once.
     let mut applied = HashSet::new();
-    for _ in 0..200 {
+    for _ in 0..600 {
         let rows = client.query(&format!("SELECT id FROM {applied_table}"), &[]).await.unwrap();
         let ids: Vec<uuid::Uuid> = rows.iter().map(|r| r.get(0)).collect();
         applied = ids.iter().copied().collect();
@@ -145,7 +151,7 @@ async fn a_relay_killed_again_and_again_loses_nothing_and_consumers_apply_each_e
     let js = async_nats::jetstream::new(nats);
     let mut stream = js.get_stream(&jetstream).await.unwrap();
     let count = stream.info().await.unwrap().state.messages;
-    assert_eq!(count, rounds * 48, "JetStream dropped the repeats by Nats-Msg-Id");
+    assert_eq!(count, rounds * (48 + 300), "JetStream dropped the repeats by Nats-Msg-Id");
     let mut versions: HashMap<String, Vec<u64>> = HashMap::new();
     for seq in 1..=count {
         let m = stream.get_raw_message(seq).await.unwrap();
