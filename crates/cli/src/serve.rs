@@ -69,6 +69,23 @@ impl ConfigFile {
     }
 }
 
+/// `println!` for a long-running server: a closed stdout (`cairn serve |
+/// head -1`) must not bring it down, so write errors are ignored.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that ignores a closed stderr, as `say!`.
+macro_rules! say_err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub async fn run(ctx: &Context, args: ServeArgs) -> Result<()> {
     let file = match &args.config {
         Some(path) => ConfigFile::load(path)?,
@@ -129,25 +146,25 @@ pub async fn run(ctx: &Context, args: ServeArgs) -> Result<()> {
     let secured = !keys.keys.is_empty();
     let tls = args.tls_cert.zip(args.tls_key).map(|(cert, key)| cairn_server::TlsFiles { cert, key });
     if secured && tls.is_none() && !listen.ip().is_loopback() {
-        eprintln!("warning: API keys will cross the network in clear text; give --tls-cert and --tls-key to serve HTTPS");
+        say_err!("warning: API keys will cross the network in clear text; give --tls-cert and --tls-key to serve HTTPS");
     }
     let config = ServerConfig { listen, body_limit, keys: Some(keys), tls, engine_metrics };
     let running = cairn_server::start(store, config).with_context(|| format!("cannot listen on {listen}"))?;
-    println!("cairn serve: {} ({place}, head at position {head})", running.url);
+    say!("cairn serve: {} ({place}, head at position {head})", running.url);
     if secured {
-        println!("  API keys from {} are required (Authorization: Bearer <key>)", key_path.display());
+        say!("  API keys from {} are required (Authorization: Bearer <key>)", key_path.display());
     } else {
-        println!("  no API keys: open to this machine only");
+        say!("  no API keys: open to this machine only");
     }
-    println!("  try: curl {}/streams   ·   the API: /openapi.json   ·   stop: Ctrl-C", running.url);
+    say!("  try: curl {}/streams   ·   the API: /openapi.json   ·   stop: Ctrl-C", running.url);
     let stop = running.stopper();
     tokio::spawn(async move {
         shutdown_signal().await;
-        eprintln!("cairn serve: stopping (letting appends in flight finish)");
+        say_err!("cairn serve: stopping (letting appends in flight finish)");
         let _ = stop.send(true);
     });
     running.wait().await.context("the server stopped with an error")?;
-    eprintln!("cairn serve: stopped");
+    say_err!("cairn serve: stopped");
     Ok(())
 }
 
