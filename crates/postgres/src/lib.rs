@@ -108,6 +108,11 @@ impl Drop for Closer {
     }
 }
 
+/// A count or position as PostgreSQL's bigint (values past i64::MAX mean "no bound").
+pub(crate) fn clamp(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
 /// The advisory lock key of a schema's appends (shared by plain appends,
 /// exclusive for conditional ones).
 fn lock_key(schema: &str) -> i64 {
@@ -119,7 +124,7 @@ fn lock_key(schema: &str) -> i64 {
     h as i64
 }
 
-pub(crate) fn db_error(place: &str, e: impl std::fmt::Display + DbErrorDetail) -> StoreError {
+pub(crate) fn db_error(place: &str, e: impl DbErrorDetail) -> StoreError {
     StoreError::Io { path: format!("PostgreSQL at {place}"), source: std::io::Error::other(e.detail()) }
 }
 
@@ -137,6 +142,13 @@ impl DbErrorDetail for tokio_postgres::Error {
                 None => self.to_string(),
             },
         }
+    }
+}
+
+/// Cairn's own words about what the database did.
+impl DbErrorDetail for String {
+    fn detail(&self) -> String {
+        self.clone()
     }
 }
 
@@ -276,7 +288,6 @@ struct Write {
     expected: ExpectedVersion,
     expected_code: i64,
     category: Option<String>,
-    first_id: Uuid,
     ids: Vec<Uuid>,
     types: Vec<String>,
     data: Vec<Vec<u8>>,
@@ -293,7 +304,6 @@ struct Write {
     cond_tags: Vec<String>,
     cond_cats: Vec<String>,
     cond_after: Option<i64>,
-    after: Option<Position>,
     max_age: Option<i64>,
     max_count: Option<i64>,
     truncate: Option<i64>,
@@ -310,7 +320,6 @@ fn stored_size(stream: &str, e: &NewEvent) -> usize {
 impl Inner {
     fn check(&self, stream: &str, kind: Kind, expected: ExpectedVersion, events: Vec<NewEvent>, condition: Option<AppendCondition>) -> Result<Write> {
         self.options.limits.check_batch(stream, &events, |e| stored_size(stream, e))?;
-        let to_i64 = |v: Option<u64>| v.map(|v| v.min(i64::MAX as u64) as i64);
         let mut w = Write {
             stream: stream.to_string(),
             kind,
@@ -321,10 +330,9 @@ impl Inner {
                 ExpectedVersion::Any => -1,
                 ExpectedVersion::StreamExists => -2,
                 ExpectedVersion::NoStream => 0,
-                ExpectedVersion::Exact(v) => v.min(i64::MAX as u64) as i64,
+                ExpectedVersion::Exact(v) => clamp(v),
             },
             category: stream_category(stream).map(String::from),
-            first_id: events[0].id,
             ids: Vec::with_capacity(events.len()),
             types: Vec::with_capacity(events.len()),
             data: Vec::with_capacity(events.len()),
@@ -341,7 +349,6 @@ impl Inner {
             cond_tags: Vec::new(),
             cond_cats: Vec::new(),
             cond_after: None,
-            after: None,
             max_age: None,
             max_count: None,
             truncate: None,
@@ -352,8 +359,7 @@ impl Inner {
             let sql = query::condition_sql(&c.fail_if_events_match);
             w.cond = Some(sql.condition);
             (w.cond_types, w.cond_tags, w.cond_cats) = (sql.types, sql.tags, sql.categories);
-            w.cond_after = to_i64(c.after.map(|p| p.0));
-            w.after = c.after;
+            w.cond_after = c.after.map(|p| clamp(p.0));
         }
         for e in events {
             w.ids.push(e.id);
@@ -369,14 +375,6 @@ impl Inner {
             w.schema.push(e.schema_version as i32);
         }
         Ok(w)
-    }
-
-    /// Sets what a metadata change writes into the stream's row.
-    fn with_metadata(mut w: Write, target: &str, metadata: &StreamMetadata) -> Write {
-        let to_i64 = |v: Option<u64>| v.map(|v| v.min(i64::MAX as u64) as i64);
-        w.target = Some(target.to_string());
-        (w.max_age, w.max_count, w.truncate) = (to_i64(metadata.max_age_secs), to_i64(metadata.max_count), to_i64(metadata.truncate_before));
-        w
     }
 
     fn listen_channel(&self) -> String {
@@ -403,6 +401,14 @@ impl Inner {
 }
 
 impl Write {
+    /// Sets what a metadata change writes into the stream's row.
+    fn with_metadata(mut self, target: &str, metadata: &StreamMetadata) -> Write {
+        self.target = Some(target.to_string());
+        (self.max_age, self.max_count, self.truncate) =
+            (metadata.max_age_secs.map(clamp), metadata.max_count.map(clamp), metadata.truncate_before.map(clamp));
+        self
+    }
+
     fn params_plain(&self) -> Vec<&(dyn ToSql + Sync)> {
         vec![
             &self.stream,
@@ -443,11 +449,11 @@ impl Write {
         let rows = match rows {
             Ok(rows) => rows,
             Err(e) if e.code().is_some_and(|c| c.code() == "CA409") => {
-                return Err(StoreError::IdempotencyConflict { id: self.first_id, detail: "by a concurrent append".into() });
+                return Err(StoreError::IdempotencyConflict { id: self.ids[0], detail: "by a concurrent append".into() });
             }
             Err(e) => return Err(db_error(place, e)),
         };
-        let row = rows.first().ok_or_else(|| db_error(place, NoRow))?;
+        let row = rows.first().ok_or_else(|| db_error(place, "cairn_append returned no row".to_string()))?;
         let (code, version, position): (i32, i64, i64) = (row.get(0), row.get(1), row.get(2));
         let named = |d: Option<String>| d.unwrap_or_else(|| self.stream.clone());
         match code {
@@ -462,36 +468,13 @@ impl Write {
             }),
             2 => Err(StoreError::StreamDeleted { stream: named(row.get(4)) }),
             3 => Err(StoreError::StreamNotFound { stream: named(row.get(4)) }),
-            4 => Err(StoreError::IdempotencyConflict { id: row.get::<_, Option<Uuid>>(3).unwrap_or(self.first_id), detail: row.get::<_, Option<String>>(4).unwrap_or_default() }),
+            4 => Err(StoreError::IdempotencyConflict { id: row.get::<_, Option<Uuid>>(3).unwrap_or(self.ids[0]), detail: row.get::<_, Option<String>>(4).unwrap_or_default() }),
             5 => Err(StoreError::AppendConditionFailed {
                 first_conflict: Position(position as u64),
-                after: self.after,
+                after: self.cond_after.map(|p| Position(p as u64)),
             }),
-            other => Err(db_error(place, UnknownCode(other))),
+            other => Err(db_error(place, format!("cairn_append returned unknown code {other}; is the schema newer than this Cairn?"))),
         }
-    }
-}
-
-struct NoRow;
-impl std::fmt::Display for NoRow {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("cairn_append returned no row")
-    }
-}
-impl DbErrorDetail for NoRow {
-    fn detail(&self) -> String {
-        self.to_string()
-    }
-}
-struct UnknownCode(i32);
-impl std::fmt::Display for UnknownCode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cairn_append returned unknown code {}; is the schema newer than this Cairn?", self.0)
-    }
-}
-impl DbErrorDetail for UnknownCode {
-    fn detail(&self) -> String {
-        self.to_string()
     }
 }
 
@@ -539,7 +522,7 @@ impl EventStore for PgStore {
         }
         let event = NewEvent::json("$metadata", &metadata).map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
         let w = self.inner.check(&metadata_stream_name(stream), Kind::Metadata, ExpectedVersion::Any, vec![event], None)?;
-        self.inner.write(Inner::with_metadata(w, stream, &metadata)).await
+        self.inner.write(w.with_metadata(stream, &metadata)).await
     }
 
     async fn delete_stream(&self, stream: &str, expected: ExpectedVersion, hard: bool) -> Result<AppendResult> {

@@ -194,13 +194,7 @@ async fn page(inner: &Inner, cursor: &Cursor) -> Result<Vec<RecordedEvent>> {
         Cursor::Query(q, after) => read::read_query_forward(inner, q, *after, PAGE).await,
         Cursor::Stream(stream, after) => {
             let client = inner.pool.get().await.map_err(|e| db_error(&inner.place, e))?;
-            let sql = format!(
-                "SELECT {} FROM {s}.cairn_events e JOIN {s}.cairn_streams s ON s.name = e.stream AND s.incarnation = e.incarnation
-                 WHERE e.stream = $1 AND e.version > $2 ORDER BY e.version LIMIT $3",
-                read::COLS,
-                s = inner.sql.schema
-            );
-            let rows = read::rows(inner, &client, &sql, &[stream, &(*after as i64), &(PAGE as i64)]).await?;
+            let rows = read::rows(inner, &client, &inner.sql.stream_page, &[stream, &crate::clamp(*after), &(PAGE as i64)]).await?;
             rows.iter().map(|r| read::event(r, 0)).collect()
         }
     }

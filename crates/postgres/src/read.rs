@@ -28,10 +28,10 @@ use tokio_postgres::Row;
 type Client = deadpool_postgres::Client;
 
 use crate::query::QuerySql;
-use crate::{db_error, Inner};
+use crate::{clamp, db_error, Inner};
 
 /// The columns of an event, in the order [`event`] decodes them.
-pub const COLS: &str = "e.position, e.id, e.stream, e.version, e.event_type, e.data, e.is_binary, e.schema_version, e.tags, e.created_at, e.correlation_id, e.causation_id, e.metadata_extra";
+const COLS: &str = "e.position, e.id, e.stream, e.version, e.event_type, e.data, e.is_binary, e.schema_version, e.tags, e.created_at, e.correlation_id, e.causation_id, e.metadata_extra";
 
 /// The schema's SQL, qualified with its name once.
 pub struct Sql {
@@ -45,6 +45,7 @@ pub struct Sql {
     stream_info: String,
     list: String,
     head: String,
+    pub stream_page: String,
 }
 
 const APPEND_ARGS: &str = "$1::text, $2::int, $3::text, $4::bigint, $5::text, $6::uuid[], $7::text[], $8::bytea[], $9::boolean[], \
@@ -83,6 +84,10 @@ impl Sql {
                  WHERE name >= $1 AND starts_with(name, $1) AND NOT (state = 0 AND version = 0) AND ($2 OR left(name, 1) <> '$')
                  ORDER BY name LIMIT $3"
             ),
+            stream_page: format!(
+                "SELECT {COLS} FROM {s}.cairn_events e JOIN {s}.cairn_streams s ON s.name = e.stream AND s.incarnation = e.incarnation
+                 WHERE e.stream = $1 AND e.version > $2 ORDER BY e.version LIMIT $3"
+            ),
             head: format!(
                 "SELECT (SELECT coalesce(max(position), 0) FROM {s}.cairn_events),
                         ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot())::text)"
@@ -103,9 +108,6 @@ fn limit(n: usize) -> i64 {
     n.min(i64::MAX as usize) as i64
 }
 
-fn pos(p: u64) -> i64 {
-    p.min(i64::MAX as u64) as i64
-}
 
 /// Decodes an event from [`COLS`] starting at column `at`.
 pub fn event(row: &Row, at: usize) -> Result<RecordedEvent> {
@@ -240,7 +242,7 @@ pub async fn read_all(inner: &Inner, options: ReadAllOptions) -> Result<Vec<Reco
                 p => p.0.saturating_add(1).min(head + 1),
             };
             let client = self::client(inner).await?;
-            query_events(inner, &client, &inner.sql.all_backward, &[&pos(below), &limit(options.limit)], 0).await
+            query_events(inner, &client, &inner.sql.all_backward, &[&clamp(below), &limit(options.limit)], 0).await
         }
     }
 }
@@ -249,7 +251,7 @@ pub async fn read_all(inner: &Inner, options: ReadAllOptions) -> Result<Vec<Reco
 pub async fn read_all_forward(inner: &Inner, floor: u64, n: usize) -> Result<Vec<RecordedEvent>> {
     loop {
         let client = client(inner).await?;
-        let events = query_events(inner, &client, &inner.sql.all_forward, &[&pos(floor), &limit(n)], 0).await?;
+        let events = query_events(inner, &client, &inner.sql.all_forward, &[&clamp(floor), &limit(n)], 0).await?;
         drop(client);
         let horizon = inner.horizon.load(Ordering::Acquire);
         let mut previous = floor;
@@ -297,7 +299,7 @@ pub async fn read_query(inner: &Inner, query: &Query, options: ReadAllOptions) -
                 s = inner.sql.schema,
                 c = q.condition
             );
-            query_events(inner, &client, &sql, &[&q.types, &q.tags, &q.categories, &pos(below), &limit(options.limit)], 0).await
+            query_events(inner, &client, &sql, &[&q.types, &q.tags, &q.categories, &clamp(below), &limit(options.limit)], 0).await
         }
     }
 }
@@ -316,7 +318,7 @@ pub async fn read_query_forward(inner: &Inner, q: &QuerySql, floor: u64, n: usiz
         let horizon = inner.horizon.load(Ordering::Acquire);
         let check_from = floor.max(horizon);
         let client = client(inner).await?;
-        let rows = rows(inner, &client, &sql, &[&q.types, &q.tags, &q.categories, &pos(floor), &limit(n), &pos(check_from)]).await?;
+        let rows = rows(inner, &client, &sql, &[&q.types, &q.tags, &q.categories, &clamp(floor), &limit(n), &clamp(check_from)]).await?;
         drop(client);
         let Some(last) = rows.last() else { return Ok(Vec::new()) };
         let newest = last.get::<_, i64>(0) as u64;
@@ -345,7 +347,7 @@ pub async fn read_stream(inner: &Inner, stream: &str, options: ReadStreamOptions
         Direction::Forward => (&inner.sql.stream_forward, options.from_version.max(1)),
         Direction::Backward => (&inner.sql.stream_backward, options.from_version),
     };
-    let rows = rows(inner, &client, sql, &[&stream, &pos(from), &limit(options.limit)]).await?;
+    let rows = rows(inner, &client, sql, &[&stream, &clamp(from), &limit(options.limit)]).await?;
     let not_found = || StoreError::StreamNotFound { stream: stream.to_string() };
     let first = rows.first().ok_or_else(not_found)?;
     match state(first.get(0)) {
