@@ -160,3 +160,24 @@ pub fn no_event_skipped(events: &[RecordedEvent], message_ids: &[String]) {
     }
     assert_eq!(next, events.len(), "the broker holds events 0..{next} of {}", events.len());
 }
+
+/// The relay config of the mid-pipeline cut tests: small batches, 8 in
+/// flight, quick retries.
+pub fn pipelined_config(name: String) -> cairn_relay::RelayConfig {
+    cairn_relay::RelayConfig::new(name).batch(50).max_in_flight(8).backoff(std::time::Duration::from_millis(20), std::time::Duration::from_millis(200))
+}
+
+/// Cuts the broker away while part of the backlog is confirmed and at least
+/// three batches are out, checks that the relay notices, restores it, and
+/// stops the relay once it has caught up with `events`.
+pub async fn cut_mid_pipeline(relay: RelayHandle, proxy: &Proxy, events: &[RecordedEvent]) {
+    let last = events.last().unwrap().position;
+    wait_until_in_flight(&relay, events[500].position, 150).await;
+    proxy.cut();
+    wait_for_retries(&relay, 2).await;
+    let status = relay.status();
+    assert!(status.checkpoint < Some(last) && status.error.is_some(), "{status:?}");
+    proxy.restore();
+    wait_until_relayed(&relay, last).await;
+    relay.stop().await.unwrap();
+}

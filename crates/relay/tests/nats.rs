@@ -3,7 +3,7 @@ use std::time::Duration;
 use cairn_relay::{NatsSink, Relay, RelayConfig};
 
 use crate::common::{
-    by_stream, fixture, in_order, no_event_skipped, user_events, wait_for_retries, wait_until_in_flight, wait_until_relayed, write, write_backlog, Fixture, Proxy,
+    by_stream, cut_mid_pipeline, fixture, in_order, pipelined_config, no_event_skipped, user_events, wait_until_relayed, write, write_backlog, Fixture, Proxy,
 };
 use crate::reachable;
 
@@ -109,25 +109,15 @@ async fn a_cut_with_batches_in_flight_loses_nothing_and_skips_nothing() {
     NatsSink::new(direct.clone(), &prefix).ensure_stream(&js_stream).await.unwrap();
     write_backlog(store.as_ref(), &category, 8, 750).await;
     let events = user_events(store.as_ref()).await;
-    let last = events.last().unwrap().position;
 
     let proxy = Proxy::start("127.0.0.1:4222").await;
     let options = async_nats::ConnectOptions::new().retry_on_initial_connect().request_timeout(Some(Duration::from_millis(500)));
     let through_proxy = options.connect(format!("127.0.0.1:{}", proxy.port)).await.unwrap();
-    let config =
-        RelayConfig::new(format!("nats-{id}")).batch(50).max_in_flight(8).backoff(Duration::from_millis(20), Duration::from_millis(200));
+    let config = pipelined_config(format!("nats-{id}"));
     let sink = NatsSink::new(through_proxy, &prefix).ack_timeout(Duration::from_millis(500));
     let relay = Relay::new(store.clone(), config, sink).spawn();
 
-    // Cut while a part is confirmed and at least three batches are out.
-    wait_until_in_flight(&relay, events[500].position, 150).await;
-    proxy.cut();
-    wait_for_retries(&relay, 2).await;
-    let status = relay.status();
-    assert!(status.checkpoint < Some(last) && status.error.is_some(), "{status:?}");
-    proxy.restore();
-    wait_until_relayed(&relay, last).await;
-    relay.stop().await.unwrap();
+    cut_mid_pipeline(relay, &proxy, &events).await;
 
     let got = messages(&direct, &js_stream).await;
     let ids: Vec<String> = got.iter().map(|m| m.2.clone()).collect();

@@ -8,7 +8,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties};
 
 use crate::common::{
-    by_stream, fixture, in_order, no_event_skipped, user_events, wait_for_retries, wait_until_in_flight, wait_until_relayed, write, write_backlog, Fixture, Proxy,
+    by_stream, cut_mid_pipeline, fixture, in_order, pipelined_config, no_event_skipped, user_events, wait_for_retries, wait_until_relayed, write, write_backlog, Fixture, Proxy,
 };
 use crate::reachable;
 
@@ -305,24 +305,14 @@ async fn a_cut_with_batches_in_flight_loses_nothing_and_skips_nothing() {
     RabbitSink::new(RABBIT, &exchange).unwrap().bind_queue(&queue, "#").await.unwrap();
     write_backlog(store.as_ref(), &category, 8, 750).await;
     let events = user_events(store.as_ref()).await;
-    let last = events.last().unwrap().position;
 
     let proxy = Proxy::start("127.0.0.1:5672").await;
     let through_proxy = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
     let sink = RabbitSink::new(through_proxy, &exchange).unwrap().confirm_timeout(Duration::from_millis(500));
-    let config =
-        RelayConfig::new(format!("rabbit-{id}")).batch(50).max_in_flight(8).backoff(Duration::from_millis(20), Duration::from_millis(200));
+    let config = pipelined_config(format!("rabbit-{id}"));
     let relay = Relay::new(store.clone(), config, sink).spawn();
 
-    // Cut while a part is confirmed and at least three batches are out.
-    wait_until_in_flight(&relay, events[500].position, 150).await;
-    proxy.cut();
-    wait_for_retries(&relay, 2).await;
-    let status = relay.status();
-    assert!(status.checkpoint < Some(last) && status.error.is_some(), "{status:?}");
-    proxy.restore();
-    wait_until_relayed(&relay, last).await;
-    relay.stop().await.unwrap();
+    cut_mid_pipeline(relay, &proxy, &events).await;
 
     let (_connection, channel) = consumer().await;
     let got = take_all(&channel, &queue).await;
