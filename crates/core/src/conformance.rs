@@ -274,7 +274,7 @@ pub async fn read_all_pages_with_after(store: Store) {
 
 pub async fn invalid_stream_names(store: Store) {
     let long = "x".repeat(STREAM_NAME_BYTES_MAX + 1);
-    for name in ["", "$system", long.as_str(), "bad\nname", "$group-", "$parked-$x", "$snapshots-", "$groups"] {
+    for name in ["", "$system", long.as_str(), "bad\nname", "$group-", "$parked-$x", "$snapshots-", "$groups", "$saga-", "$timer-$y", "$sagas"] {
         assert_err!(store.append(name, ExpectedVersion::Any, vec![deposit(1)]).await, StoreError::InvalidStreamName { .. });
     }
     // The system families applications write: snapshots and consumer groups.

@@ -19,7 +19,7 @@ pub use error::{Result, StoreError};
 pub use event::{ContentType, Metadata, NewEvent, RecordedEvent, Timestamp};
 pub use limits::{
     snapshot_stream_name, validate_category, validate_stream_name, validate_tag, Limits, QUERY_ITEMS_MAX, QUERY_ITEM_TERMS_MAX,
-    SNAPSHOT_STREAM_PREFIX, GROUP_STREAM_PREFIX, PARKED_STREAM_PREFIX, RELAY_STREAM_PREFIX, WRITABLE_SYSTEM_PREFIXES, STREAM_NAME_BYTES_MAX, TAG_BYTES_MAX,
+    SNAPSHOT_STREAM_PREFIX, GROUP_STREAM_PREFIX, PARKED_STREAM_PREFIX, RELAY_STREAM_PREFIX, SAGA_STREAM_PREFIX, TIMER_STREAM_PREFIX, WRITABLE_SYSTEM_PREFIXES, STREAM_NAME_BYTES_MAX, TAG_BYTES_MAX,
 };
 pub use metadata::{metadata_stream_name, StreamMetadata, StreamState};
 pub use query::{stream_category, AppendCondition, Query, QueryItem};

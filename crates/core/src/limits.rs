@@ -195,9 +195,17 @@ pub const PARKED_STREAM_PREFIX: &str = "$parked-";
 /// Prefix of the stream that holds a relay's checkpoint (what it has published).
 pub const RELAY_STREAM_PREFIX: &str = "$relay-";
 
+/// Prefix of a saga's or process manager's own state stream (and of a saga
+/// runner's checkpoint stream): `$saga-order-42`.
+pub const SAGA_STREAM_PREFIX: &str = "$saga-";
+
+/// Prefix of a scheduler's stream of timers (scheduled, fired, cancelled).
+pub const TIMER_STREAM_PREFIX: &str = "$timer-";
+
 /// The system stream families applications may write, each followed by the
 /// name of what it belongs to (a stream, a group), which must be a valid name.
-pub const WRITABLE_SYSTEM_PREFIXES: [&str; 4] = [SNAPSHOT_STREAM_PREFIX, GROUP_STREAM_PREFIX, PARKED_STREAM_PREFIX, RELAY_STREAM_PREFIX];
+pub const WRITABLE_SYSTEM_PREFIXES: [&str; 6] =
+    [SNAPSHOT_STREAM_PREFIX, GROUP_STREAM_PREFIX, PARKED_STREAM_PREFIX, RELAY_STREAM_PREFIX, SAGA_STREAM_PREFIX, TIMER_STREAM_PREFIX];
 
 /// Name of the stream that holds the snapshots of `stream`.
 pub fn snapshot_stream_name(stream: &str) -> String {

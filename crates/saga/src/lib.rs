@@ -1,0 +1,26 @@
+//! Sagas for Cairn: business transactions across services, as steps that each
+//! have an action and a compensation, run by a [`SagaRunner`] whose state is
+//! event-sourced in the store itself (`$saga-<saga>-<id>`), so it never forgets
+//! where a saga was.
+//!
+//! - A step's action runs with a timeout (default 30 s). When an action fails
+//!   or times out, the completed steps are undone newest first; a timed-out
+//!   step is undone too, since its effect is unknown. Steps declared
+//!   [`Step::cannot_be_undone`] are skipped, and the history says so.
+//! - A compensation that fails is retried with backoff ([`RetryPolicy`]); when
+//!   the attempts run out the saga is parked as *needs attention* until an
+//!   operator resumes it ([`resume`], `cairn sagas resume`).
+//! - Every transition is appended to the saga's stream, checked against the
+//!   version it was decided from, before the next step runs. After a crash the
+//!   next runner resumes each unfinished saga from its stream: a completed
+//!   step never runs again. A step that was running when the process died
+//!   runs again with the same [`StepContext::key`]: actions and compensations
+//!   run at least once, and take effect once where the service honours the key.
+
+mod definition;
+mod history;
+mod runner;
+
+pub use definition::{RetryPolicy, Saga, Step, StepContext, StepError, StepResult, DEFAULT_STEP_TIMEOUT};
+pub use history::{derived_id, saga_stream, SagaEvent, SagaState, Status};
+pub use runner::{list, load, resume, SagaError, SagaRunner, SagaRunnerBuilder, Started};
