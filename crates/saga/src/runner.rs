@@ -200,9 +200,9 @@ impl SagaRunner {
         if !inner.register(&stream) {
             return Ok(Started { stream, existed: true });
         }
-        // The first event's id depends only on the stream: a retried start
-        // with other input is still a retry, not a second saga.
-        let event = started.to_new_event(&stream, 1).with_id(derived_id(&format!("{stream}@1")));
+        // A fresh id: starting an existing saga must meet `NoStream` and be
+        // told so, not be taken for a retry of the first start.
+        let event = started.to_new_event(&stream, 1).with_id(uuid::Uuid::now_v7());
         match inner.store.append(&stream, ExpectedVersion::NoStream, vec![event]).await {
             Ok(result) => {
                 inner.saw(result.position);

@@ -1,0 +1,282 @@
+//! Orchestrated sagas on the embedded engine: what runs, what is undone and in
+//! which order, timeouts, retries and parking, bad definitions.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cairn_core::{EventStore, ReadStreamOptions};
+use cairn_log::EmbeddedStore;
+use cairn_saga::{load, resume, RetryPolicy, Saga, SagaError, SagaEvent, SagaRunner, Status, Step, StepError};
+use serde_json::json;
+
+type Log = Arc<Mutex<Vec<String>>>;
+
+fn store(dir: &tempfile::TempDir) -> Arc<dyn EventStore> {
+    Arc::new(EmbeddedStore::open(dir.path()).expect("open store"))
+}
+
+/// A step that logs `do:<name>` (failing when the input names it) and
+/// `undo:<name>` when compensated.
+fn step(name: &'static str, log: &Log) -> Step {
+    let (l1, l2) = (log.clone(), log.clone());
+    Step::new(name, move |ctx| {
+        let log = l1.clone();
+        async move {
+            let input: serde_json::Value = ctx.input()?;
+            if input["fail"] == name {
+                log.lock().unwrap().push(format!("fail:{name}"));
+                return Err(StepError::new(format!("{name} refused")));
+            }
+            if input["hang"] == name {
+                log.lock().unwrap().push(format!("hang:{name}"));
+                std::future::pending::<()>().await;
+            }
+            log.lock().unwrap().push(format!("do:{name}"));
+            Ok(json!({ "done": name, "key": ctx.key }))
+        }
+    })
+    .compensate(move |ctx| {
+        let log = l2.clone();
+        async move {
+            log.lock().unwrap().push(format!("undo:{name}"));
+            assert!(ctx.key.ends_with(&format!("/{name}/undo")));
+            Ok(())
+        }
+    })
+}
+
+fn order_saga(log: &Log) -> Saga {
+    Saga::new("order").step(step("create", log)).step(step("charge", log)).step(step("reserve", log))
+}
+
+fn history(events: &[cairn_core::RecordedEvent]) -> Vec<String> {
+    events.iter().map(|e| e.event_type.clone()).collect()
+}
+
+#[tokio::test]
+async fn all_steps_complete_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir);
+    let log = Log::default();
+    let runner = SagaRunner::builder(store.clone(), "shop").saga(order_saga(&log)).run().await.unwrap();
+    let started = runner.start("order", "1", &json!({})).await.unwrap();
+    assert!(!started.existed);
+    let state = runner.wait("order", "1").await.unwrap();
+    assert_eq!(state.status, Status::Completed);
+    assert_eq!(*log.lock().unwrap(), ["do:create", "do:charge", "do:reserve"]);
+    // Later steps see earlier outputs; the history is in the saga's own stream.
+    assert_eq!(state.output("charge").unwrap()["key"], "$saga-order-1/charge");
+    let events = store.read_stream("$saga-order-1", ReadStreamOptions::forward()).await.unwrap();
+    assert_eq!(history(&events), ["SagaStarted", "StepCompleted", "StepCompleted", "StepCompleted", "SagaCompleted"]);
+    // What the runner knew equals what the stream says (up to the clock).
+    let mut stored = load(store.as_ref(), "order", "1").await.unwrap().unwrap();
+    (stored.started_at, stored.updated_at) = (state.started_at, state.updated_at);
+    assert_eq!(stored, state);
+}
+
+#[tokio::test]
+async fn a_failure_at_each_step_undoes_exactly_the_completed_steps_in_reverse() {
+    let names = ["create", "charge", "reserve"];
+    for (at, failing) in names.iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir);
+        let log = Log::default();
+        let runner = SagaRunner::builder(store.clone(), "shop").saga(order_saga(&log)).run().await.unwrap();
+        runner.start("order", "7", &json!({ "fail": failing })).await.unwrap();
+        let state = runner.wait("order", "7").await.unwrap();
+        assert_eq!(state.status, Status::Compensated, "failing at {failing}");
+        let mut expected: Vec<String> = names[..at].iter().map(|n| format!("do:{n}")).collect();
+        expected.push(format!("fail:{failing}"));
+        expected.extend(names[..at].iter().rev().map(|n| format!("undo:{n}")));
+        assert_eq!(*log.lock().unwrap(), expected, "failing at {failing}");
+        assert_eq!(state.reason.as_deref(), Some(format!("{failing} failed: {failing} refused").as_str()));
+        let events = store.read_stream("$saga-order-7", ReadStreamOptions::forward()).await.unwrap();
+        let kinds = history(&events);
+        assert_eq!(kinds.iter().filter(|k| *k == "StepCompensated").count(), at);
+        assert_eq!(kinds.last().unwrap(), "SagaCompensated");
+        runner.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_hanging_step_times_out_and_is_undone_with_the_completed_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir);
+    let log = Log::default();
+    let saga = Saga::new("order")
+        .step(step("create", &log))
+        .step(step("charge", &log).timeout(Duration::from_millis(300)))
+        .step(step("reserve", &log));
+    let runner = SagaRunner::builder(store.clone(), "shop").saga(saga).run().await.unwrap();
+    let began = std::time::Instant::now();
+    runner.start("order", "h", &json!({ "hang": "charge" })).await.unwrap();
+    let state = runner.wait("order", "h").await.unwrap();
+    assert!(began.elapsed() >= Duration::from_millis(300));
+    assert_eq!(state.status, Status::Compensated);
+    // The charge may have gone through after we stopped waiting: it is refunded too.
+    assert_eq!(*log.lock().unwrap(), ["do:create", "hang:charge", "undo:charge", "undo:create"]);
+    let events = store.read_stream("$saga-order-h", ReadStreamOptions::forward()).await.unwrap();
+    let timed_out = events.iter().find_map(|e| match SagaEvent::from_recorded(e) {
+        Some(SagaEvent::StepTimedOut { step, after_ms }) => Some((step, after_ms)),
+        _ => None,
+    });
+    assert_eq!(timed_out, Some(("charge".to_string(), 300)));
+}
+
+#[tokio::test]
+async fn steps_that_cannot_be_undone_are_skipped_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir);
+    let log = Log::default();
+    let l = log.clone();
+    let email = Step::new("email", move |_| {
+        let log = l.clone();
+        async move {
+            log.lock().unwrap().push("do:email".into());
+            Ok(())
+        }
+    })
+    .cannot_be_undone();
+    let saga = Saga::new("order").step(step("create", &log)).step(email).step(step("charge", &log));
+    let runner = SagaRunner::builder(store.clone(), "shop").saga(saga).run().await.unwrap();
+    runner.start("order", "e", &json!({ "fail": "charge" })).await.unwrap();
+    let state = runner.wait("order", "e").await.unwrap();
+    assert_eq!(state.status, Status::Compensated);
+    assert_eq!(*log.lock().unwrap(), ["do:create", "do:email", "fail:charge", "undo:create"]);
+    let events = store.read_stream("$saga-order-e", ReadStreamOptions::forward()).await.unwrap();
+    let plan = events.iter().find_map(|e| match SagaEvent::from_recorded(e) {
+        Some(SagaEvent::Compensating { undo, not_undoable, .. }) => Some((undo, not_undoable)),
+        _ => None,
+    });
+    assert_eq!(plan, Some((vec!["create".to_string()], vec!["email".to_string()])));
+}
+
+#[tokio::test]
+async fn a_failing_compensation_is_retried_then_parked_until_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir);
+    let log = Log::default();
+    // The refund fails until `healed` is set.
+    let healed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (h, a) = (healed.clone(), attempts.clone());
+    let charge = Step::new("charge", |_| async { Ok("ch_1") }).compensate(move |ctx| {
+        let (healed, attempts) = (h.clone(), a.clone());
+        async move {
+            attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            assert_eq!(ctx.output::<String>("charge")?, "ch_1");
+            if healed.load(std::sync::atomic::Ordering::SeqCst) { Ok(()) } else { Err(StepError::new("payment service unavailable")) }
+        }
+    });
+    let saga = Saga::new("order")
+        .step(step("create", &log))
+        .step(charge)
+        .step(step("reserve", &log))
+        .retry(RetryPolicy { attempts: 3, backoff: Duration::from_millis(20), max_backoff: Duration::from_millis(50) });
+    let runner = SagaRunner::builder(store.clone(), "shop").saga(saga).run().await.unwrap();
+    runner.start("order", "p", &json!({ "fail": "reserve" })).await.unwrap();
+    let state = runner.wait("order", "p").await.unwrap();
+    assert_eq!(state.status, Status::NeedsAttention);
+    assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(state.last_error.as_deref(), Some("payment service unavailable"));
+    // Not yet undone: create waits behind the refund.
+    assert_eq!(*log.lock().unwrap(), ["do:create", "fail:reserve"]);
+
+    // Resuming a running or finished saga is refused, and writes nothing.
+    let version = state.version;
+    healed.store(true, std::sync::atomic::Ordering::SeqCst);
+    resume(store.as_ref(), "order", "p", "ops").await.unwrap();
+    let state = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let s = load(store.as_ref(), "order", "p").await.unwrap().unwrap();
+            if s.status.is_final() {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the resumed saga finishes");
+    assert_eq!(state.status, Status::Compensated);
+    assert!(state.version > version);
+    assert_eq!(*log.lock().unwrap(), ["do:create", "fail:reserve", "undo:create"]);
+    let err = resume(store.as_ref(), "order", "p", "ops").await.unwrap_err();
+    assert!(err.to_string().contains("compensated, not waiting for attention"), "{err}");
+    assert_eq!(load(store.as_ref(), "order", "p").await.unwrap().unwrap().version, state.version);
+}
+
+#[tokio::test]
+async fn starting_an_existing_saga_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir);
+    let log = Log::default();
+    let runner = SagaRunner::builder(store.clone(), "shop").saga(order_saga(&log)).run().await.unwrap();
+    runner.start("order", "1", &json!({})).await.unwrap();
+    runner.wait("order", "1").await.unwrap();
+    let again = runner.start("order", "1", &json!({ "fail": "create" })).await.unwrap();
+    assert!(again.existed);
+    assert_eq!(runner.wait("order", "1").await.unwrap().status, Status::Completed);
+    assert_eq!(log.lock().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn bad_definitions_and_arguments_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir);
+    let undeclared = Saga::new("order").step(Step::new("charge", |_| async { Ok(()) }));
+    let err = SagaRunner::builder(store.clone(), "shop").saga(undeclared).run().await.err().unwrap();
+    assert!(err.to_string().contains("neither how to undo it"), "{err}");
+    let twice = Saga::new("order").step(Step::new("a", |_| async { Ok(()) }).cannot_be_undone()).step(Step::new("a", |_| async { Ok(()) }).cannot_be_undone());
+    let err = SagaRunner::builder(store.clone(), "shop").saga(twice).run().await.err().unwrap();
+    assert!(err.to_string().contains("two steps are named a"), "{err}");
+    let dashed = Saga::new("my-order").step(Step::new("a", |_| async { Ok(()) }).cannot_be_undone());
+    assert!(matches!(SagaRunner::builder(store.clone(), "shop").saga(dashed).run().await, Err(SagaError::Definition(_))));
+
+    let log = Log::default();
+    let runner = SagaRunner::builder(store.clone(), "shop").saga(order_saga(&log)).run().await.unwrap();
+    assert!(matches!(runner.start("refund", "1", &json!({})).await, Err(SagaError::UnknownSaga(_))));
+    assert!(matches!(runner.start("order", "", &json!({})).await, Err(SagaError::InvalidId(..))));
+    assert!(matches!(runner.start("order", "bad\nid", &json!({})).await, Err(SagaError::InvalidId(..))));
+    assert!(matches!(runner.wait("order", "nope").await, Err(SagaError::NotFound(_))));
+    assert!(store.list_streams("$saga-order", 10).await.unwrap().is_empty(), "nothing was written");
+}
+
+#[tokio::test]
+async fn a_new_runner_resumes_what_the_last_one_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir);
+    let log = Log::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let slow = Saga::new("order")
+        .step(step("create", &log))
+        .step(Step::new("charge", move |_| {
+            let gate = g.clone();
+            async move {
+                let _ = gate.acquire().await.map_err(|_| StepError::new("closed"))?;
+                Ok(())
+            }
+        }).cannot_be_undone())
+        .step(step("reserve", &log));
+    let first = SagaRunner::builder(store.clone(), "shop").saga(slow).checkpoint_every(Duration::from_millis(20)).run().await.unwrap();
+    for id in 0..5 {
+        first.start("order", &id.to_string(), &json!({})).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    first.shutdown().await;
+    assert_eq!(log.lock().unwrap().len(), 5, "every saga did create, then stopped at charge");
+
+    let second = SagaRunner::builder(store.clone(), "shop").saga(order_saga(&log)).run().await.unwrap();
+    assert_eq!(second.recovered(), 5);
+    for id in 0..5 {
+        assert_eq!(second.wait("order", &id.to_string()).await.unwrap().status, Status::Completed);
+    }
+    let log = log.lock().unwrap();
+    assert_eq!(log.iter().filter(|l| *l == "do:create").count(), 5, "create never ran again");
+    assert_eq!(log.iter().filter(|l| *l == "do:charge").count(), 5);
+    drop(log);
+    // A third runner finds nothing left to do.
+    second.shutdown().await;
+    let third = SagaRunner::builder(store.clone(), "shop").saga(order_saga(&Log::default())).run().await.unwrap();
+    assert_eq!(third.recovered(), 0);
+}
