@@ -11,6 +11,7 @@ mod demo;
 mod demo_orders;
 mod operate;
 mod relay;
+mod sagas;
 mod serve;
 mod output;
 mod tour;
@@ -108,6 +109,8 @@ enum Command {
     Projections(operate::ProjectionsArgs),
     /// Consumer groups in the store: status and lag, parked events, replay.
     Groups(operate::GroupsArgs),
+    /// Sagas in the store: list them with their status, show one's steps and timeline, resume one that needs attention.
+    Sagas(sagas::SagasArgs),
     /// Run benchmark workloads (W1 W1c W2 W3 W4 W5 W6, see WORKLOADS.md; D1 D2 tags and conditions, G1 consumer groups, W7 the server, W9 the relay to NATS and RabbitMQ) on a fresh store; --backend postgres runs W1–W5 and W9 in a fresh schema.
     Bench(bench::BenchArgs),
 }
@@ -170,6 +173,7 @@ fn main() -> ExitCode {
             Command::Reindex => commands::reindex(&ctx),
             Command::Projections(a) => operate::projections(&ctx, a).await,
             Command::Groups(a) => operate::groups(&ctx, a).await,
+            Command::Sagas(a) => sagas::run(&ctx, a).await,
             Command::Bench(a) => bench::run(&ctx, a).await,
         }
     });
