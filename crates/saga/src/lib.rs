@@ -16,11 +16,22 @@
 //!   step never runs again. A step that was running when the process died
 //!   runs again with the same [`StepContext::key`]: actions and compensations
 //!   run at least once, and take effect once where the service honours the key.
+//!
+//! Two smaller tools live alongside: durable timers ([`Scheduler`], timers
+//! kept in `$timer-<name>` and armed again after a restart: "cancel the order
+//! if it is unpaid in 15 minutes"), and process managers ([`ProcessManager`]),
+//! choreography rather than orchestration: a [`Process`] follows events of
+//! several streams, grouped by correlation id, and reacts with commands and
+//! deadlines; each instance's state is event-sourced in `$saga-<process>-<id>`.
 
 mod definition;
 mod history;
+mod process;
 mod runner;
+mod timer;
 
 pub use definition::{RetryPolicy, Saga, Step, StepContext, StepError, StepResult, DEFAULT_STEP_TIMEOUT};
 pub use history::{derived_id, saga_stream, SagaEvent, SagaState, Status};
 pub use runner::{list, load, resume, SagaError, SagaRunner, SagaRunnerBuilder, Started};
+pub use process::{Command, Effect, Instance, Message, PendingDeadline, Process, ProcessError, ProcessManager, ProcessManagerBuilder};
+pub use timer::{timer_stream, Due, FiredTimer, Recovery, Scheduler, SchedulerBuilder, Timer, TimerAction, TimerError, TimerEvent, DEFAULT_SNAPSHOT_EVERY};

@@ -1,0 +1,571 @@
+//! Process managers: choreography. A [`Process`] follows events of several
+//! streams, groups them by correlation id into instances, and reacts to each
+//! with [`Effect`]s: commands to send, deadlines to set, the end.
+//!
+//! - An instance's state is event-sourced in `$saga-<process>-<correlation>`:
+//!   each reaction appends one event holding the state after it and the
+//!   position of the event it handled, so loading reads one event, and an
+//!   event delivered again is recognised and skipped.
+//! - Effects run *before* the reaction is recorded (appended at the exact
+//!   version it was decided from). A crash in between delivers the event
+//!   again, and the same commands go out again with the same idempotency
+//!   keys: commands are sent at least once, and take effect once where the
+//!   handler honours the key.
+//! - Deadlines are durable timers in `$timer-<process>-deadlines`, with
+//!   ids derived from the instance, its version and the deadline's name, so
+//!   a repeated reaction does not set a second one. A deadline reaches
+//!   `react` once: its firing is recorded like an event.
+//! - The subscription's position is checkpointed now and then in
+//!   `$saga-<process>-$checkpoint` (correlation ids starting with `$` are
+//!   refused, so no instance has that name; `$saga-<runner>`, a saga
+//!   runner's checkpoint, has no second `-`). A process must not share its
+//!   name with a saga type.
+//!
+//! One manager runs per process name.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use cairn_core::{EventStore, ExpectedVersion, Metadata, NewEvent, Position, Query, ReadStreamOptions, RecordedEvent, StartFrom, StoreError, SubscriptionTarget};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use crate::history::{derived_id, saga_stream};
+use crate::timer::{FiredTimer, Scheduler, TimerAction, TimerError};
+
+/// What a process reacts to.
+#[derive(Debug, Clone)]
+pub enum Message {
+    Event(RecordedEvent),
+    /// A deadline set by an earlier [`Effect::Deadline`] came due.
+    Deadline { name: String },
+}
+
+/// What a reaction asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Sent to the command handler with an idempotency key.
+    Command { name: String, payload: Value },
+    /// `react` gets [`Message::Deadline`] with this name after `after`,
+    /// unless the instance ends or cancels it first.
+    Deadline { name: String, after: Duration },
+    /// Cancels the instance's pending deadlines of this name.
+    CancelDeadline { name: String },
+    /// The instance is over: its later events are ignored and its deadlines cancelled.
+    End,
+}
+
+impl Effect {
+    pub fn command(name: impl Into<String>, payload: impl Serialize) -> Effect {
+        Effect::Command { name: name.into(), payload: serde_json::to_value(payload).expect("command payloads serialise") }
+    }
+    pub fn deadline(name: impl Into<String>, after: Duration) -> Effect {
+        Effect::Deadline { name: name.into(), after }
+    }
+    pub fn cancel_deadline(name: impl Into<String>) -> Effect {
+        Effect::CancelDeadline { name: name.into() }
+    }
+}
+
+/// A process: which events it follows, how they are grouped, how it reacts.
+/// `react` must be deterministic (same state and message, same effects):
+/// after a crash it runs again and its commands keep their keys.
+pub trait Process: Send + Sync + 'static {
+    type State: Default + Serialize + DeserializeOwned + Clone + Send + Sync;
+
+    /// Its name: no `-` (as a stream category), not shared with a saga type.
+    fn name(&self) -> &str;
+
+    /// The events it follows (types, categories, tags; never `$` streams).
+    fn query(&self) -> Query;
+
+    /// The instance an event belongs to; `None` ignores the event. The default
+    /// is the event's correlation id.
+    fn correlate(&self, event: &RecordedEvent) -> Option<String> {
+        event.metadata.correlation_id.map(|id| id.to_string())
+    }
+
+    fn react(&self, state: &mut Self::State, message: Message) -> Vec<Effect>;
+}
+
+/// A command for the handler.
+#[derive(Debug, Clone)]
+pub struct Command {
+    pub name: String,
+    pub payload: Value,
+    /// The same each time this reaction runs again: pass it on as the
+    /// command's idempotency key.
+    pub key: String,
+    pub process: String,
+    pub correlation: String,
+}
+
+impl Command {
+    /// An event id derived from the key, for a handler that appends.
+    pub fn event_id(&self) -> Uuid {
+        derived_id(&self.key)
+    }
+
+    /// The instance's correlation id (when it is a uuid), caused by this command.
+    pub fn metadata(&self) -> Metadata {
+        Metadata { correlation_id: self.correlation.parse().ok(), causation_id: Some(self.event_id()), ..Metadata::default() }
+    }
+}
+
+/// A deadline an instance waits for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingDeadline {
+    pub timer: String,
+    pub name: String,
+}
+
+/// One process instance, as its stream says.
+#[derive(Debug, Clone)]
+pub struct Instance<S> {
+    pub correlation: String,
+    pub state: S,
+    /// The version of its stream (0: nothing recorded yet).
+    pub version: u64,
+    /// The newest event handled.
+    pub position: Position,
+    pub deadlines: Vec<PendingDeadline>,
+    pub ended: bool,
+}
+
+/// The event recorded after each reaction.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Reaction {
+    state: Value,
+    position: Position,
+    /// What was handled, for a reader of the history.
+    handled: String,
+    /// The keys of the commands it sent.
+    commands: Vec<String>,
+    deadlines: Vec<PendingDeadline>,
+    ended: bool,
+}
+
+const REACTED: &str = "ProcessReacted";
+const ENDED: &str = "ProcessEnded";
+const CHECKPOINT: &str = "ProcessCheckpoint";
+const DEADLINE_KIND: &str = "deadline";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Timer(#[from] TimerError),
+    #[error("invalid process: {0}")]
+    Invalid(String),
+    #[error("stream {0} does not hold this process's state: {1}")]
+    State(String, String),
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
+type Handler = Arc<dyn Fn(Command) -> BoxFuture<Result<(), String>> + Send + Sync>;
+
+/// Builds a [`ProcessManager`].
+pub struct ProcessManagerBuilder<P> {
+    store: Arc<dyn EventStore>,
+    process: P,
+    handler: Handler,
+    checkpoint_every: Duration,
+}
+
+impl<P: Process> ProcessManagerBuilder<P> {
+    /// How often the subscription's position is written (default 1 s).
+    pub fn checkpoint_every(mut self, every: Duration) -> Self {
+        self.checkpoint_every = every;
+        self
+    }
+
+    /// Starts the deadlines' scheduler and follows the process's events from
+    /// its checkpoint.
+    pub async fn start(self) -> Result<ProcessManager<P>, ProcessError> {
+        let name = self.process.name().to_string();
+        cairn_core::validate_category(&name).map_err(|e| ProcessError::Invalid(format!("process name {name:?}: {e}")))?;
+        let checkpoint = checkpoint_stream(&name);
+        let from = match self.store.read_stream(&checkpoint, ReadStreamOptions::backward().limit(1)).await {
+            Ok(events) => events.first().and_then(|e| e.json::<Position>().ok()),
+            Err(StoreError::StreamNotFound { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let inner = Arc::new(Inner {
+            store: self.store.clone(),
+            process: self.process,
+            name: name.clone(),
+            handler: self.handler,
+            scheduler: std::sync::OnceLock::new(),
+            lock: Mutex::new(()),
+            position: AtomicU64::new(from.map_or(0, |p| p.0)),
+            stopping: AtomicBool::new(false),
+            last_error: std::sync::Mutex::new(None),
+        });
+        // Deadlines already due fire as the scheduler starts: they wait for
+        // this lock until it is set.
+        let guard = inner.lock.lock().await;
+        let weak: Weak<Inner<P>> = Arc::downgrade(&inner);
+        let scheduler = Scheduler::builder(self.store, format!("{name}-deadlines"))
+            .on(DEADLINE_KIND, move |timer: FiredTimer| {
+                let weak = weak.clone();
+                async move {
+                    match weak.upgrade() {
+                        Some(inner) => inner.deadline(timer).await,
+                        None => Err("the process manager has stopped".to_string()),
+                    }
+                }
+            })
+            .start()
+            .await?;
+        let _ = inner.scheduler.set(scheduler);
+        drop(guard);
+        let main = tokio::spawn(follow(inner.clone(), from, self.checkpoint_every));
+        Ok(ProcessManager { inner: inner.clone(), life: Arc::new(Life { stop: Box::new(move || inner.stop()), main }), started_from: from })
+    }
+}
+
+/// Runs a [`Process`]. Dropping the last clone stops it (what a crash
+/// would do, minus the lost checkpoint); [`ProcessManager::shutdown`] stops
+/// it cleanly.
+pub struct ProcessManager<P: Process> {
+    inner: Arc<Inner<P>>,
+    life: Arc<Life>,
+    started_from: Option<Position>,
+}
+
+impl<P: Process> Clone for ProcessManager<P> {
+    fn clone(&self) -> Self {
+        ProcessManager { inner: self.inner.clone(), life: self.life.clone(), started_from: self.started_from }
+    }
+}
+
+struct Life {
+    stop: Box<dyn Fn() + Send + Sync>,
+    main: JoinHandle<()>,
+}
+
+impl Drop for Life {
+    fn drop(&mut self) {
+        (self.stop)();
+        self.main.abort();
+    }
+}
+
+struct Inner<P: Process> {
+    store: Arc<dyn EventStore>,
+    process: P,
+    name: String,
+    handler: Handler,
+    scheduler: std::sync::OnceLock<Scheduler>,
+    /// One message at a time: events and deadlines of an instance must not
+    /// interleave between an instance's effects and its record.
+    lock: Mutex<()>,
+    /// The newest event handled (0: none).
+    position: AtomicU64,
+    stopping: AtomicBool,
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+/// `$saga-<process>-$checkpoint`.
+fn checkpoint_stream(process: &str) -> String {
+    saga_stream(process, "$checkpoint")
+}
+
+impl<P: Process> ProcessManager<P> {
+    /// A manager for `process`; `handler` executes its commands. Return an
+    /// error from the handler only for what may pass (it is retried with
+    /// backoff, and the process waits); a refusal is an outcome, best told to
+    /// the process as an event.
+    pub fn builder<F, Fut, E>(store: Arc<dyn EventStore>, process: P, handler: F) -> ProcessManagerBuilder<P>
+    where
+        F: Fn(Command) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let handler: Handler = Arc::new(move |command| {
+            let fut = handler(command);
+            Box::pin(async move { fut.await.map_err(|e| e.to_string()) })
+        });
+        ProcessManagerBuilder { store, process, handler, checkpoint_every: Duration::from_secs(1) }
+    }
+
+    /// The checkpoint it resumed from (`None`: from the first event).
+    pub fn started_from(&self) -> Option<Position> {
+        self.started_from
+    }
+
+    /// The newest event handled, by position (this run or earlier ones).
+    pub fn position(&self) -> Option<Position> {
+        Some(Position(self.inner.position.load(Ordering::Acquire))).filter(|p| p.0 > 0)
+    }
+
+    /// The last failure it is retrying (a command, the store), if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.inner.last_error.lock().unwrap().clone()
+    }
+
+    /// An instance's state; `None` if it has recorded nothing.
+    pub async fn instance(&self, correlation: &str) -> Result<Option<Instance<P::State>>, ProcessError> {
+        let instance = self.inner.load(correlation).await?;
+        Ok((instance.version > 0).then_some(instance))
+    }
+
+    /// Stops following and firing deadlines, and writes the checkpoint.
+    pub async fn shutdown(&self) {
+        self.inner.stop();
+        self.life.main.abort();
+        if let Some(scheduler) = self.inner.scheduler.get() {
+            scheduler.shutdown().await;
+        }
+        let _guard = self.inner.lock.lock().await;
+        let position = self.inner.position.load(Ordering::Acquire);
+        if position > 0 {
+            let _ = self.inner.write_checkpoint(Position(position)).await;
+        }
+    }
+}
+
+/// Follows the process's query from `from`, handling each event in turn.
+async fn follow<P: Process>(inner: Arc<Inner<P>>, from: Option<Position>, every: Duration) {
+    let mut written = from;
+    let mut tick = tokio::time::interval(every);
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let after = inner.position();
+        let start = after.map_or(StartFrom::Start, |p| StartFrom::After(p.0));
+        let mut subscription = match inner.store.subscribe(SubscriptionTarget::Query(inner.process.query()), start).await {
+            Ok(s) => s,
+            Err(e) => {
+                inner.failed(e.to_string());
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        loop {
+            tokio::select! {
+                next = subscription.next() => match next {
+                    Some(Ok(event)) => {
+                        let position = event.position;
+                        inner.handle_event(event).await;
+                        inner.position.store(position.0, Ordering::Release);
+                        delay = Duration::from_millis(100);
+                    }
+                    Some(Err(e)) => {
+                        inner.failed(e.to_string());
+                        tokio::time::sleep(delay).await;
+                        break;
+                    }
+                    None => return,
+                },
+                _ = tick.tick() => {
+                    let now = inner.position();
+                    if let Some(position) = now.filter(|_| now > written)
+                        && inner.write_checkpoint(position).await.is_ok()
+                    {
+                        written = now;
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum Key<'a> {
+    Event(&'a RecordedEvent),
+    Deadline(&'a str),
+}
+
+impl<P: Process> Inner<P> {
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        if let Some(scheduler) = self.scheduler.get() {
+            scheduler.stop();
+        }
+    }
+
+    fn position(&self) -> Option<Position> {
+        Some(Position(self.position.load(Ordering::Acquire))).filter(|p| p.0 > 0)
+    }
+
+    fn failed(&self, error: String) {
+        *self.last_error.lock().unwrap() = Some(error);
+    }
+
+    async fn write_checkpoint(&self, position: Position) -> Result<(), StoreError> {
+        let event = NewEvent::json(CHECKPOINT, &position).expect("positions serialise");
+        self.store.append(&checkpoint_stream(&self.name), ExpectedVersion::Any, vec![event]).await.map(|_| ())
+    }
+
+    async fn load(&self, correlation: &str) -> Result<Instance<P::State>, ProcessError> {
+        let stream = saga_stream(&self.name, correlation);
+        let newest = match self.store.read_stream(&stream, ReadStreamOptions::backward().limit(1)).await {
+            Ok(events) => events.into_iter().next(),
+            Err(StoreError::StreamNotFound { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let mut instance = Instance {
+            correlation: correlation.to_string(),
+            state: P::State::default(),
+            version: 0,
+            position: Position::START,
+            deadlines: Vec::new(),
+            ended: false,
+        };
+        if let Some(event) = newest {
+            let bad = |e: String| ProcessError::State(stream.clone(), e);
+            if event.event_type != REACTED && event.event_type != ENDED {
+                return Err(bad(format!("its last event is a {}", event.event_type)));
+            }
+            let reaction: Reaction = event.json().map_err(|e| bad(e.to_string()))?;
+            instance.state = serde_json::from_value(reaction.state).map_err(|e| bad(e.to_string()))?;
+            instance.version = event.version;
+            instance.position = reaction.position;
+            instance.deadlines = reaction.deadlines;
+            instance.ended = reaction.ended;
+        }
+        Ok(instance)
+    }
+
+    /// Handles one event, retrying until it is recorded (or skipped).
+    async fn handle_event(&self, event: RecordedEvent) {
+        let Some(correlation) = self.process.correlate(&event) else { return };
+        if correlation.is_empty() || correlation.starts_with('$') || cairn_core::validate_stream_name(&saga_stream(&self.name, &correlation)).is_err() {
+            return;
+        }
+        let _guard = self.lock.lock().await;
+        self.retry(|| self.handle(&correlation, Key::Event(&event))).await;
+    }
+
+    /// The deadline callback: `Err` has the scheduler try again later.
+    async fn deadline(&self, timer: FiredTimer) -> Result<(), String> {
+        #[derive(Deserialize)]
+        struct Payload {
+            correlation: String,
+            name: String,
+            version: u64,
+        }
+        let payload: Payload = serde_json::from_value(timer.payload).map_err(|e| e.to_string())?;
+        let _guard = self.lock.lock().await;
+        let instance = self.load(&payload.correlation).await.map_err(|e| e.to_string())?;
+        if !instance.ended && !instance.deadlines.iter().any(|d| d.timer == timer.id) && instance.version < payload.version {
+            // Set by a reaction not yet recorded (its process died in
+            // between): the event comes again, and then the deadline counts.
+            return Err(format!("deadline {} waits for version {} of its instance", payload.name, payload.version));
+        }
+        self.handle(&payload.correlation, Key::Deadline(&timer.id)).await.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    async fn retry<F, Fut>(&self, mut attempt: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<bool, ProcessError>>,
+    {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match attempt().await {
+                Ok(true) => return,
+                Ok(false) => delay = Duration::from_millis(100),
+                Err(e) => {
+                    self.failed(e.to_string());
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// One try: load, react, run the effects, record. `Ok(false)`: the
+    /// instance moved meanwhile, try again.
+    async fn handle(&self, correlation: &str, key: Key<'_>) -> Result<bool, ProcessError> {
+        let instance = self.load(correlation).await?;
+        let stream = saga_stream(&self.name, correlation);
+        let (message, message_key, position, handled) = match key {
+            Key::Event(event) => {
+                if instance.ended || event.position <= instance.position {
+                    return Ok(true);
+                }
+                let handled = format!("{} in {} at {}", event.event_type, event.stream, event.position);
+                (Message::Event(event.clone()), event.id.to_string(), event.position, handled)
+            }
+            Key::Deadline(timer) => {
+                let Some(deadline) = instance.deadlines.iter().find(|d| d.timer == timer).filter(|_| !instance.ended) else {
+                    return Ok(true);
+                };
+                let message = Message::Deadline { name: deadline.name.clone() };
+                (message, format!("deadline/{timer}"), instance.position, format!("deadline {}", deadline.name))
+            }
+        };
+        let mut state = instance.state.clone();
+        let effects = self.process.react(&mut state, message);
+        let mut deadlines = instance.deadlines.clone();
+        if let Key::Deadline(timer) = key {
+            deadlines.retain(|d| d.timer != timer);
+        }
+        let scheduler = self.scheduler.get().expect("set before any message");
+        let version = instance.version + 1;
+        let mut commands = Vec::new();
+        let mut ended = false;
+        for (i, effect) in effects.into_iter().enumerate() {
+            match effect {
+                Effect::Command { name, payload } => {
+                    let key = format!("{stream}/{message_key}/{i}");
+                    let command = Command { name, payload, key: key.clone(), process: self.name.clone(), correlation: correlation.to_string() };
+                    self.send(command).await;
+                    commands.push(key);
+                }
+                Effect::Deadline { name, after } => {
+                    let timer = format!("{correlation}/{name}@{version}");
+                    let payload = serde_json::json!({ "correlation": correlation, "name": name, "version": version });
+                    scheduler.schedule(&timer, after, TimerAction::callback(DEADLINE_KIND, payload)).await?;
+                    if !deadlines.iter().any(|d| d.timer == timer) {
+                        deadlines.push(PendingDeadline { timer, name });
+                    }
+                }
+                Effect::CancelDeadline { name } => {
+                    for d in deadlines.iter().filter(|d| d.name == name) {
+                        scheduler.cancel(&d.timer).await?;
+                    }
+                    deadlines.retain(|d| d.name != name);
+                }
+                Effect::End => ended = true,
+            }
+        }
+        if ended {
+            for d in deadlines.drain(..) {
+                scheduler.cancel(&d.timer).await?;
+            }
+        }
+        let reaction = Reaction { state: serde_json::to_value(&state).map_err(|e| ProcessError::State(stream.clone(), e.to_string()))?, position, handled, commands, deadlines, ended };
+        let event = NewEvent::json(if ended { ENDED } else { REACTED }, &reaction)
+            .expect("reactions serialise")
+            .with_id(derived_id(&format!("{stream}@{version}/{message_key}")));
+        match self.store.append(&stream, ExpectedVersion::Exact(instance.version), vec![event]).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::WrongExpectedVersion { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sends a command until the handler accepts it.
+    async fn send(&self, command: Command) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match (self.handler)(command.clone()).await {
+                Ok(()) => return,
+                Err(e) => {
+                    self.failed(format!("command {} ({}): {e}", command.name, command.key));
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
