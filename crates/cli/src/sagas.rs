@@ -175,7 +175,7 @@ async fn list(ctx: &Context, out: &mut String, store: &dyn EventStore, status: O
             s.status.as_str().to_string(),
             current_step(s),
             progress(s),
-            shorten(&problem(s), 60),
+            shorten(&problem(s), 80),
             s.started_at.map(time).unwrap_or_default(),
             duration(elapsed(s)),
         ]);
