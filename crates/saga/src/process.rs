@@ -24,7 +24,7 @@
 //! One manager runs per process name.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -205,7 +205,6 @@ impl<P: Process> ProcessManagerBuilder<P> {
             scheduler: std::sync::OnceLock::new(),
             lock: Mutex::new(()),
             position: AtomicU64::new(from.map_or(0, |p| p.0)),
-            stopping: AtomicBool::new(false),
             last_error: std::sync::Mutex::new(None),
         });
         // Deadlines already due fire as the scheduler starts: they wait for
@@ -227,7 +226,8 @@ impl<P: Process> ProcessManagerBuilder<P> {
         let _ = inner.scheduler.set(scheduler);
         drop(guard);
         let main = tokio::spawn(follow(inner.clone(), from, self.checkpoint_every));
-        Ok(ProcessManager { inner: inner.clone(), life: Arc::new(Life { stop: Box::new(move || inner.stop()), main }), started_from: from })
+        let life = Arc::new(Life { inner: inner.clone(), main: std::sync::Mutex::new(Some(main)) });
+        Ok(ProcessManager { inner, life, started_from: from })
     }
 }
 
@@ -236,7 +236,7 @@ impl<P: Process> ProcessManagerBuilder<P> {
 /// it cleanly.
 pub struct ProcessManager<P: Process> {
     inner: Arc<Inner<P>>,
-    life: Arc<Life>,
+    life: Arc<Life<P>>,
     started_from: Option<Position>,
 }
 
@@ -246,15 +246,24 @@ impl<P: Process> Clone for ProcessManager<P> {
     }
 }
 
-struct Life {
-    stop: Box<dyn Fn() + Send + Sync>,
-    main: JoinHandle<()>,
+struct Life<P: Process> {
+    inner: Arc<Inner<P>>,
+    main: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
-impl Drop for Life {
+impl<P: Process> Life<P> {
+    fn stop(&self) -> Option<JoinHandle<()>> {
+        let main = self.main.lock().unwrap().take();
+        main.inspect(|m| m.abort())
+    }
+}
+
+impl<P: Process> Drop for Life<P> {
     fn drop(&mut self) {
-        (self.stop)();
-        self.main.abort();
+        self.stop();
+        if let Some(scheduler) = self.inner.scheduler.get() {
+            scheduler.stop();
+        }
     }
 }
 
@@ -269,7 +278,6 @@ struct Inner<P: Process> {
     lock: Mutex<()>,
     /// The newest event handled (0: none).
     position: AtomicU64,
-    stopping: AtomicBool,
     last_error: std::sync::Mutex<Option<String>>,
 }
 
@@ -319,8 +327,9 @@ impl<P: Process> ProcessManager<P> {
 
     /// Stops following and firing deadlines, and writes the checkpoint.
     pub async fn shutdown(&self) {
-        self.inner.stop();
-        self.life.main.abort();
+        if let Some(main) = self.life.stop() {
+            let _ = main.await;
+        }
         if let Some(scheduler) = self.inner.scheduler.get() {
             scheduler.shutdown().await;
         }
@@ -384,13 +393,6 @@ enum Key<'a> {
 }
 
 impl<P: Process> Inner<P> {
-    fn stop(&self) {
-        self.stopping.store(true, Ordering::Release);
-        if let Some(scheduler) = self.scheduler.get() {
-            scheduler.stop();
-        }
-    }
-
     fn position(&self) -> Option<Position> {
         Some(Position(self.position.load(Ordering::Acquire))).filter(|p| p.0 > 0)
     }

@@ -269,7 +269,7 @@ impl SchedulerBuilder {
             firings: std::sync::Mutex::new(JoinSet::new()),
         });
         let main = tokio::spawn(run(inner.clone()));
-        Ok(Scheduler { life: Arc::new(Life { inner: inner.clone(), main }), inner, recovery })
+        Ok(Scheduler { life: Arc::new(Life { inner: inner.clone(), main: std::sync::Mutex::new(Some(main)) }), inner, recovery })
     }
 }
 
@@ -308,13 +308,20 @@ struct Inner {
 /// Stops the firing loop and the running actions when the last handle goes.
 struct Life {
     inner: Arc<Inner>,
-    main: JoinHandle<()>,
+    main: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Life {
+    fn stop(&self) -> Option<JoinHandle<()>> {
+        self.inner.stop();
+        let main = self.main.lock().unwrap().take();
+        main.inspect(|m| m.abort())
+    }
 }
 
 impl Drop for Life {
     fn drop(&mut self) {
-        self.inner.stop();
-        self.main.abort();
+        self.stop();
     }
 }
 
@@ -467,13 +474,14 @@ impl Scheduler {
     /// Stops firing now; running actions are aborted. Timers stay pending in
     /// the store: the next scheduler of this name fires them.
     pub fn stop(&self) {
-        self.inner.stop();
-        self.life.main.abort();
+        self.life.stop();
     }
 
     /// [`Scheduler::stop`], then waits until the running actions are gone.
     pub async fn shutdown(&self) {
-        self.stop();
+        if let Some(main) = self.life.stop() {
+            let _ = main.await;
+        }
         let mut firings = std::mem::take(&mut *self.inner.firings.lock().unwrap());
         while firings.join_next().await.is_some() {}
     }
