@@ -18,7 +18,7 @@ const ALL: [&str; 7] = ["W1", "W1c", "W2", "W3", "W4", "W5", "W6"];
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Workloads to run, in order (default: W1 W1c W2 W3 W4 W5 W6; also D1 D2, G1 for consumer groups, W7 for the HTTP server). W4 reads what the others wrote.
+    /// Workloads to run, in order (default: W1 W1c W2 W3 W4 W5 W6; also D1 D2, G1 for consumer groups, W7 for the HTTP server, W8 sagas, W9 the relay). W4 reads what the others wrote.
     pub workloads: Vec<String>,
     /// Scale the event counts by this factor (1.0 = the sizes in WORKLOADS.md).
     #[arg(long, default_value_t = 1.0)]
@@ -97,7 +97,7 @@ impl Target {
 }
 
 /// Workloads that run on PostgreSQL too (the others use the embedded engine's own parts).
-const ON_POSTGRES: [&str; 7] = ["W1", "W1c", "W2", "W3", "W4", "W5", "W9"];
+const ON_POSTGRES: [&str; 8] = ["W1", "W1c", "W2", "W3", "W4", "W5", "W8", "W9"];
 
 fn spinner(what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new_spinner();
@@ -114,8 +114,8 @@ pub async fn run(ctx: &crate::commands::Context, args: BenchArgs) -> Result<()> 
         args.workloads.clone()
     };
     for w in &workloads {
-        if !ALL.contains(&w.as_str()) && !crate::bench_dcb::WORKLOADS.contains(&w.as_str()) && w != "G1" && w != "W7" && w != "W9" {
-            bail!("unknown workload '{w}'; choose from {} {} G1 W7 W9", ALL.join(" "), crate::bench_dcb::WORKLOADS.join(" "));
+        if !ALL.contains(&w.as_str()) && !crate::bench_dcb::WORKLOADS.contains(&w.as_str()) && !["G1", "W7", "W8", "W9"].contains(&w.as_str()) {
+            bail!("unknown workload '{w}'; choose from {} {} G1 W7 W8 W9", ALL.join(" "), crate::bench_dcb::WORKLOADS.join(" "));
         }
         if postgres && !ON_POSTGRES.contains(&w.as_str()) {
             bail!("workload '{w}' runs on the embedded engine only for now; on PostgreSQL: {}", ON_POSTGRES.join(" "));
@@ -160,6 +160,7 @@ async fn run_workloads(target: &Target, workloads: &[String], args: &BenchArgs, 
             ("W6", Some(store)) => crate::bench_cqrs::w6(store, scaled(1_000_000, s), dir).await?,
             ("G1", Some(store)) => crate::bench_cqrs::g1(store, scaled(100_000, s)).await?,
             ("W7", Some(store)) => crate::bench_server::w7(store, 10.0 * s).await?,
+            ("W8", _) => crate::bench_saga::w8(target, scaled(10_000, s)).await?,
             ("W9", _) => crate::bench_relay::w9(target, scaled(100_000, s), crate::bench_relay::live_events(s), &args.sink).await?,
             ("D1" | "D2", Some(store)) => crate::bench_dcb::run(store, w, s).await?,
             _ => unreachable!("checked above"),
