@@ -4,11 +4,13 @@ mod bench;
 mod bench_cqrs;
 mod bench_dcb;
 mod bench_relay;
+mod bench_saga;
 mod bench_server;
 mod census;
 mod commands;
 mod demo;
 mod demo_orders;
+mod demo_sagas;
 mod operate;
 mod relay;
 mod sagas;
@@ -66,14 +68,18 @@ enum Command {
         #[arg(long)]
         keep: Option<PathBuf>,
     },
-    /// A narrated demo on a fresh store: `bank` (aggregates), `courses` (tags and conditions)
-    /// or `orders` (projections, consumers, read models; notification vs event-carried state).
+    /// A narrated demo on a fresh store: `bank` (aggregates), `courses` (tags and conditions),
+    /// `orders` (projections, consumers, read models; notification vs event-carried state)
+    /// or `sagas` (the order saga: compensation, timeouts, crash recovery, deadlines).
     Demo {
         #[arg(value_enum, default_value = "bank")]
         which: Demo,
-        /// Keep the demo's data in this new directory (orders only), to look at it afterwards.
+        /// Keep the demo's data in this new directory (orders and sagas), to look at it afterwards.
         #[arg(long, value_name = "DIR")]
         keep: Option<PathBuf>,
+        /// Sagas only: run one order whose payment is charged (ok), declined, or hangs until the step times out.
+        #[arg(long, value_enum)]
+        payment: Option<demo_sagas::Payment>,
     },
     /// Serve the store (--data, or PostgreSQL with --backend postgres) over HTTP and gRPC (default http://127.0.0.1:8720; the API at /openapi.json).
     Serve(serve::ServeArgs),
@@ -123,6 +129,8 @@ enum Demo {
     Courses,
     /// The order flow: independent consumers with checkpoints, lag, read models; the insurance quote.
     Orders,
+    /// The order saga: CreateOrder/CancelOrder, ChargeCard/RefundCard, ReserveItems/ReleaseItems; a payment that fails or hangs; a restart; a deadline.
+    Sagas,
 }
 
 fn main() -> ExitCode {
@@ -153,8 +161,10 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Tour { keep } => tour::run(keep).await,
-            Command::Demo { which: Demo::Orders, keep } => demo_orders::run(keep).await,
-            Command::Demo { keep: Some(_), .. } => Err(anyhow::anyhow!("--keep works with `cairn demo orders` only for now; run the others without it")),
+            Command::Demo { which: Demo::Sagas, keep, payment } => demo_sagas::run(keep, payment).await,
+            Command::Demo { payment: Some(_), .. } => Err(anyhow::anyhow!("--payment belongs to `cairn demo sagas`; run the others without it")),
+            Command::Demo { which: Demo::Orders, keep, .. } => demo_orders::run(keep).await,
+            Command::Demo { keep: Some(_), .. } => Err(anyhow::anyhow!("--keep works with `cairn demo orders` and `cairn demo sagas` only for now; run the others without it")),
             Command::Demo { which: Demo::Bank, .. } => demo::run_bank().await,
             Command::Demo { which: Demo::Courses, .. } => demo::run_courses().await,
             Command::Serve(a) => serve::run(&ctx, a).await,

@@ -1,0 +1,238 @@
+//! `cairn demo sagas`: the order saga — CreateOrder/CancelOrder,
+//! ChargeCard/RefundCard, ReserveItems/ReleaseItems — run by a `SagaRunner`
+//! on a fresh store: all goes well; the card is declined; the items are out
+//! of stock; the payment service hangs and the step times out; the runner
+//! stops mid-saga and a new one resumes it; an unpaid order is cancelled by
+//! a durable deadline. `--payment decline|hang` runs one order with that
+//! payment behaviour instead.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use cairn_core::{EventStore, ExpectedVersion, NewEvent, ReadStreamOptions, StoreError};
+use cairn_log::EmbeddedStore;
+use cairn_saga::{Saga, SagaEvent, SagaRunner, Scheduler, Step, StepContext, StepError, TimerAction};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::tour::step;
+
+/// How the payment service behaves for an order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Payment {
+    /// The card is charged.
+    Ok,
+    /// The card is declined: the order is cancelled.
+    Decline,
+    /// The payment service never answers: the step times out, the charge is refunded (it may have gone through) and the order cancelled.
+    Hang,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OrderInput {
+    customer: String,
+    sku: String,
+    quantity: u32,
+    cents: u64,
+    payment: Payment,
+}
+
+/// The charge step waits this long here (30 s by default) so the demo does not.
+const CHARGE_TIMEOUT: Duration = Duration::from_secs(2);
+/// What the warehouse has.
+const STOCK: u32 = 5;
+
+/// Appends one event for a step, with the step's key as its id: a step that
+/// runs again after a crash writes nothing new.
+async fn record(store: &dyn EventStore, ctx: &StepContext, stream: String, event_type: &str, data: serde_json::Value) -> Result<(), StepError> {
+    let event = NewEvent::json(event_type, &data)?.with_id(ctx.event_id()).with_metadata(ctx.metadata());
+    store.append(&stream, ExpectedVersion::Any, vec![event]).await?;
+    Ok(())
+}
+
+async fn has(store: &dyn EventStore, stream: &str, event_type: &str) -> Result<bool, StepError> {
+    match store.read_stream(stream, ReadStreamOptions::forward()).await {
+        Ok(events) => Ok(events.iter().any(|e| e.event_type == event_type)),
+        Err(StoreError::StreamNotFound { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The three services as saga steps, each with its compensation.
+pub fn order_saga(store: Arc<dyn EventStore>) -> Saga {
+    let s = store.clone();
+    let create = Step::new("create-order", move |ctx: StepContext| {
+        let store = s.clone();
+        async move {
+            let o: OrderInput = ctx.input()?;
+            let data = json!({ "customer": o.customer, "sku": o.sku, "quantity": o.quantity, "cents": o.cents });
+            record(store.as_ref(), &ctx, format!("order-{}", ctx.saga_id), "OrderCreated", data).await
+        }
+    });
+    let s = store.clone();
+    let create = create.compensate(move |ctx: StepContext| {
+        let store = s.clone();
+        async move { record(store.as_ref(), &ctx, format!("order-{}", ctx.saga_id), "OrderCancelled", json!({ "reason": "saga compensated" })).await }
+    });
+
+    let s = store.clone();
+    let charge = Step::new("charge-card", move |ctx: StepContext| {
+        let store = s.clone();
+        async move {
+            let o: OrderInput = ctx.input()?;
+            match o.payment {
+                Payment::Decline => Err(StepError::new("card declined by the issuer")),
+                Payment::Hang => std::future::pending().await,
+                Payment::Ok => {
+                    let charge = format!("ch_{}", &ctx.event_id().simple().to_string()[..10]);
+                    record(store.as_ref(), &ctx, format!("payment-{}", ctx.saga_id), "CardCharged", json!({ "charge": charge, "cents": o.cents })).await?;
+                    Ok(charge)
+                }
+            }
+        }
+    })
+    .timeout(CHARGE_TIMEOUT);
+    let s = store.clone();
+    let charge = charge.compensate(move |ctx: StepContext| {
+        let store = s.clone();
+        async move {
+            // After a timeout the charge may or may not exist: refund only what was charged.
+            let stream = format!("payment-{}", ctx.saga_id);
+            if has(store.as_ref(), &stream, "CardCharged").await? {
+                record(store.as_ref(), &ctx, stream, "CardRefunded", json!({})).await?;
+                Ok("refunded")
+            } else {
+                Ok("nothing was charged")
+            }
+        }
+    });
+
+    let s = store.clone();
+    let reserve = Step::new("reserve-items", move |ctx: StepContext| {
+        let store = s.clone();
+        async move {
+            let o: OrderInput = ctx.input()?;
+            if o.quantity > STOCK {
+                return Err(StepError::new(format!("only {STOCK} of {} in stock, {} wanted", o.sku, o.quantity)));
+            }
+            record(store.as_ref(), &ctx, format!("inventory-{}", ctx.saga_id), "ItemsReserved", json!({ "sku": o.sku, "quantity": o.quantity })).await
+        }
+    });
+    let s = store;
+    let reserve = reserve.compensate(move |ctx: StepContext| {
+        let store = s.clone();
+        async move { record(store.as_ref(), &ctx, format!("inventory-{}", ctx.saga_id), "ItemsReleased", json!({})).await }
+    });
+
+    Saga::new("order").step(create).step(charge).step(reserve)
+}
+
+fn order(id: u32, quantity: u32, payment: Payment) -> OrderInput {
+    OrderInput { customer: format!("customer-{id}"), sku: "tea-pot".into(), quantity, cents: 2_900 * quantity as u64, payment }
+}
+
+/// Prints a saga's history as a timeline, and what the services hold.
+async fn show(store: &dyn EventStore, id: &str) -> Result<()> {
+    let events = store.read_stream(&format!("$saga-order-{id}"), ReadStreamOptions::forward()).await?;
+    let start = events.first().map(|e| e.timestamp.as_micros()).unwrap_or(0);
+    for e in &events {
+        let Some(event) = SagaEvent::from_recorded(e) else { continue };
+        let ms = (e.timestamp.as_micros() - start) as f64 / 1000.0;
+        println!("  {ms:>8.1} ms  {}", event.describe());
+    }
+    let mut services = Vec::new();
+    for category in ["order", "payment", "inventory"] {
+        if let Ok(events) = store.read_stream(&format!("{category}-{id}"), ReadStreamOptions::forward()).await {
+            services.push(format!("{category}-{id}: {}", events.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>().join(", ")));
+        }
+    }
+    println!("  services: {}", if services.is_empty() { "nothing written".into() } else { services.join(" | ") });
+    Ok(())
+}
+
+async fn run_one(runner: &SagaRunner, store: &dyn EventStore, id: u32, input: OrderInput) -> Result<()> {
+    let id = id.to_string();
+    runner.start("order", &id, &input).await?;
+    let state = runner.wait("order", &id).await?;
+    show(store, &id).await?;
+    println!("  → {}", state.status.as_str());
+    Ok(())
+}
+
+pub async fn run(keep: Option<PathBuf>, payment: Option<Payment>) -> Result<()> {
+    let temp = tempfile::Builder::new().prefix("cairn-demo-").tempdir()?;
+    let dir = match &keep {
+        Some(dir) if dir.join("log").exists() => {
+            anyhow::bail!("{} already holds a Cairn store; the demo needs a fresh one: pass another --keep directory", dir.display())
+        }
+        Some(dir) => dir.clone(),
+        None => temp.path().to_path_buf(),
+    };
+    println!("Cairn demo: the order saga, with compensation, timeouts, crash recovery and a deadline (store in {})", dir.display());
+    let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(&dir)?);
+    let runner = SagaRunner::builder(store.clone(), "shop").saga(order_saga(store.clone())).run().await?;
+
+    if let Some(payment) = payment {
+        step(&format!("An order whose payment is set to {payment:?}"));
+        run_one(&runner, store.as_ref(), 1, order(1, 2, payment)).await?;
+    } else {
+        step("1. All goes well: CreateOrder → ChargeCard → ReserveItems");
+        println!("  Each transition is an event in the saga's own stream ($saga-order-1), appended before the next step runs.");
+        run_one(&runner, store.as_ref(), 1, order(1, 2, Payment::Ok)).await?;
+
+        step("2. The card is declined: the order is cancelled (CancelOrder)");
+        run_one(&runner, store.as_ref(), 2, order(2, 2, Payment::Decline)).await?;
+
+        step("3. Out of stock after payment: RefundCard, then CancelOrder — the completed steps undone newest first");
+        run_one(&runner, store.as_ref(), 3, order(3, 9, Payment::Ok)).await?;
+
+        step(&format!("4. The payment service hangs: the step times out after {} s (30 s by default)", CHARGE_TIMEOUT.as_secs()));
+        println!("  The charge may have gone through after we stopped waiting, so it is compensated too (the refund finds nothing to refund).");
+        run_one(&runner, store.as_ref(), 4, order(4, 1, Payment::Hang)).await?;
+
+        step("5. The runner stops mid-saga; a new runner resumes it from the saga's stream");
+        runner.start("order", "5", &order(5, 1, Payment::Hang)).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        runner.shutdown().await;
+        println!("  Stopped while charge-card was in flight. A new runner starts:");
+        let runner = SagaRunner::builder(store.clone(), "shop").saga(order_saga(store.clone())).run().await?;
+        println!("  it found {} unfinished saga(s) in the store and resumed them: create-order does not run again;", runner.recovered());
+        println!("  charge-card, in flight when the runner stopped, runs again with the same idempotency key (and still hangs).");
+        let state = runner.wait("order", "5").await?;
+        show(store.as_ref(), "5").await?;
+        println!("  → {}", state.status.as_str());
+        runner.shutdown().await;
+
+        step("6. A deadline: cancel an order unpaid after 15 minutes (2 s here), surviving a restart");
+        store.append("order-6", ExpectedVersion::NoStream, vec![NewEvent::json("OrderCreated", &json!({ "customer": "customer-6" }))?]).await?;
+        let scheduler = Scheduler::builder(store.clone(), "orders").start().await?;
+        let cancel = TimerAction::append("order-6", "OrderCancelled", json!({ "reason": "not paid in time" }));
+        scheduler.schedule("cancel-unpaid-order-6", Duration::from_secs(2), cancel).await?;
+        println!("  Scheduled in $timer-orders. The scheduler stops before it is due…");
+        scheduler.shutdown().await;
+        let scheduler = Scheduler::builder(store.clone(), "orders").start().await?;
+        println!("  …and a new one re-arms {} pending timer(s) from the stream.", scheduler.pending().await.len());
+        let fired = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let events = store.read_stream("order-6", ReadStreamOptions::forward()).await?;
+                if events.iter().any(|e| e.event_type == "OrderCancelled") {
+                    return anyhow::Ok(events);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await??;
+        println!("  order-6: {}", fired.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>().join(", "));
+        scheduler.shutdown().await;
+    }
+
+    println!("\nThe code: crates/cli/src/demo_sagas.rs; the library: crates/saga (SagaRunner, Scheduler, ProcessManager).");
+    match keep {
+        Some(dir) => println!("The data stays in {0}: try `cairn --data {0} sagas list` and `cairn --data {0} sagas show order 3`.", dir.display()),
+        None => println!("Run with --keep DIR to look at the sagas afterwards with `cairn --data DIR sagas list`."),
+    }
+    Ok(())
+}
