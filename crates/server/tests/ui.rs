@@ -80,3 +80,73 @@ fn events_appended_through_the_api_appear_in_the_page() {
     assert!(!all.contains("<img src=\"x\"") && !all.contains("<script>alert(2)"), "no markup from event text: {all}");
     rt.block_on(running.shutdown()).unwrap();
 }
+
+/// Appends a saga's history as its runner would, event by event, through the API.
+async fn append_saga(client: &HttpStore, stream: &str, events: &[(&str, serde_json::Value)]) {
+    let events = events.iter().map(|(t, d)| NewEvent::json(*t, d).unwrap()).collect();
+    client.append(stream, ExpectedVersion::NoStream, events).await.unwrap();
+}
+
+#[test]
+fn the_sagas_view_lists_sagas_appended_through_the_api_and_shows_a_timeline() {
+    let Some(browser) = chromium() else {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI needs chromium for the UI test; .ci/run installs it");
+        eprintln!("skipped: no chromium (apt-get install chromium) for the web UI test");
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let running = rt.block_on(async { cairn_server::start(store, ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() }) }).unwrap();
+    let url = running.url.clone();
+    let steps = json!(["create-order", "charge-card", "reserve-items"]);
+    rt.block_on(async {
+        let client = HttpStore::new(&url).unwrap();
+        append_saga(&client, "$saga-order-1", &[
+            ("SagaStarted", json!({"saga": "order", "input": {"customer": "ada"}, "steps": steps})),
+            ("StepCompleted", json!({"step": "create-order", "output": {"order": 1}})),
+            ("StepFailed", json!({"step": "charge-card", "error": "card declined"})),
+            ("Compensating", json!({"reason": "charge-card failed: card declined", "undo": ["create-order"], "not_undoable": []})),
+            ("StepCompensated", json!({"step": "create-order"})),
+            ("SagaCompensated", json!({})),
+        ])
+        .await;
+        append_saga(&client, "$saga-order-2", &[
+            ("SagaStarted", json!({"saga": "order", "input": {}, "steps": steps})),
+            ("StepCompleted", json!({"step": "create-order", "output": null})),
+            ("StepCompleted", json!({"step": "charge-card", "output": null})),
+            ("StepTimedOut", json!({"step": "reserve-items", "after_ms": 30000})),
+            ("Compensating", json!({"reason": "reserve-items timed out after 30 s", "undo": ["reserve-items", "charge-card", "create-order"], "not_undoable": []})),
+            ("StepCompensated", json!({"step": "reserve-items"})),
+            ("CompensationFailed", json!({"step": "charge-card", "attempt": 1, "error": "<b>payments</b> down"})),
+            ("SagaParked", json!({"step": "charge-card", "attempts": 1, "error": "<b>payments</b> down"})),
+        ])
+        .await;
+        append_saga(&client, "$saga-order-3", &[("SagaStarted", json!({"saga": "order", "input": {}, "steps": steps}))]).await;
+        // A runner's checkpoint lives among the saga streams but is no saga.
+        append_saga(&client, "$saga-shop", &[("RunnerCheckpoint", json!({"after": 0, "parked": []}))]).await;
+    });
+
+    let list = dom(&browser, &format!("{url}/#/sagas"));
+    assert!(list.contains("3 sagas"), "{list}");
+    assert!(list.contains("compensated") && list.contains("needs attention") && list.contains("running"), "{list}");
+    assert!(list.contains("charge-card failed: card declined") && list.contains("undo charge-card") && list.contains("2/3, 1/3 undone"), "{list}");
+    assert!(list.contains("href=\"#/saga/%24saga-order-1\""), "each saga links to its timeline: {list}");
+    assert!(!list.contains("shop"), "the checkpoint is not listed: {list}");
+    assert!(list.contains("&lt;b&gt;payments&lt;/b&gt; down") && !list.contains("<b>payments"), "event text is text: {list}");
+
+    let parked = dom(&browser, &format!("{url}/#/sagas/needs_attention"));
+    assert!(parked.contains("1 saga;") && parked.contains("undo charge-card") && !parked.contains("card declined"), "{parked}");
+
+    let one = dom(&browser, &format!("{url}/#/saga/%24saga-order-1"));
+    assert!(one.contains("Saga order 1") && one.contains("compensated"), "{one}");
+    for step in ["create-order ✓↩", "charge-card ✗", "reserve-items ·"] {
+        assert!(one.contains(step), "the pipeline shows {step:?}: {one}");
+    }
+    for line in ["started order: create-order → charge-card → reserve-items", "create-order done: {\"order\":1}", "charge-card failed: card declined", "compensating: create-order", "create-order undone"] {
+        assert!(one.contains(line), "the timeline has {line:?}: {one}");
+    }
+    let two = dom(&browser, &format!("{url}/#/saga/%24saga-order-2"));
+    assert!(two.contains("charge-card ✓↩✗") && two.contains("reserve-items ✗↩") && two.contains("cairn sagas resume order 2"), "{two}");
+    rt.block_on(running.shutdown()).unwrap();
+}
