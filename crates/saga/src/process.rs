@@ -344,7 +344,7 @@ impl<P: Process> ProcessManager<P> {
 /// Follows the process's query from `from`, handling each event in turn.
 async fn follow<P: Process>(inner: Arc<Inner<P>>, from: Option<Position>, every: Duration) {
     let mut written = from;
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let mut delay = Duration::from_millis(100);
     loop {
         let after = inner.position();

@@ -1,0 +1,278 @@
+//! Process managers on the embedded store: an order fulfilment process
+//! follows `order-*` and `payment-*` events correlated by correlation id,
+//! ships when both arrived (in either order), and cancels an order whose
+//! payment missed its deadline. Restarts do not send commands twice and
+//! resume from the checkpoint; a crash between a command and its record sends
+//! it again with the same key.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cairn_core::{EventStore, ExpectedVersion, Metadata, NewEvent, Position, Query, QueryItem, ReadStreamOptions, RecordedEvent, StoreError};
+use cairn_log::EmbeddedStore;
+use cairn_saga::{timer_stream, Command, Effect, Message, Process, ProcessManager, TimerEvent};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+fn store_in(dir: &Path) -> Arc<dyn EventStore> {
+    Arc::new(EmbeddedStore::open(dir).expect("open store"))
+}
+
+async fn eventually(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Fulfilment {
+    order: Option<String>,
+    paid: bool,
+}
+
+struct OrderFulfilment {
+    payment_window: Duration,
+}
+
+impl Process for OrderFulfilment {
+    type State = Fulfilment;
+
+    fn name(&self) -> &str {
+        "fulfilment"
+    }
+
+    fn query(&self) -> Query {
+        Query::new([QueryItem::types(["OrderPlaced"]).with_categories(["order"]), QueryItem::types(["PaymentReceived"]).with_categories(["payment"])])
+    }
+
+    fn react(&self, state: &mut Fulfilment, message: Message) -> Vec<Effect> {
+        match message {
+            Message::Event(e) if e.event_type == "OrderPlaced" => {
+                state.order = Some(e.stream.clone());
+                if state.paid { ship(state) } else { vec![Effect::deadline("payment", self.payment_window)] }
+            }
+            Message::Event(e) if e.event_type == "PaymentReceived" => {
+                state.paid = true;
+                if state.order.is_some() { ship(state) } else { Vec::new() }
+            }
+            Message::Deadline { name } if name == "payment" && !state.paid => {
+                vec![Effect::command("CancelOrder", json!({ "order": state.order })), Effect::End]
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+fn ship(state: &Fulfilment) -> Vec<Effect> {
+    vec![Effect::command("ShipOrder", json!({ "order": state.order })), Effect::End]
+}
+
+/// Commands received, in order: (name, order, key).
+type Sent = Arc<Mutex<Vec<(String, String, String)>>>;
+
+async fn start(store: &Arc<dyn EventStore>, sent: &Sent, window: Duration, checkpoint_every: Duration) -> ProcessManager<OrderFulfilment> {
+    let sent = sent.clone();
+    ProcessManager::builder(store.clone(), OrderFulfilment { payment_window: window }, move |command: Command| {
+        sent.lock().unwrap().push((command.name, command.payload["order"].as_str().unwrap_or_default().to_string(), command.key));
+        async { Ok::<(), String>(()) }
+    })
+    .checkpoint_every(checkpoint_every)
+    .start()
+    .await
+    .unwrap()
+}
+
+async fn emit(store: &dyn EventStore, stream: &str, event_type: &str, correlation: Uuid) -> Position {
+    let metadata = Metadata { correlation_id: Some(correlation), ..Metadata::default() };
+    let event = NewEvent::json(event_type, &json!({})).unwrap().with_metadata(metadata);
+    store.append(stream, ExpectedVersion::Any, vec![event]).await.unwrap().position
+}
+
+fn commands(sent: &Sent, name: &str) -> Vec<String> {
+    let mut orders: Vec<String> = sent.lock().unwrap().iter().filter(|c| c.0 == name).map(|c| c.1.clone()).collect();
+    orders.sort();
+    orders
+}
+
+fn each_key_once(sent: &Sent) {
+    let mut keys: HashMap<String, usize> = HashMap::new();
+    for (_, _, key) in sent.lock().unwrap().iter() {
+        *keys.entry(key.clone()).or_default() += 1;
+    }
+    assert!(keys.values().all(|n| *n == 1), "a command was sent twice: {keys:?}");
+}
+
+async fn read(store: &dyn EventStore, stream: &str) -> Vec<RecordedEvent> {
+    match store.read_stream(stream, ReadStreamOptions::forward()).await {
+        Ok(events) => events,
+        Err(StoreError::StreamNotFound { .. }) => Vec::new(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[tokio::test]
+async fn ships_paid_orders_and_cancels_unpaid_ones_at_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_in(dir.path());
+    let sent = Sent::default();
+    let manager = start(&store, &sent, Duration::from_millis(500), Duration::from_secs(1)).await;
+    let (paid, unpaid, paid_first) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let placed_at = Instant::now();
+    emit(store.as_ref(), "order-1", "OrderPlaced", paid).await;
+    emit(store.as_ref(), "order-2", "OrderPlaced", unpaid).await;
+    emit(store.as_ref(), "payment-1", "PaymentReceived", paid).await;
+    emit(store.as_ref(), "payment-3", "PaymentReceived", paid_first).await;
+    emit(store.as_ref(), "order-3", "OrderPlaced", paid_first).await;
+    // Not correlated, or not followed: ignored.
+    store.append("order-9", ExpectedVersion::Any, vec![NewEvent::json("OrderPlaced", &json!({})).unwrap()]).await.unwrap();
+    emit(store.as_ref(), "order-1", "OrderNoted", paid).await;
+
+    eventually("two shipments", Duration::from_secs(5), async || commands(&sent, "ShipOrder").len() == 2).await;
+    assert_eq!(commands(&sent, "ShipOrder"), ["order-1", "order-3"], "paid before or after the order was placed");
+    assert!(commands(&sent, "CancelOrder").is_empty(), "order-2's deadline is not due yet");
+    eventually("the cancellation", Duration::from_secs(5), async || !commands(&sent, "CancelOrder").is_empty()).await;
+    assert!(placed_at.elapsed() >= Duration::from_millis(500));
+    assert_eq!(commands(&sent, "CancelOrder"), ["order-2"]);
+
+    // A payment after the cancellation: the instance is over.
+    emit(store.as_ref(), "payment-2", "PaymentReceived", unpaid).await;
+    let last = emit(store.as_ref(), "payment-1", "PaymentReceived", paid).await;
+    eventually("the last event handled", Duration::from_secs(5), async || manager.position() == Some(last)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(sent.lock().unwrap().len(), 3, "order-1's and order-3's deadlines were cancelled: {:?}", sent.lock().unwrap());
+    each_key_once(&sent);
+
+    let instance = manager.instance(&unpaid.to_string()).await.unwrap().unwrap();
+    assert!(instance.ended && !instance.state.paid && instance.deadlines.is_empty());
+    assert_eq!(instance.version, 2, "placed, then the deadline");
+    let instance = manager.instance(&paid.to_string()).await.unwrap().unwrap();
+    assert!(instance.ended && instance.state.paid);
+    assert!(manager.instance(&Uuid::now_v7().to_string()).await.unwrap().is_none());
+    let stream = read(store.as_ref(), &format!("$saga-fulfilment-{paid}")).await;
+    assert_eq!(stream.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>(), ["ProcessReacted", "ProcessEnded"]);
+
+    let timers: Vec<_> = read(store.as_ref(), &timer_stream("fulfilment-deadlines")).await.iter().filter_map(TimerEvent::from_recorded).collect();
+    let count = |t: &str| timers.iter().filter(|e| e.type_name() == t).count();
+    assert_eq!((count("TimerScheduled"), count("TimerCancelled"), count("TimerFired")), (2, 1, 1), "{timers:?}");
+    assert!(manager.last_error().is_none(), "{:?}", manager.last_error());
+}
+
+#[tokio::test]
+async fn a_restart_sends_nothing_twice_and_resumes_from_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_in(dir.path());
+    let sent = Sent::default();
+    let orders: Vec<Uuid> = (0..6).map(|_| Uuid::now_v7()).collect();
+    let manager = start(&store, &sent, Duration::from_secs(3600), Duration::from_millis(50)).await;
+    for (i, id) in orders.iter().enumerate() {
+        emit(store.as_ref(), &format!("order-{i}"), "OrderPlaced", *id).await;
+    }
+    let mut last = Position::START;
+    for (i, id) in orders.iter().enumerate().take(3) {
+        last = emit(store.as_ref(), &format!("payment-{i}"), "PaymentReceived", *id).await;
+    }
+    eventually("three shipments", Duration::from_secs(5), async || commands(&sent, "ShipOrder").len() == 3).await;
+    let checkpoint = async || read(store.as_ref(), "$saga-fulfilment-$checkpoint").await.last().and_then(|e| e.json::<Position>().ok());
+    eventually("the checkpoint", Duration::from_secs(5), async || checkpoint().await == Some(last)).await;
+    drop(manager);
+
+    // Restarted: from the checkpoint, so nothing is handled again; the
+    // other orders are still waiting for their payment.
+    let manager = start(&store, &sent, Duration::from_secs(3600), Duration::from_secs(3600)).await;
+    assert_eq!(manager.started_from(), Some(last));
+    for (i, id) in orders.iter().enumerate().skip(3).take(2) {
+        last = emit(store.as_ref(), &format!("payment-{i}"), "PaymentReceived", *id).await;
+    }
+    eventually("five shipments", Duration::from_secs(5), async || commands(&sent, "ShipOrder").len() == 5).await;
+    eventually("the last payment handled", Duration::from_secs(5), async || manager.position() == Some(last)).await;
+    drop(manager);
+
+    // Its checkpoint was not written again (once an hour): the next one gets
+    // the last two payments again, and its instances say they were handled.
+    let manager = start(&store, &sent, Duration::from_secs(3600), Duration::from_millis(50)).await;
+    assert!(manager.started_from() < Some(last));
+    eventually("the redelivered payments", Duration::from_secs(5), async || manager.position() == Some(last)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(commands(&sent, "ShipOrder"), ["order-0", "order-1", "order-2", "order-3", "order-4"]);
+    each_key_once(&sent);
+    manager.shutdown().await;
+    assert_eq!(checkpoint().await, Some(last), "shutdown writes the checkpoint");
+    let unpaid = ProcessManager::builder(store.clone(), OrderFulfilment { payment_window: Duration::ZERO }, |_| async { Ok::<(), String>(()) })
+        .start()
+        .await
+        .unwrap()
+        .instance(&orders[5].to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!unpaid.ended && unpaid.deadlines.len() == 1, "order-5 still waits for its payment: {unpaid:?}");
+}
+
+#[tokio::test]
+async fn a_deadline_set_before_a_restart_fires_once_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_in(dir.path());
+    let sent = Sent::default();
+    let manager = start(&store, &sent, Duration::from_millis(400), Duration::from_millis(50)).await;
+    let order = Uuid::now_v7();
+    let placed = emit(store.as_ref(), "order-1", "OrderPlaced", order).await;
+    eventually("the order handled", Duration::from_secs(5), async || manager.position() == Some(placed)).await;
+    manager.shutdown().await;
+    drop(manager);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(sent.lock().unwrap().is_empty(), "no manager ran when it came due");
+
+    let manager = start(&store, &sent, Duration::from_millis(400), Duration::from_millis(50)).await;
+    eventually("the cancellation", Duration::from_secs(5), async || commands(&sent, "CancelOrder").len() == 1).await;
+    drop(manager);
+    let manager = start(&store, &sent, Duration::from_millis(400), Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sent.lock().unwrap().len(), 1, "{:?}", sent.lock().unwrap());
+    assert!(manager.instance(&order.to_string()).await.unwrap().unwrap().ended);
+}
+
+#[tokio::test]
+async fn a_crash_before_the_record_sends_the_same_command_again_with_the_same_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_in(dir.path());
+    let sent = Sent::default();
+    let hang = Arc::new(AtomicBool::new(true));
+    let handler = {
+        let (sent, hang) = (sent.clone(), hang.clone());
+        move |command: Command| {
+            sent.lock().unwrap().push((command.name.clone(), String::new(), command.key.clone()));
+            let hang = hang.swap(false, Ordering::AcqRel);
+            async move {
+                if hang {
+                    // The process dies while the command is on its way.
+                    std::future::pending::<()>().await;
+                }
+                Ok::<(), String>(())
+            }
+        }
+    };
+    let process = || OrderFulfilment { payment_window: Duration::from_secs(3600) };
+    let manager = ProcessManager::builder(store.clone(), process(), handler.clone()).start().await.unwrap();
+    let order = Uuid::now_v7();
+    emit(store.as_ref(), "order-1", "OrderPlaced", order).await;
+    emit(store.as_ref(), "payment-1", "PaymentReceived", order).await;
+    eventually("the command", Duration::from_secs(5), async || sent.lock().unwrap().len() == 1).await;
+    drop(manager);
+    let instance_stream = format!("$saga-fulfilment-{order}");
+    assert_eq!(read(store.as_ref(), &instance_stream).await.len(), 1, "only the order was recorded");
+
+    let manager = ProcessManager::builder(store.clone(), process(), handler).start().await.unwrap();
+    eventually("the command again", Duration::from_secs(5), async || sent.lock().unwrap().len() == 2).await;
+    eventually("the record", Duration::from_secs(5), async || read(store.as_ref(), &instance_stream).await.len() == 2).await;
+    let sent = sent.lock().unwrap().clone();
+    assert_eq!(sent[0], sent[1], "the same command with the same key");
+    let record: Value = read(store.as_ref(), &instance_stream).await[1].json().unwrap();
+    assert_eq!(record["commands"], json!([sent[0].2]));
+    assert!(manager.instance(&order.to_string()).await.unwrap().unwrap().ended);
+}
