@@ -215,7 +215,7 @@ fn timer_ids(cycle: usize) -> Vec<String> {
 /// event with a fresh random id per callback call for odd ones.
 fn trace_stream(id: &str) -> String {
     let i: usize = id.rsplit('t').next().unwrap().parse().unwrap();
-    if i % 2 == 0 { format!("appended-{id}") } else { format!("called-{id}") }
+    if i.is_multiple_of(2) { format!("appended-{id}") } else { format!("called-{id}") }
 }
 
 async fn start_ticking(store: Arc<dyn EventStore>) -> Scheduler {
@@ -243,7 +243,7 @@ fn child_scheduler() {
         let store = store_in(Path::new(&dir));
         let scheduler = start_ticking(store).await;
         for (i, id) in timer_ids(cycle).iter().enumerate() {
-            let action = if i % 2 == 0 { TimerAction::append(trace_stream(id), "Appended", json!({ "timer": id })) } else { TimerAction::callback("tick", json!({})) };
+            let action = if i.is_multiple_of(2) { TimerAction::append(trace_stream(id), "Appended", json!({ "timer": id })) } else { TimerAction::callback("tick", json!({})) };
             scheduler.schedule(id, Duration::from_millis(100 + 25 * i as u64), action).await.unwrap();
         }
         println!("\nready");
@@ -251,8 +251,9 @@ fn child_scheduler() {
     });
 }
 
+/// Runs this binary again as a child that executes only `child_scheduler`,
+/// and returns it once it printed "ready".
 fn spawn_ready_child(envs: &[(&str, String)]) -> std::process::Child {
-    use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["child_scheduler", "--exact", "--nocapture", "--ignored", "--test-threads=1"])
         .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
@@ -261,15 +262,17 @@ fn spawn_ready_child(envs: &[(&str, String)]) -> std::process::Child {
         .stderr(std::process::Stdio::inherit())
         .spawn()
         .expect("spawn the child");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(stdout.read_line(&mut line).unwrap() > 0, "the child ended before it was ready");
-        if line.trim_end().ends_with("ready") {
-            return child;
-        }
+    if !printed_ready(child.stdout.take()) {
+        let status = child.wait();
+        panic!("the child ended before it was ready: {status:?}");
     }
+    child
+}
+
+fn printed_ready(stdout: Option<std::process::ChildStdout>) -> bool {
+    use std::io::{BufRead, BufReader};
+    let Some(stdout) = stdout else { return false };
+    BufReader::new(stdout).lines().map_while(Result::ok).any(|line| line.trim_end().ends_with("ready"))
 }
 
 /// Per timer: (trace events, whether `TimerFired` is in the history).
@@ -310,7 +313,7 @@ fn timers_fire_once_after_a_kill() {
                 let id = &timer_ids(cycle)[i];
                 if b.1 {
                     assert_eq!((b.0, a.0), (1, 1), "{id} fired before the kill: nothing more");
-                } else if i % 2 == 0 {
+                } else if i.is_multiple_of(2) {
                     assert_eq!(a.0, 1, "{id}: the appended event is in the store once");
                 } else if b.0 == 1 {
                     // Killed between the callback and `TimerFired`: at least once means twice here.
