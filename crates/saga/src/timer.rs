@@ -41,7 +41,7 @@ pub const DEFAULT_SNAPSHOT_EVERY: u64 = 1000;
 
 /// What a timer does when it is due.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "action", rename_all = "snake_case")]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum TimerAction {
     /// Appends one JSON event to `stream`; its id is derived from the timer,
     /// so the store holds it once however often the timer fires.
