@@ -162,6 +162,61 @@ async fn run_one(runner: &SagaRunner, store: &dyn EventStore, id: u32, input: Or
     Ok(())
 }
 
+
+/// The six scenarios on `store`, steps numbered from `first` (the tour runs them too).
+pub async fn all(store: Arc<dyn EventStore>, first: usize) -> Result<()> {
+    let runner = SagaRunner::builder(store.clone(), "shop").saga(order_saga(store.clone())).run().await?;
+    step(&format!("{first}. All goes well: CreateOrder → ChargeCard → ReserveItems"));
+    println!("  Each transition is an event in the saga's own stream ($saga-order-1), appended before the next step runs.");
+    run_one(&runner, store.as_ref(), 1, order(1, 2, Payment::Ok)).await?;
+
+    step(&format!("{}. The card is declined: the order is cancelled (CancelOrder)", first + 1));
+    run_one(&runner, store.as_ref(), 2, order(2, 2, Payment::Decline)).await?;
+
+    step(&format!("{}. Out of stock after payment: RefundCard, then CancelOrder — the completed steps undone newest first", first + 2));
+    run_one(&runner, store.as_ref(), 3, order(3, 9, Payment::Ok)).await?;
+
+    step(&format!("{}. The payment service hangs: the step times out after {} s (30 s by default)", first + 3, CHARGE_TIMEOUT.as_secs()));
+    println!("  The charge may have gone through after we stopped waiting, so it is compensated too (the refund finds nothing to refund).");
+    run_one(&runner, store.as_ref(), 4, order(4, 1, Payment::Hang)).await?;
+
+    step(&format!("{}. The runner stops mid-saga; a new runner resumes it from the saga's stream", first + 4));
+    runner.start("order", "5", &order(5, 1, Payment::Hang)).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    runner.shutdown().await;
+    println!("  Stopped while charge-card was in flight. A new runner starts:");
+    let runner = SagaRunner::builder(store.clone(), "shop").saga(order_saga(store.clone())).run().await?;
+    println!("  it found {} unfinished saga(s) in the store and resumed them: create-order does not run again;", runner.recovered());
+    println!("  charge-card, in flight when the runner stopped, runs again with the same idempotency key (and still hangs).");
+    let state = runner.wait("order", "5").await?;
+    show(store.as_ref(), "5").await?;
+    println!("  → {}", state.status.as_str());
+    runner.shutdown().await;
+
+    step(&format!("{}. A deadline: cancel an order unpaid after 15 minutes (2 s here), surviving a restart", first + 5));
+    store.append("order-6", ExpectedVersion::NoStream, vec![NewEvent::json("OrderCreated", &json!({ "customer": "customer-6" }))?]).await?;
+    let scheduler = Scheduler::builder(store.clone(), "orders").start().await?;
+    let cancel = TimerAction::append("order-6", "OrderCancelled", json!({ "reason": "not paid in time" }));
+    scheduler.schedule("cancel-unpaid-order-6", Duration::from_secs(2), cancel).await?;
+    println!("  Scheduled in $timer-orders. The scheduler stops before it is due…");
+    scheduler.shutdown().await;
+    let scheduler = Scheduler::builder(store.clone(), "orders").start().await?;
+    println!("  …and a new one re-arms {} pending timer(s) from the stream.", scheduler.pending().await.len());
+    let fired = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let events = store.read_stream("order-6", ReadStreamOptions::forward()).await?;
+            if events.iter().any(|e| e.event_type == "OrderCancelled") {
+                return anyhow::Ok(events);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await??;
+    println!("  order-6: {}", fired.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>().join(", "));
+    scheduler.shutdown().await;
+    Ok(())
+}
+
 pub async fn run(keep: Option<PathBuf>, payment: Option<Payment>) -> Result<()> {
     let temp = tempfile::Builder::new().prefix("cairn-demo-").tempdir()?;
     let dir = match &keep {
@@ -173,62 +228,14 @@ pub async fn run(keep: Option<PathBuf>, payment: Option<Payment>) -> Result<()> 
     };
     println!("Cairn demo: the order saga, with compensation, timeouts, crash recovery and a deadline (store in {})", dir.display());
     let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(&dir)?);
-    let runner = SagaRunner::builder(store.clone(), "shop").saga(order_saga(store.clone())).run().await?;
-
     if let Some(payment) = payment {
-        step(&format!("An order whose payment is set to {payment:?}"));
-        run_one(&runner, store.as_ref(), 1, order(1, 2, payment)).await?;
-    } else {
-        step("1. All goes well: CreateOrder → ChargeCard → ReserveItems");
-        println!("  Each transition is an event in the saga's own stream ($saga-order-1), appended before the next step runs.");
-        run_one(&runner, store.as_ref(), 1, order(1, 2, Payment::Ok)).await?;
-
-        step("2. The card is declined: the order is cancelled (CancelOrder)");
-        run_one(&runner, store.as_ref(), 2, order(2, 2, Payment::Decline)).await?;
-
-        step("3. Out of stock after payment: RefundCard, then CancelOrder — the completed steps undone newest first");
-        run_one(&runner, store.as_ref(), 3, order(3, 9, Payment::Ok)).await?;
-
-        step(&format!("4. The payment service hangs: the step times out after {} s (30 s by default)", CHARGE_TIMEOUT.as_secs()));
-        println!("  The charge may have gone through after we stopped waiting, so it is compensated too (the refund finds nothing to refund).");
-        run_one(&runner, store.as_ref(), 4, order(4, 1, Payment::Hang)).await?;
-
-        step("5. The runner stops mid-saga; a new runner resumes it from the saga's stream");
-        runner.start("order", "5", &order(5, 1, Payment::Hang)).await?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        runner.shutdown().await;
-        println!("  Stopped while charge-card was in flight. A new runner starts:");
         let runner = SagaRunner::builder(store.clone(), "shop").saga(order_saga(store.clone())).run().await?;
-        println!("  it found {} unfinished saga(s) in the store and resumed them: create-order does not run again;", runner.recovered());
-        println!("  charge-card, in flight when the runner stopped, runs again with the same idempotency key (and still hangs).");
-        let state = runner.wait("order", "5").await?;
-        show(store.as_ref(), "5").await?;
-        println!("  → {}", state.status.as_str());
+        step(&format!("An order whose payment is set to {}", format!("{payment:?}").to_lowercase()));
+        run_one(&runner, store.as_ref(), 1, order(1, 2, payment)).await?;
         runner.shutdown().await;
-
-        step("6. A deadline: cancel an order unpaid after 15 minutes (2 s here), surviving a restart");
-        store.append("order-6", ExpectedVersion::NoStream, vec![NewEvent::json("OrderCreated", &json!({ "customer": "customer-6" }))?]).await?;
-        let scheduler = Scheduler::builder(store.clone(), "orders").start().await?;
-        let cancel = TimerAction::append("order-6", "OrderCancelled", json!({ "reason": "not paid in time" }));
-        scheduler.schedule("cancel-unpaid-order-6", Duration::from_secs(2), cancel).await?;
-        println!("  Scheduled in $timer-orders. The scheduler stops before it is due…");
-        scheduler.shutdown().await;
-        let scheduler = Scheduler::builder(store.clone(), "orders").start().await?;
-        println!("  …and a new one re-arms {} pending timer(s) from the stream.", scheduler.pending().await.len());
-        let fired = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                let events = store.read_stream("order-6", ReadStreamOptions::forward()).await?;
-                if events.iter().any(|e| e.event_type == "OrderCancelled") {
-                    return anyhow::Ok(events);
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await??;
-        println!("  order-6: {}", fired.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>().join(", "));
-        scheduler.shutdown().await;
+    } else {
+        all(store, 1).await?;
     }
-
     println!("\nThe code: crates/cli/src/demo_sagas.rs; the library: crates/saga (SagaRunner, Scheduler, ProcessManager).");
     match keep {
         Some(dir) => println!("The data stays in {0}: try `cairn --data {0} sagas list` and `cairn --data {0} sagas show order 3`.", dir.display()),

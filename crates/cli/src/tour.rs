@@ -89,8 +89,12 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
     crate::demo::courses(store.clone(), 18).await?;
 
     println!("\n\x1b[1mThe read side: consumers with checkpoints, read models, and two ways to share state.\x1b[0m");
-    crate::demo_orders::all(std::sync::Arc::new(store), &dir, 23).await?;
+    let store: std::sync::Arc<dyn EventStore> = std::sync::Arc::new(store);
+    crate::demo_orders::all(store.clone(), &dir, 23).await?;
 
-    println!("\nNext: `cairn --help`, `cairn demo bank|courses|orders`, `cairn bench`, and the README.");
+    println!("\n\x1b[1mTransactions across services: the order saga, with compensation, timeouts, restarts and deadlines.\x1b[0m");
+    crate::demo_sagas::all(store, 30).await?;
+
+    println!("\nNext: `cairn --help`, `cairn demo bank|courses|orders|sagas`, `cairn sagas list`, `cairn bench`, and the README.");
     Ok(())
 }

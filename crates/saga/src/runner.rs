@@ -38,6 +38,8 @@ pub enum SagaError {
     NotFound(String),
     #[error("invalid saga id {0:?}: {1}")]
     InvalidId(String, String),
+    #[error("saga {0} is {1}, not waiting for attention: nothing to resume")]
+    NotParked(String, &'static str),
     #[error("the saga runner has stopped")]
     Stopped,
 }
@@ -360,10 +362,22 @@ pub async fn load(store: &dyn EventStore, saga: &str, id: &str) -> Result<Option
 }
 
 async fn load_stream(store: &dyn EventStore, stream: &str) -> Result<Option<SagaState>, StoreError> {
-    match store.read_stream(stream, ReadStreamOptions::forward()).await {
-        Ok(events) => Ok(SagaState::fold(stream, &events)),
-        Err(StoreError::StreamNotFound { .. }) => Ok(None),
-        Err(e) => Err(e),
+    // In pages: a remote store caps one read.
+    const PAGE: usize = 1000;
+    let mut events = Vec::new();
+    loop {
+        let from = events.last().map_or(1, |e: &cairn_core::RecordedEvent| e.version + 1);
+        match store.read_stream(stream, ReadStreamOptions::forward().from_version(from).limit(PAGE)).await {
+            Ok(page) => {
+                let full = page.len() == PAGE;
+                events.extend(page);
+                if !full {
+                    return Ok(SagaState::fold(stream, &events));
+                }
+            }
+            Err(StoreError::StreamNotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -594,7 +608,7 @@ pub async fn resume(store: &dyn EventStore, saga: &str, id: &str, by: &str) -> R
     let stream = saga_stream(saga, id);
     let mut state = load_stream(store, &stream).await?.ok_or_else(|| SagaError::NotFound(stream.clone()))?;
     if state.status != Status::NeedsAttention {
-        return Err(SagaError::Definition(format!("saga {stream} is {}, not waiting for attention: nothing to resume", state.status.as_str())));
+        return Err(SagaError::NotParked(stream, state.status.as_str()));
     }
     let event = SagaEvent::SagaResumed { by: by.to_string() };
     store.append(&stream, ExpectedVersion::Exact(state.version), vec![event.to_new_event(&stream, state.version + 1)]).await?;
