@@ -107,6 +107,31 @@ fn tour_runs_end_to_end() {
     assert!(out.contains("analytics did 9 things") && out.contains("12 confirmations sent"), "{out}");
     assert!(out.contains("made 3 calls back"), "{out}");
     assert!(out.contains("12 labels for 12 orders"), "the consumer group: {out}");
+    // Sagas: reverse compensation, a timeout, a resumed runner, a deadline.
+    assert!(out.contains("order-3: OrderCreated, OrderCancelled | payment-3: CardCharged, CardRefunded"), "{out}");
+    assert!(out.contains("charge-card timed out after 2 s"), "{out}");
+    assert!(out.contains("it found 1 unfinished saga(s)"), "{out}");
+    assert!(out.contains("order-6: OrderCreated, OrderCancelled"), "the deadline: {out}");
+}
+
+#[test]
+fn demo_sagas_with_a_declined_payment_and_bench_w8() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep = dir.path().join("demo");
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["demo", "sagas", "--payment", "decline", "--keep"]).arg(&keep).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("charge-card failed: card declined") && out.contains("order-1: OrderCreated, OrderCancelled"), "{out}");
+    // What the demo left is there for `cairn sagas`.
+    let o = cairn(&keep, &["sagas", "show", "order", "1"]);
+    assert!(o.status.success() && stdout(&o).contains("compensated"), "{}{}", stdout(&o), stderr(&o));
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["demo", "bank", "--payment", "hang"]).output().unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("--payment belongs to `cairn demo sagas`"), "{}", stderr(&o));
+
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["bench", "W8", "--scale", "0.05"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("bench W8 backend=embedded sagas=500 steps=3 ") && out.contains("sagas_per_s="), "{out}");
 }
 
 #[test]

@@ -95,7 +95,7 @@ impl SagaEvent {
 }
 
 fn human_ms(ms: u64) -> String {
-    if ms >= 1000 && ms % 1000 == 0 { format!("{} s", ms / 1000) } else { format!("{ms} ms") }
+    if ms >= 1000 && ms.is_multiple_of(1000) { format!("{} s", ms / 1000) } else { format!("{ms} ms") }
 }
 
 /// A uuid that is always the same for the same text (UUID v5): idempotency
