@@ -402,7 +402,9 @@ async fn recover(inner: &Arc<Inner>) -> Result<usize, SagaError> {
     let store = inner.store.as_ref();
     let checkpoint = match store.read_stream(&checkpoint_stream(&inner.name), ReadStreamOptions::backward().limit(1)).await {
         Ok(events) => events.first().and_then(|e| e.json::<Checkpoint>().ok()).unwrap_or_default(),
-        Err(StoreError::StreamNotFound { .. }) => Checkpoint::default(),
+        // A runner writes its first checkpoint before it takes any saga: without
+        // one there is nothing of ours to find, and no reason to read `$all`.
+        Err(StoreError::StreamNotFound { .. }) => Checkpoint { after: store.last_position().await?.map_or(0, |p| p.0), parked: Vec::new() },
         Err(e) => return Err(e.into()),
     };
     let listed: std::collections::HashSet<String> = checkpoint.parked.iter().cloned().collect();
