@@ -234,7 +234,7 @@ impl SagaRunner {
         let receiver = {
             let mut open = self.inner.open.lock().unwrap();
             match open.get_mut(&stream) {
-                Some(o) if !o.parked => {
+                Some(o) if !o.parked && !self.inner.stopping.load(Ordering::Acquire) => {
                     let (tx, rx) = oneshot::channel();
                     o.waiters.push(tx);
                     Some(rx)
@@ -261,6 +261,10 @@ impl SagaRunner {
         let mut tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap());
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
+        // Nobody will finish these sagas here: their waiters get `Stopped`.
+        for open in self.inner.open.lock().unwrap().values_mut() {
+            open.waiters.clear();
+        }
         let _ = self.inner.write_checkpoint().await;
     }
 }

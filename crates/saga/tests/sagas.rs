@@ -263,7 +263,14 @@ async fn a_new_runner_resumes_what_the_last_one_left() {
         first.start("order", &id.to_string(), &json!({})).await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiting = tokio::spawn({
+        let first = first.clone();
+        async move { first.wait("order", "0").await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
     first.shutdown().await;
+    assert!(matches!(waiting.await.unwrap(), Err(SagaError::Stopped)), "a waiter is told the runner stopped");
+    assert_eq!(first.wait("order", "1").await.unwrap().status, Status::Running, "after the stop: what the stream says");
     assert_eq!(log.lock().unwrap().len(), 5, "every saga did create, then stopped at charge");
 
     let second = SagaRunner::builder(store.clone(), "shop").saga(order_saga(&log)).run().await.unwrap();
