@@ -38,6 +38,8 @@ pub enum SagaError {
     NotFound(String),
     #[error("invalid saga id {0:?}: {1}")]
     InvalidId(String, String),
+    #[error("the saga's input cannot be stored: {0}")]
+    InvalidInput(String),
     #[error("saga {0} is {1}, not waiting for attention: nothing to resume")]
     NotParked(String, &'static str),
     #[error("the saga runner has stopped")]
@@ -193,7 +195,7 @@ impl SagaRunner {
         if id.is_empty() {
             return Err(SagaError::InvalidId(id.to_string(), "it is empty".into()));
         }
-        let input = serde_json::to_value(input).map_err(|e| SagaError::Definition(format!("the input does not serialise: {e}")))?;
+        let input = serde_json::to_value(input).map_err(|e| SagaError::InvalidInput(e.to_string()))?;
         let started = SagaEvent::SagaStarted {
             saga: saga.to_string(),
             input,

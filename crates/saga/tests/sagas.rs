@@ -238,6 +238,12 @@ async fn bad_definitions_and_arguments_are_refused_with_the_reason() {
     assert!(matches!(runner.start("order", "", &json!({})).await, Err(SagaError::InvalidId(..))));
     assert!(matches!(runner.start("order", "bad\nid", &json!({})).await, Err(SagaError::InvalidId(..))));
     assert!(matches!(runner.wait("order", "nope").await, Err(SagaError::NotFound(_))));
+    let unkeyed: std::collections::HashMap<(u8, u8), u8> = [((1, 2), 3)].into();
+    assert!(matches!(runner.start("order", "k", &unkeyed).await, Err(SagaError::InvalidInput(_))));
+    let huge = "x".repeat(20 << 20);
+    let err = runner.start("order", "huge", &json!({ "note": huge })).await.unwrap_err();
+    assert!(err.to_string().contains("too large") || err.to_string().contains("limit"), "{err}");
+    assert_eq!(runner.open(), 0, "a refused start leaves nothing open");
     assert!(store.list_streams("$saga-order", 10).await.unwrap().is_empty(), "nothing was written");
 }
 
