@@ -33,5 +33,5 @@ mod timer;
 pub use definition::{RetryPolicy, Saga, Step, StepContext, StepError, StepResult, DEFAULT_STEP_TIMEOUT};
 pub use history::{derived_id, saga_stream, SagaEvent, SagaState, Status};
 pub use runner::{list, load, resume, SagaError, SagaRunner, SagaRunnerBuilder, Started};
-pub use process::{Command, Effect, Instance, Message, PendingDeadline, Process, ProcessError, ProcessManager, ProcessManagerBuilder};
+pub use process::{process_checkpoint_stream, Command, Effect, Instance, Message, PendingDeadline, Process, ProcessError, ProcessManager, ProcessManagerBuilder, Reaction};
 pub use timer::{timer_stream, Due, FiredTimer, Recovery, Scheduler, SchedulerBuilder, Timer, TimerAction, TimerError, TimerEvent, DEFAULT_SNAPSHOT_EVERY};

@@ -138,17 +138,33 @@ pub struct Instance<S> {
     pub ended: bool,
 }
 
-/// The event recorded after each reaction.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Reaction {
-    state: Value,
-    position: Position,
-    /// What was handled, for a reader of the history.
-    handled: String,
+/// The event recorded after each reaction (`ProcessReacted`, or
+/// `ProcessEnded` for the one that ended the instance), as a reader of an
+/// instance's history sees it (`cairn sagas show`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reaction {
+    /// The instance's state after it.
+    pub state: Value,
+    /// The newest event handled so far.
+    pub position: Position,
+    /// What was handled: `<type> in <stream> at <position>`, or `deadline <name>`.
+    pub handled: String,
     /// The keys of the commands it sent.
-    commands: Vec<String>,
-    deadlines: Vec<PendingDeadline>,
-    ended: bool,
+    pub commands: Vec<String>,
+    /// Their names, in the same order (empty in records written before the
+    /// names were kept).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command_names: Vec<String>,
+    /// The deadlines pending after it.
+    pub deadlines: Vec<PendingDeadline>,
+    pub ended: bool,
+}
+
+impl Reaction {
+    /// Reads a `ProcessReacted` or `ProcessEnded` event back; `None` for any other.
+    pub fn from_recorded(event: &RecordedEvent) -> Option<Reaction> {
+        (event.event_type == REACTED || event.event_type == ENDED).then(|| event.json().ok()).flatten()
+    }
 }
 
 const REACTED: &str = "ProcessReacted";
@@ -191,7 +207,7 @@ impl<P: Process> ProcessManagerBuilder<P> {
     pub async fn start(self) -> Result<ProcessManager<P>, ProcessError> {
         let name = self.process.name().to_string();
         cairn_core::validate_category(&name).map_err(|e| ProcessError::Invalid(format!("process name {name:?}: {e}")))?;
-        let checkpoint = checkpoint_stream(&name);
+        let checkpoint = process_checkpoint_stream(&name);
         let from = match self.store.read_stream(&checkpoint, ReadStreamOptions::backward().limit(1)).await {
             Ok(events) => events.first().and_then(|e| e.json::<Position>().ok()),
             Err(StoreError::StreamNotFound { .. }) => None,
@@ -281,8 +297,9 @@ struct Inner<P: Process> {
     last_error: std::sync::Mutex<Option<String>>,
 }
 
-/// `$saga-<process>-$checkpoint`.
-fn checkpoint_stream(process: &str) -> String {
+/// `$saga-<process>-$checkpoint`: the position its manager's subscription
+/// has reached, as `ProcessCheckpoint` events holding a position.
+pub fn process_checkpoint_stream(process: &str) -> String {
     saga_stream(process, "$checkpoint")
 }
 
@@ -403,7 +420,7 @@ impl<P: Process> Inner<P> {
 
     async fn write_checkpoint(&self, position: Position) -> Result<(), StoreError> {
         let event = NewEvent::json(CHECKPOINT, &position).expect("positions serialise");
-        self.store.append(&checkpoint_stream(&self.name), ExpectedVersion::Any, vec![event]).await.map(|_| ())
+        self.store.append(&process_checkpoint_stream(&self.name), ExpectedVersion::Any, vec![event]).await.map(|_| ())
     }
 
     async fn load(&self, correlation: &str) -> Result<Instance<P::State>, ProcessError> {
@@ -514,14 +531,16 @@ impl<P: Process> Inner<P> {
         let scheduler = self.scheduler.get().expect("set before any message");
         let version = instance.version + 1;
         let mut commands = Vec::new();
+        let mut command_names = Vec::new();
         let mut ended = false;
         for (i, effect) in effects.into_iter().enumerate() {
             match effect {
                 Effect::Command { name, payload } => {
                     let key = format!("{stream}/{message_key}/{i}");
-                    let command = Command { name, payload, key: key.clone(), process: self.name.clone(), correlation: correlation.to_string() };
+                    let command = Command { name: name.clone(), payload, key: key.clone(), process: self.name.clone(), correlation: correlation.to_string() };
                     self.send(command).await;
                     commands.push(key);
+                    command_names.push(name);
                 }
                 Effect::Deadline { name, after } => {
                     let timer = format!("{correlation}/{name}@{version}");
@@ -545,7 +564,7 @@ impl<P: Process> Inner<P> {
                 scheduler.cancel(&d.timer).await?;
             }
         }
-        let reaction = Reaction { state: serde_json::to_value(&state).map_err(|e| ProcessError::State(stream.clone(), e.to_string()))?, position, handled, commands, deadlines, ended };
+        let reaction = Reaction { state: serde_json::to_value(&state).map_err(|e| ProcessError::State(stream.clone(), e.to_string()))?, position, handled, commands, command_names, deadlines, ended };
         let event = NewEvent::json(if ended { ENDED } else { REACTED }, &reaction)
             .expect("reactions serialise")
             .with_id(derived_id(&format!("{stream}@{version}/{message_key}")));
