@@ -1,6 +1,9 @@
 //! `cairn sagas`: the sagas in a store, read from their own streams
 //! (`$saga-<saga>-<id>`, see cairn-saga): a table of them, one saga's steps
-//! and timeline, and resuming one that is parked as needing attention.
+//! and timeline, and resuming one that is parked as needing attention. The
+//! instances of process managers live in the same namespace
+//! (`$saga-<process>-<correlation>`, a `ProcessReacted`/`ProcessEnded` event
+//! per reaction): `processes` tables them, and `show` tells one's reactions.
 //! Everything here reads the store only (resume appends one event), so it
 //! works the same on the embedded store, PostgreSQL and through a server.
 
@@ -11,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use cairn_core::{EventStore, ReadStreamOptions, RecordedEvent, StoreError, Timestamp, SAGA_STREAM_PREFIX};
-use cairn_saga::{saga_stream, SagaError, SagaEvent, SagaState, Status};
+use cairn_saga::{process_checkpoint_stream, saga_stream, PendingDeadline, Reaction, SagaError, SagaEvent, SagaState, Status};
 use clap::{Args, Subcommand, ValueEnum};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use futures_util::{StreamExt, TryStreamExt};
@@ -51,11 +54,26 @@ enum SagasAction {
         #[arg(long, short = 'n', default_value_t = 1000)]
         limit: usize,
     },
-    /// One saga: its state, its steps, and the timeline of its transitions.
+    /// A table of the process-manager instances in the store, latest change first: status, reactions, the last one, pending deadlines.
+    Processes {
+        /// Only instances of this process (its name, e.g. `fulfilment`).
+        #[arg(long, value_name = "NAME")]
+        process: Option<String>,
+        /// Only instances that have ended.
+        #[arg(long, conflicts_with = "running")]
+        ended: bool,
+        /// Only instances still running.
+        #[arg(long)]
+        running: bool,
+        /// Most `$saga-` streams to look at (in name order; sagas count too).
+        #[arg(long, short = 'n', default_value_t = 1000)]
+        limit: usize,
+    },
+    /// One saga: its state, its steps, and the timeline of its transitions; or one process-manager instance: its state, deadlines and reactions.
     Show {
-        /// The saga's type, e.g. `order`.
+        /// The saga's type, e.g. `order`, or the process's name.
         saga: String,
-        /// The saga's id, e.g. `42` for the stream `$saga-order-42`.
+        /// The saga's id, e.g. `42` for the stream `$saga-order-42`, or the instance's correlation id.
         id: String,
     },
     /// Ask a saga parked as needing attention to try its compensations again; the runner that has its definition picks it up.
@@ -97,6 +115,10 @@ pub async fn run(ctx: &Context, args: SagasArgs) -> Result<()> {
     let mut out = String::new();
     match args.action {
         SagasAction::List { status, saga, limit } => list(ctx, &mut out, store, status.map(StatusFilter::status), saga, limit).await?,
+        SagasAction::Processes { process, ended, running, limit } => {
+            let ended = if ended { Some(true) } else if running { Some(false) } else { None };
+            processes(ctx, &mut out, store, process, ended, limit).await?
+        }
         SagasAction::Show { saga, id } => show(ctx, &mut out, store, &saga, &id).await?,
         SagasAction::Resume { saga, id, by } => resume(ctx, &mut out, store, &saga, &id, by).await?,
     }
@@ -128,17 +150,77 @@ async fn load(store: &dyn EventStore, stream: &str) -> Result<Option<(SagaState,
     }
 }
 
-/// The saga, or an error that says what there is instead.
-async fn find(store: &dyn EventStore, saga: &str, id: &str) -> Result<(SagaState, Vec<RecordedEvent>)> {
-    let stream = saga_stream(saga, id);
-    if let Some(found) = load(store, &stream).await? {
-        return Ok(found);
+/// What a `$saga-<name>-<id>` stream holds.
+enum Found {
+    Saga(Box<SagaState>, Vec<RecordedEvent>),
+    Process(ProcessHistory),
+}
+
+/// A process-manager instance's reactions, oldest first.
+struct ProcessHistory {
+    stream: String,
+    process: String,
+    correlation: String,
+    reactions: Vec<(RecordedEvent, Reaction)>,
+}
+
+/// The saga or process instance, or an error that says what there is instead.
+async fn find(store: &dyn EventStore, name: &str, id: &str) -> Result<Found> {
+    let stream = saga_stream(name, id);
+    let events = match read_stream(store, &stream).await {
+        Ok(events) => events,
+        Err(StoreError::StreamNotFound { .. } | StoreError::StreamDeleted { .. }) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(first) = events.first() {
+        if Reaction::from_recorded(first).is_some() {
+            let reactions = events.into_iter().filter_map(|e| Reaction::from_recorded(&e).map(|r| (e, r))).collect();
+            return Ok(Found::Process(ProcessHistory { stream, process: name.to_string(), correlation: id.to_string(), reactions }));
+        }
+        if let Some(state) = SagaState::fold(&stream, &events) {
+            return Ok(Found::Saga(Box::new(state), events));
+        }
+        bail!(
+            "{stream} holds neither a saga nor a process instance (its first event is a {}); `cairn read {stream}` shows what it holds",
+            first.event_type
+        );
     }
-    let others = store.list_streams(&format!("{SAGA_STREAM_PREFIX}{saga}-"), 1).await?;
-    if others.is_empty() {
-        bail!("no saga of type '{saga}' in this store (no {stream}); `cairn sagas list` shows the sagas there are");
+    match kind_of(store, name).await? {
+        None => bail!(
+            "no saga of type '{name}' and no process named '{name}' in this store (no {stream}); `cairn sagas list` shows the sagas there are, `cairn sagas processes` the process instances"
+        ),
+        Some(Kind::Process) => bail!(
+            "no instance of process '{name}' with correlation id '{id}' in this store (no {stream}); `cairn sagas processes --process {name}` shows the instances there are"
+        ),
+        Some(Kind::Saga) => bail!("no saga '{name}' with id '{id}' in this store (no {stream}); `cairn sagas list --saga {name}` shows the ids there are"),
     }
-    bail!("no saga '{saga}' with id '{id}' in this store (no {stream}); `cairn sagas list --saga {saga}` shows the ids there are");
+}
+
+#[derive(PartialEq)]
+enum Kind {
+    Saga,
+    Process,
+}
+
+/// Whether `name` is a saga type or a process, by its streams; `None`: neither is in the store.
+async fn kind_of(store: &dyn EventStore, name: &str) -> Result<Option<Kind>, StoreError> {
+    let streams = store.list_streams(&format!("{SAGA_STREAM_PREFIX}{name}-"), 2).await?;
+    let checkpoint = process_checkpoint_stream(name);
+    if streams.iter().any(|s| s.stream == checkpoint) {
+        return Ok(Some(Kind::Process));
+    }
+    let Some(first) = streams.first() else { return Ok(None) };
+    let newest = newest(store, &first.stream, 1).await?;
+    Ok(Some(if newest.first().is_some_and(|e| Reaction::from_recorded(e).is_some()) { Kind::Process } else { Kind::Saga }))
+}
+
+/// A stream's newest `n` events, newest first (none if it does not exist).
+async fn newest(store: &dyn EventStore, stream: &str, n: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+    match store.read_stream(stream, ReadStreamOptions::backward().limit(n)).await {
+        Ok(events) => Ok(events),
+        Err(StoreError::StreamNotFound { .. } | StoreError::StreamDeleted { .. }) => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
 }
 
 async fn list(ctx: &Context, out: &mut String, store: &dyn EventStore, status: Option<Status>, saga: Option<String>, limit: usize) -> Result<()> {
@@ -212,7 +294,10 @@ async fn list(ctx: &Context, out: &mut String, store: &dyn EventStore, status: O
 }
 
 async fn show(ctx: &Context, out: &mut String, store: &dyn EventStore, saga: &str, id: &str) -> Result<()> {
-    let (state, events) = find(store, saga, id).await?;
+    let (state, events) = match find(store, saga, id).await? {
+        Found::Saga(state, events) => (*state, events),
+        Found::Process(history) => return show_process(ctx, out, store, history).await,
+    };
     let start = state.started_at.unwrap_or(Timestamp(0));
     if ctx.json {
         let mut whole = state_json(&state);
@@ -298,7 +383,12 @@ async fn show(ctx: &Context, out: &mut String, store: &dyn EventStore, saga: &st
 }
 
 async fn resume(ctx: &Context, out: &mut String, store: &dyn EventStore, saga: &str, id: &str, by: Option<String>) -> Result<()> {
-    let (state, _) = find(store, saga, id).await?;
+    let state = match find(store, saga, id).await? {
+        Found::Saga(state, _) => *state,
+        Found::Process(_) => bail!(
+            "{saga} {id} is a process-manager instance, not a saga: there is nothing to resume (its manager retries its commands and deadlines itself while it runs); `cairn sagas show {saga} {id}` shows where it is"
+        ),
+    };
     if state.status != Status::NeedsAttention {
         let why = match state.status {
             Status::Completed | Status::Compensated => "it is over",
@@ -503,4 +593,246 @@ fn state_json(s: &SagaState) -> Value {
         "started_at": s.started_at.map(Timestamp::to_rfc3339), "updated_at": s.updated_at.map(Timestamp::to_rfc3339),
         "elapsed_ms": elapsed(s).as_secs_f64() * 1000.0,
     })
+}
+
+// Process managers: their instances share the `$saga-` namespace with sagas.
+
+/// `$saga-<process>-<correlation>` split in two, for a stream that may hold a
+/// process instance: not a runner's checkpoint (`$saga-<runner>`, no second
+/// `-`) nor a process's (`$saga-<process>-$checkpoint`). A process name has
+/// no `-`, so the first one ends it.
+fn instance_name(stream: &str) -> Option<(&str, &str)> {
+    let (process, correlation) = stream.strip_prefix(SAGA_STREAM_PREFIX)?.split_once('-')?;
+    (!process.is_empty() && !correlation.is_empty() && !correlation.starts_with('$')).then_some((process, correlation))
+}
+
+/// One row of `cairn sagas processes`: an instance's newest reaction, and the
+/// one before it (to tell which deadlines the newest set or cancelled).
+struct InstanceRow {
+    stream: String,
+    process: String,
+    correlation: String,
+    last: RecordedEvent,
+    reaction: Reaction,
+    before: Option<Reaction>,
+}
+
+fn instance_status(reaction: &Reaction) -> &'static str {
+    if reaction.ended { "ended" } else { "running" }
+}
+
+async fn processes(ctx: &Context, out: &mut String, store: &dyn EventStore, process: Option<String>, ended: Option<bool>, limit: usize) -> Result<()> {
+    let prefix = match &process {
+        Some(name) => format!("{SAGA_STREAM_PREFIX}{name}-"),
+        None => SAGA_STREAM_PREFIX.to_string(),
+    };
+    let streams = store.list_streams(&prefix, limit).await?;
+    let looked_at = streams.len();
+    let names: Vec<String> = streams.into_iter().map(|s| s.stream).filter(|s| instance_name(s).is_some()).collect();
+    let candidates = names.len();
+    let loaded: Vec<Option<InstanceRow>> = futures_util::stream::iter(names.into_iter().map(|stream| async move {
+        let mut events = newest(store, &stream, 2).await?.into_iter();
+        let Some((last, reaction)) = events.next().and_then(|e| Reaction::from_recorded(&e).map(|r| (e, r))) else { return Ok(None) };
+        let before = events.next().and_then(|e| Reaction::from_recorded(&e));
+        let (process, correlation) = instance_name(&stream).expect("filtered above");
+        let (process, correlation) = (process.to_string(), correlation.to_string());
+        Ok::<_, StoreError>(Some(InstanceRow { stream, process, correlation, last, reaction, before }))
+    }))
+    .buffered(8)
+    .try_collect()
+    .await?;
+    let mut rows: Vec<InstanceRow> = loaded.into_iter().flatten().filter(|r| ended.is_none_or(|e| r.reaction.ended == e)).collect();
+    rows.sort_by(|a, b| b.last.timestamp.cmp(&a.last.timestamp).then_with(|| a.stream.cmp(&b.stream)));
+
+    if ctx.json {
+        for r in &rows {
+            let line = ReactionEffects::of(r.before.as_ref(), &r.reaction).line(&r.reaction);
+            say!(out, "{}", json!({
+                "kind": "process", "stream": r.stream, "process": r.process, "correlation": r.correlation, "status": instance_status(&r.reaction),
+                "reactions": r.last.version, "last_reaction": line, "handled": r.reaction.handled,
+                "deadlines": r.reaction.deadlines.iter().map(|d| &d.name).collect::<Vec<_>>(),
+                "position": r.reaction.position.0, "state": r.reaction.state, "updated_at": r.last.timestamp.to_rfc3339(),
+            }));
+        }
+        return Ok(());
+    }
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(["process", "correlation", "status", "reactions", "last reaction", "deadlines", "changed (UTC)"]);
+    for r in &rows {
+        let line = ReactionEffects::of(r.before.as_ref(), &r.reaction).line(&r.reaction);
+        table.add_row([
+            r.process.clone(),
+            r.correlation.clone(),
+            instance_status(&r.reaction).to_string(),
+            r.last.version.to_string(),
+            shorten(&line, 60),
+            deadline_names(&r.reaction.deadlines),
+            time(r.last.timestamp),
+        ]);
+    }
+    if !rows.is_empty() {
+        say!(out, "{table}");
+    }
+    let of = process.as_ref().map_or(String::new(), |name| format!(" of process '{name}'"));
+    let running = rows.iter().filter(|r| !r.reaction.ended).count();
+    let tally: Vec<String> = [(running, "running"), (rows.len() - running, "ended")].iter().filter(|(n, _)| *n > 0).map(|(n, st)| format!("{n} {st}")).collect();
+    let filter = ended.map(|e| if e { "ended" } else { "running" });
+    match (rows.len(), filter) {
+        (0, None) => say!(out, "no process instances{of} in this store"),
+        (0, Some(st)) => say!(out, "no process instances{of} {st} in this store"),
+        (n, None) => say!(out, "{}{of}: {}", count(n as u64, "process instance"), tally.join(", ")),
+        (n, Some(st)) => say!(out, "{}{of} {st}", count(n as u64, "process instance")),
+    }
+    if looked_at >= limit {
+        say!(out, "note: looked at the first {} (by name, sagas included); pass --limit to look at more", count(looked_at as u64, "$saga- stream"));
+    }
+    if let Some(name) = &process
+        && rows.is_empty()
+        && candidates > 0
+        && ended.is_none()
+        && kind_of(store, name).await? == Some(Kind::Saga)
+    {
+        say!(out, "'{name}' is a saga type, not a process: `cairn sagas list --saga {name}` shows its sagas");
+    }
+    if let Some(r) = rows.iter().find(|r| !r.reaction.ended).or(rows.first()) {
+        say!(out, "`cairn sagas show {} {}` shows an instance's state, deadlines and reactions", r.process, r.correlation);
+    }
+    Ok(())
+}
+
+fn deadline_names(deadlines: &[PendingDeadline]) -> String {
+    deadlines.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// What one reaction did, from its record and the one before: the commands
+/// it sent, the deadlines it set and cancelled, the deadline that fired.
+struct ReactionEffects {
+    /// (name, key); the name is the key in records that did not keep names.
+    commands: Vec<(String, String)>,
+    set: Vec<String>,
+    cancelled: Vec<String>,
+    fired: Option<String>,
+    ended: bool,
+}
+
+impl ReactionEffects {
+    fn of(before: Option<&Reaction>, reaction: &Reaction) -> ReactionEffects {
+        let earlier: &[PendingDeadline] = before.map_or(&[], |b| &b.deadlines);
+        let set = reaction.deadlines.iter().filter(|d| !earlier.iter().any(|e| e.timer == d.timer)).map(|d| d.name.clone()).collect();
+        let mut gone: Vec<&PendingDeadline> = earlier.iter().filter(|e| !reaction.deadlines.iter().any(|d| d.timer == e.timer)).collect();
+        // The deadline handled left the pending ones by firing, not by a cancel.
+        let fired = reaction.handled.strip_prefix("deadline ").map(str::to_string);
+        if let Some(i) = fired.as_ref().and_then(|name| gone.iter().position(|d| &d.name == name)) {
+            gone.remove(i);
+        }
+        let commands = reaction
+            .commands
+            .iter()
+            .enumerate()
+            .map(|(i, key)| (reaction.command_names.get(i).cloned().unwrap_or_else(|| format!("command {key}")), key.clone()))
+            .collect();
+        ReactionEffects { commands, set, cancelled: gone.into_iter().map(|d| d.name.clone()).collect(), fired, ended: reaction.ended }
+    }
+
+    /// `▶` the first reaction, `•` an event, `⧖` a deadline, `■` the end.
+    fn mark(&self, first: bool) -> &'static str {
+        if self.ended {
+            "■"
+        } else if self.fired.is_some() {
+            "⧖"
+        } else if first {
+            "▶"
+        } else {
+            "•"
+        }
+    }
+
+    /// "OrderPlaced in order-1 at 312: set deadline payment".
+    fn line(&self, reaction: &Reaction) -> String {
+        let mut parts = Vec::new();
+        if !self.commands.is_empty() {
+            parts.push(format!("sent {}", self.commands.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(", ")));
+        }
+        if !self.set.is_empty() {
+            parts.push(format!("set {} {}", if self.set.len() == 1 { "deadline" } else { "deadlines" }, self.set.join(", ")));
+        }
+        if !self.cancelled.is_empty() {
+            parts.push(format!("cancelled {} {}", if self.cancelled.len() == 1 { "deadline" } else { "deadlines" }, self.cancelled.join(", ")));
+        }
+        if self.ended {
+            parts.push("ended".to_string());
+        }
+        if parts.is_empty() {
+            format!("{} (state only)", reaction.handled)
+        } else {
+            format!("{}: {}", reaction.handled, parts.join("; "))
+        }
+    }
+}
+
+async fn show_process(ctx: &Context, out: &mut String, store: &dyn EventStore, history: ProcessHistory) -> Result<()> {
+    let ProcessHistory { stream, process, correlation, reactions } = history;
+    let (Some((first, _)), Some((last, now))) = (reactions.first(), reactions.last()) else {
+        bail!("{stream} holds no reactions this version of cairn can read; `cairn read {stream}` shows what it holds");
+    };
+    let start = first.timestamp;
+    let took = Duration::from_micros((last.timestamp.0 - start.0).max(0) as u64);
+    let checkpoint_stream = process_checkpoint_stream(&process);
+    let checkpoint = newest(store, &checkpoint_stream, 1).await?.into_iter().next().and_then(|e| e.json::<u64>().ok().map(|p| (p, e.timestamp)));
+    let effects: Vec<ReactionEffects> =
+        reactions.iter().enumerate().map(|(i, (_, r))| ReactionEffects::of(i.checked_sub(1).map(|j| &reactions[j].1), r)).collect();
+    let status = instance_status(now);
+
+    if ctx.json {
+        let timeline: Vec<Value> = reactions
+            .iter()
+            .zip(&effects)
+            .enumerate()
+            .map(|(i, ((e, r), fx))| {
+                json!({
+                    "version": e.version, "position": e.position.0, "time": e.timestamp.to_rfc3339(),
+                    "offset_ms": (e.timestamp.0 - start.0) as f64 / 1000.0, "type": e.event_type,
+                    "handled": r.handled, "commands": fx.commands.iter().map(|(name, key)| json!({"name": name, "key": key})).collect::<Vec<_>>(),
+                    "deadlines_set": fx.set, "deadlines_cancelled": fx.cancelled, "deadline_fired": fx.fired, "ended": r.ended,
+                    "state": r.state, "mark": fx.mark(i == 0), "line": fx.line(r),
+                })
+            })
+            .collect();
+        say!(out, "{}", json!({
+            "kind": "process", "stream": stream, "process": process, "correlation": correlation, "status": status,
+            "version": last.version, "reactions": reactions.len(), "state": now.state, "deadlines": now.deadlines, "position": now.position.0,
+            "checkpoint": checkpoint.map(|(p, at)| json!({"stream": checkpoint_stream, "position": p, "time": at.to_rfc3339()})),
+            "started_at": start.to_rfc3339(), "updated_at": last.timestamp.to_rfc3339(), "elapsed_ms": took.as_secs_f64() * 1000.0,
+            "timeline": timeline,
+        }));
+        return Ok(());
+    }
+
+    say!(out, "process {process} {correlation} — {status}");
+    let field = |out: &mut String, name: &str, value: String| say!(out, "  {name:<11}{value}");
+    field(out, "stream", format!("{stream} (version {}, {})", last.version, count(reactions.len() as u64, "reaction")));
+    let took = if now.ended { format!("took {}", duration(took)) } else { format!("last change {} later", duration(took)) };
+    field(out, "started", format!("{} UTC, {took}", time(start)));
+    field(out, "state", shorten(&now.state.to_string(), 300));
+    let pending = if now.deadlines.is_empty() {
+        if now.ended { "none (ended)".to_string() } else { "none".to_string() }
+    } else {
+        now.deadlines.iter().map(|d| format!("{} (timer {})", d.name, d.timer)).collect::<Vec<_>>().join(", ")
+    };
+    field(out, "deadlines", pending);
+    field(out, "handled", format!("events up to position {}", now.position.0));
+    if let Some((position, at)) = checkpoint {
+        field(out, "checkpoint", format!("the {process} manager had read up to position {position} (written {} UTC, in {checkpoint_stream})", time(at)));
+    }
+    if !now.ended {
+        let waits = if now.deadlines.is_empty() { String::new() } else { format!(" or its {} {}", if now.deadlines.len() == 1 { "deadline" } else { "deadlines" }, deadline_names(&now.deadlines)) };
+        field(out, "now", format!("waiting for its next event{waits}"));
+    }
+
+    say!(out);
+    say!(out, "timeline");
+    for (i, ((e, r), fx)) in reactions.iter().zip(&effects).enumerate() {
+        say!(out, "  {:>10}  {} {}", format!("+{}", duration(Duration::from_micros((e.timestamp.0 - start.0).max(0) as u64))), fx.mark(i == 0), fx.line(r));
+    }
+    Ok(())
 }

@@ -2,6 +2,8 @@
 //! filters, one saga's steps and timeline, errors that say what to do next,
 //! and resume: refused (with nothing written) unless the saga is parked, and
 //! through a server for a parked one, which the next runner then finishes.
+//! And on what a real process manager wrote: `cairn sagas processes` and
+//! `cairn sagas show` on one of its instances.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -9,10 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_core::{EventStore, ReadStreamOptions};
+use cairn_core::{EventStore, ExpectedVersion, Metadata, NewEvent, Query, QueryItem, ReadStreamOptions};
 use cairn_log::EmbeddedStore;
-use cairn_saga::{RetryPolicy, Saga, SagaRunner, Status, Step, StepError};
+use cairn_saga::{Effect, Message, Process, ProcessManager, RetryPolicy, Saga, SagaRunner, Status, Step, StepError};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use uuid::Uuid;
 
 fn cairn(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cairn")).arg("--data").arg(dir).args(args).output().expect("run cairn")
@@ -238,9 +242,183 @@ fn a_parked_saga_resumed_through_a_server_is_finished_by_the_next_runner() {
     assert!(list.contains("3 sagas of type 'order': 2 compensated, 1 completed"), "{list}");
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Fulfilment {
+    order: Option<String>,
+    paid: bool,
+}
+
+/// Ships an order once it is placed and paid (in either order); an order
+/// unpaid when its payment window (`window_ms` in `OrderPlaced`) closes is
+/// cancelled.
+struct OrderFulfilment;
+
+impl Process for OrderFulfilment {
+    type State = Fulfilment;
+
+    fn name(&self) -> &str {
+        "fulfilment"
+    }
+
+    fn query(&self) -> Query {
+        Query::new([QueryItem::types(["OrderPlaced"]).with_categories(["order"]), QueryItem::types(["PaymentReceived"]).with_categories(["payment"])])
+    }
+
+    fn react(&self, state: &mut Fulfilment, message: Message) -> Vec<Effect> {
+        let ship = |state: &Fulfilment| vec![Effect::command("ShipOrder", json!({ "order": state.order })), Effect::End];
+        match message {
+            Message::Event(e) if e.event_type == "OrderPlaced" => {
+                state.order = Some(e.stream.clone());
+                let window = e.json::<Value>().unwrap()["window_ms"].as_u64().unwrap();
+                if state.paid { ship(state) } else { vec![Effect::deadline("payment", Duration::from_millis(window))] }
+            }
+            Message::Event(e) if e.event_type == "PaymentReceived" => {
+                state.paid = true;
+                if state.order.is_some() { ship(state) } else { Vec::new() }
+            }
+            Message::Deadline { name } if name == "payment" && !state.paid => {
+                vec![Effect::command("CancelOrder", json!({ "order": state.order })), Effect::End]
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The instances `make_processes` leaves behind, by what happened to them.
+struct Instances {
+    shipped: Uuid,
+    cancelled: Uuid,
+    waiting: Uuid,
+    paid_first: Uuid,
+}
+
+/// Runs the fulfilment process in `dir` until: `shipped` was placed and paid
+/// (ended), `cancelled` missed its 200 ms payment window (ended), `waiting`
+/// was placed with an hour to pay (running, a deadline pending), and
+/// `paid_first` was paid but not placed (running); then shuts it down.
+fn make_processes(dir: &Path) -> Instances {
+    let ids = Instances { shipped: Uuid::now_v7(), cancelled: Uuid::now_v7(), waiting: Uuid::now_v7(), paid_first: Uuid::now_v7() };
+    runtime().block_on(async {
+        let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir).unwrap());
+        let manager = ProcessManager::builder(store.clone(), OrderFulfilment, |_command| async { Ok::<(), String>(()) }).start().await.unwrap();
+        let emit = async |stream: &str, event_type: &str, data: Value, correlation: Uuid| {
+            let metadata = Metadata { correlation_id: Some(correlation), ..Metadata::default() };
+            store.append(stream, ExpectedVersion::Any, vec![NewEvent::json(event_type, &data).unwrap().with_metadata(metadata)]).await.unwrap();
+        };
+        emit("order-1", "OrderPlaced", json!({"window_ms": 3_600_000}), ids.shipped).await;
+        emit("order-2", "OrderPlaced", json!({"window_ms": 200}), ids.cancelled).await;
+        emit("order-3", "OrderPlaced", json!({"window_ms": 3_600_000}), ids.waiting).await;
+        emit("payment-1", "PaymentReceived", json!({}), ids.shipped).await;
+        emit("payment-4", "PaymentReceived", json!({}), ids.paid_first).await;
+        let expected = [(ids.shipped, 2, true), (ids.cancelled, 2, true), (ids.waiting, 1, false), (ids.paid_first, 1, false)];
+        let start = std::time::Instant::now();
+        for (id, version, ended) in expected {
+            loop {
+                let instance = manager.instance(&id.to_string()).await.unwrap();
+                if instance.is_some_and(|i| i.version == version && i.ended == ended) {
+                    break;
+                }
+                assert!(start.elapsed() < Duration::from_secs(10), "instance {id} did not reach version {version}: {:?}", manager.last_error());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        manager.shutdown().await;
+    });
+    ids
+}
+
+#[test]
+fn process_instances_are_listed_and_shown_apart_from_sagas() {
+    let dir = tempfile::tempdir().unwrap();
+    make_sagas(dir.path());
+    let ids = make_processes(dir.path());
+
+    let processes = cairn(dir.path(), &["sagas", "processes"]);
+    assert!(processes.status.success(), "{}", stderr(&processes));
+    let text = stdout(&processes);
+    assert!(text.contains("4 process instances: 2 running, 2 ended"), "{text}");
+    let row = |id: Uuid| text.lines().find(|l| l.contains(&id.to_string())).unwrap_or_else(|| panic!("a row for {id} in {text}")).to_string();
+    for (id, cells) in [
+        (ids.shipped, ["fulfilment", "ended", " 2 ", "PaymentReceived in payment-1 at"]),
+        (ids.cancelled, ["fulfilment", "ended", " 2 ", "deadline payment: sent CancelOrder; ended"]),
+        (ids.waiting, ["running", " 1 ", "OrderPlaced in order-3 at", "payment"]),
+        (ids.paid_first, ["running", " 1 ", "PaymentReceived in payment-4 at", "(state only)"]),
+    ] {
+        let row = row(id);
+        for cell in cells {
+            assert!(row.contains(cell), "{cell:?} in {row}");
+        }
+    }
+    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("│ ") && !l.starts_with("│ process")).collect();
+    assert!(rows.len() == 4 && rows.iter().all(|l| l.starts_with("│ fulfilment ")), "sagas and checkpoints are no instances: {text}");
+    assert!(text.contains("`cairn sagas show fulfilment "), "{text}");
+
+    let json = |args: &[&str]| -> Vec<Value> { stdout(&cairn(dir.path(), args)).lines().map(|l| serde_json::from_str(l).unwrap()).collect() };
+    let running = json(&["--json", "sagas", "processes", "--process", "fulfilment", "--running"]);
+    let mut correlations: Vec<String> = running.iter().map(|r| r["correlation"].as_str().unwrap().to_string()).collect();
+    correlations.sort();
+    let mut expected = vec![ids.waiting.to_string(), ids.paid_first.to_string()];
+    expected.sort();
+    assert_eq!(correlations, expected);
+    let waiting = running.iter().find(|r| r["correlation"] == ids.waiting.to_string()).unwrap();
+    assert_eq!((waiting["status"].as_str(), waiting["reactions"].as_u64(), &waiting["deadlines"]), (Some("running"), Some(1), &json!(["payment"])));
+    assert_eq!(waiting["state"], json!({"order": "order-3", "paid": false}));
+    assert_eq!(json(&["--json", "sagas", "processes", "--ended"]).len(), 2);
+    let ended = stdout(&cairn(dir.path(), &["sagas", "processes", "--ended", "--process", "fulfilment"]));
+    assert!(ended.contains("2 process instances of process 'fulfilment' ended"), "{ended}");
+    let none = stdout(&cairn(dir.path(), &["sagas", "processes", "--process", "billing"]));
+    assert!(none.contains("no process instances of process 'billing' in this store"), "{none}");
+    let saga_type = stdout(&cairn(dir.path(), &["sagas", "processes", "--process", "order"]));
+    assert!(saga_type.contains("'order' is a saga type, not a process: `cairn sagas list --saga order`"), "{saga_type}");
+
+    // Sagas stay among sagas.
+    let list = stdout(&cairn(dir.path(), &["sagas", "list"]));
+    assert!(list.contains("4 sagas: 1 needs attention, 2 compensated, 1 completed") && !list.contains("fulfilment"), "{list}");
+
+    let show = cairn(dir.path(), &["sagas", "show", "fulfilment", &ids.shipped.to_string()]);
+    assert!(show.status.success(), "{}", stderr(&show));
+    let text = stdout(&show);
+    assert!(text.starts_with(&format!("process fulfilment {} — ended", ids.shipped)), "{text}");
+    assert!(text.contains("state      {\"order\":\"order-1\",\"paid\":true}"), "{text}");
+    assert!(text.contains("deadlines  none (ended)"), "{text}");
+    assert!(text.contains("checkpoint the fulfilment manager had read up to position "), "shutdown wrote the checkpoint: {text}");
+    let timeline: Vec<&str> = text.lines().skip_while(|l| *l != "timeline").skip(1).collect();
+    assert_eq!(timeline.len(), 2, "{text}");
+    assert!(timeline.iter().all(|l| l.trim_start().starts_with('+')), "each line has its offset from the first: {text}");
+    let line = |i: usize| timeline[i].trim_start().split_once("  ").expect("offset, then the line").1;
+    assert!(line(0).starts_with("▶ OrderPlaced in order-1 at ") && line(0).ends_with(": set deadline payment"), "{text}");
+    assert!(line(1).starts_with("■ PaymentReceived in payment-1 at ") && line(1).ends_with(": sent ShipOrder; cancelled deadline payment; ended"), "{text}");
+
+    let cancelled = stdout(&cairn(dir.path(), &["sagas", "show", "fulfilment", &ids.cancelled.to_string()]));
+    assert!(cancelled.contains("■ deadline payment: sent CancelOrder; ended"), "{cancelled}");
+    let waiting = stdout(&cairn(dir.path(), &["sagas", "show", "fulfilment", &ids.waiting.to_string()]));
+    assert!(waiting.contains("— running") && waiting.contains(&format!("deadlines  payment (timer {}/payment@1)", ids.waiting)), "{waiting}");
+    assert!(waiting.contains("now        waiting for its next event or its deadline payment"), "{waiting}");
+
+    let shown: Value = serde_json::from_str(stdout(&cairn(dir.path(), &["--json", "sagas", "show", "fulfilment", &ids.cancelled.to_string()])).trim()).unwrap();
+    assert_eq!((shown["kind"].as_str(), shown["status"].as_str(), shown["reactions"].as_u64()), (Some("process"), Some("ended"), Some(2)));
+    assert_eq!(shown["timeline"][1]["deadline_fired"], "payment");
+    assert_eq!(shown["timeline"][1]["commands"][0]["name"], "CancelOrder");
+    assert!(shown["timeline"][1]["commands"][0]["key"].as_str().unwrap().starts_with(&format!("$saga-fulfilment-{}/", ids.cancelled)));
+    assert!(shown["checkpoint"]["position"].as_u64().unwrap() > 0);
+
+    // What is not there, and what cannot be done, says what to do instead.
+    let unknown_id = cairn(dir.path(), &["sagas", "show", "fulfilment", "nope"]);
+    assert!(!unknown_id.status.success());
+    let message = stderr(&unknown_id);
+    assert!(message.contains("no instance of process 'fulfilment' with correlation id 'nope'") && message.contains("`cairn sagas processes --process fulfilment`"), "{message}");
+    let unknown = cairn(dir.path(), &["sagas", "show", "billing", "1"]);
+    assert!(!unknown.status.success());
+    let message = stderr(&unknown);
+    assert!(message.contains("no saga of type 'billing' and no process named 'billing'") && message.contains("`cairn sagas processes`"), "{message}");
+    let resume = cairn(dir.path(), &["sagas", "resume", "fulfilment", &ids.waiting.to_string()]);
+    assert!(!resume.status.success() && stderr(&resume).contains("is a process-manager instance, not a saga: there is nothing to resume"), "{}", stderr(&resume));
+    let both = cairn(dir.path(), &["sagas", "processes", "--ended", "--running"]);
+    assert!(!both.status.success(), "--ended and --running exclude each other");
+}
+
 #[test]
 fn sagas_in_postgresql() {
-    use cairn_core::{ExpectedVersion, NewEvent};
     const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
     if !cairn_core::conformance::reachable("127.0.0.1:5432", "PostgreSQL") {
         return;
