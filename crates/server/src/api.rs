@@ -131,7 +131,7 @@ async fn count_status(State(app): Shared, request: Request, next: Next) -> Respo
     let status = response.status();
     app.metrics.status(status.as_u16());
     let is_json = response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if status.is_success() || is_json || status == StatusCode::NOT_FOUND && is_json {
+    if status.is_success() || is_json {
         return response;
     }
     let (code, message) = match status {
