@@ -568,6 +568,7 @@ fn timeline_mark(event: &SagaEvent) -> &'static str {
         SagaEvent::SagaStarted { .. } => "▶",
         SagaEvent::StepCompleted { .. } | SagaEvent::SagaCompleted {} => "✓",
         SagaEvent::StepFailed { .. } | SagaEvent::StepTimedOut { .. } | SagaEvent::CompensationFailed { .. } => "✗",
+        SagaEvent::StepAttemptFailed { .. } => "↻",
         SagaEvent::Compensating { .. } | SagaEvent::StepCompensated { .. } | SagaEvent::SagaCompensated {} => "↩",
         SagaEvent::SagaParked { .. } => "!",
         SagaEvent::SagaResumed { .. } => "▶",

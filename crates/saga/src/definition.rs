@@ -122,6 +122,10 @@ pub struct Step {
     pub(crate) action: StepFn,
     pub(crate) undo: Undo,
     pub(crate) timeout: Duration,
+    /// Attempts after the first when the action fails or times out, and the
+    /// wait before the first of them (doubling, up to 30 s).
+    pub(crate) retries: u32,
+    pub(crate) retry_backoff: Duration,
 }
 
 fn boxed<F, Fut, T>(f: F) -> StepFn
@@ -145,7 +149,14 @@ impl Step {
         Fut: Future<Output = Result<T, StepError>> + Send + 'static,
         T: Serialize,
     {
-        Step { name: name.into(), action: boxed(action), undo: Undo::Undeclared, timeout: DEFAULT_STEP_TIMEOUT }
+        Step {
+            name: name.into(),
+            action: boxed(action),
+            undo: Undo::Undeclared,
+            timeout: DEFAULT_STEP_TIMEOUT,
+            retries: 0,
+            retry_backoff: Duration::from_millis(200),
+        }
     }
 
     /// How to undo the step. Compensations are retried until they succeed
@@ -175,8 +186,23 @@ impl Step {
         self
     }
 
+    /// Runs the action up to `retries` more times when it fails or times out
+    /// (a passing outage of the service), waiting `backoff`, doubled after
+    /// each attempt (at most 30 s), before compensation starts. Each attempt
+    /// has the same key, and is recorded in the saga's history. Default: no retry.
+    pub fn retry(mut self, retries: u32, backoff: Duration) -> Step {
+        self.retries = retries;
+        self.retry_backoff = backoff;
+        self
+    }
+
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The wait after failed attempt number `attempt` (1-based).
+    pub(crate) fn retry_delay(&self, attempt: u32) -> Duration {
+        RetryPolicy { attempts: 0, backoff: self.retry_backoff, max_backoff: Duration::from_secs(30) }.delay(attempt)
     }
 }
 

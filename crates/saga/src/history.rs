@@ -16,6 +16,8 @@ pub enum SagaEvent {
     /// The saga exists and will run; `steps` are its step names in order.
     SagaStarted { saga: String, input: Value, steps: Vec<String> },
     StepCompleted { step: String, output: Value },
+    /// One failed (or timed-out) attempt at an action that has retries left.
+    StepAttemptFailed { step: String, attempt: u32, error: String },
     StepFailed { step: String, error: String },
     StepTimedOut { step: String, after_ms: u64 },
     /// Compensation begins: `undo` lists the steps whose compensations run, in
@@ -38,6 +40,7 @@ impl SagaEvent {
         match self {
             SagaEvent::SagaStarted { .. } => "SagaStarted",
             SagaEvent::StepCompleted { .. } => "StepCompleted",
+            SagaEvent::StepAttemptFailed { .. } => "StepAttemptFailed",
             SagaEvent::StepFailed { .. } => "StepFailed",
             SagaEvent::StepTimedOut { .. } => "StepTimedOut",
             SagaEvent::Compensating { .. } => "Compensating",
@@ -73,6 +76,7 @@ impl SagaEvent {
         match self {
             SagaEvent::SagaStarted { saga, steps, .. } => format!("started {saga}: {}", steps.join(" → ")),
             SagaEvent::StepCompleted { step, .. } => format!("{step} done"),
+            SagaEvent::StepAttemptFailed { step, attempt, error } => format!("{step} failed (attempt {attempt}), will retry: {error}"),
             SagaEvent::StepFailed { step, error } => format!("{step} failed: {error}"),
             SagaEvent::StepTimedOut { step, after_ms } => format!("{step} timed out after {}", human_ms(*after_ms)),
             SagaEvent::Compensating { undo, not_undoable, .. } => {
@@ -151,7 +155,8 @@ pub struct SagaState {
     /// The compensations to run, newest step first, and those done so far.
     pub undo: Vec<String>,
     pub undone: Vec<String>,
-    /// Failed attempts at the current compensation since the last success or resume.
+    /// Failed attempts at the current action, or at the current compensation
+    /// since the last success or resume.
     pub attempts: u32,
     pub last_error: Option<String>,
     /// The stream's version: the next transition is appended expecting it.
@@ -221,12 +226,20 @@ impl SagaState {
     pub fn apply(&mut self, event: &SagaEvent) {
         match event {
             SagaEvent::SagaStarted { .. } => {}
-            SagaEvent::StepCompleted { step, output } => self.completed.push((step.clone(), output.clone())),
+            SagaEvent::StepCompleted { step, output } => {
+                self.completed.push((step.clone(), output.clone()));
+                self.attempts = 0;
+            }
+            SagaEvent::StepAttemptFailed { attempt, error, .. } => {
+                self.attempts = *attempt;
+                self.last_error = Some(error.clone());
+            }
             SagaEvent::StepFailed { step, error } => self.reason = Some(format!("{step} failed: {error}")),
             SagaEvent::StepTimedOut { step, after_ms } => self.reason = Some(format!("{step} timed out after {}", human_ms(*after_ms))),
             SagaEvent::Compensating { undo, .. } => {
                 self.status = Status::Compensating;
                 self.undo = undo.clone();
+                self.attempts = 0;
             }
             SagaEvent::StepCompensated { step } => {
                 self.undone.push(step.clone());

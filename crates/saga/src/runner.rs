@@ -526,12 +526,15 @@ async fn drive(inner: Arc<Inner>, saga: Arc<Saga>, mut state: SagaState) {
             state.apply(event);
         }
         state.version += events.len() as u64;
-        if let Some(SagaEvent::CompensationFailed { attempt, .. }) = events.first()
-            && state.status == Status::Compensating
-        {
+        let backoff = match events.first() {
+            Some(SagaEvent::CompensationFailed { attempt, .. }) if state.status == Status::Compensating => Some(saga.retry.delay(*attempt)),
+            Some(SagaEvent::StepAttemptFailed { step, attempt, .. }) => saga.find(step).map(|s| s.retry_delay(*attempt)),
+            _ => None,
+        };
+        if let Some(wait) = backoff {
             // Back off before the next attempt, without holding a slot.
             drop(permit.take());
-            tokio::time::sleep(saga.retry.delay(*attempt)).await;
+            tokio::time::sleep(wait).await;
             permit = Some(inner.permits.clone().acquire_owned().await.expect("never closed"));
         }
     }
@@ -542,8 +545,20 @@ async fn run_action(saga: &Saga, state: &SagaState, name: &str) -> Vec<SagaEvent
         let error = format!("step {name} is not in this version of saga {}", saga.name);
         return vec![SagaEvent::StepFailed { step: name.into(), error: error.clone() }, compensating(saga, state, error, None)];
     };
-    let ctx = context(saga, state, name, "", 1);
-    match tokio::time::timeout(step.timeout, (step.action)(ctx)).await {
+    let attempt = state.attempts + 1;
+    let ctx = context(saga, state, name, "", attempt);
+    let outcome = tokio::time::timeout(step.timeout, (step.action)(ctx)).await;
+    if attempt <= step.retries {
+        let error = match &outcome {
+            Ok(Err(error)) => Some(error.0.clone()),
+            Err(_) => Some(format!("timed out after {} ms", step.timeout.as_millis())),
+            Ok(Ok(_)) => None,
+        };
+        if let Some(error) = error {
+            return vec![SagaEvent::StepAttemptFailed { step: name.into(), attempt, error }];
+        }
+    }
+    match outcome {
         Ok(Ok(output)) => {
             let mut events = vec![SagaEvent::StepCompleted { step: name.into(), output }];
             if state.completed.len() + 1 == state.steps.len() {

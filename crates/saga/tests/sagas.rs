@@ -293,3 +293,84 @@ async fn a_new_runner_resumes_what_the_last_one_left() {
     let third = SagaRunner::builder(store.clone(), "shop").saga(order_saga(&Log::default())).run().await.unwrap();
     assert_eq!(third.recovered(), 0);
 }
+
+/// A charge that fails (or hangs) its first `bad` attempts, then succeeds.
+fn flaky_charge(bad: u32, hang: bool, calls: Arc<std::sync::atomic::AtomicU32>) -> Step {
+    Step::new("charge", move |ctx| {
+        let calls = calls.clone();
+        async move {
+            let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            assert_eq!(ctx.attempt, n, "the context counts the attempts");
+            assert_eq!(ctx.key, "$saga-order-r/charge", "every attempt has the same key");
+            if n <= bad {
+                if hang {
+                    std::future::pending::<()>().await;
+                }
+                return Err(StepError::new(format!("gateway busy ({n})")));
+            }
+            Ok(n)
+        }
+    })
+    .compensate(|_| async { Ok(()) })
+    .timeout(Duration::from_millis(100))
+}
+
+#[tokio::test]
+async fn a_step_with_retries_gets_them_before_compensation_starts() {
+    for (bad, retries, hang, expected) in [(2, 2, false, Status::Completed), (2, 1, false, Status::Compensated), (1, 1, true, Status::Completed)] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir);
+        let log = Log::default();
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let saga = Saga::new("order")
+            .step(step("create", &log))
+            .step(flaky_charge(bad, hang, calls.clone()).retry(retries, Duration::from_millis(10)))
+            .step(step("reserve", &log));
+        let runner = SagaRunner::builder(store.clone(), "shop").saga(saga).run().await.unwrap();
+        runner.start("order", "r", &json!({})).await.unwrap();
+        let state = runner.wait("order", "r").await.unwrap();
+        let case = format!("{bad} bad attempts, {retries} retries, hang {hang}");
+        assert_eq!(state.status, expected, "{case}");
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), (retries + 1).min(bad + 1), "{case}");
+        let events = store.read_stream("$saga-order-r", ReadStreamOptions::forward()).await.unwrap();
+        let retried: Vec<u32> = events
+            .iter()
+            .filter_map(|e| match SagaEvent::from_recorded(e) {
+                Some(SagaEvent::StepAttemptFailed { attempt, .. }) => Some(attempt),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(retried, (1..=retries.min(bad)).collect::<Vec<_>>(), "{case}");
+        if expected == Status::Completed {
+            assert_eq!(state.output("charge").unwrap(), &json!(bad + 1), "{case}");
+            assert_eq!(*log.lock().unwrap(), ["do:create", "do:reserve"], "{case}");
+        } else {
+            assert_eq!(state.reason.as_deref(), Some("charge failed: gateway busy (2)"), "{case}");
+            assert_eq!(*log.lock().unwrap(), ["do:create", "undo:create"], "{case}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_attempts_already_made_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir);
+    let log = Log::default();
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    // Two failures, then a long wait before the third attempt: stop the runner there.
+    let saga = |calls| Saga::new("order").step(step("create", &log)).step(flaky_charge(5, false, calls).retry(2, Duration::from_secs(60)));
+    let first = SagaRunner::builder(store.clone(), "shop").saga(saga(calls.clone())).run().await.unwrap();
+    first.start("order", "r", &json!({})).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    first.shutdown().await;
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(load(store.as_ref(), "order", "r").await.unwrap().unwrap().attempts, 1);
+    // The next runner makes attempt 2 (of 3) after its backoff... here at once: a
+    // new definition with a short backoff, as after a deploy.
+    let calls2 = Arc::new(std::sync::atomic::AtomicU32::new(1));
+    let quick = Saga::new("order").step(step("create", &log)).step(flaky_charge(5, false, calls2.clone()).retry(2, Duration::from_millis(5)));
+    let second = SagaRunner::builder(store.clone(), "shop").saga(quick).run().await.unwrap();
+    let state = second.wait("order", "r").await.unwrap();
+    assert_eq!(state.status, Status::Compensated);
+    assert_eq!(calls2.load(std::sync::atomic::Ordering::SeqCst), 3, "attempts 2 and 3 only: the first was not made again");
+}
