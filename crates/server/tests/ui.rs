@@ -1,6 +1,7 @@
 //! The web admin UI in a real headless Chromium: events appended through the
 //! API appear in the page, event text is shown as text (never as markup),
-//! and an event's page shows its data and metadata.
+//! and an event's page shows its data and metadata; the Sagas view lists
+//! sagas and process-manager instances and shows each one's history.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -148,5 +149,109 @@ fn the_sagas_view_lists_sagas_appended_through_the_api_and_shows_a_timeline() {
     }
     let two = dom(&browser, &format!("{url}/#/saga/%24saga-order-2"));
     assert!(two.contains("charge-card ✓↩✗") && two.contains("reserve-items ✗↩") && two.contains("cairn sagas resume order 2"), "{two}");
+    rt.block_on(running.shutdown()).unwrap();
+}
+
+/// One table row of the page, from its `data-stream` attribute to its end.
+fn row<'a>(page: &'a str, stream: &str) -> &'a str {
+    let start = page.find(&format!("data-stream=\"{stream}\"")).unwrap_or_else(|| panic!("no row for {stream}: {page}"));
+    &page[start..start + page[start..].find("</tr>").unwrap()]
+}
+
+/// The part of the page from `start` (e.g. `<table id="sagas"`) up to the next `end`.
+fn part<'a>(page: &'a str, start: &str, end: &str) -> &'a str {
+    let from = page.find(start).unwrap_or_else(|| panic!("no {start}: {page}"));
+    &page[from..from + page[from..].find(end).unwrap()]
+}
+
+#[test]
+fn the_sagas_view_lists_process_instances_and_shows_their_reactions() {
+    let Some(browser) = chromium() else {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI needs chromium for the UI test; .ci/run installs it");
+        eprintln!("skipped: no chromium (apt-get install chromium) for the web UI test");
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let running = rt.block_on(async { cairn_server::start(store, ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() }) }).unwrap();
+    let url = running.url.clone();
+    let (done, open) = (uuid::Uuid::now_v7().to_string(), uuid::Uuid::now_v7().to_string());
+    let (done_stream, open_stream) = (format!("$saga-fulfilment-{done}"), format!("$saga-fulfilment-{open}"));
+    let key = |stream: &str| format!("{stream}/{}/0", uuid::Uuid::now_v7());
+    let reserve = key(&open_stream);
+    rt.block_on(async {
+        let client = HttpStore::new(&url).unwrap();
+        // Reactions as ProcessManager records them (Reaction in
+        // crates/saga/src/process.rs; command_names is left out when empty).
+        append_saga(&client, &done_stream, &[
+            ("ProcessReacted", json!({"state": {"order": "order-7", "paid": false}, "position": 100, "handled": "OrderPlaced in order-7 at 100",
+                "commands": [], "deadlines": [{"timer": format!("{done}/payment@1"), "name": "payment"}], "ended": false})),
+            ("ProcessReacted", json!({"state": {"order": "order-7", "paid": true}, "position": 200, "handled": "PaymentTaken in payment-7 at 200",
+                "commands": [key(&done_stream)], "command_names": ["ShipOrder"], "deadlines": [], "ended": false})),
+            ("ProcessEnded", json!({"state": {"order": "order-7", "paid": true, "shipped": true}, "position": 300, "handled": "OrderShipped in shipping-7 at 300",
+                "commands": [], "deadlines": [], "ended": true})),
+        ])
+        .await;
+        append_saga(&client, &open_stream, &[
+            ("ProcessReacted", json!({"state": {"order": "order-8"}, "position": 400, "handled": "OrderPlaced in order-8 at 400",
+                "commands": [reserve], "command_names": ["ReserveStock"], "deadlines": [{"timer": format!("{open}/payment@1"), "name": "payment"}], "ended": false})),
+            ("ProcessReacted", json!({"state": {"order": "order-8", "reminded": 1}, "position": 400, "handled": "deadline payment",
+                "commands": [format!("{open_stream}/deadline/{open}/payment@1/0")], "command_names": ["RemindCustomer"],
+                "deadlines": [{"timer": format!("{open}/payment@2"), "name": "payment"}], "ended": false})),
+            ("ProcessReacted", json!({"state": {"order": "order-8", "reminded": 1, "note": "<b>rush</b>"}, "position": 600,
+                "handled": "<img src=x onerror=alert(4)> in order-8 at 600",
+                "commands": [], "deadlines": [{"timer": format!("{open}/payment@2"), "name": "payment"}], "ended": false})),
+        ])
+        .await;
+        // The manager's checkpoint shares the namespace but is no instance.
+        append_saga(&client, "$saga-fulfilment-$checkpoint", &[("ProcessCheckpoint", json!(600))]).await;
+        append_saga(&client, "$saga-order-1", &[("SagaStarted", json!({"saga": "order", "input": {}, "steps": ["create-order"]}))]).await;
+    });
+
+    let list = dom(&browser, &format!("{url}/#/sagas"));
+    let sagas = part(&list, "<table id=\"sagas\"", "</table>");
+    assert!(list.contains("1 saga;") && sagas.contains("create-order") && !sagas.contains("fulfilment"), "the saga rows are the sagas only: {list}");
+    let processes = part(&list, "<table id=\"processes\"", "</table>");
+    assert!(list.contains("Process managers") && list.contains("2 process instances: 1 running, 1 ended"), "{list}");
+    let ended = row(processes, &done_stream);
+    assert!(ended.contains(&format!("href=\"#/saga/%24saga-fulfilment-{done}\">{done}</a>")), "the correlation id links to the instance: {ended}");
+    assert!(ended.contains("class=\"status-ended\">ended<") && ended.contains("<td>3</td>") && ended.contains("OrderShipped in shipping-7 at 300: ended"), "{ended}");
+    let open_row = row(processes, &open_stream);
+    assert!(open_row.contains("class=\"status-running\">running<") && open_row.contains("<td>3</td>") && open_row.contains("<td>payment</td>"), "{open_row}");
+    assert!(open_row.contains("&lt;img src=x onerror=alert(4)&gt; in order-8 at 600 (state only)"), "event text is text: {open_row}");
+    let shown = part(&list, "<main", "</main>");
+    assert!(!shown.contains("$checkpoint") && !shown.contains("ProcessCheckpoint"), "the checkpoint is no instance (the page's script names it): {list}");
+    assert!(!list.contains("<img src=\"x\""), "no markup from event text: {list}");
+
+    let one = dom(&browser, &format!("{url}/#/saga/%24saga-fulfilment-{done}"));
+    assert!(one.contains(&format!("Process fulfilment {done}")) && one.contains("none (ended)") && one.contains("3 reactions"), "{one}");
+    assert!(one.contains("\"shipped\": true"), "the state, as JSON text: {one}");
+    assert!(one.contains("the fulfilment manager had read up to position 600"), "the manager's checkpoint: {one}");
+    let timeline = part(&one, "<table id=\"timeline\"", "</table>");
+    for line in [
+        "▶</td><td>OrderPlaced in order-7 at 100</td><td>set deadline payment</td>",
+        "•</td><td>PaymentTaken in payment-7 at 200</td>",
+        "sent ShipOrder; cancelled deadline payment</td>",
+        "■</td><td>OrderShipped in shipping-7 at 300</td><td>ended</td>",
+    ] {
+        assert!(timeline.contains(line), "the timeline has {line:?}: {timeline}");
+    }
+
+    let two = dom(&browser, &format!("{url}/#/saga/{}", open_stream.replace('$', "%24")));
+    assert!(two.contains("class=\"status-running\">running<") && two.contains(&format!("payment (timer {open}/payment@2)")), "{two}");
+    assert!(two.contains("waiting for its next event or its deadline payment"), "{two}");
+    assert!(two.contains(&format!("ReserveStock: {reserve}")), "a command's idempotency key: {two}");
+    let timeline = part(&two, "<table id=\"timeline\"", "</table>");
+    for line in [
+        "▶</td><td>OrderPlaced in order-8 at 400</td>",
+        "sent ReserveStock; set deadline payment</td>",
+        "⧖</td><td>deadline payment</td>",
+        "sent RemindCustomer; set deadline payment</td>",
+        "&lt;img src=x onerror=alert(4)&gt; in order-8 at 600</td><td>(state only)</td>",
+    ] {
+        assert!(timeline.contains(line), "the timeline has {line:?}: {timeline}");
+    }
+    assert!(two.contains("&lt;b&gt;rush&lt;/b&gt;") && !two.contains("<b>rush") && !two.contains("<img src=\"x\""), "event text is text: {two}");
     rt.block_on(running.shutdown()).unwrap();
 }
