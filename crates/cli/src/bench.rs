@@ -91,7 +91,7 @@ pub struct Target {
 }
 
 impl Target {
-    fn syncs(&self) -> Option<u64> {
+    pub(crate) fn syncs(&self) -> Option<u64> {
         self.embedded.as_ref().map(|s| s.stats().syncs.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
@@ -246,7 +246,7 @@ async fn w2(t: &Target, events: u64, tasks: usize) -> Result<String> {
 }
 
 /// ` fsyncs=N` where the engine counts them.
-fn fsyncs(before: Option<u64>, after: Option<u64>) -> String {
+pub(crate) fn fsyncs(before: Option<u64>, after: Option<u64>) -> String {
     before.zip(after).map(|(b, a)| format!(" fsyncs={}", a - b)).unwrap_or_default()
 }
 

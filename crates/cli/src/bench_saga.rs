@@ -10,7 +10,7 @@ use anyhow::Result;
 use cairn_core::{EventStore, ExpectedVersion, NewEvent};
 use cairn_saga::{Saga, SagaRunner, Status, Step, StepContext, StepError};
 
-use crate::bench::{percentile, Target};
+use crate::bench::{fsyncs, percentile, Target};
 
 /// Sagas in flight at once (each task starts one and waits for its end).
 const TASKS: usize = 256;
@@ -40,7 +40,7 @@ pub fn order_saga(store: &Arc<dyn EventStore>) -> Saga {
 
 pub async fn w8(t: &Target, sagas: u64) -> Result<String> {
     let runner = SagaRunner::builder(t.store.clone(), "bench").saga(order_saga(&t.store)).max_running(TASKS * 2).run().await?;
-    let syncs_before = t.embedded.as_ref().map(|s| s.stats().syncs.load(std::sync::atomic::Ordering::Relaxed));
+    let syncs_before = t.syncs();
     let started = Instant::now();
     let mut handles = Vec::new();
     for task in 0..TASKS as u64 {
@@ -63,10 +63,7 @@ pub async fn w8(t: &Target, sagas: u64) -> Result<String> {
         latencies.extend(h.await??);
     }
     let secs = started.elapsed().as_secs_f64();
-    let syncs = match (syncs_before, t.embedded.as_ref()) {
-        (Some(before), Some(s)) => format!(" fsyncs={}", s.stats().syncs.load(std::sync::atomic::Ordering::Relaxed) - before),
-        _ => String::new(),
-    };
+    let syncs = fsyncs(syncs_before, t.syncs());
     runner.shutdown().await;
     latencies.sort();
     let n = latencies.len();

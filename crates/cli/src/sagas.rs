@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use cairn_core::{EventStore, ReadStreamOptions, RecordedEvent, StoreError, Timestamp, SAGA_STREAM_PREFIX};
-use cairn_saga::{process_checkpoint_stream, saga_stream, PendingDeadline, Reaction, SagaError, SagaEvent, SagaState, Status};
+use cairn_saga::{process_checkpoint_stream, read_history, saga_stream, PendingDeadline, Reaction, SagaError, SagaEvent, SagaState, Status};
 use clap::{Args, Subcommand, ValueEnum};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use futures_util::{StreamExt, TryStreamExt};
@@ -126,24 +126,10 @@ pub async fn run(ctx: &Context, args: SagasArgs) -> Result<()> {
     Ok(())
 }
 
-/// Every event of a stream, in pages (a server answers at most 1,000 at a time).
-async fn read_stream(store: &dyn EventStore, stream: &str) -> Result<Vec<RecordedEvent>, StoreError> {
-    const PAGE: usize = 1000;
-    let mut events = Vec::new();
-    loop {
-        let from = events.last().map_or(1, |e: &RecordedEvent| e.version + 1);
-        let page = store.read_stream(stream, ReadStreamOptions::forward().from_version(from).limit(PAGE)).await?;
-        let done = page.len() < PAGE;
-        events.extend(page);
-        if done {
-            return Ok(events);
-        }
-    }
-}
 
 /// A saga's events and state; `None` if the stream does not exist or is not a saga.
 async fn load(store: &dyn EventStore, stream: &str) -> Result<Option<(SagaState, Vec<RecordedEvent>)>, StoreError> {
-    match read_stream(store, stream).await {
+    match read_history(store, stream).await {
         Ok(events) => Ok(SagaState::fold(stream, &events).map(|state| (state, events))),
         Err(StoreError::StreamNotFound { .. } | StoreError::StreamDeleted { .. }) => Ok(None),
         Err(e) => Err(e),
@@ -167,7 +153,7 @@ struct ProcessHistory {
 /// The saga or process instance, or an error that says what there is instead.
 async fn find(store: &dyn EventStore, name: &str, id: &str) -> Result<Found> {
     let stream = saga_stream(name, id);
-    let events = match read_stream(store, &stream).await {
+    let events = match read_history(store, &stream).await {
         Ok(events) => events,
         Err(StoreError::StreamNotFound { .. } | StoreError::StreamDeleted { .. }) => Vec::new(),
         Err(e) => return Err(e.into()),
@@ -223,11 +209,13 @@ async fn newest(store: &dyn EventStore, stream: &str, n: usize) -> Result<Vec<Re
     }
 }
 
+/// The streams of one saga type or process (`$saga-<name>-`), or of all.
+fn stream_prefix(name: Option<&str>) -> String {
+    name.map_or_else(|| SAGA_STREAM_PREFIX.to_string(), |name| format!("{SAGA_STREAM_PREFIX}{name}-"))
+}
+
 async fn list(ctx: &Context, out: &mut String, store: &dyn EventStore, status: Option<Status>, saga: Option<String>, limit: usize) -> Result<()> {
-    let prefix = match &saga {
-        Some(name) => format!("{SAGA_STREAM_PREFIX}{name}-"),
-        None => SAGA_STREAM_PREFIX.to_string(),
-    };
+    let prefix = stream_prefix(saga.as_deref());
     let streams = store.list_streams(&prefix, limit).await?;
     let looked_at = streams.len();
     // `$saga-<runner>` (no second '-') is a runner's checkpoint, not a saga.
@@ -623,10 +611,7 @@ fn instance_status(reaction: &Reaction) -> &'static str {
 }
 
 async fn processes(ctx: &Context, out: &mut String, store: &dyn EventStore, process: Option<String>, ended: Option<bool>, limit: usize) -> Result<()> {
-    let prefix = match &process {
-        Some(name) => format!("{SAGA_STREAM_PREFIX}{name}-"),
-        None => SAGA_STREAM_PREFIX.to_string(),
-    };
+    let prefix = stream_prefix(process.as_deref());
     let streams = store.list_streams(&prefix, limit).await?;
     let looked_at = streams.len();
     let names: Vec<String> = streams.into_iter().map(|s| s.stream).filter(|s| instance_name(s).is_some()).collect();

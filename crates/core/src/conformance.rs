@@ -30,6 +30,28 @@ pub fn reachable(addr: &str, what: &str) -> bool {
     ok
 }
 
+/// Runs this test binary again as a child that executes only the ignored
+/// test `name`, with `envs`, and returns it once it printed "ready" (for
+/// tests that really kill a process). The child's stdout is closed after
+/// that: it must ignore write errors from then on.
+pub fn spawn_ready_child(name: &str, envs: &[(&str, String)]) -> std::process::Child {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--ignored", "--test-threads=1"])
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("spawn the child");
+    let stdout = BufReader::new(child.stdout.take().expect("piped"));
+    if !stdout.lines().map_while(Result::ok).any(|line| line.trim_end().ends_with("ready")) {
+        let status = child.wait();
+        panic!("{name}: the child ended before it was ready: {status:?}");
+    }
+    child
+}
+
 /// A stream name no other test uses.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", Uuid::new_v4().simple())

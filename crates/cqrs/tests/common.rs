@@ -141,25 +141,4 @@ impl Rng {
     }
 }
 
-/// Runs this test binary again as a child that executes only the ignored
-/// test `name`, with `envs`, and returns it once it printed "ready".
-pub fn spawn_ready_child(name: &str, envs: &[(&str, String)]) -> std::process::Child {
-    use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--nocapture", "--ignored", "--test-threads=1"])
-        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .expect("spawn the child");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(stdout.read_line(&mut line).unwrap() > 0, "{name}: the child ended before it was ready");
-        if line.trim_end().ends_with("ready") {
-            return child;
-        }
-    }
-}
+pub use cairn_core::conformance::spawn_ready_child;

@@ -58,11 +58,16 @@ impl SagaEvent {
     /// after a lost reply is recognised by the store as a retry, while a
     /// different transition at the same version (another runner's) conflicts.
     pub fn to_new_event(&self, stream: &str, version: u64) -> NewEvent {
+        let event = self.to_event();
+        let id = derived_id(&format!("{stream}@{version}:{}:{}", self.type_name(), String::from_utf8_lossy(&event.data)));
+        event.with_id(id)
+    }
+
+    /// The event to append, with a fresh id.
+    pub fn to_event(&self) -> NewEvent {
         let body = serde_json::to_value(self).expect("saga events serialise");
         let data = body.get("data").cloned().unwrap_or(Value::Null);
-        let text = data.to_string();
-        let id = derived_id(&format!("{stream}@{version}:{}:{text}", self.type_name()));
-        NewEvent::json_bytes(self.type_name(), text).with_id(id)
+        NewEvent::json_bytes(self.type_name(), data.to_string())
     }
 
     /// Reads one stored event back; `None` for an event type this version does not know.
@@ -170,24 +175,8 @@ impl SagaState {
     pub fn fold(stream: &str, events: &[RecordedEvent]) -> Option<SagaState> {
         let first = events.first()?;
         let SagaEvent::SagaStarted { saga, input, steps } = SagaEvent::from_recorded(first)? else { return None };
-        let id = stream.strip_prefix(SAGA_STREAM_PREFIX)?.strip_prefix(saga.as_str())?.strip_prefix('-')?.to_string();
-        let mut state = SagaState {
-            stream: stream.to_string(),
-            saga,
-            id,
-            input,
-            steps,
-            completed: Vec::new(),
-            status: Status::Running,
-            reason: None,
-            undo: Vec::new(),
-            undone: Vec::new(),
-            attempts: 0,
-            last_error: None,
-            version: first.version,
-            started_at: Some(first.timestamp),
-            updated_at: Some(first.timestamp),
-        };
+        let mut state = SagaState::started(stream, saga, input, steps, first.timestamp)?;
+        state.version = first.version;
         for event in &events[1..] {
             if let Some(e) = SagaEvent::from_recorded(event) {
                 state.apply(&e);
@@ -200,10 +189,15 @@ impl SagaState {
 
     /// The state of a saga just started (version 1), without reading it back.
     pub fn fold_new(stream: &str, started: SagaEvent) -> SagaState {
-        let now = Timestamp::now();
         let SagaEvent::SagaStarted { saga, input, steps } = started else { panic!("fold_new takes a SagaStarted") };
-        let id = stream[SAGA_STREAM_PREFIX.len() + saga.len() + 1..].to_string();
-        SagaState {
+        SagaState::started(stream, saga, input, steps, Timestamp::now()).expect("the stream is the saga's")
+    }
+
+    /// Version 1: started at `at`, nothing done yet. `None` if `stream` is
+    /// not `$saga-<saga>-<id>`.
+    fn started(stream: &str, saga: String, input: Value, steps: Vec<String>, at: Timestamp) -> Option<SagaState> {
+        let id = stream.strip_prefix(SAGA_STREAM_PREFIX)?.strip_prefix(saga.as_str())?.strip_prefix('-')?.to_string();
+        Some(SagaState {
             stream: stream.to_string(),
             saga,
             id,
@@ -217,9 +211,9 @@ impl SagaState {
             attempts: 0,
             last_error: None,
             version: 1,
-            started_at: Some(now),
-            updated_at: Some(now),
-        }
+            started_at: Some(at),
+            updated_at: Some(at),
+        })
     }
 
     /// Moves the state past one transition (the version is the caller's).

@@ -32,6 +32,6 @@ mod timer;
 
 pub use definition::{RetryPolicy, Saga, Step, StepContext, StepError, StepResult, DEFAULT_STEP_TIMEOUT};
 pub use history::{derived_id, saga_stream, SagaEvent, SagaState, Status};
-pub use runner::{list, load, resume, SagaError, SagaRunner, SagaRunnerBuilder, Started};
+pub use runner::{list, load, read_history, resume, SagaError, SagaRunner, SagaRunnerBuilder, Started};
 pub use process::{process_checkpoint_stream, Command, Effect, Instance, Message, PendingDeadline, Process, ProcessError, ProcessManager, ProcessManagerBuilder, Reaction};
 pub use timer::{timer_stream, Due, FiredTimer, Recovery, Scheduler, SchedulerBuilder, Timer, TimerAction, TimerError, TimerEvent, DEFAULT_SNAPSHOT_EVERY};

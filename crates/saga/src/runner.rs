@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_core::{
-    EventStore, ExpectedVersion, NewEvent, Position, ReadAllOptions, ReadStreamOptions, StartFrom, StoreError, SubscriptionTarget,
+    EventStore, ExpectedVersion, NewEvent, Position, ReadAllOptions, ReadStreamOptions, RecordedEvent, StartFrom, StoreError, SubscriptionTarget,
     SAGA_STREAM_PREFIX,
 };
 use serde::{Deserialize, Serialize};
@@ -206,7 +206,7 @@ impl SagaRunner {
         }
         // A fresh id: starting an existing saga must meet `NoStream` and be
         // told so, not be taken for a retry of the first start.
-        let event = started.to_new_event(&stream, 1).with_id(uuid::Uuid::now_v7());
+        let event = started.to_event();
         match inner.store.append(&stream, ExpectedVersion::NoStream, vec![event]).await {
             Ok(result) => {
                 inner.saw(result.position);
@@ -368,21 +368,25 @@ pub async fn load(store: &dyn EventStore, saga: &str, id: &str) -> Result<Option
 }
 
 async fn load_stream(store: &dyn EventStore, stream: &str) -> Result<Option<SagaState>, StoreError> {
-    // In pages: a remote store caps one read.
+    match read_history(store, stream).await {
+        Ok(events) => Ok(SagaState::fold(stream, &events)),
+        Err(StoreError::StreamNotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Every event of a saga's (or any) stream, read in pages: a remote store
+/// caps one read.
+pub async fn read_history(store: &dyn EventStore, stream: &str) -> Result<Vec<RecordedEvent>, StoreError> {
     const PAGE: usize = 1000;
-    let mut events = Vec::new();
+    let mut events: Vec<RecordedEvent> = Vec::new();
     loop {
-        let from = events.last().map_or(1, |e: &cairn_core::RecordedEvent| e.version + 1);
-        match store.read_stream(stream, ReadStreamOptions::forward().from_version(from).limit(PAGE)).await {
-            Ok(page) => {
-                let full = page.len() == PAGE;
-                events.extend(page);
-                if !full {
-                    return Ok(SagaState::fold(stream, &events));
-                }
-            }
-            Err(StoreError::StreamNotFound { .. }) => return Ok(None),
-            Err(e) => return Err(e),
+        let from = events.last().map_or(1, |e| e.version + 1);
+        let page = store.read_stream(stream, ReadStreamOptions::forward().from_version(from).limit(PAGE)).await?;
+        let full = page.len() == PAGE;
+        events.extend(page);
+        if !full {
+            return Ok(events);
         }
     }
 }

@@ -14,6 +14,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cairn_core::conformance::spawn_ready_child;
 use cairn_core::{EventStore, ExpectedVersion, NewEvent, ReadStreamOptions};
 use cairn_log::EmbeddedStore;
 use cairn_saga::{Saga, SagaRunner, Status, Step, StepContext, StepError};
@@ -117,43 +118,17 @@ fn child_runner() {
     });
 }
 
-fn spawn_child(dir: &std::path::Path, seed: u64) -> std::process::Child {
-    use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["child_runner", "--exact", "--nocapture", "--ignored", "--test-threads=1"])
-        .env(DIR_VAR, dir)
-        .env(SEED_VAR, seed.to_string())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .expect("spawn the child");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(stdout.read_line(&mut line).unwrap() > 0, "the child ended before it was ready");
-        if line.trim_end().ends_with("ready") {
-            return child;
-        }
-    }
-}
-
 async fn types(store: &dyn EventStore, stream: &str) -> Vec<String> {
     match store.read_stream(stream, ReadStreamOptions::forward()).await {
-        Ok(events) => events.into_iter().map(|e| if e.event_type == "Called" { e.data_str() } else { e.event_type }).collect(),
+        // A call's line is the effect it was for; an effect's, its type.
+        Ok(events) => events.into_iter().map(|e| if e.event_type == "Called" { called_effect(&e) } else { e.event_type }).collect(),
         Err(cairn_core::StoreError::StreamNotFound { .. }) => Vec::new(),
         Err(e) => panic!("{e}"),
     }
 }
 
-trait DataStr {
-    fn data_str(&self) -> String;
-}
-impl DataStr for cairn_core::RecordedEvent {
-    fn data_str(&self) -> String {
-        self.json::<serde_json::Value>().unwrap()["effect"].as_str().unwrap().to_string()
-    }
+fn called_effect(call: &cairn_core::RecordedEvent) -> String {
+    call.json::<serde_json::Value>().unwrap()["effect"].as_str().unwrap().to_string()
 }
 
 #[test]
@@ -166,7 +141,8 @@ fn kill_runner_at_random_points() {
     let dir = tempfile::tempdir().unwrap();
     let mut kills = 0;
     for round in 0..10 {
-        let mut child = spawn_child(dir.path(), rng.next() | 1);
+        let envs = [(DIR_VAR, dir.path().display().to_string()), (SEED_VAR, (rng.next() | 1).to_string())];
+        let mut child = spawn_ready_child("child_runner", &envs);
         std::thread::sleep(Duration::from_millis(rng.range(5, 120)));
         child.kill().unwrap();
         let status = child.wait().unwrap();

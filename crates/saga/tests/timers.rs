@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use cairn_core::conformance::spawn_ready_child;
 use cairn_core::{EventStore, NewEvent, ReadStreamOptions, RecordedEvent, StoreError};
 use cairn_log::EmbeddedStore;
 use cairn_saga::{derived_id, timer_stream, FiredTimer, Scheduler, TimerAction, TimerError, TimerEvent};
@@ -251,30 +252,6 @@ fn child_scheduler() {
     });
 }
 
-/// Runs this binary again as a child that executes only `child_scheduler`,
-/// and returns it once it printed "ready".
-fn spawn_ready_child(envs: &[(&str, String)]) -> std::process::Child {
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["child_scheduler", "--exact", "--nocapture", "--ignored", "--test-threads=1"])
-        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .expect("spawn the child");
-    if !printed_ready(child.stdout.take()) {
-        let status = child.wait();
-        panic!("the child ended before it was ready: {status:?}");
-    }
-    child
-}
-
-fn printed_ready(stdout: Option<std::process::ChildStdout>) -> bool {
-    use std::io::{BufRead, BufReader};
-    let Some(stdout) = stdout else { return false };
-    BufReader::new(stdout).lines().map_while(Result::ok).any(|line| line.trim_end().ends_with("ready"))
-}
-
 /// Per timer: (trace events, whether `TimerFired` is in the history).
 async fn traces(store: &dyn EventStore, cycle: usize) -> Vec<(usize, bool)> {
     let fired = fired_ids(&history(store, "ticks").await);
@@ -292,7 +269,7 @@ fn timers_fire_once_after_a_kill() {
     eprintln!("timers_fire_once_after_a_kill: seed {seed}");
     let mut in_flight = 0;
     for cycle in 0..3 {
-        let mut child = spawn_ready_child(&[(DIR_VAR, dir.path().display().to_string()), (CYCLE_VAR, cycle.to_string())]);
+        let mut child = spawn_ready_child("child_scheduler", &[(DIR_VAR, dir.path().display().to_string()), (CYCLE_VAR, cycle.to_string())]);
         // Timers are due 100..700 ms after they were scheduled: kill while some have fired and some not.
         seed ^= seed << 13;
         seed ^= seed >> 7;

@@ -42,18 +42,41 @@ fn dom(browser: &PathBuf, url: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Chromium and a server on a fresh embedded store.
+struct Ui {
+    browser: PathBuf,
+    rt: tokio::runtime::Runtime,
+    running: cairn_server::Running,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Ui {
+    /// `None` (the test skips) without chromium, outside CI.
+    fn start() -> Option<Ui> {
+        let Some(browser) = chromium() else {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "CI needs chromium for the UI test; .ci/run installs it");
+            eprintln!("skipped: no chromium (apt-get install chromium) for the web UI test");
+            return None;
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() };
+        let running = rt.block_on(async { cairn_server::start(store, config) }).unwrap();
+        let url = running.url.clone();
+        Some(Ui { browser, rt, running, url, _dir: dir })
+    }
+
+    fn shutdown(self) {
+        self.rt.block_on(self.running.shutdown()).unwrap();
+    }
+}
+
 #[test]
 fn events_appended_through_the_api_appear_in_the_page() {
-    let Some(browser) = chromium() else {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI needs chromium for the UI test; .ci/run installs it");
-        eprintln!("skipped: no chromium (apt-get install chromium) for the web UI test");
-        return;
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
-    let running = rt.block_on(async { cairn_server::start(store, ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() }) }).unwrap();
-    let url = running.url.clone();
+    let Some(ui) = Ui::start() else { return };
+    let (browser, rt, url) = (&ui.browser, &ui.rt, ui.url.clone());
     let correlation = uuid::Uuid::now_v7();
     rt.block_on(async {
         let client = HttpStore::new(&url).unwrap();
@@ -79,7 +102,7 @@ fn events_appended_through_the_api_appear_in_the_page() {
     let all = dom(&browser, &format!("{url}/#/all"));
     assert!(all.contains("&lt;img src=x onerror=alert(1)&gt;"), "event text is escaped: {all}");
     assert!(!all.contains("<img src=\"x\"") && !all.contains("<script>alert(2)"), "no markup from event text: {all}");
-    rt.block_on(running.shutdown()).unwrap();
+    ui.shutdown();
 }
 
 /// Appends a saga's history as its runner would, event by event, through the API.
@@ -90,16 +113,8 @@ async fn append_saga(client: &HttpStore, stream: &str, events: &[(&str, serde_js
 
 #[test]
 fn the_sagas_view_lists_sagas_appended_through_the_api_and_shows_a_timeline() {
-    let Some(browser) = chromium() else {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI needs chromium for the UI test; .ci/run installs it");
-        eprintln!("skipped: no chromium (apt-get install chromium) for the web UI test");
-        return;
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
-    let running = rt.block_on(async { cairn_server::start(store, ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() }) }).unwrap();
-    let url = running.url.clone();
+    let Some(ui) = Ui::start() else { return };
+    let (browser, rt, url) = (&ui.browser, &ui.rt, ui.url.clone());
     let steps = json!(["create-order", "charge-card", "reserve-items"]);
     rt.block_on(async {
         let client = HttpStore::new(&url).unwrap();
@@ -149,7 +164,7 @@ fn the_sagas_view_lists_sagas_appended_through_the_api_and_shows_a_timeline() {
     }
     let two = dom(&browser, &format!("{url}/#/saga/%24saga-order-2"));
     assert!(two.contains("charge-card ✓↩✗") && two.contains("reserve-items ✗↩") && two.contains("cairn sagas resume order 2"), "{two}");
-    rt.block_on(running.shutdown()).unwrap();
+    ui.shutdown();
 }
 
 /// One table row of the page, from its `data-stream` attribute to its end.
@@ -166,16 +181,8 @@ fn part<'a>(page: &'a str, start: &str, end: &str) -> &'a str {
 
 #[test]
 fn the_sagas_view_lists_process_instances_and_shows_their_reactions() {
-    let Some(browser) = chromium() else {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI needs chromium for the UI test; .ci/run installs it");
-        eprintln!("skipped: no chromium (apt-get install chromium) for the web UI test");
-        return;
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
-    let running = rt.block_on(async { cairn_server::start(store, ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() }) }).unwrap();
-    let url = running.url.clone();
+    let Some(ui) = Ui::start() else { return };
+    let (browser, rt, url) = (&ui.browser, &ui.rt, ui.url.clone());
     let (done, open) = (uuid::Uuid::now_v7().to_string(), uuid::Uuid::now_v7().to_string());
     let (done_stream, open_stream) = (format!("$saga-fulfilment-{done}"), format!("$saga-fulfilment-{open}"));
     let key = |stream: &str| format!("{stream}/{}/0", uuid::Uuid::now_v7());
@@ -253,5 +260,5 @@ fn the_sagas_view_lists_process_instances_and_shows_their_reactions() {
         assert!(timeline.contains(line), "the timeline has {line:?}: {timeline}");
     }
     assert!(two.contains("&lt;b&gt;rush&lt;/b&gt;") && !two.contains("<b>rush") && !two.contains("<img src=\"x\""), "event text is text: {two}");
-    rt.block_on(running.shutdown()).unwrap();
+    ui.shutdown();
 }
