@@ -89,17 +89,17 @@ fn events_appended_through_the_api_appear_in_the_page() {
         client.append("order-43", ExpectedVersion::NoStream, vec![nasty]).await.unwrap();
     });
 
-    let streams = dom(&browser, &format!("{url}/#/streams"));
+    let streams = dom(browser, &format!("{url}/#/streams"));
     assert!(streams.contains("order-42") && streams.contains("payment-42") && streams.contains("3 streams"), "{streams}");
 
-    let page = dom(&browser, &format!("{url}/#/stream/order-42"));
+    let page = dom(browser, &format!("{url}/#/stream/order-42"));
     assert!(page.contains("OrderPlaced") && page.contains(r#""customer":"ada""#), "{page}");
 
-    let event = dom(&browser, &format!("{url}/#/event/order-42/1"));
+    let event = dom(browser, &format!("{url}/#/event/order-42/1"));
     assert!(event.contains("\"total\": 42"), "the event's data, pretty: {event}");
     assert!(event.contains(&correlation.to_string()) && event.contains("(2 events)"), "the correlation chain: {event}");
 
-    let all = dom(&browser, &format!("{url}/#/all"));
+    let all = dom(browser, &format!("{url}/#/all"));
     assert!(all.contains("&lt;img src=x onerror=alert(1)&gt;"), "event text is escaped: {all}");
     assert!(!all.contains("<img src=\"x\"") && !all.contains("<script>alert(2)"), "no markup from event text: {all}");
     ui.shutdown();
@@ -143,7 +143,7 @@ fn the_sagas_view_lists_sagas_appended_through_the_api_and_shows_a_timeline() {
         append_saga(&client, "$saga-shop", &[("RunnerCheckpoint", json!({"after": 0, "parked": []}))]).await;
     });
 
-    let list = dom(&browser, &format!("{url}/#/sagas"));
+    let list = dom(browser, &format!("{url}/#/sagas"));
     assert!(list.contains("3 sagas"), "{list}");
     assert!(list.contains("compensated") && list.contains("needs attention") && list.contains("running"), "{list}");
     assert!(list.contains("charge-card failed: card declined") && list.contains("undo charge-card") && list.contains("2/3, 1/3 undone"), "{list}");
@@ -151,10 +151,10 @@ fn the_sagas_view_lists_sagas_appended_through_the_api_and_shows_a_timeline() {
     assert!(!list.contains("shop"), "the checkpoint is not listed: {list}");
     assert!(list.contains("&lt;b&gt;payments&lt;/b&gt; down") && !list.contains("<b>payments"), "event text is text: {list}");
 
-    let parked = dom(&browser, &format!("{url}/#/sagas/needs_attention"));
+    let parked = dom(browser, &format!("{url}/#/sagas/needs_attention"));
     assert!(parked.contains("1 saga;") && parked.contains("undo charge-card") && !parked.contains("card declined"), "{parked}");
 
-    let one = dom(&browser, &format!("{url}/#/saga/%24saga-order-1"));
+    let one = dom(browser, &format!("{url}/#/saga/%24saga-order-1"));
     assert!(one.contains("Saga order 1") && one.contains("compensated"), "{one}");
     for step in ["create-order ✓↩", "charge-card ✗", "reserve-items ·"] {
         assert!(one.contains(step), "the pipeline shows {step:?}: {one}");
@@ -162,7 +162,7 @@ fn the_sagas_view_lists_sagas_appended_through_the_api_and_shows_a_timeline() {
     for line in ["started order: create-order → charge-card → reserve-items", "create-order done: {\"order\":1}", "charge-card failed: card declined", "compensating: create-order", "create-order undone"] {
         assert!(one.contains(line), "the timeline has {line:?}: {one}");
     }
-    let two = dom(&browser, &format!("{url}/#/saga/%24saga-order-2"));
+    let two = dom(browser, &format!("{url}/#/saga/%24saga-order-2"));
     assert!(two.contains("charge-card ✓↩✗") && two.contains("reserve-items ✗↩") && two.contains("cairn sagas resume order 2"), "{two}");
     ui.shutdown();
 }
@@ -216,7 +216,7 @@ fn the_sagas_view_lists_process_instances_and_shows_their_reactions() {
         append_saga(&client, "$saga-order-1", &[("SagaStarted", json!({"saga": "order", "input": {}, "steps": ["create-order"]}))]).await;
     });
 
-    let list = dom(&browser, &format!("{url}/#/sagas"));
+    let list = dom(browser, &format!("{url}/#/sagas"));
     let sagas = part(&list, "<table id=\"sagas\"", "</table>");
     assert!(list.contains("1 saga;") && sagas.contains("create-order") && !sagas.contains("fulfilment"), "the saga rows are the sagas only: {list}");
     let processes = part(&list, "<table id=\"processes\"", "</table>");
@@ -231,7 +231,7 @@ fn the_sagas_view_lists_process_instances_and_shows_their_reactions() {
     assert!(!shown.contains("$checkpoint") && !shown.contains("ProcessCheckpoint"), "the checkpoint is no instance (the page's script names it): {list}");
     assert!(!list.contains("<img src=\"x\""), "no markup from event text: {list}");
 
-    let one = dom(&browser, &format!("{url}/#/saga/%24saga-fulfilment-{done}"));
+    let one = dom(browser, &format!("{url}/#/saga/%24saga-fulfilment-{done}"));
     assert!(one.contains(&format!("Process fulfilment {done}")) && one.contains("none (ended)") && one.contains("3 reactions"), "{one}");
     assert!(one.contains("\"shipped\": true"), "the state, as JSON text: {one}");
     assert!(one.contains("the fulfilment manager had read up to position 600"), "the manager's checkpoint: {one}");
@@ -245,7 +245,7 @@ fn the_sagas_view_lists_process_instances_and_shows_their_reactions() {
         assert!(timeline.contains(line), "the timeline has {line:?}: {timeline}");
     }
 
-    let two = dom(&browser, &format!("{url}/#/saga/{}", open_stream.replace('$', "%24")));
+    let two = dom(browser, &format!("{url}/#/saga/{}", open_stream.replace('$', "%24")));
     assert!(two.contains("class=\"status-running\">running<") && two.contains(&format!("payment (timer {open}/payment@2)")), "{two}");
     assert!(two.contains("waiting for its next event or its deadline payment"), "{two}");
     assert!(two.contains(&format!("ReserveStock: {reserve}")), "a command's idempotency key: {two}");
