@@ -312,8 +312,12 @@ struct Life {
 }
 
 impl Life {
-    fn stop(&self) -> Option<JoinHandle<()>> {
-        self.inner.stop();
+    /// Ends the firing loop; `abort` also ends the running actions.
+    fn stop(&self, abort: bool) -> Option<JoinHandle<()>> {
+        self.inner.stopping.store(true, Ordering::Release);
+        if abort {
+            self.inner.firings.lock().unwrap().abort_all();
+        }
         let main = self.main.lock().unwrap().take();
         main.inspect(|m| m.abort())
     }
@@ -321,7 +325,7 @@ impl Life {
 
 impl Drop for Life {
     fn drop(&mut self) {
-        self.stop();
+        self.stop(true);
     }
 }
 
@@ -474,12 +478,14 @@ impl Scheduler {
     /// Stops firing now; running actions are aborted. Timers stay pending in
     /// the store: the next scheduler of this name fires them.
     pub fn stop(&self) {
-        self.life.stop();
+        self.life.stop(true);
     }
 
-    /// [`Scheduler::stop`], then waits until the running actions are gone.
+    /// Stops taking due timers and lets the running actions finish (each
+    /// within the action timeout) so their outcome is recorded: a timer whose
+    /// action completed is not fired again by the next scheduler.
     pub async fn shutdown(&self) {
-        if let Some(main) = self.life.stop() {
+        if let Some(main) = self.life.stop(false) {
             let _ = main.await;
         }
         let mut firings = std::mem::take(&mut *self.inner.firings.lock().unwrap());
@@ -488,11 +494,6 @@ impl Scheduler {
 }
 
 impl Inner {
-    fn stop(&self) {
-        self.stopping.store(true, Ordering::Release);
-        self.firings.lock().unwrap().abort_all();
-    }
-
     fn delay(&self, attempt: u32) -> Duration {
         let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
         self.backoff.0.saturating_mul(factor).min(self.backoff.1)

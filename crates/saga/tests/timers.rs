@@ -331,3 +331,44 @@ async fn all_traces(store: &dyn EventStore) -> Vec<Vec<(usize, bool)>> {
     }
     all
 }
+
+/// A running action is let finish by `shutdown` and recorded, so the next
+/// scheduler does not run it again; `stop` abandons it (at least once).
+#[tokio::test]
+async fn shutdown_lets_a_running_action_finish_and_records_it() {
+    for graceful in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_in(dir.path());
+        let started = Arc::new(tokio::sync::Notify::new());
+        let finished: Calls = Arc::default();
+        let (tell, done) = (started.clone(), finished.clone());
+        let scheduler = Scheduler::builder(store.clone(), "orders")
+            .on("slow", move |timer: FiredTimer| {
+                let (tell, done) = (tell.clone(), done.clone());
+                async move {
+                    tell.notify_one();
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    done.lock().unwrap().push((timer.id, timer.attempt, Instant::now()));
+                    Ok::<(), String>(())
+                }
+            })
+            .start()
+            .await
+            .unwrap();
+        scheduler.schedule("t", Duration::from_millis(50), TimerAction::callback("slow", json!({}))).await.unwrap();
+        started.notified().await;
+        if graceful {
+            scheduler.shutdown().await;
+            assert_eq!(finished.lock().unwrap().len(), 1, "shutdown waited for the action");
+            assert_eq!(fired_ids(&history(store.as_ref(), "orders").await), ["t"]);
+        } else {
+            scheduler.stop();
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            assert!(finished.lock().unwrap().is_empty(), "stop aborted the action");
+            assert!(fired_ids(&history(store.as_ref(), "orders").await).is_empty());
+        }
+        let (again, _) = recording(&store, "orders").await;
+        assert_eq!(again.recovery().pending, usize::from(!graceful));
+        again.stop();
+    }
+}
