@@ -230,7 +230,9 @@ async fn a_deadline_set_before_a_restart_fires_once_after_it() {
 
     let manager = start(&store, &sent, Duration::from_millis(400), Duration::from_millis(50)).await;
     eventually("the cancellation", Duration::from_secs(5), async || commands(&sent, "CancelOrder").len() == 1).await;
-    drop(manager);
+    // Dropped here it could be cut between sending and recording (then the
+    // command goes again, with its key); shutdown lets the reaction finish.
+    manager.shutdown().await;
     let manager = start(&store, &sent, Duration::from_millis(400), Duration::from_millis(50)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(sent.lock().unwrap().len(), 1, "{:?}", sent.lock().unwrap());
