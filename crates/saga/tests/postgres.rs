@@ -8,7 +8,7 @@ use std::time::Duration;
 use cairn_core::conformance::reachable;
 use cairn_core::{EventStore, ReadStreamOptions};
 use cairn_postgres::{PgOptions, PgStore};
-use cairn_saga::{Saga, SagaRunner, Scheduler, Status, Step, StepError, TimerAction};
+use cairn_saga::{load, Saga, SagaRunner, Scheduler, Status, Step, StepError, TimerAction};
 use serde_json::json;
 
 const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -27,6 +27,15 @@ async fn drop_schema(store: &PgStore, schema: &str) {
 }
 
 type Log = Arc<Mutex<Vec<String>>>;
+
+/// Waits (10 s at most) until saga `order`/`id` has recorded its first step.
+async fn until_created(store: &dyn EventStore, id: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while load(store, "order", id).await.unwrap().is_none_or(|s| s.completed.is_empty()) {
+        assert!(std::time::Instant::now() < deadline, "saga {id} never recorded create");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
 
 /// Steps that log what they do; `gate` holds `charge` until released.
 fn saga(log: &Log, gate: Option<Arc<tokio::sync::Semaphore>>) -> Saga {
@@ -87,7 +96,11 @@ async fn sagas_compensate_in_reverse_and_resume_on_postgres() {
     for id in 10..15 {
         first.start("order", &id.to_string(), &json!({})).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Stop once each has recorded `create` (a fixed sleep could cut one
+    // between running `create` and recording it, and `create` would rightly run again).
+    for id in 10..15 {
+        until_created(store.as_ref(), &id.to_string()).await;
+    }
     first.shutdown().await;
     assert_eq!(held.lock().unwrap().len(), 5);
     let second = SagaRunner::builder(store.clone(), "shop").saga(saga(&held, None)).run().await.unwrap();

@@ -121,7 +121,9 @@ async fn ships_paid_orders_and_cancels_unpaid_ones_at_the_deadline() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_in(dir.path());
     let sent = Sent::default();
-    let manager = start(&store, &sent, Duration::from_millis(500), Duration::from_secs(1)).await;
+    // A window long enough that the shipments are seen before it ends, even on a slow machine.
+    let window = Duration::from_secs(3);
+    let manager = start(&store, &sent, window, Duration::from_secs(1)).await;
     let (paid, unpaid, paid_first) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
     let placed_at = Instant::now();
     emit(store.as_ref(), "order-1", "OrderPlaced", paid).await;
@@ -136,8 +138,8 @@ async fn ships_paid_orders_and_cancels_unpaid_ones_at_the_deadline() {
     eventually("two shipments", Duration::from_secs(5), async || commands(&sent, "ShipOrder").len() == 2).await;
     assert_eq!(commands(&sent, "ShipOrder"), ["order-1", "order-3"], "paid before or after the order was placed");
     assert!(commands(&sent, "CancelOrder").is_empty(), "order-2's deadline is not due yet");
-    eventually("the cancellation", Duration::from_secs(5), async || !commands(&sent, "CancelOrder").is_empty()).await;
-    assert!(placed_at.elapsed() >= Duration::from_millis(500));
+    eventually("the cancellation", Duration::from_secs(10), async || !commands(&sent, "CancelOrder").is_empty()).await;
+    assert!(placed_at.elapsed() >= window);
     assert_eq!(commands(&sent, "CancelOrder"), ["order-2"]);
 
     // A payment after the cancellation: the instance is over.
@@ -219,13 +221,17 @@ async fn a_deadline_set_before_a_restart_fires_once_after_it() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_in(dir.path());
     let sent = Sent::default();
-    let manager = start(&store, &sent, Duration::from_millis(400), Duration::from_millis(50)).await;
+    // Due 1.5 s after the order: the manager is shut down before that, and none runs when it comes due.
+    let window = Duration::from_millis(1500);
+    let manager = start(&store, &sent, window, Duration::from_millis(50)).await;
     let order = Uuid::now_v7();
+    let placed_at = Instant::now();
     let placed = emit(store.as_ref(), "order-1", "OrderPlaced", order).await;
     eventually("the order handled", Duration::from_secs(5), async || manager.position() == Some(placed)).await;
     manager.shutdown().await;
     drop(manager);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(sent.lock().unwrap().is_empty(), "shut down before the deadline");
+    tokio::time::sleep((window + Duration::from_millis(200)).saturating_sub(placed_at.elapsed())).await;
     assert!(sent.lock().unwrap().is_empty(), "no manager ran when it came due");
 
     let manager = start(&store, &sent, Duration::from_millis(400), Duration::from_millis(50)).await;

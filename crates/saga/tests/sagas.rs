@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use cairn_core::{EventStore, ReadStreamOptions};
 use cairn_log::EmbeddedStore;
-use cairn_saga::{load, resume, RetryPolicy, Saga, SagaError, SagaEvent, SagaRunner, Status, Step, StepError};
+use cairn_saga::{load, resume, RetryPolicy, Saga, SagaError, SagaEvent, SagaRunner, SagaState, Status, Step, StepError};
 use serde_json::json;
 
 type Log = Arc<Mutex<Vec<String>>>;
@@ -43,6 +43,15 @@ fn step(name: &'static str, log: &Log) -> Step {
             Ok(())
         }
     })
+}
+
+/// Waits (10 s at most) until the stored state of saga `order`/`id` satisfies `done`.
+async fn until_stored(store: &dyn EventStore, id: &str, done: impl Fn(&SagaState) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !load(store, "order", id).await.unwrap().is_some_and(|s| done(&s)) {
+        assert!(std::time::Instant::now() < deadline, "saga {id} never got there");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 fn order_saga(log: &Log) -> Saga {
@@ -268,7 +277,9 @@ async fn a_new_runner_resumes_what_the_last_one_left() {
     for id in 0..5 {
         first.start("order", &id.to_string(), &json!({})).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    for id in 0..5 {
+        until_stored(store.as_ref(), &id.to_string(), |s| !s.completed.is_empty()).await;
+    }
     let waiting = tokio::spawn({
         let first = first.clone();
         async move { first.wait("order", "0").await }
@@ -360,7 +371,7 @@ async fn the_attempts_already_made_survive_a_restart() {
     let saga = |calls| Saga::new("order").step(step("create", &log)).step(flaky_charge(5, false, calls).retry(2, Duration::from_secs(60)));
     let first = SagaRunner::builder(store.clone(), "shop").saga(saga(calls.clone())).run().await.unwrap();
     first.start("order", "r", &json!({})).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    until_stored(store.as_ref(), "r", |s| s.attempts == 1).await;
     first.shutdown().await;
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(load(store.as_ref(), "order", "r").await.unwrap().unwrap().attempts, 1);

@@ -65,12 +65,14 @@ async fn due_timers_fire_once_and_not_before() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_in(dir.path());
     let (scheduler, calls) = recording(&store, "orders").await;
+    // Due well after the checks below, even on a slow machine.
+    let due = Duration::from_millis(1500);
     let start = Instant::now();
     let unpaid = TimerAction::callback("cancel-order", json!({ "order": "order-1" }));
-    assert!(scheduler.schedule("order-1/unpaid", Duration::from_millis(400), unpaid.clone()).await.unwrap());
+    assert!(scheduler.schedule("order-1/unpaid", due, unpaid.clone()).await.unwrap());
     assert!(!scheduler.schedule("order-1/unpaid", Duration::from_millis(50), unpaid.clone()).await.unwrap(), "the same timer again: a no-op");
     let remind = TimerAction::append("order-2", "PaymentReminderDue", json!({ "order": "order-2" }));
-    assert!(scheduler.schedule("order-2/remind", SystemTime::now() + Duration::from_millis(400), remind).await.unwrap());
+    assert!(scheduler.schedule("order-2/remind", SystemTime::now() + due, remind).await.unwrap());
     let late = TimerAction::callback("cancel-order", json!({}));
     assert!(scheduler.schedule("order-0/unpaid", SystemTime::now() - Duration::from_secs(5), late).await.unwrap());
     assert!(matches!(
@@ -82,14 +84,15 @@ async fn due_timers_fire_once_and_not_before() {
     tokio::time::sleep(Duration::from_millis(150).saturating_sub(start.elapsed())).await;
     assert_eq!(calls.lock().unwrap().len(), 1, "the others are not due yet");
     assert!(events(store.as_ref(), "order-2").await.is_empty());
+    assert!(start.elapsed() < due, "checked before they were due");
 
-    eventually("both due timers", Duration::from_secs(5), async || {
+    eventually("both due timers", Duration::from_secs(10), async || {
         calls.lock().unwrap().len() == 2 && !events(store.as_ref(), "order-2").await.is_empty()
     })
     .await;
     let (id, attempt, at) = calls.lock().unwrap()[1].clone();
     assert_eq!((id.as_str(), attempt), ("order-1/unpaid", 1));
-    assert!(at.duration_since(start) >= Duration::from_millis(400), "fired after {:?}, due after 400 ms", at.duration_since(start));
+    assert!(at.duration_since(start) >= due, "fired after {:?}, due after {due:?}", at.duration_since(start));
     let appended = events(store.as_ref(), "order-2").await;
     assert_eq!(appended[0].event_type, "PaymentReminderDue");
     assert_eq!(appended[0].id, derived_id("$timer-orders/order-2/remind"), "the event id comes from the timer id");
@@ -115,12 +118,13 @@ async fn cancelled_timers_do_not_fire() {
     let store = store_in(dir.path());
     let (scheduler, calls) = recording(&store, "orders").await;
     let action = TimerAction::callback("cancel-order", json!({ "order": "order-7" }));
-    scheduler.schedule("order-7/unpaid", Duration::from_millis(300), action.clone()).await.unwrap();
-    scheduler.schedule("order-8/unpaid", Duration::from_millis(300), action).await.unwrap();
+    // Due in 2 s: cancelled well before, even on a slow machine.
+    scheduler.schedule("order-7/unpaid", Duration::from_secs(2), action.clone()).await.unwrap();
+    scheduler.schedule("order-8/unpaid", Duration::from_secs(2), action).await.unwrap();
     assert!(scheduler.cancel("order-7/unpaid").await.unwrap(), "paid in time");
     assert!(!scheduler.cancel("order-7/unpaid").await.unwrap(), "cancelled already");
     assert!(!scheduler.cancel("never-scheduled").await.unwrap());
-    eventually("the other timer", Duration::from_secs(5), async || calls.lock().unwrap().len() == 1).await;
+    eventually("the other timer", Duration::from_secs(10), async || calls.lock().unwrap().len() == 1).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(calls.lock().unwrap()[0].0, "order-8/unpaid");
     assert_eq!(calls.lock().unwrap().len(), 1);
