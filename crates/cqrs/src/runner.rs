@@ -165,9 +165,13 @@ impl Runner {
                         s.state = State::CatchingUp;
                     }
                 }
+                // Control first: a pause or reset given before an event
+                // arrives takes effect before that event is applied.
                 let first = tokio::select! {
+                    biased;
+                    // The handle is gone (Err): nobody can stop it any more, so it ends.
+                    changed = control.changed() => if changed.is_err() { return Ok(()) } else { continue },
                     next = sub.next() => next,
-                    _ = control.changed() => continue,
                     _ = poll.tick() => continue,
                 };
                 let Some(first) = first else { return Ok(()) };

@@ -142,3 +142,28 @@ impl Rng {
 }
 
 pub use cairn_core::conformance::spawn_ready_child;
+
+/// The body of a child projector that the parent SIGKILLs: keeps appending
+/// to the store while `runner` projects it, and says "ready" only once the
+/// runner has applied something, so that every kill lands after progress.
+pub async fn write_while_projecting(store: Arc<dyn EventStore>, runner: &cairn_cqrs::RunnerHandle, seed: u64, mut rng: Rng) -> ! {
+    let writer = tokio::spawn(async move {
+        for round in 0.. {
+            write_history(store.as_ref(), 25, 20, seed.wrapping_add(round)).await;
+            tokio::time::sleep(std::time::Duration::from_millis(rng.range(0, 5))).await;
+        }
+    });
+    let mut ready = false;
+    loop {
+        let status = runner.status();
+        if let cairn_cqrs::State::Failed(reason) = status.state {
+            panic!("the projection failed: {reason}");
+        }
+        assert!(!writer.is_finished(), "the writer stopped");
+        if !ready && status.applied > 0 {
+            println!("\nready");
+            ready = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
