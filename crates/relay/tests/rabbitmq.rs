@@ -181,7 +181,8 @@ async fn the_relay_reconnects_after_a_broker_outage_and_loses_nothing() {
 
     let proxy = Proxy::start("127.0.0.1:5672").await;
     let through_proxy = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
-    let sink = RabbitSink::new(through_proxy, &exchange).unwrap().confirm_timeout(Duration::from_millis(500));
+    // Long enough that a slow confirm before the cut is not taken for a failure (that would publish repeats).
+    let sink = RabbitSink::new(through_proxy, &exchange).unwrap().confirm_timeout(Duration::from_secs(5));
     let config = RelayConfig::new(format!("rabbit-{id}")).backoff(Duration::from_millis(20), Duration::from_millis(200));
     let relay = Relay::new(store.clone(), config, sink).spawn();
 
@@ -308,7 +309,8 @@ async fn a_cut_with_batches_in_flight_loses_nothing_and_skips_nothing() {
 
     let proxy = Proxy::start("127.0.0.1:5672").await;
     let through_proxy = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
-    let sink = RabbitSink::new(through_proxy, &exchange).unwrap().confirm_timeout(Duration::from_millis(500));
+    // Long enough that a slow confirm before the cut is not taken for a failure (that would publish repeats).
+    let sink = RabbitSink::new(through_proxy, &exchange).unwrap().confirm_timeout(Duration::from_secs(5));
     let config = pipelined_config(format!("rabbit-{id}"));
     let relay = Relay::new(store.clone(), config, sink).spawn();
 
