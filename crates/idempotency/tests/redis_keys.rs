@@ -45,16 +45,26 @@ async fn racing_calls_run_the_work_once() {
     }
     let keys = keys().await;
     let runs = Arc::new(AtomicU32::new(0));
+    // The work holds on until the other seven calls have had their answer
+    // (a call that came after it finished would rightly get the result).
+    let answered = Arc::new(AtomicU32::new(0));
     let mut tasks = Vec::new();
     for _ in 0..8 {
-        let (keys, runs) = (keys.clone(), runs.clone());
+        let (keys, runs, answered) = (keys.clone(), runs.clone(), answered.clone());
         tasks.push(tokio::spawn(async move {
-            keys.run("order-race", || async {
-                runs.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                Ok::<_, String>(Receipt { payment: "pay-race".into(), cents: 1 })
-            })
-            .await
+            let seen = answered.clone();
+            let result = keys
+                .run("order-race", || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    while seen.load(Ordering::SeqCst) < 7 && std::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Ok::<_, String>(Receipt { payment: "pay-race".into(), cents: 1 })
+                })
+                .await;
+            answered.fetch_add(1, Ordering::SeqCst);
+            result
         }));
     }
     let results: Vec<_> = futures_util::future::join_all(tasks).await.into_iter().map(|r| r.unwrap()).collect();
@@ -71,13 +81,13 @@ async fn a_failure_releases_the_key_and_the_result_expires_after_its_ttl() {
     if !reachable("127.0.0.1:6379", "Redis") {
         return;
     }
-    let keys = keys().await.ttl(Duration::from_millis(300));
+    let keys = keys().await.ttl(Duration::from_millis(1500));
     let failed = keys.run("order-9", || async { Err::<Receipt, _>("card declined") }).await;
     assert!(matches!(failed, Err(IdempotencyError::Work("card declined"))));
     let retried = keys.run("order-9", || async { Ok::<_, String>(Receipt { payment: "pay-9".into(), cents: 9 }) }).await.unwrap();
     assert!(matches!(retried, Outcome::Ran(_)), "a failed attempt does not block the retry");
     assert!(matches!(keys.run("order-9", || async { Ok::<_, String>(Receipt { payment: "x".into(), cents: 0 }) }).await.unwrap(), Outcome::Cached(_)));
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    tokio::time::sleep(Duration::from_millis(1800)).await;
     let expired = keys.run("order-9", || async { Ok::<_, String>(Receipt { payment: "pay-9b".into(), cents: 9 }) }).await.unwrap();
     assert_eq!(expired.into_inner().payment, "pay-9b", "after the time to live the key is free again");
 }
