@@ -217,7 +217,14 @@ fn sigkill_during_32_writers_loses_no_acknowledged_append() {
                     }
                 }));
             }
-            tokio::time::sleep(Duration::from_millis(300 + 100 * cycle)).await;
+            // Kill mid-stream: once the writers are well under way (however
+            // slow the machine), a little later each cycle.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while acked.lock().unwrap().len() <= before + 64 {
+                assert!(std::time::Instant::now() < deadline, "cycle {cycle}: the writers made no progress");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(50 * cycle)).await;
             child.kill().unwrap(); // SIGKILL
             for w in writers {
                 w.await.unwrap();
