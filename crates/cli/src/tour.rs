@@ -58,12 +58,13 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
 
     step("5. A subscriber catches up on history, then follows live");
     let mut sub = store.subscribe(SubscriptionTarget::All, StartFrom::Start).await?;
+    // History so far, plus the one live event written below.
+    let total = store.read_all(ReadAllOptions::forward()).await?.len() + 1;
     let writer = store.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let _ = writer.append("account-bob", ExpectedVersion::NoStream, vec![NewEvent::json("AccountOpened", &json!({"owner": "Bob"})).unwrap()]).await;
     });
-    let total = store.read_all(ReadAllOptions::forward()).await?.len() + 1;
     for _ in 0..total {
         let e = tokio::time::timeout(Duration::from_secs(5), sub.next()).await?.expect("open")?;
         println!("   [{:>4}] {}@{} {}", e.position, e.stream, e.version, e.event_type);
