@@ -33,5 +33,8 @@ mod timer;
 pub use definition::{RetryPolicy, Saga, Step, StepContext, StepError, StepResult, DEFAULT_STEP_TIMEOUT};
 pub use history::{derived_id, saga_stream, SagaEvent, SagaState, Status};
 pub use runner::{list, load, read_history, resume, SagaError, SagaRunner, SagaRunnerBuilder, Started};
-pub use process::{process_checkpoint_stream, Command, Effect, Instance, Message, PendingDeadline, Process, ProcessError, ProcessManager, ProcessManagerBuilder, Reaction};
+pub use process::{
+    parked_stream, process_checkpoint_stream, resume_process, Command, Effect, Instance, Message, Parked, PendingDeadline, Process, ProcessError, ProcessManager,
+    ProcessManagerBuilder, Reaction, DEFAULT_COMMAND_ATTEMPTS, DEFAULT_COMMAND_TIMEOUT,
+};
 pub use timer::{timer_stream, Due, FiredTimer, Recovery, Scheduler, SchedulerBuilder, Timer, TimerAction, TimerError, TimerEvent, DEFAULT_SNAPSHOT_EVERY};

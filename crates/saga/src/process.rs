@@ -15,6 +15,14 @@
 //!   ids derived from the instance, its version and the deadline's name, so
 //!   a repeated reaction does not set a second one. A deadline reaches
 //!   `react` once: its firing is recorded like an event.
+//! - A command the handler keeps refusing (or that hangs past its timeout)
+//!   for [`ProcessManagerBuilder::command_attempts`] attempts **parks** its
+//!   instance (`ProcessParked`), and the manager goes on with the others.
+//!   A parked instance's later events are not handled; [`resume_process`]
+//!   (`cairn sagas resume`) appends `ProcessResumed`, and the manager then
+//!   runs the parked message again and replays the instance's events it
+//!   skipped, from the store, in order. The parked instances are listed in
+//!   `$saga-<process>-$parked`, so a restarted manager still watches them.
 //! - The subscription's position is checkpointed now and then in
 //!   `$saga-<process>-$checkpoint` (correlation ids starting with `$` are
 //!   refused, so no instance has that name; `$saga-<runner>`, a saga
@@ -23,12 +31,16 @@
 //!
 //! One manager runs per process name.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use cairn_core::{EventStore, ExpectedVersion, Metadata, NewEvent, Position, Query, ReadStreamOptions, RecordedEvent, StartFrom, StoreError, SubscriptionTarget};
+use cairn_core::{
+    Direction, EventStore, ExpectedVersion, Metadata, NewEvent, Position, Query, ReadAllOptions, ReadStreamOptions, RecordedEvent, StartFrom, StoreError,
+    SubscriptionTarget,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -136,6 +148,33 @@ pub struct Instance<S> {
     pub position: Position,
     pub deadlines: Vec<PendingDeadline>,
     pub ended: bool,
+    /// Why it waits for `resume`, when it does.
+    pub parked: Option<Parked>,
+    /// Resumed after this park, and the parked message not yet handled again.
+    pub resumed: Option<Parked>,
+}
+
+/// `ProcessParked`: a command of this instance's reaction kept failing, so
+/// the message it handled waits, with the instance's later ones, for
+/// [`resume_process`]. The instance's state is its last [`Reaction`]'s.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Parked {
+    /// What it was handling, as in [`Reaction::handled`].
+    pub handled: String,
+    /// The deadline's timer, when it was handling a deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<String>,
+    pub command: String,
+    pub key: String,
+    pub attempts: u32,
+    pub error: String,
+}
+
+impl Parked {
+    /// Reads a `ProcessParked` event back; `None` for any other.
+    pub fn from_recorded(event: &RecordedEvent) -> Option<Parked> {
+        (event.event_type == PARKED).then(|| event.json().ok()).flatten()
+    }
 }
 
 /// The event recorded after each reaction (`ProcessReacted`, or
@@ -169,8 +208,12 @@ impl Reaction {
 
 const REACTED: &str = "ProcessReacted";
 const ENDED: &str = "ProcessEnded";
+const PARKED: &str = "ProcessParked";
+const RESUMED: &str = "ProcessResumed";
+const PARKED_SET: &str = "ProcessesParked";
 const CHECKPOINT: &str = "ProcessCheckpoint";
 const DEADLINE_KIND: &str = "deadline";
+const PARKED_POLL: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -182,6 +225,16 @@ pub enum ProcessError {
     Invalid(String),
     #[error("stream {0} does not hold this process's state: {1}")]
     State(String, String),
+    #[error("no instance {0}")]
+    NotFound(String),
+    #[error("{0} is not parked: nothing to resume")]
+    NotParked(String),
+    /// A command failed on every attempt (internal: the instance is parked).
+    #[error("command {command} ({key}) failed {attempts} times: {error}")]
+    Command { command: String, key: String, attempts: u32, error: String },
+    /// The instance waits for `resume` (a deadline of it comes again later).
+    #[error("{0} is parked")]
+    Parked(String),
 }
 
 type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
@@ -193,9 +246,31 @@ pub struct ProcessManagerBuilder<P> {
     process: P,
     handler: Handler,
     checkpoint_every: Duration,
+    attempts: u32,
+    command_timeout: Duration,
 }
 
+/// Attempts at a command before its instance is parked (with backoff from
+/// 100 ms doubling to 5 s between them: about 20 s in all).
+pub const DEFAULT_COMMAND_ATTEMPTS: u32 = 10;
+/// How long one attempt at a command may take before it counts as failed.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl<P: Process> ProcessManagerBuilder<P> {
+    /// Attempts at a command before its instance is parked (default
+    /// [`DEFAULT_COMMAND_ATTEMPTS`], at least 1). Parking lets the other
+    /// instances go on while one waits for a person.
+    pub fn command_attempts(mut self, attempts: u32) -> Self {
+        self.attempts = attempts.max(1);
+        self
+    }
+
+    /// How long one attempt may take (default [`DEFAULT_COMMAND_TIMEOUT`]).
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
     /// How often the subscription's position is written (default 1 s).
     pub fn checkpoint_every(mut self, every: Duration) -> Self {
         self.checkpoint_every = every;
@@ -213,6 +288,11 @@ impl<P: Process> ProcessManagerBuilder<P> {
             Err(StoreError::StreamNotFound { .. }) => None,
             Err(e) => return Err(e.into()),
         };
+        let parked = match self.store.read_stream(&parked_stream(&name), ReadStreamOptions::backward().limit(1)).await {
+            Ok(events) => events.first().and_then(|e| e.json::<ParkedSet>().ok()).map(|p| p.correlations).unwrap_or_default(),
+            Err(StoreError::StreamNotFound { .. }) => BTreeSet::new(),
+            Err(e) => return Err(e.into()),
+        };
         let inner = Arc::new(Inner {
             store: self.store.clone(),
             process: self.process,
@@ -222,6 +302,9 @@ impl<P: Process> ProcessManagerBuilder<P> {
             lock: Mutex::new(()),
             position: AtomicU64::new(from.map_or(0, |p| p.0)),
             last_error: std::sync::Mutex::new(None),
+            attempts: self.attempts,
+            command_timeout: self.command_timeout,
+            parked: std::sync::Mutex::new(parked),
         });
         // Deadlines already due fire as the scheduler starts: they wait for
         // this lock until it is set.
@@ -295,6 +378,28 @@ struct Inner<P: Process> {
     /// The newest event handled (0: none).
     position: AtomicU64,
     last_error: std::sync::Mutex<Option<String>>,
+    attempts: u32,
+    command_timeout: Duration,
+    /// Instances parked, or resumed and not yet replayed: watched for a
+    /// resume, and kept in `$saga-<process>-$parked`.
+    parked: std::sync::Mutex<BTreeSet<String>>,
+}
+
+/// `$saga-<process>-$parked`: the correlation ids of the parked instances,
+/// as `ProcessesParked` events (the newest holds the whole set).
+pub fn parked_stream(process: &str) -> String {
+    saga_stream(process, "$parked")
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct ParkedSet {
+    correlations: BTreeSet<String>,
+}
+
+/// `ProcessResumed`: appended by [`resume_process`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Resumed {
+    by: String,
 }
 
 /// `$saga-<process>-$checkpoint`: the position its manager's subscription
@@ -318,7 +423,14 @@ impl<P: Process> ProcessManager<P> {
             let fut = handler(command);
             Box::pin(async move { fut.await.map_err(|e| e.to_string()) })
         });
-        ProcessManagerBuilder { store, process, handler, checkpoint_every: Duration::from_secs(1) }
+        ProcessManagerBuilder {
+            store,
+            process,
+            handler,
+            checkpoint_every: Duration::from_secs(1),
+            attempts: DEFAULT_COMMAND_ATTEMPTS,
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+        }
     }
 
     /// The checkpoint it resumed from (`None`: from the first event).
@@ -362,6 +474,9 @@ impl<P: Process> ProcessManager<P> {
 async fn follow<P: Process>(inner: Arc<Inner<P>>, from: Option<Position>, every: Duration) {
     let mut written = from;
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    // Parked instances are looked at this often for a resume.
+    let mut parked_tick = tokio::time::interval(PARKED_POLL);
+    parked_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut delay = Duration::from_millis(100);
     loop {
         let after = inner.position();
@@ -391,6 +506,12 @@ async fn follow<P: Process>(inner: Arc<Inner<P>>, from: Option<Position>, every:
                     }
                     None => return,
                 },
+                _ = parked_tick.tick(), if !inner.parked.lock().unwrap().is_empty() => {
+                    let _guard = inner.lock.lock().await;
+                    if let Err(e) = inner.replay_resumed().await {
+                        inner.failed(e.to_string());
+                    }
+                }
                 _ = tick.tick() => {
                     let now = inner.position();
                     if let Some(position) = now.filter(|_| now > written)
@@ -402,6 +523,63 @@ async fn follow<P: Process>(inner: Arc<Inner<P>>, from: Option<Position>, every:
             }
         }
     }
+}
+
+/// An instance as its stream says: the state from its newest reaction, and
+/// whether a park (or a resume) came after it. Reads back from the newest
+/// event to the newest reaction.
+async fn load_instance<S: DeserializeOwned + Default>(store: &dyn EventStore, stream: &str, correlation: &str) -> Result<Instance<S>, ProcessError> {
+    let bad = |e: String| ProcessError::State(stream.to_string(), e);
+    let mut instance = Instance {
+        correlation: correlation.to_string(),
+        state: S::default(),
+        version: 0,
+        position: Position::START,
+        deadlines: Vec::new(),
+        ended: false,
+        parked: None,
+        resumed: None,
+    };
+    // Newest first: the last park, and whether a resume followed it.
+    let (mut park, mut resumed_after) = (None, false);
+    let mut options = ReadStreamOptions::backward().limit(64);
+    loop {
+        let events = match store.read_stream(stream, options).await {
+            Ok(events) => events,
+            Err(StoreError::StreamNotFound { .. }) => return Ok(instance),
+            Err(e) => return Err(e.into()),
+        };
+        for event in &events {
+            instance.version = instance.version.max(event.version);
+            match event.event_type.as_str() {
+                REACTED | ENDED => {
+                    let reaction: Reaction = event.json().map_err(|e| bad(e.to_string()))?;
+                    instance.state = serde_json::from_value(reaction.state).map_err(|e| bad(e.to_string()))?;
+                    instance.position = reaction.position;
+                    instance.deadlines = reaction.deadlines;
+                    instance.ended = reaction.ended;
+                    return Ok(settle(instance, park, resumed_after));
+                }
+                PARKED if park.is_none() => park = Some(event.json::<Parked>().map_err(|e| bad(e.to_string()))?),
+                RESUMED if park.is_none() => resumed_after = true,
+                PARKED | RESUMED => {}
+                other => return Err(bad(format!("it holds a {other}"))),
+            }
+        }
+        match events.last() {
+            Some(oldest) if oldest.version > 1 => options = ReadStreamOptions::backward().from_version(oldest.version - 1).limit(64),
+            _ => return Ok(settle(instance, park, resumed_after)),
+        }
+    }
+}
+
+fn settle<S>(mut instance: Instance<S>, park: Option<Parked>, resumed: bool) -> Instance<S> {
+    if resumed {
+        instance.resumed = park;
+    } else {
+        instance.parked = park;
+    }
+    instance
 }
 
 enum Key<'a> {
@@ -424,33 +602,7 @@ impl<P: Process> Inner<P> {
     }
 
     async fn load(&self, correlation: &str) -> Result<Instance<P::State>, ProcessError> {
-        let stream = saga_stream(&self.name, correlation);
-        let newest = match self.store.read_stream(&stream, ReadStreamOptions::backward().limit(1)).await {
-            Ok(events) => events.into_iter().next(),
-            Err(StoreError::StreamNotFound { .. }) => None,
-            Err(e) => return Err(e.into()),
-        };
-        let mut instance = Instance {
-            correlation: correlation.to_string(),
-            state: P::State::default(),
-            version: 0,
-            position: Position::START,
-            deadlines: Vec::new(),
-            ended: false,
-        };
-        if let Some(event) = newest {
-            let bad = |e: String| ProcessError::State(stream.clone(), e);
-            if event.event_type != REACTED && event.event_type != ENDED {
-                return Err(bad(format!("its last event is a {}", event.event_type)));
-            }
-            let reaction: Reaction = event.json().map_err(|e| bad(e.to_string()))?;
-            instance.state = serde_json::from_value(reaction.state).map_err(|e| bad(e.to_string()))?;
-            instance.version = event.version;
-            instance.position = reaction.position;
-            instance.deadlines = reaction.deadlines;
-            instance.ended = reaction.ended;
-        }
-        Ok(instance)
+        load_instance(self.store.as_ref(), &saga_stream(&self.name, correlation), correlation).await
     }
 
     /// Handles one event, retrying until it is recorded (or skipped).
@@ -460,7 +612,7 @@ impl<P: Process> Inner<P> {
             return;
         }
         let _guard = self.lock.lock().await;
-        self.retry(|| self.handle(&correlation, Key::Event(&event))).await;
+        self.retry(|| self.handle(&correlation, Key::Event(&event), false)).await;
     }
 
     /// The deadline callback: `Err` has the scheduler try again later.
@@ -479,7 +631,7 @@ impl<P: Process> Inner<P> {
             // between): the event comes again, and then the deadline counts.
             return Err(format!("deadline {} waits for version {} of its instance", payload.name, payload.version));
         }
-        self.handle(&payload.correlation, Key::Deadline(&timer.id)).await.map(|_| ()).map_err(|e| e.to_string())
+        self.handle(&payload.correlation, Key::Deadline(&timer.id), false).await.map(|_| ()).map_err(|e| e.to_string())
     }
 
     async fn retry<F, Fut>(&self, mut attempt: F)
@@ -503,9 +655,19 @@ impl<P: Process> Inner<P> {
 
     /// One try: load, react, run the effects, record. `Ok(false)`: the
     /// instance moved meanwhile, try again.
-    async fn handle(&self, correlation: &str, key: Key<'_>) -> Result<bool, ProcessError> {
+    /// `replay`: from [`Inner::replay_resumed`]; otherwise a message for an
+    /// instance that is parked, or resumed but not yet replayed, waits.
+    async fn handle(&self, correlation: &str, key: Key<'_>, replay: bool) -> Result<bool, ProcessError> {
         let instance = self.load(correlation).await?;
         let stream = saga_stream(&self.name, correlation);
+        if instance.parked.is_some() || (!replay && self.parked.lock().unwrap().contains(correlation)) {
+            self.watch(correlation).await?;
+            return match key {
+                // Skipped now, replayed from the store once it is resumed.
+                Key::Event(_) => Ok(true),
+                Key::Deadline(_) => Err(ProcessError::Parked(stream)),
+            };
+        }
         let (message, message_key, position, handled) = match key {
             Key::Event(event) => {
                 if instance.ended || event.position <= instance.position {
@@ -530,6 +692,7 @@ impl<P: Process> Inner<P> {
         }
         let scheduler = self.scheduler.get().expect("set before any message");
         let version = instance.version + 1;
+        let handled_deadline = if let Key::Deadline(timer) = key { Some(timer) } else { None };
         let mut commands = Vec::new();
         let mut command_names = Vec::new();
         let mut ended = false;
@@ -538,7 +701,11 @@ impl<P: Process> Inner<P> {
                 Effect::Command { name, payload } => {
                     let key = format!("{stream}/{message_key}/{i}");
                     let command = Command { name: name.clone(), payload, key: key.clone(), process: self.name.clone(), correlation: correlation.to_string() };
-                    self.send(command).await;
+                    if let Err((attempts, error)) = self.send(command).await {
+                        let deadline = handled_deadline.map(str::to_string);
+                        let parked = Parked { handled, deadline, command: name, key, attempts, error };
+                        return self.park(correlation, &instance, parked).await;
+                    }
                     commands.push(key);
                     command_names.push(name);
                 }
@@ -575,18 +742,126 @@ impl<P: Process> Inner<P> {
         }
     }
 
-    /// Sends a command until the handler accepts it.
-    async fn send(&self, command: Command) {
+    /// Sends a command until the handler accepts it, or has failed (or
+    /// timed out) on every attempt: then the attempts and the last error.
+    async fn send(&self, command: Command) -> Result<(), (u32, String)> {
         let mut delay = Duration::from_millis(100);
+        let mut attempt = 1;
         loop {
-            match (self.handler)(command.clone()).await {
-                Ok(()) => return,
-                Err(e) => {
-                    self.failed(format!("command {} ({}): {e}", command.name, command.key));
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
+            let error = match tokio::time::timeout(self.command_timeout, (self.handler)(command.clone())).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => e,
+                Err(_) => format!("no answer within {} ms", self.command_timeout.as_millis()),
+            };
+            self.failed(format!("command {} ({}), attempt {attempt}: {error}", command.name, command.key));
+            if attempt >= self.attempts {
+                return Err((attempt, error));
             }
+            attempt += 1;
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
+
+    /// Records that the instance waits for a person, and watches it for the
+    /// resume. `Ok(true)`: the message is dealt with (for now).
+    async fn park(&self, correlation: &str, instance: &Instance<P::State>, parked: Parked) -> Result<bool, ProcessError> {
+        let stream = saga_stream(&self.name, correlation);
+        let event = NewEvent::json(PARKED, &parked)
+            .expect("parks serialise")
+            .with_id(derived_id(&format!("{stream}@{}/parked", instance.version + 1)));
+        match self.store.append(&stream, ExpectedVersion::Exact(instance.version), vec![event]).await {
+            Ok(_) => {}
+            Err(StoreError::WrongExpectedVersion { .. }) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+        self.watch(correlation).await?;
+        Ok(true)
+    }
+
+    /// Adds `correlation` to the parked set (and its stream) if it is new.
+    async fn watch(&self, correlation: &str) -> Result<(), ProcessError> {
+        let set = {
+            let mut parked = self.parked.lock().unwrap();
+            if !parked.insert(correlation.to_string()) {
+                return Ok(());
+            }
+            parked.clone()
+        };
+        self.write_parked(set).await
+    }
+
+    async fn write_parked(&self, correlations: BTreeSet<String>) -> Result<(), ProcessError> {
+        let event = NewEvent::json(PARKED_SET, &ParkedSet { correlations }).expect("sets serialise");
+        self.store.append(&parked_stream(&self.name), ExpectedVersion::Any, vec![event]).await?;
+        Ok(())
+    }
+
+    /// Looks at the parked instances: a resumed one has its parked message
+    /// handled again, then the events it skipped, up to where the manager
+    /// is, in order (each `handle` skips what it handled already). One
+    /// parked again stays in the set. Called with the lock held.
+    async fn replay_resumed(&self) -> Result<(), ProcessError> {
+        let watched: Vec<String> = self.parked.lock().unwrap().iter().cloned().collect();
+        for correlation in watched {
+            let instance = self.load(&correlation).await?;
+            if instance.parked.is_some() {
+                continue;
+            }
+            // A parked deadline first: it came before the events still to replay.
+            if let Some(timer) = instance.resumed.as_ref().and_then(|p| p.deadline.as_deref())
+                && (!self.handle(&correlation, Key::Deadline(timer), true).await? || self.load(&correlation).await?.parked.is_some())
+            {
+                continue;
+            }
+            let upto = self.position().unwrap_or(Position::START);
+            let mut from = instance.position;
+            let mut parked_again = false;
+            'pages: while from < upto && !parked_again {
+                let options = ReadAllOptions { from, exclusive: from > Position::START, direction: Direction::Forward, limit: 256 };
+                let events = self.store.read_query(&self.process.query(), options).await?;
+                if events.is_empty() {
+                    break;
+                }
+                for event in &events {
+                    if event.position > upto {
+                        break 'pages;
+                    }
+                    from = event.position;
+                    if self.process.correlate(event).as_deref() != Some(correlation.as_str()) {
+                        continue;
+                    }
+                    while !self.handle(&correlation, Key::Event(event), true).await? {}
+                    if self.load(&correlation).await?.parked.is_some() {
+                        parked_again = true;
+                        break 'pages;
+                    }
+                }
+            }
+            if !parked_again {
+                let set = {
+                    let mut parked = self.parked.lock().unwrap();
+                    parked.remove(&correlation);
+                    parked.clone()
+                };
+                self.write_parked(set).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Lets a parked instance of `process` go on: appends `ProcessResumed`, and
+/// its manager (wherever it runs) handles the parked message again, then the
+/// events the instance skipped. Refused, with nothing written, unless parked.
+pub async fn resume_process(store: &dyn EventStore, process: &str, correlation: &str, by: &str) -> Result<Parked, ProcessError> {
+    let stream = saga_stream(process, correlation);
+    let instance: Instance<Value> = load_instance(store, &stream, correlation).await?;
+    if instance.version == 0 {
+        return Err(ProcessError::NotFound(stream));
+    }
+    let Some(parked) = instance.parked else { return Err(ProcessError::NotParked(stream)) };
+    let event = NewEvent::json(RESUMED, &Resumed { by: by.to_string() }).expect("resumes serialise");
+    store.append(&stream, ExpectedVersion::Exact(instance.version), vec![event]).await?;
+    Ok(parked)
 }

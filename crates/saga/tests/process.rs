@@ -284,3 +284,182 @@ async fn a_crash_before_the_record_sends_the_same_command_again_with_the_same_ke
     assert_eq!(record["commands"], json!([sent[0].2]));
     assert!(manager.instance(&order.to_string()).await.unwrap().unwrap().ended);
 }
+
+// Parking: a command that keeps failing parks its instance, the others go on,
+// and a resume replays what the instance skipped, in order.
+
+/// Keeps a running list per correlation: each `Noted` event (data `{"n": n}`)
+/// sends `Record n`.
+struct Ledger;
+
+impl Process for Ledger {
+    type State = Vec<u64>;
+
+    fn name(&self) -> &str {
+        "ledger"
+    }
+
+    fn query(&self) -> Query {
+        Query::new([QueryItem::types(["Noted"]).with_categories(["note"])])
+    }
+
+    fn react(&self, state: &mut Vec<u64>, message: Message) -> Vec<Effect> {
+        let Message::Event(e) = message else { return Vec::new() };
+        let n = e.json::<Value>().unwrap()["n"].as_u64().unwrap();
+        state.push(n);
+        vec![Effect::command("Record", json!({ "n": n }))]
+    }
+}
+
+/// What the handler accepted, in order: (correlation, n, key).
+type Recorded = Arc<Mutex<Vec<(String, u64, String)>>>;
+
+/// A ledger manager whose handler refuses `Record` for (correlation, n) in
+/// `refuse` (3 attempts, 50 ms apart at first) and hangs for `hang`.
+async fn ledger(store: &Arc<dyn EventStore>, recorded: &Recorded, refuse: &Arc<Mutex<Vec<(String, u64)>>>, hang: Option<(String, u64)>) -> ProcessManager<Ledger> {
+    let (recorded, refuse) = (recorded.clone(), refuse.clone());
+    ProcessManager::builder(store.clone(), Ledger, move |command: Command| {
+        let n = command.payload["n"].as_u64().unwrap();
+        let this = (command.correlation.clone(), n);
+        let refused = refuse.lock().unwrap().contains(&this);
+        let hangs = hang.as_ref() == Some(&this);
+        let recorded = recorded.clone();
+        async move {
+            if hangs {
+                std::future::pending::<()>().await;
+            }
+            if refused {
+                return Err(format!("the ledger refuses {n}"));
+            }
+            recorded.lock().unwrap().push((command.correlation, n, command.key));
+            Ok(())
+        }
+    })
+    .command_attempts(3)
+    .command_timeout(Duration::from_millis(300))
+    .start()
+    .await
+    .unwrap()
+}
+
+async fn note(store: &dyn EventStore, correlation: Uuid, n: u64) -> Position {
+    let metadata = Metadata { correlation_id: Some(correlation), ..Metadata::default() };
+    let event = NewEvent::json("Noted", &json!({ "n": n })).unwrap().with_metadata(metadata);
+    store.append(&format!("note-{correlation}"), ExpectedVersion::Any, vec![event]).await.unwrap().position
+}
+
+fn recorded_for(recorded: &Recorded, correlation: Uuid) -> Vec<u64> {
+    recorded.lock().unwrap().iter().filter(|r| r.0 == correlation.to_string()).map(|r| r.1).collect()
+}
+
+async fn parked_set(store: &dyn EventStore) -> Vec<String> {
+    let events = read(store, &cairn_saga::parked_stream("ledger")).await;
+    events.last().map(|e| serde_json::from_value(e.json::<Value>().unwrap()["correlations"].clone()).unwrap()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_failing_command_parks_its_instance_the_others_go_on_and_a_resume_replays_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_in(dir.path());
+    let (recorded, refuse) = (Recorded::default(), Arc::new(Mutex::new(Vec::new())));
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    refuse.lock().unwrap().push((a.to_string(), 2));
+    let manager = ledger(&store, &recorded, &refuse, None).await;
+
+    note(store.as_ref(), a, 1).await;
+    note(store.as_ref(), a, 2).await;
+    note(store.as_ref(), b, 1).await;
+    note(store.as_ref(), a, 3).await;
+    let last = note(store.as_ref(), b, 2).await;
+    eventually("b handled past a's park", Duration::from_secs(10), async || manager.position() == Some(last)).await;
+    assert_eq!(recorded_for(&recorded, b), [1, 2], "b goes on while a is parked");
+    assert_eq!(recorded_for(&recorded, a), [1], "a stopped at 2, and 3 waits behind it");
+    let instance = manager.instance(&a.to_string()).await.unwrap().unwrap();
+    let parked = instance.parked.expect("a is parked");
+    assert_eq!((parked.command.as_str(), parked.attempts, parked.error.as_str()), ("Record", 3, "the ledger refuses 2"));
+    assert!(parked.handled.starts_with("Noted in note-"), "{}", parked.handled);
+    assert_eq!(instance.state, [1], "the state is the last recorded reaction's");
+    assert_eq!(parked_set(store.as_ref()).await, [a.to_string()]);
+
+    // Not parked: refused, nothing written.
+    let version = read(store.as_ref(), &format!("$saga-ledger-{b}")).await.len();
+    assert!(matches!(cairn_saga::resume_process(store.as_ref(), "ledger", &b.to_string(), "ops").await, Err(cairn_saga::ProcessError::NotParked(_))));
+    assert!(matches!(cairn_saga::resume_process(store.as_ref(), "ledger", "nobody", "ops").await, Err(cairn_saga::ProcessError::NotFound(_))));
+    assert_eq!(read(store.as_ref(), &format!("$saga-ledger-{b}")).await.len(), version);
+
+    // Fixed, resumed: 2 goes again (same key as the refused attempts), then 3; a new 4 after them.
+    refuse.lock().unwrap().clear();
+    let resumed = cairn_saga::resume_process(store.as_ref(), "ledger", &a.to_string(), "ops").await.unwrap();
+    assert_eq!(resumed, parked);
+    note(store.as_ref(), a, 4).await;
+    eventually("a replayed", Duration::from_secs(10), async || recorded_for(&recorded, a).len() == 4).await;
+    assert_eq!(recorded_for(&recorded, a), [1, 2, 3, 4], "in order");
+    let instance = manager.instance(&a.to_string()).await.unwrap().unwrap();
+    assert!(instance.parked.is_none() && instance.resumed.is_none());
+    assert_eq!(instance.state, [1, 2, 3, 4]);
+    eventually("the parked set emptied", Duration::from_secs(5), async || parked_set(store.as_ref()).await.is_empty()).await;
+    let keys: Vec<String> = recorded.lock().unwrap().iter().map(|r| r.2.clone()).collect();
+    assert_eq!(keys.len(), keys.iter().collect::<std::collections::HashSet<_>>().len(), "each command accepted once");
+    manager.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_parked_instance_is_resumed_by_the_next_manager_and_a_hanging_command_counts_as_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_in(dir.path());
+    let (recorded, refuse) = (Recorded::default(), Arc::new(Mutex::new(Vec::new())));
+    let a = Uuid::now_v7();
+    let manager = ledger(&store, &recorded, &refuse, Some((a.to_string(), 1))).await;
+    note(store.as_ref(), a, 1).await;
+    let last = note(store.as_ref(), a, 2).await;
+    eventually("a parked", Duration::from_secs(10), async || manager.position() == Some(last)).await;
+    let parked = manager.instance(&a.to_string()).await.unwrap().unwrap().parked.expect("parked");
+    assert_eq!(parked.error, "no answer within 300 ms");
+    manager.shutdown().await;
+    drop(manager);
+
+    // A later manager knows it is parked (from `$saga-ledger-$parked`), and replays it once resumed.
+    cairn_saga::resume_process(store.as_ref(), "ledger", &a.to_string(), "ops").await.unwrap();
+    let manager = ledger(&store, &recorded, &refuse, None).await;
+    eventually("a replayed by the new manager", Duration::from_secs(10), async || recorded_for(&recorded, a) == [1, 2]).await;
+    assert_eq!(manager.instance(&a.to_string()).await.unwrap().unwrap().state, [1, 2]);
+    manager.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_deadline_whose_command_keeps_failing_parks_and_runs_again_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_in(dir.path());
+    let sent = Sent::default();
+    let refusing = Arc::new(AtomicBool::new(true));
+    let (log, refuse) = (sent.clone(), refusing.clone());
+    let manager = ProcessManager::builder(store.clone(), OrderFulfilment { payment_window: Duration::from_millis(100) }, move |command: Command| {
+        let (log, refuse) = (log.clone(), refuse.load(Ordering::SeqCst));
+        async move {
+            if refuse {
+                return Err("orders service down".to_string());
+            }
+            log.lock().unwrap().push((command.name, command.payload["order"].as_str().unwrap_or_default().to_string(), command.key));
+            Ok(())
+        }
+    })
+    .command_attempts(2)
+    .start()
+    .await
+    .unwrap();
+    let order = Uuid::now_v7();
+    emit(store.as_ref(), "order-1", "OrderPlaced", order).await;
+    let instance = async || manager.instance(&order.to_string()).await.unwrap();
+    eventually("the deadline parked", Duration::from_secs(10), async || instance().await.is_some_and(|i| i.parked.is_some())).await;
+    let parked = instance().await.unwrap().parked.unwrap();
+    assert_eq!((parked.handled.as_str(), parked.command.as_str()), ("deadline payment", "CancelOrder"));
+    assert!(parked.deadline.is_some());
+
+    refusing.store(false, Ordering::SeqCst);
+    cairn_saga::resume_process(store.as_ref(), "fulfilment", &order.to_string(), "ops").await.unwrap();
+    eventually("the cancellation", Duration::from_secs(10), async || commands(&sent, "CancelOrder").len() == 1).await;
+    eventually("the instance ended", Duration::from_secs(5), async || instance().await.is_some_and(|i| i.ended)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sent.lock().unwrap().len(), 1, "{:?}", sent.lock().unwrap());
+    manager.shutdown().await;
+}
