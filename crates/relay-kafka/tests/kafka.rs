@@ -1,15 +1,18 @@
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use cairn_core::{EventStore, ExpectedVersion, NewEvent, Position, ReadAllOptions, RecordedEvent};
 use cairn_log::EmbeddedStore;
-use cairn_relay::{Relay, RelayConfig, RelayHandle};
+use cairn_relay::{Confirm, Relay, RelayConfig, RelayHandle, Sink, SinkError};
 use cairn_relay_kafka::{KafkaSink, Topics};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 const PARTITIONS: i32 = 4;
@@ -240,6 +243,68 @@ async fn the_relay_waits_out_a_broker_outage_and_loses_nothing() {
     assert_in_order(&apply_once(&got), 4, 50);
 }
 
+/// The sink, telling when one of its confirms failed.
+struct Probe {
+    sink: KafkaSink,
+    failures: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Sink for Probe {
+    async fn send(&mut self, events: &[RecordedEvent]) -> Result<Confirm, SinkError> {
+        let (confirm, failures) = (self.sink.send(events).await?, self.failures.clone());
+        Ok(Box::pin(async move {
+            let outcome = confirm.await;
+            if outcome.is_err() {
+                failures.fetch_add(1, Ordering::SeqCst);
+            }
+            outcome
+        }))
+    }
+
+    async fn reset(&mut self) {
+        self.sink.reset().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_timed_out_is_not_overtaken_by_the_batches_sent_after_it() {
+    let Fixture { store, cluster, _dir } = fixture();
+    cluster.create_topic("events", PARTITIONS, 3).unwrap();
+    let sink = KafkaSink::new(
+        &cluster.bootstrap_servers(),
+        Topics::One("events".into()),
+        [("message.timeout.ms", "3000"), ("reconnect.backoff.max.ms", "100")],
+    )
+    .unwrap();
+    let failures = Arc::new(AtomicUsize::new(0));
+    let config = RelayConfig::new("kafka").backoff(Duration::from_millis(20), Duration::from_millis(200));
+    let relay = Relay::new(store.clone(), config, Probe { sink, failures: failures.clone() }).spawn();
+    write(store.as_ref(), "shop", 4, 0, 4).await;
+    wait_until_relayed(&relay, user_events(store.as_ref()).await.last().unwrap().position).await;
+
+    // With the brokers down, version 2 of each stream goes out, then 2 s
+    // later version 3. The brokers are back as soon as version 2 timed out
+    // (librdkafka checks about every second), while version 3 can still be
+    // delivered: it must fail too, not go ahead of version 2 sent again.
+    cluster.broker_down(-1).unwrap();
+    write(store.as_ref(), "shop", 4, 4, 4).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(failures.load(Ordering::SeqCst), 0, "nothing timed out yet: {:?}", relay.status());
+    write(store.as_ref(), "shop", 4, 8, 4).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while failures.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "no failure while every broker is down: {:?}", relay.status());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    cluster.broker_up(-1).unwrap();
+    wait_until_relayed(&relay, user_events(store.as_ref()).await.last().unwrap().position).await;
+    relay.stop().await.unwrap();
+
+    let got = consume(&cluster.bootstrap_servers(), "events");
+    assert_in_order(&apply_once(&got), 4, 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_category_topics_hold_their_category() {
     let Fixture { store, cluster, _dir } = fixture();
@@ -322,4 +387,29 @@ async fn brokers_lost_with_batches_in_flight_lose_nothing_and_skip_nothing_in_a_
         assert!(version <= before + 1, "{stream}: version {version} right after {before}");
     }
     assert_in_order(&apply_once(&got), 8, 2500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_batch_is_not_overtaken_by_the_batches_sent_after_it() {
+    let Fixture { store, cluster, _dir } = fixture();
+    cluster.create_topic("events", PARTITIONS, 3).unwrap();
+    write(store.as_ref(), "shop", 2, 0, 100).await;
+    // The first Produce request is refused for good; the relay has 8
+    // batches of 5 out by then, each in a request of its own.
+    cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD]);
+    let sink = KafkaSink::new(
+        &cluster.bootstrap_servers(),
+        Topics::One("events".into()),
+        [("batch.num.messages", "5"), ("reconnect.backoff.max.ms", "500")],
+    )
+    .unwrap();
+    let config = RelayConfig::new("kafka").batch(5).backoff(Duration::from_millis(20), Duration::from_millis(200));
+    let relay = Relay::new(store.clone(), config, sink).spawn();
+    wait_until_relayed(&relay, user_events(store.as_ref()).await.last().unwrap().position).await;
+    let status = relay.status();
+    relay.stop().await.unwrap();
+    assert!(status.retries >= 1, "the refusal was retried: {status:?}");
+
+    let got = consume(&cluster.bootstrap_servers(), "events");
+    assert_in_order(&apply_once(&got), 2, 50);
 }

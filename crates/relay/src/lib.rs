@@ -36,7 +36,9 @@
 //! NATS client (it sends what it had queued, while what was on the lost
 //! connection is gone). Chained (the default), JetStream refuses a message
 //! whose predecessor is missing, so that cannot happen on NATS. Kafka's
-//! idempotent producer keeps each partition in order across its retries.
+//! idempotent producer keeps each partition in order across its retries,
+//! and after a failure `KafkaSink` fails what it still has queued (but for
+//! a narrow race after a message timeout: see `cairn-relay-kafka`).
 
 mod nats;
 mod rabbitmq;
