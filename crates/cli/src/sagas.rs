@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use cairn_core::{EventStore, ReadStreamOptions, RecordedEvent, StoreError, Timestamp, SAGA_STREAM_PREFIX};
-use cairn_saga::{process_checkpoint_stream, read_history, saga_stream, PendingDeadline, Reaction, SagaError, SagaEvent, SagaState, Status};
+use cairn_saga::{
+    process_checkpoint_stream, read_history, saga_stream, Parked, PendingDeadline, ProcessError, Reaction, SagaError, SagaEvent, SagaState, Status,
+};
 use clap::{Args, Subcommand, ValueEnum};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use futures_util::{StreamExt, TryStreamExt};
@@ -62,9 +64,12 @@ enum SagasAction {
         /// Only instances that have ended.
         #[arg(long, conflicts_with = "running")]
         ended: bool,
-        /// Only instances still running.
-        #[arg(long)]
+        /// Only instances still running (parked ones included).
+        #[arg(long, conflicts_with = "parked")]
         running: bool,
+        /// Only instances parked after a command kept failing (they wait for `cairn sagas resume`).
+        #[arg(long, conflicts_with = "ended")]
+        parked: bool,
         /// Most `$saga-` streams to look at (in name order; sagas count too).
         #[arg(long, short = 'n', default_value_t = 1000)]
         limit: usize,
@@ -115,9 +120,17 @@ pub async fn run(ctx: &Context, args: SagasArgs) -> Result<()> {
     let mut out = String::new();
     match args.action {
         SagasAction::List { status, saga, limit } => list(ctx, &mut out, store, status.map(StatusFilter::status), saga, limit).await?,
-        SagasAction::Processes { process, ended, running, limit } => {
-            let ended = if ended { Some(true) } else if running { Some(false) } else { None };
-            processes(ctx, &mut out, store, process, ended, limit).await?
+        SagasAction::Processes { process, ended, running, parked, limit } => {
+            let only = if ended {
+                Some(InstanceFilter::Ended)
+            } else if running {
+                Some(InstanceFilter::Running)
+            } else if parked {
+                Some(InstanceFilter::Parked)
+            } else {
+                None
+            };
+            processes(ctx, &mut out, store, process, only, limit).await?
         }
         SagasAction::Show { saga, id } => show(ctx, &mut out, store, &saga, &id).await?,
         SagasAction::Resume { saga, id, by } => resume(ctx, &mut out, store, &saga, &id, by).await?,
@@ -142,12 +155,30 @@ enum Found {
     Process(ProcessHistory),
 }
 
-/// A process-manager instance's reactions, oldest first.
+/// A process-manager instance's reactions, oldest first, and its parks and
+/// resumes (`ProcessParked`, `ProcessResumed`).
 struct ProcessHistory {
     stream: String,
     process: String,
     correlation: String,
     reactions: Vec<(RecordedEvent, Reaction)>,
+    interventions: Vec<RecordedEvent>,
+    /// The park in effect: nothing recorded after it.
+    parked: Option<Parked>,
+}
+
+const PARKED: &str = "ProcessParked";
+const RESUMED: &str = "ProcessResumed";
+
+/// The park in effect, from an instance's events newest first: a park with no
+/// reaction nor resume after it.
+fn park_in_effect<'a>(newest_first: impl IntoIterator<Item = &'a RecordedEvent>) -> Option<Parked> {
+    newest_first.into_iter().find(|e| e.event_type == PARKED || e.event_type == RESUMED || Reaction::from_recorded(e).is_some()).and_then(Parked::from_recorded)
+}
+
+/// Whether an event is one of a process instance's.
+fn is_instance_event(e: &RecordedEvent) -> bool {
+    Reaction::from_recorded(e).is_some() || e.event_type == PARKED || e.event_type == RESUMED
 }
 
 /// The saga or process instance, or an error that says what there is instead.
@@ -159,9 +190,16 @@ async fn find(store: &dyn EventStore, name: &str, id: &str) -> Result<Found> {
         Err(e) => return Err(e.into()),
     };
     if let Some(first) = events.first() {
-        if Reaction::from_recorded(first).is_some() {
-            let reactions = events.into_iter().filter_map(|e| Reaction::from_recorded(&e).map(|r| (e, r))).collect();
-            return Ok(Found::Process(ProcessHistory { stream, process: name.to_string(), correlation: id.to_string(), reactions }));
+        if is_instance_event(first) {
+            let parked = park_in_effect(events.iter().rev());
+            let (mut reactions, mut interventions) = (Vec::new(), Vec::new());
+            for e in events {
+                match Reaction::from_recorded(&e) {
+                    Some(r) => reactions.push((e, r)),
+                    None => interventions.push(e),
+                }
+            }
+            return Ok(Found::Process(ProcessHistory { stream, process: name.to_string(), correlation: id.to_string(), reactions, interventions, parked }));
         }
         if let Some(state) = SagaState::fold(&stream, &events) {
             return Ok(Found::Saga(Box::new(state), events));
@@ -197,7 +235,7 @@ async fn kind_of(store: &dyn EventStore, name: &str) -> Result<Option<Kind>, Sto
     }
     let Some(first) = streams.first() else { return Ok(None) };
     let newest = newest(store, &first.stream, 1).await?;
-    Ok(Some(if newest.first().is_some_and(|e| Reaction::from_recorded(e).is_some()) { Kind::Process } else { Kind::Saga }))
+    Ok(Some(if newest.first().is_some_and(is_instance_event) { Kind::Process } else { Kind::Saga }))
 }
 
 /// A stream's newest `n` events, newest first (none if it does not exist).
@@ -371,11 +409,10 @@ async fn show(ctx: &Context, out: &mut String, store: &dyn EventStore, saga: &st
 }
 
 async fn resume(ctx: &Context, out: &mut String, store: &dyn EventStore, saga: &str, id: &str, by: Option<String>) -> Result<()> {
+    let by = by.or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty())).unwrap_or_else(|| "cairn sagas resume".into());
     let state = match find(store, saga, id).await? {
         Found::Saga(state, _) => *state,
-        Found::Process(_) => bail!(
-            "{saga} {id} is a process-manager instance, not a saga: there is nothing to resume (its manager retries its commands and deadlines itself while it runs); `cairn sagas show {saga} {id}` shows where it is"
-        ),
+        Found::Process(history) => return resume_process(ctx, out, store, history, &by).await,
     };
     if state.status != Status::NeedsAttention {
         let why = match state.status {
@@ -387,7 +424,6 @@ async fn resume(ctx: &Context, out: &mut String, store: &dyn EventStore, saga: &
             state.status.as_str()
         );
     }
-    let by = by.or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty())).unwrap_or_else(|| "cairn sagas resume".into());
     let resumed = match cairn_saga::resume(store, saga, id, &by).await {
         Ok(state) => state,
         Err(SagaError::Store(StoreError::WrongExpectedVersion { .. })) => {
@@ -404,6 +440,30 @@ async fn resume(ctx: &Context, out: &mut String, store: &dyn EventStore, saga: &
     let then = if rest.is_empty() { String::new() } else { format!(", then {}", rest.join(", ")) };
     say!(out, "resumed saga {saga} {id} (by {by}): its runner retries undoing {next}{then}");
     say!(out, "a runner with the '{saga}' saga picks it up now, or when it next starts; `cairn sagas show {saga} {id}` follows it");
+    Ok(())
+}
+
+async fn resume_process(ctx: &Context, out: &mut String, store: &dyn EventStore, history: ProcessHistory, by: &str) -> Result<()> {
+    let ProcessHistory { process, correlation, reactions, .. } = history;
+    if history.parked.is_none() {
+        let status = if reactions.last().is_some_and(|(_, r)| r.ended) { "ended" } else { "running" };
+        bail!(
+            "process {process} {correlation} is {status}, not parked: nothing to resume (only an instance parked after a command kept failing can be resumed, see `cairn sagas processes --parked`)"
+        );
+    }
+    let parked = match cairn_saga::resume_process(store, &process, &correlation, by).await {
+        Ok(parked) => parked,
+        Err(ProcessError::Store(StoreError::WrongExpectedVersion { .. })) => bail!(
+            "process {process} {correlation} changed while it was being resumed (someone else resumed it?); nothing was written; look again with `cairn sagas show {process} {correlation}`"
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    if ctx.json {
+        say!(out, "{}", json!({ "kind": "process", "process": process, "correlation": correlation, "resumed_by": by, "parked": parked }));
+        return Ok(());
+    }
+    say!(out, "resumed process {process} {correlation} (by {by}): its manager sends {} again ({}), then handles the events it held back", parked.command, parked.handled);
+    say!(out, "the running '{process}' manager picks it up within a second, or when it next starts; `cairn sagas show {process} {correlation}` follows it");
     Ok(())
 }
 
@@ -601,40 +661,85 @@ struct InstanceRow {
     stream: String,
     process: String,
     correlation: String,
+    /// Its newest event (a reaction, a park or a resume).
     last: RecordedEvent,
+    /// Its newest reaction (an empty one if it parked at its first event).
     reaction: Reaction,
     before: Option<Reaction>,
+    parked: Option<Parked>,
 }
 
-fn instance_status(reaction: &Reaction) -> &'static str {
-    if reaction.ended { "ended" } else { "running" }
+#[derive(Clone, Copy, PartialEq)]
+enum InstanceFilter {
+    Running,
+    Parked,
+    Ended,
 }
 
-async fn processes(ctx: &Context, out: &mut String, store: &dyn EventStore, process: Option<String>, ended: Option<bool>, limit: usize) -> Result<()> {
+const NEEDS_ATTENTION: &str = "needs attention";
+
+fn instance_status(reaction: Option<&Reaction>, parked: Option<&Parked>) -> &'static str {
+    if parked.is_some() {
+        NEEDS_ATTENTION
+    } else if reaction.is_some_and(|r| r.ended) {
+        "ended"
+    } else {
+        "running"
+    }
+}
+
+/// "parked: Record failed 3 times: the ledger refuses 2".
+fn park_line(parked: &Parked) -> String {
+    format!("parked at {}: {} failed {}: {}", parked.handled, parked.command, count(parked.attempts as u64, "time"), parked.error)
+}
+
+/// How many of an instance's newest events `processes` reads to find its
+/// newest reactions past parks and resumes.
+const NEWEST_READ: usize = 16;
+
+async fn processes(ctx: &Context, out: &mut String, store: &dyn EventStore, process: Option<String>, only: Option<InstanceFilter>, limit: usize) -> Result<()> {
     let prefix = stream_prefix(process.as_deref());
     let streams = store.list_streams(&prefix, limit).await?;
     let looked_at = streams.len();
     let names: Vec<String> = streams.into_iter().map(|s| s.stream).filter(|s| instance_name(s).is_some()).collect();
     let candidates = names.len();
     let loaded: Vec<Option<InstanceRow>> = futures_util::stream::iter(names.into_iter().map(|stream| async move {
-        let mut events = newest(store, &stream, 2).await?.into_iter();
-        let Some((last, reaction)) = events.next().and_then(|e| Reaction::from_recorded(&e).map(|r| (e, r))) else { return Ok(None) };
-        let before = events.next().and_then(|e| Reaction::from_recorded(&e));
+        let events = newest(store, &stream, NEWEST_READ).await?;
+        let Some(last) = events.first().filter(|e| is_instance_event(e)).cloned() else { return Ok(None) };
+        let parked = park_in_effect(&events);
+        let mut reactions = events.iter().filter_map(Reaction::from_recorded);
+        let reaction = reactions.next().unwrap_or_else(|| Reaction {
+            state: Value::Null,
+            position: cairn_core::Position::START,
+            handled: "nothing yet".into(),
+            commands: Vec::new(),
+            command_names: Vec::new(),
+            deadlines: Vec::new(),
+            ended: false,
+        });
+        let before = reactions.next();
         let (process, correlation) = instance_name(&stream).expect("filtered above");
         let (process, correlation) = (process.to_string(), correlation.to_string());
-        Ok::<_, StoreError>(Some(InstanceRow { stream, process, correlation, last, reaction, before }))
+        Ok::<_, StoreError>(Some(InstanceRow { stream, process, correlation, last, reaction, before, parked }))
     }))
     .buffered(8)
     .try_collect()
     .await?;
-    let mut rows: Vec<InstanceRow> = loaded.into_iter().flatten().filter(|r| ended.is_none_or(|e| r.reaction.ended == e)).collect();
+    let keep = |r: &InstanceRow| match only {
+        None => true,
+        Some(InstanceFilter::Ended) => r.reaction.ended,
+        Some(InstanceFilter::Running) => !r.reaction.ended,
+        Some(InstanceFilter::Parked) => r.parked.is_some(),
+    };
+    let mut rows: Vec<InstanceRow> = loaded.into_iter().flatten().filter(keep).collect();
     rows.sort_by(|a, b| b.last.timestamp.cmp(&a.last.timestamp).then_with(|| a.stream.cmp(&b.stream)));
 
     if ctx.json {
         for r in &rows {
-            let line = ReactionEffects::of(r.before.as_ref(), &r.reaction).line(&r.reaction);
+            let line = r.parked.as_ref().map_or_else(|| ReactionEffects::of(r.before.as_ref(), &r.reaction).line(&r.reaction), park_line);
             say!(out, "{}", json!({
-                "kind": "process", "stream": r.stream, "process": r.process, "correlation": r.correlation, "status": instance_status(&r.reaction),
+                "kind": "process", "stream": r.stream, "process": r.process, "correlation": r.correlation, "status": instance_status(Some(&r.reaction), r.parked.as_ref()),
+                "parked": r.parked,
                 "reactions": r.last.version, "last_reaction": line, "handled": r.reaction.handled,
                 "deadlines": r.reaction.deadlines.iter().map(|d| &d.name).collect::<Vec<_>>(),
                 "position": r.reaction.position.0, "state": r.reaction.state, "updated_at": r.last.timestamp.to_rfc3339(),
@@ -645,11 +750,11 @@ async fn processes(ctx: &Context, out: &mut String, store: &dyn EventStore, proc
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header(["process", "correlation", "status", "reactions", "last reaction", "deadlines", "changed (UTC)"]);
     for r in &rows {
-        let line = ReactionEffects::of(r.before.as_ref(), &r.reaction).line(&r.reaction);
+        let line = r.parked.as_ref().map_or_else(|| ReactionEffects::of(r.before.as_ref(), &r.reaction).line(&r.reaction), park_line);
         table.add_row([
             r.process.clone(),
             r.correlation.clone(),
-            instance_status(&r.reaction).to_string(),
+            instance_status(Some(&r.reaction), r.parked.as_ref()).to_string(),
             r.last.version.to_string(),
             shorten(&line, 60),
             deadline_names(&r.reaction.deadlines),
@@ -660,9 +765,18 @@ async fn processes(ctx: &Context, out: &mut String, store: &dyn EventStore, proc
         say!(out, "{table}");
     }
     let of = process.as_ref().map_or(String::new(), |name| format!(" of process '{name}'"));
-    let running = rows.iter().filter(|r| !r.reaction.ended).count();
-    let tally: Vec<String> = [(running, "running"), (rows.len() - running, "ended")].iter().filter(|(n, _)| *n > 0).map(|(n, st)| format!("{n} {st}")).collect();
-    let filter = ended.map(|e| if e { "ended" } else { "running" });
+    let parked = rows.iter().filter(|r| r.parked.is_some()).count();
+    let running = rows.iter().filter(|r| !r.reaction.ended).count() - parked;
+    let tally: Vec<String> = [(running, "running"), (parked, NEEDS_ATTENTION), (rows.len() - running - parked, "ended")]
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, st)| format!("{n} {st}"))
+        .collect();
+    let filter = only.map(|f| match f {
+        InstanceFilter::Ended => "ended",
+        InstanceFilter::Running => "running",
+        InstanceFilter::Parked => "parked",
+    });
     match (rows.len(), filter) {
         (0, None) => say!(out, "no process instances{of} in this store"),
         (0, Some(st)) => say!(out, "no process instances{of} {st} in this store"),
@@ -675,10 +789,13 @@ async fn processes(ctx: &Context, out: &mut String, store: &dyn EventStore, proc
     if let Some(name) = &process
         && rows.is_empty()
         && candidates > 0
-        && ended.is_none()
+        && only.is_none()
         && kind_of(store, name).await? == Some(Kind::Saga)
     {
         say!(out, "'{name}' is a saga type, not a process: `cairn sagas list --saga {name}` shows its sagas");
+    }
+    if let Some(r) = rows.iter().find(|r| r.parked.is_some()) {
+        say!(out, "once the cause is fixed, `cairn sagas resume {} {}` has its manager send the command again and go on", r.process, r.correlation);
     }
     if let Some(r) = rows.iter().find(|r| !r.reaction.ended).or(rows.first()) {
         say!(out, "`cairn sagas show {} {}` shows an instance's state, deadlines and reactions", r.process, r.correlation);
@@ -757,8 +874,22 @@ impl ReactionEffects {
 }
 
 async fn show_process(ctx: &Context, out: &mut String, store: &dyn EventStore, history: ProcessHistory) -> Result<()> {
-    let ProcessHistory { stream, process, correlation, reactions } = history;
-    let (Some((first, _)), Some((last, now))) = (reactions.first(), reactions.last()) else {
+    let ProcessHistory { stream, process, correlation, reactions, interventions, parked } = history;
+    // An instance parked at its first event has no reaction yet: its state is the default.
+    let none_yet = Reaction {
+        state: Value::Null,
+        position: cairn_core::Position::START,
+        handled: "nothing yet".into(),
+        commands: Vec::new(),
+        command_names: Vec::new(),
+        deadlines: Vec::new(),
+        ended: false,
+    };
+    let now = reactions.last().map_or(&none_yet, |(_, r)| r);
+    let (Some(first), Some(last)) = (
+        reactions.iter().map(|(e, _)| e).chain(&interventions).min_by_key(|e| e.version),
+        reactions.iter().map(|(e, _)| e).chain(&interventions).max_by_key(|e| e.version),
+    ) else {
         bail!("{stream} holds no reactions this version of cairn can read; `cairn read {stream}` shows what it holds");
     };
     let start = first.timestamp;
@@ -767,7 +898,12 @@ async fn show_process(ctx: &Context, out: &mut String, store: &dyn EventStore, h
     let checkpoint = newest(store, &checkpoint_stream, 1).await?.into_iter().next().and_then(|e| e.json::<u64>().ok().map(|p| (p, e.timestamp)));
     let effects: Vec<ReactionEffects> =
         reactions.iter().enumerate().map(|(i, (_, r))| ReactionEffects::of(i.checked_sub(1).map(|j| &reactions[j].1), r)).collect();
-    let status = instance_status(now);
+    let status = instance_status(Some(now), parked.as_ref());
+    // Parks and resumes, as timeline lines.
+    let intervention_line = |e: &RecordedEvent| match Parked::from_recorded(e) {
+        Some(p) => format!("✋ {}", park_line(&p)),
+        None => format!("↻ resumed by {}", e.json::<Value>().ok().and_then(|v| v["by"].as_str().map(str::to_string)).unwrap_or_else(|| "?".into())),
+    };
 
     if ctx.json {
         let timeline: Vec<Value> = reactions
@@ -784,8 +920,13 @@ async fn show_process(ctx: &Context, out: &mut String, store: &dyn EventStore, h
                 })
             })
             .collect();
+        let interventions: Vec<Value> = interventions
+            .iter()
+            .map(|e| json!({ "version": e.version, "time": e.timestamp.to_rfc3339(), "type": e.event_type, "line": intervention_line(e), "data": e.json::<Value>().ok() }))
+            .collect();
         say!(out, "{}", json!({
-            "kind": "process", "stream": stream, "process": process, "correlation": correlation, "status": status,
+            "kind": "process", "stream": stream, "process": process, "correlation": correlation, "status": status, "parked": parked,
+            "interventions": interventions,
             "version": last.version, "reactions": reactions.len(), "state": now.state, "deadlines": now.deadlines, "position": now.position.0,
             "checkpoint": checkpoint.map(|(p, at)| json!({"stream": checkpoint_stream, "position": p, "time": at.to_rfc3339()})),
             "started_at": start.to_rfc3339(), "updated_at": last.timestamp.to_rfc3339(), "elapsed_ms": took.as_secs_f64() * 1000.0,
@@ -810,15 +951,22 @@ async fn show_process(ctx: &Context, out: &mut String, store: &dyn EventStore, h
     if let Some((position, at)) = checkpoint {
         field(out, "checkpoint", format!("the {process} manager had read up to position {position} (written {} UTC, in {checkpoint_stream})", time(at)));
     }
-    if !now.ended {
+    if let Some(p) = &parked {
+        field(out, "parked", format!("{} (key {})", park_line(p), p.key));
+        field(out, "now", format!("waiting for a person: once the cause is fixed, `cairn sagas resume {process} {correlation}` has its manager send {} again and then handle the events held back", p.command));
+    } else if !now.ended {
         let waits = if now.deadlines.is_empty() { String::new() } else { format!(" or its {} {}", if now.deadlines.len() == 1 { "deadline" } else { "deadlines" }, deadline_names(&now.deadlines)) };
         field(out, "now", format!("waiting for its next event{waits}"));
     }
 
     say!(out);
     say!(out, "timeline");
-    for (i, ((e, r), fx)) in reactions.iter().zip(&effects).enumerate() {
-        say!(out, "  {:>10}  {} {}", format!("+{}", duration(Duration::from_micros((e.timestamp.0 - start.0).max(0) as u64))), fx.mark(i == 0), fx.line(r));
+    let offset = |e: &RecordedEvent| format!("+{}", duration(Duration::from_micros((e.timestamp.0 - start.0).max(0) as u64)));
+    let mut lines: Vec<(u64, String)> = reactions.iter().zip(&effects).enumerate().map(|(i, ((e, r), fx))| (e.version, format!("  {:>10}  {} {}", offset(e), fx.mark(i == 0), fx.line(r)))).collect();
+    lines.extend(interventions.iter().map(|e| (e.version, format!("  {:>10}  {}", offset(e), intervention_line(e)))));
+    lines.sort_by_key(|(version, _)| *version);
+    for (_, line) in lines {
+        say!(out, "{line}");
     }
     Ok(())
 }

@@ -412,9 +412,81 @@ fn process_instances_are_listed_and_shown_apart_from_sagas() {
     let message = stderr(&unknown);
     assert!(message.contains("no saga of type 'billing' and no process named 'billing'") && message.contains("`cairn sagas processes`"), "{message}");
     let resume = cairn(dir.path(), &["sagas", "resume", "fulfilment", &ids.waiting.to_string()]);
-    assert!(!resume.status.success() && stderr(&resume).contains("is a process-manager instance, not a saga: there is nothing to resume"), "{}", stderr(&resume));
+    assert!(!resume.status.success() && stderr(&resume).contains("is running, not parked: nothing to resume"), "{}", stderr(&resume));
     let both = cairn(dir.path(), &["sagas", "processes", "--ended", "--running"]);
     assert!(!both.status.success(), "--ended and --running exclude each other");
+}
+
+/// A fulfilment manager whose warehouse refuses to ship while `down` is set
+/// (2 attempts, then the instance parks).
+async fn fulfilment(store: &Arc<dyn EventStore>, down: &Arc<AtomicBool>) -> ProcessManager<OrderFulfilment> {
+    let down = down.clone();
+    ProcessManager::builder(store.clone(), OrderFulfilment, move |_command| {
+        let down = down.load(Ordering::SeqCst);
+        async move { if down { Err("warehouse down".to_string()) } else { Ok(()) } }
+    })
+    .command_attempts(2)
+    .start()
+    .await
+    .unwrap()
+}
+
+#[test]
+fn a_parked_process_instance_is_listed_shown_and_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let order = Uuid::now_v7();
+    let down = Arc::new(AtomicBool::new(true));
+    let rt = runtime();
+    rt.block_on(async {
+        let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let manager = fulfilment(&store, &down).await;
+        for (stream, event_type, data) in [("order-9", "OrderPlaced", json!({"window_ms": 3_600_000})), ("payment-9", "PaymentReceived", json!({}))] {
+            let metadata = Metadata { correlation_id: Some(order), ..Metadata::default() };
+            store.append(stream, ExpectedVersion::Any, vec![NewEvent::json(event_type, &data).unwrap().with_metadata(metadata)]).await.unwrap();
+        }
+        let start = std::time::Instant::now();
+        while !manager.instance(&order.to_string()).await.unwrap().is_some_and(|i| i.parked.is_some()) {
+            assert!(start.elapsed() < Duration::from_secs(10), "never parked: {:?}", manager.last_error());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        manager.shutdown().await;
+    });
+
+    let listed = stdout(&cairn(dir.path(), &["sagas", "processes", "--parked"]));
+    assert!(listed.contains("1 process instance parked"), "{listed}");
+    let row = listed.lines().find(|l| l.contains(&order.to_string())).unwrap_or_else(|| panic!("a row in {listed}"));
+    assert!(row.contains("needs attention") && row.contains("parked at PaymentRec"), "{row}");
+    assert!(listed.contains(&format!("`cairn sagas resume fulfilment {order}`")), "{listed}");
+    let all = stdout(&cairn(dir.path(), &["sagas", "processes"]));
+    assert!(all.contains("1 process instance: 1 needs attention"), "{all}");
+    let shown = stdout(&cairn(dir.path(), &["sagas", "show", "fulfilment", &order.to_string()]));
+    assert!(shown.starts_with(&format!("process fulfilment {order} — needs attention")), "{shown}");
+    assert!(shown.contains("parked     parked at PaymentReceived in payment-9 at ") && shown.contains(": ShipOrder failed 2 times: warehouse down (key $saga-fulfilment-"), "{shown}");
+    assert!(shown.contains(&format!("`cairn sagas resume fulfilment {order}`")), "{shown}");
+    let timeline: Vec<&str> = shown.lines().skip_while(|l| *l != "timeline").skip(1).collect();
+    assert_eq!(timeline.len(), 2, "{shown}");
+    assert!(timeline[1].contains("✋ parked at PaymentReceived"), "{shown}");
+
+    let resumed = cairn(dir.path(), &["sagas", "resume", "fulfilment", &order.to_string(), "--by", "ops"]);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    assert!(stdout(&resumed).contains(&format!("resumed process fulfilment {order} (by ops): its manager sends ShipOrder again")), "{}", stdout(&resumed));
+    let again = cairn(dir.path(), &["sagas", "resume", "fulfilment", &order.to_string()]);
+    assert!(!again.status.success() && stderr(&again).contains("is running, not parked: nothing to resume"), "{}", stderr(&again));
+
+    // The next manager (the warehouse is back) ships it.
+    down.store(false, Ordering::SeqCst);
+    rt.block_on(async {
+        let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let manager = fulfilment(&store, &down).await;
+        let start = std::time::Instant::now();
+        while !manager.instance(&order.to_string()).await.unwrap().is_some_and(|i| i.ended) {
+            assert!(start.elapsed() < Duration::from_secs(10), "never shipped: {:?}", manager.last_error());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        manager.shutdown().await;
+    });
+    let shown = stdout(&cairn(dir.path(), &["sagas", "show", "fulfilment", &order.to_string()]));
+    assert!(shown.contains("— ended") && shown.contains("↻ resumed by ops") && shown.contains("■ PaymentReceived in payment-9"), "{shown}");
 }
 
 #[test]
