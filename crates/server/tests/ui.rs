@@ -185,6 +185,8 @@ fn the_sagas_view_lists_process_instances_and_shows_their_reactions() {
     let (browser, rt, url) = (&ui.browser, &ui.rt, ui.url.clone());
     let (done, open) = (uuid::Uuid::now_v7().to_string(), uuid::Uuid::now_v7().to_string());
     let (done_stream, open_stream) = (format!("$saga-fulfilment-{done}"), format!("$saga-fulfilment-{open}"));
+    let (stuck, again) = (uuid::Uuid::now_v7().to_string(), uuid::Uuid::now_v7().to_string());
+    let (stuck_stream, again_stream) = (format!("$saga-fulfilment-{stuck}"), format!("$saga-fulfilment-{again}"));
     let key = |stream: &str| format!("{stream}/{}/0", uuid::Uuid::now_v7());
     let reserve = key(&open_stream);
     rt.block_on(async {
@@ -211,6 +213,20 @@ fn the_sagas_view_lists_process_instances_and_shows_their_reactions() {
                 "commands": [], "deadlines": [{"timer": format!("{open}/payment@2"), "name": "payment"}], "ended": false})),
         ])
         .await;
+        // Parked at its first event (Parked in process.rs), and one parked, resumed, then parked again.
+        append_saga(&client, &stuck_stream, &[
+            ("ProcessParked", json!({"handled": "OrderPlaced in order-9 at 700", "command": "ReserveStock", "key": format!("{stuck_stream}/x/0"),
+                "attempts": 10, "error": "stock service down"})),
+        ])
+        .await;
+        append_saga(&client, &again_stream, &[
+            ("ProcessReacted", json!({"state": {"order": "order-10"}, "position": 800, "handled": "OrderPlaced in order-10 at 800",
+                "commands": [], "deadlines": [], "ended": false})),
+            ("ProcessParked", json!({"handled": "PaymentTaken in payment-10 at 900", "command": "ShipOrder", "key": "k1", "attempts": 3, "error": "first"})),
+            ("ProcessResumed", json!({"by": "ops"})),
+            ("ProcessParked", json!({"handled": "PaymentTaken in payment-10 at 900", "command": "ShipOrder", "key": "k1", "attempts": 3, "error": "<i>again</i>"})),
+        ])
+        .await;
         // The manager's checkpoint shares the namespace but is no instance.
         append_saga(&client, "$saga-fulfilment-$checkpoint", &[("ProcessCheckpoint", json!(600))]).await;
         append_saga(&client, "$saga-order-1", &[("SagaStarted", json!({"saga": "order", "input": {}, "steps": ["create-order"]}))]).await;
@@ -220,7 +236,12 @@ fn the_sagas_view_lists_process_instances_and_shows_their_reactions() {
     let sagas = part(&list, "<table id=\"sagas\"", "</table>");
     assert!(list.contains("1 saga;") && sagas.contains("create-order") && !sagas.contains("fulfilment"), "the saga rows are the sagas only: {list}");
     let processes = part(&list, "<table id=\"processes\"", "</table>");
-    assert!(list.contains("Process managers") && list.contains("2 process instances: 1 running, 1 ended"), "{list}");
+    assert!(list.contains("Process managers") && list.contains("4 process instances: 1 running, 2 needs attention, 1 ended"), "{list}");
+    let stuck_row = row(processes, &stuck_stream);
+    assert!(stuck_row.contains("class=\"status-needs_attention\">needs attention<") && stuck_row.contains("<td>0</td>"), "{stuck_row}");
+    assert!(stuck_row.contains("parked at OrderPlaced in order-9 at 700: ReserveStock failed 10 times: stock service down"), "{stuck_row}");
+    let again_row = row(processes, &again_stream);
+    assert!(again_row.contains("needs attention<") && again_row.contains("ShipOrder failed 3 times: &lt;i&gt;again&lt;/i&gt;"), "the newest park, as text: {again_row}");
     let ended = row(processes, &done_stream);
     assert!(ended.contains(&format!("href=\"#/saga/%24saga-fulfilment-{done}\">{done}</a>")), "the correlation id links to the instance: {ended}");
     assert!(ended.contains("class=\"status-ended\">ended<") && ended.contains("<td>3</td>") && ended.contains("OrderShipped in shipping-7 at 300: ended"), "{ended}");
@@ -260,5 +281,16 @@ fn the_sagas_view_lists_process_instances_and_shows_their_reactions() {
         assert!(timeline.contains(line), "the timeline has {line:?}: {timeline}");
     }
     assert!(two.contains("&lt;b&gt;rush&lt;/b&gt;") && !two.contains("<b>rush") && !two.contains("<img src=\"x\""), "event text is text: {two}");
+
+    let parked = dom(browser, &format!("{url}/#/saga/{}", again_stream.replace('$', "%24")));
+    assert!(parked.contains("needs attention<") && parked.contains(&format!("`cairn sagas resume fulfilment {again}`")), "{parked}");
+    let timeline = part(&parked, "<table id=\"timeline\"", "</table>");
+    let marks: Vec<&str> = ["▶</td>", "✋</td>", "↻</td><td></td><td>resumed by ops</td>", "✋</td>"].into_iter().collect();
+    let mut at = 0;
+    for mark in marks {
+        let found = timeline[at..].find(mark).unwrap_or_else(|| panic!("{mark:?} after {at} in the timeline, in order: {timeline}"));
+        at += found + mark.len();
+    }
+    assert!(!parked.contains("<i>again"), "event text is text: {parked}");
     ui.shutdown();
 }
