@@ -3,7 +3,9 @@
 //! and timeline, and resuming one that is parked as needing attention. The
 //! instances of process managers live in the same namespace
 //! (`$saga-<process>-<correlation>`, a `ProcessReacted`/`ProcessEnded` event
-//! per reaction): `processes` tables them, and `show` tells one's reactions.
+//! per reaction, `ProcessParked`/`ProcessResumed` when a command kept
+//! failing): `processes` tables them, `show` tells one's reactions, and
+//! `resume` lets a parked one go on.
 //! Everything here reads the store only (resume appends one event), so it
 //! works the same on the embedded store, PostgreSQL and through a server.
 
@@ -81,11 +83,13 @@ enum SagasAction {
         /// The saga's id, e.g. `42` for the stream `$saga-order-42`, or the instance's correlation id.
         id: String,
     },
-    /// Ask a saga parked as needing attention to try its compensations again; the runner that has its definition picks it up.
+    /// Ask a saga parked as needing attention to try its compensations again (the runner that has its definition picks it up), or a parked process instance to send its failed command again and go on (its manager picks it up).
     Resume {
+        /// The saga's type, or the process's name.
         saga: String,
+        /// The saga's id, or the instance's correlation id.
         id: String,
-        /// Who resumes it, recorded in the saga's history [default: $USER].
+        /// Who resumes it, recorded in its history [default: $USER].
         #[arg(long, value_name = "WHO")]
         by: Option<String>,
     },
