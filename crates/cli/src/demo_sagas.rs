@@ -3,17 +3,19 @@
 //! on a fresh store: all goes well; the card is declined; the items are out
 //! of stock; the payment service hangs and the step times out; the runner
 //! stops mid-saga and a new one resumes it; an unpaid order is cancelled by
-//! a durable deadline. `--payment decline|hang` runs one order with that
-//! payment behaviour instead.
+//! a durable deadline; a process manager ships paid orders, parks the one
+//! whose warehouse is offline and ships it once resumed. `--payment
+//! decline|hang` runs one order with that payment behaviour instead.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
-use cairn_core::{EventStore, ExpectedVersion, NewEvent, ReadStreamOptions, StoreError};
+use cairn_core::{EventStore, ExpectedVersion, Metadata, NewEvent, Query, QueryItem, ReadStreamOptions, StoreError};
 use cairn_log::EmbeddedStore;
-use cairn_saga::{Saga, SagaEvent, SagaRunner, Scheduler, Step, StepContext, StepError, TimerAction};
+use cairn_saga::{Command, Effect, Message, Process, ProcessManager, Saga, SagaEvent, SagaRunner, Scheduler, Step, StepContext, StepError, TimerAction};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -163,7 +165,7 @@ async fn run_one(runner: &SagaRunner, store: &dyn EventStore, id: u32, input: Or
 }
 
 
-/// The six scenarios on `store`, steps numbered from `first` (the tour runs them too).
+/// The seven scenarios on `store`, steps numbered from `first` (the tour runs them too).
 pub async fn all(store: Arc<dyn EventStore>, first: usize) -> Result<()> {
     let runner = SagaRunner::builder(store.clone(), "shop").saga(order_saga(store.clone())).run().await?;
     step(&format!("{first}. All goes well: CreateOrder → ChargeCard → ReserveItems"));
@@ -214,6 +216,84 @@ pub async fn all(store: Arc<dyn EventStore>, first: usize) -> Result<()> {
     .await??;
     println!("  order-6: {}", fired.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>().join(", "));
     scheduler.shutdown().await;
+
+    step(&format!("{}. Choreography: a process manager ships each paid order; one warehouse is offline", first + 6));
+    shipping(store).await
+}
+
+/// Ships an order when it is paid (`OrderPaid` in `checkout-*`, grouped by correlation id).
+struct Shipping;
+
+impl Process for Shipping {
+    type State = ();
+
+    fn name(&self) -> &str {
+        "shipping"
+    }
+
+    fn query(&self) -> Query {
+        Query::new([QueryItem::types(["OrderPaid"]).with_categories(["checkout"])])
+    }
+
+    fn react(&self, _state: &mut (), message: Message) -> Vec<Effect> {
+        match message {
+            Message::Event(e) => vec![Effect::command("ShipOrder", json!({ "order": e.stream })), Effect::End],
+            Message::Deadline { .. } => Vec::new(),
+        }
+    }
+}
+
+/// Four paid orders; the warehouse of the third is offline: its instance
+/// parks after 3 attempts while the others ship, and ships once resumed.
+async fn shipping(store: Arc<dyn EventStore>) -> Result<()> {
+    let offline = Arc::new(AtomicBool::new(true));
+    let shipped: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (down, log) = (offline.clone(), shipped.clone());
+    let manager = ProcessManager::builder(store.clone(), Shipping, move |command: Command| {
+        let order = command.payload["order"].as_str().unwrap_or_default().to_string();
+        let refused = order == "checkout-13" && down.load(Ordering::SeqCst);
+        if !refused {
+            log.lock().unwrap().push(format!("{order} (key {})", command.key));
+        }
+        async move { if refused { Err("the bulky-goods warehouse is offline".to_string()) } else { Ok(()) } }
+    })
+    .command_attempts(3)
+    .start()
+    .await?;
+    let mut correlations = Vec::new();
+    for n in 11..15 {
+        let correlation = uuid::Uuid::now_v7();
+        let metadata = Metadata { correlation_id: Some(correlation), ..Metadata::default() };
+        let paid = NewEvent::json("OrderPaid", &json!({ "cents": 12_00 }))?.with_metadata(metadata);
+        store.append(&format!("checkout-{n}"), ExpectedVersion::NoStream, vec![paid]).await?;
+        correlations.push(correlation.to_string());
+    }
+    let parked = &correlations[2];
+    let until = async |what: &str, done: &dyn Fn(&[Option<cairn_saga::Instance<()>>]) -> bool| -> Result<()> {
+        let start = std::time::Instant::now();
+        loop {
+            let mut instances = Vec::new();
+            for c in &correlations {
+                instances.push(manager.instance(c).await?);
+            }
+            if done(&instances) {
+                return Ok(());
+            }
+            anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "the shipping process did not get to {what}: {:?}", manager.last_error());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    until("three shipped and one parked", &|i| i.iter().filter(|i| i.as_ref().is_some_and(|i| i.ended)).count() == 3 && i[2].as_ref().is_some_and(|i| i.parked.is_some())).await?;
+    println!("  Shipped: {}", shipped.lock().unwrap().iter().map(|s| s.split(' ').next().unwrap_or_default()).collect::<Vec<_>>().join(", "));
+    let park = manager.instance(parked).await?.and_then(|i| i.parked).expect("parked");
+    println!("  checkout-13 needs attention: {} failed {} times ({}); the other instances went on.", park.command, park.attempts, park.error);
+    println!("  `cairn sagas processes --parked` lists it; the warehouse comes back, and `cairn sagas resume shipping {parked}`:");
+    offline.store(false, Ordering::SeqCst);
+    cairn_saga::resume_process(store.as_ref(), "shipping", parked, "the demo").await?;
+    until("ship the resumed order", &|i| i.iter().all(|i| i.as_ref().is_some_and(|i| i.ended))).await?;
+    let last = shipped.lock().unwrap().last().cloned().unwrap_or_default();
+    println!("  the manager sent ShipOrder again with the same key and went on: shipped {last}");
+    manager.shutdown().await;
     Ok(())
 }
 
@@ -226,7 +306,7 @@ pub async fn run(keep: Option<PathBuf>, payment: Option<Payment>) -> Result<()> 
         Some(dir) => dir.clone(),
         None => temp.path().to_path_buf(),
     };
-    println!("Cairn demo: the order saga, with compensation, timeouts, crash recovery and a deadline (store in {})", dir.display());
+    println!("Cairn demo: the order saga, with compensation, timeouts, crash recovery and a deadline, and a process manager (store in {})", dir.display());
     let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(&dir)?);
     if let Some(payment) = payment {
         let runner = SagaRunner::builder(store.clone(), "shop").saga(order_saga(store.clone())).run().await?;
@@ -238,7 +318,10 @@ pub async fn run(keep: Option<PathBuf>, payment: Option<Payment>) -> Result<()> 
     }
     println!("\nThe code: crates/cli/src/demo_sagas.rs; the library: crates/saga (SagaRunner, Scheduler, ProcessManager).");
     match keep {
-        Some(dir) => println!("The data stays in {0}: try `cairn --data {0} sagas list` and `cairn --data {0} sagas show order 3`.", dir.display()),
+        Some(dir) => println!(
+            "The data stays in {0}: try `cairn --data {0} sagas list`, `cairn --data {0} sagas show order 3` and `cairn --data {0} sagas processes`.",
+            dir.display()
+        ),
         None => println!("Run with --keep DIR to look at the sagas afterwards with `cairn --data DIR sagas list`."),
     }
     Ok(())

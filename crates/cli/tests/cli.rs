@@ -112,6 +112,10 @@ fn tour_runs_end_to_end() {
     assert!(out.contains("charge-card timed out after 2 s"), "{out}");
     assert!(out.contains("it found 1 unfinished saga(s)"), "{out}");
     assert!(out.contains("order-6: OrderCreated, OrderCancelled"), "the deadline: {out}");
+    // A process manager parks one instance, the others ship, and the resumed one ships.
+    assert!(out.contains("Shipped: checkout-11, checkout-12, checkout-14"), "{out}");
+    assert!(out.contains("checkout-13 needs attention: ShipOrder failed 3 times"), "{out}");
+    assert!(out.contains("went on: shipped checkout-13 (key $saga-shipping-"), "{out}");
 }
 
 #[test]
