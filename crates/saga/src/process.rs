@@ -213,7 +213,8 @@ const RESUMED: &str = "ProcessResumed";
 const PARKED_SET: &str = "ProcessesParked";
 const CHECKPOINT: &str = "ProcessCheckpoint";
 const DEADLINE_KIND: &str = "deadline";
-const PARKED_POLL: Duration = Duration::from_millis(500);
+/// One read of each parked instance's newest event per poll.
+const PARKED_POLL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -804,6 +805,15 @@ impl<P: Process> Inner<P> {
     async fn replay_resumed(&self) -> Result<(), ProcessError> {
         let watched: Vec<String> = self.parked.lock().unwrap().iter().cloned().collect();
         for correlation in watched {
+            // Cheap first: still parked while its newest event is the park.
+            let newest = match self.store.read_stream(&saga_stream(&self.name, &correlation), ReadStreamOptions::backward().limit(1)).await {
+                Ok(events) => events,
+                Err(StoreError::StreamNotFound { .. }) => Vec::new(),
+                Err(e) => return Err(e.into()),
+            };
+            if newest.first().is_some_and(|e| e.event_type == PARKED) {
+                continue;
+            }
             let instance = self.load(&correlation).await?;
             if instance.parked.is_some() {
                 continue;
