@@ -1,6 +1,7 @@
 //! The saga runner and the scheduler on PostgreSQL: the same outcomes as on
 //! the embedded engine, and recovery from the runner's checkpoint, in a
-//! schema of their own (dropped afterwards).
+//! schema of their own (dropped afterwards); a parked process instance
+//! replayed in order after its resume.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -137,5 +138,75 @@ async fn a_deadline_fires_once_across_a_scheduler_restart_on_postgres() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(store.read_stream("order-9", ReadStreamOptions::forward()).await.unwrap().len(), 1, "fired once");
     again.shutdown().await;
+    drop_schema(&pg, &schema).await;
+}
+
+/// Counts per correlation: each `Counted` event sends `Count n`.
+struct Counter;
+
+impl cairn_saga::Process for Counter {
+    type State = Vec<u64>;
+
+    fn name(&self) -> &str {
+        "counter"
+    }
+
+    fn query(&self) -> cairn_core::Query {
+        cairn_core::Query::new([cairn_core::QueryItem::types(["Counted"]).with_categories(["tally"])])
+    }
+
+    fn react(&self, state: &mut Vec<u64>, message: cairn_saga::Message) -> Vec<cairn_saga::Effect> {
+        let cairn_saga::Message::Event(e) = message else { return Vec::new() };
+        let n = e.json::<serde_json::Value>().unwrap()["n"].as_u64().unwrap();
+        state.push(n);
+        vec![cairn_saga::Effect::command("Count", json!({ "n": n }))]
+    }
+}
+
+#[tokio::test]
+async fn a_parked_process_instance_is_replayed_in_order_on_postgres() {
+    let Some((pg, schema)) = store().await else { return };
+    let store: Arc<dyn EventStore> = Arc::new(pg.clone());
+    let refusing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let counted: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let (refuse, log) = (refusing.clone(), counted.clone());
+    let manager = cairn_saga::ProcessManager::builder(store.clone(), Counter, move |command: cairn_saga::Command| {
+        let n = command.payload["n"].as_u64().unwrap();
+        let refused = n == 2 && refuse.load(std::sync::atomic::Ordering::SeqCst);
+        if !refused {
+            log.lock().unwrap().push((command.correlation.clone(), n));
+        }
+        async move { if refused { Err("refused".to_string()) } else { Ok(()) } }
+    })
+    .command_attempts(2)
+    .start()
+    .await
+    .unwrap();
+    let (a, b) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let count = async |c: uuid::Uuid, n: u64| {
+        let metadata = cairn_core::Metadata { correlation_id: Some(c), ..Default::default() };
+        let event = cairn_core::NewEvent::json("Counted", &json!({ "n": n })).unwrap().with_metadata(metadata);
+        store.append(&format!("tally-{c}"), cairn_core::ExpectedVersion::Any, vec![event]).await.unwrap().position
+    };
+    for (c, n) in [(a, 1), (a, 2), (b, 1), (a, 3), (b, 3)] {
+        count(c, n).await;
+    }
+    let of = |c: uuid::Uuid| counted.lock().unwrap().iter().filter(|r| r.0 == c.to_string()).map(|r| r.1).collect::<Vec<_>>();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while of(b) != [1, 3] || !manager.instance(&a.to_string()).await.unwrap().is_some_and(|i| i.parked.is_some()) {
+        assert!(std::time::Instant::now() < deadline, "b counted and a parked: {:?} {:?}", counted.lock().unwrap(), manager.last_error());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(of(a), [1]);
+    refusing.store(false, std::sync::atomic::Ordering::SeqCst);
+    cairn_saga::resume_process(store.as_ref(), "counter", &a.to_string(), "ops").await.unwrap();
+    count(a, 4).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while of(a).len() < 4 {
+        assert!(std::time::Instant::now() < deadline, "a replayed: {:?} {:?}", of(a), manager.last_error());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(of(a), [1, 2, 3, 4], "in order");
+    manager.shutdown().await;
     drop_schema(&pg, &schema).await;
 }
