@@ -88,6 +88,9 @@ pub struct Target {
     pub store: Arc<dyn EventStore>,
     pub backend: &'static str,
     pub embedded: Option<EmbeddedStore>,
+    /// PostgreSQL: a second store on the same schema with a pool (and
+    /// LISTEN connection) of its own, as a second server process would have.
+    pub second: Option<Arc<dyn EventStore>>,
 }
 
 impl Target {
@@ -97,7 +100,7 @@ impl Target {
 }
 
 /// Workloads that run on PostgreSQL too (the others use the embedded engine's own parts).
-const ON_POSTGRES: [&str; 8] = ["W1", "W1c", "W2", "W3", "W4", "W5", "W8", "W9"];
+const ON_POSTGRES: [&str; 9] = ["W1", "W1c", "W2", "W3", "W4", "W5", "W7", "W8", "W9"];
 
 fn spinner(what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new_spinner();
@@ -130,11 +133,12 @@ pub async fn run(ctx: &crate::commands::Context, args: BenchArgs) -> Result<()> 
         let schema = format!("cairn_bench_{}", &Uuid::new_v4().simple().to_string()[..12]);
         let ctx = crate::commands::Context { pg_schema: schema.clone(), ..ctx.clone() };
         let store = ctx.postgres().await?;
+        let second = ctx.postgres().await?;
         pg_schema = Some((store.clone(), schema));
-        Target { store: Arc::new(store), backend: "postgres", embedded: None }
+        Target { store: Arc::new(store), backend: "postgres", embedded: None, second: Some(Arc::new(second)) }
     } else {
         let store = EmbeddedStore::open(tmp.path())?;
-        Target { store: Arc::new(store.clone()), backend: "embedded", embedded: Some(store) }
+        Target { store: Arc::new(store.clone()), backend: "embedded", embedded: Some(store), second: None }
     };
     let result = run_workloads(&target, &workloads, &args, tmp.path()).await;
     if let Some((store, schema)) = pg_schema {
@@ -159,7 +163,7 @@ async fn run_workloads(target: &Target, workloads: &[String], args: &BenchArgs, 
             ("W5", None) => w5(target, scaled(10, s)).await?,
             ("W6", Some(store)) => crate::bench_cqrs::w6(store, scaled(1_000_000, s), dir).await?,
             ("G1", Some(store)) => crate::bench_cqrs::g1(store, scaled(100_000, s)).await?,
-            ("W7", Some(store)) => crate::bench_server::w7(store, 10.0 * s).await?,
+            ("W7", _) => crate::bench_server::w7(target, 10.0 * s).await?,
             ("W8", _) => crate::bench_saga::w8(target, scaled(10_000, s)).await?,
             ("W9", _) => crate::bench_relay::w9(target, scaled(100_000, s), crate::bench_relay::live_events(s), &args.sink).await?,
             ("D1" | "D2", Some(store)) => crate::bench_dcb::run(store, w, s).await?,

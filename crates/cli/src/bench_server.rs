@@ -2,6 +2,9 @@
 //! on loopback for 10 s (scaled), over HTTP then over gRPC, with an SSE subscriber on `$all`
 //! that must keep up. The clients run in the same process as the server, so
 //! the two share the machine's cores, as a load generator on loopback would.
+//! On PostgreSQL it also runs two servers on one database (each with its own
+//! pool and LISTEN connection), 16 clients on each, while the subscriber on
+//! the first must see the events appended through the second.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,18 +12,22 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use cairn_client::HttpStore;
 use cairn_core::{EventStore, ExpectedVersion, StartFrom, SubscriptionTarget};
-use cairn_log::EmbeddedStore;
 use cairn_server::ServerConfig;
 use uuid::Uuid;
 
 /// W7 over HTTP with a lean client (raw HTTP/1.1 connections, so that the
 /// figure is the server's), then through the Rust clients: `HttpStore` and
 /// `GrpcStore` (a connection per client).
-pub async fn w7(store: &EmbeddedStore, seconds: f64) -> Result<String> {
-    let raw = w7_api(store, seconds, "http").await?;
-    let http = w7_api(store, seconds, "http-client").await?;
-    let grpc = w7_api(store, seconds, "grpc").await?;
-    Ok(format!("{raw}\n{http}\n{grpc}"))
+pub async fn w7(target: &crate::bench::Target, seconds: f64) -> Result<String> {
+    let one = [target.store.clone()];
+    let mut lines = Vec::new();
+    for api in ["http", "http-client", "grpc"] {
+        lines.push(w7_api(&one, target.backend, seconds, api).await?);
+    }
+    if let Some(second) = &target.second {
+        lines.push(w7_api(&[target.store.clone(), second.clone()], target.backend, seconds, "http").await?);
+    }
+    Ok(lines.join("\n"))
 }
 
 /// A bare HTTP/1.1 client on one keep-alive connection: one POST per event.
@@ -60,10 +67,15 @@ impl RawHttp {
     }
 }
 
-async fn w7_api(store: &EmbeddedStore, seconds: f64, api: &str) -> Result<String> {
-    let shared: Arc<dyn EventStore> = Arc::new(store.clone());
-    let config = ServerConfig { listen: "127.0.0.1:0".parse()?, ..ServerConfig::default() };
-    let running = cairn_server::start(shared, config)?;
+/// One run: a server per store in `stores` (the clients spread over them),
+/// the SSE subscriber on the first.
+async fn w7_api(stores: &[Arc<dyn EventStore>], backend: &str, seconds: f64, api: &str) -> Result<String> {
+    let mut servers = Vec::new();
+    for store in stores {
+        let config = ServerConfig { listen: "127.0.0.1:0".parse()?, ..ServerConfig::default() };
+        servers.push(cairn_server::start(store.clone(), config)?);
+    }
+    let running = &servers[0];
     let sse = HttpStore::new(&running.url)?;
     // Each gRPC client has its own connection, as separate services would.
     let client = |_: usize| -> Result<Option<Arc<dyn EventStore>>> {
@@ -73,7 +85,7 @@ async fn w7_api(store: &EmbeddedStore, seconds: f64, api: &str) -> Result<String
             _ => None,
         })
     };
-    let addr = running.addr;
+    let addrs: Vec<std::net::SocketAddr> = servers.iter().map(|s| s.addr).collect();
     // The subscriber counts what it sees, from now on.
     let mut sub = sse.subscribe(SubscriptionTarget::All, StartFrom::End).await?;
     let (progress, mut watched) = tokio::sync::watch::channel((0u64, None));
@@ -91,6 +103,7 @@ async fn w7_api(store: &EmbeddedStore, seconds: f64, api: &str) -> Result<String
     let mut tasks = Vec::new();
     for c in 0..32 {
         let client = client(c)?;
+        let addr = addrs[c % addrs.len()];
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let stream = format!("w7-{c}-{}", Uuid::now_v7().simple());
@@ -123,14 +136,17 @@ async fn w7_api(store: &EmbeddedStore, seconds: f64, api: &str) -> Result<String
     let caught_up = tokio::time::timeout(Duration::from_secs(30), watched.wait_for(|(_, last)| *last >= newest)).await.map(|r| r.map(drop));
     let sse_lag = stopped_writing.elapsed();
     let (delivered, last_seen) = *watched.borrow();
-    running.shutdown().await?;
+    for server in servers {
+        server.shutdown().await?;
+    }
     let _ = seen.await;
     if caught_up.is_err() || delivered != total {
         bail!("the SSE subscriber saw {delivered} of {total} events (last {last_seen:?}, newest {newest:?})");
     }
     latencies.sort();
     Ok(format!(
-        "bench W7 backend=embedded api={api} clients=32 secs={:.1} events={total} events_per_s={:.0} p50_us={} p99_us={} sse_delivered={delivered} sse_lag_ms={}",
+        "bench W7 backend={backend} api={api} servers={} clients=32 secs={:.1} events={total} events_per_s={:.0} p50_us={} p99_us={} sse_delivered={delivered} sse_lag_ms={}",
+        stores.len(),
         elapsed.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64(),
         crate::bench::percentile(&latencies, 0.50),

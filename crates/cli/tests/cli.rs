@@ -175,7 +175,7 @@ fn bench_prints_one_line_per_workload() {
 }
 
 #[test]
-fn bench_w9_relays_to_both_brokers_and_postgres_runs_the_append_workloads() {
+fn bench_w9_relays_to_both_brokers_and_postgres_runs_the_append_and_server_workloads() {
     let up = |addr: &str| std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), std::time::Duration::from_secs(1)).is_ok();
     if !(up("127.0.0.1:4222") && up("127.0.0.1:5672") && up("127.0.0.1:5432")) {
         assert!(std::env::var("CI").as_deref() != Ok("true"), "NATS, RabbitMQ and PostgreSQL must run under CI");
@@ -190,12 +190,16 @@ fn bench_w9_relays_to_both_brokers_and_postgres_runs_the_append_workloads() {
     assert!(lines[0].starts_with("bench W9 backend=embedded sink=nats events=1000 ") && lines[0].contains("p99_ms="), "{out}");
     assert!(lines[1].starts_with("bench W9 backend=embedded sink=rabbitmq events=1000 ") && lines[1].contains("p99_ms="), "{out}");
     let o = Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(["--backend", "postgres", "--database-url", "postgres://postgres@127.0.0.1:5432/test", "bench", "W1", "W2", "W4", "--scale", "0.01"])
+        .args(["--backend", "postgres", "--database-url", "postgres://postgres@127.0.0.1:5432/test", "bench", "W1", "W2", "W4", "W7", "--scale", "0.01"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(out.contains("bench W1 backend=postgres") && out.contains("bench W2 backend=postgres") && out.contains("bench W4 backend=postgres"), "{out}");
+    // W7 checks itself that the subscriber saw every event; with two servers,
+    // those appended through the second too.
+    assert!(out.contains("bench W7 backend=postgres api=http servers=1 ") && out.contains("bench W7 backend=postgres api=grpc servers=1 "), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("bench W7 backend=postgres api=http servers=2 ") && l.contains("sse_delivered=")), "{out}");
 }
 
 #[test]
