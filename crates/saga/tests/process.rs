@@ -3,7 +3,9 @@
 //! ships when both arrived (in either order), and cancels an order whose
 //! payment missed its deadline. Restarts do not send commands twice and
 //! resume from the checkpoint; a crash between a command and its record sends
-//! it again with the same key.
+//! it again with the same key. A command that keeps failing (or hangs) parks
+//! its instance while the others go on, and a resume replays what the
+//! instance held back, in order.
 
 use std::collections::HashMap;
 use std::path::Path;
