@@ -103,8 +103,17 @@ async fn a_relay_killed_again_and_again_loses_nothing_and_consumers_apply_each_e
             committed.extend(batch.iter().map(|e| e.id));
             store.append(&format!("pick-{}", (rounds * 3 + b) % 5), ExpectedVersion::Any, batch).await.unwrap();
         }
+        // Kill it while it publishes: once this round's first publish is
+        // seen (however slowly the child started), then 0–19 ms later.
+        let published = |d: &Mutex<HashMap<uuid::Uuid, u32>>| d.lock().unwrap().values().sum::<u32>();
+        let before = published(&deliveries);
         let mut child = relay(&schema, &prefix, &jetstream);
-        tokio::time::sleep(Duration::from_millis(25 + (rounds * 37) % 120)).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while published(&deliveries) == before {
+            assert!(std::time::Instant::now() < deadline, "round {rounds}: the relay published nothing within 30 s");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis((rounds * 7) % 20)).await;
         child.kill().unwrap();
         child.wait().unwrap();
         rounds += 1;
