@@ -88,7 +88,14 @@ enum SagasAction {
         /// The saga's type, or the process's name.
         saga: String,
         /// The saga's id, or the instance's correlation id.
-        id: String,
+        #[arg(required_unless_present = "all_parked")]
+        id: Option<String>,
+        /// Resume every parked saga of this type, or every parked instance of this process (after an outage, say).
+        #[arg(long, conflicts_with = "id")]
+        all_parked: bool,
+        /// With --all-parked: most `$saga-<name>-` streams to look at (in name order).
+        #[arg(long, short = 'n', default_value_t = 10_000, requires = "all_parked")]
+        limit: usize,
         /// Who resumes it, recorded in its history [default: $USER].
         #[arg(long, value_name = "WHO")]
         by: Option<String>,
@@ -137,7 +144,8 @@ pub async fn run(ctx: &Context, args: SagasArgs) -> Result<()> {
             processes(ctx, &mut out, store, process, only, limit).await?
         }
         SagasAction::Show { saga, id } => show(ctx, &mut out, store, &saga, &id).await?,
-        SagasAction::Resume { saga, id, by } => resume(ctx, &mut out, store, &saga, &id, by).await?,
+        SagasAction::Resume { saga, id: Some(id), by, .. } => resume(ctx, &mut out, store, &saga, &id, by).await?,
+        SagasAction::Resume { saga, id: None, by, limit, .. } => resume_all(ctx, &mut out, store, &saga, by, limit).await?,
     }
     emit(out);
     Ok(())
@@ -412,8 +420,63 @@ async fn show(ctx: &Context, out: &mut String, store: &dyn EventStore, saga: &st
     Ok(())
 }
 
+/// Who resumes: `--by`, else $USER.
+fn resumer(by: Option<String>) -> String {
+    by.or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty())).unwrap_or_else(|| "cairn sagas resume".into())
+}
+
+/// `resume NAME --all-parked`: every parked saga of type NAME, or parked
+/// instance of process NAME, in name order; one that changed meanwhile is
+/// counted and left alone.
+async fn resume_all(ctx: &Context, out: &mut String, store: &dyn EventStore, name: &str, by: Option<String>, limit: usize) -> Result<()> {
+    let by = resumer(by);
+    let streams = store.list_streams(&stream_prefix(Some(name)), limit).await?;
+    let looked_at = streams.len();
+    let (mut resumed, mut changed, mut kind) = (Vec::new(), 0, None);
+    for stream in streams.into_iter().map(|s| s.stream) {
+        let Some(id) = stream.strip_prefix(&stream_prefix(Some(name))).filter(|id| !id.starts_with('$')) else { continue };
+        let outcome = match find(store, name, id).await {
+            Ok(Found::Saga(state, _)) if state.status == Status::NeedsAttention => {
+                kind = Some("saga");
+                cairn_saga::resume(store, name, id, &by).await.map(drop).map_err(|e| matches!(e, SagaError::Store(StoreError::WrongExpectedVersion { .. })))
+            }
+            Ok(Found::Process(history)) if history.parked.is_some() => {
+                kind = Some("process");
+                cairn_saga::resume_process(store, name, id, &by).await.map(drop).map_err(|e| matches!(e, ProcessError::Store(StoreError::WrongExpectedVersion { .. })))
+            }
+            _ => continue,
+        };
+        match outcome {
+            Ok(()) => resumed.push(id.to_string()),
+            Err(true) => changed += 1,
+            Err(false) => bail!("resuming {stream} failed; {} resumed before it; run the command again to go on", resumed.len()),
+        }
+    }
+    if ctx.json {
+        say!(out, "{}", json!({ "name": name, "kind": kind, "resumed": resumed, "changed_meanwhile": changed, "resumed_by": by }));
+        return Ok(());
+    }
+    let (one, many) = match kind {
+        Some("process") => (format!("parked instance of process '{name}'"), format!("parked instances of process '{name}'")),
+        Some(_) => (format!("parked saga of type '{name}'"), format!("parked sagas of type '{name}'")),
+        None => (String::new(), format!("parked saga or process instance named '{name}'")),
+    };
+    if resumed.is_empty() && changed == 0 {
+        say!(out, "no {many} in this store: nothing to resume");
+    } else {
+        say!(out, "resumed {} {} (by {by}): {}", resumed.len(), if resumed.len() == 1 { &one } else { &many }, resumed.join(", "));
+    }
+    if changed > 0 {
+        say!(out, "{} changed while being resumed and were left alone; `cairn sagas list` / `cairn sagas processes` show where they are", changed);
+    }
+    if looked_at >= limit {
+        say!(out, "note: looked at the first {}; pass --limit to look at more", count(looked_at as u64, "$saga- stream"));
+    }
+    Ok(())
+}
+
 async fn resume(ctx: &Context, out: &mut String, store: &dyn EventStore, saga: &str, id: &str, by: Option<String>) -> Result<()> {
-    let by = by.or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty())).unwrap_or_else(|| "cairn sagas resume".into());
+    let by = resumer(by);
     let state = match find(store, saga, id).await? {
         Found::Saga(state, _) => *state,
         Found::Process(history) => return resume_process(ctx, out, store, history, &by).await,

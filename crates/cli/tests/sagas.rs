@@ -434,31 +434,35 @@ async fn fulfilment(store: &Arc<dyn EventStore>, down: &Arc<AtomicBool>) -> Proc
 #[test]
 fn a_parked_process_instance_is_listed_shown_and_resumed() {
     let dir = tempfile::tempdir().unwrap();
-    let order = Uuid::now_v7();
+    let (order, other) = (Uuid::now_v7(), Uuid::now_v7());
     let down = Arc::new(AtomicBool::new(true));
     let rt = runtime();
     rt.block_on(async {
         let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
         let manager = fulfilment(&store, &down).await;
-        for (stream, event_type, data) in [("order-9", "OrderPlaced", json!({"window_ms": 3_600_000})), ("payment-9", "PaymentReceived", json!({}))] {
-            let metadata = Metadata { correlation_id: Some(order), ..Metadata::default() };
-            store.append(stream, ExpectedVersion::Any, vec![NewEvent::json(event_type, &data).unwrap().with_metadata(metadata)]).await.unwrap();
+        for (n, correlation) in [(9, order), (10, other)] {
+            for (stream, event_type, data) in [(format!("order-{n}"), "OrderPlaced", json!({"window_ms": 3_600_000})), (format!("payment-{n}"), "PaymentReceived", json!({}))] {
+                let metadata = Metadata { correlation_id: Some(correlation), ..Metadata::default() };
+                store.append(&stream, ExpectedVersion::Any, vec![NewEvent::json(event_type, &data).unwrap().with_metadata(metadata)]).await.unwrap();
+            }
         }
         let start = std::time::Instant::now();
-        while !manager.instance(&order.to_string()).await.unwrap().is_some_and(|i| i.parked.is_some()) {
-            assert!(start.elapsed() < Duration::from_secs(10), "never parked: {:?}", manager.last_error());
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        for id in [order, other] {
+            while !manager.instance(&id.to_string()).await.unwrap().is_some_and(|i| i.parked.is_some()) {
+                assert!(start.elapsed() < Duration::from_secs(20), "never parked: {:?}", manager.last_error());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
         manager.shutdown().await;
     });
 
     let listed = stdout(&cairn(dir.path(), &["sagas", "processes", "--parked"]));
-    assert!(listed.contains("1 process instance parked"), "{listed}");
+    assert!(listed.contains("2 process instances parked"), "{listed}");
     let row = listed.lines().find(|l| l.contains(&order.to_string())).unwrap_or_else(|| panic!("a row in {listed}"));
     assert!(row.contains("needs attention") && row.contains("parked at PaymentRec"), "{row}");
-    assert!(listed.contains(&format!("`cairn sagas resume fulfilment {order}`")), "{listed}");
+    assert!([order, other].iter().any(|id| listed.contains(&format!("`cairn sagas resume fulfilment {id}`"))), "{listed}");
     let all = stdout(&cairn(dir.path(), &["sagas", "processes"]));
-    assert!(all.contains("1 process instance: 1 needs attention"), "{all}");
+    assert!(all.contains("2 process instances: 2 needs attention"), "{all}");
     let shown = stdout(&cairn(dir.path(), &["sagas", "show", "fulfilment", &order.to_string()]));
     assert!(shown.starts_with(&format!("process fulfilment {order} — needs attention")), "{shown}");
     assert!(shown.contains("parked     parked at PaymentReceived in payment-9 at ") && shown.contains(": ShipOrder failed 2 times: warehouse down (key $saga-fulfilment-"), "{shown}");
@@ -472,6 +476,14 @@ fn a_parked_process_instance_is_listed_shown_and_resumed() {
     assert!(stdout(&resumed).contains(&format!("resumed process fulfilment {order} (by ops): its manager sends ShipOrder again")), "{}", stdout(&resumed));
     let again = cairn(dir.path(), &["sagas", "resume", "fulfilment", &order.to_string()]);
     assert!(!again.status.success() && stderr(&again).contains("is running, not parked: nothing to resume"), "{}", stderr(&again));
+    // The rest at once: only `other` is still parked.
+    let rest = cairn(dir.path(), &["sagas", "resume", "fulfilment", "--all-parked", "--by", "ops"]);
+    assert!(rest.status.success(), "{}", stderr(&rest));
+    assert_eq!(stdout(&rest).trim(), format!("resumed 1 parked instance of process 'fulfilment' (by ops): {other}"));
+    let none = stdout(&cairn(dir.path(), &["sagas", "resume", "fulfilment", "--all-parked"]));
+    assert!(none.contains("no parked saga or process instance named 'fulfilment' in this store: nothing to resume"), "{none}");
+    let both = cairn(dir.path(), &["sagas", "resume", "fulfilment", &order.to_string(), "--all-parked"]);
+    assert!(!both.status.success(), "an id and --all-parked exclude each other");
 
     // The next manager (the warehouse is back) ships it.
     down.store(false, Ordering::SeqCst);
@@ -479,9 +491,11 @@ fn a_parked_process_instance_is_listed_shown_and_resumed() {
         let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
         let manager = fulfilment(&store, &down).await;
         let start = std::time::Instant::now();
-        while !manager.instance(&order.to_string()).await.unwrap().is_some_and(|i| i.ended) {
-            assert!(start.elapsed() < Duration::from_secs(10), "never shipped: {:?}", manager.last_error());
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        for id in [order, other] {
+            while !manager.instance(&id.to_string()).await.unwrap().is_some_and(|i| i.ended) {
+                assert!(start.elapsed() < Duration::from_secs(10), "never shipped: {:?}", manager.last_error());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
         manager.shutdown().await;
     });
