@@ -243,6 +243,9 @@ impl Process for Shipping {
     }
 }
 
+/// A test on the four shipping instances (`None`: nothing recorded yet).
+type Done = dyn Fn(&[Option<cairn_saga::Instance<()>>]) -> bool;
+
 /// Four paid orders; the warehouse of the third is offline: its instance
 /// parks after 3 attempts while the others ship, and ships once resumed.
 async fn shipping(store: Arc<dyn EventStore>) -> Result<()> {
@@ -269,7 +272,7 @@ async fn shipping(store: Arc<dyn EventStore>) -> Result<()> {
         correlations.push(correlation.to_string());
     }
     let parked = &correlations[2];
-    let until = async |what: &str, done: &dyn Fn(&[Option<cairn_saga::Instance<()>>]) -> bool| -> Result<()> {
+    let until = async |what: &str, done: &Done| -> Result<()> {
         let start = std::time::Instant::now();
         loop {
             let mut instances = Vec::new();

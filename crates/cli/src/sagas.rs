@@ -164,7 +164,7 @@ async fn load(store: &dyn EventStore, stream: &str) -> Result<Option<(SagaState,
 /// What a `$saga-<name>-<id>` stream holds.
 enum Found {
     Saga(Box<SagaState>, Vec<RecordedEvent>),
-    Process(ProcessHistory),
+    Process(Box<ProcessHistory>),
 }
 
 /// A process-manager instance's reactions, oldest first, and its parks and
@@ -211,7 +211,7 @@ async fn find(store: &dyn EventStore, name: &str, id: &str) -> Result<Found> {
                     None => interventions.push(e),
                 }
             }
-            return Ok(Found::Process(ProcessHistory { stream, process: name.to_string(), correlation: id.to_string(), reactions, interventions, parked }));
+            return Ok(Found::Process(Box::new(ProcessHistory { stream, process: name.to_string(), correlation: id.to_string(), reactions, interventions, parked })));
         }
         if let Some(state) = SagaState::fold(&stream, &events) {
             return Ok(Found::Saga(Box::new(state), events));
@@ -334,7 +334,7 @@ async fn list(ctx: &Context, out: &mut String, store: &dyn EventStore, status: O
 async fn show(ctx: &Context, out: &mut String, store: &dyn EventStore, saga: &str, id: &str) -> Result<()> {
     let (state, events) = match find(store, saga, id).await? {
         Found::Saga(state, events) => (*state, events),
-        Found::Process(history) => return show_process(ctx, out, store, history).await,
+        Found::Process(history) => return show_process(ctx, out, store, *history).await,
     };
     let start = state.started_at.unwrap_or(Timestamp(0));
     if ctx.json {
@@ -479,7 +479,7 @@ async fn resume(ctx: &Context, out: &mut String, store: &dyn EventStore, saga: &
     let by = resumer(by);
     let state = match find(store, saga, id).await? {
         Found::Saga(state, _) => *state,
-        Found::Process(history) => return resume_process(ctx, out, store, history, &by).await,
+        Found::Process(history) => return resume_process(ctx, out, store, *history, &by).await,
     };
     if state.status != Status::NeedsAttention {
         let why = match state.status {

@@ -448,7 +448,7 @@ fn a_parked_process_instance_is_listed_shown_and_resumed() {
         }
         let start = std::time::Instant::now();
         for id in [order, other] {
-            while !manager.instance(&id.to_string()).await.unwrap().is_some_and(|i| i.parked.is_some()) {
+            while manager.instance(&id.to_string()).await.unwrap().is_none_or(|i| i.parked.is_none()) {
                 assert!(start.elapsed() < Duration::from_secs(20), "never parked: {:?}", manager.last_error());
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
