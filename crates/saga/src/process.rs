@@ -4,8 +4,8 @@
 //!
 //! - An instance's state is event-sourced in `$saga-<process>-<correlation>`:
 //!   each reaction appends one event holding the state after it and the
-//!   position of the event it handled, so loading reads one event, and an
-//!   event delivered again is recognised and skipped.
+//!   position of the event it handled, so loading reads back only to the
+//!   newest reaction, and an event delivered again is recognised and skipped.
 //! - Effects run *before* the reaction is recorded (appended at the exact
 //!   version it was decided from). A crash in between delivers the event
 //!   again, and the same commands go out again with the same idempotency
@@ -14,15 +14,21 @@
 //! - Deadlines are durable timers in `$timer-<process>-deadlines`, with
 //!   ids derived from the instance, its version and the deadline's name, so
 //!   a repeated reaction does not set a second one. A deadline reaches
-//!   `react` once: its firing is recorded like an event.
+//!   `react` once (again only if that reaction parked): its firing is
+//!   recorded like an event.
 //! - A command the handler keeps refusing (or that hangs past its timeout)
 //!   for [`ProcessManagerBuilder::command_attempts`] attempts **parks** its
-//!   instance (`ProcessParked`), and the manager goes on with the others.
-//!   A parked instance's later events are not handled; [`resume_process`]
-//!   (`cairn sagas resume`) appends `ProcessResumed`, and the manager then
-//!   runs the parked message again and replays the instance's events it
-//!   skipped, from the store, in order. The parked instances are listed in
-//!   `$saga-<process>-$parked`, so a restarted manager still watches them.
+//!   instance (`ProcessParked`), and the manager then goes on with the
+//!   others (one message at a time: they wait while the attempts last).
+//!   A parked instance's later events are not handled, and its deadlines
+//!   wait (the scheduler tries them again, so after a resume they come after
+//!   the replayed events); [`resume_process`] (`cairn sagas resume`) appends
+//!   `ProcessResumed`, and the manager then runs the parked message again
+//!   and replays the instance's events it skipped, from the store, in order
+//!   (one resumed instance per second). The parked instances are listed in
+//!   `$saga-<process>-$parked`, so a restarted manager still watches them;
+//!   the instance's own stream is the authority (a resumed instance is
+//!   replayed even if that list lost it).
 //! - The subscription's position is checkpointed now and then in
 //!   `$saga-<process>-$checkpoint` (correlation ids starting with `$` are
 //!   refused, so no instance has that name; `$saga-<runner>`, a saga
@@ -164,6 +170,10 @@ pub struct Parked {
     /// The deadline's timer, when it was handling a deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<String>,
+    /// The event's position, when it was handling an event: the replay
+    /// starts there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<Position>,
     pub command: String,
     pub key: String,
     pub attempts: u32,
@@ -230,9 +240,6 @@ pub enum ProcessError {
     NotFound(String),
     #[error("{0} is not parked: nothing to resume")]
     NotParked(String),
-    /// A command failed on every attempt (internal: the instance is parked).
-    #[error("command {command} ({key}) failed {attempts} times: {error}")]
-    Command { command: String, key: String, attempts: u32, error: String },
     /// The instance waits for `resume` (a deadline of it comes again later).
     #[error("{0} is parked")]
     Parked(String),
@@ -321,6 +328,9 @@ impl<P: Process> ProcessManagerBuilder<P> {
                     }
                 }
             })
+            // A deadline's reaction may take every attempt at a command
+            // (and wait for the lock): it must be allowed to, so that it parks.
+            .timeout((self.command_timeout + Duration::from_secs(5)) * self.attempts + Duration::from_secs(30))
             .start()
             .await?;
         let _ = inner.scheduler.set(scheduler);
@@ -376,7 +386,7 @@ struct Inner<P: Process> {
     /// One message at a time: events and deadlines of an instance must not
     /// interleave between an instance's effects and its record.
     lock: Mutex<()>,
-    /// The newest event handled (0: none).
+    /// The newest event handled or, for a parked instance, skipped (0: none).
     position: AtomicU64,
     last_error: std::sync::Mutex<Option<String>>,
     attempts: u32,
@@ -411,9 +421,10 @@ pub fn process_checkpoint_stream(process: &str) -> String {
 
 impl<P: Process> ProcessManager<P> {
     /// A manager for `process`; `handler` executes its commands. Return an
-    /// error from the handler only for what may pass (it is retried with
-    /// backoff, and the process waits); a refusal is an outcome, best told to
-    /// the process as an event.
+    /// error from the handler only for what may pass: it is retried with
+    /// backoff, and after [`ProcessManagerBuilder::command_attempts`] the
+    /// instance is parked until resumed. A refusal is an outcome, best told
+    /// to the process as an event.
     pub fn builder<F, Fut, E>(store: Arc<dyn EventStore>, process: P, handler: F) -> ProcessManagerBuilder<P>
     where
         F: Fn(Command) -> Fut + Send + Sync + 'static,
@@ -439,7 +450,8 @@ impl<P: Process> ProcessManager<P> {
         self.started_from
     }
 
-    /// The newest event handled, by position (this run or earlier ones).
+    /// The newest event handled (or skipped, its instance being parked), by
+    /// position (this run or earlier ones).
     pub fn position(&self) -> Option<Position> {
         Some(Position(self.inner.position.load(Ordering::Acquire))).filter(|p| p.0 > 0)
     }
@@ -509,9 +521,7 @@ async fn follow<P: Process>(inner: Arc<Inner<P>>, from: Option<Position>, every:
                 },
                 _ = parked_tick.tick(), if !inner.parked.lock().unwrap().is_empty() => {
                     let _guard = inner.lock.lock().await;
-                    if let Err(e) = inner.replay_resumed().await {
-                        inner.failed(e.to_string());
-                    }
+                    inner.replay_resumed().await;
                 }
                 _ = tick.tick() => {
                     let now = inner.position();
@@ -661,7 +671,7 @@ impl<P: Process> Inner<P> {
     async fn handle(&self, correlation: &str, key: Key<'_>, replay: bool) -> Result<bool, ProcessError> {
         let instance = self.load(correlation).await?;
         let stream = saga_stream(&self.name, correlation);
-        if instance.parked.is_some() || (!replay && self.parked.lock().unwrap().contains(correlation)) {
+        if instance.parked.is_some() || (!replay && (instance.resumed.is_some() || self.parked.lock().unwrap().contains(correlation))) {
             self.watch(correlation).await?;
             return match key {
                 // Skipped now, replayed from the store once it is resumed.
@@ -704,7 +714,8 @@ impl<P: Process> Inner<P> {
                     let command = Command { name: name.clone(), payload, key: key.clone(), process: self.name.clone(), correlation: correlation.to_string() };
                     if let Err((attempts, error)) = self.send(command).await {
                         let deadline = handled_deadline.map(str::to_string);
-                        let parked = Parked { handled, deadline, command: name, key, attempts, error };
+                        let at = if deadline.is_none() { Some(position) } else { None };
+                        let parked = Parked { handled, deadline, position: at, command: name, key, attempts, error };
                         return self.park(correlation, &instance, parked).await;
                     }
                     commands.push(key);
@@ -781,15 +792,15 @@ impl<P: Process> Inner<P> {
     }
 
     /// Adds `correlation` to the parked set (and its stream) if it is new.
+    /// The set is written first: kept in memory only once it is stored.
     async fn watch(&self, correlation: &str) -> Result<(), ProcessError> {
-        let set = {
-            let mut parked = self.parked.lock().unwrap();
-            if !parked.insert(correlation.to_string()) {
-                return Ok(());
-            }
-            parked.clone()
-        };
-        self.write_parked(set).await
+        let mut set = self.parked.lock().unwrap().clone();
+        if !set.insert(correlation.to_string()) {
+            return Ok(());
+        }
+        self.write_parked(set).await?;
+        self.parked.lock().unwrap().insert(correlation.to_string());
+        Ok(())
     }
 
     async fn write_parked(&self, correlations: BTreeSet<String>) -> Result<(), ProcessError> {
@@ -798,37 +809,56 @@ impl<P: Process> Inner<P> {
         Ok(())
     }
 
-    /// Looks at the parked instances: a resumed one has its parked message
-    /// handled again, then the events it skipped, up to where the manager
-    /// is, in order (each `handle` skips what it handled already). One
-    /// parked again stays in the set. Called with the lock held.
-    async fn replay_resumed(&self) -> Result<(), ProcessError> {
+    /// Looks at the parked instances: the first resumed one has its parked
+    /// message handled again, then the events it skipped, up to where the
+    /// manager is, in order (each `handle` skips what it handled already);
+    /// one per call, so events and deadlines go on in between. One parked
+    /// again stays in the set. Called with the lock held.
+    async fn replay_resumed(&self) {
         let watched: Vec<String> = self.parked.lock().unwrap().iter().cloned().collect();
         for correlation in watched {
+            match self.replay(&correlation).await {
+                Ok(false) => continue,
+                Ok(true) => return,
+                // One instance's trouble does not hold back the others.
+                Err(e) => self.failed(format!("replaying {}: {e}", saga_stream(&self.name, &correlation))),
+            }
+        }
+    }
+
+    /// Replays one watched instance if it was resumed; `Ok(false)`: it is
+    /// still parked.
+    async fn replay(&self, correlation: &str) -> Result<bool, ProcessError> {
+        {
             // Cheap first: still parked while its newest event is the park.
-            let newest = match self.store.read_stream(&saga_stream(&self.name, &correlation), ReadStreamOptions::backward().limit(1)).await {
+            let newest = match self.store.read_stream(&saga_stream(&self.name, correlation), ReadStreamOptions::backward().limit(1)).await {
                 Ok(events) => events,
                 Err(StoreError::StreamNotFound { .. }) => Vec::new(),
                 Err(e) => return Err(e.into()),
             };
             if newest.first().is_some_and(|e| e.event_type == PARKED) {
-                continue;
+                return Ok(false);
             }
-            let instance = self.load(&correlation).await?;
+            let instance = self.load(correlation).await?;
             if instance.parked.is_some() {
-                continue;
+                return Ok(false);
             }
             // A parked deadline first: it came before the events still to replay.
             if let Some(timer) = instance.resumed.as_ref().and_then(|p| p.deadline.as_deref())
-                && (!self.handle(&correlation, Key::Deadline(timer), true).await? || self.load(&correlation).await?.parked.is_some())
+                && (!self.handle(correlation, Key::Deadline(timer), true).await? || self.load(correlation).await?.parked.is_some())
             {
-                continue;
+                return Ok(true);
             }
             let upto = self.position().unwrap_or(Position::START);
-            let mut from = instance.position;
+            // From the parked event itself when it is known (the instance's
+            // events before it were all handled), else after the last handled one.
+            let (mut from, mut exclusive) = match instance.resumed.as_ref().and_then(|p| p.position) {
+                Some(at) => (at, false),
+                None => (instance.position, instance.position > Position::START),
+            };
             let mut parked_again = false;
-            'pages: while from < upto && !parked_again {
-                let options = ReadAllOptions { from, exclusive: from > Position::START, direction: Direction::Forward, limit: 256 };
+            'pages: while from <= upto && !parked_again {
+                let options = ReadAllOptions { from, exclusive, direction: Direction::Forward, limit: 256 };
                 let events = self.store.read_query(&self.process.query(), options).await?;
                 if events.is_empty() {
                     break;
@@ -837,27 +867,25 @@ impl<P: Process> Inner<P> {
                     if event.position > upto {
                         break 'pages;
                     }
-                    from = event.position;
-                    if self.process.correlate(event).as_deref() != Some(correlation.as_str()) {
+                    (from, exclusive) = (event.position, true);
+                    if self.process.correlate(event).as_deref() != Some(correlation) {
                         continue;
                     }
-                    while !self.handle(&correlation, Key::Event(event), true).await? {}
-                    if self.load(&correlation).await?.parked.is_some() {
+                    while !self.handle(correlation, Key::Event(event), true).await? {}
+                    if self.load(correlation).await?.parked.is_some() {
                         parked_again = true;
                         break 'pages;
                     }
                 }
             }
             if !parked_again {
-                let set = {
-                    let mut parked = self.parked.lock().unwrap();
-                    parked.remove(&correlation);
-                    parked.clone()
-                };
+                let mut set = self.parked.lock().unwrap().clone();
+                set.remove(correlation);
                 self.write_parked(set).await?;
+                self.parked.lock().unwrap().remove(correlation);
             }
+            Ok(true)
         }
-        Ok(())
     }
 }
 

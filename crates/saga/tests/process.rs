@@ -465,3 +465,33 @@ async fn a_deadline_whose_command_keeps_failing_parks_and_runs_again_on_resume()
     assert_eq!(sent.lock().unwrap().len(), 1, "{:?}", sent.lock().unwrap());
     manager.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_resumed_instance_is_replayed_in_order_even_if_the_parked_list_lost_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_in(dir.path());
+    let (recorded, refuse) = (Recorded::default(), Arc::new(Mutex::new(Vec::new())));
+    let a = Uuid::now_v7();
+    refuse.lock().unwrap().push((a.to_string(), 1));
+    let manager = ledger(&store, &recorded, &refuse, None).await;
+    note(store.as_ref(), a, 1).await;
+    let last = note(store.as_ref(), a, 2).await;
+    eventually("a parked, 2 skipped", Duration::from_secs(10), async || manager.position() == Some(last)).await;
+    assert!(manager.instance(&a.to_string()).await.unwrap().unwrap().parked.is_some());
+    manager.shutdown().await;
+    drop(manager);
+    // The list of parked instances loses it (as if its write had failed).
+    let empty = NewEvent::json("ProcessesParked", &json!({ "correlations": [] })).unwrap();
+    store.append(&cairn_saga::parked_stream("ledger"), ExpectedVersion::Any, vec![empty]).await.unwrap();
+    assert!(parked_set(store.as_ref()).await.is_empty());
+
+    refuse.lock().unwrap().clear();
+    cairn_saga::resume_process(store.as_ref(), "ledger", &a.to_string(), "ops").await.unwrap();
+    let manager = ledger(&store, &recorded, &refuse, None).await;
+    // The next event finds the instance resumed in its own stream: it waits for the replay.
+    note(store.as_ref(), a, 3).await;
+    eventually("a replayed", Duration::from_secs(10), async || recorded_for(&recorded, a).len() == 3).await;
+    assert_eq!(recorded_for(&recorded, a), [1, 2, 3], "the parked event, the skipped one, then the new one");
+    assert_eq!(manager.instance(&a.to_string()).await.unwrap().unwrap().state, [1, 2, 3]);
+    manager.shutdown().await;
+}
