@@ -760,6 +760,20 @@ fn park_line(parked: &Parked) -> String {
     format!("parked at {}: {} failed {}: {}", parked.handled, parked.command, count(parked.attempts as u64, "time"), parked.error)
 }
 
+/// What stands for the reaction of an instance parked at its first event
+/// (it has none yet: its state is the default).
+fn no_reaction_yet() -> Reaction {
+    Reaction {
+        state: Value::Null,
+        position: cairn_core::Position::START,
+        handled: "nothing yet".into(),
+        commands: Vec::new(),
+        command_names: Vec::new(),
+        deadlines: Vec::new(),
+        ended: false,
+    }
+}
+
 /// How many of an instance's newest events `processes` reads to find its
 /// newest reactions past parks and resumes.
 const NEWEST_READ: usize = 16;
@@ -775,15 +789,7 @@ async fn processes(ctx: &Context, out: &mut String, store: &dyn EventStore, proc
         let Some(last) = events.first().filter(|e| is_instance_event(e)).cloned() else { return Ok(None) };
         let parked = park_in_effect(&events);
         let mut reactions = events.iter().filter_map(Reaction::from_recorded);
-        let reaction = reactions.next().unwrap_or_else(|| Reaction {
-            state: Value::Null,
-            position: cairn_core::Position::START,
-            handled: "nothing yet".into(),
-            commands: Vec::new(),
-            command_names: Vec::new(),
-            deadlines: Vec::new(),
-            ended: false,
-        });
+        let reaction = reactions.next().unwrap_or_else(no_reaction_yet);
         let before = reactions.next();
         let (process, correlation) = instance_name(&stream).expect("filtered above");
         let (process, correlation) = (process.to_string(), correlation.to_string());
@@ -942,16 +948,7 @@ impl ReactionEffects {
 
 async fn show_process(ctx: &Context, out: &mut String, store: &dyn EventStore, history: ProcessHistory) -> Result<()> {
     let ProcessHistory { stream, process, correlation, reactions, interventions, parked } = history;
-    // An instance parked at its first event has no reaction yet: its state is the default.
-    let none_yet = Reaction {
-        state: Value::Null,
-        position: cairn_core::Position::START,
-        handled: "nothing yet".into(),
-        commands: Vec::new(),
-        command_names: Vec::new(),
-        deadlines: Vec::new(),
-        ended: false,
-    };
+    let none_yet = no_reaction_yet();
     let now = reactions.last().map_or(&none_yet, |(_, r)| r);
     let (Some(first), Some(last)) = (
         reactions.iter().map(|(e, _)| e).chain(&interventions).min_by_key(|e| e.version),

@@ -291,16 +291,8 @@ impl<P: Process> ProcessManagerBuilder<P> {
         let name = self.process.name().to_string();
         cairn_core::validate_category(&name).map_err(|e| ProcessError::Invalid(format!("process name {name:?}: {e}")))?;
         let checkpoint = process_checkpoint_stream(&name);
-        let from = match self.store.read_stream(&checkpoint, ReadStreamOptions::backward().limit(1)).await {
-            Ok(events) => events.first().and_then(|e| e.json::<Position>().ok()),
-            Err(StoreError::StreamNotFound { .. }) => None,
-            Err(e) => return Err(e.into()),
-        };
-        let parked = match self.store.read_stream(&parked_stream(&name), ReadStreamOptions::backward().limit(1)).await {
-            Ok(events) => events.first().and_then(|e| e.json::<ParkedSet>().ok()).map(|p| p.correlations).unwrap_or_default(),
-            Err(StoreError::StreamNotFound { .. }) => BTreeSet::new(),
-            Err(e) => return Err(e.into()),
-        };
+        let from = newest(self.store.as_ref(), &checkpoint).await?.and_then(|e| e.json::<Position>().ok());
+        let parked = newest(self.store.as_ref(), &parked_stream(&name)).await?.and_then(|e| e.json::<ParkedSet>().ok()).map(|p| p.correlations).unwrap_or_default();
         let inner = Arc::new(Inner {
             store: self.store.clone(),
             process: self.process,
@@ -533,6 +525,15 @@ async fn follow<P: Process>(inner: Arc<Inner<P>>, from: Option<Position>, every:
                 }
             }
         }
+    }
+}
+
+/// A stream's newest event (none if the stream does not exist).
+async fn newest(store: &dyn EventStore, stream: &str) -> Result<Option<RecordedEvent>, StoreError> {
+    match store.read_stream(stream, ReadStreamOptions::backward().limit(1)).await {
+        Ok(events) => Ok(events.into_iter().next()),
+        Err(StoreError::StreamNotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -829,63 +830,56 @@ impl<P: Process> Inner<P> {
     /// Replays one watched instance if it was resumed; `Ok(false)`: it is
     /// still parked.
     async fn replay(&self, correlation: &str) -> Result<bool, ProcessError> {
-        {
-            // Cheap first: still parked while its newest event is the park.
-            let newest = match self.store.read_stream(&saga_stream(&self.name, correlation), ReadStreamOptions::backward().limit(1)).await {
-                Ok(events) => events,
-                Err(StoreError::StreamNotFound { .. }) => Vec::new(),
-                Err(e) => return Err(e.into()),
-            };
-            if newest.first().is_some_and(|e| e.event_type == PARKED) {
-                return Ok(false);
-            }
-            let instance = self.load(correlation).await?;
-            if instance.parked.is_some() {
-                return Ok(false);
-            }
-            // A parked deadline first: it came before the events still to replay.
-            if let Some(timer) = instance.resumed.as_ref().and_then(|p| p.deadline.as_deref())
-                && (!self.handle(correlation, Key::Deadline(timer), true).await? || self.load(correlation).await?.parked.is_some())
-            {
-                return Ok(true);
-            }
-            let upto = self.position().unwrap_or(Position::START);
-            // From the parked event itself when it is known (the instance's
-            // events before it were all handled), else after the last handled one.
-            let (mut from, mut exclusive) = match instance.resumed.as_ref().and_then(|p| p.position) {
-                Some(at) => (at, false),
-                None => (instance.position, instance.position > Position::START),
-            };
-            let mut parked_again = false;
-            'pages: while from <= upto && !parked_again {
-                let options = ReadAllOptions { from, exclusive, direction: Direction::Forward, limit: 256 };
-                let events = self.store.read_query(&self.process.query(), options).await?;
-                if events.is_empty() {
-                    break;
-                }
-                for event in &events {
-                    if event.position > upto {
-                        break 'pages;
-                    }
-                    (from, exclusive) = (event.position, true);
-                    if self.process.correlate(event).as_deref() != Some(correlation) {
-                        continue;
-                    }
-                    while !self.handle(correlation, Key::Event(event), true).await? {}
-                    if self.load(correlation).await?.parked.is_some() {
-                        parked_again = true;
-                        break 'pages;
-                    }
-                }
-            }
-            if !parked_again {
-                let mut set = self.parked.lock().unwrap().clone();
-                set.remove(correlation);
-                self.write_parked(set).await?;
-                self.parked.lock().unwrap().remove(correlation);
-            }
-            Ok(true)
+        // Cheap first: still parked while its newest event is the park.
+        if newest(self.store.as_ref(), &saga_stream(&self.name, correlation)).await?.is_some_and(|e| e.event_type == PARKED) {
+            return Ok(false);
         }
+        let instance = self.load(correlation).await?;
+        if instance.parked.is_some() {
+            return Ok(false);
+        }
+        // A parked deadline first: it came before the events still to replay.
+        if let Some(timer) = instance.resumed.as_ref().and_then(|p| p.deadline.as_deref())
+            && (!self.handle(correlation, Key::Deadline(timer), true).await? || self.load(correlation).await?.parked.is_some())
+        {
+            return Ok(true);
+        }
+        let upto = self.position().unwrap_or(Position::START);
+        // From the parked event itself when it is known (the instance's
+        // events before it were all handled), else after the last handled one.
+        let (mut from, mut exclusive) = match instance.resumed.as_ref().and_then(|p| p.position) {
+            Some(at) => (at, false),
+            None => (instance.position, instance.position > Position::START),
+        };
+        let mut parked_again = false;
+        'pages: while from <= upto {
+            let options = ReadAllOptions { from, exclusive, direction: Direction::Forward, limit: 256 };
+            let events = self.store.read_query(&self.process.query(), options).await?;
+            if events.is_empty() {
+                break;
+            }
+            for event in &events {
+                if event.position > upto {
+                    break 'pages;
+                }
+                (from, exclusive) = (event.position, true);
+                if self.process.correlate(event).as_deref() != Some(correlation) {
+                    continue;
+                }
+                while !self.handle(correlation, Key::Event(event), true).await? {}
+                if self.load(correlation).await?.parked.is_some() {
+                    parked_again = true;
+                    break 'pages;
+                }
+            }
+        }
+        if !parked_again {
+            let mut set = self.parked.lock().unwrap().clone();
+            set.remove(correlation);
+            self.write_parked(set).await?;
+            self.parked.lock().unwrap().remove(correlation);
+        }
+        Ok(true)
     }
 }
 
