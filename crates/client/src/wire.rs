@@ -257,7 +257,8 @@ pub fn error_body(e: &StoreError) -> (u16, Value) {
         IdempotencyConflict { id, detail } => (409, "idempotency_conflict", json!({"id": id, "detail": detail})),
         InvalidPosition(p) => (400, "invalid_position", json!({"position": p.0})),
         Busy(detail) => (503, "busy", json!({"detail": detail})),
-        Closed { reason } => (503, "closed", json!({"reason": reason})),
+        Closed { reason } => (503, "closed", json!({"reason": reason, "retryable": true})),
+        OutcomeUnknown { reason } => (503, "outcome_unknown", json!({"reason": reason, "retryable": true})),
         Corrupt { file, offset, reason } => (500, "corrupt", json!({"file": file, "offset": offset, "reason": reason})),
         Locked { dir } => (500, "locked", json!({"dir": dir})),
         AccessDenied { code, reason } => (if code == "forbidden" { 403 } else { 401 }, code.as_str(), json!({"reason": reason})),
@@ -300,6 +301,7 @@ pub fn error_from(status: u16, body: &Value, where_: &str) -> StoreError {
         "invalid_position" => StoreError::InvalidPosition(Position(n("position"))),
         "busy" | "too_many_requests" => StoreError::Busy(if message.is_empty() { s("detail") } else { message }),
         "closed" => StoreError::Closed { reason: body["reason"].as_str().map(String::from) },
+        "outcome_unknown" => StoreError::OutcomeUnknown { reason: s("reason") },
         "corrupt" => StoreError::Corrupt { file: s("file"), offset: n("offset"), reason: s("reason") },
         "locked" => StoreError::Locked { dir: s("dir") },
         code @ ("unauthorized" | "forbidden" | "too_many_failed_logins") => {

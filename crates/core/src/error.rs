@@ -44,8 +44,15 @@ pub enum StoreError {
     #[error("the store is busy: {0}; retry later")]
     Busy(String),
 
-    #[error("the store is closed{}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
+    #[error("the store is closed{}; nothing was written, retry later", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
     Closed { reason: Option<String> },
+
+    /// The append reached the store but its outcome is not known (the write
+    /// or its sync failed, or the connection to the backend broke before it
+    /// answered): it may be durable. Retrying with the same event ids is safe,
+    /// since a retry of a written append is recognised and written once.
+    #[error("the outcome of the append is unknown ({reason}); it may have been written: retry with the same event ids")]
+    OutcomeUnknown { reason: String },
 
     #[error("data corruption in {file} at offset {offset}: {reason}")]
     Corrupt { file: String, offset: u64, reason: String },
@@ -65,6 +72,12 @@ pub enum StoreError {
 impl StoreError {
     pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
         StoreError::Io { path: path.as_ref().display().to_string(), source }
+    }
+
+    /// Whether resending the same request (with the same event ids) later may
+    /// succeed: the store was busy, closed or unreachable, or the outcome is unknown.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Busy(_) | StoreError::Closed { .. } | StoreError::OutcomeUnknown { .. })
     }
 
     /// True for errors that say "your request is wrong", as opposed to "the store failed".

@@ -305,6 +305,12 @@ pub trait EventStore: Send + Sync {
     /// Catch-up then live subscription.
     async fn subscribe(&self, target: SubscriptionTarget, from: StartFrom) -> Result<Subscription>;
 
+    /// Whether the store can take appends now (readiness): `Err` with the
+    /// reason while it cannot, e.g. after a failed write until it has recovered.
+    async fn health(&self) -> Result<()> {
+        self.head_position().await.map(|_| ())
+    }
+
     /// The position just after the newest durable event (where the next goes).
     async fn head_position(&self) -> Result<Position>;
 

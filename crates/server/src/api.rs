@@ -301,8 +301,14 @@ async fn groups(State(app): Shared, Extension(who): Who) -> ApiResult<Response> 
     Ok(Json(json!({ "groups": out })).into_response())
 }
 
+/// Liveness and readiness: 503 while the store cannot take appends (say,
+/// after a failed write, until it has recovered by itself).
 async fn health(State(app): Shared) -> Response {
-    match app.store.head_position().await {
+    let ready = match app.store.health().await {
+        Ok(()) => app.store.head_position().await,
+        Err(e) => Err(e),
+    };
+    match ready {
         Ok(head) => Json(json!({"status": "ok", "live": true, "ready": true, "head": head.0})).into_response(),
         Err(e) => {
             let body = json!({"status": "unavailable", "live": true, "ready": false, "error": e.to_string()});
