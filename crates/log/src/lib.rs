@@ -6,6 +6,7 @@
 //! anywhere else. The record layout, commit protocol and recovery rules are in
 //! `docs/design.md`.
 
+mod checkpoint;
 mod index;
 mod query;
 mod read;
@@ -14,10 +15,12 @@ mod recovery;
 mod segment;
 mod snapshot;
 mod stats;
+mod storage;
 mod store;
 mod verify;
 mod writer;
 
 pub use stats::Stats;
+pub use storage::{FaultyStorage, Op as FaultOp, OsStorage, Storage};
 pub use store::{EmbeddedStore, OpenReport, Options};
 pub use verify::{verify, VerifyReport};

@@ -307,7 +307,8 @@ impl EventStore for EmbeddedStore {
                 check_read_name(&stream)?;
                 let next = match from {
                     StartFrom::Start => 1,
-                    StartFrom::After(v) => v + 1,
+                    // After the largest version: nothing ever follows (no wrap to 1).
+                    StartFrom::After(v) => v.saturating_add(1),
                     StartFrom::End => shared.index.read().unwrap().current(&stream).0 + 1,
                 };
                 Ok(subscription(shared, Cursor::Stream(stream, next)))
@@ -324,6 +325,13 @@ impl EventStore for EmbeddedStore {
                 Ok(subscription(shared, Cursor::Query(query, next)))
             }
             other => Err(StoreError::InvalidArgument(format!("subscription target {other:?} is not supported by the embedded engine yet"))),
+        }
+    }
+
+    async fn health(&self) -> Result<(), StoreError> {
+        match self.shared.poisoned() {
+            Some(reason) => Err(StoreError::Closed { reason: Some(reason) }),
+            None => Ok(()),
         }
     }
 

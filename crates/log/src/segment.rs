@@ -4,13 +4,15 @@
 //! the writer writes with `pwrite`, readers read the map (one page cache).
 //! A sealed segment is trimmed to its used length.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use cairn_core::StoreError;
 use bytes::Bytes;
 use memmap2::Mmap;
+
+use crate::storage::Storage;
 
 pub const SEGMENT_MAGIC: &[u8; 8] = b"CAIRNSEG";
 pub const SEGMENT_FORMAT_VERSION: u32 = 1;
@@ -34,27 +36,26 @@ impl Segment {
     /// file and its directory entry durable. The file is prepared under a
     /// temporary name and renamed into place, so a crash never leaves a
     /// segment without its header (a leftover `.tmp` is removed at open).
-    pub fn create(dir: &Path, base: u64, capacity: u64) -> Result<Segment, StoreError> {
+    pub fn create(dir: &Path, base: u64, capacity: u64, storage: &dyn Storage) -> Result<Segment, StoreError> {
         let path = dir.join(Self::file_name(base));
         let tmp = dir.join(format!("{}.tmp", Self::file_name(base)));
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)
-            .map_err(|e| StoreError::io(&tmp, e))?;
+        let file = storage.create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
         let mut header = Vec::with_capacity(SEGMENT_HEADER_BYTES as usize);
         header.extend_from_slice(SEGMENT_MAGIC);
         header.extend_from_slice(&SEGMENT_FORMAT_VERSION.to_le_bytes());
         header.extend_from_slice(&0u32.to_le_bytes());
         header.extend_from_slice(&base.to_le_bytes());
-        file.set_len(capacity.max(SEGMENT_HEADER_BYTES)).map_err(|e| StoreError::io(&path, e))?;
-        file.write_all_at(&header, 0).map_err(|e| StoreError::io(&path, e))?;
-        file.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| StoreError::io(&path, e))?;
-        sync_dir(dir)?;
+        storage.set_len(&file, capacity.max(SEGMENT_HEADER_BYTES)).map_err(|e| StoreError::io(&tmp, e))?;
+        storage.write_at(&file, &header, 0).map_err(|e| StoreError::io(&tmp, e))?;
+        storage.sync_all(&file).map_err(|e| StoreError::io(&tmp, e))?;
+        storage.rename(&tmp, &path).map_err(|e| StoreError::io(&path, e))?;
+        sync_dir(dir, storage)?;
         Self::map(base, path, file)
     }
 
     /// Opens an existing segment and checks its header.
-    pub fn open(path: &Path, writable: bool) -> Result<Segment, StoreError> {
-        let file = OpenOptions::new().read(true).write(writable).open(path).map_err(|e| StoreError::io(path, e))?;
+    pub fn open(path: &Path, writable: bool, storage: &dyn Storage) -> Result<Segment, StoreError> {
+        let file = storage.open(path, writable).map_err(|e| StoreError::io(path, e))?;
         let corrupt = |offset: u64, reason: String| StoreError::Corrupt { file: path.display().to_string(), offset, reason };
         let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
         file.read_exact_at(&mut header, 0).map_err(|_| corrupt(0, "file is shorter than a segment header".into()))?;
@@ -93,16 +94,16 @@ impl Segment {
     }
 }
 
-pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StoreError::io(dir, e))
+pub fn sync_dir(dir: &Path, storage: &dyn Storage) -> Result<(), StoreError> {
+    storage.sync_dir(dir).map_err(|e| StoreError::io(dir, e))
 }
 
 /// Removes segments whose creation a crash interrupted (`*.seg.tmp`): they never held data.
-pub fn remove_leftovers(dir: &Path) -> Result<(), StoreError> {
+pub fn remove_leftovers(dir: &Path, storage: &dyn Storage) -> Result<(), StoreError> {
     for entry in std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))? {
         let entry = entry.map_err(|e| StoreError::io(dir, e))?;
         if entry.file_name().to_str().is_some_and(|n| n.ends_with(".seg.tmp")) {
-            std::fs::remove_file(entry.path()).map_err(|e| StoreError::io(entry.path(), e))?;
+            storage.remove(&entry.path()).map_err(|e| StoreError::io(entry.path(), e))?;
         }
     }
     Ok(())
@@ -128,13 +129,13 @@ pub fn never_written(path: &Path) -> Result<bool, StoreError> {
 /// The log's segments, opened in order, each checked to start where the one
 /// before ended. An all-zero newest segment (an unfinished roll) is left out
 /// and returned apart, for the caller to remove or ignore.
-pub fn open_chain(dir: &Path, writable_last: bool) -> Result<(Vec<Segment>, Option<PathBuf>), StoreError> {
+pub fn open_chain(dir: &Path, writable_last: bool, storage: &dyn Storage) -> Result<(Vec<Segment>, Option<PathBuf>), StoreError> {
     let mut files = list(dir)?;
     let unfinished = if files.len() > 1 && never_written(&files[files.len() - 1].1)? { files.pop().map(|(_, p)| p) } else { None };
     let mut opened = Vec::with_capacity(files.len());
     let mut expected_base = 0;
     for (i, (name_base, path)) in files.iter().enumerate() {
-        let seg = Segment::open(path, writable_last && i + 1 == files.len())?;
+        let seg = Segment::open(path, writable_last && i + 1 == files.len(), storage)?;
         if seg.base != *name_base || seg.base != expected_base {
             return Err(StoreError::Corrupt {
                 file: path.display().to_string(),

@@ -3,14 +3,17 @@
 //! It is a cache: checked by CRC and against the log, and thrown away (the index
 //! is then rebuilt from the whole log) whenever anything about it is off.
 
-use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use cairn_core::{StoreError, StreamState};
 
 use crate::index::{Index, StreamEntry};
-use crate::segment::sync_dir;
+use crate::storage::{OsStorage, Storage};
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    crate::segment::sync_dir(dir, &OsStorage)
+}
 
 const MAGIC: &[u8; 8] = b"CAIRNIDX";
 /// 2 added the tag and event-type indexes, 3 the category index. A snapshot
@@ -21,7 +24,7 @@ pub const FILE: &str = "index.snap";
 pub fn write(dir: &Path, index: &Index, head: u64) -> Result<(), StoreError> {
     let tmp = dir.join("index.snap.tmp");
     let path = dir.join(FILE);
-    let file = File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+    let file = OsStorage.create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
     let mut w = CrcWriter { inner: BufWriter::with_capacity(1 << 20, file), crc: 0 };
     let io = |e| StoreError::io(&tmp, e);
     w.put(MAGIC).map_err(io)?;

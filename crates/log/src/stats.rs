@@ -14,6 +14,10 @@ pub struct Stats {
     pub events_written: AtomicU64,
     /// Syncs that took at most each of [`SYNC_BUCKETS_US`] (not cumulative).
     pub sync_buckets: [AtomicU64; SYNC_BUCKETS_US.len()],
+    /// Writes or syncs of the log that failed (each made the store refuse appends until it recovered).
+    pub write_failures: AtomicU64,
+    /// Times the store recovered by itself from a failed write.
+    pub recoveries: AtomicU64,
 }
 
 impl Stats {
@@ -44,6 +48,12 @@ impl Stats {
         let _ = writeln!(out, "cairn_engine_fsync_seconds_bucket{{le=\"+Inf\"}} {}", get(&self.syncs));
         let _ = writeln!(out, "cairn_engine_fsync_seconds_sum {}", get(&self.sync_micros_total) as f64 / 1e6);
         let _ = writeln!(out, "cairn_engine_fsync_seconds_count {}", get(&self.syncs));
+        let _ = writeln!(out, "# HELP cairn_engine_write_failures_total Failed writes or syncs of the log; appends are refused until the engine recovers.");
+        let _ = writeln!(out, "# TYPE cairn_engine_write_failures_total counter");
+        let _ = writeln!(out, "cairn_engine_write_failures_total {}", get(&self.write_failures));
+        let _ = writeln!(out, "# HELP cairn_engine_recoveries_total Times the engine recovered by itself after a failed write.");
+        let _ = writeln!(out, "# TYPE cairn_engine_recoveries_total counter");
+        let _ = writeln!(out, "cairn_engine_recoveries_total {}", get(&self.recoveries));
         out
     }
 }

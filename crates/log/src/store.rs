@@ -1,4 +1,5 @@
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -7,12 +8,14 @@ use std::thread::JoinHandle;
 use cairn_core::{metadata_stream_name, validate_stream_name, AppendCondition, Limits, NewEvent, StoreError, StreamMetadata};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::checkpoint::{self, Mark};
 use crate::index::{Index, METADATA_EVENT};
 use crate::record::{self, RECORD_OVERHEAD_BYTES};
-use crate::recovery::scan_segment;
+use crate::recovery::{scan_segment, SegmentScan};
 use crate::segment::{self, Segment, SEGMENT_HEADER_BYTES};
 use crate::snapshot;
 use crate::stats::Stats;
+use crate::storage::Storage;
 use crate::writer::{self, AppendKind, AppendRequest, Writer};
 
 /// Settings of an embedded store.
@@ -31,11 +34,29 @@ pub struct Options {
     /// Longest a group commit waits for more of the concurrent appenders that
     /// the previous group had (zero: never wait). A lone appender never waits.
     pub group_linger: std::time::Duration,
+    /// Longest time between rewrites of the durable mark (`DATA/checkpoint`)
+    /// while appends come in. Acknowledged events older than this that go
+    /// missing from the log's end are detected at open rather than cut.
+    pub checkpoint_interval: std::time::Duration,
+    /// Longest wait between attempts to recover from a failed write.
+    pub recovery_backoff_max: std::time::Duration,
+    /// Where file operations go; a test puts a [`crate::FaultyStorage`] here.
+    pub storage: Arc<dyn Storage>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { segment_bytes: 256 * 1024 * 1024, limits: Limits::default(), queue_depth: 4096, busy_timeout: std::time::Duration::from_secs(10), verify_on_open: true, group_linger: std::time::Duration::from_micros(100) }
+        Options {
+            segment_bytes: 256 * 1024 * 1024,
+            limits: Limits::default(),
+            queue_depth: 4096,
+            busy_timeout: std::time::Duration::from_secs(10),
+            verify_on_open: true,
+            group_linger: std::time::Duration::from_micros(100),
+            checkpoint_interval: std::time::Duration::from_secs(1),
+            recovery_backoff_max: std::time::Duration::from_secs(2),
+            storage: crate::storage::os(),
+        }
     }
 }
 
@@ -67,10 +88,16 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Appends are refused with `reason` until [`Shared::recovered`].
     pub fn poison(&self, reason: String) {
         *self.poisoned.lock().unwrap() = Some(reason);
     }
 
+    pub fn recovered(&self) {
+        *self.poisoned.lock().unwrap() = None;
+    }
+
+    /// Why appends are refused now, if they are.
     pub fn poisoned(&self) -> Option<String> {
         self.poisoned.lock().unwrap().clone()
     }
@@ -161,6 +188,8 @@ struct CloseGuard {
 impl Drop for CloseGuard {
     fn drop(&mut self) {
         if let Some(handle) = self.writer.lock().unwrap().take() {
+            // A writer waiting to retry a failed write notices the close at once.
+            handle.thread().unpark();
             let _ = handle.join();
         }
         self.shared.head_tx.lock().unwrap().take();
@@ -192,15 +221,17 @@ impl EmbeddedStore {
 
     pub fn open_with(dir: impl AsRef<Path>, options: Options) -> Result<Self, StoreError> {
         let dir = dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+        create_private_dir(dir)?;
         let lock = lock_dir(dir)?;
         let log_dir = dir.join("log");
         if !log_dir.exists() {
-            std::fs::create_dir(&log_dir).map_err(|e| StoreError::io(&log_dir, e))?;
-            segment::sync_dir(dir)?;
+            create_private_dir(&log_dir)?;
+            segment::sync_dir(dir, &*options.storage)?;
         }
-        let (segments, index, head, report) = recover(dir, &log_dir, &options)?;
+        let recovered = recover(dir, &log_dir, &options)?;
+        let Recovered { segments, index, head, report, mark, last_id } = recovered;
         let last_timestamp = index.streams.values().filter_map(|s| s.timestamps.last().copied()).max().unwrap_or(0);
+        let mark_file = checkpoint::MarkFile::open(dir, mark, &*options.storage)?;
         let (head_tx, _) = watch::channel(head);
         let active = segments.last().expect("recovery leaves a segment").clone();
         let offset = head - active.base;
@@ -215,7 +246,8 @@ impl EmbeddedStore {
             stats: Stats::default(),
         });
         let (tx, rx) = mpsc::channel(options.queue_depth);
-        let writer = Writer::new(shared.clone(), active, offset, last_timestamp, options.group_linger);
+        let marked = mark.map(|m| (m.events, m.last_id));
+        let writer = Writer::new(shared.clone(), active, offset, last_timestamp, options.group_linger, mark_file, last_id, marked);
         let handle = std::thread::Builder::new()
             .name("cairn-writer".into())
             .spawn(move || writer.run(rx))
@@ -223,6 +255,12 @@ impl EmbeddedStore {
         let writer_thread = handle.thread().clone();
         let guard = CloseGuard { writer: Mutex::new(Some(handle)), shared: shared.clone(), data_dir: dir.to_path_buf(), _lock: lock };
         Ok(EmbeddedStore { shared, tx, writer_thread, _guard: Arc::new(guard), report: Arc::new(report) })
+    }
+
+    /// Why appends are refused right now (a write to the log failed and the
+    /// store has not recovered yet), or `None` when it takes them.
+    pub fn unavailable(&self) -> Option<String> {
+        self.shared.poisoned()
     }
 
     /// Throws the index snapshot away and rebuilds the index from the whole log
@@ -301,12 +339,21 @@ impl EmbeddedStore {
     }
 }
 
+/// Creates `dir` (and missing parents) readable by its owner only: events
+/// are nobody else's business. An existing directory is left as it is.
+fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| StoreError::io(dir, e))
+}
+
 /// Takes the data directory's lock. A child process that another thread is
 /// spawning shares the lock's file until it execs, so a held lock is retried
 /// for a moment before it counts as another process's.
 fn lock_dir(dir: &Path) -> Result<File, StoreError> {
     let lock_path = dir.join("LOCK");
-    let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| StoreError::io(&lock_path, e))?;
+    let lock = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&lock_path).map_err(|e| StoreError::io(&lock_path, e))?;
     for _ in 0..50 {
         if lock.try_lock().is_ok() {
             return Ok(lock);
@@ -336,63 +383,164 @@ fn snapshot_fits(segments: &[Segment], index: &Index, head: u64) -> bool {
     }
 }
 
+/// What recovery hands to the store it opens.
+struct Recovered {
+    segments: Vec<Arc<Segment>>,
+    index: Index,
+    head: u64,
+    report: OpenReport,
+    /// The durable mark read at open, if any.
+    mark: Option<Mark>,
+    /// Id of the newest event in the log (0 if none).
+    last_id: u128,
+}
+
+/// The id of the record that ends at `head`, walking back over empty
+/// segments: the newest event of a log whose durable end is `head`.
+fn last_event_id(segments: &[Segment], head: u64) -> Option<u128> {
+    let seg = segments.iter().rev().find(|s| s.base < head && head <= s.base + s.capacity())?;
+    let offset = head - seg.base;
+    if offset <= SEGMENT_HEADER_BYTES {
+        return if seg.base == 0 { None } else { last_event_id(segments, seg.base) };
+    }
+    if offset < SEGMENT_HEADER_BYTES + RECORD_OVERHEAD_BYTES as u64 {
+        return None;
+    }
+    let body_len = u32::from_le_bytes(seg.bytes(offset - 4, offset).try_into().unwrap()) as u64;
+    let start = offset.checked_sub(body_len + RECORD_OVERHEAD_BYTES as u64).filter(|s| *s >= SEGMENT_HEADER_BYTES)?;
+    record::decode(seg.bytes(start, offset)).ok().map(|v| v.id.as_u128())
+}
+
+/// Refuses a log that holds less than a durable mark says was acknowledged.
+/// `claim` is (where the claim comes from, events, newest id); `end` names
+/// the file and offset where the log now ends or is damaged.
+pub(crate) fn check_claim(claim: (&Path, u64, u128), index: &Index, end: (&Path, u64), torn: Option<&str>) -> Result<(), StoreError> {
+    let (from, events, last_id) = claim;
+    let lost = if index.events < events {
+        Some(format!("the log holds {} events, but {events} were durable when {} was written", index.events, from.display()))
+    } else if last_id != 0 && !index.ids.contains_key(&last_id) {
+        Some(format!("the log does not hold event {}, the newest durable one when {} was written", uuid::Uuid::from_u128(last_id), from.display()))
+    } else {
+        None
+    };
+    let Some(lost) = lost else { return Ok(()) };
+    let (file, offset) = end;
+    let how = match torn {
+        Some(why) => format!("the newest records are damaged ({why})"),
+        None => "the log ends early (a segment or its end is missing or was truncated)".to_string(),
+    };
+    Err(StoreError::Corrupt {
+        file: file.display().to_string(),
+        offset,
+        reason: format!(
+            "{how}: {lost}, so acknowledged events are missing. Nothing was changed. Restore the log from a backup; \
+             to accept the loss and open with what remains, delete {} and {}",
+            from.display(),
+            from.with_file_name(snapshot::FILE).display()
+        ),
+    })
+}
+
 /// Opens every segment, rebuilds the index (from the snapshot on, if there is
-/// a fitting one) and cuts a torn tail.
-fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<(Vec<Arc<Segment>>, Index, u64, OpenReport), StoreError> {
-    segment::remove_leftovers(log_dir)?;
+/// a fitting one), checks the log against the durable mark, and only then
+/// changes anything: cuts a torn tail and readies the newest segment.
+fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recovered, StoreError> {
+    let storage = &*options.storage;
+    segment::remove_leftovers(log_dir, storage)?;
+    let mark = checkpoint::read(data_dir)?;
+    let snapshot = snapshot::read(data_dir);
+    let mark_path = checkpoint::path(data_dir);
+    let snap_path = data_dir.join(snapshot::FILE);
+    // The claim the log must meet: the mark, or for a store written before
+    // marks existed, the snapshot (written at every clean close).
+    let claim: Option<(&Path, u64, u128)> = match (&mark, &snapshot) {
+        (Some(m), _) => Some((mark_path.as_path(), m.events, m.last_id)),
+        (None, Some((index, _))) => Some((snap_path.as_path(), index.events, 0)),
+        (None, None) => None,
+    };
     let mut report = OpenReport::default();
-    let (opened, unfinished) = segment::open_chain(log_dir, true)?;
-    if let Some(path) = unfinished {
-        std::fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
-        segment::sync_dir(log_dir)?;
-    }
+    let (opened, unfinished) = segment::open_chain(log_dir, true, storage)?;
     if opened.is_empty() {
+        if let Some(claim) = claim {
+            check_claim(claim, &Index::default(), (log_dir, 0), None)?;
+        }
         snapshot::remove(data_dir)?;
-        let seg = Segment::create(log_dir, 0, options.segment_bytes)?;
+        let seg = Segment::create(log_dir, 0, options.segment_bytes, storage)?;
         report.segments = 1;
-        return Ok((vec![Arc::new(seg)], Index::default(), SEGMENT_HEADER_BYTES, report));
+        let segments = vec![Arc::new(seg)];
+        return Ok(Recovered { segments, index: Index::default(), head: SEGMENT_HEADER_BYTES, report, mark, last_id: 0 });
     }
-    let (mut index, start) = match snapshot::read(data_dir) {
+    let (mut index, start) = match snapshot {
         Some((index, head)) if snapshot_fits(&opened, &index, head) => {
             report.from_snapshot = true;
             (index, head)
         }
         _ => (Index::default(), 0),
     };
+    // Read only: every segment is checked and applied before anything changes.
     let count = opened.len();
-    let mut segments = Vec::with_capacity(count);
+    let mut scans: Vec<Option<SegmentScan>> = Vec::with_capacity(count);
     let mut head = 0;
-    for (i, seg) in opened.into_iter().enumerate() {
+    for (i, seg) in opened.iter().enumerate() {
         let last = i + 1 == count;
         // Records before `apply_from` are in the snapshot: checked (with
         // verify_on_open) but not applied again.
         let apply_from = start.saturating_sub(seg.base).max(SEGMENT_HEADER_BYTES);
         if !last && apply_from >= seg.capacity() && !options.verify_on_open {
-            segments.push(Arc::new(seg)); // covered by the snapshot
+            scans.push(None); // covered by the snapshot
             continue;
         }
         let from = if options.verify_on_open { SEGMENT_HEADER_BYTES } else { apply_from };
-        let scan = scan_segment(&seg, from, apply_from, last, Some(&mut index))?;
+        let scan = scan_segment(seg, from, apply_from, last, Some(&mut index))?;
         report.scanned_events += scan.events;
         head = seg.base + scan.valid_end;
+        scans.push(Some(scan));
+    }
+    let newest = opened.last().expect("not empty");
+    let newest_scan = scans.last().cloned().flatten().unwrap_or_default();
+    if let Some(claim) = claim {
+        let torn = newest_scan.torn_at.map(|_| "a record is damaged or cut short, and nothing valid follows");
+        check_claim(claim, &index, (&newest.path, newest_scan.valid_end), torn)?;
+    }
+    // Now the changes. An all-zero newest segment (an unfinished roll) held no event.
+    if let Some(path) = unfinished {
+        storage.remove(&path).map_err(|e| StoreError::io(&path, e))?;
+        segment::sync_dir(log_dir, storage)?;
+    }
+    let last_id = last_event_id(&opened, head).unwrap_or(0);
+    let mut segments: Vec<Arc<Segment>> = Vec::with_capacity(count + 1);
+    for (i, (seg, scan)) in opened.into_iter().zip(scans).enumerate() {
+        let last = i + 1 == count;
+        let Some(scan) = scan.filter(|_| last) else {
+            segments.push(Arc::new(seg));
+            continue;
+        };
         let mut seg = seg;
+        let io = |e| StoreError::io(&seg.path, e);
         if let Some(at) = scan.torn_at {
             // Zero everything after the last whole append, durably.
             let capacity = seg.capacity().max(options.segment_bytes);
-            seg.file.set_len(at).and_then(|_| seg.file.set_len(capacity)).and_then(|_| seg.file.sync_all())
-                .map_err(|e| StoreError::io(&seg.path, e))?;
+            storage.set_len(&seg.file, at).and_then(|_| storage.set_len(&seg.file, capacity)).and_then(|_| storage.sync_all(&seg.file)).map_err(io)?;
             report.truncated_bytes = scan.torn_bytes;
             report.truncated_at = Some((seg.path.clone(), at));
-            seg = Segment::open(&seg.path.clone(), true)?;
-        } else if last && seg.capacity() < options.segment_bytes {
-            seg.file.set_len(options.segment_bytes).and_then(|_| seg.file.sync_all()).map_err(|e| StoreError::io(&seg.path, e))?;
-            seg = Segment::open(&seg.path.clone(), true)?;
+            seg = Segment::open(&seg.path.clone(), true, storage)?;
+        } else if scan.valid_end == seg.capacity() && seg.capacity() > SEGMENT_HEADER_BYTES {
+            // Full: a sealed segment (its successor's creation was cut short).
+            // Sealed segments are never written again: start the next one.
+            let base = seg.base + seg.capacity();
+            segments.push(Arc::new(seg));
+            segments.push(Arc::new(Segment::create(log_dir, base, options.segment_bytes, storage)?));
+            head = base + SEGMENT_HEADER_BYTES;
+            continue;
+        } else if seg.capacity() < options.segment_bytes {
+            storage.set_len(&seg.file, options.segment_bytes).and_then(|_| storage.sync_all(&seg.file)).map_err(io)?;
+            seg = Segment::open(&seg.path.clone(), true, storage)?;
         }
         segments.push(Arc::new(seg));
     }
     report.segments = segments.len();
     report.events = index.events;
-    Ok((segments, index, head, report))
+    Ok(Recovered { segments, index, head, report, mark, last_id })
 }
 
 #[cfg(test)]

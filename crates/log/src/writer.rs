@@ -3,11 +3,13 @@
 //! the appends already accepted into the same group, encodes them into one buffer, writes it with one `pwrite` and
 //! makes it durable with one `fdatasync` (group commit). Only then does it
 //! publish the group to the index and the durable head, and answer the callers.
-//! After a failed write or sync it stops for good: the store must be reopened
-//! (an fsync error is never retried and trusted).
+//! After a failed write or sync it answers the group "outcome unknown",
+//! refuses appends, and recovers by itself once the disk takes writes again:
+//! it discards everything past the last durable offset, syncs that, and only
+//! then goes on (a failed fsync is never retried and trusted). It also keeps
+//! the durable mark (`checkpoint.rs`) up to date.
 
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,8 +18,9 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::index::{DELETED_EVENT, TOMBSTONE_EVENT};
+use crate::checkpoint::MarkFile;
 use crate::record::{self, RECORD_OVERHEAD_BYTES};
-use crate::segment::{Segment, SEGMENT_HEADER_BYTES};
+use crate::segment::{self, Segment, SEGMENT_HEADER_BYTES};
 use crate::store::Shared;
 
 /// Most bytes gathered into one group commit before it is written.
@@ -74,10 +77,22 @@ pub struct Writer {
     group: Group,
     /// How long a group may wait for stragglers (see `run`).
     linger: Duration,
+    mark_file: MarkFile,
+    /// Id of the newest durable event (0 if none).
+    last_id: u128,
+    /// (events, newest id) of the last mark written, and when.
+    marked: Option<(u64, u128)>,
+    marked_at: Instant,
 }
 
+/// Zero bytes written and synced at the log's end to test that the disk
+/// takes writes again before the writer goes on after a failure.
+const PROBE_BYTES: u64 = 64 * 1024;
+const RECOVERY_BACKOFF_MIN: Duration = Duration::from_millis(50);
+
 impl Writer {
-    pub fn new(shared: Arc<Shared>, active: Arc<Segment>, offset: u64, last_timestamp: i64, linger: Duration) -> Self {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(shared: Arc<Shared>, active: Arc<Segment>, offset: u64, last_timestamp: i64, linger: Duration, mark_file: MarkFile, last_id: u128, marked: Option<(u64, u128)>) -> Self {
         let group = Group {
             buf: Vec::with_capacity(1 << 20),
             streams: FastMap::default(),
@@ -85,7 +100,33 @@ impl Writer {
             user_events: Vec::new(),
             replies: Vec::new(),
         };
-        Writer { shared, active, offset, last_timestamp, group, linger }
+        Writer { shared, active, offset, last_timestamp, group, linger, mark_file, last_id, marked, marked_at: Instant::now() }
+    }
+
+    /// (events, newest id) now durable.
+    fn durable(&self) -> (u64, u128) {
+        (self.shared.index.read().unwrap().events, self.last_id)
+    }
+
+    /// Rewrites the durable mark if it is behind the log.
+    fn write_mark(&mut self) -> Result<(), StoreError> {
+        let (events, last_id) = self.durable();
+        if self.marked == Some((events, last_id)) {
+            return Ok(());
+        }
+        let head = self.shared.head.load(std::sync::atomic::Ordering::Acquire);
+        self.mark_file.write(&*self.shared.options.storage, head, events, last_id)?;
+        self.marked = Some((events, last_id));
+        self.marked_at = Instant::now();
+        Ok(())
+    }
+
+    /// How long until the mark is due, if it is behind the log.
+    fn mark_due_in(&self) -> Option<Duration> {
+        if self.marked == Some(self.durable()) {
+            return None;
+        }
+        Some(self.shared.options.checkpoint_interval.saturating_sub(self.marked_at.elapsed()))
     }
 
     /// Takes every waiting request into one group, then commits it. When the
@@ -100,7 +141,28 @@ impl Writer {
         // SAFETY: PR_SET_TIMERSLACK only changes this thread's timer slack.
         unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1_000u64) };
         let mut previous_group = 0;
-        while let Some(first) = rx.blocking_recv() {
+        loop {
+            let first = match rx.try_recv() {
+                Ok(req) => req,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => match self.mark_due_in() {
+                    Some(wait) if wait.is_zero() => {
+                        if let Err(e) = self.write_mark() && !self.recover(e, &mut rx) {
+                            return;
+                        }
+                        continue;
+                    }
+                    // Appenders unpark this thread after each send.
+                    Some(wait) => {
+                        std::thread::park_timeout(wait);
+                        continue;
+                    }
+                    None => match rx.blocking_recv() {
+                        Some(req) => req,
+                        None => break,
+                    },
+                },
+            };
             let mut next = Some(first);
             let mut failed = None;
             let mut requests = 0;
@@ -130,34 +192,107 @@ impl Writer {
                 Some(e) => Err(e),
                 None => self.commit(),
             };
-            if let Err(e) = result {
-                self.fail(e, &mut rx);
+            let result = result.and_then(|()| if self.mark_due_in().is_some_and(|w| w.is_zero()) { self.write_mark() } else { Ok(()) });
+            if let Err(e) = result && !self.recover(e, &mut rx) {
                 return;
+            }
+        }
+        // Closing: the mark covers everything, so the next open checks it all.
+        if let Err(e) = self.write_mark() {
+            eprintln!("cairn: could not write the durable mark at close ({e}); the next open checks the log against an older one");
+        }
+    }
+
+    /// After an I/O failure: answers the group (its appends may or may not be
+    /// durable: "outcome unknown"), refuses appends, and retries with backoff
+    /// until the log can be written again. Returns false if the store closed
+    /// meanwhile.
+    fn recover(&mut self, e: StoreError, rx: &mut mpsc::Receiver<AppendRequest>) -> bool {
+        let reason = format!("a write to the log failed ({e})");
+        eprintln!("cairn: {reason}; appends are refused until the disk takes writes again (retrying with backoff)");
+        self.shared.poison(format!("{reason}; the store is recovering by itself, retry later"));
+        self.shared.stats.write_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for (reply, result) in self.group.replies.drain(..) {
+            // A request refused before the write (a conflict, say) keeps its own answer.
+            let answer = match result {
+                Ok(_) => Err(StoreError::OutcomeUnknown { reason: reason.clone() }),
+                Err(e) => Err(e),
+            };
+            let _ = reply.send(answer);
+        }
+        self.group.buf.clear();
+        self.group.streams.clear();
+        self.group.ids.clear();
+        self.group.user_events.clear();
+        let mut backoff = RECOVERY_BACKOFF_MIN;
+        let mut attempt_at = Instant::now() + backoff;
+        loop {
+            loop {
+                match rx.try_recv() {
+                    Ok(req) => {
+                        let _ = req.reply.send(Err(StoreError::Closed { reason: self.shared.poisoned() }));
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return false,
+                }
+            }
+            let now = Instant::now();
+            if now < attempt_at {
+                std::thread::park_timeout(attempt_at - now);
+                continue;
+            }
+            match self.repair() {
+                Ok(()) => {
+                    self.shared.recovered();
+                    self.shared.stats.recoveries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    eprintln!("cairn: the log takes writes again; appends resumed (nothing acknowledged was lost)");
+                    return true;
+                }
+                Err(e) => {
+                    self.shared.poison(format!("{reason}; recovery failed too ({e}), retrying; the store is recovering by itself, retry later"));
+                    backoff = (backoff * 2).min(self.shared.options.recovery_backoff_max.max(RECOVERY_BACKOFF_MIN));
+                    attempt_at = Instant::now() + backoff;
+                }
             }
         }
     }
 
-    /// After an I/O failure: answer everyone with the error and refuse all further work.
-    fn fail(&mut self, e: StoreError, rx: &mut mpsc::Receiver<AppendRequest>) {
-        let reason = format!("a write to the log failed ({e}); reopen the store");
-        self.shared.poison(reason.clone());
-        let reason = Some(reason);
-        for (reply, _) in self.group.replies.drain(..) {
-            let _ = reply.send(Err(StoreError::Closed { reason: reason.clone() }));
+    /// Brings the log back to its last durable state, as an open after a
+    /// crash would: removes any segment a failed roll left after the active
+    /// one, zeroes the active segment past the last durable offset, syncs,
+    /// then checks that the disk takes a write, a sync and an open again.
+    fn repair(&mut self) -> Result<(), StoreError> {
+        let storage = &*self.shared.options.storage;
+        let dir = &self.shared.log_dir;
+        segment::remove_leftovers(dir, storage)?;
+        for (base, path) in segment::list(dir)? {
+            if base > self.active.base {
+                storage.remove(&path).map_err(|e| StoreError::io(&path, e))?;
+            }
         }
-        rx.close();
-        while let Ok(req) = rx.try_recv() {
-            let _ = req.reply.send(Err(StoreError::Closed { reason: reason.clone() }));
-        }
+        let seg = &self.active;
+        let io = |e| StoreError::io(&seg.path, e);
+        let capacity = seg.capacity();
+        storage.set_len(&seg.file, self.offset).and_then(|_| storage.set_len(&seg.file, capacity)).map_err(io)?;
+        let probe = PROBE_BYTES.min(capacity - self.offset) as usize;
+        storage.write_at(&seg.file, &vec![0u8; probe], self.offset).map_err(io)?;
+        storage.sync_all(&seg.file).map_err(io)?;
+        drop(storage.open(&seg.path, false).map_err(io)?);
+        segment::sync_dir(dir, storage)?;
+        self.marked = None;
+        self.write_mark()
     }
 
     /// Checks one request and, if it passes, encodes it into the group.
     /// Only I/O errors (from rolling the segment) are returned.
     fn accept(&mut self, req: AppendRequest) -> Result<(), StoreError> {
         let size = req.bytes;
-        if self.offset + (self.group.buf.len() + size) as u64 > self.active.capacity() {
-            self.commit()?;
-            self.roll(size)?;
+        if self.offset + (self.group.buf.len() + size) as u64 > self.active.capacity()
+            && let Err(e) = self.commit().and_then(|()| self.roll(size))
+        {
+            // Nothing of this request was written.
+            self.group.replies.push((req.reply, Err(StoreError::Closed { reason: Some(format!("a write to the log failed ({e})")) })));
+            return Err(e);
         }
         let result = self.check_and_encode(&req);
         self.group.replies.push((req.reply, result));
@@ -304,12 +439,14 @@ impl Writer {
     fn commit(&mut self) -> Result<(), StoreError> {
         if !self.group.buf.is_empty() {
             let seg = &self.active;
-            seg.file.write_all_at(&self.group.buf, self.offset).map_err(|e| StoreError::io(&seg.path, e))?;
+            let storage = &*self.shared.options.storage;
+            storage.write_at(&seg.file, &self.group.buf, self.offset).map_err(|e| StoreError::io(&seg.path, e))?;
             let started = std::time::Instant::now();
-            seg.file.sync_data().map_err(|e| StoreError::io(&seg.path, e))?;
+            storage.sync_data(&seg.file).map_err(|e| StoreError::io(&seg.path, e))?;
             self.shared.stats.record_sync(started.elapsed(), self.group.buf.len());
             let start = self.offset;
             self.offset += self.group.buf.len() as u64;
+            self.last_id = last_record_id(&self.group.buf);
             self.shared.publish(&self.active, start, &self.group.buf);
         }
         self.group.buf.clear();
@@ -325,17 +462,28 @@ impl Writer {
     /// Seals the active segment and starts a new one with room for at least `size` bytes.
     fn roll(&mut self, size: usize) -> Result<(), StoreError> {
         let old = self.active.clone();
-        old.file.set_len(self.offset).map_err(|e| StoreError::io(&old.path, e))?;
-        old.file.sync_all().map_err(|e| StoreError::io(&old.path, e))?;
-        let sealed = Arc::new(Segment::open(&old.path, false)?);
+        let storage = &*self.shared.options.storage;
+        storage.set_len(&old.file, self.offset).map_err(|e| StoreError::io(&old.path, e))?;
+        storage.sync_all(&old.file).map_err(|e| StoreError::io(&old.path, e))?;
+        let sealed = Arc::new(Segment::open(&old.path, false, storage)?);
         let base = old.base + self.offset;
         let capacity = self.shared.options.segment_bytes.max(SEGMENT_HEADER_BYTES + (size + RECORD_OVERHEAD_BYTES) as u64);
-        let fresh = Arc::new(Segment::create(&self.shared.log_dir, base, capacity)?);
+        let fresh = Arc::new(Segment::create(&self.shared.log_dir, base, capacity, storage)?);
         self.shared.replace_active(sealed, fresh.clone());
         self.active = fresh;
         self.offset = SEGMENT_HEADER_BYTES;
-        Ok(())
+        // The mark now says the log goes on past the sealed segment, so a
+        // lost newest segment is noticed at open.
+        self.marked = None;
+        self.write_mark()
     }
+}
+
+/// Id of the last record in a buffer of whole records.
+fn last_record_id(buf: &[u8]) -> u128 {
+    let body_len = u32::from_le_bytes(buf[buf.len() - 4..].try_into().expect("a record ends the buffer")) as usize;
+    let start = buf.len() - body_len - RECORD_OVERHEAD_BYTES;
+    record::decode_trusted(&buf[start..]).expect("the writer encodes valid records").id.as_u128()
 }
 
 /// The event written by a delete.

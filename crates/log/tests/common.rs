@@ -96,3 +96,22 @@ pub fn reopen(dir: &std::path::Path, options: Options) -> Result<EmbeddedStore, 
         }
     }
 }
+
+/// The durable mark (`DATA/checkpoint`) as it is now, with the store closed:
+/// put back with [`as_if_crashed`] to make later appends look like ones a
+/// crash caught before the mark covered them.
+pub struct SavedMark(Option<Vec<u8>>);
+
+pub fn save_mark(dir: &std::path::Path) -> SavedMark {
+    SavedMark(std::fs::read(dir.join("checkpoint")).ok())
+}
+
+/// What a crash leaves, as far as the mark and the index snapshot go: the
+/// saved mark back in place, and no snapshot (only a clean close writes it).
+pub fn as_if_crashed(dir: &std::path::Path, saved: &SavedMark) {
+    match &saved.0 {
+        Some(bytes) => std::fs::write(dir.join("checkpoint"), bytes).expect("restore mark"),
+        None => drop(std::fs::remove_file(dir.join("checkpoint"))),
+    }
+    let _ = std::fs::remove_file(dir.join("index.snap"));
+}

@@ -12,7 +12,7 @@ use cairn_core::{
 };
 use cairn_log::{verify, EmbeddedStore, Options};
 
-use crate::common::{reopen, segment_files, walk_records, SEGMENT_HEADER};
+use crate::common::{as_if_crashed, reopen, save_mark, segment_files, walk_records, SEGMENT_HEADER};
 
 /// Small preallocated segments, so reading a whole segment file is cheap.
 const SEG_BYTES: u64 = 1 << 20;
@@ -104,7 +104,7 @@ fn assert_corrupt<T>(result: Result<T, StoreError>, file: &Path, offset: u64, wh
 /// `keep` bytes into it; checks what `verify` and `open` make of it.
 async fn torn_tail_case(how: Cut, keep: fn(u64) -> u64) {
     let dir = tempfile::tempdir().unwrap();
-    let (before, p) = {
+    let before = {
         let store = open(dir.path());
         for i in 0..3 {
             store.append("a", ExpectedVersion::Exact(i), vec![ev(i, 10)]).await.unwrap();
@@ -113,10 +113,17 @@ async fn torn_tail_case(how: Cut, keep: fn(u64) -> u64) {
         store.append("c", ExpectedVersion::Any, vec![ev(20, 0)]).await.unwrap();
         let before = all(&store).await;
         assert_eq!(before.len(), 6);
+        before
+    };
+    // The last append is one a crash catches before the durable mark covers it.
+    let mark = save_mark(dir.path());
+    let p = {
+        let store = open(dir.path());
         let last = store.append("a", ExpectedVersion::Exact(3), vec![ev(99, 301)]).await.unwrap();
         assert_eq!(last.next_version, 4);
-        (before, last.position.0)
+        last.position.0
     };
+    as_if_crashed(dir.path(), &mark);
     let files = segment_files(dir.path());
     assert_eq!(files.len(), 1);
     let seg = &files[0];
@@ -194,16 +201,21 @@ async fn torn_tail_truncated_file_is_cut() {
 async fn incomplete_batch_case(how: Cut, from_record: usize, keep: fn(u64) -> u64) {
     let dir = tempfile::tempdir().unwrap();
     let batch = vec![ev(1, 40), ev(2, 120), ev(3, 33)];
-    let (before, result) = {
+    let before = {
         let store = open(dir.path());
         store.append("a", ExpectedVersion::NoStream, vec![ev(0, 3)]).await.unwrap();
         store.append("b", ExpectedVersion::NoStream, vec![ev(0, 3)]).await.unwrap();
         store.append("a", ExpectedVersion::Exact(1), vec![ev(0, 3), ev(0, 4)]).await.unwrap();
-        let before = all(&store).await;
+        all(&store).await
+    };
+    let mark = save_mark(dir.path());
+    let result = {
+        let store = open(dir.path());
         let r = store.append("b", ExpectedVersion::Exact(1), batch.clone()).await.unwrap();
         assert_eq!(r.next_version, 4);
-        (before, r)
+        r
     };
+    as_if_crashed(dir.path(), &mark);
     let seg = segment_files(dir.path()).remove(0);
     let original = fs::read(&seg).unwrap();
     let records = walk_records(&original);
@@ -485,4 +497,137 @@ async fn crash_during_segment_roll_still_opens() {
         assert!(!tmp.exists(), "the leftover of an unfinished roll is removed at open");
         store.append("s0", ExpectedVersion::Any, vec![ev(1, 1)]).await.unwrap();
     }
+}
+
+// ---------------------------------------------------------------------------
+// (g) damage below the durable mark: acknowledged events are never cut
+
+/// Two appends to `acct-1`, acknowledged and closed cleanly (so the durable
+/// mark covers both); then one byte flipped 20 bytes into the second record.
+/// That is not a torn write: the store must refuse to open, naming the file
+/// and the record's offset, and change nothing; `verify` must agree.
+#[tokio::test]
+async fn damage_in_the_newest_acknowledged_append_refuses_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let second = {
+        let store = open(dir.path());
+        store.append("acct-1", ExpectedVersion::NoStream, vec![ev(1, 10)]).await.unwrap();
+        store.append("acct-1", ExpectedVersion::Exact(1), vec![ev(2, 10)]).await.unwrap().position.0
+    };
+    let seg = segment_files(dir.path()).remove(0);
+    for how in ["flip", "zero"] {
+        match how {
+            "flip" => flip(&seg, second + 20),
+            _ => cut(&seg, second + 20, second + 40, Cut::Zero),
+        }
+        let damaged = disk(dir.path());
+        let reason = assert_corrupt(reopen(dir.path(), opts()), &seg, second, how);
+        assert!(reason.contains("acknowledged") && reason.contains("checkpoint"), "{how}: {reason}");
+        assert!(disk(dir.path()) == damaged, "{how}: a refused open changes nothing");
+        assert_corrupt(verify(dir.path(), |_, _| {}), &seg, second, &format!("verify, {how}"));
+        assert!(disk(dir.path()) == damaged, "{how}: verify changes nothing");
+        // A second attempt refuses the same way (nothing was cut the first time).
+        assert_corrupt(reopen(dir.path(), opts()), &seg, second, how);
+        if how == "flip" {
+            flip(&seg, second + 20);
+            let store = open(dir.path());
+            assert_eq!(stream(&store, "acct-1").await.len(), 2, "with the byte restored, both events are there");
+        }
+    }
+}
+
+/// The end of the log goes missing: the active segment truncated at a record
+/// boundary, the newest of three segments removed, the only segment removed.
+/// Each open refuses and changes nothing; putting the files back opens with
+/// every event (a sealed segment is never re-extended because a later one is
+/// missing).
+#[tokio::test]
+async fn a_missing_log_end_refuses_to_open_and_the_files_can_be_put_back() {
+    // The active segment truncated at a record boundary.
+    let dir = tempfile::tempdir().unwrap();
+    let before = {
+        let store = open(dir.path());
+        for i in 0..20 {
+            store.append("s", ExpectedVersion::Any, vec![ev(i, 10)]).await.unwrap();
+        }
+        all(&store).await
+    };
+    let seg = segment_files(dir.path()).remove(0);
+    let original = fs::read(&seg).unwrap();
+    let records = walk_records(&original);
+    let (at, _) = records[records.len() - 3];
+    cut(&seg, at, 0, Cut::Truncate);
+    let damaged = disk(dir.path());
+    let reason = assert_corrupt(reopen(dir.path(), opts()), &seg, at, "truncated at a record boundary");
+    assert!(reason.contains("ends early"), "{reason}");
+    assert!(disk(dir.path()) == damaged, "nothing changed");
+    assert!(verify(dir.path(), |_, _| {}).is_err(), "verify agrees");
+    fs::write(&seg, &original).unwrap();
+    assert_eq!(all(&open(dir.path())).await, before);
+
+    // The newest of three segments removed, then put back.
+    let dir = tempfile::tempdir().unwrap();
+    let small = Options { segment_bytes: 16 * 1024, ..Options::default() };
+    let before = {
+        let store = EmbeddedStore::open_with(dir.path(), small.clone()).unwrap();
+        populate(&store, 70, 500).await;
+        all(&store).await
+    };
+    let files = segment_files(dir.path());
+    assert!(files.len() >= 3, "{} segments", files.len());
+    let newest = files.last().unwrap().clone();
+    let aside = dir.path().join("newest.aside");
+    fs::rename(&newest, &aside).unwrap();
+    let damaged = disk(dir.path());
+    let previous = &files[files.len() - 2];
+    let previous_len = fs::metadata(previous).unwrap().len();
+    match reopen(dir.path(), small.clone()) {
+        Err(StoreError::Corrupt { file, reason, .. }) => {
+            assert_eq!(Path::new(&file), previous.as_path(), "names the segment the log now ends with");
+            assert!(reason.contains("ends early"), "{reason}");
+        }
+        other => panic!("expected Corrupt, got {:?}", other.map(|_| ())),
+    }
+    assert!(disk(dir.path()) == damaged, "nothing changed");
+    assert_eq!(fs::metadata(previous).unwrap().len(), previous_len, "the sealed segment is not re-extended");
+    fs::rename(&aside, &newest).unwrap();
+    let store = EmbeddedStore::open_with(dir.path(), small.clone()).unwrap();
+    assert_eq!(all(&store).await, before, "with the segment back, every event is there");
+    drop(store);
+
+    // The only segment removed: not an empty store.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        populate(&store, 5, 10).await;
+    }
+    let seg = segment_files(dir.path()).remove(0);
+    let bytes = fs::read(&seg).unwrap();
+    fs::remove_file(&seg).unwrap();
+    let damaged = disk(dir.path());
+    assert!(matches!(reopen(dir.path(), opts()), Err(StoreError::Corrupt { .. })), "a store whose only segment is gone must not open empty");
+    assert!(disk(dir.path()) == damaged, "nothing changed");
+    fs::write(&seg, &bytes).unwrap();
+    assert_eq!(all(&open(dir.path())).await.len(), 5);
+}
+
+/// A newest segment that is full (its successor's creation was cut short
+/// after sealing it) is left as it is: the store starts the next segment.
+#[tokio::test]
+async fn a_full_newest_segment_is_not_written_again() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        populate(&store, 10, 30).await;
+    }
+    let seg0 = segment_files(dir.path()).remove(0);
+    let &(at, len) = walk_records(&fs::read(&seg0).unwrap()).last().unwrap();
+    OpenOptions::new().write(true).open(&seg0).unwrap().set_len(at + len).unwrap();
+    let sealed = fs::read(&seg0).unwrap();
+    let store = open(dir.path());
+    store.append("s0", ExpectedVersion::Any, vec![ev(1, 1)]).await.unwrap();
+    drop(store);
+    assert_eq!(fs::read(&seg0).unwrap(), sealed, "the sealed segment is unchanged");
+    assert_eq!(segment_files(dir.path()).len(), 2);
+    assert_eq!(all(&open(dir.path())).await.len(), 11);
 }

@@ -1,0 +1,172 @@
+//! The durable mark (`DATA/checkpoint`): how many events the log held, and
+//! the id of the newest, at some moment they were all durable. The writer
+//! rewrites it after a segment roll, about once a second while appends come
+//! in, and at close. Recovery compares the log against it: a log that ends
+//! before the mark, or no longer holds the mark's newest event, lost
+//! acknowledged events (a damaged tail, a truncated or missing segment), so
+//! the store refuses to open instead of cutting them as a torn write.
+//!
+//! The file holds two 64-byte slots written in turn, each with its own CRC,
+//! so a torn write of one leaves the other: `[magic 8][version u32][0 u32]
+//! [seq u64][head u64][events u64][last id u128][crc32c u32][0 u32]`.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use cairn_core::StoreError;
+
+use crate::storage::Storage;
+
+pub const FILE: &str = "checkpoint";
+const MAGIC: &[u8; 8] = b"CAIRNCKP";
+const VERSION: u32 = 1;
+const SLOT_BYTES: usize = 64;
+
+/// What was durable when the mark was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Mark {
+    pub seq: u64,
+    /// The durable head then (for messages: positions move when segments roll).
+    pub head: u64,
+    /// Events in the log then, system events included.
+    pub events: u64,
+    /// Id of the newest of them (0 while the log is empty).
+    pub last_id: u128,
+}
+
+fn encode(m: &Mark) -> [u8; SLOT_BYTES] {
+    let mut b = [0u8; SLOT_BYTES];
+    b[0..8].copy_from_slice(MAGIC);
+    b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    b[16..24].copy_from_slice(&m.seq.to_le_bytes());
+    b[24..32].copy_from_slice(&m.head.to_le_bytes());
+    b[32..40].copy_from_slice(&m.events.to_le_bytes());
+    b[40..56].copy_from_slice(&m.last_id.to_le_bytes());
+    let crc = crc32c::crc32c(&b[0..56]);
+    b[56..60].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// A slot's mark; `Ok(None)` for a never-written (all zero) slot.
+fn decode(b: &[u8]) -> Result<Option<Mark>, String> {
+    if b.iter().all(|x| *x == 0) {
+        return Ok(None);
+    }
+    let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+    if &b[0..8] != MAGIC {
+        return Err("bad magic bytes".into());
+    }
+    if crc32c::crc32c(&b[0..56]) != u32::from_le_bytes(b[56..60].try_into().unwrap()) {
+        return Err("checksum mismatch".into());
+    }
+    let version = u32::from_le_bytes(b[8..12].try_into().unwrap());
+    if version != VERSION {
+        return Err(format!("format version {version} is not supported (this build reads {VERSION})"));
+    }
+    let last_id = u128::from_le_bytes(b[40..56].try_into().unwrap());
+    Ok(Some(Mark { seq: u64_at(16), head: u64_at(24), events: u64_at(32), last_id }))
+}
+
+pub fn path(dir: &Path) -> PathBuf {
+    dir.join(FILE)
+}
+
+/// The newest intact mark; `None` if there is no file (a new store, or one
+/// written before marks existed). Both slots damaged is corruption.
+pub fn read(dir: &Path) -> Result<Option<Mark>, StoreError> {
+    let path = path(dir);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StoreError::io(&path, e)),
+    };
+    let mut newest: Option<Mark> = None;
+    let mut damage = None;
+    for (i, slot) in bytes.chunks(SLOT_BYTES).take(2).enumerate() {
+        if slot.len() < SLOT_BYTES {
+            damage.get_or_insert((i * SLOT_BYTES, "the slot is cut short".to_string()));
+            continue;
+        }
+        match decode(slot) {
+            Ok(Some(m)) if newest.is_none_or(|n| m.seq > n.seq) => newest = Some(m),
+            Ok(_) => {}
+            Err(why) => {
+                damage.get_or_insert((i * SLOT_BYTES, why));
+            }
+        }
+    }
+    match (newest, damage) {
+        (Some(m), _) => Ok(Some(m)),
+        (None, Some((offset, why))) => Err(StoreError::Corrupt {
+            file: path.display().to_string(),
+            offset: offset as u64,
+            reason: format!("{why}: no intact copy of the durable mark is left; restore the data directory from a backup, or delete this file to open without checking the log's end against it"),
+        }),
+        (None, None) => Ok(None),
+    }
+}
+
+/// The open mark file, for the writer.
+pub struct MarkFile {
+    file: File,
+    path: PathBuf,
+    next_seq: u64,
+}
+
+impl MarkFile {
+    /// Opens (or creates, durably) the mark file; `last` is the mark read at open.
+    pub fn open(dir: &Path, last: Option<Mark>, storage: &dyn Storage) -> Result<MarkFile, StoreError> {
+        let path = path(dir);
+        let file = match storage.open(&path, true) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let f = storage.create(&path).map_err(|e| StoreError::io(&path, e))?;
+                storage.set_len(&f, 2 * SLOT_BYTES as u64).map_err(|e| StoreError::io(&path, e))?;
+                storage.sync_all(&f).map_err(|e| StoreError::io(&path, e))?;
+                storage.sync_dir(dir).map_err(|e| StoreError::io(dir, e))?;
+                f
+            }
+            Err(e) => return Err(StoreError::io(&path, e)),
+        };
+        Ok(MarkFile { file, path, next_seq: last.map_or(1, |m| m.seq + 1) })
+    }
+
+    /// Writes the mark into the older slot and syncs it.
+    pub fn write(&mut self, storage: &dyn Storage, head: u64, events: u64, last_id: u128) -> Result<Mark, StoreError> {
+        let mark = Mark { seq: self.next_seq, head, events, last_id };
+        let slot = (mark.seq % 2) * SLOT_BYTES as u64;
+        let io = |e| StoreError::io(&self.path, e);
+        storage.write_at(&self.file, &encode(&mark), slot).map_err(io)?;
+        storage.sync_data(&self.file).map_err(io)?;
+        self.next_seq += 1;
+        Ok(mark)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_intact_slot_wins_and_a_torn_one_is_survived() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read(dir.path()).unwrap(), None);
+        let storage = crate::storage::OsStorage;
+        let mut f = MarkFile::open(dir.path(), None, &storage).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), None, "a fresh file holds no mark");
+        f.write(&storage, 100, 3, 7).unwrap();
+        let second = f.write(&storage, 200, 5, 9).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Some(second));
+        // Damage the newer slot: the older one is used.
+        let mut bytes = std::fs::read(path(dir.path())).unwrap();
+        let newer = (second.seq % 2) as usize * SLOT_BYTES;
+        bytes[newer + 30] ^= 1;
+        std::fs::write(path(dir.path()), &bytes).unwrap();
+        assert_eq!(read(dir.path()).unwrap().map(|m| m.events), Some(3));
+        // Both damaged: refused, naming the file.
+        let older = SLOT_BYTES - newer;
+        bytes[older + 30] ^= 1;
+        std::fs::write(path(dir.path()), &bytes).unwrap();
+        assert!(matches!(read(dir.path()), Err(StoreError::Corrupt { .. })));
+    }
+}
