@@ -1063,6 +1063,146 @@ pub async fn subscription_filter_applies_a_predicate(store: Store) {
     assert_eq!(versions(&[next_event(&mut typed).await, next_event(&mut typed).await]), vec![2, 3], "any subscription can be filtered");
 }
 
+/// JSON payloads are checked as readers will parse them (serde_json in
+/// responses and clients): too deep, a lone surrogate escape or bad UTF-8
+/// is refused with the reason, so no stored event can break a read.
+pub async fn json_payloads_readers_cannot_parse_rejected(store: Store) {
+    let s = unique("account");
+    let max = Limits::default().json_depth_max;
+    let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+    let refused = [
+        (nested(200).into_bytes(), "deeper than"),
+        (nested(max + 1).into_bytes(), "deeper than"),
+        (format!(r#"{{"a":{}}}"#, nested(max)).into_bytes(), "deeper than"),
+        (br#"{"a":"\ud800"}"#.to_vec(), "surrogate"),
+        (br#"["x\udc00y"]"#.to_vec(), "surrogate"),
+        (br#"{"\ud800":1}"#.to_vec(), "surrogate"),
+        (b"\"\xff\"".to_vec(), "JSON"),
+    ];
+    for (payload, says) in refused {
+        let text = String::from_utf8_lossy(&payload).into_owned();
+        match store.append(&s, ExpectedVersion::Any, vec![deposit(1), NewEvent::json_bytes("Odd", payload)]).await {
+            Err(StoreError::InvalidEvent(m)) => assert!(m.contains("event 1") && m.contains(says), "{text:.40}: the error should say {says:?}: {m}"),
+            other => panic!("expected InvalidEvent for {text:.40}, got {other:?}"),
+        }
+    }
+    assert_err!(store.stream_info(&s).await, StoreError::StreamNotFound { .. });
+    // What strict parsers take is fine: the deepest nesting allowed, a
+    // surrogate pair, and \u0000 (payloads are bytes on every backend).
+    let fine = [nested(max), format!(r#"{{"a":{}}}"#, nested(max - 1)), r#"{"a":"\ud83d\ude00","b":"x\u0000y"}"#.to_string()];
+    let before = store.last_position().await.unwrap();
+    let events = fine.iter().map(|p| NewEvent::json_bytes("Odd", p.clone())).collect();
+    store.append(&s, ExpectedVersion::NoStream, events).await.expect("payloads within the rules");
+    let back = read(&store, &s).await;
+    for (e, p) in back.iter().zip(&fine) {
+        assert_eq!(e.data, p.as_bytes(), "a JSON payload reads back as it was written");
+        e.json::<serde_json::Value>().expect("a payload serde_json can parse");
+    }
+    let all = all_after(&store, before).await;
+    assert_eq!(all.iter().filter(|e| e.stream == s).count(), 3, "$all reads them too");
+    assert_eq!(back[2].json::<serde_json::Value>().unwrap()["b"], "x\u{0}y");
+}
+
+/// Names are what people read and match: control characters, and invisible
+/// or bidi-control ones that make a name look like another, are refused in
+/// stream names, event types, tags and categories, naming the character.
+pub async fn names_with_control_or_invisible_characters_rejected(store: Store) {
+    let s = unique("account");
+    let typed = |t: &str| NewEvent::json(t, &serde_json::json!({"amount": 2})).unwrap();
+    for (t, says) in [("Money\u{0}Deposited", "U+0000"), ("Money\tDeposited", "control character"), ("Deposit\u{202E}ed", "U+202E"),
+                      ("\u{200B}Deposited", "U+200B"), ("Deposited\u{FEFF}", "U+FEFF"), ("A\u{2028}B", "U+2028"), ("A\u{E0041}", "U+E0041")] {
+        match store.append(&s, ExpectedVersion::Any, vec![deposit(1), typed(t)]).await {
+            Err(StoreError::InvalidEvent(m)) => assert!(m.contains("event 1") && m.contains(says), "type {t:?}: the error should say {says:?}: {m}"),
+            other => panic!("expected InvalidEvent for type {t:?}, got {other:?}"),
+        }
+        let query = Query::types([t]);
+        assert_err!(store.read_query(&query, ReadAllOptions::forward()).await, StoreError::InvalidArgument(m) if m.contains(says));
+    }
+    for (name, says) in [(format!("{s}\u{202E}x"), "U+202E"), (format!("a\u{200D}{s}"), "U+200D"), (format!("$snapshots-{s}\u{2066}"), "U+2066")] {
+        match store.append(&name, ExpectedVersion::Any, vec![deposit(1)]).await {
+            Err(StoreError::InvalidStreamName { reason, .. }) => assert!(reason.contains(says), "{name:?}: the reason should say {says:?}: {reason}"),
+            other => panic!("expected InvalidStreamName for {name:?}, got {other:?}"),
+        }
+    }
+    match store.append(&s, ExpectedVersion::Any, vec![deposit(1).with_tags(["student:\u{2067}42"])]).await {
+        Err(StoreError::InvalidEvent(m)) => assert!(m.contains("U+2067"), "the error names the character: {m}"),
+        other => panic!("expected InvalidEvent, got {other:?}"),
+    }
+    assert_err!(store.read_query(&Query::tags(["a\u{00AD}b"]), ReadAllOptions::forward()).await, StoreError::InvalidArgument(m) if m.contains("U+00AD"));
+    assert_err!(store.read_query(&Query::category("acc\u{061C}ount"), ReadAllOptions::forward()).await, StoreError::InvalidArgument(m) if m.contains("U+061C"));
+    assert_err!(store.stream_info(&s).await, StoreError::StreamNotFound { .. });
+    // Letters of any script are names like any other.
+    let tag = format!("{}:ü", unique_tag("名前"));
+    store.append(&s, ExpectedVersion::NoStream, vec![typed("Überweisung").with_tags([tag.as_str()])]).await.expect("non-ASCII letters are fine");
+    let found = query(&store, &Query::new([QueryItem::tags([tag.as_str()]).with_types(["Überweisung"])]), ReadAllOptions::forward()).await;
+    assert_eq!(found.len(), 1);
+}
+
+/// `After(u64::MAX)` on a stream is past every version there can be: the
+/// subscription delivers nothing, rather than wrapping round to version 1.
+pub async fn subscribe_stream_after_the_largest_version_delivers_nothing(store: Store) {
+    let s = unique("account");
+    append_n(&store, &s, 1, 2).await;
+    let mut sub = store.subscribe(SubscriptionTarget::Stream(s.clone()), StartFrom::After(u64::MAX)).await.unwrap();
+    append_n(&store, &s, 3, 1).await;
+    let got = tokio::time::timeout(Duration::from_millis(500), sub.next()).await;
+    assert!(got.is_err(), "a subscription after u64::MAX delivered {:?}", got.ok().flatten().map(|r| r.map(|e| e.version)));
+}
+
+/// An event id is the append's identity: resending it with another type,
+/// payload or tags is refused (nothing written), not answered with the first
+/// result; an identical retry still gets the original result. A conflict
+/// over part of a batch names the event that was written.
+pub async fn reused_id_with_other_content_conflicts(store: Store) {
+    let s = unique("account");
+    let first = deposit(1);
+    let done = store.append(&s, ExpectedVersion::Any, vec![first.clone()]).await.unwrap();
+    let mut other_payload = deposit(2);
+    other_payload.id = first.id;
+    assert_err!(store.append(&s, ExpectedVersion::Any, vec![other_payload]).await, StoreError::IdempotencyConflict { .. });
+    let mut other_type = first.clone();
+    other_type.event_type = "MoneyWithdrawn".into();
+    assert_err!(store.append(&s, ExpectedVersion::Any, vec![other_type]).await, StoreError::IdempotencyConflict { .. });
+    let other_tags = first.clone().with_tags(["account:1"]);
+    assert_err!(store.append(&s, ExpectedVersion::Any, vec![other_tags]).await, StoreError::IdempotencyConflict { .. });
+    assert_eq!(store.append(&s, ExpectedVersion::Any, vec![first.clone()]).await.unwrap(), done, "an identical retry");
+    let fresh = deposit(3);
+    match store.append(&s, ExpectedVersion::Any, vec![fresh.clone(), first.clone()]).await {
+        Err(StoreError::IdempotencyConflict { id, .. }) => assert_eq!(id, first.id, "names the event that was written"),
+        other => panic!("expected an idempotency conflict, got {other:?}"),
+    }
+    assert_eq!(versions(&read(&store, &s).await), vec![1], "nothing more was written");
+}
+
+/// After a soft delete, resending an append written before it does not
+/// claim success for events the stream no longer has.
+pub async fn retry_after_soft_delete_conflicts(store: Store) {
+    let s = unique("account");
+    let first = deposit(1);
+    store.append(&s, ExpectedVersion::Any, vec![first.clone()]).await.unwrap();
+    store.delete_stream(&s, ExpectedVersion::Any, false).await.unwrap();
+    match store.append(&s, ExpectedVersion::Any, vec![first.clone()]).await {
+        Err(StoreError::IdempotencyConflict { id, detail }) => {
+            assert_eq!(id, first.id);
+            assert!(detail.contains("deleted"), "{detail}");
+        }
+        other => panic!("expected an idempotency conflict, got {other:?}"),
+    }
+    assert_err!(store.read_stream(&s, ReadStreamOptions::forward()).await, StoreError::StreamNotFound { .. });
+}
+
+/// A max age too large to count in microseconds hides nothing (it used to
+/// overflow and hide the whole stream).
+pub async fn huge_max_age_hides_nothing(store: Store) {
+    let s = unique("account");
+    append_n(&store, &s, 1, 3).await;
+    for max_age in [1u64 << 62, 1 << 63, u64::MAX] {
+        let metadata = StreamMetadata { max_age_secs: Some(max_age), ..Default::default() };
+        store.set_stream_metadata(&s, metadata).await.unwrap();
+        assert_eq!(versions(&read(&store, &s).await), vec![1, 2, 3], "max_age_secs {max_age}");
+    }
+}
+
 /// Instantiates every conformance test for a backend: `$make` is an expression
 /// giving `(Arc<dyn EventStore>, guard)`.
 #[macro_export]
@@ -1084,7 +1224,9 @@ macro_rules! conformance_suite {
             concurrent_conditional_appends_one_wins, subscribe_query_catch_up_then_live,
             category_reads_in_order, category_combines_with_types_tags_and_conditions, invalid_categories_rejected,
             subscribe_category_catch_up_then_live, subscribe_category_resumes_after_a_checkpoint,
-            subscription_filter_applies_a_predicate);
+            subscription_filter_applies_a_predicate, json_payloads_readers_cannot_parse_rejected,
+            names_with_control_or_invisible_characters_rejected, subscribe_stream_after_the_largest_version_delivers_nothing,
+            reused_id_with_other_content_conflicts, retry_after_soft_delete_conflicts, huge_max_age_hides_nothing);
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
         $(
