@@ -44,12 +44,30 @@ impl StreamEntry {
             first = first.max(version.saturating_sub(max_count) + 1);
         }
         if let Some(max_age) = self.metadata.max_age_secs {
-            let oldest_us = now_us.saturating_sub((max_age as i64).saturating_mul(1_000_000));
+            // A max age past i64 microseconds (about 292,000 years) hides nothing.
+            let max_age_us = i64::try_from(max_age).unwrap_or(i64::MAX).saturating_mul(1_000_000);
+            let oldest_us = now_us.saturating_sub(max_age_us);
             // Timestamps never decrease within the log, so a binary search works.
             let older = self.timestamps.partition_point(|t| *t < oldest_us) as u64;
             first = first.max(older + 1);
         }
         first
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_max_age_hides_nothing() {
+        let mut entry = StreamEntry { positions: vec![10, 20, 30], timestamps: vec![1, 2, 3], ..Default::default() };
+        for max_age in [1u64 << 62, 1 << 63, u64::MAX] {
+            entry.metadata.max_age_secs = Some(max_age);
+            assert_eq!(entry.first_visible_version(1_000_000_000), 1, "max_age_secs {max_age}");
+        }
+        entry.metadata.max_age_secs = Some(1);
+        assert_eq!(entry.first_visible_version(10_000_000), 4, "a short max age still hides old events");
     }
 }
 

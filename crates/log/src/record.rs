@@ -116,6 +116,16 @@ impl<'a> RecordView<'a> {
         self.flags & FLAG_BATCH_END != 0
     }
 
+    /// Whether this record holds `event`'s content: type, payload, content
+    /// type and tags (what a retry of the same append must resend).
+    pub fn same_content(&self, event: &NewEvent) -> bool {
+        let binary = self.flags & FLAG_BINARY != 0;
+        self.event_type == event.event_type
+            && self.data == &event.data[..]
+            && binary == (event.content_type == ContentType::Binary)
+            && self.tags().eq(event.tags.iter().map(String::as_str))
+    }
+
     /// The event's tags, without copying.
     pub fn tags(&self) -> impl Iterator<Item = &'a str> + use<'a> {
         let mut r = Reader { bytes: self.tags };

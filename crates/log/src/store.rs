@@ -169,11 +169,6 @@ impl Shared {
             .and_then(|start| self.with_record(seg.base + start, |v| v.batch_end()))
             .unwrap_or(false)
     }
-
-    /// Stream, version and batch-end flag of the event at `position`.
-    pub fn record_summary(&self, position: u64) -> Option<(String, u64, bool)> {
-        self.with_record(position, |v| (v.stream.to_string(), v.version, v.batch_end()))
-    }
 }
 
 /// Closes the store when the last handle goes: lets the writer drain, then

@@ -49,6 +49,8 @@ pub struct AppendRequest {
 /// An event of the group not yet durable, for idempotency checks inside the group.
 struct PendingId {
     stream: Arc<str>,
+    /// Where its record starts in the group's buffer.
+    at: usize,
     version: u64,
     position: u64,
     batch_start: bool,
@@ -381,53 +383,75 @@ impl Writer {
             position = self.active.base + self.offset + self.group.buf.len() as u64;
             let batch_end = i + 1 == count;
             let batch_start = i == 0;
+            let at = self.group.buf.len();
             if user {
-                self.group.user_events.push((position, self.group.buf.len()));
+                self.group.user_events.push((position, at));
             }
             record::encode(&mut self.group.buf, &req.stream, version, Timestamp(now), event, batch_end);
-            self.group.ids.insert(event.id, PendingId { stream: stream.clone(), version, position, batch_start, batch_end });
+            self.group.ids.insert(event.id, PendingId { stream: stream.clone(), at, version, position, batch_start, batch_end });
         }
         self.group.streams.insert(req.stream.clone(), (version, StreamState::Live));
         AppendResult { next_version: version, position: Position(position) }
     }
 
     /// Idempotent retries: if the batch's ids were all written, in this order,
-    /// as one whole earlier append to this stream, returns that append's result.
+    /// with the same content, as one whole earlier append to this stream's
+    /// current incarnation, returns that append's result. Any other reuse of
+    /// an id is a conflict, and nothing is written.
     fn already_written(&self, req: &AppendRequest) -> Result<Option<AppendResult>, StoreError> {
-        let index = self.shared.index.read().unwrap();
-        let lookup = |id: &Uuid| -> Option<(String, u64, u64, bool)> {
-            if let Some(p) = self.group.ids.get(id) {
-                return Some((p.stream.to_string(), p.version, p.position, p.batch_end));
-            }
-            let position = *index.ids.get(&id.as_u128())?;
-            let (stream, version, batch_end) = self.shared.record_summary(position)?;
-            Some((stream, version, position, batch_end))
-        };
-        let found: Vec<_> = req.events.iter().map(|e| lookup(&e.id)).collect();
-        if found.iter().all(Option::is_none) {
-            return Ok(None);
+        struct Hit {
+            stream: String,
+            version: u64,
+            position: u64,
+            batch_end: bool,
+            same: bool,
         }
+        let index = self.shared.index.read().unwrap();
+        let lookup = |event: &NewEvent| -> Option<Hit> {
+            if let Some(p) = self.group.ids.get(&event.id) {
+                let view = record::decode_trusted(&self.group.buf[p.at..]).expect("the writer encodes valid records");
+                let same = view.same_content(event);
+                return Some(Hit { stream: p.stream.to_string(), version: p.version, position: p.position, batch_end: p.batch_end, same });
+            }
+            let position = *index.ids.get(&event.id.as_u128())?;
+            let (stream, version, batch_end, same) =
+                self.shared.with_record(position, |v| (v.stream.to_string(), v.version, v.batch_end(), v.same_content(event)))?;
+            Some(Hit { stream, version, position, batch_end, same })
+        };
+        let found: Vec<_> = req.events.iter().map(lookup).collect();
+        let Some(first_found) = req.events.iter().zip(&found).find(|(_, h)| h.is_some()).map(|(e, _)| e.id) else {
+            return Ok(None);
+        };
         let conflict = |id: Uuid, detail: String| Err(StoreError::IdempotencyConflict { id, detail });
         let mut last = None;
         for (event, hit) in req.events.iter().zip(&found) {
-            let Some((stream, version, position, batch_end)) = hit else {
-                return conflict(req.events[0].id, "but other events of the batch were not".into());
+            let Some(hit) = hit else {
+                return conflict(first_found, format!("but event {} of the same batch was not", event.id));
             };
-            if *stream != req.stream {
-                return conflict(event.id, format!("to stream '{stream}'"));
+            if hit.stream != req.stream {
+                return conflict(event.id, format!("to stream '{}'", hit.stream));
+            }
+            if !hit.same {
+                return conflict(event.id, "with a different type, payload or tags".into());
             }
             if let Some((prev_version, _, _)) = last
-                && *version != prev_version + 1
+                && hit.version != prev_version + 1
             {
                 return conflict(event.id, "but not as part of the same append".into());
             }
-            last = Some((*version, *position, *batch_end));
+            // Soft-deleted since: the event is no longer part of the stream.
+            let pending = self.group.ids.contains_key(&event.id);
+            let current = pending || index.streams.get(&hit.stream).and_then(|s| s.positions.get(hit.version as usize - 1)) == Some(&hit.position);
+            if !current {
+                return conflict(event.id, format!("to stream '{}', which was deleted since; send new ids to write it again", hit.stream));
+            }
+            last = Some((hit.version, hit.position, hit.batch_end));
         }
         let (version, position, batch_end) = last.expect("batch is not empty");
         let first = &req.events[0].id;
         let batch_start = match self.group.ids.get(first) {
             Some(p) => p.batch_start,
-            None => found[0].as_ref().is_some_and(|(_, _, at, _)| self.shared.starts_append(*at)),
+            None => found[0].as_ref().is_some_and(|h| self.shared.starts_append(h.position)),
         };
         if !batch_end || !batch_start {
             return conflict(req.events[0].id, "as part of a larger append".into());
