@@ -6,8 +6,9 @@
 //! acknowledged events (a damaged tail, a truncated or missing segment), so
 //! the store refuses to open instead of cutting them as a torn write.
 //!
-//! The file holds two 64-byte slots written in turn, each with its own CRC,
-//! so a torn write of one leaves the other: `[magic 8][version u32][0 u32]
+//! The file holds two 64-byte slots, each with its own CRC, both rewritten
+//! (one, then the other) with every mark, so a torn write or later damage of
+//! one leaves the other: `[magic 8][version u32][0 u32]
 //! [seq u64][head u64][events u64][last id u128][crc32c u32][0 u32]`.
 
 use std::fs::File;
@@ -131,13 +132,17 @@ impl MarkFile {
         Ok(MarkFile { file, path, next_seq: last.map_or(1, |m| m.seq + 1) })
     }
 
-    /// Writes the mark into the older slot and syncs it.
+    /// Writes the mark into both slots, one after the other, each synced: a
+    /// torn write leaves the other slot whole, and damage to one slot later
+    /// leaves the same mark in the other. About once a second, so two syncs
+    /// cost nothing that matters.
     pub fn write(&mut self, storage: &dyn Storage, head: u64, events: u64, last_id: u128) -> Result<Mark, StoreError> {
         let mark = Mark { seq: self.next_seq, head, events, last_id };
-        let slot = (mark.seq % 2) * SLOT_BYTES as u64;
         let io = |e| StoreError::io(&self.path, e);
-        storage.write_at(&self.file, &encode(&mark), slot).map_err(io)?;
-        storage.sync_data(&self.file).map_err(io)?;
+        for slot in [mark.seq % 2, (mark.seq + 1) % 2] {
+            storage.write_at(&self.file, &encode(&mark), slot * SLOT_BYTES as u64).map_err(io)?;
+            storage.sync_data(&self.file).map_err(io)?;
+        }
         self.next_seq += 1;
         Ok(mark)
     }
@@ -157,15 +162,20 @@ mod tests {
         f.write(&storage, 100, 3, 7).unwrap();
         let second = f.write(&storage, 200, 5, 9).unwrap();
         assert_eq!(read(dir.path()).unwrap(), Some(second));
-        // Damage the newer slot: the older one is used.
+        // Damage one slot: the other holds the same mark.
         let mut bytes = std::fs::read(path(dir.path())).unwrap();
-        let newer = (second.seq % 2) as usize * SLOT_BYTES;
-        bytes[newer + 30] ^= 1;
+        bytes[30] ^= 1;
         std::fs::write(path(dir.path()), &bytes).unwrap();
-        assert_eq!(read(dir.path()).unwrap().map(|m| m.events), Some(3));
+        assert_eq!(read(dir.path()).unwrap(), Some(second));
+        // A write torn after the first slot: the newer mark wins.
+        let mut torn = std::fs::read(path(dir.path())).unwrap();
+        let third = Mark { seq: second.seq + 1, head: 300, events: 8, last_id: 11 };
+        torn[SLOT_BYTES..].copy_from_slice(&encode(&third));
+        torn[..SLOT_BYTES].copy_from_slice(&encode(&second));
+        std::fs::write(path(dir.path()), &torn).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Some(third));
         // Both damaged: refused, naming the file.
-        let older = SLOT_BYTES - newer;
-        bytes[older + 30] ^= 1;
+        bytes[SLOT_BYTES + 30] ^= 1;
         std::fs::write(path(dir.path()), &bytes).unwrap();
         assert!(matches!(read(dir.path()), Err(StoreError::Corrupt { .. })));
     }

@@ -303,6 +303,30 @@ mod tests {
         assert_eq!(got.timestamp, Timestamp(42));
     }
 
+    proptest::proptest! {
+        /// The decoder takes any bytes without panicking, and what it
+        /// accepts is a record whose length fits the input.
+        #[test]
+        fn any_bytes_decode_without_panicking(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            if let Ok(view) = decode(&bytes) {
+                proptest::prop_assert!(view.len <= bytes.len());
+                let _ = view.to_event_sharing(Position(1), Bytes::new());
+            }
+            let _ = decode_trusted(&bytes).map(|v| v.tags().count());
+        }
+
+        /// A valid record with arbitrary bytes changed is refused, or (if the
+        /// change kept every checksum right, which the flips here never do) equal.
+        #[test]
+        fn damaged_records_are_refused(at in 0usize..4096, xor in 1u8..=255) {
+            let mut buf = Vec::new();
+            encode(&mut buf, "acct-1", 3, Timestamp(5), &sample(), true);
+            let at = at % buf.len();
+            buf[at] ^= xor;
+            proptest::prop_assert!(decode(&buf).is_err(), "damage at byte {} went unnoticed", at);
+        }
+    }
+
     #[test]
     fn every_flipped_byte_and_every_cut_is_detected() {
         let mut buf = Vec::new();

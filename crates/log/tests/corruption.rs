@@ -631,3 +631,24 @@ async fn a_full_newest_segment_is_not_written_again() {
     assert_eq!(segment_files(dir.path()).len(), 2);
     assert_eq!(all(&open(dir.path())).await.len(), 11);
 }
+
+/// Events are nobody else's business: a new data directory is 0700 and
+/// every file the store writes (segments, mark, snapshot, lock) is 0600.
+#[tokio::test]
+async fn a_new_store_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("data");
+    {
+        let store = EmbeddedStore::open_with(&dir, Options { segment_bytes: 8 * 1024, ..opts() }).unwrap();
+        populate(&store, 40, 300).await;
+    }
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700, "the data directory");
+    assert_eq!(mode(&dir.join("log")), 0o700, "the log directory");
+    let files: Vec<_> = disk(&dir).into_iter().map(|(p, _)| p).collect();
+    assert!(files.len() >= 5, "{files:?}");
+    for f in files {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+}

@@ -4,6 +4,7 @@ mod common;
 mod conformance;
 mod corruption;
 mod crash;
+mod damage;
 mod dcb;
 mod faults;
 mod model;
