@@ -98,15 +98,26 @@ pub fn router(app: Arc<App>) -> Router {
 
 /// Who is asking: the key's principal, or an admin when auth is off.
 async fn authenticate(State(app): Shared, ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>, mut request: Request, next: Next) -> Response {
+    // Browsers' EventSource cannot send headers, so the two subscribe routes
+    // take the key as `access_token`; anywhere else it would only leak into logs.
+    let decode = |text: &str| percent_encoding::percent_decode_str(text).decode_utf8_lossy().into_owned();
+    let from_query = request.uri().query().and_then(|q| {
+        q.split('&').find_map(|kv| {
+            let (name, value) = kv.split_once('=').unwrap_or((kv, ""));
+            (decode(name) == "access_token").then(|| format!("Bearer {}", decode(value)))
+        })
+    });
+    let subscribe = request.method() == axum::http::Method::GET
+        && request.extensions().get::<axum::extract::MatchedPath>().is_some_and(|p| matches!(p.as_str(), "/streams/{stream}/subscribe" | "/all/subscribe"));
+    if from_query.is_some() && !subscribe {
+        let message = "the access_token parameter is only for subscriptions (EventSource); send the key as `Authorization: Bearer <key>`";
+        return ApiError::Request(message.into()).into_response();
+    }
     let principal = match &app.auth {
         None => Principal::anonymous_admin(),
         Some(auth) => {
-            // Browsers' EventSource cannot send headers: SSE may carry the key as `access_token`.
-            let from_query = request.uri().query().and_then(|q| {
-                q.split('&').find_map(|kv| kv.strip_prefix("access_token=")).map(|v| format!("Bearer {}", percent_encoding::percent_decode_str(v).decode_utf8_lossy()))
-            });
             let header = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(String::from).or(from_query);
-            match auth.check(header.as_deref(), peer.ip()) {
+            match auth.check(header.as_deref(), peer.ip()).await {
                 Ok(principal) => principal,
                 Err(Refusal::Unauthorized(reason)) => {
                     let body = json!({"error": "unauthorized", "message": format!("access denied: {reason}"), "reason": reason});
@@ -116,6 +127,10 @@ async fn authenticate(State(app): Shared, ConnectInfo(peer): ConnectInfo<std::ne
                     let reason = "too many failed logins from this address; wait a minute";
                     let body = json!({"error": "too_many_failed_logins", "message": reason, "reason": reason});
                     return (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+                }
+                Err(Refusal::Busy) => {
+                    let busy = StoreError::Busy("too many API keys are being checked at once; retry in a second".into());
+                    return (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(error_body(&busy).1)).into_response();
                 }
             }
         }
@@ -154,6 +169,9 @@ async fn append(State(app): Shared, Extension(who): Who, Path(stream): Path<Stri
         None => cairn_core::ExpectedVersion::Any,
         Some(v) => expected_from_wire(v).map_err(ApiError::Request)?,
     };
+    if let Some(condition) = &request.condition {
+        forbidden(who.denies_condition(condition))?;
+    }
     let mut events = Vec::with_capacity(request.events.len());
     for (i, e) in request.events.into_iter().enumerate() {
         events.push(e.into_new(i).map_err(ApiError::Request)?);

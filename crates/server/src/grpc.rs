@@ -37,18 +37,19 @@ fn json_arg<T: serde::de::DeserializeOwned>(text: &str, field: &str) -> Result<T
 }
 
 impl GrpcService {
-    fn who<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
+    async fn who<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
         let Some(auth) = &self.app.auth else { return Ok(Principal::anonymous_admin()) };
-        let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).map(String::from);
         let peer = request
             .extensions()
             .get::<ConnectInfo<std::net::SocketAddr>>()
             .map(|c| c.0.ip())
             .or(request.remote_addr().map(|a| a.ip()))
             .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
-        auth.check(header, peer).map_err(|refusal| match refusal {
+        auth.check(header.as_deref(), peer).await.map_err(|refusal| match refusal {
             Refusal::Unauthorized(reason) => denied("unauthorized", reason),
             Refusal::TooManyFailures => denied("too_many_failed_logins", "too many failed logins from this address; wait a minute".into()),
+            Refusal::Busy => error_to_status(&StoreError::Busy("too many API keys are being checked at once; retry in a second".into())),
         })
     }
 }
@@ -58,12 +59,15 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Sen
 #[tonic::async_trait]
 impl proto::event_store_server::EventStore for GrpcService {
     async fn append(&self, request: Request<proto::AppendRequest>) -> Result<Response<proto::AppendResponse>, Status> {
-        let who = self.who(&request)?;
+        let who = self.who(&request).await?;
         let r = request.into_inner();
         check(who.denies_stream(&r.stream, true))?;
         let expected = expected_from(r.expected);
         let events = r.events.into_iter().enumerate().map(|(i, e)| new_event_from(e, i)).collect::<Result<Vec<_>, _>>().map_err(invalid)?;
         let condition: Option<AppendCondition> = if r.condition_json.is_empty() { None } else { Some(json_arg(&r.condition_json, "condition_json")?) };
+        if let Some(c) = &condition {
+            check(who.denies_condition(c))?;
+        }
         let (count, bytes) = (events.len(), events.iter().map(|e| e.data.len()).sum::<usize>());
         let started = Instant::now();
         let store = &self.app.store;
@@ -84,7 +88,7 @@ impl proto::event_store_server::EventStore for GrpcService {
     }
 
     async fn read_stream(&self, request: Request<proto::ReadStreamRequest>) -> Result<Response<proto::Events>, Status> {
-        let who = self.who(&request)?;
+        let who = self.who(&request).await?;
         let r = request.into_inner();
         check(who.denies_stream(&r.stream, false))?;
         let direction = cairn_grpc::convert::direction_from(r.direction).map_err(|e| error_to_status(&e))?;
@@ -95,14 +99,14 @@ impl proto::event_store_server::EventStore for GrpcService {
     }
 
     async fn read_all(&self, request: Request<proto::ReadAllRequest>) -> Result<Response<proto::Events>, Status> {
-        check(self.who(&request)?.denies_all())?;
+        check(self.who(&request).await?.denies_all())?;
         let options = all_options(request.get_ref()).map_err(|e| error_to_status(&e))?;
         let events = self.app.store.read_all(options).await.map_err(|e| error_to_status(&e))?;
         Ok(Response::new(proto::Events { events: events.iter().map(event_to).collect() }))
     }
 
     async fn read_query(&self, request: Request<proto::ReadQueryRequest>) -> Result<Response<proto::Events>, Status> {
-        check(self.who(&request)?.denies_all())?;
+        check(self.who(&request).await?.denies_all())?;
         let r = request.into_inner();
         let query: Query = json_arg(&r.query_json, "query_json")?;
         let options = all_options(&r.options.unwrap_or_default()).map_err(|e| error_to_status(&e))?;
@@ -111,7 +115,7 @@ impl proto::event_store_server::EventStore for GrpcService {
     }
 
     async fn stream_info(&self, request: Request<proto::StreamRequest>) -> Result<Response<proto::StreamInfoReply>, Status> {
-        let who = self.who(&request)?;
+        let who = self.who(&request).await?;
         let r = request.into_inner();
         check(who.denies_stream(&r.stream, false))?;
         let info = self.app.store.stream_info(&r.stream).await.map_err(|e| error_to_status(&e))?;
@@ -119,7 +123,7 @@ impl proto::event_store_server::EventStore for GrpcService {
     }
 
     async fn list_streams(&self, request: Request<proto::ListStreamsRequest>) -> Result<Response<proto::StreamInfoList>, Status> {
-        check(self.who(&request)?.denies_all())?;
+        check(self.who(&request).await?.denies_all())?;
         let r = request.into_inner();
         let limit = r.limit.map_or(usize::MAX, |l| l as usize);
         let streams = self.app.store.list_streams(&r.prefix, limit).await.map_err(|e| error_to_status(&e))?;
@@ -128,7 +132,7 @@ impl proto::event_store_server::EventStore for GrpcService {
     }
 
     async fn set_stream_metadata(&self, request: Request<proto::SetMetadataRequest>) -> Result<Response<proto::AppendResponse>, Status> {
-        let who = self.who(&request)?;
+        let who = self.who(&request).await?;
         let r = request.into_inner();
         check(who.denies_stream(&r.stream, true))?;
         let metadata: StreamMetadata = json_arg(&r.metadata_json, "metadata_json")?;
@@ -137,7 +141,7 @@ impl proto::event_store_server::EventStore for GrpcService {
     }
 
     async fn delete_stream(&self, request: Request<proto::DeleteRequest>) -> Result<Response<proto::AppendResponse>, Status> {
-        let who = self.who(&request)?;
+        let who = self.who(&request).await?;
         let r = request.into_inner();
         check(who.denies_stream(&r.stream, true))?;
         let done = self.app.store.delete_stream(&r.stream, expected_from(r.expected), r.hard).await.map_err(|e| error_to_status(&e))?;
@@ -145,7 +149,7 @@ impl proto::event_store_server::EventStore for GrpcService {
     }
 
     async fn head(&self, request: Request<proto::HeadRequest>) -> Result<Response<proto::HeadReply>, Status> {
-        check(self.who(&request)?.denies_all())?;
+        check(self.who(&request).await?.denies_all())?;
         let head = self.app.store.head_position().await.map_err(|e| error_to_status(&e))?;
         let last = self.app.store.last_position().await.map_err(|e| error_to_status(&e))?;
         Ok(Response::new(proto::HeadReply { head: head.0, last: last.map_or(0, |p| p.0), has_last: last.is_some() }))
@@ -155,7 +159,7 @@ impl proto::event_store_server::EventStore for GrpcService {
 
     async fn subscribe(&self, request: Request<proto::SubscribeRequest>) -> Result<Response<EventStream>, Status> {
         use proto::subscribe_request::{Start, Target};
-        let who = self.who(&request)?;
+        let who = self.who(&request).await?;
         let r = request.into_inner();
         let target = match r.target {
             Some(Target::Stream(s)) => {

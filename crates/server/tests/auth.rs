@@ -5,7 +5,7 @@ use std::sync::Arc;
 use cairn_client::HttpStore;
 use cairn_core::{EventStore, ExpectedVersion, NewEvent, ReadAllOptions, ReadStreamOptions, StoreError};
 use cairn_log::EmbeddedStore;
-use cairn_server::auth::{KeyFile, Role};
+use cairn_server::auth::{Key, KeyFile, Role};
 use cairn_server::ServerConfig;
 use serde_json::json;
 use tempfile::TempDir;
@@ -20,11 +20,17 @@ pub struct Secured {
 }
 
 pub fn secured() -> Secured {
+    secured_with(vec![])
+}
+
+/// `secured()` with `extra` keys as found in an existing key file.
+fn secured_with(extra: Vec<Key>) -> Secured {
     let dir = tempfile::tempdir().unwrap();
     let mut keys = KeyFile::default();
     let admin = keys.add("ops", Role::Admin, vec![]).unwrap();
     let orders = keys.add("order-service", Role::Writer, vec!["orders-".into()]).unwrap();
     let reader = keys.add("dashboard", Role::Reader, vec![]).unwrap();
+    keys.keys.extend(extra);
     let path = KeyFile::default_path(dir.path());
     keys.save(&path).unwrap();
     let keys = KeyFile::load(&path).unwrap();
@@ -114,4 +120,166 @@ async fn grpc_applies_the_same_keys_and_checks() {
     denied(orders.read_all(ReadAllOptions::forward()).await, "forbidden", "across all streams");
     let admin = cairn_grpc::GrpcStore::new(&s.url).unwrap().with_api_key(&s.admin).unwrap();
     assert_eq!(admin.read_stream("orders-1", ReadStreamOptions::forward()).await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_a_key_are_not_failed_logins() {
+    let s = secured();
+    let client = reqwest::Client::new();
+    for _ in 0..12 {
+        assert_eq!(client.get(format!("{}/head", s.url)).send().await.unwrap().status(), 401);
+    }
+    HttpStore::new(&s.url).unwrap().with_api_key(&s.admin).head_position().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_that_verified_is_not_refused_by_the_limiter() {
+    let s = secured();
+    let admin = HttpStore::new(&s.url).unwrap().with_api_key(&s.admin);
+    admin.head_position().await.unwrap();
+    let wrong = HttpStore::new(&s.url).unwrap().with_api_key("cairn_ops_0000");
+    for _ in 0..10 {
+        denied(wrong.head_position().await, "unauthorized", "wrong API key");
+    }
+    denied(wrong.head_position().await, "too_many_failed_logins", "wait a minute");
+    admin.head_position().await.unwrap();
+    // A key not verified yet is refused unchecked while the address is over the limit.
+    let reader = HttpStore::new(&s.url).unwrap().with_api_key(&s.reader);
+    denied(reader.head_position().await, "too_many_failed_logins", "wait a minute");
+}
+
+/// Guesses are counted before they are checked: a burst (on more workers
+/// than the limit) gets no more checks than the limit allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 16)]
+async fn a_burst_of_guesses_gets_no_more_checks_than_the_limit() {
+    let s = secured();
+    let client = reqwest::Client::new();
+    let guesses: Vec<_> = (0..40)
+        .map(|_| {
+            let request = client.get(format!("{}/head", s.url)).bearer_auth("cairn_ops_0000");
+            tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for guess in guesses {
+        statuses.push(guess.await.unwrap());
+    }
+    let checked = statuses.iter().filter(|&&s| s == 401).count();
+    assert!(checked <= 10 && statuses.iter().all(|&s| s == 401 || s == 429), "{checked} guesses checked: {statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_token_in_the_url_is_for_subscriptions_only() {
+    let s = secured();
+    let client = reqwest::Client::new();
+    let token = &s.admin;
+    let routes = [
+        ("GET", "/head"),
+        ("POST", "/streams/orders-1"),
+        ("GET", "/streams/orders-1"),
+        ("GET", "/streams/orders-1/info"),
+        ("GET", "/streams/orders-1/metadata"),
+        ("POST", "/query"),
+        ("GET", "/groups"),
+        ("GET", "/all"),
+    ];
+    for (method, path) in routes {
+        let url = format!("{}{path}?access_token={token}", s.url);
+        let request = if method == "GET" { client.get(url) } else { client.post(url).body(r#"{"events": []}"#) };
+        // Refused even with the header too: the key should not be in URLs (logs, history) at all.
+        for request in [request.try_clone().unwrap(), request.bearer_auth(token)] {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 400, "{method} {path}");
+            let body: serde_json::Value = response.json().await.unwrap();
+            let message = body["message"].as_str().unwrap();
+            assert!(message.contains("access_token") && message.contains("Authorization"), "{method} {path}: {message}");
+        }
+    }
+    for path in ["/all/subscribe", "/streams/orders-1/subscribe"] {
+        let response = client.get(format!("{}{path}?from=end&access_token={token}", s.url)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_condition_stays_within_the_keys_streams() {
+    use cairn_core::{AppendCondition, Query, QueryItem};
+    let s = secured();
+    let admin = HttpStore::new(&s.url).unwrap().with_api_key(&s.admin);
+    admin.append("account-1", ExpectedVersion::Any, vec![NewEvent::json("MoneyDeposited", &json!({"amount": 5})).unwrap()]).await.unwrap();
+    let outside = [
+        Query::from(QueryItem::categories(["account"]).with_types(["MoneyDeposited"])),
+        Query::types(["MoneyDeposited"]),
+        Query::category("orders").or(QueryItem::categories(["account"])),
+    ];
+    let http = HttpStore::new(&s.url).unwrap().with_api_key(&s.orders);
+    let grpc = cairn_grpc::GrpcStore::new(&s.url).unwrap().with_api_key(&s.orders).unwrap();
+    for (stream, store) in [("orders-http", &http as &dyn EventStore), ("orders-grpc", &grpc)] {
+        for query in &outside {
+            let condition = AppendCondition::fail_if_events_match(query.clone());
+            denied(store.append_if(stream, ExpectedVersion::Any, event(), condition).await, "forbidden", "condition");
+        }
+        let own = AppendCondition::fail_if_events_match(QueryItem::categories(["orders"]).with_types(["MoneyDeposited"]).into());
+        store.append_if(stream, ExpectedVersion::Any, event(), own).await.unwrap();
+    }
+}
+
+/// An argon2 hash as key files held before keys were hashed with SHA-256,
+/// for the secret in `LEGACY_TOKEN`, made slow (about a second) so that
+/// blocking shows.
+const LEGACY_TOKEN: &str = "cairn_legacy_legacy-secret-7f3a";
+const LEGACY_HASH: &str = "$argon2id$v=19$m=19456,t=60,p=1$Y2Fpcm4tbGVnYWN5LXRlc3Q$2FyxQoGiYW09V9a2U8bgQw2gWTGGz4w2JUcWrdYEIdM";
+
+/// A GET over a plain socket, needing no runtime: how long the answer took, and its status line.
+fn timed_get(addr: std::net::SocketAddr, path: &str, key: &str) -> (std::time::Duration, String) {
+    use std::io::{Read, Write};
+    let started = std::time::Instant::now();
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    write!(tcp, "GET {path} HTTP/1.1\r\nHost: cairn\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).unwrap();
+    (started.elapsed(), answer.lines().next().unwrap_or_default().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn argon2_keys_still_work_and_are_checked_off_the_async_workers() {
+    use std::time::{Duration, Instant};
+    let legacy = Key { name: "legacy".into(), role: Role::Writer, prefixes: vec![], hash: LEGACY_HASH.into() };
+    let s = secured_with(vec![legacy]);
+    let addr: std::net::SocketAddr = s.url.trim_start_matches("http://").parse().unwrap();
+    HttpStore::new(&s.url).unwrap().with_api_key(LEGACY_TOKEN).append("legacy-1", ExpectedVersion::NoStream, event()).await.unwrap();
+
+    // An unknown name costs what a known one does, so timing does not tell which names exist.
+    let client = reqwest::Client::new();
+    let mut took = Vec::new();
+    for token in ["cairn_legacy_wrong", "cairn_nobody_wrong"] {
+        let started = Instant::now();
+        assert_eq!(client.get(format!("{}/head", s.url)).bearer_auth(token).send().await.unwrap().status(), 401);
+        took.push(started.elapsed());
+    }
+    assert!(took[1] * 2 > took[0], "an unknown name took {:?}, a known one {:?}", took[1], took[0]);
+
+    // Guesses from six addresses: two are checked at a time, the rest refused
+    // at once, and the async workers stay free for everyone else.
+    let guesses: Vec<_> = (0..6u8)
+        .map(|i| {
+            let client = reqwest::Client::builder().local_address(std::net::IpAddr::from([127, 0, 0, 10 + i])).build().unwrap();
+            let request = client.get(format!("{}/head", s.url)).bearer_auth("cairn_legacy_wrong");
+            tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    let admin = s.admin.clone();
+    let probe = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        [timed_get(addr, "/health", &admin), timed_get(addr, "/streams/legacy-1", &admin)]
+    });
+    let mut statuses = Vec::new();
+    for guess in guesses {
+        statuses.push(guess.await.unwrap());
+    }
+    for (took, status) in tokio::task::spawn_blocking(move || probe.join().unwrap()).await.unwrap() {
+        assert!(status.contains(" 200 ") && took < Duration::from_millis(400), "{status} after {took:?} while keys were checked");
+    }
+    let busy = statuses.iter().filter(|&&s| s == 503).count();
+    assert!(busy >= 3 && statuses.iter().all(|&s| s == 503 || s == 401), "{statuses:?}");
 }
