@@ -61,7 +61,7 @@ impl Sql {
                      WHERE e.stream = s.name AND e.incarnation = s.incarnation AND {bound}
                        AND e.version >= greatest(coalesce(s.truncate_before, 1), s.version - coalesce(s.max_count, s.version) + 1)
                        AND (s.max_age_secs IS NULL
-                            OR e.created_at >= (extract(epoch FROM clock_timestamp()) * 1000000)::bigint - s.max_age_secs * 1000000)
+                            OR e.created_at >= extract(epoch FROM clock_timestamp()) * 1000000 - s.max_age_secs::numeric * 1000000)
                      ORDER BY e.version {order} LIMIT $3) e ON true
                  WHERE s.name = $1"
             )

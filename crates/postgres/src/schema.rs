@@ -6,7 +6,10 @@ use tokio_postgres::Client;
 
 /// (version, what it does, SQL). Append new ones; never edit an applied one.
 /// `{key}` is the schema's advisory lock key for appends (see `append`).
-const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "events, streams, positions and the append function", V1)];
+const MIGRATIONS: &[(i32, &str, fn() -> String)] = &[
+    (1, "events, streams, positions and the append function", || V1.to_string()),
+    (2, "a retry must resend the same content to the stream's current incarnation", v2),
+];
 
 /// The newest schema version this build knows.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -227,6 +230,75 @@ END
 $fn$;
 "#;
 
+/// Whether a batch was written before, as `cairn_retry_of`, but stricter: each
+/// id must come back with the same type, payload, content type and tags, and
+/// in the stream's current incarnation (not lost to a delete since).
+const RETRY_CHECK: &str = r#"
+CREATE FUNCTION cairn_retry_check(p_stream text, p_ids uuid[], p_types text[], p_data bytea[], p_binary boolean[],
+                                  p_tags text[], p_tag_lo int[], p_tag_hi int[])
+RETURNS TABLE (o_code int, o_version bigint, o_position bigint, o_id uuid, o_detail text)
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
+DECLARE
+    n int := cardinality(p_ids);
+    f record;
+    found_n int := 0;
+    prev_version bigint;
+    last_pos bigint;
+    live int;
+BEGIN
+    SELECT x.incarnation INTO live FROM cairn_streams x WHERE x.name = p_stream;
+    FOR f IN SELECT u.ord, e.stream, e.incarnation, e.version, e.position, e.append_first, e.append_len,
+                    (e.event_type = p_types[u.ord] AND e.data = p_data[u.ord] AND e.is_binary = p_binary[u.ord]
+                     AND e.tags = CASE WHEN p_tag_hi[u.ord] >= p_tag_lo[u.ord] THEN p_tags[p_tag_lo[u.ord]:p_tag_hi[u.ord]]
+                                       ELSE '{}'::text[] END) AS same
+             FROM unnest(p_ids) WITH ORDINALITY AS u(id, ord) JOIN cairn_events e ON e.id = u.id
+             ORDER BY u.ord
+    LOOP
+        found_n := found_n + 1;
+        IF f.ord <> found_n THEN
+            RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[f.ord], format('but event %s of the same batch was not', p_ids[found_n]); RETURN;
+        END IF;
+        IF f.stream <> p_stream THEN
+            RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[f.ord], format('to stream %L', f.stream); RETURN;
+        END IF;
+        IF NOT f.same THEN
+            RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[f.ord], 'with a different type, payload or tags'; RETURN;
+        END IF;
+        IF found_n > 1 AND f.version <> prev_version + 1 THEN
+            RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[f.ord], 'but not as part of the same append'; RETURN;
+        END IF;
+        IF f.incarnation IS DISTINCT FROM live THEN
+            RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[f.ord],
+                format('to stream %L, which was deleted since; send new ids to write it again', p_stream); RETURN;
+        END IF;
+        IF found_n = 1 AND (f.append_first <> f.position OR f.append_len <> n) THEN
+            RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[1], 'as part of a larger append'; RETURN;
+        END IF;
+        prev_version := f.version;
+        last_pos := f.position;
+    END LOOP;
+    IF found_n > 0 AND found_n < n THEN
+        RETURN QUERY SELECT 4, 0::bigint, 0::bigint, p_ids[1], format('but event %s of the same batch was not', p_ids[found_n + 1]); RETURN;
+    END IF;
+    IF found_n > 0 THEN
+        RETURN QUERY SELECT 0, prev_version, last_pos, NULL::uuid, NULL::text;
+    END IF;
+END
+$fn$;
+"#;
+
+/// Migration 2: [`RETRY_CHECK`], and `cairn_append` as in V1 but asking it.
+fn v2() -> String {
+    let append = &V1[V1.find("CREATE FUNCTION cairn_append(").expect("V1 defines cairn_append")..];
+    let old_call = "cairn_retry_of(p_stream, p_ids)";
+    assert_eq!(append.matches(old_call).count(), 2, "cairn_append asks for retries in two places");
+    let append = append
+        .replacen("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+        .replace(old_call, "cairn_retry_check(p_stream, p_ids, p_types, p_data, p_binary, p_tags, p_tag_lo, p_tag_hi)")
+        .replace("-- A retry of a written batch gets its result, whatever changed since.", "-- A retry of a written batch gets its result, whatever was appended since.");
+    format!("{RETRY_CHECK}\n{append}")
+}
+
 /// Brings the schema up to [`SCHEMA_VERSION`]; returns the migrations applied.
 /// Refuses a database that a newer Cairn has migrated past this build.
 pub async fn migrate(client: &mut Client, schema: &str, key: i64) -> Result<Vec<i32>, tokio_postgres::Error> {
@@ -250,7 +322,7 @@ pub async fn migrate(client: &mut Client, schema: &str, key: i64) -> Result<Vec<
         if applied.contains(version) {
             continue;
         }
-        tx.batch_execute(&format!("SET LOCAL search_path TO {schema_ident}; {}", sql.replace("{key}", &key.to_string())))
+        tx.batch_execute(&format!("SET LOCAL search_path TO {schema_ident}; {}", sql().replace("{key}", &key.to_string())))
             .await?;
         tx.execute(
             &format!("INSERT INTO {schema_ident}.cairn_migrations (version, description) VALUES ($1, $2)"),
