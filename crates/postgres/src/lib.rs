@@ -128,6 +128,16 @@ pub(crate) fn db_error(place: &str, e: impl DbErrorDetail) -> StoreError {
     StoreError::Io { path: format!("PostgreSQL at {place}"), source: std::io::Error::other(e.detail()) }
 }
 
+/// Whether an append that failed with `e` may still have committed: the
+/// connection broke (no answer from the database at all), or the server
+/// ended the session (class 57, operator intervention; class 08, connection).
+fn outcome_unknown(e: &tokio_postgres::Error) -> bool {
+    match e.as_db_error() {
+        None => e.is_closed() || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()),
+        Some(db) => matches!(&db.code().code()[..2], "57" | "08"),
+    }
+}
+
 /// The text of an error that names what the database said, not just "db error".
 pub(crate) trait DbErrorDetail {
     fn detail(&self) -> String;
@@ -450,6 +460,9 @@ impl Write {
             Ok(rows) => rows,
             Err(e) if e.code().is_some_and(|c| c.code() == "CA409") => {
                 return Err(StoreError::IdempotencyConflict { id: self.ids[0], detail: "by a concurrent append".into() });
+            }
+            Err(e) if outcome_unknown(&e) => {
+                return Err(StoreError::OutcomeUnknown { reason: format!("the connection to PostgreSQL at {place} broke during the append ({})", e.detail()) });
             }
             Err(e) => return Err(db_error(place, e)),
         };

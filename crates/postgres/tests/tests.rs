@@ -7,4 +7,5 @@ mod common;
 mod conformance;
 mod gaps;
 mod notify;
+mod outcome;
 mod outbox;
