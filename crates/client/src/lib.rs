@@ -16,7 +16,7 @@ use reqwest::{Method, RequestBuilder, Response, Url};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::wire::{error_from, expected_to_wire, AppendRequest, EventIn, EventOut, Events, Head, QueryRequest};
+use crate::wire::{error_from, expected_to_wire, AppendRequest, EventIn, EventOut, Events, Head, Next, QueryRequest, EVENTS_PAGE_MAX};
 
 /// An event store reached over HTTP (`http://127.0.0.1:8720` by default).
 #[derive(Clone)]
@@ -24,7 +24,13 @@ pub struct HttpStore {
     base: Url,
     http: reqwest::Client,
     api_key: Option<String>,
+    append_attempts: u32,
 }
+
+/// Attempts of an append whose answer was busy, closed or outcome unknown.
+const APPEND_ATTEMPTS_DEFAULT: u32 = 5;
+const APPEND_RETRY_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+const APPEND_RETRY_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl HttpStore {
     /// A client for the server at `url`; nothing is sent until the first call.
@@ -48,7 +54,15 @@ impl HttpStore {
         let http = builder
             .build()
             .map_err(|e| StoreError::InvalidArgument(format!("HTTP client: {e}")))?;
-        Ok(HttpStore { base, http, api_key: None })
+        Ok(HttpStore { base, http, api_key: None, append_attempts: APPEND_ATTEMPTS_DEFAULT })
+    }
+
+    /// How many times an append is sent before its error is returned, when
+    /// the server was busy or closed or the outcome was unknown (default 5,
+    /// backing off from 100 ms to 2 s). 1 turns retries off.
+    pub fn with_append_attempts(mut self, attempts: u32) -> Self {
+        self.append_attempts = attempts.max(1);
+        self
     }
 
     /// Sends this API key (`Authorization: Bearer …`) with every request.
@@ -90,21 +104,32 @@ impl HttpStore {
         StoreError::Io { path: self.base.to_string(), source: std::io::Error::other(e.to_string()) }
     }
 
+    /// What a failed send means. An append sent on a connection that broke
+    /// before the answer came may have been written: its outcome is unknown.
+    fn send_error(&self, e: reqwest::Error, append: bool) -> StoreError {
+        // The innermost cause says what happened (connection refused, …).
+        let mut cause: &dyn std::error::Error = &e;
+        while let Some(next) = cause.source() {
+            cause = next;
+        }
+        let cause = cause.to_string();
+        if append && !e.is_connect() && !e.is_builder() {
+            return StoreError::OutcomeUnknown { reason: format!("the connection to {} broke before it answered ({cause})", self.base) };
+        }
+        let hint = if cause.contains("certificate") {
+            "trust the CA that signed the server's certificate (`--ca FILE`, `HttpStore::with_tls_root`)"
+        } else {
+            "is `cairn serve` running there?"
+        };
+        self.io(format!("cannot reach the server ({cause}); {hint}"))
+    }
+
     async fn send(&self, builder: RequestBuilder) -> Result<Response> {
-        let response = builder.send().await.map_err(|e| {
-            // The innermost cause says what happened (connection refused, …).
-            let mut cause: &dyn std::error::Error = &e;
-            while let Some(next) = cause.source() {
-                cause = next;
-            }
-            let cause = cause.to_string();
-            let hint = if cause.contains("certificate") {
-                "trust the CA that signed the server's certificate (`--ca FILE`, `HttpStore::with_tls_root`)"
-            } else {
-                "is `cairn serve` running there?"
-            };
-            self.io(format!("cannot reach the server ({cause}); {hint}"))
-        })?;
+        self.send_as(builder, false).await
+    }
+
+    async fn send_as(&self, builder: RequestBuilder, append: bool) -> Result<Response> {
+        let response = builder.send().await.map_err(|e| self.send_error(e, append))?;
         if response.status().is_success() {
             return Ok(response);
         }
@@ -119,9 +144,27 @@ impl HttpStore {
         serde_json::from_slice(&bytes).map_err(|e| self.io(format!("the server's answer is not what this client expects: {e}")))
     }
 
-    async fn events(&self, builder: RequestBuilder) -> Result<Vec<RecordedEvent>> {
-        let page: Events = self.call(builder).await?;
-        page.events.into_iter().map(|e| e.into_recorded().map_err(|e| self.io(e))).collect()
+    /// Up to `limit` events, page after page: the server answers at most
+    /// [`EVENTS_PAGE_MAX`] a request and says where the next page starts.
+    /// `request` builds the request for a page of `n` from a cursor, which is
+    /// a version for a stream, else a position.
+    async fn events(&self, limit: usize, stream: bool, request: impl Fn(usize, Option<Next>) -> RequestBuilder) -> Result<Vec<RecordedEvent>> {
+        let mut out = Vec::new();
+        let mut next = None;
+        loop {
+            let page: Events = self.call(request((limit - out.len()).min(EVENTS_PAGE_MAX), next)).await?;
+            let empty = page.events.is_empty();
+            for e in page.events {
+                out.push(e.into_recorded().map_err(|e| self.io(e))?);
+            }
+            next = page.next;
+            if matches!((next, stream), (Some(Next::After(_)), true) | (Some(Next::From(_)), false)) {
+                return Err(self.io(format!("the server's answer has a cursor of the wrong kind for this read: {next:?}")));
+            }
+            if next.is_none() || empty || out.len() >= limit {
+                return Ok(out);
+            }
+        }
     }
 
     async fn append_body(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>, condition: Option<AppendCondition>) -> Result<AppendResult> {
@@ -131,16 +174,38 @@ impl HttpStore {
             .map(|(i, e)| EventIn::from_new(e).map_err(|err| StoreError::InvalidEvent(format!("event {i}: {err}"))))
             .collect::<Result<Vec<_>>>()?;
         let body = AppendRequest { expected_version: Some(expected_to_wire(expected)), events, condition };
-        let json = serde_json::to_vec(&body).map_err(|e| StoreError::InvalidEvent(e.to_string()))?;
-        self.call(self.request(Method::POST, &["streams", stream]).header("content-type", "application/json").body(json)).await
+        let json = bytes::Bytes::from(serde_json::to_vec(&body).map_err(|e| StoreError::InvalidEvent(e.to_string()))?);
+        // The batch carries its ids, so resending it is safe: the server
+        // writes it once and answers a retry with the first result.
+        let mut backoff = APPEND_RETRY_BACKOFF_MIN;
+        let mut attempt = 1;
+        loop {
+            let request = self.request(Method::POST, &["streams", stream]).header("content-type", "application/json").body(json.clone());
+            let result = async {
+                let response = self.send_as(request, true).await?;
+                let bytes = response.bytes().await.map_err(|e| StoreError::OutcomeUnknown { reason: format!("reading the answer: {e}") })?;
+                serde_json::from_slice(&bytes).map_err(|e| self.io(format!("the server's answer is not what this client expects: {e}")))
+            }
+            .await;
+            match result {
+                Err(e) if e.is_retryable() && attempt < self.append_attempts => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(APPEND_RETRY_BACKOFF_MAX);
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 }
 
-fn all_params(options: &ReadAllOptions) -> Vec<(&'static str, String)> {
-    let mut params = vec![(if options.exclusive { "after" } else { "from" }, options.from.0.to_string())];
-    if options.limit != usize::MAX {
-        params.push(("limit", options.limit.to_string()));
-    }
+/// The query string of a page of `n` events of `$all`, from `options` or the cursor `next`.
+fn all_params(options: &ReadAllOptions, n: usize, next: Option<Next>) -> Vec<(&'static str, String)> {
+    let mut params = match next {
+        Some(Next::After(p)) => vec![("after", p.to_string())],
+        _ => vec![(if options.exclusive { "after" } else { "from" }, options.from.0.to_string())],
+    };
+    params.push(("limit", n.to_string()));
     if options.direction == Direction::Backward {
         params.push(("direction", "backward".into()));
     }
@@ -158,29 +223,34 @@ impl EventStore for HttpStore {
     }
 
     async fn read_query(&self, query: &Query, options: ReadAllOptions) -> Result<Vec<RecordedEvent>> {
-        let body = QueryRequest {
-            query: query.clone(),
-            from: (!options.exclusive).then_some(options.from.0),
-            after: options.exclusive.then_some(options.from.0),
-            limit: (options.limit != usize::MAX).then_some(options.limit),
-            direction: options.direction,
-        };
-        self.events(self.request(Method::POST, &["query"]).json(&body)).await
+        self.events(options.limit, false, |n, next| {
+            let (from, after) = match next {
+                Some(Next::After(p)) => (None, Some(p)),
+                _ => ((!options.exclusive).then_some(options.from.0), options.exclusive.then_some(options.from.0)),
+            };
+            let body = QueryRequest { query: query.clone(), from, after, limit: Some(n), direction: options.direction };
+            self.request(Method::POST, &["query"]).json(&body)
+        })
+        .await
     }
 
     async fn read_stream(&self, stream: &str, options: ReadStreamOptions) -> Result<Vec<RecordedEvent>> {
-        let mut params = vec![("from", options.from_version.to_string())];
-        if options.limit != usize::MAX {
-            params.push(("limit", options.limit.to_string()));
-        }
-        if options.direction == Direction::Backward {
-            params.push(("direction", "backward".into()));
-        }
-        self.events(self.request(Method::GET, &["streams", stream]).query(&params)).await
+        self.events(options.limit, true, |n, next| {
+            let from = match next {
+                Some(Next::From(v)) => v,
+                _ => options.from_version,
+            };
+            let mut params = vec![("from", from.to_string()), ("limit", n.to_string())];
+            if options.direction == Direction::Backward {
+                params.push(("direction", "backward".into()));
+            }
+            self.request(Method::GET, &["streams", stream]).query(&params)
+        })
+        .await
     }
 
     async fn read_all(&self, options: ReadAllOptions) -> Result<Vec<RecordedEvent>> {
-        self.events(self.request(Method::GET, &["all"]).query(&all_params(&options))).await
+        self.events(options.limit, false, |n, next| self.request(Method::GET, &["all"]).query(&all_params(&options, n, next))).await
     }
 
     async fn stream_info(&self, stream: &str) -> Result<StreamInfo> {

@@ -192,6 +192,18 @@ pub fn status_with_body(http: u16, body: &serde_json::Value) -> Status {
     status
 }
 
+/// The store error a failed append's status stands for: without the
+/// server's own answer, a call that may have reached it (anything but a
+/// refused connection) has an unknown outcome.
+pub fn append_status_to_error(s: &Status) -> StoreError {
+    let has_body = s.metadata().get_bin(ERROR_KEY).is_some();
+    let not_sent = s.code() == Code::Unavailable && s.message().contains("connect");
+    if !has_body && !not_sent && matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Internal) {
+        return StoreError::OutcomeUnknown { reason: format!("the call broke before the server answered (gRPC status {:?}: {})", s.code(), s.message()) };
+    }
+    status_to_error(s)
+}
+
 /// The store error a status stands for.
 pub fn status_to_error(s: &Status) -> StoreError {
     if let Some(body) = s.metadata().get_bin(ERROR_KEY).and_then(|v| v.to_bytes().ok()).and_then(|b| serde_json::from_slice(&b).ok()) {

@@ -22,9 +22,15 @@ use tonic::transport::{Channel, Endpoint};
 use crate::convert::{all_request, event_from, expected_to, new_event_to, status_to_error};
 use crate::proto::event_store_client::EventStoreClient;
 
-/// Largest message either way (as the HTTP body limit): the store's own
-/// limits (16 MiB per event, 64 MiB per append) decide first.
+/// Largest message either way. The server's own limit is its body limit
+/// (88 MiB by default), which it answers with a status past that.
 pub const MESSAGE_BYTES_MAX: usize = 128 * 1024 * 1024;
+
+/// Attempts of an append whose answer was busy, closed or outcome unknown,
+/// backing off from 100 ms to 2 s.
+const APPEND_ATTEMPTS: u32 = 5;
+const APPEND_RETRY_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+const APPEND_RETRY_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// An event store reached over gRPC (`http://127.0.0.1:8720`: the HTTP port serves both).
 #[derive(Clone)]
@@ -36,8 +42,20 @@ pub struct GrpcStore {
 impl GrpcStore {
     /// A client for the server at `url`; it connects on first use.
     pub fn new(url: &str) -> Result<GrpcStore> {
+        Self::with_tls_root(url, None)
+    }
+
+    /// A client that also trusts the CA certificate (PEM) `root`, for an
+    /// `https://` server whose certificate a private CA signed. TLS needs
+    /// this crate's `tls` feature.
+    pub fn with_tls_root(url: &str, root: Option<&[u8]>) -> Result<GrpcStore> {
         let endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| StoreError::InvalidArgument(format!("server URL {url:?}: {e}")))?;
+        let https = endpoint.uri().scheme_str() == Some("https");
+        if root.is_some() && !https {
+            return Err(StoreError::InvalidArgument(format!("a CA certificate was given for {url:?}, which is not https://; use the https:// URL or leave the CA out")));
+        }
+        let endpoint = if https { tls(endpoint, url, root)? } else { endpoint };
         let client = EventStoreClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
             .max_encoding_message_size(MESSAGE_BYTES_MAX);
@@ -70,13 +88,44 @@ impl GrpcStore {
             events: events.iter().map(new_event_to).collect(),
             condition_json,
         };
-        let reply = self.client.clone().append(self.request(message)).await.map_err(|s| status_to_error(&s))?.into_inner();
-        Ok(AppendResult { next_version: reply.next_version, position: Position(reply.position) })
+        // The batch carries its ids, so resending it is safe: the server
+        // writes it once and answers a retry with the first result.
+        let mut backoff = APPEND_RETRY_BACKOFF_MIN;
+        for attempt in 1.. {
+            let error = match self.client.clone().append(self.request(message.clone())).await {
+                Ok(reply) => {
+                    let reply = reply.into_inner();
+                    return Ok(AppendResult { next_version: reply.next_version, position: Position(reply.position) });
+                }
+                Err(status) => convert::append_status_to_error(&status),
+            };
+            if !error.is_retryable() || attempt >= APPEND_ATTEMPTS {
+                return Err(error);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(APPEND_RETRY_BACKOFF_MAX);
+        }
+        unreachable!("the loop returns")
     }
 
     fn events(reply: proto::Events) -> Result<Vec<RecordedEvent>> {
         reply.events.into_iter().map(event_from).collect()
     }
+}
+
+/// TLS with the public roots (webpki) and `root`, if given.
+#[cfg(feature = "tls")]
+fn tls(endpoint: Endpoint, url: &str, root: Option<&[u8]>) -> Result<Endpoint> {
+    let mut config = tonic::transport::ClientTlsConfig::new().with_webpki_roots();
+    if let Some(pem) = root {
+        config = config.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+    }
+    endpoint.tls_config(config).map_err(|e| StoreError::InvalidArgument(format!("TLS for {url:?}: {e}; is the CA certificate PEM?")))
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls(_: Endpoint, url: &str, _: Option<&[u8]>) -> Result<Endpoint> {
+    Err(StoreError::InvalidArgument(format!("{url:?} needs TLS, which this build of cairn-grpc leaves out: enable its `tls` feature")))
 }
 
 fn stream_info(json: &str) -> Result<StreamInfo> {

@@ -7,5 +7,7 @@ mod common;
 mod conformance;
 mod conformance_auth;
 mod conformance_grpc;
+mod faults;
+mod hostile;
 mod tls;
 mod ui;
