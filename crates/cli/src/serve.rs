@@ -1,5 +1,5 @@
 //! `cairn serve`: the embedded store in `--data` behind the HTTP API until
-//! Ctrl-C or SIGTERM, then a graceful stop (appends in flight finish).
+//! Ctrl-C or SIGTERM, then a graceful stop (appends in flight get up to 10 s).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,7 +22,8 @@ pub struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:8720]. Anything but loopback needs API keys (`cairn keys add`).
     #[arg(long, env = "CAIRN_LISTEN", value_name = "HOST:PORT")]
     listen: Option<SocketAddr>,
-    /// Largest request body in bytes [default: 134217728, 128 MiB].
+    /// Largest request body in bytes [default: 92274688, 88 MiB: an append at the store's 64 MiB limit,
+    /// binary data in base64, plus its JSON]. A body declared larger gets 413 before any of it is read.
     #[arg(long, env = "CAIRN_BODY_LIMIT", value_name = "BYTES")]
     body_limit: Option<usize>,
     /// Into a data directory with no store yet, run the tour first, then serve what it wrote.
@@ -100,7 +101,7 @@ pub async fn run(ctx: &Context, args: ServeArgs) -> Result<()> {
     let ctx = &ctx;
     let args = ServeArgs {
         listen: Some(args.listen.or(file.listen).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8720)))),
-        body_limit: Some(args.body_limit.or(file.body_limit).unwrap_or(128 * 1024 * 1024)),
+        body_limit: Some(args.body_limit.or(file.body_limit).unwrap_or(cairn_server::BODY_LIMIT)),
         keys: args.keys.or(file.keys),
         tls_cert: args.tls_cert.or(file.tls_cert),
         tls_key: args.tls_key.or(file.tls_key),
@@ -148,9 +149,14 @@ pub async fn run(ctx: &Context, args: ServeArgs) -> Result<()> {
     if secured && tls.is_none() && !listen.ip().is_loopback() {
         say_err!("warning: API keys will cross the network in clear text; give --tls-cert and --tls-key to serve HTTPS");
     }
-    let config = ServerConfig { listen, body_limit, keys: Some(keys), tls, engine_metrics };
+    let config = ServerConfig { listen, body_limit, keys: Some(keys), tls, engine_metrics, ..ServerConfig::default() };
+    let grace = config.shutdown_grace.as_secs();
     let running = cairn_server::start(store, config).with_context(|| format!("cannot listen on {listen}"))?;
     say!("cairn serve: {} ({place}, head at position {head})", running.url);
+    match cairn_server::raise_fd_limit() {
+        Some(files) if files.now > files.was => say!("  open-file limit raised from {} to {}; at most {} connections", files.was, files.now, running.max_connections),
+        _ => say!("  at most {} connections", running.max_connections),
+    }
     if secured {
         say!("  API keys from {} are required (Authorization: Bearer <key>)", key_path.display());
     } else {
@@ -160,7 +166,7 @@ pub async fn run(ctx: &Context, args: ServeArgs) -> Result<()> {
     let stop = running.stopper();
     tokio::spawn(async move {
         shutdown_signal().await;
-        say_err!("cairn serve: stopping (letting appends in flight finish)");
+        say_err!("cairn serve: stopping (appends in flight get up to {grace} s to finish)");
         let _ = stop.send(true);
     });
     running.wait().await.context("the server stopped with an error")?;

@@ -141,7 +141,20 @@ async fn authenticate(State(app): Shared, ConnectInfo(peer): ConnectInfo<std::ne
 
 /// Counts answers by status class, and turns axum's own plain-text
 /// rejections (a body over the limit, a bad path) into the API's JSON errors.
+/// A declared Content-Length over the limit is refused before any of the
+/// body is read; `Connection: close`, as the rest of it is never read.
 async fn count_status(State(app): Shared, request: Request, next: Next) -> Response {
+    let too_large = |limit: usize| ("body_too_large", format!("the request body is over the server's limit of {limit} bytes; send less per request"));
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > app.config.body_limit as u64) {
+        app.metrics.status(413);
+        let (code, message) = too_large(app.config.body_limit);
+        let mut response = (StatusCode::PAYLOAD_TOO_LARGE, Json(json!({"error": code, "message": message}))).into_response();
+        if request.version() < axum::http::Version::HTTP_2 {
+            response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        }
+        return response;
+    }
     let response = next.run(request).await;
     let status = response.status();
     app.metrics.status(status.as_u16());
@@ -150,7 +163,7 @@ async fn count_status(State(app): Shared, request: Request, next: Next) -> Respo
         return response;
     }
     let (code, message) = match status {
-        StatusCode::PAYLOAD_TOO_LARGE => ("body_too_large", format!("the request body is over the server's limit of {} bytes", app.config.body_limit)),
+        StatusCode::PAYLOAD_TOO_LARGE => too_large(app.config.body_limit),
         StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "this endpoint does not take that method; see /openapi.json".to_string()),
         _ => {
             let body = axum::body::to_bytes(response.into_body(), 64 * 1024).await.unwrap_or_default();

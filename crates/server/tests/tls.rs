@@ -1,5 +1,6 @@
 //! HTTPS with rustls from PEM files: a client that trusts the CA works,
-//! one that does not is refused, and plain HTTP to the TLS port fails.
+//! one that does not is refused, and plain HTTP to the TLS port fails;
+//! gRPC (HTTP/2 by ALPN) works on the same TLS port.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,6 +36,31 @@ async fn https_with_a_trusted_ca_and_refusals_without() {
     assert!(refused.contains("cannot reach the server"), "{refused}");
     let plain = HttpStore::new(&format!("http://{}", running.addr)).unwrap();
     assert!(plain.read_stream("secure-1", ReadStreamOptions::forward()).await.is_err(), "plain HTTP to the TLS port fails");
+    running.shutdown().await.unwrap();
+}
+
+/// Conformance checks through `GrpcStore` over TLS with the private CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_tls_with_a_private_ca() {
+    use cairn_core::conformance;
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let tls = TlsFiles { cert: fixture("server.pem"), key: fixture("server.key") };
+    let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), tls: Some(tls), ..ServerConfig::default() };
+    let running = cairn_server::start(store, config).unwrap();
+    let ca = std::fs::read(fixture("ca.pem")).unwrap();
+    let client: Arc<dyn EventStore> = Arc::new(cairn_grpc::GrpcStore::with_tls_root(&running.url, Some(&ca)).unwrap());
+    conformance::versions_count_events(client.clone()).await;
+    conformance::expected_version_rules(client.clone()).await;
+    conformance::event_fields_round_trip(client.clone()).await;
+    conformance::read_all_in_global_order(client.clone()).await;
+    conformance::subscribe_stream_catch_up_then_live(client.clone()).await;
+    conformance::query_reads_matching_events_in_order(client.clone()).await;
+
+    let untrusting = cairn_grpc::GrpcStore::new(&running.url).unwrap();
+    assert!(untrusting.head_position().await.is_err(), "a client without the CA is refused");
+    let plain = cairn_grpc::GrpcStore::with_tls_root(&format!("http://{}", running.addr), Some(&ca)).err().expect("a CA for http:// is refused").to_string();
+    assert!(plain.contains("https://"), "{plain}");
     running.shutdown().await.unwrap();
 }
 
