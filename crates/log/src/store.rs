@@ -412,7 +412,7 @@ fn last_event_id(segments: &[Segment], head: u64) -> Option<u128> {
 pub(crate) fn check_claim(claim: (&Path, u64, u128), index: &Index, end: (&Path, u64), torn: Option<&str>) -> Result<(), StoreError> {
     let (from, events, last_id) = claim;
     let lost = if index.events < events {
-        Some(format!("the log holds {} events, but {events} were durable when {} was written", index.events, from.display()))
+        Some(format!("the log holds {} event(s), but {events} were durable when {} was written", index.events, from.display()))
     } else if last_id != 0 && !index.ids.contains_key(&last_id) {
         Some(format!("the log does not hold event {}, the newest durable one when {} was written", uuid::Uuid::from_u128(last_id), from.display()))
     } else {
@@ -421,7 +421,7 @@ pub(crate) fn check_claim(claim: (&Path, u64, u128), index: &Index, end: (&Path,
     let Some(lost) = lost else { return Ok(()) };
     let (file, offset) = end;
     let how = match torn {
-        Some(why) => format!("the newest records are damaged ({why})"),
+        Some(why) => format!("the newest records are {why}"),
         None => "the log ends early (a segment or its end is missing or was truncated)".to_string(),
     };
     Err(StoreError::Corrupt {
@@ -494,7 +494,7 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
     let newest = opened.last().expect("not empty");
     let newest_scan = scans.last().cloned().flatten().unwrap_or_default();
     if let Some(claim) = claim {
-        let torn = newest_scan.torn_at.map(|_| "a record is damaged or cut short, and nothing valid follows");
+        let torn = newest_scan.torn_at.map(|_| "damaged or cut short, with nothing valid after them");
         check_claim(claim, &index, (&newest.path, newest_scan.valid_end), torn)?;
     }
     // Now the changes. An all-zero newest segment (an unfinished roll) held no event.

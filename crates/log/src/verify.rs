@@ -51,7 +51,7 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
             (None, Some(seg)) => (seg.path.clone(), last_end),
             (None, None) => (log_dir.clone(), 0),
         };
-        let torn = report.torn_tail.as_ref().map(|_| "a record is damaged or cut short, and nothing valid follows");
+        let torn = report.torn_tail.as_ref().map(|_| "damaged or cut short, with nothing valid after them");
         crate::store::check_claim((&path, m.events, m.last_id), &index, (&end_file, end_offset), torn)?;
     }
     report.streams = index.streams.keys().filter(|s| !s.starts_with('$')).count();
