@@ -18,6 +18,8 @@ pub struct Stats {
     pub write_failures: AtomicU64,
     /// Times the store recovered by itself from a failed write.
     pub recoveries: AtomicU64,
+    /// 1 while appends are refused after a failed write, else 0.
+    pub unavailable: AtomicU64,
 }
 
 impl Stats {
@@ -54,6 +56,9 @@ impl Stats {
         let _ = writeln!(out, "# HELP cairn_engine_recoveries_total Times the engine recovered by itself after a failed write.");
         let _ = writeln!(out, "# TYPE cairn_engine_recoveries_total counter");
         let _ = writeln!(out, "cairn_engine_recoveries_total {}", get(&self.recoveries));
+        let _ = writeln!(out, "# HELP cairn_engine_unavailable 1 while the engine refuses appends after a failed write (it retries by itself), else 0.");
+        let _ = writeln!(out, "# TYPE cairn_engine_unavailable gauge");
+        let _ = writeln!(out, "cairn_engine_unavailable {}", get(&self.unavailable));
         out
     }
 }

@@ -91,10 +91,12 @@ impl Shared {
     /// Appends are refused with `reason` until [`Shared::recovered`].
     pub fn poison(&self, reason: String) {
         *self.poisoned.lock().unwrap() = Some(reason);
+        self.stats.unavailable.store(1, Ordering::Relaxed);
     }
 
     pub fn recovered(&self) {
         *self.poisoned.lock().unwrap() = None;
+        self.stats.unavailable.store(0, Ordering::Relaxed);
     }
 
     /// Why appends are refused now, if they are.

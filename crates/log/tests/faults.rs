@@ -77,6 +77,7 @@ async fn a_failed_write_sync_or_open_fails_stop_then_recovers_and_loses_nothing(
         // Unready, and appends are refused (retryable), while the fault lasts.
         assert!(store.health().await.is_err(), "{what}: health reports the store unready");
         assert!(store.unavailable().is_some());
+        assert!(store.stats().prometheus().contains("cairn_engine_unavailable 1"));
         let refused = store.append("acct-1", ExpectedVersion::Any, vec![ev(7)]).await.unwrap_err();
         assert!(refused.is_retryable(), "{what}: {refused:?}");
         // Reads go on meanwhile.
@@ -91,6 +92,7 @@ async fn a_failed_write_sync_or_open_fails_stop_then_recovers_and_loses_nothing(
         until_ready(&store).await;
         assert_eq!(store.stats().recoveries.load(Ordering::Relaxed), 1);
         assert!(store.stats().prometheus().contains("cairn_engine_write_failures_total"));
+        assert!(store.stats().prometheus().contains("cairn_engine_unavailable 0"));
         // The append whose outcome was unknown was discarded: a retry with the same ids writes it once.
         if let Some(e) = unknown {
             store.append("acct-1", ExpectedVersion::Any, vec![e.clone()]).await.unwrap();
