@@ -5,15 +5,104 @@
 use base64::Engine;
 use bytes::Bytes;
 use cairn_core::{
-    AppendCondition, ContentType, Direction, ExpectedVersion, Metadata, NewEvent, Position, Query, RecordedEvent,
+    AppendCondition, ContentType, Direction, ExpectedVersion, Metadata, NewEvent, Position, Query, QueryItem, RecordedEvent,
     StoreError, Timestamp,
 };
-use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// Most events one read returns (`GET /all`, `POST /query`, a stream, and
+/// their gRPC calls); a larger `limit` is lowered to this, and the answer's
+/// `next` says where the following page starts.
+pub const EVENTS_PAGE_MAX: usize = 10_000;
+
+/// Most streams `GET /streams` (and gRPC `ListStreams`) returns.
+pub const STREAMS_PAGE_MAX: usize = 10_000;
+
+/// A JSON object as `T`. serde fills structs from arrays too (`[1, 2, 3]` as
+/// the first three fields), which no client means and which gets round the
+/// refusal of unknown fields; this refuses anything but an object.
+pub struct Object<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visit<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Object<T>, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Object)
+            }
+        }
+        deserializer.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+/// A request body: a JSON object as `T` (see [`Object`]).
+pub fn from_body<T: DeserializeOwned>(body: &[u8]) -> serde_json::Result<T> {
+    serde_json::from_slice::<Object<T>>(body).map(|o| o.0)
+}
+
+fn objects<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    Ok(Vec::<Object<T>>::deserialize(d)?.into_iter().map(|o| o.0).collect())
+}
+
+/// A query as requests carry it: objects only and unknown fields refused
+/// (the core's own shape ignores them, so a misspelt `typs` would leave an
+/// item that matches every event).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueryIn {
+    #[serde(deserialize_with = "objects")]
+    items: Vec<ItemIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ItemIn {
+    #[serde(default)]
+    types: Vec<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    categories: Vec<String>,
+}
+
+impl From<QueryIn> for Query {
+    fn from(q: QueryIn) -> Query {
+        Query { items: q.items.into_iter().map(|i| QueryItem { types: i.types, tags: i.tags, categories: i.categories }).collect() }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConditionIn {
+    fail_if_events_match: Object<QueryIn>,
+    #[serde(default)]
+    after: Option<Position>,
+}
+
+fn strict_query<'de, D: Deserializer<'de>>(d: D) -> Result<Query, D::Error> {
+    Ok(Object::<QueryIn>::deserialize(d)?.0.into())
+}
+
+fn strict_condition<'de, D: Deserializer<'de>>(d: D) -> Result<Option<AppendCondition>, D::Error> {
+    let condition = Option::<Object<ConditionIn>>::deserialize(d)?;
+    Ok(condition.map(|Object(c)| AppendCondition { fail_if_events_match: c.fail_if_events_match.0.into(), after: c.after }))
+}
+
+/// A query as JSON text (a subscription's `query` parameter), as strictly as
+/// in a request body.
+pub fn parse_query(text: &str) -> serde_json::Result<Query> {
+    serde_json::from_str::<Object<QueryIn>>(text).map(|o| o.0.into())
+}
 
 /// Body of `POST /streams/{stream}`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -22,9 +111,10 @@ pub struct AppendRequest {
     /// `"any"` (the default), `"no_stream"`, `"exists"` or a version number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected_version: Option<Value>,
+    #[serde(deserialize_with = "objects")]
     pub events: Vec<EventIn>,
     /// A Dynamic Consistency Boundary condition, checked with the append.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "strict_condition", skip_serializing_if = "Option::is_none")]
     pub condition: Option<AppendCondition>,
 }
 
@@ -201,16 +291,30 @@ impl EventOut {
     }
 }
 
-/// `{"events": [...]}`.
+/// `{"events": [...], "next": ...}`: `next` is there when the page is full
+/// (as many events as the limit, or [`EVENTS_PAGE_MAX`]), so more may follow.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Events {
     pub events: Vec<EventOut>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<Next>,
+}
+
+/// Where the next page of a read starts: `{"after": position}` for `$all`
+/// and queries (the `after` of the next request, in the same direction),
+/// `{"from": version}` for a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Next {
+    After(u64),
+    From(u64),
 }
 
 /// Body of `POST /query`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueryRequest {
+    #[serde(deserialize_with = "strict_query")]
     pub query: Query,
     /// Start here, inclusive (a bound; need not be an event's position).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -218,10 +322,36 @@ pub struct QueryRequest {
     /// Start just past here (paging).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Most events returned; a number too large for a `usize` reads as the largest.
+    #[serde(default, deserialize_with = "saturating_limit", skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
     #[serde(default)]
     pub direction: Direction,
+}
+
+/// A whole number from 0, any size (serde_json gives one past `u64` as a float).
+fn saturating_limit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    struct Visit;
+    impl serde::de::Visitor<'_> for Visit {
+        type Value = Option<usize>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a whole number from 0")
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(usize::try_from(v).unwrap_or(usize::MAX)))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            if v >= u64::MAX as f64 && v.fract() == 0.0 {
+                Ok(Some(usize::MAX))
+            } else {
+                Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+            }
+        }
+    }
+    d.deserialize_any(Visit)
 }
 
 /// `GET /head`.

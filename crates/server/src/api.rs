@@ -14,7 +14,10 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cairn_client::wire::{error_body, expected_from_wire, parse_expected, AppendRequest, EventOut, Head, QueryRequest};
+use cairn_client::wire::{
+    error_body, expected_from_wire, from_body, parse_expected, parse_query, AppendRequest, EventOut, Events, Head, Next as NextPage, QueryRequest,
+    EVENTS_PAGE_MAX, STREAMS_PAGE_MAX,
+};
 use cairn_core::{Direction, Position, Query, ReadAllOptions, ReadStreamOptions, StartFrom, StoreError, StreamMetadata, SubscriptionTarget};
 use futures_util::StreamExt;
 use serde_json::json;
@@ -176,8 +179,7 @@ async fn count_status(State(app): Shared, request: Request, next: Next) -> Respo
 
 async fn append(State(app): Shared, Extension(who): Who, Path(stream): Path<String>, body: Bytes) -> ApiResult<Response> {
     forbidden(who.denies_stream(&stream, true))?;
-    let request: AppendRequest =
-        serde_json::from_slice(&body).map_err(|e| ApiError::Request(format!("the body is not a valid append: {e}")))?;
+    let request: AppendRequest = from_body(&body).map_err(|e| ApiError::Request(format!("the body is not a valid append: {e}")))?;
     let expected = match &request.expected_version {
         None => cairn_core::ExpectedVersion::Any,
         Some(v) => expected_from_wire(v).map_err(ApiError::Request)?,
@@ -207,10 +209,24 @@ async fn append(State(app): Shared, Extension(who): Who, Path(stream): Path<Stri
     }
 }
 
-/// Events as `{"events": [...]}`, serialised once, with the store's bytes as they are.
-fn events_response(events: &[cairn_core::RecordedEvent]) -> Response {
-    let out: Vec<EventOut> = events.iter().map(EventOut::from_recorded).collect();
-    Json(json!({ "events": out })).into_response()
+/// Events as `{"events": [...], "next": ...}`, serialised once with the
+/// store's payload bytes as they are: never parsed again, so no stored
+/// payload can make the answer fail. `next` gives the cursor after the last
+/// event when the page is full (`limit` events).
+fn events_response(events: &[cairn_core::RecordedEvent], limit: usize, next: impl Fn(&cairn_core::RecordedEvent) -> Option<NextPage>) -> Response {
+    let next = events.last().filter(|_| events.len() >= limit).and_then(next);
+    Json(Events { events: events.iter().map(EventOut::from_recorded).collect(), next }).into_response()
+}
+
+/// A page of `$all` or a query continues after its last event, either way.
+fn after_last(e: &cairn_core::RecordedEvent) -> Option<NextPage> {
+    Some(NextPage::After(e.position.0))
+}
+
+/// The `limit` of a read: 1000 by default, at most [`EVENTS_PAGE_MAX`] (a
+/// larger one is lowered, not refused: the answer's `next` says so).
+fn page_limit(p: &Params) -> ApiResult<usize> {
+    Ok(p.limit(1000).map_err(ApiError::Request)?.min(EVENTS_PAGE_MAX))
 }
 
 async fn read_stream(State(app): Shared, Extension(who): Who, Path(stream): Path<String>, QueryString(q): QueryString<HashMap<String, String>>) -> ApiResult<Response> {
@@ -221,8 +237,13 @@ async fn read_stream(State(app): Shared, Extension(who): Who, Path(stream): Path
     if let Some(from) = p.u64("from").map_err(ApiError::Request)? {
         options = options.from_version(from);
     }
-    options = options.limit(p.limit(1000).map_err(ApiError::Request)?);
-    Ok(events_response(&app.store.read_stream(&stream, options).await?))
+    let limit = page_limit(&p)?;
+    let events = app.store.read_stream(&stream, options.limit(limit)).await?;
+    let next = |e: &cairn_core::RecordedEvent| match direction {
+        Direction::Forward => e.version.checked_add(1).map(NextPage::From),
+        Direction::Backward => e.version.checked_sub(1).filter(|&v| v > 0).map(NextPage::From),
+    };
+    Ok(events_response(&events, limit, next))
 }
 
 /// `from` (inclusive) or `after` (exclusive), `limit`, `direction`.
@@ -235,19 +256,19 @@ fn all_options(p: &Params) -> ApiResult<ReadAllOptions> {
         (None, Some(after)) => options = options.after(Position(after)),
         (None, None) => {}
     }
-    Ok(options.limit(p.limit(1000).map_err(ApiError::Request)?))
+    Ok(options.limit(page_limit(p)?))
 }
 
 async fn read_all(State(app): Shared, Extension(who): Who, QueryString(q): QueryString<HashMap<String, String>>) -> ApiResult<Response> {
     forbidden(who.denies_all())?;
     let p = params(q, &["from", "after", "limit", "direction"])?;
-    Ok(events_response(&app.store.read_all(all_options(&p)?).await?))
+    let options = all_options(&p)?;
+    Ok(events_response(&app.store.read_all(options).await?, options.limit, after_last))
 }
 
 async fn read_query(State(app): Shared, Extension(who): Who, body: Bytes) -> ApiResult<Response> {
     forbidden(who.denies_all())?;
-    let request: QueryRequest =
-        serde_json::from_slice(&body).map_err(|e| ApiError::Request(format!("the body is not a valid query: {e}")))?;
+    let request: QueryRequest = from_body(&body).map_err(|e| ApiError::Request(format!("the body is not a valid query: {e}")))?;
     let mut options = if request.direction == Direction::Backward { ReadAllOptions::backward() } else { ReadAllOptions::forward() };
     match (request.from, request.after) {
         (Some(_), Some(_)) => return Err(ApiError::Request("give from or after, not both".into())),
@@ -255,15 +276,23 @@ async fn read_query(State(app): Shared, Extension(who): Who, body: Bytes) -> Api
         (None, Some(after)) => options = options.after(Position(after)),
         (None, None) => {}
     }
-    options = options.limit(request.limit.unwrap_or(1000));
-    Ok(events_response(&app.store.read_query(&request.query, options).await?))
+    let limit = request.limit.unwrap_or(1000).min(EVENTS_PAGE_MAX);
+    Ok(events_response(&app.store.read_query(&request.query, options.limit(limit)).await?, limit, after_last))
 }
 
 async fn list_streams(State(app): Shared, Extension(who): Who, QueryString(q): QueryString<HashMap<String, String>>) -> ApiResult<Response> {
     forbidden(who.denies_all())?;
     let p = params(q, &["prefix", "limit"])?;
-    let streams = app.store.list_streams(p.str("prefix").unwrap_or(""), p.limit(1000).map_err(ApiError::Request)?).await?;
-    Ok(Json(json!({ "streams": streams })).into_response())
+    // At most STREAMS_PAGE_MAX; `truncated` says there may be more (the
+    // store lists by name from the start, so there is no cursor yet).
+    let limit = p.limit(1000).map_err(ApiError::Request)?.min(STREAMS_PAGE_MAX);
+    let streams = app.store.list_streams(p.str("prefix").unwrap_or(""), limit).await?;
+    let full = limit > 0 && streams.len() >= limit;
+    let mut body = json!({ "streams": streams });
+    if full {
+        body["truncated"] = json!(true);
+    }
+    Ok(Json(body).into_response())
 }
 
 async fn stream_info(State(app): Shared, Extension(who): Who, Path(stream): Path<String>) -> ApiResult<Response> {
@@ -288,7 +317,7 @@ async fn set_metadata(State(app): Shared, Extension(who): Who, Path(stream): Pat
         #[serde(default)]
         truncate_before: Option<u64>,
     }
-    let b: Body = serde_json::from_slice(&body).map_err(|e| ApiError::Request(format!("the body is not valid stream metadata: {e}")))?;
+    let b: Body = from_body(&body).map_err(|e| ApiError::Request(format!("the body is not valid stream metadata: {e}")))?;
     let metadata = StreamMetadata { max_age_secs: b.max_age_secs, max_count: b.max_count, truncate_before: b.truncate_before };
     Ok(Json(app.store.set_stream_metadata(&stream, metadata).await?).into_response())
 }
@@ -395,7 +424,7 @@ async fn subscribe_all(State(app): Shared, Extension(who): Who, headers: HeaderM
     let from = start_from(&p, &headers)?;
     let target = match (p.str("query"), p.str("category"), p.str("type")) {
         (Some(q), None, None) => {
-            let query: Query = serde_json::from_str(q).map_err(|e| ApiError::Request(format!("query: not a valid query: {e}")))?;
+            let query: Query = parse_query(q).map_err(|e| ApiError::Request(format!("query: not a valid query: {e}")))?;
             SubscriptionTarget::Query(query)
         }
         (Some(_), _, _) => return Err(ApiError::Request("give query, or category and/or type, not both".into())),

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::ConnectInfo;
-use cairn_core::{AppendCondition, Direction, Query, ReadStreamOptions, StartFrom, StoreError, StreamMetadata, SubscriptionTarget};
+use cairn_client::wire::{parse_query, Next, EVENTS_PAGE_MAX, STREAMS_PAGE_MAX};
+use cairn_core::{AppendCondition, Direction, Query, ReadStreamOptions, RecordedEvent, StartFrom, StoreError, StreamMetadata, SubscriptionTarget};
 use cairn_grpc::convert::{all_options, error_to_status, event_to, expected_from, new_event_from, status_with_body};
 use cairn_grpc::proto;
 use futures_util::{Stream, StreamExt};
@@ -56,6 +57,25 @@ impl GrpcService {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send>>;
 
+/// A read's limit: at most `max` (also when absent), a larger one lowered.
+fn page_limit(limit: Option<u64>, max: usize) -> usize {
+    limit.map_or(max, |l| usize::try_from(l).unwrap_or(usize::MAX).min(max))
+}
+
+/// Events, with the cursor of the next page in `x-cairn-next` (the HTTP
+/// API's `next`, as JSON) when the page is full.
+fn events_page(events: &[RecordedEvent], limit: usize, next: impl Fn(&RecordedEvent) -> Option<Next>) -> Response<proto::Events> {
+    let next = events.last().filter(|_| events.len() >= limit).and_then(next);
+    let mut response = Response::new(proto::Events { events: events.iter().map(event_to).collect() });
+    if let Some(value) = next.and_then(|n| serde_json::to_string(&n).ok()).and_then(|v| v.parse().ok()) {
+        response.metadata_mut().insert(NEXT_KEY, value);
+    }
+    response
+}
+
+/// The response header that carries a read's next-page cursor.
+pub const NEXT_KEY: &str = "x-cairn-next";
+
 #[tonic::async_trait]
 impl proto::event_store_server::EventStore for GrpcService {
     async fn append(&self, request: Request<proto::AppendRequest>) -> Result<Response<proto::AppendResponse>, Status> {
@@ -92,26 +112,32 @@ impl proto::event_store_server::EventStore for GrpcService {
         let r = request.into_inner();
         check(who.denies_stream(&r.stream, false))?;
         let direction = cairn_grpc::convert::direction_from(r.direction).map_err(|e| error_to_status(&e))?;
-        let mut options = if direction == Direction::Backward { ReadStreamOptions::backward() } else { ReadStreamOptions::forward() };
-        options = options.from_version(r.from_version).limit(r.limit.map_or(usize::MAX, |l| l as usize));
-        let events = self.app.store.read_stream(&r.stream, options).await.map_err(|e| error_to_status(&e))?;
-        Ok(Response::new(proto::Events { events: events.iter().map(event_to).collect() }))
+        let options = if direction == Direction::Backward { ReadStreamOptions::backward() } else { ReadStreamOptions::forward() };
+        let limit = page_limit(r.limit, EVENTS_PAGE_MAX);
+        let events = self.app.store.read_stream(&r.stream, options.from_version(r.from_version).limit(limit)).await.map_err(|e| error_to_status(&e))?;
+        let next = |e: &RecordedEvent| match direction {
+            Direction::Forward => e.version.checked_add(1).map(Next::From),
+            Direction::Backward => e.version.checked_sub(1).filter(|&v| v > 0).map(Next::From),
+        };
+        Ok(events_page(&events, limit, next))
     }
 
     async fn read_all(&self, request: Request<proto::ReadAllRequest>) -> Result<Response<proto::Events>, Status> {
         check(self.who(&request).await?.denies_all())?;
         let options = all_options(request.get_ref()).map_err(|e| error_to_status(&e))?;
+        let options = options.limit(options.limit.min(EVENTS_PAGE_MAX));
         let events = self.app.store.read_all(options).await.map_err(|e| error_to_status(&e))?;
-        Ok(Response::new(proto::Events { events: events.iter().map(event_to).collect() }))
+        Ok(events_page(&events, options.limit, |e| Some(Next::After(e.position.0))))
     }
 
     async fn read_query(&self, request: Request<proto::ReadQueryRequest>) -> Result<Response<proto::Events>, Status> {
         check(self.who(&request).await?.denies_all())?;
         let r = request.into_inner();
-        let query: Query = json_arg(&r.query_json, "query_json")?;
+        let query: Query = parse_query(&r.query_json).map_err(|e| invalid(format!("query_json: {e}")))?;
         let options = all_options(&r.options.unwrap_or_default()).map_err(|e| error_to_status(&e))?;
+        let options = options.limit(options.limit.min(EVENTS_PAGE_MAX));
         let events = self.app.store.read_query(&query, options).await.map_err(|e| error_to_status(&e))?;
-        Ok(Response::new(proto::Events { events: events.iter().map(event_to).collect() }))
+        Ok(events_page(&events, options.limit, |e| Some(Next::After(e.position.0))))
     }
 
     async fn stream_info(&self, request: Request<proto::StreamRequest>) -> Result<Response<proto::StreamInfoReply>, Status> {
@@ -125,7 +151,7 @@ impl proto::event_store_server::EventStore for GrpcService {
     async fn list_streams(&self, request: Request<proto::ListStreamsRequest>) -> Result<Response<proto::StreamInfoList>, Status> {
         check(self.who(&request).await?.denies_all())?;
         let r = request.into_inner();
-        let limit = r.limit.map_or(usize::MAX, |l| l as usize);
+        let limit = page_limit(r.limit, STREAMS_PAGE_MAX);
         let streams = self.app.store.list_streams(&r.prefix, limit).await.map_err(|e| error_to_status(&e))?;
         let streams = streams.iter().map(|s| proto::StreamInfoReply { json: serde_json::to_string(s).unwrap_or_default() }).collect();
         Ok(Response::new(proto::StreamInfoList { streams }))

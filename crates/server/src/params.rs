@@ -25,14 +25,17 @@ impl Params {
     pub fn u64(&self, name: &str) -> Result<Option<u64>, String> {
         self.map
             .get(name)
-            .map(|v| v.parse().map_err(|_| format!("{name}: {v:?} is not a whole number from 0")))
+            .map(|v| v.parse().map_err(|_| format!("{name}: {v:?} is not a whole number from 0 to {}", u64::MAX)))
             .transpose()
     }
 
+    /// `limit`, or `default`; a whole number too large for a `usize` is
+    /// the largest (the caller lowers it to its page size anyway).
     pub fn limit(&self, default: usize) -> Result<usize, String> {
         match self.map.get("limit") {
             None => Ok(default),
-            Some(v) => v.parse().map_err(|_| format!("limit: {v:?} is not a whole number from 0")),
+            Some(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => Ok(v.parse().unwrap_or(usize::MAX)),
+            Some(v) => Err(format!("limit: {v:?} is not a whole number from 0")),
         }
     }
 

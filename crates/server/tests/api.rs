@@ -259,3 +259,230 @@ async fn the_openapi_document_describes_every_route() {
         assert!(doc["components"]["schemas"][&name].is_object(), "missing schema {name}");
     }
 }
+
+/// GET `path` as (status, body text): the text, since a deep payload is more
+/// than serde_json's Value parser takes once wrapped in a response.
+async fn get_text(url: &str) -> (u16, String) {
+    let r = reqwest::get(url).await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_payload_is_refused_and_one_already_stored_still_reads() {
+    // New appends: refused with the reason, and /all reads on.
+    let s = server();
+    let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    for (data, says) in [(deep.as_str(), "deeper than 64 levels"), (r#"{"a":"\ud800"}"#, "lone surrogate escape")] {
+        let (status, answer) = post(&format!("{}/streams/poison-1", s.url), format!(r#"{{"events":[{{"type":"Odd","data":{data}}}]}}"#)).await;
+        assert_eq!((status, answer["error"].as_str()), (400, Some("invalid_event")), "{answer}");
+        assert!(answer["message"].as_str().unwrap().contains(says), "the answer should say {says:?}: {answer}");
+    }
+    let (status, body) = get_text(&format!("{}/all", s.url)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["events"], json!([]));
+
+    // A payload stored before the check (here: one the store below swaps
+    // in on every read) reads on every path, byte for byte: the server
+    // never parses stored payloads again.
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn EventStore> = Arc::new(Poisoned(EmbeddedStore::open(dir.path()).unwrap()));
+    let running = cairn_server::start(store.clone(), ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() }).unwrap();
+    let url = format!("http://{}", running.addr);
+    store.append("poison-1", ExpectedVersion::Any, vec![NewEvent::json("Poison", &json!({})).unwrap()]).await.unwrap();
+    let poison_text = String::from_utf8(poison()).unwrap();
+    for path in ["/all", "/streams/poison-1", "/all?direction=backward"] {
+        let (status, body) = get_text(&format!("{url}{path}")).await;
+        assert!(status == 200 && body.contains(&poison_text), "{path}: {status} {}", &body[body.len().saturating_sub(600)..]);
+    }
+    let r = reqwest::Client::new().post(format!("{url}/query")).body(r#"{"query":{"items":[{}]}}"#).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains(&poison_text));
+    let client = HttpStore::new(&url).unwrap();
+    assert_eq!(client.read_all(ReadAllOptions::forward()).await.unwrap()[0].data, poison());
+    let grpc = cairn_grpc::GrpcStore::new(&url).unwrap();
+    assert_eq!(grpc.read_stream("poison-1", ReadStreamOptions::forward()).await.unwrap()[0].data, poison());
+    let mut sse = reqwest::get(format!("{url}/streams/poison-1/subscribe")).await.unwrap();
+    let frame = frames(&mut sse, 1).await.remove(0);
+    assert!(frame.1 == "event" && frame.2.contains(&poison_text), "{frame:?}");
+    running.shutdown().await.unwrap();
+}
+
+/// What a store written before payloads were checked can hold: a lone
+/// surrogate and nesting past serde_json's 128 levels.
+fn poison() -> Vec<u8> {
+    format!(r#"{{"a":"\ud800","b":{}{}}}"#, "[".repeat(150), "]".repeat(150)).into_bytes()
+}
+
+/// An embedded store whose `Poison` events read back with [`poison`] as
+/// their payload. (The trait's methods written out as `async_trait` would.)
+struct Poisoned(EmbeddedStore);
+
+fn poisoned(mut e: cairn_core::RecordedEvent) -> cairn_core::RecordedEvent {
+    if e.event_type == "Poison" {
+        e.data = poison().into();
+    }
+    e
+}
+
+type Fut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = cairn_core::Result<T>> + Send + 'a>>;
+type Events = cairn_core::Result<Vec<cairn_core::RecordedEvent>>;
+
+fn poison_all(events: Events) -> Events {
+    events.map(|v| v.into_iter().map(poisoned).collect())
+}
+
+impl EventStore for Poisoned {
+    fn append<'a, 'b, 't>(&'a self, stream: &'b str, expected: ExpectedVersion, events: Vec<NewEvent>) -> Fut<'t, cairn_core::AppendResult>
+    where 'a: 't, 'b: 't, Self: 't {
+        Box::pin(self.0.append(stream, expected, events))
+    }
+    fn append_if<'a, 'b, 't>(&'a self, stream: &'b str, expected: ExpectedVersion, events: Vec<NewEvent>, condition: cairn_core::AppendCondition) -> Fut<'t, cairn_core::AppendResult>
+    where 'a: 't, 'b: 't, Self: 't {
+        Box::pin(self.0.append_if(stream, expected, events, condition))
+    }
+    fn read_query<'a, 'b, 't>(&'a self, query: &'b cairn_core::Query, options: ReadAllOptions) -> Fut<'t, Vec<cairn_core::RecordedEvent>>
+    where 'a: 't, 'b: 't, Self: 't {
+        Box::pin(async move { poison_all(self.0.read_query(query, options).await) })
+    }
+    fn read_stream<'a, 'b, 't>(&'a self, stream: &'b str, options: ReadStreamOptions) -> Fut<'t, Vec<cairn_core::RecordedEvent>>
+    where 'a: 't, 'b: 't, Self: 't {
+        Box::pin(async move { poison_all(self.0.read_stream(stream, options).await) })
+    }
+    fn read_all<'a, 't>(&'a self, options: ReadAllOptions) -> Fut<'t, Vec<cairn_core::RecordedEvent>>
+    where 'a: 't, Self: 't {
+        Box::pin(async move { poison_all(self.0.read_all(options).await) })
+    }
+    fn stream_info<'a, 'b, 't>(&'a self, stream: &'b str) -> Fut<'t, cairn_core::StreamInfo>
+    where 'a: 't, 'b: 't, Self: 't {
+        Box::pin(self.0.stream_info(stream))
+    }
+    fn list_streams<'a, 'b, 't>(&'a self, prefix: &'b str, limit: usize) -> Fut<'t, Vec<cairn_core::StreamInfo>>
+    where 'a: 't, 'b: 't, Self: 't {
+        Box::pin(self.0.list_streams(prefix, limit))
+    }
+    fn set_stream_metadata<'a, 'b, 't>(&'a self, stream: &'b str, metadata: cairn_core::StreamMetadata) -> Fut<'t, cairn_core::AppendResult>
+    where 'a: 't, 'b: 't, Self: 't {
+        Box::pin(self.0.set_stream_metadata(stream, metadata))
+    }
+    fn delete_stream<'a, 'b, 't>(&'a self, stream: &'b str, expected: ExpectedVersion, hard: bool) -> Fut<'t, cairn_core::AppendResult>
+    where 'a: 't, 'b: 't, Self: 't {
+        Box::pin(self.0.delete_stream(stream, expected, hard))
+    }
+    fn subscribe<'a, 't>(&'a self, target: cairn_core::SubscriptionTarget, from: cairn_core::StartFrom) -> Fut<'t, cairn_core::Subscription>
+    where 'a: 't, Self: 't {
+        use futures_util::StreamExt;
+        Box::pin(async move { Ok(cairn_core::Subscription::new(self.0.subscribe(target, from).await?.map(|e| e.map(poisoned)))) })
+    }
+    fn head_position<'a, 't>(&'a self) -> Fut<'t, cairn_core::Position>
+    where 'a: 't, Self: 't {
+        Box::pin(self.0.head_position())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_are_capped_and_say_where_the_next_page_starts() {
+    use cairn_client::wire::EVENTS_PAGE_MAX;
+    let s = server();
+    let total = EVENTS_PAGE_MAX + 50;
+    for n in [EVENTS_PAGE_MAX, 50] {
+        let batch = (0..n).map(|i| NewEvent::json("Counted", &json!({"i": i})).unwrap()).collect();
+        s.store.append("big-1", ExpectedVersion::Any, batch).await.unwrap();
+    }
+    let get = |path: String| async move {
+        let r = reqwest::get(path).await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.unwrap()
+    };
+    let page = get(format!("{}/all?limit={}", s.url, u64::MAX)).await;
+    let events = page["events"].as_array().unwrap();
+    assert_eq!(events.len(), EVENTS_PAGE_MAX, "a huge limit is lowered to the cap");
+    assert_eq!(page["next"], json!({"after": events[EVENTS_PAGE_MAX - 1]["position"]}), "a full page says where the next starts");
+    let rest = get(format!("{}/all?after={}&limit=99999999999999999999999", s.url, page["next"]["after"])).await;
+    assert_eq!(rest["events"].as_array().unwrap().len(), 50);
+    assert!(rest.get("next").is_none(), "the last page has no cursor: {}", rest["next"]);
+    let short = get(format!("{}/all?limit=3", s.url)).await;
+    assert_eq!(short["next"]["after"], short["events"][2]["position"]);
+
+    let stream = get(format!("{}/streams/big-1?limit={}", s.url, u64::MAX)).await;
+    assert_eq!((stream["events"].as_array().unwrap().len(), &stream["next"]), (EVENTS_PAGE_MAX, &json!({"from": EVENTS_PAGE_MAX + 1})));
+    let back = get(format!("{}/streams/big-1?direction=backward&limit=20", s.url)).await;
+    assert_eq!(back["next"], json!({"from": total - 20}));
+    let r = reqwest::Client::new().post(format!("{}/query", s.url)).body(r#"{"query":{"items":[{}]},"limit":100000000000000000000000}"#).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let query: Value = r.json().await.unwrap();
+    assert_eq!((query["events"].as_array().unwrap().len(), &query["next"]), (EVENTS_PAGE_MAX, &page["next"]));
+    let streams = get(format!("{}/streams?limit={}", s.url, u64::MAX)).await;
+    assert_eq!((streams["streams"].as_array().unwrap().len(), streams.get("truncated")), (1, None));
+
+    // The client pages through for callers that ask for more.
+    let client = HttpStore::new(&s.url).unwrap();
+    let all = client.read_all(ReadAllOptions::forward()).await.unwrap();
+    assert_eq!(all.len(), total);
+    assert!(all.windows(2).all(|w| w[0].position < w[1].position), "in order, each once");
+    let versions: Vec<u64> = client.read_stream("big-1", ReadStreamOptions::backward().limit(total - 7)).await.unwrap().iter().map(|e| e.version).collect();
+    assert_eq!(versions, (8..=total as u64).rev().collect::<Vec<_>>());
+    assert_eq!(client.read_query(&cairn_core::Query::all(), ReadAllOptions::backward()).await.unwrap().len(), total);
+    assert_eq!(client.read_all(ReadAllOptions::forward().limit(EVENTS_PAGE_MAX + 1)).await.unwrap().len(), EVENTS_PAGE_MAX + 1);
+
+    // gRPC reads are capped too, with the cursor in a header.
+    let mut grpc = cairn_grpc::proto::event_store_client::EventStoreClient::connect(s.url.clone()).await.unwrap();
+    let reply = grpc.read_all(cairn_grpc::proto::ReadAllRequest::default()).await.unwrap();
+    assert_eq!(reply.get_ref().events.len(), EVENTS_PAGE_MAX, "no limit is the cap, not everything");
+    let next = reply.metadata().get("x-cairn-next").and_then(|v| v.to_str().ok()).map(String::from);
+    assert_eq!(next, Some(page["next"].to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_subscription_after_the_largest_version_replays_nothing() {
+    let s = server();
+    let client = HttpStore::new(&s.url).unwrap();
+    client.append("cart-1", ExpectedVersion::Any, vec![NewEvent::json("ItemAdded", &json!({})).unwrap()]).await.unwrap();
+    let mut sub = reqwest::Client::new()
+        .get(format!("{}/streams/cart-1/subscribe", s.url))
+        .header("Last-Event-ID", u64::MAX.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sub.status(), 200);
+    client.append("cart-1", ExpectedVersion::Any, vec![NewEvent::json("ItemAdded", &json!({})).unwrap()]).await.unwrap();
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(700);
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(deadline, sub.chunk()).await {
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(!seen.contains("event: event"), "nothing comes after u64::MAX: {seen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_must_be_json_objects_with_known_fields_at_every_level() {
+    let s = server();
+    let url = |path: &str| format!("{}{path}", s.url);
+    let put = |path: String, body: &'static str| async move {
+        let r = reqwest::Client::new().put(path).body(body).send().await.unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+    };
+    let (status, answer) = put(url("/streams/meta-1/metadata"), "[1, 2, 3]").await;
+    assert!(status == 400 && answer["message"].as_str().unwrap().contains("expected a JSON object"), "{status} {answer}");
+    let cases = [
+        ("/streams/order-1", r#"[null, [{"type":"X","data":1}]]"#, "expected a JSON object"),
+        ("/streams/order-1", r#"{"events":[["X", 1]]}"#, "expected a JSON object"),
+        ("/streams/order-1", r#"{"events":[{"type":"X","data":1}],"condition":[{"items":[{}]}]}"#, "expected a JSON object"),
+        ("/streams/order-1", r#"{"events":[{"type":"X","data":1}],"condition":{"fail_if_events_match":{"items":[["X"]]}}}"#, "expected a JSON object"),
+        ("/streams/order-1", r#"{"events":[{"type":"X","data":1}],"condition":{"fail_if_events_match":{"items":[{"typs":["X"]}]}}}"#, "unknown field `typs`"),
+        ("/streams/order-1", r#"{"events":[{"type":"X","data":1}],"condition":{"query":{"items":[{}]}}}"#, "unknown field `query`"),
+        ("/query", r#"[{"items":[{}]}]"#, "expected a JSON object"),
+        ("/query", r#"{"query":[[{}]]}"#, "expected a JSON object"),
+        ("/query", r#"{"query":{"items":[{"tags":["a"],"tpyes":["X"]}]}}"#, "unknown field `tpyes`"),
+    ];
+    for (path, body, says) in cases {
+        let (status, answer) = post(&url(path), body).await;
+        assert!(status == 400 && answer["message"].as_str().unwrap().contains(says), "{path} {body}: should say {says:?}: {status} {answer}");
+    }
+    let r = reqwest::get(url(r#"/all/subscribe?query={"items":[{"typs":["X"]}]}"#)).await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(s.store.read_all(ReadAllOptions::forward()).await.unwrap().is_empty(), "nothing was written");
+    // Objects still go through, whitespace first or not.
+    assert_eq!(post(&url("/streams/order-1"), " \n{\"events\":[{\"type\":\"X\",\"data\":1}]}").await.0, 200);
+    assert_eq!(put(url("/streams/order-1/metadata"), r#"{"max_count": 5}"#).await.0, 200);
+    assert_eq!(post(&url("/query"), r#"{"query":{"items":[{"types":["X"]}]},"limit":null}"#).await.0, 200);
+}
