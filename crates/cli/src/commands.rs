@@ -394,11 +394,14 @@ pub fn verify(ctx: &Context) -> Result<()> {
     })?;
     if let Some(bar) = bar { bar.finish_and_clear(); }
     if ctx.json {
-        println!("{}", serde_json::json!({"ok": true, "segments": report.segments, "events": report.events, "bytes": report.bytes, "streams": report.streams,
+        println!("{}", serde_json::json!({"ok": true, "segments": report.segments, "events": report.events, "bytes": report.bytes, "streams": report.streams, "durable_events": report.durable_events,
             "torn_tail": report.torn_tail.as_ref().map(|(f, o, n)| serde_json::json!({"file": f, "offset": o, "bytes": n}))}));
     } else {
         let plural = output::count;
         println!("ok: {} in {}, {}, {} checked", plural(report.events, "event"), plural(report.streams as u64, "stream"), plural(report.segments as u64, "segment"), plural(report.bytes, "byte"));
+        if let Some(n) = report.durable_events {
+            println!("ok: the {} the durable mark says were acknowledged are all there", plural(n, "event"));
+        }
         if let Some((file, offset, bytes)) = report.torn_tail {
             println!("note: {} has a torn tail of {bytes} bytes at offset {offset} (an unacknowledged append); the next open cuts it", file.display());
         }

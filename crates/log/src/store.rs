@@ -117,7 +117,7 @@ impl Shared {
         debug_assert!(head > self.head.load(Ordering::Relaxed), "positions strictly increase");
         // Inside the lock: whoever sees the new index entries also sees the head that covers them.
         self.head.store(head, Ordering::Release);
-        self.stats.events_written.store(index.events, Ordering::Relaxed);
+        self.stats.events_written.store(index.events, Ordering::Release);
         drop(index);
         if let Some(tx) = self.head_tx.lock().unwrap().as_ref() {
             tx.send_replace(head);
@@ -242,6 +242,7 @@ impl EmbeddedStore {
             poisoned: Mutex::new(None),
             stats: Stats::default(),
         });
+        shared.stats.events_written.store(shared.index.read().unwrap().events, Ordering::Release);
         let (tx, rx) = mpsc::channel(options.queue_depth);
         let marked = mark.map(|m| (m.events, m.last_id));
         let writer = Writer::new(shared.clone(), active, offset, last_timestamp, options.group_linger, mark_file, last_id, marked);

@@ -17,6 +17,8 @@ pub struct VerifyReport {
     pub streams: usize,
     /// A torn tail the next open will cut: file, offset and byte count.
     pub torn_tail: Option<(PathBuf, u64, u64)>,
+    /// Events the durable mark says were acknowledged (all found), if there is a mark.
+    pub durable_events: Option<u64>,
 }
 
 /// Checks every record's checksum and every stream's version sequence, and
@@ -53,6 +55,7 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
         };
         let torn = report.torn_tail.as_ref().map(|_| "damaged or cut short, with nothing valid after them");
         crate::store::check_claim((&path, m.events, m.last_id), &index, (&end_file, end_offset), torn)?;
+        report.durable_events = Some(m.events);
     }
     report.streams = index.streams.keys().filter(|s| !s.starts_with('$')).count();
     Ok(report)

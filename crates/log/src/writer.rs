@@ -105,9 +105,10 @@ impl Writer {
         Writer { shared, active, offset, last_timestamp, group, linger, mark_file, last_id, marked, marked_at: Instant::now() }
     }
 
-    /// (events, newest id) now durable.
+    /// (events, newest id) now durable. The count comes from the stats,
+    /// which `publish` sets under the index lock: no lock on this path.
     fn durable(&self) -> (u64, u128) {
-        (self.shared.index.read().unwrap().events, self.last_id)
+        (self.shared.stats.events_written.load(std::sync::atomic::Ordering::Acquire), self.last_id)
     }
 
     /// Rewrites the durable mark if it is behind the log.
