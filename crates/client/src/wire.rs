@@ -85,8 +85,8 @@ impl From<QueryIn> for Query {
 #[serde(deny_unknown_fields)]
 struct ConditionIn {
     fail_if_events_match: Object<QueryIn>,
-    #[serde(default)]
-    after: Option<Position>,
+    #[serde(default, deserialize_with = "whole::opt_u64")]
+    after: Option<u64>,
 }
 
 fn strict_query<'de, D: Deserializer<'de>>(d: D) -> Result<Query, D::Error> {
@@ -95,7 +95,7 @@ fn strict_query<'de, D: Deserializer<'de>>(d: D) -> Result<Query, D::Error> {
 
 fn strict_condition<'de, D: Deserializer<'de>>(d: D) -> Result<Option<AppendCondition>, D::Error> {
     let condition = Option::<Object<ConditionIn>>::deserialize(d)?;
-    Ok(condition.map(|Object(c)| AppendCondition { fail_if_events_match: c.fail_if_events_match.0.into(), after: c.after }))
+    Ok(condition.map(|Object(c)| AppendCondition { fail_if_events_match: c.fail_if_events_match.0.into(), after: c.after.map(Position) }))
 }
 
 /// A query as JSON text (a subscription's `query` parameter), as strictly as
@@ -133,7 +133,7 @@ pub struct EventIn {
     pub content_type: ContentType,
     #[serde(default, skip_serializing_if = "Metadata::is_empty")]
     pub metadata: Metadata,
-    #[serde(default = "one", skip_serializing_if = "is_one")]
+    #[serde(default = "one", deserialize_with = "whole::u32", skip_serializing_if = "is_one")]
     pub schema_version: u32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
@@ -161,7 +161,7 @@ pub fn expected_to_wire(expected: ExpectedVersion) -> Value {
 pub fn expected_from_wire(value: &Value) -> Result<ExpectedVersion, String> {
     match value {
         Value::String(s) => parse_expected(s),
-        Value::Number(n) => n.as_u64().map(ExpectedVersion::Exact).ok_or_else(|| {
+        Value::Number(n) => whole::of(n).map(ExpectedVersion::Exact).ok_or_else(|| {
             format!("expected_version: {n} is not a version; use a whole number from 0, or \"any\", \"no_stream\", \"exists\"")
         }),
         other => Err(format!("expected_version: {other} is neither a version number nor \"any\", \"no_stream\", \"exists\"")),
@@ -317,41 +317,74 @@ pub struct QueryRequest {
     #[serde(deserialize_with = "strict_query")]
     pub query: Query,
     /// Start here, inclusive (a bound; need not be an event's position).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "whole::opt_u64", skip_serializing_if = "Option::is_none")]
     pub from: Option<u64>,
     /// Start just past here (paging).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "whole::opt_u64", skip_serializing_if = "Option::is_none")]
     pub after: Option<u64>,
     /// Most events returned; a number too large for a `usize` reads as the largest.
-    #[serde(default, deserialize_with = "saturating_limit", skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "whole::opt_usize", skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
     #[serde(default)]
     pub direction: Direction,
 }
 
-/// A whole number from 0, any size (serde_json gives one past `u64` as a float).
-fn saturating_limit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
-    struct Visit;
-    impl serde::de::Visitor<'_> for Visit {
-        type Value = Option<usize>;
+/// Whole numbers as JSON Schema counts them: `5` and `5.0` alike (its
+/// `integer` takes both, so clients and tools may send either), from 0 to
+/// `u64::MAX`; `null` is none.
+pub mod whole {
+    use serde::de::{Deserializer, Error, Unexpected, Visitor};
+
+    struct Whole;
+
+    impl Visitor<'_> for Whole {
+        type Value = Option<u64>;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a whole number from 0")
+            write!(f, "a whole number from 0 to {}", u64::MAX)
         }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        fn visit_unit<E>(self) -> Result<Option<u64>, E> {
             Ok(None)
         }
-        fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
-            Ok(Some(usize::try_from(v).unwrap_or(usize::MAX)))
+        fn visit_u64<E>(self, v: u64) -> Result<Option<u64>, E> {
+            Ok(Some(v))
         }
-        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
-            if v >= u64::MAX as f64 && v.fract() == 0.0 {
-                Ok(Some(usize::MAX))
-            } else {
-                Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
-            }
+        fn visit_i64<E: Error>(self, v: i64) -> Result<Option<u64>, E> {
+            u64::try_from(v).map(Some).map_err(|_| E::invalid_value(Unexpected::Signed(v), &self))
+        }
+        fn visit_f64<E: Error>(self, v: f64) -> Result<Option<u64>, E> {
+            float(v).map(Some).ok_or_else(|| E::invalid_value(Unexpected::Float(v), &self))
         }
     }
-    d.deserialize_any(Visit)
+
+    /// A float that is a whole number in range. serde_json reads floats to
+    /// within a unit in the last place, so `1971688239649487.0` may arrive as
+    /// `…487.2`: a few units' difference still counts as whole.
+    fn float(v: f64) -> Option<u64> {
+        let whole = v.round();
+        // 2^64 is the first float past u64::MAX.
+        let in_range = (0.0..18_446_744_073_709_551_616.0).contains(&whole);
+        (in_range && (v - whole).abs() <= whole * 4.0 * f64::EPSILON).then_some(whole as u64)
+    }
+
+    pub fn opt_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        d.deserialize_any(Whole)
+    }
+
+    pub fn opt_usize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+        Ok(opt_u64(d)?.map(|v| usize::try_from(v).unwrap_or(usize::MAX)))
+    }
+
+    pub fn u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        match opt_u64(d)? {
+            Some(v) => u32::try_from(v).map_err(|_| D::Error::invalid_value(Unexpected::Unsigned(v), &"a whole number from 0 to 4294967295")),
+            None => Err(D::Error::invalid_type(Unexpected::Unit, &"a whole number from 0 to 4294967295")),
+        }
+    }
+
+    /// The number a JSON value holds, if it is a whole one.
+    pub fn of(n: &serde_json::Number) -> Option<u64> {
+        n.as_u64().or_else(|| n.as_f64().and_then(float))
+    }
 }
 
 /// `GET /head`.
@@ -385,7 +418,8 @@ pub fn error_body(e: &StoreError) -> (u16, Value) {
         InvalidEvent(detail) => (400, "invalid_event", json!({"detail": detail})),
         InvalidArgument(detail) => (400, "invalid_argument", json!({"detail": detail})),
         IdempotencyConflict { id, detail } => (409, "idempotency_conflict", json!({"id": id, "detail": detail})),
-        InvalidPosition(p) => (400, "invalid_position", json!({"position": p.0})),
+        // No event there, as a stream that does not exist is a 404.
+        InvalidPosition(p) => (404, "invalid_position", json!({"position": p.0})),
         Busy(detail) => (503, "busy", json!({"detail": detail})),
         Closed { reason } => (503, "closed", json!({"reason": reason, "retryable": true})),
         OutcomeUnknown { reason } => (503, "outcome_unknown", json!({"reason": reason, "retryable": true})),
@@ -441,5 +475,33 @@ pub fn error_from(status: u16, body: &Value, where_: &str) -> StoreError {
             let detail = if message.is_empty() { format!("HTTP status {status}: {body}") } else { format!("HTTP status {status}: {message}") };
             StoreError::Io { path: where_.to_string(), source: std::io::Error::other(detail) }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_numbers_as_json_schema_counts_them() {
+        let parse = |text: &str| serde_json::from_str::<QueryRequest>(&format!(r#"{{"query":{{"items":[{{}}]}},"from":{text}}}"#)).map(|q| q.from);
+        assert_eq!(parse("5").unwrap(), Some(5));
+        assert_eq!(parse("5.0").unwrap(), Some(5));
+        assert_eq!(parse("1971688239649487.0").unwrap(), Some(1971688239649487));
+        assert_eq!(parse("18446744073709551615").unwrap(), Some(u64::MAX));
+        assert_eq!(parse("null").unwrap(), None);
+        for bad in ["2.5", "-1", "18446744073709551616", "1e20", "\"5\"", "0.3"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bodies_are_objects_all_the_way_down() {
+        assert!(from_body::<QueryRequest>(br#"[{"items":[{}]}]"#).unwrap_err().to_string().contains("expected a JSON object"));
+        assert!(from_body::<QueryRequest>(br#"{"query":{"items":[[]]}}"#).is_err());
+        assert!(from_body::<QueryRequest>(br#"{"query":{"items":[{"typs":[]}]}}"#).unwrap_err().to_string().contains("unknown field `typs`"));
+        assert!(from_body::<AppendRequest>(br#"{"events":[["X",1]]}"#).is_err());
+        let ok: AppendRequest = from_body(br#" {"events":[{"type":"X","data":1,"schema_version":2.0}],"condition":{"fail_if_events_match":{"items":[{"tags":["t"]}]},"after":3}}"#).unwrap();
+        assert_eq!((ok.events[0].schema_version, ok.condition.unwrap().after), (2, Some(Position(3))));
     }
 }

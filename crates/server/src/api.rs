@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use cairn_client::wire::{
-    error_body, expected_from_wire, from_body, parse_expected, parse_query, AppendRequest, EventOut, Events, Head, Next as NextPage, QueryRequest,
+    error_body, expected_from_wire, from_body, parse_expected, parse_query, whole, AppendRequest, EventOut, Events, Head, Next as NextPage, QueryRequest,
     EVENTS_PAGE_MAX, STREAMS_PAGE_MAX,
 };
 use cairn_core::{Direction, Position, Query, ReadAllOptions, ReadStreamOptions, StartFrom, StoreError, StreamMetadata, SubscriptionTarget};
@@ -310,11 +310,11 @@ async fn set_metadata(State(app): Shared, Extension(who): Who, Path(stream): Pat
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Body {
-        #[serde(default)]
+        #[serde(default, deserialize_with = "whole::opt_u64")]
         max_age_secs: Option<u64>,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "whole::opt_u64")]
         max_count: Option<u64>,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "whole::opt_u64")]
         truncate_before: Option<u64>,
     }
     let b: Body = from_body(&body).map_err(|e| ApiError::Request(format!("the body is not valid stream metadata: {e}")))?;
