@@ -78,10 +78,10 @@ impl Limits {
             if !seen.insert(e.id) {
                 return bad(format!("event id {} appears twice in the batch", e.id));
             }
-            if e.content_type == ContentType::Json {
-                if let Err(reason) = check_json(&e.data, self.json_depth_max) {
-                    return bad(format!("the payload is marked as JSON but {reason}"));
-                }
+            if e.content_type == ContentType::Json
+                && let Err(reason) = check_json(&e.data, self.json_depth_max)
+            {
+                return bad(format!("the payload is marked as JSON but {reason}"));
             }
             self.check_tags(i, &e.tags)?;
             if e.metadata.extra.len() > u16::MAX as usize {
