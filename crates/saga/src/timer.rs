@@ -502,7 +502,14 @@ impl Inner {
     /// Appends one event and applies it; false if the store had it already.
     /// Writes the snapshot when it is time.
     async fn write(&self, state: &mut State, event: TimerEvent) -> Result<bool, StoreError> {
-        let result = self.store.append(&self.stream, ExpectedVersion::Any, vec![event.to_new_event(&self.stream)]).await?;
+        let result = match self.store.append(&self.stream, ExpectedVersion::Any, vec![event.to_new_event(&self.stream)]).await {
+            Ok(result) => result,
+            // The event's id comes from the timer's: this step of this timer
+            // was written before (scheduled again with another due time, say),
+            // and the first one stands.
+            Err(StoreError::IdempotencyConflict { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
         if result.position <= state.last {
             return Ok(false);
         }
