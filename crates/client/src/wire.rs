@@ -4,7 +4,7 @@
 
 use base64::Engine;
 use bytes::Bytes;
-use cairn_core::{
+use cairn_core::{StreamMetadata, 
     AppendCondition, ContentType, Direction, ExpectedVersion, Metadata, NewEvent, Position, Query, QueryItem, RecordedEvent,
     StoreError, Timestamp,
 };
@@ -96,6 +96,30 @@ fn strict_query<'de, D: Deserializer<'de>>(d: D) -> Result<Query, D::Error> {
 fn strict_condition<'de, D: Deserializer<'de>>(d: D) -> Result<Option<AppendCondition>, D::Error> {
     let condition = Option::<Object<ConditionIn>>::deserialize(d)?;
     Ok(condition.map(|Object(c)| AppendCondition { fail_if_events_match: c.fail_if_events_match.0.into(), after: c.after.map(Position) }))
+}
+
+/// An append condition as JSON text (gRPC's `condition_json`), as strictly
+/// as in a request body.
+pub fn parse_condition(text: &str) -> serde_json::Result<AppendCondition> {
+    serde_json::from_str::<Object<ConditionIn>>(text)
+        .map(|Object(c)| AppendCondition { fail_if_events_match: c.fail_if_events_match.0.into(), after: c.after.map(Position) })
+}
+
+/// Stream metadata as JSON text (gRPC's `metadata_json`): an object with
+/// only the known settings.
+pub fn parse_metadata(text: &str) -> serde_json::Result<StreamMetadata> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct MetadataIn {
+        #[serde(default, deserialize_with = "whole::opt_u64")]
+        max_age_secs: Option<u64>,
+        #[serde(default, deserialize_with = "whole::opt_u64")]
+        max_count: Option<u64>,
+        #[serde(default, deserialize_with = "whole::opt_u64")]
+        truncate_before: Option<u64>,
+    }
+    serde_json::from_str::<Object<MetadataIn>>(text)
+        .map(|Object(m)| StreamMetadata { max_age_secs: m.max_age_secs, max_count: m.max_count, truncate_before: m.truncate_before })
 }
 
 /// A query as JSON text (a subscription's `query` parameter), as strictly as
@@ -493,6 +517,16 @@ mod tests {
         for bad in ["2.5", "-1", "18446744073709551616", "1e20", "\"5\"", "0.3"] {
             assert!(parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn grpc_json_fields_are_as_strict_as_bodies() {
+        assert!(parse_condition(r#"{"fail_if_events_match": {"items": [{"types": ["A"]}]}, "after": 3}"#).is_ok());
+        assert!(parse_condition(r#"{"fail_if_events_match": {"items": [{"typs": ["A"]}]}}"#).is_err(), "a misspelt item field");
+        assert!(parse_condition(r#"[{"items": []}, 3]"#).is_err(), "an array for an object");
+        assert_eq!(parse_metadata(r#"{"max_count": 3}"#).unwrap().max_count, Some(3));
+        assert!(parse_metadata("[1, 2, 3]").is_err(), "an array sets no fields");
+        assert!(parse_metadata(r#"{"max_cont": 3}"#).is_err(), "an unknown setting");
     }
 
     #[test]

@@ -192,6 +192,10 @@ pub fn status_with_body(http: u16, body: &serde_json::Value) -> Status {
     status
 }
 
+/// The response header that carries a read's next-page cursor (the HTTP
+/// API's `next`, as JSON), present when the page is full.
+pub const NEXT_KEY: &str = "x-cairn-next";
+
 /// The store error a failed append's status stands for: without the
 /// server's own answer, a call that may have reached it (anything but a
 /// refused connection) has an unknown outcome.

@@ -19,7 +19,19 @@ use futures_util::StreamExt;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::convert::{all_request, event_from, expected_to, new_event_to, status_to_error};
+use cairn_client::wire::{Next, EVENTS_PAGE_MAX};
+
+use crate::convert::{all_request, event_from, expected_to, new_event_to, status_to_error, NEXT_KEY};
+
+/// The read of a page of `n` events of `$all` (or a query), from `options` or the cursor `next`.
+fn page_of(options: &ReadAllOptions, n: usize, next: Option<Next>) -> proto::ReadAllRequest {
+    let mut message = all_request(options);
+    if let Some(Next::After(p)) = next {
+        (message.from, message.exclusive) = (p, true);
+    }
+    message.limit = Some(n as u64);
+    message
+}
 use crate::proto::event_store_client::EventStoreClient;
 
 /// Largest message either way. The server's own limit is its body limit
@@ -111,6 +123,28 @@ impl GrpcStore {
     fn events(reply: proto::Events) -> Result<Vec<RecordedEvent>> {
         reply.events.into_iter().map(event_from).collect()
     }
+
+    /// Up to `limit` events, page after page: the server answers at most
+    /// [`EVENTS_PAGE_MAX`] a call and says in [`NEXT_KEY`] where the next
+    /// page starts. `call` makes the call for a page of `n` from a cursor.
+    async fn paged<F, Fut>(&self, limit: usize, mut call: F) -> Result<Vec<RecordedEvent>>
+    where
+        F: FnMut(usize, Option<Next>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<proto::Events>, tonic::Status>>,
+    {
+        let mut out = Vec::new();
+        let mut next = None;
+        loop {
+            let response = call((limit - out.len()).min(EVENTS_PAGE_MAX), next).await.map_err(|s| status_to_error(&s))?;
+            next = response.metadata().get(NEXT_KEY).and_then(|v| v.to_str().ok()).and_then(|v| serde_json::from_str::<Next>(v).ok());
+            let page = Self::events(response.into_inner())?;
+            let empty = page.is_empty();
+            out.extend(page);
+            if next.is_none() || empty || out.len() >= limit {
+                return Ok(out);
+            }
+        }
+    }
 }
 
 /// TLS with the public roots (webpki) and `root`, if given.
@@ -144,23 +178,37 @@ impl EventStore for GrpcStore {
 
     async fn read_query(&self, query: &Query, options: ReadAllOptions) -> Result<Vec<RecordedEvent>> {
         let query_json = serde_json::to_string(query).map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
-        let message = proto::ReadQueryRequest { query_json, options: Some(all_request(&options)) };
-        Self::events(self.client.clone().read_query(self.request(message)).await.map_err(|s| status_to_error(&s))?.into_inner())
+        self.paged(options.limit, |n, next| {
+            let message = proto::ReadQueryRequest { query_json: query_json.clone(), options: Some(page_of(&options, n, next)) };
+            let mut client = self.client.clone();
+            let request = self.request(message);
+            async move { client.read_query(request).await }
+        })
+        .await
     }
 
     async fn read_stream(&self, stream: &str, options: ReadStreamOptions) -> Result<Vec<RecordedEvent>> {
-        let message = proto::ReadStreamRequest {
-            stream: stream.to_string(),
-            from_version: options.from_version,
-            direction: convert::direction_to(options.direction) as i32,
-            limit: (options.limit != usize::MAX).then_some(options.limit as u64),
-        };
-        Self::events(self.client.clone().read_stream(self.request(message)).await.map_err(|s| status_to_error(&s))?.into_inner())
+        self.paged(options.limit, |n, next| {
+            let from_version = match next {
+                Some(Next::From(v)) => v,
+                _ => options.from_version,
+            };
+            let direction = convert::direction_to(options.direction) as i32;
+            let message = proto::ReadStreamRequest { stream: stream.to_string(), from_version, direction, limit: Some(n as u64) };
+            let mut client = self.client.clone();
+            let request = self.request(message);
+            async move { client.read_stream(request).await }
+        })
+        .await
     }
 
     async fn read_all(&self, options: ReadAllOptions) -> Result<Vec<RecordedEvent>> {
-        let message = all_request(&options);
-        Self::events(self.client.clone().read_all(self.request(message)).await.map_err(|s| status_to_error(&s))?.into_inner())
+        self.paged(options.limit, |n, next| {
+            let mut client = self.client.clone();
+            let request = self.request(page_of(&options, n, next));
+            async move { client.read_all(request).await }
+        })
+        .await
     }
 
     async fn stream_info(&self, stream: &str) -> Result<StreamInfo> {

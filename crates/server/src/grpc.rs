@@ -33,10 +33,6 @@ fn check(reason: Option<String>) -> Result<(), Status> {
     reason.map_or(Ok(()), |r| Err(denied("forbidden", r)))
 }
 
-fn json_arg<T: serde::de::DeserializeOwned>(text: &str, field: &str) -> Result<T, Status> {
-    serde_json::from_str(text).map_err(|e| invalid(format!("{field}: {e}")))
-}
-
 impl GrpcService {
     async fn who<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
         let Some(auth) = &self.app.auth else { return Ok(Principal::anonymous_admin()) };
@@ -73,8 +69,7 @@ fn events_page(events: &[RecordedEvent], limit: usize, next: impl Fn(&RecordedEv
     response
 }
 
-/// The response header that carries a read's next-page cursor.
-pub const NEXT_KEY: &str = "x-cairn-next";
+use cairn_grpc::convert::NEXT_KEY;
 
 #[tonic::async_trait]
 impl proto::event_store_server::EventStore for GrpcService {
@@ -84,7 +79,11 @@ impl proto::event_store_server::EventStore for GrpcService {
         check(who.denies_stream(&r.stream, true))?;
         let expected = expected_from(r.expected);
         let events = r.events.into_iter().enumerate().map(|(i, e)| new_event_from(e, i)).collect::<Result<Vec<_>, _>>().map_err(invalid)?;
-        let condition: Option<AppendCondition> = if r.condition_json.is_empty() { None } else { Some(json_arg(&r.condition_json, "condition_json")?) };
+        let condition: Option<AppendCondition> = if r.condition_json.is_empty() {
+            None
+        } else {
+            Some(cairn_client::wire::parse_condition(&r.condition_json).map_err(|e| invalid(format!("condition_json: {e}")))?)
+        };
         if let Some(c) = &condition {
             check(who.denies_condition(c))?;
         }
@@ -161,7 +160,7 @@ impl proto::event_store_server::EventStore for GrpcService {
         let who = self.who(&request).await?;
         let r = request.into_inner();
         check(who.denies_stream(&r.stream, true))?;
-        let metadata: StreamMetadata = json_arg(&r.metadata_json, "metadata_json")?;
+        let metadata: StreamMetadata = cairn_client::wire::parse_metadata(&r.metadata_json).map_err(|e| invalid(format!("metadata_json: {e}")))?;
         let done = self.app.store.set_stream_metadata(&r.stream, metadata).await.map_err(|e| error_to_status(&e))?;
         Ok(Response::new(proto::AppendResponse { next_version: done.next_version, position: done.position.0 }))
     }
@@ -198,7 +197,7 @@ impl proto::event_store_server::EventStore for GrpcService {
             }
             Some(Target::QueryJson(q)) => {
                 check(who.denies_all())?;
-                SubscriptionTarget::Query(json_arg(&q, "query_json")?)
+                SubscriptionTarget::Query(parse_query(&q).map_err(|e| invalid(format!("query_json: {e}")))?)
             }
         };
         let from = match r.start {

@@ -12,3 +12,22 @@ fn grpc_store() -> (Arc<dyn EventStore>, crate::common::TestServer) {
 }
 
 cairn_core::conformance_suite!(grpc_store());
+
+/// The server answers at most 10,000 events a call; GrpcStore follows the
+/// `x-cairn-next` cursor so a caller still gets all it asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_reads_page_past_the_servers_cap() {
+    use cairn_core::{ExpectedVersion, NewEvent, Query, ReadAllOptions, ReadStreamOptions};
+    let (client, server) = grpc_store();
+    let n = cairn_client::wire::EVENTS_PAGE_MAX + 50;
+    for chunk in 0..n.div_ceil(1000) {
+        let events = (0..1000.min(n - chunk * 1000)).map(|i| NewEvent::json_bytes("Paged", format!("{{\"i\": {i}}}"))).collect();
+        server.store.append("acct-1", ExpectedVersion::Any, events).await.unwrap();
+    }
+    assert_eq!(client.read_stream("acct-1", ReadStreamOptions::forward()).await.unwrap().len(), n);
+    assert_eq!(client.read_stream("acct-1", ReadStreamOptions::backward()).await.unwrap().len(), n);
+    assert_eq!(client.read_all(ReadAllOptions::forward()).await.unwrap().iter().filter(|e| e.stream == "acct-1").count(), n);
+    assert_eq!(client.read_query(&Query::types(["Paged"]), ReadAllOptions::backward()).await.unwrap().len(), n);
+    let some = client.read_all(ReadAllOptions::forward().limit(10_020)).await.unwrap();
+    assert_eq!(some.len(), 10_020, "a limit past one page is met exactly");
+}
