@@ -18,7 +18,7 @@ const ALL: [&str; 7] = ["W1", "W1c", "W2", "W3", "W4", "W5", "W6"];
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Workloads to run, in order (default: W1 W1c W2 W3 W4 W5 W6; also D1 D2, G1 for consumer groups, W7 for the HTTP server, W8 sagas, W9 the relay). W4 reads what the others wrote.
+    /// Workloads to run, in order (default: W1 W1c W2 W3 W4 W5 W6; also D1 D2, G1 for consumer groups, W7 for the HTTP server, W8 sagas, W9 the relay; S1, alone, the engine filled with --events N). W4 reads what the others wrote.
     pub workloads: Vec<String>,
     /// Scale the event counts by this factor (1.0 = the sizes in WORKLOADS.md).
     #[arg(long, default_value_t = 1.0)]
@@ -36,6 +36,12 @@ pub struct BenchArgs {
     /// Directory for the fresh data directory (default: the system temp dir).
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
+    /// S1: events to fill the store with [default: 100000000, ~17 GB of disk].
+    #[arg(long, value_name = "N")]
+    pub events: Option<u64>,
+    /// S1: fill this (new) directory and keep the store there afterwards.
+    #[arg(long, value_name = "DIR")]
+    pub keep: Option<std::path::PathBuf>,
 }
 
 /// A `MoneyDeposited` event of about 150 bytes with ordinary metadata.
@@ -110,6 +116,30 @@ fn spinner(what: &str) -> indicatif::ProgressBar {
 }
 
 pub async fn run(ctx: &crate::commands::Context, args: BenchArgs) -> Result<()> {
+    use crate::bench_scale::{CHILD_APPEND, CHILD_OPEN};
+    // S1 and its children manage their own stores.
+    match args.workloads.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        [CHILD_OPEN] | [CHILD_APPEND] => {
+            let dir = args.keep.as_deref().ok_or_else(|| anyhow::anyhow!("{} needs --keep DIR", args.workloads[0]))?;
+            let line = if args.workloads[0] == CHILD_OPEN { crate::bench_scale::child_open(dir)? } else { crate::bench_scale::child_append(dir).await? };
+            println!("{line}");
+            return Ok(());
+        }
+        ["S1"] => {
+            if ctx.backend == crate::commands::Backend::Postgres {
+                bail!("S1 measures the embedded engine at scale; it does not run on PostgreSQL");
+            }
+            let tmp = match &args.dir {
+                Some(d) => tempfile::Builder::new().prefix("cairn-bench-").tempdir_in(d)?,
+                None => tempfile::Builder::new().prefix("cairn-bench-").tempdir()?,
+            };
+            let events = args.events.unwrap_or(crate::bench_scale::DEFAULT_EVENTS);
+            println!("{}", crate::bench_scale::s1(events, args.keep.as_deref(), tmp.path()).await?);
+            return Ok(());
+        }
+        _ if args.workloads.iter().any(|w| w == "S1") => bail!("S1 runs alone: `cairn bench S1 [--events N] [--keep DIR]`"),
+        _ => {}
+    }
     let postgres = ctx.backend == crate::commands::Backend::Postgres;
     let workloads: Vec<String> = if args.workloads.is_empty() {
         if postgres { ON_POSTGRES[..5].iter().map(|s| s.to_string()).collect() } else { ALL.iter().map(|s| s.to_string()).collect() }
@@ -175,7 +205,7 @@ async fn run_workloads(target: &Target, workloads: &[String], args: &BenchArgs, 
     Ok(())
 }
 
-async fn w1(t: &Target, prefix: &str, tasks: usize, commands: u64, cache: usize) -> Result<String> {
+pub(crate) async fn w1(t: &Target, prefix: &str, tasks: usize, commands: u64, cache: usize) -> Result<String> {
     let accounts = 1000u64;
     let repo = Repository::<bank::Account>::new(t.store.clone()).with_cache(cache);
     open_accounts(&repo, prefix, accounts).await?;
@@ -212,7 +242,7 @@ async fn w1(t: &Target, prefix: &str, tasks: usize, commands: u64, cache: usize)
         t.backend, n as f64 / secs, percentile(&latencies, 0.5), percentile(&latencies, 0.99)))
 }
 
-async fn w2(t: &Target, events: u64, tasks: usize) -> Result<String> {
+pub(crate) async fn w2(t: &Target, events: u64, tasks: usize) -> Result<String> {
     let batches = events / 100;
     let syncs_before = t.syncs();
     // Build the batches first: the figure is the store's, not serde's.
@@ -269,7 +299,7 @@ async fn median_load(repo: &Repository<bank::Account>, id: &str, events: u64) ->
     Ok((times[2].as_secs_f64(), replayed))
 }
 
-async fn w3(t: &Target, events: u64) -> Result<String> {
+pub(crate) async fn w3(t: &Target, events: u64) -> Result<String> {
     let store = &t.store;
     let id = format!("big-{}", Uuid::now_v7().simple());
     let stream = format!("account-{id}");

@@ -174,6 +174,26 @@ fn bench_prints_one_line_per_workload() {
     assert!(!o.status.success() && stderr(&o).contains("embedded engine only"), "{}", stderr(&o));
 }
 
+/// S1 at a toy size: every figure is printed, the SIGKILLed child's store
+/// opens, and the kept store is a store.
+#[test]
+fn bench_s1_fills_kills_reopens_and_compares_with_an_empty_store() {
+    let keep = tempfile::tempdir().unwrap();
+    let dir = keep.path().join("s1");
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["bench", "S1", "--events", "3000", "--keep"]).arg(&dir).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for figure in ["figure=fill events=3000 ", "figure=open_after_clean_stop open_secs=", "figure=open_after_sigkill open_secs="] {
+        assert!(out.contains(figure), "{figure} missing: {out}");
+    }
+    for w in ["W1", "W1c", "W2", "W3", "W4", "D2"] {
+        assert!(out.lines().any(|l| l.starts_with(&format!("bench S1 workload={w} ")) && l.contains("ratio_vs_empty=")), "{w} missing: {out}");
+    }
+    assert!(cairn(&dir, &["verify"]).status.success(), "the kept store verifies");
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["bench", "S1", "--events", "10", "--keep"]).arg(&dir).output().unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("already holds a store"), "{}", stderr(&o));
+}
+
 #[test]
 fn bench_w9_relays_to_both_brokers_and_postgres_runs_the_append_and_server_workloads() {
     let up = |addr: &str| std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), std::time::Duration::from_secs(1)).is_ok();
