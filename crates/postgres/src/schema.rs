@@ -6,7 +6,10 @@ use tokio_postgres::Client;
 
 /// (version, what it does, SQL). Append new ones; never edit an applied one.
 /// `{key}` is the schema's advisory lock key for appends (see `append`).
-const MIGRATIONS: &[(i32, &str, fn() -> String)] = &[
+/// A migration: its version, what it does, and its SQL.
+type Migration = (i32, &'static str, fn() -> String);
+
+const MIGRATIONS: &[Migration] = &[
     (1, "events, streams, positions and the append function", || V1.to_string()),
     (2, "a retry must resend the same content to the stream's current incarnation", v2),
 ];
