@@ -401,7 +401,12 @@ impl Inner {
             w.check_first = true;
             rows = client.query(&statement, &w.params_plain()).await;
         }
+        // A connection that broke must not go back to the pool for the next append.
+        let broken = matches!(&rows, Err(e) if outcome_unknown(e));
         let result = w.result(&self.place, rows);
+        if broken {
+            drop(deadpool_postgres::Object::take(client));
+        }
         if result.is_ok() {
             self.wake.send_modify(|n| *n += 1);
             self.notify.notify_one();
