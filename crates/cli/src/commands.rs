@@ -400,7 +400,7 @@ pub fn verify(ctx: &Context) -> Result<()> {
         let plural = output::count;
         println!("ok: {} in {}, {}, {} checked", plural(report.events, "event"), plural(report.streams as u64, "stream"), plural(report.segments as u64, "segment"), plural(report.bytes, "byte"));
         if let Some(n) = report.durable_events {
-            println!("ok: the {} the durable mark says were acknowledged are all there", plural(n, "event"));
+            println!("ok: every event the durable mark records as acknowledged ({n}) is there");
         }
         if let Some((file, offset, bytes)) = report.torn_tail {
             println!("note: {} has a torn tail of {bytes} bytes at offset {offset} (an unacknowledged append); the next open cuts it", file.display());
