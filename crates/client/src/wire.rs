@@ -105,9 +105,9 @@ pub fn parse_condition(text: &str) -> serde_json::Result<AppendCondition> {
         .map(|Object(c)| AppendCondition { fail_if_events_match: c.fail_if_events_match.0.into(), after: c.after.map(Position) })
 }
 
-/// Stream metadata as JSON text (gRPC's `metadata_json`): an object with
-/// only the known settings.
-pub fn parse_metadata(text: &str) -> serde_json::Result<StreamMetadata> {
+/// Stream metadata as JSON (the body of `PUT /streams/{s}/metadata`, gRPC's
+/// `metadata_json`): an object with only the known settings.
+pub fn parse_metadata(json: &[u8]) -> serde_json::Result<StreamMetadata> {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct MetadataIn {
@@ -118,7 +118,7 @@ pub fn parse_metadata(text: &str) -> serde_json::Result<StreamMetadata> {
         #[serde(default, deserialize_with = "whole::opt_u64")]
         truncate_before: Option<u64>,
     }
-    serde_json::from_str::<Object<MetadataIn>>(text)
+    serde_json::from_slice::<Object<MetadataIn>>(json)
         .map(|Object(m)| StreamMetadata { max_age_secs: m.max_age_secs, max_count: m.max_count, truncate_before: m.truncate_before })
 }
 
@@ -524,9 +524,9 @@ mod tests {
         assert!(parse_condition(r#"{"fail_if_events_match": {"items": [{"types": ["A"]}]}, "after": 3}"#).is_ok());
         assert!(parse_condition(r#"{"fail_if_events_match": {"items": [{"typs": ["A"]}]}}"#).is_err(), "a misspelt item field");
         assert!(parse_condition(r#"[{"items": []}, 3]"#).is_err(), "an array for an object");
-        assert_eq!(parse_metadata(r#"{"max_count": 3}"#).unwrap().max_count, Some(3));
-        assert!(parse_metadata("[1, 2, 3]").is_err(), "an array sets no fields");
-        assert!(parse_metadata(r#"{"max_cont": 3}"#).is_err(), "an unknown setting");
+        assert_eq!(parse_metadata(br#"{"max_count": 3}"#).unwrap().max_count, Some(3));
+        assert!(parse_metadata(b"[1, 2, 3]").is_err(), "an array sets no fields");
+        assert!(parse_metadata(br#"{"max_cont": 3}"#).is_err(), "an unknown setting");
     }
 
     #[test]

@@ -15,10 +15,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use cairn_client::wire::{
-    error_body, expected_from_wire, from_body, parse_expected, parse_query, whole, AppendRequest, EventOut, Events, Head, Next as NextPage, QueryRequest,
+    error_body, expected_from_wire, from_body, parse_expected, parse_query, AppendRequest, EventOut, Events, Head, Next as NextPage, QueryRequest,
     EVENTS_PAGE_MAX, STREAMS_PAGE_MAX,
 };
-use cairn_core::{Direction, Position, Query, ReadAllOptions, ReadStreamOptions, StartFrom, StoreError, StreamMetadata, SubscriptionTarget};
+use cairn_core::{Direction, Position, Query, ReadAllOptions, ReadStreamOptions, StartFrom, StoreError, SubscriptionTarget};
 use futures_util::StreamExt;
 use serde_json::json;
 
@@ -307,18 +307,7 @@ async fn get_metadata(State(app): Shared, Extension(who): Who, Path(stream): Pat
 
 async fn set_metadata(State(app): Shared, Extension(who): Who, Path(stream): Path<String>, body: Bytes) -> ApiResult<Response> {
     forbidden(who.denies_stream(&stream, true))?;
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Body {
-        #[serde(default, deserialize_with = "whole::opt_u64")]
-        max_age_secs: Option<u64>,
-        #[serde(default, deserialize_with = "whole::opt_u64")]
-        max_count: Option<u64>,
-        #[serde(default, deserialize_with = "whole::opt_u64")]
-        truncate_before: Option<u64>,
-    }
-    let b: Body = from_body(&body).map_err(|e| ApiError::Request(format!("the body is not valid stream metadata: {e}")))?;
-    let metadata = StreamMetadata { max_age_secs: b.max_age_secs, max_count: b.max_count, truncate_before: b.truncate_before };
+    let metadata = cairn_client::wire::parse_metadata(&body).map_err(|e| ApiError::Request(format!("the body is not valid stream metadata: {e}")))?;
     Ok(Json(app.store.set_stream_metadata(&stream, metadata).await?).into_response())
 }
 

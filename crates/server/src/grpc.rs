@@ -160,7 +160,7 @@ impl proto::event_store_server::EventStore for GrpcService {
         let who = self.who(&request).await?;
         let r = request.into_inner();
         check(who.denies_stream(&r.stream, true))?;
-        let metadata: StreamMetadata = cairn_client::wire::parse_metadata(&r.metadata_json).map_err(|e| invalid(format!("metadata_json: {e}")))?;
+        let metadata: StreamMetadata = cairn_client::wire::parse_metadata(r.metadata_json.as_bytes()).map_err(|e| invalid(format!("metadata_json: {e}")))?;
         let done = self.app.store.set_stream_metadata(&r.stream, metadata).await.map_err(|e| error_to_status(&e))?;
         Ok(Response::new(proto::AppendResponse { next_version: done.next_version, position: done.position.0 }))
     }
