@@ -70,6 +70,16 @@ struct Group {
     replies: Vec<(oneshot::Sender<Result<AppendResult, StoreError>>, Result<AppendResult, StoreError>)>,
 }
 
+impl Group {
+    /// Forgets the group's records (written, or discarded after a failure); its replies stay.
+    fn clear_records(&mut self) {
+        self.buf.clear();
+        self.streams.clear();
+        self.ids.clear();
+        self.user_events.clear();
+    }
+}
+
 pub struct Writer {
     shared: Arc<Shared>,
     active: Arc<Segment>,
@@ -124,6 +134,11 @@ impl Writer {
         Ok(())
     }
 
+    /// Rewrites the durable mark if it is behind the log and due.
+    fn write_mark_if_due(&mut self) -> Result<(), StoreError> {
+        if self.mark_due_in().is_some_and(|w| w.is_zero()) { self.write_mark() } else { Ok(()) }
+    }
+
     /// How long until the mark is due, if it is behind the log.
     fn mark_due_in(&self) -> Option<Duration> {
         if self.marked == Some(self.durable()) {
@@ -150,7 +165,7 @@ impl Writer {
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
                 Err(mpsc::error::TryRecvError::Empty) => match self.mark_due_in() {
                     Some(wait) if wait.is_zero() => {
-                        if let Err(e) = self.write_mark() && !self.recover(e, &mut rx) {
+                        if let Err(e) = self.write_mark_if_due() && !self.recover(e, &mut rx) {
                             return;
                         }
                         continue;
@@ -195,7 +210,7 @@ impl Writer {
                 Some(e) => Err(e),
                 None => self.commit(),
             };
-            let result = result.and_then(|()| if self.mark_due_in().is_some_and(|w| w.is_zero()) { self.write_mark() } else { Ok(()) });
+            let result = result.and_then(|()| self.write_mark_if_due());
             if let Err(e) = result && !self.recover(e, &mut rx) {
                 return;
             }
@@ -223,10 +238,7 @@ impl Writer {
             };
             let _ = reply.send(answer);
         }
-        self.group.buf.clear();
-        self.group.streams.clear();
-        self.group.ids.clear();
-        self.group.user_events.clear();
+        self.group.clear_records();
         let mut backoff = RECOVERY_BACKOFF_MIN;
         let mut attempt_at = Instant::now() + backoff;
         loop {
@@ -474,10 +486,7 @@ impl Writer {
             self.last_id = last_record_id(&self.group.buf);
             self.shared.publish(&self.active, start, &self.group.buf);
         }
-        self.group.buf.clear();
-        self.group.streams.clear();
-        self.group.ids.clear();
-        self.group.user_events.clear();
+        self.group.clear_records();
         for (reply, result) in self.group.replies.drain(..) {
             let _ = reply.send(result);
         }
