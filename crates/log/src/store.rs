@@ -477,7 +477,7 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
     };
     // Read only: every segment is checked and applied before anything changes.
     let count = opened.len();
-    let mut scans: Vec<Option<SegmentScan>> = Vec::with_capacity(count);
+    let mut newest_scan = SegmentScan::default();
     let mut head = 0;
     for (i, seg) in opened.iter().enumerate() {
         let last = i + 1 == count;
@@ -485,17 +485,19 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
         // verify_on_open) but not applied again.
         let apply_from = start.saturating_sub(seg.base).max(SEGMENT_HEADER_BYTES);
         if !last && apply_from >= seg.capacity() && !options.verify_on_open {
-            scans.push(None); // covered by the snapshot
-            continue;
+            continue; // covered by the snapshot
         }
         let from = if options.verify_on_open { SEGMENT_HEADER_BYTES } else { apply_from };
         let scan = scan_segment(seg, from, apply_from, last, Some(&mut index))?;
         report.scanned_events += scan.events;
         head = seg.base + scan.valid_end;
-        scans.push(Some(scan));
+        if last {
+            newest_scan = scan;
+        }
     }
-    let newest = opened.last().expect("not empty");
-    let newest_scan = scans.last().cloned().flatten().unwrap_or_default();
+    let last_id = last_event_id(&opened, head).unwrap_or(0);
+    let mut segments: Vec<Segment> = opened;
+    let newest = segments.pop().expect("not empty");
     if let Some(claim) = claim {
         let torn = newest_scan.torn_at.map(|_| "damaged or cut short, with nothing valid after them");
         check_claim(claim, &index, (&newest.path, newest_scan.valid_end), torn)?;
@@ -505,36 +507,27 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
         storage.remove(&path).map_err(|e| StoreError::io(&path, e))?;
         segment::sync_dir(log_dir, storage)?;
     }
-    let last_id = last_event_id(&opened, head).unwrap_or(0);
-    let mut segments: Vec<Arc<Segment>> = Vec::with_capacity(count + 1);
-    for (i, (seg, scan)) in opened.into_iter().zip(scans).enumerate() {
-        let last = i + 1 == count;
-        let Some(scan) = scan.filter(|_| last) else {
-            segments.push(Arc::new(seg));
-            continue;
-        };
-        let mut seg = seg;
-        let io = |e| StoreError::io(&seg.path, e);
-        if let Some(at) = scan.torn_at {
-            // Zero everything after the last whole append, durably.
-            let capacity = seg.capacity().max(options.segment_bytes);
-            storage.set_len(&seg.file, at).and_then(|_| storage.set_len(&seg.file, capacity)).and_then(|_| storage.sync_all(&seg.file)).map_err(io)?;
-            report.truncated_bytes = scan.torn_bytes;
-            report.truncated_at = Some((seg.path.clone(), at));
-            seg = Segment::open(&seg.path.clone(), true, storage)?;
-        } else if scan.valid_end == seg.capacity() && seg.capacity() > SEGMENT_HEADER_BYTES {
-            // Full: a sealed segment (its successor's creation was cut short).
-            // Sealed segments are never written again: start the next one.
-            let base = seg.base + seg.capacity();
-            segments.push(Arc::new(seg));
-            segments.push(Arc::new(Segment::create(log_dir, base, options.segment_bytes, storage)?));
-            head = base + SEGMENT_HEADER_BYTES;
-            continue;
-        } else if seg.capacity() < options.segment_bytes {
-            storage.set_len(&seg.file, options.segment_bytes).and_then(|_| storage.sync_all(&seg.file)).map_err(io)?;
-            seg = Segment::open(&seg.path.clone(), true, storage)?;
-        }
-        segments.push(Arc::new(seg));
+    let mut segments: Vec<Arc<Segment>> = segments.into_iter().map(Arc::new).collect();
+    let io = |e| StoreError::io(&newest.path, e);
+    if let Some(at) = newest_scan.torn_at {
+        // Zero everything after the last whole append, durably.
+        let capacity = newest.capacity().max(options.segment_bytes);
+        storage.set_len(&newest.file, at).and_then(|_| storage.set_len(&newest.file, capacity)).and_then(|_| storage.sync_all(&newest.file)).map_err(io)?;
+        report.truncated_bytes = newest_scan.torn_bytes;
+        report.truncated_at = Some((newest.path.clone(), at));
+        segments.push(Arc::new(Segment::open(&newest.path.clone(), true, storage)?));
+    } else if newest_scan.valid_end == newest.capacity() && newest.capacity() > SEGMENT_HEADER_BYTES {
+        // Full: a sealed segment (its successor's creation was cut short).
+        // Sealed segments are never written again: start the next one.
+        let base = newest.base + newest.capacity();
+        segments.push(Arc::new(newest));
+        segments.push(Arc::new(Segment::create(log_dir, base, options.segment_bytes, storage)?));
+        head = base + SEGMENT_HEADER_BYTES;
+    } else if newest.capacity() < options.segment_bytes {
+        storage.set_len(&newest.file, options.segment_bytes).and_then(|_| storage.sync_all(&newest.file)).map_err(io)?;
+        segments.push(Arc::new(Segment::open(&newest.path.clone(), true, storage)?));
+    } else {
+        segments.push(Arc::new(newest));
     }
     report.segments = segments.len();
     report.events = index.events;
