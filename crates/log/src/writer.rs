@@ -228,7 +228,7 @@ impl Writer {
     fn recover(&mut self, e: StoreError, rx: &mut mpsc::Receiver<AppendRequest>) -> bool {
         let reason = format!("a write to the log failed ({e})");
         eprintln!("cairn: {reason}; appends are refused until the disk takes writes again (retrying with backoff)");
-        self.shared.poison(format!("{reason}; the store is recovering by itself, retry later"));
+        self.shared.poison(format!("{reason}; the store is recovering by itself"));
         self.shared.stats.write_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         for (reply, result) in self.group.replies.drain(..) {
             // A request refused before the write (a conflict, say) keeps its own answer.
@@ -264,7 +264,7 @@ impl Writer {
                     return true;
                 }
                 Err(e) => {
-                    self.shared.poison(format!("{reason}; recovery failed too ({e}), retrying; the store is recovering by itself, retry later"));
+                    self.shared.poison(format!("{reason}; recovery failed too ({e}), retrying; the store is recovering by itself"));
                     backoff = (backoff * 2).min(self.shared.options.recovery_backoff_max.max(RECOVERY_BACKOFF_MIN));
                     attempt_at = Instant::now() + backoff;
                 }
