@@ -39,10 +39,12 @@ impl Params {
         }
     }
 
+    /// Only `true` or `false`: a bare `?hard` or `?hard=` is refused, since
+    /// guessing "true" there would tombstone a stream for good.
     pub fn bool(&self, name: &str) -> Result<bool, String> {
         match self.map.get(name).map(String::as_str) {
             None | Some("false") => Ok(false),
-            Some("true") | Some("") => Ok(true),
+            Some("true") => Ok(true),
             Some(v) => Err(format!("{name}: {v:?} is not true or false")),
         }
     }
