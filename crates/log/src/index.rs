@@ -1,43 +1,58 @@
-//! The index: derived from the log, never the source of truth. It maps each
-//! stream to its events' positions, each event id to its position, and, for
-//! queries, each tag, each event type and each stream category to the
-//! positions of the user events that carry it. Recovery rebuilds it by applying every record in order; the
-//! writer applies each durable group with the same [`Index::apply`], so both
-//! paths agree.
+//! The index: derived from the log, never the source of truth. It has two
+//! layers:
+//! - a summary per stream (version, state, metadata, where its current
+//!   incarnation starts), which grows with the number of streams, not events;
+//! - one part per segment, in log order: a sealed segment's part is its index
+//!   file on disk ([`crate::idx`]), mapped and checked block by block; the
+//!   newest segment's part (and a sealed one whose file is not written yet) is
+//!   a [`MemIndex`] in memory, the memtable.
+//!
+//! Each part maps the segment's streams to their events' positions, its event
+//! ids to positions, and its tags, event types and stream categories to the
+//! positions of the user events that carry them. Recovery and the writer
+//! apply records with the same [`Index::apply`], so both paths agree.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use cairn_core::{stream_category, StreamMetadata, StreamState};
+use cairn_core::{stream_category, StoreError, StreamMetadata, StreamState};
 
+use crate::idx::{Damaged, IdxFile, Kind};
 use crate::record::RecordView;
 
 pub const METADATA_EVENT: &str = "$metadata";
 pub const DELETED_EVENT: &str = "$deleted";
 pub const TOMBSTONE_EVENT: &str = "$tombstone";
 
-#[derive(Debug, Clone)]
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// What the index keeps of a stream, whatever the length of its history.
+#[derive(Debug, Clone, PartialEq)]
 pub struct StreamEntry {
-    /// Position of each event of the current incarnation: version v at [v-1].
-    pub positions: Vec<u64>,
-    /// Timestamp (µs) of each event, for max-age and time lookups.
-    pub timestamps: Vec<i64>,
+    /// Events of the current incarnation (its last version).
+    pub version: u64,
     pub state: StreamState,
     pub metadata: StreamMetadata,
+    /// Lowest position the current incarnation's events can have: events of
+    /// the stream before it belong to an incarnation deleted since.
+    pub since: u64,
+    pub last_position: Option<u64>,
 }
 
 impl Default for StreamEntry {
     fn default() -> Self {
-        StreamEntry { positions: Vec::new(), timestamps: Vec::new(), state: StreamState::Live, metadata: StreamMetadata::default() }
+        StreamEntry { version: 0, state: StreamState::Live, metadata: StreamMetadata::default(), since: 0, last_position: None }
     }
 }
 
 impl StreamEntry {
     pub fn version(&self) -> u64 {
-        self.positions.len() as u64
+        self.version
     }
 
-    /// First version reads may return, given the metadata and the time `now_us`.
-    pub fn first_visible_version(&self, now_us: i64) -> u64 {
+    /// First version reads may return, given the metadata and the time
+    /// `now_us`; `older_than(t)` counts the incarnation's events before `t`.
+    pub fn first_visible_version(&self, now_us: i64, older_than: impl FnOnce(i64) -> u64) -> u64 {
         let version = self.version();
         let mut first = self.metadata.truncate_before.unwrap_or(1).max(1);
         if let Some(max_count) = self.metadata.max_count {
@@ -47,35 +62,25 @@ impl StreamEntry {
             // A max age past i64 microseconds (about 292,000 years) hides nothing.
             let max_age_us = i64::try_from(max_age).unwrap_or(i64::MAX).saturating_mul(1_000_000);
             let oldest_us = now_us.saturating_sub(max_age_us);
-            // Timestamps never decrease within the log, so a binary search works.
-            let older = self.timestamps.partition_point(|t| *t < oldest_us) as u64;
-            first = first.max(older + 1);
+            first = first.max(older_than(oldest_us) + 1);
         }
         first
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_huge_max_age_hides_nothing() {
-        let mut entry = StreamEntry { positions: vec![10, 20, 30], timestamps: vec![1, 2, 3], ..Default::default() };
-        for max_age in [1u64 << 62, 1 << 63, u64::MAX] {
-            entry.metadata.max_age_secs = Some(max_age);
-            assert_eq!(entry.first_visible_version(1_000_000_000), 1, "max_age_secs {max_age}");
-        }
-        entry.metadata.max_age_secs = Some(1);
-        assert_eq!(entry.first_visible_version(10_000_000), 4, "a short max age still hides old events");
-    }
+/// One segment's events of one stream, in log order (all incarnations).
+#[derive(Debug, Clone, Default)]
+pub struct Run {
+    pub positions: Vec<u64>,
+    /// Timestamp (µs) of each event, for max-age lookups.
+    pub timestamps: Vec<i64>,
 }
 
-pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-
-#[derive(Default)]
-pub struct Index {
-    pub streams: FastMap<String, StreamEntry>,
+/// The memtable: one segment's part of the index, in memory.
+#[derive(Debug, Default)]
+pub struct MemIndex {
+    pub base: u64,
+    pub streams: FastMap<String, Run>,
     /// Event id → global position, for idempotent retries and unique ids.
     pub ids: FastMap<u128, u64>,
     /// Tag → positions of the events of user streams that carry it, ascending.
@@ -85,6 +90,7 @@ pub struct Index {
     /// Stream category → positions of the events of its streams, ascending.
     pub categories: FastMap<String, Vec<u64>>,
     pub events: u64,
+    pub last_position: Option<u64>,
 }
 
 /// Appends `position` to the list of `key`, creating it if needed. Positions
@@ -108,37 +114,23 @@ fn push_position(map: &mut FastMap<String, Vec<u64>>, key: &str, position: u64) 
 #[derive(Debug)]
 pub struct IndexError(pub String);
 
-impl Index {
-    /// Version and state a new append to `stream` sees.
-    pub fn current(&self, stream: &str) -> (u64, StreamState) {
-        match self.streams.get(stream) {
-            Some(e) => (e.version(), e.state),
-            None => (0, StreamState::Live),
-        }
+impl MemIndex {
+    pub fn new(base: u64) -> Self {
+        MemIndex { base, ..Default::default() }
     }
 
     pub fn apply(&mut self, r: &RecordView<'_>, position: u64) -> Result<(), IndexError> {
-        if !self.streams.contains_key(r.stream) {
-            self.streams.insert(r.stream.to_string(), StreamEntry::default());
-        }
-        let entry = self.streams.get_mut(r.stream).expect("inserted above");
-        let expected = entry.version() + 1;
-        if r.version != expected {
-            return Err(IndexError(format!(
-                "event at position {position} has version {} in stream '{}', expected {expected}",
-                r.version, r.stream
-            )));
-        }
-        entry.positions.push(position);
-        entry.timestamps.push(r.timestamp.0);
-        entry.state = StreamState::Live;
         if self.ids.insert(r.id.as_u128(), position).is_some() {
             return Err(IndexError(format!("event id {} at position {position} was already used", r.id)));
         }
+        let run = match self.streams.get_mut(r.stream) {
+            Some(run) => run,
+            None => self.streams.entry(r.stream.to_string()).or_default(),
+        };
+        run.positions.push(position);
+        run.timestamps.push(r.timestamp.0);
         self.events += 1;
-        if let Some(target) = r.stream.strip_prefix("$$") {
-            self.apply_system(target, r, position)?;
-        }
+        self.last_position = Some(position);
         // Queries match the events of user streams only.
         if !r.stream.starts_with('$') {
             push_position(&mut self.types, r.event_type, position);
@@ -152,21 +144,290 @@ impl Index {
         Ok(())
     }
 
-    fn apply_system(&mut self, target: &str, r: &RecordView<'_>, position: u64) -> Result<(), IndexError> {
-        let entry = self.streams.entry(target.to_string()).or_default();
-        match r.event_type {
-            METADATA_EVENT => {
-                entry.metadata = serde_json::from_slice(r.data)
-                    .map_err(|e| IndexError(format!("stream metadata at position {position} does not parse: {e}")))?;
+    fn map(&self, kind: Kind) -> &FastMap<String, Vec<u64>> {
+        match kind {
+            Kind::Tag => &self.tags,
+            Kind::Type => &self.types,
+            Kind::Category => &self.categories,
+        }
+    }
+}
+
+/// One segment's part of the index.
+pub enum Part {
+    Mem(Arc<MemIndex>),
+    Disk(Arc<IdxFile>),
+}
+
+/// The events of one stream in one part: positions and timestamps.
+pub type RunRef<'a> = (&'a [u64], &'a [i64]);
+
+impl Part {
+    pub fn base(&self) -> u64 {
+        match self {
+            Part::Mem(m) => m.base,
+            Part::Disk(f) => f.base(),
+        }
+    }
+
+    pub fn last_position(&self) -> Option<u64> {
+        match self {
+            Part::Mem(m) => m.last_position,
+            Part::Disk(f) => f.last_position(),
+        }
+    }
+
+    pub fn stream(&self, name: &str) -> Result<Option<RunRef<'_>>, Damaged> {
+        match self {
+            Part::Mem(m) => Ok(m.streams.get(name).map(|r| (r.positions.as_slice(), r.timestamps.as_slice()))),
+            Part::Disk(f) => f.stream(name),
+        }
+    }
+
+    pub fn id(&self, id: u128) -> Result<Option<u64>, Damaged> {
+        match self {
+            Part::Mem(m) => Ok(m.ids.get(&id).copied()),
+            Part::Disk(f) => f.id(id),
+        }
+    }
+
+    /// Positions of the user events with this tag, type or category.
+    pub fn term(&self, kind: Kind, name: &str) -> Result<&[u64], Damaged> {
+        match self {
+            Part::Mem(m) => Ok(m.map(kind).get(name).map_or(&[][..], |l| l.as_slice())),
+            Part::Disk(f) => f.term(kind, name),
+        }
+    }
+
+    /// The position lists of every term of `kind`.
+    pub fn all_terms(&self, kind: Kind) -> Result<Vec<&[u64]>, Damaged> {
+        match self {
+            Part::Mem(m) => Ok(m.map(kind).values().map(|l| l.as_slice()).collect()),
+            Part::Disk(f) => f.all_terms(kind),
+        }
+    }
+}
+
+/// Where one stream's current incarnation lives: its runs, oldest first.
+pub struct StreamView<'a> {
+    runs: Vec<RunRef<'a>>,
+}
+
+impl StreamView<'_> {
+    pub fn len(&self) -> u64 {
+        self.runs.iter().map(|r| r.0.len() as u64).sum()
+    }
+
+    /// Positions of versions `from..=to`, ascending.
+    pub fn positions(&self, from: u64, to: u64) -> Vec<u64> {
+        let mut out = Vec::with_capacity(to.saturating_sub(from).saturating_add(1).min(1 << 16) as usize);
+        let mut first = from.saturating_sub(1) as usize;
+        let mut count = to.saturating_sub(from.max(1) - 1) as usize;
+        for (positions, _) in &self.runs {
+            if count == 0 {
+                break;
             }
-            DELETED_EVENT | TOMBSTONE_EVENT => {
-                entry.positions = Vec::new();
-                entry.timestamps = Vec::new();
-                entry.metadata = StreamMetadata::default();
-                entry.state = if r.event_type == DELETED_EVENT { StreamState::Deleted } else { StreamState::Tombstoned };
+            if first >= positions.len() {
+                first -= positions.len();
+                continue;
             }
-            _ => {}
+            let take = (positions.len() - first).min(count);
+            out.extend_from_slice(&positions[first..first + take]);
+            count -= take;
+            first = 0;
+        }
+        out
+    }
+
+    /// Events older than `t`: timestamps never decrease within the log, so
+    /// a binary search in each run works.
+    pub fn older_than(&self, t: i64) -> u64 {
+        let mut n = 0;
+        for (_, timestamps) in &self.runs {
+            let k = timestamps.partition_point(|x| *x < t);
+            n += k as u64;
+            if k < timestamps.len() {
+                break;
+            }
+        }
+        n
+    }
+}
+
+/// The whole index: stream summaries and one part per segment.
+#[derive(Default)]
+pub struct Index {
+    pub streams: FastMap<String, StreamEntry>,
+    /// One per segment, in log order; the last is the active segment's memtable.
+    pub parts: Vec<Part>,
+    pub events: u64,
+}
+
+/// A damaged index file found while answering: it is not trusted, and is rebuilt.
+pub fn damaged_error(d: &Damaged) -> StoreError {
+    StoreError::Corrupt {
+        file: d.file.display().to_string(),
+        offset: d.offset,
+        reason: format!("index file is damaged ({}); it is rebuilt from its segment, retry in a moment", d.reason),
+    }
+}
+
+impl Index {
+    /// An index whose only part is the memtable of the segment at `base`.
+    pub fn new(base: u64) -> Self {
+        Index { parts: vec![Part::Mem(Arc::new(MemIndex::new(base)))], ..Default::default() }
+    }
+
+    /// Version and state a new append to `stream` sees.
+    pub fn current(&self, stream: &str) -> (u64, StreamState) {
+        match self.streams.get(stream) {
+            Some(e) => (e.version, e.state),
+            None => (0, StreamState::Live),
+        }
+    }
+
+    /// Applies a record to the summaries and to the newest part (a memtable).
+    pub fn apply(&mut self, r: &RecordView<'_>, position: u64) -> Result<(), IndexError> {
+        self.apply_summary(r, position)?;
+        match self.parts.last_mut() {
+            Some(Part::Mem(mem)) => Arc::get_mut(mem).expect("the active memtable is not shared").apply(r, position),
+            _ => Err(IndexError("the newest part of the index is not a memtable".into())),
+        }
+    }
+
+    /// Applies a record to the stream summaries only.
+    pub fn apply_summary(&mut self, r: &RecordView<'_>, position: u64) -> Result<(), IndexError> {
+        let entry = match self.streams.get_mut(r.stream) {
+            Some(e) => e,
+            None => self.streams.entry(r.stream.to_string()).or_default(),
+        };
+        let expected = entry.version + 1;
+        if r.version != expected {
+            return Err(IndexError(format!(
+                "event at position {position} has version {} in stream '{}', expected {expected}",
+                r.version, r.stream
+            )));
+        }
+        if entry.version == 0 {
+            entry.since = position;
+        }
+        entry.version += 1;
+        entry.last_position = Some(position);
+        entry.state = StreamState::Live;
+        self.events += 1;
+        if let Some(target) = r.stream.strip_prefix("$$") {
+            let entry = self.streams.entry(target.to_string()).or_default();
+            match r.event_type {
+                METADATA_EVENT => {
+                    entry.metadata = serde_json::from_slice(r.data)
+                        .map_err(|e| IndexError(format!("stream metadata at position {position} does not parse: {e}")))?;
+                }
+                DELETED_EVENT | TOMBSTONE_EVENT => {
+                    entry.version = 0;
+                    entry.since = position + 1;
+                    entry.last_position = None;
+                    entry.metadata = StreamMetadata::default();
+                    entry.state = if r.event_type == DELETED_EVENT { StreamState::Deleted } else { StreamState::Tombstoned };
+                }
+                _ => {}
+            }
         }
         Ok(())
+    }
+
+    /// Starts the memtable of a new active segment at `base`; returns the
+    /// previous one, now sealed, for its index file to be written.
+    pub fn push_mem(&mut self, base: u64) -> Option<Arc<MemIndex>> {
+        let sealed = match self.parts.last() {
+            Some(Part::Mem(m)) => Some(m.clone()),
+            _ => None,
+        };
+        self.parts.push(Part::Mem(Arc::new(MemIndex::new(base))));
+        sealed
+    }
+
+    /// Puts `part` in place of the part of the segment at its base.
+    pub fn replace_part(&mut self, part: Part) {
+        let base = part.base();
+        if let Some(slot) = self.parts.iter_mut().find(|p| p.base() == base) {
+            *slot = part;
+        }
+    }
+
+    /// The position of the event with this id, if the log holds it.
+    pub fn id(&self, id: u128) -> Result<Option<u64>, StoreError> {
+        for part in self.parts.iter().rev() {
+            if let Some(p) = part.id(id).map_err(|d| damaged_error(&d))? {
+                return Ok(Some(p));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn contains_id(&self, id: u128) -> Result<bool, StoreError> {
+        self.id(id).map(|p| p.is_some())
+    }
+
+    /// The parts that may hold positions in `lo..=hi`.
+    pub fn parts_within(&self, lo: u64, hi: u64) -> impl Iterator<Item = &Part> {
+        let start = self.parts.partition_point(|p| p.last_position().map_or(p.base() < lo, |last| last < lo));
+        self.parts[start..].iter().take_while(move |p| p.base() <= hi)
+    }
+
+    /// The runs of `entry`'s current incarnation. Fails if the parts do not
+    /// hold as many events as the summary says (damage or a bug).
+    pub fn stream_view(&self, name: &str, entry: &StreamEntry) -> Result<StreamView<'_>, StoreError> {
+        let mut runs = Vec::new();
+        if entry.version > 0 {
+            let hi = entry.last_position.unwrap_or(u64::MAX);
+            for part in self.parts_within(entry.since, hi) {
+                let Some((positions, timestamps)) = part.stream(name).map_err(|d| damaged_error(&d))? else { continue };
+                let start = positions.partition_point(|p| *p < entry.since);
+                if start < positions.len() {
+                    runs.push((&positions[start..], &timestamps[start..]));
+                }
+            }
+        }
+        let view = StreamView { runs };
+        if view.len() != entry.version {
+            return Err(StoreError::Corrupt {
+                file: String::new(),
+                offset: entry.last_position.unwrap_or(0),
+                reason: format!("the index holds {} event(s) of stream '{name}', its summary says {}; run `cairn reindex`", view.len(), entry.version),
+            });
+        }
+        Ok(view)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_max_age_hides_nothing() {
+        let timestamps = [1i64, 2, 3];
+        let runs = vec![(&[10u64, 20, 30][..], &timestamps[..])];
+        let view = StreamView { runs };
+        let mut entry = StreamEntry { version: 3, ..Default::default() };
+        for max_age in [1u64 << 62, 1 << 63, u64::MAX] {
+            entry.metadata.max_age_secs = Some(max_age);
+            assert_eq!(entry.first_visible_version(1_000_000_000, |t| view.older_than(t)), 1, "max_age_secs {max_age}");
+        }
+        entry.metadata.max_age_secs = Some(1);
+        assert_eq!(entry.first_visible_version(10_000_000, |t| view.older_than(t)), 4, "a short max age still hides old events");
+    }
+
+    #[test]
+    fn a_view_over_several_runs_finds_versions_and_ranges() {
+        let (a, b, c) = ([1u64, 2, 3], [10u64], [20u64, 21]);
+        let (ta, tb, tc) = ([1i64, 1, 2], [3i64], [4i64, 9]);
+        let view = StreamView { runs: vec![(&a, &ta), (&b, &tb), (&c, &tc)] };
+        assert_eq!(view.len(), 6);
+        assert_eq!(view.positions(3, 5), vec![3, 10, 20]);
+        assert_eq!(view.positions(1, 100), vec![1, 2, 3, 10, 20, 21]);
+        assert_eq!(view.positions(6, 6), vec![21]);
+        assert!(view.positions(7, 9).is_empty());
+        assert_eq!((view.older_than(2), view.older_than(4), view.older_than(100)), (2, 4, 6));
     }
 }

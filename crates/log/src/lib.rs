@@ -7,7 +7,9 @@
 //! `docs/design.md`.
 
 mod checkpoint;
+mod idx;
 mod index;
+mod indexer;
 mod query;
 mod read;
 mod record;

@@ -15,28 +15,35 @@
 
 use std::collections::BinaryHeap;
 
-use cairn_core::{stream_category, Direction, Query, QueryItem};
+use cairn_core::{stream_category, Direction, Query, QueryItem, StoreError};
 
-use crate::index::Index;
+use crate::idx::Kind;
+use crate::index::{damaged_error, Index};
 use crate::record::RecordView;
 
 /// Positions of the events matching `query` with `lo <= position <= hi`, in
 /// `direction`, at most `limit` of them.
-pub fn positions(index: &Index, query: &Query, lo: u64, hi: u64, direction: Direction, limit: usize) -> Vec<u64> {
+pub fn positions(index: &Index, query: &Query, lo: u64, hi: u64, direction: Direction, limit: usize) -> Result<Vec<u64>, StoreError> {
     if lo > hi || limit == 0 {
-        return Vec::new();
+        return Ok(Vec::new());
     }
-    let items = query.items.iter().map(|item| item_positions(index, item, lo, hi, direction)).collect();
-    Merge::new(items, direction).take(limit).collect()
+    let mut items = Vec::with_capacity(query.items.len());
+    for item in &query.items {
+        items.push(item_positions(index, item, lo, hi, direction)?);
+    }
+    Ok(Merge::new(items, direction).take(limit).collect())
 }
 
 /// The first position after `after` (anywhere if `None`) of an event matching `query`.
-pub fn first_match_after(index: &Index, query: &Query, after: Option<u64>) -> Option<u64> {
+pub fn first_match_after(index: &Index, query: &Query, after: Option<u64>) -> Result<Option<u64>, StoreError> {
     let lo = match after {
         None => 0,
-        Some(p) => p.checked_add(1)?,
+        Some(p) => match p.checked_add(1) {
+            Some(lo) => lo,
+            None => return Ok(None),
+        },
     };
-    positions(index, query, lo, u64::MAX, Direction::Forward, 1).first().copied()
+    Ok(positions(index, query, lo, u64::MAX, Direction::Forward, 1)?.first().copied())
 }
 
 /// Whether a record (of a user stream) matches `query`; for the events of
@@ -52,6 +59,10 @@ pub fn matches_record(query: &Query, view: &RecordView<'_>) -> bool {
 
 type Positions<'a> = Box<dyn Iterator<Item = u64> + 'a>;
 
+/// One term's positions: a sorted slice per index part, the parts in log
+/// order, so that together they are one sorted list.
+type List<'a> = Vec<&'a [u64]>;
+
 /// The part of a sorted list within `lo..=hi`.
 fn window(list: &[u64], lo: u64, hi: u64) -> &[u64] {
     let start = list.partition_point(|p| *p < lo);
@@ -59,28 +70,56 @@ fn window(list: &[u64], lo: u64, hi: u64) -> &[u64] {
     &list[start..end.max(start)]
 }
 
-fn walk(list: &[u64], direction: Direction) -> Positions<'_> {
+fn walk<'a>(list: List<'a>, direction: Direction) -> Positions<'a> {
     match direction {
-        Direction::Forward => Box::new(list.iter().copied()),
-        Direction::Backward => Box::new(list.iter().rev().copied()),
+        Direction::Forward => Box::new(list.into_iter().flat_map(|l| l.iter().copied())),
+        Direction::Backward => Box::new(list.into_iter().rev().flat_map(|l| l.iter().rev().copied())),
     }
 }
 
-fn item_positions<'a>(index: &'a Index, item: &'a QueryItem, lo: u64, hi: u64, direction: Direction) -> Positions<'a> {
-    let nothing = || -> Positions<'a> { Box::new(std::iter::empty()) };
-    // Each constraint is a set of lists; a match is in one list of every constraint.
-    let mut constraints: Vec<Vec<&'a [u64]>> = Vec::with_capacity(item.tags.len() + 2);
-    for tag in &item.tags {
-        match index.tags.get(tag) {
-            Some(list) => constraints.push(vec![window(list, lo, hi)]),
-            None => return nothing(), // no event carries it
+fn list_len(list: &List<'_>) -> usize {
+    list.iter().map(|l| l.len()).sum()
+}
+
+fn contains(list: &List<'_>, p: u64) -> bool {
+    let i = list.partition_point(|l| l.last().is_some_and(|last| *last < p));
+    list.get(i).is_some_and(|l| l.binary_search(&p).is_ok())
+}
+
+/// The positions of term `name` of `kind` within `lo..=hi`, over every part.
+fn term_list<'a>(index: &'a Index, kind: Kind, name: &str, lo: u64, hi: u64) -> Result<List<'a>, StoreError> {
+    let mut list = Vec::new();
+    for part in index.parts_within(lo, hi) {
+        let l = window(part.term(kind, name).map_err(|d| damaged_error(&d))?, lo, hi);
+        if !l.is_empty() {
+            list.push(l);
         }
     }
-    for (names, map) in [(&item.types, &index.types), (&item.categories, &index.categories)] {
+    Ok(list)
+}
+
+fn item_positions<'a>(index: &'a Index, item: &'a QueryItem, lo: u64, hi: u64, direction: Direction) -> Result<Positions<'a>, StoreError> {
+    let nothing = || -> Result<Positions<'a>, StoreError> { Ok(Box::new(std::iter::empty())) };
+    // Each constraint is a set of lists; a match is in one list of every constraint.
+    let mut constraints: Vec<Vec<List<'a>>> = Vec::with_capacity(item.tags.len() + 2);
+    for tag in &item.tags {
+        let list = term_list(index, Kind::Tag, tag, lo, hi)?;
+        if list.is_empty() {
+            return nothing(); // no event in the bounds carries it
+        }
+        constraints.push(vec![list]);
+    }
+    for (names, kind) in [(&item.types, Kind::Type), (&item.categories, Kind::Category)] {
         if names.is_empty() {
             continue;
         }
-        let lists: Vec<&[u64]> = names.iter().filter_map(|n| map.get(n)).map(|l| window(l, lo, hi)).filter(|l| !l.is_empty()).collect();
+        let mut lists = Vec::new();
+        for name in names {
+            let list = term_list(index, kind, name, lo, hi)?;
+            if !list.is_empty() {
+                lists.push(list);
+            }
+        }
         if lists.is_empty() {
             return nothing(); // none of them has an event in the bounds
         }
@@ -88,10 +127,20 @@ fn item_positions<'a>(index: &'a Index, item: &'a QueryItem, lo: u64, hi: u64, d
     }
     if constraints.is_empty() {
         // An empty item: every event of a user stream, each in one type list.
-        constraints.push(index.types.values().map(|l| window(l, lo, hi)).filter(|l| !l.is_empty()).collect());
+        // The lists of one part are merged; the parts follow each other.
+        let mut parts: Vec<Positions<'a>> = Vec::new();
+        for part in index.parts_within(lo, hi) {
+            let lists: Vec<Positions<'a>> = part.all_terms(Kind::Type).map_err(|d| damaged_error(&d))?.into_iter()
+                .map(|l| window(l, lo, hi)).filter(|l| !l.is_empty()).map(|l| walk(vec![l], direction)).collect();
+            parts.push(Box::new(Merge::new(lists, direction)));
+        }
+        if direction == Direction::Backward {
+            parts.reverse();
+        }
+        return Ok(Box::new(parts.into_iter().flatten()));
     }
     // Walk the constraint with the fewest positions, keep what the others hold.
-    let size = |c: &Vec<&[u64]>| c.iter().map(|l| l.len()).sum::<usize>();
+    let size = |c: &Vec<List<'_>>| c.iter().map(list_len).sum::<usize>();
     let smallest = (0..constraints.len()).min_by_key(|&i| size(&constraints[i])).expect("at least one constraint");
     let mut driver = constraints.swap_remove(smallest);
     let walked: Positions<'a> = if driver.len() == 1 {
@@ -100,9 +149,9 @@ fn item_positions<'a>(index: &'a Index, item: &'a QueryItem, lo: u64, hi: u64, d
         Box::new(Merge::new(driver.into_iter().map(|l| walk(l, direction)).collect(), direction))
     };
     if constraints.is_empty() {
-        return walked;
+        return Ok(walked);
     }
-    Box::new(walked.filter(move |p| constraints.iter().all(|lists| lists.iter().any(|l| l.binary_search(p).is_ok()))))
+    Ok(Box::new(walked.filter(move |p| constraints.iter().all(|lists| lists.iter().any(|l| contains(l, *p))))))
 }
 
 /// Merges sorted position iterators (all in one direction) into one, in
@@ -162,7 +211,7 @@ mod tests {
     use super::*;
 
     fn merged(lists: &[&[u64]], direction: Direction) -> Vec<u64> {
-        let sources = lists.iter().map(|l| walk(l, direction)).collect();
+        let sources = lists.iter().map(|l| walk(vec![*l], direction)).collect();
         Merge::new(sources, direction).collect()
     }
 
@@ -172,6 +221,16 @@ mod tests {
         assert_eq!(merged(&lists, Direction::Forward), vec![1, 2, 5, 9, 10]);
         assert_eq!(merged(&lists, Direction::Backward), vec![10, 9, 5, 2, 1]);
         assert_eq!(merged(&[&[0, u64::MAX]], Direction::Forward), vec![0, u64::MAX]);
+    }
+
+    #[test]
+    fn a_list_over_several_parts_walks_and_finds_in_order() {
+        let list: List<'_> = vec![&[1, 3], &[7], &[9, 12]];
+        assert_eq!(walk(list.clone(), Direction::Forward).collect::<Vec<_>>(), vec![1, 3, 7, 9, 12]);
+        assert_eq!(walk(list.clone(), Direction::Backward).collect::<Vec<_>>(), vec![12, 9, 7, 3, 1]);
+        assert!([1, 3, 7, 9, 12].iter().all(|p| contains(&list, *p)));
+        assert!(![0, 2, 8, 10, 13].iter().any(|p| contains(&list, *p)));
+        assert_eq!(list_len(&list), 5);
     }
 
     #[test]

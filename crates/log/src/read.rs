@@ -75,17 +75,24 @@ impl Shared {
             StreamState::Live if entry.version() == 0 => return Err(not_found()),
             StreamState::Live => {}
         }
-        let first = entry.first_visible_version(Timestamp::now().0);
+        let view = index.stream_view(stream, entry).map_err(|e| self.rebuild_if_index(e))?;
+        let first = entry.first_visible_version(Timestamp::now().0, |t| view.older_than(t));
         let last = entry.version();
-        let at = |v: u64| entry.positions[(v - 1) as usize];
+        let limit = options.limit.min(usize::MAX as u64 as usize) as u64;
         Ok(match options.direction {
             Direction::Forward => {
                 let from = options.from_version.max(first);
-                (from..=last).take(options.limit).map(at).collect()
+                if from > last || limit == 0 { Vec::new() } else { view.positions(from, last.min(from.saturating_add(limit - 1))) }
             }
             Direction::Backward => {
                 let from = options.from_version.min(last);
-                if from < first { Vec::new() } else { (first..=from).rev().take(options.limit).map(at).collect() }
+                if from < first || limit == 0 {
+                    Vec::new()
+                } else {
+                    let mut out = view.positions(from.saturating_sub(limit - 1).max(first), from);
+                    out.reverse();
+                    out
+                }
             }
         })
     }
@@ -105,7 +112,7 @@ impl Shared {
     fn event_len(&self, position: u64) -> Result<u64, StoreError> {
         let found = self.with_record(position, |v| (v.id.as_u128(), v.len as u64));
         match found {
-            Some((id, len)) if self.index.read().unwrap().ids.get(&id) == Some(&position) => Ok(len),
+            Some((id, len)) if self.index.read().unwrap().id(id).map_err(|e| self.rebuild_if_index(e))? == Some(position) => Ok(len),
             _ => Err(StoreError::InvalidPosition(Position(position))),
         }
     }
@@ -185,9 +192,9 @@ impl Shared {
     }
 
     /// Positions of the events matching `query` with `lo <= position <= hi`.
-    fn query_positions(&self, query: &Query, lo: u64, hi: u64, direction: Direction, limit: usize) -> Vec<u64> {
+    fn query_positions(&self, query: &Query, lo: u64, hi: u64, direction: Direction, limit: usize) -> Result<Vec<u64>, StoreError> {
         let index = self.index.read().unwrap();
-        crate::query::positions(&index, query, lo, hi, direction, limit)
+        crate::query::positions(&index, query, lo, hi, direction, limit).map_err(|e| self.rebuild_if_index(e))
     }
 
     fn read_query(&self, query: &Query, options: &ReadAllOptions) -> Result<Vec<RecordedEvent>, StoreError> {
@@ -201,7 +208,7 @@ impl Shared {
             (Direction::Backward, true) => from.checked_sub(1).map(|hi| (0, hi)),
         };
         let Some((lo, hi)) = bounds else { return Ok(Vec::new()) };
-        let positions = self.query_positions(query, lo, hi, options.direction, options.limit);
+        let positions = self.query_positions(query, lo, hi, options.direction, options.limit)?;
         self.events_at(&positions, None)
     }
 
@@ -350,7 +357,7 @@ fn info(stream: &str, entry: &crate::index::StreamEntry) -> StreamInfo {
         version: entry.version(),
         state: entry.state,
         metadata: entry.metadata.clone(),
-        last_position: entry.positions.last().map(|p| Position(*p)),
+        last_position: entry.last_position.map(Position),
     }
 }
 
@@ -431,7 +438,7 @@ impl SubState {
                 }
             }
             Cursor::Query(query, next) => {
-                let positions = self.shared.query_positions(query, *next, u64::MAX, Direction::Forward, SUBSCRIPTION_PAGE_EVENTS);
+                let positions = self.shared.query_positions(query, *next, u64::MAX, Direction::Forward, SUBSCRIPTION_PAGE_EVENTS)?;
                 if let Some(last) = positions.last() {
                     *next = last + 1;
                 }

@@ -10,7 +10,7 @@
 
 use cairn_core::StoreError;
 
-use crate::index::Index;
+use crate::index::IndexError;
 use crate::record::{self, DecodeError};
 use crate::segment::{Segment, SEGMENT_HEADER_BYTES};
 
@@ -30,11 +30,14 @@ fn corrupt(seg: &Segment, offset: u64, reason: impl Into<String>) -> StoreError 
     StoreError::Corrupt { file: seg.path.display().to_string(), offset, reason: reason.into() }
 }
 
+/// What a scan hands each record of a whole append: the record and its position.
+pub type Sink<'s> = &'s mut dyn FnMut(&record::RecordView<'_>, u64) -> Result<(), IndexError>;
+
 /// Scans `seg` from file offset `from` (a record boundary), checking every
-/// record and applying whole appends at or after `apply_from` to `index` (if
+/// record and handing whole appends at or after `apply_from` to `sink` (if
 /// given); `events` counts those. `last` says whether it is the newest
 /// segment, where a torn tail is allowed.
-pub fn scan_segment(seg: &Segment, from: u64, apply_from: u64, last: bool, mut index: Option<&mut Index>) -> Result<SegmentScan, StoreError> {
+pub fn scan_segment(seg: &Segment, from: u64, apply_from: u64, last: bool, mut sink: Option<Sink<'_>>) -> Result<SegmentScan, StoreError> {
     let end = seg.capacity();
     let bytes = seg.bytes(0, end);
     let mut offset = from.max(SEGMENT_HEADER_BYTES);
@@ -53,8 +56,8 @@ pub fn scan_segment(seg: &Segment, from: u64, apply_from: u64, last: bool, mut i
                 offset += len;
                 if batch_end {
                     for (at, view) in pending.drain(..).filter(|(at, _)| *at >= apply_from) {
-                        if let Some(index) = index.as_deref_mut() {
-                            index.apply(&view, seg.base + at).map_err(|e| corrupt(seg, at, e.0))?;
+                        if let Some(sink) = sink.as_deref_mut() {
+                            sink(&view, seg.base + at).map_err(|e| corrupt(seg, at, e.0))?;
                         }
                         scan.events += 1;
                     }

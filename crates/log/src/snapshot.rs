@@ -1,14 +1,17 @@
-//! The index snapshot (`index.snap`): the index (streams, ids, tags, types, categories) as of a log position,
-//! written when the store closes so the next open only scans the log after it.
-//! It is a cache: checked by CRC and against the log, and thrown away (the index
-//! is then rebuilt from the whole log) whenever anything about it is off.
+//! The index snapshot (`index.snap`): the stream summaries as of a log
+//! position, written after each sealed segment's index file and when the
+//! store closes, so that the next open reads it, maps the index files and
+//! scans only the records after it. Its size grows with the number of
+//! streams, not of events. It is a cache: checked by CRC and against the log,
+//! and thrown away (the summaries are then rebuilt from the whole log)
+//! whenever anything about it is off.
 
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use cairn_core::{StoreError, StreamState};
 
-use crate::index::{Index, StreamEntry};
+use crate::index::{FastMap, StreamEntry};
 use crate::storage::{OsStorage, Storage};
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -16,70 +19,63 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 const MAGIC: &[u8; 8] = b"CAIRNIDX";
-/// 2 added the tag and event-type indexes, 3 the category index. A snapshot
-/// of another version is ignored (the index is rebuilt from the log), never misread.
-pub const VERSION: u32 = 3;
+/// 2 added the tag and event-type indexes, 3 the category index, 4 keeps
+/// only the stream summaries (the rest is in the index files). A snapshot of
+/// another version is ignored (rebuilt from the log), never misread.
+pub const VERSION: u32 = 4;
 pub const FILE: &str = "index.snap";
 
-pub fn write(dir: &Path, index: &Index, head: u64) -> Result<(), StoreError> {
+/// What a snapshot holds: the summaries, the events, and the head they
+/// cover with the id of the record that ends there (0 if none).
+pub struct Snapshot {
+    pub streams: FastMap<String, StreamEntry>,
+    pub events: u64,
+    pub head: u64,
+    pub last_id: u128,
+}
+
+/// The snapshot's bytes; taken under the index lock, written outside it.
+pub fn encode(streams: &FastMap<String, StreamEntry>, events: u64, head: u64, last_id: u128) -> Vec<u8> {
+    let mut w = Vec::with_capacity(64 + streams.len() * 64);
+    w.extend_from_slice(MAGIC);
+    w.extend_from_slice(&VERSION.to_le_bytes());
+    w.extend_from_slice(&head.to_le_bytes());
+    w.extend_from_slice(&events.to_le_bytes());
+    w.extend_from_slice(&last_id.to_le_bytes());
+    w.extend_from_slice(&(streams.len() as u64).to_le_bytes());
+    for (name, s) in streams {
+        w.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        w.extend_from_slice(name.as_bytes());
+        w.push(match s.state { StreamState::Live => 0, StreamState::Deleted => 1, StreamState::Tombstoned => 2 });
+        w.extend_from_slice(&s.version.to_le_bytes());
+        w.extend_from_slice(&s.since.to_le_bytes());
+        w.extend_from_slice(&s.last_position.unwrap_or(u64::MAX).to_le_bytes());
+        let meta = serde_json::to_vec(&s.metadata).expect("metadata serialises");
+        w.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+        w.extend_from_slice(&meta);
+    }
+    let crc = crc32c::crc32c(&w);
+    w.extend_from_slice(&crc.to_le_bytes());
+    w
+}
+
+/// Writes snapshot bytes from [`encode`] durably, replacing the old one.
+pub fn write(dir: &Path, bytes: &[u8], storage: &dyn Storage) -> Result<(), StoreError> {
     let tmp = dir.join("index.snap.tmp");
     let path = dir.join(FILE);
-    let file = OsStorage.create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
-    let mut w = CrcWriter { inner: BufWriter::with_capacity(1 << 20, file), crc: 0 };
     let io = |e| StoreError::io(&tmp, e);
-    w.put(MAGIC).map_err(io)?;
-    w.put(&VERSION.to_le_bytes()).map_err(io)?;
-    w.put(&head.to_le_bytes()).map_err(io)?;
-    w.put(&index.events.to_le_bytes()).map_err(io)?;
-    w.put(&(index.streams.len() as u64).to_le_bytes()).map_err(io)?;
-    for (name, s) in &index.streams {
-        w.put(&(name.len() as u32).to_le_bytes()).map_err(io)?;
-        w.put(name.as_bytes()).map_err(io)?;
-        w.put(&[match s.state { StreamState::Live => 0, StreamState::Deleted => 1, StreamState::Tombstoned => 2 }]).map_err(io)?;
-        let meta = serde_json::to_vec(&s.metadata).expect("metadata serialises");
-        w.put(&(meta.len() as u32).to_le_bytes()).map_err(io)?;
-        w.put(&meta).map_err(io)?;
-        w.put(&(s.positions.len() as u64).to_le_bytes()).map_err(io)?;
-        for p in &s.positions { w.put(&p.to_le_bytes()).map_err(io)?; }
-        for t in &s.timestamps { w.put(&t.to_le_bytes()).map_err(io)?; }
-    }
-    w.put(&(index.ids.len() as u64).to_le_bytes()).map_err(io)?;
-    for (id, p) in &index.ids {
-        w.put(&id.to_le_bytes()).map_err(io)?;
-        w.put(&p.to_le_bytes()).map_err(io)?;
-    }
-    for map in [&index.tags, &index.types, &index.categories] {
-        w.put(&(map.len() as u64).to_le_bytes()).map_err(io)?;
-        for (key, positions) in map {
-            w.put(&(key.len() as u32).to_le_bytes()).map_err(io)?;
-            w.put(key.as_bytes()).map_err(io)?;
-            w.put(&(positions.len() as u64).to_le_bytes()).map_err(io)?;
-            for p in positions { w.put(&p.to_le_bytes()).map_err(io)?; }
-        }
-    }
-    let crc = w.crc;
-    let mut inner = w.inner;
-    inner.write_all(&crc.to_le_bytes()).map_err(io)?;
-    let file = inner.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(|e| StoreError::io(&path, e))?;
-    sync_dir(dir)
+    let file = storage.create(&tmp).map_err(io)?;
+    let mut w = BufWriter::with_capacity(1 << 20, &file);
+    w.write_all(bytes).map_err(io)?;
+    w.flush().map_err(io)?;
+    drop(w);
+    storage.sync_all(&file).map_err(io)?;
+    storage.rename(&tmp, &path).map_err(|e| StoreError::io(&path, e))?;
+    crate::segment::sync_dir(dir, storage)
 }
 
-struct CrcWriter<W: Write> {
-    inner: W,
-    crc: u32,
-}
-
-impl<W: Write> CrcWriter<W> {
-    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.crc = crc32c::crc32c_append(self.crc, bytes);
-        self.inner.write_all(bytes)
-    }
-}
-
-/// The snapshot and the head it covers, or `None` if there is none or it is damaged.
-pub fn read(dir: &Path) -> Option<(Index, u64)> {
+/// The snapshot, or `None` if there is none or it is damaged.
+pub fn read(dir: &Path) -> Option<Snapshot> {
     let bytes = std::fs::read(dir.join(FILE)).ok()?;
     if bytes.len() < 4 { return None; }
     let (body, crc) = bytes.split_at(bytes.len() - 4);
@@ -96,40 +92,24 @@ pub fn read(dir: &Path) -> Option<(Index, u64)> {
     let u64_at = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap());
     if u32_at(take(4)?) != VERSION { return None; }
     let head = u64_at(take(8)?);
-    let mut index = Index { events: u64_at(take(8)?), ..Default::default() };
-    let streams = u64_at(take(8)?);
-    index.streams.reserve(streams.min(1 << 24) as usize);
-    for _ in 0..streams {
+    let events = u64_at(take(8)?);
+    let last_id = u128::from_le_bytes(take(16)?.try_into().unwrap());
+    let count = u64_at(take(8)?);
+    let mut streams = FastMap::default();
+    streams.reserve(count.min(1 << 24) as usize);
+    for _ in 0..count {
         let n = u32_at(take(4)?) as usize;
         let name = std::str::from_utf8(take(n)?).ok()?.to_string();
         let state = match take(1)?[0] { 0 => StreamState::Live, 1 => StreamState::Deleted, 2 => StreamState::Tombstoned, _ => return None };
+        let version = u64_at(take(8)?);
+        let since = u64_at(take(8)?);
+        let last_position = Some(u64_at(take(8)?)).filter(|p| *p != u64::MAX);
         let n = u32_at(take(4)?) as usize;
         let metadata = serde_json::from_slice(take(n)?).ok()?;
-        let n = u64_at(take(8)?) as usize;
-        let positions = take(n.checked_mul(8)?)?.chunks_exact(8).map(u64_at).collect();
-        let timestamps = take(n * 8)?.chunks_exact(8).map(|c| u64_at(c) as i64).collect();
-        index.streams.insert(name, StreamEntry { positions, timestamps, state, metadata });
-    }
-    let ids = u64_at(take(8)?) as usize;
-    index.ids.reserve(ids.min(1 << 26));
-    for _ in 0..ids {
-        let id = u128::from_le_bytes(take(16)?.try_into().unwrap());
-        index.ids.insert(id, u64_at(take(8)?));
-    }
-    for map in [&mut index.tags, &mut index.types, &mut index.categories] {
-        let keys = u64_at(take(8)?);
-        map.reserve(keys.min(1 << 24) as usize);
-        for _ in 0..keys {
-            let n = u32_at(take(4)?) as usize;
-            let key = std::str::from_utf8(take(n)?).ok()?.to_string();
-            let n = u64_at(take(8)?) as usize;
-            let positions: Vec<u64> = take(n.checked_mul(8)?)?.chunks_exact(8).map(u64_at).collect();
-            if !positions.is_sorted() { return None; }
-            map.insert(key, positions);
-        }
+        streams.insert(name, StreamEntry { version, state, metadata, since, last_position });
     }
     if !r.is_empty() { return None; }
-    Some((index, head))
+    Some(Snapshot { streams, events, head, last_id })
 }
 
 pub fn remove(dir: &Path) -> Result<(), StoreError> {

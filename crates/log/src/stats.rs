@@ -20,6 +20,12 @@ pub struct Stats {
     pub recoveries: AtomicU64,
     /// 1 while appends are refused after a failed write, else 0.
     pub unavailable: AtomicU64,
+    /// Index files written for sealed segments.
+    pub index_files_written: AtomicU64,
+    /// Index files found damaged while answering, and rebuilt from their segment.
+    pub index_rebuilds: AtomicU64,
+    /// Index files that could not be written (the segment stays indexed in memory).
+    pub index_failures: AtomicU64,
 }
 
 impl Stats {
@@ -59,6 +65,15 @@ impl Stats {
         let _ = writeln!(out, "# HELP cairn_engine_unavailable 1 while the engine refuses appends after a failed write (it retries by itself), else 0.");
         let _ = writeln!(out, "# TYPE cairn_engine_unavailable gauge");
         let _ = writeln!(out, "cairn_engine_unavailable {}", get(&self.unavailable));
+        for (name, help, v) in [
+            ("index_files_written_total", "Index files written for sealed segments.", &self.index_files_written),
+            ("index_rebuilds_total", "Index files found damaged while answering and rebuilt from their segment.", &self.index_rebuilds),
+            ("index_failures_total", "Index files that could not be written (the segment stays indexed in memory).", &self.index_failures),
+        ] {
+            let _ = writeln!(out, "# HELP cairn_engine_{name} {help}");
+            let _ = writeln!(out, "# TYPE cairn_engine_{name} counter");
+            let _ = writeln!(out, "cairn_engine_{name} {}", get(v));
+        }
         out
     }
 }

@@ -9,7 +9,9 @@ use cairn_core::{metadata_stream_name, validate_stream_name, AppendCondition, Li
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::checkpoint::{self, Mark};
-use crate::index::{Index, METADATA_EVENT};
+use crate::idx::{self, IdxFile};
+use crate::index::{Index, MemIndex, Part, METADATA_EVENT};
+use crate::indexer;
 use crate::record::{self, RECORD_OVERHEAD_BYTES};
 use crate::recovery::{scan_segment, SegmentScan};
 use crate::segment::{self, Segment, SEGMENT_HEADER_BYTES};
@@ -28,8 +30,10 @@ pub struct Options {
     pub queue_depth: usize,
     /// How long an append waits for room in a full queue before failing with `Busy`.
     pub busy_timeout: std::time::Duration,
-    /// Check the checksum of every record at open, also those the index
-    /// snapshot covers. Off, a damaged old record is still caught when read.
+    /// Check the checksum of every record of every sealed segment at open.
+    /// Off (the default), open checks only the segments it scans (the newest,
+    /// and any without an index file); `cairn verify` checks them all, and a
+    /// damaged old record is still caught when read.
     pub verify_on_open: bool,
     /// Longest a group commit waits for more of the concurrent appenders that
     /// the previous group had (zero: never wait). A lone appender never waits.
@@ -51,7 +55,7 @@ impl Default for Options {
             limits: Limits::default(),
             queue_depth: 4096,
             busy_timeout: std::time::Duration::from_secs(10),
-            verify_on_open: true,
+            verify_on_open: false,
             group_linger: std::time::Duration::from_micros(100),
             checkpoint_interval: std::time::Duration::from_secs(1),
             recovery_backoff_max: std::time::Duration::from_secs(2),
@@ -68,9 +72,15 @@ pub struct OpenReport {
     /// Bytes of a torn tail that recovery cut, and the file and offset where.
     pub truncated_bytes: u64,
     pub truncated_at: Option<(PathBuf, u64)>,
-    /// Whether the index came from the snapshot (then only later events were scanned).
+    /// Whether the stream summaries came from the snapshot (then only later events were scanned).
     pub from_snapshot: bool,
+    /// Events applied to the stream summaries at open: those after the snapshot.
     pub scanned_events: u64,
+    /// Sealed segments whose index file was used as it was.
+    pub index_files: usize,
+    /// Index files that were missing, damaged or did not fit their segment,
+    /// and were rebuilt from it: the file and why.
+    pub rebuilt_indexes: Vec<(PathBuf, String)>,
 }
 
 /// State shared by the store handles, the writer and the subscriptions.
@@ -85,6 +95,8 @@ pub struct Shared {
     head_tx: Mutex<Option<watch::Sender<u64>>>,
     poisoned: Mutex<Option<String>>,
     pub stats: Stats,
+    /// Jobs for the indexer thread; taken (dropped) on close so it ends.
+    indexer: Mutex<Option<std::sync::mpsc::Sender<indexer::Job>>>,
 }
 
 impl Shared {
@@ -122,6 +134,32 @@ impl Shared {
         if let Some(tx) = self.head_tx.lock().unwrap().as_ref() {
             tx.send_replace(head);
         }
+    }
+
+    /// Hands a sealed segment and its memtable to the indexer.
+    pub fn sealed(&self, seg: Arc<Segment>, mem: Arc<MemIndex>) {
+        if let Some(tx) = self.indexer.lock().unwrap().as_ref() {
+            let _ = tx.send(indexer::Job::Sealed(seg, mem));
+        }
+    }
+
+    /// Passes `e` through; if it names a damaged index file, asks the
+    /// indexer to rebuild that file from its segment first.
+    pub fn rebuild_if_index(&self, e: StoreError) -> StoreError {
+        if let StoreError::Corrupt { file, .. } = &e
+            && let Some(name) = file.strip_suffix(".idx")
+            && let Some(seg) = self.segments.read().unwrap().iter().find(|s| s.path.as_os_str() == name)
+            && let Some(tx) = self.indexer.lock().unwrap().as_ref()
+        {
+            let _ = tx.send(indexer::Job::Rebuild(seg.base));
+        }
+        e
+    }
+
+    /// The id of the event that ends at `head`, if any.
+    pub fn last_id_before(&self, head: u64) -> Option<u128> {
+        let segments = self.segments.read().unwrap();
+        last_event(&segments, head).map(|(id, _)| id)
     }
 
     /// A receiver that sees every head move; `None` once the store is closed.
@@ -177,6 +215,7 @@ impl Shared {
 /// releases the directory lock.
 struct CloseGuard {
     writer: Mutex<Option<JoinHandle<()>>>,
+    indexer: Mutex<Option<JoinHandle<()>>>,
     shared: Arc<Shared>,
     data_dir: PathBuf,
     _lock: File,
@@ -190,10 +229,14 @@ impl Drop for CloseGuard {
             let _ = handle.join();
         }
         self.shared.head_tx.lock().unwrap().take();
+        // The indexer finishes the files of segments sealed so far, then ends.
+        self.shared.indexer.lock().unwrap().take();
+        if let Some(handle) = self.indexer.lock().unwrap().take() {
+            let _ = handle.join();
+        }
         if self.shared.poisoned().is_none() {
             // A cache for the next open; losing it only costs a longer scan.
-            let index = self.shared.index.read().unwrap();
-            let _ = snapshot::write(&self.data_dir, &index, self.shared.head.load(Ordering::Acquire));
+            let _ = indexer::write_snapshot(&self.shared, &self.data_dir);
         }
     }
 }
@@ -227,7 +270,7 @@ impl EmbeddedStore {
         }
         let recovered = recover(dir, &log_dir, &options)?;
         let Recovered { segments, index, head, report, mark, last_id } = recovered;
-        let last_timestamp = index.streams.values().filter_map(|s| s.timestamps.last().copied()).max().unwrap_or(0);
+        let last_timestamp = segments_last_timestamp(&segments, head);
         let mark_file = checkpoint::MarkFile::open(dir, mark, &*options.storage)?;
         let (head_tx, _) = watch::channel(head);
         let active = segments.last().expect("recovery leaves a segment").clone();
@@ -241,7 +284,10 @@ impl EmbeddedStore {
             head_tx: Mutex::new(Some(head_tx)),
             poisoned: Mutex::new(None),
             stats: Stats::default(),
+            indexer: Mutex::new(None),
         });
+        let (jobs, indexer_handle) = indexer::spawn(shared.clone(), dir.to_path_buf()).map_err(|e| StoreError::io(dir, e))?;
+        *shared.indexer.lock().unwrap() = Some(jobs);
         shared.stats.events_written.store(shared.index.read().unwrap().events, Ordering::Release);
         let (tx, rx) = mpsc::channel(options.queue_depth);
         let marked = mark.map(|m| (m.events, m.last_id));
@@ -251,7 +297,7 @@ impl EmbeddedStore {
             .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::io(dir, e))?;
         let writer_thread = handle.thread().clone();
-        let guard = CloseGuard { writer: Mutex::new(Some(handle)), shared: shared.clone(), data_dir: dir.to_path_buf(), _lock: lock };
+        let guard = CloseGuard { writer: Mutex::new(Some(handle)), indexer: Mutex::new(Some(indexer_handle)), shared: shared.clone(), data_dir: dir.to_path_buf(), _lock: lock };
         Ok(EmbeddedStore { shared, tx, writer_thread, _guard: Arc::new(guard), report: Arc::new(report) })
     }
 
@@ -261,12 +307,16 @@ impl EmbeddedStore {
         self.shared.poisoned()
     }
 
-    /// Throws the index snapshot away and rebuilds the index from the whole log
-    /// (then writes a fresh snapshot). Needs the data directory to be closed.
+    /// Throws the index snapshot and every index file away and rebuilds them
+    /// from the whole log. Needs the data directory to be closed.
     pub fn reindex(dir: impl AsRef<Path>) -> Result<OpenReport, StoreError> {
         let dir = dir.as_ref();
         let lock = lock_dir(dir)?;
         snapshot::remove(dir)?;
+        let log_dir = dir.join("log");
+        if log_dir.is_dir() {
+            idx::remove_strays(&log_dir, &[], &crate::storage::OsStorage)?;
+        }
         drop(lock);
         let store = Self::open(dir)?;
         let report = store.open_report().clone();
@@ -361,23 +411,12 @@ fn lock_dir(dir: &Path) -> Result<File, StoreError> {
     Err(StoreError::Locked { dir: dir.display().to_string() })
 }
 
-/// Whether the snapshot's head is the end of a record the snapshot knows:
-/// otherwise it belongs to another log, or the log lost data it covers.
-fn snapshot_fits(segments: &[Segment], index: &Index, head: u64) -> bool {
-    let Some(seg) = segments.iter().find(|s| s.base < head && head <= s.base + s.capacity()) else { return false };
-    let offset = head - seg.base;
-    if offset == SEGMENT_HEADER_BYTES {
-        // An empty segment: the last record, if any, ends the previous one.
-        return if seg.base == 0 { index.events == 0 } else { snapshot_fits(segments, index, seg.base) };
-    }
-    if offset < SEGMENT_HEADER_BYTES + RECORD_OVERHEAD_BYTES as u64 {
-        return false;
-    }
-    let body_len = u32::from_le_bytes(seg.bytes(offset - 4, offset).try_into().unwrap()) as u64;
-    let Some(start) = offset.checked_sub(body_len + RECORD_OVERHEAD_BYTES as u64).filter(|s| *s >= SEGMENT_HEADER_BYTES) else { return false };
-    match record::decode(seg.bytes(start, offset)) {
-        Ok(view) => view.batch_end() && index.ids.get(&view.id.as_u128()) == Some(&(seg.base + start)),
-        Err(_) => false,
+/// Whether the snapshot's head is the end of the record it names: otherwise
+/// it belongs to another log, or the log lost data it covers.
+fn snapshot_fits(segments: &[Segment], snap: &snapshot::Snapshot) -> bool {
+    match last_event(segments, snap.head) {
+        Some((id, _)) => id == snap.last_id && snap.events > 0,
+        None => snap.events == 0 && snap.head == SEGMENT_HEADER_BYTES,
     }
 }
 
@@ -393,20 +432,24 @@ struct Recovered {
     last_id: u128,
 }
 
-/// The id of the record that ends at `head`, walking back over empty
-/// segments: the newest event of a log whose durable end is `head`.
-fn last_event_id(segments: &[Segment], head: u64) -> Option<u128> {
-    let seg = segments.iter().rev().find(|s| s.base < head && head <= s.base + s.capacity())?;
+/// The record that ends at `head`, walking back over empty segments: the
+/// newest event of a log whose durable end is `head`; its id and timestamp.
+fn last_event<S: std::borrow::Borrow<Segment>>(segments: &[S], head: u64) -> Option<(u128, i64)> {
+    let seg: &Segment = segments.iter().map(|s| s.borrow()).rev().find(|s| s.base < head && head <= s.base + s.capacity())?;
     let offset = head - seg.base;
     if offset <= SEGMENT_HEADER_BYTES {
-        return if seg.base == 0 { None } else { last_event_id(segments, seg.base) };
+        return if seg.base == 0 { None } else { last_event(segments, seg.base) };
     }
     if offset < SEGMENT_HEADER_BYTES + RECORD_OVERHEAD_BYTES as u64 {
         return None;
     }
     let body_len = u32::from_le_bytes(seg.bytes(offset - 4, offset).try_into().unwrap()) as u64;
     let start = offset.checked_sub(body_len + RECORD_OVERHEAD_BYTES as u64).filter(|s| *s >= SEGMENT_HEADER_BYTES)?;
-    record::decode(seg.bytes(start, offset)).ok().map(|v| v.id.as_u128())
+    record::decode(seg.bytes(start, offset)).ok().filter(|v| v.batch_end()).map(|v| (v.id.as_u128(), v.timestamp.0))
+}
+
+fn segments_last_timestamp(segments: &[Arc<Segment>], head: u64) -> i64 {
+    last_event(segments, head).map_or(0, |(_, t)| t)
 }
 
 /// Refuses a log that holds less than a durable mark says was acknowledged.
@@ -416,7 +459,7 @@ pub(crate) fn check_claim(claim: (&Path, u64, u128), index: &Index, end: (&Path,
     let (from, events, last_id) = claim;
     let lost = if index.events < events {
         Some(format!("the log holds {} event(s), but {events} were durable when {} was written", index.events, from.display()))
-    } else if last_id != 0 && !index.ids.contains_key(&last_id) {
+    } else if last_id != 0 && !index.contains_id(last_id)? {
         Some(format!("the log does not hold event {}, the newest durable one when {} was written", uuid::Uuid::from_u128(last_id), from.display()))
     } else {
         None
@@ -439,21 +482,23 @@ pub(crate) fn check_claim(claim: (&Path, u64, u128), index: &Index, end: (&Path,
     })
 }
 
-/// Opens every segment, rebuilds the index (from the snapshot on, if there is
-/// a fitting one), checks the log against the durable mark, and only then
+/// Opens every segment, maps the index files of the sealed ones (rebuilding
+/// any that is missing or damaged), takes the stream summaries from the
+/// snapshot and applies the records after it, scans the newest segment into
+/// its memtable, checks the log against the durable mark, and only then
 /// changes anything: cuts a torn tail and readies the newest segment.
 fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recovered, StoreError> {
     let storage = &*options.storage;
     segment::remove_leftovers(log_dir, storage)?;
     let mark = checkpoint::read(data_dir)?;
-    let snapshot = snapshot::read(data_dir);
+    let snap = snapshot::read(data_dir);
     let mark_path = checkpoint::path(data_dir);
     let snap_path = data_dir.join(snapshot::FILE);
     // The claim the log must meet: the mark, or for a store written before
     // marks existed, the snapshot (written at every clean close).
-    let claim: Option<(&Path, u64, u128)> = match (&mark, &snapshot) {
+    let claim: Option<(&Path, u64, u128)> = match (&mark, &snap) {
         (Some(m), _) => Some((mark_path.as_path(), m.events, m.last_id)),
-        (None, Some((index, _))) => Some((snap_path.as_path(), index.events, 0)),
+        (None, Some(s)) => Some((snap_path.as_path(), s.events, s.last_id)),
         (None, None) => None,
     };
     let mut report = OpenReport::default();
@@ -463,39 +508,68 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
             check_claim(claim, &Index::default(), (log_dir, 0), None)?;
         }
         snapshot::remove(data_dir)?;
+        idx::remove_strays(log_dir, &[], storage)?;
         let seg = Segment::create(log_dir, 0, options.segment_bytes, storage)?;
         report.segments = 1;
         let segments = vec![Arc::new(seg)];
-        return Ok(Recovered { segments, index: Index::default(), head: SEGMENT_HEADER_BYTES, report, mark, last_id: 0 });
+        return Ok(Recovered { segments, index: Index::new(0), head: SEGMENT_HEADER_BYTES, report, mark, last_id: 0 });
     }
-    let (mut index, start) = match snapshot {
-        Some((index, head)) if snapshot_fits(&opened, &index, head) => {
-            report.from_snapshot = true;
-            (index, head)
-        }
-        _ => (Index::default(), 0),
-    };
+    // Summaries: from the snapshot, then every record at or after its head.
+    let mut index = Index::default();
+    let mut summaries_from = 0;
+    if let Some(snap) = snap.filter(|s| snapshot_fits(&opened, s)) {
+        report.from_snapshot = true;
+        summaries_from = snap.head;
+        index.streams = snap.streams;
+        index.events = snap.events;
+    }
     // Read only: every segment is checked and applied before anything changes.
     let count = opened.len();
     let mut newest_scan = SegmentScan::default();
     let mut head = 0;
+    let mut to_write: Vec<usize> = Vec::new();
     for (i, seg) in opened.iter().enumerate() {
         let last = i + 1 == count;
-        // Records before `apply_from` are in the snapshot: checked (with
-        // verify_on_open) but not applied again.
-        let apply_from = start.saturating_sub(seg.base).max(SEGMENT_HEADER_BYTES);
-        if !last && apply_from >= seg.capacity() && !options.verify_on_open {
-            continue; // covered by the snapshot
+        let end = seg.base + seg.capacity();
+        let file = if last { Err(String::new()) } else { IdxFile::open(seg) };
+        let needs_summaries = end > summaries_from;
+        match file {
+            Ok(file) => {
+                report.index_files += 1;
+                if needs_summaries || options.verify_on_open {
+                    let apply_from = summaries_from.saturating_sub(seg.base).max(SEGMENT_HEADER_BYTES);
+                    let from = if options.verify_on_open { SEGMENT_HEADER_BYTES } else { apply_from };
+                    let scan = scan_segment(seg, from, apply_from, false, Some(&mut |v, p| index.apply_summary(v, p)))?;
+                    report.scanned_events += scan.events;
+                }
+                index.parts.push(Part::Disk(Arc::new(file)));
+            }
+            Err(why) => {
+                if !last {
+                    let why = if why.starts_with("cannot open") && !idx::path_for(seg).exists() { "missing".to_string() } else { why };
+                    report.rebuilt_indexes.push((idx::path_for(seg), why));
+                    to_write.push(i);
+                }
+                let mut mem = MemIndex::new(seg.base);
+                let mut after_snapshot = 0;
+                let mut apply = |v: &record::RecordView<'_>, p: u64| {
+                    if p >= summaries_from {
+                        index.apply_summary(v, p)?;
+                        after_snapshot += 1;
+                    }
+                    mem.apply(v, p)
+                };
+                let scan = scan_segment(seg, SEGMENT_HEADER_BYTES, SEGMENT_HEADER_BYTES, last, Some(&mut apply))?;
+                report.scanned_events += after_snapshot;
+                if last {
+                    newest_scan = scan;
+                }
+                index.parts.push(Part::Mem(Arc::new(mem)));
+            }
         }
-        let from = if options.verify_on_open { SEGMENT_HEADER_BYTES } else { apply_from };
-        let scan = scan_segment(seg, from, apply_from, last, Some(&mut index))?;
-        report.scanned_events += scan.events;
-        head = seg.base + scan.valid_end;
-        if last {
-            newest_scan = scan;
-        }
+        head = if last { seg.base + newest_scan.valid_end } else { end };
     }
-    let last_id = last_event_id(&opened, head).unwrap_or(0);
+    let last_id = last_event(&opened, head).map_or(0, |(id, _)| id);
     let mut segments: Vec<Segment> = opened;
     let newest = segments.pop().expect("not empty");
     if let Some(claim) = claim {
@@ -507,7 +581,11 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
         storage.remove(&path).map_err(|e| StoreError::io(&path, e))?;
         segment::sync_dir(log_dir, storage)?;
     }
+    idx::remove_strays(log_dir, &segments, storage)?;
     let mut segments: Vec<Arc<Segment>> = segments.into_iter().map(Arc::new).collect();
+    for i in to_write {
+        write_index_file(&mut index, &segments[i], storage);
+    }
     let io = |e| StoreError::io(&newest.path, e);
     if let Some(at) = newest_scan.torn_at {
         // Zero everything after the last whole append, durably.
@@ -520,8 +598,11 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
         // Full: a sealed segment (its successor's creation was cut short).
         // Sealed segments are never written again: start the next one.
         let base = newest.base + newest.capacity();
-        segments.push(Arc::new(newest));
+        let sealed = Arc::new(newest);
+        write_index_file(&mut index, &sealed, storage);
+        segments.push(sealed);
         segments.push(Arc::new(Segment::create(log_dir, base, options.segment_bytes, storage)?));
+        index.push_mem(base);
         head = base + SEGMENT_HEADER_BYTES;
     } else if newest.capacity() < options.segment_bytes {
         storage.set_len(&newest.file, options.segment_bytes).and_then(|_| storage.sync_all(&newest.file)).map_err(io)?;
@@ -532,6 +613,17 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
     report.segments = segments.len();
     report.events = index.events;
     Ok(Recovered { segments, index, head, report, mark, last_id })
+}
+
+/// Writes the index file of a sealed segment whose part is a memtable and
+/// puts it in its place; on failure the memtable stays (it only costs memory).
+fn write_index_file(index: &mut Index, seg: &Segment, storage: &dyn crate::storage::Storage) {
+    let Some(Part::Mem(mem)) = index.parts.iter().find(|p| p.base() == seg.base) else { return };
+    let written = idx::write(seg, mem, storage).and_then(|_| IdxFile::open(seg).map_err(|why| StoreError::io(idx::path_for(seg), std::io::Error::other(why))));
+    match written {
+        Ok(file) => index.replace_part(Part::Disk(Arc::new(file))),
+        Err(e) => eprintln!("cairn: could not write an index file ({e}); the segment stays indexed in memory"),
+    }
 }
 
 #[cfg(test)]

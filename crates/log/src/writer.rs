@@ -369,7 +369,7 @@ impl Writer {
     fn check_condition(&self, condition: &AppendCondition) -> Result<(), StoreError> {
         let query = &condition.fail_if_events_match;
         let after = condition.after.map(|p| p.0);
-        let durable = crate::query::first_match_after(&self.shared.index.read().unwrap(), query, after);
+        let durable = crate::query::first_match_after(&self.shared.index.read().unwrap(), query, after).map_err(|e| self.shared.rebuild_if_index(e))?;
         let first_conflict = durable.or_else(|| {
             let start = self.group.user_events.partition_point(|(p, _)| after.is_some_and(|a| *p <= a));
             self.group.user_events[start..].iter().find_map(|&(position, at)| {
@@ -420,18 +420,17 @@ impl Writer {
             same: bool,
         }
         let index = self.shared.index.read().unwrap();
-        let lookup = |event: &NewEvent| -> Option<Hit> {
+        let lookup = |event: &NewEvent| -> Result<Option<Hit>, StoreError> {
             if let Some(p) = self.group.ids.get(&event.id) {
                 let view = record::decode_trusted(&self.group.buf[p.at..]).expect("the writer encodes valid records");
                 let same = view.same_content(event);
-                return Some(Hit { stream: p.stream.to_string(), version: p.version, position: p.position, batch_end: p.batch_end, same });
+                return Ok(Some(Hit { stream: p.stream.to_string(), version: p.version, position: p.position, batch_end: p.batch_end, same }));
             }
-            let position = *index.ids.get(&event.id.as_u128())?;
-            let (stream, version, batch_end, same) =
-                self.shared.with_record(position, |v| (v.stream.to_string(), v.version, v.batch_end(), v.same_content(event)))?;
-            Some(Hit { stream, version, position, batch_end, same })
+            let Some(position) = index.id(event.id.as_u128()).map_err(|e| self.shared.rebuild_if_index(e))? else { return Ok(None) };
+            let found = self.shared.with_record(position, |v| (v.stream.to_string(), v.version, v.batch_end(), v.same_content(event)));
+            Ok(found.map(|(stream, version, batch_end, same)| Hit { stream, version, position, batch_end, same }))
         };
-        let found: Vec<_> = req.events.iter().map(lookup).collect();
+        let found: Vec<_> = req.events.iter().map(lookup).collect::<Result<_, _>>()?;
         let Some(first_found) = req.events.iter().zip(&found).find(|(_, h)| h.is_some()).map(|(e, _)| e.id) else {
             return Ok(None);
         };
@@ -454,7 +453,7 @@ impl Writer {
             }
             // Soft-deleted since: the event is no longer part of the stream.
             let pending = self.group.ids.contains_key(&event.id);
-            let current = pending || index.streams.get(&hit.stream).and_then(|s| s.positions.get(hit.version as usize - 1)) == Some(&hit.position);
+            let current = pending || index.streams.get(&hit.stream).is_some_and(|s| hit.position >= s.since && hit.version <= s.version);
             if !current {
                 return conflict(event.id, format!("to stream '{}', which was deleted since; send new ids to write it again", hit.stream));
             }
@@ -503,7 +502,13 @@ impl Writer {
         let base = old.base + self.offset;
         let capacity = self.shared.options.segment_bytes.max(SEGMENT_HEADER_BYTES + (size + RECORD_OVERHEAD_BYTES) as u64);
         let fresh = Arc::new(Segment::create(&self.shared.log_dir, base, capacity, storage)?);
-        self.shared.replace_active(sealed, fresh.clone());
+        self.shared.replace_active(sealed.clone(), fresh.clone());
+        // Appends to the new segment go to a new memtable; the sealed one's
+        // index file is written off the append path.
+        let mem = self.shared.index.write().unwrap().push_mem(fresh.base);
+        if let Some(mem) = mem {
+            self.shared.sealed(sealed, mem);
+        }
         self.active = fresh;
         self.offset = SEGMENT_HEADER_BYTES;
         // The mark now says the log goes on past the sealed segment, so a

@@ -320,17 +320,20 @@ async fn flipped_byte_in_early_record_refuses_to_open_and_changes_nothing() {
 #[tokio::test]
 async fn flipped_byte_skipped_by_open_without_verify_fails_the_read() {
     let dir = tempfile::tempdir().unwrap();
+    let small = Options { segment_bytes: 8 * 1024, verify_on_open: false, ..opts() };
     {
-        let store = open(dir.path());
-        populate(&store, 12, 20).await;
+        let store = reopen(dir.path(), small.clone()).unwrap();
+        populate(&store, 150, 40).await;
     } // clean close: the index snapshot covers the whole log
-    let seg = segment_files(dir.path()).remove(0);
+    let files = segment_files(dir.path());
+    assert!(files.len() >= 3, "several segments: {files:?}");
+    let seg = files[0].clone();
     let records = walk_records(&fs::read(&seg).unwrap());
     let (at, len) = records[2];
     flip(&seg, at + len / 2);
-    let store = reopen(dir.path(), Options { verify_on_open: false, ..opts() })
-        .expect("without verify_on_open the snapshot-covered records are not checked");
+    let store = reopen(dir.path(), small).expect("without verify_on_open the records of indexed sealed segments are not checked");
     assert!(store.open_report().from_snapshot);
+    assert_eq!(store.open_report().rebuilt_indexes, vec![], "the damage is not near the segment's end, so its index file still fits");
     let victim = {
         // Find which stream the damaged record belongs to: the one whose read fails.
         let mut failed = vec![];
@@ -372,7 +375,9 @@ async fn corruption_in_sealed_segment_refuses_to_open() {
     let (last_at, last_len) = *records0.last().unwrap();
     assert_eq!(last_at + last_len, bytes0.len() as u64, "a sealed segment is trimmed to its records");
     let records1 = walk_records(&fs::read(&seg1).unwrap());
-    let open_small = || reopen(dir.path(), small.clone());
+    // Open checks every record of sealed segments only when asked to;
+    // otherwise `verify`, the scrubber and reads catch damage there.
+    let open_small = || reopen(dir.path(), Options { verify_on_open: true, ..small.clone() });
 
     // A flipped byte in the last record of a sealed segment: in the last
     // segment this would look like a torn tail, here it is corruption.
@@ -394,8 +399,17 @@ async fn corruption_in_sealed_segment_refuses_to_open() {
 
     // A flipped byte in the first record of the middle segment.
     flip(&seg1, records1[0].0 + 30);
+    let damaged = disk(dir.path());
     assert_corrupt(open_small(), &seg1, SEGMENT_HEADER, "flip in sealed segment 1");
     assert_corrupt(verify(dir.path(), |_, _| {}), &seg1, SEGMENT_HEADER, "verify, flip in sealed segment 1");
+    {
+        // Without the full check, open trusts the segment's index file, and
+        // a read of the damaged record fails, naming it.
+        let store = reopen(dir.path(), small.clone()).expect("open without verify_on_open");
+        assert_corrupt(store.read_all(ReadAllOptions::forward()).await, &seg1, SEGMENT_HEADER, "read_all over sealed segment 1");
+    }
+    let segments_of = |d: Vec<(PathBuf, Vec<u8>)>| d.into_iter().filter(|(p, _)| p.extension().is_some_and(|e| e == "seg")).collect::<Vec<_>>();
+    assert!(segments_of(disk(dir.path())) == segments_of(damaged), "neither open nor the failed read changed a segment");
     flip(&seg1, records1[0].0 + 30);
 
     // A sealed segment that lost its end, and one that is missing altogether.

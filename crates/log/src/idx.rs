@@ -1,0 +1,556 @@
+//! Index files: one per sealed segment (`<segment>.idx` beside it), written
+//! once from the segment's memtable, never changed, mapped for reading. They
+//! are a cache of the log: a missing, foreign or damaged one is rebuilt from
+//! its segment, and deleting them all changes nothing but speed.
+//!
+//! Layout (little-endian; docs/design.md has the table):
+//! - a 256-byte header: magic, version, the segment it belongs to (base,
+//!   length and a CRC of its last 4 KiB, so a file from another log or an
+//!   older copy of the segment does not fit), counts, the eight sections'
+//!   offsets and lengths, and the block checksum table's place and CRC;
+//! - stream directory: `(hash, name offset, name length, first, count)`
+//!   sorted by hash then name, pointing into the position and timestamp
+//!   arrays (one entry per event, in log order within a stream);
+//! - event ids: `(id, position)` sorted by id, plus a split-block Bloom
+//!   filter (10 bits per id) so that a new id costs no search;
+//! - terms (tags, event types, categories of user events): a directory like
+//!   the streams', pointing into an array of positions;
+//! - one CRC32C per 64 KiB block of everything after the header.
+//!
+//! Blocks are checked the first time a lookup touches them, so opening costs
+//! one header read per file, and nothing damaged is ever used.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cairn_core::StoreError;
+use memmap2::Mmap;
+
+use crate::index::MemIndex;
+use crate::segment::{self, Segment};
+use crate::storage::Storage;
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("index files are mapped as little-endian arrays");
+
+const MAGIC: &[u8; 8] = b"CAIRNSIX";
+pub const VERSION: u32 = 1;
+const HEADER: usize = 256;
+const BLOCK: usize = 64 * 1024;
+const TAIL: u64 = 4096;
+const SECTIONS: usize = 8;
+const S_STREAMS: usize = 0;
+const S_POSITIONS: usize = 1;
+const S_TIMESTAMPS: usize = 2;
+const S_NAMES: usize = 3;
+const S_IDS: usize = 4;
+const S_BLOOM: usize = 5;
+const S_TERMS: usize = 6;
+const S_POSTINGS: usize = 7;
+
+/// What a term is: the first byte of its key in the term directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Tag = 1,
+    Type = 2,
+    Category = 3,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    hash: u64,
+    name_off: u32,
+    name_len: u32,
+    first: u32,
+    count: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct IdEntry {
+    lo: u64,
+    hi: u64,
+    position: u64,
+}
+
+/// An index file block whose checksum does not match.
+#[derive(Debug, Clone)]
+pub struct Damaged {
+    pub file: PathBuf,
+    pub offset: u64,
+    pub reason: String,
+}
+
+pub fn path_for(seg: &Segment) -> PathBuf {
+    let mut name = seg.path.file_name().expect("segments have names").to_os_string();
+    name.push(".idx");
+    seg.path.with_file_name(name)
+}
+
+fn name_hash(key: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(key)
+}
+
+fn id_hash(id: u128) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(&id.to_le_bytes())
+}
+
+fn term_key(kind: Kind, name: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(name.len() + 1);
+    key.push(kind as u8);
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+/// Whether `id` is a UUIDv7, whose leading bits are its time: fresh ids are
+/// then above every id of an old segment, and the range check skips it.
+fn is_v7(id: u128) -> bool {
+    (id >> 76) & 0xf == 7
+}
+
+fn tail_crc(seg: &Segment) -> u32 {
+    let len = seg.capacity();
+    crc32c::crc32c(seg.bytes(len - len.min(TAIL), len))
+}
+
+// The split-block Bloom filter of Parquet: each id sets one bit in each of
+// the eight 32-bit words of one 32-byte block.
+const SALT: [u32; 8] = [0x47b6137b, 0x44974d91, 0x8824ad5b, 0xa2b7289d, 0x705495c7, 0x2df1424b, 0x9efc4947, 0x5c6bfb31];
+
+fn bloom_block(hash: u64, blocks: usize) -> usize {
+    (((hash >> 32) * blocks as u64) >> 32) as usize
+}
+
+fn bloom_mask(hash: u64) -> [u32; 8] {
+    let key = hash as u32;
+    SALT.map(|s| 1u32 << (key.wrapping_mul(s) >> 27))
+}
+
+/// Writes the index file of the sealed segment `seg` from its memtable `mem`.
+pub fn write(seg: &Segment, mem: &MemIndex, storage: &dyn Storage) -> Result<PathBuf, StoreError> {
+    let path = path_for(seg);
+    let tmp = path.with_extension("idx.tmp");
+    let bytes = encode(seg, mem);
+    let io = |e| StoreError::io(&tmp, e);
+    let file = storage.create(&tmp).map_err(io)?;
+    for (i, chunk) in bytes.chunks(1 << 20).enumerate() {
+        storage.write_at(&file, chunk, (i << 20) as u64).map_err(io)?;
+    }
+    storage.sync_all(&file).map_err(io)?;
+    storage.rename(&tmp, &path).map_err(|e| StoreError::io(&path, e))?;
+    segment::sync_dir(path.parent().expect("in the log directory"), storage)?;
+    Ok(path)
+}
+
+fn pad8(buf: &mut Vec<u8>) {
+    while buf.len() % 8 != 0 {
+        buf.push(0);
+    }
+}
+
+fn put_entry(buf: &mut Vec<u8>, e: Entry) {
+    buf.extend_from_slice(&e.hash.to_le_bytes());
+    buf.extend_from_slice(&e.name_off.to_le_bytes());
+    buf.extend_from_slice(&e.name_len.to_le_bytes());
+    buf.extend_from_slice(&e.first.to_le_bytes());
+    buf.extend_from_slice(&e.count.to_le_bytes());
+}
+
+/// The file's bytes. Sorting is by (hash, key), so a lookup compares names
+/// only on a hash match and colliding names stay apart.
+fn encode(seg: &Segment, mem: &MemIndex) -> Vec<u8> {
+    let mut buf = vec![0u8; HEADER];
+    let mut sections = [(0u64, 0u64); SECTIONS];
+    let mut names: Vec<u8> = Vec::new();
+    let mut mark = |buf: &mut Vec<u8>, s: usize, start: usize| sections[s] = (start as u64, (buf.len() - start) as u64);
+
+    // Streams.
+    let mut streams: Vec<(u64, &str)> = mem.streams.keys().map(|n| (name_hash(n.as_bytes()), n.as_str())).collect();
+    streams.sort_unstable();
+    let (mut positions, mut timestamps) = (Vec::with_capacity(mem.events as usize), Vec::with_capacity(mem.events as usize));
+    let start = buf.len();
+    for (hash, name) in &streams {
+        let run = &mem.streams[*name];
+        put_entry(&mut buf, Entry { hash: *hash, name_off: names.len() as u32, name_len: name.len() as u32, first: positions.len() as u32, count: run.positions.len() as u32 });
+        names.extend_from_slice(name.as_bytes());
+        positions.extend_from_slice(&run.positions);
+        timestamps.extend_from_slice(&run.timestamps);
+    }
+    mark(&mut buf, S_STREAMS, start);
+    let start = buf.len();
+    positions.iter().for_each(|p| buf.extend_from_slice(&p.to_le_bytes()));
+    mark(&mut buf, S_POSITIONS, start);
+    let start = buf.len();
+    timestamps.iter().for_each(|t| buf.extend_from_slice(&t.to_le_bytes()));
+    mark(&mut buf, S_TIMESTAMPS, start);
+
+    // Ids and their filter.
+    let mut ids: Vec<(u128, u64)> = mem.ids.iter().map(|(id, p)| (*id, *p)).collect();
+    ids.sort_unstable();
+    let start = buf.len();
+    for (id, p) in &ids {
+        buf.extend_from_slice(&(*id as u64).to_le_bytes());
+        buf.extend_from_slice(&((*id >> 64) as u64).to_le_bytes());
+        buf.extend_from_slice(&p.to_le_bytes());
+    }
+    mark(&mut buf, S_IDS, start);
+    let blocks = (ids.len() * 10).div_ceil(256).max(1);
+    let mut bloom = vec![0u32; blocks * 8];
+    for (id, _) in &ids {
+        let h = id_hash(*id);
+        let b = bloom_block(h, blocks);
+        for (w, m) in bloom[b * 8..b * 8 + 8].iter_mut().zip(bloom_mask(h)) {
+            *w |= m;
+        }
+    }
+    let start = buf.len();
+    bloom.iter().for_each(|w| buf.extend_from_slice(&w.to_le_bytes()));
+    mark(&mut buf, S_BLOOM, start);
+    let v7: Vec<u128> = ids.iter().map(|(id, _)| *id).filter(|id| is_v7(*id)).collect();
+    let (v7_min, v7_max) = (v7.first().copied().unwrap_or(u128::MAX), v7.last().copied().unwrap_or(0));
+
+    // Terms.
+    let mut terms: Vec<(u64, Vec<u8>, &Vec<u64>)> = Vec::new();
+    for (kind, map) in [(Kind::Tag, &mem.tags), (Kind::Type, &mem.types), (Kind::Category, &mem.categories)] {
+        for (name, list) in map {
+            let key = term_key(kind, name);
+            terms.push((name_hash(&key), key, list));
+        }
+    }
+    terms.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    let start = buf.len();
+    let mut postings = 0u32;
+    for (hash, key, list) in &terms {
+        put_entry(&mut buf, Entry { hash: *hash, name_off: names.len() as u32, name_len: key.len() as u32, first: postings, count: list.len() as u32 });
+        names.extend_from_slice(key);
+        postings += list.len() as u32;
+    }
+    mark(&mut buf, S_TERMS, start);
+    let start = buf.len();
+    for (_, _, list) in &terms {
+        list.iter().for_each(|p| buf.extend_from_slice(&p.to_le_bytes()));
+    }
+    mark(&mut buf, S_POSTINGS, start);
+    let start = buf.len();
+    buf.extend_from_slice(&names);
+    mark(&mut buf, S_NAMES, start);
+    pad8(&mut buf);
+
+    // Block checksums, then the header.
+    let table_off = buf.len();
+    let crcs: Vec<u8> = buf[HEADER..].chunks(BLOCK).flat_map(|b| crc32c::crc32c(b).to_le_bytes()).collect();
+    buf.extend_from_slice(&crcs);
+    let mut h = Vec::with_capacity(HEADER);
+    h.extend_from_slice(MAGIC);
+    h.extend_from_slice(&VERSION.to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h.extend_from_slice(&seg.base.to_le_bytes());
+    h.extend_from_slice(&seg.capacity().to_le_bytes());
+    h.extend_from_slice(&tail_crc(seg).to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h.extend_from_slice(&mem.events.to_le_bytes());
+    h.extend_from_slice(&mem.last_position.unwrap_or(seg.base).to_le_bytes());
+    h.extend_from_slice(&[0u8; 8]);
+    h.extend_from_slice(&v7_min.to_le_bytes());
+    h.extend_from_slice(&v7_max.to_le_bytes());
+    for (off, len) in sections {
+        h.extend_from_slice(&off.to_le_bytes());
+        h.extend_from_slice(&len.to_le_bytes());
+    }
+    h.extend_from_slice(&(table_off as u64).to_le_bytes());
+    h.extend_from_slice(&crc32c::crc32c(&crcs).to_le_bytes());
+    debug_assert_eq!(h.len(), 236);
+    let crc = crc32c::crc32c(&h);
+    h.extend_from_slice(&crc.to_le_bytes());
+    buf[..h.len()].copy_from_slice(&h);
+    buf
+}
+
+/// A mapped index file, checked against its segment.
+pub struct IdxFile {
+    path: PathBuf,
+    map: Mmap,
+    base: u64,
+    events: u64,
+    last_position: u64,
+    v7: (u128, u128),
+    sections: [(u64, u64); SECTIONS],
+    crcs: Vec<u32>,
+    /// One bit per block: checked already.
+    checked: Vec<AtomicU64>,
+}
+
+impl std::fmt::Debug for IdxFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IdxFile({})", self.path.display())
+    }
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+impl IdxFile {
+    /// Opens the index file of `seg`; `Err` says why it cannot be used
+    /// (missing, damaged header, or made for another segment).
+    pub fn open(seg: &Segment) -> Result<IdxFile, String> {
+        let path = path_for(seg);
+        let file = std::fs::File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        // SAFETY: index files are written to a temporary name, synced and
+        // renamed into place, and never written again; the data directory
+        // lock keeps other processes out.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| format!("cannot map {}: {e}", path.display()))?;
+        if map.len() < HEADER {
+            return Err("shorter than its header".into());
+        }
+        let h = &map[..HEADER];
+        if &h[..8] != MAGIC {
+            return Err("bad magic bytes".into());
+        }
+        if crc32c::crc32c(&h[..236]) != u32_at(h, 236) {
+            return Err("header checksum mismatch".into());
+        }
+        if u32_at(h, 8) != VERSION {
+            return Err(format!("format version {} (this build writes {VERSION})", u32_at(h, 8)));
+        }
+        if u64_at(h, 16) != seg.base || u64_at(h, 24) != seg.capacity() || u32_at(h, 32) != tail_crc(seg) {
+            return Err("made for another segment or another copy of it".into());
+        }
+        let mut sections = [(0u64, 0u64); SECTIONS];
+        for (i, s) in sections.iter_mut().enumerate() {
+            *s = (u64_at(h, 96 + i * 16), u64_at(h, 104 + i * 16));
+        }
+        let table_off = u64_at(h, 224) as usize;
+        let blocks = (table_off.saturating_sub(HEADER)).div_ceil(BLOCK);
+        if table_off < HEADER || table_off % 8 != 0 || map.len() != table_off + blocks * 4 {
+            return Err("its length does not match its header".into());
+        }
+        let table = &map[table_off..];
+        if crc32c::crc32c(table) != u32_at(h, 232) {
+            return Err("block checksum table mismatch".into());
+        }
+        for (i, (off, len)) in sections.iter().enumerate() {
+            let aligned = i == S_NAMES || off % 8 == 0;
+            if !aligned || *off < HEADER as u64 || off.saturating_add(*len) > table_off as u64 {
+                return Err(format!("section {i} lies outside the file"));
+            }
+        }
+        let entries = [(S_STREAMS, 24), (S_IDS, 24), (S_TERMS, 24), (S_POSITIONS, 8), (S_TIMESTAMPS, 8), (S_POSTINGS, 8), (S_BLOOM, 32)];
+        if entries.iter().any(|(s, size)| sections[*s].1 % size != 0) || sections[S_BLOOM].1 == 0 {
+            return Err("a section is not a whole number of entries".into());
+        }
+        if sections[S_POSITIONS].1 != sections[S_TIMESTAMPS].1 {
+            return Err("positions and timestamps differ in number".into());
+        }
+        let crcs = table.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+        let checked = (0..blocks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        let v7 = (u128::from_le_bytes(h[64..80].try_into().unwrap()), u128::from_le_bytes(h[80..96].try_into().unwrap()));
+        Ok(IdxFile { path, base: seg.base, events: u64_at(h, 40), last_position: u64_at(h, 48), v7, sections, crcs, checked, map })
+    }
+
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    pub fn last_position(&self) -> Option<u64> {
+        (self.events > 0).then_some(self.last_position)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Checks the blocks under `off..off+len` (file offsets), once each.
+    fn check(&self, off: usize, len: usize) -> Result<(), Damaged> {
+        if len == 0 {
+            return Ok(());
+        }
+        let first = (off - HEADER) / BLOCK;
+        let last = (off + len - 1 - HEADER) / BLOCK;
+        for b in first..=last {
+            let (word, bit) = (b / 64, 1u64 << (b % 64));
+            if self.checked[word].load(Ordering::Relaxed) & bit != 0 {
+                continue;
+            }
+            let start = HEADER + b * BLOCK;
+            let end = (start + BLOCK).min(HEADER + self.crcs.len() * BLOCK).min(self.table_off());
+            if crc32c::crc32c(&self.map[start..end]) != self.crcs[b] {
+                return Err(Damaged { file: self.path.clone(), offset: start as u64, reason: format!("block {b} fails its checksum") });
+            }
+            self.checked[word].fetch_or(bit, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn table_off(&self) -> usize {
+        self.map.len() - self.crcs.len() * 4
+    }
+
+    /// Checks every block: what the scrubber and `cairn verify` do.
+    pub fn check_all(&self) -> Result<(), Damaged> {
+        self.check(HEADER, self.table_off() - HEADER)
+    }
+
+    /// `count` items of type `T` from entry `first` of section `s`, checked.
+    fn slice<T: Copy>(&self, s: usize, first: usize, count: usize) -> Result<&[T], Damaged> {
+        let size = std::mem::size_of::<T>();
+        let (off, len) = self.sections[s];
+        let bad = || Damaged { file: self.path.clone(), offset: off, reason: format!("an entry points outside section {s}") };
+        let end = first.checked_add(count).ok_or_else(bad)?;
+        if end * size > len as usize {
+            return Err(bad());
+        }
+        let at = off as usize + first * size;
+        self.check(at, count * size)?;
+        let bytes = &self.map[at..at + count * size];
+        // SAFETY: `T` is a plain little-endian integer or a `repr(C)` struct of
+        // them, any bit pattern is valid, and the mapping is page-aligned with
+        // every such section at a multiple of 8 (checked at open).
+        let (pre, items, post) = unsafe { bytes.align_to::<T>() };
+        debug_assert!(pre.is_empty() && post.is_empty());
+        Ok(items)
+    }
+
+    fn count<T>(&self, s: usize) -> usize {
+        (self.sections[s].1 as usize) / std::mem::size_of::<T>()
+    }
+
+    fn name(&self, e: &Entry) -> Result<&[u8], Damaged> {
+        self.slice::<u8>(S_NAMES, e.name_off as usize, e.name_len as usize)
+    }
+
+    /// The directory entry of `key` in section `s`.
+    fn find(&self, s: usize, key: &[u8]) -> Result<Option<Entry>, Damaged> {
+        let hash = name_hash(key);
+        let n = self.count::<Entry>(s);
+        let (mut lo, mut hi) = (0, n);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let e = self.slice::<Entry>(s, mid, 1)?[0];
+            let less = match e.hash.cmp(&hash) {
+                std::cmp::Ordering::Equal => self.name(&e)? < key,
+                o => o == std::cmp::Ordering::Less,
+            };
+            if less { lo = mid + 1 } else { hi = mid }
+        }
+        if lo < n {
+            let e = self.slice::<Entry>(s, lo, 1)?[0];
+            if e.hash == hash && self.name(&e)? == key {
+                return Ok(Some(e));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn stream(&self, name: &str) -> Result<Option<(&[u64], &[i64])>, Damaged> {
+        let Some(e) = self.find(S_STREAMS, name.as_bytes())? else { return Ok(None) };
+        let positions = self.slice::<u64>(S_POSITIONS, e.first as usize, e.count as usize)?;
+        let timestamps = self.slice::<i64>(S_TIMESTAMPS, e.first as usize, e.count as usize)?;
+        Ok(Some((positions, timestamps)))
+    }
+
+    pub fn id(&self, id: u128) -> Result<Option<u64>, Damaged> {
+        if is_v7(id) && (id < self.v7.0 || id > self.v7.1) {
+            return Ok(None);
+        }
+        let h = id_hash(id);
+        let blocks = self.count::<[u32; 8]>(S_BLOOM);
+        let block = self.slice::<[u32; 8]>(S_BLOOM, bloom_block(h, blocks), 1)?[0];
+        if block.iter().zip(bloom_mask(h)).any(|(w, m)| w & m == 0) {
+            return Ok(None);
+        }
+        let n = self.count::<IdEntry>(S_IDS);
+        let (mut lo, mut hi) = (0, n);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let e = self.slice::<IdEntry>(S_IDS, mid, 1)?[0];
+            let at = (e.hi as u128) << 64 | e.lo as u128;
+            match at.cmp(&id) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Ok(Some(e.position)),
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn term(&self, kind: Kind, name: &str) -> Result<&[u64], Damaged> {
+        match self.find(S_TERMS, &term_key(kind, name))? {
+            Some(e) => self.slice::<u64>(S_POSTINGS, e.first as usize, e.count as usize),
+            None => Ok(&[]),
+        }
+    }
+
+    pub fn all_terms(&self, kind: Kind) -> Result<Vec<&[u64]>, Damaged> {
+        let n = self.count::<Entry>(S_TERMS);
+        let entries = self.slice::<Entry>(S_TERMS, 0, n)?;
+        let mut out = Vec::new();
+        for e in entries {
+            if self.name(e)?.first() == Some(&(kind as u8)) {
+                out.push(self.slice::<u64>(S_POSTINGS, e.first as usize, e.count as usize)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Whether `file` says exactly what `mem` (built from its segment) says;
+/// `Err` names the first difference. Checks every block on the way.
+pub fn check_against(file: &IdxFile, mem: &MemIndex) -> Result<(), String> {
+    let damaged = |d: Damaged| format!("{} at offset {}", d.reason, d.offset);
+    file.check_all().map_err(damaged)?;
+    if file.events() != mem.events || file.count::<IdEntry>(S_IDS) != mem.ids.len() || file.count::<Entry>(S_STREAMS) != mem.streams.len() {
+        return Err(format!("it counts {} event(s), its segment holds {}", file.events(), mem.events));
+    }
+    for (name, run) in &mem.streams {
+        match file.stream(name).map_err(damaged)? {
+            Some((p, t)) if p == run.positions.as_slice() && t == run.timestamps.as_slice() => {}
+            _ => return Err(format!("its events of stream '{name}' differ from the segment's")),
+        }
+    }
+    for (id, position) in &mem.ids {
+        if file.id(*id).map_err(damaged)? != Some(*position) {
+            return Err(format!("it does not map event {} to position {position}", uuid::Uuid::from_u128(*id)));
+        }
+    }
+    let terms = mem.tags.len() + mem.types.len() + mem.categories.len();
+    if file.count::<Entry>(S_TERMS) != terms {
+        return Err(format!("it holds {} tag, type and category lists, its segment {terms}", file.count::<Entry>(S_TERMS)));
+    }
+    for (kind, map) in [(Kind::Tag, &mem.tags), (Kind::Type, &mem.types), (Kind::Category, &mem.categories)] {
+        for (name, list) in map {
+            if file.term(kind, name).map_err(damaged)? != list.as_slice() {
+                return Err(format!("its positions of {kind:?} '{name}' differ from the segment's"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes index files (and unfinished ones) that no segment in `segments` owns.
+pub fn remove_strays(log_dir: &Path, segments: &[Segment], storage: &dyn Storage) -> Result<(), StoreError> {
+    let owned: Vec<PathBuf> = segments.iter().map(path_for).collect();
+    let entries = std::fs::read_dir(log_dir).map_err(|e| StoreError::io(log_dir, e))?;
+    let mut removed = false;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if (name.ends_with(".idx") && !owned.contains(&path)) || name.ends_with(".idx.tmp") {
+            storage.remove(&path).map_err(|e| StoreError::io(&path, e))?;
+            removed = true;
+        }
+    }
+    if removed {
+        segment::sync_dir(log_dir, storage)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! The indexer thread: writes the index file of each segment the writer
+//! seals, swaps the segment's memtable for it, then writes a fresh index
+//! snapshot. It also rebuilds an index file that a lookup found damaged.
+//! None of this is on the append path: a failure only keeps the memtable
+//! (memory) and is counted in `index_failures`.
+
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+
+use cairn_core::StoreError;
+
+use crate::idx::{self, IdxFile};
+use crate::index::{MemIndex, Part};
+use crate::recovery::scan_segment;
+use crate::segment::{Segment, SEGMENT_HEADER_BYTES};
+use crate::snapshot;
+use crate::store::Shared;
+
+pub enum Job {
+    /// A segment the writer sealed, with its memtable.
+    Sealed(Arc<Segment>, Arc<MemIndex>),
+    /// The index file of the segment at this base failed a check.
+    Rebuild(u64),
+}
+
+pub fn spawn(shared: Arc<Shared>, data_dir: std::path::PathBuf) -> std::io::Result<(Sender<Job>, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::Builder::new().name("cairn-indexer".into()).spawn(move || run(&shared, &data_dir, rx))?;
+    Ok((tx, handle))
+}
+
+fn run(shared: &Shared, data_dir: &std::path::Path, rx: Receiver<Job>) {
+    // Ends when every sender is gone: the store is closing.
+    while let Ok(job) = rx.recv() {
+        let done = match job {
+            Job::Sealed(seg, mem) => install(shared, &seg, &mem),
+            Job::Rebuild(base) => rebuild(shared, base),
+        };
+        match done {
+            Ok(()) => {
+                if let Err(e) = write_snapshot(shared, data_dir) {
+                    eprintln!("cairn: could not write the index snapshot ({e}); the next open scans more of the log");
+                }
+            }
+            Err(e) => {
+                shared.stats.index_failures.fetch_add(1, Ordering::Relaxed);
+                eprintln!("cairn: could not write an index file ({e}); the segment stays indexed in memory");
+            }
+        }
+    }
+}
+
+/// Writes the index file of `seg` from `mem` and puts it in the memtable's place.
+pub fn install(shared: &Shared, seg: &Segment, mem: &MemIndex) -> Result<(), StoreError> {
+    idx::write(seg, mem, &*shared.options.storage)?;
+    let file = IdxFile::open(seg).map_err(|why| StoreError::io(idx::path_for(seg), std::io::Error::other(why)))?;
+    shared.index.write().unwrap().replace_part(Part::Disk(Arc::new(file)));
+    shared.stats.index_files_written.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Builds a sealed segment's memtable from its records.
+pub fn scan_into_mem(seg: &Segment) -> Result<MemIndex, StoreError> {
+    let mut mem = MemIndex::new(seg.base);
+    scan_segment(seg, SEGMENT_HEADER_BYTES, 0, false, Some(&mut |v, p| mem.apply(v, p)))?;
+    Ok(mem)
+}
+
+fn rebuild(shared: &Shared, base: u64) -> Result<(), StoreError> {
+    let Some(seg) = shared.segment_for(base).filter(|s| s.base == base) else { return Ok(()) };
+    let mem = scan_into_mem(&seg)?;
+    install(shared, &seg, &mem)?;
+    shared.stats.index_rebuilds.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Writes the stream summaries as of now, for the next open to start from.
+pub fn write_snapshot(shared: &Shared, data_dir: &std::path::Path) -> Result<(), StoreError> {
+    let bytes = {
+        let index = shared.index.read().unwrap();
+        let head = shared.head.load(Ordering::Acquire);
+        let last_id = shared.last_id_before(head).unwrap_or(0);
+        snapshot::encode(&index.streams, index.events, head, last_id)
+    };
+    snapshot::write(data_dir, &bytes, &*shared.options.storage)
+}
