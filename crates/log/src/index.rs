@@ -268,7 +268,7 @@ pub fn damaged_error(d: &Damaged) -> StoreError {
     StoreError::Corrupt {
         file: d.file.display().to_string(),
         offset: d.offset,
-        reason: format!("index file is damaged ({}); it is rebuilt from its segment, retry in a moment", d.reason),
+        reason: format!("index file is damaged ({}); it is rebuilt from its segment", d.reason),
     }
 }
 

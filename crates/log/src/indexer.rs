@@ -1,6 +1,6 @@
 //! The indexer thread: writes the index file of each segment the writer
 //! seals, swaps the segment's memtable for it, then writes a fresh index
-//! snapshot. It also rebuilds an index file that a lookup found damaged.
+//! snapshot.
 //! None of this is on the append path: a failure only keeps the memtable
 //! (memory) and is counted in `index_failures`.
 
@@ -20,8 +20,6 @@ use crate::store::Shared;
 pub enum Job {
     /// A segment the writer sealed, with its memtable.
     Sealed(Arc<Segment>, Arc<MemIndex>),
-    /// The index file of the segment at this base failed a check.
-    Rebuild(u64),
 }
 
 pub fn spawn(shared: Arc<Shared>, data_dir: std::path::PathBuf) -> std::io::Result<(Sender<Job>, std::thread::JoinHandle<()>)> {
@@ -35,7 +33,6 @@ fn run(shared: &Shared, data_dir: &std::path::Path, rx: Receiver<Job>) {
     while let Ok(job) = rx.recv() {
         let done = match job {
             Job::Sealed(seg, mem) => install(shared, &seg, &mem),
-            Job::Rebuild(base) => rebuild(shared, base),
         };
         match done {
             Ok(()) => {
@@ -67,8 +64,9 @@ pub fn scan_into_mem(seg: &Segment) -> Result<MemIndex, StoreError> {
     Ok(mem)
 }
 
-fn rebuild(shared: &Shared, base: u64) -> Result<(), StoreError> {
+pub fn rebuild(shared: &Shared, base: u64) -> Result<(), StoreError> {
     let Some(seg) = shared.segment_for(base).filter(|s| s.base == base) else { return Ok(()) };
+    eprintln!("cairn: index file {} is damaged; rebuilding it from its segment", idx::path_for(&seg).display());
     let mem = scan_into_mem(&seg)?;
     install(shared, &seg, &mem)?;
     shared.stats.index_rebuilds.fetch_add(1, Ordering::Relaxed);

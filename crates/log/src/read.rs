@@ -66,7 +66,10 @@ impl Shared {
 
     /// Positions of the visible events of `stream` selected by `options`.
     fn stream_positions(&self, stream: &str, options: &ReadStreamOptions) -> Result<Vec<u64>, StoreError> {
-        let index = self.index.read().unwrap();
+        self.indexed(|index| Self::stream_positions_in(index, stream, options))
+    }
+
+    fn stream_positions_in(index: &crate::index::Index, stream: &str, options: &ReadStreamOptions) -> Result<Vec<u64>, StoreError> {
         let not_found = || StoreError::StreamNotFound { stream: stream.to_string() };
         let entry = index.streams.get(stream).ok_or_else(not_found)?;
         match entry.state {
@@ -75,7 +78,7 @@ impl Shared {
             StreamState::Live if entry.version() == 0 => return Err(not_found()),
             StreamState::Live => {}
         }
-        let view = index.stream_view(stream, entry).map_err(|e| self.rebuild_if_index(e))?;
+        let view = index.stream_view(stream, entry)?;
         let first = entry.first_visible_version(Timestamp::now().0, |t| view.older_than(t));
         let last = entry.version();
         let limit = options.limit.min(usize::MAX as u64 as usize) as u64;
@@ -112,7 +115,7 @@ impl Shared {
     fn event_len(&self, position: u64) -> Result<u64, StoreError> {
         let found = self.with_record(position, |v| (v.id.as_u128(), v.len as u64));
         match found {
-            Some((id, len)) if self.index.read().unwrap().id(id).map_err(|e| self.rebuild_if_index(e))? == Some(position) => Ok(len),
+            Some((id, len)) if self.indexed(|index| index.id(id))? == Some(position) => Ok(len),
             _ => Err(StoreError::InvalidPosition(Position(position))),
         }
     }
@@ -193,8 +196,7 @@ impl Shared {
 
     /// Positions of the events matching `query` with `lo <= position <= hi`.
     fn query_positions(&self, query: &Query, lo: u64, hi: u64, direction: Direction, limit: usize) -> Result<Vec<u64>, StoreError> {
-        let index = self.index.read().unwrap();
-        crate::query::positions(&index, query, lo, hi, direction, limit).map_err(|e| self.rebuild_if_index(e))
+        self.indexed(|index| crate::query::positions(index, query, lo, hi, direction, limit))
     }
 
     fn read_query(&self, query: &Query, options: &ReadAllOptions) -> Result<Vec<RecordedEvent>, StoreError> {

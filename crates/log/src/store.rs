@@ -143,17 +143,23 @@ impl Shared {
         }
     }
 
-    /// Passes `e` through; if it names a damaged index file, asks the
-    /// indexer to rebuild that file from its segment first.
-    pub fn rebuild_if_index(&self, e: StoreError) -> StoreError {
-        if let StoreError::Corrupt { file, .. } = &e
-            && let Some(name) = file.strip_suffix(".idx")
-            && let Some(seg) = self.segments.read().unwrap().iter().find(|s| s.path.as_os_str() == name)
-            && let Some(tx) = self.indexer.lock().unwrap().as_ref()
-        {
-            let _ = tx.send(indexer::Job::Rebuild(seg.base));
+    /// Runs `f` on the index. If it fails on a damaged index file, the file
+    /// is rebuilt from its segment (never trusted) and `f` runs once more.
+    pub fn indexed<T>(&self, f: impl Fn(&Index) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let first = f(&self.index.read().unwrap());
+        let damaged = match &first {
+            Err(StoreError::Corrupt { file, .. }) => file.strip_suffix(".idx").and_then(|seg| {
+                self.segments.read().unwrap().iter().find(|s| s.path.as_os_str() == seg).map(|s| s.base)
+            }),
+            _ => None,
+        };
+        match damaged {
+            Some(base) => {
+                indexer::rebuild(self, base)?;
+                f(&self.index.read().unwrap())
+            }
+            None => first,
         }
-        e
     }
 
     /// The id of the event that ends at `head`, if any.

@@ -369,7 +369,7 @@ impl Writer {
     fn check_condition(&self, condition: &AppendCondition) -> Result<(), StoreError> {
         let query = &condition.fail_if_events_match;
         let after = condition.after.map(|p| p.0);
-        let durable = crate::query::first_match_after(&self.shared.index.read().unwrap(), query, after).map_err(|e| self.shared.rebuild_if_index(e))?;
+        let durable = self.shared.indexed(|index| crate::query::first_match_after(index, query, after))?;
         let first_conflict = durable.or_else(|| {
             let start = self.group.user_events.partition_point(|(p, _)| after.is_some_and(|a| *p <= a));
             self.group.user_events[start..].iter().find_map(|&(position, at)| {
@@ -419,18 +419,22 @@ impl Writer {
             batch_end: bool,
             same: bool,
         }
+        // Positions of the ids the log holds already (not those of this group).
+        let durable: Vec<Option<u64>> = self.shared.indexed(|index| {
+            req.events.iter().map(|e| if self.group.ids.contains_key(&e.id) { Ok(None) } else { index.id(e.id.as_u128()) }).collect()
+        })?;
         let index = self.shared.index.read().unwrap();
-        let lookup = |event: &NewEvent| -> Result<Option<Hit>, StoreError> {
+        let lookup = |(event, durable): (&NewEvent, &Option<u64>)| -> Result<Option<Hit>, StoreError> {
             if let Some(p) = self.group.ids.get(&event.id) {
                 let view = record::decode_trusted(&self.group.buf[p.at..]).expect("the writer encodes valid records");
                 let same = view.same_content(event);
                 return Ok(Some(Hit { stream: p.stream.to_string(), version: p.version, position: p.position, batch_end: p.batch_end, same }));
             }
-            let Some(position) = index.id(event.id.as_u128()).map_err(|e| self.shared.rebuild_if_index(e))? else { return Ok(None) };
+            let Some(position) = *durable else { return Ok(None) };
             let found = self.shared.with_record(position, |v| (v.stream.to_string(), v.version, v.batch_end(), v.same_content(event)));
             Ok(found.map(|(stream, version, batch_end, same)| Hit { stream, version, position, batch_end, same }))
         };
-        let found: Vec<_> = req.events.iter().map(lookup).collect::<Result<_, _>>()?;
+        let found: Vec<_> = req.events.iter().zip(&durable).map(lookup).collect::<Result<_, _>>()?;
         let Some(first_found) = req.events.iter().zip(&found).find(|(_, h)| h.is_some()).map(|(e, _)| e.id) else {
             return Ok(None);
         };

@@ -7,4 +7,5 @@ mod crash;
 mod damage;
 mod dcb;
 mod faults;
+mod index_files;
 mod model;

@@ -1,0 +1,188 @@
+//! Index files of sealed segments: reads cross them, and one that is
+//! missing, damaged, cut short or copied from another segment is never
+//! trusted: open rebuilds it from its segment and says so, and damage that
+//! only a lookup can see is rebuilt at that lookup.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use cairn_core::{EventStore, ExpectedVersion, NewEvent, Query, ReadAllOptions, ReadStreamOptions, StoreError, StreamMetadata};
+use cairn_log::{EmbeddedStore, Options};
+
+use crate::common::segment_files;
+
+fn options() -> Options {
+    Options { segment_bytes: 16 * 1024, ..Options::default() }
+}
+
+fn index_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<_> = segment_files(dir).into_iter().map(|s| PathBuf::from(format!("{}.idx", s.display()))).collect();
+    files.retain(|f| f.exists());
+    files
+}
+
+/// Everything a reader can ask, as text: every stream, `$all`, and queries
+/// by tag, type and category, forward and backward.
+async fn answers(store: &EmbeddedStore) -> Vec<String> {
+    let ids = |r: Result<Vec<cairn_core::RecordedEvent>, StoreError>| match r {
+        Ok(events) => events.iter().map(|e| format!("{}@{}:{}", e.stream, e.version, e.position.0)).collect::<Vec<_>>().join(","),
+        Err(e) => format!("error: {e}"),
+    };
+    let mut out = vec![ids(store.read_all(ReadAllOptions::forward()).await)];
+    for s in 0..6 {
+        out.push(ids(store.read_stream(&format!("acct-{s}"), ReadStreamOptions::forward()).await));
+        out.push(ids(store.read_stream(&format!("acct-{s}"), ReadStreamOptions::backward().from_version(17).limit(5)).await));
+    }
+    for q in [Query::tags(["customer:1"]), Query::tags(["customer:2"]), Query::types(["Deposited"]), Query::types(["Opened", "Closed"])] {
+        out.push(ids(store.read_query(&q, ReadAllOptions::forward()).await));
+        out.push(ids(store.read_query(&q, ReadAllOptions::backward().limit(7)).await));
+    }
+    out.push(ids(store.read_category("acct", ReadAllOptions::forward()).await));
+    out.push(format!("{:?}", store.list_streams("", 100).await.map(|l| l.into_iter().map(|i| (i.stream, i.version, i.state)).collect::<Vec<_>>())));
+    out
+}
+
+async fn fill(store: &EmbeddedStore) {
+    for i in 0..600u64 {
+        let s = i % 6;
+        let kind = if i % 50 == 0 { "Opened" } else { "Deposited" };
+        let e = NewEvent::json(kind, &serde_json::json!({ "amount": i, "pad": "x".repeat((i % 40) as usize) })).unwrap().with_tags([format!("customer:{}", i % 4)]);
+        store.append(&format!("acct-{s}"), ExpectedVersion::Any, vec![e]).await.unwrap();
+        if i == 300 {
+            // A deleted incarnation and metadata that hides old events, across segments.
+            store.delete_stream("acct-5", ExpectedVersion::Any, false).await.unwrap();
+            store.set_stream_metadata("acct-4", StreamMetadata { max_count: Some(30), ..Default::default() }).await.unwrap();
+        }
+    }
+}
+
+fn flip(path: &Path, at: u64) {
+    let mut bytes = fs::read(path).unwrap();
+    bytes[at as usize] ^= 0x40;
+    fs::write(path, bytes).unwrap();
+}
+
+#[tokio::test]
+async fn reads_cross_index_files_and_bad_ones_are_rebuilt_from_their_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open_with(dir.path(), options()).unwrap();
+    fill(&store).await;
+    let live = answers(&store).await;
+    drop(store);
+    let segments = segment_files(dir.path());
+    assert!(segments.len() >= 5, "several segments: {}", segments.len());
+    assert_eq!(index_files(dir.path()).len(), segments.len() - 1, "every sealed segment has its index file after a clean close");
+
+    let store = EmbeddedStore::open_with(dir.path(), options()).unwrap();
+    let report = store.open_report().clone();
+    assert_eq!((report.index_files, report.rebuilt_indexes.len()), (segments.len() - 1, 0), "{report:?}");
+    assert!(report.from_snapshot);
+    assert_eq!(answers(&store).await, live, "reads through the index files answer as the memtables did");
+    drop(store);
+
+    // What open can see: each is rebuilt, reported, and answers stay the same.
+    let victim = index_files(dir.path())[1].clone();
+    let other = index_files(dir.path())[2].clone();
+    let good = fs::read(&victim).unwrap();
+    let cases: Vec<(&str, Box<dyn Fn()>)> = vec![
+        ("missing", Box::new(|| fs::remove_file(&victim).unwrap())),
+        ("header checksum", Box::new(|| flip(&victim, 20))),
+        ("length", Box::new(|| fs::write(&victim, &good[..good.len() - 9]).unwrap())),
+        ("another segment", Box::new(|| { fs::copy(&other, &victim).unwrap(); })),
+        ("magic", Box::new(|| fs::write(&victim, b"not an index file at all, and long enough to have a header............................................................................................................................................................................................................").unwrap())),
+    ];
+    for (why, damage) in cases {
+        damage();
+        let store = EmbeddedStore::open_with(dir.path(), options()).unwrap();
+        let rebuilt = &store.open_report().rebuilt_indexes;
+        assert_eq!(rebuilt.len(), 1, "{why}: {rebuilt:?}");
+        assert_eq!(rebuilt[0].0, victim, "{why}");
+        assert!(rebuilt[0].1.contains(why), "{why}: the report says why: {}", rebuilt[0].1);
+        assert_eq!(answers(&store).await, live, "{why}");
+        drop(store);
+        assert_eq!(fs::read(&victim).unwrap(), good, "{why}: the rebuilt file is the same as the one written at seal");
+    }
+
+    // Damage inside a block: open cannot see it without reading every file,
+    // so the first lookup that touches the block finds it, rebuilds the file
+    // and answers from the new one.
+    for at in [good.len() / 2, 300, good.len() - 40] {
+        flip(&victim, at as u64);
+        let store = EmbeddedStore::open_with(dir.path(), options()).unwrap();
+        assert!(store.open_report().rebuilt_indexes.is_empty());
+        assert_eq!(answers(&store).await, live, "damage at offset {at}");
+        let rebuilt = store.stats().index_rebuilds.load(Ordering::Relaxed);
+        assert!(rebuilt >= 1, "damage at offset {at} was found and the file rebuilt ({rebuilt})");
+        drop(store);
+        assert_eq!(fs::read(&victim).unwrap(), good, "damage at offset {at}: rebuilt");
+    }
+
+    // `cairn verify` checks every index file against its segment.
+    let report = cairn_log::verify(dir.path(), |_, _| {}).unwrap();
+    assert_eq!(report.index_files, segments.len() - 1);
+    flip(&victim, good.len() as u64 / 2);
+    match cairn_log::verify(dir.path(), |_, _| {}) {
+        Err(StoreError::Corrupt { file, reason, .. }) => {
+            assert_eq!(Path::new(&file), victim);
+            assert!(reason.contains("cairn reindex"), "{reason}");
+        }
+        other => panic!("verify of a damaged index file: {other:?}"),
+    }
+    // reindex rebuilds them all.
+    EmbeddedStore::reindex(dir.path()).unwrap();
+    assert_eq!(fs::read(&victim).unwrap(), good);
+
+    // A damaged segment whose index file must be rebuilt is refused loudly.
+    fs::remove_file(&victim).unwrap();
+    let seg = segments[1].clone();
+    assert_eq!(PathBuf::from(format!("{}.idx", seg.display())), victim);
+    flip(&seg, 100);
+    match EmbeddedStore::open_with(dir.path(), options()) {
+        Err(StoreError::Corrupt { file, .. }) => assert_eq!(Path::new(&file), seg),
+        Err(e) => panic!("expected Corrupt naming {}, got {e}", seg.display()),
+        Ok(_) => panic!("a damaged segment without its index file must not open"),
+    }
+    flip(&seg, 100);
+    let store = EmbeddedStore::open_with(dir.path(), options()).unwrap();
+    assert_eq!(answers(&store).await, live);
+}
+
+#[tokio::test]
+async fn after_a_crash_open_scans_the_newest_segment_and_the_sealed_ones_without_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open_with(dir.path(), options()).unwrap();
+    fill(&store).await;
+    let live = answers(&store).await;
+    // As if the process died now: no clean close, the snapshot may be behind.
+    std::mem::forget(store);
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(dir.path(), copy.path());
+    // Without the snapshot and with no index files, open rebuilds everything.
+    for f in index_files(copy.path()) {
+        fs::remove_file(f).unwrap();
+    }
+    let _ = fs::remove_file(copy.path().join("index.snap"));
+    let _ = fs::remove_file(copy.path().join("LOCK"));
+    let store = EmbeddedStore::open_with(copy.path(), options()).unwrap();
+    let report = store.open_report().clone();
+    assert!(!report.from_snapshot);
+    assert_eq!(report.rebuilt_indexes.len(), segment_files(copy.path()).len() - 1);
+    assert_eq!(answers(&store).await, live);
+    drop(store);
+    let store = EmbeddedStore::open_with(copy.path(), options()).unwrap();
+    assert!(store.open_report().from_snapshot && store.open_report().rebuilt_indexes.is_empty());
+    assert_eq!(answers(&store).await, live);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to.join("log")).unwrap();
+    for sub in ["", "log"] {
+        for e in fs::read_dir(from.join(sub)).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file() {
+                fs::copy(&p, to.join(sub).join(p.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+}
