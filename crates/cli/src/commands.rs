@@ -47,6 +47,9 @@ impl Context {
         if let Some((file, offset)) = &report.truncated_at {
             eprintln!("note: recovery cut a torn tail of {} bytes in {} at offset {offset} (an append that was never acknowledged)", report.truncated_bytes, file.display());
         }
+        for (file, why) in &report.rebuilt_indexes {
+            eprintln!("note: rebuilt index file {} from its segment ({why}); it is a cache, nothing was lost", file.display());
+        }
         Ok(store)
     }
 
@@ -394,11 +397,14 @@ pub fn verify(ctx: &Context) -> Result<()> {
     })?;
     if let Some(bar) = bar { bar.finish_and_clear(); }
     if ctx.json {
-        println!("{}", serde_json::json!({"ok": true, "segments": report.segments, "events": report.events, "bytes": report.bytes, "streams": report.streams, "durable_events": report.durable_events,
+        println!("{}", serde_json::json!({"ok": true, "segments": report.segments, "events": report.events, "bytes": report.bytes, "streams": report.streams, "durable_events": report.durable_events, "index_files": report.index_files,
             "torn_tail": report.torn_tail.as_ref().map(|(f, o, n)| serde_json::json!({"file": f, "offset": o, "bytes": n}))}));
     } else {
         let plural = output::count;
         println!("ok: {} in {}, {}, {} checked", plural(report.events, "event"), plural(report.streams as u64, "stream"), plural(report.segments as u64, "segment"), plural(report.bytes, "byte"));
+        if report.index_files > 0 {
+            println!("ok: {} match their segments", plural(report.index_files as u64, "index file"));
+        }
         if let Some(n) = report.durable_events {
             println!("ok: every event the durable mark records as acknowledged ({n}) is there");
         }

@@ -580,7 +580,18 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
     let newest = segments.pop().expect("not empty");
     if let Some(claim) = claim {
         let torn = newest_scan.torn_at.map(|_| "damaged or cut short, with nothing valid after them");
-        check_claim(claim, &index, (&newest.path, newest_scan.valid_end), torn)?;
+        loop {
+            match check_claim(claim, &index, (&newest.path, newest_scan.valid_end), torn) {
+                // An index file the check found damaged: rebuilt, then checked again.
+                Err(StoreError::Corrupt { file, reason, .. }) if file.ends_with(".idx") && let Some(i) = segments.iter().position(|s| idx::path_for(s).as_os_str() == file.as_str()) => {
+                    let mem = indexer::scan_into_mem(&segments[i])?;
+                    index.replace_part(Part::Mem(Arc::new(mem)));
+                    report.rebuilt_indexes.push((idx::path_for(&segments[i]), reason));
+                    to_write.push(i);
+                }
+                other => break other?,
+            }
+        }
     }
     // Now the changes. An all-zero newest segment (an unfinished roll) held no event.
     if let Some(path) = unfinished {

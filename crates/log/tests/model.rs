@@ -68,6 +68,8 @@ enum Op {
     Delete { s: usize, exp: Exp, hard: bool },
     SetMetadata { s: usize, max_count: Option<u64>, truncate_before: Option<u64> },
     Reopen,
+    /// Close, then delete, damage or drop the snapshot or one index file, and reopen.
+    DamageIndex { pick: usize, how: u8 },
 }
 
 fn exp() -> impl Strategy<Value = Exp> {
@@ -108,6 +110,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (s, prop::option::of(0u64..5), prop::option::of(0u64..9))
             .prop_map(|(s, max_count, truncate_before)| Op::SetMetadata { s, max_count, truncate_before }),
         2 => Just(Op::Reopen),
+        2 => (any::<usize>(), 0u8..5).prop_map(|(pick, how)| Op::DamageIndex { pick, how }),
     ]
 }
 
@@ -536,6 +539,25 @@ async fn run(dir: &Path, ops: Vec<Op>) {
                     model.streams.entry(s.to_string()).or_default().metadata = metadata;
                     model.apply_system(s, "$metadata", result);
                 }
+            }
+            Op::DamageIndex { pick, how } => {
+                drop(store);
+                let files: Vec<_> = crate::common::segment_files(dir).into_iter()
+                    .map(|s| std::path::PathBuf::from(format!("{}.idx", s.display()))).filter(|f| f.exists()).collect();
+                let snapshot = dir.join("index.snap");
+                if let Some(file) = files.get(pick % files.len().max(1)) {
+                    let mut bytes = std::fs::read(file).unwrap();
+                    let at = pick % bytes.len();
+                    match how {
+                        0 => std::fs::remove_file(file).unwrap(),
+                        1 => { bytes[at] ^= 1; std::fs::write(file, &bytes).unwrap() }
+                        2 => std::fs::write(file, &bytes[..at]).unwrap(),
+                        3 => { let _ = std::fs::remove_file(&snapshot); }
+                        _ => { bytes[at.max(256)..].iter_mut().for_each(|b| *b = 0); std::fs::write(file, &bytes).unwrap() }
+                    }
+                }
+                store = crate::common::reopen(dir, options()).unwrap();
+                assert_eq!(store.open_report().events, model.log.len() as u64, "{step}: every event is found again");
             }
             Op::Reopen => {
                 drop(store);
