@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use cairn_core::{
-    EventStore, ExpectedVersion, NewEvent, ReadAllOptions, ReadStreamOptions, RecordedEvent, StoreError,
+    EventStore, ExpectedVersion, NewEvent, Query, ReadAllOptions, ReadStreamOptions, RecordedEvent, StoreError,
 };
 use cairn_log::{EmbeddedStore, Options};
 use uuid::Uuid;
@@ -26,15 +26,16 @@ use crate::common::{segment_files, Rng};
 
 const DIR_VAR: &str = "CAIRN_CRASH_DIR";
 const SEED_VAR: &str = "CAIRN_CRASH_SEED";
-const CYCLES: usize = 24;
+const CYCLES: usize = 50;
 /// Writer tasks in the child; each owns its streams, so it knows their versions.
 const TASKS: u64 = 4;
 const STREAMS_PER_TASK: u64 = 3;
 const EVENT_TYPE: &str = "CrashTested";
 
 fn options() -> Options {
-    // Small segments, so that the children roll segments while being killed.
-    Options { segment_bytes: 512 * 1024, ..Options::default() }
+    // Small segments, so that the children seal segments and write index
+    // files and snapshots while being killed, and most reads cross index files.
+    Options { segment_bytes: 64 * 1024, ..Options::default() }
 }
 
 /// The payload of event `id`, recomputed by the parent to check the bytes.
@@ -43,9 +44,17 @@ fn payload(id: Uuid) -> String {
     format!(r#"{{"id":"{id}","pad":"{}"}}"#, "z".repeat(pad))
 }
 
+fn tag(id: Uuid) -> String {
+    format!("t:{}", id.as_u128() % 3)
+}
+
+/// The event with id `id`: the same content each time, so that it can be retried.
+fn event(id: Uuid) -> NewEvent {
+    NewEvent::json_bytes(EVENT_TYPE, payload(id)).with_id(id).with_tags([tag(id)])
+}
+
 fn new_event() -> NewEvent {
-    let id = Uuid::new_v4();
-    NewEvent::json_bytes(EVENT_TYPE, payload(id)).with_id(id)
+    event(Uuid::new_v4())
 }
 
 /// One acknowledged append, as the child reported it.
@@ -320,6 +329,28 @@ async fn check_after_crash(dir: &Path, cycle: usize, acked: &mut Vec<Ack>, total
         }
     }
     totals.unacked_but_kept = report.events - acked_ids;
+
+    // Queries answer what a full scan of $all says, forward and backward.
+    for k in 0..3 {
+        let t = format!("t:{k}");
+        let want: Vec<u64> = all.iter().filter(|e| e.tags.contains(&t)).map(|e| e.position.0).collect();
+        let got = store.read_query(&Query::tags([t.clone()]), ReadAllOptions::forward()).await.unwrap();
+        assert!(got.iter().map(|e| e.position.0).eq(want.iter().copied()), "cycle {cycle}: query {t}");
+        let back = store.read_query(&Query::tags([t.clone()]), ReadAllOptions::backward()).await.unwrap();
+        assert!(back.iter().rev().map(|e| e.position.0).eq(want.iter().copied()), "cycle {cycle}: query {t} backward");
+    }
+    let typed = store.read_query(&Query::types([EVENT_TYPE]), ReadAllOptions::forward()).await.unwrap();
+    assert_eq!(typed.len(), all.len(), "cycle {cycle}: every event has the type");
+    assert_eq!(store.read_category("crash", ReadAllOptions::forward()).await.unwrap().len(), all.len(), "cycle {cycle}: category");
+
+    // Idempotent retries of acknowledged appends (a sample) return what was acknowledged.
+    for k in 0..20 {
+        let Some(ack) = acked.get((cycle * 7919 + k * 104_729) % acked.len().max(1)) else { break };
+        let events = ack.ids.iter().map(|id| event(*id)).collect();
+        let again = store.append(&ack.stream, ExpectedVersion::Any, events).await
+            .unwrap_or_else(|e| panic!("cycle {cycle}: retry of {ack:?}: {e}"));
+        assert_eq!((again.next_version, again.position.0), (ack.next_version, ack.position), "cycle {cycle}: retry of {ack:?}");
+    }
 
     // The store takes a new append, and it reads back.
     let name = "crash-parent";
