@@ -554,7 +554,6 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
                 if !last {
                     let why = if why.starts_with("cannot open") && !idx::path_for(seg).exists() { "missing".to_string() } else { why };
                     report.rebuilt_indexes.push((idx::path_for(seg), why));
-                    to_write.push(i);
                 }
                 let mut mem = MemIndex::new(seg.base);
                 let mut after_snapshot = 0;
@@ -571,6 +570,12 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
                     newest_scan = scan;
                 }
                 index.parts.push(Part::Mem(Arc::new(mem)));
+                if !last {
+                    // Written at once (it is a cache, so this changes nothing the
+                    // checks below guard), so that a rebuild of many segments
+                    // holds one segment's memtable at a time.
+                    write_index_file(&mut index, seg, storage);
+                }
             }
         }
         head = if last { seg.base + newest_scan.valid_end } else { end };
