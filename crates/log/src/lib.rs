@@ -14,6 +14,7 @@ mod query;
 mod read;
 mod record;
 mod recovery;
+mod scrub;
 mod segment;
 mod snapshot;
 mod stats;
@@ -22,6 +23,7 @@ mod store;
 mod verify;
 mod writer;
 
+pub use scrub::ScrubOptions;
 pub use stats::Stats;
 pub use storage::{FaultyStorage, Op as FaultOp, OsStorage, Storage};
 pub use store::{EmbeddedStore, OpenReport, Options};

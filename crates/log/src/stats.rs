@@ -26,6 +26,16 @@ pub struct Stats {
     pub index_rebuilds: AtomicU64,
     /// Index files that could not be written (the segment stays indexed in memory).
     pub index_failures: AtomicU64,
+    /// Bytes of sealed segments the scrubber has checked.
+    pub scrub_bytes: AtomicU64,
+    /// Whole passes of the scrubber over every sealed segment.
+    pub scrub_passes: AtomicU64,
+    /// Damage the scrubber found (segments, and index files it then rebuilt).
+    pub scrub_errors: AtomicU64,
+    /// How far the current pass is, in thousandths.
+    pub scrub_progress_permille: AtomicU64,
+    /// What the scrubber found last, if anything.
+    pub scrub_last_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Stats {
@@ -69,11 +79,17 @@ impl Stats {
             ("index_files_written_total", "Index files written for sealed segments.", &self.index_files_written),
             ("index_rebuilds_total", "Index files found damaged while answering and rebuilt from their segment.", &self.index_rebuilds),
             ("index_failures_total", "Index files that could not be written (the segment stays indexed in memory).", &self.index_failures),
+            ("scrub_bytes_total", "Bytes of sealed segments the background scrubber has checked.", &self.scrub_bytes),
+            ("scrub_passes_total", "Whole passes of the scrubber over every sealed segment.", &self.scrub_passes),
+            ("scrub_errors_total", "Damage the scrubber found in sealed segments and index files.", &self.scrub_errors),
         ] {
             let _ = writeln!(out, "# HELP cairn_engine_{name} {help}");
             let _ = writeln!(out, "# TYPE cairn_engine_{name} counter");
             let _ = writeln!(out, "cairn_engine_{name} {}", get(v));
         }
+        let _ = writeln!(out, "# HELP cairn_engine_scrub_progress How far the scrubber's current pass is, from 0 to 1.");
+        let _ = writeln!(out, "# TYPE cairn_engine_scrub_progress gauge");
+        let _ = writeln!(out, "cairn_engine_scrub_progress {:.3}", get(&self.scrub_progress_permille) as f64 / 1000.0);
         out
     }
 }

@@ -46,6 +46,8 @@ pub struct Options {
     pub recovery_backoff_max: std::time::Duration,
     /// Where file operations go; a test puts a [`crate::FaultyStorage`] here.
     pub storage: Arc<dyn Storage>,
+    /// The background check of sealed segments and index files.
+    pub scrub: crate::scrub::ScrubOptions,
 }
 
 impl Default for Options {
@@ -60,6 +62,7 @@ impl Default for Options {
             checkpoint_interval: std::time::Duration::from_secs(1),
             recovery_backoff_max: std::time::Duration::from_secs(2),
             storage: crate::storage::os(),
+            scrub: crate::scrub::ScrubOptions::default(),
         }
     }
 }
@@ -222,6 +225,8 @@ impl Shared {
 struct CloseGuard {
     writer: Mutex<Option<JoinHandle<()>>>,
     indexer: Mutex<Option<JoinHandle<()>>>,
+    scrubber: Mutex<Option<JoinHandle<()>>>,
+    stop_scrub: Arc<std::sync::atomic::AtomicBool>,
     shared: Arc<Shared>,
     data_dir: PathBuf,
     _lock: File,
@@ -229,6 +234,11 @@ struct CloseGuard {
 
 impl Drop for CloseGuard {
     fn drop(&mut self) {
+        self.stop_scrub.store(true, Ordering::Release);
+        if let Some(handle) = self.scrubber.lock().unwrap().take() {
+            handle.thread().unpark();
+            let _ = handle.join();
+        }
         if let Some(handle) = self.writer.lock().unwrap().take() {
             // A writer waiting to retry a failed write notices the close at once.
             handle.thread().unpark();
@@ -303,7 +313,9 @@ impl EmbeddedStore {
             .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::io(dir, e))?;
         let writer_thread = handle.thread().clone();
-        let guard = CloseGuard { writer: Mutex::new(Some(handle)), indexer: Mutex::new(Some(indexer_handle)), shared: shared.clone(), data_dir: dir.to_path_buf(), _lock: lock };
+        let stop_scrub = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let scrubber = crate::scrub::spawn(shared.clone(), stop_scrub.clone()).map_err(|e| StoreError::io(dir, e))?;
+        let guard = CloseGuard { writer: Mutex::new(Some(handle)), indexer: Mutex::new(Some(indexer_handle)), scrubber: Mutex::new(scrubber), stop_scrub, shared: shared.clone(), data_dir: dir.to_path_buf(), _lock: lock };
         Ok(EmbeddedStore { shared, tx, writer_thread, _guard: Arc::new(guard), report: Arc::new(report) })
     }
 
