@@ -4,7 +4,7 @@
 //! its segment, and deleting them all changes nothing but speed.
 //!
 //! Layout (little-endian; docs/design.md has the table):
-//! - a 256-byte header: magic, version, the segment it belongs to (base,
+//! - a 512-byte header: magic, version, the segment it belongs to (base,
 //!   length and a CRC of its last 4 KiB, so a file from another log or an
 //!   older copy of the segment does not fit), counts, the eight sections'
 //!   offsets and lengths, and the block checksum table's place and CRC;
@@ -15,7 +15,9 @@
 //!   filter (10 bits per id) so that a new id costs no search;
 //! - terms (tags, event types, categories of user events): a directory like
 //!   the streams', pointing into an array of positions;
-//! - one CRC32C per 64 KiB block of everything after the header.
+//! - fences: the first key of every 128 directory entries and ids, read
+//!   into memory at open, so that a lookup touches one group of entries;
+//! - one CRC32C per 4 KiB block of everything after the header.
 //!
 //! Blocks are checked the first time a lookup touches them, so opening costs
 //! one header read per file, and nothing damaged is ever used.
@@ -35,10 +37,18 @@ compile_error!("index files are mapped as little-endian arrays");
 
 const MAGIC: &[u8; 8] = b"CAIRNSIX";
 pub const VERSION: u32 = 1;
-const HEADER: usize = 256;
-const BLOCK: usize = 64 * 1024;
+const HEADER: usize = 512;
+const BLOCK: usize = 4096;
 const TAIL: u64 = 4096;
-const SECTIONS: usize = 8;
+const SECTIONS: usize = 11;
+/// Where the header keeps the section table, the block table's place and CRC, and its own CRC.
+const AT_SECTIONS: usize = 96;
+const AT_TABLE: usize = AT_SECTIONS + SECTIONS * 16;
+const AT_TABLE_CRC: usize = AT_TABLE + 8;
+const AT_HEADER_CRC: usize = HEADER - 4;
+/// Directory and id entries per fence: the first key of every group of this
+/// many is kept in memory, so a lookup reads one group, not log2(n) pages.
+const FENCE: usize = 128;
 const S_STREAMS: usize = 0;
 const S_POSITIONS: usize = 1;
 const S_TIMESTAMPS: usize = 2;
@@ -47,6 +57,9 @@ const S_IDS: usize = 4;
 const S_BLOOM: usize = 5;
 const S_TERMS: usize = 6;
 const S_POSTINGS: usize = 7;
+const S_STREAM_FENCES: usize = 8;
+const S_TERM_FENCES: usize = 9;
+const S_ID_FENCES: usize = 10;
 
 /// What a term is: the first byte of its key in the term directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,6 +246,22 @@ fn encode(seg: &Segment, mem: &MemIndex) -> Vec<u8> {
     }
     mark(&mut buf, S_POSTINGS, start);
     let start = buf.len();
+    for (hash, _) in streams.iter().step_by(FENCE) {
+        buf.extend_from_slice(&hash.to_le_bytes());
+    }
+    mark(&mut buf, S_STREAM_FENCES, start);
+    let start = buf.len();
+    for (hash, _, _) in terms.iter().step_by(FENCE) {
+        buf.extend_from_slice(&hash.to_le_bytes());
+    }
+    mark(&mut buf, S_TERM_FENCES, start);
+    let start = buf.len();
+    for (id, _) in ids.iter().step_by(FENCE) {
+        buf.extend_from_slice(&(*id as u64).to_le_bytes());
+        buf.extend_from_slice(&((*id >> 64) as u64).to_le_bytes());
+    }
+    mark(&mut buf, S_ID_FENCES, start);
+    let start = buf.len();
     buf.extend_from_slice(&names);
     mark(&mut buf, S_NAMES, start);
     pad8(&mut buf);
@@ -258,9 +287,10 @@ fn encode(seg: &Segment, mem: &MemIndex) -> Vec<u8> {
         h.extend_from_slice(&off.to_le_bytes());
         h.extend_from_slice(&len.to_le_bytes());
     }
+    debug_assert_eq!(h.len(), AT_TABLE);
     h.extend_from_slice(&(table_off as u64).to_le_bytes());
     h.extend_from_slice(&crc32c::crc32c(&crcs).to_le_bytes());
-    debug_assert_eq!(h.len(), 236);
+    h.resize(AT_HEADER_CRC, 0);
     let crc = crc32c::crc32c(&h);
     h.extend_from_slice(&crc.to_le_bytes());
     buf[..h.len()].copy_from_slice(&h);
@@ -276,6 +306,11 @@ pub struct IdxFile {
     last_position: u64,
     v7: (u128, u128),
     sections: [(u64, u64); SECTIONS],
+    /// The first key of every [`FENCE`] entries of the stream and term
+    /// directories and of the ids.
+    stream_fences: Vec<u64>,
+    term_fences: Vec<u64>,
+    id_fences: Vec<u128>,
     crcs: Vec<u32>,
     /// One bit per block: checked already.
     checked: Vec<AtomicU64>,
@@ -312,7 +347,7 @@ impl IdxFile {
         if &h[..8] != MAGIC {
             return Err("bad magic bytes".into());
         }
-        if crc32c::crc32c(&h[..236]) != u32_at(h, 236) {
+        if crc32c::crc32c(&h[..AT_HEADER_CRC]) != u32_at(h, AT_HEADER_CRC) {
             return Err("header checksum mismatch".into());
         }
         if u32_at(h, 8) != VERSION {
@@ -323,15 +358,15 @@ impl IdxFile {
         }
         let mut sections = [(0u64, 0u64); SECTIONS];
         for (i, s) in sections.iter_mut().enumerate() {
-            *s = (u64_at(h, 96 + i * 16), u64_at(h, 104 + i * 16));
+            *s = (u64_at(h, AT_SECTIONS + i * 16), u64_at(h, AT_SECTIONS + 8 + i * 16));
         }
-        let table_off = u64_at(h, 224) as usize;
+        let table_off = u64_at(h, AT_TABLE) as usize;
         let blocks = (table_off.saturating_sub(HEADER)).div_ceil(BLOCK);
         if table_off < HEADER || !table_off.is_multiple_of(8) || map.len() != table_off + blocks * 4 {
             return Err("its length does not match its header".into());
         }
         let table = &map[table_off..];
-        if crc32c::crc32c(table) != u32_at(h, 232) {
+        if crc32c::crc32c(table) != u32_at(h, AT_TABLE_CRC) {
             return Err("block checksum table mismatch".into());
         }
         for (i, (off, len)) in sections.iter().enumerate() {
@@ -340,7 +375,7 @@ impl IdxFile {
                 return Err(format!("section {i} lies outside the file"));
             }
         }
-        let entries = [(S_STREAMS, 24), (S_IDS, 24), (S_TERMS, 24), (S_POSITIONS, 8), (S_TIMESTAMPS, 8), (S_POSTINGS, 8), (S_BLOOM, 32)];
+        let entries = [(S_STREAMS, 24), (S_IDS, 24), (S_TERMS, 24), (S_POSITIONS, 8), (S_TIMESTAMPS, 8), (S_POSTINGS, 8), (S_BLOOM, 32), (S_STREAM_FENCES, 8), (S_TERM_FENCES, 8), (S_ID_FENCES, 16)];
         if entries.iter().any(|(s, size)| sections[*s].1 % size != 0) || sections[S_BLOOM].1 == 0 {
             return Err("a section is not a whole number of entries".into());
         }
@@ -350,7 +385,29 @@ impl IdxFile {
         let crcs = table.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
         let checked = (0..blocks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
         let v7 = (u128::from_le_bytes(h[64..80].try_into().unwrap()), u128::from_le_bytes(h[80..96].try_into().unwrap()));
-        Ok(IdxFile { path, base: seg.base, events: u64_at(h, 40), last_position: u64_at(h, 48), v7, sections, crcs, checked, map })
+        let mut file = IdxFile { path, base: seg.base, events: u64_at(h, 40), last_position: u64_at(h, 48), v7, sections, crcs, checked, map,
+            stream_fences: Vec::new(), term_fences: Vec::new(), id_fences: Vec::new() };
+        let fences = |file: &IdxFile, s: usize, of: usize| -> Result<Vec<u64>, String> {
+            let n = file.count::<u64>(s);
+            if n != file.count::<Entry>(of).div_ceil(FENCE) {
+                return Err(format!("section {s} does not hold one fence per {FENCE} entries"));
+            }
+            file.slice::<u64>(s, 0, n).map(|f| f.to_vec()).map_err(|d| d.reason)
+        };
+        file.stream_fences = fences(&file, S_STREAM_FENCES, S_STREAMS)?;
+        file.term_fences = fences(&file, S_TERM_FENCES, S_TERMS)?;
+        let n = file.count::<[u64; 2]>(S_ID_FENCES);
+        if n != file.count::<IdEntry>(S_IDS).div_ceil(FENCE) {
+            return Err("the id fences do not match the ids".into());
+        }
+        file.id_fences = file.slice::<[u64; 2]>(S_ID_FENCES, 0, n).map_err(|d| d.reason)?.iter().map(|[lo, hi]| (*hi as u128) << 64 | *lo as u128).collect();
+        Ok(file)
+    }
+
+    /// The range of entries where a key can be, given the number of fences
+    /// below it and the number at or below it.
+    fn fenced(below: usize, at_or_below: usize, n: usize) -> (usize, usize) {
+        (below.saturating_sub(1) * FENCE, (at_or_below * FENCE).min(n))
     }
 
     pub fn base(&self) -> u64 {
@@ -436,7 +493,8 @@ impl IdxFile {
     fn find(&self, s: usize, key: &[u8]) -> Result<Option<Entry>, Damaged> {
         let hash = name_hash(key);
         let n = self.count::<Entry>(s);
-        let (mut lo, mut hi) = (0, n);
+        let fences = if s == S_STREAMS { &self.stream_fences } else { &self.term_fences };
+        let (mut lo, mut hi) = Self::fenced(fences.partition_point(|f| *f < hash), fences.partition_point(|f| *f <= hash), n);
         while lo < hi {
             let mid = (lo + hi) / 2;
             let e = self.slice::<Entry>(s, mid, 1)?[0];
@@ -473,7 +531,7 @@ impl IdxFile {
             return Ok(None);
         }
         let n = self.count::<IdEntry>(S_IDS);
-        let (mut lo, mut hi) = (0, n);
+        let (mut lo, mut hi) = Self::fenced(self.id_fences.partition_point(|f| *f < id), self.id_fences.partition_point(|f| *f <= id), n);
         while lo < hi {
             let mid = (lo + hi) / 2;
             let e = self.slice::<IdEntry>(S_IDS, mid, 1)?[0];

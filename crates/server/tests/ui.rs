@@ -61,8 +61,11 @@ impl Ui {
         };
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
-        let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() };
+        let embedded = EmbeddedStore::open(dir.path()).unwrap();
+        let engine = embedded.clone();
+        let engine_metrics: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || engine.stats().prometheus());
+        let store: Arc<dyn EventStore> = Arc::new(embedded);
+        let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), engine_metrics: Some(engine_metrics), ..Default::default() };
         let running = rt.block_on(async { cairn_server::start(store, config) }).unwrap();
         let url = running.url.clone();
         Some(Ui { browser, rt, running, url, _dir: dir })
@@ -91,6 +94,7 @@ fn events_appended_through_the_api_appear_in_the_page() {
 
     let streams = dom(browser, &format!("{url}/#/streams"));
     assert!(streams.contains("order-42") && streams.contains("payment-42") && streams.contains("3 streams"), "{streams}");
+    assert!(streams.contains("scrubbed: 0 passes, this one 0%, no damage"), "the header shows the scrubber: {streams}");
 
     let page = dom(browser, &format!("{url}/#/stream/order-42"));
     assert!(page.contains("OrderPlaced") && page.contains(r#""customer":"ada""#), "{page}");
