@@ -221,11 +221,15 @@ async fn pairs(full: &EmbeddedStore, empty: &EmbeddedStore, events: u64) -> Resu
     let (_, w4e) = w4_middle(empty, middle).await?;
     out.push(Pair("W4", "events_per_s", w4f, w4e, true));
     let d2f = d2_tag(full, tags(events)).await?;
+    // Again, the same tags: their pages are mapped now.
+    let d2wf = d2_tag(full, tags(events)).await?;
     // The same shape, small: 100 events of a tag among at most 1,000,000.
     let small = events.clamp(10_000, 1_000_000);
     fill(empty, small).await?;
     let d2e = d2_tag(empty, tags(small)).await?;
+    let d2we = d2_tag(empty, tags(small)).await?;
     out.push(Pair("D2", "ms", d2f, d2e, false));
+    out.push(Pair("D2warm", "ms", d2wf, d2we, false));
     Ok(out)
 }
 

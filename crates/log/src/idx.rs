@@ -401,6 +401,15 @@ impl IdxFile {
             return Err("the id fences do not match the ids".into());
         }
         file.id_fences = file.slice::<[u64; 2]>(S_ID_FENCES, 0, n).map_err(|d| d.reason)?.iter().map(|[lo, hi]| (*hi as u128) << 64 | *lo as u128).collect();
+        // Small directories are mapped in now (page tables, not memory of
+        // our own), so that a first lookup does not fault page by page.
+        // Best effort: older kernels do not know the advice.
+        for s in [S_STREAMS, S_TERMS, S_NAMES] {
+            let (off, len) = file.sections[s];
+            if len > 0 && len <= 1 << 20 {
+                let _ = file.map.advise_range(memmap2::Advice::PopulateRead, off as usize, len as usize);
+            }
+        }
         Ok(file)
     }
 
