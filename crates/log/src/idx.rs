@@ -561,6 +561,12 @@ impl IdxFile {
         }
     }
 
+    /// Every event id in the file with its position, in id order.
+    pub fn ids(&self) -> Result<impl Iterator<Item = (u128, u64)> + '_, Damaged> {
+        let all = self.slice::<IdEntry>(S_IDS, 0, self.count::<IdEntry>(S_IDS))?;
+        Ok(all.iter().map(|e| ((e.hi as u128) << 64 | e.lo as u128, e.position)))
+    }
+
     pub fn all_terms(&self, kind: Kind) -> Result<Vec<&[u64]>, Damaged> {
         let n = self.count::<Entry>(S_TERMS);
         let entries = self.slice::<Entry>(S_TERMS, 0, n)?;

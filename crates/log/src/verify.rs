@@ -5,8 +5,12 @@ use std::path::{Path, PathBuf};
 
 use cairn_core::StoreError;
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+
 use crate::idx::IdxFile;
-use crate::index::{FastMap, Index, MemIndex};
+use crate::index::{Index, MemIndex, Part};
 use crate::recovery::scan_segment;
 use crate::segment;
 
@@ -37,8 +41,9 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
     // An unfinished roll is left out here; the next open removes it.
     let (segments, _) = segment::open_chain(&log_dir, false, &crate::storage::OsStorage)?;
     let mut index = Index::default();
-    // Ids across segments: what keeps `verify` from running in bounded memory (issue 17).
-    let mut ids: FastMap<u128, u64> = FastMap::default();
+    // What holds each segment's ids once it is checked: its index file (ids
+    // sorted on disk), or, without one, its ids in memory.
+    let mut parts: Vec<Part> = Vec::with_capacity(segments.len());
     let mut report = VerifyReport { segments: segments.len(), ..Default::default() };
     let mut last_end = 0;
     for (i, seg) in segments.iter().enumerate() {
@@ -46,20 +51,21 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
         let mut mem = MemIndex::new(seg.base);
         let mut apply = |v: &crate::record::RecordView<'_>, p: u64| {
             index.apply_summary(v, p)?;
-            if ids.insert(v.id.as_u128(), p).is_some() {
-                return Err(crate::index::IndexError(format!("event id {} at position {p} was already used", v.id)));
-            }
             mem.apply(v, p)
         };
         let scan = scan_segment(seg, 0, 0, last, Some(&mut apply))?;
-        if !last && let Ok(file) = IdxFile::open(seg) {
-            // An index file that fits its segment must say what the segment says.
-            crate::idx::check_against(&file, &mem).map_err(|why| StoreError::Corrupt {
-                file: file.path().display().to_string(),
-                offset: 0,
-                reason: format!("{why}; it is only a cache: `cairn reindex` rebuilds it"),
-            })?;
-            report.index_files += 1;
+        match IdxFile::open(seg) {
+            Ok(file) if !last => {
+                // An index file that fits its segment must say what the segment says.
+                crate::idx::check_against(&file, &mem).map_err(|why| StoreError::Corrupt {
+                    file: file.path().display().to_string(),
+                    offset: 0,
+                    reason: format!("{why}; it is only a cache: `cairn reindex` rebuilds it"),
+                })?;
+                report.index_files += 1;
+                parts.push(Part::Disk(Arc::new(file)));
+            }
+            _ => parts.push(Part::Mem(Arc::new(MemIndex { base: seg.base, ids: mem.ids, ..Default::default() }))),
         }
         report.events += scan.events;
         report.bytes += scan.valid_end;
@@ -69,7 +75,10 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
         }
         progress(i + 1, segments.len());
     }
-    index.parts = vec![crate::index::Part::Mem(std::sync::Arc::new(MemIndex { ids, ..Default::default() }))];
+    // Ids are unique within each segment (the scan checks); across segments,
+    // a merge of the sorted ids finds any used twice.
+    check_unique_ids(&parts, &segments)?;
+    index.parts = parts;
     if let Some(m) = mark {
         let path = crate::checkpoint::path(dir);
         let (end_file, end_offset) = match (&report.torn_tail, segments.last()) {
@@ -83,4 +92,87 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
     }
     report.streams = index.streams.keys().filter(|s| !s.starts_with('$')).count();
     Ok(report)
+}
+
+/// Fails naming the second use of any event id used in two segments. Walks
+/// every part's ids in order at once, so it holds one id per segment.
+fn check_unique_ids(parts: &[Part], segments: &[segment::Segment]) -> Result<(), StoreError> {
+    let damaged = |d: crate::idx::Damaged| StoreError::Corrupt { file: d.file.display().to_string(), offset: d.offset, reason: d.reason };
+    let mut sources: Vec<Box<dyn Iterator<Item = (u128, u64)> + '_>> = Vec::with_capacity(parts.len());
+    for part in parts {
+        sources.push(match part {
+            Part::Disk(file) => Box::new(file.ids().map_err(damaged)?),
+            Part::Mem(mem) => {
+                let mut ids: Vec<(u128, u64)> = mem.ids.iter().map(|(id, p)| (*id, *p)).collect();
+                ids.sort_unstable();
+                Box::new(ids.into_iter())
+            }
+        });
+    }
+    let mut heap = BinaryHeap::new();
+    for (i, s) in sources.iter_mut().enumerate() {
+        if let Some((id, p)) = s.next() {
+            heap.push(Reverse((id, p, i)));
+        }
+    }
+    let mut last: Option<(u128, u64)> = None;
+    while let Some(Reverse((id, p, i))) = heap.pop() {
+        if let Some((_, first)) = last.filter(|(prev, _)| *prev == id) {
+            let (later, earlier) = (p.max(first), p.min(first));
+            let seg = segments.iter().rev().find(|s| s.base <= later).expect("positions lie in segments");
+            return Err(StoreError::Corrupt {
+                file: seg.path.display().to_string(),
+                offset: later - seg.base,
+                reason: format!("event id {} at position {later} was already used at position {earlier}", uuid::Uuid::from_u128(id)),
+            });
+        }
+        last = Some((id, p));
+        if let Some((id, p)) = sources[i].next() {
+            heap.push(Reverse((id, p, i)));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use cairn_core::{NewEvent, Timestamp};
+
+    use super::*;
+    use crate::segment::{Segment, SEGMENT_HEADER_BYTES};
+    use crate::storage::{OsStorage, Storage};
+
+    /// Writes a segment at `base` holding one event of `stream` with `event`'s id.
+    fn segment(log: &Path, base: u64, stream: &str, event: &NewEvent, spare: u64) -> u64 {
+        let mut buf = Vec::new();
+        crate::record::encode(&mut buf, stream, 1, Timestamp(base as i64), event, true);
+        let len = SEGMENT_HEADER_BYTES + buf.len() as u64;
+        let seg = Segment::create(log, base, len + spare, &OsStorage).unwrap();
+        OsStorage.write_at(&seg.file, &buf, SEGMENT_HEADER_BYTES).unwrap();
+        base + len
+    }
+
+    #[test]
+    fn an_id_used_in_two_segments_is_corruption_with_or_without_index_files() {
+        for with_index_file in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let log = dir.path().join("log");
+            std::fs::create_dir(&log).unwrap();
+            let event = NewEvent::json("Opened", &1).unwrap();
+            let next = segment(&log, 0, "a", &event, 0);
+            let end = segment(&log, next, "b", &event, 4096);
+            if with_index_file {
+                let seg = Segment::open(&log.join(Segment::file_name(0)), false, &OsStorage).unwrap();
+                crate::idx::write(&seg, &crate::indexer::scan_into_mem(&seg).unwrap(), &OsStorage).unwrap();
+            }
+            match verify(dir.path(), |_, _| {}) {
+                Err(StoreError::Corrupt { file, offset, reason }) => {
+                    assert!(file.ends_with(&Segment::file_name(next)), "{file}");
+                    assert_eq!(offset, SEGMENT_HEADER_BYTES);
+                    assert!(reason.contains(&event.id.to_string()) && reason.contains("already used at position"), "{reason}");
+                }
+                other => panic!("with_index_file={with_index_file}: {other:?} (log ends at {end})"),
+            }
+        }
+    }
 }
