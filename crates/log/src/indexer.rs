@@ -60,6 +60,8 @@ pub fn install(shared: &Shared, seg: &Segment, mem: &MemIndex) -> Result<(), Sto
 /// Builds a sealed segment's memtable from its records.
 pub fn scan_into_mem(seg: &Segment) -> Result<MemIndex, StoreError> {
     let mut mem = MemIndex::new(seg.base);
+    // A guess at the number of events (records of ~200 bytes), to spare the rehashing.
+    mem.ids.reserve((seg.capacity() / 256) as usize);
     scan_segment(seg, SEGMENT_HEADER_BYTES, 0, false, Some(&mut |v, p| mem.apply(v, p)))?;
     Ok(mem)
 }

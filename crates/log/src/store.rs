@@ -546,14 +546,39 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
     let mut newest_scan = SegmentScan::default();
     let mut head = 0;
     let mut to_write: Vec<usize> = Vec::new();
+    // Sealed segments without a usable index file are rebuilt first, on
+    // every core; each worker holds one segment's memtable at a time, and a
+    // damaged segment fails here, naming itself.
+    let mut files: Vec<Option<IdxFile>> = Vec::with_capacity(count);
+    let mut missing = Vec::new();
+    for (i, seg) in opened.iter().enumerate() {
+        if i + 1 == count {
+            files.push(None);
+            continue;
+        }
+        match IdxFile::open(seg) {
+            Ok(file) => {
+                report.index_files += 1;
+                files.push(Some(file));
+            }
+            Err(why) => {
+                let why = if why.starts_with("cannot open") && !idx::path_for(seg).exists() { "missing".to_string() } else { why };
+                report.rebuilt_indexes.push((idx::path_for(seg), why));
+                missing.push(i);
+                files.push(None);
+            }
+        }
+    }
+    rebuild_index_files(&opened, &missing, storage)?;
+    for &i in &missing {
+        files[i] = IdxFile::open(&opened[i]).ok();
+    }
     for (i, seg) in opened.iter().enumerate() {
         let last = i + 1 == count;
         let end = seg.base + seg.capacity();
-        let file = if last { Err(String::new()) } else { IdxFile::open(seg) };
         let needs_summaries = end > summaries_from;
-        match file {
-            Ok(file) => {
-                report.index_files += 1;
+        match files[i].take() {
+            Some(file) => {
                 if needs_summaries || options.verify_on_open {
                     let apply_from = summaries_from.saturating_sub(seg.base).max(SEGMENT_HEADER_BYTES);
                     let from = if options.verify_on_open { SEGMENT_HEADER_BYTES } else { apply_from };
@@ -562,11 +587,7 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
                 }
                 index.parts.push(Part::Disk(Arc::new(file)));
             }
-            Err(why) => {
-                if !last {
-                    let why = if why.starts_with("cannot open") && !idx::path_for(seg).exists() { "missing".to_string() } else { why };
-                    report.rebuilt_indexes.push((idx::path_for(seg), why));
-                }
+            None => {
                 let mut mem = MemIndex::new(seg.base);
                 let mut after_snapshot = 0;
                 let mut apply = |v: &record::RecordView<'_>, p: u64| {
@@ -647,6 +668,35 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
     report.segments = segments.len();
     report.events = index.events;
     Ok(Recovered { segments, index, head, report, mark, last_id })
+}
+
+/// Rebuilds the index files of the sealed segments `which` from their
+/// records, in parallel. A damaged segment is an error (the lowest one is
+/// named); a file that cannot be written is only reported: open then keeps
+/// that segment's memtable.
+fn rebuild_index_files(segments: &[Segment], which: &[usize], storage: &dyn crate::storage::Storage) -> Result<(), StoreError> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(which.len()).min(4);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let damaged: Mutex<Vec<(usize, StoreError)>> = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let Some(&i) = which.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
+                let seg = &segments[i];
+                match indexer::scan_into_mem(seg) {
+                    Ok(mem) => {
+                        if let Err(e) = idx::write(seg, &mem, storage) {
+                            eprintln!("cairn: could not write an index file ({e}); the segment stays indexed in memory");
+                        }
+                    }
+                    Err(e) => damaged.lock().unwrap().push((i, e)),
+                }
+            });
+        }
+    });
+    let mut damaged = damaged.into_inner().unwrap();
+    damaged.sort_by_key(|(i, _)| *i);
+    damaged.into_iter().next().map_or(Ok(()), |(_, e)| Err(e))
 }
 
 /// Writes the index file of a sealed segment whose part is a memtable and
