@@ -83,6 +83,7 @@ pub fn hint(e: &StoreError) -> Option<&'static str> {
         StoreError::WrongExpectedVersion { .. } => "read the stream again (`cairn read STREAM`) and retry with its current version, or use --expected-version any",
         StoreError::StreamNotFound { .. } => "list the streams with `cairn streams`",
         StoreError::StreamDeleted { .. } => "a tombstoned stream's name cannot be reused; write to a new stream",
+        StoreError::Corrupt { file, .. } if file.ends_with(".idx") => "index files are caches of their segment: `cairn reindex` rebuilds them (or delete the file: the next open rebuilds it); no event is lost",
         StoreError::Corrupt { .. } => "run `cairn verify` for a full report; restore the named file from a backup",
         StoreError::InvalidStreamName { .. } => "stream names are 1 to 256 bytes and may not start with '$'",
         StoreError::AppendConditionFailed { .. } => "events the decision did not see match its query; read them again (`cairn query --tag ...`), decide again, and retry with the new position",

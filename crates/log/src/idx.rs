@@ -581,32 +581,32 @@ impl IdxFile {
 }
 
 /// Whether `file` says exactly what `mem` (built from its segment) says;
-/// `Err` names the first difference. Checks every block on the way.
-pub fn check_against(file: &IdxFile, mem: &MemIndex) -> Result<(), String> {
-    let damaged = |d: Damaged| format!("{} at offset {}", d.reason, d.offset);
+/// `Err` gives the offset (0 if none) and the first difference. Checks every block on the way.
+pub fn check_against(file: &IdxFile, mem: &MemIndex) -> Result<(), (u64, String)> {
+    let damaged = |d: Damaged| (d.offset, d.reason);
     file.check_all().map_err(damaged)?;
     if file.events() != mem.events || file.count::<IdEntry>(S_IDS) != mem.ids.len() || file.count::<Entry>(S_STREAMS) != mem.streams.len() {
-        return Err(format!("it counts {} event(s), its segment holds {}", file.events(), mem.events));
+        return Err((0, format!("it counts {} event(s), its segment holds {}", file.events(), mem.events)));
     }
     for (name, run) in &mem.streams {
         match file.stream(name).map_err(damaged)? {
             Some((p, t)) if p == run.positions.as_slice() && t == run.timestamps.as_slice() => {}
-            _ => return Err(format!("its events of stream '{name}' differ from the segment's")),
+            _ => return Err((0, format!("its events of stream '{name}' differ from the segment's"))),
         }
     }
     for (id, position) in &mem.ids {
         if file.id(*id).map_err(damaged)? != Some(*position) {
-            return Err(format!("it does not map event {} to position {position}", uuid::Uuid::from_u128(*id)));
+            return Err((0, format!("it does not map event {} to position {position}", uuid::Uuid::from_u128(*id))));
         }
     }
     let terms = mem.tags.len() + mem.types.len() + mem.categories.len();
     if file.count::<Entry>(S_TERMS) != terms {
-        return Err(format!("it holds {} tag, type and category lists, its segment {terms}", file.count::<Entry>(S_TERMS)));
+        return Err((0, format!("it holds {} tag, type and category lists, its segment {terms}", file.count::<Entry>(S_TERMS))));
     }
     for (kind, map) in [(Kind::Tag, &mem.tags), (Kind::Type, &mem.types), (Kind::Category, &mem.categories)] {
         for (name, list) in map {
             if file.term(kind, name).map_err(damaged)? != list.as_slice() {
-                return Err(format!("its positions of {kind:?} '{name}' differ from the segment's"));
+                return Err((0, format!("its positions of {kind:?} '{name}' differ from the segment's")));
             }
         }
     }

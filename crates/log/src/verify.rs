@@ -57,9 +57,9 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
         match IdxFile::open(seg) {
             Ok(file) if !last => {
                 // An index file that fits its segment must say what the segment says.
-                crate::idx::check_against(&file, &mem).map_err(|why| StoreError::Corrupt {
+                crate::idx::check_against(&file, &mem).map_err(|(offset, why)| StoreError::Corrupt {
                     file: file.path().display().to_string(),
-                    offset: 0,
+                    offset,
                     reason: format!("{why}; it is only a cache: `cairn reindex` rebuilds it"),
                 })?;
                 report.index_files += 1;
