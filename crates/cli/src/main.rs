@@ -106,11 +106,11 @@ enum Command {
     Metadata(commands::MetadataArgs),
     /// Delete a stream: soft (the name can be reused) or --hard (tombstone, for good).
     Delete(commands::DeleteArgs),
-    /// Check every record's checksum and every stream's version sequence.
+    /// Check every record's checksum, every stream's version sequence and every index file, and that no acknowledged event is missing.
     Verify,
     /// Count stored events per type and schema version (to know when an upcaster can go).
     Census,
-    /// Rebuild the index (streams, ids, tags, event types) from the log.
+    /// Rebuild the index files and stream summaries from the log (they are caches; no event changes).
     Reindex,
     /// Projections kept in SQLite read model files: status and lag as a table; pause, resume, reset.
     Projections(operate::ProjectionsArgs),
