@@ -28,7 +28,20 @@ pub fn spawn(shared: Arc<Shared>, data_dir: std::path::PathBuf) -> std::io::Resu
     Ok((tx, handle))
 }
 
+/// Lowers the calling thread's CPU priority (nice 10), so that appends and
+/// reads win the cores over background index work. Best effort.
+pub fn background_priority() {
+    // SAFETY: plain system calls on the calling thread; on Linux the nice
+    // value is per thread, and a failure only leaves the priority as it was.
+    #[cfg(target_os = "linux")]
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
 fn run(shared: &Shared, data_dir: &std::path::Path, rx: Receiver<Job>) {
+    background_priority();
     // Ends when every sender is gone: the store is closing.
     while let Ok(job) = rx.recv() {
         let done = match job {

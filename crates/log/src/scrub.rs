@@ -52,6 +52,7 @@ fn rest(stop: &AtomicBool, d: Duration) -> bool {
 }
 
 fn run(shared: &Shared, stop: &AtomicBool) {
+    indexer::background_priority();
     let options = shared.options.scrub.clone();
     while rest(stop, options.pause) {
         let sealed: Vec<_> = {

@@ -582,7 +582,12 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
                 if needs_summaries || options.verify_on_open {
                     let apply_from = summaries_from.saturating_sub(seg.base).max(SEGMENT_HEADER_BYTES);
                     let from = if options.verify_on_open { SEGMENT_HEADER_BYTES } else { apply_from };
-                    let scan = scan_segment(seg, from, apply_from, false, Some(&mut |v, p| index.apply_summary(v, p)))?;
+                    let mut apply = |v: &record::RecordView<'_>, p: u64| index.apply_summary(v, p);
+                    let scan = if missing.contains(&i) && !options.verify_on_open {
+                        crate::recovery::scan_checked_segment(seg, apply_from, apply_from, Some(&mut apply))?
+                    } else {
+                        scan_segment(seg, from, apply_from, false, Some(&mut apply))?
+                    };
                     report.scanned_events += scan.events;
                 }
                 index.parts.push(Part::Disk(Arc::new(file)));
