@@ -47,8 +47,13 @@ impl Context {
         if let Some((file, offset)) = &report.truncated_at {
             eprintln!("note: recovery cut a torn tail of {} bytes in {} at offset {offset} (an append that was never acknowledged)", report.truncated_bytes, file.display());
         }
-        for (file, why) in &report.rebuilt_indexes {
-            eprintln!("note: rebuilt index file {} from its segment ({why}); it is a cache, nothing was lost", file.display());
+        match report.rebuilt_indexes.as_slice() {
+            [] => {}
+            [(file, why)] => eprintln!("note: rebuilt index file {} from its segment ({why}); it is a cache, nothing was lost", file.display()),
+            [(_, why), ..] => eprintln!(
+                "note: rebuilt {} index files from their segments (the first: {why}); they are caches, nothing was lost",
+                report.rebuilt_indexes.len()
+            ),
         }
         Ok(store)
     }
