@@ -39,7 +39,9 @@ pub struct BenchArgs {
     /// S1: events to fill the store with [default: 100000000, ~17 GB of disk].
     #[arg(long, value_name = "N")]
     pub events: Option<u64>,
-    /// S1: fill this (new) directory and keep the store there afterwards.
+    /// S1: fill this directory and keep the store there afterwards; a store
+    /// already there (filled by S1 with the same --events) is measured again
+    /// without a new fill.
     #[arg(long, value_name = "DIR")]
     pub keep: Option<std::path::PathBuf>,
 }
@@ -90,6 +92,7 @@ async fn open_accounts(repo: &Repository<bank::Account>, prefix: &str, accounts:
 
 /// The store under test. Engine counters (fsyncs, bytes) exist only for
 /// the embedded engine.
+#[derive(Clone)]
 pub struct Target {
     pub store: Arc<dyn EventStore>,
     pub backend: &'static str,

@@ -5,7 +5,9 @@
 //! appending, anonymous memory after open, and the everyday workloads on
 //! the full store next to the same workloads on an empty one
 //! (`ratio_vs_empty`, 1.0 = no slower). `--events` sets the size (default
-//! 100,000,000: ~17 GB of disk), `--keep DIR` keeps the store.
+//! 100,000,000: ~22 GB of disk), `--keep DIR` keeps the store, and a kept
+//! store is measured again without a new fill. The short workloads run
+//! three times, full and empty in turn, and each figure is the median.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +25,8 @@ const BATCH: u64 = 1_000;
 /// Events per tag: one event in 100 carries a tag, each tag on this many.
 const PER_TAG: u64 = 100;
 const WRITERS: u64 = 16;
+/// Rounds of each short workload, full and empty in turn.
+const ROUNDS: usize = 3;
 
 /// The hidden child roles S1 starts itself.
 pub const CHILD_OPEN: &str = "S1-open";
@@ -196,24 +200,39 @@ impl Pair {
     }
 }
 
+/// Runs `w` on the full and the empty store in turn, `ROUNDS` times; the
+/// median line of each, by `key` (short workloads vary from run to run).
+async fn median_pair<F, Fut>(f: &Target, e: &Target, key: &str, w: F) -> Result<(f64, f64)>
+where
+    F: Fn(Target, String) -> Fut,
+    Fut: std::future::Future<Output = Result<String>>,
+{
+    let (mut full, mut empty) = (Vec::new(), Vec::new());
+    // Each round writes new streams: `prefix` names them.
+    for round in 0..ROUNDS {
+        full.push(field(&w(f.clone(), format!("r{round}")).await?, key).unwrap_or(0.0));
+        empty.push(field(&w(e.clone(), format!("r{round}")).await?, key).unwrap_or(0.0));
+    }
+    Ok((median(full), median(empty)))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// The workloads on `full` (filled with `events`) and on `empty`, each pair back to back.
 async fn pairs(full: &EmbeddedStore, empty: &EmbeddedStore, events: u64) -> Result<Vec<Pair>> {
     let (f, e) = (target(full), target(empty));
     let mut out = Vec::new();
-    let per_s = |l: &str| field(l, "events_per_s").unwrap_or(0.0);
-    let w1f = crate::bench::w1(&f, "s1w1", 1, 5_000, 0).await?;
-    let w1e = crate::bench::w1(&e, "s1w1", 1, 5_000, 0).await?;
-    out.push(Pair("W1", "events_per_s", per_s(&w1f), per_s(&w1e), true));
-    let w1cf = crate::bench::w1(&f, "s1w1c", 16, 20_000, 0).await?;
-    let w1ce = crate::bench::w1(&e, "s1w1c", 16, 20_000, 0).await?;
-    out.push(Pair("W1c", "events_per_s", per_s(&w1cf), per_s(&w1ce), true));
-    let w2f = crate::bench::w2(&f, 100_000, 16).await?;
-    let w2e = crate::bench::w2(&e, 100_000, 16).await?;
-    out.push(Pair("W2", "events_per_s", per_s(&w2f), per_s(&w2e), true));
-    let w3f = crate::bench::w3(&f, 10_000).await?;
-    let w3e = crate::bench::w3(&e, 10_000).await?;
-    let read_ms = |l: &str| field(l, "read_ms").unwrap_or(f64::MAX);
-    out.push(Pair("W3", "read_ms", read_ms(&w3f), read_ms(&w3e), false));
+    let (a, b) = median_pair(&f, &e, "events_per_s", |t, r| async move { crate::bench::w1(&t, &format!("s1w1{r}"), 1, 5_000, 0).await }).await?;
+    out.push(Pair("W1", "events_per_s", a, b, true));
+    let (a, b) = median_pair(&f, &e, "events_per_s", |t, r| async move { crate::bench::w1(&t, &format!("s1w1c{r}"), 16, 20_000, 0).await }).await?;
+    out.push(Pair("W1c", "events_per_s", a, b, true));
+    let (a, b) = median_pair(&f, &e, "events_per_s", |t, _| async move { crate::bench::w2(&t, 100_000, 16).await }).await?;
+    out.push(Pair("W2", "events_per_s", a, b, true));
+    let (a, b) = median_pair(&f, &e, "read_ms", |t, _| async move { crate::bench::w3(&t, 10_000).await }).await?;
+    out.push(Pair("W3", "read_ms", a, b, false));
     let middle = 1_000_000.min(events / 2).max(1);
     let (_, w4f) = w4_middle(full, middle).await?;
     // The empty store gets the same number of events to read, written first.
@@ -239,14 +258,20 @@ pub async fn s1(events: u64, keep: Option<&Path>, tmp: &Path) -> Result<String> 
         Some(d) => d.to_path_buf(),
         None => tmp.join("s1"),
     };
-    if dir.join("log").exists() {
-        bail!("{} already holds a store; S1 fills a fresh one (give --keep a new directory)", dir.display());
-    }
+    let reused = dir.join("log").exists();
     let mut lines = Vec::new();
     let store = EmbeddedStore::open(&dir)?;
-    let secs = fill(&store, events).await?;
-    let log_bytes = store.head_position().await?.0;
-    lines.push(format!("bench S1 figure=fill events={events} secs={secs:.1} events_per_s={:.0} log_bytes={log_bytes} rss_anon_kib_after_fill={}", events as f64 / secs, rss_anon_kib()));
+    if reused {
+        let held = store.stats().events_written.load(std::sync::atomic::Ordering::Relaxed);
+        if held < events {
+            bail!("{} holds {held} events, fewer than --events {events}: give the --events it was filled with, or a new directory", dir.display());
+        }
+        lines.push(format!("bench S1 figure=fill reused={} events_in_store={held} log_bytes={}", dir.display(), store.head_position().await?.0));
+    } else {
+        let secs = fill(&store, events).await?;
+        let log_bytes = store.head_position().await?.0;
+        lines.push(format!("bench S1 figure=fill events={events} secs={secs:.1} events_per_s={:.0} log_bytes={log_bytes} rss_anon_kib_after_fill={}", events as f64 / secs, rss_anon_kib()));
+    }
     let t0 = Instant::now();
     drop(store);
     lines.push(format!("bench S1 figure=close secs={:.3}", t0.elapsed().as_secs_f64()));
