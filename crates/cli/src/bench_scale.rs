@@ -208,10 +208,11 @@ where
     Fut: std::future::Future<Output = Result<String>>,
 {
     let (mut full, mut empty) = (Vec::new(), Vec::new());
-    // Each round writes new streams: `prefix` names them.
+    // Each round writes new streams (a kept store is measured more than once).
+    let run = uuid::Uuid::now_v7().simple().to_string();
     for round in 0..ROUNDS {
-        full.push(field(&w(f.clone(), format!("r{round}")).await?, key).unwrap_or(0.0));
-        empty.push(field(&w(e.clone(), format!("r{round}")).await?, key).unwrap_or(0.0));
+        full.push(field(&w(f.clone(), format!("{}r{round}", &run[..12])).await?, key).unwrap_or(0.0));
+        empty.push(field(&w(e.clone(), format!("{}r{round}", &run[..12])).await?, key).unwrap_or(0.0));
     }
     Ok((median(full), median(empty)))
 }

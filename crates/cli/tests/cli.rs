@@ -326,8 +326,9 @@ fn operators_see_and_steer_the_read_side_of_a_kept_demo() {
 }
 
 #[test]
-fn serve_answers_the_cli_over_url_and_stops_on_sigterm() {
+fn serve_answers_the_cli_over_url_and_stops_on_sigterm_even_with_requests_held_open() {
     use std::io::{BufRead, BufReader};
+    use std::time::Duration;
     let dir = tempfile::tempdir().unwrap();
     let refused = cairn(dir.path(), &["serve", "--listen", "0.0.0.0:8720"]);
     assert!(!refused.status.success() && stderr(&refused).contains("without authentication"), "{}", stderr(&refused));
@@ -352,12 +353,45 @@ fn serve_answers_the_cli_over_url_and_stops_on_sigterm() {
     let verify = remote(&["verify"]);
     assert!(!verify.status.success() && stderr(&verify).contains("not through a server"), "{}", stderr(&verify));
 
+    // Two clients that never finish: half a request head, and a body that
+    // trickles a byte every 200 ms (no read timeout ever fires for it). The
+    // stop must not wait for them past its grace (10 s).
+    let addr = url.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let mut half_head = std::net::TcpStream::connect(&addr).unwrap();
+    half_head.write_all(b"POST /streams/order-2 HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let trickling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let trickler = {
+        let (addr, trickling) = (addr.clone(), trickling.clone());
+        std::thread::spawn(move || {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.write_all(b"POST /streams/order-3 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{").unwrap();
+            while trickling.load(std::sync::atomic::Ordering::Relaxed) && s.write_all(b" ").is_ok() {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
     Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
-    let status = server.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = server.kill();
+            panic!("SIGTERM did not stop the server within 60 s while two clients held requests open");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    trickling.store(false, std::sync::atomic::Ordering::Relaxed);
+    trickler.join().unwrap();
+    drop(half_head);
     assert!(status.success(), "a graceful stop exits 0: {status:?}");
-    // What it acknowledged is in the data directory.
+    // What it acknowledged is in the data directory; the unfinished appends wrote nothing.
     let local = cairn(dir.path(), &["--json", "read", "order-1"]);
     assert!(stdout(&local).contains("OrderPlaced"), "{}", stdout(&local));
+    let streams = stdout(&cairn(dir.path(), &["streams"]));
+    assert!(!streams.contains("order-2") && !streams.contains("order-3"), "{streams}");
 }
 
 #[test]

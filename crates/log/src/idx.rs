@@ -118,7 +118,7 @@ fn term_key(kind: Kind, name: &str) -> Vec<u8> {
 
 /// Whether `id` is a UUIDv7, whose leading bits are its time: fresh ids are
 /// then above every id of an old segment, and the range check skips it.
-fn is_v7(id: u128) -> bool {
+pub(crate) fn is_v7(id: u128) -> bool {
     (id >> 76) & 0xf == 7
 }
 
@@ -527,6 +527,11 @@ impl IdxFile {
         let positions = self.slice::<u64>(S_POSITIONS, e.first as usize, e.count as usize)?;
         let timestamps = self.slice::<i64>(S_TIMESTAMPS, e.first as usize, e.count as usize)?;
         Ok(Some((positions, timestamps)))
+    }
+
+    /// The largest UUIDv7 among the file's ids (0 if none).
+    pub fn v7_max(&self) -> u128 {
+        self.v7.1
     }
 
     pub fn id(&self, id: u128) -> Result<Option<u64>, Damaged> {

@@ -184,6 +184,14 @@ impl Part {
         }
     }
 
+    /// No UUIDv7 id of this part is above this (a memtable: unbounded).
+    fn v7_max(&self) -> u128 {
+        match self {
+            Part::Mem(_) => u128::MAX,
+            Part::Disk(f) => f.v7_max(),
+        }
+    }
+
     pub fn id(&self, id: u128) -> Result<Option<u64>, Damaged> {
         match self {
             Part::Mem(m) => Ok(m.ids.get(&id).copied()),
@@ -260,6 +268,11 @@ pub struct Index {
     pub streams: FastMap<String, StreamEntry>,
     /// One per segment, in log order; the last is the active segment's memtable.
     pub parts: Vec<Part>,
+    /// `v7_upto[i]`: the largest UUIDv7 id of `parts[..=i]`, so that a new
+    /// time-ordered id, above every old segment's, is checked against the
+    /// newest parts only, however many there are. Kept by [`Index::parts_changed`];
+    /// while its length differs from `parts`', every part is checked.
+    v7_upto: Vec<u128>,
     pub events: u64,
 }
 
@@ -275,7 +288,9 @@ pub fn damaged_error(d: &Damaged) -> StoreError {
 impl Index {
     /// An index whose only part is the memtable of the segment at `base`.
     pub fn new(base: u64) -> Self {
-        Index { parts: vec![Part::Mem(Arc::new(MemIndex::new(base)))], ..Default::default() }
+        let mut index = Index { parts: vec![Part::Mem(Arc::new(MemIndex::new(base)))], ..Default::default() };
+        index.parts_changed();
+        index
     }
 
     /// Version and state a new append to `stream` sees.
@@ -343,7 +358,17 @@ impl Index {
             _ => None,
         };
         self.parts.push(Part::Mem(Arc::new(MemIndex::new(base))));
+        self.parts_changed();
         sealed
+    }
+
+    /// Call after changing `parts`: recomputes what id lookups skip by.
+    pub fn parts_changed(&mut self) {
+        let mut upto = 0u128;
+        self.v7_upto = self.parts.iter().map(|p| {
+            upto = upto.max(p.v7_max());
+            upto
+        }).collect();
     }
 
     /// Puts `part` in place of the part of the segment at its base.
@@ -352,13 +377,18 @@ impl Index {
         if let Some(slot) = self.parts.iter_mut().find(|p| p.base() == base) {
             *slot = part;
         }
+        self.parts_changed();
     }
 
     /// The position of the event with this id, if the log holds it.
     pub fn id(&self, id: u128) -> Result<Option<u64>, StoreError> {
-        for part in self.parts.iter().rev() {
+        let skip = crate::idx::is_v7(id) && self.v7_upto.len() == self.parts.len();
+        for (i, part) in self.parts.iter().enumerate().rev() {
             if let Some(p) = part.id(id).map_err(|d| damaged_error(&d))? {
                 return Ok(Some(p));
+            }
+            if skip && i > 0 && id > self.v7_upto[i - 1] {
+                break;
             }
         }
         Ok(None)

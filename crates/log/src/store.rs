@@ -618,6 +618,7 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
         }
         head = if last { seg.base + newest_scan.valid_end } else { end };
     }
+    index.parts_changed();
     let last_id = last_event(&opened, head).map_or(0, |(id, _)| id);
     let mut segments: Vec<Segment> = opened;
     let newest = segments.pop().expect("not empty");

@@ -79,6 +79,7 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
     // a merge of the sorted ids finds any used twice.
     check_unique_ids(&parts, &segments)?;
     index.parts = parts;
+    index.parts_changed();
     if let Some(m) = mark {
         let path = crate::checkpoint::path(dir);
         let (end_file, end_offset) = match (&report.torn_tail, segments.last()) {

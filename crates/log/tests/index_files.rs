@@ -233,3 +233,48 @@ async fn the_scrubber_finds_damage_in_sealed_segments_and_rebuilds_damaged_index
     std::os::unix::fs::FileExt::write_all_at(&f, &byte, 200).unwrap();
     assert_eq!(answers(&store).await, live, "nothing else changed");
 }
+
+/// A new time-ordered id is checked against the newest parts only (old
+/// segments' ids are all below it), so ids out of time order must still be
+/// found wherever they are: one from a clock far ahead and one from far
+/// back, both in old segments, and one from the middle of the log.
+#[tokio::test]
+async fn ids_out_of_time_order_in_old_segments_are_still_found_by_a_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let v7_at = |ms: u64, r: u8| uuid::Builder::from_unix_timestamp_millis(ms, &[r; 10]).into_uuid();
+    let ahead = v7_at(4_102_444_800_000, 1); // 2100
+    let behind = v7_at(1_000, 2); // 1970
+    let event = |id: uuid::Uuid, n: u64| NewEvent::json("Deposited", &serde_json::json!({ "amount": n })).unwrap().with_id(id);
+    let store = EmbeddedStore::open_with(dir.path(), options()).unwrap();
+    let first = store.append("early", ExpectedVersion::Any, vec![event(ahead, 1), event(behind, 2)]).await.unwrap();
+    let mut middle = None;
+    for i in 0..600u64 {
+        let id = uuid::Uuid::now_v7();
+        let r = store.append(&format!("acct-{}", i % 6), ExpectedVersion::Any, vec![event(id, i)]).await.unwrap();
+        if i == 300 {
+            middle = Some((id, i, r));
+        }
+    }
+    let (mid_id, mid_n, mid_result) = middle.unwrap();
+    assert!(index_files(dir.path()).len() >= 5, "the test needs many sealed segments");
+    let mut first_store = Some(store);
+    for reopen in [false, true] {
+        let store = match first_store.take() {
+            Some(store) => store,
+            None => EmbeddedStore::open_with(dir.path(), options()).unwrap(),
+        };
+        let head = store.head_position().await.unwrap();
+        // Identical retries give the first result and write nothing.
+        let again = store.append("early", ExpectedVersion::Any, vec![event(ahead, 1), event(behind, 2)]).await.unwrap();
+        assert_eq!(again, first, "reopened: {reopen}");
+        let again = store.append(&format!("acct-{}", mid_n % 6), ExpectedVersion::Any, vec![event(mid_id, mid_n)]).await.unwrap();
+        assert_eq!(again, mid_result, "reopened: {reopen}");
+        // The same ids with other content are refused, each of them.
+        for id in [ahead, behind, mid_id] {
+            let refused = store.append("other", ExpectedVersion::Any, vec![event(id, 999)]).await;
+            assert!(matches!(refused, Err(StoreError::IdempotencyConflict { .. })), "{id} reopened {reopen}: {refused:?}");
+        }
+        assert_eq!(store.head_position().await.unwrap(), head, "nothing was written");
+        drop(store);
+    }
+}
