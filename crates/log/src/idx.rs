@@ -173,7 +173,15 @@ fn put_entry(buf: &mut Vec<u8>, e: Entry) {
 /// The file's bytes. Sorting is by (hash, key), so a lookup compares names
 /// only on a hash match and colliding names stay apart.
 fn encode(seg: &Segment, mem: &MemIndex) -> Vec<u8> {
-    let mut buf = vec![0u8; HEADER];
+    // Room for the whole file at once: growing a buffer of tens of MB by
+    // doubling copies it and touches fresh pages each time.
+    let postings: usize = [&mem.tags, &mem.types, &mem.categories].iter().flat_map(|m| m.values()).map(Vec::len).sum();
+    let terms_n = mem.tags.len() + mem.types.len() + mem.categories.len();
+    let names_n: usize = mem.streams.keys().map(String::len).sum::<usize>() + [&mem.tags, &mem.types, &mem.categories].iter().flat_map(|m| m.keys()).map(|k| k.len() + 1).sum::<usize>();
+    let body = 40 * (mem.streams.len() + terms_n) + 16 * mem.events as usize + 24 * mem.ids.len() + (mem.ids.len() * 10).div_ceil(256).max(1) * 32
+        + 8 * postings + 16 * (mem.streams.len() + terms_n + mem.ids.len()).div_ceil(FENCE) + 48 + names_n + 8;
+    let mut buf = Vec::with_capacity(HEADER + body + body.div_ceil(BLOCK) * 4 + 64);
+    buf.resize(HEADER, 0);
     let mut sections = [(0u64, 0u64); SECTIONS];
     let mut names: Vec<u8> = Vec::new();
     let mut mark = |buf: &mut Vec<u8>, s: usize, start: usize| sections[s] = (start as u64, (buf.len() - start) as u64);
@@ -181,28 +189,27 @@ fn encode(seg: &Segment, mem: &MemIndex) -> Vec<u8> {
     // Streams.
     let mut streams: Vec<(u64, &str)> = mem.streams.keys().map(|n| (name_hash(n.as_bytes()), n.as_str())).collect();
     streams.sort_unstable();
-    let (mut positions, mut timestamps) = (Vec::with_capacity(mem.events as usize), Vec::with_capacity(mem.events as usize));
+    let runs: Vec<&crate::index::Run> = streams.iter().map(|(_, name)| &mem.streams[*name]).collect();
     let start = buf.len();
-    for (hash, name) in &streams {
-        let run = &mem.streams[*name];
-        put_entry(&mut buf, Entry { hash: *hash, name_off: names.len() as u32, name_len: name.len() as u32, first: positions.len() as u32, count: run.positions.len() as u32 });
+    let mut first = 0u32;
+    for ((hash, name), run) in streams.iter().zip(&runs) {
+        put_entry(&mut buf, Entry { hash: *hash, name_off: names.len() as u32, name_len: name.len() as u32, first, count: run.positions.len() as u32 });
         names.extend_from_slice(name.as_bytes());
-        positions.extend_from_slice(&run.positions);
-        timestamps.extend_from_slice(&run.timestamps);
+        first += run.positions.len() as u32;
     }
     mark(&mut buf, S_STREAMS, start);
     let start = buf.len();
-    positions.iter().for_each(|p| buf.extend_from_slice(&p.to_le_bytes()));
+    runs.iter().flat_map(|r| &r.positions).for_each(|p| buf.extend_from_slice(&p.to_le_bytes()));
     mark(&mut buf, S_POSITIONS, start);
     let start = buf.len();
-    timestamps.iter().for_each(|t| buf.extend_from_slice(&t.to_le_bytes()));
+    runs.iter().flat_map(|r| &r.timestamps).for_each(|t| buf.extend_from_slice(&t.to_le_bytes()));
     mark(&mut buf, S_TIMESTAMPS, start);
 
     // Ids and their filter.
-    let mut ids: Vec<(u128, u64)> = mem.ids.iter().map(|(id, p)| (*id, *p)).collect();
-    ids.sort_unstable();
+    let ids = mem.ids.sorted();
+    let ids: &[(u128, u64)] = &ids;
     let start = buf.len();
-    for (id, p) in &ids {
+    for (id, p) in ids {
         buf.extend_from_slice(&(*id as u64).to_le_bytes());
         buf.extend_from_slice(&((*id >> 64) as u64).to_le_bytes());
         buf.extend_from_slice(&p.to_le_bytes());
@@ -210,7 +217,7 @@ fn encode(seg: &Segment, mem: &MemIndex) -> Vec<u8> {
     mark(&mut buf, S_IDS, start);
     let blocks = (ids.len() * 10).div_ceil(256).max(1);
     let mut bloom = vec![0u32; blocks * 8];
-    for (id, _) in &ids {
+    for (id, _) in ids {
         let h = id_hash(*id);
         let b = bloom_block(h, blocks);
         for (w, m) in bloom[b * 8..b * 8 + 8].iter_mut().zip(bloom_mask(h)) {
@@ -220,8 +227,8 @@ fn encode(seg: &Segment, mem: &MemIndex) -> Vec<u8> {
     let start = buf.len();
     bloom.iter().for_each(|w| buf.extend_from_slice(&w.to_le_bytes()));
     mark(&mut buf, S_BLOOM, start);
-    let v7: Vec<u128> = ids.iter().map(|(id, _)| *id).filter(|id| is_v7(*id)).collect();
-    let (v7_min, v7_max) = (v7.first().copied().unwrap_or(u128::MAX), v7.last().copied().unwrap_or(0));
+    let v7_min = ids.iter().map(|(id, _)| *id).find(|id| is_v7(*id)).unwrap_or(u128::MAX);
+    let v7_max = ids.iter().rev().map(|(id, _)| *id).find(|id| is_v7(*id)).unwrap_or(0);
 
     // Terms.
     let mut terms: Vec<(u64, Vec<u8>, &Vec<u64>)> = Vec::new();
@@ -599,7 +606,7 @@ pub fn check_against(file: &IdxFile, mem: &MemIndex) -> Result<(), (u64, String)
             _ => return Err((0, format!("its events of stream '{name}' differ from the segment's"))),
         }
     }
-    for (id, position) in &mem.ids {
+    for (id, position) in mem.ids.sorted().iter() {
         if file.id(*id).map_err(damaged)? != Some(*position) {
             return Err((0, format!("it does not map event {} to position {position}", uuid::Uuid::from_u128(*id))));
         }

@@ -82,7 +82,7 @@ pub struct MemIndex {
     pub base: u64,
     pub streams: FastMap<String, Run>,
     /// Event id → global position, for idempotent retries and unique ids.
-    pub ids: FastMap<u128, u64>,
+    pub ids: Ids,
     /// Tag → positions of the events of user streams that carry it, ascending.
     pub tags: FastMap<String, Vec<u64>>,
     /// Event type → positions of the events of user streams of that type, ascending.
@@ -91,6 +91,89 @@ pub struct MemIndex {
     pub categories: FastMap<String, Vec<u64>>,
     pub events: u64,
     pub last_position: Option<u64>,
+}
+
+/// A memtable's event ids. The active segment's are hashed, since every
+/// append looks them up; a sealed segment rebuilt from its records only
+/// lists them and sorts the list once at the end, which is the order its
+/// index file stores anyway (a hash map of a million ids costs twice the
+/// memory and most of a rebuild's time).
+#[derive(Debug)]
+pub enum Ids {
+    Hashed(FastMap<u128, u64>),
+    /// In log order until [`Ids::sort`], then by id.
+    Listed(Vec<(u128, u64)>, bool),
+}
+
+impl Default for Ids {
+    fn default() -> Self {
+        Ids::Hashed(FastMap::default())
+    }
+}
+
+impl Ids {
+    /// A list for a rebuild, with room for about `n` ids.
+    pub fn listed(n: usize) -> Self {
+        Ids::Listed(Vec::with_capacity(n), true)
+    }
+
+    /// Adds an id; false if a hashed set held it already (a list finds that in [`Ids::sort`]).
+    fn insert(&mut self, id: u128, position: u64) -> bool {
+        match self {
+            Ids::Hashed(map) => map.insert(id, position).is_none(),
+            Ids::Listed(list, sorted) => {
+                *sorted = *sorted && list.last().is_none_or(|last| last.0 < id);
+                list.push((id, position));
+                true
+            }
+        }
+    }
+
+    /// Sorts a list by id; `Err` names an id used twice and its later position.
+    pub fn sort(&mut self) -> Result<(), (u128, u64)> {
+        if let Ids::Listed(list, sorted) = self {
+            if !*sorted {
+                list.sort_unstable();
+                *sorted = true;
+            }
+            if let Some(w) = list.windows(2).find(|w| w[0].0 == w[1].0) {
+                return Err((w[0].0, w[0].1.max(w[1].1)));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, id: u128) -> Option<u64> {
+        match self {
+            Ids::Hashed(map) => map.get(&id).copied(),
+            Ids::Listed(list, true) => list.binary_search_by_key(&id, |e| e.0).ok().map(|i| list[i].1),
+            Ids::Listed(list, false) => list.iter().find(|e| e.0 == id).map(|e| e.1),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Ids::Hashed(map) => map.len(),
+            Ids::Listed(list, _) => list.len(),
+        }
+    }
+
+    /// (id, position) pairs sorted by id.
+    pub fn sorted(&self) -> std::borrow::Cow<'_, [(u128, u64)]> {
+        match self {
+            Ids::Listed(list, true) => std::borrow::Cow::Borrowed(list),
+            Ids::Listed(list, false) => {
+                let mut v = list.clone();
+                v.sort_unstable();
+                std::borrow::Cow::Owned(v)
+            }
+            Ids::Hashed(map) => {
+                let mut v: Vec<(u128, u64)> = map.iter().map(|(id, p)| (*id, *p)).collect();
+                v.sort_unstable();
+                std::borrow::Cow::Owned(v)
+            }
+        }
+    }
 }
 
 /// Appends `position` to the list of `key`, creating it if needed. Positions
@@ -120,7 +203,7 @@ impl MemIndex {
     }
 
     pub fn apply(&mut self, r: &RecordView<'_>, position: u64) -> Result<(), IndexError> {
-        if self.ids.insert(r.id.as_u128(), position).is_some() {
+        if !self.ids.insert(r.id.as_u128(), position) {
             return Err(IndexError(format!("event id {} at position {position} was already used", r.id)));
         }
         let run = match self.streams.get_mut(r.stream) {
@@ -194,7 +277,7 @@ impl Part {
 
     pub fn id(&self, id: u128) -> Result<Option<u64>, Damaged> {
         match self {
-            Part::Mem(m) => Ok(m.ids.get(&id).copied()),
+            Part::Mem(m) => Ok(m.ids.get(id)),
             Part::Disk(f) => f.id(id),
         }
     }
@@ -446,6 +529,25 @@ mod tests {
         }
         entry.metadata.max_age_secs = Some(1);
         assert_eq!(entry.first_visible_version(10_000_000, |t| view.older_than(t)), 4, "a short max age still hides old events");
+    }
+
+    #[test]
+    fn listed_ids_sort_once_and_find_one_used_twice() {
+        let mut ids = Ids::listed(4);
+        for (id, p) in [(5u128, 10u64), (3, 20), (9, 30)] {
+            assert!(ids.insert(id, p));
+        }
+        assert_eq!(ids.sort(), Ok(()));
+        assert_eq!((ids.get(3), ids.get(9), ids.get(4), ids.len()), (Some(20), Some(30), None, 3));
+        assert_eq!(ids.sorted().to_vec(), vec![(3, 20), (5, 10), (9, 30)]);
+        // The second use is named by the later of its two positions.
+        let mut twice = Ids::listed(4);
+        for (id, p) in [(7u128, 40u64), (2, 50), (7, 60)] {
+            twice.insert(id, p);
+        }
+        assert_eq!(twice.sort(), Err((7, 60)));
+        let mut hashed = Ids::default();
+        assert!(hashed.insert(1, 1) && !hashed.insert(1, 2));
     }
 
     #[test]

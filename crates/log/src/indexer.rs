@@ -11,7 +11,7 @@ use std::sync::Arc;
 use cairn_core::StoreError;
 
 use crate::idx::{self, IdxFile};
-use crate::index::{MemIndex, Part};
+use crate::index::{Ids, MemIndex, Part};
 use crate::recovery::scan_segment;
 use crate::segment::{Segment, SEGMENT_HEADER_BYTES};
 use crate::snapshot;
@@ -73,9 +73,14 @@ pub fn install(shared: &Shared, seg: &Segment, mem: &MemIndex) -> Result<(), Sto
 /// Builds a sealed segment's memtable from its records.
 pub fn scan_into_mem(seg: &Segment) -> Result<MemIndex, StoreError> {
     let mut mem = MemIndex::new(seg.base);
-    // A guess at the number of events (records of ~200 bytes), to spare the rehashing.
-    mem.ids.reserve((seg.capacity() / 256) as usize);
+    // A guess at the number of events (records of ~200 bytes), to spare the regrowing.
+    mem.ids = Ids::listed((seg.capacity() / 256) as usize);
     scan_segment(seg, SEGMENT_HEADER_BYTES, 0, false, Some(&mut |v, p| mem.apply(v, p)))?;
+    mem.ids.sort().map_err(|(id, at)| StoreError::Corrupt {
+        file: seg.path.display().to_string(),
+        offset: at - seg.base,
+        reason: format!("event id {} at position {at} was already used", uuid::Uuid::from_u128(id)),
+    })?;
     Ok(mem)
 }
 

@@ -104,9 +104,7 @@ fn check_unique_ids(parts: &[Part], segments: &[segment::Segment]) -> Result<(),
         sources.push(match part {
             Part::Disk(file) => Box::new(file.ids().map_err(damaged)?),
             Part::Mem(mem) => {
-                let mut ids: Vec<(u128, u64)> = mem.ids.iter().map(|(id, p)| (*id, *p)).collect();
-                ids.sort_unstable();
-                Box::new(ids.into_iter())
+                Box::new(mem.ids.sorted().into_owned().into_iter())
             }
         });
     }

@@ -244,7 +244,7 @@ async fn ids_out_of_time_order_in_old_segments_are_still_found_by_a_retry() {
     let v7_at = |ms: u64, r: u8| uuid::Builder::from_unix_timestamp_millis(ms, &[r; 10]).into_uuid();
     let ahead = v7_at(4_102_444_800_000, 1); // 2100
     let behind = v7_at(1_000, 2); // 1970
-    let event = |id: uuid::Uuid, n: u64| NewEvent::json("Deposited", &serde_json::json!({ "amount": n })).unwrap().with_id(id);
+    let event = |id: uuid::Uuid, n: u64| NewEvent::json("Deposited", &serde_json::json!({ "amount": n, "pad": "x".repeat(100) })).unwrap().with_id(id);
     let store = EmbeddedStore::open_with(dir.path(), options()).unwrap();
     let first = store.append("early", ExpectedVersion::Any, vec![event(ahead, 1), event(behind, 2)]).await.unwrap();
     let mut middle = None;
@@ -256,7 +256,7 @@ async fn ids_out_of_time_order_in_old_segments_are_still_found_by_a_retry() {
         }
     }
     let (mid_id, mid_n, mid_result) = middle.unwrap();
-    assert!(index_files(dir.path()).len() >= 5, "the test needs many sealed segments");
+    assert!(segment_files(dir.path()).len() >= 5, "the test needs many sealed segments");
     let mut first_store = Some(store);
     for reopen in [false, true] {
         let store = match first_store.take() {
