@@ -74,6 +74,12 @@ pub struct Run {
     pub positions: Vec<u64>,
     /// Timestamp (µs) of each event, for max-age lookups.
     pub timestamps: Vec<i64>,
+    /// Versions of the first and last event, and whether each event's
+    /// version is its predecessor's plus one (false after a reset by a
+    /// delete): what the stream summaries need of the segment.
+    pub first_version: u64,
+    pub last_version: u64,
+    pub regular: bool,
 }
 
 /// The memtable: one segment's part of the index, in memory.
@@ -91,6 +97,22 @@ pub struct MemIndex {
     pub categories: FastMap<String, Vec<u64>>,
     pub events: u64,
     pub last_position: Option<u64>,
+    /// Stream metadata written in this segment, in log order: (target
+    /// stream, position, the `$metadata` event's data).
+    pub metadata: Vec<(String, u64, Vec<u8>)>,
+    /// Whether a stream was deleted or tombstoned in this segment.
+    pub resets: bool,
+}
+
+/// What a sealed segment changes in the stream summaries, taken from its
+/// memtable while it is rebuilt, so that recovery applies a line per stream
+/// instead of reading every record again. Only for segments without a
+/// delete (a reset's place among the stream's events matters).
+pub struct Delta {
+    /// (stream, first version, last version, first position, last position, events)
+    streams: Vec<(String, u64, u64, u64, u64, u64)>,
+    metadata: Vec<(String, u64, Vec<u8>)>,
+    pub events: u64,
 }
 
 /// A memtable's event ids. The active segment's are hashed, since every
@@ -210,9 +232,22 @@ impl MemIndex {
             Some(run) => run,
             None => self.streams.entry(r.stream.to_string()).or_default(),
         };
+        if run.positions.is_empty() {
+            (run.first_version, run.regular) = (r.version, true);
+        } else if r.version != run.last_version + 1 {
+            run.regular = false;
+        }
+        run.last_version = r.version;
         run.positions.push(position);
         run.timestamps.push(r.timestamp.0);
         self.events += 1;
+        if let Some(target) = r.stream.strip_prefix("$$") {
+            match r.event_type {
+                METADATA_EVENT => self.metadata.push((target.to_string(), position, r.data.to_vec())),
+                DELETED_EVENT | TOMBSTONE_EVENT => self.resets = true,
+                _ => {}
+            }
+        }
         self.last_position = Some(position);
         // Queries match the events of user streams only.
         if !r.stream.starts_with('$') {
@@ -225,6 +260,18 @@ impl MemIndex {
             }
         }
         Ok(())
+    }
+
+    /// The segment's change to the stream summaries, if it can be applied
+    /// without its records (see [`Delta`]).
+    pub fn delta(&self) -> Option<Delta> {
+        if self.resets || self.streams.values().any(|r| !r.regular) {
+            return None;
+        }
+        let streams = self.streams.iter().map(|(name, r)| {
+            (name.clone(), r.first_version, r.last_version, r.positions[0], *r.positions.last().expect("a run has events"), r.positions.len() as u64)
+        });
+        Some(Delta { streams: streams.collect(), metadata: self.metadata.clone(), events: self.events })
     }
 
     fn map(&self, kind: Kind) -> &FastMap<String, Vec<u64>> {
@@ -429,6 +476,35 @@ impl Index {
                 }
                 _ => {}
             }
+        }
+        Ok(())
+    }
+
+    /// Applies a sealed segment's [`Delta`]: the same summaries as
+    /// [`Index::apply_summary`] of each of its records. `Err` gives the
+    /// position of an event that does not fit.
+    pub fn apply_delta(&mut self, delta: &Delta) -> Result<(), (u64, IndexError)> {
+        for (name, first_version, last_version, first, last, events) in &delta.streams {
+            let entry = match self.streams.get_mut(name) {
+                Some(e) => e,
+                None => self.streams.entry(name.clone()).or_default(),
+            };
+            let expected = entry.version + 1;
+            if *first_version != expected {
+                return Err((*first, IndexError(format!("event at position {first} has version {first_version} in stream '{name}', expected {expected}"))));
+            }
+            if entry.version == 0 {
+                entry.since = *first;
+            }
+            entry.version = *last_version;
+            entry.last_position = Some(*last);
+            entry.state = StreamState::Live;
+            self.events += events;
+        }
+        for (target, position, data) in &delta.metadata {
+            let metadata = serde_json::from_slice(data)
+                .map_err(|e| (*position, IndexError(format!("stream metadata at position {position} does not parse: {e}"))))?;
+            self.streams.entry(target.clone()).or_default().metadata = metadata;
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use cairn_core::StoreError;
 
 use crate::idx::{self, IdxFile};
-use crate::index::{Ids, MemIndex, Part};
+use crate::index::{Delta, Ids, MemIndex, Part};
 use crate::recovery::scan_segment;
 use crate::segment::{Segment, SEGMENT_HEADER_BYTES};
 use crate::snapshot;
@@ -102,4 +102,88 @@ pub fn write_snapshot(shared: &Shared, data_dir: &std::path::Path) -> Result<(),
         snapshot::encode(&index.streams, index.events, head, last_id)
     };
     snapshot::write(data_dir, &bytes, &*shared.options.storage)
+}
+
+/// Sealed segments without a usable index file, rebuilt at open on every
+/// core while recovery applies them in log order: each worker scans one
+/// segment into a memtable, writes its index file and hands recovery the
+/// segment's [`Delta`] to the stream summaries, so no record is read twice.
+/// Workers stay at most `LEAD` segments ahead of recovery, which bounds
+/// the memory to a few memtables and deltas however long the log is.
+pub struct Rebuild<'a> {
+    /// Indexes (into the segments) of the ones to rebuild, ascending.
+    which: &'a [usize],
+    next: std::sync::atomic::AtomicUsize,
+    state: std::sync::Mutex<RebuildState>,
+    changed: std::sync::Condvar,
+}
+
+struct RebuildState {
+    done: Vec<Option<Result<Option<Delta>, StoreError>>>,
+    /// Results recovery has taken: it takes them in order.
+    taken: usize,
+    stopped: bool,
+}
+
+const LEAD: usize = 4;
+
+impl<'a> Rebuild<'a> {
+    pub fn new(which: &'a [usize]) -> Self {
+        let state = RebuildState { done: (0..which.len()).map(|_| None).collect(), taken: 0, stopped: false };
+        Rebuild { which, next: Default::default(), state: std::sync::Mutex::new(state), changed: Default::default() }
+    }
+
+    /// Worker threads worth starting on this machine.
+    pub fn workers(&self) -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get()).min(self.which.len()).min(4)
+    }
+
+    /// A worker's loop, until every segment is taken or recovery stops.
+    pub fn work(&self, segments: &[Segment], storage: &dyn crate::storage::Storage) {
+        loop {
+            let k = self.next.fetch_add(1, Ordering::Relaxed);
+            if k >= self.which.len() {
+                return;
+            }
+            {
+                let mut st = self.state.lock().unwrap();
+                while !st.stopped && k >= st.taken + LEAD {
+                    st = self.changed.wait(st).unwrap();
+                }
+                if st.stopped {
+                    return;
+                }
+            }
+            let seg = &segments[self.which[k]];
+            let result = scan_into_mem(seg).map(|mem| {
+                if let Err(e) = idx::write(seg, &mem, storage) {
+                    eprintln!("cairn: could not write an index file ({e}); the segment stays indexed in memory");
+                }
+                mem.delta()
+            });
+            self.state.lock().unwrap().done[k] = Some(result);
+            self.changed.notify_all();
+        }
+    }
+
+    /// The result of the `k`-th segment to rebuild, once it is done: a
+    /// damaged segment's error, or its delta (`None`: apply its records).
+    pub fn take(&self, k: usize) -> Result<Option<Delta>, StoreError> {
+        let mut st = self.state.lock().unwrap();
+        let result = loop {
+            if let Some(r) = st.done[k].take() {
+                break r;
+            }
+            st = self.changed.wait(st).unwrap();
+        };
+        st.taken = k + 1;
+        self.changed.notify_all();
+        result
+    }
+
+    /// Ends the workers' loops (recovery failed or is done).
+    pub fn stop(&self) {
+        self.state.lock().unwrap().stopped = true;
+        self.changed.notify_all();
+    }
 }

@@ -546,9 +546,9 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
     let mut newest_scan = SegmentScan::default();
     let mut head = 0;
     let mut to_write: Vec<usize> = Vec::new();
-    // Sealed segments without a usable index file are rebuilt first, on
-    // every core; each worker holds one segment's memtable at a time, and a
-    // damaged segment fails here, naming itself.
+    // Sealed segments without a usable index file are rebuilt on every core
+    // while this thread applies the segments in log order (indexer::Rebuild);
+    // a damaged segment fails where the order reaches it, naming itself.
     let mut files: Vec<Option<IdxFile>> = Vec::with_capacity(count);
     let mut missing = Vec::new();
     for (i, seg) in opened.iter().enumerate() {
@@ -569,55 +569,73 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
             }
         }
     }
-    rebuild_index_files(&opened, &missing, storage)?;
-    for &i in &missing {
-        files[i] = IdxFile::open(&opened[i]).ok();
-    }
-    for (i, seg) in opened.iter().enumerate() {
-        let last = i + 1 == count;
-        let end = seg.base + seg.capacity();
-        let needs_summaries = end > summaries_from;
-        match files[i].take() {
-            Some(file) => {
-                if needs_summaries || options.verify_on_open {
-                    let apply_from = summaries_from.saturating_sub(seg.base).max(SEGMENT_HEADER_BYTES);
-                    let from = if options.verify_on_open { SEGMENT_HEADER_BYTES } else { apply_from };
-                    let mut apply = |v: &record::RecordView<'_>, p: u64| index.apply_summary(v, p);
-                    let scan = if missing.contains(&i) && !options.verify_on_open {
-                        crate::recovery::scan_checked_segment(seg, apply_from, apply_from, Some(&mut apply))?
-                    } else {
-                        scan_segment(seg, from, apply_from, false, Some(&mut apply))?
-                    };
-                    report.scanned_events += scan.events;
-                }
-                index.parts.push(Part::Disk(Arc::new(file)));
-            }
-            None => {
-                let mut mem = MemIndex::new(seg.base);
-                let mut after_snapshot = 0;
-                let mut apply = |v: &record::RecordView<'_>, p: u64| {
-                    if p >= summaries_from {
-                        index.apply_summary(v, p)?;
-                        after_snapshot += 1;
-                    }
-                    mem.apply(v, p)
-                };
-                let scan = scan_segment(seg, SEGMENT_HEADER_BYTES, SEGMENT_HEADER_BYTES, last, Some(&mut apply))?;
-                report.scanned_events += after_snapshot;
-                if last {
-                    newest_scan = scan;
-                }
-                index.parts.push(Part::Mem(Arc::new(mem)));
-                if !last {
-                    // Written at once (it is a cache, so this changes nothing the
-                    // checks below guard), so that a rebuild of many segments
-                    // holds one segment's memtable at a time.
-                    write_index_file(&mut index, seg, storage);
-                }
-            }
+    let rebuild = indexer::Rebuild::new(&missing);
+    std::thread::scope(|scope| {
+        for _ in 0..rebuild.workers() {
+            scope.spawn(|| rebuild.work(&opened, storage));
         }
-        head = if last { seg.base + newest_scan.valid_end } else { end };
-    }
+        let applied = (|| -> Result<(), StoreError> {
+            for (i, seg) in opened.iter().enumerate() {
+                let last = i + 1 == count;
+                let end = seg.base + seg.capacity();
+                let needs_summaries = end > summaries_from;
+                // A rebuilt segment: its delta, and its new index file.
+                let mut delta = None;
+                if let Ok(k) = missing.binary_search(&i) {
+                    delta = rebuild.take(k)?;
+                    files[i] = IdxFile::open(seg).ok();
+                }
+                let whole = summaries_from <= seg.base + SEGMENT_HEADER_BYTES;
+                match files[i].take() {
+                    Some(file) => {
+                        if let Some(delta) = delta.filter(|_| whole) {
+                            // Its records were all checked by the rebuild a moment ago.
+                            index.apply_delta(&delta).map_err(|(at, e)| StoreError::Corrupt { file: seg.path.display().to_string(), offset: at - seg.base, reason: e.0 })?;
+                            report.scanned_events += delta.events;
+                        } else if needs_summaries || options.verify_on_open {
+                            let apply_from = summaries_from.saturating_sub(seg.base).max(SEGMENT_HEADER_BYTES);
+                            let from = if options.verify_on_open { SEGMENT_HEADER_BYTES } else { apply_from };
+                            let mut apply = |v: &record::RecordView<'_>, p: u64| index.apply_summary(v, p);
+                            let scan = if missing.contains(&i) && !options.verify_on_open {
+                                crate::recovery::scan_checked_segment(seg, apply_from, apply_from, Some(&mut apply))?
+                            } else {
+                                scan_segment(seg, from, apply_from, false, Some(&mut apply))?
+                            };
+                            report.scanned_events += scan.events;
+                        }
+                        index.parts.push(Part::Disk(Arc::new(file)));
+                    }
+                    None => {
+                        let mut mem = MemIndex::new(seg.base);
+                        let mut after_snapshot = 0;
+                        let mut apply = |v: &record::RecordView<'_>, p: u64| {
+                            if p >= summaries_from {
+                                index.apply_summary(v, p)?;
+                                after_snapshot += 1;
+                            }
+                            mem.apply(v, p)
+                        };
+                        let scan = scan_segment(seg, SEGMENT_HEADER_BYTES, SEGMENT_HEADER_BYTES, last, Some(&mut apply))?;
+                        report.scanned_events += after_snapshot;
+                        if last {
+                            newest_scan = scan;
+                        }
+                        index.parts.push(Part::Mem(Arc::new(mem)));
+                        if !last {
+                            // Written at once (it is a cache, so this changes nothing the
+                            // checks below guard), so that a rebuild of many segments
+                            // holds one segment's memtable at a time.
+                            write_index_file(&mut index, seg, storage);
+                        }
+                    }
+                }
+                head = if last { seg.base + newest_scan.valid_end } else { end };
+            }
+            Ok(())
+        })();
+        rebuild.stop();
+        applied
+    })?;
     index.parts_changed();
     let last_id = last_event(&opened, head).map_or(0, |(id, _)| id);
     let mut segments: Vec<Segment> = opened;
@@ -674,35 +692,6 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
     report.segments = segments.len();
     report.events = index.events;
     Ok(Recovered { segments, index, head, report, mark, last_id })
-}
-
-/// Rebuilds the index files of the sealed segments `which` from their
-/// records, in parallel. A damaged segment is an error (the lowest one is
-/// named); a file that cannot be written is only reported: open then keeps
-/// that segment's memtable.
-fn rebuild_index_files(segments: &[Segment], which: &[usize], storage: &dyn crate::storage::Storage) -> Result<(), StoreError> {
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(which.len()).min(4);
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let damaged: Mutex<Vec<(usize, StoreError)>> = Mutex::new(Vec::new());
-    std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| loop {
-                let Some(&i) = which.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
-                let seg = &segments[i];
-                match indexer::scan_into_mem(seg) {
-                    Ok(mem) => {
-                        if let Err(e) = idx::write(seg, &mem, storage) {
-                            eprintln!("cairn: could not write an index file ({e}); the segment stays indexed in memory");
-                        }
-                    }
-                    Err(e) => damaged.lock().unwrap().push((i, e)),
-                }
-            });
-        }
-    });
-    let mut damaged = damaged.into_inner().unwrap();
-    damaged.sort_by_key(|(i, _)| *i);
-    damaged.into_iter().next().map_or(Ok(()), |(_, e)| Err(e))
 }
 
 /// Writes the index file of a sealed segment whose part is a memtable and
