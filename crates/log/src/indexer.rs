@@ -40,23 +40,38 @@ pub fn background_priority() {
     }
 }
 
+/// How long a segment whose index file could not be written (a full disk)
+/// waits before the next try; its memtable holds it in memory meanwhile.
+const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn run(shared: &Shared, data_dir: &std::path::Path, rx: Receiver<Job>) {
+    use std::sync::mpsc::RecvTimeoutError;
     background_priority();
-    // Ends when every sender is gone: the store is closing.
-    while let Ok(job) = rx.recv() {
-        let done = match job {
-            Job::Sealed(seg, mem) => install(shared, &seg, &mem),
-        };
-        match done {
-            Ok(()) => {
-                if let Err(e) = write_snapshot(shared, data_dir) {
-                    eprintln!("cairn: could not write the index snapshot ({e}); the next open scans more of the log");
+    // Sealed segments whose file could not be written yet, oldest first.
+    let mut pending: Vec<(Arc<Segment>, Arc<MemIndex>)> = Vec::new();
+    loop {
+        let wait = if pending.is_empty() { std::time::Duration::from_secs(3600) } else { RETRY };
+        match rx.recv_timeout(wait) {
+            Ok(Job::Sealed(seg, mem)) => pending.push((seg, mem)),
+            Err(RecvTimeoutError::Timeout) => {}
+            // Every sender is gone: the store is closing.
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let mut wrote = false;
+        let mut failed = Vec::new();
+        for (seg, mem) in pending.drain(..) {
+            match install(shared, &seg, &mem) {
+                Ok(()) => wrote = true,
+                Err(e) => {
+                    shared.stats.index_failures.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("cairn: could not write an index file ({e}); the segment stays indexed in memory, and is tried again in {} s", RETRY.as_secs());
+                    failed.push((seg, mem));
                 }
             }
-            Err(e) => {
-                shared.stats.index_failures.fetch_add(1, Ordering::Relaxed);
-                eprintln!("cairn: could not write an index file ({e}); the segment stays indexed in memory");
-            }
+        }
+        pending = failed;
+        if wrote && let Err(e) = write_snapshot(shared, data_dir) {
+            eprintln!("cairn: could not write the index snapshot ({e}); the next open scans more of the log");
         }
     }
 }

@@ -73,6 +73,8 @@ struct Fault {
     /// Fails calls of `op` from this one (counted from 1 since the fault was set) on.
     from_call: u64,
     errno: i32,
+    /// Only `create` and `open` of paths ending so (the other calls pass).
+    suffix: Option<&'static str>,
 }
 
 /// Real files with faults on demand: fails calls of one kind, from the Nth
@@ -93,7 +95,15 @@ impl FaultyStorage {
     /// From the `n`th call of `op` on (1: the next one), fail with `errno`.
     pub fn fail_from(&self, op: Op, n: u64, errno: i32) {
         self.calls.store(0, Ordering::SeqCst);
-        *self.fault.lock().unwrap() = Some(Fault { op, from_call: n.max(1), errno });
+        *self.fault.lock().unwrap() = Some(Fault { op, from_call: n.max(1), errno, suffix: None });
+    }
+
+    /// Fails every `create` and `open` of a path ending with `suffix` (such
+    /// as `.idx.tmp`: a full disk hits new files first, since segments are
+    /// allocated in full when they are created); other calls pass.
+    pub fn fail_files(&self, suffix: &'static str, errno: i32) {
+        self.calls.store(0, Ordering::SeqCst);
+        *self.fault.lock().unwrap() = Some(Fault { op: Op::Open, from_call: 1, errno, suffix: Some(suffix) });
     }
 
     /// The fault is gone (space was freed, descriptors closed).
@@ -107,9 +117,16 @@ impl FaultyStorage {
     }
 
     fn check(&self, op: Op) -> std::io::Result<()> {
+        self.check_path(op, None)
+    }
+
+    fn check_path(&self, op: Op, path: Option<&Path>) -> std::io::Result<()> {
         let fault = *self.fault.lock().unwrap();
         let Some(f) = fault else { return Ok(()) };
         if f.op != Op::Any && f.op != op {
+            return Ok(());
+        }
+        if let Some(suffix) = f.suffix && !path.is_some_and(|p| p.as_os_str().to_string_lossy().ends_with(suffix)) {
             return Ok(());
         }
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
@@ -139,11 +156,11 @@ impl Storage for FaultyStorage {
         file.set_len(len)
     }
     fn create(&self, path: &Path) -> std::io::Result<File> {
-        self.check(Op::Open)?;
+        self.check_path(Op::Open, Some(path))?;
         OsStorage.create(path)
     }
     fn open(&self, path: &Path, writable: bool) -> std::io::Result<File> {
-        self.check(Op::Open)?;
+        self.check_path(Op::Open, Some(path))?;
         OsStorage.open(path, writable)
     }
     fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {

@@ -166,3 +166,60 @@ async fn racing_writers_through_repeated_faults_lose_nothing_acknowledged() {
     let store = EmbeddedStore::open(dir.path()).unwrap();
     check(ids(&store).await);
 }
+
+/// A full disk that refuses new index files (segments are allocated whole
+/// when created, so new files hit it first): appends and reads go on, the
+/// sealed segments stay indexed in memory, their files are written once
+/// space is back, and a reopen has nothing to rebuild.
+#[tokio::test]
+async fn index_files_refused_by_a_full_disk_are_written_once_it_has_room() {
+    use cairn_core::Query;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = FaultyStorage::new();
+    let store = EmbeddedStore::open_with(dir.path(), options(&storage)).unwrap();
+    storage.fail_files(".idx.tmp", libc::ENOSPC);
+    let mut acknowledged = Vec::new();
+    // About five segments of 64 KiB.
+    for i in 0..1500 {
+        let e = ev(i).with_tags([format!("t:{}", i % 3)]);
+        acknowledged.push(e.id);
+        store.append(&format!("acct-{}", i % 7), ExpectedVersion::Any, vec![e]).await.unwrap();
+    }
+    let stats = store.stats();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stats.index_failures.load(Ordering::Relaxed) < 3 {
+        assert!(Instant::now() < deadline, "the indexer did not try the sealed segments");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stats.index_files_written.load(Ordering::Relaxed), 0);
+    assert!(store.health().await.is_ok(), "a missing index file does not stop appends");
+    assert_eq!(ids(&store).await, acknowledged);
+    let tagged = store.read_query(&Query::tags(["t:1"]), ReadAllOptions::forward()).await.unwrap();
+    assert_eq!(tagged.len(), 500);
+    assert!(store.append("acct-1", ExpectedVersion::Exact(214), vec![ev(9_999)]).await.is_err(), "versions hold (acct-1 has 215 events)");
+    // Room again: the files are written by the next try, without a new seal.
+    storage.clear();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while segment_count(dir.path()) - 1 > idx_count(dir.path()) {
+        assert!(Instant::now() < deadline, "the index files were not written once the disk had room");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ids(&store).await, acknowledged);
+    assert_eq!(store.read_query(&Query::tags(["t:1"]), ReadAllOptions::forward()).await.unwrap(), tagged);
+    drop(store);
+    let store = EmbeddedStore::open_with(dir.path(), Options { segment_bytes: 64 * 1024, ..Options::default() }).unwrap();
+    assert!(store.open_report().rebuilt_indexes.is_empty(), "{:?}", store.open_report().rebuilt_indexes);
+    assert_eq!(ids(&store).await, acknowledged);
+}
+
+fn files_ending(dir: &std::path::Path, ext: &str) -> usize {
+    std::fs::read_dir(dir.join("log")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(ext)).count()
+}
+
+fn segment_count(dir: &std::path::Path) -> usize {
+    files_ending(dir, ".seg")
+}
+
+fn idx_count(dir: &std::path::Path) -> usize {
+    files_ending(dir, ".idx")
+}
