@@ -453,3 +453,27 @@ fn bench_w7_prints_a_line_per_api() {
         assert!(line.starts_with("bench W7 backend=embedded") && line.contains("events_per_s=") && line.contains("sse_delivered="), "{line}");
     }
 }
+
+/// Started with a low soft limit on open files (1,024 is common), `cairn
+/// serve` raises it to the hard limit, so that idle connections cannot use
+/// up the descriptors a segment roll needs, and says so with the cap it
+/// derived from it.
+#[test]
+fn serve_raises_a_low_open_file_limit_and_caps_connections_below_it() {
+    use std::io::{BufRead, BufReader};
+    let hard: u64 = String::from_utf8(Command::new("sh").args(["-c", "ulimit -Hn"]).output().unwrap().stdout).unwrap().trim().parse().unwrap_or(0);
+    if hard <= 512 {
+        eprintln!("skipped: the hard open-file limit here is {hard}, nothing to raise a 256 soft limit to");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!("ulimit -Sn 256 && exec {} --data {} serve --listen 127.0.0.1:0", env!("CARGO_BIN_EXE_cairn"), dir.path().display());
+    let mut server = Command::new("sh").args(["-c", &script]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let out = BufReader::new(server.stdout.take().unwrap());
+    let line = out.lines().map_while(Result::ok).take(20).find(|l| l.contains("connections")).unwrap_or_default();
+    server.kill().unwrap();
+    let _ = server.wait();
+    assert!(line.contains(&format!("open-file limit raised from 256 to {hard}")), "{line}");
+    let cap: u64 = line.rsplit("at most ").next().and_then(|s| s.split_whitespace().next()).and_then(|n| n.replace(',', "").parse().ok()).unwrap();
+    assert!(cap > 0 && cap < hard, "{line}");
+}
