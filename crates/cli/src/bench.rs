@@ -44,6 +44,10 @@ pub struct BenchArgs {
     /// without a new fill.
     #[arg(long, value_name = "DIR")]
     pub keep: Option<std::path::PathBuf>,
+    /// S1: streams the fill spreads its events over [default: 10000]; the
+    /// stream summaries are what grows with it.
+    #[arg(long, value_name = "N")]
+    pub streams: Option<u64>,
 }
 
 /// A `MoneyDeposited` event of about 150 bytes with ordinary metadata.
@@ -137,10 +141,10 @@ pub async fn run(ctx: &crate::commands::Context, args: BenchArgs) -> Result<()> 
                 None => tempfile::Builder::new().prefix("cairn-bench-").tempdir()?,
             };
             let events = args.events.unwrap_or(crate::bench_scale::DEFAULT_EVENTS);
-            println!("{}", crate::bench_scale::s1(events, args.keep.as_deref(), tmp.path()).await?);
+            println!("{}", crate::bench_scale::s1(events, args.streams.unwrap_or(crate::bench_scale::DEFAULT_STREAMS), args.keep.as_deref(), tmp.path()).await?);
             return Ok(());
         }
-        _ if args.workloads.iter().any(|w| w == "S1") => bail!("S1 runs alone: `cairn bench S1 [--events N] [--keep DIR]`"),
+        _ if args.workloads.iter().any(|w| w == "S1") => bail!("S1 runs alone: `cairn bench S1 [--events N] [--streams N] [--keep DIR]`"),
         _ => {}
     }
     let postgres = ctx.backend == crate::commands::Backend::Postgres;

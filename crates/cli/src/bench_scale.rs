@@ -1,5 +1,6 @@
 //! `cairn bench S1`: the embedded engine with a long history. Fills a store
-//! natively (appends of 1,000 events over ~10,000 streams, ~170-byte
+//! natively (appends of 1,000 events over 10,000 streams, or `--streams N`
+//! with smaller appends when needed, ~170-byte
 //! events, a tag on 1 in 100), then measures what grows with the log: open
 //! time after a clean stop and after a SIGKILL of a child that was
 //! appending, anonymous memory after open, and the everyday workloads on
@@ -20,7 +21,8 @@ use cairn_log::EmbeddedStore;
 use crate::bench::Target;
 
 pub const DEFAULT_EVENTS: u64 = 100_000_000;
-const STREAMS: u64 = 10_000;
+pub const DEFAULT_STREAMS: u64 = 10_000;
+/// Events an append of the fill carries at most.
 const BATCH: u64 = 1_000;
 /// Events per tag: one event in 100 carries a tag, each tag on this many.
 const PER_TAG: u64 = 100;
@@ -46,7 +48,11 @@ fn fill_event(i: u64, tags: u64) -> cairn_core::NewEvent {
     if i % 100 == 0 { e.with_tags([tag((i / 100) % tags)]) } else { e }
 }
 
-async fn fill(store: &EmbeddedStore, events: u64) -> Result<f64> {
+/// Fills `store` with `events` in appends over `streams` streams (batches
+/// of up to 1,000, smaller when that is needed for every stream to get some).
+async fn fill(store: &EmbeddedStore, events: u64, streams: u64) -> Result<f64> {
+    let streams = streams.max(1);
+    let batch_len = (events / streams).clamp(1, BATCH);
     let bar = indicatif::ProgressBar::new(events).with_message("filling");
     bar.set_style(indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} events, {per_sec}, eta {eta}").expect("a valid template"));
     let tags = tags(events);
@@ -56,10 +62,10 @@ async fn fill(store: &EmbeddedStore, events: u64) -> Result<f64> {
         let (store, bar) = (store.clone(), bar.clone());
         handles.push(tokio::spawn(async move {
             let mut b = w;
-            while b * BATCH < events {
-                let batch: Vec<_> = (b * BATCH..((b + 1) * BATCH).min(events)).map(|i| fill_event(i, tags)).collect();
+            while b * batch_len < events {
+                let batch: Vec<_> = (b * batch_len..((b + 1) * batch_len).min(events)).map(|i| fill_event(i, tags)).collect();
                 let n = batch.len() as u64;
-                store.append(&format!("s1-{}", b % STREAMS), ExpectedVersion::Any, batch).await?;
+                store.append(&format!("s1-{}", b % streams), ExpectedVersion::Any, batch).await?;
                 bar.inc(n);
                 b += WRITERS;
             }
@@ -245,7 +251,7 @@ async fn pairs(full: &EmbeddedStore, empty: &EmbeddedStore, events: u64) -> Resu
     let d2wf = d2_tag(full, tags(events)).await?;
     // The same shape, small: 100 events of a tag among at most 1,000,000.
     let small = events.clamp(10_000, 1_000_000);
-    fill(empty, small).await?;
+    fill(empty, small, DEFAULT_STREAMS).await?;
     let d2e = d2_tag(empty, tags(small)).await?;
     let d2we = d2_tag(empty, tags(small)).await?;
     out.push(Pair("D2", "ms", d2f, d2e, false));
@@ -254,7 +260,7 @@ async fn pairs(full: &EmbeddedStore, empty: &EmbeddedStore, events: u64) -> Resu
 }
 
 /// `cairn bench S1`.
-pub async fn s1(events: u64, keep: Option<&Path>, tmp: &Path) -> Result<String> {
+pub async fn s1(events: u64, streams: u64, keep: Option<&Path>, tmp: &Path) -> Result<String> {
     let dir: PathBuf = match keep {
         Some(d) => d.to_path_buf(),
         None => tmp.join("s1"),
@@ -269,9 +275,9 @@ pub async fn s1(events: u64, keep: Option<&Path>, tmp: &Path) -> Result<String> 
         }
         lines.push(format!("bench S1 figure=fill reused={} events_in_store={held} log_bytes={}", dir.display(), store.head_position().await?.0));
     } else {
-        let secs = fill(&store, events).await?;
+        let secs = fill(&store, events, streams).await?;
         let log_bytes = store.head_position().await?.0;
-        lines.push(format!("bench S1 figure=fill events={events} secs={secs:.1} events_per_s={:.0} log_bytes={log_bytes} rss_anon_kib_after_fill={}", events as f64 / secs, rss_anon_kib()));
+        lines.push(format!("bench S1 figure=fill events={events} streams={streams} secs={secs:.1} events_per_s={:.0} log_bytes={log_bytes} rss_anon_kib_after_fill={}", events as f64 / secs, rss_anon_kib()));
     }
     let t0 = Instant::now();
     drop(store);
