@@ -270,8 +270,10 @@ pub async fn s1(events: u64, streams: u64, keep: Option<&Path>, tmp: &Path) -> R
     let store = EmbeddedStore::open(&dir)?;
     if reused {
         let held = store.stats().events_written.load(std::sync::atomic::Ordering::Relaxed);
-        if held < events {
-            bail!("{} holds {held} events, fewer than --events {events}: give the --events it was filled with, or a new directory", dir.display());
+        // D2 reads the fill's tags: the last one must be there.
+        let last_tag = tag(tags(events) - 1);
+        if held < events || store.read_query(&Query::tags([last_tag.as_str()]), ReadAllOptions::forward().limit(1)).await?.is_empty() {
+            bail!("{} was filled with fewer than --events {events} (it has no event tagged {last_tag}): give the --events it was filled with, or a new directory", dir.display());
         }
         lines.push(format!("bench S1 figure=fill reused={} events_in_store={held} log_bytes={}", dir.display(), store.head_position().await?.0));
     } else {

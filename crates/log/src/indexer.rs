@@ -170,12 +170,16 @@ impl<'a> Rebuild<'a> {
                 }
             }
             let seg = &segments[self.which[k]];
-            let result = scan_into_mem(seg).map(|mem| {
-                if let Err(e) = idx::write(seg, &mem, storage) {
-                    eprintln!("cairn: could not write an index file ({e}); the segment stays indexed in memory");
-                }
-                mem.delta()
-            });
+            let rebuilt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                scan_into_mem(seg).map(|mem| {
+                    if let Err(e) = idx::write(seg, &mem, storage) {
+                        eprintln!("cairn: could not write an index file ({e}); the segment stays indexed in memory");
+                    }
+                    mem.delta()
+                })
+            }));
+            // A panic (a bug) must not leave recovery waiting for this result.
+            let result = rebuilt.unwrap_or_else(|_| Err(StoreError::io(&seg.path, std::io::Error::other("rebuilding its index panicked"))));
             self.state.lock().unwrap().done[k] = Some(result);
             self.changed.notify_all();
         }
