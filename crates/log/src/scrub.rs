@@ -66,10 +66,15 @@ fn run(shared: &Shared, stop: &AtomicBool) {
             if stop.load(Ordering::Acquire) {
                 return;
             }
+            // What readers had cached stays; what only the scrub brought in goes.
+            let cached = seg.resident_pages();
             if let Err(e) = scan_segment(&seg, SEGMENT_HEADER_BYTES, u64::MAX, false, None) {
                 shared.stats.scrub_errors.fetch_add(1, Ordering::Relaxed);
                 *shared.stats.scrub_last_error.lock().unwrap() = Some(e.to_string());
                 eprintln!("cairn: the scrubber found damage: {e}");
+            }
+            if let Some(cached) = cached {
+                seg.uncache_except(&cached);
             }
             let file = shared.index.read().unwrap().parts.iter().find_map(|p| match p {
                 Part::Disk(f) if f.base() == seg.base => Some(f.clone()),

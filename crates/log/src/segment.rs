@@ -6,13 +6,18 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 
 use cairn_core::StoreError;
 use bytes::Bytes;
+
 use memmap2::Mmap;
 
 use crate::storage::Storage;
+
+/// The page size the page cache works in, here.
+const PAGE: usize = 4096;
 
 pub const SEGMENT_MAGIC: &[u8; 8] = b"CAIRNSEG";
 pub const SEGMENT_FORMAT_VERSION: u32 = 1;
@@ -86,6 +91,44 @@ impl Segment {
     /// The file's bytes from `offset` up to `end` (file offsets).
     pub fn bytes(&self, offset: u64, end: u64) -> &[u8] {
         &self.map[offset as usize..end as usize]
+    }
+
+    /// Which of the file's 4 KiB pages are in the page cache now (one flag
+    /// per page), or `None` if the kernel does not say.
+    pub fn resident_pages(&self) -> Option<Vec<bool>> {
+        let pages = self.map.len().div_ceil(PAGE);
+        let mut flags = vec![0u8; pages];
+        // SAFETY: the mapping is live and page-aligned, and `flags` has one
+        // byte for each of its pages, as mincore(2) writes.
+        let rc = unsafe { libc::mincore(self.map.as_ptr() as *mut libc::c_void, self.map.len(), flags.as_mut_ptr()) };
+        (rc == 0).then(|| flags.iter().map(|f| f & 1 == 1).collect())
+    }
+
+    /// Drops from the page cache the pages that `before` (from
+    /// [`Segment::resident_pages`]) says were not there, so that a pass over
+    /// cold data (the scrubber's) does not push out what readers use. Only
+    /// a hint; sealed segments' pages are clean, so nothing is written.
+    pub fn uncache_except(&self, before: &[bool]) {
+        let mut page = 0;
+        while page < before.len() {
+            if before[page] {
+                page += 1;
+                continue;
+            }
+            let start = page;
+            while page < before.len() && !before[page] {
+                page += 1;
+            }
+            let (off, len) = (start * PAGE, (page.min(self.map.len().div_ceil(PAGE)) - start) * PAGE);
+            // SAFETY: the range lies in this segment's live, read-only, shared
+            // file mapping: MADV_DONTNEED only drops this process's page table
+            // entries (the next access maps the same file bytes again), which
+            // the page cache needs before it lets the pages go.
+            unsafe {
+                libc::madvise(self.map.as_ptr().add(off) as *mut libc::c_void, len.min(self.map.len() - off), libc::MADV_DONTNEED);
+                libc::posix_fadvise(self.file.as_raw_fd(), off as libc::off_t, len as libc::off_t, libc::POSIX_FADV_DONTNEED);
+            }
+        }
     }
 
     /// A shared handle on `sub`, which must lie inside this segment's bytes.

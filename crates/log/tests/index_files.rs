@@ -316,3 +316,68 @@ async fn a_rebuild_from_the_log_keeps_metadata_versions_and_positions() {
     let next = store.append("acct-1", ExpectedVersion::Exact(120), vec![event(1)]).await.unwrap();
     assert_eq!(next.next_version, 121);
 }
+
+/// The scrubber reads every sealed segment, but what it alone brought into
+/// the page cache is dropped again, while pages readers had cached stay.
+#[tokio::test]
+async fn the_scrubber_leaves_the_page_cache_as_readers_had_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // The first pass starts a second after open: time to make the cache cold.
+    let scrub = cairn_log::ScrubOptions { bytes_per_sec: 1 << 30, pause: std::time::Duration::from_secs(1) };
+    let options = Options { segment_bytes: 4 << 20, scrub, ..options() };
+    let store = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
+    for i in 0..400u64 {
+        let batch = (0..100).map(|k| NewEvent::json("Deposited", &serde_json::json!({ "amount": i * 100 + k, "pad": "x".repeat(200) })).unwrap()).collect();
+        store.append(&format!("acct-{}", i % 6), ExpectedVersion::Any, batch).await.unwrap();
+    }
+    drop(store);
+    let sealed: Vec<PathBuf> = { let s = segment_files(dir.path()); s[..s.len() - 1].to_vec() };
+    assert!(sealed.len() >= 2, "the test needs sealed segments");
+    let resident = |path: &Path| -> Vec<bool> {
+        let f = fs::File::open(path).unwrap();
+        // SAFETY: a read-only map of a file nothing writes while the test runs.
+        let map = unsafe { memmap2::Mmap::map(&f) }.unwrap();
+        let mut flags = vec![0u8; map.len().div_ceil(4096)];
+        // SAFETY: one byte per page of a live mapping.
+        assert_eq!(unsafe { libc::mincore(map.as_ptr() as *mut libc::c_void, map.len(), flags.as_mut_ptr()) }, 0);
+        flags.iter().map(|f| f & 1 == 1).collect()
+    };
+    let store = EmbeddedStore::open_with(dir.path(), options).unwrap();
+    // Opening reads each segment's header, and the kernel's read-ahead (8 MiB
+    // on some disks) brings much more in: drop it all again, as if cold.
+    for path in &sealed {
+        let f = fs::File::open(path).unwrap();
+        // SAFETY: advice on an open file.
+        unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+    // What stays is what the store keeps mapped (pages around the segment's
+    // last one, which open reads); a file system that cannot drop pages
+    // (tmpfs) keeps everything.
+    let cold = resident(&sealed[0]);
+    if cold.iter().filter(|r| **r).count() * 4 > cold.len() {
+        eprintln!("skipped: this file system keeps files in the page cache regardless (tmpfs?)");
+        return;
+    }
+    // A reader's page, read without read-ahead (which would bring in megabytes).
+    let reader = fs::File::open(&sealed[0]).unwrap();
+    // SAFETY: advice on an open file.
+    unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&reader), 0, 0, libc::POSIX_FADV_RANDOM) };
+    let mut page = [0u8; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(&reader, &mut page, 40 * 4096).unwrap();
+    assert!(resident(&sealed[0])[40], "the reader's page is cached");
+    let stats = store.stats();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while stats.scrub_passes.load(Ordering::Relaxed) < 1 {
+        assert!(std::time::Instant::now() < deadline, "no scrub pass");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(stats.scrub_errors.load(Ordering::Relaxed), 0);
+    for path in &sealed {
+        let after = resident(path);
+        let pages = after.len();
+        let cached = after.iter().filter(|r| **r).count();
+        // Only pages readers had cached stay (and what the store keeps mapped).
+        assert!(cached * 4 < pages, "{}: {cached} of {pages} pages still cached after the scrub", path.display());
+    }
+    assert!(resident(&sealed[0])[40], "the reader's page stayed cached");
+}
