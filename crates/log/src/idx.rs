@@ -606,9 +606,9 @@ pub fn check_against(file: &IdxFile, mem: &MemIndex) -> Result<(), (u64, String)
             _ => return Err((0, format!("its events of stream '{name}' differ from the segment's"))),
         }
     }
-    for (id, position) in mem.ids.sorted().iter() {
-        if file.id(*id).map_err(damaged)? != Some(*position) {
-            return Err((0, format!("it does not map event {} to position {position}", uuid::Uuid::from_u128(*id))));
+    for (id, position) in mem.ids.iter() {
+        if file.id(id).map_err(damaged)? != Some(position) {
+            return Err((0, format!("it does not map event {} to position {position}", uuid::Uuid::from_u128(id))));
         }
     }
     let terms = mem.tags.len() + mem.types.len() + mem.categories.len();

@@ -74,11 +74,10 @@ pub struct Run {
     pub positions: Vec<u64>,
     /// Timestamp (µs) of each event, for max-age lookups.
     pub timestamps: Vec<i64>,
-    /// Versions of the first and last event, and whether each event's
-    /// version is its predecessor's plus one (false after a reset by a
-    /// delete): what the stream summaries need of the segment.
+    /// Version of the first event, and whether each later one's is its
+    /// predecessor's plus one (false after a reset by a delete): what the
+    /// stream summaries need of the segment.
     pub first_version: u64,
-    pub last_version: u64,
     pub regular: bool,
 }
 
@@ -109,10 +108,18 @@ pub struct MemIndex {
 /// instead of reading every record again. Only for segments without a
 /// delete (a reset's place among the stream's events matters).
 pub struct Delta {
-    /// (stream, first version, last version, first position, last position, events)
-    streams: Vec<(String, u64, u64, u64, u64, u64)>,
+    streams: Vec<StreamDelta>,
     metadata: Vec<(String, u64, Vec<u8>)>,
     pub events: u64,
+}
+
+/// One stream's events in a segment, all of one incarnation, versions in a row.
+struct StreamDelta {
+    name: String,
+    first_version: u64,
+    first_position: u64,
+    last_position: u64,
+    events: u64,
 }
 
 /// A memtable's event ids. The active segment's are hashed, since every
@@ -180,6 +187,14 @@ impl Ids {
         }
     }
 
+    /// (id, position) pairs in no particular order.
+    pub fn iter(&self) -> Box<dyn Iterator<Item = (u128, u64)> + '_> {
+        match self {
+            Ids::Hashed(map) => Box::new(map.iter().map(|(id, p)| (*id, *p))),
+            Ids::Listed(list, _) => Box::new(list.iter().copied()),
+        }
+    }
+
     /// (id, position) pairs sorted by id.
     pub fn sorted(&self) -> std::borrow::Cow<'_, [(u128, u64)]> {
         match self {
@@ -219,6 +234,10 @@ fn push_position(map: &mut FastMap<String, Vec<u64>>, key: &str, position: u64) 
 #[derive(Debug)]
 pub struct IndexError(pub String);
 
+fn out_of_order(position: u64, version: u64, stream: &str, expected: u64) -> IndexError {
+    IndexError(format!("event at position {position} has version {version} in stream '{stream}', expected {expected}"))
+}
+
 impl MemIndex {
     pub fn new(base: u64) -> Self {
         MemIndex { base, ..Default::default() }
@@ -234,10 +253,9 @@ impl MemIndex {
         };
         if run.positions.is_empty() {
             (run.first_version, run.regular) = (r.version, true);
-        } else if r.version != run.last_version + 1 {
+        } else if r.version != run.first_version + run.positions.len() as u64 {
             run.regular = false;
         }
-        run.last_version = r.version;
         run.positions.push(position);
         run.timestamps.push(r.timestamp.0);
         self.events += 1;
@@ -268,8 +286,12 @@ impl MemIndex {
         if self.resets || self.streams.values().any(|r| !r.regular) {
             return None;
         }
-        let streams = self.streams.iter().map(|(name, r)| {
-            (name.clone(), r.first_version, r.last_version, r.positions[0], *r.positions.last().expect("a run has events"), r.positions.len() as u64)
+        let streams = self.streams.iter().map(|(name, r)| StreamDelta {
+            name: name.clone(),
+            first_version: r.first_version,
+            first_position: r.positions[0],
+            last_position: *r.positions.last().expect("a run has events"),
+            events: r.positions.len() as u64,
         });
         Some(Delta { streams: streams.collect(), metadata: self.metadata.clone(), events: self.events })
     }
@@ -448,10 +470,7 @@ impl Index {
         };
         let expected = entry.version + 1;
         if r.version != expected {
-            return Err(IndexError(format!(
-                "event at position {position} has version {} in stream '{}', expected {expected}",
-                r.version, r.stream
-            )));
+            return Err(out_of_order(position, r.version, r.stream, expected));
         }
         if entry.version == 0 {
             entry.since = position;
@@ -484,22 +503,22 @@ impl Index {
     /// [`Index::apply_summary`] of each of its records. `Err` gives the
     /// position of an event that does not fit.
     pub fn apply_delta(&mut self, delta: &Delta) -> Result<(), (u64, IndexError)> {
-        for (name, first_version, last_version, first, last, events) in &delta.streams {
-            let entry = match self.streams.get_mut(name) {
+        for d in &delta.streams {
+            let entry = match self.streams.get_mut(&d.name) {
                 Some(e) => e,
-                None => self.streams.entry(name.clone()).or_default(),
+                None => self.streams.entry(d.name.clone()).or_default(),
             };
             let expected = entry.version + 1;
-            if *first_version != expected {
-                return Err((*first, IndexError(format!("event at position {first} has version {first_version} in stream '{name}', expected {expected}"))));
+            if d.first_version != expected {
+                return Err((d.first_position, out_of_order(d.first_position, d.first_version, &d.name, expected)));
             }
             if entry.version == 0 {
-                entry.since = *first;
+                entry.since = d.first_position;
             }
-            entry.version = *last_version;
-            entry.last_position = Some(*last);
+            entry.version = d.first_version + d.events - 1;
+            entry.last_position = Some(d.last_position);
             entry.state = StreamState::Live;
-            self.events += events;
+            self.events += d.events;
         }
         for (target, position, data) in &delta.metadata {
             let metadata = serde_json::from_slice(data)

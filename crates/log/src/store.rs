@@ -580,8 +580,9 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
                 let end = seg.base + seg.capacity();
                 let needs_summaries = end > summaries_from;
                 // A rebuilt segment: its delta, and its new index file.
+                let rebuilt = missing.binary_search(&i).ok();
                 let mut delta = None;
-                if let Ok(k) = missing.binary_search(&i) {
+                if let Some(k) = rebuilt {
                     delta = rebuild.take(k)?;
                     files[i] = IdxFile::open(seg).ok();
                 }
@@ -596,7 +597,7 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
                             let apply_from = summaries_from.saturating_sub(seg.base).max(SEGMENT_HEADER_BYTES);
                             let from = if options.verify_on_open { SEGMENT_HEADER_BYTES } else { apply_from };
                             let mut apply = |v: &record::RecordView<'_>, p: u64| index.apply_summary(v, p);
-                            let scan = if missing.contains(&i) && !options.verify_on_open {
+                            let scan = if rebuilt.is_some() && !options.verify_on_open {
                                 crate::recovery::scan_checked_segment(seg, apply_from, apply_from, Some(&mut apply))?
                             } else {
                                 scan_segment(seg, from, apply_from, false, Some(&mut apply))?
