@@ -1,13 +1,18 @@
 //! Index files: one per sealed segment (`<segment>.idx` beside it), written
-//! once from the segment's memtable, never changed, mapped for reading. They
-//! are a cache of the log: a missing, foreign or damaged one is rebuilt from
-//! its segment, and deleting them all changes nothing but speed.
+//! once from the segment's memtable, never changed, mapped for reading; and
+//! merged files (`<first base>-<end>.idx`, [`crate::merge`]) that cover a
+//! run of consecutive segments with the same layout, so that a lookup in old
+//! history touches one file instead of one per segment. They are a cache of
+//! the log: a missing, foreign or damaged one is rebuilt from its segments,
+//! and deleting them all changes nothing but speed.
 //!
 //! Layout (little-endian; docs/design.md has the table):
-//! - a 512-byte header: magic, version, the segment it belongs to (base,
-//!   length and a CRC of its last 4 KiB, so a file from another log or an
-//!   older copy of the segment does not fit), counts, the eight sections'
-//!   offsets and lengths, and the block checksum table's place and CRC;
+//! - a 512-byte header: magic, version, the first segment it covers, counts,
+//!   the sections' offsets and lengths, and the block checksum table's place
+//!   and CRC;
+//! - the segments it covers: base, length and a CRC of the last 4 KiB of
+//!   each, so a file from another log or an older copy of a segment does not
+//!   fit (version 1 files, one segment each, kept these in the header);
 //! - stream directory: `(hash, name offset, name length, first, count)`
 //!   sorted by hash then name, pointing into the position and timestamp
 //!   arrays (one entry per event, in log order within a stream);
@@ -36,30 +41,35 @@ use crate::storage::Storage;
 compile_error!("index files are mapped as little-endian arrays");
 
 const MAGIC: &[u8; 8] = b"CAIRNSIX";
-pub const VERSION: u32 = 1;
-const HEADER: usize = 512;
-const BLOCK: usize = 4096;
+pub const VERSION: u32 = 2;
+pub(crate) const HEADER: usize = 512;
+pub(crate) const BLOCK: usize = 4096;
 const TAIL: u64 = 4096;
-const SECTIONS: usize = 11;
+pub(crate) const SECTIONS: usize = 12;
+/// Sections of a version 1 file (no list of covered segments).
+const SECTIONS_V1: usize = 11;
 /// Where the header keeps the section table, the block table's place and CRC, and its own CRC.
 const AT_SECTIONS: usize = 96;
-const AT_TABLE: usize = AT_SECTIONS + SECTIONS * 16;
-const AT_TABLE_CRC: usize = AT_TABLE + 8;
+const fn at_table(sections: usize) -> usize {
+    AT_SECTIONS + sections * 16
+}
 const AT_HEADER_CRC: usize = HEADER - 4;
 /// Directory and id entries per fence: the first key of every group of this
 /// many is kept in memory, so a lookup reads one group, not log2(n) pages.
-const FENCE: usize = 128;
-const S_STREAMS: usize = 0;
-const S_POSITIONS: usize = 1;
-const S_TIMESTAMPS: usize = 2;
-const S_NAMES: usize = 3;
-const S_IDS: usize = 4;
-const S_BLOOM: usize = 5;
-const S_TERMS: usize = 6;
-const S_POSTINGS: usize = 7;
-const S_STREAM_FENCES: usize = 8;
-const S_TERM_FENCES: usize = 9;
-const S_ID_FENCES: usize = 10;
+pub(crate) const FENCE: usize = 128;
+pub(crate) const S_STREAMS: usize = 0;
+pub(crate) const S_POSITIONS: usize = 1;
+pub(crate) const S_TIMESTAMPS: usize = 2;
+pub(crate) const S_NAMES: usize = 3;
+pub(crate) const S_IDS: usize = 4;
+pub(crate) const S_BLOOM: usize = 5;
+pub(crate) const S_TERMS: usize = 6;
+pub(crate) const S_POSTINGS: usize = 7;
+pub(crate) const S_STREAM_FENCES: usize = 8;
+pub(crate) const S_TERM_FENCES: usize = 9;
+pub(crate) const S_ID_FENCES: usize = 10;
+/// (base, length, tail CRC, 0) of each segment the file covers.
+pub(crate) const S_COVERS: usize = 11;
 
 /// What a term is: the first byte of its key in the term directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,12 +81,12 @@ pub enum Kind {
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-struct Entry {
-    hash: u64,
-    name_off: u32,
-    name_len: u32,
-    first: u32,
-    count: u32,
+pub(crate) struct Entry {
+    pub hash: u64,
+    pub name_off: u32,
+    pub name_len: u32,
+    pub first: u32,
+    pub count: u32,
 }
 
 #[repr(C)]
@@ -85,6 +95,15 @@ struct IdEntry {
     lo: u64,
     hi: u64,
     position: u64,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct Cover {
+    base: u64,
+    length: u64,
+    tail_crc: u32,
+    zero: u32,
 }
 
 /// An index file block whose checksum does not match.
@@ -101,11 +120,24 @@ pub fn path_for(seg: &Segment) -> PathBuf {
     seg.path.with_file_name(name)
 }
 
-fn name_hash(key: &[u8]) -> u64 {
+/// The merged file covering the segments from position `start` to `end`.
+pub fn merged_path(log_dir: &Path, start: u64, end: u64) -> PathBuf {
+    log_dir.join(format!("{start:020}-{end:020}.idx"))
+}
+
+/// The range a merged file's name gives, if it is one.
+pub fn parse_merged(path: &Path) -> Option<(u64, u64)> {
+    let name = path.file_name()?.to_str()?.strip_suffix(".idx")?;
+    let (a, b) = name.split_once('-')?;
+    let digits = |s: &str| s.len() == 20 && s.bytes().all(|c| c.is_ascii_digit());
+    (digits(a) && digits(b)).then(|| Some((a.parse().ok()?, b.parse().ok()?))).flatten().filter(|(a, b)| a < b)
+}
+
+pub(crate) fn name_hash(key: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(key)
 }
 
-fn id_hash(id: u128) -> u64 {
+pub(crate) fn id_hash(id: u128) -> u64 {
     xxhash_rust::xxh3::xxh3_64(&id.to_le_bytes())
 }
 
@@ -122,7 +154,7 @@ pub(crate) fn is_v7(id: u128) -> bool {
     (id >> 76) & 0xf == 7
 }
 
-fn tail_crc(seg: &Segment) -> u32 {
+pub(crate) fn tail_crc(seg: &Segment) -> u32 {
     let len = seg.capacity();
     crc32c::crc32c(seg.bytes(len - len.min(TAIL), len))
 }
@@ -131,11 +163,15 @@ fn tail_crc(seg: &Segment) -> u32 {
 // the eight 32-bit words of one 32-byte block.
 const SALT: [u32; 8] = [0x47b6137b, 0x44974d91, 0x8824ad5b, 0xa2b7289d, 0x705495c7, 0x2df1424b, 0x9efc4947, 0x5c6bfb31];
 
-fn bloom_block(hash: u64, blocks: usize) -> usize {
+pub(crate) fn bloom_blocks(ids: usize) -> usize {
+    (ids * 10).div_ceil(256).max(1)
+}
+
+pub(crate) fn bloom_block(hash: u64, blocks: usize) -> usize {
     (((hash >> 32) * blocks as u64) >> 32) as usize
 }
 
-fn bloom_mask(hash: u64) -> [u32; 8] {
+pub(crate) fn bloom_mask(hash: u64) -> [u32; 8] {
     let key = hash as u32;
     SALT.map(|s| 1u32 << (key.wrapping_mul(s) >> 27))
 }
@@ -178,7 +214,7 @@ fn encode(seg: &Segment, mem: &MemIndex) -> Vec<u8> {
     let postings: usize = [&mem.tags, &mem.types, &mem.categories].iter().flat_map(|m| m.values()).map(Vec::len).sum();
     let terms_n = mem.tags.len() + mem.types.len() + mem.categories.len();
     let names_n: usize = mem.streams.keys().map(String::len).sum::<usize>() + [&mem.tags, &mem.types, &mem.categories].iter().flat_map(|m| m.keys()).map(|k| k.len() + 1).sum::<usize>();
-    let body = 40 * (mem.streams.len() + terms_n) + 16 * mem.events as usize + 24 * mem.ids.len() + (mem.ids.len() * 10).div_ceil(256).max(1) * 32
+    let body = 40 * (mem.streams.len() + terms_n) + 16 * mem.events as usize + 24 * mem.ids.len() + bloom_blocks(mem.ids.len()) * 32 + 24
         + 8 * postings + 16 * (mem.streams.len() + terms_n + mem.ids.len()).div_ceil(FENCE) + 48 + names_n + 8;
     let mut buf = Vec::with_capacity(HEADER + body + body.div_ceil(BLOCK) * 4 + 64);
     buf.resize(HEADER, 0);
@@ -215,7 +251,7 @@ fn encode(seg: &Segment, mem: &MemIndex) -> Vec<u8> {
         buf.extend_from_slice(&p.to_le_bytes());
     }
     mark(&mut buf, S_IDS, start);
-    let blocks = (ids.len() * 10).div_ceil(256).max(1);
+    let blocks = bloom_blocks(ids.len());
     let mut bloom = vec![0u32; blocks * 8];
     for (id, _) in ids {
         let h = id_hash(*id);
@@ -269,6 +305,9 @@ fn encode(seg: &Segment, mem: &MemIndex) -> Vec<u8> {
     }
     mark(&mut buf, S_ID_FENCES, start);
     let start = buf.len();
+    put_cover(&mut buf, seg);
+    mark(&mut buf, S_COVERS, start);
+    let start = buf.len();
     buf.extend_from_slice(&names);
     mark(&mut buf, S_NAMES, start);
     pad8(&mut buf);
@@ -277,31 +316,58 @@ fn encode(seg: &Segment, mem: &MemIndex) -> Vec<u8> {
     let table_off = buf.len();
     let crcs: Vec<u8> = buf[HEADER..].chunks(BLOCK).flat_map(|b| crc32c::crc32c(b).to_le_bytes()).collect();
     buf.extend_from_slice(&crcs);
-    let mut h = Vec::with_capacity(HEADER);
-    h.extend_from_slice(MAGIC);
-    h.extend_from_slice(&VERSION.to_le_bytes());
-    h.extend_from_slice(&0u32.to_le_bytes());
-    h.extend_from_slice(&seg.base.to_le_bytes());
-    h.extend_from_slice(&seg.capacity().to_le_bytes());
-    h.extend_from_slice(&tail_crc(seg).to_le_bytes());
-    h.extend_from_slice(&0u32.to_le_bytes());
-    h.extend_from_slice(&mem.events.to_le_bytes());
-    h.extend_from_slice(&mem.last_position.unwrap_or(seg.base).to_le_bytes());
-    h.extend_from_slice(&[0u8; 8]);
-    h.extend_from_slice(&v7_min.to_le_bytes());
-    h.extend_from_slice(&v7_max.to_le_bytes());
-    for (off, len) in sections {
-        h.extend_from_slice(&off.to_le_bytes());
-        h.extend_from_slice(&len.to_le_bytes());
-    }
-    debug_assert_eq!(h.len(), AT_TABLE);
-    h.extend_from_slice(&(table_off as u64).to_le_bytes());
-    h.extend_from_slice(&crc32c::crc32c(&crcs).to_le_bytes());
-    h.resize(AT_HEADER_CRC, 0);
-    let crc = crc32c::crc32c(&h);
-    h.extend_from_slice(&crc.to_le_bytes());
-    buf[..h.len()].copy_from_slice(&h);
+    let h = Header { base: seg.base, span: seg.capacity(), events: mem.events, last_position: mem.last_position.unwrap_or(seg.base), v7: (v7_min, v7_max), sections, table_off, table_crc: crc32c::crc32c(&crcs) };
+    buf[..HEADER].copy_from_slice(&h.encode());
     buf
+}
+
+pub(crate) fn put_cover(buf: &mut Vec<u8>, seg: &Segment) {
+    buf.extend_from_slice(&seg.base.to_le_bytes());
+    buf.extend_from_slice(&seg.capacity().to_le_bytes());
+    buf.extend_from_slice(&tail_crc(seg).to_le_bytes());
+    buf.extend_from_slice(&0u32.to_le_bytes());
+}
+
+/// What the 512-byte header says.
+pub(crate) struct Header {
+    /// The first covered segment's base, and the length of all covered.
+    pub base: u64,
+    pub span: u64,
+    pub events: u64,
+    pub last_position: u64,
+    /// The smallest and largest UUIDv7 among the ids (`MAX`, 0 if none).
+    pub v7: (u128, u128),
+    pub sections: [(u64, u64); SECTIONS],
+    pub table_off: usize,
+    pub table_crc: u32,
+}
+
+impl Header {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut h = Vec::with_capacity(HEADER);
+        h.extend_from_slice(MAGIC);
+        h.extend_from_slice(&VERSION.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h.extend_from_slice(&self.base.to_le_bytes());
+        h.extend_from_slice(&self.span.to_le_bytes());
+        h.extend_from_slice(&[0u8; 8]);
+        h.extend_from_slice(&self.events.to_le_bytes());
+        h.extend_from_slice(&self.last_position.to_le_bytes());
+        h.extend_from_slice(&[0u8; 8]);
+        h.extend_from_slice(&self.v7.0.to_le_bytes());
+        h.extend_from_slice(&self.v7.1.to_le_bytes());
+        for (off, len) in self.sections {
+            h.extend_from_slice(&off.to_le_bytes());
+            h.extend_from_slice(&len.to_le_bytes());
+        }
+        debug_assert_eq!(h.len(), at_table(SECTIONS));
+        h.extend_from_slice(&(self.table_off as u64).to_le_bytes());
+        h.extend_from_slice(&self.table_crc.to_le_bytes());
+        h.resize(AT_HEADER_CRC, 0);
+        let crc = crc32c::crc32c(&h);
+        h.extend_from_slice(&crc.to_le_bytes());
+        h
+    }
 }
 
 /// A mapped index file, checked against its segment.
@@ -313,6 +379,8 @@ pub struct IdxFile {
     last_position: u64,
     v7: (u128, u128),
     sections: [(u64, u64); SECTIONS],
+    /// (base, length) of each segment it covers, in log order.
+    covers: Vec<(u64, u64)>,
     /// The first key of every [`FENCE`] entries of the stream and term
     /// directories and of the ids.
     stream_fences: Vec<u64>,
@@ -341,7 +409,13 @@ impl IdxFile {
     /// Opens the index file of `seg`; `Err` says why it cannot be used
     /// (missing, damaged header, or made for another segment).
     pub fn open(seg: &Segment) -> Result<IdxFile, String> {
-        let path = path_for(seg);
+        Self::open_covering(&path_for(seg), &[seg])
+    }
+
+    /// Opens the index file at `path`, which must cover exactly `segs`
+    /// (consecutive, in log order); `Err` says why it cannot be used.
+    pub fn open_covering(path: &Path, segs: &[&Segment]) -> Result<IdxFile, String> {
+        let path = path.to_path_buf();
         let file = std::fs::File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         // SAFETY: index files are written to a temporary name, synced and
         // renamed into place, and never written again; the data directory
@@ -357,32 +431,39 @@ impl IdxFile {
         if crc32c::crc32c(&h[..AT_HEADER_CRC]) != u32_at(h, AT_HEADER_CRC) {
             return Err("header checksum mismatch".into());
         }
-        if u32_at(h, 8) != VERSION {
-            return Err(format!("format version {} (this build writes {VERSION})", u32_at(h, 8)));
-        }
-        if u64_at(h, 16) != seg.base || u64_at(h, 24) != seg.capacity() || u32_at(h, 32) != tail_crc(seg) {
-            return Err("made for another segment or another copy of it".into());
+        let version = u32_at(h, 8);
+        let n_sections = match version {
+            1 => SECTIONS_V1,
+            VERSION => SECTIONS,
+            v => return Err(format!("format version {v} (this build writes {VERSION})")),
+        };
+        let Some(first) = segs.first() else { return Err("covers no segment".into()) };
+        let span: u64 = segs.iter().map(|s| s.capacity()).sum();
+        let foreign = || if segs.len() == 1 { "made for another segment or another copy of it" } else { "made for other segments or other copies of them" }.to_string();
+        if u64_at(h, 16) != first.base || u64_at(h, 24) != span || (version == 1 && (segs.len() != 1 || u32_at(h, 32) != tail_crc(first))) {
+            return Err(foreign());
         }
         let mut sections = [(0u64, 0u64); SECTIONS];
-        for (i, s) in sections.iter_mut().enumerate() {
+        for (i, s) in sections.iter_mut().enumerate().take(n_sections) {
             *s = (u64_at(h, AT_SECTIONS + i * 16), u64_at(h, AT_SECTIONS + 8 + i * 16));
         }
-        let table_off = u64_at(h, AT_TABLE) as usize;
+        let at_table = at_table(n_sections);
+        let table_off = u64_at(h, at_table) as usize;
         let blocks = (table_off.saturating_sub(HEADER)).div_ceil(BLOCK);
         if table_off < HEADER || !table_off.is_multiple_of(8) || map.len() != table_off + blocks * 4 {
             return Err("its length does not match its header".into());
         }
         let table = &map[table_off..];
-        if crc32c::crc32c(table) != u32_at(h, AT_TABLE_CRC) {
+        if crc32c::crc32c(table) != u32_at(h, at_table + 8) {
             return Err("block checksum table mismatch".into());
         }
-        for (i, (off, len)) in sections.iter().enumerate() {
+        for (i, (off, len)) in sections.iter().enumerate().take(n_sections) {
             let aligned = i == S_NAMES || off % 8 == 0;
             if !aligned || *off < HEADER as u64 || off.saturating_add(*len) > table_off as u64 {
                 return Err(format!("section {i} lies outside the file"));
             }
         }
-        let entries = [(S_STREAMS, 24), (S_IDS, 24), (S_TERMS, 24), (S_POSITIONS, 8), (S_TIMESTAMPS, 8), (S_POSTINGS, 8), (S_BLOOM, 32), (S_STREAM_FENCES, 8), (S_TERM_FENCES, 8), (S_ID_FENCES, 16)];
+        let entries = [(S_STREAMS, 24), (S_IDS, 24), (S_TERMS, 24), (S_POSITIONS, 8), (S_TIMESTAMPS, 8), (S_POSTINGS, 8), (S_BLOOM, 32), (S_STREAM_FENCES, 8), (S_TERM_FENCES, 8), (S_ID_FENCES, 16), (S_COVERS, 24)];
         if entries.iter().any(|(s, size)| sections[*s].1 % size != 0) || sections[S_BLOOM].1 == 0 {
             return Err("a section is not a whole number of entries".into());
         }
@@ -392,8 +473,15 @@ impl IdxFile {
         let crcs = table.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
         let checked = (0..blocks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
         let v7 = (u128::from_le_bytes(h[64..80].try_into().unwrap()), u128::from_le_bytes(h[80..96].try_into().unwrap()));
-        let mut file = IdxFile { path, base: seg.base, events: u64_at(h, 40), last_position: u64_at(h, 48), v7, sections, crcs, checked, map,
-            stream_fences: Vec::new(), term_fences: Vec::new(), id_fences: Vec::new() };
+        let mut file = IdxFile { path, base: first.base, events: u64_at(h, 40), last_position: u64_at(h, 48), v7, sections, crcs, checked, map,
+            covers: segs.iter().map(|s| (s.base, s.capacity())).collect(), stream_fences: Vec::new(), term_fences: Vec::new(), id_fences: Vec::new() };
+        if version > 1 {
+            let covers = file.slice::<Cover>(S_COVERS, 0, file.count::<Cover>(S_COVERS)).map_err(|d| d.reason)?;
+            let fits = covers.len() == segs.len() && covers.iter().zip(segs).all(|(c, s)| c.base == s.base && c.length == s.capacity() && c.tail_crc == tail_crc(s));
+            if !fits {
+                return Err(foreign());
+            }
+        }
         let fences = |file: &IdxFile, s: usize, of: usize| -> Result<Vec<u64>, String> {
             let n = file.count::<u64>(s);
             if n != file.count::<Entry>(of).div_ceil(FENCE) {
@@ -428,6 +516,20 @@ impl IdxFile {
 
     pub fn base(&self) -> u64 {
         self.base
+    }
+
+    /// (base, length) of the segments it covers, in log order.
+    pub fn covers(&self) -> &[(u64, u64)] {
+        &self.covers
+    }
+
+    /// Where the last covered segment ends.
+    pub fn end(&self) -> u64 {
+        self.covers.last().map_or(self.base, |(b, l)| b + l)
+    }
+
+    pub(crate) fn v7(&self) -> (u128, u128) {
+        self.v7
     }
 
     pub fn events(&self) -> u64 {
@@ -478,7 +580,7 @@ impl IdxFile {
     }
 
     /// `count` items of type `T` from entry `first` of section `s`, checked.
-    fn slice<T: Copy>(&self, s: usize, first: usize, count: usize) -> Result<&[T], Damaged> {
+    pub(crate) fn slice<T: Copy>(&self, s: usize, first: usize, count: usize) -> Result<&[T], Damaged> {
         let size = std::mem::size_of::<T>();
         let (off, len) = self.sections[s];
         let bad = || Damaged { file: self.path.clone(), offset: off, reason: format!("an entry points outside section {s}") };
@@ -497,11 +599,11 @@ impl IdxFile {
         Ok(items)
     }
 
-    fn count<T>(&self, s: usize) -> usize {
+    pub(crate) fn count<T>(&self, s: usize) -> usize {
         (self.sections[s].1 as usize) / std::mem::size_of::<T>()
     }
 
-    fn name(&self, e: &Entry) -> Result<&[u8], Damaged> {
+    pub(crate) fn name(&self, e: &Entry) -> Result<&[u8], Damaged> {
         self.slice::<u8>(S_NAMES, e.name_off as usize, e.name_len as usize)
     }
 
@@ -592,18 +694,63 @@ impl IdxFile {
     }
 }
 
-/// Whether `file` says exactly what `mem` (built from its segment) says;
+/// Whether `file` says exactly what `mem` (built from its one segment) says;
 /// `Err` gives the offset (0 if none) and the first difference. Checks every block on the way.
 pub fn check_against(file: &IdxFile, mem: &MemIndex) -> Result<(), (u64, String)> {
-    let damaged = |d: Damaged| (d.offset, d.reason);
-    file.check_all().map_err(damaged)?;
-    if file.events() != mem.events || file.count::<IdEntry>(S_IDS) != mem.ids.len() || file.count::<Entry>(S_STREAMS) != mem.streams.len() {
-        return Err((0, format!("it counts {} event(s), its segment holds {}", file.events(), mem.events)));
+    file.check_all().map_err(|d| (d.offset, d.reason))?;
+    if file.count::<Entry>(S_STREAMS) != mem.streams.len() {
+        return Err((0, format!("it holds {} stream(s), its segment {}", file.count::<Entry>(S_STREAMS), mem.streams.len())));
     }
+    let end = file.end();
+    check_segment(file, mem, end)?;
+    check_totals(file, &Totals::of(mem))
+}
+
+/// What the segments a file covers hold in all: events, ids and postings.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Totals {
+    pub events: u64,
+    pub ids: u64,
+    pub postings: u64,
+}
+
+impl Totals {
+    pub fn of(mem: &MemIndex) -> Totals {
+        let postings = [&mem.tags, &mem.types, &mem.categories].iter().flat_map(|m| m.values()).map(|l| l.len() as u64).sum();
+        Totals { events: mem.events, ids: mem.ids.len() as u64, postings }
+    }
+
+    pub fn add(&mut self, other: Totals) {
+        self.events += other.events;
+        self.ids += other.ids;
+        self.postings += other.postings;
+    }
+}
+
+/// Once each covered segment passed [`check_segment`]: the file holds
+/// nothing more than they do.
+pub fn check_totals(file: &IdxFile, t: &Totals) -> Result<(), (u64, String)> {
+    let found = Totals { events: file.events(), ids: file.count::<IdEntry>(S_IDS) as u64, postings: file.count::<u64>(S_POSTINGS) as u64 };
+    if (found.events, found.ids, found.postings) != (t.events, t.ids, t.postings) || file.count::<u64>(S_POSITIONS) as u64 != t.events {
+        return Err((0, format!("it counts {} event(s), {} id(s) and {} posting(s); its segments hold {}, {} and {}", found.events, found.ids, found.postings, t.events, t.ids, t.postings)));
+    }
+    Ok(())
+}
+
+/// Whether `file` says of one segment it covers, the one that ends at
+/// `end`, exactly what `mem` (built from that segment) says.
+pub fn check_segment(file: &IdxFile, mem: &MemIndex, end: u64) -> Result<(), (u64, String)> {
+    let damaged = |d: Damaged| (d.offset, d.reason);
+    let within = |p: &[u64]| (p.partition_point(|x| *x < mem.base), p.partition_point(|x| *x < end));
     for (name, run) in &mem.streams {
         match file.stream(name).map_err(damaged)? {
-            Some((p, t)) if p == run.positions.as_slice() && t == run.timestamps.as_slice() => {}
-            _ => return Err((0, format!("its events of stream '{name}' differ from the segment's"))),
+            Some((p, t)) => {
+                let (a, b) = within(p);
+                if p[a..b] != run.positions[..] || t[a..b] != run.timestamps[..] {
+                    return Err((0, format!("its events of stream '{name}' differ from the segment's")));
+                }
+            }
+            None => return Err((0, format!("it has no events of stream '{name}'"))),
         }
     }
     for (id, position) in mem.ids.iter() {
@@ -611,13 +758,11 @@ pub fn check_against(file: &IdxFile, mem: &MemIndex) -> Result<(), (u64, String)
             return Err((0, format!("it does not map event {} to position {position}", uuid::Uuid::from_u128(id))));
         }
     }
-    let terms = mem.tags.len() + mem.types.len() + mem.categories.len();
-    if file.count::<Entry>(S_TERMS) != terms {
-        return Err((0, format!("it holds {} tag, type and category lists, its segment {terms}", file.count::<Entry>(S_TERMS))));
-    }
     for (kind, map) in [(Kind::Tag, &mem.tags), (Kind::Type, &mem.types), (Kind::Category, &mem.categories)] {
         for (name, list) in map {
-            if file.term(kind, name).map_err(damaged)? != list.as_slice() {
+            let found = file.term(kind, name).map_err(damaged)?;
+            let (a, b) = within(found);
+            if found[a..b] != list[..] {
                 return Err((0, format!("its positions of {kind:?} '{name}' differ from the segment's")));
             }
         }
@@ -625,9 +770,9 @@ pub fn check_against(file: &IdxFile, mem: &MemIndex) -> Result<(), (u64, String)
     Ok(())
 }
 
-/// Removes index files (and unfinished ones) that no segment in `segments` owns.
-pub fn remove_strays(log_dir: &Path, segments: &[Segment], storage: &dyn Storage) -> Result<(), StoreError> {
-    let owned: Vec<PathBuf> = segments.iter().map(path_for).collect();
+/// Removes index files (and unfinished ones) other than those in `keep`.
+pub fn remove_strays(log_dir: &Path, keep: &[PathBuf], storage: &dyn Storage) -> Result<(), StoreError> {
+    let owned = keep;
     let entries = std::fs::read_dir(log_dir).map_err(|e| StoreError::io(log_dir, e))?;
     let mut removed = false;
     for entry in entries.flatten() {

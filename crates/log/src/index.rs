@@ -558,6 +558,17 @@ impl Index {
         self.parts_changed();
     }
 
+    /// Puts `new` in place of the parts at `range` (a merge, or a merged file split up again).
+    pub fn replace_parts(&mut self, range: std::ops::Range<usize>, new: Vec<Part>) {
+        self.parts.splice(range, new);
+        self.parts_changed();
+    }
+
+    /// Where the part mapping `file` is, if it still is in the index.
+    pub fn position_of(&self, file: &Arc<IdxFile>) -> Option<usize> {
+        self.parts.iter().position(|p| matches!(p, Part::Disk(f) if Arc::ptr_eq(f, file)))
+    }
+
     /// The position of the event with this id, if the log holds it.
     pub fn id(&self, id: u128) -> Result<Option<u64>, StoreError> {
         let skip = crate::idx::is_v7(id) && self.v7_upto.len() == self.parts.len();

@@ -99,13 +99,52 @@ pub fn scan_into_mem(seg: &Segment) -> Result<MemIndex, StoreError> {
     Ok(mem)
 }
 
-pub fn rebuild(shared: &Shared, base: u64) -> Result<(), StoreError> {
-    let Some(seg) = shared.segment_for(base).filter(|s| s.base == base) else { return Ok(()) };
-    eprintln!("cairn: index file {} is damaged; rebuilding it from its segment", idx::path_for(&seg).display());
-    let mem = scan_into_mem(&seg)?;
-    install(shared, &seg, &mem)?;
+/// Parts for the segments `segs` rebuilt from their records, one index file
+/// each (written now; a segment whose file cannot be written keeps its
+/// memtable).
+pub fn rebuild_parts(segs: &[&Segment], storage: &dyn crate::storage::Storage) -> Result<Vec<Part>, StoreError> {
+    let mut parts = Vec::with_capacity(segs.len());
+    for seg in segs {
+        let mem = scan_into_mem(seg)?;
+        let written = idx::write(seg, &mem, storage).and_then(|_| IdxFile::open(seg).map_err(|why| StoreError::io(idx::path_for(seg), std::io::Error::other(why))));
+        parts.push(match written {
+            Ok(file) => Part::Disk(Arc::new(file)),
+            Err(e) => {
+                eprintln!("cairn: could not write an index file ({e}); the segment stays indexed in memory");
+                Part::Mem(Arc::new(mem))
+            }
+        });
+    }
+    Ok(parts)
+}
+
+/// Rebuilds the index file at `path`, found damaged, from its segments: a
+/// segment's own file in its place, a merged file as one file per segment
+/// (merged again later). False if no part of the index maps that file.
+pub fn rebuild_file(shared: &Shared, path: &std::path::Path) -> Result<bool, StoreError> {
+    let file = shared.index.read().unwrap().parts.iter().find_map(|p| match p {
+        Part::Disk(f) if f.path() == path => Some(f.clone()),
+        _ => None,
+    });
+    let Some(file) = file else { return Ok(false) };
+    let segs: Vec<Arc<Segment>> = file.covers().iter().filter_map(|(base, _)| shared.segment_for(*base).filter(|s| s.base == *base)).collect();
+    if segs.len() != file.covers().len() {
+        return Ok(false);
+    }
+    eprintln!("cairn: index file {} is damaged; rebuilding it from its segment(s)", path.display());
+    let storage = &*shared.options.storage;
+    let parts = rebuild_parts(&segs.iter().map(|s| &**s).collect::<Vec<_>>(), storage)?;
+    {
+        let mut index = shared.index.write().unwrap();
+        if let Some(at) = index.position_of(&file) {
+            index.replace_parts(at..at + 1, parts);
+        }
+    }
+    if file.covers().len() > 1 {
+        let _ = storage.remove(path);
+    }
     shared.stats.index_rebuilds.fetch_add(1, Ordering::Relaxed);
-    Ok(())
+    Ok(true)
 }
 
 /// Writes the stream summaries as of now, for the next open to start from.

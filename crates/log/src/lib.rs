@@ -10,6 +10,7 @@ mod checkpoint;
 mod idx;
 mod index;
 mod indexer;
+mod merge;
 mod query;
 mod read;
 mod record;
@@ -23,6 +24,7 @@ mod store;
 mod verify;
 mod writer;
 
+pub use merge::MergeOptions;
 pub use scrub::ScrubOptions;
 pub use stats::Stats;
 pub use storage::{FaultyStorage, Op as FaultOp, OsStorage, Storage};

@@ -85,7 +85,7 @@ fn run(shared: &Shared, stop: &AtomicBool) {
             {
                 shared.stats.scrub_errors.fetch_add(1, Ordering::Relaxed);
                 *shared.stats.scrub_last_error.lock().unwrap() = Some(format!("{}: {} (rebuilt)", d.file.display(), d.reason));
-                if let Err(e) = indexer::rebuild(shared, seg.base) {
+                if let Err(e) = indexer::rebuild_file(shared, &d.file) {
                     eprintln!("cairn: could not rebuild {}: {e}", d.file.display());
                 }
             }

@@ -26,6 +26,8 @@ pub struct Stats {
     pub index_rebuilds: AtomicU64,
     /// Index files that could not be written (the segment stays indexed in memory).
     pub index_failures: AtomicU64,
+    /// Merges of neighbouring index files into one.
+    pub index_merges: AtomicU64,
     /// Bytes of sealed segments the scrubber has checked.
     pub scrub_bytes: AtomicU64,
     /// Whole passes of the scrubber over every sealed segment.
@@ -78,7 +80,8 @@ impl Stats {
         for (name, help, v) in [
             ("index_files_written_total", "Index files written for sealed segments.", &self.index_files_written),
             ("index_rebuilds_total", "Index files found damaged while answering and rebuilt from their segment.", &self.index_rebuilds),
-            ("index_failures_total", "Index files that could not be written (the segment stays indexed in memory).", &self.index_failures),
+            ("index_failures_total", "Index files that could not be written or merged (the segment stays indexed in memory).", &self.index_failures),
+            ("index_merges_total", "Merges of neighbouring index files into one.", &self.index_merges),
             ("scrub_bytes_total", "Bytes of sealed segments the background scrubber has checked.", &self.scrub_bytes),
             ("scrub_passes_total", "Whole passes of the scrubber over every sealed segment.", &self.scrub_passes),
             ("scrub_errors_total", "Damage the scrubber found in sealed segments and index files.", &self.scrub_errors),

@@ -48,6 +48,8 @@ pub struct Options {
     pub storage: Arc<dyn Storage>,
     /// The background check of sealed segments and index files.
     pub scrub: crate::scrub::ScrubOptions,
+    /// When neighbouring index files are merged in the background.
+    pub merge: crate::merge::MergeOptions,
 }
 
 impl Default for Options {
@@ -63,6 +65,7 @@ impl Default for Options {
             recovery_backoff_max: std::time::Duration::from_secs(2),
             storage: crate::storage::os(),
             scrub: crate::scrub::ScrubOptions::default(),
+            merge: crate::merge::MergeOptions::default(),
         }
     }
 }
@@ -150,18 +153,9 @@ impl Shared {
     /// is rebuilt from its segment (never trusted) and `f` runs once more.
     pub fn indexed<T>(&self, f: impl Fn(&Index) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let first = f(&self.index.read().unwrap());
-        let damaged = match &first {
-            Err(StoreError::Corrupt { file, .. }) => file.strip_suffix(".idx").and_then(|seg| {
-                self.segments.read().unwrap().iter().find(|s| s.path.as_os_str() == seg).map(|s| s.base)
-            }),
-            _ => None,
-        };
-        match damaged {
-            Some(base) => {
-                indexer::rebuild(self, base)?;
-                f(&self.index.read().unwrap())
-            }
-            None => first,
+        match &first {
+            Err(StoreError::Corrupt { file, .. }) if file.ends_with(".idx") && indexer::rebuild_file(self, Path::new(file))? => f(&self.index.read().unwrap()),
+            _ => first,
         }
     }
 
@@ -226,6 +220,8 @@ struct CloseGuard {
     writer: Mutex<Option<JoinHandle<()>>>,
     indexer: Mutex<Option<JoinHandle<()>>>,
     scrubber: Mutex<Option<JoinHandle<()>>>,
+    merger: Mutex<Option<JoinHandle<()>>>,
+    /// Tells the scrubber and the merger to end.
     stop_scrub: Arc<std::sync::atomic::AtomicBool>,
     shared: Arc<Shared>,
     data_dir: PathBuf,
@@ -235,9 +231,11 @@ struct CloseGuard {
 impl Drop for CloseGuard {
     fn drop(&mut self) {
         self.stop_scrub.store(true, Ordering::Release);
-        if let Some(handle) = self.scrubber.lock().unwrap().take() {
-            handle.thread().unpark();
-            let _ = handle.join();
+        for thread in [&self.scrubber, &self.merger] {
+            if let Some(handle) = thread.lock().unwrap().take() {
+                handle.thread().unpark();
+                let _ = handle.join();
+            }
         }
         if let Some(handle) = self.writer.lock().unwrap().take() {
             // A writer waiting to retry a failed write notices the close at once.
@@ -315,7 +313,8 @@ impl EmbeddedStore {
         let writer_thread = handle.thread().clone();
         let stop_scrub = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let scrubber = crate::scrub::spawn(shared.clone(), stop_scrub.clone()).map_err(|e| StoreError::io(dir, e))?;
-        let guard = CloseGuard { writer: Mutex::new(Some(handle)), indexer: Mutex::new(Some(indexer_handle)), scrubber: Mutex::new(scrubber), stop_scrub, shared: shared.clone(), data_dir: dir.to_path_buf(), _lock: lock };
+        let merger = crate::merge::spawn(shared.clone(), stop_scrub.clone()).map_err(|e| StoreError::io(dir, e))?;
+        let guard = CloseGuard { writer: Mutex::new(Some(handle)), indexer: Mutex::new(Some(indexer_handle)), scrubber: Mutex::new(scrubber), merger: Mutex::new(merger), stop_scrub, shared: shared.clone(), data_dir: dir.to_path_buf(), _lock: lock };
         Ok(EmbeddedStore { shared, tx, writer_thread, _guard: Arc::new(guard), report: Arc::new(report) })
     }
 
@@ -545,14 +544,24 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
     let count = opened.len();
     let mut newest_scan = SegmentScan::default();
     let mut head = 0;
-    let mut to_write: Vec<usize> = Vec::new();
     // Sealed segments without a usable index file are rebuilt on every core
     // while this thread applies the segments in log order (indexer::Rebuild);
     // a damaged segment fails where the order reaches it, naming itself.
+    // Merged index files first: a segment one of them covers needs no file of its own.
+    let mut rejected = Vec::new();
+    let merged = crate::merge::find(log_dir, &opened[..count - 1].iter().collect::<Vec<_>>(), &mut rejected);
+    for (path, why) in rejected {
+        report.rebuilt_indexes.push((path, format!("{why}; its segments are indexed one by one")));
+    }
+    let mut covered: Vec<Option<usize>> = vec![None; count];
+    for (k, (_, range)) in merged.iter().enumerate() {
+        covered[range.clone()].iter_mut().for_each(|c| *c = Some(k));
+        report.index_files += 1;
+    }
     let mut files: Vec<Option<IdxFile>> = Vec::with_capacity(count);
     let mut missing = Vec::new();
     for (i, seg) in opened.iter().enumerate() {
-        if i + 1 == count {
+        if i + 1 == count || covered[i].is_some() {
             files.push(None);
             continue;
         }
@@ -587,7 +596,12 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
                     files[i] = IdxFile::open(seg).ok();
                 }
                 let whole = summaries_from <= seg.base + SEGMENT_HEADER_BYTES;
-                match files[i].take() {
+                // An index file on disk: the segment's own, or a merged one (its part comes with its first segment).
+                let disk = match covered[i] {
+                    Some(k) => Some((merged[k].1.start == i).then(|| merged[k].0.clone())),
+                    None => files[i].take().map(|f| Some(Arc::new(f))),
+                };
+                match disk {
                     Some(file) => {
                         if let Some(delta) = delta.filter(|_| whole) {
                             // Its records were all checked by the rebuild a moment ago.
@@ -604,7 +618,9 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
                             };
                             report.scanned_events += scan.events;
                         }
-                        index.parts.push(Part::Disk(Arc::new(file)));
+                        if let Some(file) = file {
+                            index.parts.push(Part::Disk(file));
+                        }
                     }
                     None => {
                         let mut mem = MemIndex::new(seg.base);
@@ -646,11 +662,14 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
         loop {
             match check_claim(claim, &index, (&newest.path, newest_scan.valid_end), torn) {
                 // An index file the check found damaged: rebuilt, then checked again.
-                Err(StoreError::Corrupt { file, reason, .. }) if file.ends_with(".idx") && let Some(i) = segments.iter().position(|s| idx::path_for(s).as_os_str() == file.as_str()) => {
-                    let mem = indexer::scan_into_mem(&segments[i])?;
-                    index.replace_part(Part::Mem(Arc::new(mem)));
-                    report.rebuilt_indexes.push((idx::path_for(&segments[i]), reason));
-                    to_write.push(i);
+                Err(StoreError::Corrupt { file, reason, .. }) if file.ends_with(".idx") && let Some(at) = index.parts.iter().position(|p| matches!(p, Part::Disk(f) if f.path().as_os_str() == file.as_str())) => {
+                    let Part::Disk(damaged) = &index.parts[at] else { unreachable!("found as a file") };
+                    let damaged = damaged.clone();
+                    let segs: Vec<&Segment> = damaged.covers().iter().filter_map(|(base, _)| segments.iter().find(|s| s.base == *base)).collect();
+                    // Written at once: they are a cache, and this keeps one memtable at a time.
+                    let parts = indexer::rebuild_parts(&segs, storage)?;
+                    index.replace_parts(at..at + 1, parts);
+                    report.rebuilt_indexes.push((damaged.path().to_path_buf(), reason));
                 }
                 other => break other?,
             }
@@ -661,11 +680,13 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
         storage.remove(&path).map_err(|e| StoreError::io(&path, e))?;
         segment::sync_dir(log_dir, storage)?;
     }
-    idx::remove_strays(log_dir, &segments, storage)?;
+    // Index files no part uses: covered by a merged one, or left by a crash.
+    let keep: Vec<PathBuf> = index.parts.iter().filter_map(|p| match p {
+        Part::Disk(f) => Some(f.path().to_path_buf()),
+        Part::Mem(_) => None,
+    }).collect();
+    idx::remove_strays(log_dir, &keep, storage)?;
     let mut segments: Vec<Arc<Segment>> = segments.into_iter().map(Arc::new).collect();
-    for i in to_write {
-        write_index_file(&mut index, &segments[i], storage);
-    }
     let io = |e| StoreError::io(&newest.path, e);
     if let Some(at) = newest_scan.torn_at {
         // Zero everything after the last whole append, durably.

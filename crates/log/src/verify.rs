@@ -9,7 +9,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
 
-use crate::idx::IdxFile;
+use crate::idx::{check_segment, check_totals, IdxFile, Totals};
 use crate::index::{Index, MemIndex, Part};
 use crate::recovery::scan_segment;
 use crate::segment;
@@ -46,6 +46,14 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
     let mut parts: Vec<Part> = Vec::with_capacity(segments.len());
     let mut report = VerifyReport { segments: segments.len(), ..Default::default() };
     let mut last_end = 0;
+    // A merged index file is checked segment by segment, then for its totals.
+    let sealed: Vec<&segment::Segment> = segments.iter().take(segments.len().saturating_sub(1)).collect();
+    let merged = crate::merge::find(&log_dir, &sealed, &mut Vec::new());
+    let mut covered: Vec<Option<usize>> = vec![None; segments.len()];
+    for (k, (_, range)) in merged.iter().enumerate() {
+        covered[range.clone()].iter_mut().for_each(|c| *c = Some(k));
+    }
+    let mut totals = Totals::default();
     for (i, seg) in segments.iter().enumerate() {
         let last = i + 1 == segments.len();
         let mut mem = MemIndex::new(seg.base);
@@ -54,18 +62,34 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
             mem.apply(v, p)
         };
         let scan = scan_segment(seg, 0, 0, last, Some(&mut apply))?;
-        match IdxFile::open(seg) {
-            Ok(file) if !last => {
-                // An index file that fits its segment must say what the segment says.
-                crate::idx::check_against(&file, &mem).map_err(|(offset, why)| StoreError::Corrupt {
-                    file: file.path().display().to_string(),
-                    offset,
-                    reason: format!("{why}; it is only a cache: `cairn reindex` rebuilds it"),
-                })?;
-                report.index_files += 1;
-                parts.push(Part::Disk(Arc::new(file)));
+        let cache_differs = |file: &IdxFile, (offset, why): (u64, String)| StoreError::Corrupt {
+            file: file.path().display().to_string(),
+            offset,
+            reason: format!("{why}; it is only a cache: `cairn reindex` rebuilds it"),
+        };
+        if let Some(k) = covered[i] {
+            let (file, range) = &merged[k];
+            if range.start == i {
+                file.check_all().map_err(|d| cache_differs(file, (d.offset, d.reason)))?;
+                totals = Totals::default();
             }
-            _ => parts.push(Part::Mem(Arc::new(MemIndex { base: seg.base, ids: mem.ids, ..Default::default() }))),
+            check_segment(file, &mem, seg.base + seg.capacity()).map_err(|e| cache_differs(file, e))?;
+            totals.add(Totals::of(&mem));
+            if range.end == i + 1 {
+                check_totals(file, &totals).map_err(|e| cache_differs(file, e))?;
+                report.index_files += 1;
+                parts.push(Part::Disk(file.clone()));
+            }
+        } else {
+            match IdxFile::open(seg) {
+                Ok(file) if !last => {
+                    // An index file that fits its segment must say what the segment says.
+                    crate::idx::check_against(&file, &mem).map_err(|e| cache_differs(&file, e))?;
+                    report.index_files += 1;
+                    parts.push(Part::Disk(Arc::new(file)));
+                }
+                _ => parts.push(Part::Mem(Arc::new(MemIndex { base: seg.base, ids: mem.ids, ..Default::default() }))),
+            }
         }
         report.events += scan.events;
         report.bytes += scan.valid_end;

@@ -381,3 +381,118 @@ async fn the_scrubber_leaves_the_page_cache_as_readers_had_it() {
     }
     assert!(resident(&sealed[0])[40], "the reader's page stayed cached");
 }
+
+/// Merged index files in the log directory: (path, first base, end).
+fn merged_files(dir: &Path) -> Vec<(PathBuf, u64, u64)> {
+    let mut out: Vec<_> = fs::read_dir(dir.join("log")).unwrap().filter_map(|e| {
+        let path = e.unwrap().path();
+        let name = path.file_name()?.to_str()?.strip_suffix(".idx")?.to_string();
+        let (a, b) = name.split_once('-')?;
+        Some((path.clone(), a.parse().ok()?, b.parse().ok()?))
+    }).collect();
+    out.sort();
+    out
+}
+
+fn merging(fanout: usize) -> Options {
+    Options { segment_bytes: 8 * 1024, merge: cairn_log::MergeOptions { fanout, max_segments: 4 }, ..options() }
+}
+
+/// Neighbouring index files are merged in the background, tiered (two
+/// singles into one of two, two of those into one of four); lookups, ids,
+/// queries, reopen and verify go through the merged file; a crash that left
+/// both a merged file and the files it covers is settled at open; damage
+/// in a merged file splits it into one file per segment again.
+#[tokio::test]
+async fn neighbouring_index_files_are_merged_and_answer_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open_with(dir.path(), merging(2)).unwrap();
+    let first_id = uuid::Uuid::now_v7();
+    let early = NewEvent::json("Opened", &serde_json::json!({ "n": 0 })).unwrap().with_id(first_id);
+    let first = store.append("early", ExpectedVersion::Any, vec![early.clone()]).await.unwrap();
+    fill(&store).await;
+    let live = answers(&store).await;
+    let sealed = segment_files(dir.path()).len() - 1;
+    assert!(sealed >= 5, "the test needs five sealed segments: {sealed}");
+    // Tiered: each run of four segments gets one file, two left over one of two, one left over its own.
+    let parts = sealed / 4 + (sealed % 4) / 2 + sealed % 2;
+    let all_index_files = || fs::read_dir(dir.path().join("log")).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "idx")).count();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while all_index_files() != parts {
+        assert!(std::time::Instant::now() < deadline, "{sealed} sealed segments, {parts} files expected: {:?}", merged_files(dir.path()));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(store.stats().index_merges.load(Ordering::Relaxed) as usize, sealed - parts, "each merge of two makes one file less");
+    assert_eq!(answers(&store).await, live, "reads through the merged files answer as before");
+    // An identical retry of the first event, now in a merged file, writes nothing; another use of its id is refused.
+    assert_eq!(store.append("early", ExpectedVersion::Any, vec![early.clone()]).await.unwrap(), first);
+    let other = NewEvent::json("Opened", &serde_json::json!({ "n": 1 })).unwrap().with_id(first_id);
+    assert!(matches!(store.append("other", ExpectedVersion::Any, vec![other]).await, Err(StoreError::IdempotencyConflict { .. })));
+    drop(store);
+    let (merged_path, start, end) = merged_files(dir.path())[0].clone();
+    let covered: Vec<PathBuf> = segment_files(dir.path()).into_iter().filter(|s| {
+        let base: u64 = s.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+        (start..end).contains(&base)
+    }).collect();
+    assert_eq!((start, covered.len()), (0, 4), "the oldest four segments are in one file");
+    assert!(covered.iter().all(|s| !PathBuf::from(format!("{}.idx", s.display())).exists()), "the covered segments' own files are gone");
+
+    // Reopen: the merged file is used as it is, and verify checks it against its four segments.
+    let store = EmbeddedStore::open_with(dir.path(), merging(0)).unwrap();
+    let report = store.open_report().clone();
+    assert!(report.rebuilt_indexes.is_empty(), "{report:?}");
+    assert_eq!(report.index_files, parts, "a merged file stands for the segments it covers: {report:?}");
+    assert_eq!(answers(&store).await, live);
+    drop(store);
+    assert_eq!(cairn_log::verify(dir.path(), |_, _| {}).unwrap().index_files, parts);
+
+    // A crash after the merged file was renamed into place but before the
+    // files it covers were removed: open prefers the merged file and removes them.
+    let merged_bytes = fs::read(&merged_path).unwrap();
+    fs::remove_file(&merged_path).unwrap();
+    let store = EmbeddedStore::open_with(dir.path(), merging(0)).unwrap();
+    assert_eq!(store.open_report().rebuilt_indexes.len(), 4, "the four segments get their own files again");
+    drop(store);
+    fs::write(&merged_path, &merged_bytes).unwrap();
+    let store = EmbeddedStore::open_with(dir.path(), merging(0)).unwrap();
+    assert_eq!((store.open_report().index_files, store.open_report().rebuilt_indexes.len()), (parts, 0));
+    assert_eq!(answers(&store).await, live);
+    drop(store);
+    for s in &covered {
+        assert!(!PathBuf::from(format!("{}.idx", s.display())).exists(), "{} was removed", s.display());
+    }
+
+    // verify names a damaged merged file.
+    let good = merged_bytes;
+    flip(&merged_path, good.len() as u64 / 2);
+    match cairn_log::verify(dir.path(), |_, _| {}) {
+        Err(StoreError::Corrupt { file, .. }) => assert_eq!(Path::new(&file), merged_path),
+        other => panic!("verify of a damaged merged file: {other:?}"),
+    }
+    // Damage a lookup finds: the merged file is split into one file per segment.
+    let store = EmbeddedStore::open_with(dir.path(), merging(0)).unwrap();
+    assert_eq!(answers(&store).await, live);
+    assert!(store.stats().index_rebuilds.load(Ordering::Relaxed) >= 1);
+    drop(store);
+    assert!(!merged_path.exists());
+    assert!(covered.iter().all(|s| PathBuf::from(format!("{}.idx", s.display())).exists()));
+    // Damage open sees (its header): reported, and the segments indexed one by one.
+    fs::write(&merged_path, &good).unwrap();
+    flip(&merged_path, 20);
+    let store = EmbeddedStore::open_with(dir.path(), merging(0)).unwrap();
+    let rebuilt = &store.open_report().rebuilt_indexes;
+    assert!(rebuilt.iter().any(|(p, why)| *p == merged_path && why.contains("header checksum")), "{rebuilt:?}");
+    assert_eq!(answers(&store).await, live);
+    drop(store);
+    assert!(!merged_path.exists(), "a damaged merged file is removed");
+    // Merging again gives the same file, byte for byte.
+    let store = EmbeddedStore::open_with(dir.path(), merging(2)).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !merged_path.exists() {
+        assert!(std::time::Instant::now() < deadline, "merged again");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(answers(&store).await, live);
+    drop(store);
+    assert_eq!(fs::read(&merged_path).unwrap(), good, "a merge is deterministic");
+}
