@@ -34,8 +34,9 @@ const EVENT_TYPE: &str = "CrashTested";
 
 fn options() -> Options {
     // Small segments, so that the children seal segments and write index
-    // files and snapshots while being killed, and most reads cross index files.
-    Options { segment_bytes: 64 * 1024, ..Options::default() }
+    // files and snapshots while being killed, and most reads cross index
+    // files; index files are merged in pairs, so kills land in merges too.
+    Options { segment_bytes: 64 * 1024, merge: cairn_log::MergeOptions { fanout: 2, max_segments: 16 }, ..Options::default() }
 }
 
 /// The payload of event `id`, recomputed by the parent to check the bytes.
@@ -270,7 +271,9 @@ fn kill_and_recover() {
     let report = cairn_log::verify(dir.path(), |_, _| {}).expect("verify after the last cycle");
     assert_eq!(report.torn_tail, None);
     let segments = segment_files(dir.path()).len();
-    eprintln!("crash::kill_and_recover: {CYCLES} kills in {:.1?}, {segments} segments, {report:?}, {totals:?}", started.elapsed());
+    let merged = std::fs::read_dir(dir.path().join("log")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_str().is_some_and(|n| n.ends_with(".idx") && n.contains('-'))).count();
+    eprintln!("crash::kill_and_recover: {CYCLES} kills in {:.1?}, {segments} segments, {merged} merged index files, {report:?}, {totals:?}", started.elapsed());
+    assert!(merged > 0, "the children merged index files between kills");
     assert!(totals.acked_appends >= 10 * CYCLES, "too few acknowledged appends to mean anything: {totals:?}");
 }
 

@@ -21,7 +21,9 @@ const EVENT_TYPE: &str = "Deposited";
 const SEGMENT_BYTES: u64 = 8 * 1024;
 
 fn options() -> Options {
-    Options { segment_bytes: SEGMENT_BYTES, ..Options::default() }
+    // Index files merged in pairs as soon as there are two: sequences read
+    // through merged files, see merges between steps, and damage them.
+    Options { segment_bytes: SEGMENT_BYTES, merge: cairn_log::MergeOptions { fanout: 2, max_segments: 8 }, ..Options::default() }
 }
 
 // ---------------------------------------------------------------------------
@@ -542,8 +544,10 @@ async fn run(dir: &Path, ops: Vec<Op>) {
             }
             Op::DamageIndex { pick, how } => {
                 drop(store);
-                let files: Vec<_> = crate::common::segment_files(dir).into_iter()
-                    .map(|s| std::path::PathBuf::from(format!("{}.idx", s.display()))).filter(|f| f.exists()).collect();
+                // Segments' own index files and merged ones.
+                let mut files: Vec<_> = std::fs::read_dir(dir.join("log")).unwrap().map(|e| e.unwrap().path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "idx")).collect();
+                files.sort();
                 let snapshot = dir.join("index.snap");
                 if let Some(file) = files.get(pick % files.len().max(1)) {
                     let mut bytes = std::fs::read(file).unwrap();
