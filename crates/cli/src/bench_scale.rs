@@ -259,6 +259,22 @@ async fn pairs(full: &EmbeddedStore, empty: &EmbeddedStore, events: u64) -> Resu
     Ok(out)
 }
 
+/// Waits until no merge of index files is due, so that the figures are
+/// those of a store at rest; the line says how long that took and what the index is then.
+async fn settle(store: &EmbeddedStore, when: &str) -> String {
+    let t0 = Instant::now();
+    let bar = indicatif::ProgressBar::new_spinner().with_message("merging index files");
+    while store.index_layout().3 {
+        bar.tick();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // (A running merge keeps its window due until it is installed.)
+    bar.finish_and_clear();
+    let (files, covered, memtables, _) = store.index_layout();
+    let merges = store.stats().index_merges.load(std::sync::atomic::Ordering::Relaxed);
+    format!("bench S1 figure=merge_wait_{when} secs={:.1} index_files={files} segments_covered={covered} memtables={memtables} merges={merges}", t0.elapsed().as_secs_f64())
+}
+
 /// `cairn bench S1`.
 pub async fn s1(events: u64, streams: u64, keep: Option<&Path>, tmp: &Path) -> Result<String> {
     let dir: PathBuf = match keep {
@@ -281,6 +297,7 @@ pub async fn s1(events: u64, streams: u64, keep: Option<&Path>, tmp: &Path) -> R
         let log_bytes = store.head_position().await?.0;
         lines.push(format!("bench S1 figure=fill events={events} streams={streams} secs={secs:.1} events_per_s={:.0} log_bytes={log_bytes} rss_anon_kib_after_fill={}", events as f64 / secs, rss_anon_kib()));
     }
+    lines.push(settle(&store, "after_fill").await);
     let t0 = Instant::now();
     drop(store);
     lines.push(format!("bench S1 figure=close secs={:.3}", t0.elapsed().as_secs_f64()));
@@ -288,6 +305,7 @@ pub async fn s1(events: u64, streams: u64, keep: Option<&Path>, tmp: &Path) -> R
     kill_while_appending(&dir, Duration::from_secs(2))?;
     lines.push(format!("bench S1 figure=open_after_sigkill {}", open_in_child(&dir)?));
     let full = EmbeddedStore::open(&dir)?;
+    lines.push(settle(&full, "before_workloads").await);
     let empty = EmbeddedStore::open(tmp.join("s1-empty"))?;
     let total = full.stats().events_written.load(std::sync::atomic::Ordering::Relaxed);
     for pair in pairs(&full, &empty, events).await? {

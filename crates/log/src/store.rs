@@ -341,6 +341,20 @@ impl EmbeddedStore {
         Ok(report)
     }
 
+    /// How the index is held now: (index files mapped, segments they cover,
+    /// memtables), and whether a merge of index files is due.
+    pub fn index_layout(&self) -> (usize, usize, usize, bool) {
+        let index = self.shared.index.read().unwrap();
+        let (mut files, mut covered, mut mem) = (0, 0, 0);
+        for part in &index.parts {
+            match part {
+                Part::Disk(f) => (files, covered) = (files + 1, covered + f.covers().len()),
+                Part::Mem(_) => mem += 1,
+            }
+        }
+        (files, covered, mem, crate::merge::plan(&index.parts, self.shared.options.merge).is_some())
+    }
+
     /// What recovery found when this store was opened.
     pub fn open_report(&self) -> &OpenReport {
         &self.report
