@@ -189,18 +189,8 @@ fn write_sections(out: &mut Out<'_>, sources: &[&IdxFile], segs: &[&Segment]) ->
     let mut names_len = 0u64;
 
     // Streams: directory, then positions and timestamps in directory order.
-    let mut stream_fences = Vec::new();
     let start = out.pos();
-    let (mut n, mut first) = (0usize, 0u64);
-    groups(sources, idx::S_STREAMS, |hash, name, group| {
-        let count: u64 = group.iter().map(|(_, e)| e.count as u64).sum();
-        put_entry(out, hash, names_len, name.len(), first, count)?;
-        if n.is_multiple_of(FENCE) {
-            stream_fences.push(hash);
-        }
-        (n, first, names_len) = (n + 1, first + count, names_len + name.len() as u64);
-        Ok(())
-    })?;
+    let (first, stream_fences) = write_directory(out, sources, idx::S_STREAMS, &mut names_len)?;
     sections[idx::S_STREAMS] = (start, out.pos() - start);
     if first != events {
         return Err(MergeError::Failed(StoreError::Corrupt { file: sources[0].path().display().to_string(), offset: 0, reason: format!("the files to merge list {first} stream event(s) but count {events}") }));
@@ -265,18 +255,8 @@ fn write_sections(out: &mut Out<'_>, sources: &[&IdxFile], segs: &[&Segment]) ->
     drop(bloom);
 
     // Terms: directory, then postings.
-    let mut term_fences = Vec::new();
     let start = out.pos();
-    let (mut n, mut postings) = (0usize, 0u64);
-    groups(sources, idx::S_TERMS, |hash, name, group| {
-        let count: u64 = group.iter().map(|(_, e)| e.count as u64).sum();
-        put_entry(out, hash, names_len, name.len(), postings, count)?;
-        if n.is_multiple_of(FENCE) {
-            term_fences.push(hash);
-        }
-        (n, postings, names_len) = (n + 1, postings + count, names_len + name.len() as u64);
-        Ok(())
-    })?;
+    let (postings, term_fences) = write_directory(out, sources, idx::S_TERMS, &mut names_len)?;
     sections[idx::S_TERMS] = (start, out.pos() - start);
     if postings > u32::MAX as u64 || names_len > u32::MAX as u64 {
         return Err(MergeError::Failed(StoreError::io(&out.path, std::io::Error::other("too much to merge into one index file"))));
@@ -325,6 +305,23 @@ fn write_sections(out: &mut Out<'_>, sources: &[&IdxFile], segs: &[&Segment]) ->
     let v7 = sources.iter().fold((u128::MAX, 0u128), |(lo, hi), s| (lo.min(s.v7().0), hi.max(s.v7().1)));
     let last_position = sources.iter().filter_map(|s| s.last_position()).max().unwrap_or(segs[0].base);
     Ok(Header { base: segs[0].base, span: segs.iter().map(|s| s.capacity()).sum(), events, last_position, v7, sections, table_off, table_crc: crc32c::crc32c(&table) })
+}
+
+/// Writes the merged directory of section `s` (streams or terms), its names
+/// counted on from `names_len`; returns the entries' total count (positions
+/// or postings) and the fences.
+fn write_directory(out: &mut Out<'_>, sources: &[&IdxFile], s: usize, names_len: &mut u64) -> Result<(u64, Vec<u64>), MergeError> {
+    let (mut fences, mut n, mut first) = (Vec::new(), 0usize, 0u64);
+    groups(sources, s, |hash, name, group| {
+        let count: u64 = group.iter().map(|(_, e)| e.count as u64).sum();
+        put_entry(out, hash, *names_len, name.len(), first, count)?;
+        if n.is_multiple_of(FENCE) {
+            fences.push(hash);
+        }
+        (n, first, *names_len) = (n + 1, first + count, *names_len + name.len() as u64);
+        Ok(())
+    })?;
+    Ok((first, fences))
 }
 
 fn put_entry(out: &mut Out<'_>, hash: u64, name_off: u64, name_len: usize, first: u64, count: u64) -> Result<(), MergeError> {
