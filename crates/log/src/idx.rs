@@ -386,9 +386,79 @@ pub struct IdxFile {
     stream_fences: Vec<u64>,
     term_fences: Vec<u64>,
     id_fences: Vec<u128>,
+    blocks: Blocks,
+}
+
+/// The checksums of a mapped file's 4 KiB blocks after its header (the
+/// table at its end), each block checked the first time a read touches it.
+pub(crate) struct Blocks {
     crcs: Vec<u32>,
     /// One bit per block: checked already.
     checked: Vec<AtomicU64>,
+}
+
+impl Blocks {
+    /// From the table of little-endian CRCs at the file's end.
+    pub fn new(table: &[u8]) -> Blocks {
+        let crcs: Vec<u32> = table.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+        let checked = (0..crcs.len().div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        Blocks { crcs, checked }
+    }
+
+    /// Where the table starts in `map`.
+    fn table_off(&self, map: &[u8]) -> usize {
+        map.len() - self.crcs.len() * 4
+    }
+
+    /// Checks the blocks under `off..off+len` (file offsets), once each.
+    pub fn check(&self, map: &[u8], path: &Path, off: usize, len: usize) -> Result<(), Damaged> {
+        if len == 0 {
+            return Ok(());
+        }
+        let first = (off - HEADER) / BLOCK;
+        let last = (off + len - 1 - HEADER) / BLOCK;
+        for b in first..=last {
+            let (word, bit) = (b / 64, 1u64 << (b % 64));
+            if self.checked[word].load(Ordering::Relaxed) & bit != 0 {
+                continue;
+            }
+            let start = HEADER + b * BLOCK;
+            let end = (start + BLOCK).min(self.table_off(map));
+            if crc32c::crc32c(&map[start..end]) != self.crcs[b] {
+                return Err(Damaged { file: path.to_path_buf(), offset: start as u64, reason: format!("block {b} fails its checksum") });
+            }
+            self.checked[word].fetch_or(bit, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Checks every block again, also those checked before.
+    pub fn check_all(&self, map: &[u8], path: &Path) -> Result<(), Damaged> {
+        for word in &self.checked {
+            word.store(0, Ordering::Relaxed);
+        }
+        self.check(map, path, HEADER, self.table_off(map) - HEADER)
+    }
+}
+
+/// `count` items of type `T` from entry `first` of a section (`(offset,
+/// length)` in `map`, numbered `s` for messages), its blocks checked.
+pub(crate) fn mapped_slice<'a, T: Copy>(map: &'a [u8], blocks: &Blocks, path: &Path, (off, len): (u64, u64), s: usize, first: usize, count: usize) -> Result<&'a [T], Damaged> {
+    let size = std::mem::size_of::<T>();
+    let bad = || Damaged { file: path.to_path_buf(), offset: off, reason: format!("an entry points outside section {s}") };
+    let end = first.checked_add(count).ok_or_else(bad)?;
+    if end * size > len as usize {
+        return Err(bad());
+    }
+    let at = off as usize + first * size;
+    blocks.check(map, path, at, count * size)?;
+    let bytes = &map[at..at + count * size];
+    // SAFETY: `T` is a plain little-endian integer or a `repr(C)` struct of
+    // them, any bit pattern is valid, and the mapping is page-aligned with
+    // every such section at a multiple of 8 (checked at open).
+    let (pre, items, post) = unsafe { bytes.align_to::<T>() };
+    debug_assert!(pre.is_empty() && post.is_empty());
+    Ok(items)
 }
 
 impl std::fmt::Debug for IdxFile {
@@ -470,10 +540,9 @@ impl IdxFile {
         if sections[S_POSITIONS].1 != sections[S_TIMESTAMPS].1 {
             return Err("positions and timestamps differ in number".into());
         }
-        let crcs = table.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
-        let checked = (0..blocks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        let blocks = Blocks::new(table);
         let v7 = (u128::from_le_bytes(h[64..80].try_into().unwrap()), u128::from_le_bytes(h[80..96].try_into().unwrap()));
-        let mut file = IdxFile { path, base: first.base, events: u64_at(h, 40), last_position: u64_at(h, 48), v7, sections, crcs, checked, map,
+        let mut file = IdxFile { path, base: first.base, events: u64_at(h, 40), last_position: u64_at(h, 48), v7, sections, blocks, map,
             covers: segs.iter().map(|s| (s.base, s.capacity())).collect(), stream_fences: Vec::new(), term_fences: Vec::new(), id_fences: Vec::new() };
         if version > 1 {
             let covers = file.slice::<Cover>(S_COVERS, 0, file.count::<Cover>(S_COVERS)).map_err(|d| d.reason)?;
@@ -544,59 +613,15 @@ impl IdxFile {
         &self.path
     }
 
-    /// Checks the blocks under `off..off+len` (file offsets), once each.
-    fn check(&self, off: usize, len: usize) -> Result<(), Damaged> {
-        if len == 0 {
-            return Ok(());
-        }
-        let first = (off - HEADER) / BLOCK;
-        let last = (off + len - 1 - HEADER) / BLOCK;
-        for b in first..=last {
-            let (word, bit) = (b / 64, 1u64 << (b % 64));
-            if self.checked[word].load(Ordering::Relaxed) & bit != 0 {
-                continue;
-            }
-            let start = HEADER + b * BLOCK;
-            let end = (start + BLOCK).min(HEADER + self.crcs.len() * BLOCK).min(self.table_off());
-            if crc32c::crc32c(&self.map[start..end]) != self.crcs[b] {
-                return Err(Damaged { file: self.path.clone(), offset: start as u64, reason: format!("block {b} fails its checksum") });
-            }
-            self.checked[word].fetch_or(bit, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    fn table_off(&self) -> usize {
-        self.map.len() - self.crcs.len() * 4
-    }
-
     /// Checks every block again, also those checked before: what the
     /// scrubber and `cairn verify` do (bit rot comes after the first read).
     pub fn check_all(&self) -> Result<(), Damaged> {
-        for word in &self.checked {
-            word.store(0, Ordering::Relaxed);
-        }
-        self.check(HEADER, self.table_off() - HEADER)
+        self.blocks.check_all(&self.map, &self.path)
     }
 
     /// `count` items of type `T` from entry `first` of section `s`, checked.
     pub(crate) fn slice<T: Copy>(&self, s: usize, first: usize, count: usize) -> Result<&[T], Damaged> {
-        let size = std::mem::size_of::<T>();
-        let (off, len) = self.sections[s];
-        let bad = || Damaged { file: self.path.clone(), offset: off, reason: format!("an entry points outside section {s}") };
-        let end = first.checked_add(count).ok_or_else(bad)?;
-        if end * size > len as usize {
-            return Err(bad());
-        }
-        let at = off as usize + first * size;
-        self.check(at, count * size)?;
-        let bytes = &self.map[at..at + count * size];
-        // SAFETY: `T` is a plain little-endian integer or a `repr(C)` struct of
-        // them, any bit pattern is valid, and the mapping is page-aligned with
-        // every such section at a multiple of 8 (checked at open).
-        let (pre, items, post) = unsafe { bytes.align_to::<T>() };
-        debug_assert!(pre.is_empty() && post.is_empty());
-        Ok(items)
+        mapped_slice(&self.map, &self.blocks, &self.path, self.sections[s], s, first, count)
     }
 
     pub(crate) fn count<T>(&self, s: usize) -> usize {

@@ -232,10 +232,30 @@ fn push_position(map: &mut FastMap<String, Vec<u64>>, key: &str, position: u64) 
 
 /// An index update that does not fit the log: a bug or undetected corruption.
 #[derive(Debug)]
-pub struct IndexError(pub String);
+pub struct IndexError(pub String, Option<Box<StoreError>>);
+
+impl IndexError {
+    pub fn new(why: impl Into<String>) -> Self {
+        IndexError(why.into(), None)
+    }
+
+    /// A lookup that failed (a damaged stream table): kept as it is, so
+    /// that recovery knows which file to do without.
+    pub fn from_store(e: StoreError) -> Self {
+        IndexError(e.to_string(), Some(Box::new(e)))
+    }
+
+    /// As a store error: the failed lookup's own, or corruption of the log at `file`, `offset`.
+    pub fn into_store(self, file: &std::path::Path, offset: u64) -> StoreError {
+        match self.1 {
+            Some(e) => *e,
+            None => StoreError::Corrupt { file: file.display().to_string(), offset, reason: self.0 },
+        }
+    }
+}
 
 fn out_of_order(position: u64, version: u64, stream: &str, expected: u64) -> IndexError {
-    IndexError(format!("event at position {position} has version {version} in stream '{stream}', expected {expected}"))
+    IndexError::new(format!("event at position {position} has version {version} in stream '{stream}', expected {expected}"))
 }
 
 impl MemIndex {
@@ -245,7 +265,7 @@ impl MemIndex {
 
     pub fn apply(&mut self, r: &RecordView<'_>, position: u64) -> Result<(), IndexError> {
         if !self.ids.insert(r.id.as_u128(), position) {
-            return Err(IndexError(format!("event id {} at position {position} was already used", r.id)));
+            return Err(IndexError::new(format!("event id {} at position {position} was already used", r.id)));
         }
         let run = match self.streams.get_mut(r.stream) {
             Some(run) => run,
@@ -417,7 +437,7 @@ impl StreamView<'_> {
 /// The whole index: stream summaries and one part per segment.
 #[derive(Default)]
 pub struct Index {
-    pub streams: FastMap<String, StreamEntry>,
+    pub streams: crate::summaries::Streams,
     /// One per segment, in log order; the last is the active segment's memtable.
     pub parts: Vec<Part>,
     /// `v7_upto[i]`: the largest UUIDv7 id of `parts[..=i]`, so that a new
@@ -446,11 +466,11 @@ impl Index {
     }
 
     /// Version and state a new append to `stream` sees.
-    pub fn current(&self, stream: &str) -> (u64, StreamState) {
-        match self.streams.get(stream) {
+    pub fn current(&self, stream: &str) -> Result<(u64, StreamState), StoreError> {
+        Ok(match self.streams.get(stream)? {
             Some(e) => (e.version, e.state),
             None => (0, StreamState::Live),
-        }
+        })
     }
 
     /// Applies a record to the summaries and to the newest part (a memtable).
@@ -458,16 +478,13 @@ impl Index {
         self.apply_summary(r, position)?;
         match self.parts.last_mut() {
             Some(Part::Mem(mem)) => Arc::get_mut(mem).expect("the active memtable is not shared").apply(r, position),
-            _ => Err(IndexError("the newest part of the index is not a memtable".into())),
+            _ => Err(IndexError::new("the newest part of the index is not a memtable")),
         }
     }
 
     /// Applies a record to the stream summaries only.
     pub fn apply_summary(&mut self, r: &RecordView<'_>, position: u64) -> Result<(), IndexError> {
-        let entry = match self.streams.get_mut(r.stream) {
-            Some(e) => e,
-            None => self.streams.entry(r.stream.to_string()).or_default(),
-        };
+        let entry = self.streams.get_mut(r.stream).map_err(|e| IndexError::from_store(e))?;
         let expected = entry.version + 1;
         if r.version != expected {
             return Err(out_of_order(position, r.version, r.stream, expected));
@@ -480,11 +497,11 @@ impl Index {
         entry.state = StreamState::Live;
         self.events += 1;
         if let Some(target) = r.stream.strip_prefix("$$") {
-            let entry = self.streams.entry(target.to_string()).or_default();
+            let entry = self.streams.get_mut(target).map_err(|e| IndexError::from_store(e))?;
             match r.event_type {
                 METADATA_EVENT => {
                     entry.metadata = serde_json::from_slice(r.data)
-                        .map_err(|e| IndexError(format!("stream metadata at position {position} does not parse: {e}")))?;
+                        .map_err(|e| IndexError::new(format!("stream metadata at position {position} does not parse: {e}")))?;
                 }
                 DELETED_EVENT | TOMBSTONE_EVENT => {
                     entry.version = 0;
@@ -504,10 +521,7 @@ impl Index {
     /// position of an event that does not fit.
     pub fn apply_delta(&mut self, delta: &Delta) -> Result<(), (u64, IndexError)> {
         for d in &delta.streams {
-            let entry = match self.streams.get_mut(&d.name) {
-                Some(e) => e,
-                None => self.streams.entry(d.name.clone()).or_default(),
-            };
+            let entry = self.streams.get_mut(&d.name).map_err(|e| (d.first_position, IndexError::from_store(e)))?;
             let expected = entry.version + 1;
             if d.first_version != expected {
                 return Err((d.first_position, out_of_order(d.first_position, d.first_version, &d.name, expected)));
@@ -522,8 +536,8 @@ impl Index {
         }
         for (target, position, data) in &delta.metadata {
             let metadata = serde_json::from_slice(data)
-                .map_err(|e| (*position, IndexError(format!("stream metadata at position {position} does not parse: {e}"))))?;
-            self.streams.entry(target.clone()).or_default().metadata = metadata;
+                .map_err(|e| (*position, IndexError::new(format!("stream metadata at position {position} does not parse: {e}"))))?;
+            self.streams.get_mut(target).map_err(|e| (*position, IndexError::from_store(e)))?.metadata = metadata;
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! The indexer thread: writes the index file of each segment the writer
-//! seals, swaps the segment's memtable for it, then writes a fresh index
-//! snapshot.
+//! seals, swaps the segment's memtable for it, then flushes the stream
+//! summaries changed since the last stream table to a new one; it also
+//! flushes them when the writer finds too many of them in memory.
 //! None of this is on the append path: a failure only keeps the memtable
 //! (memory) and is counted in `index_failures`.
 
@@ -14,12 +15,13 @@ use crate::idx::{self, IdxFile};
 use crate::index::{Delta, Ids, MemIndex, Part};
 use crate::recovery::scan_segment;
 use crate::segment::{Segment, SEGMENT_HEADER_BYTES};
-use crate::snapshot;
 use crate::store::Shared;
 
 pub enum Job {
     /// A segment the writer sealed, with its memtable.
     Sealed(Arc<Segment>, Arc<MemIndex>),
+    /// The stream summaries in memory grew past their bound.
+    Flush,
 }
 
 pub fn spawn(shared: Arc<Shared>, data_dir: std::path::PathBuf) -> std::io::Result<(Sender<Job>, std::thread::JoinHandle<()>)> {
@@ -51,8 +53,10 @@ fn run(shared: &Shared, data_dir: &std::path::Path, rx: Receiver<Job>) {
     let mut pending: Vec<(Arc<Segment>, Arc<MemIndex>)> = Vec::new();
     loop {
         let wait = if pending.is_empty() { std::time::Duration::from_secs(3600) } else { RETRY };
+        let mut flush = false;
         match rx.recv_timeout(wait) {
             Ok(Job::Sealed(seg, mem)) => pending.push((seg, mem)),
+            Ok(Job::Flush) => flush = true,
             Err(RecvTimeoutError::Timeout) => {}
             // Every sender is gone: the store is closing.
             Err(RecvTimeoutError::Disconnected) => return,
@@ -70,8 +74,20 @@ fn run(shared: &Shared, data_dir: &std::path::Path, rx: Receiver<Job>) {
             }
         }
         pending = failed;
-        if wrote && let Err(e) = write_snapshot(shared, data_dir) {
-            eprintln!("cairn: could not write the index snapshot ({e}); the next open scans more of the log");
+        if wrote || flush {
+            match crate::summaries::flush(shared, data_dir) {
+                Ok(_) => {}
+                // A merge of the tables found one damaged: rebuilt now, merged next time.
+                Err(StoreError::Corrupt { file, .. }) if file.ends_with(".tbl") => {
+                    if let Err(e) = crate::summaries::rebuild_table(shared, data_dir, std::path::Path::new(&file)) {
+                        eprintln!("cairn: could not rebuild {file}: {e}");
+                    }
+                }
+                Err(e) => {
+                    shared.stats.index_failures.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("cairn: could not write the stream table ({e}); the summaries stay in memory, and the next open scans more of the log");
+                }
+            }
         }
     }
 }
@@ -145,17 +161,6 @@ pub fn rebuild_file(shared: &Shared, path: &std::path::Path) -> Result<bool, Sto
     }
     shared.stats.index_rebuilds.fetch_add(1, Ordering::Relaxed);
     Ok(true)
-}
-
-/// Writes the stream summaries as of now, for the next open to start from.
-pub fn write_snapshot(shared: &Shared, data_dir: &std::path::Path) -> Result<(), StoreError> {
-    let bytes = {
-        let index = shared.index.read().unwrap();
-        let head = shared.head.load(Ordering::Acquire);
-        let last_id = shared.last_id_before(head).unwrap_or(0);
-        snapshot::encode(&index.streams, index.events, head, last_id)
-    };
-    snapshot::write(data_dir, &bytes, &*shared.options.storage)
 }
 
 /// Sealed segments without a usable index file, rebuilt at open on every

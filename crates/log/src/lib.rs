@@ -21,6 +21,8 @@ mod snapshot;
 mod stats;
 mod storage;
 mod store;
+mod summaries;
+mod table;
 mod verify;
 mod writer;
 

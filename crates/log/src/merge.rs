@@ -89,7 +89,7 @@ impl From<Damaged> for MergeError {
 
 /// The file being written: a buffer flushed in whole blocks, each block's
 /// checksum taken on the way.
-struct Out<'a> {
+pub(crate) struct Out<'a> {
     storage: &'a dyn Storage,
     file: File,
     path: PathBuf,
@@ -100,17 +100,44 @@ struct Out<'a> {
     stop: &'a AtomicBool,
 }
 
-impl Out<'_> {
-    fn pos(&self) -> u64 {
+impl<'a> Out<'a> {
+    /// Starts writing `file` (at `path`) after its header.
+    pub fn new(storage: &'a dyn Storage, file: File, path: PathBuf, stop: &'a AtomicBool) -> Self {
+        Out { storage, file, path, buf: Vec::with_capacity(2 << 20), at: HEADER as u64, crcs: Vec::new(), stop }
+    }
+
+    pub fn file_ref(&self) -> &File {
+        &self.file
+    }
+
+    pub fn pos(&self) -> u64 {
         self.at + self.buf.len() as u64
     }
 
-    fn put(&mut self, bytes: &[u8]) -> Result<(), MergeError> {
+    pub fn put(&mut self, bytes: &[u8]) -> Result<(), MergeError> {
         self.buf.extend_from_slice(bytes);
         if self.buf.len() >= 1 << 20 {
             self.flush(false)?;
         }
         Ok(())
+    }
+
+    pub fn pad8(&mut self) -> Result<(), MergeError> {
+        while !self.pos().is_multiple_of(8) {
+            self.put(&[0])?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is left and the block checksum table after it; returns
+    /// the table's offset and CRC, for the header.
+    pub fn finish(&mut self) -> Result<(usize, u32), MergeError> {
+        self.pad8()?;
+        self.flush(true)?;
+        let table_off = self.pos() as usize;
+        let table: Vec<u8> = self.crcs.iter().flat_map(|c| c.to_le_bytes()).collect();
+        self.storage.write_at(&self.file, &table, table_off as u64).map_err(|e| MergeError::Failed(StoreError::io(&self.path, e)))?;
+        Ok((table_off, crc32c::crc32c(&table)))
     }
 
     fn flush(&mut self, all: bool) -> Result<(), MergeError> {
@@ -167,7 +194,7 @@ pub fn merge(sources: &[&IdxFile], segs: &[&Segment], log_dir: &Path, storage: &
     let tmp = path.with_extension("idx.tmp");
     let failed = |p: &Path| { let p = p.to_path_buf(); move |e| MergeError::Failed(StoreError::io(&p, e)) };
     let file = storage.create(&tmp).map_err(failed(&tmp))?;
-    let mut out = Out { storage, file, path: tmp.clone(), buf: Vec::with_capacity(2 << 20), at: HEADER as u64, crcs: Vec::new(), stop };
+    let mut out = Out::new(storage, file, tmp.clone(), stop);
     let written = write_sections(&mut out, sources, segs);
     let header = match written {
         Ok(h) => h,
@@ -295,16 +322,10 @@ fn write_sections(out: &mut Out<'_>, sources: &[&IdxFile], segs: &[&Segment]) ->
         groups(sources, s, |_, name, _| out.put(name))?;
     }
     sections[idx::S_NAMES] = (start, out.pos() - start);
-    while !out.pos().is_multiple_of(8) {
-        out.put(&[0])?;
-    }
-    out.flush(true)?;
-    let table_off = out.pos() as usize;
-    let table: Vec<u8> = out.crcs.iter().flat_map(|c| c.to_le_bytes()).collect();
-    out.storage.write_at(&out.file, &table, table_off as u64).map_err(|e| MergeError::Failed(StoreError::io(&out.path, e)))?;
+    let (table_off, table_crc) = out.finish()?;
     let v7 = sources.iter().fold((u128::MAX, 0u128), |(lo, hi), s| (lo.min(s.v7().0), hi.max(s.v7().1)));
     let last_position = sources.iter().filter_map(|s| s.last_position()).max().unwrap_or(segs[0].base);
-    Ok(Header { base: segs[0].base, span: segs.iter().map(|s| s.capacity()).sum(), events, last_position, v7, sections, table_off, table_crc: crc32c::crc32c(&table) })
+    Ok(Header { base: segs[0].base, span: segs.iter().map(|s| s.capacity()).sum(), events, last_position, v7, sections, table_off, table_crc })
 }
 
 /// Writes the merged directory of section `s` (streams or terms), its names

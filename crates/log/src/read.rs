@@ -71,14 +71,14 @@ impl Shared {
 
     fn stream_positions_in(index: &crate::index::Index, stream: &str, options: &ReadStreamOptions) -> Result<Vec<u64>, StoreError> {
         let not_found = || StoreError::StreamNotFound { stream: stream.to_string() };
-        let entry = index.streams.get(stream).ok_or_else(not_found)?;
+        let entry = index.streams.get(stream)?.ok_or_else(not_found)?;
         match entry.state {
             StreamState::Tombstoned => return Err(StoreError::StreamDeleted { stream: stream.to_string() }),
             StreamState::Deleted => return Err(not_found()),
             StreamState::Live if entry.version() == 0 => return Err(not_found()),
             StreamState::Live => {}
         }
-        let view = index.stream_view(stream, entry)?;
+        let view = index.stream_view(stream, &entry)?;
         let first = entry.first_visible_version(Timestamp::now().0, |t| view.older_than(t));
         let last = entry.version();
         let limit = options.limit.min(usize::MAX as u64 as usize) as u64;
@@ -274,19 +274,26 @@ impl EventStore for EmbeddedStore {
 
     async fn stream_info(&self, stream: &str) -> Result<StreamInfo, StoreError> {
         check_read_name(stream)?;
-        let index = self.shared.index.read().unwrap();
-        let entry = index.streams.get(stream).ok_or_else(|| StoreError::StreamNotFound { stream: stream.to_string() })?;
-        Ok(info(stream, entry))
+        self.shared.indexed(|index| {
+            let entry = index.streams.get(stream)?.ok_or_else(|| StoreError::StreamNotFound { stream: stream.to_string() })?;
+            Ok(info(stream, &entry))
+        })
     }
 
     async fn list_streams(&self, prefix: &str, limit: usize) -> Result<Vec<StreamInfo>, StoreError> {
-        let index = self.shared.index.read().unwrap();
         let system = prefix.starts_with('$');
-        let mut names: Vec<&String> = index.streams.keys()
-            .filter(|n| n.starts_with(prefix) && (system || !n.starts_with('$')))
-            .collect();
-        names.sort_unstable();
-        Ok(names.into_iter().take(limit).map(|n| info(n, &index.streams[n])).collect())
+        self.shared.indexed(|index| {
+            let mut out = Vec::new();
+            if limit > 0 {
+                index.streams.walk(prefix, |name, entry| {
+                    if system || !name.starts_with('$') {
+                        out.push(info(name, &entry));
+                    }
+                    Ok(out.len() < limit)
+                })?;
+            }
+            Ok(out)
+        })
     }
 
     async fn set_stream_metadata(&self, stream: &str, metadata: StreamMetadata) -> Result<AppendResult, StoreError> {
@@ -318,7 +325,7 @@ impl EventStore for EmbeddedStore {
                     StartFrom::Start => 1,
                     // After the largest version: nothing ever follows (no wrap to 1).
                     StartFrom::After(v) => v.saturating_add(1),
-                    StartFrom::End => shared.index.read().unwrap().current(&stream).0 + 1,
+                    StartFrom::End => shared.indexed(|index| index.current(&stream))?.0 + 1,
                 };
                 Ok(subscription(shared, Cursor::Stream(stream, next)))
             }

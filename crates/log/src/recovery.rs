@@ -69,7 +69,7 @@ fn scan(seg: &Segment, from: u64, apply_from: u64, last: bool, mut sink: Option<
                 if batch_end {
                     for (at, view) in pending.drain(..).filter(|(at, _)| *at >= apply_from) {
                         if let Some(sink) = sink.as_deref_mut() {
-                            sink(&view, seg.base + at).map_err(|e| corrupt(seg, at, e.0))?;
+                            sink(&view, seg.base + at).map_err(|e| e.into_store(&seg.path, at))?;
                         }
                         scan.events += 1;
                     }

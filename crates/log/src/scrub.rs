@@ -100,6 +100,17 @@ fn run(shared: &Shared, stop: &AtomicBool) {
                 return;
             }
         }
+        // The stream tables too: a damaged one is rebuilt from the log.
+        let tables = shared.index.read().unwrap().streams.tables.clone();
+        for t in tables {
+            if let Err(d) = t.check_all() {
+                shared.stats.scrub_errors.fetch_add(1, Ordering::Relaxed);
+                *shared.stats.scrub_last_error.lock().unwrap() = Some(format!("{}: {} (rebuilt)", d.file.display(), d.reason));
+                if let Err(e) = crate::summaries::rebuild_table(shared, &shared.data_dir, &d.file) {
+                    eprintln!("cairn: could not rebuild {}: {e}", d.file.display());
+                }
+            }
+        }
         shared.stats.scrub_passes.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -1,18 +1,15 @@
-//! The index snapshot (`index.snap`): the stream summaries as of a log
-//! position, written after each sealed segment's index file and when the
-//! store closes, so that the next open reads it, maps the index files and
-//! scans only the records after it. Its size grows with the number of
-//! streams, not of events. It is a cache: checked by CRC and against the log,
-//! and thrown away (the summaries are then rebuilt from the whole log)
-//! whenever anything about it is off.
+//! The index snapshot (`index.snap`) of stores written before stream tables
+//! ([`crate::table`]): all stream summaries as of a log position, in one
+//! file. Open still reads one (and flushes it to a stream table, then
+//! removes it), so such a store is not replayed from the start; nothing
+//! writes one any more. A damaged or foreign one is ignored.
 
-use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use cairn_core::{StoreError, StreamState};
 
 use crate::index::{FastMap, StreamEntry};
-use crate::storage::{OsStorage, Storage};
+use crate::storage::OsStorage;
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     crate::segment::sync_dir(dir, &OsStorage)
@@ -34,7 +31,8 @@ pub struct Snapshot {
     pub last_id: u128,
 }
 
-/// The snapshot's bytes; taken under the index lock, written outside it.
+/// A snapshot's bytes, as stores before stream tables wrote them.
+#[cfg(test)]
 pub fn encode(streams: &FastMap<String, StreamEntry>, events: u64, head: u64, last_id: u128) -> Vec<u8> {
     let mut w = Vec::with_capacity(64 + streams.len() * 64);
     w.extend_from_slice(MAGIC);
@@ -57,21 +55,6 @@ pub fn encode(streams: &FastMap<String, StreamEntry>, events: u64, head: u64, la
     let crc = crc32c::crc32c(&w);
     w.extend_from_slice(&crc.to_le_bytes());
     w
-}
-
-/// Writes snapshot bytes from [`encode`] durably, replacing the old one.
-pub fn write(dir: &Path, bytes: &[u8], storage: &dyn Storage) -> Result<(), StoreError> {
-    let tmp = dir.join("index.snap.tmp");
-    let path = dir.join(FILE);
-    let io = |e| StoreError::io(&tmp, e);
-    let file = storage.create(&tmp).map_err(io)?;
-    let mut w = BufWriter::with_capacity(1 << 20, &file);
-    w.write_all(bytes).map_err(io)?;
-    w.flush().map_err(io)?;
-    drop(w);
-    storage.sync_all(&file).map_err(io)?;
-    storage.rename(&tmp, &path).map_err(|e| StoreError::io(&path, e))?;
-    crate::segment::sync_dir(dir, storage)
 }
 
 /// The snapshot, or `None` if there is none or it is damaged.

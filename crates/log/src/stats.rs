@@ -28,6 +28,9 @@ pub struct Stats {
     pub index_failures: AtomicU64,
     /// Merges of neighbouring index files into one.
     pub index_merges: AtomicU64,
+    /// Stream tables written (flushes of the stream summaries), and merges of them into a new base.
+    pub stream_tables_written: AtomicU64,
+    pub stream_table_merges: AtomicU64,
     /// Bytes of sealed segments the scrubber has checked.
     pub scrub_bytes: AtomicU64,
     /// Whole passes of the scrubber over every sealed segment.
@@ -82,6 +85,8 @@ impl Stats {
             ("index_rebuilds_total", "Index files found damaged while answering and rebuilt from their segment.", &self.index_rebuilds),
             ("index_failures_total", "Index files that could not be written or merged (the segment stays indexed in memory).", &self.index_failures),
             ("index_merges_total", "Merges of neighbouring index files into one.", &self.index_merges),
+            ("stream_tables_written_total", "Stream tables written: summaries changed since the last one, flushed from memory.", &self.stream_tables_written),
+            ("stream_table_merges_total", "Merges of the stream table's deltas into a new base.", &self.stream_table_merges),
             ("scrub_bytes_total", "Bytes of sealed segments the background scrubber has checked.", &self.scrub_bytes),
             ("scrub_passes_total", "Whole passes of the scrubber over every sealed segment.", &self.scrub_passes),
             ("scrub_errors_total", "Damage the scrubber found in sealed segments and index files.", &self.scrub_errors),

@@ -1,7 +1,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
@@ -50,6 +50,10 @@ pub struct Options {
     pub scrub: crate::scrub::ScrubOptions,
     /// When neighbouring index files are merged in the background.
     pub merge: crate::merge::MergeOptions,
+    /// Stream summaries changed since the last stream table that are kept
+    /// in memory before they are flushed to a new one (they are flushed
+    /// after every sealed segment too). About 300 bytes each.
+    pub summaries_in_memory: usize,
 }
 
 impl Default for Options {
@@ -66,6 +70,7 @@ impl Default for Options {
             storage: crate::storage::os(),
             scrub: crate::scrub::ScrubOptions::default(),
             merge: crate::merge::MergeOptions::default(),
+            summaries_in_memory: 131_072,
         }
     }
 }
@@ -78,9 +83,12 @@ pub struct OpenReport {
     /// Bytes of a torn tail that recovery cut, and the file and offset where.
     pub truncated_bytes: u64,
     pub truncated_at: Option<(PathBuf, u64)>,
-    /// Whether the stream summaries came from the snapshot (then only later events were scanned).
+    /// Whether the stream summaries came from the stream tables (or, for a
+    /// store written before them, the snapshot): then only later events were scanned.
     pub from_snapshot: bool,
-    /// Events applied to the stream summaries at open: those after the snapshot.
+    /// Stream tables used (the base and its deltas).
+    pub stream_tables: usize,
+    /// Events applied to the stream summaries at open: those after the tables.
     pub scanned_events: u64,
     /// Sealed segments whose index file was used as it was.
     pub index_files: usize,
@@ -103,6 +111,11 @@ pub struct Shared {
     pub stats: Stats,
     /// Jobs for the indexer thread; taken (dropped) on close so it ends.
     indexer: Mutex<Option<std::sync::mpsc::Sender<indexer::Job>>>,
+    /// A flush of the stream summaries was asked for and has not started yet.
+    pub flush_asked: AtomicBool,
+    /// Held while a damaged stream table is rebuilt, so that it is rebuilt once.
+    pub healing: Mutex<()>,
+    pub data_dir: PathBuf,
 }
 
 impl Shared {
@@ -128,8 +141,20 @@ impl Shared {
         let mut at = 0usize;
         while at < buf.len() {
             let view = record::decode_trusted(&buf[at..]).expect("the writer encodes valid records");
-            index.apply(&view, seg.base + file_offset + at as u64).expect("the writer checked the append against the index");
+            // The writer checked the append against the index; only a stream
+            // table found damaged since can fail here. The events are durable,
+            // the index no longer says so: no more appends until a reopen.
+            if let Err(e) = index.apply(&view, seg.base + file_offset + at as u64) {
+                eprintln!("cairn: the index could not take a written event ({}); appends are refused until the store is reopened", e.0);
+                self.poison(format!("the index could not take a written event ({}); reopen the store", e.0));
+                break;
+            }
             at += view.len;
+        }
+        if index.streams.dirty.len() >= self.options.summaries_in_memory && !self.flush_asked.swap(true, Ordering::AcqRel) {
+            if let Some(tx) = self.indexer.lock().unwrap().as_ref() {
+                let _ = tx.send(indexer::Job::Flush);
+            }
         }
         let head = seg.base + file_offset + buf.len() as u64;
         debug_assert!(head > self.head.load(Ordering::Relaxed), "positions strictly increase");
@@ -155,6 +180,7 @@ impl Shared {
         let first = f(&self.index.read().unwrap());
         match &first {
             Err(StoreError::Corrupt { file, .. }) if file.ends_with(".idx") && indexer::rebuild_file(self, Path::new(file))? => f(&self.index.read().unwrap()),
+            Err(StoreError::Corrupt { file, .. }) if file.ends_with(".tbl") && crate::summaries::rebuild_table(self, &self.data_dir, Path::new(file))? => f(&self.index.read().unwrap()),
             _ => first,
         }
     }
@@ -250,7 +276,7 @@ impl Drop for CloseGuard {
         }
         if self.shared.poisoned().is_none() {
             // A cache for the next open; losing it only costs a longer scan.
-            let _ = indexer::write_snapshot(&self.shared, &self.data_dir);
+            let _ = crate::summaries::flush(&self.shared, &self.data_dir);
         }
     }
 }
@@ -282,7 +308,7 @@ impl EmbeddedStore {
             create_private_dir(&log_dir)?;
             segment::sync_dir(dir, &*options.storage)?;
         }
-        let recovered = recover(dir, &log_dir, &options)?;
+        let recovered = recover_healing(dir, &log_dir, &options)?;
         let Recovered { segments, index, head, report, mark, last_id } = recovered;
         let last_timestamp = segments_last_timestamp(&segments, head);
         let mark_file = checkpoint::MarkFile::open(dir, mark, &*options.storage)?;
@@ -299,8 +325,16 @@ impl EmbeddedStore {
             poisoned: Mutex::new(None),
             stats: Stats::default(),
             indexer: Mutex::new(None),
+            flush_asked: AtomicBool::new(false),
+            healing: Mutex::new(()),
+            data_dir: dir.to_path_buf(),
         });
         let (jobs, indexer_handle) = indexer::spawn(shared.clone(), dir.to_path_buf()).map_err(|e| StoreError::io(dir, e))?;
+        // Summaries replayed at open go to a table soon, so that another
+        // crash does not replay them again.
+        if !shared.index.read().unwrap().streams.dirty.is_empty() {
+            let _ = jobs.send(indexer::Job::Flush);
+        }
         *shared.indexer.lock().unwrap() = Some(jobs);
         shared.stats.events_written.store(shared.index.read().unwrap().events, Ordering::Release);
         let (tx, rx) = mpsc::channel(options.queue_depth);
@@ -330,6 +364,7 @@ impl EmbeddedStore {
         let dir = dir.as_ref();
         let lock = lock_dir(dir)?;
         snapshot::remove(dir)?;
+        crate::table::remove_strays(dir, &[], &crate::storage::OsStorage)?;
         let log_dir = dir.join("log");
         if log_dir.is_dir() {
             idx::remove_strays(&log_dir, &[], &crate::storage::OsStorage)?;
@@ -353,6 +388,13 @@ impl EmbeddedStore {
             }
         }
         (files, covered, mem, crate::merge::plan(&index.parts, self.shared.options.merge).is_some())
+    }
+
+    /// Stream summaries held in memory (changed since the last stream
+    /// table, or being written to one), and the stream tables on disk.
+    pub fn summaries_layout(&self) -> (usize, usize) {
+        let index = self.shared.index.read().unwrap();
+        (index.streams.in_memory(), index.streams.tables.len())
     }
 
     /// What recovery found when this store was opened.
@@ -420,7 +462,7 @@ impl EmbeddedStore {
 
 /// Creates `dir` (and missing parents) readable by its owner only: events
 /// are nobody else's business. An existing directory is left as it is.
-fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
     if dir.is_dir() {
         return Ok(());
     }
@@ -442,12 +484,13 @@ fn lock_dir(dir: &Path) -> Result<File, StoreError> {
     Err(StoreError::Locked { dir: dir.display().to_string() })
 }
 
-/// Whether the snapshot's head is the end of the record it names: otherwise
+/// Whether `head` is the end of the record with id `last_id` (and the
+/// start of the log for no events): otherwise
 /// it belongs to another log, or the log lost data it covers.
-fn snapshot_fits(segments: &[Segment], snap: &snapshot::Snapshot) -> bool {
-    match last_event(segments, snap.head) {
-        Some((id, _)) => id == snap.last_id && snap.events > 0,
-        None => snap.events == 0 && snap.head == SEGMENT_HEADER_BYTES,
+fn head_fits(segments: &[Segment], head: u64, events: u64, last_id: u128) -> bool {
+    match last_event(segments, head) {
+        Some((id, _)) => id == last_id && events > 0,
+        None => events == 0 && head == SEGMENT_HEADER_BYTES,
     }
 }
 
@@ -518,6 +561,27 @@ pub(crate) fn check_claim(claim: (&Path, u64, u128), index: &Index, end: (&Path,
 /// snapshot and applies the records after it, scans the newest segment into
 /// its memtable, checks the log against the durable mark, and only then
 /// changes anything: cuts a torn tail and readies the newest segment.
+/// [`recover`], once more without a stream table whose damage it found
+/// (recovery changes nothing before it succeeds): the summaries after the
+/// table before it are then replayed from the log.
+fn recover_healing(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recovered, StoreError> {
+    let mut damaged = Vec::new();
+    loop {
+        match recover(data_dir, log_dir, options) {
+            Err(StoreError::Corrupt { file, reason, .. }) if file.ends_with(".tbl") && !damaged.iter().any(|(f, _)| *f == file) && Path::new(&file).exists() => {
+                let path = PathBuf::from(&file);
+                options.storage.remove(&path).map_err(|e| StoreError::io(&path, e))?;
+                damaged.push((file, reason));
+            }
+            Ok(mut r) => {
+                r.report.rebuilt_indexes.extend(damaged.into_iter().map(|(f, why)| (PathBuf::from(f), format!("{why}; the summaries it held were replayed from the log"))));
+                return Ok(r);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recovered, StoreError> {
     let storage = &*options.storage;
     segment::remove_leftovers(log_dir, storage)?;
@@ -545,13 +609,34 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
         let segments = vec![Arc::new(seg)];
         return Ok(Recovered { segments, index: Index::new(0), head: SEGMENT_HEADER_BYTES, report, mark, last_id: 0 });
     }
-    // Summaries: from the snapshot, then every record at or after its head.
+    // Summaries: from the stream tables, then every record at or after
+    // their end. A chain whose end is not a record boundary of this log
+    // (a table of another copy of it) is cut back until it fits.
     let mut index = Index::default();
     let mut summaries_from = 0;
-    if let Some(snap) = snap.filter(|s| snapshot_fits(&opened, s)) {
+    let mut rejected_tables = Vec::new();
+    let mut chain = crate::table::find(data_dir, &mut rejected_tables);
+    while let Some(last) = chain.last() {
+        if head_fits(&opened, last.head().to, last.head().events, last.head().last_id) {
+            break;
+        }
+        rejected_tables.push((last.path().to_path_buf(), "it does not fit this log's records".into()));
+        chain.pop();
+    }
+    for (path, why) in rejected_tables {
+        report.rebuilt_indexes.push((path, format!("{why}; the stream summaries after the table before it are replayed from the log")));
+    }
+    if let Some(last) = chain.last() {
+        report.from_snapshot = true;
+        summaries_from = last.head().to;
+        index.events = last.head().events;
+        report.stream_tables = chain.len();
+        index.streams.tables = chain.into_iter().map(Arc::new).collect();
+    } else if let Some(snap) = snap.filter(|s| head_fits(&opened, s.head, s.events, s.last_id)) {
+        // A store written before stream tables: its snapshot, flushed to a table soon after open.
         report.from_snapshot = true;
         summaries_from = snap.head;
-        index.streams = snap.streams;
+        index.streams.dirty = snap.streams;
         index.events = snap.events;
     }
     // Read only: every segment is checked and applied before anything changes.
@@ -619,7 +704,7 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
                     Some(file) => {
                         if let Some(delta) = delta.filter(|_| whole) {
                             // Its records were all checked by the rebuild a moment ago.
-                            index.apply_delta(&delta).map_err(|(at, e)| StoreError::Corrupt { file: seg.path.display().to_string(), offset: at - seg.base, reason: e.0 })?;
+                            index.apply_delta(&delta).map_err(|(at, e)| e.into_store(&seg.path, at - seg.base))?;
                             report.scanned_events += delta.events;
                         } else if needs_summaries || options.verify_on_open {
                             let apply_from = summaries_from.saturating_sub(seg.base).max(SEGMENT_HEADER_BYTES);
@@ -700,6 +785,12 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
         Part::Mem(_) => None,
     }).collect();
     idx::remove_strays(log_dir, &keep, storage)?;
+    // Stream tables off the chain: merged into a newer base, or left by a crash.
+    let keep: Vec<PathBuf> = index.streams.tables.iter().map(|t| t.path().to_path_buf()).collect();
+    crate::table::remove_strays(data_dir, &keep, storage)?;
+    if !keep.is_empty() {
+        snapshot::remove(data_dir)?;
+    }
     let mut segments: Vec<Arc<Segment>> = segments.into_iter().map(Arc::new).collect();
     let io = |e| StoreError::io(&newest.path, e);
     if let Some(at) = newest_scan.torn_at {
@@ -746,6 +837,7 @@ mod tests {
     use cairn_core::{EventStore, ExpectedVersion, NewEvent, ReadStreamOptions, StartFrom, SubscriptionTarget};
 
     use super::*;
+    use crate::index::FastMap;
 
     fn ev(n: u64) -> NewEvent {
         NewEvent::json("MoneyDeposited", &serde_json::json!({ "amount": n })).unwrap()
@@ -792,22 +884,41 @@ mod tests {
         assert!(store.open_report().from_snapshot);
         check(&store).await;
         drop(store);
-        // A snapshot of an older format version (1: no tag or type index, 2:
-        // no category index) with a valid CRC: ignored, and the index is
-        // rebuilt from the log.
-        for old in 1..snapshot::VERSION {
-            let path = dir.path().join(snapshot::FILE);
-            let mut bytes = std::fs::read(&path).unwrap();
-            bytes[8..12].copy_from_slice(&old.to_le_bytes());
+        // A store from before stream tables has a snapshot (format version 4)
+        // instead: open uses it, flushes it to a table and removes it.
+        // Older versions (1: no tag or type index, 2: no category index, 3:
+        // indexes in the snapshot) are ignored, and the log is replayed.
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let mut summaries = FastMap::default();
+        let (events, head) = {
+            let index = store.shared.index.read().unwrap();
+            index.streams.walk("", |name, e| {
+                summaries.insert(name.to_string(), e.into_owned());
+                Ok(true)
+            }).unwrap();
+            (index.events, store.shared.head.load(Ordering::Acquire))
+        };
+        let last_id = store.shared.last_id_before(head).unwrap();
+        drop(store);
+        for version in 1..=snapshot::VERSION {
+            std::fs::remove_dir_all(crate::table::dir(dir.path())).unwrap();
+            let mut bytes = snapshot::encode(&summaries, events, head, last_id);
+            bytes[8..12].copy_from_slice(&version.to_le_bytes());
             let body = bytes.len() - 4;
             let crc = crc32c::crc32c(&bytes[..body]);
             bytes[body..].copy_from_slice(&crc.to_le_bytes());
-            std::fs::write(&path, &bytes).unwrap();
+            std::fs::write(dir.path().join(snapshot::FILE), &bytes).unwrap();
             let store = EmbeddedStore::open(dir.path()).unwrap();
-            assert!(!store.open_report().from_snapshot, "a snapshot of format version {old} is not used");
+            let used = version == snapshot::VERSION;
+            assert_eq!(store.open_report().from_snapshot, used, "a snapshot of format version {version}");
+            assert_eq!(store.open_report().scanned_events, if used { 0 } else { events });
             check(&store).await;
             drop(store);
         }
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert!(store.open_report().from_snapshot && store.open_report().stream_tables == 1, "{:?}", store.open_report());
+        assert!(!dir.path().join(snapshot::FILE).exists(), "the snapshot is removed once a table holds its summaries");
+        drop(store);
         // `cairn reindex` rebuilds them too.
         let report = EmbeddedStore::reindex(dir.path()).unwrap();
         assert!(!report.from_snapshot);
@@ -853,11 +964,19 @@ mod tests {
         assert!(store.open_report().from_snapshot);
         assert_eq!(store.open_report().scanned_events, 0);
         assert_eq!(store.list_streams("", 100).await.unwrap(), expected);
-        // A snapshot that is older than the log: later events are scanned.
-        let stale = std::fs::read(dir.path().join(snapshot::FILE)).unwrap();
+        // Tables that end before the log does: later events are scanned.
+        let tables = crate::table::dir(dir.path());
+        let stale: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&tables).unwrap().map(|e| e.unwrap().path()).map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect();
         store.append("s-0", ExpectedVersion::Any, vec![ev(1)]).await.unwrap();
         drop(store);
-        std::fs::write(dir.path().join(snapshot::FILE), &stale).unwrap();
+        let restore = |files: &[(PathBuf, Vec<u8>)]| {
+            std::fs::remove_dir_all(&tables).unwrap();
+            std::fs::create_dir(&tables).unwrap();
+            for (p, b) in files {
+                std::fs::write(p, b).unwrap();
+            }
+        };
+        restore(&stale);
         let store = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
         assert!(store.open_report().from_snapshot);
         assert_eq!(store.open_report().scanned_events, 1);
@@ -865,27 +984,46 @@ mod tests {
         assert_eq!(s0.len(), 2 * 15 + 1);
         drop(store);
 
-        // A damaged snapshot is ignored: the index is rebuilt from the log.
-        let mut bad = std::fs::read(dir.path().join(snapshot::FILE)).unwrap();
-        let mid = bad.len() / 2;
-        bad[mid] ^= 1;
-        std::fs::write(dir.path().join(snapshot::FILE), &bad).unwrap();
+        // A table damaged inside (in the block its fences are in): not used,
+        // and the log is replayed from the table before it.
+        let base = |dir: &Path| std::fs::read_dir(crate::table::dir(dir)).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap().to_str().unwrap().starts_with("00000000000000000000-")).unwrap();
+        let path = base(dir.path());
+        let mut bad = std::fs::read(&path).unwrap();
+        bad[crate::idx::HEADER + 8] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
         let store = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
-        assert!(!store.open_report().from_snapshot);
         assert_eq!(store.read_stream("s-0", ReadStreamOptions::forward()).await.unwrap().len(), 31);
         assert!(matches!(store.read_stream("s-4", ReadStreamOptions::forward()).await, Err(StoreError::StreamDeleted { .. })));
+        assert_eq!(store.list_streams("", 100).await.unwrap().len(), expected.len());
+        assert!(store.open_report().rebuilt_indexes.iter().any(|(p, why)| *p == path && why.contains("block 0")), "{:?}", store.open_report());
+        drop(store);
+        crate::verify::verify(dir.path(), |_, _| {}).unwrap();
+
+        // A damaged header: the table is not used, and the log is replayed from the start.
+        let path = base(dir.path());
+        let mut bad = std::fs::read(&path).unwrap();
+        bad[20] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        assert!(crate::verify::verify(dir.path(), |_, _| {}).is_err(), "verify names the damaged table");
+        let store = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
+        assert!(!store.open_report().from_snapshot);
+        assert!(store.open_report().rebuilt_indexes.iter().any(|(p, _)| *p == path), "{:?}", store.open_report());
+        assert_eq!(store.read_stream("s-0", ReadStreamOptions::forward()).await.unwrap().len(), 31);
         drop(store);
 
-        // A snapshot from another store's log does not fit this one.
+        // Tables from another store's log do not fit this one.
         let other = tempfile::tempdir().unwrap();
         let o = EmbeddedStore::open_with(other.path(), options.clone()).unwrap();
         for i in 0..250 {
             o.append("x", ExpectedVersion::Any, vec![ev(i)]).await.unwrap();
         }
         drop(o);
-        std::fs::copy(other.path().join(snapshot::FILE), dir.path().join(snapshot::FILE)).unwrap();
+        let foreign: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(crate::table::dir(other.path())).unwrap().map(|e| e.unwrap().path())
+            .map(|p| (tables.join(p.file_name().unwrap()), std::fs::read(&p).unwrap())).collect();
+        restore(&foreign);
         let store = EmbeddedStore::open_with(dir.path(), options).unwrap();
         assert!(!store.open_report().from_snapshot);
         assert!(matches!(store.stream_info("x").await, Err(StoreError::StreamNotFound { .. })));
+        assert_eq!(store.list_streams("", 100).await.unwrap().len(), expected.len());
     }
 }

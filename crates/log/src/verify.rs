@@ -10,7 +10,9 @@ use std::collections::BinaryHeap;
 use std::sync::Arc;
 
 use crate::idx::{check_segment, check_totals, IdxFile, Totals};
-use crate::index::{Index, MemIndex, Part};
+use crate::index::{FastMap, Index, IndexError, MemIndex, Part, StreamEntry};
+use crate::summaries::Streams;
+use crate::table::Table;
 use crate::recovery::scan_segment;
 use crate::segment;
 
@@ -26,6 +28,8 @@ pub struct VerifyReport {
     pub durable_events: Option<u64>,
     /// Index files checked block by block and against their segment.
     pub index_files: usize,
+    /// Stream tables checked block by block and against the log.
+    pub stream_tables: usize,
 }
 
 /// Checks every record's checksum and every stream's version sequence, and
@@ -54,10 +58,24 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
         covered[range.clone()].iter_mut().for_each(|c| *c = Some(k));
     }
     let mut totals = Totals::default();
+    // Each stream table must hold what the log says as of its end.
+    let mut rejected = Vec::new();
+    let chain: Vec<Arc<Table>> = crate::table::find(dir, &mut rejected).into_iter().map(Arc::new).collect();
+    if let Some((path, why)) = rejected.first() {
+        return Err(StoreError::Corrupt { file: path.display().to_string(), offset: 0, reason: format!("{why}; it is only a cache: `cairn reindex` rebuilds it") });
+    }
+    for t in &chain {
+        t.check_all().map_err(|d| StoreError::Corrupt { file: d.file.display().to_string(), offset: d.offset, reason: format!("{}; it is only a cache: `cairn reindex` rebuilds it", d.reason) })?;
+    }
+    let mut tables_checked = 0usize;
     for (i, seg) in segments.iter().enumerate() {
         let last = i + 1 == segments.len();
         let mut mem = MemIndex::new(seg.base);
         let mut apply = |v: &crate::record::RecordView<'_>, p: u64| {
+            while tables_checked < chain.len() && chain[tables_checked].head().to <= p {
+                check_tables(&chain[..=tables_checked], &index.streams.dirty).map_err(IndexError::from_store)?;
+                tables_checked += 1;
+            }
             index.apply_summary(v, p)?;
             mem.apply(v, p)
         };
@@ -99,6 +117,17 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
         }
         progress(i + 1, segments.len());
     }
+    let end = segments.last().map_or(0, |s| s.base + last_end);
+    // A table past the log's end is one open does not use (the mark check
+    // below says whether the log lost acknowledged events).
+    for k in tables_checked..chain.len() {
+        if chain[k].head().to > end {
+            break;
+        }
+        check_tables(&chain[..=k], &index.streams.dirty)?;
+        tables_checked += 1;
+    }
+    report.stream_tables = tables_checked;
     // Ids are unique within each segment (the scan checks); across segments,
     // a merge of the sorted ids finds any used twice.
     check_unique_ids(&parts, &segments)?;
@@ -115,8 +144,32 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
         crate::store::check_claim((&path, m.events, m.last_id), &index, (&end_file, end_offset), torn)?;
         report.durable_events = Some(m.events);
     }
-    report.streams = index.streams.keys().filter(|s| !s.starts_with('$')).count();
+    index.streams.walk("", |name, _| {
+        report.streams += usize::from(!name.starts_with('$'));
+        Ok(true)
+    })?;
     Ok(report)
+}
+
+/// Fails unless the stream tables `chain` (oldest first) hold exactly the
+/// summaries `log` that the log gives as of the newest one's end.
+fn check_tables(chain: &[Arc<Table>], log: &FastMap<String, StreamEntry>) -> Result<(), StoreError> {
+    let newest = chain.last().expect("a chain to check");
+    let differs = |why: String| StoreError::Corrupt { file: newest.path().display().to_string(), offset: 0, reason: format!("{why}; it is only a cache: `cairn reindex` rebuilds it") };
+    let view = Streams { tables: chain.to_vec(), ..Default::default() };
+    let mut n = 0usize;
+    view.walk("", |name, e| {
+        n += 1;
+        match log.get(name) {
+            Some(s) if *s == *e => Ok(true),
+            Some(s) => Err(differs(format!("the stream tables say {e:?} of stream '{name}', the log {s:?} as of position {}", newest.head().to))),
+            None => Err(differs(format!("the stream tables hold stream '{name}', which the log does not have as of position {}", newest.head().to))),
+        }
+    })?;
+    if n != log.len() {
+        return Err(differs(format!("the stream tables hold {n} stream(s), the log {} as of position {}", log.len(), newest.head().to)));
+    }
+    Ok(())
 }
 
 /// Fails naming the second use of any event id used in two segments. Walks

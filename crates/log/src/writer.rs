@@ -314,11 +314,11 @@ impl Writer {
         Ok(())
     }
 
-    fn current(&self, stream: &str) -> (u64, StreamState) {
+    fn current(&self, stream: &str) -> Result<(u64, StreamState), StoreError> {
         if let Some(s) = self.group.streams.get(stream) {
-            return *s;
+            return Ok(*s);
         }
-        self.shared.index.read().unwrap().current(stream)
+        self.shared.indexed(|index| index.current(stream))
     }
 
     fn check_and_encode(&mut self, req: &AppendRequest) -> Result<AppendResult, StoreError> {
@@ -327,9 +327,9 @@ impl Writer {
         }
         match &req.kind {
             AppendKind::User | AppendKind::Metadata { .. } => {
-                let (version, state) = self.current(&req.stream);
+                let (version, state) = self.current(&req.stream)?;
                 if let AppendKind::Metadata { target } = &req.kind
-                    && self.current(target).1 == StreamState::Tombstoned
+                    && self.current(target)?.1 == StreamState::Tombstoned
                 {
                     return Err(StoreError::StreamDeleted { stream: target.clone() });
                 }
@@ -344,7 +344,7 @@ impl Writer {
                 }
             }
             AppendKind::Delete { target } => {
-                let (version, state) = self.current(target);
+                let (version, state) = self.current(target)?;
                 let hard = req.events[0].event_type == TOMBSTONE_EVENT;
                 match state {
                     StreamState::Tombstoned => return Err(StoreError::StreamDeleted { stream: target.clone() }),
@@ -359,7 +359,7 @@ impl Writer {
                 self.group.streams.insert(target.clone(), (0, new_state));
             }
         }
-        Ok(self.encode(req))
+        self.encode(req)
     }
 
     /// Fails if an event matching the condition's query lies after its
@@ -383,10 +383,10 @@ impl Writer {
         }
     }
 
-    fn encode(&mut self, req: &AppendRequest) -> AppendResult {
+    fn encode(&mut self, req: &AppendRequest) -> Result<AppendResult, StoreError> {
         let now = Timestamp::now().0.max(self.last_timestamp);
         self.last_timestamp = now;
-        let (mut version, _) = self.current(&req.stream);
+        let (mut version, _) = self.current(&req.stream)?;
         let mut position = 0;
         let stream: Arc<str> = Arc::from(req.stream.as_str());
         let count = req.events.len();
@@ -404,7 +404,7 @@ impl Writer {
             self.group.ids.insert(event.id, PendingId { stream: stream.clone(), at, version, position, batch_start, batch_end });
         }
         self.group.streams.insert(req.stream.clone(), (version, StreamState::Live));
-        AppendResult { next_version: version, position: Position(position) }
+        Ok(AppendResult { next_version: version, position: Position(position) })
     }
 
     /// Idempotent retries: if the batch's ids were all written, in this order,
@@ -457,7 +457,7 @@ impl Writer {
             }
             // Soft-deleted since: the event is no longer part of the stream.
             let pending = self.group.ids.contains_key(&event.id);
-            let current = pending || index.streams.get(&hit.stream).is_some_and(|s| hit.position >= s.since && hit.version <= s.version);
+            let current = pending || index.streams.get(&hit.stream)?.is_some_and(|s| hit.position >= s.since && hit.version <= s.version);
             if !current {
                 return conflict(event.id, format!("to stream '{}', which was deleted since; send new ids to write it again", hit.stream));
             }

@@ -106,12 +106,27 @@ pub fn save_mark(dir: &std::path::Path) -> SavedMark {
     SavedMark(std::fs::read(dir.join("checkpoint")).ok())
 }
 
-/// What a crash leaves, as far as the mark and the index snapshot go: the
-/// saved mark back in place, and no snapshot (only a clean close writes it).
+/// What a crash leaves, as far as the mark and the stream tables go: the
+/// saved mark back in place, and no stream table (the one a clean close
+/// writes is not there; the others may not be either).
 pub fn as_if_crashed(dir: &std::path::Path, saved: &SavedMark) {
     match &saved.0 {
         Some(bytes) => std::fs::write(dir.join("checkpoint"), bytes).expect("restore mark"),
         None => drop(std::fs::remove_file(dir.join("checkpoint"))),
     }
+    remove_stream_tables(dir);
+}
+
+/// Removes the stream tables (and a snapshot of an older store): the next
+/// open replays the stream summaries from the whole log.
+pub fn remove_stream_tables(dir: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(dir.join("streams"));
     let _ = std::fs::remove_file(dir.join("index.snap"));
+}
+
+/// The stream table files.
+pub fn stream_tables(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("streams")).map(|d| d.map(|e| e.unwrap().path()).collect()).unwrap_or_default();
+    files.sort();
+    files
 }

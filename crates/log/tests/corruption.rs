@@ -324,7 +324,7 @@ async fn flipped_byte_skipped_by_open_without_verify_fails_the_read() {
     {
         let store = reopen(dir.path(), small.clone()).unwrap();
         populate(&store, 150, 40).await;
-    } // clean close: the index snapshot covers the whole log
+    } // clean close: the stream tables cover the whole log
     let files = segment_files(dir.path());
     assert!(files.len() >= 3, "several segments: {files:?}");
     let seg = files[0].clone();

@@ -34,9 +34,9 @@ const EVENT_TYPE: &str = "CrashTested";
 
 fn options() -> Options {
     // Small segments, so that the children seal segments and write index
-    // files and snapshots while being killed, and most reads cross index
+    // files and stream tables (flushed every few streams) while being killed, and most reads cross index
     // files; index files are merged in pairs, so kills land in merges too.
-    Options { segment_bytes: 64 * 1024, merge: cairn_log::MergeOptions { fanout: 2, max_segments: 16 }, ..Options::default() }
+    Options { segment_bytes: 64 * 1024, merge: cairn_log::MergeOptions { fanout: 2, max_segments: 16 }, summaries_in_memory: 4, ..Options::default() }
 }
 
 /// The payload of event `id`, recomputed by the parent to check the bytes.
@@ -189,6 +189,8 @@ struct Totals {
     truncated_opens: usize,
     truncated_bytes: u64,
     killed_before_ready: usize,
+    /// Opens that took the stream summaries from stream tables.
+    opens_from_tables: usize,
 }
 
 #[test]
@@ -274,6 +276,7 @@ fn kill_and_recover() {
     let merged = std::fs::read_dir(dir.path().join("log")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_str().is_some_and(|n| n.ends_with(".idx") && n.contains('-'))).count();
     eprintln!("crash::kill_and_recover: {CYCLES} kills in {:.1?}, {segments} segments, {merged} merged index files, {report:?}, {totals:?}", started.elapsed());
     assert!(merged > 0, "the children merged index files between kills");
+    assert!(totals.opens_from_tables > CYCLES / 2 && report.stream_tables > 0, "opens start from stream tables: {totals:?} {report:?}");
     assert!(totals.acked_appends >= 10 * CYCLES, "too few acknowledged appends to mean anything: {totals:?}");
 }
 
@@ -282,6 +285,7 @@ async fn check_after_crash(dir: &Path, cycle: usize, acked: &mut Vec<Ack>, total
     let store = EmbeddedStore::open_with(dir, options())
         .unwrap_or_else(|e| panic!("cycle {cycle}: the store does not open after a kill: {e}\nchild stderr:\n{stderr}"));
     let report = store.open_report().clone();
+    totals.opens_from_tables += usize::from(report.stream_tables > 0);
     if report.truncated_bytes > 0 {
         totals.truncated_opens += 1;
         totals.truncated_bytes += report.truncated_bytes;

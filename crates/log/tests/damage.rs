@@ -79,7 +79,8 @@ fn damage() -> impl Strategy<Value = Damage> {
 /// The store's files that damage may hit: segments, the mark and the snapshot.
 fn targets(dir: &Path) -> Vec<PathBuf> {
     let mut files = segment_files(dir);
-    files.extend([dir.join("checkpoint"), dir.join("index.snap")].into_iter().filter(|p| p.exists()));
+    files.extend([dir.join("checkpoint")].into_iter().filter(|p| p.exists()));
+    files.extend(crate::common::stream_tables(dir));
     files
 }
 

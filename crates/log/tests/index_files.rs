@@ -163,7 +163,7 @@ async fn after_a_crash_open_scans_the_newest_segment_and_the_sealed_ones_without
     for f in index_files(copy.path()) {
         fs::remove_file(f).unwrap();
     }
-    let _ = fs::remove_file(copy.path().join("index.snap"));
+    crate::common::remove_stream_tables(copy.path());
     let _ = fs::remove_file(copy.path().join("LOCK"));
     let store = EmbeddedStore::open_with(copy.path(), options()).unwrap();
     let report = store.open_report().clone();

@@ -23,7 +23,7 @@ const SEGMENT_BYTES: u64 = 8 * 1024;
 fn options() -> Options {
     // Index files merged in pairs as soon as there are two: sequences read
     // through merged files, see merges between steps, and damage them.
-    Options { segment_bytes: SEGMENT_BYTES, merge: cairn_log::MergeOptions { fanout: 2, max_segments: 8 }, ..Options::default() }
+    Options { segment_bytes: SEGMENT_BYTES, merge: cairn_log::MergeOptions { fanout: 2, max_segments: 8 }, summaries_in_memory: 3, ..Options::default() }
 }
 
 // ---------------------------------------------------------------------------
@@ -544,11 +544,11 @@ async fn run(dir: &Path, ops: Vec<Op>) {
             }
             Op::DamageIndex { pick, how } => {
                 drop(store);
-                // Segments' own index files and merged ones.
+                // Segments' own index files, merged ones, and stream tables.
                 let mut files: Vec<_> = std::fs::read_dir(dir.join("log")).unwrap().map(|e| e.unwrap().path())
                     .filter(|p| p.extension().is_some_and(|x| x == "idx")).collect();
                 files.sort();
-                let snapshot = dir.join("index.snap");
+                files.extend(crate::common::stream_tables(dir));
                 if let Some(file) = files.get(pick % files.len().max(1)) {
                     let mut bytes = std::fs::read(file).unwrap();
                     let at = pick % bytes.len();
@@ -556,7 +556,7 @@ async fn run(dir: &Path, ops: Vec<Op>) {
                         0 => std::fs::remove_file(file).unwrap(),
                         1 => { bytes[at] ^= 1; std::fs::write(file, &bytes).unwrap() }
                         2 => std::fs::write(file, &bytes[..at]).unwrap(),
-                        3 => { let _ = std::fs::remove_file(&snapshot); }
+                        3 => crate::common::remove_stream_tables(dir),
                         _ => { bytes[at.max(256)..].iter_mut().for_each(|b| *b = 0); std::fs::write(file, &bytes).unwrap() }
                     }
                 }
@@ -575,9 +575,9 @@ async fn run(dir: &Path, ops: Vec<Op>) {
         check_state(&store, &model, &step).await;
         model.heads.push(store.head_position().await.unwrap().0);
     }
-    // Finally, from the log alone: no snapshot, a full rebuild.
+    // Finally, from the log alone: no stream table, a full rebuild.
     drop(store);
-    std::fs::remove_file(dir.join("index.snap")).unwrap();
+    crate::common::remove_stream_tables(dir);
     let store = crate::common::reopen(dir, options()).unwrap();
     assert!(!store.open_report().from_snapshot);
     check_state(&store, &model, "after a rebuild from the log").await;
