@@ -94,7 +94,8 @@ pub fn child_open(dir: &Path) -> Result<String> {
     let store = EmbeddedStore::open(dir)?;
     let secs = t0.elapsed().as_secs_f64();
     let report = store.open_report();
-    Ok(format!("open_secs={secs:.3} rss_anon_kib={} events={} scanned={} from_snapshot={}", rss_anon_kib(), report.events, report.scanned_events, report.from_snapshot))
+    let (summaries, tables) = store.summaries_layout();
+    Ok(format!("open_secs={secs:.3} rss_anon_kib={} events={} scanned={} from_snapshot={} stream_tables={tables} summaries_in_memory={summaries}", rss_anon_kib(), report.events, report.scanned_events, report.from_snapshot))
 }
 
 /// The child that appends until it is killed; prints `ready` after its first acknowledgement.

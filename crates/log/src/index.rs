@@ -484,7 +484,11 @@ impl Index {
 
     /// Applies a record to the stream summaries only.
     pub fn apply_summary(&mut self, r: &RecordView<'_>, position: u64) -> Result<(), IndexError> {
-        let entry = self.streams.get_mut(r.stream).map_err(|e| IndexError::from_store(e))?;
+        // One hash lookup for a stream written lately (the common case).
+        let entry = match self.streams.dirty.get_mut(r.stream) {
+            Some(e) => e,
+            None => self.streams.load(r.stream).map_err(IndexError::from_store)?,
+        };
         let expected = entry.version + 1;
         if r.version != expected {
             return Err(out_of_order(position, r.version, r.stream, expected));
@@ -497,7 +501,7 @@ impl Index {
         entry.state = StreamState::Live;
         self.events += 1;
         if let Some(target) = r.stream.strip_prefix("$$") {
-            let entry = self.streams.get_mut(target).map_err(|e| IndexError::from_store(e))?;
+            let entry = self.streams.get_mut(target).map_err(IndexError::from_store)?;
             match r.event_type {
                 METADATA_EVENT => {
                     entry.metadata = serde_json::from_slice(r.data)

@@ -66,11 +66,17 @@ impl Streams {
 
     /// The summary of `name` to change (a new stream's is the default).
     pub fn get_mut(&mut self, name: &str) -> Result<&mut StreamEntry, StoreError> {
-        if !self.dirty.contains_key(name) {
-            let e = self.get(name)?.map(Cow::into_owned).unwrap_or_default();
-            self.dirty.insert(name.to_string(), e);
+        if self.dirty.contains_key(name) {
+            return Ok(self.dirty.get_mut(name).expect("just found"));
         }
-        Ok(self.dirty.get_mut(name).expect("just inserted"))
+        self.load(name)
+    }
+
+    /// [`Streams::get_mut`] of a stream not in `dirty`: copies it there from
+    /// the layer that has it.
+    pub fn load(&mut self, name: &str) -> Result<&mut StreamEntry, StoreError> {
+        let e = self.get(name)?.map(Cow::into_owned).unwrap_or_default();
+        Ok(self.dirty.entry(name.to_string()).or_insert(e))
     }
 
     /// Summaries held in memory.
