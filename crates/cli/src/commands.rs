@@ -402,13 +402,16 @@ pub fn verify(ctx: &Context) -> Result<()> {
     })?;
     if let Some(bar) = bar { bar.finish_and_clear(); }
     if ctx.json {
-        println!("{}", serde_json::json!({"ok": true, "segments": report.segments, "events": report.events, "bytes": report.bytes, "streams": report.streams, "durable_events": report.durable_events, "index_files": report.index_files,
+        println!("{}", serde_json::json!({"ok": true, "segments": report.segments, "events": report.events, "bytes": report.bytes, "streams": report.streams, "durable_events": report.durable_events, "index_files": report.index_files, "stream_tables": report.stream_tables,
             "torn_tail": report.torn_tail.as_ref().map(|(f, o, n)| serde_json::json!({"file": f, "offset": o, "bytes": n}))}));
     } else {
         let plural = output::count;
         println!("ok: {} in {}, {}, {} checked", plural(report.events, "event"), plural(report.streams as u64, "stream"), plural(report.segments as u64, "segment"), plural(report.bytes, "byte"));
         if report.index_files > 0 {
             println!("ok: {} match their segments", plural(report.index_files as u64, "index file"));
+        }
+        if report.stream_tables > 0 {
+            println!("ok: {} match the log", plural(report.stream_tables as u64, "stream table"));
         }
         if let Some(n) = report.durable_events {
             println!("ok: every event the durable mark records as acknowledged ({n}) is there");

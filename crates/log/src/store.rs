@@ -151,10 +151,11 @@ impl Shared {
             }
             at += view.len;
         }
-        if index.streams.dirty.len() >= self.options.summaries_in_memory && !self.flush_asked.swap(true, Ordering::AcqRel) {
-            if let Some(tx) = self.indexer.lock().unwrap().as_ref() {
-                let _ = tx.send(indexer::Job::Flush);
-            }
+        if index.streams.dirty.len() >= self.options.summaries_in_memory
+            && !self.flush_asked.swap(true, Ordering::AcqRel)
+            && let Some(tx) = self.indexer.lock().unwrap().as_ref()
+        {
+            let _ = tx.send(indexer::Job::Flush);
         }
         let head = seg.base + file_offset + buf.len() as u64;
         debug_assert!(head > self.head.load(Ordering::Relaxed), "positions strictly increase");

@@ -429,7 +429,7 @@ pub fn find(data_dir: &Path, rejected: &mut Vec<(PathBuf, String)>) -> Vec<Table
     let Ok(entries) = std::fs::read_dir(dir(data_dir)) else { return Vec::new() };
     let mut ranges: Vec<(u64, u64, PathBuf)> = entries.flatten().map(|e| e.path()).filter_map(|p| parse_name(&p).map(|(a, b)| (a, b, p))).collect();
     // By start, widest first.
-    ranges.sort_by(|a, b| (a.0, std::cmp::Reverse(a.1)).cmp(&(b.0, std::cmp::Reverse(b.1))));
+    ranges.sort_by_key(|r| (r.0, std::cmp::Reverse(r.1)));
     let mut chain: Vec<Table> = Vec::new();
     let mut at = 0u64;
     loop {

@@ -120,11 +120,8 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
     let end = segments.last().map_or(0, |s| s.base + last_end);
     // A table past the log's end is one open does not use (the mark check
     // below says whether the log lost acknowledged events).
-    for k in tables_checked..chain.len() {
-        if chain[k].head().to > end {
-            break;
-        }
-        check_tables(&chain[..=k], &index.streams.dirty)?;
+    while tables_checked < chain.len() && chain[tables_checked].head().to <= end {
+        check_tables(&chain[..=tables_checked], &index.streams.dirty)?;
         tables_checked += 1;
     }
     report.stream_tables = tables_checked;

@@ -527,7 +527,7 @@ async fn stream_summaries_live_in_stream_tables_and_memory_holds_only_recent_one
     }
     eventually("a flush", || store.summaries_layout().0 < 300).await;
     let (in_memory, tables) = store.summaries_layout();
-    assert!(tables >= 1 && tables <= 9, "{tables} tables");
+    assert!((1..=9).contains(&tables), "{tables} tables");
     assert!(store.stats().stream_tables_written.load(Ordering::Relaxed) >= 10);
     assert!(store.stats().stream_table_merges.load(Ordering::Relaxed) >= 1);
     eprintln!("{STREAMS} streams: {in_memory} summaries in memory, {tables} tables");
