@@ -19,6 +19,10 @@ use crate::store::{EmbeddedStore, Shared};
 
 /// Events a subscription reads from the log at a time.
 const SUBSCRIPTION_PAGE_EVENTS: usize = 512;
+/// How far ahead (bytes) a long forward read of `$all` asks for pages, and
+/// from what limit (events) on: reads of a page or two never pay for it.
+const READ_AHEAD: u64 = 32 << 20;
+const READ_AHEAD_FROM_EVENTS: usize = 4096;
 
 fn check_read_name(stream: &str) -> Result<(), StoreError> {
     if stream.is_empty() || stream.len() > STREAM_NAME_BYTES_MAX + 2 {
@@ -131,6 +135,9 @@ impl Shared {
         };
         // A segment's base is a boundary too (the head sits there right after a roll).
         from = from.max(seg.base + SEGMENT_HEADER_BYTES);
+        // A long read asks for the pages ahead of it while it decodes these
+        // (cold history otherwise waits for the disk at each fault).
+        let mut advised = from;
         while from < head && out.len() < limit {
             let seg_end = (seg.base + seg.capacity()).min(head);
             if from >= seg_end {
@@ -140,7 +147,14 @@ impl Shared {
                     _ => break,
                 };
                 from = seg.base + SEGMENT_HEADER_BYTES;
+                advised = from;
                 continue;
+            }
+            if limit >= READ_AHEAD_FROM_EVENTS && from + READ_AHEAD / 2 >= advised && advised < seg_end {
+                let start = advised.max(from);
+                let end = (start + READ_AHEAD).min(seg_end);
+                seg.will_need(start - seg.base, end - start);
+                advised = end;
             }
             let bytes = seg.bytes(from - seg.base, seg_end - seg.base);
             let view = record::decode(bytes).map_err(|e| corrupt_at(self, from, &format!("{e:?}")))?;

@@ -131,6 +131,33 @@ impl Segment {
         }
     }
 
+    /// Asks the kernel to start reading `len` bytes at file offset `offset`
+    /// into the page cache now, without waiting: a long forward read then
+    /// finds its next pages in memory instead of faulting on each in turn.
+    /// Only a hint; cached pages cost a system call.
+    pub fn will_need(&self, offset: u64, len: u64) {
+        let start = (offset as usize / PAGE) * PAGE;
+        let end = ((offset + len) as usize).min(self.map.len());
+        if end <= start {
+            return;
+        }
+        // SAFETY: the range lies in this segment's live, read-only file
+        // mapping; mincore only reports on its pages, and MADV_WILLNEED
+        // only schedules reads of them.
+        unsafe {
+            // Cached already (its first and last pages are): skip the advice,
+            // which would walk every page of the range.
+            let resident = |at: usize| {
+                let mut flag = 0u8;
+                libc::mincore(self.map.as_ptr().add(at) as *mut libc::c_void, PAGE.min(self.map.len() - at), &mut flag) == 0 && flag & 1 == 1
+            };
+            if resident(start) && resident((end - 1) / PAGE * PAGE) {
+                return;
+            }
+            libc::madvise(self.map.as_ptr().add(start) as *mut libc::c_void, end - start, libc::MADV_WILLNEED);
+        }
+    }
+
     /// A shared handle on `sub`, which must lie inside this segment's bytes.
     pub fn share(&self, sub: &[u8]) -> Bytes {
         self.map.slice_ref(sub)
