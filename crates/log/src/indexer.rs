@@ -51,8 +51,10 @@ fn run(shared: &Shared, data_dir: &std::path::Path, rx: Receiver<Job>) {
     background_priority();
     // Sealed segments whose file could not be written yet, oldest first.
     let mut pending: Vec<(Arc<Segment>, Arc<MemIndex>)> = Vec::new();
+    // A stream table flush that failed (a full disk): tried again after RETRY.
+    let mut flush_failed: Option<std::time::Instant> = None;
     loop {
-        let wait = if pending.is_empty() { std::time::Duration::from_secs(3600) } else { RETRY };
+        let wait = if pending.is_empty() && flush_failed.is_none() { std::time::Duration::from_secs(3600) } else { RETRY };
         let mut flush = false;
         match rx.recv_timeout(wait) {
             Ok(Job::Sealed(seg, mem)) => pending.push((seg, mem)),
@@ -74,9 +76,11 @@ fn run(shared: &Shared, data_dir: &std::path::Path, rx: Receiver<Job>) {
             }
         }
         pending = failed;
-        if wrote || flush {
+        // After a failure, not before RETRY (appends keep asking).
+        let flush_due = flush_failed.is_some_and(|at| at.elapsed() >= RETRY);
+        if (wrote || flush || flush_due) && !flush_failed.is_some_and(|at| at.elapsed() < RETRY) {
             match crate::summaries::flush(shared, data_dir) {
-                Ok(_) => {}
+                Ok(_) => flush_failed = None,
                 // A merge of the tables found one damaged: rebuilt now, merged next time.
                 Err(StoreError::Corrupt { file, .. }) if file.ends_with(".tbl") => {
                     if let Err(e) = crate::summaries::rebuild_table(shared, data_dir, std::path::Path::new(&file)) {
@@ -85,7 +89,10 @@ fn run(shared: &Shared, data_dir: &std::path::Path, rx: Receiver<Job>) {
                 }
                 Err(e) => {
                     shared.stats.index_failures.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("cairn: could not write the stream table ({e}); the summaries stay in memory, and the next open scans more of the log");
+                    // Appends stop asking until the next try.
+                    shared.flush_asked.store(true, Ordering::Release);
+                    flush_failed = Some(std::time::Instant::now());
+                    eprintln!("cairn: could not write the stream table ({e}); the summaries stay in memory, and it is tried again in {} s", RETRY.as_secs());
                 }
             }
         }

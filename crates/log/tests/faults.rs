@@ -223,3 +223,44 @@ fn segment_count(dir: &std::path::Path) -> usize {
 fn idx_count(dir: &std::path::Path) -> usize {
     files_ending(dir, ".idx")
 }
+
+#[tokio::test]
+async fn stream_tables_refused_by_a_full_disk_are_written_once_it_has_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = FaultyStorage::new();
+    let options = Options { summaries_in_memory: 10, ..options(&storage) };
+    let store = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
+    storage.fail_files(".tbl.tmp", libc::ENOSPC);
+    let mut acknowledged = Vec::new();
+    for i in 0..300 {
+        let e = ev(i);
+        acknowledged.push(e.id);
+        store.append(&format!("acct-{}", i % 50), ExpectedVersion::Any, vec![e]).await.unwrap();
+    }
+    let stats = store.stats();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stats.index_failures.load(Ordering::Relaxed) < 1 {
+        assert!(Instant::now() < deadline, "the indexer did not try to flush");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Tried once, then not again before the retry: no storm of attempts.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(stats.index_failures.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.stream_tables_written.load(Ordering::Relaxed), 0);
+    assert!(store.health().await.is_ok(), "a stream table that cannot be written does not stop appends");
+    assert_eq!(store.summaries_layout(), (50, 0), "the summaries stay in memory");
+    assert_eq!(store.stream_info("acct-7").await.unwrap().version, 6);
+    // Room again: the next try writes the table.
+    storage.clear();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.summaries_layout().1 == 0 {
+        assert!(Instant::now() < deadline, "the stream table was not written once the disk had room");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ids(&store).await, acknowledged);
+    drop(store);
+    let store = EmbeddedStore::open_with(dir.path(), Options { summaries_in_memory: 10, ..Options::default() }).unwrap();
+    assert!(store.open_report().from_snapshot && store.open_report().scanned_events == 0, "{:?}", store.open_report());
+    assert_eq!(store.stream_info("acct-7").await.unwrap().version, 6);
+    assert_eq!(ids(&store).await, acknowledged);
+}
