@@ -411,7 +411,7 @@ pub fn verify(ctx: &Context) -> Result<()> {
             println!("ok: {} match their segments", plural(report.index_files as u64, "index file"));
         }
         if report.stream_tables > 0 {
-            println!("ok: {} match the log", plural(report.stream_tables as u64, "stream table"));
+            println!("ok: the stream tables ({}) match the log", report.stream_tables);
         }
         if let Some(n) = report.durable_events {
             println!("ok: every event the durable mark records as acknowledged ({n}) is there");
