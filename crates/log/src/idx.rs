@@ -441,6 +441,47 @@ impl Blocks {
     }
 }
 
+/// Opens and maps a file with a 512-byte header (`magic` first, its CRC in
+/// its last 4 bytes) and checks that header; `Err` says why it cannot be used.
+pub(crate) fn map_checked(path: &Path, magic: &[u8; 8]) -> Result<Mmap, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // SAFETY: index files and stream tables are written to a temporary name,
+    // synced and renamed into place, and never written again; the data
+    // directory lock keeps other processes out.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| format!("cannot map {}: {e}", path.display()))?;
+    if map.len() < HEADER {
+        return Err("shorter than its header".into());
+    }
+    if &map[..8] != magic {
+        return Err("bad magic bytes".into());
+    }
+    if crc32c::crc32c(&map[..AT_HEADER_CRC]) != u32_at(&map, AT_HEADER_CRC) {
+        return Err("header checksum mismatch".into());
+    }
+    Ok(map)
+}
+
+/// The block checksums of `map`, whose header puts their table at
+/// `table_off` with CRC `table_crc`, after checking that the file ends with
+/// that table and that every section lies between the header and it (at a
+/// multiple of 8, unless `bytes(i)` says section `i` holds plain bytes).
+pub(crate) fn checked_blocks(map: &[u8], table_off: usize, table_crc: u32, sections: &[(u64, u64)], bytes: impl Fn(usize) -> bool) -> Result<Blocks, String> {
+    let blocks = table_off.saturating_sub(HEADER).div_ceil(BLOCK);
+    if table_off < HEADER || !table_off.is_multiple_of(8) || map.len() != table_off + blocks * 4 {
+        return Err("its length does not match its header".into());
+    }
+    if crc32c::crc32c(&map[table_off..]) != table_crc {
+        return Err("block checksum table mismatch".into());
+    }
+    for (i, (off, len)) in sections.iter().enumerate() {
+        let aligned = bytes(i) || off % 8 == 0;
+        if !aligned || *off < HEADER as u64 || off.saturating_add(*len) > table_off as u64 {
+            return Err(format!("section {i} lies outside the file"));
+        }
+    }
+    Ok(Blocks::new(&map[table_off..]))
+}
+
 /// `count` items of type `T` from entry `first` of a section (`(offset,
 /// length)` in `map`, numbered `s` for messages), its blocks checked.
 pub(crate) fn mapped_slice<'a, T: Copy>(map: &'a [u8], blocks: &Blocks, path: &Path, (off, len): (u64, u64), s: usize, first: usize, count: usize) -> Result<&'a [T], Damaged> {
@@ -486,21 +527,8 @@ impl IdxFile {
     /// (consecutive, in log order); `Err` says why it cannot be used.
     pub fn open_covering(path: &Path, segs: &[&Segment]) -> Result<IdxFile, String> {
         let path = path.to_path_buf();
-        let file = std::fs::File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        // SAFETY: index files are written to a temporary name, synced and
-        // renamed into place, and never written again; the data directory
-        // lock keeps other processes out.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| format!("cannot map {}: {e}", path.display()))?;
-        if map.len() < HEADER {
-            return Err("shorter than its header".into());
-        }
+        let map = map_checked(&path, MAGIC)?;
         let h = &map[..HEADER];
-        if &h[..8] != MAGIC {
-            return Err("bad magic bytes".into());
-        }
-        if crc32c::crc32c(&h[..AT_HEADER_CRC]) != u32_at(h, AT_HEADER_CRC) {
-            return Err("header checksum mismatch".into());
-        }
         let version = u32_at(h, 8);
         let n_sections = match version {
             1 => SECTIONS_V1,
@@ -519,20 +547,7 @@ impl IdxFile {
         }
         let at_table = at_table(n_sections);
         let table_off = u64_at(h, at_table) as usize;
-        let blocks = (table_off.saturating_sub(HEADER)).div_ceil(BLOCK);
-        if table_off < HEADER || !table_off.is_multiple_of(8) || map.len() != table_off + blocks * 4 {
-            return Err("its length does not match its header".into());
-        }
-        let table = &map[table_off..];
-        if crc32c::crc32c(table) != u32_at(h, at_table + 8) {
-            return Err("block checksum table mismatch".into());
-        }
-        for (i, (off, len)) in sections.iter().enumerate().take(n_sections) {
-            let aligned = i == S_NAMES || off % 8 == 0;
-            if !aligned || *off < HEADER as u64 || off.saturating_add(*len) > table_off as u64 {
-                return Err(format!("section {i} lies outside the file"));
-            }
-        }
+        let blocks = checked_blocks(&map, table_off, u32_at(h, at_table + 8), &sections[..n_sections], |i| i == S_NAMES)?;
         let entries = [(S_STREAMS, 24), (S_IDS, 24), (S_TERMS, 24), (S_POSITIONS, 8), (S_TIMESTAMPS, 8), (S_POSTINGS, 8), (S_BLOOM, 32), (S_STREAM_FENCES, 8), (S_TERM_FENCES, 8), (S_ID_FENCES, 16), (S_COVERS, 24)];
         if entries.iter().any(|(s, size)| sections[*s].1 % size != 0) || sections[S_BLOOM].1 == 0 {
             return Err("a section is not a whole number of entries".into());
@@ -540,7 +555,6 @@ impl IdxFile {
         if sections[S_POSITIONS].1 != sections[S_TIMESTAMPS].1 {
             return Err("positions and timestamps differ in number".into());
         }
-        let blocks = Blocks::new(table);
         let v7 = (u128::from_le_bytes(h[64..80].try_into().unwrap()), u128::from_le_bytes(h[80..96].try_into().unwrap()));
         let mut file = IdxFile { path, base: first.base, events: u64_at(h, 40), last_position: u64_at(h, 48), v7, sections, blocks, map,
             covers: segs.iter().map(|s| (s.base, s.capacity())).collect(), stream_fences: Vec::new(), term_fences: Vec::new(), id_fences: Vec::new() };

@@ -76,9 +76,9 @@ fn run(shared: &Shared, data_dir: &std::path::Path, rx: Receiver<Job>) {
             }
         }
         pending = failed;
-        // After a failure, not before RETRY (appends keep asking).
-        let flush_due = flush_failed.is_some_and(|at| at.elapsed() >= RETRY);
-        if (wrote || flush || flush_due) && !flush_failed.is_some_and(|at| at.elapsed() < RETRY) {
+        // After a failure, again once RETRY has passed, not before.
+        let waited = flush_failed.is_none_or(|at| at.elapsed() >= RETRY);
+        if waited && (wrote || flush || flush_failed.is_some()) {
             match crate::summaries::flush(shared, data_dir) {
                 Ok(_) => flush_failed = None,
                 // A merge of the tables found one damaged: rebuilt now, merged next time.

@@ -24,14 +24,13 @@
 //! memory at open); the names; the metadata as JSON (none when default);
 //! one CRC32C per 4 KiB block after the header, checked on first use.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use cairn_core::{StoreError, StreamMetadata, StreamState};
 use memmap2::Mmap;
 
-use crate::idx::{bloom_block, bloom_blocks, bloom_mask, mapped_slice, name_hash, Blocks, Damaged, FENCE, HEADER};
+use crate::idx::{bloom_block, bloom_blocks, bloom_mask, checked_blocks, map_checked, mapped_slice, name_hash, Blocks, Damaged, FENCE, HEADER};
 use crate::index::StreamEntry;
 use crate::merge::{MergeError, Out};
 use crate::storage::Storage;
@@ -136,21 +135,8 @@ impl Table {
     pub fn open(path: &Path) -> Result<Table, String> {
         let path = path.to_path_buf();
         let Some((from, to)) = parse_name(&path) else { return Err("not a table file name".into()) };
-        let file = File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        // SAFETY: tables are written to a temporary name, synced and renamed
-        // into place, and never written again; the data directory lock keeps
-        // other processes out.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| format!("cannot map {}: {e}", path.display()))?;
-        if map.len() < HEADER {
-            return Err("shorter than its header".into());
-        }
+        let map = map_checked(&path, MAGIC)?;
         let h = &map[..HEADER];
-        if &h[..8] != MAGIC {
-            return Err("bad magic bytes".into());
-        }
-        if crc32c::crc32c(&h[..AT_HEADER_CRC]) != u32_at(h, AT_HEADER_CRC) {
-            return Err("header checksum mismatch".into());
-        }
         let version = u32_at(h, 8);
         if version != VERSION {
             return Err(format!("format version {version} (this build writes {VERSION})"));
@@ -164,21 +150,7 @@ impl Table {
         for (i, s) in sections.iter_mut().enumerate() {
             *s = (u64_at(h, AT_SECTIONS + i * 16), u64_at(h, AT_SECTIONS + 8 + i * 16));
         }
-        let table_off = u64_at(h, AT_TABLE) as usize;
-        let n_blocks = table_off.saturating_sub(HEADER).div_ceil(crate::idx::BLOCK);
-        if table_off < HEADER || !table_off.is_multiple_of(8) || map.len() != table_off + n_blocks * 4 {
-            return Err("its length does not match its header".into());
-        }
-        if crc32c::crc32c(&map[table_off..]) != u32_at(h, AT_TABLE + 8) {
-            return Err("block checksum table mismatch".into());
-        }
-        let blocks = Blocks::new(&map[table_off..]);
-        for (i, (off, len)) in sections.iter().enumerate() {
-            let aligned = i >= S_FENCE_KEYS || off % 8 == 0;
-            if !aligned || *off < HEADER as u64 || off.saturating_add(*len) > table_off as u64 {
-                return Err(format!("section {i} lies outside the file"));
-            }
-        }
+        let blocks = checked_blocks(&map, u64_at(h, AT_TABLE) as usize, u32_at(h, AT_TABLE + 8), &sections, |i| i >= S_FENCE_KEYS)?;
         let fences_n = count.div_ceil(FENCE);
         if sections[S_ENTRIES].1 != (count * std::mem::size_of::<Entry>()) as u64 || sections[S_BLOOM].1 == 0 || !sections[S_BLOOM].1.is_multiple_of(32) || sections[S_FENCE_ENDS].1 != fences_n as u64 * 8 {
             return Err("a section does not hold what the header counts".into());
