@@ -48,6 +48,14 @@ pub struct BenchArgs {
     /// stream summaries are what grows with it.
     #[arg(long, value_name = "N")]
     pub streams: Option<u64>,
+    /// W7: run the clients in a child process (as services in other
+    /// processes are), at 1, 16 and 64 writers over gRPC and HTTP, a
+    /// streaming producer and 16 readers; with the server's CPU per request.
+    #[arg(long)]
+    pub client_process: bool,
+    /// (The W7 child's run: "API MODE TASKS SECONDS ADDR".)
+    #[arg(long, hide = true)]
+    pub client_spec: Option<String>,
 }
 
 /// A `MoneyDeposited` event of about 150 bytes with ordinary metadata.
@@ -132,6 +140,11 @@ pub async fn run(ctx: &crate::commands::Context, args: BenchArgs) -> Result<()> 
             println!("{line}");
             return Ok(());
         }
+        [crate::bench_outside::CHILD] => {
+            let spec = args.client_spec.as_deref().ok_or_else(|| anyhow::anyhow!("{} needs --client-spec", crate::bench_outside::CHILD))?;
+            println!("{}", crate::bench_outside::child(spec).await?);
+            return Ok(());
+        }
         ["S1"] => {
             if ctx.backend == crate::commands::Backend::Postgres {
                 bail!("S1 measures the embedded engine at scale; it does not run on PostgreSQL");
@@ -200,6 +213,7 @@ async fn run_workloads(target: &Target, workloads: &[String], args: &BenchArgs, 
             ("W5", None) => w5(target, scaled(10, s)).await?,
             ("W6", Some(store)) => crate::bench_cqrs::w6(store, scaled(1_000_000, s), dir).await?,
             ("G1", Some(store)) => crate::bench_cqrs::g1(store, scaled(100_000, s)).await?,
+            ("W7", _) if args.client_process => crate::bench_outside::w7(target, 5.0 * s).await?,
             ("W7", _) => crate::bench_server::w7(target, 10.0 * s).await?,
             ("W8", _) => crate::bench_saga::w8(target, scaled(10_000, s)).await?,
             ("W9", _) => crate::bench_relay::w9(target, scaled(100_000, s), crate::bench_relay::live_events(s), &args.sink).await?,

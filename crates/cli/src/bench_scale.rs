@@ -150,7 +150,7 @@ fn kill_while_appending(dir: &Path, after: Duration) -> Result<()> {
 }
 
 /// The value of `key=` in a bench line.
-fn field(line: &str, key: &str) -> Option<f64> {
+pub(crate) fn field(line: &str, key: &str) -> Option<f64> {
     line.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 

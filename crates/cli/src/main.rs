@@ -3,6 +3,7 @@
 mod bench;
 mod bench_cqrs;
 mod bench_dcb;
+mod bench_outside;
 mod bench_relay;
 mod bench_saga;
 mod bench_scale;
