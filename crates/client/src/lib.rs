@@ -200,6 +200,51 @@ impl HttpStore {
 }
 
 /// The query string of a page of `n` events of `$all`, from `options` or the cursor `next`.
+impl HttpStore {
+    /// One `POST /appends`: the answers, or what refused the whole body.
+    async fn append_lines(&self, appends: Vec<cairn_core::Append>) -> Result<Vec<Result<AppendResult>>> {
+        let n = appends.len();
+        let mut body = Vec::new();
+        for a in appends {
+            let events = a.events.iter().enumerate().map(|(i, e)| EventIn::from_new(e).map_err(|err| StoreError::InvalidEvent(format!("event {i}: {err}")))).collect::<Result<Vec<_>>>()?;
+            let line = wire::AppendLine { stream: a.stream, expected_version: Some(expected_to_wire(a.expected)), events, condition: a.condition };
+            serde_json::to_writer(&mut body, &line).map_err(|e| StoreError::InvalidEvent(e.to_string()))?;
+            body.push(b'\n');
+        }
+        let body = bytes::Bytes::from(body);
+        let mut backoff = APPEND_RETRY_BACKOFF_MIN;
+        let mut attempt = 1;
+        loop {
+            let request = self.request(Method::POST, &["appends"]).header("content-type", wire::NDJSON).body(body.clone());
+            let result = async {
+                let response = self.send_as(request, true).await?;
+                let bytes = response.bytes().await.map_err(|e| StoreError::OutcomeUnknown { reason: format!("reading the answer: {e}") })?;
+                let mut results = Vec::with_capacity(n);
+                for line in bytes.split(|b| *b == b'\n').filter(|l| !l.trim_ascii().is_empty()) {
+                    let line: wire::AppendLineResult = serde_json::from_slice(line).map_err(|e| self.io(format!("the server's answer is not what this client expects: {e}")))?;
+                    results.push(match line {
+                        wire::AppendLineResult::Done(done) => Ok(done),
+                        wire::AppendLineResult::Failed(body) => Err(error_from(500, &body, self.base.as_str())),
+                    });
+                }
+                if results.len() != n {
+                    return Err(self.io(format!("the server answered {} of {n} appends", results.len())));
+                }
+                Ok(results)
+            }
+            .await;
+            match result {
+                Err(e) if e.is_retryable() && attempt < self.append_attempts => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(APPEND_RETRY_BACKOFF_MAX);
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
 fn all_params(options: &ReadAllOptions, n: usize, next: Option<Next>) -> Vec<(&'static str, String)> {
     let mut params = match next {
         Some(Next::After(p)) => vec![("after", p.to_string())],
@@ -220,6 +265,26 @@ impl EventStore for HttpStore {
 
     async fn append_if(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>, condition: AppendCondition) -> Result<AppendResult> {
         self.append_body(stream, expected, events, Some(condition)).await
+    }
+
+    /// `POST /appends`, up to [`wire::APPENDS_MAX`] a body, retried like an
+    /// append (the events carry their ids, so a body written once is not
+    /// written again).
+    async fn append_each(&self, appends: Vec<cairn_core::Append>) -> Vec<Result<AppendResult>> {
+        let mut out = Vec::with_capacity(appends.len());
+        let mut appends = appends.into_iter().peekable();
+        while appends.peek().is_some() {
+            let chunk: Vec<_> = appends.by_ref().take(wire::APPENDS_MAX).collect();
+            let n = chunk.len();
+            match self.append_lines(chunk).await {
+                Ok(results) => out.extend(results),
+                Err(e) => {
+                    let (status, body) = wire::error_body(&e);
+                    out.extend((0..n).map(|_| Err(error_from(status, &body, self.base.as_str()))));
+                }
+            }
+        }
+        out
     }
 
     async fn read_query(&self, query: &Query, options: ReadAllOptions) -> Result<Vec<RecordedEvent>> {

@@ -4,7 +4,7 @@
 
 use base64::Engine;
 use bytes::Bytes;
-use cairn_core::{StreamMetadata, 
+use cairn_core::{AppendResult, StreamMetadata, 
     AppendCondition, ContentType, Direction, ExpectedVersion, Metadata, NewEvent, Position, Query, QueryItem, RecordedEvent,
     StoreError, Timestamp,
 };
@@ -141,6 +141,34 @@ pub struct AppendRequest {
     #[serde(default, deserialize_with = "strict_condition", skip_serializing_if = "Option::is_none")]
     pub condition: Option<AppendCondition>,
 }
+
+/// One line of `POST /appends` (NDJSON): an append with its stream.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppendLine {
+    pub stream: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_version: Option<Value>,
+    #[serde(deserialize_with = "objects")]
+    pub events: Vec<EventIn>,
+    #[serde(default, deserialize_with = "strict_condition", skip_serializing_if = "Option::is_none")]
+    pub condition: Option<AppendCondition>,
+}
+
+/// One line of the answer to `POST /appends`: the result, or the error
+/// body an append of its own would have had (with `error`).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AppendLineResult {
+    Done(AppendResult),
+    Failed(Value),
+}
+
+/// Most appends in one `POST /appends` body or one batch of a gRPC append stream.
+pub const APPENDS_MAX: usize = 10_000;
+
+/// The content type of NDJSON bodies.
+pub const NDJSON: &str = "application/x-ndjson";
 
 /// One event to append.
 #[derive(Debug, Serialize, Deserialize)]

@@ -1203,6 +1203,90 @@ pub async fn huge_max_age_hides_nothing(store: Store) {
     }
 }
 
+pub async fn append_each_applies_in_order_each_on_its_own(store: Store) {
+    let (a, b) = (unique("account"), unique("account"));
+    let retried = deposit(9);
+    let results = store
+        .append_each(vec![
+            Append::new(&a, ExpectedVersion::NoStream, vec![deposit(1)]),
+            // Sees the one before it.
+            Append::new(&a, ExpectedVersion::Exact(1), vec![deposit(2), deposit(3)]),
+            // Fails on its own: the others go on.
+            Append::new(&a, ExpectedVersion::Exact(1), vec![deposit(4)]),
+            Append::new(&b, ExpectedVersion::Any, vec![retried.clone()]),
+            Append::new("", ExpectedVersion::Any, vec![deposit(5)]),
+            Append::new(&a, ExpectedVersion::Exact(3), vec![deposit(6)]),
+            // The same events again: the first result, nothing written.
+            Append::new(&b, ExpectedVersion::Any, vec![retried]),
+        ])
+        .await;
+    assert_eq!(results.len(), 7, "an answer per append");
+    assert_eq!(results[0].as_ref().unwrap().next_version, 1);
+    assert_eq!(results[1].as_ref().unwrap().next_version, 3);
+    assert_err!(&results[2], StoreError::WrongExpectedVersion { actual_version: 3, .. });
+    assert_eq!(results[3].as_ref().unwrap().next_version, 1);
+    assert_err!(&results[4], StoreError::InvalidStreamName { .. });
+    assert_eq!(results[5].as_ref().unwrap().next_version, 4);
+    assert_eq!(results[6].as_ref().unwrap(), results[3].as_ref().unwrap(), "a retry inside one call is recognised");
+    let events = read(&store, &a).await;
+    assert_eq!(amounts(&events), vec![1, 2, 3, 6]);
+    assert!(results[0].as_ref().unwrap().position < results[1].as_ref().unwrap().position, "in the order given");
+    assert!(results[3].as_ref().unwrap().position < results[5].as_ref().unwrap().position, "in the order given");
+    assert_eq!(read(&store, &b).await.len(), 1);
+    assert!(store.append_each(Vec::new()).await.is_empty());
+}
+
+/// A store whose `append` and `append_if` go through the `append_each` of
+/// the one it wraps, an append a call, so that the whole suite runs
+/// through a backend's batch path (a gRPC append stream, `POST /appends`).
+pub struct ThroughAppendEach(pub Store);
+
+#[async_trait::async_trait]
+impl EventStore for ThroughAppendEach {
+    async fn append(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>) -> Result<AppendResult> {
+        self.0.append_each(vec![Append::new(stream, expected, events)]).await.pop().expect("one answer")
+    }
+    async fn append_if(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>, condition: AppendCondition) -> Result<AppendResult> {
+        self.0.append_each(vec![Append::new(stream, expected, events).with_condition(condition)]).await.pop().expect("one answer")
+    }
+    async fn append_each(&self, appends: Vec<Append>) -> Vec<Result<AppendResult>> {
+        self.0.append_each(appends).await
+    }
+    async fn read_query(&self, query: &Query, options: ReadAllOptions) -> Result<Vec<RecordedEvent>> {
+        self.0.read_query(query, options).await
+    }
+    async fn read_stream(&self, stream: &str, options: ReadStreamOptions) -> Result<Vec<RecordedEvent>> {
+        self.0.read_stream(stream, options).await
+    }
+    async fn read_all(&self, options: ReadAllOptions) -> Result<Vec<RecordedEvent>> {
+        self.0.read_all(options).await
+    }
+    async fn stream_info(&self, stream: &str) -> Result<StreamInfo> {
+        self.0.stream_info(stream).await
+    }
+    async fn list_streams(&self, prefix: &str, limit: usize) -> Result<Vec<StreamInfo>> {
+        self.0.list_streams(prefix, limit).await
+    }
+    async fn set_stream_metadata(&self, stream: &str, metadata: StreamMetadata) -> Result<AppendResult> {
+        self.0.set_stream_metadata(stream, metadata).await
+    }
+    async fn delete_stream(&self, stream: &str, expected: ExpectedVersion, hard: bool) -> Result<AppendResult> {
+        self.0.delete_stream(stream, expected, hard).await
+    }
+    async fn subscribe(&self, target: SubscriptionTarget, from: StartFrom) -> Result<Subscription> {
+        self.0.subscribe(target, from).await
+    }
+    async fn health(&self) -> Result<()> {
+        self.0.health().await
+    }
+    async fn head_position(&self) -> Result<Position> {
+        self.0.head_position().await
+    }
+    async fn last_position(&self) -> Result<Option<Position>> {
+        self.0.last_position().await
+    }
+}
+
 /// Instantiates every conformance test for a backend: `$make` is an expression
 /// giving `(Arc<dyn EventStore>, guard)`.
 #[macro_export]
@@ -1226,7 +1310,8 @@ macro_rules! conformance_suite {
             subscribe_category_catch_up_then_live, subscribe_category_resumes_after_a_checkpoint,
             subscription_filter_applies_a_predicate, json_payloads_readers_cannot_parse_rejected,
             names_with_control_or_invisible_characters_rejected, subscribe_stream_after_the_largest_version_delivers_nothing,
-            reused_id_with_other_content_conflicts, retry_after_soft_delete_conflicts, huge_max_age_hides_nothing);
+            reused_id_with_other_content_conflicts, retry_after_soft_delete_conflicts, huge_max_age_hides_nothing,
+            append_each_applies_in_order_each_on_its_own);
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
         $(

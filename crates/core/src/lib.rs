@@ -24,6 +24,6 @@ pub use limits::{
 pub use metadata::{metadata_stream_name, StreamMetadata, StreamState};
 pub use query::{stream_category, AppendCondition, Query, QueryItem};
 pub use store::{
-    AppendResult, Direction, EventStore, ExpectedVersion, Position, ReadAllOptions,
+    Append, AppendResult, Direction, EventStore, ExpectedVersion, Position, ReadAllOptions,
     ReadStreamOptions, StartFrom, StreamInfo, Subscription, SubscriptionTarget,
 };

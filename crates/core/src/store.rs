@@ -72,6 +72,27 @@ pub struct AppendResult {
     pub position: Position,
 }
 
+/// One append of [`EventStore::append_each`]: what [`EventStore::append`]
+/// (or, with a condition, [`EventStore::append_if`]) takes.
+#[derive(Debug, Clone)]
+pub struct Append {
+    pub stream: String,
+    pub expected: ExpectedVersion,
+    pub events: Vec<NewEvent>,
+    pub condition: Option<AppendCondition>,
+}
+
+impl Append {
+    pub fn new(stream: impl Into<String>, expected: ExpectedVersion, events: Vec<NewEvent>) -> Self {
+        Append { stream: stream.into(), expected, events, condition: None }
+    }
+
+    pub fn with_condition(mut self, condition: AppendCondition) -> Self {
+        self.condition = Some(condition);
+        self
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
@@ -264,6 +285,24 @@ pub trait EventStore: Send + Sync {
     /// conflicting position (the expected version is checked first). A retry
     /// of an append that was written returns its result, like `append`.
     async fn append_if(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>, condition: AppendCondition) -> Result<AppendResult>;
+
+    /// Several appends, each atomic and on its own (one that fails, say on
+    /// its expected version, does not stop the others), applied in the
+    /// order given: each sees the ones before it, so a stream can be
+    /// extended with exact versions in one call. The answers come in the
+    /// same order. The embedded engine queues them all at once, so they
+    /// share fsyncs; the servers take them in one request (a gRPC stream,
+    /// an NDJSON body); the default appends them one after the other.
+    async fn append_each(&self, appends: Vec<Append>) -> Vec<Result<AppendResult>> {
+        let mut out = Vec::with_capacity(appends.len());
+        for a in appends {
+            out.push(match a.condition {
+                Some(c) => self.append_if(&a.stream, a.expected, a.events, c).await,
+                None => self.append(&a.stream, a.expected, a.events).await,
+            });
+        }
+        out
+    }
 
     /// Reads the events matching `query` in global order, forward or backward,
     /// with `options` as for [`EventStore::read_all`], except that `from` is

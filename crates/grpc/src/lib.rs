@@ -162,6 +162,12 @@ fn tls(_: Endpoint, url: &str, _: Option<&[u8]>) -> Result<Endpoint> {
     Err(StoreError::InvalidArgument(format!("{url:?} needs TLS, which this build of cairn-grpc leaves out: enable its `tls` feature")))
 }
 
+/// `n` errors like `e` (a store error is not `Clone`: its wire form is copied).
+fn copies(e: &StoreError, n: usize) -> Vec<StoreError> {
+    let (status, body) = cairn_client::wire::error_body(e);
+    (0..n).map(|_| cairn_client::wire::error_from(status, &body, "gRPC")).collect()
+}
+
 fn stream_info(json: &str) -> Result<StreamInfo> {
     serde_json::from_str(json).map_err(|e| StoreError::Io { path: "gRPC".into(), source: std::io::Error::other(e) })
 }
@@ -174,6 +180,55 @@ impl EventStore for GrpcStore {
 
     async fn append_if(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>, condition: AppendCondition) -> Result<AppendResult> {
         self.append_request(stream, expected, events, Some(condition)).await
+    }
+
+    /// All on one `AppendStream` call: the server takes what has arrived as
+    /// one batch, so they share fsyncs. If the call breaks, the appends not
+    /// answered yet are `OutcomeUnknown` (their ids make a retry safe).
+    async fn append_each(&self, appends: Vec<cairn_core::Append>) -> Vec<Result<AppendResult>> {
+        let n = appends.len();
+        let mut messages = Vec::with_capacity(n);
+        let mut out: Vec<Result<AppendResult>> = Vec::with_capacity(n);
+        for a in appends {
+            let condition_json = match &a.condition {
+                Some(c) => match serde_json::to_string(c) {
+                    Ok(json) => json,
+                    Err(e) => return (0..n).map(|_| Err(StoreError::InvalidArgument(format!("a condition could not be encoded: {e}")))).collect(),
+                },
+                None => String::new(),
+            };
+            messages.push(proto::AppendRequest { stream: a.stream, expected: Some(expected_to(a.expected)), events: a.events.iter().map(new_event_to).collect(), condition_json });
+        }
+        let broke = |why: String| StoreError::OutcomeUnknown { reason: format!("the append stream broke before the server answered ({why})") };
+        let call = self.client.clone().append_stream(self.request(futures_util::stream::iter(messages))).await;
+        let mut replies = match call {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                let e = convert::append_status_to_error(&status);
+                return copies(&e, n).into_iter().map(Err).collect();
+            }
+        };
+        while out.len() < n {
+            match replies.message().await {
+                Ok(Some(reply)) => out.push(match reply.outcome {
+                    Some(proto::append_stream_reply::Outcome::Done(d)) => Ok(AppendResult { next_version: d.next_version, position: Position(d.position) }),
+                    Some(proto::append_stream_reply::Outcome::ErrorJson(json)) => {
+                        Err(serde_json::from_str(&json).map(|body| cairn_client::wire::error_from(500, &body, "gRPC")).unwrap_or_else(|_| broke(format!("an answer the client cannot read: {json}"))))
+                    }
+                    None => Err(broke("an empty answer".into())),
+                }),
+                Ok(None) => break,
+                Err(status) => {
+                    // The status applies to every append not answered yet.
+                    let left = n - out.len();
+                    out.extend(copies(&convert::append_status_to_error(&status), left).into_iter().map(Err));
+                }
+            }
+        }
+        while out.len() < n {
+            out.push(Err(broke("the server ended the call early".into())));
+        }
+        out
     }
 
     async fn read_query(&self, query: &Query, options: ReadAllOptions) -> Result<Vec<RecordedEvent>> {

@@ -272,6 +272,10 @@ impl EventStore for EmbeddedStore {
         self.append_user(stream, expected, events, Some(condition)).await
     }
 
+    async fn append_each(&self, appends: Vec<cairn_core::Append>) -> Vec<Result<AppendResult, StoreError>> {
+        self.append_each_user(appends).await
+    }
+
     async fn read_query(&self, query: &Query, options: ReadAllOptions) -> Result<Vec<RecordedEvent>, StoreError> {
         self.shared.read_query(query, &options)
     }

@@ -413,6 +413,14 @@ impl EmbeddedStore {
 
     /// Checks input, then hands the append to the writer and waits for it to be durable.
     pub(crate) async fn submit(&self, stream: String, expected: cairn_core::ExpectedVersion, events: Vec<NewEvent>, kind: AppendKind, condition: Option<AppendCondition>) -> Result<cairn_core::AppendResult, StoreError> {
+        let answer = self.enqueue(stream, expected, events, kind, condition).await?;
+        self.answer(answer).await
+    }
+
+    /// Checks an append and puts it in the writer's queue; its answer comes
+    /// on the receiver. Appends enqueued one after the other are applied in
+    /// that order.
+    pub(crate) async fn enqueue(&self, stream: String, expected: cairn_core::ExpectedVersion, events: Vec<NewEvent>, kind: AppendKind, condition: Option<AppendCondition>) -> Result<oneshot::Receiver<Result<cairn_core::AppendResult, StoreError>>, StoreError> {
         let bytes = self.check_events(&stream, &events)?;
         if let Some(c) = &condition {
             self.shared.options.limits.check_query(&c.fail_if_events_match)?;
@@ -422,16 +430,20 @@ impl EmbeddedStore {
         }
         let (reply, rx) = oneshot::channel();
         let req = AppendRequest { stream, expected, events, kind, condition, bytes, reply };
-        let closed = || StoreError::Closed { reason: self.shared.poisoned() };
         match self.tx.send_timeout(req, self.shared.options.busy_timeout).await {
             Ok(()) => self.writer_thread.unpark(),
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
                 let waited = self.shared.options.busy_timeout;
                 return Err(StoreError::Busy(format!("the write queue stayed full for {waited:?}")));
             }
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err(closed()),
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err(StoreError::Closed { reason: self.shared.poisoned() }),
         }
-        rx.await.map_err(|_| closed())?
+        Ok(rx)
+    }
+
+    /// The writer's answer to an enqueued append.
+    pub(crate) async fn answer(&self, rx: oneshot::Receiver<Result<cairn_core::AppendResult, StoreError>>) -> Result<cairn_core::AppendResult, StoreError> {
+        rx.await.map_err(|_| StoreError::Closed { reason: self.shared.poisoned() })?
     }
 
     /// Validates a batch against the limits; returns its encoded size.
@@ -442,6 +454,25 @@ impl EmbeddedStore {
     pub(crate) async fn append_user(&self, stream: &str, expected: cairn_core::ExpectedVersion, events: Vec<NewEvent>, condition: Option<AppendCondition>) -> Result<cairn_core::AppendResult, StoreError> {
         validate_stream_name(stream)?;
         self.submit(stream.to_string(), expected, events, AppendKind::User, condition).await
+    }
+
+    pub(crate) async fn append_each_user(&self, appends: Vec<cairn_core::Append>) -> Vec<Result<cairn_core::AppendResult, StoreError>> {
+        // All into the queue first, in order, so that they share group commits.
+        let mut queued = Vec::with_capacity(appends.len());
+        for a in appends {
+            queued.push(match validate_stream_name(&a.stream) {
+                Ok(()) => self.enqueue(a.stream, a.expected, a.events, AppendKind::User, a.condition).await,
+                Err(e) => Err(e),
+            });
+        }
+        let mut out = Vec::with_capacity(queued.len());
+        for q in queued {
+            out.push(match q {
+                Ok(rx) => self.answer(rx).await,
+                Err(e) => Err(e),
+            });
+        }
+        out
     }
 
     pub(crate) async fn set_metadata(&self, stream: &str, metadata: StreamMetadata) -> Result<cairn_core::AppendResult, StoreError> {

@@ -73,6 +73,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/streams/{stream}", post(append).get(read_stream).delete(delete_stream))
         // An empty name gets the store's own "invalid stream name" answer.
         .route("/streams/", post(|app: Shared, who: Who, body: Bytes| append(app, who, Path(String::new()), body)))
+        .route("/appends", post(append_lines))
         .route("/streams/{stream}/info", get(stream_info))
         .route("/streams/{stream}/metadata", get(get_metadata).put(set_metadata))
         .route("/streams/{stream}/subscribe", get(subscribe_stream))
@@ -207,6 +208,45 @@ async fn append(State(app): Shared, Extension(who): Who, Path(stream): Path<Stri
             Err(e.into())
         }
     }
+}
+
+/// `POST /appends`: NDJSON, one append a line (`{"stream", "expected_version"?,
+/// "events", "condition"?}`), each atomic and on its own, applied in order
+/// and sharing fsyncs. The answer is NDJSON too, a line per append in the
+/// same order: its result, or the error body it would have had alone. A
+/// line that is not a valid append refuses the whole body (400, naming
+/// the line) and nothing is written.
+async fn append_lines(State(app): Shared, Extension(who): Who, body: Bytes) -> ApiResult<Response> {
+    let mut appends = Vec::new();
+    for (n, line) in body.split(|b| *b == b'\n').enumerate() {
+        let line = line.trim_ascii();
+        if line.is_empty() {
+            continue;
+        }
+        if appends.len() >= crate::appends::BATCH_MAX {
+            return Err(ApiError::Request(format!("more than {} appends in one body; send them in several", crate::appends::BATCH_MAX)));
+        }
+        let bad = |e: String| ApiError::Request(format!("line {}: {e}", n + 1));
+        let request: cairn_client::wire::AppendLine = from_body(line).map_err(|e| bad(format!("not a valid append: {e}")))?;
+        let expected = match &request.expected_version {
+            None => cairn_core::ExpectedVersion::Any,
+            Some(v) => expected_from_wire(v).map_err(bad)?,
+        };
+        let events = request.events.into_iter().enumerate().map(|(i, e)| e.into_new(i)).collect::<Result<Vec<_>, _>>().map_err(bad)?;
+        let mut append = cairn_core::Append::new(request.stream, expected, events);
+        append.condition = request.condition;
+        appends.push(Ok(append));
+    }
+    let mut out = Vec::new();
+    for result in crate::appends::run(&app, &who, appends).await {
+        let written = match result {
+            Ok(done) => serde_json::to_writer(&mut out, &done),
+            Err(e) => serde_json::to_writer(&mut out, &error_body(&e).1),
+        };
+        written.expect("JSON of plain values");
+        out.push(b'\n');
+    }
+    Ok(([(axum::http::header::CONTENT_TYPE, cairn_client::wire::NDJSON)], out).into_response())
 }
 
 /// Events as `{"events": [...], "next": ...}`, serialised once with the

@@ -71,28 +71,34 @@ fn events_page(events: &[RecordedEvent], limit: usize, next: impl Fn(&RecordedEv
 
 use cairn_grpc::convert::NEXT_KEY;
 
+/// The append a message asks for; the message names what is wrong with it.
+fn append_from(r: proto::AppendRequest) -> Result<cairn_core::Append, String> {
+    let expected = expected_from(r.expected);
+    let events = r.events.into_iter().enumerate().map(|(i, e)| new_event_from(e, i)).collect::<Result<Vec<_>, _>>()?;
+    let mut append = cairn_core::Append::new(r.stream, expected, events);
+    if !r.condition_json.is_empty() {
+        let condition: AppendCondition = cairn_client::wire::parse_condition(&r.condition_json).map_err(|e| format!("condition_json: {e}"))?;
+        append = append.with_condition(condition);
+    }
+    Ok(append)
+}
+
 #[tonic::async_trait]
 impl proto::event_store_server::EventStore for GrpcService {
     async fn append(&self, request: Request<proto::AppendRequest>) -> Result<Response<proto::AppendResponse>, Status> {
         let who = self.who(&request).await?;
         let r = request.into_inner();
         check(who.denies_stream(&r.stream, true))?;
-        let expected = expected_from(r.expected);
-        let events = r.events.into_iter().enumerate().map(|(i, e)| new_event_from(e, i)).collect::<Result<Vec<_>, _>>().map_err(invalid)?;
-        let condition: Option<AppendCondition> = if r.condition_json.is_empty() {
-            None
-        } else {
-            Some(cairn_client::wire::parse_condition(&r.condition_json).map_err(|e| invalid(format!("condition_json: {e}")))?)
-        };
-        if let Some(c) = &condition {
+        let append = append_from(r).map_err(invalid)?;
+        if let Some(c) = &append.condition {
             check(who.denies_condition(c))?;
         }
-        let (count, bytes) = (events.len(), events.iter().map(|e| e.data.len()).sum::<usize>());
+        let (count, bytes) = (append.events.len(), append.events.iter().map(|e| e.data.len()).sum::<usize>());
         let started = Instant::now();
         let store = &self.app.store;
-        let result = match condition {
-            Some(c) => store.append_if(&r.stream, expected, events, c).await,
-            None => store.append(&r.stream, expected, events).await,
+        let result = match append.condition {
+            Some(c) => store.append_if(&append.stream, append.expected, append.events, c).await,
+            None => store.append(&append.stream, append.expected, append.events).await,
         };
         match result {
             Ok(done) => {
@@ -104,6 +110,65 @@ impl proto::event_store_server::EventStore for GrpcService {
                 Err(error_to_status(&e))
             }
         }
+    }
+
+    type AppendStreamStream = Pin<Box<dyn Stream<Item = Result<proto::AppendStreamReply, Status>> + Send>>;
+
+    async fn append_stream(&self, request: Request<tonic::Streaming<proto::AppendRequest>>) -> Result<Response<Self::AppendStreamStream>, Status> {
+        let who = self.who(&request).await?;
+        let mut incoming = request.into_inner();
+        let app = self.app.clone();
+        // Answers wait here for the client to read them; a full channel
+        // stops the reading of more appends, so a slow reader is not buffered for.
+        let (tx, rx) = tokio::sync::mpsc::channel(crate::appends::BATCH_MAX);
+        tokio::spawn(async move {
+            let mut index = 0u64;
+            let mut ended = false;
+            while !ended {
+                let first = match incoming.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                };
+                // Whatever else has arrived joins the batch, without waiting.
+                let mut batch = vec![first];
+                let mut broken = None;
+                while batch.len() < crate::appends::BATCH_MAX {
+                    match futures_util::FutureExt::now_or_never(incoming.message()) {
+                        Some(Ok(Some(m))) => batch.push(m),
+                        Some(Ok(None)) => {
+                            ended = true;
+                            break;
+                        }
+                        Some(Err(status)) => {
+                            broken = Some(status);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                let appends = batch.into_iter().map(|r| append_from(r).map_err(StoreError::InvalidArgument)).collect();
+                for result in crate::appends::run(&app, &who, appends).await {
+                    let outcome = match result {
+                        Ok(done) => proto::append_stream_reply::Outcome::Done(proto::AppendResponse { next_version: done.next_version, position: done.position.0 }),
+                        Err(e) => proto::append_stream_reply::Outcome::ErrorJson(cairn_client::wire::error_body(&e).1.to_string()),
+                    };
+                    if tx.send(Ok(proto::AppendStreamReply { index, outcome: Some(outcome) })).await.is_err() {
+                        return;
+                    }
+                    index += 1;
+                }
+                if let Some(status) = broken {
+                    let _ = tx.send(Err(status)).await;
+                    break;
+                }
+            }
+        });
+        let replies = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn read_stream(&self, request: Request<proto::ReadStreamRequest>) -> Result<Response<proto::Events>, Status> {

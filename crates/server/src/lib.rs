@@ -4,6 +4,7 @@
 //! client and the server cannot drift apart.
 
 mod api;
+mod appends;
 pub mod auth;
 mod conn;
 mod grpc;

@@ -13,6 +13,16 @@ fn grpc_store() -> (Arc<dyn EventStore>, crate::common::TestServer) {
 
 cairn_core::conformance_suite!(grpc_store());
 
+/// The suite again, every append through the `AppendStream` call.
+mod through_append_stream {
+    fn store() -> (std::sync::Arc<dyn cairn_core::EventStore>, crate::common::TestServer) {
+        let (client, server) = super::grpc_store();
+        (std::sync::Arc::new(cairn_core::conformance::ThroughAppendEach(client)), server)
+    }
+
+    cairn_core::conformance_suite!(store());
+}
+
 /// The server answers at most 10,000 events a call; GrpcStore follows the
 /// `x-cairn-next` cursor so a caller still gets all it asked for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
