@@ -237,6 +237,9 @@ async fn append_lines(State(app): Shared, Extension(who): Who, body: Bytes) -> A
         append.condition = request.condition;
         appends.push(Ok(append));
     }
+    if appends.is_empty() {
+        return Err(ApiError::Request("the body has no appends: send NDJSON, a line {\"stream\": ..., \"events\": [...]} per append".into()));
+    }
     let mut out = Vec::new();
     for result in crate::appends::run(&app, &who, appends).await {
         let written = match result {

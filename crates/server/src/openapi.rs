@@ -156,6 +156,10 @@ pub fn document() -> Value {
                                param("hard", "query", "tombstone: the name can never be written again", json!({"type": "boolean"}))],
                            "responses": responses(ok("deleted", "AppendResult"), &["404", "409", "410"])}
             },
+            "/appends": {"post": {"operationId": "appendEach", "summary": "Several appends, each atomic and on its own, in order, sharing fsyncs: NDJSON, a line {stream, expected_version?, events, condition?} per append (at most 10,000)",
+                                  "requestBody": {"required": true, "description": "NDJSON (sent as application/x-ndjson or text/plain: the type is not checked)", "content": {"text/plain": {"schema": {"type": "string", "minLength": 1}}}},
+                                  "responses": responses(json!({"description": "NDJSON, a line per append in order: its AppendResult, or the error body it would have had alone",
+                                                                "content": {"application/x-ndjson": {"schema": {"type": "string"}}}}), &["400"])}},
             "/streams": {"get": {"operationId": "listStreams", "summary": "List streams by name", "parameters": [param("prefix", "query", "name prefix ('$' lists system streams)", json!({"type": "string"})), limit(STREAMS_PAGE_MAX, "streams")],
                                  "responses": responses(ok("the streams; `truncated` when there may be more", "Streams"), &[])}},
             "/streams/{stream}/info": {"get": {"operationId": "streamInfo", "summary": "A stream's version, state and metadata (a deleted stream's too: its state says so)", "parameters": [stream_read.clone()],
