@@ -53,14 +53,14 @@ pub async fn w7(target: &crate::bench::Target, seconds: f64) -> Result<String> {
     let config = cairn_server::ServerConfig { listen: "127.0.0.1:0".parse()?, ..cairn_server::ServerConfig::default() };
     let server = cairn_server::start(target.store.clone(), config)?;
     let mut lines = Vec::new();
-    let runs: [(&str, Mode, usize); 8] = [
+    let runs: [(&str, Mode, usize); 9] = [
         ("grpc", Mode::Append, 1),
         ("grpc", Mode::Append, 16),
         ("grpc", Mode::Append, 64),
         ("http", Mode::Append, 1),
         ("http", Mode::Append, 16),
         ("http", Mode::Append, 64),
-        //("grpc", Mode::Stream, 1),
+        ("grpc", Mode::Stream, 1),
         ("grpc", Mode::Read, 16),
         ("http", Mode::Read, 16),
     ];
@@ -85,12 +85,13 @@ async fn fill_read_streams(target: &crate::bench::Target) -> Result<()> {
     Ok(())
 }
 
-/// This process's user and system CPU time.
-fn cpu_time() -> Duration {
+/// The user and system CPU time of this process (`libc::RUSAGE_SELF`) or
+/// of its children that ended (`libc::RUSAGE_CHILDREN`).
+fn cpu_time_of(who: libc::c_int) -> Duration {
     // SAFETY: getrusage only writes the struct it is given.
     let usage = unsafe {
         let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        libc::getrusage(who, &mut usage);
         usage
     };
     let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
@@ -99,10 +100,12 @@ fn cpu_time() -> Duration {
 
 async fn run_child(target: &crate::bench::Target, addr: SocketAddr, api: &str, mode: Mode, tasks: usize, seconds: f64) -> Result<String> {
     let spec = format!("{api} {} {tasks} {seconds} {addr}", mode.name());
-    let (syncs, cpu) = (target.syncs(), cpu_time());
+    let cpu_time = || cpu_time_of(libc::RUSAGE_SELF);
+    let (syncs, cpu, client_cpu) = (target.syncs(), cpu_time(), cpu_time_of(libc::RUSAGE_CHILDREN));
     let child = tokio::task::spawn_blocking(move || std::process::Command::new(std::env::current_exe()?).args(["bench", CHILD, "--client-spec", &spec]).output());
     let out = child.await??;
     let cpu = cpu_time() - cpu;
+    let client_cpu = cpu_time_of(libc::RUSAGE_CHILDREN) - client_cpu;
     let syncs = target.syncs().zip(syncs).map(|(after, before)| after - before);
     let text = String::from_utf8_lossy(&out.stdout);
     let Some(line) = text.lines().find(|l| l.starts_with("events=")) else {
@@ -111,14 +114,12 @@ async fn run_child(target: &crate::bench::Target, addr: SocketAddr, api: &str, m
     let events = crate::bench_scale::field(line, "events").unwrap_or(0.0);
     let requests = crate::bench_scale::field(line, "requests").unwrap_or(events);
     let mut out = format!("bench W7 backend={} client=process api={api} mode={} tasks={tasks} {line}", target.backend, mode.name());
-    if mode != Mode::Read {
-        if let Some(syncs) = syncs.filter(|s| *s > 0) {
-            out += &format!(" appends_per_fsync={:.1}", requests / syncs as f64);
-        }
-        out += &format!(" server_cpu_us_per_append={:.1}", cpu.as_secs_f64() * 1e6 / requests.max(1.0));
-    } else {
-        out += &format!(" server_cpu_us_per_read={:.1}", cpu.as_secs_f64() * 1e6 / requests.max(1.0));
+    let what = if mode == Mode::Read { "read" } else { "append" };
+    if let Some(syncs) = syncs.filter(|s| *s > 0 && mode != Mode::Read) {
+        out += &format!(" appends_per_fsync={:.1}", requests / syncs as f64);
     }
+    let per = |t: Duration| t.as_secs_f64() * 1e6 / requests.max(1.0);
+    out += &format!(" server_cpu_us_per_{what}={:.1} client_cpu_us_per_{what}={:.1}", per(cpu), per(client_cpu));
     Ok(out)
 }
 
@@ -130,18 +131,22 @@ pub async fn child(spec: &str) -> Result<String> {
     let addr: SocketAddr = addr.parse().context("W7-client: the address")?;
     let run_for = Duration::from_secs_f64(seconds);
     let run = Uuid::now_v7().simple().to_string();
+    // gRPC clients share one connection (HTTP/2 multiplexes: a service
+    // keeps one channel); HTTP/1.1 ones have a connection each.
+    let channel = if api == "grpc" { Some(grpc_client(addr).await?) } else { None };
     let started = Instant::now();
     let mut handles = Vec::new();
     for t in 0..tasks {
         let name = format!("w7-{}-{t}", &run[..12]);
         let api = api.to_string();
+        let channel = channel.clone();
         handles.push(tokio::spawn(async move {
-            match (api.as_str(), mode) {
-                ("grpc", Mode::Append) => grpc_writer(addr, &name, started, run_for).await,
-                ("http", Mode::Append) => http_writer(addr, &name, started, run_for).await,
-                ("grpc", Mode::Stream) => grpc_streamer(addr, &name, started, run_for).await,
-                ("grpc", Mode::Read) => grpc_reader(addr, t, started, run_for).await,
-                ("http", Mode::Read) => http_reader(addr, t, started, run_for).await,
+            match (api.as_str(), mode, channel) {
+                ("grpc", Mode::Append, Some(c)) => grpc_writer(c, &name, started, run_for).await,
+                ("http", Mode::Append, _) => http_writer(addr, &name, started, run_for).await,
+                ("grpc", Mode::Stream, Some(c)) => grpc_streamer(c, &name, started, run_for).await,
+                ("grpc", Mode::Read, Some(c)) => grpc_reader(c, t, started, run_for).await,
+                ("http", Mode::Read, _) => http_reader(addr, t, started, run_for).await,
                 _ => bail!("W7-client: {api} {} is not a run", mode.name()),
             }
         }));
@@ -172,7 +177,9 @@ fn grpc_event() -> proto::NewEvent {
     cairn_grpc::convert::new_event_to(&crate::bench::deposit(100, Uuid::now_v7()))
 }
 
-async fn grpc_client(addr: SocketAddr) -> Result<proto::event_store_client::EventStoreClient<tonic::transport::Channel>> {
+type GrpcClient = proto::event_store_client::EventStoreClient<tonic::transport::Channel>;
+
+async fn grpc_client(addr: SocketAddr) -> Result<GrpcClient> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?;
     Ok(proto::event_store_client::EventStoreClient::new(channel))
 }
@@ -181,8 +188,7 @@ fn exact(v: u64) -> Option<proto::ExpectedVersion> {
     Some(cairn_grpc::convert::expected_to(cairn_core::ExpectedVersion::Exact(v)))
 }
 
-async fn grpc_writer(addr: SocketAddr, stream: &str, started: Instant, run_for: Duration) -> Measured {
-    let mut client = grpc_client(addr).await?;
+async fn grpc_writer(mut client: GrpcClient, stream: &str, started: Instant, run_for: Duration) -> Measured {
     let (mut latencies, mut version) = (Vec::new(), 0);
     while started.elapsed() < run_for {
         let event = proto::NewEvent { id: Uuid::now_v7().to_string(), ..grpc_event() };
@@ -195,14 +201,48 @@ async fn grpc_writer(addr: SocketAddr, stream: &str, started: Instant, run_for: 
     Ok((latencies, n))
 }
 
-/// One producer on one connection with up to `WINDOW` appends in flight.
-async fn grpc_streamer(addr: SocketAddr, stream: &str, started: Instant, run_for: Duration) -> Measured {
-    let _ = (addr, stream, started, run_for);
-    bail!("streaming appends are not built yet")
+/// Appends a streaming producer keeps in flight (sent, not yet answered).
+const WINDOW: usize = 4_096;
+
+/// One producer on one connection with up to `WINDOW` appends in flight,
+/// each of one event to one of 100 streams; latency is from send to answer.
+async fn grpc_streamer(mut client: GrpcClient, stream: &str, started: Instant, run_for: Duration) -> Measured {
+    let (tx, rx) = tokio::sync::mpsc::channel::<proto::AppendRequest>(WINDOW);
+    let window = std::sync::Arc::new(tokio::sync::Semaphore::new(WINDOW));
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::<Instant>::new()));
+    let outgoing = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let producer = {
+        let (window, sent, stream) = (window.clone(), sent.clone(), stream.to_string());
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while started.elapsed() < run_for {
+                window.acquire().await.expect("never closed").forget();
+                let event = proto::NewEvent { id: Uuid::now_v7().to_string(), ..grpc_event() };
+                let message = proto::AppendRequest { stream: format!("{stream}-{}", i % 100), expected: None, events: vec![event], condition_json: String::new() };
+                sent.lock().unwrap().push_back(Instant::now());
+                if tx.send(message).await.is_err() {
+                    break;
+                }
+                i += 1;
+            }
+        })
+    };
+    let mut replies = client.append_stream(outgoing).await?.into_inner();
+    let mut latencies = Vec::new();
+    while let Some(reply) = replies.message().await? {
+        if let Some(proto::append_stream_reply::Outcome::ErrorJson(e)) = reply.outcome {
+            bail!("a streamed append failed: {e}");
+        }
+        let at = sent.lock().unwrap().pop_front().expect("an answer for each append sent");
+        latencies.push(at.elapsed());
+        window.add_permits(1);
+    }
+    producer.await?;
+    let n = latencies.len() as u64;
+    Ok((latencies, n))
 }
 
-async fn grpc_reader(addr: SocketAddr, task: usize, started: Instant, run_for: Duration) -> Measured {
-    let mut client = grpc_client(addr).await?;
+async fn grpc_reader(mut client: GrpcClient, task: usize, started: Instant, run_for: Duration) -> Measured {
     let (mut latencies, mut events, mut i) = (Vec::new(), 0, task as u64);
     while started.elapsed() < run_for {
         let message = proto::ReadStreamRequest { stream: format!("w7-read-{}", i % READ_STREAMS), from_version: 0, direction: 0, limit: Some(100) };
