@@ -160,6 +160,9 @@ pub async fn run(ctx: &crate::commands::Context, args: BenchArgs) -> Result<()> 
         _ if args.workloads.iter().any(|w| w == "S1") => bail!("S1 runs alone: `cairn bench S1 [--events N] [--streams N] [--keep DIR]`"),
         _ => {}
     }
+    if args.client_process && !args.workloads.iter().any(|w| w == "W7") {
+        bail!("--client-process measures the server (W7) from another process: `cairn bench W7 --client-process`");
+    }
     let postgres = ctx.backend == crate::commands::Backend::Postgres;
     let workloads: Vec<String> = if args.workloads.is_empty() {
         if postgres { ON_POSTGRES[..5].iter().map(|s| s.to_string()).collect() } else { ALL.iter().map(|s| s.to_string()).collect() }

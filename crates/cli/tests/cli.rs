@@ -456,6 +456,24 @@ fn bench_w7_prints_a_line_per_api() {
     }
 }
 
+/// `--client-process`: every line comes from a child process that really
+/// appended, streamed or read through the server, with the server's CPU.
+#[test]
+fn bench_w7_client_process_prints_every_line() {
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn")).args(["bench", "W7", "--client-process", "--scale", "0.04"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for run in ["api=grpc mode=append tasks=1 ", "api=grpc mode=append tasks=16 ", "api=grpc mode=append tasks=64 ", "api=http mode=append tasks=1 ",
+                "api=http mode=append tasks=16 ", "api=http mode=append tasks=64 ", "api=grpc mode=stream tasks=1 ", "api=grpc mode=read tasks=16 ", "api=http mode=read tasks=16 "] {
+        let line = out.lines().find(|l| l.contains(run)).unwrap_or_else(|| panic!("no {run} line: {out}"));
+        let field = |k: &str| line.split_whitespace().find_map(|kv| kv.strip_prefix(k)?.strip_prefix('=')?.parse::<f64>().ok()).unwrap_or_else(|| panic!("no {k} in {line}"));
+        assert!(field("events") > 0.0 && field("p999_us") >= field("p50_us"), "{line}");
+        if run.contains("append") || run.contains("stream") {
+            assert!(field("appends_per_fsync") >= 1.0 && field("server_cpu_us_per_append") > 0.0, "{line}");
+        }
+    }
+}
+
 /// Started with a low soft limit on open files (1,024 is common), `cairn
 /// serve` raises it to the hard limit, so that idle connections cannot use
 /// up the descriptors a segment roll needs, and says so with the cap it
