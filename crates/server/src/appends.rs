@@ -12,6 +12,11 @@ use crate::App;
 /// Most appends taken into one batch, and most appends in one NDJSON body.
 pub const BATCH_MAX: usize = cairn_client::wire::APPENDS_MAX;
 
+/// A gRPC batch stops taking messages past this many bytes, so that what
+/// waits in memory stays bounded (a body of `POST /appends` is bounded by
+/// the body limit).
+pub const BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+
 /// Appends `appends` (those already refused stay refused) in order; the
 /// answers in the same order.
 pub async fn run(app: &App, who: &Principal, appends: Vec<Result<Append, StoreError>>) -> Vec<Result<AppendResult, StoreError>> {

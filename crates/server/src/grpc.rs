@@ -134,11 +134,15 @@ impl proto::event_store_server::EventStore for GrpcService {
                     }
                 };
                 // Whatever else has arrived joins the batch, without waiting.
+                let mut bytes = prost::Message::encoded_len(&first);
                 let mut batch = vec![first];
                 let mut broken = None;
-                while batch.len() < crate::appends::BATCH_MAX {
+                while batch.len() < crate::appends::BATCH_MAX && bytes < crate::appends::BATCH_BYTES_MAX {
                     match futures_util::FutureExt::now_or_never(incoming.message()) {
-                        Some(Ok(Some(m))) => batch.push(m),
+                        Some(Ok(Some(m))) => {
+                            bytes += prost::Message::encoded_len(&m);
+                            batch.push(m);
+                        }
                         Some(Ok(None)) => {
                             ended = true;
                             break;
