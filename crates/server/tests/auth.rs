@@ -122,6 +122,30 @@ async fn grpc_applies_the_same_keys_and_checks() {
     assert_eq!(admin.read_stream("orders-1", ReadStreamOptions::forward()).await.unwrap().len(), 1);
 }
 
+/// The batch paths check each append against the key: a key limited to
+/// `orders-` gets its own appends written and the others refused, in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_appends_are_checked_one_by_one() {
+    use cairn_core::Append;
+    let s = secured();
+    let grpc: Arc<dyn EventStore> = Arc::new(cairn_grpc::GrpcStore::new(&s.url).unwrap().with_api_key(&s.orders).unwrap());
+    let http: Arc<dyn EventStore> = Arc::new(HttpStore::new(&s.url).unwrap().with_api_key(&s.orders));
+    for (n, client) in [grpc, http].into_iter().enumerate() {
+        let mut results = client
+            .append_each(vec![Append::new(format!("orders-b{n}"), ExpectedVersion::NoStream, event()), Append::new("account-1", ExpectedVersion::Any, event())])
+            .await
+            .into_iter();
+        assert_eq!(results.next().unwrap().unwrap().next_version, 1);
+        denied(results.next().unwrap(), "forbidden", "orders-");
+    }
+    let anonymous = cairn_grpc::GrpcStore::new(&s.url).unwrap();
+    for result in anonymous.append_each(vec![Append::new("orders-x", ExpectedVersion::Any, event())]).await {
+        denied(result, "unauthorized", "needs an API key");
+    }
+    let admin = HttpStore::new(&s.url).unwrap().with_api_key(&s.admin);
+    assert!(admin.read_stream("account-1", ReadStreamOptions::forward()).await.is_err(), "nothing refused was written");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_without_a_key_are_not_failed_logins() {
     let s = secured();
