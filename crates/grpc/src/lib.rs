@@ -187,6 +187,9 @@ impl EventStore for GrpcStore {
     /// answered yet are `OutcomeUnknown` (their ids make a retry safe).
     async fn append_each(&self, appends: Vec<cairn_core::Append>) -> Vec<Result<AppendResult>> {
         let n = appends.len();
+        if n == 0 {
+            return Vec::new();
+        }
         let mut messages = Vec::with_capacity(n);
         let mut out: Vec<Result<AppendResult>> = Vec::with_capacity(n);
         for a in appends {
