@@ -168,23 +168,27 @@ impl HttpStore {
     }
 
     async fn append_body(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>, condition: Option<AppendCondition>) -> Result<AppendResult> {
-        let events = events
-            .iter()
-            .enumerate()
-            .map(|(i, e)| EventIn::from_new(e).map_err(|err| StoreError::InvalidEvent(format!("event {i}: {err}"))))
-            .collect::<Result<Vec<_>>>()?;
+        let events = events_in(&events)?;
         let body = AppendRequest { expected_version: Some(expected_to_wire(expected)), events, condition };
         let json = bytes::Bytes::from(serde_json::to_vec(&body).map_err(|e| StoreError::InvalidEvent(e.to_string()))?);
         // The batch carries its ids, so resending it is safe: the server
         // writes it once and answers a retry with the first result.
+        let answer = self.post_append(&["streams", stream], "application/json", json).await?;
+        serde_json::from_slice(&answer).map_err(|e| self.io(format!("the server's answer is not what this client expects: {e}")))
+    }
+
+    /// POSTs an append body to `segments`, resending it while the answer
+    /// is retryable (busy, closed, outcome unknown) up to `append_attempts`
+    /// with backoff; the answer's bytes. The events carry their ids, so a
+    /// resent body written once is not written again.
+    async fn post_append(&self, segments: &[&str], content_type: &str, body: bytes::Bytes) -> Result<bytes::Bytes> {
         let mut backoff = APPEND_RETRY_BACKOFF_MIN;
         let mut attempt = 1;
         loop {
-            let request = self.request(Method::POST, &["streams", stream]).header("content-type", "application/json").body(json.clone());
+            let request = self.request(Method::POST, segments).header("content-type", content_type).body(body.clone());
             let result = async {
                 let response = self.send_as(request, true).await?;
-                let bytes = response.bytes().await.map_err(|e| StoreError::OutcomeUnknown { reason: format!("reading the answer: {e}") })?;
-                serde_json::from_slice(&bytes).map_err(|e| self.io(format!("the server's answer is not what this client expects: {e}")))
+                response.bytes().await.map_err(|e| StoreError::OutcomeUnknown { reason: format!("reading the answer: {e}") })
             }
             .await;
             match result {
@@ -197,54 +201,39 @@ impl HttpStore {
             }
         }
     }
-}
 
-/// The query string of a page of `n` events of `$all`, from `options` or the cursor `next`.
-impl HttpStore {
     /// One `POST /appends`: the answers, or what refused the whole body.
     async fn append_lines(&self, appends: Vec<cairn_core::Append>) -> Result<Vec<Result<AppendResult>>> {
         let n = appends.len();
         let mut body = Vec::new();
         for a in appends {
-            let events = a.events.iter().enumerate().map(|(i, e)| EventIn::from_new(e).map_err(|err| StoreError::InvalidEvent(format!("event {i}: {err}")))).collect::<Result<Vec<_>>>()?;
+            let events = events_in(&a.events)?;
             let line = wire::AppendLine { stream: a.stream, expected_version: Some(expected_to_wire(a.expected)), events, condition: a.condition };
             serde_json::to_writer(&mut body, &line).map_err(|e| StoreError::InvalidEvent(e.to_string()))?;
             body.push(b'\n');
         }
-        let body = bytes::Bytes::from(body);
-        let mut backoff = APPEND_RETRY_BACKOFF_MIN;
-        let mut attempt = 1;
-        loop {
-            let request = self.request(Method::POST, &["appends"]).header("content-type", wire::NDJSON).body(body.clone());
-            let result = async {
-                let response = self.send_as(request, true).await?;
-                let bytes = response.bytes().await.map_err(|e| StoreError::OutcomeUnknown { reason: format!("reading the answer: {e}") })?;
-                let mut results = Vec::with_capacity(n);
-                for line in bytes.split(|b| *b == b'\n').filter(|l| !l.trim_ascii().is_empty()) {
-                    let line: wire::AppendLineResult = serde_json::from_slice(line).map_err(|e| self.io(format!("the server's answer is not what this client expects: {e}")))?;
-                    results.push(match line {
-                        wire::AppendLineResult::Done(done) => Ok(done),
-                        wire::AppendLineResult::Failed(body) => Err(error_from(500, &body, self.base.as_str())),
-                    });
-                }
-                if results.len() != n {
-                    return Err(self.io(format!("the server answered {} of {n} appends", results.len())));
-                }
-                Ok(results)
-            }
-            .await;
-            match result {
-                Err(e) if e.is_retryable() && attempt < self.append_attempts => {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(APPEND_RETRY_BACKOFF_MAX);
-                    attempt += 1;
-                }
-                other => return other,
-            }
+        let answer = self.post_append(&["appends"], wire::NDJSON, body.into()).await?;
+        let mut results = Vec::with_capacity(n);
+        for line in answer.split(|b| *b == b'\n').filter(|l| !l.trim_ascii().is_empty()) {
+            let line: wire::AppendLineResult = serde_json::from_slice(line).map_err(|e| self.io(format!("the server's answer is not what this client expects: {e}")))?;
+            results.push(match line {
+                wire::AppendLineResult::Done(done) => Ok(done),
+                wire::AppendLineResult::Failed(body) => Err(error_from(500, &body, self.base.as_str())),
+            });
         }
+        if results.len() != n {
+            return Err(self.io(format!("the server answered {} of {n} appends", results.len())));
+        }
+        Ok(results)
     }
 }
 
+/// Events as the API takes them.
+fn events_in(events: &[NewEvent]) -> Result<Vec<EventIn>> {
+    events.iter().enumerate().map(|(i, e)| EventIn::from_new(e).map_err(|err| StoreError::InvalidEvent(format!("event {i}: {err}")))).collect()
+}
+
+/// The query string of a page of `n` events of `$all`, from `options` or the cursor `next`.
 fn all_params(options: &ReadAllOptions, n: usize, next: Option<Next>) -> Vec<(&'static str, String)> {
     let mut params = match next {
         Some(Next::After(p)) => vec![("after", p.to_string())],

@@ -325,27 +325,10 @@ fn sigkill_mid_append_stream_loses_no_acknowledged_append_and_a_retry_writes_onc
 #[test]
 fn sigkill_during_32_writers_loses_no_acknowledged_append() {
     let dir = tempfile::tempdir().unwrap();
-    let exe = std::env::current_exe().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let acked: Arc<Mutex<HashMap<Uuid, (String, u64)>>> = Arc::default();
     for cycle in 0..3 {
-        let mut child = Command::new(&exe)
-            .args(["api::child_server", "--exact", "--nocapture", "--ignored", "--test-threads=1"])
-            .env(DIR_VAR, dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        let addr = loop {
-            line.clear();
-            assert!(stdout.read_line(&mut line).unwrap() > 0, "cycle {cycle}: the server ended before listening");
-            if let Some(addr) = line.trim().strip_prefix("listening ") {
-                break addr.to_string();
-            }
-        };
+        let (mut child, addr) = start_child(dir.path());
         let before = acked.lock().unwrap().len();
         rt.block_on(async {
             let client = HttpStore::new(&format!("http://{addr}")).unwrap();
