@@ -241,6 +241,15 @@ impl Shared {
     }
 }
 
+/// Wakes the writer thread when dropped.
+struct WakeOnDrop<'a>(&'a writer::Lead);
+
+impl Drop for WakeOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.wake_thread();
+    }
+}
+
 /// Closes the store when the last handle goes: lets the writer drain, then
 /// releases the directory lock.
 struct CloseGuard {
@@ -289,8 +298,8 @@ pub struct EmbeddedStore {
     pub(crate) shared: Arc<Shared>,
     // Field order matters: the sender must drop before the guard joins the writer.
     tx: mpsc::Sender<AppendRequest>,
-    /// Unparked after each send: wakes a writer lingering for its group.
-    writer_thread: std::thread::Thread,
+    /// Who writes the next group: an appender or the writer thread.
+    lead: Arc<writer::Lead>,
     _guard: Arc<CloseGuard>,
     report: Arc<OpenReport>,
 }
@@ -341,16 +350,13 @@ impl EmbeddedStore {
         let (tx, rx) = mpsc::channel(options.queue_depth);
         let marked = mark.map(|m| (m.events, m.last_id));
         let writer = Writer::new(shared.clone(), active, offset, last_timestamp, options.group_linger, mark_file, last_id, marked);
-        let handle = std::thread::Builder::new()
-            .name("cairn-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| StoreError::io(dir, e))?;
-        let writer_thread = handle.thread().clone();
+        let lead = writer::Lead::new(shared.clone(), writer, rx);
+        let handle = lead.spawn().map_err(|e| StoreError::io(dir, e))?;
         let stop_scrub = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let scrubber = crate::scrub::spawn(shared.clone(), stop_scrub.clone()).map_err(|e| StoreError::io(dir, e))?;
         let merger = crate::merge::spawn(shared.clone(), stop_scrub.clone()).map_err(|e| StoreError::io(dir, e))?;
         let guard = CloseGuard { writer: Mutex::new(Some(handle)), indexer: Mutex::new(Some(indexer_handle)), scrubber: Mutex::new(scrubber), merger: Mutex::new(merger), stop_scrub, shared: shared.clone(), data_dir: dir.to_path_buf(), _lock: lock };
-        Ok(EmbeddedStore { shared, tx, writer_thread, _guard: Arc::new(guard), report: Arc::new(report) })
+        Ok(EmbeddedStore { shared, tx, lead, _guard: Arc::new(guard), report: Arc::new(report) })
     }
 
     /// Why appends are refused right now (a write to the log failed and the
@@ -414,6 +420,7 @@ impl EmbeddedStore {
     /// Checks input, then hands the append to the writer and waits for it to be durable.
     pub(crate) async fn submit(&self, stream: String, expected: cairn_core::ExpectedVersion, events: Vec<NewEvent>, kind: AppendKind, condition: Option<AppendCondition>) -> Result<cairn_core::AppendResult, StoreError> {
         let answer = self.enqueue(stream, expected, events, kind, condition).await?;
+        self.lead.lead();
         self.answer(answer).await
     }
 
@@ -430,8 +437,18 @@ impl EmbeddedStore {
         }
         let (reply, rx) = oneshot::channel();
         let req = AppendRequest { stream, expected, events, kind, condition, bytes, reply };
+        let req = match self.tx.try_send(req) {
+            Ok(()) => {
+                self.lead.sent();
+                return Ok(rx);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(StoreError::Closed { reason: self.shared.poisoned() }),
+            Err(mpsc::error::TrySendError::Full(req)) => req,
+        };
+        // A full queue: the writer thread drains it while this waits for room.
+        self.lead.wake_thread();
         match self.tx.send_timeout(req, self.shared.options.busy_timeout).await {
-            Ok(()) => self.writer_thread.unpark(),
+            Ok(()) => self.lead.sent(),
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
                 let waited = self.shared.options.busy_timeout;
                 return Err(StoreError::Busy(format!("the write queue stayed full for {waited:?}")));
@@ -458,6 +475,8 @@ impl EmbeddedStore {
 
     pub(crate) async fn append_each_user(&self, appends: Vec<cairn_core::Append>) -> Vec<Result<cairn_core::AppendResult, StoreError>> {
         // All into the queue first, in order, so that they share group commits.
+        // Dropped (this call cancelled) before it leads, the guard hands them to the writer thread.
+        let guard = WakeOnDrop(&self.lead);
         let mut queued = Vec::with_capacity(appends.len());
         for a in appends {
             queued.push(match validate_stream_name(&a.stream) {
@@ -465,6 +484,8 @@ impl EmbeddedStore {
                 Err(e) => Err(e),
             });
         }
+        std::mem::forget(guard);
+        self.lead.lead();
         let mut out = Vec::with_capacity(queued.len());
         for q in queued {
             out.push(match q {

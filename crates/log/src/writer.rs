@@ -1,4 +1,6 @@
-//! The single writer. It takes every append request waiting in its queue,
+//! The writer. One group at a time, written by whoever holds the [`Lead`]:
+//! an appender that finds it free (on its own thread) or the writer thread.
+//! It takes every append request waiting in its queue,
 //! checks each (expected version, append condition) against the index plus
 //! the appends already accepted into the same group, encodes them into one buffer, writes it with one `pwrite` and
 //! makes it durable with one `fdatasync` (group commit). Only then does it
@@ -10,7 +12,8 @@
 //! the durable mark (`checkpoint.rs`) up to date.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{fence, AtomicBool, AtomicIsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
 use cairn_core::{AppendCondition, AppendResult, ExpectedVersion, NewEvent, Position, StoreError, StreamState, Timestamp};
@@ -87,8 +90,10 @@ pub struct Writer {
     offset: u64,
     last_timestamp: i64,
     group: Group,
-    /// How long a group may wait for stragglers (see `run`).
+    /// How long a group may wait for stragglers (see `group`).
     linger: Duration,
+    /// Requests in the last group.
+    previous_group: usize,
     mark_file: MarkFile,
     /// Id of the newest durable event (0 if none).
     last_id: u128,
@@ -102,6 +107,178 @@ pub struct Writer {
 const PROBE_BYTES: u64 = 64 * 1024;
 const RECOVERY_BACKOFF_MIN: Duration = Duration::from_millis(50);
 
+/// The writer and its queue, taken by whoever writes the next group. An
+/// appender that finds it free writes the group on its own thread: one
+/// thread hand-off to the writer and one back cost more CPU than the
+/// group's fsync on a virtual machine. When it is taken, the holder writes
+/// the request with its own group or hands it to the writer thread, which
+/// also lingers for fuller groups, keeps the durable mark up to date and
+/// recovers after a failed write.
+pub struct Lead {
+    duty: Mutex<Duty>,
+    /// Requests sent and not yet taken from the queue (below zero for a
+    /// moment when one is taken before its sender counted it).
+    queued: AtomicIsize,
+    /// The writer thread waits for stragglers of its group: a sender wakes it.
+    lingering: AtomicBool,
+    thread: OnceLock<std::thread::Thread>,
+    shared: Arc<Shared>,
+}
+
+struct Duty {
+    writer: Writer,
+    rx: mpsc::Receiver<AppendRequest>,
+    /// A write failed: the writer thread repairs the log before anything else is written.
+    failed: Option<String>,
+}
+
+enum Taken {
+    Empty,
+    Closed,
+    Group(Result<(), StoreError>),
+}
+
+/// Takes a request from the queue, counting it.
+fn take(rx: &mut mpsc::Receiver<AppendRequest>, queued: &AtomicIsize) -> Result<AppendRequest, mpsc::error::TryRecvError> {
+    let req = rx.try_recv();
+    if req.is_ok() {
+        queued.fetch_sub(1, Ordering::SeqCst);
+    }
+    req
+}
+
+impl Lead {
+    pub fn new(shared: Arc<Shared>, writer: Writer, rx: mpsc::Receiver<AppendRequest>) -> Arc<Lead> {
+        Arc::new(Lead { duty: Mutex::new(Duty { writer, rx, failed: None }), queued: AtomicIsize::new(0), lingering: AtomicBool::new(false), thread: OnceLock::new(), shared })
+    }
+
+    /// Starts the writer thread.
+    pub fn spawn(self: &Arc<Lead>) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let lead = self.clone();
+        let handle = std::thread::Builder::new().name("cairn-writer".into()).spawn(move || lead.run())?;
+        let _ = self.thread.set(handle.thread().clone());
+        Ok(handle)
+    }
+
+    pub fn wake_thread(&self) {
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
+    }
+
+    /// Counts a request just sent to the queue.
+    pub fn sent(&self) {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// After sends: writes one group here if no one else is writing and no
+    /// fuller group is worth waiting for, so that a lone appender needs no
+    /// other thread. Otherwise the holder
+    /// sees the requests when it lets go (the fences make sure that either
+    /// this `try_lock` or the holder's check of `queued` sees the other).
+    pub fn lead(&self) {
+        fence(Ordering::SeqCst);
+        let mut duty = match self.duty.try_lock() {
+            Ok(duty) => duty,
+            Err(TryLockError::WouldBlock) => {
+                if self.lingering.load(Ordering::SeqCst) || self.shared.stats.unavailable.load(Ordering::Relaxed) != 0 {
+                    self.wake_thread();
+                }
+                return;
+            }
+            Err(TryLockError::Poisoned(_)) => {
+                self.shared.poison("the writer stopped on an internal error; restart the store".into());
+                self.wake_thread();
+                return;
+            }
+        };
+        // Fewer waiting than the last group had: the others are probably on
+        // their way, and the writer thread lingers for them (one fsync for all).
+        if (duty.writer.previous_group as isize) > self.queued.load(Ordering::SeqCst) && !duty.writer.linger.is_zero() && duty.failed.is_none() {
+            drop(duty);
+            self.wake_thread();
+            return;
+        }
+        if duty.failed.is_none() {
+            let Duty { writer, rx, failed } = &mut *duty;
+            if let Taken::Group(Err(e)) = writer.group(rx, &self.queued, None) {
+                *failed = Some(writer.fail(e));
+            }
+        }
+        let failed = duty.failed.is_some();
+        drop(duty);
+        fence(Ordering::SeqCst);
+        if failed || self.queued.load(Ordering::SeqCst) > 0 {
+            self.wake_thread();
+        }
+    }
+
+    /// The writer thread: takes what appenders left, lingers for fuller
+    /// groups, writes the durable mark when due, and recovers after a
+    /// failed write; ends when the store closes.
+    fn run(self: Arc<Lead>) {
+        // Lingers are tens of microseconds: ask the kernel for timers that
+        // precise on this thread (the default slack is 50 µs).
+        // SAFETY: PR_SET_TIMERSLACK only changes this thread's timer slack.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1_000u64) };
+        loop {
+            let mut duty = match self.duty.lock() {
+                Ok(duty) => duty,
+                Err(poisoned) => {
+                    // An appender panicked while writing: refuse everything from now on.
+                    let mut duty = poisoned.into_inner();
+                    self.shared.poison("the writer stopped on an internal error; restart the store".into());
+                    while let Ok(req) = duty.rx.try_recv() {
+                        let _ = req.reply.send(Err(StoreError::Closed { reason: self.shared.poisoned() }));
+                    }
+                    return;
+                }
+            };
+            let Duty { writer, rx, failed } = &mut *duty;
+            if let Some(reason) = failed.take()
+                && !writer.retry_until_repaired(&reason, rx, &self.queued)
+            {
+                return;
+            }
+            let wait = loop {
+                match writer.group(rx, &self.queued, Some(&self.lingering)) {
+                    Taken::Group(Ok(())) => continue,
+                    Taken::Group(Err(e)) => {
+                        if !writer.recover(e, rx, &self.queued) {
+                            return;
+                        }
+                    }
+                    Taken::Empty => match writer.mark_due_in() {
+                        Some(wait) if wait.is_zero() => {
+                            if let Err(e) = writer.write_mark_if_due()
+                                && !writer.recover(e, rx, &self.queued)
+                            {
+                                return;
+                            }
+                        }
+                        wait => break wait,
+                    },
+                    Taken::Closed => {
+                        // Closing: the mark covers everything, so the next open checks it all.
+                        if let Err(e) = writer.write_mark() {
+                            eprintln!("cairn: could not write the durable mark at close ({e}); the next open checks the log against an older one");
+                        }
+                        return;
+                    }
+                }
+            };
+            drop(duty);
+            fence(Ordering::SeqCst);
+            if self.queued.load(Ordering::SeqCst) > 0 {
+                continue;
+            }
+            // Woken by an appender that leaves requests, or by the close; at
+            // least once per mark interval, for a mark an appender's group made due.
+            std::thread::park_timeout(wait.unwrap_or(self.shared.options.checkpoint_interval));
+        }
+    }
+}
+
 impl Writer {
     #[allow(clippy::too_many_arguments)]
     pub fn new(shared: Arc<Shared>, active: Arc<Segment>, offset: u64, last_timestamp: i64, linger: Duration, mark_file: MarkFile, last_id: u128, marked: Option<(u64, u128)>) -> Self {
@@ -112,7 +289,7 @@ impl Writer {
             user_events: Vec::new(),
             replies: Vec::new(),
         };
-        Writer { shared, active, offset, last_timestamp, group, linger, mark_file, last_id, marked, marked_at: Instant::now() }
+        Writer { shared, active, offset, last_timestamp, group, linger, previous_group: 0, mark_file, last_id, marked, marked_at: Instant::now() }
     }
 
     /// (events, newest id) now durable. The count comes from the stats,
@@ -147,85 +324,66 @@ impl Writer {
         Some(self.shared.options.checkpoint_interval.saturating_sub(self.marked_at.elapsed()))
     }
 
-    /// Takes every waiting request into one group, then commits it. When the
-    /// queue runs dry before the group has as many requests as the previous
-    /// one, the writer lingers briefly (parked) for the rest: the
-    /// callers the last fsync released are usually just computing their next
-    /// append, and one fsync for all of them beats one for the first alone
-    /// and another for the others. A lone caller never waits.
-    pub fn run(mut self, mut rx: mpsc::Receiver<AppendRequest>) {
-        // Lingers are tens of microseconds: ask the kernel for timers that
-        // precise on this thread (the default slack is 50 µs).
-        // SAFETY: PR_SET_TIMERSLACK only changes this thread's timer slack.
-        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1_000u64) };
-        let mut previous_group = 0;
-        loop {
-            let first = match rx.try_recv() {
-                Ok(req) => req,
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => match self.mark_due_in() {
-                    Some(wait) if wait.is_zero() => {
-                        if let Err(e) = self.write_mark_if_due() && !self.recover(e, &mut rx) {
-                            return;
-                        }
-                        continue;
-                    }
-                    // Appenders unpark this thread after each send.
-                    Some(wait) => {
-                        std::thread::park_timeout(wait);
-                        continue;
-                    }
-                    None => match rx.blocking_recv() {
-                        Some(req) => req,
-                        None => break,
-                    },
-                },
-            };
-            let mut next = Some(first);
-            let mut failed = None;
-            let mut requests = 0;
-            let mut lingered: Option<Instant> = None;
-            while let Some(req) = next.take() {
-                if let Err(e) = self.accept(req) {
-                    failed = Some(e);
-                    break;
-                }
-                requests += 1;
-                if self.group.buf.len() >= GROUP_BYTES_MAX {
-                    break;
-                }
-                next = rx.try_recv().ok();
-                if next.is_none() && requests < previous_group && !self.linger.is_zero() {
-                    let since = *lingered.get_or_insert_with(Instant::now);
-                    while next.is_none() {
-                        let Some(left) = self.linger.checked_sub(since.elapsed()) else { break };
-                        // Appenders unpark this thread after each send.
+    /// Takes the waiting requests into one group and commits it. With
+    /// `linger` (the writer thread only), when the queue runs dry before the
+    /// group has as many requests as the previous one, it waits briefly
+    /// (parked) for the rest: the callers the last fsync released are
+    /// usually just computing their next append, and one fsync for all of
+    /// them beats one for the first alone and another for the others.
+    fn group(&mut self, rx: &mut mpsc::Receiver<AppendRequest>, queued: &AtomicIsize, linger: Option<&AtomicBool>) -> Taken {
+        let first = match take(rx, queued) {
+            Ok(req) => req,
+            Err(mpsc::error::TryRecvError::Empty) => return Taken::Empty,
+            Err(mpsc::error::TryRecvError::Disconnected) => return Taken::Closed,
+        };
+        let mut next = Some(first);
+        let mut failed = None;
+        let mut requests = 0;
+        let mut lingered: Option<Instant> = None;
+        while let Some(req) = next.take() {
+            if let Err(e) = self.accept(req) {
+                failed = Some(e);
+                break;
+            }
+            requests += 1;
+            if self.group.buf.len() >= GROUP_BYTES_MAX {
+                break;
+            }
+            next = take(rx, queued).ok();
+            if let Some(flag) = linger.filter(|_| next.is_none() && requests < self.previous_group && !self.linger.is_zero()) {
+                let since = *lingered.get_or_insert_with(Instant::now);
+                flag.store(true, Ordering::SeqCst);
+                while next.is_none() {
+                    let Some(left) = self.linger.checked_sub(since.elapsed()) else { break };
+                    // Appenders that see `flag` unpark this thread after their send.
+                    if queued.load(Ordering::SeqCst) <= 0 {
                         std::thread::park_timeout(left);
-                        next = rx.try_recv().ok();
                     }
+                    next = take(rx, queued).ok();
                 }
-            }
-            previous_group = requests;
-            let result = match failed {
-                Some(e) => Err(e),
-                None => self.commit(),
-            };
-            let result = result.and_then(|()| self.write_mark_if_due());
-            if let Err(e) = result && !self.recover(e, &mut rx) {
-                return;
+                flag.store(false, Ordering::SeqCst);
             }
         }
-        // Closing: the mark covers everything, so the next open checks it all.
-        if let Err(e) = self.write_mark() {
-            eprintln!("cairn: could not write the durable mark at close ({e}); the next open checks the log against an older one");
-        }
+        self.previous_group = requests;
+        let result = match failed {
+            Some(e) => Err(e),
+            None => self.commit(),
+        };
+        Taken::Group(result.and_then(|()| self.write_mark_if_due()))
     }
 
     /// After an I/O failure: answers the group (its appends may or may not be
     /// durable: "outcome unknown"), refuses appends, and retries with backoff
     /// until the log can be written again. Returns false if the store closed
     /// meanwhile.
-    fn recover(&mut self, e: StoreError, rx: &mut mpsc::Receiver<AppendRequest>) -> bool {
+    fn recover(&mut self, e: StoreError, rx: &mut mpsc::Receiver<AppendRequest>, queued: &AtomicIsize) -> bool {
+        let reason = self.fail(e);
+        self.retry_until_repaired(&reason, rx, queued)
+    }
+
+    /// Answers the group after a failed write ("outcome unknown") and
+    /// refuses appends from now on; returns why.
+    fn fail(&mut self, e: StoreError) -> String {
         let reason = format!("a write to the log failed ({e})");
         eprintln!("cairn: {reason}; appends are refused until the disk takes writes again (retrying with backoff)");
         self.shared.poison(format!("{reason}; the store is recovering by itself"));
@@ -239,11 +397,17 @@ impl Writer {
             let _ = reply.send(answer);
         }
         self.group.clear_records();
+        reason
+    }
+
+    /// Refuses what is queued and retries with backoff until the log can be
+    /// written again. Returns false if the store closed meanwhile.
+    fn retry_until_repaired(&mut self, reason: &str, rx: &mut mpsc::Receiver<AppendRequest>, queued: &AtomicIsize) -> bool {
         let mut backoff = RECOVERY_BACKOFF_MIN;
         let mut attempt_at = Instant::now() + backoff;
         loop {
             loop {
-                match rx.try_recv() {
+                match take(rx, queued) {
                     Ok(req) => {
                         let _ = req.reply.send(Err(StoreError::Closed { reason: self.shared.poisoned() }));
                     }

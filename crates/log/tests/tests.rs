@@ -9,3 +9,4 @@ mod dcb;
 mod faults;
 mod index_files;
 mod model;
+mod writers;

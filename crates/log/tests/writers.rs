@@ -1,0 +1,77 @@
+//! Who writes a group: an appender that finds the writer free does it on
+//! its own thread, otherwise the holder or the writer thread takes the
+//! request. A request nobody takes would wait for the writer thread's next
+//! timed wake, here an hour away: racing appenders must all be answered.
+
+use std::time::Duration;
+
+use cairn_core::{Append, EventStore, ExpectedVersion, NewEvent, ReadStreamOptions};
+use cairn_log::Options;
+
+use crate::common::fresh_with;
+
+const TASKS: usize = 24;
+const THREADS: usize = 4;
+const APPENDS: u64 = 150;
+
+fn event(n: u64) -> NewEvent {
+    NewEvent::json("Counted", &serde_json::json!({ "n": n })).unwrap()
+}
+
+fn race(linger: Duration) {
+    let options = Options { group_linger: linger, checkpoint_interval: Duration::from_secs(3600), segment_bytes: 256 * 1024, ..Options::default() };
+    let (store, _dir) = fresh_with(options);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for n in 0..APPENDS {
+                    store.append(&format!("race-{t}"), ExpectedVersion::Exact(n), vec![event(n)]).await.unwrap();
+                }
+            }));
+        }
+        // Appenders on threads of their own (each with its own runtime), and batches, race too.
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                    rt.block_on(async {
+                        for n in (0..APPENDS).step_by(3) {
+                            let appends = (0..3).map(|i| Append::new(format!("batch-{t}"), ExpectedVersion::Exact(n + i), vec![event(n + i)])).collect();
+                            for r in store.append_each(appends).await {
+                                r.unwrap();
+                            }
+                        }
+                    })
+                })
+            })
+            .collect();
+        let all = async {
+            for task in tasks {
+                task.await.unwrap();
+            }
+            tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| t.join().unwrap())).await.unwrap();
+        };
+        tokio::time::timeout(Duration::from_secs(120), all).await.expect("an append was left in the queue with no one to write it");
+    });
+    for t in 0..TASKS {
+        let events = rt.block_on(store.read_stream(&format!("race-{t}"), ReadStreamOptions::forward())).unwrap();
+        assert_eq!(events.iter().map(|e| e.version).collect::<Vec<_>>(), (1..=APPENDS).collect::<Vec<_>>());
+    }
+    for t in 0..THREADS {
+        assert_eq!(rt.block_on(store.read_stream(&format!("batch-{t}"), ReadStreamOptions::forward())).unwrap().len() as u64, APPENDS);
+    }
+}
+
+#[test]
+fn racing_appenders_are_all_answered_when_the_writer_thread_lingers() {
+    race(Duration::from_micros(100));
+}
+
+#[test]
+fn racing_appenders_are_all_answered_when_appenders_write_every_group() {
+    race(Duration::ZERO);
+}
