@@ -420,6 +420,9 @@ impl EmbeddedStore {
     /// Checks input, then hands the append to the writer and waits for it to be durable.
     pub(crate) async fn submit(&self, stream: String, expected: cairn_core::ExpectedVersion, events: Vec<NewEvent>, kind: AppendKind, condition: Option<AppendCondition>) -> Result<cairn_core::AppendResult, StoreError> {
         let answer = self.enqueue(stream, expected, events, kind, condition).await?;
+        // Let the caller's other futures (a `join!` of appends) queue theirs
+        // first, so that one group takes them all.
+        tokio::task::yield_now().await;
         self.lead.lead();
         self.answer(answer).await
     }
@@ -484,6 +487,7 @@ impl EmbeddedStore {
                 Err(e) => Err(e),
             });
         }
+        tokio::task::yield_now().await;
         std::mem::forget(guard);
         self.lead.lead();
         let mut out = Vec::with_capacity(queued.len());

@@ -75,3 +75,26 @@ fn racing_appenders_are_all_answered_when_the_writer_thread_lingers() {
 fn racing_appenders_are_all_answered_when_appenders_write_every_group() {
     race(Duration::ZERO);
 }
+
+/// An appender writes inline only after its task's other futures had their
+/// turn: appends joined in one task still share one fsync, and decide
+/// against the same state.
+#[test]
+fn appends_joined_in_one_task_share_one_group() {
+    use std::sync::atomic::Ordering;
+    let (store, _dir) = fresh_with(Options::default());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        store.append("warm", ExpectedVersion::Any, vec![event(0)]).await.unwrap();
+        let syncs = store.stats().syncs.load(Ordering::Acquire);
+        let names: Vec<String> = (0..8).map(|n| format!("joined-{n}")).collect();
+        let appends = names.iter().zip(0..).map(|(name, n)| store.append(name, ExpectedVersion::NoStream, vec![event(n)]));
+        for r in futures_util::future::join_all(appends).await {
+            r.unwrap();
+        }
+        assert_eq!(store.stats().syncs.load(Ordering::Acquire) - syncs, 1, "the eight appends took more than one fsync");
+        // Two that expect the same version: decided in one group, one wins.
+        let (a, b) = tokio::join!(store.append("same", ExpectedVersion::NoStream, vec![event(1)]), store.append("same", ExpectedVersion::NoStream, vec![event(2)]));
+        assert!(a.is_ok() != b.is_ok(), "{a:?} {b:?}");
+    });
+}
