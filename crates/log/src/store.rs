@@ -421,8 +421,11 @@ impl EmbeddedStore {
     pub(crate) async fn submit(&self, stream: String, expected: cairn_core::ExpectedVersion, events: Vec<NewEvent>, kind: AppendKind, condition: Option<AppendCondition>) -> Result<cairn_core::AppendResult, StoreError> {
         let answer = self.enqueue(stream, expected, events, kind, condition).await?;
         // Let the caller's other futures (a `join!` of appends) queue theirs
-        // first, so that one group takes them all.
+        // first, so that one group takes them all. Cancelled meanwhile, the
+        // guard hands the request to the writer thread.
+        let guard = WakeOnDrop(&self.lead);
         tokio::task::yield_now().await;
+        std::mem::forget(guard);
         self.lead.lead();
         self.answer(answer).await
     }

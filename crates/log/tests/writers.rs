@@ -98,3 +98,27 @@ fn appends_joined_in_one_task_share_one_group() {
         assert!(a.is_ok() != b.is_ok(), "{a:?} {b:?}");
     });
 }
+
+/// An append whose caller gives up after it was queued (a timeout, a
+/// client that went away) is still written, soon: nobody else appends, and
+/// the writer thread's timed wake is an hour away.
+#[test]
+fn an_append_dropped_after_it_was_queued_is_still_written() {
+    let options = Options { checkpoint_interval: Duration::from_secs(3600), ..Options::default() };
+    let (store, _dir) = fresh_with(options);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        // The writer thread is parked by now.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Polled once (it queues its request), then dropped.
+        let mut append = Box::pin(store.append("dropped", ExpectedVersion::NoStream, vec![event(1)]));
+        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(append.as_mut().poll(cx))).await;
+        assert!(first.is_pending(), "the append finished in one poll: {first:?}");
+        drop(append);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while store.read_stream("dropped", ReadStreamOptions::forward()).await.map(|e| e.len()).unwrap_or(0) == 0 {
+            assert!(std::time::Instant::now() < deadline, "the dropped append's request stayed in the queue");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+}
