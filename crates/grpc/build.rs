@@ -3,6 +3,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "../../proto";
     println!("cargo:rerun-if-changed={proto}/cairn/v1/store.proto");
     let fds = protox::compile(["cairn/v1/store.proto"], [proto])?;
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
+    // `bytes` fields as `Bytes`: payloads are sliced out of the received buffer, not copied.
+    tonic_prost_build::configure().bytes(".").build_client(true).build_server(true).compile_fds(fds)?;
     Ok(())
 }

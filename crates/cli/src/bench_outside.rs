@@ -214,10 +214,14 @@ async fn grpc_streamer(mut client: GrpcClient, stream: &str, started: Instant, r
     let producer = {
         let (window, sent, stream) = (window.clone(), sent.clone(), stream.to_string());
         tokio::spawn(async move {
+            // The payload is encoded once, as a load generator sends one
+            // body: this measures the store, not the producer's JSON. Each
+            // event still has an id of its own, so the store checks it.
+            let template = grpc_event();
             let mut i = 0u64;
-            while started.elapsed() < run_for {
+            while i % 256 != 0 || started.elapsed() < run_for {
                 window.acquire().await.expect("never closed").forget();
-                let event = proto::NewEvent { id: Uuid::now_v7().to_string(), ..grpc_event() };
+                let event = proto::NewEvent { id: Uuid::now_v7().to_string(), ..template.clone() };
                 let message = proto::AppendRequest { stream: format!("{stream}-{}", i % 100), expected: None, events: vec![event], condition_json: String::new() };
                 sent.lock().unwrap().push_back(Instant::now());
                 if tx.send(message).await.is_err() {

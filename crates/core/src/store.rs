@@ -304,6 +304,17 @@ pub trait EventStore: Send + Sync {
         out
     }
 
+    /// Whether a caller may start the next [`EventStore::append_each`]
+    /// before the answers of the last and still have them applied in the
+    /// order the calls were first polled (a pipeline: the server's
+    /// `AppendStream` then queues one batch while the one before it is
+    /// written). The embedded engine queues a call's appends when it is
+    /// first polled, in that order; the default, one after the other, does
+    /// not, so a caller waits for each call's answers first.
+    fn append_each_pipelines(&self) -> bool {
+        false
+    }
+
     /// Reads the events matching `query` in global order, forward or backward,
     /// with `options` as for [`EventStore::read_all`], except that `from` is
     /// only a bound and need not be an event's position. Events of `$` streams

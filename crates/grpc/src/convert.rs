@@ -2,7 +2,6 @@
 //! errors and gRPC statuses (which carry the HTTP API's JSON error body in
 //! `x-cairn-error-bin`, so no detail is lost either way).
 
-use bytes::Bytes;
 use cairn_client::wire::{error_body, error_from};
 use cairn_core::{ContentType, Direction, ExpectedVersion, Metadata, NewEvent, Position, ReadAllOptions, RecordedEvent, StoreError, Timestamp};
 use tonic::metadata::MetadataValue;
@@ -89,7 +88,7 @@ pub fn new_event_to(e: &NewEvent) -> proto::NewEvent {
     proto::NewEvent {
         id: e.id.to_string(),
         r#type: e.event_type.clone(),
-        data: e.data.to_vec(),
+        data: e.data.clone(),
         content_type: content_to(e.content_type),
         metadata: Some(metadata_to(&e.metadata)),
         schema_version: e.schema_version,
@@ -101,8 +100,8 @@ pub fn new_event_to(e: &NewEvent) -> proto::NewEvent {
 pub fn new_event_from(e: proto::NewEvent, index: usize) -> Result<NewEvent, String> {
     let what = format!("events[{index}]");
     let event = match content_from(e.content_type).map_err(|m| format!("{what}.{m}"))? {
-        ContentType::Json => NewEvent::json_bytes(e.r#type, Bytes::from(e.data)),
-        ContentType::Binary => NewEvent::binary(e.r#type, Bytes::from(e.data)),
+        ContentType::Json => NewEvent::json_bytes(e.r#type, e.data),
+        ContentType::Binary => NewEvent::binary(e.r#type, e.data),
     };
     let event = event
         .with_metadata(metadata_from(e.metadata, &what)?)
@@ -115,18 +114,18 @@ pub fn new_event_from(e: proto::NewEvent, index: usize) -> Result<NewEvent, Stri
     Ok(event.with_id(id))
 }
 
-pub fn event_to(e: &RecordedEvent) -> proto::Event {
+pub fn event_to(e: RecordedEvent) -> proto::Event {
     proto::Event {
         id: e.id.to_string(),
-        stream: e.stream.clone(),
+        metadata: Some(metadata_to(&e.metadata)),
+        stream: e.stream,
         version: e.version,
         position: e.position.0,
-        r#type: e.event_type.clone(),
-        data: e.data.to_vec(),
+        r#type: e.event_type,
+        data: e.data,
         content_type: content_to(e.content_type),
-        metadata: Some(metadata_to(&e.metadata)),
         schema_version: e.schema_version,
-        tags: e.tags.clone(),
+        tags: e.tags,
         timestamp_us: e.timestamp.0,
     }
 }
@@ -139,7 +138,7 @@ pub fn event_from(e: proto::Event) -> Result<RecordedEvent, StoreError> {
         version: e.version,
         position: Position(e.position),
         event_type: e.r#type,
-        data: Bytes::from(e.data),
+        data: e.data,
         content_type: content_from(e.content_type).map_err(bad)?,
         metadata: metadata_from(e.metadata, "event").map_err(bad)?,
         schema_version: e.schema_version,

@@ -276,6 +276,10 @@ impl EventStore for EmbeddedStore {
         self.append_each_user(appends).await
     }
 
+    fn append_each_pipelines(&self) -> bool {
+        true
+    }
+
     async fn read_query(&self, query: &Query, options: ReadAllOptions) -> Result<Vec<RecordedEvent>, StoreError> {
         self.shared.read_query(query, &options)
     }

@@ -300,6 +300,8 @@ pub struct EmbeddedStore {
     tx: mpsc::Sender<AppendRequest>,
     /// Who writes the next group: an appender or the writer thread.
     lead: Arc<writer::Lead>,
+    /// Held while an `append_each` queues its appends.
+    ordered: Arc<tokio::sync::Mutex<()>>,
     _guard: Arc<CloseGuard>,
     report: Arc<OpenReport>,
 }
@@ -356,7 +358,7 @@ impl EmbeddedStore {
         let scrubber = crate::scrub::spawn(shared.clone(), stop_scrub.clone()).map_err(|e| StoreError::io(dir, e))?;
         let merger = crate::merge::spawn(shared.clone(), stop_scrub.clone()).map_err(|e| StoreError::io(dir, e))?;
         let guard = CloseGuard { writer: Mutex::new(Some(handle)), indexer: Mutex::new(Some(indexer_handle)), scrubber: Mutex::new(scrubber), merger: Mutex::new(merger), stop_scrub, shared: shared.clone(), data_dir: dir.to_path_buf(), _lock: lock };
-        Ok(EmbeddedStore { shared, tx, lead, _guard: Arc::new(guard), report: Arc::new(report) })
+        Ok(EmbeddedStore { shared, tx, lead, ordered: Arc::default(), _guard: Arc::new(guard), report: Arc::new(report) })
     }
 
     /// Why appends are refused right now (a write to the log failed and the
@@ -484,12 +486,17 @@ impl EmbeddedStore {
         // Dropped (this call cancelled) before it leads, the guard hands them to the writer thread.
         let guard = WakeOnDrop(&self.lead);
         let mut queued = Vec::with_capacity(appends.len());
+        // Calls queue whole, in the order they were first polled (a fair
+        // lock, taken at once when free): a full queue that stops one
+        // midway does not let the next call's appends in between.
+        let in_order = self.ordered.lock().await;
         for a in appends {
             queued.push(match validate_stream_name(&a.stream) {
                 Ok(()) => self.enqueue(a.stream, a.expected, a.events, AppendKind::User, a.condition).await,
                 Err(e) => Err(e),
             });
         }
+        drop(in_order);
         tokio::task::yield_now().await;
         std::mem::forget(guard);
         self.lead.lead();

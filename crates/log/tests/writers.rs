@@ -122,3 +122,37 @@ fn an_append_dropped_after_it_was_queued_is_still_written() {
         }
     });
 }
+
+/// `append_each` calls apply in the order they were first polled, even
+/// when a full queue stops the first one midway: the server's
+/// `AppendStream` queues its next batch before the last one is answered.
+#[test]
+fn pipelined_append_each_calls_keep_their_order_through_a_full_queue() {
+    let (store, _dir) = fresh_with(Options { queue_depth: 4, ..Options::default() });
+    assert!(store.append_each_pipelines());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let chain = |from: u64| (from..from + 50).map(|v| Append::new("chain", ExpectedVersion::Exact(v), vec![event(v)])).collect::<Vec<_>>();
+        let mut calls = Vec::new();
+        for k in 0..4 {
+            let store = store.clone();
+            let mut call = Box::pin(async move { store.append_each(chain(k * 50)).await });
+            // One poll each, in order, as the server does.
+            let _ = std::future::poll_fn(|cx| std::task::Poll::Ready(call.as_mut().poll(cx))).await;
+            calls.push(call);
+        }
+        // Then all at once: a call that found room before the one before it had queued all would cut in.
+        for (k, results) in futures_util::future::join_all(calls).await.into_iter().enumerate() {
+            for (i, r) in results.into_iter().enumerate() {
+                r.unwrap_or_else(|e| panic!("append {i} of call {k}: {e}"));
+            }
+        }
+    });
+    let events = rt_read(&store, "chain");
+    assert_eq!(events, (1..=200).collect::<Vec<_>>());
+}
+
+fn rt_read(store: &cairn_log::EmbeddedStore, stream: &str) -> Vec<u64> {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    rt.block_on(store.read_stream(stream, ReadStreamOptions::forward())).unwrap().iter().map(|e| e.version).collect()
+}

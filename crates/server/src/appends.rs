@@ -20,40 +20,61 @@ pub const BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Appends `appends` (those already refused stay refused) in order; the
 /// answers in the same order.
 pub async fn run(app: &App, who: &Principal, appends: Vec<Result<Append, StoreError>>) -> Vec<Result<AppendResult, StoreError>> {
-    let mut out: Vec<Option<Result<AppendResult, StoreError>>> = Vec::with_capacity(appends.len());
-    let mut taken = Vec::new();
-    let mut sizes = Vec::new();
-    for a in appends {
-        let refused = a.and_then(|a| match who.denies_stream(&a.stream, true).or_else(|| a.condition.as_ref().and_then(|c| who.denies_condition(c))) {
-            Some(reason) => Err(StoreError::AccessDenied { code: "forbidden".into(), reason }),
-            None => Ok(a),
-        });
-        match refused {
-            Ok(a) => {
-                sizes.push((a.events.len(), a.events.iter().map(|e| e.data.len()).sum::<usize>()));
-                taken.push(a);
-                out.push(None);
-            }
-            Err(e) => out.push(Some(Err(e))),
-        }
-    }
+    let (checked, taken) = Checked::new(who, appends);
     let started = Instant::now();
-    let mut done = app.store.append_each(taken).await.into_iter().zip(sizes);
-    let elapsed = started.elapsed();
-    out.into_iter()
-        .map(|slot| {
-            let result = match slot {
-                Some(refused) => refused,
-                None => {
-                    let (result, (count, bytes)) = done.next().expect("an answer for each append taken");
-                    if result.is_ok() { app.metrics.append_ok(count, bytes, elapsed) }
-                    result
+    let done = app.store.append_each(taken).await;
+    checked.finish(app, done, started.elapsed())
+}
+
+/// A batch checked against the caller's key: where the refused ones go
+/// among the answers, and what the taken ones weigh (for the metrics).
+pub struct Checked {
+    refused: Vec<Option<StoreError>>,
+    sizes: Vec<(usize, usize)>,
+}
+
+impl Checked {
+    /// The check, and the appends to hand to the store.
+    pub fn new(who: &Principal, appends: Vec<Result<Append, StoreError>>) -> (Checked, Vec<Append>) {
+        let mut checked = Checked { refused: Vec::with_capacity(appends.len()), sizes: Vec::new() };
+        let mut taken = Vec::new();
+        for a in appends {
+            let refused = a.and_then(|a| match who.denies_stream(&a.stream, true).or_else(|| a.condition.as_ref().and_then(|c| who.denies_condition(c))) {
+                Some(reason) => Err(StoreError::AccessDenied { code: "forbidden".into(), reason }),
+                None => Ok(a),
+            });
+            match refused {
+                Ok(a) => {
+                    checked.sizes.push((a.events.len(), a.events.iter().map(|e| e.data.len()).sum::<usize>()));
+                    taken.push(a);
+                    checked.refused.push(None);
                 }
-            };
-            if result.is_err() {
-                app.metrics.append_failed();
+                Err(e) => checked.refused.push(Some(e)),
             }
-            result
-        })
-        .collect()
+        }
+        (checked, taken)
+    }
+
+    /// All the answers in order: the store's `done` (one per taken append)
+    /// with the refusals put back in their places; counted in the metrics.
+    pub fn finish(self, app: &App, done: Vec<Result<AppendResult, StoreError>>, elapsed: std::time::Duration) -> Vec<Result<AppendResult, StoreError>> {
+        let mut done = done.into_iter().zip(self.sizes);
+        self.refused
+            .into_iter()
+            .map(|slot| {
+                let result = match slot {
+                    Some(refused) => Err(refused),
+                    None => {
+                        let (result, (count, bytes)) = done.next().expect("an answer for each append taken");
+                        if result.is_ok() { app.metrics.append_ok(count, bytes, elapsed) }
+                        result
+                    }
+                };
+                if result.is_err() {
+                    app.metrics.append_failed();
+                }
+                result
+            })
+            .collect()
+    }
 }

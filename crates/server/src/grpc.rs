@@ -53,6 +53,15 @@ impl GrpcService {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send>>;
 
+type AppendEach = Pin<Box<futures_util::future::MaybeDone<Pin<Box<dyn std::future::Future<Output = Vec<Result<cairn_core::AppendResult, StoreError>>> + Send>>>>>;
+
+/// A batch of an `AppendStream` handed to the store, its answers awaited.
+struct Started {
+    checked: crate::appends::Checked,
+    at: Instant,
+    done: AppendEach,
+}
+
 /// A read's limit: at most `max` (also when absent), a larger one lowered.
 fn page_limit(limit: Option<u64>, max: usize) -> usize {
     limit.map_or(max, |l| usize::try_from(l).unwrap_or(usize::MAX).min(max))
@@ -60,9 +69,9 @@ fn page_limit(limit: Option<u64>, max: usize) -> usize {
 
 /// Events, with the cursor of the next page in `x-cairn-next` (the HTTP
 /// API's `next`, as JSON) when the page is full.
-fn events_page(events: &[RecordedEvent], limit: usize, next: impl Fn(&RecordedEvent) -> Option<Next>) -> Response<proto::Events> {
+fn events_page(events: Vec<RecordedEvent>, limit: usize, next: impl Fn(&RecordedEvent) -> Option<Next>) -> Response<proto::Events> {
     let next = events.last().filter(|_| events.len() >= limit).and_then(next);
-    let mut response = Response::new(proto::Events { events: events.iter().map(event_to).collect() });
+    let mut response = Response::new(proto::Events { events: events.into_iter().map(event_to).collect() });
     if let Some(value) = next.and_then(|n| serde_json::to_string(&n).ok()).and_then(|v| v.parse().ok()) {
         response.metadata_mut().insert(NEXT_KEY, value);
     }
@@ -121,15 +130,17 @@ impl proto::event_store_server::EventStore for GrpcService {
         // Answers wait here for the client to read them; a full channel
         // stops the reading of more appends, so a slow reader is not buffered for.
         let (tx, rx) = tokio::sync::mpsc::channel(crate::appends::BATCH_MAX);
+        // One batch decodes while the one before it is written: the reading
+        // and the writing run on two tasks, in order, one batch apart.
+        let (batches, mut decoded) = tokio::sync::mpsc::channel::<(Vec<Result<cairn_core::Append, StoreError>>, Option<Status>)>(1);
         tokio::spawn(async move {
-            let mut index = 0u64;
             let mut ended = false;
             while !ended {
                 let first = match incoming.message().await {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(status) => {
-                        let _ = tx.send(Err(status)).await;
+                        let _ = batches.send((Vec::new(), Some(status))).await;
                         break;
                     }
                 };
@@ -155,7 +166,44 @@ impl proto::event_store_server::EventStore for GrpcService {
                     }
                 }
                 let appends = batch.into_iter().map(|r| append_from(r).map_err(StoreError::InvalidArgument)).collect();
-                for result in crate::appends::run(&app, &who, appends).await {
+                let stop = broken.is_some();
+                if batches.send((appends, broken)).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        // A store that queues a batch when first asked (the embedded engine)
+        // takes the next batch while this one's answers are awaited.
+        let (started, mut answering) = tokio::sync::mpsc::channel::<(Started, Option<Status>)>(1);
+        tokio::spawn(async move {
+            while let Some((appends, broken)) = decoded.recv().await {
+                let (checked, taken) = crate::appends::Checked::new(&who, appends);
+                let at = Instant::now();
+                let store = app.store.clone();
+                let each: Pin<Box<dyn std::future::Future<Output = _> + Send>> = Box::pin(async move { store.append_each(taken).await });
+                let mut done = Box::pin(futures_util::future::maybe_done(each));
+                if app.store.append_each_pipelines() {
+                    // Polled once here: that queues the batch.
+                    std::future::poll_fn(|cx| {
+                        let _ = std::future::Future::poll(done.as_mut(), cx);
+                        std::task::Poll::Ready(())
+                    })
+                    .await;
+                } else {
+                    done.as_mut().await;
+                }
+                if started.send((Started { checked, at, done }, broken)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let app = self.app.clone();
+        tokio::spawn(async move {
+            let mut index = 0u64;
+            while let Some((Started { checked, at, mut done }, broken)) = answering.recv().await {
+                done.as_mut().await;
+                let results = done.as_mut().take_output().expect("awaited");
+                for result in checked.finish(&app, results, at.elapsed()) {
                     let outcome = match result {
                         Ok(done) => proto::append_stream_reply::Outcome::Done(proto::AppendResponse { next_version: done.next_version, position: done.position.0 }),
                         Err(e) => proto::append_stream_reply::Outcome::ErrorJson(cairn_client::wire::error_body(&e).1.to_string()),
@@ -167,7 +215,7 @@ impl proto::event_store_server::EventStore for GrpcService {
                 }
                 if let Some(status) = broken {
                     let _ = tx.send(Err(status)).await;
-                    break;
+                    return;
                 }
             }
         });
@@ -187,7 +235,7 @@ impl proto::event_store_server::EventStore for GrpcService {
             Direction::Forward => e.version.checked_add(1).map(Next::From),
             Direction::Backward => e.version.checked_sub(1).filter(|&v| v > 0).map(Next::From),
         };
-        Ok(events_page(&events, limit, next))
+        Ok(events_page(events, limit, next))
     }
 
     async fn read_all(&self, request: Request<proto::ReadAllRequest>) -> Result<Response<proto::Events>, Status> {
@@ -195,7 +243,7 @@ impl proto::event_store_server::EventStore for GrpcService {
         let options = all_options(request.get_ref()).map_err(|e| error_to_status(&e))?;
         let options = options.limit(options.limit.min(EVENTS_PAGE_MAX));
         let events = self.app.store.read_all(options).await.map_err(|e| error_to_status(&e))?;
-        Ok(events_page(&events, options.limit, |e| Some(Next::After(e.position.0))))
+        Ok(events_page(events, options.limit, |e| Some(Next::After(e.position.0))))
     }
 
     async fn read_query(&self, request: Request<proto::ReadQueryRequest>) -> Result<Response<proto::Events>, Status> {
@@ -205,7 +253,7 @@ impl proto::event_store_server::EventStore for GrpcService {
         let options = all_options(&r.options.unwrap_or_default()).map_err(|e| error_to_status(&e))?;
         let options = options.limit(options.limit.min(EVENTS_PAGE_MAX));
         let events = self.app.store.read_query(&query, options).await.map_err(|e| error_to_status(&e))?;
-        Ok(events_page(&events, options.limit, |e| Some(Next::After(e.position.0))))
+        Ok(events_page(events, options.limit, |e| Some(Next::After(e.position.0))))
     }
 
     async fn stream_info(&self, request: Request<proto::StreamRequest>) -> Result<Response<proto::StreamInfoReply>, Status> {
@@ -283,7 +331,7 @@ impl proto::event_store_server::EventStore for GrpcService {
         let events = subscription
             .map(move |item| {
                 let _keep = &guard;
-                item.map(|e| event_to(&e)).map_err(|e| error_to_status(&e))
+                item.map(event_to).map_err(|e| error_to_status(&e))
             })
             .take_until(Box::pin(stopped));
         Ok(Response::new(Box::pin(events)))

@@ -41,3 +41,19 @@ async fn grpc_reads_page_past_the_servers_cap() {
     let some = client.read_all(ReadAllOptions::forward().limit(10_020)).await.unwrap();
     assert_eq!(some.len(), 10_020, "a limit past one page is met exactly");
 }
+
+/// One `AppendStream` call that extends one stream with exact versions,
+/// longer than a server batch: the server queues each batch while the one
+/// before it is written, and every append still sees the ones before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_stream_longer_than_a_batch_keeps_its_order() {
+    use cairn_core::{Append, ExpectedVersion, NewEvent, ReadStreamOptions};
+    let (client, server) = grpc_store();
+    let n = 25_000u64;
+    let appends = (0..n).map(|v| Append::new("chain-1", ExpectedVersion::Exact(v), vec![NewEvent::json_bytes("Linked", format!("{{\"v\": {v}}}"))])).collect();
+    for (v, result) in client.append_each(appends).await.into_iter().enumerate() {
+        assert_eq!(result.unwrap_or_else(|e| panic!("append {v}: {e}")).next_version, v as u64 + 1);
+    }
+    let versions: Vec<u64> = server.store.read_stream("chain-1", ReadStreamOptions::forward()).await.unwrap().iter().map(|e| e.version).collect();
+    assert_eq!(versions, (1..=n).collect::<Vec<_>>());
+}
