@@ -1,4 +1,4 @@
-//! `cairn bench`: the workloads of WORKLOADS.md on the embedded engine or
+//! `cairn bench`: the workloads of docs/WORKLOADS.md on the embedded engine or
 //! PostgreSQL (`--backend postgres`, in a fresh schema dropped afterwards).
 //! Each prints one machine-readable line, e.g.
 //! `bench W1 backend=embedded events=20000 secs=0.41 events_per_s=48780 p50_us=18 p99_us=95`.
@@ -20,7 +20,7 @@ const ALL: [&str; 7] = ["W1", "W1c", "W2", "W3", "W4", "W5", "W6"];
 pub struct BenchArgs {
     /// Workloads to run, in order (default: W1 W1c W2 W3 W4 W5 W6; also D1 D2, G1 for consumer groups, W7 for the HTTP server, W8 sagas, W9 the relay; S1, alone, the engine filled with --events N). W4 reads what the others wrote.
     pub workloads: Vec<String>,
-    /// Scale the event counts by this factor (1.0 = the sizes in WORKLOADS.md).
+    /// Scale the event counts by this factor (1.0 = the sizes in docs/WORKLOADS.md).
     #[arg(long, default_value_t = 1.0)]
     pub scale: f64,
     /// Concurrent appenders for W2 (group commit shares each fsync among them).
@@ -74,7 +74,7 @@ fn scaled(n: u64, scale: f64) -> u64 {
     ((n as f64 * scale) as u64).max(1)
 }
 
-/// A payer reference that brings the stored payload to the ~150 bytes WORKLOADS.md asks for.
+/// A payer reference that brings the stored payload to the ~150 bytes docs/WORKLOADS.md asks for.
 const NOTE: &str = "salary for November, paid by ACME Widgets Ltd, ref 2026-11, invoice 4711-0042, thank you";
 
 /// The W1 command: a deposit through the repository (load, decide, append one

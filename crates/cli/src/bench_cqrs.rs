@@ -5,7 +5,7 @@
 //!   (the W1 payload, over 10,000 accounts), committing a checkpoint with
 //!   every batch: once into memory, once into a SQLite file. Targets:
 //!   memory ≥ 3,000,000 events/s, SQLite ≥ 300,000 events/s.
-//! - **G1** (Cairn's own, not in WORKLOADS.md): 100,000 deposits through a
+//! - **G1** (Cairn's own; see docs/WORKLOADS.md): 100,000 deposits through a
 //!   consumer group of 4 workers that ack each one; acks are durable, so the
 //!   figure is how well the group shares its state writes among acks.
 //! - **W5 (projection)**: a live in-memory projection while a writer appends

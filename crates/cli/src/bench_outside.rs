@@ -219,7 +219,7 @@ async fn grpc_streamer(mut client: GrpcClient, stream: &str, started: Instant, r
             // event still has an id of its own, so the store checks it.
             let template = grpc_event();
             let mut i = 0u64;
-            while i % 256 != 0 || started.elapsed() < run_for {
+            while !i.is_multiple_of(256) || started.elapsed() < run_for {
                 window.acquire().await.expect("never closed").forget();
                 let event = proto::NewEvent { id: Uuid::now_v7().to_string(), ..template.clone() };
                 let message = proto::AppendRequest { stream: format!("{stream}-{}", i % 100), expected: None, events: vec![event], condition_json: String::new() };

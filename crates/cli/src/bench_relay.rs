@@ -92,6 +92,7 @@ pub async fn w9(t: &Target, events: u64, live: usize, sinks: &[String]) -> Resul
     Ok(lines.join("\n"))
 }
 
+#[allow(clippy::too_many_arguments)] // a bench helper: each is one figure of the line
 async fn measure<S: Sink + 'static>(
     t: &Target,
     name: &str,

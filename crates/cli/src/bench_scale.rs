@@ -45,7 +45,7 @@ fn tag(k: u64) -> String {
 /// Event `i` of the fill: a deposit, tagged if `i` is a multiple of 100.
 fn fill_event(i: u64, tags: u64) -> cairn_core::NewEvent {
     let e = crate::bench::deposit(i, uuid::Uuid::now_v7());
-    if i % 100 == 0 { e.with_tags([tag((i / 100) % tags)]) } else { e }
+    if i.is_multiple_of(100) { e.with_tags([tag((i / 100) % tags)]) } else { e }
 }
 
 /// Fills `store` with `events` in appends over `streams` streams (batches

@@ -125,9 +125,9 @@ pub struct AppendArgs {
     /// Event type; without it, events are read as JSON lines from stdin.
     #[arg(value_name = "TYPE")]
     pub event_type: Option<String>,
-    /// JSON payload of the event.
-    #[arg(value_name = "JSON", default_value = "{}")]
-    pub payload: String,
+    /// JSON payload of the event (`'{}'` for one without data).
+    #[arg(value_name = "JSON")]
+    pub payload: Option<String>,
     /// any, no-stream, exists, or the stream's current version.
     #[arg(long, short = 'e', default_value = "any", value_parser = parse_expected)]
     pub expected_version: ExpectedVersion,
@@ -182,7 +182,10 @@ fn events_from_stdin() -> Result<Vec<NewEvent>> {
 pub async fn append(ctx: &Context, a: AppendArgs) -> Result<()> {
     let events = match &a.event_type {
         Some(t) => {
-            let data: serde_json::Value = serde_json::from_str(&a.payload).context("the JSON payload is not valid JSON")?;
+            let Some(payload) = &a.payload else {
+                bail!("the event {t} needs its JSON payload after the type, such as: cairn append {} {t} '{{\"amount\": 125}}' (pass '{{}}' for an event without data)", a.stream);
+            };
+            let data: serde_json::Value = serde_json::from_str(payload).context("the JSON payload is not valid JSON")?;
             let mut e = NewEvent::json(t.clone(), &data)?;
             if let Some(id) = a.id { e = e.with_id(id); }
             vec![e]

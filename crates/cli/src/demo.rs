@@ -2,6 +2,8 @@
 //! account of `examples/bank` goes through the repository: replay, rules,
 //! snapshots, time travel, upcasting, the census, a conflict resolved by retry
 //! and a what-if branch.
+// Amounts are in cents, written euros_cents (`100_00` is 100.00).
+#![allow(clippy::inconsistent_digit_grouping)]
 
 use std::sync::Arc;
 use std::time::Duration;

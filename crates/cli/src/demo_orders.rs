@@ -7,6 +7,8 @@
 //! leads to a new quote, once as a thin **notification** (the quote service
 //! asks the customer service for details) and once as **event-carried state
 //! transfer** (the event carries the address; the quote service keeps a copy).
+// Amounts are in cents, written euros_cents (`100_00` is 100.00).
+#![allow(clippy::inconsistent_digit_grouping)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -335,7 +337,7 @@ async fn orders(store: Arc<dyn EventStore>, dir: &Path, first: usize) -> Result<
         r.wait_for(head).await?;
     }
     for m in &models {
-        let name = cairn_cqrs::Sink::name(&mut m.clone()).to_string();
+        let name = cairn_cqrs::Sink::name(&m.clone()).to_string();
         m.read(|done| {
             println!("   {name:<9} did {} things, e.g. {}", done.len(), done.first().map_or("-", |s| s.as_str()));
         });

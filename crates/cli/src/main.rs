@@ -119,7 +119,7 @@ enum Command {
     Groups(operate::GroupsArgs),
     /// Sagas in the store: list them with their status, show one's steps and timeline, resume one that needs attention; the instances of process managers (processes, show).
     Sagas(sagas::SagasArgs),
-    /// Run benchmark workloads (W1 W1c W2 W3 W4 W5 W6, see WORKLOADS.md; D1 D2 tags and conditions, G1 consumer groups, W7 the server, W8 sagas, W9 the relay to NATS and RabbitMQ; S1 the engine at scale, `--events N`) on a fresh store; --backend postgres runs W1–W5, W8 and W9 in a fresh schema.
+    /// Run benchmark workloads (W1 W1c W2 W3 W4 W5 W6, see docs/WORKLOADS.md; D1 D2 tags and conditions, G1 consumer groups, W7 the server, W8 sagas, W9 the relay to NATS and RabbitMQ; S1 the engine at scale, `--events N`) on a fresh store; --backend postgres runs W1–W5, W8 and W9 in a fresh schema.
     Bench(bench::BenchArgs),
 }
 

@@ -93,10 +93,10 @@ pub async fn run(ctx: &Context, args: ServeArgs) -> Result<()> {
         None => ConfigFile::default(),
     };
     let mut ctx = ctx.clone();
-    if ctx.data_is_default {
-        if let Some(data) = file.data.clone() {
-            ctx.data = data;
-        }
+    if ctx.data_is_default
+        && let Some(data) = file.data.clone()
+    {
+        ctx.data = data;
     }
     let ctx = &ctx;
     let args = ServeArgs {
@@ -119,7 +119,7 @@ pub async fn run(ctx: &Context, args: ServeArgs) -> Result<()> {
             listen.port()
         );
     }
-    let (store, engine_metrics, place): (Arc<dyn EventStore>, Option<Arc<dyn Fn() -> String + Send + Sync>>, String) = match ctx.backend {
+    let (store, engine_metrics, place): (Arc<dyn EventStore>, Option<Arc<cairn_server::EngineMetrics>>, String) = match ctx.backend {
         Backend::Embedded => {
             if args.demo {
                 if ctx.data.join("log").exists() {

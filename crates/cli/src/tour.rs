@@ -9,7 +9,15 @@ use cairn_log::EmbeddedStore;
 use serde_json::json;
 
 pub(crate) fn step(title: &str) {
-    println!("\n\x1b[1m▸ {title}\x1b[0m");
+    println!("\n{}", bold(&format!("▸ {title}")));
+}
+
+/// `text` in bold on a terminal; plain when the output goes to a file or a
+/// pipe, or when `NO_COLOR` is set (<https://no-color.org>).
+pub(crate) fn bold(text: &str) -> String {
+    use std::io::IsTerminal;
+    let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    if colour { format!("\x1b[1m{text}\x1b[0m") } else { text.to_string() }
 }
 
 fn balance(events: &[cairn_core::RecordedEvent]) -> i64 {
@@ -83,17 +91,17 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
     println!("   reopened: account-ada has {} events, balance {}", events.len(), balance(&events));
     store.delete_stream("account-ada", ExpectedVersion::Any, false).await?;
 
-    println!("\n\x1b[1mNow the same bank account as application code: an aggregate behind a repository.\x1b[0m");
+    println!("\n{}", bold("Now the same bank account as application code: an aggregate behind a repository."));
     crate::demo::bank(store.clone(), 8).await?;
 
-    println!("\n\x1b[1mAnd rules that no single stream can guard: tags and conditional appends.\x1b[0m");
+    println!("\n{}", bold("And rules that no single stream can guard: tags and conditional appends."));
     crate::demo::courses(store.clone(), 18).await?;
 
-    println!("\n\x1b[1mThe read side: consumers with checkpoints, read models, and two ways to share state.\x1b[0m");
+    println!("\n{}", bold("The read side: consumers with checkpoints, read models, and two ways to share state."));
     let store: std::sync::Arc<dyn EventStore> = std::sync::Arc::new(store);
     crate::demo_orders::all(store.clone(), &dir, 23).await?;
 
-    println!("\n\x1b[1mTransactions across services: the order saga, with compensation, timeouts, restarts and deadlines.\x1b[0m");
+    println!("\n{}", bold("Transactions across services: the order saga, with compensation, timeouts, restarts and deadlines."));
     crate::demo_sagas::all(store, 30).await?;
 
     println!("\nNext: `cairn --help`, `cairn demo bank|courses|orders|sagas`, `cairn sagas list`, `cairn bench`, and the README.");

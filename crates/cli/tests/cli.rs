@@ -63,15 +63,17 @@ fn append_read_and_streams_round_trip() {
 #[test]
 fn errors_name_the_problem_and_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
-    cairn(dir.path(), &["append", "acc", "Opened"]);
+    cairn(dir.path(), &["append", "acc", "Opened", "{}"]);
     let o = cairn(dir.path(), &["append", "acc", "Opened", "-e", "no-stream"]);
+    assert!(!o.status.success() && stderr(&o).contains("needs its JSON payload") && stderr(&o).contains("'{}'"), "{}", stderr(&o));
+    let o = cairn(dir.path(), &["append", "acc", "Opened", "{}", "-e", "no-stream"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("actual version is 1") && stderr(&o).contains("hint:"), "{}", stderr(&o));
 
     let o = cairn(dir.path(), &["append", "acc", "X", "{oops"]);
     assert!(!o.status.success() && stderr(&o).contains("payload is not valid JSON"), "{}", stderr(&o));
 
-    let o = cairn(dir.path(), &["append", "$sys", "X"]);
+    let o = cairn(dir.path(), &["append", "$sys", "X", "{}"]);
     assert!(!o.status.success() && stderr(&o).contains("reserved for system streams"), "{}", stderr(&o));
 
     let o = cairn(dir.path(), &["append", "acc", "X", "-e", "banana"]);
@@ -91,6 +93,7 @@ fn tour_runs_end_to_end() {
     let o = Command::new(env!("CARGO_BIN_EXE_cairn")).arg("tour").output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
+    assert!(!out.contains('\x1b'), "terminal escapes in output that goes to a pipe: {out}");
     assert!(out.contains("balance = 150"), "{out}");
     assert!(out.contains("teller B: rejected"), "{out}");
     assert!(out.contains("reopened: account-ada has 5 events, balance 30"), "{out}");

@@ -1,7 +1,7 @@
 //! Cairn's core: the event envelope, expected versions, positions, errors and the
 //! [`EventStore`] trait that every backend implements.
 //!
-//! Backends prove themselves against the same [`conformance`] suite (feature
+//! Backends prove themselves against the same conformance suite (module `conformance`, feature
 //! `conformance`), so code written against the trait behaves the same on the
 //! embedded engine, PostgreSQL or a remote server.
 

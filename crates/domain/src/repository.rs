@@ -195,7 +195,8 @@ impl<A: Clone> Cache<A> {
 }
 
 enum Check {
-    Holds(RecordedEvent),
+    /// The covered event's id and position.
+    Holds(uuid::Uuid, cairn_core::Position),
     /// Still valid, but after the point in time asked for.
     OutOfBound,
     Stale,
@@ -400,19 +401,19 @@ impl<A: Aggregate> Repository<A> {
         let mut stale_snapshot = false;
         let cached = bound.is_none().then(|| self.cache.as_ref().and_then(|c| c.get(stream))).flatten();
         if let Some(start) = cached
-            && let Check::Holds(e) = self.check(stream, &start, bound).await?
+            && let Check::Holds(id, position) = self.check(stream, &start, bound).await?
         {
-            (loaded.state, loaded.version, loaded.position, loaded.cached) = (start.state, start.version, Some(e.position), true);
-            last_event = Some(e.id);
+            (loaded.state, loaded.version, loaded.position, loaded.cached) = (start.state, start.version, Some(position), true);
+            last_event = Some(id);
         } else if self.snapshots.enabled() {
             match self.newest_snapshot(stream).await? {
                 Snapshot::Usable(s) if bound.is_none_or(|b| b.admits_version(s.covers_version)) => {
                     let start = Start { version: s.covers_version, event: s.covers_event, state: s.state };
                     match self.check(stream, &start, bound).await? {
-                        Check::Holds(e) => {
-                            (loaded.state, loaded.version, loaded.position) = (start.state, start.version, Some(e.position));
+                        Check::Holds(id, position) => {
+                            (loaded.state, loaded.version, loaded.position) = (start.state, start.version, Some(position));
                             loaded.snapshot_version = Some(start.version);
-                            last_event = Some(e.id);
+                            last_event = Some(id);
                         }
                         Check::OutOfBound => {}
                         Check::Stale => stale_snapshot = bound.is_none(),
@@ -459,7 +460,7 @@ impl<A: Aggregate> Repository<A> {
         let first = self.read_page(stream, start.version, 1).await?;
         Ok(match first.into_iter().next() {
             Some(e) if e.version == start.version && e.id == start.event => {
-                if bound.is_some_and(|b| !b.admits(&e)) { Check::OutOfBound } else { Check::Holds(e) }
+                if bound.is_some_and(|b| !b.admits(&e)) { Check::OutOfBound } else { Check::Holds(e.id, e.position) }
             }
             _ => Check::Stale,
         })

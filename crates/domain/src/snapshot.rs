@@ -12,13 +12,17 @@ pub(crate) const SNAPSHOT_EVENT_TYPE: &str = "Snapshot";
 /// Snapshots are derived data: each records the state and the version (and
 /// event id) it covers. Loading starts from the newest valid one and replays
 /// only later events; deleting them all changes nothing but speed.
+/// The predicate of [`SnapshotPolicy::When`]: the new state and the
+/// stream's versions before and after the command.
+pub type SnapshotWhen<A> = dyn Fn(&A, u64, u64) -> bool + Send + Sync;
+
 pub enum SnapshotPolicy<A> {
     Never,
     /// Whenever the stream's version crosses a multiple of N.
     Every(u64),
     /// When the predicate, given the new state and the versions before and
     /// after the command, says so.
-    When(Arc<dyn Fn(&A, u64, u64) -> bool + Send + Sync>),
+    When(Arc<SnapshotWhen<A>>),
 }
 
 impl<A> SnapshotPolicy<A> {

@@ -70,8 +70,11 @@ struct Group {
     /// (position, offset in `buf`) of each event of a user stream in this
     /// group, in order: conditions must see them before they are durable.
     user_events: Vec<(u64, usize)>,
-    replies: Vec<(oneshot::Sender<Result<AppendResult, StoreError>>, Result<AppendResult, StoreError>)>,
+    replies: Vec<(Reply, Result<AppendResult, StoreError>)>,
 }
+
+/// Where an append's answer goes.
+type Reply = oneshot::Sender<Result<AppendResult, StoreError>>;
 
 impl Group {
     /// Forgets the group's records (written, or discarded after a failure); its replies stay.

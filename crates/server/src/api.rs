@@ -462,9 +462,11 @@ async fn subscribe_all(State(app): Shared, Extension(who): Who, headers: HeaderM
         (Some(_), _, _) => return Err(ApiError::Request("give query, or category and/or type, not both".into())),
         (None, None, None) => SubscriptionTarget::All,
         (None, category, types) => {
-            let mut item = cairn_core::QueryItem::default();
-            item.categories = category.map(|c| vec![c.to_string()]).unwrap_or_default();
-            item.types = types.map(|t| t.split(',').map(String::from).collect()).unwrap_or_default();
+            let item = cairn_core::QueryItem {
+                categories: category.map(|c| vec![c.to_string()]).unwrap_or_default(),
+                types: types.map(|t| t.split(',').map(String::from).collect()).unwrap_or_default(),
+                ..Default::default()
+            };
             SubscriptionTarget::Query(Query { items: vec![item] })
         }
     };

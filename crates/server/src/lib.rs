@@ -21,6 +21,9 @@ use tokio::sync::watch;
 
 pub use metrics::Metrics;
 
+/// Renders the storage engine's own Prometheus lines for `/metrics`.
+pub type EngineMetrics = dyn Fn() -> String + Send + Sync;
+
 /// How the server runs.
 #[derive(Clone)]
 pub struct ServerConfig {
@@ -38,7 +41,7 @@ pub struct ServerConfig {
     /// Serve HTTPS with this certificate chain and private key (PEM files).
     pub tls: Option<TlsFiles>,
     /// Extra Prometheus text from the storage engine (fsync histogram, bytes).
-    pub engine_metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+    pub engine_metrics: Option<Arc<EngineMetrics>>,
     /// Most connections open at once (default 10,000), and never more than
     /// the open-file limit less [`FD_RESERVE`]. At the cap the server stops
     /// accepting until a connection ends: new clients wait in the kernel's

@@ -214,6 +214,7 @@ fn child_server() {
 }
 
 /// Starts the child server on `dir`; its address.
+#[allow(clippy::zombie_processes)] // the caller kills it and waits for it
 fn start_child(dir: &std::path::Path) -> (std::process::Child, String) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["api::child_server", "--exact", "--nocapture", "--ignored", "--test-threads=1"])
@@ -227,7 +228,10 @@ fn start_child(dir: &std::path::Path) -> (std::process::Child, String) {
     let mut line = String::new();
     loop {
         line.clear();
-        assert!(stdout.read_line(&mut line).unwrap() > 0, "the server ended before listening");
+        if stdout.read_line(&mut line).unwrap() == 0 {
+            let status = child.wait().unwrap();
+            panic!("the server ended before listening ({status})");
+        }
         if let Some(addr) = line.trim().strip_prefix("listening ") {
             return (child, addr.to_string());
         }
