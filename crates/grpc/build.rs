@@ -4,6 +4,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={proto}/cairn/v1/store.proto");
     let fds = protox::compile(["cairn/v1/store.proto"], [proto])?;
     // `bytes` fields as `Bytes`: payloads are sliced out of the received buffer, not copied.
-    tonic_prost_build::configure().bytes(".").build_client(true).build_server(true).compile_fds(fds)?;
+    tonic_prost_build::configure()
+        .bytes(".")
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -6,8 +6,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
-use cairn_core::{EventStore, ExpectedVersion, Metadata, NewEvent, ReadAllOptions, StartFrom, SubscriptionTarget};
+use anyhow::{Result, bail};
+use cairn_core::{
+    EventStore, ExpectedVersion, Metadata, NewEvent, ReadAllOptions, StartFrom, SubscriptionTarget,
+};
 use cairn_domain::{EventCodec, Repository, SnapshotPolicy};
 use cairn_example_bank as bank;
 use cairn_log::EmbeddedStore;
@@ -61,12 +63,18 @@ pub struct BenchArgs {
 /// A `MoneyDeposited` event of about 150 bytes with ordinary metadata.
 pub fn deposit(amount: u64, correlation: Uuid) -> NewEvent {
     let data = serde_json::json!({"amount": amount, "currency": "EUR", "note": "salary for November, paid by ACME Widgets Ltd, ref 2026-11"});
-    let metadata = Metadata { correlation_id: Some(correlation), causation_id: Some(Uuid::now_v7()), ..Default::default() };
+    let metadata = Metadata {
+        correlation_id: Some(correlation),
+        causation_id: Some(Uuid::now_v7()),
+        ..Default::default()
+    };
     NewEvent::json("MoneyDeposited", &data).expect("serialisable").with_metadata(metadata)
 }
 
 pub fn percentile(sorted: &[Duration], p: f64) -> u128 {
-    if sorted.is_empty() { return 0; }
+    if sorted.is_empty() {
+        return 0;
+    }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize].as_micros()
 }
 
@@ -75,7 +83,8 @@ fn scaled(n: u64, scale: f64) -> u64 {
 }
 
 /// A payer reference that brings the stored payload to the ~150 bytes docs/WORKLOADS.md asks for.
-const NOTE: &str = "salary for November, paid by ACME Widgets Ltd, ref 2026-11, invoice 4711-0042, thank you";
+const NOTE: &str =
+    "salary for November, paid by ACME Widgets Ltd, ref 2026-11, invoice 4711-0042, thank you";
 
 /// The W1 command: a deposit through the repository (load, decide, append one
 /// event with the exact expected version).
@@ -84,14 +93,22 @@ fn deposit_command(amount: u64) -> bank::Command {
 }
 
 /// Opens `accounts` accounts named `{prefix}-{n}` through the repository (not timed).
-async fn open_accounts(repo: &Repository<bank::Account>, prefix: &str, accounts: u64) -> Result<()> {
+async fn open_accounts(
+    repo: &Repository<bank::Account>,
+    prefix: &str,
+    accounts: u64,
+) -> Result<()> {
     let mut handles = Vec::new();
     for t in 0..16 {
         let repo = repo.clone();
         let prefix = prefix.to_string();
         handles.push(tokio::spawn(async move {
             for n in (t..accounts).step_by(16) {
-                repo.execute(&format!("{prefix}-{n}"), &bank::Command::Open { owner: format!("owner {n}"), currency: "EUR".into() }).await?;
+                repo.execute(
+                    &format!("{prefix}-{n}"),
+                    &bank::Command::Open { owner: format!("owner {n}"), currency: "EUR".into() },
+                )
+                .await?;
             }
             anyhow::Ok(())
         }));
@@ -135,13 +152,22 @@ pub async fn run(ctx: &crate::commands::Context, args: BenchArgs) -> Result<()> 
     // S1 and its children manage their own stores.
     match args.workloads.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         [CHILD_OPEN] | [CHILD_APPEND] => {
-            let dir = args.keep.as_deref().ok_or_else(|| anyhow::anyhow!("{} needs --keep DIR", args.workloads[0]))?;
-            let line = if args.workloads[0] == CHILD_OPEN { crate::bench_scale::child_open(dir)? } else { crate::bench_scale::child_append(dir).await? };
+            let dir = args
+                .keep
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("{} needs --keep DIR", args.workloads[0]))?;
+            let line = if args.workloads[0] == CHILD_OPEN {
+                crate::bench_scale::child_open(dir)?
+            } else {
+                crate::bench_scale::child_append(dir).await?
+            };
             println!("{line}");
             return Ok(());
         }
         [crate::bench_outside::CHILD] => {
-            let spec = args.client_spec.as_deref().ok_or_else(|| anyhow::anyhow!("{} needs --client-spec", crate::bench_outside::CHILD))?;
+            let spec = args.client_spec.as_deref().ok_or_else(|| {
+                anyhow::anyhow!("{} needs --client-spec", crate::bench_outside::CHILD)
+            })?;
             println!("{}", crate::bench_outside::child(spec).await?);
             return Ok(());
         }
@@ -154,27 +180,54 @@ pub async fn run(ctx: &crate::commands::Context, args: BenchArgs) -> Result<()> 
                 None => tempfile::Builder::new().prefix("cairn-bench-").tempdir()?,
             };
             let events = args.events.unwrap_or(crate::bench_scale::DEFAULT_EVENTS);
-            println!("{}", crate::bench_scale::s1(events, args.streams.unwrap_or(crate::bench_scale::DEFAULT_STREAMS), args.keep.as_deref(), tmp.path()).await?);
+            println!(
+                "{}",
+                crate::bench_scale::s1(
+                    events,
+                    args.streams.unwrap_or(crate::bench_scale::DEFAULT_STREAMS),
+                    args.keep.as_deref(),
+                    tmp.path()
+                )
+                .await?
+            );
             return Ok(());
         }
-        _ if args.workloads.iter().any(|w| w == "S1") => bail!("S1 runs alone: `cairn bench S1 [--events N] [--streams N] [--keep DIR]`"),
+        _ if args.workloads.iter().any(|w| w == "S1") => {
+            bail!("S1 runs alone: `cairn bench S1 [--events N] [--streams N] [--keep DIR]`")
+        }
         _ => {}
     }
     if args.client_process && !args.workloads.iter().any(|w| w == "W7") {
-        bail!("--client-process measures the server (W7) from another process: `cairn bench W7 --client-process`");
+        bail!(
+            "--client-process measures the server (W7) from another process: `cairn bench W7 --client-process`"
+        );
     }
     let postgres = ctx.backend == crate::commands::Backend::Postgres;
     let workloads: Vec<String> = if args.workloads.is_empty() {
-        if postgres { ON_POSTGRES[..5].iter().map(|s| s.to_string()).collect() } else { ALL.iter().map(|s| s.to_string()).collect() }
+        if postgres {
+            ON_POSTGRES[..5].iter().map(|s| s.to_string()).collect()
+        } else {
+            ALL.iter().map(|s| s.to_string()).collect()
+        }
     } else {
         args.workloads.clone()
     };
     for w in &workloads {
-        if !ALL.contains(&w.as_str()) && !crate::bench_dcb::WORKLOADS.contains(&w.as_str()) && !["G1", "W7", "W8", "W9"].contains(&w.as_str()) {
-            bail!("unknown workload '{w}'; choose from {} {} G1 W7 W8 W9", ALL.join(" "), crate::bench_dcb::WORKLOADS.join(" "));
+        if !ALL.contains(&w.as_str())
+            && !crate::bench_dcb::WORKLOADS.contains(&w.as_str())
+            && !["G1", "W7", "W8", "W9"].contains(&w.as_str())
+        {
+            bail!(
+                "unknown workload '{w}'; choose from {} {} G1 W7 W8 W9",
+                ALL.join(" "),
+                crate::bench_dcb::WORKLOADS.join(" ")
+            );
         }
         if postgres && !ON_POSTGRES.contains(&w.as_str()) {
-            bail!("workload '{w}' runs on the embedded engine only for now; on PostgreSQL: {}", ON_POSTGRES.join(" "));
+            bail!(
+                "workload '{w}' runs on the embedded engine only for now; on PostgreSQL: {}",
+                ON_POSTGRES.join(" ")
+            );
         }
     }
     let tmp = match &args.dir {
@@ -188,10 +241,20 @@ pub async fn run(ctx: &crate::commands::Context, args: BenchArgs) -> Result<()> 
         let store = ctx.postgres().await?;
         let second = ctx.postgres().await?;
         pg_schema = Some((store.clone(), schema));
-        Target { store: Arc::new(store), backend: "postgres", embedded: None, second: Some(Arc::new(second)) }
+        Target {
+            store: Arc::new(store),
+            backend: "postgres",
+            embedded: None,
+            second: Some(Arc::new(second)),
+        }
     } else {
         let store = EmbeddedStore::open(tmp.path())?;
-        Target { store: Arc::new(store.clone()), backend: "embedded", embedded: Some(store), second: None }
+        Target {
+            store: Arc::new(store.clone()),
+            backend: "embedded",
+            embedded: Some(store),
+            second: None,
+        }
     };
     let result = run_workloads(&target, &workloads, &args, tmp.path()).await;
     if let Some((store, schema)) = pg_schema {
@@ -202,7 +265,12 @@ pub async fn run(ctx: &crate::commands::Context, args: BenchArgs) -> Result<()> 
     result
 }
 
-async fn run_workloads(target: &Target, workloads: &[String], args: &BenchArgs, dir: &std::path::Path) -> Result<()> {
+async fn run_workloads(
+    target: &Target,
+    workloads: &[String],
+    args: &BenchArgs,
+    dir: &std::path::Path,
+) -> Result<()> {
     let s = args.scale;
     for w in workloads {
         let bar = spinner(w);
@@ -212,14 +280,26 @@ async fn run_workloads(target: &Target, workloads: &[String], args: &BenchArgs, 
             ("W2", _) => w2(target, scaled(100_000, s), args.w2_tasks).await?,
             ("W3", _) => w3(target, scaled(10_000, s)).await?,
             ("W4", _) => w4(target, scaled(120_000, s)).await?,
-            ("W5", Some(store)) => format!("{}\n{}", w5(target, scaled(10, s)).await?, crate::bench_cqrs::w5_projection(store, scaled(10, s)).await?),
+            ("W5", Some(store)) => format!(
+                "{}\n{}",
+                w5(target, scaled(10, s)).await?,
+                crate::bench_cqrs::w5_projection(store, scaled(10, s)).await?
+            ),
             ("W5", None) => w5(target, scaled(10, s)).await?,
             ("W6", Some(store)) => crate::bench_cqrs::w6(store, scaled(1_000_000, s), dir).await?,
             ("G1", Some(store)) => crate::bench_cqrs::g1(store, scaled(100_000, s)).await?,
             ("W7", _) if args.client_process => crate::bench_outside::w7(target, 5.0 * s).await?,
             ("W7", _) => crate::bench_server::w7(target, 10.0 * s).await?,
             ("W8", _) => crate::bench_saga::w8(target, scaled(10_000, s)).await?,
-            ("W9", _) => crate::bench_relay::w9(target, scaled(100_000, s), crate::bench_relay::live_events(s), &args.sink).await?,
+            ("W9", _) => {
+                crate::bench_relay::w9(
+                    target,
+                    scaled(100_000, s),
+                    crate::bench_relay::live_events(s),
+                    &args.sink,
+                )
+                .await?
+            }
             ("D1" | "D2", Some(store)) => crate::bench_dcb::run(store, w, s).await?,
             _ => unreachable!("checked above"),
         };
@@ -229,7 +309,13 @@ async fn run_workloads(target: &Target, workloads: &[String], args: &BenchArgs, 
     Ok(())
 }
 
-pub(crate) async fn w1(t: &Target, prefix: &str, tasks: usize, commands: u64, cache: usize) -> Result<String> {
+pub(crate) async fn w1(
+    t: &Target,
+    prefix: &str,
+    tasks: usize,
+    commands: u64,
+    cache: usize,
+) -> Result<String> {
     let accounts = 1000u64;
     let repo = Repository::<bank::Account>::new(t.store.clone()).with_cache(cache);
     open_accounts(&repo, prefix, accounts).await?;
@@ -262,8 +348,13 @@ pub(crate) async fn w1(t: &Target, prefix: &str, tasks: usize, commands: u64, ca
     latencies.sort();
     let n = latencies.len();
     let name = if tasks == 1 { "W1" } else { "W1c" };
-    Ok(format!("bench {name} backend={} via=repository cache={cache} events={n} tasks={tasks} secs={secs:.2} events_per_s={:.0} p50_us={} p99_us={}{syncs}",
-        t.backend, n as f64 / secs, percentile(&latencies, 0.5), percentile(&latencies, 0.99)))
+    Ok(format!(
+        "bench {name} backend={} via=repository cache={cache} events={n} tasks={tasks} secs={secs:.2} events_per_s={:.0} p50_us={} p99_us={}{syncs}",
+        t.backend,
+        n as f64 / secs,
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99)
+    ))
 }
 
 pub(crate) async fn w2(t: &Target, events: u64, tasks: usize) -> Result<String> {
@@ -276,8 +367,16 @@ pub(crate) async fn w2(t: &Target, events: u64, tasks: usize) -> Result<String> 
         work[(b as usize) % tasks].push((format!("batch-{}", b % 1000), batch));
     }
     // Bytes as the engine writes them where it counts them, else the payloads and metadata.
-    let payload: usize = work.iter().flatten().flat_map(|(_, b)| b).map(|e| e.data.len() + e.event_type.len() + 64).sum();
-    let bytes_before = t.embedded.as_ref().map(|s| s.stats().bytes_written.load(std::sync::atomic::Ordering::Relaxed));
+    let payload: usize = work
+        .iter()
+        .flatten()
+        .flat_map(|(_, b)| b)
+        .map(|e| e.data.len() + e.event_type.len() + 64)
+        .sum();
+    let bytes_before = t
+        .embedded
+        .as_ref()
+        .map(|s| s.stats().bytes_written.load(std::sync::atomic::Ordering::Relaxed));
     let started = Instant::now();
     let mut handles = Vec::new();
     for mine in work {
@@ -294,13 +393,19 @@ pub(crate) async fn w2(t: &Target, events: u64, tasks: usize) -> Result<String> 
     }
     let secs = started.elapsed().as_secs_f64();
     let bytes = match (&t.embedded, bytes_before) {
-        (Some(s), Some(before)) => s.stats().bytes_written.load(std::sync::atomic::Ordering::Relaxed) - before,
+        (Some(s), Some(before)) => {
+            s.stats().bytes_written.load(std::sync::atomic::Ordering::Relaxed) - before
+        }
         _ => payload as u64,
     };
     let syncs = fsyncs(syncs_before, t.syncs());
     let n = batches * 100;
-    Ok(format!("bench W2 backend={} events={n} batch=100 tasks={tasks} secs={secs:.3} events_per_s={:.0} mb_per_s={:.1}{syncs}",
-        t.backend, n as f64 / secs, bytes as f64 / secs / 1e6))
+    Ok(format!(
+        "bench W2 backend={} events={n} batch=100 tasks={tasks} secs={secs:.3} events_per_s={:.0} mb_per_s={:.1}{syncs}",
+        t.backend,
+        n as f64 / secs,
+        bytes as f64 / secs / 1e6
+    ))
 }
 
 /// ` fsyncs=N` where the engine counts them.
@@ -309,14 +414,20 @@ pub(crate) fn fsyncs(before: Option<u64>, after: Option<u64>) -> String {
 }
 
 /// Median time of five loads of account `id`, and what the last one replayed.
-async fn median_load(repo: &Repository<bank::Account>, id: &str, events: u64) -> Result<(f64, usize)> {
+async fn median_load(
+    repo: &Repository<bank::Account>,
+    id: &str,
+    events: u64,
+) -> Result<(f64, usize)> {
     let mut times = Vec::new();
     let mut replayed = 0;
     for _ in 0..5 {
         let t0 = Instant::now();
         let loaded = repo.load(id).await?;
         times.push(t0.elapsed());
-        if loaded.version != events || loaded.state.balance == 0 { bail!("W3 loaded version {}, expected {events}", loaded.version); }
+        if loaded.version != events || loaded.state.balance == 0 {
+            bail!("W3 loaded version {}, expected {events}", loaded.version);
+        }
         replayed = loaded.replayed;
     }
     times.sort();
@@ -327,8 +438,10 @@ pub(crate) async fn w3(t: &Target, events: u64) -> Result<String> {
     let store = &t.store;
     let id = format!("big-{}", Uuid::now_v7().simple());
     let stream = format!("account-{id}");
-    let plain = Repository::<bank::Account>::new(store.clone()).with_snapshots(SnapshotPolicy::Never);
-    let snapshots = Repository::<bank::Account>::new(store.clone()).with_snapshots(SnapshotPolicy::every(100));
+    let plain =
+        Repository::<bank::Account>::new(store.clone()).with_snapshots(SnapshotPolicy::Never);
+    let snapshots =
+        Repository::<bank::Account>::new(store.clone()).with_snapshots(SnapshotPolicy::every(100));
     plain.execute(&id, &bank::Command::Open { owner: "W3".into(), currency: "EUR".into() }).await?;
     // Written in batches of 100 deposits, with a snapshot after each: what
     // `SnapshotPolicy::every(100)` leaves behind, built faster.
@@ -337,7 +450,15 @@ pub(crate) async fn w3(t: &Target, events: u64) -> Result<String> {
     while written < events {
         let n = (events - written).min(100);
         let batch = (0..n)
-            .map(|i| codec.encode(&bank::Event::MoneyDeposited { amount: 100 + i, currency: "EUR".into(), note: Some(NOTE.into()) }).map_err(anyhow::Error::msg))
+            .map(|i| {
+                codec
+                    .encode(&bank::Event::MoneyDeposited {
+                        amount: 100 + i,
+                        currency: "EUR".into(),
+                        note: Some(NOTE.into()),
+                    })
+                    .map_err(anyhow::Error::msg)
+            })
             .collect::<Result<Vec<_>>>()?;
         store.append(&stream, ExpectedVersion::Exact(written), batch).await?;
         written += n;
@@ -351,13 +472,21 @@ pub(crate) async fn w3(t: &Target, events: u64) -> Result<String> {
     let mut reads = Vec::new();
     for _ in 0..5 {
         let t0 = Instant::now();
-        std::hint::black_box(store.read_stream(&stream, cairn_core::ReadStreamOptions::forward()).await?);
+        std::hint::black_box(
+            store.read_stream(&stream, cairn_core::ReadStreamOptions::forward()).await?,
+        );
         reads.push(t0.elapsed());
     }
     reads.sort();
-    Ok(format!("bench W3 backend={b} via=repository events={events} snapshots=none median_ms={:.3} read_ms={:.3} replayed={replayed_full} events_per_s={:.0}\n\
+    Ok(format!(
+        "bench W3 backend={b} via=repository events={events} snapshots=none median_ms={:.3} read_ms={:.3} replayed={replayed_full} events_per_s={:.0}\n\
         bench W3 backend={b} via=repository events={events} snapshots=every_100 median_ms={:.3} replayed={replayed_snap}",
-        full * 1e3, reads[2].as_secs_f64() * 1e3, events as f64 / full, snap * 1e3, b = t.backend))
+        full * 1e3,
+        reads[2].as_secs_f64() * 1e3,
+        events as f64 / full,
+        snap * 1e3,
+        b = t.backend
+    ))
 }
 
 async fn w4(t: &Target, minimum: u64) -> Result<String> {
@@ -383,7 +512,11 @@ async fn w4(t: &Target, minimum: u64) -> Result<String> {
         }
         best = best.min(t0.elapsed().as_secs_f64());
     }
-    Ok(format!("bench W4 backend={} events={count} secs={best:.3} events_per_s={:.0}", t.backend, count as f64 / best))
+    Ok(format!(
+        "bench W4 backend={} events={count} secs={best:.3} events_per_s={:.0}",
+        t.backend,
+        count as f64 / best
+    ))
 }
 
 async fn w5(t: &Target, seconds: u64) -> Result<String> {
@@ -426,6 +559,12 @@ async fn w5(t: &Target, seconds: u64) -> Result<String> {
     }
     from_call.sort();
     from_ack.sort();
-    Ok(format!("bench W5 backend={} events={total} rate_per_s=1000 p50_us={} p99_us={} after_ack_p50_us={} after_ack_p99_us={}",
-        t.backend, percentile(&from_call, 0.5), percentile(&from_call, 0.99), percentile(&from_ack, 0.5), percentile(&from_ack, 0.99)))
+    Ok(format!(
+        "bench W5 backend={} events={total} rate_per_s=1000 p50_us={} p99_us={} after_ack_p50_us={} after_ack_p99_us={}",
+        t.backend,
+        percentile(&from_call, 0.5),
+        percentile(&from_call, 0.99),
+        percentile(&from_ack, 0.5),
+        percentile(&from_ack, 0.99)
+    ))
 }

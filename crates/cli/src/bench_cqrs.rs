@@ -16,11 +16,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use cairn_core::{EventStore, ExpectedVersion, Position, RecordedEvent};
-use cairn_cqrs::{rebuild, Group, GroupConfig, MemoryModel, MemoryProjection, Runner, Sink, Source, SqliteModel, SqliteProjection};
+use cairn_cqrs::{
+    Group, GroupConfig, MemoryModel, MemoryProjection, Runner, Sink, Source, SqliteModel,
+    SqliteProjection, rebuild,
+};
 use cairn_log::EmbeddedStore;
-use rusqlite::{params, Transaction};
+use rusqlite::{Transaction, params};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -96,8 +99,16 @@ async fn fill(store: &EmbeddedStore, category: &'static str, events: u64) -> Res
             let end = ((t + 1) * per_task).min(events);
             while i < end {
                 let n = (end - i).min(100);
-                let batch = (0..n).map(|k| crate::bench::deposit(100 + (i + k) % 900, Uuid::now_v7())).collect();
-                store.append(&format!("{category}-{}", (i / 100) % ACCOUNTS), ExpectedVersion::Any, batch).await?;
+                let batch = (0..n)
+                    .map(|k| crate::bench::deposit(100 + (i + k) % 900, Uuid::now_v7()))
+                    .collect();
+                store
+                    .append(
+                        &format!("{category}-{}", (i / 100) % ACCOUNTS),
+                        ExpectedVersion::Any,
+                        batch,
+                    )
+                    .await?;
                 i += n;
             }
             anyhow::Ok(())
@@ -112,20 +123,28 @@ async fn fill(store: &EmbeddedStore, category: &'static str, events: u64) -> Res
 fn rebuild_bar(model: &str, target: Position) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(target.0.max(1));
     bar.set_style(
-        indicatif::ProgressStyle::with_template("rebuilding into {msg} [{bar:30}] {percent}% ETA {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "rebuilding into {msg} [{bar:30}] {percent}% ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar.set_message(model.to_string());
     bar
 }
 
 /// Rebuilds `sink` from the start; returns the line for `model`.
-async fn timed_rebuild(store: &EmbeddedStore, sink: &mut dyn Sink, model: &str) -> Result<(String, u64)> {
+async fn timed_rebuild(
+    store: &EmbeddedStore,
+    sink: &mut dyn Sink,
+    model: &str,
+) -> Result<(String, u64)> {
     let shared: Arc<dyn EventStore> = Arc::new(store.clone());
     let target = store.last_position().await?.unwrap_or(Position::START);
     let bar = rebuild_bar(model, target);
-    let done = rebuild(shared, &Source::All, sink, REBUILD_BATCH, |p| bar.set_position(p.position.0)).await?;
+    let done =
+        rebuild(shared, &Source::All, sink, REBUILD_BATCH, |p| bar.set_position(p.position.0))
+            .await?;
     bar.finish_and_clear();
     let line = format!(
         "bench W6 backend=embedded model={model} events={} batch={REBUILD_BATCH} secs={:.3} events_per_s={:.0}",
@@ -144,13 +163,18 @@ pub async fn w6(store: &EmbeddedStore, events: u64, dir: &std::path::Path) -> Re
     let (memory_line, applied) = timed_rebuild(store, &mut memory, "memory").await?;
     let total: i64 = memory.read(|b| b.values().sum());
     if applied < events || total < expected {
-        bail!("W6: the memory model holds {total} over {applied} events; expected at least {expected} over {events}");
+        bail!(
+            "W6: the memory model holds {total} over {applied} events; expected at least {expected} over {events}"
+        );
     }
 
     let path = dir.join("w6-balances.db");
     let mut sqlite = SqliteModel::open(&path, SqlBalances)?;
     let (sqlite_line, _) = timed_rebuild(store, &mut sqlite, "sqlite").await?;
-    let total: i64 = sqlite.reader()?.query_row("SELECT COALESCE(SUM(balance), 0) FROM balances", [], |r| r.get(0))?;
+    let total: i64 =
+        sqlite
+            .reader()?
+            .query_row("SELECT COALESCE(SUM(balance), 0) FROM balances", [], |r| r.get(0))?;
     if total < expected {
         bail!("W6: the SQLite model holds {total}; expected at least {expected}");
     }
@@ -168,7 +192,13 @@ pub async fn w5_projection(store: &EmbeddedStore, seconds: u64) -> Result<String
     for i in 0..total {
         tick.tick().await;
         let t0 = Instant::now();
-        let done = store.append("w5proj-1", ExpectedVersion::Any, vec![crate::bench::deposit(i, Uuid::now_v7())]).await?;
+        let done = store
+            .append(
+                "w5proj-1",
+                ExpectedVersion::Any,
+                vec![crate::bench::deposit(i, Uuid::now_v7())],
+            )
+            .await?;
         runner.wait_for(done.position).await?;
         latencies.push(t0.elapsed());
     }
@@ -187,7 +217,11 @@ pub async fn g1(store: &EmbeddedStore, events: u64) -> Result<String> {
     fill(store, "g1acct", events).await?;
     let shared: Arc<dyn EventStore> = Arc::new(store.clone());
     let started = Instant::now();
-    let group = Group::start(shared, GroupConfig::new("g1", Source::category("g1acct")).max_in_flight(10_000)).await?;
+    let group = Group::start(
+        shared,
+        GroupConfig::new("g1", Source::category("g1acct")).max_in_flight(10_000),
+    )
+    .await?;
     let mut workers = Vec::new();
     for _ in 0..4 {
         let worker = group.worker();

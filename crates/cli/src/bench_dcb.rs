@@ -12,8 +12,10 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
-use cairn_core::{AppendCondition, EventStore, ExpectedVersion, Metadata, NewEvent, Position, Query};
+use anyhow::{Result, bail};
+use cairn_core::{
+    AppendCondition, EventStore, ExpectedVersion, Metadata, NewEvent, Position, Query,
+};
 use cairn_log::EmbeddedStore;
 use uuid::Uuid;
 
@@ -33,12 +35,21 @@ pub async fn run(store: &EmbeddedStore, workload: &str, scale: f64) -> Result<St
 /// The W1 payload (a ~150-byte `MoneyDeposited` with ordinary metadata), tagged.
 fn tagged_deposit(amount: u64, tag: &str) -> NewEvent {
     let data = serde_json::json!({"amount": amount, "currency": "EUR", "note": "salary for November, paid by ACME Widgets Ltd, ref 2026-11"});
-    let metadata = Metadata { correlation_id: Some(Uuid::now_v7()), causation_id: Some(Uuid::now_v7()), ..Default::default() };
-    NewEvent::json("MoneyDeposited", &data).expect("serialisable").with_metadata(metadata).with_tags([tag])
+    let metadata = Metadata {
+        correlation_id: Some(Uuid::now_v7()),
+        causation_id: Some(Uuid::now_v7()),
+        ..Default::default()
+    };
+    NewEvent::json("MoneyDeposited", &data)
+        .expect("serialisable")
+        .with_metadata(metadata)
+        .with_tags([tag])
 }
 
 fn percentile_us(sorted: &[Duration], p: f64) -> u128 {
-    if sorted.is_empty() { return 0; }
+    if sorted.is_empty() {
+        return 0;
+    }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize].as_micros()
 }
 
@@ -106,10 +117,21 @@ async fn d1(store: &EmbeddedStore, events: u64) -> Result<String> {
     }
     let [Some(plain), Some(cond)] = best else { unreachable!("both ran") };
     let line = |r: &Round, condition: &str| {
-        format!("bench D1 backend=embedded condition={condition} events={} tasks={CLIENTS} secs={:.2} events_per_s={:.0} p50_us={} p99_us={}",
-            r.events, r.secs, r.events_per_s(), percentile_us(&r.latencies, 0.5), percentile_us(&r.latencies, 0.99))
+        format!(
+            "bench D1 backend=embedded condition={condition} events={} tasks={CLIENTS} secs={:.2} events_per_s={:.0} p50_us={} p99_us={}",
+            r.events,
+            r.secs,
+            r.events_per_s(),
+            percentile_us(&r.latencies, 0.5),
+            percentile_us(&r.latencies, 0.99)
+        )
     };
-    Ok(format!("{}\n{} ratio_vs_unconditional={:.3}", line(&plain, "none"), line(&cond, "own_tag"), cond.events_per_s() / plain.events_per_s()))
+    Ok(format!(
+        "{}\n{} ratio_vs_unconditional={:.3}",
+        line(&plain, "none"),
+        line(&cond, "own_tag"),
+        cond.events_per_s() / plain.events_per_s()
+    ))
 }
 
 async fn d2(store: &EmbeddedStore, events: u64) -> Result<String> {
@@ -128,8 +150,12 @@ async fn d2(store: &EmbeddedStore, events: u64) -> Result<String> {
         handles.push(tokio::spawn(async move {
             let mut b = c;
             while b * BATCH < events {
-                let batch = (b * BATCH..((b + 1) * BATCH).min(events)).map(|i| tagged_deposit(i, &tag(i % tags))).collect();
-                store.append(&format!("d2-{run}-{}", b % 1000), ExpectedVersion::Any, batch).await?;
+                let batch = (b * BATCH..((b + 1) * BATCH).min(events))
+                    .map(|i| tagged_deposit(i, &tag(i % tags)))
+                    .collect();
+                store
+                    .append(&format!("d2-{run}-{}", b % 1000), ExpectedVersion::Any, batch)
+                    .await?;
                 b += CLIENTS;
             }
             anyhow::Ok(())
@@ -152,6 +178,10 @@ async fn d2(store: &EmbeddedStore, events: u64) -> Result<String> {
     }
     times.sort();
     let total = store.stats().events_written.load(std::sync::atomic::Ordering::Relaxed);
-    Ok(format!("bench D2 backend=embedded events={total} matches={matches} runs={} ms={:.3} max_ms={:.3}",
-        times.len(), times[times.len() / 2].as_secs_f64() * 1e3, times[times.len() - 1].as_secs_f64() * 1e3))
+    Ok(format!(
+        "bench D2 backend=embedded events={total} matches={matches} runs={} ms={:.3} max_ms={:.3}",
+        times.len(),
+        times[times.len() / 2].as_secs_f64() * 1e3,
+        times[times.len() - 1].as_secs_f64() * 1e3
+    ))
 }

@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use cairn_grpc::proto;
 use uuid::Uuid;
 
@@ -50,7 +50,10 @@ impl Mode {
 
 /// The lines of W7 measured from a child process.
 pub async fn w7(target: &crate::bench::Target, seconds: f64) -> Result<String> {
-    let config = cairn_server::ServerConfig { listen: "127.0.0.1:0".parse()?, ..cairn_server::ServerConfig::default() };
+    let config = cairn_server::ServerConfig {
+        listen: "127.0.0.1:0".parse()?,
+        ..cairn_server::ServerConfig::default()
+    };
     let server = cairn_server::start(target.store.clone(), config)?;
     let mut lines = Vec::new();
     let runs: [(&str, Mode, usize); 9] = [
@@ -79,8 +82,12 @@ pub async fn w7(target: &crate::bench::Target, seconds: f64) -> Result<String> {
 /// The streams the readers read.
 async fn fill_read_streams(target: &crate::bench::Target) -> Result<()> {
     for s in 0..READ_STREAMS {
-        let events = (0..READ_STREAM_LEN).map(|i| crate::bench::deposit(i, Uuid::now_v7())).collect();
-        target.store.append(&format!("w7-read-{s}"), cairn_core::ExpectedVersion::NoStream, events).await?;
+        let events =
+            (0..READ_STREAM_LEN).map(|i| crate::bench::deposit(i, Uuid::now_v7())).collect();
+        target
+            .store
+            .append(&format!("w7-read-{s}"), cairn_core::ExpectedVersion::NoStream, events)
+            .await?;
     }
     Ok(())
 }
@@ -98,36 +105,62 @@ fn cpu_time_of(who: libc::c_int) -> Duration {
     Duration::from_micros(micros(usage.ru_utime) + micros(usage.ru_stime))
 }
 
-async fn run_child(target: &crate::bench::Target, addr: SocketAddr, api: &str, mode: Mode, tasks: usize, seconds: f64) -> Result<String> {
+async fn run_child(
+    target: &crate::bench::Target,
+    addr: SocketAddr,
+    api: &str,
+    mode: Mode,
+    tasks: usize,
+    seconds: f64,
+) -> Result<String> {
     let spec = format!("{api} {} {tasks} {seconds} {addr}", mode.name());
     let cpu_time = || cpu_time_of(libc::RUSAGE_SELF);
     let (syncs, cpu, client_cpu) = (target.syncs(), cpu_time(), cpu_time_of(libc::RUSAGE_CHILDREN));
-    let child = tokio::task::spawn_blocking(move || std::process::Command::new(std::env::current_exe()?).args(["bench", CHILD, "--client-spec", &spec]).output());
+    let child = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(std::env::current_exe()?)
+            .args(["bench", CHILD, "--client-spec", &spec])
+            .output()
+    });
     let out = child.await??;
     let cpu = cpu_time() - cpu;
     let client_cpu = cpu_time_of(libc::RUSAGE_CHILDREN) - client_cpu;
     let syncs = target.syncs().zip(syncs).map(|(after, before)| after - before);
     let text = String::from_utf8_lossy(&out.stdout);
     let Some(line) = text.lines().find(|l| l.starts_with("events=")) else {
-        bail!("the W7 client ({api} {} x{tasks}) failed: {}", mode.name(), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "the W7 client ({api} {} x{tasks}) failed: {}",
+            mode.name(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     };
     let events = crate::bench_scale::field(line, "events").unwrap_or(0.0);
     let requests = crate::bench_scale::field(line, "requests").unwrap_or(events);
-    let mut out = format!("bench W7 backend={} client=process api={api} mode={} tasks={tasks} {line}", target.backend, mode.name());
+    let mut out = format!(
+        "bench W7 backend={} client=process api={api} mode={} tasks={tasks} {line}",
+        target.backend,
+        mode.name()
+    );
     let what = if mode == Mode::Read { "read" } else { "append" };
     if let Some(syncs) = syncs.filter(|s| *s > 0 && mode != Mode::Read) {
         out += &format!(" appends_per_fsync={:.1}", requests / syncs as f64);
     }
     let per = |t: Duration| t.as_secs_f64() * 1e6 / requests.max(1.0);
-    out += &format!(" server_cpu_us_per_{what}={:.1} client_cpu_us_per_{what}={:.1}", per(cpu), per(client_cpu));
+    out += &format!(
+        " server_cpu_us_per_{what}={:.1} client_cpu_us_per_{what}={:.1}",
+        per(cpu),
+        per(client_cpu)
+    );
     Ok(out)
 }
 
 /// The child: `spec` is "API MODE TASKS SECONDS ADDR"; prints one line.
 pub async fn child(spec: &str) -> Result<String> {
     let parts: Vec<&str> = spec.split_whitespace().collect();
-    let [api, mode, tasks, seconds, addr] = parts[..] else { bail!("W7-client: --client-spec wants \"API MODE TASKS SECONDS ADDR\", got {spec:?}") };
-    let (mode, tasks, seconds): (Mode, usize, f64) = (Mode::parse(mode)?, tasks.parse()?, seconds.parse()?);
+    let [api, mode, tasks, seconds, addr] = parts[..] else {
+        bail!("W7-client: --client-spec wants \"API MODE TASKS SECONDS ADDR\", got {spec:?}")
+    };
+    let (mode, tasks, seconds): (Mode, usize, f64) =
+        (Mode::parse(mode)?, tasks.parse()?, seconds.parse()?);
     let addr: SocketAddr = addr.parse().context("W7-client: the address")?;
     let run_for = Duration::from_secs_f64(seconds);
     let run = Uuid::now_v7().simple().to_string();
@@ -180,7 +213,10 @@ fn grpc_event() -> proto::NewEvent {
 type GrpcClient = proto::event_store_client::EventStoreClient<tonic::transport::Channel>;
 
 async fn grpc_client(addr: SocketAddr) -> Result<GrpcClient> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
     Ok(proto::event_store_client::EventStoreClient::new(channel))
 }
 
@@ -188,11 +224,21 @@ fn exact(v: u64) -> Option<proto::ExpectedVersion> {
     Some(cairn_grpc::convert::expected_to(cairn_core::ExpectedVersion::Exact(v)))
 }
 
-async fn grpc_writer(mut client: GrpcClient, stream: &str, started: Instant, run_for: Duration) -> Measured {
+async fn grpc_writer(
+    mut client: GrpcClient,
+    stream: &str,
+    started: Instant,
+    run_for: Duration,
+) -> Measured {
     let (mut latencies, mut version) = (Vec::new(), 0);
     while started.elapsed() < run_for {
         let event = proto::NewEvent { id: Uuid::now_v7().to_string(), ..grpc_event() };
-        let message = proto::AppendRequest { stream: stream.to_string(), expected: exact(version), events: vec![event], condition_json: String::new() };
+        let message = proto::AppendRequest {
+            stream: stream.to_string(),
+            expected: exact(version),
+            events: vec![event],
+            condition_json: String::new(),
+        };
         let t0 = Instant::now();
         version = client.append(message).await?.into_inner().next_version;
         latencies.push(t0.elapsed());
@@ -206,11 +252,18 @@ const WINDOW: usize = 4_096;
 
 /// One producer on one connection with up to `WINDOW` appends in flight,
 /// each of one event to one of 100 streams; latency is from send to answer.
-async fn grpc_streamer(mut client: GrpcClient, stream: &str, started: Instant, run_for: Duration) -> Measured {
+async fn grpc_streamer(
+    mut client: GrpcClient,
+    stream: &str,
+    started: Instant,
+    run_for: Duration,
+) -> Measured {
     let (tx, rx) = tokio::sync::mpsc::channel::<proto::AppendRequest>(WINDOW);
     let window = std::sync::Arc::new(tokio::sync::Semaphore::new(WINDOW));
-    let sent = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::<Instant>::new()));
-    let outgoing = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let sent =
+        std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::<Instant>::new()));
+    let outgoing =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
     let producer = {
         let (window, sent, stream) = (window.clone(), sent.clone(), stream.to_string());
         tokio::spawn(async move {
@@ -222,7 +275,12 @@ async fn grpc_streamer(mut client: GrpcClient, stream: &str, started: Instant, r
             while !i.is_multiple_of(256) || started.elapsed() < run_for {
                 window.acquire().await.expect("never closed").forget();
                 let event = proto::NewEvent { id: Uuid::now_v7().to_string(), ..template.clone() };
-                let message = proto::AppendRequest { stream: format!("{stream}-{}", i % 100), expected: None, events: vec![event], condition_json: String::new() };
+                let message = proto::AppendRequest {
+                    stream: format!("{stream}-{}", i % 100),
+                    expected: None,
+                    events: vec![event],
+                    condition_json: String::new(),
+                };
                 sent.lock().unwrap().push_back(Instant::now());
                 if tx.send(message).await.is_err() {
                     break;
@@ -246,10 +304,20 @@ async fn grpc_streamer(mut client: GrpcClient, stream: &str, started: Instant, r
     Ok((latencies, n))
 }
 
-async fn grpc_reader(mut client: GrpcClient, task: usize, started: Instant, run_for: Duration) -> Measured {
+async fn grpc_reader(
+    mut client: GrpcClient,
+    task: usize,
+    started: Instant,
+    run_for: Duration,
+) -> Measured {
     let (mut latencies, mut events, mut i) = (Vec::new(), 0, task as u64);
     while started.elapsed() < run_for {
-        let message = proto::ReadStreamRequest { stream: format!("w7-read-{}", i % READ_STREAMS), from_version: 0, direction: 0, limit: Some(100) };
+        let message = proto::ReadStreamRequest {
+            stream: format!("w7-read-{}", i % READ_STREAMS),
+            from_version: 0,
+            direction: 0,
+            limit: Some(100),
+        };
         let t0 = Instant::now();
         let got = client.read_stream(message).await?.into_inner().events.len() as u64;
         latencies.push(t0.elapsed());
@@ -272,12 +340,18 @@ impl RawHttp {
     async fn connect(addr: SocketAddr) -> Result<RawHttp> {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
-        let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
         tokio::spawn(connection);
         Ok(RawHttp { sender, host: addr.to_string() })
     }
 
-    async fn call(&mut self, method: hyper::Method, path: &str, body: bytes::Bytes) -> Result<bytes::Bytes> {
+    async fn call(
+        &mut self,
+        method: hyper::Method,
+        path: &str,
+        body: bytes::Bytes,
+    ) -> Result<bytes::Bytes> {
         use http_body_util::BodyExt;
         let request = hyper::Request::builder()
             .method(method)
@@ -295,13 +369,23 @@ impl RawHttp {
     }
 }
 
-async fn http_writer(addr: SocketAddr, stream: &str, started: Instant, run_for: Duration) -> Measured {
+async fn http_writer(
+    addr: SocketAddr,
+    stream: &str,
+    started: Instant,
+    run_for: Duration,
+) -> Measured {
     let mut http = RawHttp::connect(addr).await?;
     let path = format!("/streams/{stream}");
     let (mut latencies, mut version) = (Vec::new(), 0u64);
     while started.elapsed() < run_for {
-        let event = cairn_client::wire::EventIn::from_new(&crate::bench::deposit(100, Uuid::now_v7()))?;
-        let body = serde_json::to_vec(&cairn_client::wire::AppendRequest { expected_version: Some(version.into()), events: vec![event], condition: None })?;
+        let event =
+            cairn_client::wire::EventIn::from_new(&crate::bench::deposit(100, Uuid::now_v7()))?;
+        let body = serde_json::to_vec(&cairn_client::wire::AppendRequest {
+            expected_version: Some(version.into()),
+            events: vec![event],
+            condition: None,
+        })?;
         let t0 = Instant::now();
         let answer = http.call(hyper::Method::POST, &path, body.into()).await?;
         latencies.push(t0.elapsed());
@@ -311,7 +395,12 @@ async fn http_writer(addr: SocketAddr, stream: &str, started: Instant, run_for: 
     Ok((latencies, n))
 }
 
-async fn http_reader(addr: SocketAddr, task: usize, started: Instant, run_for: Duration) -> Measured {
+async fn http_reader(
+    addr: SocketAddr,
+    task: usize,
+    started: Instant,
+    run_for: Duration,
+) -> Measured {
     #[derive(serde::Deserialize)]
     struct Page {
         events: Vec<serde::de::IgnoredAny>,

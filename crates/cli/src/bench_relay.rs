@@ -8,14 +8,14 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{Context as _, Result, anyhow, bail};
 use cairn_core::{ExpectedVersion, NewEvent, ReadAllOptions};
 use cairn_relay::{NatsSink, RabbitSink, Relay, RelayConfig, RelayHandle, Sink};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::bench::{deposit, percentile, Target};
+use crate::bench::{Target, deposit, percentile};
 
 pub const NATS_URL: &str = "127.0.0.1:4222";
 /// Scales the live part with the backlog (at least 100 events).
@@ -44,13 +44,21 @@ pub async fn w9(t: &Target, events: u64, live: usize, sinks: &[String]) -> Resul
     for h in handles {
         h.await??;
     }
-    let last = t.store.read_all(ReadAllOptions::backward().limit(1)).await?.first().map(|e| e.position).context("the store is empty")?;
+    let last = t
+        .store
+        .read_all(ReadAllOptions::backward().limit(1))
+        .await?
+        .first()
+        .map(|e| e.position)
+        .context("the store is empty")?;
     let mut lines = Vec::new();
     for sink in sinks {
         let id = Uuid::new_v4().simple().to_string()[..12].to_string();
         let line = match sink.as_str() {
             "nats" => {
-                let client = async_nats::connect(NATS_URL).await.with_context(|| format!("cannot reach NATS at {NATS_URL}; W9 needs it"))?;
+                let client = async_nats::connect(NATS_URL)
+                    .await
+                    .with_context(|| format!("cannot reach NATS at {NATS_URL}; W9 needs it"))?;
                 let prefix = format!("bench{id}");
                 let stream = format!("CAIRN_BENCH_{id}");
                 let sink = NatsSink::new(client.clone(), &prefix);
@@ -59,7 +67,11 @@ pub async fn w9(t: &Target, events: u64, live: usize, sinks: &[String]) -> Resul
                 let (tx, rx) = mpsc::unbounded_channel();
                 let consumer = tokio::spawn(async move {
                     while let Some(m) = sub.next().await {
-                        let id = m.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.to_string());
+                        let id = m
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get("Nats-Msg-Id"))
+                            .map(|v| v.to_string());
                         if let Some(id) = id.and_then(|s| s.parse::<Uuid>().ok())
                             && tx.send((id, Instant::now())).is_err()
                         {
@@ -77,7 +89,9 @@ pub async fn w9(t: &Target, events: u64, live: usize, sinks: &[String]) -> Resul
                 let mut sink = RabbitSink::new(AMQP_URL, &exchange).map_err(|e| anyhow!(e.0))?;
                 // A queue that takes everything, so the broker keeps (and we can time) each message.
                 let queue = format!("cairn.bench.{id}");
-                sink.bind_queue(&queue, "#").await.map_err(|e| anyhow!("RabbitMQ at {AMQP_URL} (W9 needs it): {}", e.0))?;
+                sink.bind_queue(&queue, "#")
+                    .await
+                    .map_err(|e| anyhow!("RabbitMQ at {AMQP_URL} (W9 needs it): {}", e.0))?;
                 let (tx, rx) = mpsc::unbounded_channel();
                 let consumer = tokio::spawn(rabbit_consumer(queue.clone(), tx));
                 let result = measure(t, "rabbitmq", sink, &id, last, events, live, rx).await;
@@ -104,12 +118,14 @@ async fn measure<S: Sink + 'static>(
     mut arrivals: mpsc::UnboundedReceiver<(Uuid, Instant)>,
 ) -> Result<String> {
     let started = Instant::now();
-    let relay = Relay::new(t.store.clone(), RelayConfig::new(format!("bench-{name}-{id}")), sink).spawn();
+    let relay =
+        Relay::new(t.store.clone(), RelayConfig::new(format!("bench-{name}-{id}")), sink).spawn();
     wait_for(&relay, last, Duration::from_secs(600)).await?;
     let secs = started.elapsed().as_secs_f64();
     // Events appended since the backlog (an earlier sink's live part) go out
     // first, so that the live part starts with the relay idle.
-    let newest = t.store.read_query(&cairn_core::Query::all(), ReadAllOptions::backward().limit(1)).await?;
+    let newest =
+        t.store.read_query(&cairn_core::Query::all(), ReadAllOptions::backward().limit(1)).await?;
     if let Some(e) = newest.first() {
         wait_for(&relay, e.position, Duration::from_secs(60)).await?;
     }
@@ -132,7 +148,11 @@ async fn measure<S: Sink + 'static>(
                     latencies.push(at.saturating_duration_since(t0));
                 }
             }
-            _ => bail!("W9 {name}: {} live events did not reach the broker within 30 s; relay: {:?}", sent.len(), relay.status()),
+            _ => bail!(
+                "W9 {name}: {} live events did not reach the broker within 30 s; relay: {:?}",
+                sent.len(),
+                relay.status()
+            ),
         }
     }
     let status = relay.status();
@@ -165,11 +185,17 @@ async fn rabbit_consumer(queue: String, tx: mpsc::UnboundedSender<(Uuid, Instant
     let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()).await?;
     let channel = conn.create_channel().await?;
     let mut consumer = channel
-        .basic_consume(queue.as_str().into(), "bench".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, Default::default())
+        .basic_consume(
+            queue.as_str().into(),
+            "bench".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            Default::default(),
+        )
         .await?;
     while let Some(delivery) = consumer.next().await {
         let delivery = delivery?;
-        let id = delivery.properties.message_id().as_ref().and_then(|s| s.as_str().parse::<Uuid>().ok());
+        let id =
+            delivery.properties.message_id().as_ref().and_then(|s| s.as_str().parse::<Uuid>().ok());
         if let Some(id) = id
             && tx.send((id, Instant::now())).is_err()
         {

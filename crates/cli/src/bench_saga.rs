@@ -10,21 +10,31 @@ use anyhow::Result;
 use cairn_core::{EventStore, ExpectedVersion, NewEvent};
 use cairn_saga::{Saga, SagaRunner, Status, Step, StepContext, StepError};
 
-use crate::bench::{fsyncs, percentile, Target};
+use crate::bench::{Target, fsyncs, percentile};
 
 /// Sagas in flight at once (each task starts one and waits for its end).
 const TASKS: usize = 256;
 
 /// A step that appends `event_type` to `<category>-<saga id>`, once per key.
-fn service_step(store: &Arc<dyn EventStore>, name: &'static str, category: &'static str, event_type: &'static str) -> Step {
+fn service_step(
+    store: &Arc<dyn EventStore>,
+    name: &'static str,
+    category: &'static str,
+    event_type: &'static str,
+) -> Step {
     let store = store.clone();
     Step::new(name, move |ctx: StepContext| {
         let store = store.clone();
         async move {
-            let event = NewEvent::json(event_type, &serde_json::json!({ "order": ctx.saga_id, "amount_cents": 4200 }))?
-                .with_id(ctx.event_id())
-                .with_metadata(ctx.metadata());
-            let written = store.append(&format!("{category}-{}", ctx.saga_id), ExpectedVersion::Any, vec![event]).await?;
+            let event = NewEvent::json(
+                event_type,
+                &serde_json::json!({ "order": ctx.saga_id, "amount_cents": 4200 }),
+            )?
+            .with_id(ctx.event_id())
+            .with_metadata(ctx.metadata());
+            let written = store
+                .append(&format!("{category}-{}", ctx.saga_id), ExpectedVersion::Any, vec![event])
+                .await?;
             Ok::<_, StepError>(written.next_version)
         }
     })
@@ -39,7 +49,11 @@ pub fn order_saga(store: &Arc<dyn EventStore>) -> Saga {
 }
 
 pub async fn w8(t: &Target, sagas: u64) -> Result<String> {
-    let runner = SagaRunner::builder(t.store.clone(), "bench").saga(order_saga(&t.store)).max_running(TASKS * 2).run().await?;
+    let runner = SagaRunner::builder(t.store.clone(), "bench")
+        .saga(order_saga(&t.store))
+        .max_running(TASKS * 2)
+        .run()
+        .await?;
     let syncs_before = t.syncs();
     let started = Instant::now();
     let mut handles = Vec::new();
@@ -50,9 +64,15 @@ pub async fn w8(t: &Target, sagas: u64) -> Result<String> {
             for n in (task..sagas).step_by(TASKS) {
                 let id = format!("w8-{n}");
                 let t0 = Instant::now();
-                runner.start("order", &id, &serde_json::json!({ "customer": n % 997, "items": 3 })).await?;
+                runner
+                    .start("order", &id, &serde_json::json!({ "customer": n % 997, "items": 3 }))
+                    .await?;
                 let state = runner.wait("order", &id).await?;
-                anyhow::ensure!(state.status == Status::Completed, "saga {id} ended {}", state.status.as_str());
+                anyhow::ensure!(
+                    state.status == Status::Completed,
+                    "saga {id} ended {}",
+                    state.status.as_str()
+                );
                 latencies.push(t0.elapsed());
             }
             anyhow::Ok(latencies)

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use cairn_core::{EventStore, ExpectedVersion, Query, ReadAllOptions};
 use cairn_log::EmbeddedStore;
 
@@ -54,7 +54,12 @@ async fn fill(store: &EmbeddedStore, events: u64, streams: u64) -> Result<f64> {
     let streams = streams.max(1);
     let batch_len = (events / streams).clamp(1, BATCH);
     let bar = indicatif::ProgressBar::new(events).with_message("filling");
-    bar.set_style(indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} events, {per_sec}, eta {eta}").expect("a valid template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} {bar:40} {pos}/{len} events, {per_sec}, eta {eta}",
+        )
+        .expect("a valid template"),
+    );
     let tags = tags(events);
     let started = Instant::now();
     let mut handles = Vec::new();
@@ -63,7 +68,9 @@ async fn fill(store: &EmbeddedStore, events: u64, streams: u64) -> Result<f64> {
         handles.push(tokio::spawn(async move {
             let mut b = w;
             while b * batch_len < events {
-                let batch: Vec<_> = (b * batch_len..((b + 1) * batch_len).min(events)).map(|i| fill_event(i, tags)).collect();
+                let batch: Vec<_> = (b * batch_len..((b + 1) * batch_len).min(events))
+                    .map(|i| fill_event(i, tags))
+                    .collect();
                 let n = batch.len() as u64;
                 store.append(&format!("s1-{}", b % streams), ExpectedVersion::Any, batch).await?;
                 bar.inc(n);
@@ -83,7 +90,12 @@ async fn fill(store: &EmbeddedStore, events: u64, streams: u64) -> Result<f64> {
 fn rss_anon_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("RssAnon:").map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0))))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("RssAnon:")
+                    .map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0))
+            })
+        })
         .unwrap_or(0)
 }
 
@@ -95,7 +107,13 @@ pub fn child_open(dir: &Path) -> Result<String> {
     let secs = t0.elapsed().as_secs_f64();
     let report = store.open_report();
     let (summaries, tables) = store.summaries_layout();
-    Ok(format!("open_secs={secs:.3} rss_anon_kib={} events={} scanned={} from_snapshot={} stream_tables={tables} summaries_in_memory={summaries}", rss_anon_kib(), report.events, report.scanned_events, report.from_snapshot))
+    Ok(format!(
+        "open_secs={secs:.3} rss_anon_kib={} events={} scanned={} from_snapshot={} stream_tables={tables} summaries_in_memory={summaries}",
+        rss_anon_kib(),
+        report.events,
+        report.scanned_events,
+        report.from_snapshot
+    ))
 }
 
 /// The child that appends until it is killed; prints `ready` after its first acknowledgement.
@@ -105,7 +123,8 @@ pub async fn child_append(dir: &Path) -> Result<String> {
     let mut i = 0u64;
     loop {
         // Untagged, so that S1's D2 reads only the fill's tags.
-        let batch = (0..100).map(|k| crate::bench::deposit(i * 100 + k, uuid::Uuid::now_v7())).collect();
+        let batch =
+            (0..100).map(|k| crate::bench::deposit(i * 100 + k, uuid::Uuid::now_v7())).collect();
         store.append(&format!("s1-killed-{}", i % 100), ExpectedVersion::Any, batch).await?;
         if i == 0 {
             let _ = writeln!(std::io::stdout(), "ready");
@@ -158,19 +177,27 @@ pub(crate) fn field(line: &str, key: &str) -> Option<f64> {
 async fn w4_middle(store: &EmbeddedStore, n: u64) -> Result<(u64, f64)> {
     let head = store.head_position().await?.0;
     // A query's `from` is only a bound: the first user event past the middle.
-    let start = store.read_query(&Query::all(), ReadAllOptions::forward().from(cairn_core::Position(head / 2)).limit(1)).await?;
+    let start = store
+        .read_query(
+            &Query::all(),
+            ReadAllOptions::forward().from(cairn_core::Position(head / 2)).limit(1),
+        )
+        .await?;
     let Some(first) = start.first() else { return Ok((0, 0.0)) };
     let t0 = Instant::now();
     let mut count = 0u64;
     let mut after = None;
-    let mut page = store.read_all(ReadAllOptions::forward().from(first.position).limit(10_000)).await?;
+    let mut page =
+        store.read_all(ReadAllOptions::forward().from(first.position).limit(10_000)).await?;
     while let Some(last) = page.last().map(|e| e.position) {
         count += page.len() as u64;
         if count >= n || after == Some(last) {
             break;
         }
         after = Some(last);
-        page = store.read_all(ReadAllOptions::forward().after(last).limit(10_000.min(n - count) as usize)).await?;
+        page = store
+            .read_all(ReadAllOptions::forward().after(last).limit(10_000.min(n - count) as usize))
+            .await?;
     }
     Ok((count, count as f64 / t0.elapsed().as_secs_f64()))
 }
@@ -192,7 +219,12 @@ async fn d2_tag(store: &EmbeddedStore, tags: u64) -> Result<f64> {
 }
 
 fn target(store: &EmbeddedStore) -> Target {
-    Target { store: Arc::new(store.clone()) as Arc<dyn EventStore>, backend: "embedded", embedded: Some(store.clone()), second: None }
+    Target {
+        store: Arc::new(store.clone()) as Arc<dyn EventStore>,
+        backend: "embedded",
+        embedded: Some(store.clone()),
+        second: None,
+    }
 }
 
 /// One workload on the full store and on the empty one: (name, figure, full, empty, ratio).
@@ -203,7 +235,9 @@ impl Pair {
         let Pair(name, figure, full, empty, higher_is_better) = self;
         let ratio = if *higher_is_better { full / empty } else { empty / full };
         let digits = if *higher_is_better { 0 } else { 3 };
-        format!("bench S1 workload={name} events_in_store={events} {figure}={full:.digits$} empty_{figure}={empty:.digits$} ratio_vs_empty={ratio:.3}")
+        format!(
+            "bench S1 workload={name} events_in_store={events} {figure}={full:.digits$} empty_{figure}={empty:.digits$} ratio_vs_empty={ratio:.3}"
+        )
     }
 }
 
@@ -218,8 +252,12 @@ where
     // Each round writes new streams (a kept store is measured more than once).
     let run = uuid::Uuid::now_v7().simple().to_string();
     for round in 0..ROUNDS {
-        full.push(field(&w(f.clone(), format!("{}r{round}", &run[..12])).await?, key).unwrap_or(0.0));
-        empty.push(field(&w(e.clone(), format!("{}r{round}", &run[..12])).await?, key).unwrap_or(0.0));
+        full.push(
+            field(&w(f.clone(), format!("{}r{round}", &run[..12])).await?, key).unwrap_or(0.0),
+        );
+        empty.push(
+            field(&w(e.clone(), format!("{}r{round}", &run[..12])).await?, key).unwrap_or(0.0),
+        );
     }
     Ok((median(full), median(empty)))
 }
@@ -233,13 +271,24 @@ fn median(mut v: Vec<f64>) -> f64 {
 async fn pairs(full: &EmbeddedStore, empty: &EmbeddedStore, events: u64) -> Result<Vec<Pair>> {
     let (f, e) = (target(full), target(empty));
     let mut out = Vec::new();
-    let (a, b) = median_pair(&f, &e, "events_per_s", |t, r| async move { crate::bench::w1(&t, &format!("s1w1{r}"), 1, 5_000, 0).await }).await?;
+    let (a, b) = median_pair(&f, &e, "events_per_s", |t, r| async move {
+        crate::bench::w1(&t, &format!("s1w1{r}"), 1, 5_000, 0).await
+    })
+    .await?;
     out.push(Pair("W1", "events_per_s", a, b, true));
-    let (a, b) = median_pair(&f, &e, "events_per_s", |t, r| async move { crate::bench::w1(&t, &format!("s1w1c{r}"), 16, 20_000, 0).await }).await?;
+    let (a, b) = median_pair(&f, &e, "events_per_s", |t, r| async move {
+        crate::bench::w1(&t, &format!("s1w1c{r}"), 16, 20_000, 0).await
+    })
+    .await?;
     out.push(Pair("W1c", "events_per_s", a, b, true));
-    let (a, b) = median_pair(&f, &e, "events_per_s", |t, _| async move { crate::bench::w2(&t, 100_000, 16).await }).await?;
+    let (a, b) = median_pair(&f, &e, "events_per_s", |t, _| async move {
+        crate::bench::w2(&t, 100_000, 16).await
+    })
+    .await?;
     out.push(Pair("W2", "events_per_s", a, b, true));
-    let (a, b) = median_pair(&f, &e, "read_ms", |t, _| async move { crate::bench::w3(&t, 10_000).await }).await?;
+    let (a, b) =
+        median_pair(&f, &e, "read_ms", |t, _| async move { crate::bench::w3(&t, 10_000).await })
+            .await?;
     out.push(Pair("W3", "read_ms", a, b, false));
     let middle = 1_000_000.min(events / 2).max(1);
     let (_, w4f) = w4_middle(full, middle).await?;
@@ -273,7 +322,10 @@ async fn settle(store: &EmbeddedStore, when: &str) -> String {
     bar.finish_and_clear();
     let (files, covered, memtables, _) = store.index_layout();
     let merges = store.stats().index_merges.load(std::sync::atomic::Ordering::Relaxed);
-    format!("bench S1 figure=merge_wait_{when} secs={:.1} index_files={files} segments_covered={covered} memtables={memtables} merges={merges}", t0.elapsed().as_secs_f64())
+    format!(
+        "bench S1 figure=merge_wait_{when} secs={:.1} index_files={files} segments_covered={covered} memtables={memtables} merges={merges}",
+        t0.elapsed().as_secs_f64()
+    )
 }
 
 /// `cairn bench S1`.
@@ -289,10 +341,22 @@ pub async fn s1(events: u64, streams: u64, keep: Option<&Path>, tmp: &Path) -> R
         let held = store.stats().events_written.load(std::sync::atomic::Ordering::Relaxed);
         // D2 reads the fill's tags: the last one must be there.
         let last_tag = tag(tags(events) - 1);
-        if held < events || store.read_query(&Query::tags([last_tag.as_str()]), ReadAllOptions::forward().limit(1)).await?.is_empty() {
-            bail!("{} was filled with fewer than --events {events} (it has no event tagged {last_tag}): give the --events it was filled with, or a new directory", dir.display());
+        if held < events
+            || store
+                .read_query(&Query::tags([last_tag.as_str()]), ReadAllOptions::forward().limit(1))
+                .await?
+                .is_empty()
+        {
+            bail!(
+                "{} was filled with fewer than --events {events} (it has no event tagged {last_tag}): give the --events it was filled with, or a new directory",
+                dir.display()
+            );
         }
-        lines.push(format!("bench S1 figure=fill reused={} events_in_store={held} log_bytes={}", dir.display(), store.head_position().await?.0));
+        lines.push(format!(
+            "bench S1 figure=fill reused={} events_in_store={held} log_bytes={}",
+            dir.display(),
+            store.head_position().await?.0
+        ));
     } else {
         let secs = fill(&store, events, streams).await?;
         let log_bytes = store.head_position().await?.0;

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use cairn_client::HttpStore;
 use cairn_core::{EventStore, ExpectedVersion, StartFrom, SubscriptionTarget};
 use cairn_server::ServerConfig;
@@ -25,7 +25,10 @@ pub async fn w7(target: &crate::bench::Target, seconds: f64) -> Result<String> {
         lines.push(w7_api(&one, target.backend, seconds, api).await?);
     }
     if let Some(second) = &target.second {
-        lines.push(w7_api(&[target.store.clone(), second.clone()], target.backend, seconds, "http").await?);
+        lines.push(
+            w7_api(&[target.store.clone(), second.clone()], target.backend, seconds, "http")
+                .await?,
+        );
     }
     Ok(lines.join("\n"))
 }
@@ -41,12 +44,18 @@ impl RawHttp {
     async fn connect(addr: std::net::SocketAddr) -> Result<RawHttp> {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
-        let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
         tokio::spawn(connection);
-        let event = cairn_client::wire::EventIn::from_new(&crate::bench::deposit(100, Uuid::now_v7()))?;
+        let event =
+            cairn_client::wire::EventIn::from_new(&crate::bench::deposit(100, Uuid::now_v7()))?;
         // No id: the server gives each event its own.
         let event = cairn_client::wire::EventIn { id: None, ..event };
-        let body = serde_json::to_vec(&cairn_client::wire::AppendRequest { expected_version: None, events: vec![event], condition: None })?;
+        let body = serde_json::to_vec(&cairn_client::wire::AppendRequest {
+            expected_version: None,
+            events: vec![event],
+            condition: None,
+        })?;
         Ok(RawHttp { sender, host: addr.to_string(), body: body.into() })
     }
 
@@ -69,7 +78,12 @@ impl RawHttp {
 
 /// One run: a server per store in `stores` (the clients spread over them),
 /// the SSE subscriber on the first.
-async fn w7_api(stores: &[Arc<dyn EventStore>], backend: &str, seconds: f64, api: &str) -> Result<String> {
+async fn w7_api(
+    stores: &[Arc<dyn EventStore>],
+    backend: &str,
+    seconds: f64,
+    api: &str,
+) -> Result<String> {
     let mut servers = Vec::new();
     for store in stores {
         let config = ServerConfig { listen: "127.0.0.1:0".parse()?, ..ServerConfig::default() };
@@ -108,11 +122,23 @@ async fn w7_api(stores: &[Arc<dyn EventStore>], backend: &str, seconds: f64, api
             let mut latencies = Vec::new();
             let stream = format!("w7-{c}-{}", Uuid::now_v7().simple());
             let mut last = None;
-            let mut raw = match client { None => Some(RawHttp::connect(addr).await?), Some(_) => None };
+            let mut raw = match client {
+                None => Some(RawHttp::connect(addr).await?),
+                Some(_) => None,
+            };
             while started.elapsed() < run_for {
                 let t0 = Instant::now();
                 let position = match (&client, &mut raw) {
-                    (Some(client), _) => client.append(&stream, ExpectedVersion::Any, vec![crate::bench::deposit(100, Uuid::now_v7())]).await?.position,
+                    (Some(client), _) => {
+                        client
+                            .append(
+                                &stream,
+                                ExpectedVersion::Any,
+                                vec![crate::bench::deposit(100, Uuid::now_v7())],
+                            )
+                            .await?
+                            .position
+                    }
                     (None, Some(raw)) => raw.append(&stream).await?,
                     (None, None) => unreachable!("a client of one kind or the other"),
                 };
@@ -133,7 +159,12 @@ async fn w7_api(stores: &[Arc<dyn EventStore>], backend: &str, seconds: f64, api
     let total = latencies.len() as u64;
     // How long after the last acknowledgement the subscriber had seen everything.
     let stopped_writing = Instant::now();
-    let caught_up = tokio::time::timeout(Duration::from_secs(30), watched.wait_for(|(_, last)| *last >= newest)).await.map(|r| r.map(drop));
+    let caught_up = tokio::time::timeout(
+        Duration::from_secs(30),
+        watched.wait_for(|(_, last)| *last >= newest),
+    )
+    .await
+    .map(|r| r.map(drop));
     let sse_lag = stopped_writing.elapsed();
     let (delivered, last_seen) = *watched.borrow();
     for server in servers {
@@ -141,7 +172,9 @@ async fn w7_api(stores: &[Arc<dyn EventStore>], backend: &str, seconds: f64, api
     }
     let _ = seen.await;
     if caught_up.is_err() || delivered != total {
-        bail!("the SSE subscriber saw {delivered} of {total} events (last {last_seen:?}, newest {newest:?})");
+        bail!(
+            "the SSE subscriber saw {delivered} of {total} events (last {last_seen:?}, newest {newest:?})"
+        );
     }
     latencies.sort();
     Ok(format!(

@@ -3,10 +3,10 @@
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use cairn_core::{
-    EventStore, ExpectedVersion, Metadata, NewEvent, Position, Query, QueryItem, ReadAllOptions, ReadStreamOptions,
-    StartFrom, StreamMetadata, SubscriptionTarget,
+    EventStore, ExpectedVersion, Metadata, NewEvent, Position, Query, QueryItem, ReadAllOptions,
+    ReadStreamOptions, StartFrom, StreamMetadata, SubscriptionTarget,
 };
 use cairn_log::EmbeddedStore;
 use clap::Args;
@@ -45,11 +45,18 @@ impl Context {
         let store = EmbeddedStore::open(&self.data)?;
         let report = store.open_report();
         if let Some((file, offset)) = &report.truncated_at {
-            eprintln!("note: recovery cut a torn tail of {} bytes in {} at offset {offset} (an append that was never acknowledged)", report.truncated_bytes, file.display());
+            eprintln!(
+                "note: recovery cut a torn tail of {} bytes in {} at offset {offset} (an append that was never acknowledged)",
+                report.truncated_bytes,
+                file.display()
+            );
         }
         match report.rebuilt_indexes.as_slice() {
             [] => {}
-            [(file, why)] => eprintln!("note: rebuilt index file {} from its segment ({why}); it is a cache, nothing was lost", file.display()),
+            [(file, why)] => eprintln!(
+                "note: rebuilt index file {} from its segment ({why}); it is a cache, nothing was lost",
+                file.display()
+            ),
             [(_, why), ..] => eprintln!(
                 "note: rebuilt {} index files from their segments (the first: {why}); they are caches, nothing was lost",
                 report.rebuilt_indexes.len()
@@ -67,7 +74,9 @@ impl Context {
         Ok(match &self.url {
             Some(url) => {
                 let root = match &self.ca {
-                    Some(path) => Some(std::fs::read(path).with_context(|| format!("cannot read the CA certificate {}", path.display()))?),
+                    Some(path) => Some(std::fs::read(path).with_context(|| {
+                        format!("cannot read the CA certificate {}", path.display())
+                    })?),
                     None => None,
                 };
                 let client = cairn_client::HttpStore::with_tls_root(url, root.as_deref())?;
@@ -84,26 +93,37 @@ impl Context {
     /// The PostgreSQL store of `--backend postgres` (its schema made or migrated).
     pub(crate) async fn postgres(&self) -> Result<cairn_postgres::PgStore> {
         let Some(url) = &self.database_url else {
-            bail!("--backend postgres needs --database-url (or CAIRN_DATABASE_URL), e.g. postgres://postgres@127.0.0.1:5432/test");
+            bail!(
+                "--backend postgres needs --database-url (or CAIRN_DATABASE_URL), e.g. postgres://postgres@127.0.0.1:5432/test"
+            );
         };
         let options = cairn_postgres::PgOptions::default().schema(&self.pg_schema);
-        cairn_postgres::PgStore::connect_with(url, options).await.with_context(|| format!("cannot open the event store in PostgreSQL (schema {})", self.pg_schema))
+        cairn_postgres::PgStore::connect_with(url, options).await.with_context(|| {
+            format!("cannot open the event store in PostgreSQL (schema {})", self.pg_schema)
+        })
     }
 
     /// For verbs that work on the files themselves.
     pub(crate) fn local_only(&self, verb: &str) -> Result<()> {
         if self.backend == Backend::Postgres && self.url.is_none() {
-            bail!("`cairn {verb}` works on an embedded data directory's files; PostgreSQL keeps its own (use its tools)");
+            bail!(
+                "`cairn {verb}` works on an embedded data directory's files; PostgreSQL keeps its own (use its tools)"
+            );
         }
         if self.url.is_some() {
-            bail!("`cairn {verb}` works on a data directory's files, not through a server; run it with --data on the server's machine (with the server stopped)");
+            bail!(
+                "`cairn {verb}` works on a data directory's files, not through a server; run it with --data on the server's machine (with the server stopped)"
+            );
         }
         Ok(())
     }
 
     pub(crate) fn open_existing(&self) -> Result<EmbeddedStore> {
         if !self.data.join("log").is_dir() {
-            bail!("no Cairn data in {} — append something first, or pass --data DIR", self.data.display());
+            bail!(
+                "no Cairn data in {} — append something first, or pass --data DIR",
+                self.data.display()
+            );
         }
         self.open()
     }
@@ -115,7 +135,10 @@ fn parse_expected(s: &str) -> Result<ExpectedVersion, String> {
         "any" => Ok(ExpectedVersion::Any),
         "no-stream" | "no_stream" => Ok(ExpectedVersion::NoStream),
         "exists" | "stream-exists" => Ok(ExpectedVersion::StreamExists),
-        n => n.parse().map(ExpectedVersion::Exact).map_err(|_| format!("'{n}' is not any, no-stream, exists or a version number")),
+        n => n
+            .parse()
+            .map(ExpectedVersion::Exact)
+            .map_err(|_| format!("'{n}' is not any, no-stream, exists or a version number")),
     }
 }
 
@@ -158,7 +181,9 @@ struct EventLine {
 fn events_from_stdin() -> Result<Vec<NewEvent>> {
     let stdin = std::io::stdin();
     if stdin.is_terminal() {
-        eprintln!("reading events as JSON lines from stdin (Ctrl-D to finish); or pass TYPE and JSON as arguments");
+        eprintln!(
+            "reading events as JSON lines from stdin (Ctrl-D to finish); or pass TYPE and JSON as arguments"
+        );
     }
     let mut events = Vec::new();
     for (n, line) in stdin.lock().lines().enumerate() {
@@ -166,11 +191,18 @@ fn events_from_stdin() -> Result<Vec<NewEvent>> {
         if line.trim().is_empty() {
             continue;
         }
-        let parsed: EventLine = serde_json::from_str(&line)
-            .with_context(|| format!("line {}: expected {{\"type\": \"...\", \"data\": {{...}}}}", n + 1))?;
-        let mut e = NewEvent::json(parsed.event_type, &parsed.data)?.with_metadata(parsed.metadata).with_tags(parsed.tags);
-        if let Some(id) = parsed.id { e = e.with_id(id); }
-        if let Some(v) = parsed.schema_version { e = e.with_schema_version(v); }
+        let parsed: EventLine = serde_json::from_str(&line).with_context(|| {
+            format!("line {}: expected {{\"type\": \"...\", \"data\": {{...}}}}", n + 1)
+        })?;
+        let mut e = NewEvent::json(parsed.event_type, &parsed.data)?
+            .with_metadata(parsed.metadata)
+            .with_tags(parsed.tags);
+        if let Some(id) = parsed.id {
+            e = e.with_id(id);
+        }
+        if let Some(v) = parsed.schema_version {
+            e = e.with_schema_version(v);
+        }
         events.push(e);
     }
     if events.is_empty() {
@@ -183,28 +215,48 @@ pub async fn append(ctx: &Context, a: AppendArgs) -> Result<()> {
     let events = match &a.event_type {
         Some(t) => {
             let Some(payload) = &a.payload else {
-                bail!("the event {t} needs its JSON payload after the type, such as: cairn append {} {t} '{{\"amount\": 125}}' (pass '{{}}' for an event without data)", a.stream);
+                bail!(
+                    "the event {t} needs its JSON payload after the type, such as: cairn append {} {t} '{{\"amount\": 125}}' (pass '{{}}' for an event without data)",
+                    a.stream
+                );
             };
-            let data: serde_json::Value = serde_json::from_str(payload).context("the JSON payload is not valid JSON")?;
+            let data: serde_json::Value =
+                serde_json::from_str(payload).context("the JSON payload is not valid JSON")?;
             let mut e = NewEvent::json(t.clone(), &data)?;
-            if let Some(id) = a.id { e = e.with_id(id); }
+            if let Some(id) = a.id {
+                e = e.with_id(id);
+            }
             vec![e]
         }
         None => events_from_stdin()?,
     };
-    let events: Vec<NewEvent> = events.into_iter().map(|mut e| {
-        for tag in &a.tags {
-            if !e.tags.contains(tag) { e.tags.push(tag.clone()); }
-        }
-        e
-    }).collect();
+    let events: Vec<NewEvent> = events
+        .into_iter()
+        .map(|mut e| {
+            for tag in &a.tags {
+                if !e.tags.contains(tag) {
+                    e.tags.push(tag.clone());
+                }
+            }
+            e
+        })
+        .collect();
     let count = events.len();
     let store = ctx.store(true).await?;
     let r = store.append(&a.stream, a.expected_version, events).await?;
     if ctx.json {
-        println!("{}", serde_json::json!({"stream": a.stream, "next_version": r.next_version, "position": r.position.0}));
+        println!(
+            "{}",
+            serde_json::json!({"stream": a.stream, "next_version": r.next_version, "position": r.position.0})
+        );
     } else {
-        println!("appended {count} event{} to {}: version {} at position {}", if count == 1 { "" } else { "s" }, a.stream, r.next_version, r.position);
+        println!(
+            "appended {count} event{} to {}: version {} at position {}",
+            if count == 1 { "" } else { "s" },
+            a.stream,
+            r.next_version,
+            r.position
+        );
     }
     Ok(())
 }
@@ -234,8 +286,11 @@ pub struct ReadArgs {
 pub async fn read(ctx: &Context, a: ReadArgs) -> Result<()> {
     let store = ctx.store(false).await?;
     let w = a.window;
-    let mut options = if w.backward { ReadStreamOptions::backward() } else { ReadStreamOptions::forward() };
-    if let Some(v) = w.from { options = options.from_version(v); }
+    let mut options =
+        if w.backward { ReadStreamOptions::backward() } else { ReadStreamOptions::forward() };
+    if let Some(v) = w.from {
+        options = options.from_version(v);
+    }
     let events = store.read_stream(&a.stream, options.limit(w.limit)).await?;
     output::print_events(&events, ctx.json);
     Ok(())
@@ -253,10 +308,15 @@ pub struct ReadAllArgs {
 pub async fn read_all(ctx: &Context, a: ReadAllArgs) -> Result<()> {
     let store = ctx.store(false).await?;
     let w = a.window;
-    let mut options = if w.backward { ReadAllOptions::backward() } else { ReadAllOptions::forward() };
-    if let Some(p) = w.from { options = options.from(Position(p)); }
+    let mut options =
+        if w.backward { ReadAllOptions::backward() } else { ReadAllOptions::forward() };
+    if let Some(p) = w.from {
+        options = options.from(Position(p));
+    }
     let mut events = store.read_all(options.limit(w.limit)).await?;
-    if !a.system { events.retain(|e| !e.is_system()); }
+    if !a.system {
+        events.retain(|e| !e.is_system());
+    }
     output::print_events(&events, ctx.json);
     Ok(())
 }
@@ -279,8 +339,11 @@ pub async fn query(ctx: &Context, a: QueryArgs) -> Result<()> {
     let store = ctx.store(false).await?;
     let q = Query::from(QueryItem::types(a.types).with_tags(a.tags));
     let w = a.window;
-    let mut options = if w.backward { ReadAllOptions::backward() } else { ReadAllOptions::forward() };
-    if let Some(p) = w.from { options = options.from(Position(p)); }
+    let mut options =
+        if w.backward { ReadAllOptions::backward() } else { ReadAllOptions::forward() };
+    if let Some(p) = w.from {
+        options = options.from(Position(p));
+    }
     let events = store.read_query(&q, options.limit(w.limit)).await?;
     output::print_events(&events, ctx.json);
     Ok(())
@@ -304,7 +367,10 @@ pub async fn tail(ctx: &Context, a: TailArgs) -> Result<()> {
         Some(s) => SubscriptionTarget::Stream(s.clone()),
         None => SubscriptionTarget::All,
     };
-    let from = match a.from { Some(n) => StartFrom::After(n), None => StartFrom::End };
+    let from = match a.from {
+        Some(n) => StartFrom::After(n),
+        None => StartFrom::End,
+    };
     let mut sub = store.subscribe(target, from).await?;
     if !ctx.json {
         eprintln!("following {} (Ctrl-C to stop)", a.stream.as_deref().unwrap_or("$all"));
@@ -359,9 +425,14 @@ pub struct MetadataArgs {
 
 pub async fn metadata(ctx: &Context, a: MetadataArgs) -> Result<()> {
     let store = ctx.store(false).await?;
-    let changing = a.clear || a.max_age.is_some() || a.max_count.is_some() || a.truncate_before.is_some();
+    let changing =
+        a.clear || a.max_age.is_some() || a.max_count.is_some() || a.truncate_before.is_some();
     if changing {
-        let m = StreamMetadata { max_age_secs: a.max_age, max_count: a.max_count, truncate_before: a.truncate_before };
+        let m = StreamMetadata {
+            max_age_secs: a.max_age,
+            max_count: a.max_count,
+            truncate_before: a.truncate_before,
+        };
         store.set_stream_metadata(&a.stream, m).await?;
     }
     let info = store.stream_info(&a.stream).await?;
@@ -392,7 +463,11 @@ pub async fn delete(ctx: &Context, a: DeleteArgs) -> Result<()> {
 
 fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(len);
-    bar.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} segments ({eta})").unwrap().progress_chars("=> "));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} segments ({eta})")
+            .unwrap()
+            .progress_chars("=> "),
+    );
     bar.set_message(what.to_string());
     bar
 }
@@ -401,17 +476,32 @@ pub fn verify(ctx: &Context) -> Result<()> {
     ctx.local_only("verify")?;
     let mut bar: Option<indicatif::ProgressBar> = None;
     let report = cairn_log::verify(&ctx.data, |done, total| {
-        bar.get_or_insert_with(|| progress_bar(total as u64, "verifying")).set_position(done as u64);
+        bar.get_or_insert_with(|| progress_bar(total as u64, "verifying"))
+            .set_position(done as u64);
     })?;
-    if let Some(bar) = bar { bar.finish_and_clear(); }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     if ctx.json {
-        println!("{}", serde_json::json!({"ok": true, "segments": report.segments, "events": report.events, "bytes": report.bytes, "streams": report.streams, "durable_events": report.durable_events, "index_files": report.index_files, "stream_tables": report.stream_tables,
-            "torn_tail": report.torn_tail.as_ref().map(|(f, o, n)| serde_json::json!({"file": f, "offset": o, "bytes": n}))}));
+        println!(
+            "{}",
+            serde_json::json!({"ok": true, "segments": report.segments, "events": report.events, "bytes": report.bytes, "streams": report.streams, "durable_events": report.durable_events, "index_files": report.index_files, "stream_tables": report.stream_tables,
+            "torn_tail": report.torn_tail.as_ref().map(|(f, o, n)| serde_json::json!({"file": f, "offset": o, "bytes": n}))})
+        );
     } else {
         let plural = output::count;
-        println!("ok: {} in {}, {}, {} checked", plural(report.events, "event"), plural(report.streams as u64, "stream"), plural(report.segments as u64, "segment"), plural(report.bytes, "byte"));
+        println!(
+            "ok: {} in {}, {}, {} checked",
+            plural(report.events, "event"),
+            plural(report.streams as u64, "stream"),
+            plural(report.segments as u64, "segment"),
+            plural(report.bytes, "byte")
+        );
         if report.index_files > 0 {
-            println!("ok: {} match their segments", plural(report.index_files as u64, "index file"));
+            println!(
+                "ok: {} match their segments",
+                plural(report.index_files as u64, "index file")
+            );
         }
         if report.stream_tables > 0 {
             println!("ok: the stream tables ({}) match the log", report.stream_tables);
@@ -420,7 +510,10 @@ pub fn verify(ctx: &Context) -> Result<()> {
             println!("ok: every event the durable mark records as acknowledged ({n}) is there");
         }
         if let Some((file, offset, bytes)) = report.torn_tail {
-            println!("note: {} has a torn tail of {bytes} bytes at offset {offset} (an unacknowledged append); the next open cuts it", file.display());
+            println!(
+                "note: {} has a torn tail of {bytes} bytes at offset {offset} (an unacknowledged append); the next open cuts it",
+                file.display()
+            );
         }
     }
     Ok(())
@@ -432,12 +525,18 @@ pub fn reindex(ctx: &Context) -> Result<()> {
         bail!("no Cairn data in {} — pass --data DIR", ctx.data.display());
     }
     let started = std::time::Instant::now();
-    let spinner = indicatif::ProgressBar::new_spinner().with_message("rebuilding the index from the log");
+    let spinner =
+        indicatif::ProgressBar::new_spinner().with_message("rebuilding the index from the log");
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     let report = cairn_log::EmbeddedStore::reindex(&ctx.data);
     spinner.finish_and_clear();
     let report = report?;
     let plural = output::count;
-    println!("rebuilt the index from the log: {} in {}, {:.2} s", plural(report.events, "event"), plural(report.segments as u64, "segment"), started.elapsed().as_secs_f64());
+    println!(
+        "rebuilt the index from the log: {} in {}, {:.2} s",
+        plural(report.events, "event"),
+        plural(report.segments as u64, "segment"),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

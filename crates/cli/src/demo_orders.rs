@@ -12,17 +12,20 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use cairn_core::{EventStore, ExpectedVersion, NewEvent, RecordedEvent};
-use cairn_cqrs::{Group, GroupConfig, MemoryModel, MemoryProjection, Runner, RunnerHandle, Source, SqliteModel, SqliteProjection};
-use cairn_domain::{Aggregate, DomainEvent, Dispatcher, Invalid, Repository, Validate};
+use cairn_cqrs::{
+    Group, GroupConfig, MemoryModel, MemoryProjection, Runner, RunnerHandle, Source, SqliteModel,
+    SqliteProjection,
+};
+use cairn_domain::{Aggregate, Dispatcher, DomainEvent, Invalid, Repository, Validate};
 use cairn_log::EmbeddedStore;
-use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
-use rusqlite::{params, Transaction};
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use rusqlite::{Transaction, params};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -128,11 +131,23 @@ fn eur(cents: u64) -> String {
 
 fn consumers() -> Vec<Consumer> {
     vec![
-        Consumer { name: "payment", act: |e, o| format!("charged {} for {}", eur(o.total_cents), e.stream) },
-        Consumer { name: "email", act: |e, o| format!("emailed {} a confirmation of {}", o.customer, e.stream) },
+        Consumer {
+            name: "payment",
+            act: |e, o| format!("charged {} for {}", eur(o.total_cents), e.stream),
+        },
+        Consumer {
+            name: "email",
+            act: |e, o| format!("emailed {} a confirmation of {}", o.customer, e.stream),
+        },
         Consumer { name: "inventory", act: |_, o| format!("reserved {} × {}", o.quantity, o.sku) },
-        Consumer { name: "shipping", act: |e, o| format!("booked a parcel for {} to {}", e.stream, o.customer) },
-        Consumer { name: "analytics", act: |_, o| format!("counted {} of revenue", eur(o.total_cents)) },
+        Consumer {
+            name: "shipping",
+            act: |e, o| format!("booked a parcel for {} to {}", e.stream, o.customer),
+        },
+        Consumer {
+            name: "analytics",
+            act: |_, o| format!("counted {} of revenue", eur(o.total_cents)),
+        },
     ]
 }
 
@@ -152,8 +167,10 @@ impl SqliteProjection for OrdersByCustomer {
     }
     fn apply(&self, tx: &Transaction, e: &RecordedEvent) -> Result<(), Failure> {
         if let Some(o) = created(e)? {
-            tx.prepare_cached("INSERT INTO orders (id, customer, sku, total_cents) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(params![e.stream, o.customer, o.sku, o.total_cents as i64])?;
+            tx.prepare_cached(
+                "INSERT INTO orders (id, customer, sku, total_cents) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![e.stream, o.customer, o.sku, o.total_cents as i64])?;
         }
         Ok(())
     }
@@ -184,7 +201,15 @@ impl SqliteProjection for Balances {
 /// The projections' status as a table: position, lag in events and seconds, health.
 pub(crate) async fn status_table(runners: &[&RunnerHandle]) -> Result<Table> {
     let mut table = Table::new();
-    table.load_preset(UTF8_FULL_CONDENSED).set_header(["projection", "state", "position", "head", "behind", "lag", "health"]);
+    table.load_preset(UTF8_FULL_CONDENSED).set_header([
+        "projection",
+        "state",
+        "position",
+        "head",
+        "behind",
+        "lag",
+        "health",
+    ]);
     for r in runners {
         let s = r.status();
         let lag = r.lag().await?;
@@ -210,17 +235,28 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
     let dir = match &keep {
         Some(dir) => {
             if dir.join("log").exists() {
-                anyhow::bail!("{} already holds a Cairn store; the demo needs a fresh one: pass another --keep directory", dir.display());
+                anyhow::bail!(
+                    "{} already holds a Cairn store; the demo needs a fresh one: pass another --keep directory",
+                    dir.display()
+                );
             }
             dir.clone()
         }
         None => temp.path().to_path_buf(),
     };
-    println!("Cairn demo: the order flow with CQRS, and notification vs event-carried state (store in {})", dir.display());
+    println!(
+        "Cairn demo: the order flow with CQRS, and notification vs event-carried state (store in {})",
+        dir.display()
+    );
     all(Arc::new(EmbeddedStore::open(&dir)?), &dir, 1).await?;
-    println!("\nThe code: crates/cli/src/demo_orders.rs; the library: crates/cqrs (projections, consumer groups) and crates/domain (Dispatcher).");
+    println!(
+        "\nThe code: crates/cli/src/demo_orders.rs; the library: crates/cqrs (projections, consumer groups) and crates/domain (Dispatcher)."
+    );
     if keep.is_some() {
-        println!("The data stays in {0}: try `cairn --data {0} projections status` and `cairn --data {0} groups status`.", dir.display());
+        println!(
+            "The data stays in {0}: try `cairn --data {0} projections status` and `cairn --data {0} groups status`.",
+            dir.display()
+        );
     }
     Ok(())
 }
@@ -240,7 +276,9 @@ pub async fn all(store: Arc<dyn EventStore>, dir: &Path, first: usize) -> Result
 /// Shipping labels as a consumer group: workers share the events, a failing
 /// order is retried, parked, and replayed once the cause is fixed.
 async fn shipping_group(store: Arc<dyn EventStore>, n: usize) -> Result<()> {
-    step(&format!("{n}. A consumer group: three label printers share the orders; a failing one is retried, parked, replayed"));
+    step(&format!(
+        "{n}. A consumer group: three label printers share the orders; a failing one is retried, parked, replayed"
+    ));
     let config = GroupConfig::new("shipping-labels", Source::category("order"))
         .pin_streams()
         .max_attempts(3)
@@ -270,17 +308,28 @@ async fn shipping_group(store: Arc<dyn EventStore>, n: usize) -> Result<()> {
         let group = &group;
         async move {
             let s = group.status();
-            Ok::<_, anyhow::Error>(group.lag().await?.events == 0 && s.parked == parked && s.waiting + s.in_flight + s.retrying == 0)
+            Ok::<_, anyhow::Error>(
+                group.lag().await?.events == 0
+                    && s.parked == parked
+                    && s.waiting + s.in_flight + s.retrying == 0,
+            )
         }
     };
     while !settled(1).await? {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     for (w, labels) in printed.lock().unwrap().iter() {
-        println!("   printer {w} printed {} labels ({}…)", labels.len(), labels.iter().take(3).cloned().collect::<Vec<_>>().join(", "));
+        println!(
+            "   printer {w} printed {} labels ({}…)",
+            labels.len(),
+            labels.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+        );
     }
     for p in group.parked() {
-        println!("   parked in $parked-shipping-labels: {}@{} after {} attempts: {}", p.stream, p.version, p.attempts, p.error);
+        println!(
+            "   parked in $parked-shipping-labels: {}@{} after {} attempts: {}",
+            p.stream, p.version, p.attempts, p.error
+        );
     }
     carrier_fixed.store(true, Ordering::SeqCst);
     let queued = group.replay_parked().await?;
@@ -315,14 +364,29 @@ async fn orders(store: Arc<dyn EventStore>, dir: &Path, first: usize) -> Result<
     let mut slowest = 0u128;
     for i in 0..9usize {
         let (sku, cents) = catalogue[i % 3];
-        let place = PlaceOrder { customer: customers[i % 3].into(), sku: sku.into(), quantity: 1 + (i % 2) as u32, cents };
+        let place = PlaceOrder {
+            customer: customers[i % 3].into(),
+            sku: sku.into(),
+            quantity: 1 + (i % 2) as u32,
+            cents,
+        };
         let t0 = Instant::now();
         dispatcher.dispatch(&format!("{}", 1001 + i), &place).await?;
         slowest = slowest.max(t0.elapsed().as_micros());
     }
-    println!("   9 orders placed; the slowest call returned after {slowest} µs (one durable append, no consumer waited for)");
-    let bad = dispatcher.dispatch("1100", &PlaceOrder { customer: "ada".into(), sku: "kettle".into(), quantity: 0, cents: 1 }).await;
-    println!("   an order for 0 kettles → {}", bad.map(|_| "accepted?!".to_string()).unwrap_or_else(|e| e.to_string()));
+    println!(
+        "   9 orders placed; the slowest call returned after {slowest} µs (one durable append, no consumer waited for)"
+    );
+    let bad = dispatcher
+        .dispatch(
+            "1100",
+            &PlaceOrder { customer: "ada".into(), sku: "kettle".into(), quantity: 0, cents: 1 },
+        )
+        .await;
+    println!(
+        "   an order for 0 kettles → {}",
+        bad.map(|_| "accepted?!".to_string()).unwrap_or_else(|e| e.to_string())
+    );
 
     next("Five consumers follow the order events, each with its own checkpoint");
     let mut models = Vec::new();
@@ -339,14 +403,28 @@ async fn orders(store: Arc<dyn EventStore>, dir: &Path, first: usize) -> Result<
     for m in &models {
         let name = cairn_cqrs::Sink::name(&m.clone()).to_string();
         m.read(|done| {
-            println!("   {name:<9} did {} things, e.g. {}", done.len(), done.first().map_or("-", |s| s.as_str()));
+            println!(
+                "   {name:<9} did {} things, e.g. {}",
+                done.len(),
+                done.first().map_or("-", |s| s.as_str())
+            );
         });
     }
 
     next("One consumer stops; the others carry on, and the lag shows it");
     runners[1].pause();
     for i in 0..3 {
-        dispatcher.dispatch(&format!("{}", 1010 + i), &PlaceOrder { customer: "ada".into(), sku: "mugs".into(), quantity: 2, cents: 12_00 }).await?;
+        dispatcher
+            .dispatch(
+                &format!("{}", 1010 + i),
+                &PlaceOrder {
+                    customer: "ada".into(),
+                    sku: "mugs".into(),
+                    quantity: 2,
+                    cents: 12_00,
+                },
+            )
+            .await?;
     }
     let head = store.last_position().await?.expect("orders");
     for (i, r) in runners.iter().enumerate() {
@@ -360,7 +438,10 @@ async fn orders(store: Arc<dyn EventStore>, dir: &Path, first: usize) -> Result<
     println!("{}", status_table(&runners.iter().collect::<Vec<_>>()).await?);
     runners[1].resume();
     runners[1].wait_for(head).await?;
-    println!("   email resumed from its checkpoint: {} confirmations sent, none twice", models[1].read(|d| d.len()));
+    println!(
+        "   email resumed from its checkpoint: {} confirmations sent, none twice",
+        models[1].read(|d| d.len())
+    );
 
     next("The query side answers from read models, without replaying events");
     std::fs::create_dir_all(models_dir(dir))?;
@@ -369,8 +450,20 @@ async fn orders(store: Arc<dyn EventStore>, dir: &Path, first: usize) -> Result<
     let orders_runner = Runner::new(store.clone(), Source::category("order"), orders).spawn();
     let bank = Repository::<cairn_example_bank::Account>::new(store.clone());
     for (who, cents) in [("shop-ada", 1_200_00u64), ("shop-grace", 300_00), ("shop-alan", 75_00)] {
-        bank.execute(who, &cairn_example_bank::Command::Open { owner: who.into(), currency: "EUR".into() }).await?;
-        bank.execute(who, &cairn_example_bank::Command::Deposit { amount: cents, currency: "EUR".into(), note: None }).await?;
+        bank.execute(
+            who,
+            &cairn_example_bank::Command::Open { owner: who.into(), currency: "EUR".into() },
+        )
+        .await?;
+        bank.execute(
+            who,
+            &cairn_example_bank::Command::Deposit {
+                amount: cents,
+                currency: "EUR".into(),
+                note: None,
+            },
+        )
+        .await?;
     }
     let balances = SqliteModel::open(models_dir(dir).join("balances.db"), Balances)?;
     let balances_db = balances.reader()?;
@@ -390,7 +483,13 @@ async fn orders(store: Arc<dyn EventStore>, dir: &Path, first: usize) -> Result<
         .prepare("SELECT account, cents FROM balances WHERE cents > ?1 ORDER BY cents DESC")?
         .query_map([250_00], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
-    println!("   accounts with a balance over 250.00 EUR: {}", rich.iter().map(|(a, c)| format!("{a} ({})", eur(*c as u64))).collect::<Vec<_>>().join(", "));
+    println!(
+        "   accounts with a balance over 250.00 EUR: {}",
+        rich.iter()
+            .map(|(a, c)| format!("{a} ({})", eur(*c as u64)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     for r in runners.into_iter().chain([orders_runner, balances_runner]) {
         r.stop().await.1?;
     }
@@ -411,7 +510,10 @@ impl MemoryProjection for Addresses {
         if e.event_type == "CustomerAddressChanged" {
             let v: serde_json::Value = e.json()?;
             if let Some(address) = v["address"].as_str() {
-                copy.insert(v["customer"].as_str().unwrap_or_default().to_string(), address.to_string());
+                copy.insert(
+                    v["customer"].as_str().unwrap_or_default().to_string(),
+                    address.to_string(),
+                );
             }
         }
         Ok(())
@@ -424,45 +526,109 @@ fn quote_for(address: &str) -> u64 {
 }
 
 async fn insurance(store: Arc<dyn EventStore>, first: usize) -> Result<()> {
-    step(&format!("{first}. Insurance, as a notification: a thin event, and the consumer asks for details"));
+    step(&format!(
+        "{first}. Insurance, as a notification: a thin event, and the consumer asks for details"
+    ));
     let moves = [("c-7", "3 River Lane"), ("c-8", "12 Hill Road"), ("c-9", "5 River Walk")];
     // The customer service's own data, behind its "API" (a stream per customer).
     let api_calls = AtomicU64::new(0);
     let mut quotes = BTreeMap::new();
-    let mut sub = store.subscribe(cairn_core::SubscriptionTarget::Query(cairn_core::Query::types(["CustomerMoved"])), cairn_core::StartFrom::End).await?;
+    let mut sub = store
+        .subscribe(
+            cairn_core::SubscriptionTarget::Query(cairn_core::Query::types(["CustomerMoved"])),
+            cairn_core::StartFrom::End,
+        )
+        .await?;
     for (customer, address) in moves {
-        store.append(&format!("customer-{customer}"), ExpectedVersion::Any, vec![NewEvent::json("AddressRecorded", &json!({"address": address}))?]).await?;
-        store.append("notifications-customers", ExpectedVersion::Any, vec![NewEvent::json("CustomerMoved", &json!({"customer": customer}))?]).await?;
+        store
+            .append(
+                &format!("customer-{customer}"),
+                ExpectedVersion::Any,
+                vec![NewEvent::json("AddressRecorded", &json!({"address": address}))?],
+            )
+            .await?;
+        store
+            .append(
+                "notifications-customers",
+                ExpectedVersion::Any,
+                vec![NewEvent::json("CustomerMoved", &json!({"customer": customer}))?],
+            )
+            .await?;
     }
     for _ in 0..moves.len() {
         let e = sub.next().await.expect("live")?;
-        let customer = e.json::<serde_json::Value>()?["customer"].as_str().unwrap_or_default().to_string();
+        let customer =
+            e.json::<serde_json::Value>()?["customer"].as_str().unwrap_or_default().to_string();
         // The notification said only who moved: ask the customer service where to.
         api_calls.fetch_add(1, Ordering::Relaxed);
-        let details = store.read_stream(&format!("customer-{customer}"), cairn_core::ReadStreamOptions::backward().limit(1)).await?;
-        let address = details[0].json::<serde_json::Value>()?["address"].as_str().unwrap_or_default().to_string();
+        let details = store
+            .read_stream(
+                &format!("customer-{customer}"),
+                cairn_core::ReadStreamOptions::backward().limit(1),
+            )
+            .await?;
+        let address = details[0].json::<serde_json::Value>()?["address"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         quotes.insert(customer, quote_for(&address));
     }
-    println!("   CustomerMoved {{customer}} ×3 → the quote service made {} calls back to the customer service", api_calls.load(Ordering::Relaxed));
-    println!("   quotes: {}", quotes.iter().map(|(c, q)| format!("{c} {}", eur(*q))).collect::<Vec<_>>().join(", "));
-    println!("   small events and one source of truth, but the quote service needs the customer service up, and asks it each time");
+    println!(
+        "   CustomerMoved {{customer}} ×3 → the quote service made {} calls back to the customer service",
+        api_calls.load(Ordering::Relaxed)
+    );
+    println!(
+        "   quotes: {}",
+        quotes.iter().map(|(c, q)| format!("{c} {}", eur(*q))).collect::<Vec<_>>().join(", ")
+    );
+    println!(
+        "   small events and one source of truth, but the quote service needs the customer service up, and asks it each time"
+    );
 
-    step(&format!("{}. The same story with event-carried state transfer: the event carries the address", first + 1));
+    step(&format!(
+        "{}. The same story with event-carried state transfer: the event carries the address",
+        first + 1
+    ));
     let copy = MemoryModel::new(Addresses);
-    let runner = Runner::new(store.clone(), cairn_cqrs::Source::types(["CustomerAddressChanged"]), copy.clone()).spawn();
+    let runner = Runner::new(
+        store.clone(),
+        cairn_cqrs::Source::types(["CustomerAddressChanged"]),
+        copy.clone(),
+    )
+    .spawn();
     let mut last = None;
     for (customer, address) in moves {
         let done = store
-            .append(&format!("customers-{customer}"), ExpectedVersion::Any, vec![NewEvent::json("CustomerAddressChanged", &json!({"customer": customer, "address": address}))?])
+            .append(
+                &format!("customers-{customer}"),
+                ExpectedVersion::Any,
+                vec![NewEvent::json(
+                    "CustomerAddressChanged",
+                    &json!({"customer": customer, "address": address}),
+                )?],
+            )
             .await?;
         last = Some(done.position);
     }
     runner.wait_for(last.expect("appended")).await?;
-    let quotes: BTreeMap<String, u64> = copy.read(|c| c.iter().map(|(k, a)| (k.clone(), quote_for(a))).collect());
-    println!("   CustomerAddressChanged {{customer, address}} ×3 → 0 calls back; the quote service keeps its own copy of {} addresses", copy.read(|c| c.len()));
-    println!("   quotes: {}", quotes.iter().map(|(c, q)| format!("{c} {}", eur(*q))).collect::<Vec<_>>().join(", "));
-    println!("   no runtime coupling and fast reads, at the price of bigger events and a copy that is eventually consistent");
-    let email = quotes.iter().map(|(c, q)| format!("to {c}: your new quote is {}", eur(*q))).next().unwrap_or_default();
+    let quotes: BTreeMap<String, u64> =
+        copy.read(|c| c.iter().map(|(k, a)| (k.clone(), quote_for(a))).collect());
+    println!(
+        "   CustomerAddressChanged {{customer, address}} ×3 → 0 calls back; the quote service keeps its own copy of {} addresses",
+        copy.read(|c| c.len())
+    );
+    println!(
+        "   quotes: {}",
+        quotes.iter().map(|(c, q)| format!("{c} {}", eur(*q))).collect::<Vec<_>>().join(", ")
+    );
+    println!(
+        "   no runtime coupling and fast reads, at the price of bigger events and a copy that is eventually consistent"
+    );
+    let email = quotes
+        .iter()
+        .map(|(c, q)| format!("to {c}: your new quote is {}", eur(*q)))
+        .next()
+        .unwrap_or_default();
     println!("   the email service, following QuoteGenerated, would send e.g. \"{email}\"");
     runner.stop().await.1?;
     Ok(())

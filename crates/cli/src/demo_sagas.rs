@@ -13,9 +13,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
-use cairn_core::{EventStore, ExpectedVersion, Metadata, NewEvent, Query, QueryItem, ReadStreamOptions, StoreError};
+use cairn_core::{
+    EventStore, ExpectedVersion, Metadata, NewEvent, Query, QueryItem, ReadStreamOptions,
+    StoreError,
+};
 use cairn_log::EmbeddedStore;
-use cairn_saga::{Command, Effect, Message, Process, ProcessManager, Saga, SagaEvent, SagaRunner, Scheduler, Step, StepContext, StepError, TimerAction};
+use cairn_saga::{
+    Command, Effect, Message, Process, ProcessManager, Saga, SagaEvent, SagaRunner, Scheduler,
+    Step, StepContext, StepError, TimerAction,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -49,8 +55,15 @@ const STOCK: u32 = 5;
 
 /// Appends one event for a step, with the step's key as its id: a step that
 /// runs again after a crash writes nothing new.
-async fn record(store: &dyn EventStore, ctx: &StepContext, stream: String, event_type: &str, data: serde_json::Value) -> Result<(), StepError> {
-    let event = NewEvent::json(event_type, &data)?.with_id(ctx.event_id()).with_metadata(ctx.metadata());
+async fn record(
+    store: &dyn EventStore,
+    ctx: &StepContext,
+    stream: String,
+    event_type: &str,
+    data: serde_json::Value,
+) -> Result<(), StepError> {
+    let event =
+        NewEvent::json(event_type, &data)?.with_id(ctx.event_id()).with_metadata(ctx.metadata());
     store.append(&stream, ExpectedVersion::Any, vec![event]).await?;
     Ok(())
 }
@@ -71,13 +84,23 @@ pub fn order_saga(store: Arc<dyn EventStore>) -> Saga {
         async move {
             let o: OrderInput = ctx.input()?;
             let data = json!({ "customer": o.customer, "sku": o.sku, "quantity": o.quantity, "cents": o.cents });
-            record(store.as_ref(), &ctx, format!("order-{}", ctx.saga_id), "OrderCreated", data).await
+            record(store.as_ref(), &ctx, format!("order-{}", ctx.saga_id), "OrderCreated", data)
+                .await
         }
     });
     let s = store.clone();
     let create = create.compensate(move |ctx: StepContext| {
         let store = s.clone();
-        async move { record(store.as_ref(), &ctx, format!("order-{}", ctx.saga_id), "OrderCancelled", json!({ "reason": "saga compensated" })).await }
+        async move {
+            record(
+                store.as_ref(),
+                &ctx,
+                format!("order-{}", ctx.saga_id),
+                "OrderCancelled",
+                json!({ "reason": "saga compensated" }),
+            )
+            .await
+        }
     });
 
     let s = store.clone();
@@ -90,7 +113,14 @@ pub fn order_saga(store: Arc<dyn EventStore>) -> Saga {
                 Payment::Hang => std::future::pending().await,
                 Payment::Ok => {
                     let charge = format!("ch_{}", &ctx.event_id().simple().to_string()[..10]);
-                    record(store.as_ref(), &ctx, format!("payment-{}", ctx.saga_id), "CardCharged", json!({ "charge": charge, "cents": o.cents })).await?;
+                    record(
+                        store.as_ref(),
+                        &ctx,
+                        format!("payment-{}", ctx.saga_id),
+                        "CardCharged",
+                        json!({ "charge": charge, "cents": o.cents }),
+                    )
+                    .await?;
                     Ok(charge)
                 }
             }
@@ -118,27 +148,53 @@ pub fn order_saga(store: Arc<dyn EventStore>) -> Saga {
         async move {
             let o: OrderInput = ctx.input()?;
             if o.quantity > STOCK {
-                return Err(StepError::new(format!("only {STOCK} of {} in stock, {} wanted", o.sku, o.quantity)));
+                return Err(StepError::new(format!(
+                    "only {STOCK} of {} in stock, {} wanted",
+                    o.sku, o.quantity
+                )));
             }
-            record(store.as_ref(), &ctx, format!("inventory-{}", ctx.saga_id), "ItemsReserved", json!({ "sku": o.sku, "quantity": o.quantity })).await
+            record(
+                store.as_ref(),
+                &ctx,
+                format!("inventory-{}", ctx.saga_id),
+                "ItemsReserved",
+                json!({ "sku": o.sku, "quantity": o.quantity }),
+            )
+            .await
         }
     });
     let s = store;
     let reserve = reserve.compensate(move |ctx: StepContext| {
         let store = s.clone();
-        async move { record(store.as_ref(), &ctx, format!("inventory-{}", ctx.saga_id), "ItemsReleased", json!({})).await }
+        async move {
+            record(
+                store.as_ref(),
+                &ctx,
+                format!("inventory-{}", ctx.saga_id),
+                "ItemsReleased",
+                json!({}),
+            )
+            .await
+        }
     });
 
     Saga::new("order").step(create).step(charge).step(reserve)
 }
 
 fn order(id: u32, quantity: u32, payment: Payment) -> OrderInput {
-    OrderInput { customer: format!("customer-{id}"), sku: "tea-pot".into(), quantity, cents: 2_900 * quantity as u64, payment }
+    OrderInput {
+        customer: format!("customer-{id}"),
+        sku: "tea-pot".into(),
+        quantity,
+        cents: 2_900 * quantity as u64,
+        payment,
+    }
 }
 
 /// Prints a saga's history as a timeline, and what the services hold.
 async fn show(store: &dyn EventStore, id: &str) -> Result<()> {
-    let events = store.read_stream(&format!("$saga-order-{id}"), ReadStreamOptions::forward()).await?;
+    let events =
+        store.read_stream(&format!("$saga-order-{id}"), ReadStreamOptions::forward()).await?;
     let start = events.first().map(|e| e.timestamp.as_micros()).unwrap_or(0);
     for e in &events {
         let Some(event) = SagaEvent::from_recorded(e) else { continue };
@@ -147,15 +203,28 @@ async fn show(store: &dyn EventStore, id: &str) -> Result<()> {
     }
     let mut services = Vec::new();
     for category in ["order", "payment", "inventory"] {
-        if let Ok(events) = store.read_stream(&format!("{category}-{id}"), ReadStreamOptions::forward()).await {
-            services.push(format!("{category}-{id}: {}", events.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>().join(", ")));
+        if let Ok(events) =
+            store.read_stream(&format!("{category}-{id}"), ReadStreamOptions::forward()).await
+        {
+            services.push(format!(
+                "{category}-{id}: {}",
+                events.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>().join(", ")
+            ));
         }
     }
-    println!("  services: {}", if services.is_empty() { "nothing written".into() } else { services.join(" | ") });
+    println!(
+        "  services: {}",
+        if services.is_empty() { "nothing written".into() } else { services.join(" | ") }
+    );
     Ok(())
 }
 
-async fn run_one(runner: &SagaRunner, store: &dyn EventStore, id: u32, input: OrderInput) -> Result<()> {
+async fn run_one(
+    runner: &SagaRunner,
+    store: &dyn EventStore,
+    id: u32,
+    input: OrderInput,
+) -> Result<()> {
     let id = id.to_string();
     runner.start("order", &id, &input).await?;
     let state = runner.wait("order", &id).await?;
@@ -164,46 +233,79 @@ async fn run_one(runner: &SagaRunner, store: &dyn EventStore, id: u32, input: Or
     Ok(())
 }
 
-
 /// The seven scenarios on `store`, steps numbered from `first` (the tour runs them too).
 pub async fn all(store: Arc<dyn EventStore>, first: usize) -> Result<()> {
-    let runner = SagaRunner::builder(store.clone(), "shop").saga(order_saga(store.clone())).run().await?;
+    let runner =
+        SagaRunner::builder(store.clone(), "shop").saga(order_saga(store.clone())).run().await?;
     step(&format!("{first}. All goes well: CreateOrder → ChargeCard → ReserveItems"));
-    println!("  Each transition is an event in the saga's own stream ($saga-order-1), appended before the next step runs.");
+    println!(
+        "  Each transition is an event in the saga's own stream ($saga-order-1), appended before the next step runs."
+    );
     run_one(&runner, store.as_ref(), 1, order(1, 2, Payment::Ok)).await?;
 
     step(&format!("{}. The card is declined: the order is cancelled (CancelOrder)", first + 1));
     run_one(&runner, store.as_ref(), 2, order(2, 2, Payment::Decline)).await?;
 
-    step(&format!("{}. Out of stock after payment: RefundCard, then CancelOrder — the completed steps undone newest first", first + 2));
+    step(&format!(
+        "{}. Out of stock after payment: RefundCard, then CancelOrder — the completed steps undone newest first",
+        first + 2
+    ));
     run_one(&runner, store.as_ref(), 3, order(3, 9, Payment::Ok)).await?;
 
-    step(&format!("{}. The payment service hangs: the step times out after {} s (30 s by default)", first + 3, CHARGE_TIMEOUT.as_secs()));
-    println!("  The charge may have gone through after we stopped waiting, so it is compensated too (the refund finds nothing to refund).");
+    step(&format!(
+        "{}. The payment service hangs: the step times out after {} s (30 s by default)",
+        first + 3,
+        CHARGE_TIMEOUT.as_secs()
+    ));
+    println!(
+        "  The charge may have gone through after we stopped waiting, so it is compensated too (the refund finds nothing to refund)."
+    );
     run_one(&runner, store.as_ref(), 4, order(4, 1, Payment::Hang)).await?;
 
-    step(&format!("{}. The runner stops mid-saga; a new runner resumes it from the saga's stream", first + 4));
+    step(&format!(
+        "{}. The runner stops mid-saga; a new runner resumes it from the saga's stream",
+        first + 4
+    ));
     runner.start("order", "5", &order(5, 1, Payment::Hang)).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     runner.shutdown().await;
     println!("  Stopped while charge-card was in flight. A new runner starts:");
-    let runner = SagaRunner::builder(store.clone(), "shop").saga(order_saga(store.clone())).run().await?;
-    println!("  it found {} unfinished saga(s) in the store and resumed them: create-order does not run again;", runner.recovered());
-    println!("  charge-card, in flight when the runner stopped, runs again with the same idempotency key (and still hangs).");
+    let runner =
+        SagaRunner::builder(store.clone(), "shop").saga(order_saga(store.clone())).run().await?;
+    println!(
+        "  it found {} unfinished saga(s) in the store and resumed them: create-order does not run again;",
+        runner.recovered()
+    );
+    println!(
+        "  charge-card, in flight when the runner stopped, runs again with the same idempotency key (and still hangs)."
+    );
     let state = runner.wait("order", "5").await?;
     show(store.as_ref(), "5").await?;
     println!("  → {}", state.status.as_str());
     runner.shutdown().await;
 
-    step(&format!("{}. A deadline: cancel an order unpaid after 15 minutes (2 s here), surviving a restart", first + 5));
-    store.append("order-6", ExpectedVersion::NoStream, vec![NewEvent::json("OrderCreated", &json!({ "customer": "customer-6" }))?]).await?;
+    step(&format!(
+        "{}. A deadline: cancel an order unpaid after 15 minutes (2 s here), surviving a restart",
+        first + 5
+    ));
+    store
+        .append(
+            "order-6",
+            ExpectedVersion::NoStream,
+            vec![NewEvent::json("OrderCreated", &json!({ "customer": "customer-6" }))?],
+        )
+        .await?;
     let scheduler = Scheduler::builder(store.clone(), "orders").start().await?;
-    let cancel = TimerAction::append("order-6", "OrderCancelled", json!({ "reason": "not paid in time" }));
+    let cancel =
+        TimerAction::append("order-6", "OrderCancelled", json!({ "reason": "not paid in time" }));
     scheduler.schedule("cancel-unpaid-order-6", Duration::from_secs(2), cancel).await?;
     println!("  Scheduled in $timer-orders. The scheduler stops before it is due…");
     scheduler.shutdown().await;
     let scheduler = Scheduler::builder(store.clone(), "orders").start().await?;
-    println!("  …and a new one re-arms {} pending timer(s) from the stream.", scheduler.pending().await.len());
+    println!(
+        "  …and a new one re-arms {} pending timer(s) from the stream.",
+        scheduler.pending().await.len()
+    );
     let fired = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             let events = store.read_stream("order-6", ReadStreamOptions::forward()).await?;
@@ -214,10 +316,16 @@ pub async fn all(store: Arc<dyn EventStore>, first: usize) -> Result<()> {
         }
     })
     .await??;
-    println!("  order-6: {}", fired.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>().join(", "));
+    println!(
+        "  order-6: {}",
+        fired.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>().join(", ")
+    );
     scheduler.shutdown().await;
 
-    step(&format!("{}. Choreography: a process manager ships each paid order; one warehouse is offline", first + 6));
+    step(&format!(
+        "{}. Choreography: a process manager ships each paid order; one warehouse is offline",
+        first + 6
+    ));
     shipping(store).await
 }
 
@@ -237,7 +345,9 @@ impl Process for Shipping {
 
     fn react(&self, _state: &mut (), message: Message) -> Vec<Effect> {
         match message {
-            Message::Event(e) => vec![Effect::command("ShipOrder", json!({ "order": e.stream })), Effect::End],
+            Message::Event(e) => {
+                vec![Effect::command("ShipOrder", json!({ "order": e.stream })), Effect::End]
+            }
             Message::Deadline { .. } => Vec::new(),
         }
     }
@@ -258,7 +368,9 @@ async fn shipping(store: Arc<dyn EventStore>) -> Result<()> {
         if !refused {
             log.lock().unwrap().push(format!("{order} (key {})", command.key));
         }
-        async move { if refused { Err("the bulky-goods warehouse is offline".to_string()) } else { Ok(()) } }
+        async move {
+            if refused { Err("the bulky-goods warehouse is offline".to_string()) } else { Ok(()) }
+        }
     })
     .command_attempts(3)
     .start()
@@ -282,18 +394,41 @@ async fn shipping(store: Arc<dyn EventStore>) -> Result<()> {
             if done(&instances) {
                 return Ok(());
             }
-            anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "the shipping process did not get to {what}: {:?}", manager.last_error());
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(20),
+                "the shipping process did not get to {what}: {:?}",
+                manager.last_error()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
-    until("three shipped and one parked", &|i| i.iter().filter(|i| i.as_ref().is_some_and(|i| i.ended)).count() == 3 && i[2].as_ref().is_some_and(|i| i.parked.is_some())).await?;
-    println!("  Shipped: {}", shipped.lock().unwrap().iter().map(|s| s.split(' ').next().unwrap_or_default()).collect::<Vec<_>>().join(", "));
+    until("three shipped and one parked", &|i| {
+        i.iter().filter(|i| i.as_ref().is_some_and(|i| i.ended)).count() == 3
+            && i[2].as_ref().is_some_and(|i| i.parked.is_some())
+    })
+    .await?;
+    println!(
+        "  Shipped: {}",
+        shipped
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.split(' ').next().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let park = manager.instance(parked).await?.and_then(|i| i.parked).expect("parked");
-    println!("  checkout-13 needs attention: {} failed {} times ({}); the other instances went on.", park.command, park.attempts, park.error);
-    println!("  `cairn sagas processes --parked` lists it; the warehouse comes back, and `cairn sagas resume shipping {parked}`:");
+    println!(
+        "  checkout-13 needs attention: {} failed {} times ({}); the other instances went on.",
+        park.command, park.attempts, park.error
+    );
+    println!(
+        "  `cairn sagas processes --parked` lists it; the warehouse comes back, and `cairn sagas resume shipping {parked}`:"
+    );
     offline.store(false, Ordering::SeqCst);
     cairn_saga::resume_process(store.as_ref(), "shipping", parked, "the demo").await?;
-    until("ship the resumed order", &|i| i.iter().all(|i| i.as_ref().is_some_and(|i| i.ended))).await?;
+    until("ship the resumed order", &|i| i.iter().all(|i| i.as_ref().is_some_and(|i| i.ended)))
+        .await?;
     let last = shipped.lock().unwrap().last().cloned().unwrap_or_default();
     println!("  the manager sent ShipOrder again with the same key and went on: shipped {last}");
     manager.shutdown().await;
@@ -304,28 +439,44 @@ pub async fn run(keep: Option<PathBuf>, payment: Option<Payment>) -> Result<()> 
     let temp = tempfile::Builder::new().prefix("cairn-demo-").tempdir()?;
     let dir = match &keep {
         Some(dir) if dir.join("log").exists() => {
-            anyhow::bail!("{} already holds a Cairn store; the demo needs a fresh one: pass another --keep directory", dir.display())
+            anyhow::bail!(
+                "{} already holds a Cairn store; the demo needs a fresh one: pass another --keep directory",
+                dir.display()
+            )
         }
         Some(dir) => dir.clone(),
         None => temp.path().to_path_buf(),
     };
-    println!("Cairn demo: the order saga, with compensation, timeouts, crash recovery and a deadline, and a process manager (store in {})", dir.display());
+    println!(
+        "Cairn demo: the order saga, with compensation, timeouts, crash recovery and a deadline, and a process manager (store in {})",
+        dir.display()
+    );
     let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(&dir)?);
     if let Some(payment) = payment {
-        let runner = SagaRunner::builder(store.clone(), "shop").saga(order_saga(store.clone())).run().await?;
-        step(&format!("An order whose payment is set to {}", format!("{payment:?}").to_lowercase()));
+        let runner = SagaRunner::builder(store.clone(), "shop")
+            .saga(order_saga(store.clone()))
+            .run()
+            .await?;
+        step(&format!(
+            "An order whose payment is set to {}",
+            format!("{payment:?}").to_lowercase()
+        ));
         run_one(&runner, store.as_ref(), 1, order(1, 2, payment)).await?;
         runner.shutdown().await;
     } else {
         all(store, 1).await?;
     }
-    println!("\nThe code: crates/cli/src/demo_sagas.rs; the library: crates/saga (SagaRunner, Scheduler, ProcessManager).");
+    println!(
+        "\nThe code: crates/cli/src/demo_sagas.rs; the library: crates/saga (SagaRunner, Scheduler, ProcessManager)."
+    );
     match keep {
         Some(dir) => println!(
             "The data stays in {0}: try `cairn --data {0} sagas list`, `cairn --data {0} sagas show order 3` and `cairn --data {0} sagas processes`.",
             dir.display()
         ),
-        None => println!("Run with --keep DIR to look at the sagas afterwards with `cairn --data DIR sagas list`."),
+        None => println!(
+            "Run with --keep DIR to look at the sagas afterwards with `cairn --data DIR sagas list`."
+        ),
     }
     Ok(())
 }

@@ -14,10 +14,10 @@ mod demo;
 mod demo_orders;
 mod demo_sagas;
 mod operate;
+mod output;
 mod relay;
 mod sagas;
 mod serve;
-mod output;
 mod tour;
 
 use std::path::PathBuf;
@@ -31,8 +31,14 @@ use clap::{Parser, Subcommand};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "cairn", version, about = "Cairn: an event store for systems where history matters")]
-#[command(after_help = "Start with `cairn tour` for a five-minute walk through the patterns, or `cairn serve --demo` for the tour plus the server and its web UI.")]
+#[command(
+    name = "cairn",
+    version,
+    about = "Cairn: an event store for systems where history matters"
+)]
+#[command(
+    after_help = "Start with `cairn tour` for a five-minute walk through the patterns, or `cairn serve --demo` for the tour plus the server and its web UI."
+)]
 struct Cli {
     /// Data directory of the embedded store.
     #[arg(long, global = true, default_value = "./cairn-data", env = "CAIRN_DATA")]
@@ -50,10 +56,22 @@ struct Cli {
     #[arg(long, global = true, value_enum, default_value = "embedded", env = "CAIRN_BACKEND")]
     backend: commands::Backend,
     /// PostgreSQL connection for --backend postgres: postgres://user@host:port/db or "host=… user=… dbname=…".
-    #[arg(long, global = true, env = "CAIRN_DATABASE_URL", value_name = "URL", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "CAIRN_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     database_url: Option<String>,
     /// The PostgreSQL schema that holds Cairn's tables (created and migrated on first use).
-    #[arg(long, global = true, env = "CAIRN_PG_SCHEMA", default_value = "cairn", value_name = "NAME")]
+    #[arg(
+        long,
+        global = true,
+        env = "CAIRN_PG_SCHEMA",
+        default_value = "cairn",
+        value_name = "NAME"
+    )]
     pg_schema: String,
     /// Print JSON (one object per line) instead of tables.
     #[arg(long, global = true)]
@@ -137,7 +155,8 @@ enum Demo {
 
 fn main() -> ExitCode {
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
-    let data_is_default = matches.value_source("data") == Some(clap::parser::ValueSource::DefaultValue);
+    let data_is_default =
+        matches.value_source("data") == Some(clap::parser::ValueSource::DefaultValue);
     let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),

@@ -6,7 +6,7 @@
 use std::io::Write as _;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{Context as _, Result, anyhow, bail};
 use cairn_relay::{NatsSink, RabbitSink, Relay, RelayConfig, RelayHandle};
 use clap::Args;
 
@@ -41,7 +41,12 @@ pub struct RelayArgs {
     #[arg(long, default_value = "CAIRN")]
     jetstream: String,
     /// RabbitMQ broker.
-    #[arg(long, env = "CAIRN_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "CAIRN_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
     amqp_url: String,
     /// RabbitMQ topic exchange (declared durable).
     #[arg(long, default_value = "cairn")]
@@ -66,23 +71,36 @@ pub async fn run(ctx: &Context, args: RelayArgs) -> Result<()> {
     let config = RelayConfig::new(&name).batch(args.batch);
     let relay = match args.sink {
         SinkKind::Nats => {
-            let client = async_nats::connect(&args.nats_url)
-                .await
-                .with_context(|| format!("cannot reach NATS at {}; is nats-server running (with -js)?", args.nats_url))?;
+            let client = async_nats::connect(&args.nats_url).await.with_context(|| {
+                format!(
+                    "cannot reach NATS at {}; is nats-server running (with -js)?",
+                    args.nats_url
+                )
+            })?;
             let sink = NatsSink::new(client, &args.subject_prefix);
             sink.ensure_stream(&args.jetstream).await.map_err(|e| anyhow!("{}", e.0))?;
-            println!("cairn relay: to NATS JetStream at {} (subjects {}.>, stream {})", args.nats_url, args.subject_prefix, args.jetstream);
+            println!(
+                "cairn relay: to NATS JetStream at {} (subjects {}.>, stream {})",
+                args.nats_url, args.subject_prefix, args.jetstream
+            );
             Relay::new(store, config, sink).spawn()
         }
         SinkKind::Rabbitmq => {
-            let mut sink = RabbitSink::new(&args.amqp_url, &args.exchange).map_err(|e| anyhow!("{}", e.0))?;
+            let mut sink =
+                RabbitSink::new(&args.amqp_url, &args.exchange).map_err(|e| anyhow!("{}", e.0))?;
             for bind in &args.binds {
                 let Some((queue, pattern)) = bind.split_once('=') else {
                     bail!("--bind {bind:?}: write QUEUE=PATTERN, e.g. shipping=order.*");
                 };
-                sink.bind_queue(queue, pattern).await.map_err(|e| anyhow!("{}; is RabbitMQ running at {}?", e.0, redact(&args.amqp_url)))?;
+                sink.bind_queue(queue, pattern).await.map_err(|e| {
+                    anyhow!("{}; is RabbitMQ running at {}?", e.0, redact(&args.amqp_url))
+                })?;
             }
-            println!("cairn relay: to RabbitMQ at {} (exchange {})", redact(&args.amqp_url), args.exchange);
+            println!(
+                "cairn relay: to RabbitMQ at {} (exchange {})",
+                redact(&args.amqp_url),
+                args.exchange
+            );
             Relay::new(store, config, sink).spawn()
         }
     };
@@ -100,7 +118,11 @@ pub async fn run(ctx: &Context, args: RelayArgs) -> Result<()> {
     eprintln!("cairn relay: stopping (the batch in hand is finished first)");
     let last = relay.status();
     relay.stop().await.context("the relay stopped with an error")?;
-    eprintln!("cairn relay: stopped at position {} after {} events", last.checkpoint.map_or("none".into(), |p| p.to_string()), last.published);
+    eprintln!(
+        "cairn relay: stopped at position {} after {} events",
+        last.checkpoint.map_or("none".into(), |p| p.to_string()),
+        last.published
+    );
     Ok(())
 }
 

@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use cairn_core::EventStore;
-use cairn_server::auth::{KeyFile, Role};
 use cairn_server::ServerConfig;
+use cairn_server::auth::{KeyFile, Role};
 use clap::Args;
 
 use crate::commands::{Backend, Context};
@@ -54,17 +54,25 @@ struct ConfigFile {
 
 impl ConfigFile {
     fn load(path: &Path) -> Result<ConfigFile> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
-        let mut file: ConfigFile = toml::from_str(&text).map_err(|e| anyhow::anyhow!("the config file {} is not valid: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the config file {}", path.display()))?;
+        let mut file: ConfigFile = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("the config file {} is not valid: {e}", path.display()))?;
         // Paths in the file are relative to the file.
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut file.data, &mut file.keys, &mut file.tls_cert, &mut file.tls_key].into_iter().flatten() {
+        for p in [&mut file.data, &mut file.keys, &mut file.tls_cert, &mut file.tls_key]
+            .into_iter()
+            .flatten()
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
         if file.tls_cert.is_some() != file.tls_key.is_some() {
-            bail!("the config file {} gives one of tls_cert and tls_key; HTTPS needs both", path.display());
+            bail!(
+                "the config file {} gives one of tls_cert and tls_key; HTTPS needs both",
+                path.display()
+            );
         }
         Ok(file)
     }
@@ -100,7 +108,9 @@ pub async fn run(ctx: &Context, args: ServeArgs) -> Result<()> {
     }
     let ctx = &ctx;
     let args = ServeArgs {
-        listen: Some(args.listen.or(file.listen).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8720)))),
+        listen: Some(
+            args.listen.or(file.listen).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8720))),
+        ),
         body_limit: Some(args.body_limit.or(file.body_limit).unwrap_or(cairn_server::BODY_LIMIT)),
         keys: args.keys.or(file.keys),
         tls_cert: args.tls_cert.or(file.tls_cert),
@@ -119,11 +129,18 @@ pub async fn run(ctx: &Context, args: ServeArgs) -> Result<()> {
             listen.port()
         );
     }
-    let (store, engine_metrics, place): (Arc<dyn EventStore>, Option<Arc<cairn_server::EngineMetrics>>, String) = match ctx.backend {
+    let (store, engine_metrics, place): (
+        Arc<dyn EventStore>,
+        Option<Arc<cairn_server::EngineMetrics>>,
+        String,
+    ) = match ctx.backend {
         Backend::Embedded => {
             if args.demo {
                 if ctx.data.join("log").exists() {
-                    println!("{} already holds a store: serving it as it is (the tour runs only into a fresh directory)", ctx.data.display());
+                    println!(
+                        "{} already holds a store: serving it as it is (the tour runs only into a fresh directory)",
+                        ctx.data.display()
+                    );
                 } else {
                     crate::tour::run(Some(ctx.data.clone())).await?;
                     println!();
@@ -131,12 +148,15 @@ pub async fn run(ctx: &Context, args: ServeArgs) -> Result<()> {
             }
             let store = ctx.open()?;
             let stats = store.clone();
-            let metrics: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || stats.stats().prometheus());
+            let metrics: Arc<dyn Fn() -> String + Send + Sync> =
+                Arc::new(move || stats.stats().prometheus());
             (Arc::new(store), Some(metrics), format!("data in {}", ctx.data.display()))
         }
         Backend::Postgres => {
             if args.demo {
-                println!("note: --demo runs the tour on the embedded engine only; serving PostgreSQL as it is");
+                println!(
+                    "note: --demo runs the tour on the embedded engine only; serving PostgreSQL as it is"
+                );
             }
             let store = ctx.postgres().await?;
             let place = format!("PostgreSQL schema {}", store.schema());
@@ -145,16 +165,32 @@ pub async fn run(ctx: &Context, args: ServeArgs) -> Result<()> {
     };
     let head = store.head_position().await?;
     let secured = !keys.keys.is_empty();
-    let tls = args.tls_cert.zip(args.tls_key).map(|(cert, key)| cairn_server::TlsFiles { cert, key });
+    let tls =
+        args.tls_cert.zip(args.tls_key).map(|(cert, key)| cairn_server::TlsFiles { cert, key });
     if secured && tls.is_none() && !listen.ip().is_loopback() {
-        say_err!("warning: API keys will cross the network in clear text; give --tls-cert and --tls-key to serve HTTPS");
+        say_err!(
+            "warning: API keys will cross the network in clear text; give --tls-cert and --tls-key to serve HTTPS"
+        );
     }
-    let config = ServerConfig { listen, body_limit, keys: Some(keys), tls, engine_metrics, ..ServerConfig::default() };
+    let config = ServerConfig {
+        listen,
+        body_limit,
+        keys: Some(keys),
+        tls,
+        engine_metrics,
+        ..ServerConfig::default()
+    };
     let grace = config.shutdown_grace.as_secs();
-    let running = cairn_server::start(store, config).with_context(|| format!("cannot listen on {listen}"))?;
+    let running =
+        cairn_server::start(store, config).with_context(|| format!("cannot listen on {listen}"))?;
     say!("cairn serve: {} ({place}, head at position {head})", running.url);
     match cairn_server::raise_fd_limit() {
-        Some(files) if files.now > files.was => say!("  open-file limit raised from {} to {}; at most {} connections", files.was, files.now, running.max_connections),
+        Some(files) if files.now > files.was => say!(
+            "  open-file limit raised from {} to {}; at most {} connections",
+            files.was,
+            files.now,
+            running.max_connections
+        ),
         _ => say!("  at most {} connections", running.max_connections),
     }
     if secured {
@@ -178,10 +214,11 @@ pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => return std::future::pending().await,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => return std::future::pending().await,
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -226,22 +263,33 @@ pub fn keys(ctx: &Context, args: KeysArgs) -> Result<()> {
     match args.action {
         KeysAction::Add { name, role, prefixes } => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
             }
             let token = file.add(&name, role, prefixes).map_err(anyhow::Error::msg)?;
             file.save(&path).map_err(anyhow::Error::msg)?;
             println!("{token}");
-            eprintln!("key '{name}' added to {}; this is the only time the key is shown. Restart the server to use it.", path.display());
+            eprintln!(
+                "key '{name}' added to {}; this is the only time the key is shown. Restart the server to use it.",
+                path.display()
+            );
         }
         KeysAction::List => {
             let mut table = comfy_table::Table::new();
-            table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED).set_header(["key", "role", "streams"]);
+            table
+                .load_preset(comfy_table::presets::UTF8_FULL_CONDENSED)
+                .set_header(["key", "role", "streams"]);
             for k in &file.keys {
-                let scope = if k.prefixes.is_empty() { "all".to_string() } else { k.prefixes.join(", ") };
+                let scope =
+                    if k.prefixes.is_empty() { "all".to_string() } else { k.prefixes.join(", ") };
                 table.add_row([k.name.clone(), format!("{:?}", k.role).to_lowercase(), scope]);
             }
             println!("{table}");
-            println!("{} in {}", crate::output::count(file.keys.len() as u64, "key"), path.display());
+            println!(
+                "{} in {}",
+                crate::output::count(file.keys.len() as u64, "key"),
+                path.display()
+            );
         }
         KeysAction::Remove { name } => {
             if !file.remove(&name) {

@@ -4,7 +4,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
-use cairn_core::{EventStore, ExpectedVersion, NewEvent, ReadAllOptions, ReadStreamOptions, StartFrom, StoreError, SubscriptionTarget};
+use cairn_core::{
+    EventStore, ExpectedVersion, NewEvent, ReadAllOptions, ReadStreamOptions, StartFrom,
+    StoreError, SubscriptionTarget,
+};
 use cairn_log::EmbeddedStore;
 use serde_json::json;
 
@@ -16,15 +19,24 @@ pub(crate) fn step(title: &str) {
 /// pipe, or when `NO_COLOR` is set (<https://no-color.org>).
 pub(crate) fn bold(text: &str) -> String {
     use std::io::IsTerminal;
-    let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let colour = std::io::stdout().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     if colour { format!("\x1b[1m{text}\x1b[0m") } else { text.to_string() }
 }
 
 fn balance(events: &[cairn_core::RecordedEvent]) -> i64 {
-    events.iter().map(|e| {
-        let amount = e.json::<serde_json::Value>().ok().and_then(|v| v["amount"].as_i64()).unwrap_or(0);
-        match e.event_type.as_str() { "MoneyDeposited" => amount, "MoneyWithdrawn" => -amount, _ => 0 }
-    }).sum()
+    events
+        .iter()
+        .map(|e| {
+            let amount =
+                e.json::<serde_json::Value>().ok().and_then(|v| v["amount"].as_i64()).unwrap_or(0);
+            match e.event_type.as_str() {
+                "MoneyDeposited" => amount,
+                "MoneyWithdrawn" => -amount,
+                _ => 0,
+            }
+        })
+        .sum()
 }
 
 pub async fn run(keep: Option<PathBuf>) -> Result<()> {
@@ -36,7 +48,10 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
     step("1. Every change is an event appended to a stream");
     let opened = NewEvent::json("AccountOpened", &json!({"owner": "Ada", "currency": "EUR"}))?;
     let r = store.append("account-ada", ExpectedVersion::NoStream, vec![opened]).await?;
-    println!("   AccountOpened → account-ada version {} at global position {}", r.next_version, r.position);
+    println!(
+        "   AccountOpened → account-ada version {} at global position {}",
+        r.next_version, r.position
+    );
     let deposits = vec![
         NewEvent::json("MoneyDeposited", &json!({"amount": 100, "currency": "EUR"}))?,
         NewEvent::json("MoneyDeposited", &json!({"amount": 50, "currency": "EUR"}))?,
@@ -46,15 +61,38 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
 
     step("2. State is rebuilt by replaying the events");
     let events = store.read_stream("account-ada", ReadStreamOptions::forward()).await?;
-    for e in &events { println!("   v{} {} {}", e.version, e.event_type, String::from_utf8_lossy(&e.data)); }
+    for e in &events {
+        println!("   v{} {} {}", e.version, e.event_type, String::from_utf8_lossy(&e.data));
+    }
     println!("   balance = {}", balance(&events));
 
     step("3. Optimistic concurrency: two tellers decide on the same version");
-    let teller_a = store.append("account-ada", ExpectedVersion::Exact(3), vec![NewEvent::json("MoneyWithdrawn", &json!({"amount": 120}))?]).await;
-    let teller_b = store.append("account-ada", ExpectedVersion::Exact(3), vec![NewEvent::json("MoneyWithdrawn", &json!({"amount": 120}))?]).await;
-    println!("   teller A: {}", teller_a.as_ref().map(|r| format!("withdrew 120, version {}", r.next_version)).unwrap_or_else(|e| e.to_string()));
+    let teller_a = store
+        .append(
+            "account-ada",
+            ExpectedVersion::Exact(3),
+            vec![NewEvent::json("MoneyWithdrawn", &json!({"amount": 120}))?],
+        )
+        .await;
+    let teller_b = store
+        .append(
+            "account-ada",
+            ExpectedVersion::Exact(3),
+            vec![NewEvent::json("MoneyWithdrawn", &json!({"amount": 120}))?],
+        )
+        .await;
+    println!(
+        "   teller A: {}",
+        teller_a
+            .as_ref()
+            .map(|r| format!("withdrew 120, version {}", r.next_version))
+            .unwrap_or_else(|e| e.to_string())
+    );
     match teller_b {
-        Err(StoreError::WrongExpectedVersion { actual_version, .. }) => println!("   teller B: rejected, the account is now at version {actual_version}; B reloads and sees the balance is {} — no overdraft", balance(&store.read_stream("account-ada", ReadStreamOptions::forward()).await?)),
+        Err(StoreError::WrongExpectedVersion { actual_version, .. }) => println!(
+            "   teller B: rejected, the account is now at version {actual_version}; B reloads and sees the balance is {} — no overdraft",
+            balance(&store.read_stream("account-ada", ReadStreamOptions::forward()).await?)
+        ),
         other => println!("   teller B: {other:?}"),
     }
 
@@ -62,7 +100,10 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
     let fee = NewEvent::json("FeeCharged", &json!({"amount": 2}))?;
     let first = store.append("account-ada", ExpectedVersion::Any, vec![fee.clone()]).await?;
     let retry = store.append("account-ada", ExpectedVersion::Any, vec![fee]).await?;
-    println!("   first: version {}, retry: version {} (same result, written once)", first.next_version, retry.next_version);
+    println!(
+        "   first: version {}, retry: version {} (same result, written once)",
+        first.next_version, retry.next_version
+    );
 
     step("5. A subscriber catches up on history, then follows live");
     let mut sub = store.subscribe(SubscriptionTarget::All, StartFrom::Start).await?;
@@ -71,7 +112,13 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
     let writer = store.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let _ = writer.append("account-bob", ExpectedVersion::NoStream, vec![NewEvent::json("AccountOpened", &json!({"owner": "Bob"})).unwrap()]).await;
+        let _ = writer
+            .append(
+                "account-bob",
+                ExpectedVersion::NoStream,
+                vec![NewEvent::json("AccountOpened", &json!({"owner": "Bob"})).unwrap()],
+            )
+            .await;
     });
     for _ in 0..total {
         let e = tokio::time::timeout(Duration::from_secs(5), sub.next()).await?.expect("open")?;
@@ -80,9 +127,22 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
 
     step("6. Streams can be deleted: soft (the name can be reused) or hard (a tombstone)");
     store.delete_stream("account-bob", ExpectedVersion::Any, false).await?;
-    println!("   after a soft delete, reading account-bob: {}", store.read_stream("account-bob", ReadStreamOptions::forward()).await.unwrap_err());
+    println!(
+        "   after a soft delete, reading account-bob: {}",
+        store.read_stream("account-bob", ReadStreamOptions::forward()).await.unwrap_err()
+    );
     store.delete_stream("account-bob", ExpectedVersion::Any, true).await?;
-    println!("   after a hard delete, appending to it: {}", store.append("account-bob", ExpectedVersion::Any, vec![NewEvent::json("AccountOpened", &json!({}))?]).await.unwrap_err());
+    println!(
+        "   after a hard delete, appending to it: {}",
+        store
+            .append(
+                "account-bob",
+                ExpectedVersion::Any,
+                vec![NewEvent::json("AccountOpened", &json!({}))?]
+            )
+            .await
+            .unwrap_err()
+    );
 
     step("7. Acknowledged means durable: close, reopen, everything is there");
     drop(store);
@@ -91,19 +151,37 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
     println!("   reopened: account-ada has {} events, balance {}", events.len(), balance(&events));
     store.delete_stream("account-ada", ExpectedVersion::Any, false).await?;
 
-    println!("\n{}", bold("Now the same bank account as application code: an aggregate behind a repository."));
+    println!(
+        "\n{}",
+        bold("Now the same bank account as application code: an aggregate behind a repository.")
+    );
     crate::demo::bank(store.clone(), 8).await?;
 
-    println!("\n{}", bold("And rules that no single stream can guard: tags and conditional appends."));
+    println!(
+        "\n{}",
+        bold("And rules that no single stream can guard: tags and conditional appends.")
+    );
     crate::demo::courses(store.clone(), 18).await?;
 
-    println!("\n{}", bold("The read side: consumers with checkpoints, read models, and two ways to share state."));
+    println!(
+        "\n{}",
+        bold(
+            "The read side: consumers with checkpoints, read models, and two ways to share state."
+        )
+    );
     let store: std::sync::Arc<dyn EventStore> = std::sync::Arc::new(store);
     crate::demo_orders::all(store.clone(), &dir, 23).await?;
 
-    println!("\n{}", bold("Transactions across services: the order saga, with compensation, timeouts, restarts and deadlines."));
+    println!(
+        "\n{}",
+        bold(
+            "Transactions across services: the order saga, with compensation, timeouts, restarts and deadlines."
+        )
+    );
     crate::demo_sagas::all(store, 30).await?;
 
-    println!("\nNext: `cairn --help`, `cairn demo bank|courses|orders|sagas`, `cairn sagas list`, `cairn bench`, and the README.");
+    println!(
+        "\nNext: `cairn --help`, `cairn demo bank|courses|orders|sagas`, `cairn sagas list`, `cairn bench`, and the README."
+    );
     Ok(())
 }

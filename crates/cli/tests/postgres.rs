@@ -20,7 +20,19 @@ const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 fn relay(schema: &str, prefix: &str, jetstream: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_cairn"))
         .args(["--backend", "postgres", "--database-url", URL, "--pg-schema", schema])
-        .args(["relay", "--sink", "nats", "--subject-prefix", prefix, "--jetstream", jetstream, "--status-every", "0", "--batch", "5"])
+        .args([
+            "relay",
+            "--sink",
+            "nats",
+            "--subject-prefix",
+            prefix,
+            "--jetstream",
+            jetstream,
+            "--status-every",
+            "0",
+            "--batch",
+            "5",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -29,14 +41,23 @@ fn relay(schema: &str, prefix: &str, jetstream: &str) -> Child {
 
 /// Appends `n` orders through the outbox; every fifth transaction rolls
 /// back. Returns the ids of the committed events.
-async fn place_orders(store: &PgStore, client: &mut tokio_postgres::Client, table: &str, from: u64, n: u64) -> Vec<uuid::Uuid> {
+async fn place_orders(
+    store: &PgStore,
+    client: &mut tokio_postgres::Client,
+    table: &str,
+    from: u64,
+    n: u64,
+) -> Vec<uuid::Uuid> {
     let mut committed = Vec::new();
     for i in from..from + n {
         let tx = client.transaction().await.unwrap();
         tx.execute(&format!("INSERT INTO {table} VALUES ($1)"), &[&(i as i64)]).await.unwrap();
         let event = NewEvent::json("OrderPlaced", &serde_json::json!({"order": i})).unwrap();
         let id = event.id;
-        store.append_in(&tx, &format!("order-{}", i % 7), ExpectedVersion::Any, vec![event]).await.unwrap();
+        store
+            .append_in(&tx, &format!("order-{}", i % 7), ExpectedVersion::Any, vec![event])
+            .await
+            .unwrap();
         if i % 5 == 4 {
             tx.rollback().await.unwrap();
         } else {
@@ -69,19 +90,32 @@ async fn a_relay_killed_again_and_again_loses_nothing_and_consumers_apply_each_e
     let mut sub = nats.subscribe(format!("{prefix}.>")).await.unwrap();
     let deliveries: Arc<Mutex<HashMap<uuid::Uuid, u32>>> = Arc::default();
     let applied_table = format!("{schema}.applied");
-    client.batch_execute(&format!("CREATE TABLE {applied_table} (id uuid NOT NULL)")).await.unwrap();
+    client
+        .batch_execute(&format!("CREATE TABLE {applied_table} (id uuid NOT NULL)"))
+        .await
+        .unwrap();
     let consumer = {
         let (deliveries, table) = (deliveries.clone(), applied_table.clone());
         let inbox = PgInbox::new(format!("shipping-{tag}"));
         tokio::spawn(async move {
-            let (mut client, conn) = tokio_postgres::connect(URL, tokio_postgres::NoTls).await.unwrap();
+            let (mut client, conn) =
+                tokio_postgres::connect(URL, tokio_postgres::NoTls).await.unwrap();
             tokio::spawn(conn);
             while let Some(m) = sub.next().await {
-                let id: uuid::Uuid = m.headers.as_ref().unwrap().get("Nats-Msg-Id").unwrap().as_str().parse().unwrap();
+                let id: uuid::Uuid = m
+                    .headers
+                    .as_ref()
+                    .unwrap()
+                    .get("Nats-Msg-Id")
+                    .unwrap()
+                    .as_str()
+                    .parse()
+                    .unwrap();
                 *deliveries.lock().unwrap().entry(id).or_default() += 1;
                 let sql = format!("INSERT INTO {table} VALUES ($1)");
-                let done: Result<Handled<()>, tokio_postgres::Error> =
-                    inbox.handle(&mut client, id, async |tx| tx.execute(&sql, &[&id]).await.map(drop)).await;
+                let done: Result<Handled<()>, tokio_postgres::Error> = inbox
+                    .handle(&mut client, id, async |tx| tx.execute(&sql, &[&id]).await.map(drop))
+                    .await;
                 done.unwrap();
             }
         })
@@ -99,18 +133,27 @@ async fn a_relay_killed_again_and_again_loses_nothing_and_consumers_apply_each_e
         next += 60;
         // And a backlog big enough that the relay is still at work when killed.
         for b in 0..3 {
-            let batch: Vec<NewEvent> = (0..100).map(|i| NewEvent::json("ItemPicked", &serde_json::json!({"i": i})).unwrap()).collect();
+            let batch: Vec<NewEvent> = (0..100)
+                .map(|i| NewEvent::json("ItemPicked", &serde_json::json!({"i": i})).unwrap())
+                .collect();
             committed.extend(batch.iter().map(|e| e.id));
-            store.append(&format!("pick-{}", (rounds * 3 + b) % 5), ExpectedVersion::Any, batch).await.unwrap();
+            store
+                .append(&format!("pick-{}", (rounds * 3 + b) % 5), ExpectedVersion::Any, batch)
+                .await
+                .unwrap();
         }
         // Kill it while it publishes: once this round's first publish is
         // seen (however slowly the child started), then 0–19 ms later.
-        let published = |d: &Mutex<HashMap<uuid::Uuid, u32>>| d.lock().unwrap().values().sum::<u32>();
+        let published =
+            |d: &Mutex<HashMap<uuid::Uuid, u32>>| d.lock().unwrap().values().sum::<u32>();
         let before = published(&deliveries);
         let mut child = relay(&schema, &prefix, &jetstream);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while published(&deliveries) == before {
-            assert!(std::time::Instant::now() < deadline, "round {rounds}: the relay published nothing within 30 s");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {rounds}: the relay published nothing within 30 s"
+            );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         tokio::time::sleep(Duration::from_millis((rounds * 7) % 20)).await;
@@ -121,7 +164,11 @@ async fn a_relay_killed_again_and_again_loses_nothing_and_consumers_apply_each_e
     // A last run that is left to finish.
     let mut child = relay(&schema, &prefix, &jetstream);
     // The newest order (the relay's own checkpoints come after it).
-    let last = store.read_query(&cairn_core::Query::all(), ReadAllOptions::backward().limit(1)).await.unwrap()[0].position;
+    let last = store
+        .read_query(&cairn_core::Query::all(), ReadAllOptions::backward().limit(1))
+        .await
+        .unwrap()[0]
+        .position;
     let mut caught_up = false;
     for _ in 0..600 {
         if cairn_relay::stored_checkpoint(&store, "nats").await.unwrap() >= Some(last) {
@@ -134,7 +181,11 @@ async fn a_relay_killed_again_and_again_loses_nothing_and_consumers_apply_each_e
     child.wait().unwrap();
     assert!(caught_up, "the relay did not catch up within 30 s");
     let wanted: HashSet<uuid::Uuid> = committed.iter().copied().collect();
-    assert_eq!(wanted.len() as u64, rounds * (48 + 300), "rounds of 60 orders (every fifth rolled back) and 300 picks");
+    assert_eq!(
+        wanted.len() as u64,
+        rounds * (48 + 300),
+        "rounds of 60 orders (every fifth rolled back) and 300 picks"
+    );
 
     // The consumer has applied each committed event exactly once.
     let mut applied = HashSet::new();
@@ -180,7 +231,17 @@ async fn a_relay_killed_again_and_again_loses_nothing_and_consumers_apply_each_e
 fn serve(schema: &str) -> (Child, String, impl Sized) {
     use std::io::{BufRead, BufReader};
     let mut server = Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(["--backend", "postgres", "--database-url", URL, "--pg-schema", schema, "serve", "--listen", "127.0.0.1:0"])
+        .args([
+            "--backend",
+            "postgres",
+            "--database-url",
+            URL,
+            "--pg-schema",
+            schema,
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -189,7 +250,11 @@ fn serve(schema: &str) -> (Child, String, impl Sized) {
     let mut out = BufReader::new(server.stdout.take().unwrap());
     out.read_line(&mut line).unwrap();
     assert!(line.contains(&format!("PostgreSQL schema {schema}")), "{line}");
-    let url = line.split_whitespace().find(|w| w.starts_with("http://")).expect("the server prints its URL").to_string();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("the server prints its URL")
+        .to_string();
     (server, url, out)
 }
 
@@ -202,21 +267,56 @@ async fn two_servers_on_one_schema_share_the_store_and_its_live_events() {
     let ((mut a, url_a, _out_a), (mut b, url_b, _out_b)) = (serve(&schema), serve(&schema));
     let a_store = cairn_client::HttpStore::new(&url_a).unwrap();
     let b_store = cairn_client::HttpStore::new(&url_b).unwrap();
-    let mut live = b_store.subscribe(cairn_core::SubscriptionTarget::category("order"), cairn_core::StartFrom::Start).await.unwrap();
-    a_store.append("order-1", ExpectedVersion::NoStream, vec![NewEvent::json("OrderPlaced", &serde_json::json!({"total": 12})).unwrap()]).await.unwrap();
-    let e = tokio::time::timeout(Duration::from_secs(10), live.next()).await.expect("B delivers A's append").unwrap().unwrap();
+    let mut live = b_store
+        .subscribe(cairn_core::SubscriptionTarget::category("order"), cairn_core::StartFrom::Start)
+        .await
+        .unwrap();
+    a_store
+        .append(
+            "order-1",
+            ExpectedVersion::NoStream,
+            vec![NewEvent::json("OrderPlaced", &serde_json::json!({"total": 12})).unwrap()],
+        )
+        .await
+        .unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), live.next())
+        .await
+        .expect("B delivers A's append")
+        .unwrap()
+        .unwrap();
     assert_eq!((e.stream.as_str(), e.version), ("order-1", 1));
     // Optimistic concurrency holds across the two servers.
-    match b_store.append("order-1", ExpectedVersion::NoStream, vec![NewEvent::json("OrderPlaced", &serde_json::json!({})).unwrap()]).await {
+    match b_store
+        .append(
+            "order-1",
+            ExpectedVersion::NoStream,
+            vec![NewEvent::json("OrderPlaced", &serde_json::json!({})).unwrap()],
+        )
+        .await
+    {
         Err(cairn_core::StoreError::WrongExpectedVersion { actual_version: 1, .. }) => {}
         other => panic!("expected a conflict through B, got {other:?}"),
     }
     // The CLI reads the same store directly.
     let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(["--backend", "postgres", "--database-url", URL, "--pg-schema", &schema, "--json", "read", "order-1"])
+        .args([
+            "--backend",
+            "postgres",
+            "--database-url",
+            URL,
+            "--pg-schema",
+            &schema,
+            "--json",
+            "read",
+            "order-1",
+        ])
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("OrderPlaced"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("OrderPlaced"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for server in [&mut a, &mut b] {
         Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
         assert!(server.wait().unwrap().success(), "a graceful stop exits 0");

@@ -7,16 +7,19 @@ pub mod wire;
 use async_trait::async_trait;
 use bytes::BytesMut;
 use cairn_core::{
-    AppendCondition, AppendResult, Direction, EventStore, ExpectedVersion, NewEvent, Position, Query, ReadAllOptions,
-    ReadStreamOptions, RecordedEvent, Result, StartFrom, StoreError, StreamInfo, StreamMetadata, Subscription,
-    SubscriptionTarget,
+    AppendCondition, AppendResult, Direction, EventStore, ExpectedVersion, NewEvent, Position,
+    Query, ReadAllOptions, ReadStreamOptions, RecordedEvent, Result, StartFrom, StoreError,
+    StreamInfo, StreamMetadata, Subscription, SubscriptionTarget,
 };
 use futures_util::StreamExt;
 use reqwest::{Method, RequestBuilder, Response, Url};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::wire::{error_from, expected_to_wire, AppendRequest, EventIn, EventOut, Events, Head, Next, QueryRequest, EVENTS_PAGE_MAX};
+use crate::wire::{
+    AppendRequest, EVENTS_PAGE_MAX, EventIn, EventOut, Events, Head, Next, QueryRequest,
+    error_from, expected_to_wire,
+};
 
 /// An event store reached over HTTP (`http://127.0.0.1:8720` by default).
 #[derive(Clone)]
@@ -41,14 +44,18 @@ impl HttpStore {
     /// A client that also trusts the CA certificate (PEM) `root`, for a
     /// server whose certificate a private CA signed.
     pub fn with_tls_root(url: &str, root: Option<&[u8]>) -> Result<HttpStore> {
-        let mut base = Url::parse(url).map_err(|e| StoreError::InvalidArgument(format!("server URL {url:?}: {e}")))?;
+        let mut base = Url::parse(url)
+            .map_err(|e| StoreError::InvalidArgument(format!("server URL {url:?}: {e}")))?;
         if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
-            return Err(StoreError::InvalidArgument(format!("server URL {url:?}: use http://host:port or https://host:port")));
+            return Err(StoreError::InvalidArgument(format!(
+                "server URL {url:?}: use http://host:port or https://host:port"
+            )));
         }
         base.set_path("/");
         let mut builder = reqwest::Client::builder().pool_max_idle_per_host(64);
         if let Some(pem) = root {
-            let cert = reqwest::Certificate::from_pem(pem).map_err(|e| StoreError::InvalidArgument(format!("CA certificate: {e}")))?;
+            let cert = reqwest::Certificate::from_pem(pem)
+                .map_err(|e| StoreError::InvalidArgument(format!("CA certificate: {e}")))?;
             builder = builder.add_root_certificate(cert);
         }
         let http = builder
@@ -114,7 +121,12 @@ impl HttpStore {
         }
         let cause = cause.to_string();
         if append && !e.is_connect() && !e.is_builder() {
-            return StoreError::OutcomeUnknown { reason: format!("the connection to {} broke before it answered ({cause})", self.base) };
+            return StoreError::OutcomeUnknown {
+                reason: format!(
+                    "the connection to {} broke before it answered ({cause})",
+                    self.base
+                ),
+            };
         }
         let hint = if cause.contains("certificate") {
             "trust the CA that signed the server's certificate (`--ca FILE`, `HttpStore::with_tls_root`)"
@@ -140,26 +152,38 @@ impl HttpStore {
 
     async fn call<T: DeserializeOwned>(&self, builder: RequestBuilder) -> Result<T> {
         let response = self.send(builder).await?;
-        let bytes = response.bytes().await.map_err(|e| self.io(format!("reading the response: {e}")))?;
-        serde_json::from_slice(&bytes).map_err(|e| self.io(format!("the server's answer is not what this client expects: {e}")))
+        let bytes =
+            response.bytes().await.map_err(|e| self.io(format!("reading the response: {e}")))?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            self.io(format!("the server's answer is not what this client expects: {e}"))
+        })
     }
 
     /// Up to `limit` events, page after page: the server answers at most
     /// [`EVENTS_PAGE_MAX`] a request and says where the next page starts.
     /// `request` builds the request for a page of `n` from a cursor, which is
     /// a version for a stream, else a position.
-    async fn events(&self, limit: usize, stream: bool, request: impl Fn(usize, Option<Next>) -> RequestBuilder) -> Result<Vec<RecordedEvent>> {
+    async fn events(
+        &self,
+        limit: usize,
+        stream: bool,
+        request: impl Fn(usize, Option<Next>) -> RequestBuilder,
+    ) -> Result<Vec<RecordedEvent>> {
         let mut out = Vec::new();
         let mut next = None;
         loop {
-            let page: Events = self.call(request((limit - out.len()).min(EVENTS_PAGE_MAX), next)).await?;
+            let page: Events =
+                self.call(request((limit - out.len()).min(EVENTS_PAGE_MAX), next)).await?;
             let empty = page.events.is_empty();
             for e in page.events {
                 out.push(e.into_recorded().map_err(|e| self.io(e))?);
             }
             next = page.next;
-            if matches!((next, stream), (Some(Next::After(_)), true) | (Some(Next::From(_)), false)) {
-                return Err(self.io(format!("the server's answer has a cursor of the wrong kind for this read: {next:?}")));
+            if matches!((next, stream), (Some(Next::After(_)), true) | (Some(Next::From(_)), false))
+            {
+                return Err(self.io(format!(
+                    "the server's answer has a cursor of the wrong kind for this read: {next:?}"
+                )));
             }
             if next.is_none() || empty || out.len() >= limit {
                 return Ok(out);
@@ -167,28 +191,49 @@ impl HttpStore {
         }
     }
 
-    async fn append_body(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>, condition: Option<AppendCondition>) -> Result<AppendResult> {
+    async fn append_body(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        condition: Option<AppendCondition>,
+    ) -> Result<AppendResult> {
         let events = events_in(&events)?;
-        let body = AppendRequest { expected_version: Some(expected_to_wire(expected)), events, condition };
-        let json = bytes::Bytes::from(serde_json::to_vec(&body).map_err(|e| StoreError::InvalidEvent(e.to_string()))?);
+        let body =
+            AppendRequest { expected_version: Some(expected_to_wire(expected)), events, condition };
+        let json = bytes::Bytes::from(
+            serde_json::to_vec(&body).map_err(|e| StoreError::InvalidEvent(e.to_string()))?,
+        );
         // The batch carries its ids, so resending it is safe: the server
         // writes it once and answers a retry with the first result.
         let answer = self.post_append(&["streams", stream], "application/json", json).await?;
-        serde_json::from_slice(&answer).map_err(|e| self.io(format!("the server's answer is not what this client expects: {e}")))
+        serde_json::from_slice(&answer).map_err(|e| {
+            self.io(format!("the server's answer is not what this client expects: {e}"))
+        })
     }
 
     /// POSTs an append body to `segments`, resending it while the answer
     /// is retryable (busy, closed, outcome unknown) up to `append_attempts`
     /// with backoff; the answer's bytes. The events carry their ids, so a
     /// resent body written once is not written again.
-    async fn post_append(&self, segments: &[&str], content_type: &str, body: bytes::Bytes) -> Result<bytes::Bytes> {
+    async fn post_append(
+        &self,
+        segments: &[&str],
+        content_type: &str,
+        body: bytes::Bytes,
+    ) -> Result<bytes::Bytes> {
         let mut backoff = APPEND_RETRY_BACKOFF_MIN;
         let mut attempt = 1;
         loop {
-            let request = self.request(Method::POST, segments).header("content-type", content_type).body(body.clone());
+            let request = self
+                .request(Method::POST, segments)
+                .header("content-type", content_type)
+                .body(body.clone());
             let result = async {
                 let response = self.send_as(request, true).await?;
-                response.bytes().await.map_err(|e| StoreError::OutcomeUnknown { reason: format!("reading the answer: {e}") })
+                response.bytes().await.map_err(|e| StoreError::OutcomeUnknown {
+                    reason: format!("reading the answer: {e}"),
+                })
             }
             .await;
             match result {
@@ -203,22 +248,35 @@ impl HttpStore {
     }
 
     /// One `POST /appends`: the answers, or what refused the whole body.
-    async fn append_lines(&self, appends: Vec<cairn_core::Append>) -> Result<Vec<Result<AppendResult>>> {
+    async fn append_lines(
+        &self,
+        appends: Vec<cairn_core::Append>,
+    ) -> Result<Vec<Result<AppendResult>>> {
         let n = appends.len();
         let mut body = Vec::new();
         for a in appends {
             let events = events_in(&a.events)?;
-            let line = wire::AppendLine { stream: a.stream, expected_version: Some(expected_to_wire(a.expected)), events, condition: a.condition };
-            serde_json::to_writer(&mut body, &line).map_err(|e| StoreError::InvalidEvent(e.to_string()))?;
+            let line = wire::AppendLine {
+                stream: a.stream,
+                expected_version: Some(expected_to_wire(a.expected)),
+                events,
+                condition: a.condition,
+            };
+            serde_json::to_writer(&mut body, &line)
+                .map_err(|e| StoreError::InvalidEvent(e.to_string()))?;
             body.push(b'\n');
         }
         let answer = self.post_append(&["appends"], wire::NDJSON, body.into()).await?;
         let mut results = Vec::with_capacity(n);
         for line in answer.split(|b| *b == b'\n').filter(|l| !l.trim_ascii().is_empty()) {
-            let line: wire::AppendLineResult = serde_json::from_slice(line).map_err(|e| self.io(format!("the server's answer is not what this client expects: {e}")))?;
+            let line: wire::AppendLineResult = serde_json::from_slice(line).map_err(|e| {
+                self.io(format!("the server's answer is not what this client expects: {e}"))
+            })?;
             results.push(match line {
                 wire::AppendLineResult::Done(done) => Ok(done),
-                wire::AppendLineResult::Failed(body) => Err(error_from(500, &body, self.base.as_str())),
+                wire::AppendLineResult::Failed(body) => {
+                    Err(error_from(500, &body, self.base.as_str()))
+                }
             });
         }
         if results.len() != n {
@@ -230,11 +288,22 @@ impl HttpStore {
 
 /// Events as the API takes them.
 fn events_in(events: &[NewEvent]) -> Result<Vec<EventIn>> {
-    events.iter().enumerate().map(|(i, e)| EventIn::from_new(e).map_err(|err| StoreError::InvalidEvent(format!("event {i}: {err}")))).collect()
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            EventIn::from_new(e)
+                .map_err(|err| StoreError::InvalidEvent(format!("event {i}: {err}")))
+        })
+        .collect()
 }
 
 /// The query string of a page of `n` events of `$all`, from `options` or the cursor `next`.
-fn all_params(options: &ReadAllOptions, n: usize, next: Option<Next>) -> Vec<(&'static str, String)> {
+fn all_params(
+    options: &ReadAllOptions,
+    n: usize,
+    next: Option<Next>,
+) -> Vec<(&'static str, String)> {
     let mut params = match next {
         Some(Next::After(p)) => vec![("after", p.to_string())],
         _ => vec![(if options.exclusive { "after" } else { "from" }, options.from.0.to_string())],
@@ -248,11 +317,22 @@ fn all_params(options: &ReadAllOptions, n: usize, next: Option<Next>) -> Vec<(&'
 
 #[async_trait]
 impl EventStore for HttpStore {
-    async fn append(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>) -> Result<AppendResult> {
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
         self.append_body(stream, expected, events, None).await
     }
 
-    async fn append_if(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>, condition: AppendCondition) -> Result<AppendResult> {
+    async fn append_if(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        condition: AppendCondition,
+    ) -> Result<AppendResult> {
         self.append_body(stream, expected, events, Some(condition)).await
     }
 
@@ -276,19 +356,36 @@ impl EventStore for HttpStore {
         out
     }
 
-    async fn read_query(&self, query: &Query, options: ReadAllOptions) -> Result<Vec<RecordedEvent>> {
+    async fn read_query(
+        &self,
+        query: &Query,
+        options: ReadAllOptions,
+    ) -> Result<Vec<RecordedEvent>> {
         self.events(options.limit, false, |n, next| {
             let (from, after) = match next {
                 Some(Next::After(p)) => (None, Some(p)),
-                _ => ((!options.exclusive).then_some(options.from.0), options.exclusive.then_some(options.from.0)),
+                _ => (
+                    (!options.exclusive).then_some(options.from.0),
+                    options.exclusive.then_some(options.from.0),
+                ),
             };
-            let body = QueryRequest { query: query.clone(), from, after, limit: Some(n), direction: options.direction };
+            let body = QueryRequest {
+                query: query.clone(),
+                from,
+                after,
+                limit: Some(n),
+                direction: options.direction,
+            };
             self.request(Method::POST, &["query"]).json(&body)
         })
         .await
     }
 
-    async fn read_stream(&self, stream: &str, options: ReadStreamOptions) -> Result<Vec<RecordedEvent>> {
+    async fn read_stream(
+        &self,
+        stream: &str,
+        options: ReadStreamOptions,
+    ) -> Result<Vec<RecordedEvent>> {
         self.events(options.limit, true, |n, next| {
             let from = match next {
                 Some(Next::From(v)) => v,
@@ -304,7 +401,10 @@ impl EventStore for HttpStore {
     }
 
     async fn read_all(&self, options: ReadAllOptions) -> Result<Vec<RecordedEvent>> {
-        self.events(options.limit, false, |n, next| self.request(Method::GET, &["all"]).query(&all_params(&options, n, next))).await
+        self.events(options.limit, false, |n, next| {
+            self.request(Method::GET, &["all"]).query(&all_params(&options, n, next))
+        })
+        .await
     }
 
     async fn stream_info(&self, stream: &str) -> Result<StreamInfo> {
@@ -320,15 +420,25 @@ impl EventStore for HttpStore {
         if limit != usize::MAX {
             params.push(("limit", limit.to_string()));
         }
-        let page: Streams = self.call(self.request(Method::GET, &["streams"]).query(&params)).await?;
+        let page: Streams =
+            self.call(self.request(Method::GET, &["streams"]).query(&params)).await?;
         Ok(page.streams)
     }
 
-    async fn set_stream_metadata(&self, stream: &str, metadata: StreamMetadata) -> Result<AppendResult> {
+    async fn set_stream_metadata(
+        &self,
+        stream: &str,
+        metadata: StreamMetadata,
+    ) -> Result<AppendResult> {
         self.call(self.request(Method::PUT, &["streams", stream, "metadata"]).json(&metadata)).await
     }
 
-    async fn delete_stream(&self, stream: &str, expected: ExpectedVersion, hard: bool) -> Result<AppendResult> {
+    async fn delete_stream(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        hard: bool,
+    ) -> Result<AppendResult> {
         let expected = match expected_to_wire(expected) {
             Value::String(s) => s,
             other => other.to_string(),
@@ -339,13 +449,20 @@ impl EventStore for HttpStore {
 
     async fn subscribe(&self, target: SubscriptionTarget, from: StartFrom) -> Result<Subscription> {
         let mut builder = match &target {
-            SubscriptionTarget::Stream(stream) => self.request(Method::GET, &["streams", stream, "subscribe"]),
+            SubscriptionTarget::Stream(stream) => {
+                self.request(Method::GET, &["streams", stream, "subscribe"])
+            }
             SubscriptionTarget::All => self.request(Method::GET, &["all", "subscribe"]),
             SubscriptionTarget::Query(q) => {
-                let q = serde_json::to_string(q).map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
+                let q = serde_json::to_string(q)
+                    .map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
                 self.request(Method::GET, &["all", "subscribe"]).query(&[("query", q)])
             }
-            other => return Err(StoreError::InvalidArgument(format!("this client cannot subscribe to {other:?}"))),
+            other => {
+                return Err(StoreError::InvalidArgument(format!(
+                    "this client cannot subscribe to {other:?}"
+                )));
+            }
         };
         builder = match from {
             StartFrom::Start => builder,
@@ -355,37 +472,50 @@ impl EventStore for HttpStore {
         let response = self.send(builder.header("accept", "text/event-stream")).await?;
         let where_ = self.base.to_string();
         let state = (response.bytes_stream(), BytesMut::new(), false, where_);
-        let events = futures_util::stream::unfold(state, |(mut body, mut buffer, ended, where_)| async move {
-            if ended {
-                return None;
-            }
-            loop {
-                if let Some(frame) = sse::take_frame(&mut buffer) {
-                    match sse::parse(&frame) {
-                        sse::Frame::Event(data) => {
-                            let item = serde_json::from_str::<EventOut>(&data)
-                                .map_err(|e| e.to_string())
-                                .and_then(EventOut::into_recorded)
-                                .map_err(|e| StoreError::Io { path: where_.clone(), source: std::io::Error::other(e) });
-                            return Some((item, (body, buffer, false, where_)));
+        let events = futures_util::stream::unfold(
+            state,
+            |(mut body, mut buffer, ended, where_)| async move {
+                if ended {
+                    return None;
+                }
+                loop {
+                    if let Some(frame) = sse::take_frame(&mut buffer) {
+                        match sse::parse(&frame) {
+                            sse::Frame::Event(data) => {
+                                let item = serde_json::from_str::<EventOut>(&data)
+                                    .map_err(|e| e.to_string())
+                                    .and_then(EventOut::into_recorded)
+                                    .map_err(|e| StoreError::Io {
+                                        path: where_.clone(),
+                                        source: std::io::Error::other(e),
+                                    });
+                                return Some((item, (body, buffer, false, where_)));
+                            }
+                            sse::Frame::Error(data) => {
+                                let value: Value =
+                                    serde_json::from_str(&data).unwrap_or(Value::Null);
+                                return Some((
+                                    Err(error_from(500, &value, &where_)),
+                                    (body, buffer, true, where_),
+                                ));
+                            }
+                            sse::Frame::Other => continue,
                         }
-                        sse::Frame::Error(data) => {
-                            let value: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
-                            return Some((Err(error_from(500, &value, &where_)), (body, buffer, true, where_)));
+                    }
+                    match body.next().await {
+                        Some(Ok(chunk)) => buffer.extend_from_slice(&chunk),
+                        Some(Err(e)) => {
+                            let e = StoreError::Io {
+                                path: where_.clone(),
+                                source: std::io::Error::other(format!("subscription: {e}")),
+                            };
+                            return Some((Err(e), (body, buffer, true, where_)));
                         }
-                        sse::Frame::Other => continue,
+                        None => return None,
                     }
                 }
-                match body.next().await {
-                    Some(Ok(chunk)) => buffer.extend_from_slice(&chunk),
-                    Some(Err(e)) => {
-                        let e = StoreError::Io { path: where_.clone(), source: std::io::Error::other(format!("subscription: {e}")) };
-                        return Some((Err(e), (body, buffer, true, where_)));
-                    }
-                    None => return None,
-                }
-            }
-        });
+            },
+        );
         Ok(Subscription::new(events))
     }
 

@@ -4,14 +4,14 @@
 
 use base64::Engine;
 use bytes::Bytes;
-use cairn_core::{AppendResult, StreamMetadata, 
-    AppendCondition, ContentType, Direction, ExpectedVersion, Metadata, NewEvent, Position, Query, QueryItem, RecordedEvent,
-    StoreError, Timestamp,
+use cairn_core::{
+    AppendCondition, AppendResult, ContentType, Direction, ExpectedVersion, Metadata, NewEvent,
+    Position, Query, QueryItem, RecordedEvent, StoreError, StreamMetadata, Timestamp,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use uuid::Uuid;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -37,7 +37,10 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Object<T>, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Object<T>, A::Error> {
                 T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Object)
             }
         }
@@ -77,7 +80,13 @@ struct ItemIn {
 
 impl From<QueryIn> for Query {
     fn from(q: QueryIn) -> Query {
-        Query { items: q.items.into_iter().map(|i| QueryItem { types: i.types, tags: i.tags, categories: i.categories }).collect() }
+        Query {
+            items: q
+                .items
+                .into_iter()
+                .map(|i| QueryItem { types: i.types, tags: i.tags, categories: i.categories })
+                .collect(),
+        }
     }
 }
 
@@ -95,14 +104,19 @@ fn strict_query<'de, D: Deserializer<'de>>(d: D) -> Result<Query, D::Error> {
 
 fn strict_condition<'de, D: Deserializer<'de>>(d: D) -> Result<Option<AppendCondition>, D::Error> {
     let condition = Option::<Object<ConditionIn>>::deserialize(d)?;
-    Ok(condition.map(|Object(c)| AppendCondition { fail_if_events_match: c.fail_if_events_match.0.into(), after: c.after.map(Position) }))
+    Ok(condition.map(|Object(c)| AppendCondition {
+        fail_if_events_match: c.fail_if_events_match.0.into(),
+        after: c.after.map(Position),
+    }))
 }
 
 /// An append condition as JSON text (gRPC's `condition_json`), as strictly
 /// as in a request body.
 pub fn parse_condition(text: &str) -> serde_json::Result<AppendCondition> {
-    serde_json::from_str::<Object<ConditionIn>>(text)
-        .map(|Object(c)| AppendCondition { fail_if_events_match: c.fail_if_events_match.0.into(), after: c.after.map(Position) })
+    serde_json::from_str::<Object<ConditionIn>>(text).map(|Object(c)| AppendCondition {
+        fail_if_events_match: c.fail_if_events_match.0.into(),
+        after: c.after.map(Position),
+    })
 }
 
 /// Stream metadata as JSON (the body of `PUT /streams/{s}/metadata`, gRPC's
@@ -118,8 +132,11 @@ pub fn parse_metadata(json: &[u8]) -> serde_json::Result<StreamMetadata> {
         #[serde(default, deserialize_with = "whole::opt_u64")]
         truncate_before: Option<u64>,
     }
-    serde_json::from_slice::<Object<MetadataIn>>(json)
-        .map(|Object(m)| StreamMetadata { max_age_secs: m.max_age_secs, max_count: m.max_count, truncate_before: m.truncate_before })
+    serde_json::from_slice::<Object<MetadataIn>>(json).map(|Object(m)| StreamMetadata {
+        max_age_secs: m.max_age_secs,
+        max_count: m.max_count,
+        truncate_before: m.truncate_before,
+    })
 }
 
 /// A query as JSON text (a subscription's `query` parameter), as strictly as
@@ -138,7 +155,11 @@ pub struct AppendRequest {
     #[serde(deserialize_with = "objects")]
     pub events: Vec<EventIn>,
     /// A Dynamic Consistency Boundary condition, checked with the append.
-    #[serde(default, deserialize_with = "strict_condition", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "strict_condition",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub condition: Option<AppendCondition>,
 }
 
@@ -151,7 +172,11 @@ pub struct AppendLine {
     pub expected_version: Option<Value>,
     #[serde(deserialize_with = "objects")]
     pub events: Vec<EventIn>,
-    #[serde(default, deserialize_with = "strict_condition", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "strict_condition",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub condition: Option<AppendCondition>,
 }
 
@@ -236,10 +261,14 @@ impl EventIn {
     pub fn from_new(e: &NewEvent) -> Result<EventIn, StoreError> {
         let data = match e.content_type {
             ContentType::Json => {
-                let text = String::from_utf8(e.data.to_vec()).map_err(|_| StoreError::InvalidEvent("data is not UTF-8 JSON".into()))?;
-                RawValue::from_string(text).map_err(|err| StoreError::InvalidEvent(format!("data is not valid JSON: {err}")))?
+                let text = String::from_utf8(e.data.to_vec())
+                    .map_err(|_| StoreError::InvalidEvent("data is not UTF-8 JSON".into()))?;
+                RawValue::from_string(text).map_err(|err| {
+                    StoreError::InvalidEvent(format!("data is not valid JSON: {err}"))
+                })?
             }
-            ContentType::Binary => RawValue::from_string(json!(B64.encode(&e.data)).to_string()).expect("a JSON string"),
+            ContentType::Binary => RawValue::from_string(json!(B64.encode(&e.data)).to_string())
+                .expect("a JSON string"),
         };
         Ok(EventIn {
             id: Some(e.id),
@@ -257,16 +286,23 @@ impl EventIn {
         let data = match self.content_type {
             ContentType::Json => Bytes::from(self.data.get().as_bytes().to_vec()),
             ContentType::Binary => {
-                let text: String = serde_json::from_str(self.data.get())
-                    .map_err(|_| format!("events[{index}].data: a binary event's data is a base64 string"))?;
-                Bytes::from(B64.decode(text).map_err(|e| format!("events[{index}].data: not base64: {e}"))?)
+                let text: String = serde_json::from_str(self.data.get()).map_err(|_| {
+                    format!("events[{index}].data: a binary event's data is a base64 string")
+                })?;
+                Bytes::from(
+                    B64.decode(text)
+                        .map_err(|e| format!("events[{index}].data: not base64: {e}"))?,
+                )
             }
         };
         let event = match self.content_type {
             ContentType::Json => NewEvent::json_bytes(self.event_type, data),
             ContentType::Binary => NewEvent::binary(self.event_type, data),
         };
-        let event = event.with_metadata(self.metadata).with_schema_version(self.schema_version).with_tags(self.tags);
+        let event = event
+            .with_metadata(self.metadata)
+            .with_schema_version(self.schema_version)
+            .with_tags(self.tags);
         Ok(match self.id {
             Some(id) => event.with_id(id),
             None => event,
@@ -296,12 +332,17 @@ pub struct EventOut {
 impl EventOut {
     pub fn from_recorded(e: &RecordedEvent) -> EventOut {
         let data = match e.content_type {
-            ContentType::Json => match std::str::from_utf8(&e.data).ok().and_then(|s| RawValue::from_string(s.to_string()).ok()) {
+            ContentType::Json => match std::str::from_utf8(&e.data)
+                .ok()
+                .and_then(|s| RawValue::from_string(s.to_string()).ok())
+            {
                 Some(raw) => raw,
                 // Stored JSON is checked on append; shown as a string if ever not.
-                None => RawValue::from_string(json!(String::from_utf8_lossy(&e.data)).to_string()).expect("a JSON string"),
+                None => RawValue::from_string(json!(String::from_utf8_lossy(&e.data)).to_string())
+                    .expect("a JSON string"),
             },
-            ContentType::Binary => RawValue::from_string(json!(B64.encode(&e.data)).to_string()).expect("a JSON string"),
+            ContentType::Binary => RawValue::from_string(json!(B64.encode(&e.data)).to_string())
+                .expect("a JSON string"),
         };
         EventOut {
             id: e.id,
@@ -319,11 +360,13 @@ impl EventOut {
     }
 
     pub fn into_recorded(self) -> Result<RecordedEvent, String> {
-        let time = humantime::parse_rfc3339(&self.timestamp).map_err(|e| format!("timestamp {:?}: {e}", self.timestamp))?;
+        let time = humantime::parse_rfc3339(&self.timestamp)
+            .map_err(|e| format!("timestamp {:?}: {e}", self.timestamp))?;
         let data = match self.content_type {
             ContentType::Json => Bytes::from(self.data.get().as_bytes().to_vec()),
             ContentType::Binary => {
-                let text: String = serde_json::from_str(self.data.get()).map_err(|e| format!("binary data: {e}"))?;
+                let text: String = serde_json::from_str(self.data.get())
+                    .map_err(|e| format!("binary data: {e}"))?;
                 Bytes::from(B64.decode(text).map_err(|e| format!("binary data: {e}"))?)
             }
         };
@@ -375,7 +418,11 @@ pub struct QueryRequest {
     #[serde(default, deserialize_with = "whole::opt_u64", skip_serializing_if = "Option::is_none")]
     pub after: Option<u64>,
     /// Most events returned; a number too large for a `usize` reads as the largest.
-    #[serde(default, deserialize_with = "whole::opt_usize", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "whole::opt_usize",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub limit: Option<usize>,
     #[serde(default)]
     pub direction: Direction,
@@ -428,8 +475,16 @@ pub mod whole {
 
     pub fn u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
         match opt_u64(d)? {
-            Some(v) => u32::try_from(v).map_err(|_| D::Error::invalid_value(Unexpected::Unsigned(v), &"a whole number from 0 to 4294967295")),
-            None => Err(D::Error::invalid_type(Unexpected::Unit, &"a whole number from 0 to 4294967295")),
+            Some(v) => u32::try_from(v).map_err(|_| {
+                D::Error::invalid_value(
+                    Unexpected::Unsigned(v),
+                    &"a whole number from 0 to 4294967295",
+                )
+            }),
+            None => Err(D::Error::invalid_type(
+                Unexpected::Unit,
+                &"a whole number from 0 to 4294967295",
+            )),
         }
     }
 
@@ -457,27 +512,43 @@ pub fn error_body(e: &StoreError) -> (u16, Value) {
             "wrong_expected_version",
             json!({"stream": stream, "expected_version": expected_to_wire(*expected), "actual_version": actual_version}),
         ),
-        AppendConditionFailed { first_conflict, after } => {
-            (409, "append_condition_failed", json!({"first_conflict": first_conflict.0, "after": after.map(|p| p.0)}))
-        }
+        AppendConditionFailed { first_conflict, after } => (
+            409,
+            "append_condition_failed",
+            json!({"first_conflict": first_conflict.0, "after": after.map(|p| p.0)}),
+        ),
         StreamDeleted { stream } => (410, "stream_deleted", json!({"stream": stream})),
         StreamNotFound { stream } => (404, "stream_not_found", json!({"stream": stream})),
-        EventTooLarge { index, size_bytes, limit_bytes } => {
-            (413, "event_too_large", json!({"index": index, "size_bytes": size_bytes, "limit_bytes": limit_bytes}))
+        EventTooLarge { index, size_bytes, limit_bytes } => (
+            413,
+            "event_too_large",
+            json!({"index": index, "size_bytes": size_bytes, "limit_bytes": limit_bytes}),
+        ),
+        AppendTooLarge { size_bytes, limit_bytes } => {
+            (413, "append_too_large", json!({"size_bytes": size_bytes, "limit_bytes": limit_bytes}))
         }
-        AppendTooLarge { size_bytes, limit_bytes } => (413, "append_too_large", json!({"size_bytes": size_bytes, "limit_bytes": limit_bytes})),
-        InvalidStreamName { name, reason } => (400, "invalid_stream_name", json!({"name": name, "reason": reason})),
+        InvalidStreamName { name, reason } => {
+            (400, "invalid_stream_name", json!({"name": name, "reason": reason}))
+        }
         InvalidEvent(detail) => (400, "invalid_event", json!({"detail": detail})),
         InvalidArgument(detail) => (400, "invalid_argument", json!({"detail": detail})),
-        IdempotencyConflict { id, detail } => (409, "idempotency_conflict", json!({"id": id, "detail": detail})),
+        IdempotencyConflict { id, detail } => {
+            (409, "idempotency_conflict", json!({"id": id, "detail": detail}))
+        }
         // No event there, as a stream that does not exist is a 404.
         InvalidPosition(p) => (404, "invalid_position", json!({"position": p.0})),
         Busy(detail) => (503, "busy", json!({"detail": detail})),
         Closed { reason } => (503, "closed", json!({"reason": reason, "retryable": true})),
-        OutcomeUnknown { reason } => (503, "outcome_unknown", json!({"reason": reason, "retryable": true})),
-        Corrupt { file, offset, reason } => (500, "corrupt", json!({"file": file, "offset": offset, "reason": reason})),
+        OutcomeUnknown { reason } => {
+            (503, "outcome_unknown", json!({"reason": reason, "retryable": true}))
+        }
+        Corrupt { file, offset, reason } => {
+            (500, "corrupt", json!({"file": file, "offset": offset, "reason": reason}))
+        }
         Locked { dir } => (500, "locked", json!({"dir": dir})),
-        AccessDenied { code, reason } => (if code == "forbidden" { 403 } else { 401 }, code.as_str(), json!({"reason": reason})),
+        AccessDenied { code, reason } => {
+            (if code == "forbidden" { 403 } else { 401 }, code.as_str(), json!({"reason": reason}))
+        }
         Io { path, source } => (500, "io", json!({"path": path, "detail": source.to_string()})),
         _ => (500, "internal", json!({})),
     };
@@ -498,9 +569,10 @@ pub fn error_from(status: u16, body: &Value, where_: &str) -> StoreError {
             expected: expected_from_wire(&body["expected_version"]).unwrap_or(ExpectedVersion::Any),
             actual_version: n("actual_version"),
         },
-        "append_condition_failed" => {
-            StoreError::AppendConditionFailed { first_conflict: Position(n("first_conflict")), after: body["after"].as_u64().map(Position) }
-        }
+        "append_condition_failed" => StoreError::AppendConditionFailed {
+            first_conflict: Position(n("first_conflict")),
+            after: body["after"].as_u64().map(Position),
+        },
         "stream_deleted" => StoreError::StreamDeleted { stream: s("stream") },
         "stream_not_found" => StoreError::StreamNotFound { stream: s("stream") },
         "event_too_large" => StoreError::EventTooLarge {
@@ -508,23 +580,42 @@ pub fn error_from(status: u16, body: &Value, where_: &str) -> StoreError {
             size_bytes: n("size_bytes") as usize,
             limit_bytes: n("limit_bytes") as usize,
         },
-        "append_too_large" => StoreError::AppendTooLarge { size_bytes: n("size_bytes") as usize, limit_bytes: n("limit_bytes") as usize },
-        "invalid_stream_name" => StoreError::InvalidStreamName { name: s("name"), reason: s("reason") },
+        "append_too_large" => StoreError::AppendTooLarge {
+            size_bytes: n("size_bytes") as usize,
+            limit_bytes: n("limit_bytes") as usize,
+        },
+        "invalid_stream_name" => {
+            StoreError::InvalidStreamName { name: s("name"), reason: s("reason") }
+        }
         "invalid_event" => StoreError::InvalidEvent(s("detail")),
         "invalid_argument" => StoreError::InvalidArgument(s("detail")),
         "invalid_request" => StoreError::InvalidArgument(message),
-        "idempotency_conflict" => StoreError::IdempotencyConflict { id: s("id").parse().unwrap_or_default(), detail: s("detail") },
+        "idempotency_conflict" => StoreError::IdempotencyConflict {
+            id: s("id").parse().unwrap_or_default(),
+            detail: s("detail"),
+        },
         "invalid_position" => StoreError::InvalidPosition(Position(n("position"))),
-        "busy" | "too_many_requests" => StoreError::Busy(if message.is_empty() { s("detail") } else { message }),
+        "busy" | "too_many_requests" => {
+            StoreError::Busy(if message.is_empty() { s("detail") } else { message })
+        }
         "closed" => StoreError::Closed { reason: body["reason"].as_str().map(String::from) },
         "outcome_unknown" => StoreError::OutcomeUnknown { reason: s("reason") },
-        "corrupt" => StoreError::Corrupt { file: s("file"), offset: n("offset"), reason: s("reason") },
+        "corrupt" => {
+            StoreError::Corrupt { file: s("file"), offset: n("offset"), reason: s("reason") }
+        }
         "locked" => StoreError::Locked { dir: s("dir") },
         code @ ("unauthorized" | "forbidden" | "too_many_failed_logins") => {
-            StoreError::AccessDenied { code: code.to_string(), reason: if body["reason"].is_string() { s("reason") } else { message } }
+            StoreError::AccessDenied {
+                code: code.to_string(),
+                reason: if body["reason"].is_string() { s("reason") } else { message },
+            }
         }
         _ => {
-            let detail = if message.is_empty() { format!("HTTP status {status}: {body}") } else { format!("HTTP status {status}: {message}") };
+            let detail = if message.is_empty() {
+                format!("HTTP status {status}: {body}")
+            } else {
+                format!("HTTP status {status}: {message}")
+            };
             StoreError::Io { path: where_.to_string(), source: std::io::Error::other(detail) }
         }
     }
@@ -536,7 +627,12 @@ mod tests {
 
     #[test]
     fn whole_numbers_as_json_schema_counts_them() {
-        let parse = |text: &str| serde_json::from_str::<QueryRequest>(&format!(r#"{{"query":{{"items":[{{}}]}},"from":{text}}}"#)).map(|q| q.from);
+        let parse = |text: &str| {
+            serde_json::from_str::<QueryRequest>(&format!(
+                r#"{{"query":{{"items":[{{}}]}},"from":{text}}}"#
+            ))
+            .map(|q| q.from)
+        };
         assert_eq!(parse("5").unwrap(), Some(5));
         assert_eq!(parse("5.0").unwrap(), Some(5));
         assert_eq!(parse("1971688239649487.0").unwrap(), Some(1971688239649487));
@@ -549,8 +645,16 @@ mod tests {
 
     #[test]
     fn grpc_json_fields_are_as_strict_as_bodies() {
-        assert!(parse_condition(r#"{"fail_if_events_match": {"items": [{"types": ["A"]}]}, "after": 3}"#).is_ok());
-        assert!(parse_condition(r#"{"fail_if_events_match": {"items": [{"typs": ["A"]}]}}"#).is_err(), "a misspelt item field");
+        assert!(
+            parse_condition(
+                r#"{"fail_if_events_match": {"items": [{"types": ["A"]}]}, "after": 3}"#
+            )
+            .is_ok()
+        );
+        assert!(
+            parse_condition(r#"{"fail_if_events_match": {"items": [{"typs": ["A"]}]}}"#).is_err(),
+            "a misspelt item field"
+        );
         assert!(parse_condition(r#"[{"items": []}, 3]"#).is_err(), "an array for an object");
         assert_eq!(parse_metadata(br#"{"max_count": 3}"#).unwrap().max_count, Some(3));
         assert!(parse_metadata(b"[1, 2, 3]").is_err(), "an array sets no fields");
@@ -559,11 +663,24 @@ mod tests {
 
     #[test]
     fn bodies_are_objects_all_the_way_down() {
-        assert!(from_body::<QueryRequest>(br#"[{"items":[{}]}]"#).unwrap_err().to_string().contains("expected a JSON object"));
+        assert!(
+            from_body::<QueryRequest>(br#"[{"items":[{}]}]"#)
+                .unwrap_err()
+                .to_string()
+                .contains("expected a JSON object")
+        );
         assert!(from_body::<QueryRequest>(br#"{"query":{"items":[[]]}}"#).is_err());
-        assert!(from_body::<QueryRequest>(br#"{"query":{"items":[{"typs":[]}]}}"#).unwrap_err().to_string().contains("unknown field `typs`"));
+        assert!(
+            from_body::<QueryRequest>(br#"{"query":{"items":[{"typs":[]}]}}"#)
+                .unwrap_err()
+                .to_string()
+                .contains("unknown field `typs`")
+        );
         assert!(from_body::<AppendRequest>(br#"{"events":[["X",1]]}"#).is_err());
         let ok: AppendRequest = from_body(br#" {"events":[{"type":"X","data":1,"schema_version":2.0}],"condition":{"fail_if_events_match":{"items":[{"tags":["t"]}]},"after":3}}"#).unwrap();
-        assert_eq!((ok.events[0].schema_version, ok.condition.unwrap().after), (2, Some(Position(3))));
+        assert_eq!(
+            (ok.events[0].schema_version, ok.condition.unwrap().after),
+            (2, Some(Position(3)))
+        );
     }
 }

@@ -8,13 +8,17 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    #[error("wrong expected version for stream '{stream}': expected {expected}, actual version is {actual_version}")]
+    #[error(
+        "wrong expected version for stream '{stream}': expected {expected}, actual version is {actual_version}"
+    )]
     WrongExpectedVersion { stream: String, expected: ExpectedVersion, actual_version: u64 },
 
     #[error("append condition failed: an event matching the condition's query was appended at position {first_conflict}, after {}; read the matching events again and decide again", after.map(|p| format!("position {p}")).unwrap_or_else(|| "the start (the condition allowed no matching event at all)".into()))]
     AppendConditionFailed { first_conflict: Position, after: Option<Position> },
 
-    #[error("stream '{stream}' was deleted for good (tombstoned); its name cannot be written again")]
+    #[error(
+        "stream '{stream}' was deleted for good (tombstoned); its name cannot be written again"
+    )]
     StreamDeleted { stream: String },
 
     #[error("stream '{stream}' does not exist")]
@@ -35,7 +39,9 @@ pub enum StoreError {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
-    #[error("event id {id} was already written {detail}; a retried append must resend exactly the same batch to the same stream")]
+    #[error(
+        "event id {id} was already written {detail}; a retried append must resend exactly the same batch to the same stream"
+    )]
     IdempotencyConflict { id: uuid::Uuid, detail: String },
 
     #[error("position {0} is not the position of an event")]
@@ -51,7 +57,9 @@ pub enum StoreError {
     /// or its sync failed, or the connection to the backend broke before it
     /// answered): it may be durable. Retrying with the same event ids is safe,
     /// since a retry of a written append is recognised and written once.
-    #[error("the outcome of the append is unknown ({reason}); it may have been written: retry with the same event ids")]
+    #[error(
+        "the outcome of the append is unknown ({reason}); it may have been written: retry with the same event ids"
+    )]
     OutcomeUnknown { reason: String },
 
     #[error("data corruption in {file} at offset {offset}: {reason}")]
@@ -66,7 +74,11 @@ pub enum StoreError {
     AccessDenied { code: String, reason: String },
 
     #[error("I/O error on {path}: {source}")]
-    Io { path: String, #[source] source: std::io::Error },
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl StoreError {
@@ -77,7 +89,10 @@ impl StoreError {
     /// Whether resending the same request (with the same event ids) later may
     /// succeed: the store was busy, closed or unreachable, or the outcome is unknown.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Busy(_) | StoreError::Closed { .. } | StoreError::OutcomeUnknown { .. })
+        matches!(
+            self,
+            StoreError::Busy(_) | StoreError::Closed { .. } | StoreError::OutcomeUnknown { .. }
+        )
     }
 
     /// True for errors that say "your request is wrong", as opposed to "the store failed".

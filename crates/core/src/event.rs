@@ -83,7 +83,10 @@ pub struct NewEvent {
 
 impl NewEvent {
     /// A JSON event from any serialisable value.
-    pub fn json<T: Serialize + ?Sized>(event_type: impl Into<String>, data: &T) -> serde_json::Result<Self> {
+    pub fn json<T: Serialize + ?Sized>(
+        event_type: impl Into<String>,
+        data: &T,
+    ) -> serde_json::Result<Self> {
         Ok(Self::raw(event_type, Bytes::from(serde_json::to_vec(data)?), ContentType::Json))
     }
 

@@ -18,11 +18,13 @@ pub mod conformance;
 pub use error::{Result, StoreError};
 pub use event::{ContentType, Metadata, NewEvent, RecordedEvent, Timestamp};
 pub use limits::{
-    snapshot_stream_name, validate_category, validate_stream_name, validate_tag, Limits, QUERY_ITEMS_MAX, QUERY_ITEM_TERMS_MAX,
-    SNAPSHOT_STREAM_PREFIX, GROUP_STREAM_PREFIX, PARKED_STREAM_PREFIX, RELAY_STREAM_PREFIX, SAGA_STREAM_PREFIX, TIMER_STREAM_PREFIX, WRITABLE_SYSTEM_PREFIXES, STREAM_NAME_BYTES_MAX, TAG_BYTES_MAX,
+    GROUP_STREAM_PREFIX, Limits, PARKED_STREAM_PREFIX, QUERY_ITEM_TERMS_MAX, QUERY_ITEMS_MAX,
+    RELAY_STREAM_PREFIX, SAGA_STREAM_PREFIX, SNAPSHOT_STREAM_PREFIX, STREAM_NAME_BYTES_MAX,
+    TAG_BYTES_MAX, TIMER_STREAM_PREFIX, WRITABLE_SYSTEM_PREFIXES, snapshot_stream_name,
+    validate_category, validate_stream_name, validate_tag,
 };
-pub use metadata::{metadata_stream_name, StreamMetadata, StreamState};
-pub use query::{stream_category, AppendCondition, Query, QueryItem};
+pub use metadata::{StreamMetadata, StreamState, metadata_stream_name};
+pub use query::{AppendCondition, Query, QueryItem, stream_category};
 pub use store::{
     Append, AppendResult, Direction, EventStore, ExpectedVersion, Position, ReadAllOptions,
     ReadStreamOptions, StartFrom, StreamInfo, Subscription, SubscriptionTarget,

@@ -49,12 +49,21 @@ impl Limits {
     /// type, tag and size limits, ids unique and not nil, JSON payloads
     /// valid (see `check_json`), `$` types only in `$$` streams. `size` gives an event's stored
     /// size in the backend's own encoding; returns the batch's total.
-    pub fn check_batch(&self, stream: &str, events: &[NewEvent], size: impl Fn(&NewEvent) -> usize) -> Result<usize, StoreError> {
+    pub fn check_batch(
+        &self,
+        stream: &str,
+        events: &[NewEvent],
+        size: impl Fn(&NewEvent) -> usize,
+    ) -> Result<usize, StoreError> {
         if events.is_empty() {
             return Err(StoreError::InvalidEvent("an append needs at least one event".into()));
         }
         if events.len() > self.append_events_max {
-            return Err(StoreError::InvalidEvent(format!("{} events in one append; the limit is {}", events.len(), self.append_events_max)));
+            return Err(StoreError::InvalidEvent(format!(
+                "{} events in one append; the limit is {}",
+                events.len(),
+                self.append_events_max
+            )));
         }
         let mut total = 0;
         let mut seen = std::collections::HashSet::with_capacity(events.len());
@@ -64,7 +73,11 @@ impl Limits {
                 return bad("the event type is empty".into());
             }
             if e.event_type.len() > self.event_type_bytes_max {
-                return bad(format!("the event type is {} bytes; the limit is {}", e.event_type.len(), self.event_type_bytes_max));
+                return bad(format!(
+                    "the event type is {} bytes; the limit is {}",
+                    e.event_type.len(),
+                    self.event_type_bytes_max
+                ));
             }
             if let Err(reason) = check_chars(&e.event_type) {
                 return bad(format!("the event type {:?} is invalid: {reason}", e.event_type));
@@ -92,12 +105,19 @@ impl Limits {
             }
             let size = size(e);
             if size > self.event_bytes_max {
-                return Err(StoreError::EventTooLarge { index: i, size_bytes: size, limit_bytes: self.event_bytes_max });
+                return Err(StoreError::EventTooLarge {
+                    index: i,
+                    size_bytes: size,
+                    limit_bytes: self.event_bytes_max,
+                });
             }
             total += size;
         }
         if total > self.append_bytes_max {
-            return Err(StoreError::AppendTooLarge { size_bytes: total, limit_bytes: self.append_bytes_max });
+            return Err(StoreError::AppendTooLarge {
+                size_bytes: total,
+                limit_bytes: self.append_bytes_max,
+            });
         }
         Ok(total)
     }
@@ -107,7 +127,11 @@ impl Limits {
     pub fn check_tags(&self, index: usize, tags: &[String]) -> Result<(), StoreError> {
         let bad = |what: String| Err(StoreError::InvalidEvent(format!("event {index}: {what}")));
         if tags.len() > self.event_tags_max {
-            return bad(format!("it has {} tags; the limit is {}", tags.len(), self.event_tags_max));
+            return bad(format!(
+                "it has {} tags; the limit is {}",
+                tags.len(),
+                self.event_tags_max
+            ));
         }
         for (i, tag) in tags.iter().enumerate() {
             if let Err(reason) = validate_tag(tag) {
@@ -127,21 +151,34 @@ impl Limits {
     pub fn check_query(&self, query: &Query) -> Result<(), StoreError> {
         let bad = |what: String| Err(StoreError::InvalidArgument(format!("invalid query: {what}")));
         if query.items.is_empty() {
-            return bad("it has no items, so it could match nothing; use Query::all() to match every event".into());
+            return bad(
+                "it has no items, so it could match nothing; use Query::all() to match every event"
+                    .into(),
+            );
         }
         if query.items.len() > QUERY_ITEMS_MAX {
-            return bad(format!("it has {} items; the limit is {QUERY_ITEMS_MAX}", query.items.len()));
+            return bad(format!(
+                "it has {} items; the limit is {QUERY_ITEMS_MAX}",
+                query.items.len()
+            ));
         }
         for (i, item) in query.items.iter().enumerate() {
-            if item.types.len().max(item.tags.len()).max(item.categories.len()) > QUERY_ITEM_TERMS_MAX {
+            if item.types.len().max(item.tags.len()).max(item.categories.len())
+                > QUERY_ITEM_TERMS_MAX
+            {
                 return bad(format!(
                     "item {i} has {} types, {} tags and {} categories; the limit is {QUERY_ITEM_TERMS_MAX} of each",
-                    item.types.len(), item.tags.len(), item.categories.len()
+                    item.types.len(),
+                    item.tags.len(),
+                    item.categories.len()
                 ));
             }
             for t in &item.types {
                 if t.is_empty() || t.len() > self.event_type_bytes_max {
-                    return bad(format!("item {i}: {t:?} is not a valid event type (1 to {} bytes)", self.event_type_bytes_max));
+                    return bad(format!(
+                        "item {i}: {t:?} is not a valid event type (1 to {} bytes)",
+                        self.event_type_bytes_max
+                    ));
                 }
                 if let Err(reason) = check_chars(t) {
                     return bad(format!("item {i}: {t:?} is not a valid event type: {reason}"));
@@ -191,8 +228,12 @@ pub(crate) fn is_invisible_char(c: char) -> bool {
 pub(crate) fn check_chars(name: &str) -> Result<(), String> {
     match name.chars().find(|&c| c.is_control() || is_invisible_char(c)) {
         None => Ok(()),
-        Some(c) if c.is_control() => Err(format!("it contains a control character (U+{:04X})", c as u32)),
-        Some(c) => Err(format!("it contains U+{:04X}, an invisible or bidi-control character", c as u32)),
+        Some(c) if c.is_control() => {
+            Err(format!("it contains a control character (U+{:04X})", c as u32))
+        }
+        Some(c) => {
+            Err(format!("it contains U+{:04X}, an invisible or bidi-control character", c as u32))
+        }
     }
 }
 
@@ -203,7 +244,8 @@ pub(crate) fn check_chars(name: &str) -> Result<(), String> {
 pub(crate) fn check_json(data: &[u8], depth_max: usize) -> Result<(), String> {
     use serde::de::DeserializeSeed;
     let mut de = serde_json::Deserializer::from_slice(data);
-    let checked = JsonCheck { depth: 0, max: depth_max }.deserialize(&mut de).and_then(|()| de.end());
+    let checked =
+        JsonCheck { depth: 0, max: depth_max }.deserialize(&mut de).and_then(|()| de.end());
     checked.map_err(|e| {
         let text = e.to_string();
         // serde_json's two words for a lone surrogate say little by themselves.
@@ -227,7 +269,10 @@ struct JsonCheck {
 impl JsonCheck {
     fn inside<E: serde::de::Error>(self) -> Result<JsonCheck, E> {
         if self.depth >= self.max {
-            return Err(E::custom(format_args!("nests arrays and objects deeper than {} levels (json_depth_max)", self.max)));
+            return Err(E::custom(format_args!(
+                "nests arrays and objects deeper than {} levels (json_depth_max)",
+                self.max
+            )));
         }
         Ok(JsonCheck { depth: self.depth + 1, max: self.max })
     }
@@ -290,7 +335,10 @@ pub fn validate_category(category: &str) -> Result<(), String> {
     } else if category.starts_with('$') {
         Err("streams starting with '$' belong to no category".into())
     } else if category.len() >= STREAM_NAME_BYTES_MAX {
-        Err(format!("it is {} bytes; stream names have at most {STREAM_NAME_BYTES_MAX}", category.len()))
+        Err(format!(
+            "it is {} bytes; stream names have at most {STREAM_NAME_BYTES_MAX}",
+            category.len()
+        ))
     } else {
         check_chars(category)
     }
@@ -318,8 +366,14 @@ pub const TIMER_STREAM_PREFIX: &str = "$timer-";
 
 /// The system stream families applications may write, each followed by the
 /// name of what it belongs to (a stream, a group), which must be a valid name.
-pub const WRITABLE_SYSTEM_PREFIXES: [&str; 6] =
-    [SNAPSHOT_STREAM_PREFIX, GROUP_STREAM_PREFIX, PARKED_STREAM_PREFIX, RELAY_STREAM_PREFIX, SAGA_STREAM_PREFIX, TIMER_STREAM_PREFIX];
+pub const WRITABLE_SYSTEM_PREFIXES: [&str; 6] = [
+    SNAPSHOT_STREAM_PREFIX,
+    GROUP_STREAM_PREFIX,
+    PARKED_STREAM_PREFIX,
+    RELAY_STREAM_PREFIX,
+    SAGA_STREAM_PREFIX,
+    TIMER_STREAM_PREFIX,
+];
 
 /// Name of the stream that holds the snapshots of `stream`.
 pub fn snapshot_stream_name(stream: &str) -> String {
@@ -365,11 +419,20 @@ mod tests {
         let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
         assert_eq!(check_json(deep(64).as_bytes(), 64), Ok(()));
         assert!(check_json(deep(65).as_bytes(), 64).unwrap_err().contains("deeper than 64 levels"));
-        assert!(check_json(deep(500).as_bytes(), 64).unwrap_err().contains("deeper than 64 levels"));
+        assert!(
+            check_json(deep(500).as_bytes(), 64).unwrap_err().contains("deeper than 64 levels")
+        );
         assert!(check_json(br#"{"k":{"k":1}}"#, 1).unwrap_err().contains("deeper than 1 levels"));
-        assert_eq!(check_json(br#"{"k":[1, 2.5, -3, true, null, "\u0000\ud83d\ude00"]}"#, 2), Ok(()));
+        assert_eq!(
+            check_json(br#"{"k":[1, 2.5, -3, true, null, "\u0000\ud83d\ude00"]}"#, 2),
+            Ok(())
+        );
         for lone in [r#""\ud800""#, r#""\udfff""#, r#"{"\udbff":1}"#, r#"["\ud800\u0041"]"#] {
-            assert!(check_json(lone.as_bytes(), 64).unwrap_err().contains("lone surrogate escape"), "{lone}: {:?}", check_json(lone.as_bytes(), 64));
+            assert!(
+                check_json(lone.as_bytes(), 64).unwrap_err().contains("lone surrogate escape"),
+                "{lone}: {:?}",
+                check_json(lone.as_bytes(), 64)
+            );
         }
         assert!(check_json(b"\"\xff\"", 64).unwrap_err().starts_with("is not valid JSON"));
         assert!(check_json(b"{} {}", 64).unwrap_err().contains("trailing"));
@@ -378,9 +441,29 @@ mod tests {
     #[test]
     fn names_with_invisible_characters_are_refused_by_code_point() {
         assert_eq!(check_chars("Überweisung-名前-42"), Ok(()));
-        assert_eq!(check_chars("a\u{202E}b").unwrap_err(), "it contains U+202E, an invisible or bidi-control character");
+        assert_eq!(
+            check_chars("a\u{202E}b").unwrap_err(),
+            "it contains U+202E, an invisible or bidi-control character"
+        );
         assert_eq!(check_chars("a\nb").unwrap_err(), "it contains a control character (U+000A)");
-        for c in ['\u{AD}', '\u{61C}', '\u{180E}', '\u{200B}', '\u{200F}', '\u{2028}', '\u{2029}', '\u{202A}', '\u{2060}', '\u{2064}', '\u{2066}', '\u{206F}', '\u{FEFF}', '\u{FFF9}', '\u{FFFB}', '\u{E0001}'] {
+        for c in [
+            '\u{AD}',
+            '\u{61C}',
+            '\u{180E}',
+            '\u{200B}',
+            '\u{200F}',
+            '\u{2028}',
+            '\u{2029}',
+            '\u{202A}',
+            '\u{2060}',
+            '\u{2064}',
+            '\u{2066}',
+            '\u{206F}',
+            '\u{FEFF}',
+            '\u{FFF9}',
+            '\u{FFFB}',
+            '\u{E0001}',
+        ] {
             assert!(is_invisible_char(c), "U+{:04X}", c as u32);
         }
         for c in ['a', ' ', '\u{2065}', '\u{FFFC}', '\u{200A}', 'é'] {

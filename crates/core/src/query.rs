@@ -79,7 +79,10 @@ impl QueryItem {
         self
     }
 
-    pub fn with_categories<I: IntoIterator<Item = S>, S: Into<String>>(mut self, categories: I) -> Self {
+    pub fn with_categories<I: IntoIterator<Item = S>, S: Into<String>>(
+        mut self,
+        categories: I,
+    ) -> Self {
         self.categories = categories.into_iter().map(Into::into).collect();
         self
     }
@@ -90,7 +93,8 @@ impl QueryItem {
         !stream.starts_with('$')
             && (self.types.is_empty() || self.types.iter().any(|t| t == event_type))
             && self.tags.iter().all(|t| tags.contains(t))
-            && (self.categories.is_empty() || stream_category(stream).is_some_and(|c| self.categories.iter().any(|k| k == c)))
+            && (self.categories.is_empty()
+                || stream_category(stream).is_some_and(|c| self.categories.iter().any(|k| k == c)))
     }
 
     /// Whether the item constrains nothing.
@@ -200,7 +204,11 @@ impl AppendCondition {
     /// The condition for a decision that read `matched` with `query` after
     /// taking `last_before` ([`crate::EventStore::last_position`]) first:
     /// `after` is the greater of `last_before` and the newest matched event.
-    pub fn after_read(query: Query, last_before: Option<Position>, matched: &[crate::RecordedEvent]) -> Self {
+    pub fn after_read(
+        query: Query,
+        last_before: Option<Position>,
+        matched: &[crate::RecordedEvent],
+    ) -> Self {
         let newest_matched = matched.iter().map(|e| e.position).max();
         AppendCondition { fail_if_events_match: query, after: last_before.max(newest_matched) }
     }
@@ -221,10 +229,14 @@ mod tests {
 
     #[test]
     fn items_and_their_union() {
-        let item = QueryItem::types(["Subscribed", "Unsubscribed"]).with_tags(["course:1", "student:2"]);
+        let item =
+            QueryItem::types(["Subscribed", "Unsubscribed"]).with_tags(["course:1", "student:2"]);
         assert!(item.matches("s", "Subscribed", &tags(&["student:2", "x", "course:1"])));
         assert!(!item.matches("s", "Subscribed", &tags(&["course:1"])), "every tag is needed");
-        assert!(!item.matches("s", "Renamed", &tags(&["course:1", "student:2"])), "the type must be listed");
+        assert!(
+            !item.matches("s", "Renamed", &tags(&["course:1", "student:2"])),
+            "the type must be listed"
+        );
         assert!(QueryItem::tags(["a"]).matches("s", "Anything", &tags(&["a"])));
         assert!(QueryItem::types(["T"]).matches("s", "T", &[]));
         assert!(QueryItem::any().matches("s", "T", &[]));
@@ -236,7 +248,10 @@ mod tests {
         assert!(Query::all().matches_everything());
         assert!(!q.matches_everything());
         assert!(!Query::category("a").matches_everything());
-        assert!(!Query { items: vec![] }.matches("s", "T", &[]), "a query without items matches nothing (and stores reject it)");
+        assert!(
+            !Query { items: vec![] }.matches("s", "T", &[]),
+            "a query without items matches nothing (and stores reject it)"
+        );
     }
 
     #[test]
@@ -272,11 +287,20 @@ mod tests {
 
     #[test]
     fn serde_shape() {
-        let c = AppendCondition::fail_if_events_match(Query::tags(["course:1"]).or(QueryItem::types(["A"]))).after(Position(7));
+        let c = AppendCondition::fail_if_events_match(
+            Query::tags(["course:1"]).or(QueryItem::types(["A"])),
+        )
+        .after(Position(7));
         let json = serde_json::to_value(&c).unwrap();
-        assert_eq!(json, serde_json::json!({"fail_if_events_match": {"items": [{"tags": ["course:1"]}, {"types": ["A"]}]}, "after": 7}));
+        assert_eq!(
+            json,
+            serde_json::json!({"fail_if_events_match": {"items": [{"tags": ["course:1"]}, {"types": ["A"]}]}, "after": 7})
+        );
         assert_eq!(serde_json::from_value::<AppendCondition>(json).unwrap(), c);
         let item = QueryItem::categories(["account"]);
-        assert_eq!(serde_json::to_value(&item).unwrap(), serde_json::json!({"categories": ["account"]}));
+        assert_eq!(
+            serde_json::to_value(&item).unwrap(),
+            serde_json::json!({"categories": ["account"]})
+        );
     }
 }

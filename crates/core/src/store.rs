@@ -11,7 +11,9 @@ use crate::{AppendCondition, NewEvent, Query, RecordedEvent, Result, StreamMetad
 /// A place in the global order of all events (`$all`). Positions strictly
 /// increase with every event but are not contiguous: the embedded engine uses
 /// byte offsets into its log. `Position::START` (0) is before every event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 #[serde(transparent)]
 pub struct Position(pub u64);
 
@@ -83,7 +85,11 @@ pub struct Append {
 }
 
 impl Append {
-    pub fn new(stream: impl Into<String>, expected: ExpectedVersion, events: Vec<NewEvent>) -> Self {
+    pub fn new(
+        stream: impl Into<String>,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Self {
         Append { stream: stream.into(), expected, events, condition: None }
     }
 
@@ -116,7 +122,11 @@ impl ReadStreamOptions {
         ReadStreamOptions { from_version: 1, direction: Direction::Forward, limit: usize::MAX }
     }
     pub fn backward() -> Self {
-        ReadStreamOptions { from_version: u64::MAX, direction: Direction::Backward, limit: usize::MAX }
+        ReadStreamOptions {
+            from_version: u64::MAX,
+            direction: Direction::Backward,
+            limit: usize::MAX,
+        }
     }
     pub fn from_version(mut self, version: u64) -> Self {
         self.from_version = version;
@@ -144,10 +154,20 @@ pub struct ReadAllOptions {
 
 impl ReadAllOptions {
     pub fn forward() -> Self {
-        ReadAllOptions { from: Position::START, exclusive: false, direction: Direction::Forward, limit: usize::MAX }
+        ReadAllOptions {
+            from: Position::START,
+            exclusive: false,
+            direction: Direction::Forward,
+            limit: usize::MAX,
+        }
     }
     pub fn backward() -> Self {
-        ReadAllOptions { from: Position::END, exclusive: false, direction: Direction::Backward, limit: usize::MAX }
+        ReadAllOptions {
+            from: Position::END,
+            exclusive: false,
+            direction: Direction::Backward,
+            limit: usize::MAX,
+        }
     }
     /// Start at `position`, inclusive.
     pub fn from(mut self, position: Position) -> Self {
@@ -233,7 +253,10 @@ impl Subscription {
     /// prefer a query target when types, tags or categories say it. To
     /// resume, checkpoint the last delivered event's position; the events
     /// skipped after it are read (and skipped) again.
-    pub fn filter(self, predicate: impl Fn(&RecordedEvent) -> bool + Send + 'static) -> Subscription {
+    pub fn filter(
+        self,
+        predicate: impl Fn(&RecordedEvent) -> bool + Send + 'static,
+    ) -> Subscription {
         Subscription::new(Filtered { inner: self.inner, predicate: Box::new(predicate) })
     }
 }
@@ -275,7 +298,12 @@ pub trait EventStore: Send + Sync {
     /// Appends `events` to `stream` atomically (all or none) if the stream's
     /// version satisfies `expected`. Re-sending a batch whose event ids were all
     /// written by one earlier append returns that append's result and writes nothing.
-    async fn append(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>) -> Result<AppendResult>;
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult>;
 
     /// [`EventStore::append`] plus a Dynamic Consistency Boundary condition:
     /// both the expected version and `condition` are checked, atomically with
@@ -284,7 +312,13 @@ pub trait EventStore: Send + Sync {
     /// [`crate::StoreError::AppendConditionFailed`], naming the first
     /// conflicting position (the expected version is checked first). A retry
     /// of an append that was written returns its result, like `append`.
-    async fn append_if(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>, condition: AppendCondition) -> Result<AppendResult>;
+    async fn append_if(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        condition: AppendCondition,
+    ) -> Result<AppendResult>;
 
     /// Several appends, each atomic and on its own (one that fails, say on
     /// its expected version, does not stop the others), applied in the
@@ -319,21 +353,33 @@ pub trait EventStore: Send + Sync {
     /// with `options` as for [`EventStore::read_all`], except that `from` is
     /// only a bound and need not be an event's position. Events of `$` streams
     /// never match; events of deleted or truncated streams do (like `$all`).
-    async fn read_query(&self, query: &Query, options: ReadAllOptions) -> Result<Vec<RecordedEvent>>;
+    async fn read_query(
+        &self,
+        query: &Query,
+        options: ReadAllOptions,
+    ) -> Result<Vec<RecordedEvent>>;
 
     /// Reads the events of the streams of `category` (the part of a stream's
     /// name before its first `-`: see [`crate::stream_category`]) in global
     /// order, with `options` as for [`EventStore::read_query`]; the same as
     /// `read_query(&Query::category(category), options)`. `$` streams belong
     /// to no category.
-    async fn read_category(&self, category: &str, options: ReadAllOptions) -> Result<Vec<RecordedEvent>> {
+    async fn read_category(
+        &self,
+        category: &str,
+        options: ReadAllOptions,
+    ) -> Result<Vec<RecordedEvent>> {
         self.read_query(&Query::category(category), options).await
     }
 
     /// Reads a stream's events, honouring its metadata (max age, max count,
     /// truncate-before). A stream that does not exist or was soft-deleted gives
     /// `StreamNotFound`; a tombstoned one `StreamDeleted`.
-    async fn read_stream(&self, stream: &str, options: ReadStreamOptions) -> Result<Vec<RecordedEvent>>;
+    async fn read_stream(
+        &self,
+        stream: &str,
+        options: ReadStreamOptions,
+    ) -> Result<Vec<RecordedEvent>>;
 
     /// Reads the global order: every event of every stream, system events included.
     async fn read_all(&self, options: ReadAllOptions) -> Result<Vec<RecordedEvent>>;
@@ -345,12 +391,21 @@ pub trait EventStore: Send + Sync {
     async fn list_streams(&self, prefix: &str, limit: usize) -> Result<Vec<StreamInfo>>;
 
     /// Replaces a stream's metadata; takes effect on the next read.
-    async fn set_stream_metadata(&self, stream: &str, metadata: StreamMetadata) -> Result<AppendResult>;
+    async fn set_stream_metadata(
+        &self,
+        stream: &str,
+        metadata: StreamMetadata,
+    ) -> Result<AppendResult>;
 
     /// Soft delete (`hard = false`): the stream reads as gone and a later append
     /// starts it over at version 1. Hard delete: a tombstone; the name can never
     /// be written again. Both honour `expected`.
-    async fn delete_stream(&self, stream: &str, expected: ExpectedVersion, hard: bool) -> Result<AppendResult>;
+    async fn delete_stream(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        hard: bool,
+    ) -> Result<AppendResult>;
 
     /// Catch-up then live subscription.
     async fn subscribe(&self, target: SubscriptionTarget, from: StartFrom) -> Result<Subscription>;
@@ -395,8 +450,15 @@ mod tests {
 
     #[test]
     fn filter_skips_passes_errors_and_yields_on_long_skips() {
-        let items = (1..=3000).map(|v| if v == 2000 { Err(crate::StoreError::InvalidArgument("x".into())) } else { Ok(event(v)) });
-        let mut sub = Subscription::new(futures_util::stream::iter(items)).filter(|e| e.version.is_multiple_of(1500));
+        let items = (1..=3000).map(|v| {
+            if v == 2000 {
+                Err(crate::StoreError::InvalidArgument("x".into()))
+            } else {
+                Ok(event(v))
+            }
+        });
+        let mut sub = Subscription::new(futures_util::stream::iter(items))
+            .filter(|e| e.version.is_multiple_of(1500));
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let (mut got, mut errors, mut pending) = (Vec::new(), 0, 0);
         loop {

@@ -8,14 +8,24 @@ pub enum ProjectionError {
     Handler { projection: String, position: Position, reason: String },
 
     #[error("read model of '{projection}': {source}")]
-    Sqlite { projection: String, #[source] source: rusqlite::Error },
+    Sqlite {
+        projection: String,
+        #[source]
+        source: rusqlite::Error,
+    },
 
     #[error("PostgreSQL read model of '{projection}': {source}")]
-    Postgres { projection: String, #[source] source: tokio_postgres::Error },
+    Postgres {
+        projection: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
 
     /// Another model of the same projection moved the stored checkpoint
     /// (two runners at once); this batch was rolled back.
-    #[error("read model of '{projection}': the stored checkpoint is no longer {expected:?}; another runner of this projection moved it")]
+    #[error(
+        "read model of '{projection}': the stored checkpoint is no longer {expected:?}; another runner of this projection moved it"
+    )]
     CheckpointMoved { projection: String, expected: Option<Position> },
 
     /// The read model cannot work where it was called (e.g. a PostgreSQL model on a current-thread runtime).
@@ -23,7 +33,11 @@ pub enum ProjectionError {
     Runtime { projection: String, reason: String },
 
     #[error("I/O error on {path}: {source}")]
-    Io { path: String, #[source] source: std::io::Error },
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -19,11 +19,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_core::{
-    EventStore, ExpectedVersion, NewEvent, Position, ReadStreamOptions, RecordedEvent, StartFrom, StoreError, Timestamp,
-    GROUP_STREAM_PREFIX, PARKED_STREAM_PREFIX,
+    EventStore, ExpectedVersion, GROUP_STREAM_PREFIX, NewEvent, PARKED_STREAM_PREFIX, Position,
+    ReadStreamOptions, RecordedEvent, StartFrom, StoreError, Timestamp,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -82,8 +82,12 @@ impl GroupConfig {
     }
 
     fn check(&self) -> Result<(), GroupError> {
-        cairn_core::validate_stream_name(&self.name)
-            .map_err(|e| GroupError::Invalid(format!("the group name {:?} cannot name its streams: {e}", self.name)))?;
+        cairn_core::validate_stream_name(&self.name).map_err(|e| {
+            GroupError::Invalid(format!(
+                "the group name {:?} cannot name its streams: {e}",
+                self.name
+            ))
+        })?;
         if self.max_attempts == 0 {
             return Err(GroupError::Invalid("max_attempts must be at least 1".into()));
         }
@@ -219,8 +223,8 @@ struct State {
 impl State {
     fn saved(&self) -> Saved {
         Saved {
-            checkpoint: self.checkpoint.map(|c| c.0 .0),
-            done: self.received.iter().filter(|r| r.2).map(|r| r.0 .0).collect(),
+            checkpoint: self.checkpoint.map(|c| c.0.0),
+            done: self.received.iter().filter(|r| r.2).map(|r| r.0.0).collect(),
             parked_through: self.parked_through,
             parked_done: self.parked_done.iter().copied().collect(),
             replay_through: self.replay_through,
@@ -334,12 +338,15 @@ pub struct Group {
 impl Group {
     /// Loads the group's stored progress (none for a new group) and starts
     /// following its source from there.
-    pub async fn start(store: Arc<dyn EventStore>, config: GroupConfig) -> Result<Group, GroupError> {
+    pub async fn start(
+        store: Arc<dyn EventStore>,
+        config: GroupConfig,
+    ) -> Result<Group, GroupError> {
         config.check()?;
         let (saved, _) = load_saved(store.as_ref(), &config.name).await?;
         let mut state = load(store.as_ref(), &config.name, &saved).await?;
         state.status.name = config.name.clone();
-        let from = state.checkpoint.map_or(StartFrom::Start, |c| StartFrom::After(c.0 .0));
+        let from = state.checkpoint.map_or(StartFrom::Start, |c| StartFrom::After(c.0.0));
         let subscription = store.subscribe(config.source.target(), from).await?;
         let (flushed_tx, flushed) = watch::channel(state.changes);
         let shared = Arc::new(Shared {
@@ -381,7 +388,14 @@ impl Group {
     pub async fn lag(&self) -> Result<Lag, StoreError> {
         let status = self.status();
         let store = self.shared.store.as_ref();
-        lag(store, &self.shared.config.source, status.checkpoint, status.last_event_time, Duration::from_secs(5)).await
+        lag(
+            store,
+            &self.shared.config.source,
+            status.checkpoint,
+            status.last_event_time,
+            Duration::from_secs(5),
+        )
+        .await
     }
 
     /// The parked events not yet replayed with success, oldest first.
@@ -413,7 +427,9 @@ impl Group {
         self.shared.work.notify_waiters();
         self.shared.dirty.notify_one();
         let _ = self.feeder.await;
-        self.writer.await.map_err(|e| GroupError::Invalid(format!("the group's writer panicked: {e}")))?;
+        self.writer
+            .await
+            .map_err(|e| GroupError::Invalid(format!("the group's writer panicked: {e}")))?;
         Ok(())
     }
 }
@@ -428,7 +444,11 @@ async fn load_saved(store: &dyn EventStore, group: &str) -> Result<(Saved, u64),
     };
     match last {
         Some(e) => {
-            let saved = e.json().map_err(|err| GroupError::Corrupt { group: group.to_string(), stream, reason: format!("{err}") })?;
+            let saved = e.json().map_err(|err| GroupError::Corrupt {
+                group: group.to_string(),
+                stream,
+                reason: format!("{err}"),
+            })?;
             Ok((saved, e.version))
         }
         None => Ok((Saved::default(), 0)),
@@ -445,7 +465,9 @@ async fn load(store: &dyn EventStore, group: &str, saved: &Saved) -> Result<Stat
         ..State::default()
     };
     if let Some(p) = saved.checkpoint {
-        let time = store.read_all(cairn_core::ReadAllOptions::forward().from(Position(p)).limit(1)).await?;
+        let time = store
+            .read_all(cairn_core::ReadAllOptions::forward().from(Position(p)).limit(1))
+            .await?;
         let time = time.first().filter(|e| e.position.0 == p).map_or(Timestamp(0), |e| e.timestamp);
         state.checkpoint = Some((Position(p), time));
     }
@@ -457,7 +479,8 @@ async fn load(store: &dyn EventStore, group: &str, saved: &Saved) -> Result<Stat
         } else if saved.checkpoint.is_none_or(|c| entry.position.0 > c) {
             state.skip.insert(entry.position);
         }
-        let settled = entry.entry <= state.parked_through || state.parked_done.contains(&entry.entry);
+        let settled =
+            entry.entry <= state.parked_through || state.parked_done.contains(&entry.entry);
         if !settled {
             state.parked.insert(entry.entry, entry);
         }
@@ -504,7 +527,8 @@ pub async fn request_replay(store: &dyn EventStore, group: &str) -> Result<usize
     let state = load(store, group, &saved).await?;
     let Some(&last) = state.parked.keys().next_back() else { return Ok(0) };
     saved.replay_through = saved.replay_through.max(last);
-    let expected = if version == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(version) };
+    let expected =
+        if version == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(version) };
     let event = NewEvent::json(CHECKPOINT_TYPE, &saved).expect("group state serialises");
     store.append(&group_stream_name(group), expected, vec![event]).await?;
     Ok(state.parked.len())
@@ -516,7 +540,10 @@ pub async fn read_parked(store: &dyn EventStore, group: &str) -> Result<Vec<Park
     let mut out = Vec::new();
     let mut from = 1;
     loop {
-        let page = match store.read_stream(&stream, ReadStreamOptions::forward().from_version(from).limit(1000)).await {
+        let page = match store
+            .read_stream(&stream, ReadStreamOptions::forward().from_version(from).limit(1000))
+            .await
+        {
             Ok(page) => page,
             Err(StoreError::StreamNotFound { .. }) => return Ok(out),
             Err(e) => return Err(e.into()),
@@ -543,7 +570,11 @@ pub async fn read_parked(store: &dyn EventStore, group: &str) -> Result<Vec<Park
 async fn queue_replays(shared: &Shared) -> Result<usize, GroupError> {
     let wanted: Vec<Parked> = {
         let s = shared.lock();
-        s.parked.range(..=s.replay_through).filter(|(k, _)| !s.replaying.contains(k)).map(|(_, p)| p.clone()).collect()
+        s.parked
+            .range(..=s.replay_through)
+            .filter(|(k, _)| !s.replaying.contains(k))
+            .map(|(_, p)| p.clone())
+            .collect()
     };
     let mut queued = 0;
     for parked in wanted {
@@ -629,7 +660,11 @@ async fn write(shared: Arc<Shared>, flushed: watch::Sender<u64>) {
         dirty.as_mut().enable();
         let (change, saved, stopped) = {
             let s = shared.lock();
-            (s.changes, Saved { source: Some(shared.config.source.clone()), ..s.saved() }, s.stopped)
+            (
+                s.changes,
+                Saved { source: Some(shared.config.source.clone()), ..s.saved() },
+                s.stopped,
+            )
         };
         if change > *flushed.borrow() {
             let event = NewEvent::json(CHECKPOINT_TYPE, &saved).expect("group state serialises");
@@ -812,7 +847,10 @@ async fn nack(shared: Arc<Shared>, item: Item, error: String) -> Result<Nacked, 
         parked_at: Timestamp::now(),
     };
     let record = NewEvent::json(PARKED_TYPE, &parked).expect("a parked entry serialises");
-    let written = shared.store.append(&parked_stream_name(&config.name), ExpectedVersion::Any, vec![record]).await;
+    let written = shared
+        .store
+        .append(&parked_stream_name(&config.name), ExpectedVersion::Any, vec![record])
+        .await;
     let written = match written {
         Ok(written) => written,
         Err(e) => {

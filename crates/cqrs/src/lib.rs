@@ -22,12 +22,12 @@ mod sqlite;
 
 pub use error::{GroupError, ProjectionError};
 pub use group::{
-    group_stream_name, parked_stream_name, read_parked, request_replay, stored_groups, Delivery, Group, GroupConfig, GroupStatus,
-    Nacked, Parked, StoredGroup, Worker,
+    Delivery, Group, GroupConfig, GroupStatus, Nacked, Parked, StoredGroup, Worker,
+    group_stream_name, parked_stream_name, read_parked, request_replay, stored_groups,
 };
 pub use memory::{MemoryModel, MemoryProjection};
-pub use postgres::{pg_request, pg_stored_checkpoints, PgModel, PgProjection};
-pub use runner::{lag, rebuild, Lag, Progress, Runner, RunnerHandle, State, Status};
+pub use postgres::{PgModel, PgProjection, pg_request, pg_stored_checkpoints};
+pub use runner::{Lag, Progress, Runner, RunnerHandle, State, Status, lag, rebuild};
 pub use sink::{Requested, Sink};
 pub use source::Source;
-pub use sqlite::{request, stored_checkpoints, SqliteModel, SqliteProjection, StoredCheckpoint};
+pub use sqlite::{SqliteModel, SqliteProjection, StoredCheckpoint, request, stored_checkpoints};

@@ -8,7 +8,11 @@ use crate::{ProjectionError, Sink};
 pub trait MemoryProjection: Send + Sync + 'static {
     type State: Default + Send + Sync + 'static;
     fn name(&self) -> &str;
-    fn apply(&self, state: &mut Self::State, event: &RecordedEvent) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+    fn apply(
+        &self,
+        state: &mut Self::State,
+        event: &RecordedEvent,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
 }
 
 struct Inner<S> {
@@ -31,7 +35,10 @@ impl<P: MemoryProjection> Clone for MemoryModel<P> {
 
 impl<P: MemoryProjection> MemoryModel<P> {
     pub fn new(projection: P) -> Self {
-        MemoryModel { projection: Arc::new(projection), inner: Arc::new(RwLock::new(Inner { state: P::State::default(), checkpoint: None })) }
+        MemoryModel {
+            projection: Arc::new(projection),
+            inner: Arc::new(RwLock::new(Inner { state: P::State::default(), checkpoint: None })),
+        }
     }
 
     /// Reads the state (and nothing changes it meanwhile).
@@ -62,12 +69,20 @@ impl<P: MemoryProjection> Sink for MemoryModel<P> {
         Ok(self.inner.read().unwrap().checkpoint)
     }
 
-    fn apply(&mut self, events: &[RecordedEvent], checkpoint: (Position, Timestamp)) -> Result<(), ProjectionError> {
+    fn apply(
+        &mut self,
+        events: &[RecordedEvent],
+        checkpoint: (Position, Timestamp),
+    ) -> Result<(), ProjectionError> {
         let mut inner = self.inner.write().unwrap();
         for e in events {
             if let Err(reason) = self.projection.apply(&mut inner.state, e) {
                 // The events before this one are in the state: the checkpoint says so.
-                return Err(ProjectionError::Handler { projection: self.name().to_string(), position: e.position, reason: reason.to_string() });
+                return Err(ProjectionError::Handler {
+                    projection: self.name().to_string(),
+                    position: e.position,
+                    reason: reason.to_string(),
+                });
             }
             inner.checkpoint = Some((e.position, e.timestamp));
         }

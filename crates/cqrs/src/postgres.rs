@@ -25,14 +25,24 @@ pub trait PgProjection: Send + 'static {
 
     /// Creates the projection's tables (`CREATE TABLE IF NOT EXISTS ...`),
     /// under the model's advisory lock so that concurrent starts do not race.
-    fn setup(&self, tx: &Transaction<'_>) -> impl Future<Output = Result<(), tokio_postgres::Error>> + Send;
+    fn setup(
+        &self,
+        tx: &Transaction<'_>,
+    ) -> impl Future<Output = Result<(), tokio_postgres::Error>> + Send;
 
     /// Applies one event inside the batch's transaction.
-    fn apply(&self, tx: &Transaction<'_>, event: &RecordedEvent) -> impl Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + Send;
+    fn apply(
+        &self,
+        tx: &Transaction<'_>,
+        event: &RecordedEvent,
+    ) -> impl Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + Send;
 
     /// Empties (or drops) the projection's tables before a replay from the
     /// start; `setup` runs right after, in the same transaction.
-    fn reset(&self, tx: &Transaction<'_>) -> impl Future<Output = Result<(), tokio_postgres::Error>> + Send;
+    fn reset(
+        &self,
+        tx: &Transaction<'_>,
+    ) -> impl Future<Output = Result<(), tokio_postgres::Error>> + Send;
 }
 
 /// A read model in PostgreSQL: the projection's tables plus `cairn_checkpoints`,
@@ -66,7 +76,10 @@ const SETUP: &str = "SELECT pg_advisory_xact_lock(hashtext('cairn_checkpoints'))
         source TEXT NOT NULL
     )";
 
-async fn setup<P: PgProjection>(tx: &Transaction<'_>, projection: &P) -> Result<(), tokio_postgres::Error> {
+async fn setup<P: PgProjection>(
+    tx: &Transaction<'_>,
+    projection: &P,
+) -> Result<(), tokio_postgres::Error> {
     tx.batch_execute(SETUP).await?;
     projection.setup(tx).await
 }
@@ -76,10 +89,16 @@ fn pg_error(projection: &str) -> impl Fn(tokio_postgres::Error) -> ProjectionErr
 }
 
 /// Runs `work` to completion from synchronous code (see the module's note).
-fn block_on<F: Future>(handle: &Handle, projection: &str, work: F) -> Result<F::Output, ProjectionError> {
+fn block_on<F: Future>(
+    handle: &Handle,
+    projection: &str,
+    work: F,
+) -> Result<F::Output, ProjectionError> {
     match Handle::try_current() {
         Err(_) => Ok(handle.block_on(work)),
-        Ok(current) if current.runtime_flavor() == RuntimeFlavor::CurrentThread => Err(current_thread(projection)),
+        Ok(current) if current.runtime_flavor() == RuntimeFlavor::CurrentThread => {
+            Err(current_thread(projection))
+        }
         Ok(_) => Ok(tokio::task::block_in_place(|| handle.block_on(work))),
     }
 }
@@ -114,7 +133,10 @@ impl<P: PgProjection> PgModel<P> {
     }
 
     /// Runs one query's worth of work on the client and waits for it.
-    fn run<T>(&mut self, work: impl AsyncFnOnce(&mut Client, &str) -> Result<T, tokio_postgres::Error>) -> Result<T, ProjectionError> {
+    fn run<T>(
+        &mut self,
+        work: impl AsyncFnOnce(&mut Client, &str) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, ProjectionError> {
         let name = self.projection.name();
         block_on(&self.handle, name, work(&mut self.client, name))?.map_err(pg_error(name))
     }
@@ -126,13 +148,23 @@ impl<P: PgProjection> Sink for PgModel<P> {
     }
 
     fn checkpoint(&mut self) -> Result<Option<(Position, Timestamp)>, ProjectionError> {
-        let row = self.run(async |c, name| c.query_opt("SELECT position, event_time FROM cairn_checkpoints WHERE projection = $1", &[&name]).await)?;
+        let row = self.run(async |c, name| {
+            c.query_opt(
+                "SELECT position, event_time FROM cairn_checkpoints WHERE projection = $1",
+                &[&name],
+            )
+            .await
+        })?;
         let checkpoint = row.map(|r| (Position(r.get::<_, i64>(0) as u64), Timestamp(r.get(1))));
         self.last = checkpoint.map(|c| c.0);
         Ok(checkpoint)
     }
 
-    fn apply(&mut self, events: &[RecordedEvent], checkpoint: (Position, Timestamp)) -> Result<(), ProjectionError> {
+    fn apply(
+        &mut self,
+        events: &[RecordedEvent],
+        checkpoint: (Position, Timestamp),
+    ) -> Result<(), ProjectionError> {
         let PgModel { client, projection, handle, last } = self;
         let name = projection.name();
         let pg = pg_error(name);
@@ -146,7 +178,8 @@ impl<P: PgProjection> Sink for PgModel<P> {
                     reason: reason.to_string(),
                 })?;
             }
-            let (position, event_time, now) = (checkpoint.0 .0 as i64, checkpoint.1 .0, Timestamp::now().0);
+            let (position, event_time, now) =
+                (checkpoint.0.0 as i64, checkpoint.1.0, Timestamp::now().0);
             // Moves the checkpoint only from where this model saw it (UPDATE
             // re-checks the row after a concurrent commit; INSERT finds it).
             let moved = match expected {
@@ -168,7 +201,10 @@ impl<P: PgProjection> Sink for PgModel<P> {
             }
             .map_err(&pg)?;
             if moved != 1 {
-                return Err(ProjectionError::CheckpointMoved { projection: name.to_string(), expected });
+                return Err(ProjectionError::CheckpointMoved {
+                    projection: name.to_string(),
+                    expected,
+                });
             }
             // An error above drops `tx`, which rolls back the whole batch.
             tx.commit().await.map_err(&pg)
@@ -190,7 +226,10 @@ impl<P: PgProjection> Sink for PgModel<P> {
     }
 
     fn requested(&mut self) -> Result<Requested, ProjectionError> {
-        let row = self.run(async |c, name| c.query_opt("SELECT paused, reset FROM cairn_control WHERE projection = $1", &[&name]).await)?;
+        let row = self.run(async |c, name| {
+            c.query_opt("SELECT paused, reset FROM cairn_control WHERE projection = $1", &[&name])
+                .await
+        })?;
         Ok(row.map_or_else(Requested::default, |r| Requested { paused: r.get(0), reset: r.get(1) }))
     }
 
@@ -205,7 +244,8 @@ impl<P: PgProjection> Sink for PgModel<P> {
             projection.reset(&tx).await?;
             setup(&tx, projection).await?;
             tx.execute("DELETE FROM cairn_checkpoints WHERE projection = $1", &[&name]).await?;
-            tx.execute("UPDATE cairn_control SET reset = false WHERE projection = $1", &[&name]).await?;
+            tx.execute("UPDATE cairn_control SET reset = false WHERE projection = $1", &[&name])
+                .await?;
             tx.commit().await
         })?
         .map_err(pg_error(name))?;
@@ -216,7 +256,9 @@ impl<P: PgProjection> Sink for PgModel<P> {
 
 /// The checkpoints stored in the database `client` is connected to (one per
 /// projection), for operators.
-pub async fn pg_stored_checkpoints(client: &Client) -> Result<Vec<StoredCheckpoint>, ProjectionError> {
+pub async fn pg_stored_checkpoints(
+    client: &Client,
+) -> Result<Vec<StoredCheckpoint>, ProjectionError> {
     let rows = client
         .query(
             "SELECT c.projection, c.position, c.event_time, c.updated_at, COALESCE(k.paused, false), COALESCE(k.reset, false), s.source
@@ -245,7 +287,12 @@ pub async fn pg_stored_checkpoints(client: &Client) -> Result<Vec<StoredCheckpoi
 /// to; its runner acts on it within a quarter of a second. `paused`:
 /// `Some(true)` to pause, `Some(false)` to resume; `reset`: empty the model
 /// and replay.
-pub async fn pg_request(client: &Client, projection: &str, paused: Option<bool>, reset: bool) -> Result<(), ProjectionError> {
+pub async fn pg_request(
+    client: &Client,
+    projection: &str,
+    paused: Option<bool>,
+    reset: bool,
+) -> Result<(), ProjectionError> {
     client
         .execute(
             "INSERT INTO cairn_control (projection, paused, reset) VALUES ($1, COALESCE($2, false), $3)

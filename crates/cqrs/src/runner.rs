@@ -117,7 +117,15 @@ impl Runner {
             applied_tx.send_modify(|_| {});
             (runner.sink, result)
         });
-        RunnerHandle { status, applied, source, control, task, store, alert: Duration::from_secs(5) }
+        RunnerHandle {
+            status,
+            applied,
+            source,
+            control,
+            task,
+            store,
+            alert: Duration::from_secs(5),
+        }
     }
 
     async fn run(
@@ -241,14 +249,17 @@ impl RunnerHandle {
     /// How far behind the store the projection is now.
     pub async fn lag(&self) -> Result<Lag, StoreError> {
         let status = self.status();
-        lag(self.store.as_ref(), &self.source, status.position, status.last_event_time, self.alert).await
+        lag(self.store.as_ref(), &self.source, status.position, status.last_event_time, self.alert)
+            .await
     }
 
     /// Waits until the projection has applied every event of its source up to
     /// `position` (an event's position, such as an append's), or fails if the
     /// runner ends first.
     pub async fn wait_for(&self, position: Position) -> Result<(), ProjectionError> {
-        let Some(target) = self.source.last_at(self.store.as_ref(), Some(position)).await? else { return Ok(()) };
+        let Some(target) = self.source.last_at(self.store.as_ref(), Some(position)).await? else {
+            return Ok(());
+        };
         let mut applied = self.applied.clone();
         loop {
             if applied.borrow_and_update().is_some_and(|p| p >= target) {
@@ -291,7 +302,12 @@ pub async fn lag(
     let behind = match (newest, position) {
         (Some(n), Some(p)) if n <= p => 0,
         (None, _) => 0,
-        _ => source.read(store, position, LAG_COUNT_MAX).await?.iter().filter(|e| source.wants(e)).count() as u64,
+        _ => source
+            .read(store, position, LAG_COUNT_MAX)
+            .await?
+            .iter()
+            .filter(|e| source.wants(e))
+            .count() as u64,
     };
     let seconds = if behind == 0 {
         0.0
@@ -299,7 +315,9 @@ pub async fn lag(
         // Nothing applied yet: behind by the age of the oldest event it needs.
         let since = match time {
             Some(t) => t,
-            None => source.read(store, None, 1).await?.first().map_or(Timestamp::now(), |e| e.timestamp),
+            None => {
+                source.read(store, None, 1).await?.first().map_or(Timestamp::now(), |e| e.timestamp)
+            }
         };
         (Timestamp::now().0 - since.0).max(0) as f64 / 1e6
     };
@@ -323,7 +341,11 @@ impl Progress {
 
     /// Share of the way to the target (by position, which grows with bytes written).
     pub fn fraction(&self) -> f64 {
-        if self.target.0 == 0 { 1.0 } else { (self.position.0 as f64 / self.target.0 as f64).min(1.0) }
+        if self.target.0 == 0 {
+            1.0
+        } else {
+            (self.position.0 as f64 / self.target.0 as f64).min(1.0)
+        }
     }
 
     /// Estimated time left at the current rate.
@@ -348,7 +370,12 @@ pub async fn rebuild(
     let started = Instant::now();
     let target = store.last_position().await?.unwrap_or(Position::START);
     let at = sink.checkpoint()?;
-    let mut report = Progress { events: 0, position: at.map_or(Position::START, |c| c.0), target, elapsed: Duration::ZERO };
+    let mut report = Progress {
+        events: 0,
+        position: at.map_or(Position::START, |c| c.0),
+        target,
+        elapsed: Duration::ZERO,
+    };
     let batch = batch.max(1);
     let (pages, mut next_page) = tokio::sync::mpsc::channel(2);
     let reader = {

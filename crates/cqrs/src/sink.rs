@@ -13,7 +13,11 @@ pub trait Sink: Send + 'static {
 
     /// Applies `events` in order and records the last one's position, atomically.
     /// `checkpoint` may be past the last event (events skipped by the source).
-    fn apply(&mut self, events: &[RecordedEvent], checkpoint: (Position, Timestamp)) -> Result<(), ProjectionError>;
+    fn apply(
+        &mut self,
+        events: &[RecordedEvent],
+        checkpoint: (Position, Timestamp),
+    ) -> Result<(), ProjectionError>;
 
     /// Empties the read model and forgets the checkpoint.
     fn reset(&mut self) -> Result<(), ProjectionError>;

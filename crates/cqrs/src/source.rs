@@ -1,4 +1,6 @@
-use cairn_core::{EventStore, Position, Query, ReadAllOptions, RecordedEvent, StoreError, SubscriptionTarget};
+use cairn_core::{
+    EventStore, Position, Query, ReadAllOptions, RecordedEvent, StoreError, SubscriptionTarget,
+};
 
 /// Which events a projection follows.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -36,8 +38,15 @@ impl Source {
 
     /// Up to `limit` of the source's events after `after` (from the start for `None`),
     /// `$` events of `$all` included so that a checkpoint can pass them.
-    pub(crate) async fn read(&self, store: &dyn EventStore, after: Option<Position>, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
-        let options = after.map_or(ReadAllOptions::forward(), |p| ReadAllOptions::forward().after(p)).limit(limit);
+    pub(crate) async fn read(
+        &self,
+        store: &dyn EventStore,
+        after: Option<Position>,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let options = after
+            .map_or(ReadAllOptions::forward(), |p| ReadAllOptions::forward().after(p))
+            .limit(limit);
         match self {
             Source::All => store.read_all(options).await,
             Source::Query(q) => store.read_query(q, options).await,
@@ -46,8 +55,14 @@ impl Source {
 
     /// Position of the newest of the source's events at or before `position`
     /// (the store's newest event for `None`).
-    pub(crate) async fn last_at(&self, store: &dyn EventStore, position: Option<Position>) -> Result<Option<Position>, StoreError> {
-        let options = position.map_or(ReadAllOptions::backward(), |p| ReadAllOptions::backward().from(p)).limit(1);
+    pub(crate) async fn last_at(
+        &self,
+        store: &dyn EventStore,
+        position: Option<Position>,
+    ) -> Result<Option<Position>, StoreError> {
+        let options = position
+            .map_or(ReadAllOptions::backward(), |p| ReadAllOptions::backward().from(p))
+            .limit(1);
         let newest = match self {
             Source::All => store.read_all(options).await?,
             Source::Query(q) => store.read_query(q, options).await?,

@@ -1,7 +1,7 @@
 use std::path::{Path, PathBuf};
 
 use cairn_core::{Position, RecordedEvent, Timestamp};
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::{ProjectionError, Requested, Sink, Source};
 
@@ -15,7 +15,11 @@ pub trait SqliteProjection: Send + 'static {
     fn setup(&self, tx: &Transaction) -> rusqlite::Result<()>;
 
     /// Applies one event inside the batch's transaction.
-    fn apply(&self, tx: &Transaction, event: &RecordedEvent) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+    fn apply(
+        &self,
+        tx: &Transaction,
+        event: &RecordedEvent,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
 }
 
 /// A SQLite read model file: the projection's tables plus `cairn_checkpoints`.
@@ -55,7 +59,8 @@ impl<P: SqliteProjection> SqliteModel<P> {
     /// Opens (or creates) the read model at `path` and sets up its tables.
     pub fn open(path: impl AsRef<Path>, projection: P) -> Result<Self, ProjectionError> {
         let path = path.as_ref().to_path_buf();
-        let sql = |source| ProjectionError::Sqlite { projection: projection.name().to_string(), source };
+        let sql =
+            |source| ProjectionError::Sqlite { projection: projection.name().to_string(), source };
         let mut conn = open(&path).map_err(sql)?;
         let tx = conn.transaction().map_err(sql)?;
         projection.setup(&tx).map_err(sql)?;
@@ -79,7 +84,9 @@ impl<P: SqliteProjection> SqliteModel<P> {
         let live = live.as_ref().to_path_buf();
         let io = |source| ProjectionError::Io { path: live.display().to_string(), source };
         // Fold the WAL into the main file so that one rename moves everything.
-        self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE").map_err(|source| self.sql(source))?;
+        self.conn
+            .pragma_update(None, "wal_checkpoint", "TRUNCATE")
+            .map_err(|source| self.sql(source))?;
         let SqliteModel { path, conn, projection } = self;
         drop(conn);
         for suffix in ["-wal", "-shm"] {
@@ -110,7 +117,11 @@ impl<P: SqliteProjection> Sink for SqliteModel<P> {
             .map_err(|source| self.sql(source))
     }
 
-    fn apply(&mut self, events: &[RecordedEvent], checkpoint: (Position, Timestamp)) -> Result<(), ProjectionError> {
+    fn apply(
+        &mut self,
+        events: &[RecordedEvent],
+        checkpoint: (Position, Timestamp),
+    ) -> Result<(), ProjectionError> {
         let name = self.projection.name().to_string();
         let sql = |source| ProjectionError::Sqlite { projection: name.clone(), source };
         let tx = self.conn.transaction().map_err(sql)?;
@@ -145,14 +156,20 @@ impl<P: SqliteProjection> Sink for SqliteModel<P> {
     fn requested(&mut self) -> Result<Requested, ProjectionError> {
         self.conn
             .prepare_cached("SELECT paused, reset FROM cairn_control WHERE projection = ?1")
-            .and_then(|mut s| s.query_row(params![self.projection.name()], |r| Ok(Requested { paused: r.get(0)?, reset: r.get(1)? })).optional())
+            .and_then(|mut s| {
+                s.query_row(params![self.projection.name()], |r| {
+                    Ok(Requested { paused: r.get(0)?, reset: r.get(1)? })
+                })
+                .optional()
+            })
             .map(Option::unwrap_or_default)
             .map_err(|source| self.sql(source))
     }
 
     fn reset(&mut self) -> Result<(), ProjectionError> {
         // The projection owns its schema, so a reset starts from an empty file.
-        let fresh = open(&self.path.with_extension("resetting")).map_err(|source| self.sql(source))?;
+        let fresh =
+            open(&self.path.with_extension("resetting")).map_err(|source| self.sql(source))?;
         drop(std::mem::replace(&mut self.conn, fresh));
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", self.path.display()));
@@ -164,7 +181,10 @@ impl<P: SqliteProjection> Sink for SqliteModel<P> {
         let scratch = std::mem::replace(&mut self.conn, conn);
         drop(scratch);
         for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.path.with_extension("resetting").display()));
+            let _ = std::fs::remove_file(format!(
+                "{}{suffix}",
+                self.path.with_extension("resetting").display()
+            ));
         }
         Ok(())
     }
@@ -221,7 +241,12 @@ pub fn stored_checkpoints(path: &Path) -> Result<Vec<StoredCheckpoint>, Projecti
 /// Stores a request for `projection` in the read model file at `path`; its
 /// runner acts on it within a quarter of a second. `paused`: `Some(true)` to
 /// pause, `Some(false)` to resume; `reset`: empty the model and replay.
-pub fn request(path: &Path, projection: &str, paused: Option<bool>, reset: bool) -> Result<(), ProjectionError> {
+pub fn request(
+    path: &Path,
+    projection: &str,
+    paused: Option<bool>,
+    reset: bool,
+) -> Result<(), ProjectionError> {
     let sql = |source| ProjectionError::Sqlite { projection: projection.to_string(), source };
     let conn = open_existing(path).map_err(sql)?;
     conn.execute(

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use cairn_core::{EventStore, ExpectedVersion, NewEvent, RecordedEvent};
 use cairn_cqrs::{MemoryProjection, SqliteProjection};
 use cairn_log::EmbeddedStore;
-use rusqlite::{params, Transaction};
+use rusqlite::{Transaction, params};
 use tempfile::TempDir;
 
 pub fn store_in(dir: &std::path::Path) -> Arc<dyn EventStore> {
@@ -21,8 +21,12 @@ pub async fn write_history(store: &dyn EventStore, accounts: u64, n: u64, seed: 
     let mut batch = Vec::new();
     for i in 0..n {
         let account = (i * 7 + seed) % accounts;
-        let (kind, amount) = if i % 3 == 2 { ("MoneyWithdrawn", i % 50) } else { ("MoneyDeposited", 100 + i % 900) };
-        batch.push((format!("account-{account}"), NewEvent::json(kind, &serde_json::json!({ "amount": amount })).unwrap()));
+        let (kind, amount) =
+            if i % 3 == 2 { ("MoneyWithdrawn", i % 50) } else { ("MoneyDeposited", 100 + i % 900) };
+        batch.push((
+            format!("account-{account}"),
+            NewEvent::json(kind, &serde_json::json!({ "amount": amount })).unwrap(),
+        ));
         if batch.len() == 50 || i + 1 == n {
             for (stream, event) in batch.drain(..) {
                 store.append(&stream, ExpectedVersion::Any, vec![event]).await.unwrap();
@@ -63,7 +67,11 @@ impl MemoryProjection for MemoryBalances {
     fn name(&self) -> &str {
         "balances"
     }
-    fn apply(&self, state: &mut Balances, e: &RecordedEvent) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    fn apply(
+        &self,
+        state: &mut Balances,
+        e: &RecordedEvent,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         if e.event_type == "Poison" {
             return Err("cannot digest Poison".into());
         }
@@ -85,7 +93,11 @@ impl SqliteProjection for SqlBalances {
     fn setup(&self, tx: &Transaction) -> rusqlite::Result<()> {
         tx.execute_batch("CREATE TABLE IF NOT EXISTS balances (account TEXT PRIMARY KEY, balance INTEGER NOT NULL, events INTEGER NOT NULL)")
     }
-    fn apply(&self, tx: &Transaction, e: &RecordedEvent) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    fn apply(
+        &self,
+        tx: &Transaction,
+        e: &RecordedEvent,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         if e.event_type == "Poison" {
             return Err("cannot digest Poison".into());
         }
@@ -102,12 +114,19 @@ impl SqliteProjection for SqlBalances {
 
 pub fn sql_balances(conn: &rusqlite::Connection) -> Balances {
     let mut stmt = conn.prepare("SELECT account, balance, events FROM balances").unwrap();
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, (r.get::<_, i64>(1)?, r.get::<_, i64>(2)? as u64)))).unwrap();
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, (r.get::<_, i64>(1)?, r.get::<_, i64>(2)? as u64)))
+        })
+        .unwrap();
     rows.map(|r| r.unwrap()).collect()
 }
 
 /// [`expected`] over the events up to `position` only (nothing for `None`).
-pub async fn expected_upto(store: &dyn EventStore, position: Option<cairn_core::Position>) -> Balances {
+pub async fn expected_upto(
+    store: &dyn EventStore,
+    position: Option<cairn_core::Position>,
+) -> Balances {
     let Some(position) = position else { return Balances::new() };
     let mut out = Balances::new();
     for e in store.read_all(cairn_core::ReadAllOptions::forward()).await.unwrap() {
@@ -128,7 +147,9 @@ pub struct Rng(pub u64);
 
 impl Rng {
     pub fn from_time() -> Self {
-        Rng(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1)
+        Rng(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+            as u64
+            | 1)
     }
     pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
@@ -146,7 +167,12 @@ pub use cairn_core::conformance::spawn_ready_child;
 /// The body of a child projector that the parent SIGKILLs: keeps appending
 /// to the store while `runner` projects it, and says "ready" only once the
 /// runner has applied something, so that every kill lands after progress.
-pub async fn write_while_projecting(store: Arc<dyn EventStore>, runner: &cairn_cqrs::RunnerHandle, seed: u64, mut rng: Rng) -> ! {
+pub async fn write_while_projecting(
+    store: Arc<dyn EventStore>,
+    runner: &cairn_cqrs::RunnerHandle,
+    seed: u64,
+    mut rng: Rng,
+) -> ! {
     let writer = tokio::spawn(async move {
         for round in 0.. {
             write_history(store.as_ref(), 25, 20, seed.wrapping_add(round)).await;

@@ -8,18 +8,27 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_core::{EventStore, ExpectedVersion, NewEvent, RecordedEvent};
-use cairn_cqrs::{read_parked, Group, GroupConfig, GroupError, Nacked, Source};
+use cairn_cqrs::{Group, GroupConfig, GroupError, Nacked, Source, read_parked};
 use uuid::Uuid;
 
-use crate::common::{spawn_ready_child, store, store_in, Rng};
+use crate::common::{Rng, spawn_ready_child, store, store_in};
 
 /// `n` events over `streams` order streams, each carrying its index.
 async fn write_orders(store: &dyn EventStore, streams: u64, n: u64) -> Vec<RecordedEvent> {
     for i in 0..n {
         let event = NewEvent::json("OrderEvent", &serde_json::json!({ "i": i })).unwrap();
-        store.append(&format!("order-{}", i % streams), ExpectedVersion::Any, vec![event]).await.unwrap();
+        store
+            .append(&format!("order-{}", i % streams), ExpectedVersion::Any, vec![event])
+            .await
+            .unwrap();
     }
-    store.read_all(cairn_core::ReadAllOptions::forward()).await.unwrap().into_iter().filter(|e| !e.is_system()).collect()
+    store
+        .read_all(cairn_core::ReadAllOptions::forward())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| !e.is_system())
+        .collect()
 }
 
 fn index(e: &RecordedEvent) -> u64 {
@@ -47,7 +56,10 @@ fn always_failing(events: &[RecordedEvent]) -> HashSet<Uuid> {
 async fn ack_replays(worker: &cairn_cqrs::Worker, n: usize) -> HashSet<Uuid> {
     let mut replayed = HashSet::new();
     while replayed.len() < n {
-        let d = tokio::time::timeout(Duration::from_secs(10), worker.next()).await.expect("replays arrive").unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(10), worker.next())
+            .await
+            .expect("replays arrive")
+            .unwrap();
         assert!(d.is_replay(), "only replays are delivered: {}", d.event().position);
         replayed.insert(d.event().id);
         d.ack().await.unwrap();
@@ -56,7 +68,9 @@ async fn ack_replays(worker: &cairn_cqrs::Worker, n: usize) -> HashSet<Uuid> {
 }
 
 fn fast(name: &str, source: Source) -> GroupConfig {
-    GroupConfig::new(name, source).max_attempts(3).backoff(Duration::from_millis(1), Duration::from_millis(5))
+    GroupConfig::new(name, source)
+        .max_attempts(3)
+        .backoff(Duration::from_millis(1), Duration::from_millis(5))
 }
 
 /// What the workers of a test saw.
@@ -70,7 +84,13 @@ struct Seen {
     order: HashMap<String, Vec<u64>>,
 }
 
-async fn run_workers(group: &Group, workers: usize, total: usize, seen: Arc<Mutex<Seen>>, jitter: bool) {
+async fn run_workers(
+    group: &Group,
+    workers: usize,
+    total: usize,
+    seen: Arc<Mutex<Seen>>,
+    jitter: bool,
+) {
     let mut tasks = Vec::new();
     for w in 0..workers {
         let worker = group.worker();
@@ -91,7 +111,12 @@ async fn run_workers(group: &Group, workers: usize, total: usize, seen: Arc<Mute
                 }
                 match flaky(&e, delivery.attempt()) {
                     Ok(()) => {
-                        seen.lock().unwrap().order.entry(e.stream.clone()).or_default().push(e.version);
+                        seen.lock()
+                            .unwrap()
+                            .order
+                            .entry(e.stream.clone())
+                            .or_default()
+                            .push(e.version);
                         delivery.ack().await.unwrap();
                         seen.lock().unwrap().acked.insert(e.id);
                     }
@@ -115,7 +140,9 @@ async fn run_workers(group: &Group, workers: usize, total: usize, seen: Arc<Mute
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };
-    tokio::time::timeout(Duration::from_secs(60), settled).await.expect("the workers settled every event within 60 s");
+    tokio::time::timeout(Duration::from_secs(60), settled)
+        .await
+        .expect("the workers settled every event within 60 s");
     for task in tasks {
         task.abort();
     }
@@ -132,7 +159,11 @@ async fn four_workers_with_a_failing_handler_settle_every_event_once() {
     let bad: HashSet<Uuid> = always_failing(&events);
     {
         let s = seen.lock().unwrap();
-        assert!(s.handled_after_ack.is_empty(), "events delivered again after their ack: {:?}", s.handled_after_ack);
+        assert!(
+            s.handled_after_ack.is_empty(),
+            "events delivered again after their ack: {:?}",
+            s.handled_after_ack
+        );
         assert_eq!(s.parked, bad, "exactly the events that always fail are parked");
         assert!(s.acked.is_disjoint(&s.parked));
         let all: HashSet<Uuid> = events.iter().map(|e| e.id).collect();
@@ -164,7 +195,12 @@ async fn pinned_streams_are_handled_in_order_despite_retries() {
 
     {
         let s = seen.lock().unwrap();
-        assert_eq!(s.by_worker.len(), 4, "the streams were spread over the workers: {:?}", s.by_worker);
+        assert_eq!(
+            s.by_worker.len(),
+            4,
+            "the streams were spread over the workers: {:?}",
+            s.by_worker
+        );
         for (stream, versions) in &s.order {
             let expected: Vec<u64> = events
                 .iter()
@@ -207,8 +243,15 @@ async fn a_restarted_group_resumes_where_its_acks_left_it() {
     let worker = group.worker();
     let mut again = HashSet::new();
     while again.len() + acked.len() < events.len() {
-        let d = tokio::time::timeout(Duration::from_secs(10), worker.next()).await.expect("the rest is delivered").unwrap();
-        assert!(!acked.contains(&d.event().id), "event {} was acked before the restart", d.event().position);
+        let d = tokio::time::timeout(Duration::from_secs(10), worker.next())
+            .await
+            .expect("the rest is delivered")
+            .unwrap();
+        assert!(
+            !acked.contains(&d.event().id),
+            "event {} was acked before the restart",
+            d.event().position
+        );
         assert!(again.insert(d.event().id), "delivered twice in one run");
         d.ack().await.unwrap();
     }
@@ -275,7 +318,8 @@ fn child_group() {
     let Some(dir) = std::env::var_os(DIR_VAR) else { return };
     let seed: u64 = std::env::var(SEED_VAR).ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     let dir = std::path::PathBuf::from(dir);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async move {
         let store = store_in(&dir);
         let mut config = fast("crashy", Source::All);
@@ -283,7 +327,13 @@ fn child_group() {
             config = config.pin_streams();
         }
         let group = Group::start(store, config).await.unwrap();
-        let log = Arc::new(Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("handled.txt")).unwrap()));
+        let log = Arc::new(Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("handled.txt"))
+                .unwrap(),
+        ));
         println!("\nready");
         let mut tasks = Vec::new();
         for w in 0..4 {
@@ -321,16 +371,23 @@ fn log_line(log: &Mutex<std::fs::File>, line: String) {
 /// returned, and at the end every event is acked or parked.
 #[test]
 fn kill_group_workers_and_resume() {
-    let seed = std::env::var(SEED_VAR).ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| Rng::from_time().next_u64());
+    let seed = std::env::var(SEED_VAR)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| Rng::from_time().next_u64());
     eprintln!("groups::kill_group_workers_and_resume seed {seed} (set {SEED_VAR} to replay)");
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let events = rt.block_on(write_orders(store_in(dir.path()).as_ref(), 30, EVENTS));
 
     for cycle in 0..8 {
         let dir_var = dir.path().display().to_string();
-        let mut child = spawn_ready_child("groups::child_group", &[(DIR_VAR, dir_var), (SEED_VAR, rng.next_u64().to_string())]);
+        let mut child = spawn_ready_child(
+            "groups::child_group",
+            &[(DIR_VAR, dir_var), (SEED_VAR, rng.next_u64().to_string())],
+        );
         std::thread::sleep(Duration::from_millis(rng.range(20, 300)));
         child.kill().unwrap(); // SIGKILL
         assert_eq!(child.wait().unwrap().signal(), Some(9), "cycle {cycle}");
@@ -342,14 +399,22 @@ fn kill_group_workers_and_resume() {
     rt.block_on(async {
         let store = store_in(dir.path());
         let group = Group::start(store.clone(), fast("crashy", Source::All)).await.unwrap();
-        let log = Mutex::new(std::fs::OpenOptions::new().append(true).create(true).open(&log_path).unwrap());
+        let log = Mutex::new(
+            std::fs::OpenOptions::new().append(true).create(true).open(&log_path).unwrap(),
+        );
         let worker = group.worker();
         loop {
             let status = group.status();
-            if status.parked == bad.len() && status.waiting + status.in_flight + status.retrying == 0 && status.checkpoint >= Some(events.last().unwrap().position) {
+            if status.parked == bad.len()
+                && status.waiting + status.in_flight + status.retrying == 0
+                && status.checkpoint >= Some(events.last().unwrap().position)
+            {
                 break;
             }
-            let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(200), worker.next()).await else { continue };
+            let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(200), worker.next()).await
+            else {
+                continue;
+            };
             let id = d.event().id;
             log_line(&log, format!("handling {id}\n"));
             match flaky(d.event(), d.attempt()) {
@@ -362,7 +427,12 @@ fn kill_group_workers_and_resume() {
                 }
             }
         }
-        let parked: HashSet<Uuid> = read_parked(store.as_ref(), "crashy").await.unwrap().iter().map(|p| p.event_id).collect();
+        let parked: HashSet<Uuid> = read_parked(store.as_ref(), "crashy")
+            .await
+            .unwrap()
+            .iter()
+            .map(|p| p.event_id)
+            .collect();
         assert_eq!(parked, bad, "exactly the failing events are parked, each once");
         group.stop().await.unwrap();
     });
@@ -409,7 +479,10 @@ async fn an_operator_sees_a_stopped_group_and_asks_for_a_replay() {
     assert_eq!(g.replay_pending, 0);
 
     assert_eq!(cairn_cqrs::request_replay(store.as_ref(), "analytics").await.unwrap(), bad.len());
-    assert_eq!(cairn_cqrs::stored_groups(store.as_ref()).await.unwrap()[0].replay_pending, bad.len());
+    assert_eq!(
+        cairn_cqrs::stored_groups(store.as_ref()).await.unwrap()[0].replay_pending,
+        bad.len()
+    );
     // The group replays them as it starts, with no call of its own.
     let group = Group::start(store.clone(), config()).await.unwrap();
     assert_eq!(ack_replays(&group.worker(), bad.len()).await, bad);

@@ -9,17 +9,25 @@ use std::time::Duration;
 
 use cairn_core::conformance::reachable;
 use cairn_core::{EventStore, ExpectedVersion, NewEvent, Position, ReadAllOptions, RecordedEvent};
-use cairn_cqrs::{pg_request, pg_stored_checkpoints, PgModel, PgProjection, ProjectionError, Runner, Sink, Source, State};
+use cairn_cqrs::{
+    PgModel, PgProjection, ProjectionError, Runner, Sink, Source, State, pg_request,
+    pg_stored_checkpoints,
+};
 use tokio_postgres::{Client, GenericClient, IsolationLevel, NoTls, Transaction};
 use uuid::Uuid;
 
-use crate::common::{expected, expected_upto, signed_amount, spawn_ready_child, store, store_in, write_history, write_while_projecting, Balances, Rng};
+use crate::common::{
+    Balances, Rng, expected, expected_upto, signed_amount, spawn_ready_child, store, store_in,
+    write_history, write_while_projecting,
+};
 
 const PG: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
 
 async fn connect_in(schema: &str) -> Client {
     let (client, connection) =
-        tokio_postgres::connect(&format!("{PG} options=-csearch_path={schema}"), NoTls).await.expect("connect to PostgreSQL");
+        tokio_postgres::connect(&format!("{PG} options=-csearch_path={schema}"), NoTls)
+            .await
+            .expect("connect to PostgreSQL");
     tokio::spawn(connection);
     client
 }
@@ -46,7 +54,11 @@ impl Db {
     }
 
     async fn drop(self) {
-        connect_in("public").await.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.schema)).await.unwrap();
+        connect_in("public")
+            .await
+            .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.schema))
+            .await
+            .unwrap();
     }
 }
 
@@ -67,11 +79,19 @@ impl PgProjection for PgBalances {
         .await
     }
 
-    async fn apply(&self, tx: &Transaction<'_>, e: &RecordedEvent) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    async fn apply(
+        &self,
+        tx: &Transaction<'_>,
+        e: &RecordedEvent,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         if e.event_type == "Poison" {
             return Err("cannot digest Poison".into());
         }
-        tx.execute("INSERT INTO applied (position, event_id) VALUES ($1, $2)", &[&(e.position.0 as i64), &e.id]).await?;
+        tx.execute(
+            "INSERT INTO applied (position, event_id) VALUES ($1, $2)",
+            &[&(e.position.0 as i64), &e.id],
+        )
+        .await?;
         if let Some(a) = signed_amount(e) {
             tx.execute(
                 "INSERT INTO balances (account, balance, events) VALUES ($1, $2, 1)
@@ -102,7 +122,11 @@ async fn applied(client: &impl GenericClient) -> Vec<u64> {
 /// Positions of the user events up to `upto` (all for `None`): what `applied` must hold.
 async fn user_positions(store: &dyn EventStore, upto: Option<Position>) -> Vec<u64> {
     let events = store.read_all(ReadAllOptions::forward()).await.unwrap();
-    events.iter().filter(|e| !e.is_system() && upto.is_none_or(|p| e.position <= p)).map(|e| e.position.0).collect()
+    events
+        .iter()
+        .filter(|e| !e.is_system() && upto.is_none_or(|p| e.position <= p))
+        .map(|e| e.position.0)
+        .collect()
 }
 
 async fn last_event(store: &dyn EventStore) -> RecordedEvent {
@@ -141,10 +165,17 @@ async fn a_balance_projection_equals_the_events_and_checkpoints_the_last_one() {
     result.unwrap();
 
     let last = last_event(store.as_ref()).await;
-    assert_eq!(sink.checkpoint().unwrap(), Some((last.position, last.timestamp)), "the last applied event, with its append time");
+    assert_eq!(
+        sink.checkpoint().unwrap(),
+        Some((last.position, last.timestamp)),
+        "the last applied event, with its append time"
+    );
     let rows = pg_stored_checkpoints(&reader).await.unwrap();
     assert_eq!(rows.len(), 1);
-    assert_eq!((rows[0].projection.as_str(), rows[0].position, rows[0].event_time), ("balances", last.position, last.timestamp));
+    assert_eq!(
+        (rows[0].projection.as_str(), rows[0].position, rows[0].event_time),
+        ("balances", last.position, last.timestamp)
+    );
     assert_eq!(rows[0].source, Some(Source::All), "the database says what the projection follows");
     db.drop().await;
 }
@@ -167,7 +198,14 @@ async fn a_handler_failing_mid_batch_rolls_back_its_rows_and_the_checkpoint() {
 
     // The next batch: 20 good events, the poison, 10 more.
     write_history(store.as_ref(), 5, 20, 24).await;
-    let poison = store.append("account-x", ExpectedVersion::Any, vec![NewEvent::json("Poison", &serde_json::json!({})).unwrap()]).await.unwrap();
+    let poison = store
+        .append(
+            "account-x",
+            ExpectedVersion::Any,
+            vec![NewEvent::json("Poison", &serde_json::json!({})).unwrap()],
+        )
+        .await
+        .unwrap();
     write_history(store.as_ref(), 5, 10, 25).await;
     let runner = Runner::new(store.clone(), Source::All, db.model().await).batch(1000).spawn();
     let err = runner.wait_for(store.last_position().await.unwrap().unwrap()).await.unwrap_err();
@@ -175,7 +213,9 @@ async fn a_handler_failing_mid_batch_rolls_back_its_rows_and_the_checkpoint() {
     let State::Failed(reason) = runner.status().state else { panic!("{:?}", runner.status()) };
     assert!(reason.contains(&format!("position {}", poison.position)), "{reason}");
     let (mut sink, result) = runner.stop().await;
-    assert!(matches!(result, Err(ProjectionError::Handler { position, .. }) if position == poison.position));
+    assert!(
+        matches!(result, Err(ProjectionError::Handler { position, .. }) if position == poison.position)
+    );
 
     // The 20 events before the poison were written in the batch's transaction: none of them is visible.
     assert_eq!(sink.checkpoint().unwrap(), committed, "the checkpoint did not move");
@@ -195,7 +235,8 @@ async fn a_restarted_projection_resumes_from_its_checkpoint_without_double_apply
     let reader = db.connect().await;
     let (store, _dir) = store();
     write_history(store.as_ref(), 30, 1_500, 26).await;
-    let middle = store.read_all(ReadAllOptions::forward().limit(400)).await.unwrap().pop().unwrap().position;
+    let middle =
+        store.read_all(ReadAllOptions::forward().limit(400)).await.unwrap().pop().unwrap().position;
     // Stopped part-way through the catch-up, wherever its batch of 10 ends.
     let runner = Runner::new(store.clone(), Source::All, db.model().await).batch(10).spawn();
     runner.wait_for(middle).await.unwrap();
@@ -208,12 +249,17 @@ async fn a_restarted_projection_resumes_from_its_checkpoint_without_double_apply
 
     // More events while no runner runs; a new runner (a new connection) resumes.
     write_history(store.as_ref(), 30, 700, 27).await;
-    let behind = user_positions(store.as_ref(), None).await.len() - user_positions(store.as_ref(), stopped_at).await.len();
+    let behind = user_positions(store.as_ref(), None).await.len()
+        - user_positions(store.as_ref(), stopped_at).await.len();
     let runner = Runner::new(store.clone(), Source::All, db.model().await).batch(100).spawn();
     runner.wait_for(store.last_position().await.unwrap().unwrap()).await.unwrap();
     assert_eq!(runner.status().applied, behind as u64, "only the events after the checkpoint");
     assert_eq!(pg_balances(&reader).await, expected(store.as_ref()).await);
-    assert_eq!(applied(&reader).await, user_positions(store.as_ref(), None).await, "each event once, in order, none missing");
+    assert_eq!(
+        applied(&reader).await,
+        user_positions(store.as_ref(), None).await,
+        "each event once, in order, none missing"
+    );
     db.drop().await;
 }
 
@@ -235,7 +281,11 @@ async fn a_second_model_on_a_stale_checkpoint_commits_nothing_and_a_reset_emptie
     let err = b.apply(&events[..20], at(19)).unwrap_err();
     assert!(matches!(err, ProjectionError::CheckpointMoved { expected: None, .. }), "{err}");
     a.apply(&events[20..30], at(29)).unwrap();
-    assert_eq!(applied(&reader).await, user_positions(store.as_ref(), Some(events[29].position)).await, "b's batch left nothing");
+    assert_eq!(
+        applied(&reader).await,
+        user_positions(store.as_ref(), Some(events[29].position)).await,
+        "b's batch left nothing"
+    );
 
     // Once it reads the checkpoint again, b carries on from there.
     assert_eq!(b.checkpoint().unwrap(), Some(at(29)));
@@ -262,7 +312,8 @@ async fn models_opened_at_once_set_up_their_tables_without_racing() {
         clients.push(db.connect().await);
     }
     // Concurrent CREATE TABLE IF NOT EXISTS in a fresh schema fails without the advisory lock.
-    let opens: Vec<_> = clients.into_iter().map(|c| tokio::spawn(PgModel::open(c, PgBalances))).collect();
+    let opens: Vec<_> =
+        clients.into_iter().map(|c| tokio::spawn(PgModel::open(c, PgBalances))).collect();
     for open in opens {
         open.await.unwrap().unwrap();
     }
@@ -275,9 +326,12 @@ fn on_a_current_thread_runtime_the_model_returns_an_error_instead_of_panicking()
         return;
     }
     let single = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let multi = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let multi =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let db = multi.block_on(Db::new());
-    let err = single.block_on(async { PgModel::open(connect_in(&db.schema).await, PgBalances).await.err().unwrap() });
+    let err = single.block_on(async {
+        PgModel::open(connect_in(&db.schema).await, PgBalances).await.err().unwrap()
+    });
     assert!(err.to_string().contains("multi-thread tokio runtime"), "{err}");
 
     let mut model = multi.block_on(db.model());
@@ -319,9 +373,17 @@ async fn an_operator_pauses_resumes_and_resets_a_projection_through_the_database
     until("the replay", || runner.status().applied >= before + 230).await;
     runner.wait_for(store.last_position().await.unwrap().unwrap()).await.unwrap();
     assert_eq!(pg_balances(&operator).await, expected(store.as_ref()).await);
-    assert_eq!(applied(&operator).await, user_positions(store.as_ref(), None).await, "replayed once into emptied tables");
+    assert_eq!(
+        applied(&operator).await,
+        user_positions(store.as_ref(), None).await,
+        "replayed once into emptied tables"
+    );
     let rows = pg_stored_checkpoints(&operator).await.unwrap();
-    assert_eq!(rows[0].requested, cairn_cqrs::Requested { paused: false, reset: false }, "the reset clears the request");
+    assert_eq!(
+        rows[0].requested,
+        cairn_cqrs::Requested { paused: false, reset: false },
+        "the reset clears the request"
+    );
     runner.stop().await.1.unwrap();
     db.drop().await;
 }
@@ -339,14 +401,18 @@ const CYCLES: usize = 10;
 #[test]
 #[ignore = "runs only as the child process of postgres::kill_a_pg_projection_and_resume"]
 fn child_pg_projector() {
-    let (Some(dir), Ok(schema)) = (std::env::var_os(DIR_VAR), std::env::var(SCHEMA_VAR)) else { return };
+    let (Some(dir), Ok(schema)) = (std::env::var_os(DIR_VAR), std::env::var(SCHEMA_VAR)) else {
+        return;
+    };
     let seed: u64 = std::env::var(SEED_VAR).ok().and_then(|s| s.parse().ok()).unwrap_or(1);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async move {
         let store = store_in(std::path::Path::new(&dir));
         let model = PgModel::open(connect_in(&schema).await, PgBalances).await.unwrap();
         let mut rng = Rng(seed);
-        let runner = Runner::new(store.clone(), Source::All, model).batch(rng.range(1, 40) as usize).spawn();
+        let runner =
+            Runner::new(store.clone(), Source::All, model).batch(rng.range(1, 40) as usize).spawn();
         write_while_projecting(store, &runner, seed, rng).await
     });
 }
@@ -356,17 +422,25 @@ fn kill_a_pg_projection_and_resume() {
     if !reachable("127.0.0.1:5432", "PostgreSQL") {
         return;
     }
-    let seed = std::env::var(SEED_VAR).ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| Rng::from_time().next_u64());
+    let seed = std::env::var(SEED_VAR)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| Rng::from_time().next_u64());
     eprintln!("postgres::kill_a_pg_projection_and_resume seed {seed} (set {SEED_VAR} to replay)");
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let db = rt.block_on(Db::new());
     rt.block_on(async { write_history(store_in(dir.path()).as_ref(), 25, 3_000, seed).await });
     let mut checkpoints = Vec::new();
 
     for cycle in 0..CYCLES {
-        let envs = [(DIR_VAR, dir.path().display().to_string()), (SCHEMA_VAR, db.schema.clone()), (SEED_VAR, rng.next_u64().to_string())];
+        let envs = [
+            (DIR_VAR, dir.path().display().to_string()),
+            (SCHEMA_VAR, db.schema.clone()),
+            (SEED_VAR, rng.next_u64().to_string()),
+        ];
         let mut child = spawn_ready_child("postgres::child_pg_projector", &envs);
         std::thread::sleep(Duration::from_millis(rng.range(5, 250)));
         assert!(child.try_wait().unwrap().is_none(), "cycle {cycle}: the child stopped on its own");
@@ -377,12 +451,31 @@ fn kill_a_pg_projection_and_resume() {
             let store = store_in(dir.path());
             let mut reader = db.connect().await;
             // One snapshot: the killed child's last COMMIT may still land while we read.
-            let snapshot = reader.build_transaction().isolation_level(IsolationLevel::RepeatableRead).start().await.unwrap();
-            let row = snapshot.query_opt("SELECT position FROM cairn_checkpoints WHERE projection = 'balances'", &[]).await.unwrap();
+            let snapshot = reader
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .start()
+                .await
+                .unwrap();
+            let row = snapshot
+                .query_opt(
+                    "SELECT position FROM cairn_checkpoints WHERE projection = 'balances'",
+                    &[],
+                )
+                .await
+                .unwrap();
             let checkpoint = row.map(|r| Position(r.get::<_, i64>(0) as u64));
             let reader = &snapshot;
-            assert_eq!(pg_balances(reader).await, expected_upto(store.as_ref(), checkpoint).await, "cycle {cycle}: the model at checkpoint {checkpoint:?}");
-            assert_eq!(applied(reader).await, user_positions(store.as_ref(), checkpoint).await, "cycle {cycle}: each event once");
+            assert_eq!(
+                pg_balances(reader).await,
+                expected_upto(store.as_ref(), checkpoint).await,
+                "cycle {cycle}: the model at checkpoint {checkpoint:?}"
+            );
+            assert_eq!(
+                applied(reader).await,
+                user_positions(store.as_ref(), checkpoint).await,
+                "cycle {cycle}: each event once"
+            );
             checkpoints.push(checkpoint);
         });
     }
@@ -392,12 +485,22 @@ fn kill_a_pg_projection_and_resume() {
         let reader = db.connect().await;
         let runner = Runner::new(store.clone(), Source::All, db.model().await).spawn();
         runner.wait_for(store.last_position().await.unwrap().unwrap()).await.unwrap();
-        assert_eq!(pg_balances(&reader).await, expected(store.as_ref()).await, "after the last restart");
+        assert_eq!(
+            pg_balances(&reader).await,
+            expected(store.as_ref()).await,
+            "after the last restart"
+        );
         assert_eq!(applied(&reader).await, user_positions(store.as_ref(), None).await);
         runner.stop().await.1.unwrap();
     });
     rt.block_on(db.drop());
     let moved = checkpoints.windows(2).filter(|w| w[0] < w[1]).count();
-    eprintln!("postgres::kill_a_pg_projection_and_resume: {CYCLES} kills, checkpoints {checkpoints:?}");
-    assert_eq!(moved, CYCLES - 1, "each child was killed after it applied something: {checkpoints:?}");
+    eprintln!(
+        "postgres::kill_a_pg_projection_and_resume: {CYCLES} kills, checkpoints {checkpoints:?}"
+    );
+    assert_eq!(
+        moved,
+        CYCLES - 1,
+        "each child was killed after it applied something: {checkpoints:?}"
+    );
 }

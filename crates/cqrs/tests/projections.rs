@@ -1,9 +1,9 @@
 use std::time::Duration;
 
 use cairn_core::{ExpectedVersion, NewEvent};
-use cairn_cqrs::{rebuild, MemoryModel, ProjectionError, Runner, Sink, Source, SqliteModel, State};
+use cairn_cqrs::{MemoryModel, ProjectionError, Runner, Sink, Source, SqliteModel, State, rebuild};
 
-use crate::common::{expected, sql_balances, store, write_history, MemoryBalances, SqlBalances};
+use crate::common::{MemoryBalances, SqlBalances, expected, sql_balances, store, write_history};
 
 #[tokio::test]
 async fn a_memory_projection_catches_up_then_follows_live() {
@@ -28,7 +28,10 @@ async fn a_sqlite_projection_resumes_from_its_checkpoint_without_double_applying
     let (store, dir) = store();
     let path = dir.path().join("balances.db");
     write_history(store.as_ref(), 30, 1_500, 3).await;
-    let runner = Runner::new(store.clone(), Source::All, SqliteModel::open(&path, SqlBalances).unwrap()).batch(100).spawn();
+    let runner =
+        Runner::new(store.clone(), Source::All, SqliteModel::open(&path, SqlBalances).unwrap())
+            .batch(100)
+            .spawn();
     runner.wait_for(store.last_position().await.unwrap().unwrap()).await.unwrap();
     let (mut sink, result) = runner.stop().await;
     result.unwrap();
@@ -51,7 +54,9 @@ async fn a_paused_projection_reports_its_lag_and_resumes() {
     let (store, _dir) = store();
     write_history(store.as_ref(), 5, 100, 5).await;
     let model = MemoryModel::new(MemoryBalances);
-    let runner = Runner::new(store.clone(), Source::All, model.clone()).spawn().alert_after(Duration::from_millis(50));
+    let runner = Runner::new(store.clone(), Source::All, model.clone())
+        .spawn()
+        .alert_after(Duration::from_millis(50));
     runner.wait_for(store.last_position().await.unwrap().unwrap()).await.unwrap();
     runner.pause();
     while runner.status().state != State::Paused {
@@ -63,7 +68,11 @@ async fn a_paused_projection_reports_its_lag_and_resumes() {
     assert_eq!(lag.events, 40);
     assert!(lag.seconds >= 0.08, "{lag:?}");
     assert!(!lag.healthy, "over the 50 ms threshold: {lag:?}");
-    assert_eq!(model.read(|b| b.values().map(|v| v.1).sum::<u64>()), 100, "nothing applied while paused");
+    assert_eq!(
+        model.read(|b| b.values().map(|v| v.1).sum::<u64>()),
+        100,
+        "nothing applied while paused"
+    );
 
     runner.resume();
     runner.wait_for(store.last_position().await.unwrap().unwrap()).await.unwrap();
@@ -77,7 +86,14 @@ async fn a_failing_handler_stops_the_projection_at_the_event_and_applies_nothing
     let (store, dir) = store();
     write_history(store.as_ref(), 5, 50, 7).await;
     let before = store.last_position().await.unwrap().unwrap();
-    let poison = store.append("account-x", ExpectedVersion::Any, vec![NewEvent::json("Poison", &serde_json::json!({})).unwrap()]).await.unwrap();
+    let poison = store
+        .append(
+            "account-x",
+            ExpectedVersion::Any,
+            vec![NewEvent::json("Poison", &serde_json::json!({})).unwrap()],
+        )
+        .await
+        .unwrap();
     write_history(store.as_ref(), 5, 10, 8).await;
 
     let path = dir.path().join("b.db");
@@ -113,7 +129,8 @@ async fn a_rebuild_builds_a_fresh_model_beside_the_live_one_then_swaps() {
 
     let mut fresh = SqliteModel::open(dir.path().join("rebuilding.db"), SqlBalances).unwrap();
     let mut reports = Vec::new();
-    let done = rebuild(store.clone(), &Source::All, &mut fresh, 500, |p| reports.push(p)).await.unwrap();
+    let done =
+        rebuild(store.clone(), &Source::All, &mut fresh, 500, |p| reports.push(p)).await.unwrap();
     assert_eq!(done.events, 3_000);
     assert!(reports.len() >= 6 && reports.windows(2).all(|w| w[0].position < w[1].position));
     assert!((reports.last().unwrap().fraction() - 1.0).abs() < 1e-9);
@@ -141,7 +158,8 @@ async fn a_query_source_sees_only_its_events() {
     let (store, _dir) = store();
     write_history(store.as_ref(), 5, 60, 11).await;
     let model = MemoryModel::new(MemoryBalances);
-    let runner = Runner::new(store.clone(), Source::types(["MoneyDeposited"]), model.clone()).spawn();
+    let runner =
+        Runner::new(store.clone(), Source::types(["MoneyDeposited"]), model.clone()).spawn();
     runner.wait_for(store.last_position().await.unwrap().unwrap()).await.unwrap();
     let deposits = expected(store.as_ref()).await;
     let applied: u64 = model.read(|b| b.values().map(|v| v.1).sum());
@@ -171,7 +189,10 @@ async fn an_operator_pauses_resumes_and_resets_a_sqlite_projection_through_its_f
     runner.wait_for(store.last_position().await.unwrap().unwrap()).await.unwrap();
     let rows = cairn_cqrs::stored_checkpoints(&path).unwrap();
     assert_eq!(rows.len(), 1);
-    assert_eq!((rows[0].projection.as_str(), Some(rows[0].position)), ("balances", runner.status().position));
+    assert_eq!(
+        (rows[0].projection.as_str(), Some(rows[0].position)),
+        ("balances", runner.status().position)
+    );
     assert_eq!(rows[0].source, Some(Source::All), "the file says what the projection follows");
 
     // Another process (here: another connection) asks for a pause.
@@ -191,6 +212,12 @@ async fn an_operator_pauses_resumes_and_resets_a_sqlite_projection_through_its_f
     cairn_cqrs::request(&path, "balances", None, true).unwrap();
     until("the replay", || runner.status().applied >= applied + 230).await;
     runner.wait_for(store.last_position().await.unwrap().unwrap()).await.unwrap();
-    assert_eq!(sql_balances(&SqliteModel::open(&path, SqlBalances).unwrap().reader().unwrap()), expected(store.as_ref()).await);
-    assert!(!cairn_cqrs::stored_checkpoints(&path).unwrap()[0].requested.reset, "the reset clears the request");
+    assert_eq!(
+        sql_balances(&SqliteModel::open(&path, SqlBalances).unwrap().reader().unwrap()),
+        expected(store.as_ref()).await
+    );
+    assert!(
+        !cairn_cqrs::stored_checkpoints(&path).unwrap()[0].requested.reset,
+        "the reset clears the request"
+    );
 }

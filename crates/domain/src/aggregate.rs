@@ -1,5 +1,5 @@
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::Upcasters;
 
@@ -31,7 +31,9 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
 /// The aggregate type is its state. `decide` holds the business rules and never
 /// changes anything; `evolve` applies one event that already happened and so
 /// cannot fail. Streams are named `{CATEGORY}-{id}`.
-pub trait Aggregate: Default + Clone + Serialize + DeserializeOwned + Send + Sync + 'static {
+pub trait Aggregate:
+    Default + Clone + Serialize + DeserializeOwned + Send + Sync + 'static
+{
     /// The stream category, e.g. `account` for streams `account-42`.
     const CATEGORY: &'static str;
 

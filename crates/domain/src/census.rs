@@ -22,7 +22,10 @@ impl Census {
 
 /// Scans the whole log; `progress` is told the events scanned so far and the
 /// position reached after every page.
-pub async fn census(store: &dyn EventStore, mut progress: impl FnMut(u64, Position)) -> Result<Census, StoreError> {
+pub async fn census(
+    store: &dyn EventStore,
+    mut progress: impl FnMut(u64, Position),
+) -> Result<Census, StoreError> {
     let mut census = Census::default();
     let mut options = ReadAllOptions::forward().limit(10_000);
     let mut scanned = 0;
@@ -31,7 +34,12 @@ pub async fn census(store: &dyn EventStore, mut progress: impl FnMut(u64, Positi
         let Some(last) = page.last().map(|e| e.position) else { break };
         scanned += page.len() as u64;
         for e in page.iter().filter(|e| !e.is_system()) {
-            *census.types.entry(e.event_type.clone()).or_default().entry(e.schema_version).or_default() += 1;
+            *census
+                .types
+                .entry(e.event_type.clone())
+                .or_default()
+                .entry(e.schema_version)
+                .or_default() += 1;
             census.events += 1;
         }
         progress(scanned, last);

@@ -6,7 +6,9 @@ use std::marker::PhantomData;
 
 use cairn_core::{ContentType, NewEvent, RecordedEvent};
 use serde::Deserialize;
-use serde::de::{self, DeserializeSeed, Deserializer, EnumAccess, IntoDeserializer, VariantAccess, Visitor};
+use serde::de::{
+    self, DeserializeSeed, Deserializer, EnumAccess, IntoDeserializer, VariantAccess, Visitor,
+};
 use serde_json::Value;
 
 use crate::{DecodeError, DomainEvent, Upcasters};
@@ -54,7 +56,9 @@ impl<E: DomainEvent> EventCodec<E> {
             _ => return Err("a DomainEvent must be an enum in serde's default (externally tagged) representation".into()),
         };
         let version = E::schema_version(&event_type);
-        Ok(NewEvent::json_bytes(event_type, data).with_schema_version(version).with_tags(event.tags()))
+        Ok(NewEvent::json_bytes(event_type, data)
+            .with_schema_version(version)
+            .with_tags(event.tags()))
     }
 
     /// The stored event as the domain type, upcast to the newest version.
@@ -72,12 +76,14 @@ impl<E: DomainEvent> EventCodec<E> {
         let current = E::schema_version(&stored.event_type);
         if self.upcasters.is_current(&stored.event_type, stored.schema_version, current) {
             let mut json = serde_json::Deserializer::from_slice(&stored.data);
-            let event = E::deserialize(Tagged { event_type: &stored.event_type, data: &mut json }).map_err(|e| fail(e.to_string()))?;
+            let event = E::deserialize(Tagged { event_type: &stored.event_type, data: &mut json })
+                .map_err(|e| fail(e.to_string()))?;
             json.end().map_err(|e| fail(e.to_string()))?;
             return Ok(event);
         }
         let up = self.upcast(stored).map_err(fail)?;
-        E::deserialize(Tagged { event_type: &up.event_type, data: up.data }).map_err(|e| fail(e.to_string()))
+        E::deserialize(Tagged { event_type: &up.event_type, data: up.data })
+            .map_err(|e| fail(e.to_string()))
     }
 
     /// The stored event's payload as JSON after upcasting, for code that has no
@@ -93,9 +99,14 @@ impl<E: DomainEvent> EventCodec<E> {
     }
 
     fn upcast(&self, stored: &RecordedEvent) -> Result<Upcasted, String> {
-        let data: Value = serde_json::from_slice(&stored.data).map_err(|e| format!("its payload is not valid JSON: {e}"))?;
-        let (event_type, schema_version, data) =
-            self.upcasters.upcast(&stored.event_type, stored.schema_version, E::schema_version, data)?;
+        let data: Value = serde_json::from_slice(&stored.data)
+            .map_err(|e| format!("its payload is not valid JSON: {e}"))?;
+        let (event_type, schema_version, data) = self.upcasters.upcast(
+            &stored.event_type,
+            stored.schema_version,
+            E::schema_version,
+            data,
+        )?;
         Ok(Upcasted { event_type, schema_version, data })
     }
 }
@@ -123,8 +134,12 @@ impl<'de, D: Deserializer<'de, Error = serde_json::Error>> EnumAccess<'de> for T
     type Error = serde_json::Error;
     type Variant = Payload<D>;
 
-    fn variant_seed<S: DeserializeSeed<'de>>(self, seed: S) -> Result<(S::Value, Self::Variant), Self::Error> {
-        let name: de::value::StrDeserializer<'_, serde_json::Error> = self.event_type.into_deserializer();
+    fn variant_seed<S: DeserializeSeed<'de>>(
+        self,
+        seed: S,
+    ) -> Result<(S::Value, Self::Variant), Self::Error> {
+        let name: de::value::StrDeserializer<'_, serde_json::Error> =
+            self.event_type.into_deserializer();
         Ok((seed.deserialize(name)?, Payload(self.data)))
     }
 }
@@ -139,15 +154,26 @@ impl<'de, D: Deserializer<'de, Error = serde_json::Error>> VariantAccess<'de> fo
         de::IgnoredAny::deserialize(self.0).map(|_| ())
     }
 
-    fn newtype_variant_seed<S: DeserializeSeed<'de>>(self, seed: S) -> Result<S::Value, Self::Error> {
+    fn newtype_variant_seed<S: DeserializeSeed<'de>>(
+        self,
+        seed: S,
+    ) -> Result<S::Value, Self::Error> {
         seed.deserialize(self.0)
     }
 
-    fn tuple_variant<V: Visitor<'de>>(self, len: usize, visitor: V) -> Result<V::Value, Self::Error> {
+    fn tuple_variant<V: Visitor<'de>>(
+        self,
+        len: usize,
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
         self.0.deserialize_tuple(len, visitor)
     }
 
-    fn struct_variant<V: Visitor<'de>>(self, fields: &'static [&'static str], visitor: V) -> Result<V::Value, Self::Error> {
+    fn struct_variant<V: Visitor<'de>>(
+        self,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
         self.0.deserialize_struct("", fields, visitor)
     }
 }

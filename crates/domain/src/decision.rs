@@ -7,7 +7,9 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use cairn_core::{AppendCondition, EventStore, ExpectedVersion, Position, Query, ReadAllOptions, StoreError};
+use cairn_core::{
+    AppendCondition, EventStore, ExpectedVersion, Position, Query, ReadAllOptions, StoreError,
+};
 
 use crate::{CommandContext, DomainEvent, EventCodec, RepositoryError, RetryPolicy};
 
@@ -117,11 +119,17 @@ impl<E: DomainEvent> Decider<E> {
 
     /// Reads the events matching the models' combined query and folds each
     /// into the models whose own query it matches.
-    pub async fn load<M: DecisionModels<E>>(&self, models: &M) -> Result<Decided<M::States>, RepositoryError<Infallible>> {
+    pub async fn load<M: DecisionModels<E>>(
+        &self,
+        models: &M,
+    ) -> Result<Decided<M::States>, RepositoryError<Infallible>> {
         self.fold(models).await
     }
 
-    async fn fold<M: DecisionModels<E>, Err: std::error::Error + 'static>(&self, models: &M) -> Result<Decided<M::States>, RepositoryError<Err>> {
+    async fn fold<M: DecisionModels<E>, Err: std::error::Error + 'static>(
+        &self,
+        models: &M,
+    ) -> Result<Decided<M::States>, RepositoryError<Err>> {
         let queries = models.queries();
         let query = Query::new(queries.iter().flat_map(|q| q.items.iter().cloned()));
         // Taken first: an event appended while we read lies after it.
@@ -143,7 +151,9 @@ impl<E: DomainEvent> Decider<E> {
                 events_read += 1;
             }
             match page.last() {
-                Some(last) if page.len() == PAGE => options = ReadAllOptions::forward().after(last.position).limit(PAGE),
+                Some(last) if page.len() == PAGE => {
+                    options = ReadAllOptions::forward().after(last.position).limit(PAGE)
+                }
                 _ => break,
             }
         }
@@ -178,14 +188,30 @@ impl<E: DomainEvent> Decider<E> {
             let metadata = context.metadata();
             let mut batch = Vec::with_capacity(events.len());
             for event in &events {
-                let new = self.codec.encode(event).map_err(|reason| RepositoryError::Encode { stream: stream.to_string(), reason })?;
+                let new = self.codec.encode(event).map_err(|reason| RepositoryError::Encode {
+                    stream: stream.to_string(),
+                    reason,
+                })?;
                 batch.push(new.with_metadata(metadata.clone()));
             }
-            match self.store.append_if(stream, ExpectedVersion::Any, batch, decided.condition()).await {
-                Ok(result) => return Ok(DecisionOutcome { events, position: Some(result.position), attempts: attempt }),
+            match self
+                .store
+                .append_if(stream, ExpectedVersion::Any, batch, decided.condition())
+                .await
+            {
+                Ok(result) => {
+                    return Ok(DecisionOutcome {
+                        events,
+                        position: Some(result.position),
+                        attempts: attempt,
+                    });
+                }
                 Err(StoreError::AppendConditionFailed { first_conflict, .. }) => {
                     if attempt >= retry.attempts {
-                        return Err(RepositoryError::ConditionFailed { first_conflict, attempts: attempt });
+                        return Err(RepositoryError::ConditionFailed {
+                            first_conflict,
+                            attempts: attempt,
+                        });
                     }
                     retry.wait(attempt).await;
                 }

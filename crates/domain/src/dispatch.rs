@@ -7,7 +7,7 @@
 //! state: tell the user), and a **conflict** (someone else changed the
 //! aggregate first, on every attempt: retry later).
 
-use std::any::{type_name, Any, TypeId};
+use std::any::{Any, TypeId, type_name};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -52,11 +52,23 @@ pub enum DispatchError {
     /// The aggregate's rules refused it. `reason` is the aggregate's own error:
     /// `reason.downcast_ref::<MyError>()` gets it back typed.
     #[error("{command} was rejected by {stream}: {reason}")]
-    Rejected { command: &'static str, stream: String, reason: Box<dyn std::error::Error + Send + Sync> },
+    Rejected {
+        command: &'static str,
+        stream: String,
+        reason: Box<dyn std::error::Error + Send + Sync>,
+    },
 
     /// Others kept changing the aggregate between load and append on every attempt.
-    #[error("{command} on {stream} lost to concurrent changes after {attempts} attempt(s): the stream moved from version {expected} to {actual_version}; retry it")]
-    Conflict { command: &'static str, stream: String, expected: u64, actual_version: u64, attempts: u32 },
+    #[error(
+        "{command} on {stream} lost to concurrent changes after {attempts} attempt(s): the stream moved from version {expected} to {actual_version}; retry it"
+    )]
+    Conflict {
+        command: &'static str,
+        stream: String,
+        expected: u64,
+        actual_version: u64,
+        attempts: u32,
+    },
 
     /// No aggregate was routed for this command type.
     #[error("no aggregate handles {command}; register one with Dispatcher::route")]
@@ -105,7 +117,12 @@ trait Route<C>: Send + Sync {
 }
 
 impl<A: Aggregate> Route<A::Command> for Repository<A> {
-    fn handle<'a>(&'a self, id: &'a str, command: &'a A::Command, context: CommandContext) -> Pending<'a> {
+    fn handle<'a>(
+        &'a self,
+        id: &'a str,
+        command: &'a A::Command,
+        context: CommandContext,
+    ) -> Pending<'a> {
         Box::pin(async move {
             let name = command_name::<A::Command>();
             match self.execute_with(id, command, &context).await {
@@ -116,11 +133,19 @@ impl<A: Aggregate> Route<A::Command> for Repository<A> {
                     position: done.position,
                     attempts: done.attempts,
                 }),
-                Err(RepositoryError::Rejected(reason)) => {
-                    Err(DispatchError::Rejected { command: name, stream: A::stream_name(id), reason: Box::new(reason) })
-                }
+                Err(RepositoryError::Rejected(reason)) => Err(DispatchError::Rejected {
+                    command: name,
+                    stream: A::stream_name(id),
+                    reason: Box::new(reason),
+                }),
                 Err(RepositoryError::Conflict { stream, expected, actual_version, attempts }) => {
-                    Err(DispatchError::Conflict { command: name, stream, expected, actual_version, attempts })
+                    Err(DispatchError::Conflict {
+                        command: name,
+                        stream,
+                        expected,
+                        actual_version,
+                        attempts,
+                    })
                 }
                 Err(RepositoryError::Decode(e)) => Err(e.into()),
                 Err(RepositoryError::Store(e)) => Err(e.into()),
@@ -153,7 +178,11 @@ impl Dispatcher {
     }
 
     /// Validates `command`, then executes it on aggregate `id`.
-    pub async fn dispatch<C: Validate + 'static>(&self, id: &str, command: &C) -> Result<Dispatched, DispatchError> {
+    pub async fn dispatch<C: Validate + 'static>(
+        &self,
+        id: &str,
+        command: &C,
+    ) -> Result<Dispatched, DispatchError> {
         self.dispatch_with(id, command, CommandContext::new()).await
     }
 

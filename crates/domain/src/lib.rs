@@ -30,7 +30,7 @@ mod travel;
 mod upcast;
 
 pub use aggregate::{Aggregate, DomainEvent};
-pub use census::{census, Census};
+pub use census::{Census, census};
 pub use codec::{EventCodec, Upcasted};
 pub use decision::{Decided, Decider, DecisionModel, DecisionModels, DecisionOutcome};
 pub use dispatch::{DispatchError, Dispatched, Dispatcher, Invalid, Validate};

@@ -3,12 +3,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_core::{
-    snapshot_stream_name, EventStore, ExpectedVersion, Metadata, NewEvent, Position, ReadStreamOptions, RecordedEvent,
-    StoreError,
+    EventStore, ExpectedVersion, Metadata, NewEvent, Position, ReadStreamOptions, RecordedEvent,
+    StoreError, snapshot_stream_name,
 };
 use uuid::Uuid;
 
-use crate::snapshot::{SnapshotBody, SNAPSHOT_EVENT_TYPE};
+use crate::snapshot::{SNAPSHOT_EVENT_TYPE, SnapshotBody};
 use crate::travel::At;
 use crate::{Aggregate, EventCodec, RepositoryError, SnapshotPolicy};
 
@@ -80,7 +80,12 @@ pub struct CommandContext {
 
 impl CommandContext {
     pub fn new() -> Self {
-        CommandContext { command_id: Uuid::now_v7(), correlation_id: None, extra: BTreeMap::new(), retry: None }
+        CommandContext {
+            command_id: Uuid::now_v7(),
+            correlation_id: None,
+            extra: BTreeMap::new(),
+            retry: None,
+        }
     }
 
     pub fn with_command_id(mut self, id: Uuid) -> Self {
@@ -234,14 +239,21 @@ impl<A: Aggregate> Repository<A> {
     /// A repository on `store` with the default snapshot policy (every 100
     /// events) and no retry on conflict.
     pub fn new(store: Arc<dyn EventStore>) -> Self {
-        Repository { store, codec: Arc::new(EventCodec::new()), snapshots: SnapshotPolicy::default(), retry: RetryPolicy::none(), cache: None }
+        Repository {
+            store,
+            codec: Arc::new(EventCodec::new()),
+            snapshots: SnapshotPolicy::default(),
+            retry: RetryPolicy::none(),
+            cache: None,
+        }
     }
 
     /// Keeps the states of up to `aggregates` recently used aggregates in
     /// memory, so that loading one replays only the events appended since.
     /// Clones of the repository share the cache.
     pub fn with_cache(mut self, aggregates: usize) -> Self {
-        self.cache = (aggregates > 0).then(|| Arc::new(Cache { capacity: aggregates, entries: Mutex::new(HashMap::new()) }));
+        self.cache = (aggregates > 0)
+            .then(|| Arc::new(Cache { capacity: aggregates, entries: Mutex::new(HashMap::new()) }));
         self
     }
 
@@ -269,7 +281,11 @@ impl<A: Aggregate> Repository<A> {
     }
 
     /// Runs `command` with a fresh context (new command id, no correlation).
-    pub async fn execute(&self, id: &str, command: &A::Command) -> Result<Executed<A>, RepositoryError<A::Error>> {
+    pub async fn execute(
+        &self,
+        id: &str,
+        command: &A::Command,
+    ) -> Result<Executed<A>, RepositoryError<A::Error>> {
         self.execute_with(id, command, &CommandContext::new()).await
     }
 
@@ -301,7 +317,10 @@ impl<A: Aggregate> Repository<A> {
             }
             let mut batch = Vec::with_capacity(events.len());
             for event in &events {
-                let new = self.codec.encode(event).map_err(|reason| RepositoryError::Encode { stream: stream.clone(), reason })?;
+                let new = self
+                    .codec
+                    .encode(event)
+                    .map_err(|reason| RepositoryError::Encode { stream: stream.clone(), reason })?;
                 batch.push(new.with_metadata(metadata.clone()));
             }
             let last_id = batch.last().map(|e| e.id).expect("not empty");
@@ -310,10 +329,20 @@ impl<A: Aggregate> Repository<A> {
                 Ok(result) => {
                     let state = events.iter().fold(loaded.state, |s, e| s.evolve(e));
                     if let Some(cache) = &self.cache {
-                        cache.put(&stream, Start { version: result.next_version, event: last_id, state: state.clone() });
+                        cache.put(
+                            &stream,
+                            Start {
+                                version: result.next_version,
+                                event: last_id,
+                                state: state.clone(),
+                            },
+                        );
                     }
-                    let snapshotted = self.snapshots.wants(&state, loaded.version, result.next_version)
-                        && self.store_snapshot(&stream, &state, result.next_version, last_id).await;
+                    let snapshotted =
+                        self.snapshots.wants(&state, loaded.version, result.next_version)
+                            && self
+                                .store_snapshot(&stream, &state, result.next_version, last_id)
+                                .await;
                     return Ok(Executed {
                         events,
                         state,
@@ -325,7 +354,12 @@ impl<A: Aggregate> Repository<A> {
                 }
                 Err(StoreError::WrongExpectedVersion { actual_version, .. }) => {
                     if attempt >= retry.attempts {
-                        return Err(RepositoryError::Conflict { stream, expected: loaded.version, actual_version, attempts: attempt });
+                        return Err(RepositoryError::Conflict {
+                            stream,
+                            expected: loaded.version,
+                            actual_version,
+                            attempts: attempt,
+                        });
                     }
                     retry.wait(attempt).await;
                 }
@@ -339,13 +373,23 @@ impl<A: Aggregate> Repository<A> {
         let stream = A::stream_name(id);
         let mut loaded = self.load_bounded(&stream, None).await?;
         if loaded.version > 0 {
-            let last = self.store.read_stream(&stream, ReadStreamOptions::backward().limit(1)).await?;
+            let last =
+                self.store.read_stream(&stream, ReadStreamOptions::backward().limit(1)).await?;
             if let Some(last) = last.first().filter(|e| e.version == loaded.version) {
-                let body = SnapshotBody { covers_version: loaded.version, covers_event: last.id, state: &loaded.state };
+                let body = SnapshotBody {
+                    covers_version: loaded.version,
+                    covers_event: last.id,
+                    state: &loaded.state,
+                };
                 let event = NewEvent::json(SNAPSHOT_EVENT_TYPE, &body)
-                    .map_err(|e| RepositoryError::Encode { stream: stream.clone(), reason: e.to_string() })?
+                    .map_err(|e| RepositoryError::Encode {
+                        stream: stream.clone(),
+                        reason: e.to_string(),
+                    })?
                     .with_schema_version(A::SNAPSHOT_VERSION);
-                self.store.append(&snapshot_stream_name(&stream), ExpectedVersion::Any, vec![event]).await?;
+                self.store
+                    .append(&snapshot_stream_name(&stream), ExpectedVersion::Any, vec![event])
+                    .await?;
                 loaded.snapshot_version = Some(loaded.version);
             }
         }
@@ -354,7 +398,11 @@ impl<A: Aggregate> Repository<A> {
 
     /// Deletes every snapshot of the aggregate; the next load replays from the start.
     pub async fn delete_snapshots(&self, id: &str) -> Result<(), RepositoryError<A::Error>> {
-        match self.store.delete_stream(&snapshot_stream_name(&A::stream_name(id)), ExpectedVersion::Any, false).await {
+        match self
+            .store
+            .delete_stream(&snapshot_stream_name(&A::stream_name(id)), ExpectedVersion::Any, false)
+            .await
+        {
             Ok(_) | Err(StoreError::StreamNotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
@@ -366,12 +414,19 @@ impl<A: Aggregate> Repository<A> {
         let body = SnapshotBody { covers_version: version, covers_event: event, state };
         let Ok(snapshot) = NewEvent::json(SNAPSHOT_EVENT_TYPE, &body) else { return false };
         let snapshot = snapshot.with_schema_version(A::SNAPSHOT_VERSION);
-        self.store.append(&snapshot_stream_name(stream), ExpectedVersion::Any, vec![snapshot]).await.is_ok()
+        self.store
+            .append(&snapshot_stream_name(stream), ExpectedVersion::Any, vec![snapshot])
+            .await
+            .is_ok()
     }
 
     /// The newest snapshot, if there is one this code can use.
     async fn newest_snapshot(&self, stream: &str) -> Result<Snapshot<A>, StoreError> {
-        let found = match self.store.read_stream(&snapshot_stream_name(stream), ReadStreamOptions::backward().limit(1)).await {
+        let found = match self
+            .store
+            .read_stream(&snapshot_stream_name(stream), ReadStreamOptions::backward().limit(1))
+            .await
+        {
             Ok(found) => found,
             Err(StoreError::StreamNotFound { .. }) => return Ok(Snapshot::Missing),
             Err(e) => return Err(e),
@@ -387,7 +442,11 @@ impl<A: Aggregate> Repository<A> {
     /// Replays `stream` up to `bound` (everything when `None`), from the best
     /// starting point that lies within the bound and still matches the stream:
     /// the cached state, else the newest snapshot, else the beginning.
-    pub(crate) async fn load_bounded(&self, stream: &str, bound: Option<At>) -> Result<Loaded<A>, RepositoryError<A::Error>> {
+    pub(crate) async fn load_bounded(
+        &self,
+        stream: &str,
+        bound: Option<At>,
+    ) -> Result<Loaded<A>, RepositoryError<A::Error>> {
         let mut loaded = Loaded {
             stream: stream.to_string(),
             state: A::default(),
@@ -399,19 +458,23 @@ impl<A: Aggregate> Repository<A> {
         };
         let mut last_event = None;
         let mut stale_snapshot = false;
-        let cached = bound.is_none().then(|| self.cache.as_ref().and_then(|c| c.get(stream))).flatten();
+        let cached =
+            bound.is_none().then(|| self.cache.as_ref().and_then(|c| c.get(stream))).flatten();
         if let Some(start) = cached
             && let Check::Holds(id, position) = self.check(stream, &start, bound).await?
         {
-            (loaded.state, loaded.version, loaded.position, loaded.cached) = (start.state, start.version, Some(position), true);
+            (loaded.state, loaded.version, loaded.position, loaded.cached) =
+                (start.state, start.version, Some(position), true);
             last_event = Some(id);
         } else if self.snapshots.enabled() {
             match self.newest_snapshot(stream).await? {
                 Snapshot::Usable(s) if bound.is_none_or(|b| b.admits_version(s.covers_version)) => {
-                    let start = Start { version: s.covers_version, event: s.covers_event, state: s.state };
+                    let start =
+                        Start { version: s.covers_version, event: s.covers_event, state: s.state };
                     match self.check(stream, &start, bound).await? {
                         Check::Holds(id, position) => {
-                            (loaded.state, loaded.version, loaded.position) = (start.state, start.version, Some(position));
+                            (loaded.state, loaded.version, loaded.position) =
+                                (start.state, start.version, Some(position));
                             loaded.snapshot_version = Some(start.version);
                             last_event = Some(id);
                         }
@@ -442,8 +505,13 @@ impl<A: Aggregate> Repository<A> {
             }
         }
         if let (None, Some(event)) = (bound, last_event) {
-            if let Some(cache) = self.cache.as_ref().filter(|_| !loaded.cached || loaded.replayed > 0) {
-                cache.put(stream, Start { version: loaded.version, event, state: loaded.state.clone() });
+            if let Some(cache) =
+                self.cache.as_ref().filter(|_| !loaded.cached || loaded.replayed > 0)
+            {
+                cache.put(
+                    stream,
+                    Start { version: loaded.version, event, state: loaded.state.clone() },
+                );
             }
             if stale_snapshot {
                 // Replace the snapshot that could not be trusted.
@@ -456,19 +524,37 @@ impl<A: Aggregate> Repository<A> {
     /// Whether `start` is still the state of `stream` at its version: reads the
     /// covered event itself, whose id differs if the stream was deleted and
     /// started over.
-    async fn check(&self, stream: &str, start: &Start<A>, bound: Option<At>) -> Result<Check, StoreError> {
+    async fn check(
+        &self,
+        stream: &str,
+        start: &Start<A>,
+        bound: Option<At>,
+    ) -> Result<Check, StoreError> {
         let first = self.read_page(stream, start.version, 1).await?;
         Ok(match first.into_iter().next() {
             Some(e) if e.version == start.version && e.id == start.event => {
-                if bound.is_some_and(|b| !b.admits(&e)) { Check::OutOfBound } else { Check::Holds(e.id, e.position) }
+                if bound.is_some_and(|b| !b.admits(&e)) {
+                    Check::OutOfBound
+                } else {
+                    Check::Holds(e.id, e.position)
+                }
             }
             _ => Check::Stale,
         })
     }
 
     /// Events of `stream` from `from` on; none if the stream does not exist (yet, or any more).
-    pub(crate) async fn read_page(&self, stream: &str, from: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
-        match self.store.read_stream(stream, ReadStreamOptions::forward().from_version(from).limit(limit)).await {
+    pub(crate) async fn read_page(
+        &self,
+        stream: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        match self
+            .store
+            .read_stream(stream, ReadStreamOptions::forward().from_version(from).limit(limit))
+            .await
+        {
             Ok(events) => Ok(events),
             Err(StoreError::StreamNotFound { .. }) => Ok(Vec::new()),
             Err(e) => Err(e),

@@ -117,7 +117,10 @@ impl<A: Aggregate> Repository<A> {
 
     /// Every event of the aggregate with the state right after it, oldest first,
     /// to find the event at which the state went wrong.
-    pub async fn history(&self, id: &str) -> Result<Vec<HistoryEntry<A>>, RepositoryError<A::Error>> {
+    pub async fn history(
+        &self,
+        id: &str,
+    ) -> Result<Vec<HistoryEntry<A>>, RepositoryError<A::Error>> {
         let stream = A::stream_name(id);
         let mut entries = Vec::new();
         let mut state = A::default();
@@ -150,12 +153,21 @@ impl<A: Aggregate> Repository<A> {
     }
 
     /// The branch's state next to the aggregate's real current state.
-    pub async fn compare(&self, id: &str, branch: &Branch<A>) -> Result<Comparison<A>, RepositoryError<A::Error>> {
+    pub async fn compare(
+        &self,
+        id: &str,
+        branch: &Branch<A>,
+    ) -> Result<Comparison<A>, RepositoryError<A::Error>> {
         let real = self.load(id).await?;
         let as_json = |s: &A| serde_json::to_value(s).unwrap_or(Value::Null);
         let mut differences = Vec::new();
         diff("", Some(&as_json(&real.state)), Some(&as_json(branch.state())), &mut differences);
-        Ok(Comparison { real, branch: branch.state().clone(), branch_version: branch.version(), differences })
+        Ok(Comparison {
+            real,
+            branch: branch.state().clone(),
+            branch_version: branch.version(),
+            differences,
+        })
     }
 }
 

@@ -23,7 +23,12 @@ impl Upcasters {
     }
 
     /// Adds the step that turns `event_type` at `from_version` into `from_version + 1`.
-    pub fn add(self, event_type: &str, from_version: u32, step: impl Fn(Value) -> Value + Send + Sync + 'static) -> Self {
+    pub fn add(
+        self,
+        event_type: &str,
+        from_version: u32,
+        step: impl Fn(Value) -> Value + Send + Sync + 'static,
+    ) -> Self {
         self.try_add(event_type, from_version, move |v| Ok(step(v)))
     }
 
@@ -78,16 +83,21 @@ impl Upcasters {
                     version + 1
                 ));
             };
-            data = step(data).map_err(|e| format!("upcaster {name} v{version} → v{} refused it: {e}", version + 1))?;
+            data = step(data).map_err(|e| {
+                format!("upcaster {name} v{version} → v{} refused it: {e}", version + 1)
+            })?;
             version += 1;
         }
-        Err(format!("more than {MAX_STEPS} upcasting steps from {event_type}; is there a rename cycle?"))
+        Err(format!(
+            "more than {MAX_STEPS} upcasting steps from {event_type}; is there a rename cycle?"
+        ))
     }
 }
 
 impl fmt::Debug for Upcasters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut steps: Vec<_> = self.steps.keys().map(|(t, v)| format!("{t} v{v}→v{}", v + 1)).collect();
+        let mut steps: Vec<_> =
+            self.steps.keys().map(|(t, v)| format!("{t} v{v}→v{}", v + 1)).collect();
         steps.sort();
         f.debug_struct("Upcasters").field("steps", &steps).field("renames", &self.renames).finish()
     }

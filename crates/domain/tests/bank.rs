@@ -32,9 +32,25 @@ fn an_account_must_be_opened_once_before_use() {
 #[test]
 fn withdrawals_never_take_the_balance_below_zero() {
     let account = opened_with(100);
-    assert_eq!(account.decide(&Command::Withdraw { amount: 101 }), Err(Error::InsufficientFunds { balance: 100, requested: 101 }));
+    assert_eq!(
+        account.decide(&Command::Withdraw { amount: 101 }),
+        Err(Error::InsufficientFunds { balance: 100, requested: 101 })
+    );
     let events = account.decide(&Command::Withdraw { amount: 100 }).unwrap();
-    assert_eq!(replay(&[vec![Event::AccountOpened { owner: "ada".into(), currency: "EUR".into() }, Event::MoneyDeposited { amount: 100, currency: "EUR".into(), note: None }], events].concat()).balance, 0);
+    assert_eq!(
+        replay(
+            &[
+                vec![
+                    Event::AccountOpened { owner: "ada".into(), currency: "EUR".into() },
+                    Event::MoneyDeposited { amount: 100, currency: "EUR".into(), note: None }
+                ],
+                events
+            ]
+            .concat()
+        )
+        .balance,
+        0
+    );
 }
 
 #[test]

@@ -3,9 +3,11 @@
 use std::sync::Arc;
 
 use cairn_core::{ExpectedVersion, StoreError};
-use cairn_domain::{RepositoryError, RetryPolicy};
-use cairn_example_courses::{CourseModel, Courses, Error, Event, StudentModel, COURSES_PER_STUDENT};
 use cairn_domain::{DecisionModels, DomainEvent, EventCodec};
+use cairn_domain::{RepositoryError, RetryPolicy};
+use cairn_example_courses::{
+    COURSES_PER_STUDENT, CourseModel, Courses, Error, Event, StudentModel,
+};
 
 use crate::common::store;
 
@@ -14,21 +16,36 @@ async fn the_rules_hold_one_command_at_a_time() {
     let (store, _dir) = store();
     let courses = Courses::new(store.clone());
     courses.define("cs101", 2).await.unwrap();
-    assert_eq!(courses.define("cs101", 9).await.unwrap_err().rejection(), Some(&Error::CourseExists("cs101".into())));
+    assert_eq!(
+        courses.define("cs101", 9).await.unwrap_err().rejection(),
+        Some(&Error::CourseExists("cs101".into()))
+    );
     courses.subscribe("ada", "cs101").await.unwrap();
     let head = store.head_position().await.unwrap();
     let err = courses.subscribe("ada", "cs101").await.unwrap_err();
-    assert_eq!(err.rejection(), Some(&Error::AlreadySubscribed { student: "ada".into(), course: "cs101".into() }));
+    assert_eq!(
+        err.rejection(),
+        Some(&Error::AlreadySubscribed { student: "ada".into(), course: "cs101".into() })
+    );
     assert_eq!(store.head_position().await.unwrap(), head, "a refused command writes nothing");
     courses.subscribe("bob", "cs101").await.unwrap();
-    assert_eq!(courses.subscribe("cy", "cs101").await.unwrap_err().rejection(), Some(&Error::CourseFull { course: "cs101".into(), capacity: 2 }));
-    assert_eq!(courses.subscribe("cy", "nope").await.unwrap_err().rejection(), Some(&Error::NoSuchCourse("nope".into())));
+    assert_eq!(
+        courses.subscribe("cy", "cs101").await.unwrap_err().rejection(),
+        Some(&Error::CourseFull { course: "cs101".into(), capacity: 2 })
+    );
+    assert_eq!(
+        courses.subscribe("cy", "nope").await.unwrap_err().rejection(),
+        Some(&Error::NoSuchCourse("nope".into()))
+    );
     for c in 0..COURSES_PER_STUDENT {
         courses.define(&format!("c{c}"), 10).await.unwrap();
         courses.subscribe("dee", &format!("c{c}")).await.unwrap();
     }
     courses.define("extra", 10).await.unwrap();
-    assert_eq!(courses.subscribe("dee", "extra").await.unwrap_err().rejection(), Some(&Error::StudentAtLimit { student: "dee".into() }));
+    assert_eq!(
+        courses.subscribe("dee", "extra").await.unwrap_err().rejection(),
+        Some(&Error::StudentAtLimit { student: "dee".into() })
+    );
     assert_eq!(courses.course("cs101").await.unwrap().students, 2);
     assert_eq!(courses.courses_of("dee").await.unwrap().len(), COURSES_PER_STUDENT);
 }
@@ -47,15 +64,33 @@ async fn the_condition_covers_exactly_what_the_decision_read() {
     // Another course's subscription does not touch this decision...
     courses.subscribe("bob", "b").await.unwrap();
     let codec = EventCodec::<Event>::new();
-    let subscribe = |student: &str| codec.encode(&Event::StudentSubscribed { student: student.into(), course: "a".into() }).unwrap();
-    store.append_if("course-a", ExpectedVersion::Any, vec![subscribe("ada")], decided.condition()).await.unwrap();
+    let subscribe = |student: &str| {
+        codec
+            .encode(&Event::StudentSubscribed { student: student.into(), course: "a".into() })
+            .unwrap()
+    };
+    store
+        .append_if("course-a", ExpectedVersion::Any, vec![subscribe("ada")], decided.condition())
+        .await
+        .unwrap();
     // ...but anything it read does: the same decision cannot be applied twice.
-    let err = store.append_if("course-a", ExpectedVersion::Any, vec![subscribe("eve")], decided.condition()).await.unwrap_err();
+    let err = store
+        .append_if("course-a", ExpectedVersion::Any, vec![subscribe("eve")], decided.condition())
+        .await
+        .unwrap_err();
     let StoreError::AppendConditionFailed { first_conflict, .. } = err else { panic!("{err}") };
     let read_again = courses.decider().load(&models).await.unwrap();
-    assert_eq!(read_again.after, Some(first_conflict), "the conflict is the subscription of ada to a");
+    assert_eq!(
+        read_again.after,
+        Some(first_conflict),
+        "the conflict is the subscription of ada to a"
+    );
     assert_eq!((read_again.states.0.students, read_again.states.1.len()), (1, 1));
-    assert!(models.queries()[1].matches("student-ada", "StudentSubscribed", &Event::StudentSubscribed { student: "ada".into(), course: "x".into() }.tags()));
+    assert!(models.queries()[1].matches(
+        "student-ada",
+        "StudentSubscribed",
+        &Event::StudentSubscribed { student: "ada".into(), course: "x".into() }.tags()
+    ));
 }
 
 #[tokio::test]
@@ -94,13 +129,19 @@ async fn racing_subscriptions_never_break_a_rule() {
         let mut handles = Vec::new();
         for s in 0..32 {
             let (courses, course) = (courses.clone(), course.clone());
-            handles.push(tokio::spawn(async move { courses.subscribe(&format!("r{round}-s{s}"), &course).await }));
+            handles.push(tokio::spawn(async move {
+                courses.subscribe(&format!("r{round}-s{s}"), &course).await
+            }));
         }
         let mut ok = 0;
         for h in handles {
             match h.await.unwrap() {
                 Ok(_) => ok += 1,
-                Err(e) => assert_eq!(e.rejection(), Some(&Error::CourseFull { course: course.clone(), capacity: 30 }), "round {round}"),
+                Err(e) => assert_eq!(
+                    e.rejection(),
+                    Some(&Error::CourseFull { course: course.clone(), capacity: 30 }),
+                    "round {round}"
+                ),
             }
         }
         assert_eq!(ok, 30, "round {round}: exactly the capacity");
@@ -114,7 +155,9 @@ async fn racing_subscriptions_never_break_a_rule() {
     let mut handles = Vec::new();
     for c in 0..8 {
         let courses = courses_.clone();
-        handles.push(tokio::spawn(async move { courses.subscribe("zoe", &format!("elective-{c}")).await.is_ok() }));
+        handles.push(tokio::spawn(async move {
+            courses.subscribe("zoe", &format!("elective-{c}")).await.is_ok()
+        }));
     }
     let mut ok = 0;
     for h in handles {

@@ -20,10 +20,14 @@ async fn execute_appends_the_decided_events_and_load_replays_them() {
     let loaded = repo.load("a1").await.unwrap();
     assert_eq!((loaded.version, loaded.state.balance, loaded.replayed), (3, 150, 3));
     assert_eq!(loaded.stream, "account-a1");
-    let stored = repo.store().read_stream("account-a1", ReadStreamOptions::forward()).await.unwrap();
+    let stored =
+        repo.store().read_stream("account-a1", ReadStreamOptions::forward()).await.unwrap();
     let types: Vec<_> = stored.iter().map(|e| (e.event_type.as_str(), e.schema_version)).collect();
     assert_eq!(types, [("AccountOpened", 1), ("MoneyDeposited", 2), ("MoneyWithdrawn", 1)]);
-    assert_eq!(stored[1].json::<serde_json::Value>().unwrap(), serde_json::json!({"amount": 250, "currency": "EUR"}));
+    assert_eq!(
+        stored[1].json::<serde_json::Value>().unwrap(),
+        serde_json::json!({"amount": 250, "currency": "EUR"})
+    );
 }
 
 #[tokio::test]
@@ -51,7 +55,11 @@ async fn correlation_and_causation_ids_flow_from_the_command_into_its_events() {
     ctx2.command_id = Uuid::now_v7();
     repo.execute_with("a3", &deposit(10), &ctx).await.unwrap();
     repo.execute_with("a3", &deposit(20), &ctx2).await.unwrap();
-    let events = repo.store().read_stream("account-a3", ReadStreamOptions::forward().from_version(2)).await.unwrap();
+    let events = repo
+        .store()
+        .read_stream("account-a3", ReadStreamOptions::forward().from_version(2))
+        .await
+        .unwrap();
     assert_eq!(events[0].metadata.correlation_id, Some(conversation));
     assert_eq!(events[0].metadata.causation_id, Some(ctx.command_id));
     assert_eq!(events[1].metadata.causation_id, Some(ctx2.command_id));
@@ -61,11 +69,21 @@ async fn correlation_and_causation_ids_flow_from_the_command_into_its_events() {
     // and a command caused by an event joins that event's conversation.
     let first = CommandContext::new();
     repo.execute_with("a4", &open("bob"), &first).await.unwrap();
-    let opened = repo.store().read_stream("account-a4", ReadStreamOptions::forward()).await.unwrap().remove(0);
+    let opened = repo
+        .store()
+        .read_stream("account-a4", ReadStreamOptions::forward())
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!(opened.metadata.correlation_id, Some(first.command_id));
     let reaction = CommandContext::caused_by(&opened);
     repo.execute_with("a4", &deposit(5), &reaction).await.unwrap();
-    let deposited = repo.store().read_stream("account-a4", ReadStreamOptions::forward().from_version(2)).await.unwrap().remove(0);
+    let deposited = repo
+        .store()
+        .read_stream("account-a4", ReadStreamOptions::forward().from_version(2))
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!(deposited.metadata.correlation_id, Some(first.command_id));
     assert_eq!(deposited.metadata.causation_id, Some(reaction.command_id));
 }
@@ -143,7 +161,9 @@ async fn a_per_command_retry_policy_overrides_the_repository() {
     let mut handles = Vec::new();
     for _ in 0..8 {
         let (repo, ctx) = (repo.clone(), ctx.clone());
-        handles.push(tokio::spawn(async move { repo.execute_with("a7", &deposit(1), &ctx).await.map(|_| ()) }));
+        handles.push(tokio::spawn(async move {
+            repo.execute_with("a7", &deposit(1), &ctx).await.map(|_| ())
+        }));
     }
     for h in handles {
         h.await.unwrap().unwrap();
@@ -156,13 +176,19 @@ async fn a_deleted_account_starts_over_and_a_tombstoned_one_reports_it() {
     let (repo, _dir) = bank();
     repo.execute("a8", &open("ada")).await.unwrap();
     repo.execute("a8", &deposit(9)).await.unwrap();
-    repo.store().delete_stream("account-a8", cairn_core::ExpectedVersion::Any, false).await.unwrap();
+    repo.store()
+        .delete_stream("account-a8", cairn_core::ExpectedVersion::Any, false)
+        .await
+        .unwrap();
     let loaded = repo.load("a8").await.unwrap();
     assert_eq!((loaded.version, loaded.state.balance), (0, 0));
     assert_eq!(repo.execute("a8", &open("bob")).await.unwrap().state.owner, "bob");
     repo.store().delete_stream("account-a8", cairn_core::ExpectedVersion::Any, true).await.unwrap();
     let err = repo.execute("a8", &deposit(1)).await.unwrap_err();
-    assert!(matches!(err, RepositoryError::Store(cairn_core::StoreError::StreamDeleted { .. })), "{err}");
+    assert!(
+        matches!(err, RepositoryError::Store(cairn_core::StoreError::StreamDeleted { .. })),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -178,17 +204,27 @@ async fn the_cache_replays_only_new_events_and_never_trusts_a_stale_entry() {
     plain.execute("k1", &deposit(5)).await.unwrap();
     plain.execute("k1", &deposit(7)).await.unwrap();
     let moved = cached.load("k1").await.unwrap();
-    assert_eq!((moved.cached, moved.replayed, moved.version, moved.state.balance), (true, 2, 4, 22));
+    assert_eq!(
+        (moved.cached, moved.replayed, moved.version, moved.state.balance),
+        (true, 2, 4, 22)
+    );
 
     // The stream is deleted and rewritten to the same version: the cached state
     // is not the stream's any more, and the id check notices.
-    plain.store().delete_stream("account-k1", cairn_core::ExpectedVersion::Any, false).await.unwrap();
+    plain
+        .store()
+        .delete_stream("account-k1", cairn_core::ExpectedVersion::Any, false)
+        .await
+        .unwrap();
     plain.execute("k1", &open("bob")).await.unwrap();
     for amount in [1, 1, 1] {
         plain.execute("k1", &deposit(amount)).await.unwrap();
     }
     let reset = cached.load("k1").await.unwrap();
-    assert_eq!((reset.cached, reset.replayed, reset.state.owner.as_str(), reset.state.balance), (false, 4, "bob", 3));
+    assert_eq!(
+        (reset.cached, reset.replayed, reset.state.owner.as_str(), reset.state.balance),
+        (false, 4, "bob", 3)
+    );
 
     // Beyond its capacity the cache forgets, and loads stay correct.
     for id in ["k2", "k3", "k4"] {

@@ -1,4 +1,4 @@
-use cairn_core::{snapshot_stream_name, ExpectedVersion, NewEvent, ReadStreamOptions};
+use cairn_core::{ExpectedVersion, NewEvent, ReadStreamOptions, snapshot_stream_name};
 use cairn_domain::{Aggregate, Repository, SnapshotPolicy};
 use cairn_example_bank::{Account, Command};
 use proptest::prelude::*;
@@ -43,7 +43,8 @@ async fn a_custom_predicate_decides_when_to_snapshot() {
     assert!(repo.execute("s2", &deposit(1)).await.unwrap().snapshotted);
     assert_eq!(repo.load("s2").await.unwrap().snapshot_version, Some(3));
     // An explicit snapshot, whatever the policy says.
-    let never = Repository::<Account>::new(repo.store().clone()).with_snapshots(SnapshotPolicy::Never);
+    let never =
+        Repository::<Account>::new(repo.store().clone()).with_snapshots(SnapshotPolicy::Never);
     never.execute("s2", &deposit(5)).await.unwrap();
     assert_eq!(repo.snapshot("s2").await.unwrap().snapshot_version, Some(4));
     assert_eq!(repo.load("s2").await.unwrap().replayed, 0);
@@ -83,7 +84,10 @@ async fn a_snapshot_of_another_state_version_is_ignored_and_rebuilt() {
     // The load replaced it with a snapshot of the new shape, which the next load uses.
     let again = new.load("s3").await.unwrap();
     assert_eq!((again.snapshot_version, again.replayed, again.state.0.balance), (Some(7), 0, 60));
-    let newest = store.read_stream(&snapshot_stream_name("account-s3"), ReadStreamOptions::backward().limit(1)).await.unwrap();
+    let newest = store
+        .read_stream(&snapshot_stream_name("account-s3"), ReadStreamOptions::backward().limit(1))
+        .await
+        .unwrap();
     assert_eq!(newest[0].schema_version, 2);
 }
 
@@ -100,11 +104,18 @@ async fn a_snapshot_that_no_longer_matches_its_stream_is_not_trusted() {
     never.execute("s4", &open("bob")).await.unwrap();
     never.execute("s4", &deposit(7)).await.unwrap();
     let loaded = repo.load("s4").await.unwrap();
-    assert_eq!((loaded.state.owner.as_str(), loaded.state.balance, loaded.snapshot_version), ("bob", 7, None));
+    assert_eq!(
+        (loaded.state.owner.as_str(), loaded.state.balance, loaded.snapshot_version),
+        ("bob", 7, None)
+    );
 
     // A snapshot whose payload does not parse is not trusted either.
     store
-        .append(&snapshot_stream_name("account-s4"), ExpectedVersion::Any, vec![NewEvent::json_bytes("Snapshot", &b"{\"covers_version\": 2}"[..])])
+        .append(
+            &snapshot_stream_name("account-s4"),
+            ExpectedVersion::Any,
+            vec![NewEvent::json_bytes("Snapshot", &b"{\"covers_version\": 2}"[..])],
+        )
         .await
         .unwrap();
     let loaded = repo.load("s4").await.unwrap();
@@ -118,7 +129,10 @@ enum Step {
 }
 
 fn steps() -> impl Strategy<Value = Vec<Step>> {
-    prop::collection::vec(prop_oneof![(1..500u64).prop_map(Step::Deposit), (1..800u64).prop_map(Step::Withdraw)], 0..60)
+    prop::collection::vec(
+        prop_oneof![(1..500u64).prop_map(Step::Deposit), (1..800u64).prop_map(Step::Withdraw)],
+        0..60,
+    )
 }
 
 proptest! {

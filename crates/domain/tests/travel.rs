@@ -23,17 +23,32 @@ async fn the_state_at_each_version_position_and_time() {
         let repo = Repository::<Account>::new(store.clone()).with_snapshots(policy.clone());
         let id = format!("t-{policy:?}");
         account_with_history(&repo, &id).await;
-        let events = store.read_stream(&format!("account-{id}"), ReadStreamOptions::forward()).await.unwrap();
+        let events = store
+            .read_stream(&format!("account-{id}"), ReadStreamOptions::forward())
+            .await
+            .unwrap();
         let balances = [0, 0, 100, 300, 600, 550];
         for (v, expected) in balances.iter().enumerate() {
             let at_version = repo.load_at(&id, At::Version(v as u64)).await.unwrap();
-            assert_eq!((at_version.version, at_version.state.balance), (v as u64, *expected), "{policy:?} version {v}");
+            assert_eq!(
+                (at_version.version, at_version.state.balance),
+                (v as u64, *expected),
+                "{policy:?} version {v}"
+            );
         }
         for e in &events {
             let expected = balances[e.version as usize];
-            assert_eq!(repo.load_at(&id, At::Position(e.position)).await.unwrap().state.balance, expected);
+            assert_eq!(
+                repo.load_at(&id, At::Position(e.position)).await.unwrap().state.balance,
+                expected
+            );
             let at_time = repo.load_at(&id, At::Time(e.timestamp)).await.unwrap();
-            assert_eq!((at_time.version, at_time.state.balance), (e.version, expected), "{policy:?} at {}", e.timestamp.to_rfc3339());
+            assert_eq!(
+                (at_time.version, at_time.state.balance),
+                (e.version, expected),
+                "{policy:?} at {}",
+                e.timestamp.to_rfc3339()
+            );
         }
         // Before the first event and after the last.
         let before = Timestamp(events[0].timestamp.as_micros() - 1);
@@ -50,7 +65,11 @@ async fn the_history_lists_each_event_with_the_state_after_it() {
     let history = repo.history("h1").await.unwrap();
     let balances: Vec<_> = history.iter().map(|h| (h.version, h.state.balance)).collect();
     assert_eq!(balances, [(1, 0), (2, 100), (3, 300), (4, 600), (5, 550)]);
-    assert!(history.windows(2).all(|w| w[0].position < w[1].position && w[0].timestamp <= w[1].timestamp));
+    assert!(
+        history
+            .windows(2)
+            .all(|w| w[0].position < w[1].position && w[0].timestamp <= w[1].timestamp)
+    );
     assert_eq!(history[4].stored_type, "MoneyWithdrawn");
 }
 
@@ -65,7 +84,10 @@ async fn a_what_if_branch_runs_commands_in_memory_and_writes_nothing() {
     let mut branch = repo.branch("w1", At::Version(3)).await.unwrap();
     assert_eq!(branch.state().balance, 300);
     branch.execute(&Command::Withdraw { amount: 250 }).unwrap();
-    assert_eq!(branch.execute(&Command::Withdraw { amount: 100 }).unwrap_err(), Error::InsufficientFunds { balance: 50, requested: 100 });
+    assert_eq!(
+        branch.execute(&Command::Withdraw { amount: 100 }).unwrap_err(),
+        Error::InsufficientFunds { balance: 50, requested: 100 }
+    );
     assert_eq!((branch.version(), branch.state().balance, branch.events().len()), (4, 50, 1));
 
     let comparison = repo.compare("w1", &branch).await.unwrap();

@@ -1,5 +1,5 @@
 use cairn_core::{ExpectedVersion, NewEvent, ReadStreamOptions};
-use cairn_domain::{census, EventCodec, Upcasters};
+use cairn_domain::{EventCodec, Upcasters, census};
 use cairn_example_bank::Event;
 use serde_json::json;
 
@@ -13,19 +13,42 @@ fn v1_deposit(amount: u64) -> NewEvent {
 #[tokio::test]
 async fn stored_v1_events_are_seen_as_v2_by_the_aggregate_and_the_history() {
     let (repo, _dir) = bank();
-    let opened = NewEvent::json("AccountOpened", &json!({"owner": "old", "currency": "USD"})).unwrap();
-    repo.store().append("account-u1", ExpectedVersion::NoStream, vec![opened, v1_deposit(300), v1_deposit(200)]).await.unwrap();
-    repo.execute("u1", &cairn_example_bank::Command::Deposit { amount: 50, currency: "USD".into(), note: None }).await.unwrap();
+    let opened =
+        NewEvent::json("AccountOpened", &json!({"owner": "old", "currency": "USD"})).unwrap();
+    repo.store()
+        .append(
+            "account-u1",
+            ExpectedVersion::NoStream,
+            vec![opened, v1_deposit(300), v1_deposit(200)],
+        )
+        .await
+        .unwrap();
+    repo.execute(
+        "u1",
+        &cairn_example_bank::Command::Deposit { amount: 50, currency: "USD".into(), note: None },
+    )
+    .await
+    .unwrap();
 
     let loaded = repo.load("u1").await.unwrap();
     assert_eq!(loaded.state.balance, 550);
     let history = repo.history("u1").await.unwrap();
     let seen: Vec<_> = history.iter().map(|h| (h.stored_schema_version, h.event.clone())).collect();
-    assert_eq!(seen[1], (1, Event::MoneyDeposited { amount: 300, currency: "USD".into(), note: None }));
-    assert_eq!(seen[3], (2, Event::MoneyDeposited { amount: 50, currency: "USD".into(), note: None }));
+    assert_eq!(
+        seen[1],
+        (1, Event::MoneyDeposited { amount: 300, currency: "USD".into(), note: None })
+    );
+    assert_eq!(
+        seen[3],
+        (2, Event::MoneyDeposited { amount: 50, currency: "USD".into(), note: None })
+    );
     assert_eq!(history.iter().map(|h| h.state.balance).collect::<Vec<_>>(), [0, 300, 500, 550]);
     // The stored bytes are untouched.
-    let stored = repo.store().read_stream("account-u1", ReadStreamOptions::forward().from_version(2).limit(1)).await.unwrap();
+    let stored = repo
+        .store()
+        .read_stream("account-u1", ReadStreamOptions::forward().from_version(2).limit(1))
+        .await
+        .unwrap();
     assert_eq!(stored[0].json::<serde_json::Value>().unwrap(), json!({"amount": 300}));
     assert_eq!(stored[0].schema_version, 1);
 }
@@ -94,7 +117,9 @@ fn missing_upcasters_unknown_types_and_newer_versions_are_clear_errors() {
     let err = bare.decode(&recorded("MoneyDeposited", 1, json!({"amount": 1}))).unwrap_err();
     assert!(err.reason.contains("no upcaster from MoneyDeposited v1 to v2"), "{err}");
     let codec = EventCodec::<Event>::new();
-    let err = codec.decode(&recorded("MoneyDeposited", 3, json!({"amount": 1, "currency": "EUR"}))).unwrap_err();
+    let err = codec
+        .decode(&recorded("MoneyDeposited", 3, json!({"amount": 1, "currency": "EUR"})))
+        .unwrap_err();
     assert!(err.reason.contains("deploy the newer code"), "{err}");
     let err = codec.decode(&recorded("MoneyLaundered", 1, json!({}))).unwrap_err();
     assert!(err.reason.contains("unknown variant"), "{err}");
@@ -112,7 +137,11 @@ fn every_kind_of_variant_round_trips() {
         Event::AccountClosed,
     ] {
         let new = codec.encode(&event).unwrap();
-        let stored = recorded(&new.event_type, new.schema_version, serde_json::from_slice(&new.data).unwrap());
+        let stored = recorded(
+            &new.event_type,
+            new.schema_version,
+            serde_json::from_slice(&new.data).unwrap(),
+        );
         assert_eq!(codec.decode(&stored).unwrap(), event);
     }
     assert_eq!(codec.encode(&Event::AccountClosed).unwrap().event_type, "AccountClosed");

@@ -3,7 +3,10 @@
 //! `x-cairn-error-bin`, so no detail is lost either way).
 
 use cairn_client::wire::{error_body, error_from};
-use cairn_core::{ContentType, Direction, ExpectedVersion, Metadata, NewEvent, Position, ReadAllOptions, RecordedEvent, StoreError, Timestamp};
+use cairn_core::{
+    ContentType, Direction, ExpectedVersion, Metadata, NewEvent, Position, ReadAllOptions,
+    RecordedEvent, StoreError, Timestamp,
+};
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 use uuid::Uuid;
@@ -23,7 +26,9 @@ pub fn direction_from(d: i32) -> Result<Direction, StoreError> {
     match proto::Direction::try_from(d) {
         Ok(proto::Direction::Forward) => Ok(Direction::Forward),
         Ok(proto::Direction::Backward) => Ok(Direction::Backward),
-        Err(_) => Err(StoreError::InvalidArgument(format!("direction: {d} is not FORWARD (0) or BACKWARD (1)"))),
+        Err(_) => Err(StoreError::InvalidArgument(format!(
+            "direction: {d} is not FORWARD (0) or BACKWARD (1)"
+        ))),
     }
 }
 
@@ -75,7 +80,11 @@ fn metadata_to(m: &Metadata) -> proto::Metadata {
 fn metadata_from(m: Option<proto::Metadata>, what: &str) -> Result<Metadata, String> {
     let Some(m) = m else { return Ok(Metadata::default()) };
     let id = |s: &str, field: &str| -> Result<Option<Uuid>, String> {
-        if s.is_empty() { Ok(None) } else { s.parse().map(Some).map_err(|_| format!("{what}.metadata.{field}: {s:?} is not a UUID")) }
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            s.parse().map(Some).map_err(|_| format!("{what}.metadata.{field}: {s:?} is not a UUID"))
+        }
     };
     Ok(Metadata {
         correlation_id: id(&m.correlation_id, "correlation_id")?,
@@ -131,7 +140,10 @@ pub fn event_to(e: RecordedEvent) -> proto::Event {
 }
 
 pub fn event_from(e: proto::Event) -> Result<RecordedEvent, StoreError> {
-    let bad = |m: String| StoreError::Io { path: "gRPC".into(), source: std::io::Error::other(format!("the server sent a malformed event: {m}")) };
+    let bad = |m: String| StoreError::Io {
+        path: "gRPC".into(),
+        source: std::io::Error::other(format!("the server sent a malformed event: {m}")),
+    };
     Ok(RecordedEvent {
         id: e.id.parse().map_err(|_| bad(format!("id {:?}", e.id)))?,
         stream: e.stream,
@@ -187,7 +199,9 @@ pub fn status_with_body(http: u16, body: &serde_json::Value) -> Status {
     };
     let message = body["message"].as_str().unwrap_or_default().to_string();
     let mut status = Status::new(code, message);
-    status.metadata_mut().insert_bin(ERROR_KEY, MetadataValue::from_bytes(body.to_string().as_bytes()));
+    status
+        .metadata_mut()
+        .insert_bin(ERROR_KEY, MetadataValue::from_bytes(body.to_string().as_bytes()));
     status
 }
 
@@ -201,20 +215,44 @@ pub const NEXT_KEY: &str = "x-cairn-next";
 pub fn append_status_to_error(s: &Status) -> StoreError {
     let has_body = s.metadata().get_bin(ERROR_KEY).is_some();
     let not_sent = s.code() == Code::Unavailable && s.message().contains("connect");
-    if !has_body && !not_sent && matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Internal) {
-        return StoreError::OutcomeUnknown { reason: format!("the call broke before the server answered (gRPC status {:?}: {})", s.code(), s.message()) };
+    if !has_body
+        && !not_sent
+        && matches!(
+            s.code(),
+            Code::Unavailable
+                | Code::Unknown
+                | Code::Cancelled
+                | Code::DeadlineExceeded
+                | Code::Internal
+        )
+    {
+        return StoreError::OutcomeUnknown {
+            reason: format!(
+                "the call broke before the server answered (gRPC status {:?}: {})",
+                s.code(),
+                s.message()
+            ),
+        };
     }
     status_to_error(s)
 }
 
 /// The store error a status stands for.
 pub fn status_to_error(s: &Status) -> StoreError {
-    if let Some(body) = s.metadata().get_bin(ERROR_KEY).and_then(|v| v.to_bytes().ok()).and_then(|b| serde_json::from_slice(&b).ok()) {
+    if let Some(body) = s
+        .metadata()
+        .get_bin(ERROR_KEY)
+        .and_then(|v| v.to_bytes().ok())
+        .and_then(|b| serde_json::from_slice(&b).ok())
+    {
         return error_from(500, &body, "gRPC");
     }
     let detail = format!("gRPC status {:?}: {}", s.code(), s.message());
     match s.code() {
-        Code::Unavailable => StoreError::Io { path: "gRPC".into(), source: std::io::Error::other(format!("cannot reach the server ({detail})")) },
+        Code::Unavailable => StoreError::Io {
+            path: "gRPC".into(),
+            source: std::io::Error::other(format!("cannot reach the server ({detail})")),
+        },
         _ => StoreError::Io { path: "gRPC".into(), source: std::io::Error::other(detail) },
     }
 }

@@ -11,17 +11,19 @@ pub mod proto {
 
 use async_trait::async_trait;
 use cairn_core::{
-    AppendCondition, AppendResult, EventStore, ExpectedVersion, NewEvent, Position, Query, ReadAllOptions,
-    ReadStreamOptions, RecordedEvent, Result, StartFrom, StoreError, StreamInfo, StreamMetadata, Subscription,
-    SubscriptionTarget,
+    AppendCondition, AppendResult, EventStore, ExpectedVersion, NewEvent, Position, Query,
+    ReadAllOptions, ReadStreamOptions, RecordedEvent, Result, StartFrom, StoreError, StreamInfo,
+    StreamMetadata, Subscription, SubscriptionTarget,
 };
 use futures_util::StreamExt;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
-use cairn_client::wire::{Next, EVENTS_PAGE_MAX};
+use cairn_client::wire::{EVENTS_PAGE_MAX, Next};
 
-use crate::convert::{all_request, event_from, expected_to, new_event_to, status_to_error, NEXT_KEY};
+use crate::convert::{
+    NEXT_KEY, all_request, event_from, expected_to, new_event_to, status_to_error,
+};
 
 /// The read of a page of `n` events of `$all` (or a query), from `options` or the cursor `next`.
 fn page_of(options: &ReadAllOptions, n: usize, next: Option<Next>) -> proto::ReadAllRequest {
@@ -65,7 +67,9 @@ impl GrpcStore {
             .map_err(|e| StoreError::InvalidArgument(format!("server URL {url:?}: {e}")))?;
         let https = endpoint.uri().scheme_str() == Some("https");
         if root.is_some() && !https {
-            return Err(StoreError::InvalidArgument(format!("a CA certificate was given for {url:?}, which is not https://; use the https:// URL or leave the CA out")));
+            return Err(StoreError::InvalidArgument(format!(
+                "a CA certificate was given for {url:?}, which is not https://; use the https:// URL or leave the CA out"
+            )));
         }
         let endpoint = if https { tls(endpoint, url, root)? } else { endpoint };
         let client = EventStoreClient::new(endpoint.connect_lazy())
@@ -76,7 +80,9 @@ impl GrpcStore {
 
     /// Sends this API key with every call.
     pub fn with_api_key(mut self, key: &str) -> Result<Self> {
-        let value = format!("Bearer {key}").parse().map_err(|_| StoreError::InvalidArgument("the API key has characters a header cannot carry".into()))?;
+        let value = format!("Bearer {key}").parse().map_err(|_| {
+            StoreError::InvalidArgument("the API key has characters a header cannot carry".into())
+        })?;
         self.api_key = Some(value);
         Ok(self)
     }
@@ -89,9 +95,17 @@ impl GrpcStore {
         request
     }
 
-    async fn append_request(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>, condition: Option<AppendCondition>) -> Result<AppendResult> {
+    async fn append_request(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        condition: Option<AppendCondition>,
+    ) -> Result<AppendResult> {
         let condition_json = match condition {
-            Some(c) => serde_json::to_string(&c).map_err(|e| StoreError::InvalidArgument(e.to_string()))?,
+            Some(c) => {
+                serde_json::to_string(&c).map_err(|e| StoreError::InvalidArgument(e.to_string()))?
+            }
             None => String::new(),
         };
         let message = proto::AppendRequest {
@@ -107,7 +121,10 @@ impl GrpcStore {
             let error = match self.client.clone().append(self.request(message.clone())).await {
                 Ok(reply) => {
                     let reply = reply.into_inner();
-                    return Ok(AppendResult { next_version: reply.next_version, position: Position(reply.position) });
+                    return Ok(AppendResult {
+                        next_version: reply.next_version,
+                        position: Position(reply.position),
+                    });
                 }
                 Err(status) => convert::append_status_to_error(&status),
             };
@@ -130,13 +147,21 @@ impl GrpcStore {
     async fn paged<F, Fut>(&self, limit: usize, mut call: F) -> Result<Vec<RecordedEvent>>
     where
         F: FnMut(usize, Option<Next>) -> Fut,
-        Fut: std::future::Future<Output = std::result::Result<tonic::Response<proto::Events>, tonic::Status>>,
+        Fut: std::future::Future<
+                Output = std::result::Result<tonic::Response<proto::Events>, tonic::Status>,
+            >,
     {
         let mut out = Vec::new();
         let mut next = None;
         loop {
-            let response = call((limit - out.len()).min(EVENTS_PAGE_MAX), next).await.map_err(|s| status_to_error(&s))?;
-            next = response.metadata().get(NEXT_KEY).and_then(|v| v.to_str().ok()).and_then(|v| serde_json::from_str::<Next>(v).ok());
+            let response = call((limit - out.len()).min(EVENTS_PAGE_MAX), next)
+                .await
+                .map_err(|s| status_to_error(&s))?;
+            next = response
+                .metadata()
+                .get(NEXT_KEY)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| serde_json::from_str::<Next>(v).ok());
             let page = Self::events(response.into_inner())?;
             let empty = page.is_empty();
             out.extend(page);
@@ -154,12 +179,16 @@ fn tls(endpoint: Endpoint, url: &str, root: Option<&[u8]>) -> Result<Endpoint> {
     if let Some(pem) = root {
         config = config.ca_certificate(tonic::transport::Certificate::from_pem(pem));
     }
-    endpoint.tls_config(config).map_err(|e| StoreError::InvalidArgument(format!("TLS for {url:?}: {e}; is the CA certificate PEM?")))
+    endpoint.tls_config(config).map_err(|e| {
+        StoreError::InvalidArgument(format!("TLS for {url:?}: {e}; is the CA certificate PEM?"))
+    })
 }
 
 #[cfg(not(feature = "tls"))]
 fn tls(_: Endpoint, url: &str, _: Option<&[u8]>) -> Result<Endpoint> {
-    Err(StoreError::InvalidArgument(format!("{url:?} needs TLS, which this build of cairn-grpc leaves out: enable its `tls` feature")))
+    Err(StoreError::InvalidArgument(format!(
+        "{url:?} needs TLS, which this build of cairn-grpc leaves out: enable its `tls` feature"
+    )))
 }
 
 /// `n` errors like `e` (a store error is not `Clone`: its wire form is copied).
@@ -169,16 +198,28 @@ fn copies(e: &StoreError, n: usize) -> Vec<StoreError> {
 }
 
 fn stream_info(json: &str) -> Result<StreamInfo> {
-    serde_json::from_str(json).map_err(|e| StoreError::Io { path: "gRPC".into(), source: std::io::Error::other(e) })
+    serde_json::from_str(json)
+        .map_err(|e| StoreError::Io { path: "gRPC".into(), source: std::io::Error::other(e) })
 }
 
 #[async_trait]
 impl EventStore for GrpcStore {
-    async fn append(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>) -> Result<AppendResult> {
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
         self.append_request(stream, expected, events, None).await
     }
 
-    async fn append_if(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>, condition: AppendCondition) -> Result<AppendResult> {
+    async fn append_if(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        condition: AppendCondition,
+    ) -> Result<AppendResult> {
         self.append_request(stream, expected, events, Some(condition)).await
     }
 
@@ -196,14 +237,33 @@ impl EventStore for GrpcStore {
             let condition_json = match &a.condition {
                 Some(c) => match serde_json::to_string(c) {
                     Ok(json) => json,
-                    Err(e) => return (0..n).map(|_| Err(StoreError::InvalidArgument(format!("a condition could not be encoded: {e}")))).collect(),
+                    Err(e) => {
+                        return (0..n)
+                            .map(|_| {
+                                Err(StoreError::InvalidArgument(format!(
+                                    "a condition could not be encoded: {e}"
+                                )))
+                            })
+                            .collect();
+                    }
                 },
                 None => String::new(),
             };
-            messages.push(proto::AppendRequest { stream: a.stream, expected: Some(expected_to(a.expected)), events: a.events.iter().map(new_event_to).collect(), condition_json });
+            messages.push(proto::AppendRequest {
+                stream: a.stream,
+                expected: Some(expected_to(a.expected)),
+                events: a.events.iter().map(new_event_to).collect(),
+                condition_json,
+            });
         }
-        let broke = |why: String| StoreError::OutcomeUnknown { reason: format!("the append stream broke before the server answered ({why})") };
-        let call = self.client.clone().append_stream(self.request(futures_util::stream::iter(messages))).await;
+        let broke = |why: String| StoreError::OutcomeUnknown {
+            reason: format!("the append stream broke before the server answered ({why})"),
+        };
+        let call = self
+            .client
+            .clone()
+            .append_stream(self.request(futures_util::stream::iter(messages)))
+            .await;
         let mut replies = match call {
             Ok(r) => r.into_inner(),
             Err(status) => {
@@ -214,9 +274,16 @@ impl EventStore for GrpcStore {
         while out.len() < n {
             match replies.message().await {
                 Ok(Some(reply)) => out.push(match reply.outcome {
-                    Some(proto::append_stream_reply::Outcome::Done(d)) => Ok(AppendResult { next_version: d.next_version, position: Position(d.position) }),
+                    Some(proto::append_stream_reply::Outcome::Done(d)) => Ok(AppendResult {
+                        next_version: d.next_version,
+                        position: Position(d.position),
+                    }),
                     Some(proto::append_stream_reply::Outcome::ErrorJson(json)) => {
-                        Err(serde_json::from_str(&json).map(|body| cairn_client::wire::error_from(500, &body, "gRPC")).unwrap_or_else(|_| broke(format!("an answer the client cannot read: {json}"))))
+                        Err(serde_json::from_str(&json)
+                            .map(|body| cairn_client::wire::error_from(500, &body, "gRPC"))
+                            .unwrap_or_else(|_| {
+                                broke(format!("an answer the client cannot read: {json}"))
+                            }))
                     }
                     None => Err(broke("an empty answer".into())),
                 }),
@@ -224,7 +291,11 @@ impl EventStore for GrpcStore {
                 Err(status) => {
                     // The status applies to every append not answered yet.
                     let left = n - out.len();
-                    out.extend(copies(&convert::append_status_to_error(&status), left).into_iter().map(Err));
+                    out.extend(
+                        copies(&convert::append_status_to_error(&status), left)
+                            .into_iter()
+                            .map(Err),
+                    );
                 }
             }
         }
@@ -234,10 +305,18 @@ impl EventStore for GrpcStore {
         out
     }
 
-    async fn read_query(&self, query: &Query, options: ReadAllOptions) -> Result<Vec<RecordedEvent>> {
-        let query_json = serde_json::to_string(query).map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
+    async fn read_query(
+        &self,
+        query: &Query,
+        options: ReadAllOptions,
+    ) -> Result<Vec<RecordedEvent>> {
+        let query_json =
+            serde_json::to_string(query).map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
         self.paged(options.limit, |n, next| {
-            let message = proto::ReadQueryRequest { query_json: query_json.clone(), options: Some(page_of(&options, n, next)) };
+            let message = proto::ReadQueryRequest {
+                query_json: query_json.clone(),
+                options: Some(page_of(&options, n, next)),
+            };
             let mut client = self.client.clone();
             let request = self.request(message);
             async move { client.read_query(request).await }
@@ -245,14 +324,23 @@ impl EventStore for GrpcStore {
         .await
     }
 
-    async fn read_stream(&self, stream: &str, options: ReadStreamOptions) -> Result<Vec<RecordedEvent>> {
+    async fn read_stream(
+        &self,
+        stream: &str,
+        options: ReadStreamOptions,
+    ) -> Result<Vec<RecordedEvent>> {
         self.paged(options.limit, |n, next| {
             let from_version = match next {
                 Some(Next::From(v)) => v,
                 _ => options.from_version,
             };
             let direction = convert::direction_to(options.direction) as i32;
-            let message = proto::ReadStreamRequest { stream: stream.to_string(), from_version, direction, limit: Some(n as u64) };
+            let message = proto::ReadStreamRequest {
+                stream: stream.to_string(),
+                from_version,
+                direction,
+                limit: Some(n as u64),
+            };
             let mut client = self.client.clone();
             let request = self.request(message);
             async move { client.read_stream(request).await }
@@ -271,26 +359,67 @@ impl EventStore for GrpcStore {
 
     async fn stream_info(&self, stream: &str) -> Result<StreamInfo> {
         let message = proto::StreamRequest { stream: stream.to_string() };
-        let reply = self.client.clone().stream_info(self.request(message)).await.map_err(|s| status_to_error(&s))?.into_inner();
+        let reply = self
+            .client
+            .clone()
+            .stream_info(self.request(message))
+            .await
+            .map_err(|s| status_to_error(&s))?
+            .into_inner();
         stream_info(&reply.json)
     }
 
     async fn list_streams(&self, prefix: &str, limit: usize) -> Result<Vec<StreamInfo>> {
-        let message = proto::ListStreamsRequest { prefix: prefix.to_string(), limit: (limit != usize::MAX).then_some(limit as u64) };
-        let reply = self.client.clone().list_streams(self.request(message)).await.map_err(|s| status_to_error(&s))?.into_inner();
+        let message = proto::ListStreamsRequest {
+            prefix: prefix.to_string(),
+            limit: (limit != usize::MAX).then_some(limit as u64),
+        };
+        let reply = self
+            .client
+            .clone()
+            .list_streams(self.request(message))
+            .await
+            .map_err(|s| status_to_error(&s))?
+            .into_inner();
         reply.streams.iter().map(|s| stream_info(&s.json)).collect()
     }
 
-    async fn set_stream_metadata(&self, stream: &str, metadata: StreamMetadata) -> Result<AppendResult> {
-        let metadata_json = serde_json::to_string(&metadata).map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
+    async fn set_stream_metadata(
+        &self,
+        stream: &str,
+        metadata: StreamMetadata,
+    ) -> Result<AppendResult> {
+        let metadata_json = serde_json::to_string(&metadata)
+            .map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
         let message = proto::SetMetadataRequest { stream: stream.to_string(), metadata_json };
-        let reply = self.client.clone().set_stream_metadata(self.request(message)).await.map_err(|s| status_to_error(&s))?.into_inner();
+        let reply = self
+            .client
+            .clone()
+            .set_stream_metadata(self.request(message))
+            .await
+            .map_err(|s| status_to_error(&s))?
+            .into_inner();
         Ok(AppendResult { next_version: reply.next_version, position: Position(reply.position) })
     }
 
-    async fn delete_stream(&self, stream: &str, expected: ExpectedVersion, hard: bool) -> Result<AppendResult> {
-        let message = proto::DeleteRequest { stream: stream.to_string(), expected: Some(expected_to(expected)), hard };
-        let reply = self.client.clone().delete_stream(self.request(message)).await.map_err(|s| status_to_error(&s))?.into_inner();
+    async fn delete_stream(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        hard: bool,
+    ) -> Result<AppendResult> {
+        let message = proto::DeleteRequest {
+            stream: stream.to_string(),
+            expected: Some(expected_to(expected)),
+            hard,
+        };
+        let reply = self
+            .client
+            .clone()
+            .delete_stream(self.request(message))
+            .await
+            .map_err(|s| status_to_error(&s))?
+            .into_inner();
         Ok(AppendResult { next_version: reply.next_version, position: Position(reply.position) })
     }
 
@@ -299,8 +428,15 @@ impl EventStore for GrpcStore {
         let target = match target {
             SubscriptionTarget::Stream(s) => Target::Stream(s),
             SubscriptionTarget::All => Target::All(proto::Empty {}),
-            SubscriptionTarget::Query(q) => Target::QueryJson(serde_json::to_string(&q).map_err(|e| StoreError::InvalidArgument(e.to_string()))?),
-            other => return Err(StoreError::InvalidArgument(format!("this client cannot subscribe to {other:?}"))),
+            SubscriptionTarget::Query(q) => Target::QueryJson(
+                serde_json::to_string(&q)
+                    .map_err(|e| StoreError::InvalidArgument(e.to_string()))?,
+            ),
+            other => {
+                return Err(StoreError::InvalidArgument(format!(
+                    "this client cannot subscribe to {other:?}"
+                )));
+            }
         };
         let start = match from {
             StartFrom::Start => Start::FromStart(proto::Empty {}),
@@ -308,17 +444,37 @@ impl EventStore for GrpcStore {
             StartFrom::End => Start::FromEnd(proto::Empty {}),
         };
         let message = proto::SubscribeRequest { target: Some(target), start: Some(start) };
-        let stream = self.client.clone().subscribe(self.request(message)).await.map_err(|s| status_to_error(&s))?.into_inner();
-        Ok(Subscription::new(stream.map(|item| item.map_err(|s| status_to_error(&s)).and_then(event_from))))
+        let stream = self
+            .client
+            .clone()
+            .subscribe(self.request(message))
+            .await
+            .map_err(|s| status_to_error(&s))?
+            .into_inner();
+        Ok(Subscription::new(
+            stream.map(|item| item.map_err(|s| status_to_error(&s)).and_then(event_from)),
+        ))
     }
 
     async fn head_position(&self) -> Result<Position> {
-        let reply = self.client.clone().head(self.request(proto::HeadRequest {})).await.map_err(|s| status_to_error(&s))?.into_inner();
+        let reply = self
+            .client
+            .clone()
+            .head(self.request(proto::HeadRequest {}))
+            .await
+            .map_err(|s| status_to_error(&s))?
+            .into_inner();
         Ok(Position(reply.head))
     }
 
     async fn last_position(&self) -> Result<Option<Position>> {
-        let reply = self.client.clone().head(self.request(proto::HeadRequest {})).await.map_err(|s| status_to_error(&s))?.into_inner();
+        let reply = self
+            .client
+            .clone()
+            .head(self.request(proto::HeadRequest {}))
+            .await
+            .map_err(|s| status_to_error(&s))?
+            .into_inner();
         Ok(reply.has_last.then_some(Position(reply.last)))
     }
 }

@@ -12,5 +12,5 @@
 mod postgres;
 mod redis_keys;
 
-pub use postgres::{Handled, PgInbox, INBOX_TABLE};
+pub use postgres::{Handled, INBOX_TABLE, PgInbox};
 pub use redis_keys::{IdempotencyError, Outcome, RedisKeys};

@@ -74,9 +74,16 @@ impl PgInbox {
     }
 
     /// Whether `message_id` was processed by this consumer.
-    pub async fn seen(&self, client: &Client, message_id: Uuid) -> Result<bool, tokio_postgres::Error> {
+    pub async fn seen(
+        &self,
+        client: &Client,
+        message_id: Uuid,
+    ) -> Result<bool, tokio_postgres::Error> {
         let row = client
-            .query_opt(&format!("SELECT 1 FROM {INBOX_TABLE} WHERE consumer = $1 AND message_id = $2"), &[&self.consumer, &message_id])
+            .query_opt(
+                &format!("SELECT 1 FROM {INBOX_TABLE} WHERE consumer = $1 AND message_id = $2"),
+                &[&self.consumer, &message_id],
+            )
             .await?;
         Ok(row.is_some())
     }

@@ -1,10 +1,10 @@
 use std::future::Future;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::Script;
-use serde::de::DeserializeOwned;
+use redis::aio::ConnectionManager;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 /// Why a guarded call did not give a result.
@@ -58,7 +58,12 @@ impl RedisKeys {
     pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, redis::RedisError> {
         let client = redis::Client::open(url)?;
         let redis = ConnectionManager::new(client).await?;
-        Ok(RedisKeys { redis, prefix: prefix.into(), ttl: Duration::from_secs(24 * 3600), lease: Duration::from_secs(30) })
+        Ok(RedisKeys {
+            redis,
+            prefix: prefix.into(),
+            ttl: Duration::from_secs(24 * 3600),
+            lease: Duration::from_secs(30),
+        })
     }
 
     /// How long a result stays cached (default 24 h).
@@ -76,7 +81,11 @@ impl RedisKeys {
 
     /// Runs `work` once per `key` within the time to live: the first call
     /// runs it and caches its result; later calls get that result.
-    pub async fn run<T, E, F>(&self, key: &str, work: impl FnOnce() -> F) -> Result<Outcome<T>, IdempotencyError<E>>
+    pub async fn run<T, E, F>(
+        &self,
+        key: &str,
+        work: impl FnOnce() -> F,
+    ) -> Result<Outcome<T>, IdempotencyError<E>>
     where
         T: Serialize + DeserializeOwned,
         F: Future<Output = Result<T, E>>,
@@ -96,8 +105,9 @@ impl RedisKeys {
             let held: Option<String> = redis::cmd("GET").arg(&full).query_async(&mut redis).await?;
             return match held {
                 Some(value) if value.starts_with(DONE) => {
-                    let cached = serde_json::from_str(&value[DONE.len()..])
-                        .map_err(|e| IdempotencyError::Cache { key: key.to_string(), reason: e.to_string() })?;
+                    let cached = serde_json::from_str(&value[DONE.len()..]).map_err(|e| {
+                        IdempotencyError::Cache { key: key.to_string(), reason: e.to_string() }
+                    })?;
                     Ok(Outcome::Cached(cached))
                 }
                 // Running elsewhere, or its lease ran out just now.
@@ -106,7 +116,10 @@ impl RedisKeys {
         }
         match work().await {
             Ok(result) => {
-                let json = serde_json::to_string(&result).map_err(|e| IdempotencyError::Cache { key: key.to_string(), reason: e.to_string() })?;
+                let json = serde_json::to_string(&result).map_err(|e| IdempotencyError::Cache {
+                    key: key.to_string(),
+                    reason: e.to_string(),
+                })?;
                 // Store the result only if the key is still ours.
                 let finish = Script::new(
                     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) else return false end",
@@ -121,7 +134,9 @@ impl RedisKeys {
                 Ok(Outcome::Ran(result))
             }
             Err(e) => {
-                let release = Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end");
+                let release = Script::new(
+                    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
+                );
                 let _: i64 = release.key(&full).arg(&token).invoke_async(&mut redis).await?;
                 Err(IdempotencyError::Work(e))
             }

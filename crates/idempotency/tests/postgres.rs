@@ -7,7 +7,10 @@ use uuid::Uuid;
 use crate::reachable;
 
 async fn connect() -> Client {
-    let (client, connection) = tokio_postgres::connect("host=127.0.0.1 port=5432 user=postgres dbname=test", NoTls).await.expect("connect to PostgreSQL");
+    let (client, connection) =
+        tokio_postgres::connect("host=127.0.0.1 port=5432 user=postgres dbname=test", NoTls)
+            .await
+            .expect("connect to PostgreSQL");
     tokio::spawn(connection);
     client
 }
@@ -15,15 +18,29 @@ async fn connect() -> Client {
 /// A fresh effect table (a balance per account) for one test.
 async fn ledger(client: &Client) -> String {
     let table = format!("ledger_{}", Uuid::new_v4().simple());
-    client.batch_execute(&format!("CREATE TABLE {table} (account TEXT PRIMARY KEY, cents BIGINT NOT NULL)")).await.unwrap();
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (account TEXT PRIMARY KEY, cents BIGINT NOT NULL)"
+        ))
+        .await
+        .unwrap();
     table
 }
 
 async fn balance(client: &Client, table: &str, account: &str) -> i64 {
-    client.query_opt(&format!("SELECT cents FROM {table} WHERE account = $1"), &[&account]).await.unwrap().map_or(0, |r| r.get(0))
+    client
+        .query_opt(&format!("SELECT cents FROM {table} WHERE account = $1"), &[&account])
+        .await
+        .unwrap()
+        .map_or(0, |r| r.get(0))
 }
 
-async fn deposit(tx: &tokio_postgres::Transaction<'_>, table: &str, account: &str, cents: i64) -> Result<u64, tokio_postgres::Error> {
+async fn deposit(
+    tx: &tokio_postgres::Transaction<'_>,
+    table: &str,
+    account: &str,
+    cents: i64,
+) -> Result<u64, tokio_postgres::Error> {
     tx.execute(&format!("INSERT INTO {table} VALUES ($1, $2) ON CONFLICT (account) DO UPDATE SET cents = {table}.cents + $2"), &[&account, &cents]).await
 }
 
@@ -40,7 +57,12 @@ async fn a_redelivered_message_is_applied_once() {
     let mut outcomes = Vec::new();
     for _ in 0..3 {
         let t = table.clone();
-        outcomes.push(inbox.handle(&mut client, message, async |tx| deposit(tx, &t, "ada", 125).await).await.unwrap());
+        outcomes.push(
+            inbox
+                .handle(&mut client, message, async |tx| deposit(tx, &t, "ada", 125).await)
+                .await
+                .unwrap(),
+        );
     }
     assert_eq!(outcomes, vec![Handled::Applied(1), Handled::Duplicate, Handled::Duplicate]);
     assert_eq!(balance(&client, &table, "ada").await, 125);
@@ -79,10 +101,19 @@ async fn a_failing_handler_commits_nothing_and_a_retry_applies() {
         })
         .await;
     assert!(matches!(failed, Err(Failure::Downstream)));
-    assert_eq!(balance(&client, &table, "grace").await, 0, "the effect rolled back with the failure");
+    assert_eq!(
+        balance(&client, &table, "grace").await,
+        0,
+        "the effect rolled back with the failure"
+    );
     assert!(!inbox.seen(&client, message).await.unwrap(), "so did the record of the message");
     let t = table.clone();
-    let retried = inbox.handle(&mut client, message, async |tx| deposit(tx, &t, "grace", 500).await.map_err(Failure::from)).await.unwrap();
+    let retried = inbox
+        .handle(&mut client, message, async |tx| {
+            deposit(tx, &t, "grace", 500).await.map_err(Failure::from)
+        })
+        .await
+        .unwrap();
     assert_eq!(retried, Handled::Applied(1));
     assert_eq!(balance(&client, &table, "grace").await, 500);
     client.batch_execute(&format!("DROP TABLE {table}")).await.unwrap();
@@ -106,14 +137,19 @@ async fn racing_deliveries_of_the_same_messages_apply_each_once() {
             let mut applied = 0;
             for m in messages.iter() {
                 let t = table.clone();
-                if let Handled::Applied(_) = inbox.handle(&mut client, *m, async |tx| deposit(tx, &t, "alan", 10).await).await.unwrap() {
+                if let Handled::Applied(_) = inbox
+                    .handle(&mut client, *m, async |tx| deposit(tx, &t, "alan", 10).await)
+                    .await
+                    .unwrap()
+                {
                     applied += 1;
                 }
             }
             applied
         }));
     }
-    let applied: u32 = futures_util::future::join_all(tasks).await.into_iter().map(|r| r.unwrap()).sum();
+    let applied: u32 =
+        futures_util::future::join_all(tasks).await.into_iter().map(|r| r.unwrap()).sum();
     assert_eq!(applied, 20, "each message applied by exactly one of the 8 racers");
     assert_eq!(balance(&setup, &table, "alan").await, 200);
     setup.batch_execute(&format!("DROP TABLE {table}")).await.unwrap();

@@ -62,7 +62,9 @@ fn decode(b: &[u8]) -> Result<Option<Mark>, String> {
     }
     let version = u32::from_le_bytes(b[8..12].try_into().unwrap());
     if version != VERSION {
-        return Err(format!("format version {version} is not supported (this build reads {VERSION})"));
+        return Err(format!(
+            "format version {version} is not supported (this build reads {VERSION})"
+        ));
     }
     let last_id = u128::from_le_bytes(b[40..56].try_into().unwrap());
     Ok(Some(Mark { seq: u64_at(16), head: u64_at(24), events: u64_at(32), last_id }))
@@ -101,7 +103,9 @@ pub fn read(dir: &Path) -> Result<Option<Mark>, StoreError> {
         (None, Some((offset, why))) => Err(StoreError::Corrupt {
             file: path.display().to_string(),
             offset: offset as u64,
-            reason: format!("{why}: no intact copy of the durable mark is left; restore the data directory from a backup, or delete this file to open without checking the log's end against it"),
+            reason: format!(
+                "{why}: no intact copy of the durable mark is left; restore the data directory from a backup, or delete this file to open without checking the log's end against it"
+            ),
         }),
         (None, None) => Ok(None),
     }
@@ -116,7 +120,11 @@ pub struct MarkFile {
 
 impl MarkFile {
     /// Opens (or creates, durably) the mark file; `last` is the mark read at open.
-    pub fn open(dir: &Path, last: Option<Mark>, storage: &dyn Storage) -> Result<MarkFile, StoreError> {
+    pub fn open(
+        dir: &Path,
+        last: Option<Mark>,
+        storage: &dyn Storage,
+    ) -> Result<MarkFile, StoreError> {
         let path = path(dir);
         let file = match storage.open(&path, true) {
             Ok(f) => f,
@@ -136,7 +144,13 @@ impl MarkFile {
     /// torn write leaves the other slot whole, and damage to one slot later
     /// leaves the same mark in the other. About once a second, so two syncs
     /// cost nothing that matters.
-    pub fn write(&mut self, storage: &dyn Storage, head: u64, events: u64, last_id: u128) -> Result<Mark, StoreError> {
+    pub fn write(
+        &mut self,
+        storage: &dyn Storage,
+        head: u64,
+        events: u64,
+        last_id: u128,
+    ) -> Result<Mark, StoreError> {
         let mark = Mark { seq: self.next_seq, head, events, last_id };
         let io = |e| StoreError::io(&self.path, e);
         for slot in [mark.seq % 2, (mark.seq + 1) % 2] {

@@ -130,7 +130,10 @@ pub fn parse_merged(path: &Path) -> Option<(u64, u64)> {
     let name = path.file_name()?.to_str()?.strip_suffix(".idx")?;
     let (a, b) = name.split_once('-')?;
     let digits = |s: &str| s.len() == 20 && s.bytes().all(|c| c.is_ascii_digit());
-    (digits(a) && digits(b)).then(|| Some((a.parse().ok()?, b.parse().ok()?))).flatten().filter(|(a, b)| a < b)
+    (digits(a) && digits(b))
+        .then(|| Some((a.parse().ok()?, b.parse().ok()?)))
+        .flatten()
+        .filter(|(a, b)| a < b)
 }
 
 pub(crate) fn name_hash(key: &[u8]) -> u64 {
@@ -161,7 +164,9 @@ pub(crate) fn tail_crc(seg: &Segment) -> u32 {
 
 // The split-block Bloom filter of Parquet: each id sets one bit in each of
 // the eight 32-bit words of one 32-byte block.
-const SALT: [u32; 8] = [0x47b6137b, 0x44974d91, 0x8824ad5b, 0xa2b7289d, 0x705495c7, 0x2df1424b, 0x9efc4947, 0x5c6bfb31];
+const SALT: [u32; 8] = [
+    0x47b6137b, 0x44974d91, 0x8824ad5b, 0xa2b7289d, 0x705495c7, 0x2df1424b, 0x9efc4947, 0x5c6bfb31,
+];
 
 pub(crate) fn bloom_blocks(ids: usize) -> usize {
     (ids * 10).div_ceil(256).max(1)
@@ -211,25 +216,55 @@ fn put_entry(buf: &mut Vec<u8>, e: Entry) {
 fn encode(seg: &Segment, mem: &MemIndex) -> Vec<u8> {
     // Room for the whole file at once: growing a buffer of tens of MB by
     // doubling copies it and touches fresh pages each time.
-    let postings: usize = [&mem.tags, &mem.types, &mem.categories].iter().flat_map(|m| m.values()).map(Vec::len).sum();
+    let postings: usize = [&mem.tags, &mem.types, &mem.categories]
+        .iter()
+        .flat_map(|m| m.values())
+        .map(Vec::len)
+        .sum();
     let terms_n = mem.tags.len() + mem.types.len() + mem.categories.len();
-    let names_n: usize = mem.streams.keys().map(String::len).sum::<usize>() + [&mem.tags, &mem.types, &mem.categories].iter().flat_map(|m| m.keys()).map(|k| k.len() + 1).sum::<usize>();
-    let body = 40 * (mem.streams.len() + terms_n) + 16 * mem.events as usize + 24 * mem.ids.len() + bloom_blocks(mem.ids.len()) * 32 + 24
-        + 8 * postings + 16 * (mem.streams.len() + terms_n + mem.ids.len()).div_ceil(FENCE) + 48 + names_n + 8;
+    let names_n: usize = mem.streams.keys().map(String::len).sum::<usize>()
+        + [&mem.tags, &mem.types, &mem.categories]
+            .iter()
+            .flat_map(|m| m.keys())
+            .map(|k| k.len() + 1)
+            .sum::<usize>();
+    let body = 40 * (mem.streams.len() + terms_n)
+        + 16 * mem.events as usize
+        + 24 * mem.ids.len()
+        + bloom_blocks(mem.ids.len()) * 32
+        + 24
+        + 8 * postings
+        + 16 * (mem.streams.len() + terms_n + mem.ids.len()).div_ceil(FENCE)
+        + 48
+        + names_n
+        + 8;
     let mut buf = Vec::with_capacity(HEADER + body + body.div_ceil(BLOCK) * 4 + 64);
     buf.resize(HEADER, 0);
     let mut sections = [(0u64, 0u64); SECTIONS];
     let mut names: Vec<u8> = Vec::new();
-    let mut mark = |buf: &mut Vec<u8>, s: usize, start: usize| sections[s] = (start as u64, (buf.len() - start) as u64);
+    let mut mark = |buf: &mut Vec<u8>, s: usize, start: usize| {
+        sections[s] = (start as u64, (buf.len() - start) as u64)
+    };
 
     // Streams.
-    let mut streams: Vec<(u64, &str)> = mem.streams.keys().map(|n| (name_hash(n.as_bytes()), n.as_str())).collect();
+    let mut streams: Vec<(u64, &str)> =
+        mem.streams.keys().map(|n| (name_hash(n.as_bytes()), n.as_str())).collect();
     streams.sort_unstable();
-    let runs: Vec<&crate::index::Run> = streams.iter().map(|(_, name)| &mem.streams[*name]).collect();
+    let runs: Vec<&crate::index::Run> =
+        streams.iter().map(|(_, name)| &mem.streams[*name]).collect();
     let start = buf.len();
     let mut first = 0u32;
     for ((hash, name), run) in streams.iter().zip(&runs) {
-        put_entry(&mut buf, Entry { hash: *hash, name_off: names.len() as u32, name_len: name.len() as u32, first, count: run.positions.len() as u32 });
+        put_entry(
+            &mut buf,
+            Entry {
+                hash: *hash,
+                name_off: names.len() as u32,
+                name_len: name.len() as u32,
+                first,
+                count: run.positions.len() as u32,
+            },
+        );
         names.extend_from_slice(name.as_bytes());
         first += run.positions.len() as u32;
     }
@@ -268,7 +303,9 @@ fn encode(seg: &Segment, mem: &MemIndex) -> Vec<u8> {
 
     // Terms.
     let mut terms: Vec<(u64, Vec<u8>, &Vec<u64>)> = Vec::new();
-    for (kind, map) in [(Kind::Tag, &mem.tags), (Kind::Type, &mem.types), (Kind::Category, &mem.categories)] {
+    for (kind, map) in
+        [(Kind::Tag, &mem.tags), (Kind::Type, &mem.types), (Kind::Category, &mem.categories)]
+    {
         for (name, list) in map {
             let key = term_key(kind, name);
             terms.push((name_hash(&key), key, list));
@@ -278,7 +315,16 @@ fn encode(seg: &Segment, mem: &MemIndex) -> Vec<u8> {
     let start = buf.len();
     let mut postings = 0u32;
     for (hash, key, list) in &terms {
-        put_entry(&mut buf, Entry { hash: *hash, name_off: names.len() as u32, name_len: key.len() as u32, first: postings, count: list.len() as u32 });
+        put_entry(
+            &mut buf,
+            Entry {
+                hash: *hash,
+                name_off: names.len() as u32,
+                name_len: key.len() as u32,
+                first: postings,
+                count: list.len() as u32,
+            },
+        );
         names.extend_from_slice(key);
         postings += list.len() as u32;
     }
@@ -314,9 +360,19 @@ fn encode(seg: &Segment, mem: &MemIndex) -> Vec<u8> {
 
     // Block checksums, then the header.
     let table_off = buf.len();
-    let crcs: Vec<u8> = buf[HEADER..].chunks(BLOCK).flat_map(|b| crc32c::crc32c(b).to_le_bytes()).collect();
+    let crcs: Vec<u8> =
+        buf[HEADER..].chunks(BLOCK).flat_map(|b| crc32c::crc32c(b).to_le_bytes()).collect();
     buf.extend_from_slice(&crcs);
-    let h = Header { base: seg.base, span: seg.capacity(), events: mem.events, last_position: mem.last_position.unwrap_or(seg.base), v7: (v7_min, v7_max), sections, table_off, table_crc: crc32c::crc32c(&crcs) };
+    let h = Header {
+        base: seg.base,
+        span: seg.capacity(),
+        events: mem.events,
+        last_position: mem.last_position.unwrap_or(seg.base),
+        v7: (v7_min, v7_max),
+        sections,
+        table_off,
+        table_crc: crc32c::crc32c(&crcs),
+    };
     buf[..HEADER].copy_from_slice(&h.encode());
     buf
 }
@@ -400,7 +456,8 @@ pub(crate) struct Blocks {
 impl Blocks {
     /// From the table of little-endian CRCs at the file's end.
     pub fn new(table: &[u8]) -> Blocks {
-        let crcs: Vec<u32> = table.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+        let crcs: Vec<u32> =
+            table.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
         let checked = (0..crcs.len().div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
         Blocks { crcs, checked }
     }
@@ -425,7 +482,11 @@ impl Blocks {
             let start = HEADER + b * BLOCK;
             let end = (start + BLOCK).min(self.table_off(map));
             if crc32c::crc32c(&map[start..end]) != self.crcs[b] {
-                return Err(Damaged { file: path.to_path_buf(), offset: start as u64, reason: format!("block {b} fails its checksum") });
+                return Err(Damaged {
+                    file: path.to_path_buf(),
+                    offset: start as u64,
+                    reason: format!("block {b} fails its checksum"),
+                });
             }
             self.checked[word].fetch_or(bit, Ordering::Relaxed);
         }
@@ -444,11 +505,13 @@ impl Blocks {
 /// Opens and maps a file with a 512-byte header (`magic` first, its CRC in
 /// its last 4 bytes) and checks that header; `Err` says why it cannot be used.
 pub(crate) fn map_checked(path: &Path, magic: &[u8; 8]) -> Result<Mmap, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     // SAFETY: index files and stream tables are written to a temporary name,
     // synced and renamed into place, and never written again; the data
     // directory lock keeps other processes out.
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| format!("cannot map {}: {e}", path.display()))?;
+    let map =
+        unsafe { Mmap::map(&file) }.map_err(|e| format!("cannot map {}: {e}", path.display()))?;
     if map.len() < HEADER {
         return Err("shorter than its header".into());
     }
@@ -465,7 +528,13 @@ pub(crate) fn map_checked(path: &Path, magic: &[u8; 8]) -> Result<Mmap, String> 
 /// `table_off` with CRC `table_crc`, after checking that the file ends with
 /// that table and that every section lies between the header and it (at a
 /// multiple of 8, unless `bytes(i)` says section `i` holds plain bytes).
-pub(crate) fn checked_blocks(map: &[u8], table_off: usize, table_crc: u32, sections: &[(u64, u64)], bytes: impl Fn(usize) -> bool) -> Result<Blocks, String> {
+pub(crate) fn checked_blocks(
+    map: &[u8],
+    table_off: usize,
+    table_crc: u32,
+    sections: &[(u64, u64)],
+    bytes: impl Fn(usize) -> bool,
+) -> Result<Blocks, String> {
     let blocks = table_off.saturating_sub(HEADER).div_ceil(BLOCK);
     if table_off < HEADER || !table_off.is_multiple_of(8) || map.len() != table_off + blocks * 4 {
         return Err("its length does not match its header".into());
@@ -484,9 +553,21 @@ pub(crate) fn checked_blocks(map: &[u8], table_off: usize, table_crc: u32, secti
 
 /// `count` items of type `T` from entry `first` of a section (`(offset,
 /// length)` in `map`, numbered `s` for messages), its blocks checked.
-pub(crate) fn mapped_slice<'a, T: Copy>(map: &'a [u8], blocks: &Blocks, path: &Path, (off, len): (u64, u64), s: usize, first: usize, count: usize) -> Result<&'a [T], Damaged> {
+pub(crate) fn mapped_slice<'a, T: Copy>(
+    map: &'a [u8],
+    blocks: &Blocks,
+    path: &Path,
+    (off, len): (u64, u64),
+    s: usize,
+    first: usize,
+    count: usize,
+) -> Result<&'a [T], Damaged> {
     let size = std::mem::size_of::<T>();
-    let bad = || Damaged { file: path.to_path_buf(), offset: off, reason: format!("an entry points outside section {s}") };
+    let bad = || Damaged {
+        file: path.to_path_buf(),
+        offset: off,
+        reason: format!("an entry points outside section {s}"),
+    };
     let end = first.checked_add(count).ok_or_else(bad)?;
     if end * size > len as usize {
         return Err(bad());
@@ -537,8 +618,18 @@ impl IdxFile {
         };
         let Some(first) = segs.first() else { return Err("covers no segment".into()) };
         let span: u64 = segs.iter().map(|s| s.capacity()).sum();
-        let foreign = || if segs.len() == 1 { "made for another segment or another copy of it" } else { "made for other segments or other copies of them" }.to_string();
-        if u64_at(h, 16) != first.base || u64_at(h, 24) != span || (version == 1 && (segs.len() != 1 || u32_at(h, 32) != tail_crc(first))) {
+        let foreign = || {
+            if segs.len() == 1 {
+                "made for another segment or another copy of it"
+            } else {
+                "made for other segments or other copies of them"
+            }
+            .to_string()
+        };
+        if u64_at(h, 16) != first.base
+            || u64_at(h, 24) != span
+            || (version == 1 && (segs.len() != 1 || u32_at(h, 32) != tail_crc(first)))
+        {
             return Err(foreign());
         }
         let mut sections = [(0u64, 0u64); SECTIONS];
@@ -547,20 +638,58 @@ impl IdxFile {
         }
         let at_table = at_table(n_sections);
         let table_off = u64_at(h, at_table) as usize;
-        let blocks = checked_blocks(&map, table_off, u32_at(h, at_table + 8), &sections[..n_sections], |i| i == S_NAMES)?;
-        let entries = [(S_STREAMS, 24), (S_IDS, 24), (S_TERMS, 24), (S_POSITIONS, 8), (S_TIMESTAMPS, 8), (S_POSTINGS, 8), (S_BLOOM, 32), (S_STREAM_FENCES, 8), (S_TERM_FENCES, 8), (S_ID_FENCES, 16), (S_COVERS, 24)];
+        let blocks = checked_blocks(
+            &map,
+            table_off,
+            u32_at(h, at_table + 8),
+            &sections[..n_sections],
+            |i| i == S_NAMES,
+        )?;
+        let entries = [
+            (S_STREAMS, 24),
+            (S_IDS, 24),
+            (S_TERMS, 24),
+            (S_POSITIONS, 8),
+            (S_TIMESTAMPS, 8),
+            (S_POSTINGS, 8),
+            (S_BLOOM, 32),
+            (S_STREAM_FENCES, 8),
+            (S_TERM_FENCES, 8),
+            (S_ID_FENCES, 16),
+            (S_COVERS, 24),
+        ];
         if entries.iter().any(|(s, size)| sections[*s].1 % size != 0) || sections[S_BLOOM].1 == 0 {
             return Err("a section is not a whole number of entries".into());
         }
         if sections[S_POSITIONS].1 != sections[S_TIMESTAMPS].1 {
             return Err("positions and timestamps differ in number".into());
         }
-        let v7 = (u128::from_le_bytes(h[64..80].try_into().unwrap()), u128::from_le_bytes(h[80..96].try_into().unwrap()));
-        let mut file = IdxFile { path, base: first.base, events: u64_at(h, 40), last_position: u64_at(h, 48), v7, sections, blocks, map,
-            covers: segs.iter().map(|s| (s.base, s.capacity())).collect(), stream_fences: Vec::new(), term_fences: Vec::new(), id_fences: Vec::new() };
+        let v7 = (
+            u128::from_le_bytes(h[64..80].try_into().unwrap()),
+            u128::from_le_bytes(h[80..96].try_into().unwrap()),
+        );
+        let mut file = IdxFile {
+            path,
+            base: first.base,
+            events: u64_at(h, 40),
+            last_position: u64_at(h, 48),
+            v7,
+            sections,
+            blocks,
+            map,
+            covers: segs.iter().map(|s| (s.base, s.capacity())).collect(),
+            stream_fences: Vec::new(),
+            term_fences: Vec::new(),
+            id_fences: Vec::new(),
+        };
         if version > 1 {
-            let covers = file.slice::<Cover>(S_COVERS, 0, file.count::<Cover>(S_COVERS)).map_err(|d| d.reason)?;
-            let fits = covers.len() == segs.len() && covers.iter().zip(segs).all(|(c, s)| c.base == s.base && c.length == s.capacity() && c.tail_crc == tail_crc(s));
+            let covers = file
+                .slice::<Cover>(S_COVERS, 0, file.count::<Cover>(S_COVERS))
+                .map_err(|d| d.reason)?;
+            let fits = covers.len() == segs.len()
+                && covers.iter().zip(segs).all(|(c, s)| {
+                    c.base == s.base && c.length == s.capacity() && c.tail_crc == tail_crc(s)
+                });
             if !fits {
                 return Err(foreign());
             }
@@ -578,14 +707,23 @@ impl IdxFile {
         if n != file.count::<IdEntry>(S_IDS).div_ceil(FENCE) {
             return Err("the id fences do not match the ids".into());
         }
-        file.id_fences = file.slice::<[u64; 2]>(S_ID_FENCES, 0, n).map_err(|d| d.reason)?.iter().map(|[lo, hi]| (*hi as u128) << 64 | *lo as u128).collect();
+        file.id_fences = file
+            .slice::<[u64; 2]>(S_ID_FENCES, 0, n)
+            .map_err(|d| d.reason)?
+            .iter()
+            .map(|[lo, hi]| (*hi as u128) << 64 | *lo as u128)
+            .collect();
         // Small directories are mapped in now (page tables, not memory of
         // our own), so that a first lookup does not fault page by page.
         // Best effort: older kernels do not know the advice.
         for s in [S_STREAMS, S_TERMS, S_NAMES] {
             let (off, len) = file.sections[s];
             if len > 0 && len <= 1 << 20 {
-                let _ = file.map.advise_range(memmap2::Advice::PopulateRead, off as usize, len as usize);
+                let _ = file.map.advise_range(
+                    memmap2::Advice::PopulateRead,
+                    off as usize,
+                    len as usize,
+                );
             }
         }
         Ok(file)
@@ -634,7 +772,12 @@ impl IdxFile {
     }
 
     /// `count` items of type `T` from entry `first` of section `s`, checked.
-    pub(crate) fn slice<T: Copy>(&self, s: usize, first: usize, count: usize) -> Result<&[T], Damaged> {
+    pub(crate) fn slice<T: Copy>(
+        &self,
+        s: usize,
+        first: usize,
+        count: usize,
+    ) -> Result<&[T], Damaged> {
         mapped_slice(&self.map, &self.blocks, &self.path, self.sections[s], s, first, count)
     }
 
@@ -651,7 +794,11 @@ impl IdxFile {
         let hash = name_hash(key);
         let n = self.count::<Entry>(s);
         let fences = if s == S_STREAMS { &self.stream_fences } else { &self.term_fences };
-        let (mut lo, mut hi) = Self::fenced(fences.partition_point(|f| *f < hash), fences.partition_point(|f| *f <= hash), n);
+        let (mut lo, mut hi) = Self::fenced(
+            fences.partition_point(|f| *f < hash),
+            fences.partition_point(|f| *f <= hash),
+            n,
+        );
         while lo < hi {
             let mid = (lo + hi) / 2;
             let e = self.slice::<Entry>(s, mid, 1)?[0];
@@ -693,7 +840,11 @@ impl IdxFile {
             return Ok(None);
         }
         let n = self.count::<IdEntry>(S_IDS);
-        let (mut lo, mut hi) = Self::fenced(self.id_fences.partition_point(|f| *f < id), self.id_fences.partition_point(|f| *f <= id), n);
+        let (mut lo, mut hi) = Self::fenced(
+            self.id_fences.partition_point(|f| *f < id),
+            self.id_fences.partition_point(|f| *f <= id),
+            n,
+        );
         while lo < hi {
             let mid = (lo + hi) / 2;
             let e = self.slice::<IdEntry>(S_IDS, mid, 1)?[0];
@@ -738,7 +889,14 @@ impl IdxFile {
 pub fn check_against(file: &IdxFile, mem: &MemIndex) -> Result<(), (u64, String)> {
     file.check_all().map_err(|d| (d.offset, d.reason))?;
     if file.count::<Entry>(S_STREAMS) != mem.streams.len() {
-        return Err((0, format!("it holds {} stream(s), its segment {}", file.count::<Entry>(S_STREAMS), mem.streams.len())));
+        return Err((
+            0,
+            format!(
+                "it holds {} stream(s), its segment {}",
+                file.count::<Entry>(S_STREAMS),
+                mem.streams.len()
+            ),
+        ));
     }
     let end = file.end();
     check_segment(file, mem, end)?;
@@ -755,7 +913,11 @@ pub struct Totals {
 
 impl Totals {
     pub fn of(mem: &MemIndex) -> Totals {
-        let postings = [&mem.tags, &mem.types, &mem.categories].iter().flat_map(|m| m.values()).map(|l| l.len() as u64).sum();
+        let postings = [&mem.tags, &mem.types, &mem.categories]
+            .iter()
+            .flat_map(|m| m.values())
+            .map(|l| l.len() as u64)
+            .sum();
         Totals { events: mem.events, ids: mem.ids.len() as u64, postings }
     }
 
@@ -769,9 +931,21 @@ impl Totals {
 /// Once each covered segment passed [`check_segment`]: the file holds
 /// nothing more than they do.
 pub fn check_totals(file: &IdxFile, t: &Totals) -> Result<(), (u64, String)> {
-    let found = Totals { events: file.events(), ids: file.count::<IdEntry>(S_IDS) as u64, postings: file.count::<u64>(S_POSTINGS) as u64 };
-    if (found.events, found.ids, found.postings) != (t.events, t.ids, t.postings) || file.count::<u64>(S_POSITIONS) as u64 != t.events {
-        return Err((0, format!("it counts {} event(s), {} id(s) and {} posting(s); its segments hold {}, {} and {}", found.events, found.ids, found.postings, t.events, t.ids, t.postings)));
+    let found = Totals {
+        events: file.events(),
+        ids: file.count::<IdEntry>(S_IDS) as u64,
+        postings: file.count::<u64>(S_POSTINGS) as u64,
+    };
+    if (found.events, found.ids, found.postings) != (t.events, t.ids, t.postings)
+        || file.count::<u64>(S_POSITIONS) as u64 != t.events
+    {
+        return Err((
+            0,
+            format!(
+                "it counts {} event(s), {} id(s) and {} posting(s); its segments hold {}, {} and {}",
+                found.events, found.ids, found.postings, t.events, t.ids, t.postings
+            ),
+        ));
     }
     Ok(())
 }
@@ -780,13 +954,17 @@ pub fn check_totals(file: &IdxFile, t: &Totals) -> Result<(), (u64, String)> {
 /// `end`, exactly what `mem` (built from that segment) says.
 pub fn check_segment(file: &IdxFile, mem: &MemIndex, end: u64) -> Result<(), (u64, String)> {
     let damaged = |d: Damaged| (d.offset, d.reason);
-    let within = |p: &[u64]| (p.partition_point(|x| *x < mem.base), p.partition_point(|x| *x < end));
+    let within =
+        |p: &[u64]| (p.partition_point(|x| *x < mem.base), p.partition_point(|x| *x < end));
     for (name, run) in &mem.streams {
         match file.stream(name).map_err(damaged)? {
             Some((p, t)) => {
                 let (a, b) = within(p);
                 if p[a..b] != run.positions[..] || t[a..b] != run.timestamps[..] {
-                    return Err((0, format!("its events of stream '{name}' differ from the segment's")));
+                    return Err((
+                        0,
+                        format!("its events of stream '{name}' differ from the segment's"),
+                    ));
                 }
             }
             None => return Err((0, format!("it has no events of stream '{name}'"))),
@@ -794,15 +972,26 @@ pub fn check_segment(file: &IdxFile, mem: &MemIndex, end: u64) -> Result<(), (u6
     }
     for (id, position) in mem.ids.iter() {
         if file.id(id).map_err(damaged)? != Some(position) {
-            return Err((0, format!("it does not map event {} to position {position}", uuid::Uuid::from_u128(id))));
+            return Err((
+                0,
+                format!(
+                    "it does not map event {} to position {position}",
+                    uuid::Uuid::from_u128(id)
+                ),
+            ));
         }
     }
-    for (kind, map) in [(Kind::Tag, &mem.tags), (Kind::Type, &mem.types), (Kind::Category, &mem.categories)] {
+    for (kind, map) in
+        [(Kind::Tag, &mem.tags), (Kind::Type, &mem.types), (Kind::Category, &mem.categories)]
+    {
         for (name, list) in map {
             let found = file.term(kind, name).map_err(damaged)?;
             let (a, b) = within(found);
             if found[a..b] != list[..] {
-                return Err((0, format!("its positions of {kind:?} '{name}' differ from the segment's")));
+                return Err((
+                    0,
+                    format!("its positions of {kind:?} '{name}' differ from the segment's"),
+                ));
             }
         }
     }
@@ -810,7 +999,11 @@ pub fn check_segment(file: &IdxFile, mem: &MemIndex, end: u64) -> Result<(), (u6
 }
 
 /// Removes index files (and unfinished ones) other than those in `keep`.
-pub fn remove_strays(log_dir: &Path, keep: &[PathBuf], storage: &dyn Storage) -> Result<(), StoreError> {
+pub fn remove_strays(
+    log_dir: &Path,
+    keep: &[PathBuf],
+    storage: &dyn Storage,
+) -> Result<(), StoreError> {
     let owned = keep;
     let entries = std::fs::read_dir(log_dir).map_err(|e| StoreError::io(log_dir, e))?;
     let mut removed = false;

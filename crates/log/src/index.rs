@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cairn_core::{stream_category, StoreError, StreamMetadata, StreamState};
+use cairn_core::{StoreError, StreamMetadata, StreamState, stream_category};
 
 use crate::idx::{Damaged, IdxFile, Kind};
 use crate::record::RecordView;
@@ -41,7 +41,13 @@ pub struct StreamEntry {
 
 impl Default for StreamEntry {
     fn default() -> Self {
-        StreamEntry { version: 0, state: StreamState::Live, metadata: StreamMetadata::default(), since: 0, last_position: None }
+        StreamEntry {
+            version: 0,
+            state: StreamState::Live,
+            metadata: StreamMetadata::default(),
+            since: 0,
+            last_position: None,
+        }
     }
 }
 
@@ -175,7 +181,9 @@ impl Ids {
     pub fn get(&self, id: u128) -> Option<u64> {
         match self {
             Ids::Hashed(map) => map.get(&id).copied(),
-            Ids::Listed(list, true) => list.binary_search_by_key(&id, |e| e.0).ok().map(|i| list[i].1),
+            Ids::Listed(list, true) => {
+                list.binary_search_by_key(&id, |e| e.0).ok().map(|i| list[i].1)
+            }
             Ids::Listed(list, false) => list.iter().find(|e| e.0 == id).map(|e| e.1),
         }
     }
@@ -219,7 +227,10 @@ impl Ids {
 fn push_position(map: &mut FastMap<String, Vec<u64>>, key: &str, position: u64) {
     match map.get_mut(key) {
         Some(list) => {
-            debug_assert!(list.last().is_none_or(|p| *p <= position), "positions strictly increase");
+            debug_assert!(
+                list.last().is_none_or(|p| *p <= position),
+                "positions strictly increase"
+            );
             if list.last() != Some(&position) {
                 list.push(position);
             }
@@ -249,13 +260,17 @@ impl IndexError {
     pub fn into_store(self, file: &std::path::Path, offset: u64) -> StoreError {
         match self.1 {
             Some(e) => *e,
-            None => StoreError::Corrupt { file: file.display().to_string(), offset, reason: self.0 },
+            None => {
+                StoreError::Corrupt { file: file.display().to_string(), offset, reason: self.0 }
+            }
         }
     }
 }
 
 fn out_of_order(position: u64, version: u64, stream: &str, expected: u64) -> IndexError {
-    IndexError::new(format!("event at position {position} has version {version} in stream '{stream}', expected {expected}"))
+    IndexError::new(format!(
+        "event at position {position} has version {version} in stream '{stream}', expected {expected}"
+    ))
 }
 
 impl MemIndex {
@@ -265,7 +280,10 @@ impl MemIndex {
 
     pub fn apply(&mut self, r: &RecordView<'_>, position: u64) -> Result<(), IndexError> {
         if !self.ids.insert(r.id.as_u128(), position) {
-            return Err(IndexError::new(format!("event id {} at position {position} was already used", r.id)));
+            return Err(IndexError::new(format!(
+                "event id {} at position {position} was already used",
+                r.id
+            )));
         }
         let run = match self.streams.get_mut(r.stream) {
             Some(run) => run,
@@ -281,7 +299,9 @@ impl MemIndex {
         self.events += 1;
         if let Some(target) = r.stream.strip_prefix("$$") {
             match r.event_type {
-                METADATA_EVENT => self.metadata.push((target.to_string(), position, r.data.to_vec())),
+                METADATA_EVENT => {
+                    self.metadata.push((target.to_string(), position, r.data.to_vec()))
+                }
                 DELETED_EVENT | TOMBSTONE_EVENT => self.resets = true,
                 _ => {}
             }
@@ -313,7 +333,11 @@ impl MemIndex {
             last_position: *r.positions.last().expect("a run has events"),
             events: r.positions.len() as u64,
         });
-        Some(Delta { streams: streams.collect(), metadata: self.metadata.clone(), events: self.events })
+        Some(Delta {
+            streams: streams.collect(),
+            metadata: self.metadata.clone(),
+            events: self.events,
+        })
     }
 
     fn map(&self, kind: Kind) -> &FastMap<String, Vec<u64>> {
@@ -351,7 +375,9 @@ impl Part {
 
     pub fn stream(&self, name: &str) -> Result<Option<RunRef<'_>>, Damaged> {
         match self {
-            Part::Mem(m) => Ok(m.streams.get(name).map(|r| (r.positions.as_slice(), r.timestamps.as_slice()))),
+            Part::Mem(m) => {
+                Ok(m.streams.get(name).map(|r| (r.positions.as_slice(), r.timestamps.as_slice())))
+            }
             Part::Disk(f) => f.stream(name),
         }
     }
@@ -400,7 +426,8 @@ impl StreamView<'_> {
 
     /// Positions of versions `from..=to`, ascending.
     pub fn positions(&self, from: u64, to: u64) -> Vec<u64> {
-        let mut out = Vec::with_capacity(to.saturating_sub(from).saturating_add(1).min(1 << 16) as usize);
+        let mut out =
+            Vec::with_capacity(to.saturating_sub(from).saturating_add(1).min(1 << 16) as usize);
         let mut first = from.saturating_sub(1) as usize;
         let mut count = to.saturating_sub(from.max(1) - 1) as usize;
         for (positions, _) in &self.runs {
@@ -460,7 +487,8 @@ pub fn damaged_error(d: &Damaged) -> StoreError {
 impl Index {
     /// An index whose only part is the memtable of the segment at `base`.
     pub fn new(base: u64) -> Self {
-        let mut index = Index { parts: vec![Part::Mem(Arc::new(MemIndex::new(base)))], ..Default::default() };
+        let mut index =
+            Index { parts: vec![Part::Mem(Arc::new(MemIndex::new(base)))], ..Default::default() };
         index.parts_changed();
         index
     }
@@ -477,7 +505,9 @@ impl Index {
     pub fn apply(&mut self, r: &RecordView<'_>, position: u64) -> Result<(), IndexError> {
         self.apply_summary(r, position)?;
         match self.parts.last_mut() {
-            Some(Part::Mem(mem)) => Arc::get_mut(mem).expect("the active memtable is not shared").apply(r, position),
+            Some(Part::Mem(mem)) => {
+                Arc::get_mut(mem).expect("the active memtable is not shared").apply(r, position)
+            }
             _ => Err(IndexError::new("the newest part of the index is not a memtable")),
         }
     }
@@ -504,15 +534,22 @@ impl Index {
             let entry = self.streams.get_mut(target).map_err(IndexError::from_store)?;
             match r.event_type {
                 METADATA_EVENT => {
-                    entry.metadata = serde_json::from_slice(r.data)
-                        .map_err(|e| IndexError::new(format!("stream metadata at position {position} does not parse: {e}")))?;
+                    entry.metadata = serde_json::from_slice(r.data).map_err(|e| {
+                        IndexError::new(format!(
+                            "stream metadata at position {position} does not parse: {e}"
+                        ))
+                    })?;
                 }
                 DELETED_EVENT | TOMBSTONE_EVENT => {
                     entry.version = 0;
                     entry.since = position + 1;
                     entry.last_position = None;
                     entry.metadata = StreamMetadata::default();
-                    entry.state = if r.event_type == DELETED_EVENT { StreamState::Deleted } else { StreamState::Tombstoned };
+                    entry.state = if r.event_type == DELETED_EVENT {
+                        StreamState::Deleted
+                    } else {
+                        StreamState::Tombstoned
+                    };
                 }
                 _ => {}
             }
@@ -525,10 +562,16 @@ impl Index {
     /// position of an event that does not fit.
     pub fn apply_delta(&mut self, delta: &Delta) -> Result<(), (u64, IndexError)> {
         for d in &delta.streams {
-            let entry = self.streams.get_mut(&d.name).map_err(|e| (d.first_position, IndexError::from_store(e)))?;
+            let entry = self
+                .streams
+                .get_mut(&d.name)
+                .map_err(|e| (d.first_position, IndexError::from_store(e)))?;
             let expected = entry.version + 1;
             if d.first_version != expected {
-                return Err((d.first_position, out_of_order(d.first_position, d.first_version, &d.name, expected)));
+                return Err((
+                    d.first_position,
+                    out_of_order(d.first_position, d.first_version, &d.name, expected),
+                ));
             }
             if entry.version == 0 {
                 entry.since = d.first_position;
@@ -539,9 +582,18 @@ impl Index {
             self.events += d.events;
         }
         for (target, position, data) in &delta.metadata {
-            let metadata = serde_json::from_slice(data)
-                .map_err(|e| (*position, IndexError::new(format!("stream metadata at position {position} does not parse: {e}"))))?;
-            self.streams.get_mut(target).map_err(|e| (*position, IndexError::from_store(e)))?.metadata = metadata;
+            let metadata = serde_json::from_slice(data).map_err(|e| {
+                (
+                    *position,
+                    IndexError::new(format!(
+                        "stream metadata at position {position} does not parse: {e}"
+                    )),
+                )
+            })?;
+            self.streams
+                .get_mut(target)
+                .map_err(|e| (*position, IndexError::from_store(e)))?
+                .metadata = metadata;
         }
         Ok(())
     }
@@ -561,10 +613,14 @@ impl Index {
     /// Call after changing `parts`: recomputes what id lookups skip by.
     pub fn parts_changed(&mut self) {
         let mut upto = 0u128;
-        self.v7_upto = self.parts.iter().map(|p| {
-            upto = upto.max(p.v7_max());
-            upto
-        }).collect();
+        self.v7_upto = self
+            .parts
+            .iter()
+            .map(|p| {
+                upto = upto.max(p.v7_max());
+                upto
+            })
+            .collect();
     }
 
     /// Puts `part` in place of the part of the segment at its base.
@@ -607,18 +663,28 @@ impl Index {
 
     /// The parts that may hold positions in `lo..=hi`.
     pub fn parts_within(&self, lo: u64, hi: u64) -> impl Iterator<Item = &Part> {
-        let start = self.parts.partition_point(|p| p.last_position().map_or(p.base() < lo, |last| last < lo));
+        let start = self
+            .parts
+            .partition_point(|p| p.last_position().map_or(p.base() < lo, |last| last < lo));
         self.parts[start..].iter().take_while(move |p| p.base() <= hi)
     }
 
     /// The runs of `entry`'s current incarnation. Fails if the parts do not
     /// hold as many events as the summary says (damage or a bug).
-    pub fn stream_view(&self, name: &str, entry: &StreamEntry) -> Result<StreamView<'_>, StoreError> {
+    pub fn stream_view(
+        &self,
+        name: &str,
+        entry: &StreamEntry,
+    ) -> Result<StreamView<'_>, StoreError> {
         let mut runs = Vec::new();
         if entry.version > 0 {
             let hi = entry.last_position.unwrap_or(u64::MAX);
             for part in self.parts_within(entry.since, hi) {
-                let Some((positions, timestamps)) = part.stream(name).map_err(|d| damaged_error(&d))? else { continue };
+                let Some((positions, timestamps)) =
+                    part.stream(name).map_err(|d| damaged_error(&d))?
+                else {
+                    continue;
+                };
                 let start = positions.partition_point(|p| *p < entry.since);
                 if start < positions.len() {
                     runs.push((&positions[start..], &timestamps[start..]));
@@ -630,7 +696,11 @@ impl Index {
             return Err(StoreError::Corrupt {
                 file: String::new(),
                 offset: entry.last_position.unwrap_or(0),
-                reason: format!("the index holds {} event(s) of stream '{name}', its summary says {}; run `cairn reindex`", view.len(), entry.version),
+                reason: format!(
+                    "the index holds {} event(s) of stream '{name}', its summary says {}; run `cairn reindex`",
+                    view.len(),
+                    entry.version
+                ),
             });
         }
         Ok(view)
@@ -649,10 +719,18 @@ mod tests {
         let mut entry = StreamEntry { version: 3, ..Default::default() };
         for max_age in [1u64 << 62, 1 << 63, u64::MAX] {
             entry.metadata.max_age_secs = Some(max_age);
-            assert_eq!(entry.first_visible_version(1_000_000_000, |t| view.older_than(t)), 1, "max_age_secs {max_age}");
+            assert_eq!(
+                entry.first_visible_version(1_000_000_000, |t| view.older_than(t)),
+                1,
+                "max_age_secs {max_age}"
+            );
         }
         entry.metadata.max_age_secs = Some(1);
-        assert_eq!(entry.first_visible_version(10_000_000, |t| view.older_than(t)), 4, "a short max age still hides old events");
+        assert_eq!(
+            entry.first_visible_version(10_000_000, |t| view.older_than(t)),
+            4,
+            "a short max age still hides old events"
+        );
     }
 
     #[test]

@@ -5,16 +5,16 @@
 //! None of this is on the append path: a failure only keeps the memtable
 //! (memory) and is counted in `index_failures`.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::Arc;
 
 use cairn_core::StoreError;
 
 use crate::idx::{self, IdxFile};
 use crate::index::{Delta, Ids, MemIndex, Part};
 use crate::recovery::scan_segment;
-use crate::segment::{Segment, SEGMENT_HEADER_BYTES};
+use crate::segment::{SEGMENT_HEADER_BYTES, Segment};
 use crate::store::Shared;
 
 pub enum Job {
@@ -24,9 +24,14 @@ pub enum Job {
     Flush,
 }
 
-pub fn spawn(shared: Arc<Shared>, data_dir: std::path::PathBuf) -> std::io::Result<(Sender<Job>, std::thread::JoinHandle<()>)> {
+pub fn spawn(
+    shared: Arc<Shared>,
+    data_dir: std::path::PathBuf,
+) -> std::io::Result<(Sender<Job>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let handle = std::thread::Builder::new().name("cairn-indexer".into()).spawn(move || run(&shared, &data_dir, rx))?;
+    let handle = std::thread::Builder::new()
+        .name("cairn-indexer".into())
+        .spawn(move || run(&shared, &data_dir, rx))?;
     Ok((tx, handle))
 }
 
@@ -54,7 +59,11 @@ fn run(shared: &Shared, data_dir: &std::path::Path, rx: Receiver<Job>) {
     // A stream table flush that failed (a full disk): tried again after RETRY.
     let mut flush_failed: Option<std::time::Instant> = None;
     loop {
-        let wait = if pending.is_empty() && flush_failed.is_none() { std::time::Duration::from_secs(3600) } else { RETRY };
+        let wait = if pending.is_empty() && flush_failed.is_none() {
+            std::time::Duration::from_secs(3600)
+        } else {
+            RETRY
+        };
         let mut flush = false;
         match rx.recv_timeout(wait) {
             Ok(Job::Sealed(seg, mem)) => pending.push((seg, mem)),
@@ -70,7 +79,10 @@ fn run(shared: &Shared, data_dir: &std::path::Path, rx: Receiver<Job>) {
                 Ok(()) => wrote = true,
                 Err(e) => {
                     shared.stats.index_failures.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("cairn: could not write an index file ({e}); the segment stays indexed in memory, and is tried again in {} s", RETRY.as_secs());
+                    eprintln!(
+                        "cairn: could not write an index file ({e}); the segment stays indexed in memory, and is tried again in {} s",
+                        RETRY.as_secs()
+                    );
                     failed.push((seg, mem));
                 }
             }
@@ -83,7 +95,11 @@ fn run(shared: &Shared, data_dir: &std::path::Path, rx: Receiver<Job>) {
                 Ok(_) => flush_failed = None,
                 // A merge of the tables found one damaged: rebuilt now, merged next time.
                 Err(StoreError::Corrupt { file, .. }) if file.ends_with(".tbl") => {
-                    if let Err(e) = crate::summaries::rebuild_table(shared, data_dir, std::path::Path::new(&file)) {
+                    if let Err(e) = crate::summaries::rebuild_table(
+                        shared,
+                        data_dir,
+                        std::path::Path::new(&file),
+                    ) {
                         eprintln!("cairn: could not rebuild {file}: {e}");
                     }
                 }
@@ -92,7 +108,10 @@ fn run(shared: &Shared, data_dir: &std::path::Path, rx: Receiver<Job>) {
                     // Appends stop asking until the next try.
                     shared.flush_asked.store(true, Ordering::Release);
                     flush_failed = Some(std::time::Instant::now());
-                    eprintln!("cairn: could not write the stream table ({e}); the summaries stay in memory, and it is tried again in {} s", RETRY.as_secs());
+                    eprintln!(
+                        "cairn: could not write the stream table ({e}); the summaries stay in memory, and it is tried again in {} s",
+                        RETRY.as_secs()
+                    );
                 }
             }
         }
@@ -102,7 +121,8 @@ fn run(shared: &Shared, data_dir: &std::path::Path, rx: Receiver<Job>) {
 /// Writes the index file of `seg` from `mem` and puts it in the memtable's place.
 pub fn install(shared: &Shared, seg: &Segment, mem: &MemIndex) -> Result<(), StoreError> {
     idx::write(seg, mem, &*shared.options.storage)?;
-    let file = IdxFile::open(seg).map_err(|why| StoreError::io(idx::path_for(seg), std::io::Error::other(why)))?;
+    let file = IdxFile::open(seg)
+        .map_err(|why| StoreError::io(idx::path_for(seg), std::io::Error::other(why)))?;
     shared.index.write().unwrap().replace_part(Part::Disk(Arc::new(file)));
     shared.stats.index_files_written.fetch_add(1, Ordering::Relaxed);
     Ok(())
@@ -125,11 +145,17 @@ pub fn scan_into_mem(seg: &Segment) -> Result<MemIndex, StoreError> {
 /// Parts for the segments `segs` rebuilt from their records, one index file
 /// each (written now; a segment whose file cannot be written keeps its
 /// memtable).
-pub fn rebuild_parts(segs: &[&Segment], storage: &dyn crate::storage::Storage) -> Result<Vec<Part>, StoreError> {
+pub fn rebuild_parts(
+    segs: &[&Segment],
+    storage: &dyn crate::storage::Storage,
+) -> Result<Vec<Part>, StoreError> {
     let mut parts = Vec::with_capacity(segs.len());
     for seg in segs {
         let mem = scan_into_mem(seg)?;
-        let written = idx::write(seg, &mem, storage).and_then(|_| IdxFile::open(seg).map_err(|why| StoreError::io(idx::path_for(seg), std::io::Error::other(why))));
+        let written = idx::write(seg, &mem, storage).and_then(|_| {
+            IdxFile::open(seg)
+                .map_err(|why| StoreError::io(idx::path_for(seg), std::io::Error::other(why)))
+        });
         parts.push(match written {
             Ok(file) => Part::Disk(Arc::new(file)),
             Err(e) => {
@@ -150,7 +176,11 @@ pub fn rebuild_file(shared: &Shared, path: &std::path::Path) -> Result<bool, Sto
         _ => None,
     });
     let Some(file) = file else { return Ok(false) };
-    let segs: Vec<Arc<Segment>> = file.covers().iter().filter_map(|(base, _)| shared.segment_for(*base).filter(|s| s.base == *base)).collect();
+    let segs: Vec<Arc<Segment>> = file
+        .covers()
+        .iter()
+        .filter_map(|(base, _)| shared.segment_for(*base).filter(|s| s.base == *base))
+        .collect();
     if segs.len() != file.covers().len() {
         return Ok(false);
     }
@@ -195,8 +225,17 @@ const LEAD: usize = 4;
 
 impl<'a> Rebuild<'a> {
     pub fn new(which: &'a [usize]) -> Self {
-        let state = RebuildState { done: (0..which.len()).map(|_| None).collect(), taken: 0, stopped: false };
-        Rebuild { which, next: Default::default(), state: std::sync::Mutex::new(state), changed: Default::default() }
+        let state = RebuildState {
+            done: (0..which.len()).map(|_| None).collect(),
+            taken: 0,
+            stopped: false,
+        };
+        Rebuild {
+            which,
+            next: Default::default(),
+            state: std::sync::Mutex::new(state),
+            changed: Default::default(),
+        }
     }
 
     /// Worker threads worth starting on this machine.
@@ -230,7 +269,12 @@ impl<'a> Rebuild<'a> {
                 })
             }));
             // A panic (a bug) must not leave recovery waiting for this result.
-            let result = rebuilt.unwrap_or_else(|_| Err(StoreError::io(&seg.path, std::io::Error::other("rebuilding its index panicked"))));
+            let result = rebuilt.unwrap_or_else(|_| {
+                Err(StoreError::io(
+                    &seg.path,
+                    std::io::Error::other("rebuilding its index panicked"),
+                ))
+            });
             self.state.lock().unwrap().done[k] = Some(result);
             self.changed.notify_all();
         }

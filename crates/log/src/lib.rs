@@ -28,7 +28,7 @@ mod writer;
 
 pub use merge::MergeOptions;
 pub use scrub::ScrubOptions;
-pub use stats::{Stats, SYNC_BUCKETS_US};
+pub use stats::{SYNC_BUCKETS_US, Stats};
 pub use storage::{FaultyStorage, Op as FaultOp, OsStorage, Storage};
 pub use store::{EmbeddedStore, OpenReport, Options};
-pub use verify::{verify, VerifyReport};
+pub use verify::{VerifyReport, verify};

@@ -20,12 +20,12 @@ use std::collections::BinaryHeap;
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use cairn_core::StoreError;
 
-use crate::idx::{self, Damaged, Entry, Header, IdxFile, BLOCK, FENCE, HEADER, SECTIONS};
+use crate::idx::{self, BLOCK, Damaged, Entry, FENCE, HEADER, Header, IdxFile, SECTIONS};
 use crate::index::Part;
 use crate::segment::{self, Segment};
 use crate::storage::Storage;
@@ -65,7 +65,9 @@ pub fn plan(parts: &[Part], options: MergeOptions) -> Option<Range<usize>> {
         }
         let window: Option<Vec<(usize, u64)>> = parts[start..start + n].iter().map(size).collect();
         let Some(window) = window else { continue };
-        if window.iter().all(|(c, _)| *c == covers) && window.iter().map(|(_, e)| e).sum::<u64>() <= MAX_EVENTS {
+        if window.iter().all(|(c, _)| *c == covers)
+            && window.iter().map(|(_, e)| e).sum::<u64>() <= MAX_EVENTS
+        {
             best = Some((covers, start..start + n));
         }
     }
@@ -103,7 +105,15 @@ pub(crate) struct Out<'a> {
 impl<'a> Out<'a> {
     /// Starts writing `file` (at `path`) after its header.
     pub fn new(storage: &'a dyn Storage, file: File, path: PathBuf, stop: &'a AtomicBool) -> Self {
-        Out { storage, file, path, buf: Vec::with_capacity(2 << 20), at: HEADER as u64, crcs: Vec::new(), stop }
+        Out {
+            storage,
+            file,
+            path,
+            buf: Vec::with_capacity(2 << 20),
+            at: HEADER as u64,
+            crcs: Vec::new(),
+            stop,
+        }
     }
 
     pub fn file_ref(&self) -> &File {
@@ -136,7 +146,9 @@ impl<'a> Out<'a> {
         self.flush(true)?;
         let table_off = self.pos() as usize;
         let table: Vec<u8> = self.crcs.iter().flat_map(|c| c.to_le_bytes()).collect();
-        self.storage.write_at(&self.file, &table, table_off as u64).map_err(|e| MergeError::Failed(StoreError::io(&self.path, e)))?;
+        self.storage
+            .write_at(&self.file, &table, table_off as u64)
+            .map_err(|e| MergeError::Failed(StoreError::io(&self.path, e)))?;
         Ok((table_off, crc32c::crc32c(&table)))
     }
 
@@ -146,7 +158,9 @@ impl<'a> Out<'a> {
         }
         let n = if all { self.buf.len() } else { self.buf.len() / BLOCK * BLOCK };
         self.crcs.extend(self.buf[..n].chunks(BLOCK).map(crc32c::crc32c));
-        self.storage.write_at(&self.file, &self.buf[..n], self.at).map_err(|e| MergeError::Failed(StoreError::io(&self.path, e)))?;
+        self.storage
+            .write_at(&self.file, &self.buf[..n], self.at)
+            .map_err(|e| MergeError::Failed(StoreError::io(&self.path, e)))?;
         self.at += n as u64;
         self.buf.drain(..n);
         Ok(())
@@ -156,8 +170,15 @@ impl<'a> Out<'a> {
 /// Walks the directories (section `s`) of all sources at once in (hash,
 /// name) order, calling `f` once per name with the entries of the sources
 /// that have it, oldest source first.
-fn groups<'a>(sources: &[&'a IdxFile], s: usize, mut f: impl FnMut(u64, &'a [u8], &[(usize, Entry)]) -> Result<(), MergeError>) -> Result<(), MergeError> {
-    let dirs: Vec<&'a [Entry]> = sources.iter().map(|src| src.slice::<Entry>(s, 0, src.count::<Entry>(s))).collect::<Result<_, _>>()?;
+fn groups<'a>(
+    sources: &[&'a IdxFile],
+    s: usize,
+    mut f: impl FnMut(u64, &'a [u8], &[(usize, Entry)]) -> Result<(), MergeError>,
+) -> Result<(), MergeError> {
+    let dirs: Vec<&'a [Entry]> = sources
+        .iter()
+        .map(|src| src.slice::<Entry>(s, 0, src.count::<Entry>(s)))
+        .collect::<Result<_, _>>()?;
     let mut heap = BinaryHeap::with_capacity(sources.len());
     for (i, dir) in dirs.iter().enumerate() {
         if let Some(e) = dir.first() {
@@ -188,11 +209,21 @@ fn groups<'a>(sources: &[&'a IdxFile], s: usize, mut f: impl FnMut(u64, &'a [u8]
 
 /// Writes the merged index file of `sources` (neighbouring files, in log
 /// order) covering `segs`, the segments they cover, and opens it.
-pub fn merge(sources: &[&IdxFile], segs: &[&Segment], log_dir: &Path, storage: &dyn Storage, stop: &AtomicBool) -> Result<IdxFile, MergeError> {
-    let (first, last) = (segs.first().expect("a merge has segments"), segs.last().expect("a merge has segments"));
+pub fn merge(
+    sources: &[&IdxFile],
+    segs: &[&Segment],
+    log_dir: &Path,
+    storage: &dyn Storage,
+    stop: &AtomicBool,
+) -> Result<IdxFile, MergeError> {
+    let (first, last) =
+        (segs.first().expect("a merge has segments"), segs.last().expect("a merge has segments"));
     let path = idx::merged_path(log_dir, first.base, last.base + last.capacity());
     let tmp = path.with_extension("idx.tmp");
-    let failed = |p: &Path| { let p = p.to_path_buf(); move |e| MergeError::Failed(StoreError::io(&p, e)) };
+    let failed = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e| MergeError::Failed(StoreError::io(&p, e))
+    };
     let file = storage.create(&tmp).map_err(failed(&tmp))?;
     let mut out = Out::new(storage, file, tmp.clone(), stop);
     let written = write_sections(&mut out, sources, segs);
@@ -207,10 +238,15 @@ pub fn merge(sources: &[&IdxFile], segs: &[&Segment], log_dir: &Path, storage: &
     storage.sync_all(&out.file).map_err(failed(&tmp))?;
     storage.rename(&tmp, &path).map_err(failed(&path))?;
     segment::sync_dir(log_dir, storage).map_err(MergeError::Failed)?;
-    IdxFile::open_covering(&path, segs).map_err(|why| MergeError::Failed(StoreError::io(&path, std::io::Error::other(why))))
+    IdxFile::open_covering(&path, segs)
+        .map_err(|why| MergeError::Failed(StoreError::io(&path, std::io::Error::other(why))))
 }
 
-fn write_sections(out: &mut Out<'_>, sources: &[&IdxFile], segs: &[&Segment]) -> Result<Header, MergeError> {
+fn write_sections(
+    out: &mut Out<'_>,
+    sources: &[&IdxFile],
+    segs: &[&Segment],
+) -> Result<Header, MergeError> {
     let mut sections = [(0u64, 0u64); SECTIONS];
     let events: u64 = sources.iter().map(|s| s.events()).sum();
     let mut names_len = 0u64;
@@ -220,7 +256,11 @@ fn write_sections(out: &mut Out<'_>, sources: &[&IdxFile], segs: &[&Segment]) ->
     let (first, stream_fences) = write_directory(out, sources, idx::S_STREAMS, &mut names_len)?;
     sections[idx::S_STREAMS] = (start, out.pos() - start);
     if first != events {
-        return Err(MergeError::Failed(StoreError::Corrupt { file: sources[0].path().display().to_string(), offset: 0, reason: format!("the files to merge list {first} stream event(s) but count {events}") }));
+        return Err(MergeError::Failed(StoreError::Corrupt {
+            file: sources[0].path().display().to_string(),
+            offset: 0,
+            reason: format!("the files to merge list {first} stream event(s) but count {events}"),
+        }));
     }
     for s in [idx::S_POSITIONS, idx::S_TIMESTAMPS] {
         let start = out.pos();
@@ -253,7 +293,14 @@ fn write_sections(out: &mut Out<'_>, sources: &[&IdxFile], segs: &[&Segment]) ->
     let (mut k, mut previous) = (0usize, None);
     while let Some(Reverse((id, p, i))) = heap.pop() {
         if previous == Some(id) {
-            return Err(MergeError::Failed(StoreError::Corrupt { file: sources[i].path().display().to_string(), offset: 0, reason: format!("event id {} at position {p} is in two index files", uuid::Uuid::from_u128(id)) }));
+            return Err(MergeError::Failed(StoreError::Corrupt {
+                file: sources[i].path().display().to_string(),
+                offset: 0,
+                reason: format!(
+                    "event id {} at position {p} is in two index files",
+                    uuid::Uuid::from_u128(id)
+                ),
+            }));
         }
         previous = Some(id);
         out.put(&(id as u64).to_le_bytes())?;
@@ -286,18 +333,25 @@ fn write_sections(out: &mut Out<'_>, sources: &[&IdxFile], segs: &[&Segment]) ->
     let (postings, term_fences) = write_directory(out, sources, idx::S_TERMS, &mut names_len)?;
     sections[idx::S_TERMS] = (start, out.pos() - start);
     if postings > u32::MAX as u64 || names_len > u32::MAX as u64 {
-        return Err(MergeError::Failed(StoreError::io(&out.path, std::io::Error::other("too much to merge into one index file"))));
+        return Err(MergeError::Failed(StoreError::io(
+            &out.path,
+            std::io::Error::other("too much to merge into one index file"),
+        )));
     }
     let start = out.pos();
     groups(sources, idx::S_TERMS, |_, _, group| {
         for (i, e) in group {
-            put_u64s(out, sources[*i].slice::<u64>(idx::S_POSTINGS, e.first as usize, e.count as usize)?)?;
+            put_u64s(
+                out,
+                sources[*i].slice::<u64>(idx::S_POSTINGS, e.first as usize, e.count as usize)?,
+            )?;
         }
         Ok(())
     })?;
     sections[idx::S_POSTINGS] = (start, out.pos() - start);
 
-    for (s, fences) in [(idx::S_STREAM_FENCES, &stream_fences), (idx::S_TERM_FENCES, &term_fences)] {
+    for (s, fences) in [(idx::S_STREAM_FENCES, &stream_fences), (idx::S_TERM_FENCES, &term_fences)]
+    {
         let start = out.pos();
         put_u64s(out, fences)?;
         sections[s] = (start, out.pos() - start);
@@ -323,15 +377,31 @@ fn write_sections(out: &mut Out<'_>, sources: &[&IdxFile], segs: &[&Segment]) ->
     }
     sections[idx::S_NAMES] = (start, out.pos() - start);
     let (table_off, table_crc) = out.finish()?;
-    let v7 = sources.iter().fold((u128::MAX, 0u128), |(lo, hi), s| (lo.min(s.v7().0), hi.max(s.v7().1)));
-    let last_position = sources.iter().filter_map(|s| s.last_position()).max().unwrap_or(segs[0].base);
-    Ok(Header { base: segs[0].base, span: segs.iter().map(|s| s.capacity()).sum(), events, last_position, v7, sections, table_off, table_crc })
+    let v7 =
+        sources.iter().fold((u128::MAX, 0u128), |(lo, hi), s| (lo.min(s.v7().0), hi.max(s.v7().1)));
+    let last_position =
+        sources.iter().filter_map(|s| s.last_position()).max().unwrap_or(segs[0].base);
+    Ok(Header {
+        base: segs[0].base,
+        span: segs.iter().map(|s| s.capacity()).sum(),
+        events,
+        last_position,
+        v7,
+        sections,
+        table_off,
+        table_crc,
+    })
 }
 
 /// Writes the merged directory of section `s` (streams or terms), its names
 /// counted on from `names_len`; returns the entries' total count (positions
 /// or postings) and the fences.
-fn write_directory(out: &mut Out<'_>, sources: &[&IdxFile], s: usize, names_len: &mut u64) -> Result<(u64, Vec<u64>), MergeError> {
+fn write_directory(
+    out: &mut Out<'_>,
+    sources: &[&IdxFile],
+    s: usize,
+    names_len: &mut u64,
+) -> Result<(u64, Vec<u64>), MergeError> {
     let (mut fences, mut n, mut first) = (Vec::new(), 0usize, 0u64);
     groups(sources, s, |hash, name, group| {
         let count: u64 = group.iter().map(|(_, e)| e.count as u64).sum();
@@ -345,8 +415,21 @@ fn write_directory(out: &mut Out<'_>, sources: &[&IdxFile], s: usize, names_len:
     Ok((first, fences))
 }
 
-fn put_entry(out: &mut Out<'_>, hash: u64, name_off: u64, name_len: usize, first: u64, count: u64) -> Result<(), MergeError> {
-    let e = Entry { hash, name_off: name_off as u32, name_len: name_len as u32, first: first as u32, count: count as u32 };
+fn put_entry(
+    out: &mut Out<'_>,
+    hash: u64,
+    name_off: u64,
+    name_len: usize,
+    first: u64,
+    count: u64,
+) -> Result<(), MergeError> {
+    let e = Entry {
+        hash,
+        name_off: name_off as u32,
+        name_len: name_len as u32,
+        first: first as u32,
+        count: count as u32,
+    };
     out.put(&e.hash.to_le_bytes())?;
     out.put(&e.name_off.to_le_bytes())?;
     out.put(&e.name_len.to_le_bytes())?;
@@ -365,7 +448,11 @@ fn put_u64s<T: Copy + Into<u64>>(out: &mut Out<'_>, values: &[T]) -> Result<(), 
 /// order), chosen widest first and never two over one segment: each with the
 /// range of segments it covers. `rejected` gets those that name segments
 /// of this log but cannot be used, with why.
-pub fn find(log_dir: &Path, sealed: &[&Segment], rejected: &mut Vec<(PathBuf, String)>) -> Vec<(Arc<IdxFile>, Range<usize>)> {
+pub fn find(
+    log_dir: &Path,
+    sealed: &[&Segment],
+    rejected: &mut Vec<(PathBuf, String)>,
+) -> Vec<(Arc<IdxFile>, Range<usize>)> {
     let Ok(entries) = std::fs::read_dir(log_dir) else { return Vec::new() };
     let mut candidates: Vec<(PathBuf, Range<usize>)> = Vec::new();
     for entry in entries.flatten() {
@@ -395,11 +482,17 @@ pub fn find(log_dir: &Path, sealed: &[&Segment], rejected: &mut Vec<(PathBuf, St
 }
 
 /// Starts the merger thread; it ends once `stop` is set (and it is unparked).
-pub fn spawn(shared: Arc<crate::store::Shared>, stop: Arc<AtomicBool>) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
+pub fn spawn(
+    shared: Arc<crate::store::Shared>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
     if shared.options.merge.fanout < 2 {
         return Ok(None);
     }
-    std::thread::Builder::new().name("cairn-merger".into()).spawn(move || run(&shared, &stop)).map(Some)
+    std::thread::Builder::new()
+        .name("cairn-merger".into())
+        .spawn(move || run(&shared, &stop))
+        .map(Some)
 }
 
 /// How long the merger sleeps when nothing is due, and after a failure.
@@ -416,13 +509,19 @@ fn run(shared: &crate::store::Shared, stop: &AtomicBool) {
             Err(MergeError::Damaged(d)) => match crate::indexer::rebuild_file(shared, &d.file) {
                 Ok(_) => continue,
                 Err(e) => {
-                    eprintln!("cairn: could not rebuild the damaged index file {}: {e}", d.file.display());
+                    eprintln!(
+                        "cairn: could not rebuild the damaged index file {}: {e}",
+                        d.file.display()
+                    );
                     AFTER_FAILURE
                 }
             },
             Err(MergeError::Failed(e)) => {
                 shared.stats.index_failures.fetch_add(1, Ordering::Relaxed);
-                eprintln!("cairn: could not merge index files ({e}); tried again in {} s", AFTER_FAILURE.as_secs());
+                eprintln!(
+                    "cairn: could not merge index files ({e}); tried again in {} s",
+                    AFTER_FAILURE.as_secs()
+                );
                 AFTER_FAILURE
             }
         };
@@ -435,18 +534,31 @@ pub fn merge_once(shared: &crate::store::Shared, stop: &AtomicBool) -> Result<bo
     let sources: Vec<Arc<IdxFile>> = {
         let index = shared.index.read().unwrap();
         let Some(range) = plan(&index.parts, shared.options.merge) else { return Ok(false) };
-        index.parts[range].iter().filter_map(|p| match p {
-            Part::Disk(f) => Some(f.clone()),
-            Part::Mem(_) => None,
-        }).collect()
+        index.parts[range]
+            .iter()
+            .filter_map(|p| match p {
+                Part::Disk(f) => Some(f.clone()),
+                Part::Mem(_) => None,
+            })
+            .collect()
     };
-    let segs: Vec<Arc<Segment>> = sources.iter().flat_map(|f| f.covers()).filter_map(|(base, _)| shared.segment_for(*base).filter(|s| s.base == *base)).collect();
+    let segs: Vec<Arc<Segment>> = sources
+        .iter()
+        .flat_map(|f| f.covers())
+        .filter_map(|(base, _)| shared.segment_for(*base).filter(|s| s.base == *base))
+        .collect();
     if segs.len() != sources.iter().map(|f| f.covers().len()).sum::<usize>() {
         return Ok(false);
     }
     let storage = &*shared.options.storage;
     let refs: Vec<&IdxFile> = sources.iter().map(|f| &**f).collect();
-    let merged = merge(&refs, &segs.iter().map(|s| &**s).collect::<Vec<_>>(), &shared.log_dir, storage, stop)?;
+    let merged = merge(
+        &refs,
+        &segs.iter().map(|s| &**s).collect::<Vec<_>>(),
+        &shared.log_dir,
+        storage,
+        stop,
+    )?;
     let path = merged.path().to_path_buf();
     let installed = {
         let mut index = shared.index.write().unwrap();

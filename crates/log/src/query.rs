@@ -15,15 +15,22 @@
 
 use std::collections::BinaryHeap;
 
-use cairn_core::{stream_category, Direction, Query, QueryItem, StoreError};
+use cairn_core::{Direction, Query, QueryItem, StoreError, stream_category};
 
 use crate::idx::Kind;
-use crate::index::{damaged_error, Index};
+use crate::index::{Index, damaged_error};
 use crate::record::RecordView;
 
 /// Positions of the events matching `query` with `lo <= position <= hi`, in
 /// `direction`, at most `limit` of them.
-pub fn positions(index: &Index, query: &Query, lo: u64, hi: u64, direction: Direction, limit: usize) -> Result<Vec<u64>, StoreError> {
+pub fn positions(
+    index: &Index,
+    query: &Query,
+    lo: u64,
+    hi: u64,
+    direction: Direction,
+    limit: usize,
+) -> Result<Vec<u64>, StoreError> {
     if lo > hi || limit == 0 {
         return Ok(Vec::new());
     }
@@ -35,7 +42,11 @@ pub fn positions(index: &Index, query: &Query, lo: u64, hi: u64, direction: Dire
 }
 
 /// The first position after `after` (anywhere if `None`) of an event matching `query`.
-pub fn first_match_after(index: &Index, query: &Query, after: Option<u64>) -> Result<Option<u64>, StoreError> {
+pub fn first_match_after(
+    index: &Index,
+    query: &Query,
+    after: Option<u64>,
+) -> Result<Option<u64>, StoreError> {
     let lo = match after {
         None => 0,
         Some(p) => match p.checked_add(1) {
@@ -52,7 +63,8 @@ pub fn matches_record(query: &Query, view: &RecordView<'_>) -> bool {
     let category = stream_category(view.stream);
     query.items.iter().any(|item| {
         (item.types.is_empty() || item.types.iter().any(|t| t == view.event_type))
-            && (item.categories.is_empty() || category.is_some_and(|c| item.categories.iter().any(|k| k == c)))
+            && (item.categories.is_empty()
+                || category.is_some_and(|c| item.categories.iter().any(|k| k == c)))
             && item.tags.iter().all(|tag| view.tags().any(|t| t == tag))
     })
 }
@@ -73,7 +85,9 @@ fn window(list: &[u64], lo: u64, hi: u64) -> &[u64] {
 fn walk<'a>(list: List<'a>, direction: Direction) -> Positions<'a> {
     match direction {
         Direction::Forward => Box::new(list.into_iter().flat_map(|l| l.iter().copied())),
-        Direction::Backward => Box::new(list.into_iter().rev().flat_map(|l| l.iter().rev().copied())),
+        Direction::Backward => {
+            Box::new(list.into_iter().rev().flat_map(|l| l.iter().rev().copied()))
+        }
     }
 }
 
@@ -87,7 +101,13 @@ fn contains(list: &List<'_>, p: u64) -> bool {
 }
 
 /// The positions of term `name` of `kind` within `lo..=hi`, over every part.
-fn term_list<'a>(index: &'a Index, kind: Kind, name: &str, lo: u64, hi: u64) -> Result<List<'a>, StoreError> {
+fn term_list<'a>(
+    index: &'a Index,
+    kind: Kind,
+    name: &str,
+    lo: u64,
+    hi: u64,
+) -> Result<List<'a>, StoreError> {
     let mut list = Vec::new();
     for part in index.parts_within(lo, hi) {
         let l = window(part.term(kind, name).map_err(|d| damaged_error(&d))?, lo, hi);
@@ -98,7 +118,13 @@ fn term_list<'a>(index: &'a Index, kind: Kind, name: &str, lo: u64, hi: u64) -> 
     Ok(list)
 }
 
-fn item_positions<'a>(index: &'a Index, item: &'a QueryItem, lo: u64, hi: u64, direction: Direction) -> Result<Positions<'a>, StoreError> {
+fn item_positions<'a>(
+    index: &'a Index,
+    item: &'a QueryItem,
+    lo: u64,
+    hi: u64,
+    direction: Direction,
+) -> Result<Positions<'a>, StoreError> {
     let nothing = || -> Result<Positions<'a>, StoreError> { Ok(Box::new(std::iter::empty())) };
     // Each constraint is a set of lists; a match is in one list of every constraint.
     let mut constraints: Vec<Vec<List<'a>>> = Vec::with_capacity(item.tags.len() + 2);
@@ -130,8 +156,14 @@ fn item_positions<'a>(index: &'a Index, item: &'a QueryItem, lo: u64, hi: u64, d
         // The lists of one part are merged; the parts follow each other.
         let mut parts: Vec<Positions<'a>> = Vec::new();
         for part in index.parts_within(lo, hi) {
-            let lists: Vec<Positions<'a>> = part.all_terms(Kind::Type).map_err(|d| damaged_error(&d))?.into_iter()
-                .map(|l| window(l, lo, hi)).filter(|l| !l.is_empty()).map(|l| walk(vec![l], direction)).collect();
+            let lists: Vec<Positions<'a>> = part
+                .all_terms(Kind::Type)
+                .map_err(|d| damaged_error(&d))?
+                .into_iter()
+                .map(|l| window(l, lo, hi))
+                .filter(|l| !l.is_empty())
+                .map(|l| walk(vec![l], direction))
+                .collect();
             parts.push(Box::new(Merge::new(lists, direction)));
         }
         if direction == Direction::Backward {
@@ -141,7 +173,9 @@ fn item_positions<'a>(index: &'a Index, item: &'a QueryItem, lo: u64, hi: u64, d
     }
     // Walk the constraint with the fewest positions, keep what the others hold.
     let size = |c: &Vec<List<'_>>| c.iter().map(list_len).sum::<usize>();
-    let smallest = (0..constraints.len()).min_by_key(|&i| size(&constraints[i])).expect("at least one constraint");
+    let smallest = (0..constraints.len())
+        .min_by_key(|&i| size(&constraints[i]))
+        .expect("at least one constraint");
     let mut driver = constraints.swap_remove(smallest);
     let walked: Positions<'a> = if driver.len() == 1 {
         walk(driver.pop().expect("one list"), direction)
@@ -151,7 +185,10 @@ fn item_positions<'a>(index: &'a Index, item: &'a QueryItem, lo: u64, hi: u64, d
     if constraints.is_empty() {
         return Ok(walked);
     }
-    Ok(Box::new(walked.filter(move |p| constraints.iter().all(|lists| lists.iter().any(|l| contains(l, *p))))))
+    Ok(Box::new(
+        walked
+            .filter(move |p| constraints.iter().all(|lists| lists.iter().any(|l| contains(l, *p)))),
+    ))
 }
 
 /// Merges sorted position iterators (all in one direction) into one, in
@@ -226,8 +263,14 @@ mod tests {
     #[test]
     fn a_list_over_several_parts_walks_and_finds_in_order() {
         let list: List<'_> = vec![&[1, 3], &[7], &[9, 12]];
-        assert_eq!(walk(list.clone(), Direction::Forward).collect::<Vec<_>>(), vec![1, 3, 7, 9, 12]);
-        assert_eq!(walk(list.clone(), Direction::Backward).collect::<Vec<_>>(), vec![12, 9, 7, 3, 1]);
+        assert_eq!(
+            walk(list.clone(), Direction::Forward).collect::<Vec<_>>(),
+            vec![1, 3, 7, 9, 12]
+        );
+        assert_eq!(
+            walk(list.clone(), Direction::Backward).collect::<Vec<_>>(),
+            vec![12, 9, 7, 3, 1]
+        );
         assert!([1, 3, 7, 9, 12].iter().all(|p| contains(&list, *p)));
         assert!(![0, 2, 8, 10, 13].iter().any(|p| contains(&list, *p)));
         assert_eq!(list_len(&list), 5);

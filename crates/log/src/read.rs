@@ -3,14 +3,15 @@
 //! straight from the segment maps, below the durable head.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use cairn_core::{
-    AppendCondition, AppendResult, Direction, EventStore, ExpectedVersion, NewEvent, Position, Query, ReadAllOptions, ReadStreamOptions,
-    RecordedEvent, StartFrom, StoreError, StreamInfo, StreamMetadata, StreamState, Subscription, SubscriptionTarget,
-    Timestamp, STREAM_NAME_BYTES_MAX,
+    AppendCondition, AppendResult, Direction, EventStore, ExpectedVersion, NewEvent, Position,
+    Query, ReadAllOptions, ReadStreamOptions, RecordedEvent, STREAM_NAME_BYTES_MAX, StartFrom,
+    StoreError, StreamInfo, StreamMetadata, StreamState, Subscription, SubscriptionTarget,
+    Timestamp,
 };
 
 use crate::record::{self, RECORD_OVERHEAD_BYTES};
@@ -26,7 +27,10 @@ const READ_AHEAD_FROM_EVENTS: usize = 4096;
 
 fn check_read_name(stream: &str) -> Result<(), StoreError> {
     if stream.is_empty() || stream.len() > STREAM_NAME_BYTES_MAX + 2 {
-        return Err(StoreError::InvalidStreamName { name: stream.to_string(), reason: "empty or too long".into() });
+        return Err(StoreError::InvalidStreamName {
+            name: stream.to_string(),
+            reason: "empty or too long".into(),
+        });
     }
     Ok(())
 }
@@ -46,38 +50,61 @@ impl Shared {
 
     /// Decodes the events at `positions`; `seg` is a guess at their segment,
     /// reused while it holds (stream reads mostly stay in one segment).
-    fn events_at(&self, positions: &[u64], seg: Option<&Arc<crate::segment::Segment>>) -> Result<Vec<RecordedEvent>, StoreError> {
+    fn events_at(
+        &self,
+        positions: &[u64],
+        seg: Option<&Arc<crate::segment::Segment>>,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         let head = self.head.load(Ordering::Acquire);
         let mut out = Vec::with_capacity(positions.len());
         let mut seg = seg.cloned();
         for &position in positions {
-            let fits = |s: &Arc<crate::segment::Segment>| s.base <= position && position < s.base + s.capacity();
+            let fits = |s: &Arc<crate::segment::Segment>| {
+                s.base <= position && position < s.base + s.capacity()
+            };
             if !seg.as_ref().is_some_and(fits) {
                 seg = self.segment_for(position);
             }
-            let missing = || corrupt_at(self, position, "the index points at a position that holds no valid record");
+            let missing = || {
+                corrupt_at(
+                    self,
+                    position,
+                    "the index points at a position that holds no valid record",
+                )
+            };
             let s = seg.as_ref().ok_or_else(missing)?;
             let end = s.capacity().min(head.saturating_sub(s.base));
             let offset = position - s.base;
             if offset < SEGMENT_HEADER_BYTES || offset >= end {
                 return Err(missing());
             }
-            let view = record::decode(s.bytes(offset, end)).map_err(|e| corrupt_at(self, position, &format!("{e:?}")))?;
+            let view = record::decode(s.bytes(offset, end))
+                .map_err(|e| corrupt_at(self, position, &format!("{e:?}")))?;
             out.push(view.to_event_sharing(Position(position), s.share(view.data)));
         }
         Ok(out)
     }
 
     /// Positions of the visible events of `stream` selected by `options`.
-    fn stream_positions(&self, stream: &str, options: &ReadStreamOptions) -> Result<Vec<u64>, StoreError> {
+    fn stream_positions(
+        &self,
+        stream: &str,
+        options: &ReadStreamOptions,
+    ) -> Result<Vec<u64>, StoreError> {
         self.indexed(|index| Self::stream_positions_in(index, stream, options))
     }
 
-    fn stream_positions_in(index: &crate::index::Index, stream: &str, options: &ReadStreamOptions) -> Result<Vec<u64>, StoreError> {
+    fn stream_positions_in(
+        index: &crate::index::Index,
+        stream: &str,
+        options: &ReadStreamOptions,
+    ) -> Result<Vec<u64>, StoreError> {
         let not_found = || StoreError::StreamNotFound { stream: stream.to_string() };
         let entry = index.streams.get(stream)?.ok_or_else(not_found)?;
         match entry.state {
-            StreamState::Tombstoned => return Err(StoreError::StreamDeleted { stream: stream.to_string() }),
+            StreamState::Tombstoned => {
+                return Err(StoreError::StreamDeleted { stream: stream.to_string() });
+            }
             StreamState::Deleted => return Err(not_found()),
             StreamState::Live if entry.version() == 0 => return Err(not_found()),
             StreamState::Live => {}
@@ -89,7 +116,11 @@ impl Shared {
         Ok(match options.direction {
             Direction::Forward => {
                 let from = options.from_version.max(first);
-                if from > last || limit == 0 { Vec::new() } else { view.positions(from, last.min(from.saturating_add(limit - 1))) }
+                if from > last || limit == 0 {
+                    Vec::new()
+                } else {
+                    view.positions(from, last.min(from.saturating_add(limit - 1)))
+                }
             }
             Direction::Backward => {
                 let from = options.from_version.min(last);
@@ -126,7 +157,11 @@ impl Shared {
 
     /// Reads forward from the record boundary `from`; returns the events and the
     /// boundary after the last one.
-    fn read_forward(&self, mut from: u64, limit: usize) -> Result<(Vec<RecordedEvent>, u64), StoreError> {
+    fn read_forward(
+        &self,
+        mut from: u64,
+        limit: usize,
+    ) -> Result<(Vec<RecordedEvent>, u64), StoreError> {
         let head = self.head.load(Ordering::Acquire);
         let mut out = Vec::with_capacity(limit.min(16_384));
         let mut seg = match self.segment_for(from) {
@@ -150,14 +185,18 @@ impl Shared {
                 advised = from;
                 continue;
             }
-            if limit >= READ_AHEAD_FROM_EVENTS && from + READ_AHEAD / 2 >= advised && advised < seg_end {
+            if limit >= READ_AHEAD_FROM_EVENTS
+                && from + READ_AHEAD / 2 >= advised
+                && advised < seg_end
+            {
                 let start = advised.max(from);
                 let end = (start + READ_AHEAD).min(seg_end);
                 seg.will_need(start - seg.base, end - start);
                 advised = end;
             }
             let bytes = seg.bytes(from - seg.base, seg_end - seg.base);
-            let view = record::decode(bytes).map_err(|e| corrupt_at(self, from, &format!("{e:?}")))?;
+            let view =
+                record::decode(bytes).map_err(|e| corrupt_at(self, from, &format!("{e:?}")))?;
             out.push(view.to_event_sharing(Position(from), seg.share(view.data)));
             from += view.len as u64;
         }
@@ -176,9 +215,12 @@ impl Shared {
             }
             let trailer = seg.bytes(end - seg.base - 4, end - seg.base);
             let body_len = u32::from_le_bytes(trailer.try_into().unwrap()) as u64;
-            let start = end.checked_sub(body_len + RECORD_OVERHEAD_BYTES as u64)
+            let start = end
+                .checked_sub(body_len + RECORD_OVERHEAD_BYTES as u64)
                 .filter(|s| *s >= seg.base + SEGMENT_HEADER_BYTES)
-                .ok_or_else(|| corrupt_at(self, end - 4, "record trailer points before the segment start"))?;
+                .ok_or_else(|| {
+                    corrupt_at(self, end - 4, "record trailer points before the segment start")
+                })?;
             return Ok(Some(start));
         }
         Ok(None)
@@ -200,7 +242,9 @@ impl Shared {
     fn last_position(&self) -> Result<Option<Position>, StoreError> {
         let head = self.head.load(Ordering::Acquire);
         let Some(start) = self.record_before(head)? else { return Ok(None) };
-        let seg = self.segment_for(start).ok_or_else(|| corrupt_at(self, start, "no segment holds the newest record"))?;
+        let seg = self
+            .segment_for(start)
+            .ok_or_else(|| corrupt_at(self, start, "no segment holds the newest record"))?;
         // The record may end its segment while the head is in the next one.
         let end = seg.capacity().min(head - seg.base);
         record::decode_trusted(seg.bytes(start - seg.base, end))
@@ -209,11 +253,22 @@ impl Shared {
     }
 
     /// Positions of the events matching `query` with `lo <= position <= hi`.
-    fn query_positions(&self, query: &Query, lo: u64, hi: u64, direction: Direction, limit: usize) -> Result<Vec<u64>, StoreError> {
+    fn query_positions(
+        &self,
+        query: &Query,
+        lo: u64,
+        hi: u64,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<u64>, StoreError> {
         self.indexed(|index| crate::query::positions(index, query, lo, hi, direction, limit))
     }
 
-    fn read_query(&self, query: &Query, options: &ReadAllOptions) -> Result<Vec<RecordedEvent>, StoreError> {
+    fn read_query(
+        &self,
+        query: &Query,
+        options: &ReadAllOptions,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         self.options.limits.check_query(query)?;
         let from = options.from.0;
         // `from` is only a bound here: events need not start at it.
@@ -236,7 +291,11 @@ impl Shared {
                 let start = if from == 0 {
                     self.first_record_position()
                 } else if from >= head {
-                    return if from == head || options.from == Position::END { Ok(Vec::new()) } else { Err(StoreError::InvalidPosition(options.from)) };
+                    return if from == head || options.from == Position::END {
+                        Ok(Vec::new())
+                    } else {
+                        Err(StoreError::InvalidPosition(options.from))
+                    };
                 } else if self.is_segment_base(from) {
                     from
                 } else {
@@ -264,15 +323,29 @@ impl Shared {
 
 #[async_trait]
 impl EventStore for EmbeddedStore {
-    async fn append(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>) -> Result<AppendResult, StoreError> {
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError> {
         self.append_user(stream, expected, events, None).await
     }
 
-    async fn append_if(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>, condition: AppendCondition) -> Result<AppendResult, StoreError> {
+    async fn append_if(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        condition: AppendCondition,
+    ) -> Result<AppendResult, StoreError> {
         self.append_user(stream, expected, events, Some(condition)).await
     }
 
-    async fn append_each(&self, appends: Vec<cairn_core::Append>) -> Vec<Result<AppendResult, StoreError>> {
+    async fn append_each(
+        &self,
+        appends: Vec<cairn_core::Append>,
+    ) -> Vec<Result<AppendResult, StoreError>> {
         self.append_each_user(appends).await
     }
 
@@ -280,11 +353,19 @@ impl EventStore for EmbeddedStore {
         true
     }
 
-    async fn read_query(&self, query: &Query, options: ReadAllOptions) -> Result<Vec<RecordedEvent>, StoreError> {
+    async fn read_query(
+        &self,
+        query: &Query,
+        options: ReadAllOptions,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         self.shared.read_query(query, &options)
     }
 
-    async fn read_stream(&self, stream: &str, options: ReadStreamOptions) -> Result<Vec<RecordedEvent>, StoreError> {
+    async fn read_stream(
+        &self,
+        stream: &str,
+        options: ReadStreamOptions,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         check_read_name(stream)?;
         let positions = self.shared.stream_positions(stream, &options)?;
         self.shared.events_at(&positions, None)
@@ -297,12 +378,19 @@ impl EventStore for EmbeddedStore {
     async fn stream_info(&self, stream: &str) -> Result<StreamInfo, StoreError> {
         check_read_name(stream)?;
         self.shared.indexed(|index| {
-            let entry = index.streams.get(stream)?.ok_or_else(|| StoreError::StreamNotFound { stream: stream.to_string() })?;
+            let entry = index
+                .streams
+                .get(stream)?
+                .ok_or_else(|| StoreError::StreamNotFound { stream: stream.to_string() })?;
             Ok(info(stream, &entry))
         })
     }
 
-    async fn list_streams(&self, prefix: &str, limit: usize) -> Result<Vec<StreamInfo>, StoreError> {
+    async fn list_streams(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<StreamInfo>, StoreError> {
         let system = prefix.starts_with('$');
         self.shared.indexed(|index| {
             let mut out = Vec::new();
@@ -318,15 +406,28 @@ impl EventStore for EmbeddedStore {
         })
     }
 
-    async fn set_stream_metadata(&self, stream: &str, metadata: StreamMetadata) -> Result<AppendResult, StoreError> {
+    async fn set_stream_metadata(
+        &self,
+        stream: &str,
+        metadata: StreamMetadata,
+    ) -> Result<AppendResult, StoreError> {
         self.set_metadata(stream, metadata).await
     }
 
-    async fn delete_stream(&self, stream: &str, expected: ExpectedVersion, hard: bool) -> Result<AppendResult, StoreError> {
+    async fn delete_stream(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        hard: bool,
+    ) -> Result<AppendResult, StoreError> {
         self.delete(stream, expected, hard).await
     }
 
-    async fn subscribe(&self, target: SubscriptionTarget, from: StartFrom) -> Result<Subscription, StoreError> {
+    async fn subscribe(
+        &self,
+        target: SubscriptionTarget,
+        from: StartFrom,
+    ) -> Result<Subscription, StoreError> {
         let shared = self.shared.clone();
         match target {
             SubscriptionTarget::All => {
@@ -335,7 +436,9 @@ impl EventStore for EmbeddedStore {
                     StartFrom::Start | StartFrom::After(0) => shared.first_record_position(),
                     StartFrom::End => head,
                     StartFrom::After(p) if p == head => head,
-                    StartFrom::After(p) if p > head => return Err(StoreError::InvalidPosition(Position(p))),
+                    StartFrom::After(p) if p > head => {
+                        return Err(StoreError::InvalidPosition(Position(p)));
+                    }
                     StartFrom::After(p) if shared.is_segment_base(p) => p,
                     StartFrom::After(p) => p + shared.event_len(p)?,
                 };
@@ -357,12 +460,16 @@ impl EventStore for EmbeddedStore {
                 let next = match from {
                     StartFrom::Start => 0,
                     StartFrom::End => head,
-                    StartFrom::After(p) if p > head => return Err(StoreError::InvalidPosition(Position(p))),
+                    StartFrom::After(p) if p > head => {
+                        return Err(StoreError::InvalidPosition(Position(p)));
+                    }
                     StartFrom::After(p) => p + 1,
                 };
                 Ok(subscription(shared, Cursor::Query(query, next)))
             }
-            other => Err(StoreError::InvalidArgument(format!("subscription target {other:?} is not supported by the embedded engine yet"))),
+            other => Err(StoreError::InvalidArgument(format!(
+                "subscription target {other:?} is not supported by the embedded engine yet"
+            ))),
         }
     }
 
@@ -455,7 +562,9 @@ impl SubState {
                 self.buffer.extend(events);
             }
             Cursor::Stream(stream, next) => {
-                let options = ReadStreamOptions::forward().from_version(*next).limit(SUBSCRIPTION_PAGE_EVENTS);
+                let options = ReadStreamOptions::forward()
+                    .from_version(*next)
+                    .limit(SUBSCRIPTION_PAGE_EVENTS);
                 match self.shared.stream_positions(stream, &options) {
                     Ok(positions) => {
                         let events = self.shared.events_at(&positions, None)?;
@@ -469,7 +578,13 @@ impl SubState {
                 }
             }
             Cursor::Query(query, next) => {
-                let positions = self.shared.query_positions(query, *next, u64::MAX, Direction::Forward, SUBSCRIPTION_PAGE_EVENTS)?;
+                let positions = self.shared.query_positions(
+                    query,
+                    *next,
+                    u64::MAX,
+                    Direction::Forward,
+                    SUBSCRIPTION_PAGE_EVENTS,
+                )?;
                 if let Some(last) = positions.last() {
                     *next = last + 1;
                 }

@@ -24,19 +24,35 @@ const FLAG_CAUSATION: u8 = 8;
 /// before anything is written.
 pub fn body_size(stream: &str, event: &NewEvent) -> usize {
     let m = &event.metadata;
-    1 + 1 + 8 + 8 + 16 + 4
+    1 + 1
+        + 8
+        + 8
+        + 16
+        + 4
         + if m.correlation_id.is_some() { 16 } else { 0 }
         + if m.causation_id.is_some() { 16 } else { 0 }
-        + 2 + stream.len()
-        + 2 + event.event_type.len()
-        + 2 + event.tags.iter().map(|t| 2 + t.len()).sum::<usize>()
-        + 2 + m.extra.iter().map(|(k, v)| 2 + k.len() + 4 + v.len()).sum::<usize>()
-        + 4 + event.data.len()
+        + 2
+        + stream.len()
+        + 2
+        + event.event_type.len()
+        + 2
+        + event.tags.iter().map(|t| 2 + t.len()).sum::<usize>()
+        + 2
+        + m.extra.iter().map(|(k, v)| 2 + k.len() + 4 + v.len()).sum::<usize>()
+        + 4
+        + event.data.len()
 }
 
 /// Appends one encoded record to `buf`. Field lengths must already be checked
 /// against the limits (names ≤ u16, payload ≤ u32).
-pub fn encode(buf: &mut Vec<u8>, stream: &str, version: u64, timestamp: Timestamp, event: &NewEvent, batch_end: bool) {
+pub fn encode(
+    buf: &mut Vec<u8>,
+    stream: &str,
+    version: u64,
+    timestamp: Timestamp,
+    event: &NewEvent,
+    batch_end: bool,
+) {
     let body_len = body_size(stream, event);
     let start = buf.len();
     buf.reserve(body_len + RECORD_OVERHEAD_BYTES);
@@ -44,22 +60,36 @@ pub fn encode(buf: &mut Vec<u8>, stream: &str, version: u64, timestamp: Timestam
     buf.extend_from_slice(&[0; 4]); // crc, filled below
     let m = &event.metadata;
     let mut flags = 0;
-    if event.content_type == ContentType::Binary { flags |= FLAG_BINARY; }
-    if batch_end { flags |= FLAG_BATCH_END; }
-    if m.correlation_id.is_some() { flags |= FLAG_CORRELATION; }
-    if m.causation_id.is_some() { flags |= FLAG_CAUSATION; }
+    if event.content_type == ContentType::Binary {
+        flags |= FLAG_BINARY;
+    }
+    if batch_end {
+        flags |= FLAG_BATCH_END;
+    }
+    if m.correlation_id.is_some() {
+        flags |= FLAG_CORRELATION;
+    }
+    if m.causation_id.is_some() {
+        flags |= FLAG_CAUSATION;
+    }
     buf.push(KIND_EVENT);
     buf.push(flags);
     buf.extend_from_slice(&version.to_le_bytes());
     buf.extend_from_slice(&timestamp.0.to_le_bytes());
     buf.extend_from_slice(event.id.as_bytes());
     buf.extend_from_slice(&event.schema_version.to_le_bytes());
-    if let Some(id) = m.correlation_id { buf.extend_from_slice(id.as_bytes()); }
-    if let Some(id) = m.causation_id { buf.extend_from_slice(id.as_bytes()); }
+    if let Some(id) = m.correlation_id {
+        buf.extend_from_slice(id.as_bytes());
+    }
+    if let Some(id) = m.causation_id {
+        buf.extend_from_slice(id.as_bytes());
+    }
     put_str16(buf, stream);
     put_str16(buf, &event.event_type);
     buf.extend_from_slice(&(event.tags.len() as u16).to_le_bytes());
-    for tag in &event.tags { put_str16(buf, tag); }
+    for tag in &event.tags {
+        put_str16(buf, tag);
+    }
     buf.extend_from_slice(&(m.extra.len() as u16).to_le_bytes());
     for (k, v) in &m.extra {
         put_str16(buf, k);
@@ -135,7 +165,11 @@ impl<'a> RecordView<'a> {
     /// The event, with `data` as its payload (a shared handle on `self.data`).
     pub fn to_event_sharing(&self, position: Position, data: Bytes) -> RecordedEvent {
         let tags = self.tags().map(str::to_string).collect();
-        let mut metadata = Metadata { correlation_id: self.correlation_id, causation_id: self.causation_id, ..Default::default() };
+        let mut metadata = Metadata {
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+            ..Default::default()
+        };
         let mut r = Reader { bytes: self.extra };
         for _ in 0..self.extra_count {
             let k = r.str16().unwrap_or_default().to_string();
@@ -149,7 +183,11 @@ impl<'a> RecordView<'a> {
             position,
             event_type: self.event_type.to_string(),
             data,
-            content_type: if self.flags & FLAG_BINARY != 0 { ContentType::Binary } else { ContentType::Json },
+            content_type: if self.flags & FLAG_BINARY != 0 {
+                ContentType::Binary
+            } else {
+                ContentType::Json
+            },
             metadata,
             schema_version: self.schema_version,
             tags,
@@ -170,7 +208,11 @@ pub fn decode_trusted(bytes: &[u8]) -> Result<RecordView<'_>, DecodeError> {
 
 fn decode_inner(bytes: &[u8], check_crc: bool) -> Result<RecordView<'_>, DecodeError> {
     if bytes.len() < RECORD_HEADER_BYTES {
-        return if bytes.iter().all(|b| *b == 0) { Err(DecodeError::Empty) } else { Err(DecodeError::Truncated) };
+        return if bytes.iter().all(|b| *b == 0) {
+            Err(DecodeError::Empty)
+        } else {
+            Err(DecodeError::Truncated)
+        };
     }
     let body_len = u32::from_le_bytes(bytes[0..4].try_into().unwrap()) as usize;
     if body_len == 0 {
@@ -185,13 +227,21 @@ fn decode_inner(bytes: &[u8], check_crc: bool) -> Result<RecordView<'_>, DecodeE
     }
     let stored_crc = u32::from_le_bytes(bytes[4..8].try_into().unwrap());
     let body = &bytes[8..8 + body_len];
-    let crc = if check_crc { crc32c::crc32c_append(crc32c::crc32c(&bytes[0..4]), body) } else { stored_crc };
+    let crc = if check_crc {
+        crc32c::crc32c_append(crc32c::crc32c(&bytes[0..4]), body)
+    } else {
+        stored_crc
+    };
     if crc != stored_crc {
-        return Err(DecodeError::Invalid(format!("checksum mismatch (stored {stored_crc:#010x}, computed {crc:#010x})")));
+        return Err(DecodeError::Invalid(format!(
+            "checksum mismatch (stored {stored_crc:#010x}, computed {crc:#010x})"
+        )));
     }
     let trailer = u32::from_le_bytes(bytes[8 + body_len..total].try_into().unwrap()) as usize;
     if trailer != body_len {
-        return Err(DecodeError::Invalid(format!("trailing length {trailer} differs from leading length {body_len}")));
+        return Err(DecodeError::Invalid(format!(
+            "trailing length {trailer} differs from leading length {body_len}"
+        )));
     }
     parse_body(body, total).map_err(|e| DecodeError::Invalid(e.to_string()))
 }
@@ -230,8 +280,21 @@ fn parse_body(body: &[u8], len: usize) -> Result<RecordView<'_>, &'static str> {
         return Err("bytes left over after the payload");
     }
     Ok(RecordView {
-        flags, version, timestamp, id, schema_version, correlation_id, causation_id,
-        stream, event_type, tags, tag_count, extra, extra_count, data, len,
+        flags,
+        version,
+        timestamp,
+        id,
+        schema_version,
+        correlation_id,
+        causation_id,
+        stream,
+        event_type,
+        tags,
+        tag_count,
+        extra,
+        extra_count,
+        data,
+        len,
     })
 }
 

@@ -12,7 +12,7 @@ use cairn_core::StoreError;
 
 use crate::index::IndexError;
 use crate::record::{self, DecodeError};
-use crate::segment::{Segment, SEGMENT_HEADER_BYTES};
+use crate::segment::{SEGMENT_HEADER_BYTES, Segment};
 
 /// What recovery found in one segment.
 #[derive(Debug, Clone, Default)]
@@ -37,19 +37,37 @@ pub type Sink<'s> = &'s mut dyn FnMut(&record::RecordView<'_>, u64) -> Result<()
 /// record and handing whole appends at or after `apply_from` to `sink` (if
 /// given); `events` counts those. `last` says whether it is the newest
 /// segment, where a torn tail is allowed.
-pub fn scan_segment(seg: &Segment, from: u64, apply_from: u64, last: bool, sink: Option<Sink<'_>>) -> Result<SegmentScan, StoreError> {
+pub fn scan_segment(
+    seg: &Segment,
+    from: u64,
+    apply_from: u64,
+    last: bool,
+    sink: Option<Sink<'_>>,
+) -> Result<SegmentScan, StoreError> {
     scan(seg, from, apply_from, last, sink, record::decode)
 }
 
 /// [`scan_segment`] of a sealed segment whose every record was checked a
 /// moment ago (its index file was just rebuilt from it): no CRCs again.
-pub fn scan_checked_segment(seg: &Segment, from: u64, apply_from: u64, sink: Option<Sink<'_>>) -> Result<SegmentScan, StoreError> {
+pub fn scan_checked_segment(
+    seg: &Segment,
+    from: u64,
+    apply_from: u64,
+    sink: Option<Sink<'_>>,
+) -> Result<SegmentScan, StoreError> {
     scan(seg, from, apply_from, false, sink, record::decode_trusted)
 }
 
 type Decode = for<'a> fn(&'a [u8]) -> Result<record::RecordView<'a>, DecodeError>;
 
-fn scan(seg: &Segment, from: u64, apply_from: u64, last: bool, mut sink: Option<Sink<'_>>, decode: Decode) -> Result<SegmentScan, StoreError> {
+fn scan(
+    seg: &Segment,
+    from: u64,
+    apply_from: u64,
+    last: bool,
+    mut sink: Option<Sink<'_>>,
+    decode: Decode,
+) -> Result<SegmentScan, StoreError> {
     let end = seg.capacity();
     let bytes = seg.bytes(0, end);
     let mut offset = from.max(SEGMENT_HEADER_BYTES);
@@ -83,14 +101,20 @@ fn scan(seg: &Segment, from: u64, apply_from: u64, last: bool, mut sink: Option<
     // Only the parts of the file that hold data need looking at: the rest of
     // a preallocated segment is a hole and reads as zeros.
     let regions = data_regions(seg, scan.valid_end);
-    let all_zero = || regions.iter().all(|&(a, b)| bytes[a.max(offset).min(b) as usize..b as usize].iter().all(|x| *x == 0));
+    let all_zero = || {
+        regions
+            .iter()
+            .all(|&(a, b)| bytes[a.max(offset).min(b) as usize..b as usize].iter().all(|x| *x == 0))
+    };
     match stop {
         None if pending.is_empty() => return Ok(scan),
         Some(DecodeError::Empty) if pending.is_empty() && all_zero() => return Ok(scan),
         _ => {}
     }
     let reason = match &stop {
-        None | Some(DecodeError::Empty) if !pending.is_empty() => "the last append is incomplete".to_string(),
+        None | Some(DecodeError::Empty) if !pending.is_empty() => {
+            "the last append is incomplete".to_string()
+        }
         None | Some(DecodeError::Empty) => "unexpected bytes after the end of the log".to_string(),
         Some(DecodeError::Truncated) => "record is cut short".to_string(),
         Some(DecodeError::Invalid(why)) => why.clone(),
@@ -98,18 +122,23 @@ fn scan(seg: &Segment, from: u64, apply_from: u64, last: bool, mut sink: Option<
     if !last {
         return Err(corrupt(seg, damaged_at, format!("{reason} inside a sealed segment")));
     }
-    let found = regions.iter().filter(|&&(_, b)| b > damaged_at + 1)
+    let found = regions
+        .iter()
+        .filter(|&&(_, b)| b > damaged_at + 1)
         .find_map(|&(a, b)| find_valid_record(&bytes[..b as usize], a.max(damaged_at + 1)));
     if let Some(valid_at) = found {
         return Err(corrupt(
             seg,
             damaged_at,
-            format!("{reason}, yet a valid record follows at offset {valid_at}: this is not a torn write; restore the file from a backup"),
+            format!(
+                "{reason}, yet a valid record follows at offset {valid_at}: this is not a torn write; restore the file from a backup"
+            ),
         ));
     }
     scan.torn_at = Some(scan.valid_end);
-    let last_non_zero = regions.iter().rev()
-        .find_map(|&(a, b)| bytes[a as usize..b as usize].iter().rposition(|x| *x != 0).map(|i| a + i as u64));
+    let last_non_zero = regions.iter().rev().find_map(|&(a, b)| {
+        bytes[a as usize..b as usize].iter().rposition(|x| *x != 0).map(|i| a + i as u64)
+    });
     scan.torn_bytes = last_non_zero.map_or(0, |nz| (nz + 1).saturating_sub(scan.valid_end));
     Ok(scan)
 }

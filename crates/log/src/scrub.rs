@@ -5,8 +5,8 @@
 //! is reported (`/metrics`, the UI, stderr) and left for the operator: reads
 //! of the damaged records fail with `Corrupt` regardless.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::index::Part;
@@ -31,11 +31,17 @@ impl Default for ScrubOptions {
     }
 }
 
-pub fn spawn(shared: Arc<Shared>, stop: Arc<AtomicBool>) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
+pub fn spawn(
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
     if shared.options.scrub.bytes_per_sec == 0 {
         return Ok(None);
     }
-    std::thread::Builder::new().name("cairn-scrub".into()).spawn(move || run(&shared, &stop)).map(Some)
+    std::thread::Builder::new()
+        .name("cairn-scrub".into())
+        .spawn(move || run(&shared, &stop))
+        .map(Some)
 }
 
 /// Sleeps up to `d`, waking early when the store closes; false if it did.
@@ -84,7 +90,8 @@ fn run(shared: &Shared, stop: &AtomicBool) {
                 && let Err(d) = file.check_all()
             {
                 shared.stats.scrub_errors.fetch_add(1, Ordering::Relaxed);
-                *shared.stats.scrub_last_error.lock().unwrap() = Some(format!("{}: {} (rebuilt)", d.file.display(), d.reason));
+                *shared.stats.scrub_last_error.lock().unwrap() =
+                    Some(format!("{}: {} (rebuilt)", d.file.display(), d.reason));
                 if let Err(e) = indexer::rebuild_file(shared, &d.file) {
                     eprintln!("cairn: could not rebuild {}: {e}", d.file.display());
                 }
@@ -105,7 +112,8 @@ fn run(shared: &Shared, stop: &AtomicBool) {
         for t in tables {
             if let Err(d) = t.check_all() {
                 shared.stats.scrub_errors.fetch_add(1, Ordering::Relaxed);
-                *shared.stats.scrub_last_error.lock().unwrap() = Some(format!("{}: {} (rebuilt)", d.file.display(), d.reason));
+                *shared.stats.scrub_last_error.lock().unwrap() =
+                    Some(format!("{}: {} (rebuilt)", d.file.display(), d.reason));
                 if let Err(e) = crate::summaries::rebuild_table(shared, &shared.data_dir, &d.file) {
                     eprintln!("cairn: could not rebuild {}: {e}", d.file.display());
                 }

@@ -5,12 +5,12 @@
 //! A sealed segment is trimmed to its used length.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::os::fd::AsRawFd as _;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use cairn_core::StoreError;
 use bytes::Bytes;
+use cairn_core::StoreError;
 
 use memmap2::Mmap;
 
@@ -41,7 +41,12 @@ impl Segment {
     /// file and its directory entry durable. The file is prepared under a
     /// temporary name and renamed into place, so a crash never leaves a
     /// segment without its header (a leftover `.tmp` is removed at open).
-    pub fn create(dir: &Path, base: u64, capacity: u64, storage: &dyn Storage) -> Result<Segment, StoreError> {
+    pub fn create(
+        dir: &Path,
+        base: u64,
+        capacity: u64,
+        storage: &dyn Storage,
+    ) -> Result<Segment, StoreError> {
         let path = dir.join(Self::file_name(base));
         let tmp = dir.join(format!("{}.tmp", Self::file_name(base)));
         let file = storage.create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
@@ -50,7 +55,9 @@ impl Segment {
         header.extend_from_slice(&SEGMENT_FORMAT_VERSION.to_le_bytes());
         header.extend_from_slice(&0u32.to_le_bytes());
         header.extend_from_slice(&base.to_le_bytes());
-        storage.set_len(&file, capacity.max(SEGMENT_HEADER_BYTES)).map_err(|e| StoreError::io(&tmp, e))?;
+        storage
+            .set_len(&file, capacity.max(SEGMENT_HEADER_BYTES))
+            .map_err(|e| StoreError::io(&tmp, e))?;
         storage.write_at(&file, &header, 0).map_err(|e| StoreError::io(&tmp, e))?;
         storage.sync_all(&file).map_err(|e| StoreError::io(&tmp, e))?;
         storage.rename(&tmp, &path).map_err(|e| StoreError::io(&path, e))?;
@@ -61,15 +68,25 @@ impl Segment {
     /// Opens an existing segment and checks its header.
     pub fn open(path: &Path, writable: bool, storage: &dyn Storage) -> Result<Segment, StoreError> {
         let file = storage.open(path, writable).map_err(|e| StoreError::io(path, e))?;
-        let corrupt = |offset: u64, reason: String| StoreError::Corrupt { file: path.display().to_string(), offset, reason };
+        let corrupt = |offset: u64, reason: String| StoreError::Corrupt {
+            file: path.display().to_string(),
+            offset,
+            reason,
+        };
         let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
-        file.read_exact_at(&mut header, 0).map_err(|_| corrupt(0, "file is shorter than a segment header".into()))?;
+        file.read_exact_at(&mut header, 0)
+            .map_err(|_| corrupt(0, "file is shorter than a segment header".into()))?;
         if &header[0..8] != SEGMENT_MAGIC {
             return Err(corrupt(0, "not a Cairn segment (bad magic bytes)".into()));
         }
         let version = u32::from_le_bytes(header[8..12].try_into().unwrap());
         if version != SEGMENT_FORMAT_VERSION {
-            return Err(corrupt(8, format!("segment format version {version} is not supported (this build reads {SEGMENT_FORMAT_VERSION})")));
+            return Err(corrupt(
+                8,
+                format!(
+                    "segment format version {version} is not supported (this build reads {SEGMENT_FORMAT_VERSION})"
+                ),
+            ));
         }
         let base = u64::from_le_bytes(header[16..24].try_into().unwrap());
         Self::map(base, path.to_path_buf(), file)
@@ -100,7 +117,13 @@ impl Segment {
         let mut flags = vec![0u8; pages];
         // SAFETY: the mapping is live and page-aligned, and `flags` has one
         // byte for each of its pages, as mincore(2) writes.
-        let rc = unsafe { libc::mincore(self.map.as_ptr() as *mut libc::c_void, self.map.len(), flags.as_mut_ptr()) };
+        let rc = unsafe {
+            libc::mincore(
+                self.map.as_ptr() as *mut libc::c_void,
+                self.map.len(),
+                flags.as_mut_ptr(),
+            )
+        };
         (rc == 0).then(|| flags.iter().map(|f| f & 1 == 1).collect())
     }
 
@@ -119,14 +142,24 @@ impl Segment {
             while page < before.len() && !before[page] {
                 page += 1;
             }
-            let (off, len) = (start * PAGE, (page.min(self.map.len().div_ceil(PAGE)) - start) * PAGE);
+            let (off, len) =
+                (start * PAGE, (page.min(self.map.len().div_ceil(PAGE)) - start) * PAGE);
             // SAFETY: the range lies in this segment's live, read-only, shared
             // file mapping: MADV_DONTNEED only drops this process's page table
             // entries (the next access maps the same file bytes again), which
             // the page cache needs before it lets the pages go.
             unsafe {
-                libc::madvise(self.map.as_ptr().add(off) as *mut libc::c_void, len.min(self.map.len() - off), libc::MADV_DONTNEED);
-                libc::posix_fadvise(self.file.as_raw_fd(), off as libc::off_t, len as libc::off_t, libc::POSIX_FADV_DONTNEED);
+                libc::madvise(
+                    self.map.as_ptr().add(off) as *mut libc::c_void,
+                    len.min(self.map.len() - off),
+                    libc::MADV_DONTNEED,
+                );
+                libc::posix_fadvise(
+                    self.file.as_raw_fd(),
+                    off as libc::off_t,
+                    len as libc::off_t,
+                    libc::POSIX_FADV_DONTNEED,
+                );
             }
         }
     }
@@ -149,12 +182,21 @@ impl Segment {
             // which would walk every page of the range.
             let resident = |at: usize| {
                 let mut flag = 0u8;
-                libc::mincore(self.map.as_ptr().add(at) as *mut libc::c_void, PAGE.min(self.map.len() - at), &mut flag) == 0 && flag & 1 == 1
+                libc::mincore(
+                    self.map.as_ptr().add(at) as *mut libc::c_void,
+                    PAGE.min(self.map.len() - at),
+                    &mut flag,
+                ) == 0
+                    && flag & 1 == 1
             };
             if resident(start) && resident((end - 1) / PAGE * PAGE) {
                 return;
             }
-            libc::madvise(self.map.as_ptr().add(start) as *mut libc::c_void, end - start, libc::MADV_WILLNEED);
+            libc::madvise(
+                self.map.as_ptr().add(start) as *mut libc::c_void,
+                end - start,
+                libc::MADV_WILLNEED,
+            );
         }
     }
 
@@ -199,9 +241,17 @@ pub fn never_written(path: &Path) -> Result<bool, StoreError> {
 /// The log's segments, opened in order, each checked to start where the one
 /// before ended. An all-zero newest segment (an unfinished roll) is left out
 /// and returned apart, for the caller to remove or ignore.
-pub fn open_chain(dir: &Path, writable_last: bool, storage: &dyn Storage) -> Result<(Vec<Segment>, Option<PathBuf>), StoreError> {
+pub fn open_chain(
+    dir: &Path,
+    writable_last: bool,
+    storage: &dyn Storage,
+) -> Result<(Vec<Segment>, Option<PathBuf>), StoreError> {
     let mut files = list(dir)?;
-    let unfinished = if files.len() > 1 && never_written(&files[files.len() - 1].1)? { files.pop().map(|(_, p)| p) } else { None };
+    let unfinished = if files.len() > 1 && never_written(&files[files.len() - 1].1)? {
+        files.pop().map(|(_, p)| p)
+    } else {
+        None
+    };
     let mut opened = Vec::with_capacity(files.len());
     let mut expected_base = 0;
     for (i, (name_base, path)) in files.iter().enumerate() {
@@ -210,7 +260,10 @@ pub fn open_chain(dir: &Path, writable_last: bool, storage: &dyn Storage) -> Res
             return Err(StoreError::Corrupt {
                 file: path.display().to_string(),
                 offset: 16,
-                reason: format!("segment starts at position {} but {expected_base} was expected (a segment is missing or renamed)", seg.base),
+                reason: format!(
+                    "segment starts at position {} but {expected_base} was expected (a segment is missing or renamed)",
+                    seg.base
+                ),
             });
         }
         expected_base = seg.base + seg.capacity();

@@ -33,7 +33,12 @@ pub struct Snapshot {
 
 /// A snapshot's bytes, as stores before stream tables wrote them.
 #[cfg(test)]
-pub fn encode(streams: &FastMap<String, StreamEntry>, events: u64, head: u64, last_id: u128) -> Vec<u8> {
+pub fn encode(
+    streams: &FastMap<String, StreamEntry>,
+    events: u64,
+    head: u64,
+    last_id: u128,
+) -> Vec<u8> {
     let mut w = Vec::with_capacity(64 + streams.len() * 64);
     w.extend_from_slice(MAGIC);
     w.extend_from_slice(&VERSION.to_le_bytes());
@@ -44,7 +49,11 @@ pub fn encode(streams: &FastMap<String, StreamEntry>, events: u64, head: u64, la
     for (name, s) in streams {
         w.extend_from_slice(&(name.len() as u32).to_le_bytes());
         w.extend_from_slice(name.as_bytes());
-        w.push(match s.state { StreamState::Live => 0, StreamState::Deleted => 1, StreamState::Tombstoned => 2 });
+        w.push(match s.state {
+            StreamState::Live => 0,
+            StreamState::Deleted => 1,
+            StreamState::Tombstoned => 2,
+        });
         w.extend_from_slice(&s.version.to_le_bytes());
         w.extend_from_slice(&s.since.to_le_bytes());
         w.extend_from_slice(&s.last_position.unwrap_or(u64::MAX).to_le_bytes());
@@ -60,20 +69,30 @@ pub fn encode(streams: &FastMap<String, StreamEntry>, events: u64, head: u64, la
 /// The snapshot, or `None` if there is none or it is damaged.
 pub fn read(dir: &Path) -> Option<Snapshot> {
     let bytes = std::fs::read(dir.join(FILE)).ok()?;
-    if bytes.len() < 4 { return None; }
+    if bytes.len() < 4 {
+        return None;
+    }
     let (body, crc) = bytes.split_at(bytes.len() - 4);
-    if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().ok()?) { return None; }
+    if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().ok()?) {
+        return None;
+    }
     let mut r = body;
     let mut take = |n: usize| -> Option<&[u8]> {
-        if r.len() < n { return None; }
+        if r.len() < n {
+            return None;
+        }
         let (head, rest) = r.split_at(n);
         r = rest;
         Some(head)
     };
-    if take(8)? != MAGIC { return None; }
+    if take(8)? != MAGIC {
+        return None;
+    }
     let u32_at = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap());
     let u64_at = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap());
-    if u32_at(take(4)?) != VERSION { return None; }
+    if u32_at(take(4)?) != VERSION {
+        return None;
+    }
     let head = u64_at(take(8)?);
     let events = u64_at(take(8)?);
     let last_id = u128::from_le_bytes(take(16)?.try_into().unwrap());
@@ -83,7 +102,12 @@ pub fn read(dir: &Path) -> Option<Snapshot> {
     for _ in 0..count {
         let n = u32_at(take(4)?) as usize;
         let name = std::str::from_utf8(take(n)?).ok()?.to_string();
-        let state = match take(1)?[0] { 0 => StreamState::Live, 1 => StreamState::Deleted, 2 => StreamState::Tombstoned, _ => return None };
+        let state = match take(1)?[0] {
+            0 => StreamState::Live,
+            1 => StreamState::Deleted,
+            2 => StreamState::Tombstoned,
+            _ => return None,
+        };
         let version = u64_at(take(8)?);
         let since = u64_at(take(8)?);
         let last_position = Some(u64_at(take(8)?)).filter(|p| *p != u64::MAX);
@@ -91,7 +115,9 @@ pub fn read(dir: &Path) -> Option<Snapshot> {
         let metadata = serde_json::from_slice(take(n)?).ok()?;
         streams.insert(name, StreamEntry { version, state, metadata, since, last_position });
     }
-    if !r.is_empty() { return None; }
+    if !r.is_empty() {
+        return None;
+    }
     Some(Snapshot { streams, events, head, last_id })
 }
 

@@ -103,7 +103,8 @@ impl FaultyStorage {
     /// allocated in full when they are created); other calls pass.
     pub fn fail_files(&self, suffix: &'static str, errno: i32) {
         self.calls.store(0, Ordering::SeqCst);
-        *self.fault.lock().unwrap() = Some(Fault { op: Op::Open, from_call: 1, errno, suffix: Some(suffix) });
+        *self.fault.lock().unwrap() =
+            Some(Fault { op: Op::Open, from_call: 1, errno, suffix: Some(suffix) });
     }
 
     /// The fault is gone (space was freed, descriptors closed).
@@ -126,7 +127,9 @@ impl FaultyStorage {
         if f.op != Op::Any && f.op != op {
             return Ok(());
         }
-        if let Some(suffix) = f.suffix && !path.is_some_and(|p| p.as_os_str().to_string_lossy().ends_with(suffix)) {
+        if let Some(suffix) = f.suffix
+            && !path.is_some_and(|p| p.as_os_str().to_string_lossy().ends_with(suffix))
+        {
             return Ok(());
         }
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;

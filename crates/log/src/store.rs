@@ -5,16 +5,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
-use cairn_core::{metadata_stream_name, validate_stream_name, AppendCondition, Limits, NewEvent, StoreError, StreamMetadata};
+use cairn_core::{
+    AppendCondition, Limits, NewEvent, StoreError, StreamMetadata, metadata_stream_name,
+    validate_stream_name,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::checkpoint::{self, Mark};
 use crate::idx::{self, IdxFile};
-use crate::index::{Index, MemIndex, Part, METADATA_EVENT};
+use crate::index::{Index, METADATA_EVENT, MemIndex, Part};
 use crate::indexer;
 use crate::record::{self, RECORD_OVERHEAD_BYTES};
-use crate::recovery::{scan_segment, SegmentScan};
-use crate::segment::{self, Segment, SEGMENT_HEADER_BYTES};
+use crate::recovery::{SegmentScan, scan_segment};
+use crate::segment::{self, SEGMENT_HEADER_BYTES, Segment};
 use crate::snapshot;
 use crate::stats::Stats;
 use crate::storage::Storage;
@@ -140,13 +143,20 @@ impl Shared {
         let mut index = self.index.write().unwrap();
         let mut at = 0usize;
         while at < buf.len() {
-            let view = record::decode_trusted(&buf[at..]).expect("the writer encodes valid records");
+            let view =
+                record::decode_trusted(&buf[at..]).expect("the writer encodes valid records");
             // The writer checked the append against the index; only a stream
             // table found damaged since can fail here. The events are durable,
             // the index no longer says so: no more appends until a reopen.
             if let Err(e) = index.apply(&view, seg.base + file_offset + at as u64) {
-                eprintln!("cairn: the index could not take a written event ({}); appends are refused until the store is reopened", e.0);
-                self.poison(format!("the index could not take a written event ({}); reopen the store", e.0));
+                eprintln!(
+                    "cairn: the index could not take a written event ({}); appends are refused until the store is reopened",
+                    e.0
+                );
+                self.poison(format!(
+                    "the index could not take a written event ({}); reopen the store",
+                    e.0
+                ));
                 break;
             }
             at += view.len;
@@ -180,8 +190,17 @@ impl Shared {
     pub fn indexed<T>(&self, f: impl Fn(&Index) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let first = f(&self.index.read().unwrap());
         match &first {
-            Err(StoreError::Corrupt { file, .. }) if file.ends_with(".idx") && indexer::rebuild_file(self, Path::new(file))? => f(&self.index.read().unwrap()),
-            Err(StoreError::Corrupt { file, .. }) if file.ends_with(".tbl") && crate::summaries::rebuild_table(self, &self.data_dir, Path::new(file))? => f(&self.index.read().unwrap()),
+            Err(StoreError::Corrupt { file, .. })
+                if file.ends_with(".idx") && indexer::rebuild_file(self, Path::new(file))? =>
+            {
+                f(&self.index.read().unwrap())
+            }
+            Err(StoreError::Corrupt { file, .. })
+                if file.ends_with(".tbl")
+                    && crate::summaries::rebuild_table(self, &self.data_dir, Path::new(file))? =>
+            {
+                f(&self.index.read().unwrap())
+            }
             _ => first,
         }
     }
@@ -211,7 +230,11 @@ impl Shared {
     }
 
     /// The durable bytes of the record at `position`, or `None` if no record fits there.
-    pub fn with_record<T>(&self, position: u64, f: impl FnOnce(record::RecordView<'_>) -> T) -> Option<T> {
+    pub fn with_record<T>(
+        &self,
+        position: u64,
+        f: impl FnOnce(record::RecordView<'_>) -> T,
+    ) -> Option<T> {
         let seg = self.segment_for(position)?;
         let head = self.head.load(Ordering::Acquire);
         let end = seg.capacity().min(head.saturating_sub(seg.base));
@@ -235,7 +258,8 @@ impl Shared {
             return false;
         }
         let body_len = u32::from_le_bytes(seg.bytes(offset - 4, offset).try_into().unwrap()) as u64;
-        offset.checked_sub(body_len + RECORD_OVERHEAD_BYTES as u64)
+        offset
+            .checked_sub(body_len + RECORD_OVERHEAD_BYTES as u64)
             .and_then(|start| self.with_record(seg.base + start, |v| v.batch_end()))
             .unwrap_or(false)
     }
@@ -341,7 +365,8 @@ impl EmbeddedStore {
             healing: Mutex::new(()),
             data_dir: dir.to_path_buf(),
         });
-        let (jobs, indexer_handle) = indexer::spawn(shared.clone(), dir.to_path_buf()).map_err(|e| StoreError::io(dir, e))?;
+        let (jobs, indexer_handle) = indexer::spawn(shared.clone(), dir.to_path_buf())
+            .map_err(|e| StoreError::io(dir, e))?;
         // Summaries replayed at open go to a table soon, so that another
         // crash does not replay them again.
         if !shared.index.read().unwrap().streams.dirty.is_empty() {
@@ -351,14 +376,41 @@ impl EmbeddedStore {
         shared.stats.events_written.store(shared.index.read().unwrap().events, Ordering::Release);
         let (tx, rx) = mpsc::channel(options.queue_depth);
         let marked = mark.map(|m| (m.events, m.last_id));
-        let writer = Writer::new(shared.clone(), active, offset, last_timestamp, options.group_linger, mark_file, last_id, marked);
+        let writer = Writer::new(
+            shared.clone(),
+            active,
+            offset,
+            last_timestamp,
+            options.group_linger,
+            mark_file,
+            last_id,
+            marked,
+        );
         let lead = writer::Lead::new(shared.clone(), writer, rx);
         let handle = lead.spawn().map_err(|e| StoreError::io(dir, e))?;
         let stop_scrub = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let scrubber = crate::scrub::spawn(shared.clone(), stop_scrub.clone()).map_err(|e| StoreError::io(dir, e))?;
-        let merger = crate::merge::spawn(shared.clone(), stop_scrub.clone()).map_err(|e| StoreError::io(dir, e))?;
-        let guard = CloseGuard { writer: Mutex::new(Some(handle)), indexer: Mutex::new(Some(indexer_handle)), scrubber: Mutex::new(scrubber), merger: Mutex::new(merger), stop_scrub, shared: shared.clone(), data_dir: dir.to_path_buf(), _lock: lock };
-        Ok(EmbeddedStore { shared, tx, lead, ordered: Arc::default(), _guard: Arc::new(guard), report: Arc::new(report) })
+        let scrubber = crate::scrub::spawn(shared.clone(), stop_scrub.clone())
+            .map_err(|e| StoreError::io(dir, e))?;
+        let merger = crate::merge::spawn(shared.clone(), stop_scrub.clone())
+            .map_err(|e| StoreError::io(dir, e))?;
+        let guard = CloseGuard {
+            writer: Mutex::new(Some(handle)),
+            indexer: Mutex::new(Some(indexer_handle)),
+            scrubber: Mutex::new(scrubber),
+            merger: Mutex::new(merger),
+            stop_scrub,
+            shared: shared.clone(),
+            data_dir: dir.to_path_buf(),
+            _lock: lock,
+        };
+        Ok(EmbeddedStore {
+            shared,
+            tx,
+            lead,
+            ordered: Arc::default(),
+            _guard: Arc::new(guard),
+            report: Arc::new(report),
+        })
     }
 
     /// Why appends are refused right now (a write to the log failed and the
@@ -420,7 +472,14 @@ impl EmbeddedStore {
     }
 
     /// Checks input, then hands the append to the writer and waits for it to be durable.
-    pub(crate) async fn submit(&self, stream: String, expected: cairn_core::ExpectedVersion, events: Vec<NewEvent>, kind: AppendKind, condition: Option<AppendCondition>) -> Result<cairn_core::AppendResult, StoreError> {
+    pub(crate) async fn submit(
+        &self,
+        stream: String,
+        expected: cairn_core::ExpectedVersion,
+        events: Vec<NewEvent>,
+        kind: AppendKind,
+        condition: Option<AppendCondition>,
+    ) -> Result<cairn_core::AppendResult, StoreError> {
         let answer = self.enqueue(stream, expected, events, kind, condition).await?;
         // Let the caller's other futures (a `join!` of appends) queue theirs
         // first, so that one group takes them all. Cancelled meanwhile, the
@@ -435,7 +494,14 @@ impl EmbeddedStore {
     /// Checks an append and puts it in the writer's queue; its answer comes
     /// on the receiver. Appends enqueued one after the other are applied in
     /// that order.
-    pub(crate) async fn enqueue(&self, stream: String, expected: cairn_core::ExpectedVersion, events: Vec<NewEvent>, kind: AppendKind, condition: Option<AppendCondition>) -> Result<oneshot::Receiver<Result<cairn_core::AppendResult, StoreError>>, StoreError> {
+    pub(crate) async fn enqueue(
+        &self,
+        stream: String,
+        expected: cairn_core::ExpectedVersion,
+        events: Vec<NewEvent>,
+        kind: AppendKind,
+        condition: Option<AppendCondition>,
+    ) -> Result<oneshot::Receiver<Result<cairn_core::AppendResult, StoreError>>, StoreError> {
         let bytes = self.check_events(&stream, &events)?;
         if let Some(c) = &condition {
             self.shared.options.limits.check_query(&c.fail_if_events_match)?;
@@ -450,7 +516,9 @@ impl EmbeddedStore {
                 self.lead.sent();
                 return Ok(rx);
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(StoreError::Closed { reason: self.shared.poisoned() }),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(StoreError::Closed { reason: self.shared.poisoned() });
+            }
             Err(mpsc::error::TrySendError::Full(req)) => req,
         };
         // A full queue: the writer thread drains it while this waits for room.
@@ -459,29 +527,48 @@ impl EmbeddedStore {
             Ok(()) => self.lead.sent(),
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
                 let waited = self.shared.options.busy_timeout;
-                return Err(StoreError::Busy(format!("the write queue stayed full for {waited:?}")));
+                return Err(StoreError::Busy(format!(
+                    "the write queue stayed full for {waited:?}"
+                )));
             }
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err(StoreError::Closed { reason: self.shared.poisoned() }),
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => {
+                return Err(StoreError::Closed { reason: self.shared.poisoned() });
+            }
         }
         Ok(rx)
     }
 
     /// The writer's answer to an enqueued append.
-    pub(crate) async fn answer(&self, rx: oneshot::Receiver<Result<cairn_core::AppendResult, StoreError>>) -> Result<cairn_core::AppendResult, StoreError> {
+    pub(crate) async fn answer(
+        &self,
+        rx: oneshot::Receiver<Result<cairn_core::AppendResult, StoreError>>,
+    ) -> Result<cairn_core::AppendResult, StoreError> {
         rx.await.map_err(|_| StoreError::Closed { reason: self.shared.poisoned() })?
     }
 
     /// Validates a batch against the limits; returns its encoded size.
     fn check_events(&self, stream: &str, events: &[NewEvent]) -> Result<usize, StoreError> {
-        self.shared.options.limits.check_batch(stream, events, |e| record::body_size(stream, e) + RECORD_OVERHEAD_BYTES)
+        self.shared
+            .options
+            .limits
+            .check_batch(stream, events, |e| record::body_size(stream, e) + RECORD_OVERHEAD_BYTES)
     }
 
-    pub(crate) async fn append_user(&self, stream: &str, expected: cairn_core::ExpectedVersion, events: Vec<NewEvent>, condition: Option<AppendCondition>) -> Result<cairn_core::AppendResult, StoreError> {
+    pub(crate) async fn append_user(
+        &self,
+        stream: &str,
+        expected: cairn_core::ExpectedVersion,
+        events: Vec<NewEvent>,
+        condition: Option<AppendCondition>,
+    ) -> Result<cairn_core::AppendResult, StoreError> {
         validate_stream_name(stream)?;
         self.submit(stream.to_string(), expected, events, AppendKind::User, condition).await
     }
 
-    pub(crate) async fn append_each_user(&self, appends: Vec<cairn_core::Append>) -> Vec<Result<cairn_core::AppendResult, StoreError>> {
+    pub(crate) async fn append_each_user(
+        &self,
+        appends: Vec<cairn_core::Append>,
+    ) -> Vec<Result<cairn_core::AppendResult, StoreError>> {
         // All into the queue first, in order, so that they share group commits.
         // Dropped (this call cancelled) before it leads, the guard hands them to the writer thread.
         let guard = WakeOnDrop(&self.lead);
@@ -492,7 +579,10 @@ impl EmbeddedStore {
         let in_order = self.ordered.lock().await;
         for a in appends {
             queued.push(match validate_stream_name(&a.stream) {
-                Ok(()) => self.enqueue(a.stream, a.expected, a.events, AppendKind::User, a.condition).await,
+                Ok(()) => {
+                    self.enqueue(a.stream, a.expected, a.events, AppendKind::User, a.condition)
+                        .await
+                }
                 Err(e) => Err(e),
             });
         }
@@ -510,20 +600,46 @@ impl EmbeddedStore {
         out
     }
 
-    pub(crate) async fn set_metadata(&self, stream: &str, metadata: StreamMetadata) -> Result<cairn_core::AppendResult, StoreError> {
+    pub(crate) async fn set_metadata(
+        &self,
+        stream: &str,
+        metadata: StreamMetadata,
+    ) -> Result<cairn_core::AppendResult, StoreError> {
         validate_stream_name(stream)?;
         if metadata.max_count == Some(0) {
-            return Err(StoreError::InvalidArgument("max_count must be at least 1 (delete the stream to hide all of it)".into()));
+            return Err(StoreError::InvalidArgument(
+                "max_count must be at least 1 (delete the stream to hide all of it)".into(),
+            ));
         }
-        let event = NewEvent::json(METADATA_EVENT, &metadata).map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
+        let event = NewEvent::json(METADATA_EVENT, &metadata)
+            .map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
         let kind = AppendKind::Metadata { target: stream.to_string() };
-        self.submit(metadata_stream_name(stream), cairn_core::ExpectedVersion::Any, vec![event], kind, None).await
+        self.submit(
+            metadata_stream_name(stream),
+            cairn_core::ExpectedVersion::Any,
+            vec![event],
+            kind,
+            None,
+        )
+        .await
     }
 
-    pub(crate) async fn delete(&self, stream: &str, expected: cairn_core::ExpectedVersion, hard: bool) -> Result<cairn_core::AppendResult, StoreError> {
+    pub(crate) async fn delete(
+        &self,
+        stream: &str,
+        expected: cairn_core::ExpectedVersion,
+        hard: bool,
+    ) -> Result<cairn_core::AppendResult, StoreError> {
         validate_stream_name(stream)?;
         let kind = AppendKind::Delete { target: stream.to_string() };
-        self.submit(metadata_stream_name(stream), expected, vec![writer::delete_event(hard)], kind, None).await
+        self.submit(
+            metadata_stream_name(stream),
+            expected,
+            vec![writer::delete_event(hard)],
+            kind,
+            None,
+        )
+        .await
     }
 }
 
@@ -533,7 +649,11 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
     if dir.is_dir() {
         return Ok(());
     }
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| StoreError::io(dir, e))
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| StoreError::io(dir, e))
 }
 
 /// Takes the data directory's lock. A child process that another thread is
@@ -541,7 +661,13 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
 /// for a moment before it counts as another process's.
 fn lock_dir(dir: &Path) -> Result<File, StoreError> {
     let lock_path = dir.join("LOCK");
-    let lock = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&lock_path).map_err(|e| StoreError::io(&lock_path, e))?;
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|e| StoreError::io(&lock_path, e))?;
     for _ in 0..50 {
         if lock.try_lock().is_ok() {
             return Ok(lock);
@@ -576,7 +702,11 @@ struct Recovered {
 /// The record that ends at `head`, walking back over empty segments: the
 /// newest event of a log whose durable end is `head`; its id and timestamp.
 fn last_event<S: std::borrow::Borrow<Segment>>(segments: &[S], head: u64) -> Option<(u128, i64)> {
-    let seg: &Segment = segments.iter().map(|s| s.borrow()).rev().find(|s| s.base < head && head <= s.base + s.capacity())?;
+    let seg: &Segment = segments
+        .iter()
+        .map(|s| s.borrow())
+        .rev()
+        .find(|s| s.base < head && head <= s.base + s.capacity())?;
     let offset = head - seg.base;
     if offset <= SEGMENT_HEADER_BYTES {
         return if seg.base == 0 { None } else { last_event(segments, seg.base) };
@@ -585,8 +715,13 @@ fn last_event<S: std::borrow::Borrow<Segment>>(segments: &[S], head: u64) -> Opt
         return None;
     }
     let body_len = u32::from_le_bytes(seg.bytes(offset - 4, offset).try_into().unwrap()) as u64;
-    let start = offset.checked_sub(body_len + RECORD_OVERHEAD_BYTES as u64).filter(|s| *s >= SEGMENT_HEADER_BYTES)?;
-    record::decode(seg.bytes(start, offset)).ok().filter(|v| v.batch_end()).map(|v| (v.id.as_u128(), v.timestamp.0))
+    let start = offset
+        .checked_sub(body_len + RECORD_OVERHEAD_BYTES as u64)
+        .filter(|s| *s >= SEGMENT_HEADER_BYTES)?;
+    record::decode(seg.bytes(start, offset))
+        .ok()
+        .filter(|v| v.batch_end())
+        .map(|v| (v.id.as_u128(), v.timestamp.0))
 }
 
 fn segments_last_timestamp(segments: &[Arc<Segment>], head: u64) -> i64 {
@@ -596,12 +731,25 @@ fn segments_last_timestamp(segments: &[Arc<Segment>], head: u64) -> i64 {
 /// Refuses a log that holds less than a durable mark says was acknowledged.
 /// `claim` is (where the claim comes from, events, newest id); `end` names
 /// the file and offset where the log now ends or is damaged.
-pub(crate) fn check_claim(claim: (&Path, u64, u128), index: &Index, end: (&Path, u64), torn: Option<&str>) -> Result<(), StoreError> {
+pub(crate) fn check_claim(
+    claim: (&Path, u64, u128),
+    index: &Index,
+    end: (&Path, u64),
+    torn: Option<&str>,
+) -> Result<(), StoreError> {
     let (from, events, last_id) = claim;
     let lost = if index.events < events {
-        Some(format!("the log holds {} event(s), but {events} were durable when {} was written", index.events, from.display()))
+        Some(format!(
+            "the log holds {} event(s), but {events} were durable when {} was written",
+            index.events,
+            from.display()
+        ))
     } else if last_id != 0 && !index.contains_id(last_id)? {
-        Some(format!("the log does not hold event {}, the newest durable one when {} was written", uuid::Uuid::from_u128(last_id), from.display()))
+        Some(format!(
+            "the log does not hold event {}, the newest durable one when {} was written",
+            uuid::Uuid::from_u128(last_id),
+            from.display()
+        ))
     } else {
         None
     };
@@ -631,17 +779,30 @@ pub(crate) fn check_claim(claim: (&Path, u64, u128), index: &Index, end: (&Path,
 /// [`recover`], once more without a stream table whose damage it found
 /// (recovery changes nothing before it succeeds): the summaries after the
 /// table before it are then replayed from the log.
-fn recover_healing(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recovered, StoreError> {
+fn recover_healing(
+    data_dir: &Path,
+    log_dir: &Path,
+    options: &Options,
+) -> Result<Recovered, StoreError> {
     let mut damaged = Vec::new();
     loop {
         match recover(data_dir, log_dir, options) {
-            Err(StoreError::Corrupt { file, reason, .. }) if file.ends_with(".tbl") && !damaged.iter().any(|(f, _)| *f == file) && Path::new(&file).exists() => {
+            Err(StoreError::Corrupt { file, reason, .. })
+                if file.ends_with(".tbl")
+                    && !damaged.iter().any(|(f, _)| *f == file)
+                    && Path::new(&file).exists() =>
+            {
                 let path = PathBuf::from(&file);
                 options.storage.remove(&path).map_err(|e| StoreError::io(&path, e))?;
                 damaged.push((file, reason));
             }
             Ok(mut r) => {
-                r.report.rebuilt_indexes.extend(damaged.into_iter().map(|(f, why)| (PathBuf::from(f), format!("{why}; the summaries it held were replayed from the log"))));
+                r.report.rebuilt_indexes.extend(damaged.into_iter().map(|(f, why)| {
+                    (
+                        PathBuf::from(f),
+                        format!("{why}; the summaries it held were replayed from the log"),
+                    )
+                }));
                 return Ok(r);
             }
             Err(e) => return Err(e),
@@ -674,7 +835,14 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
         let seg = Segment::create(log_dir, 0, options.segment_bytes, storage)?;
         report.segments = 1;
         let segments = vec![Arc::new(seg)];
-        return Ok(Recovered { segments, index: Index::new(0), head: SEGMENT_HEADER_BYTES, report, mark, last_id: 0 });
+        return Ok(Recovered {
+            segments,
+            index: Index::new(0),
+            head: SEGMENT_HEADER_BYTES,
+            report,
+            mark,
+            last_id: 0,
+        });
     }
     // Summaries: from the stream tables, then every record at or after
     // their end. A chain whose end is not a record boundary of this log
@@ -687,11 +855,17 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
         if head_fits(&opened, last.head().to, last.head().events, last.head().last_id) {
             break;
         }
-        rejected_tables.push((last.path().to_path_buf(), "it does not fit this log's records".into()));
+        rejected_tables
+            .push((last.path().to_path_buf(), "it does not fit this log's records".into()));
         chain.pop();
     }
     for (path, why) in rejected_tables {
-        report.rebuilt_indexes.push((path, format!("{why}; the stream summaries after the table before it are replayed from the log")));
+        report.rebuilt_indexes.push((
+            path,
+            format!(
+                "{why}; the stream summaries after the table before it are replayed from the log"
+            ),
+        ));
     }
     if let Some(last) = chain.last() {
         report.from_snapshot = true;
@@ -715,7 +889,8 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
     // a damaged segment fails where the order reaches it, naming itself.
     // Merged index files first: a segment one of them covers needs no file of its own.
     let mut rejected = Vec::new();
-    let merged = crate::merge::find(log_dir, &opened[..count - 1].iter().collect::<Vec<_>>(), &mut rejected);
+    let merged =
+        crate::merge::find(log_dir, &opened[..count - 1].iter().collect::<Vec<_>>(), &mut rejected);
     for (path, why) in rejected {
         report.rebuilt_indexes.push((path, format!("{why}; its segments are indexed one by one")));
     }
@@ -737,7 +912,11 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
                 files.push(Some(file));
             }
             Err(why) => {
-                let why = if why.starts_with("cannot open") && !idx::path_for(seg).exists() { "missing".to_string() } else { why };
+                let why = if why.starts_with("cannot open") && !idx::path_for(seg).exists() {
+                    "missing".to_string()
+                } else {
+                    why
+                };
                 report.rebuilt_indexes.push((idx::path_for(seg), why));
                 missing.push(i);
                 files.push(None);
@@ -771,14 +950,27 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
                     Some(file) => {
                         if let Some(delta) = delta.filter(|_| whole) {
                             // Its records were all checked by the rebuild a moment ago.
-                            index.apply_delta(&delta).map_err(|(at, e)| e.into_store(&seg.path, at - seg.base))?;
+                            index
+                                .apply_delta(&delta)
+                                .map_err(|(at, e)| e.into_store(&seg.path, at - seg.base))?;
                             report.scanned_events += delta.events;
                         } else if needs_summaries || options.verify_on_open {
-                            let apply_from = summaries_from.saturating_sub(seg.base).max(SEGMENT_HEADER_BYTES);
-                            let from = if options.verify_on_open { SEGMENT_HEADER_BYTES } else { apply_from };
-                            let mut apply = |v: &record::RecordView<'_>, p: u64| index.apply_summary(v, p);
+                            let apply_from =
+                                summaries_from.saturating_sub(seg.base).max(SEGMENT_HEADER_BYTES);
+                            let from = if options.verify_on_open {
+                                SEGMENT_HEADER_BYTES
+                            } else {
+                                apply_from
+                            };
+                            let mut apply =
+                                |v: &record::RecordView<'_>, p: u64| index.apply_summary(v, p);
                             let scan = if rebuilt.is_some() && !options.verify_on_open {
-                                crate::recovery::scan_checked_segment(seg, apply_from, apply_from, Some(&mut apply))?
+                                crate::recovery::scan_checked_segment(
+                                    seg,
+                                    apply_from,
+                                    apply_from,
+                                    Some(&mut apply),
+                                )?
                             } else {
                                 scan_segment(seg, from, apply_from, false, Some(&mut apply))?
                             };
@@ -798,7 +990,13 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
                             }
                             mem.apply(v, p)
                         };
-                        let scan = scan_segment(seg, SEGMENT_HEADER_BYTES, SEGMENT_HEADER_BYTES, last, Some(&mut apply))?;
+                        let scan = scan_segment(
+                            seg,
+                            SEGMENT_HEADER_BYTES,
+                            SEGMENT_HEADER_BYTES,
+                            last,
+                            Some(&mut apply),
+                        )?;
                         report.scanned_events += after_snapshot;
                         if last {
                             newest_scan = scan;
@@ -824,14 +1022,26 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
     let mut segments: Vec<Segment> = opened;
     let newest = segments.pop().expect("not empty");
     if let Some(claim) = claim {
-        let torn = newest_scan.torn_at.map(|_| "damaged or cut short, with nothing valid after them");
+        let torn =
+            newest_scan.torn_at.map(|_| "damaged or cut short, with nothing valid after them");
         loop {
             match check_claim(claim, &index, (&newest.path, newest_scan.valid_end), torn) {
                 // An index file the check found damaged: rebuilt, then checked again.
-                Err(StoreError::Corrupt { file, reason, .. }) if file.ends_with(".idx") && let Some(at) = index.parts.iter().position(|p| matches!(p, Part::Disk(f) if f.path().as_os_str() == file.as_str())) => {
-                    let Part::Disk(damaged) = &index.parts[at] else { unreachable!("found as a file") };
+                Err(StoreError::Corrupt { file, reason, .. })
+                    if file.ends_with(".idx")
+                        && let Some(at) = index.parts.iter().position(
+                            |p| matches!(p, Part::Disk(f) if f.path().as_os_str() == file.as_str()),
+                        ) =>
+                {
+                    let Part::Disk(damaged) = &index.parts[at] else {
+                        unreachable!("found as a file")
+                    };
                     let damaged = damaged.clone();
-                    let segs: Vec<&Segment> = damaged.covers().iter().filter_map(|(base, _)| segments.iter().find(|s| s.base == *base)).collect();
+                    let segs: Vec<&Segment> = damaged
+                        .covers()
+                        .iter()
+                        .filter_map(|(base, _)| segments.iter().find(|s| s.base == *base))
+                        .collect();
                     // Written at once: they are a cache, and this keeps one memtable at a time.
                     let parts = indexer::rebuild_parts(&segs, storage)?;
                     index.replace_parts(at..at + 1, parts);
@@ -847,10 +1057,14 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
         segment::sync_dir(log_dir, storage)?;
     }
     // Index files no part uses: covered by a merged one, or left by a crash.
-    let keep: Vec<PathBuf> = index.parts.iter().filter_map(|p| match p {
-        Part::Disk(f) => Some(f.path().to_path_buf()),
-        Part::Mem(_) => None,
-    }).collect();
+    let keep: Vec<PathBuf> = index
+        .parts
+        .iter()
+        .filter_map(|p| match p {
+            Part::Disk(f) => Some(f.path().to_path_buf()),
+            Part::Mem(_) => None,
+        })
+        .collect();
     idx::remove_strays(log_dir, &keep, storage)?;
     // Stream tables off the chain: merged into a newer base, or left by a crash.
     let keep: Vec<PathBuf> = index.streams.tables.iter().map(|t| t.path().to_path_buf()).collect();
@@ -863,11 +1077,16 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
     if let Some(at) = newest_scan.torn_at {
         // Zero everything after the last whole append, durably.
         let capacity = newest.capacity().max(options.segment_bytes);
-        storage.set_len(&newest.file, at).and_then(|_| storage.set_len(&newest.file, capacity)).and_then(|_| storage.sync_all(&newest.file)).map_err(io)?;
+        storage
+            .set_len(&newest.file, at)
+            .and_then(|_| storage.set_len(&newest.file, capacity))
+            .and_then(|_| storage.sync_all(&newest.file))
+            .map_err(io)?;
         report.truncated_bytes = newest_scan.torn_bytes;
         report.truncated_at = Some((newest.path.clone(), at));
         segments.push(Arc::new(Segment::open(&newest.path.clone(), true, storage)?));
-    } else if newest_scan.valid_end == newest.capacity() && newest.capacity() > SEGMENT_HEADER_BYTES {
+    } else if newest_scan.valid_end == newest.capacity() && newest.capacity() > SEGMENT_HEADER_BYTES
+    {
         // Full: a sealed segment (its successor's creation was cut short).
         // Sealed segments are never written again: start the next one.
         let base = newest.base + newest.capacity();
@@ -878,7 +1097,10 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
         index.push_mem(base);
         head = base + SEGMENT_HEADER_BYTES;
     } else if newest.capacity() < options.segment_bytes {
-        storage.set_len(&newest.file, options.segment_bytes).and_then(|_| storage.sync_all(&newest.file)).map_err(io)?;
+        storage
+            .set_len(&newest.file, options.segment_bytes)
+            .and_then(|_| storage.sync_all(&newest.file))
+            .map_err(io)?;
         segments.push(Arc::new(Segment::open(&newest.path.clone(), true, storage)?));
     } else {
         segments.push(Arc::new(newest));
@@ -892,16 +1114,23 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
 /// puts it in its place; on failure the memtable stays (it only costs memory).
 fn write_index_file(index: &mut Index, seg: &Segment, storage: &dyn crate::storage::Storage) {
     let Some(Part::Mem(mem)) = index.parts.iter().find(|p| p.base() == seg.base) else { return };
-    let written = idx::write(seg, mem, storage).and_then(|_| IdxFile::open(seg).map_err(|why| StoreError::io(idx::path_for(seg), std::io::Error::other(why))));
+    let written = idx::write(seg, mem, storage).and_then(|_| {
+        IdxFile::open(seg)
+            .map_err(|why| StoreError::io(idx::path_for(seg), std::io::Error::other(why)))
+    });
     match written {
         Ok(file) => index.replace_part(Part::Disk(Arc::new(file))),
-        Err(e) => eprintln!("cairn: could not write an index file ({e}); the segment stays indexed in memory"),
+        Err(e) => eprintln!(
+            "cairn: could not write an index file ({e}); the segment stays indexed in memory"
+        ),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use cairn_core::{EventStore, ExpectedVersion, NewEvent, ReadStreamOptions, StartFrom, SubscriptionTarget};
+    use cairn_core::{
+        EventStore, ExpectedVersion, NewEvent, ReadStreamOptions, StartFrom, SubscriptionTarget,
+    };
 
     use super::*;
     use crate::index::FastMap;
@@ -918,7 +1147,9 @@ mod tests {
         let mut sub = store.subscribe(SubscriptionTarget::All, StartFrom::Start).await.unwrap();
         assert_eq!(sub.next().await.unwrap().unwrap().version, 1);
         drop(store);
-        let end = tokio::time::timeout(std::time::Duration::from_secs(5), sub.next()).await.expect("subscription ended");
+        let end = tokio::time::timeout(std::time::Duration::from_secs(5), sub.next())
+            .await
+            .expect("subscription ended");
         assert!(end.is_none());
     }
 
@@ -928,12 +1159,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path()).unwrap();
         for i in 0..10 {
-            store.append(&format!("s-{}", i % 3), ExpectedVersion::Any, vec![ev(i).with_tags([format!("t:{}", i % 2)])]).await.unwrap();
+            store
+                .append(
+                    &format!("s-{}", i % 3),
+                    ExpectedVersion::Any,
+                    vec![ev(i).with_tags([format!("t:{}", i % 2)])],
+                )
+                .await
+                .unwrap();
         }
-        let positions = |events: Vec<cairn_core::RecordedEvent>| events.iter().map(|e| e.position).collect::<Vec<_>>();
+        let positions = |events: Vec<cairn_core::RecordedEvent>| {
+            events.iter().map(|e| e.position).collect::<Vec<_>>()
+        };
         store.append("t-1", ExpectedVersion::Any, vec![ev(10)]).await.unwrap();
-        let tagged = positions(store.read_query(&Query::tags(["t:1"]), ReadAllOptions::forward()).await.unwrap());
-        let typed = positions(store.read_query(&Query::types(["MoneyDeposited"]), ReadAllOptions::forward()).await.unwrap());
+        let tagged = positions(
+            store.read_query(&Query::tags(["t:1"]), ReadAllOptions::forward()).await.unwrap(),
+        );
+        let typed = positions(
+            store
+                .read_query(&Query::types(["MoneyDeposited"]), ReadAllOptions::forward())
+                .await
+                .unwrap(),
+        );
         let in_s = positions(store.read_category("s", ReadAllOptions::forward()).await.unwrap());
         assert_eq!((tagged.len(), typed.len(), in_s.len()), (5, 11, 10));
         drop(store);
@@ -941,10 +1188,35 @@ mod tests {
             let store = store.clone();
             let (tagged, typed, in_s) = (tagged.clone(), typed.clone(), in_s.clone());
             async move {
-                assert_eq!(positions(store.read_query(&Query::tags(["t:1"]), ReadAllOptions::forward()).await.unwrap()), tagged);
-                assert_eq!(positions(store.read_query(&Query::types(["MoneyDeposited"]), ReadAllOptions::forward()).await.unwrap()), typed);
-                assert_eq!(positions(store.read_category("s", ReadAllOptions::forward()).await.unwrap()), in_s);
-                assert_eq!(store.read_category("t", ReadAllOptions::forward()).await.unwrap().len(), 1);
+                assert_eq!(
+                    positions(
+                        store
+                            .read_query(&Query::tags(["t:1"]), ReadAllOptions::forward())
+                            .await
+                            .unwrap()
+                    ),
+                    tagged
+                );
+                assert_eq!(
+                    positions(
+                        store
+                            .read_query(
+                                &Query::types(["MoneyDeposited"]),
+                                ReadAllOptions::forward()
+                            )
+                            .await
+                            .unwrap()
+                    ),
+                    typed
+                );
+                assert_eq!(
+                    positions(store.read_category("s", ReadAllOptions::forward()).await.unwrap()),
+                    in_s
+                );
+                assert_eq!(
+                    store.read_category("t", ReadAllOptions::forward()).await.unwrap().len(),
+                    1
+                );
             }
         };
         let store = EmbeddedStore::open(dir.path()).unwrap();
@@ -959,10 +1231,13 @@ mod tests {
         let mut summaries = FastMap::default();
         let (events, head) = {
             let index = store.shared.index.read().unwrap();
-            index.streams.walk("", |name, e| {
-                summaries.insert(name.to_string(), e.into_owned());
-                Ok(true)
-            }).unwrap();
+            index
+                .streams
+                .walk("", |name, e| {
+                    summaries.insert(name.to_string(), e.into_owned());
+                    Ok(true)
+                })
+                .unwrap();
             (index.events, store.shared.head.load(Ordering::Acquire))
         };
         let last_id = store.shared.last_id_before(head).unwrap();
@@ -977,14 +1252,25 @@ mod tests {
             std::fs::write(dir.path().join(snapshot::FILE), &bytes).unwrap();
             let store = EmbeddedStore::open(dir.path()).unwrap();
             let used = version == snapshot::VERSION;
-            assert_eq!(store.open_report().from_snapshot, used, "a snapshot of format version {version}");
+            assert_eq!(
+                store.open_report().from_snapshot,
+                used,
+                "a snapshot of format version {version}"
+            );
             assert_eq!(store.open_report().scanned_events, if used { 0 } else { events });
             check(&store).await;
             drop(store);
         }
         let store = EmbeddedStore::open(dir.path()).unwrap();
-        assert!(store.open_report().from_snapshot && store.open_report().stream_tables == 1, "{:?}", store.open_report());
-        assert!(!dir.path().join(snapshot::FILE).exists(), "the snapshot is removed once a table holds its summaries");
+        assert!(
+            store.open_report().from_snapshot && store.open_report().stream_tables == 1,
+            "{:?}",
+            store.open_report()
+        );
+        assert!(
+            !dir.path().join(snapshot::FILE).exists(),
+            "the snapshot is removed once a table holds its summaries"
+        );
         drop(store);
         // `cairn reindex` rebuilds them too.
         let report = EmbeddedStore::reindex(dir.path()).unwrap();
@@ -1002,15 +1288,24 @@ mod tests {
         let big = |n| NewEvent::json("Big", &serde_json::json!({ "pad": "x".repeat(n) })).unwrap();
         let mut version = 0;
         while store.head_position().await.unwrap().0 + 3000 < 8 * 1024 {
-            version = store.append("a", ExpectedVersion::Exact(version), vec![big(1000)]).await.unwrap().next_version;
+            version = store
+                .append("a", ExpectedVersion::Exact(version), vec![big(1000)])
+                .await
+                .unwrap()
+                .next_version;
         }
         // Does not fit: the writer rolls, then rejects it; the new segment stays empty.
-        assert!(store.append("a", ExpectedVersion::Exact(version + 9), vec![big(3000)]).await.is_err());
+        assert!(
+            store.append("a", ExpectedVersion::Exact(version + 9), vec![big(3000)]).await.is_err()
+        );
         drop(store);
         for _ in 0..2 {
             let store = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
             assert!(store.open_report().from_snapshot, "{:?}", store.open_report());
-            assert_eq!(store.read_stream("a", ReadStreamOptions::forward()).await.unwrap().len() as u64, version);
+            assert_eq!(
+                store.read_stream("a", ReadStreamOptions::forward()).await.unwrap().len() as u64,
+                version
+            );
         }
     }
 
@@ -1020,7 +1315,10 @@ mod tests {
         let options = Options { segment_bytes: 8 * 1024, ..Options::default() };
         let store = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
         for i in 0..100 {
-            store.append(&format!("s-{}", i % 7), ExpectedVersion::Any, vec![ev(i), ev(i)]).await.unwrap();
+            store
+                .append(&format!("s-{}", i % 7), ExpectedVersion::Any, vec![ev(i), ev(i)])
+                .await
+                .unwrap();
         }
         store.delete_stream("s-3", ExpectedVersion::Any, false).await.unwrap();
         store.delete_stream("s-4", ExpectedVersion::Any, true).await.unwrap();
@@ -1033,7 +1331,11 @@ mod tests {
         assert_eq!(store.list_streams("", 100).await.unwrap(), expected);
         // Tables that end before the log does: later events are scanned.
         let tables = crate::table::dir(dir.path());
-        let stale: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&tables).unwrap().map(|e| e.unwrap().path()).map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect();
+        let stale: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&tables)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+            .collect();
         store.append("s-0", ExpectedVersion::Any, vec![ev(1)]).await.unwrap();
         drop(store);
         let restore = |files: &[(PathBuf, Vec<u8>)]| {
@@ -1053,16 +1355,35 @@ mod tests {
 
         // A table damaged inside (in the block its fences are in): not used,
         // and the log is replayed from the table before it.
-        let base = |dir: &Path| std::fs::read_dir(crate::table::dir(dir)).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap().to_str().unwrap().starts_with("00000000000000000000-")).unwrap();
+        let base = |dir: &Path| {
+            std::fs::read_dir(crate::table::dir(dir))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .find(|p| {
+                    p.file_name().unwrap().to_str().unwrap().starts_with("00000000000000000000-")
+                })
+                .unwrap()
+        };
         let path = base(dir.path());
         let mut bad = std::fs::read(&path).unwrap();
         bad[crate::idx::HEADER + 8] ^= 1;
         std::fs::write(&path, &bad).unwrap();
         let store = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
         assert_eq!(store.read_stream("s-0", ReadStreamOptions::forward()).await.unwrap().len(), 31);
-        assert!(matches!(store.read_stream("s-4", ReadStreamOptions::forward()).await, Err(StoreError::StreamDeleted { .. })));
+        assert!(matches!(
+            store.read_stream("s-4", ReadStreamOptions::forward()).await,
+            Err(StoreError::StreamDeleted { .. })
+        ));
         assert_eq!(store.list_streams("", 100).await.unwrap().len(), expected.len());
-        assert!(store.open_report().rebuilt_indexes.iter().any(|(p, why)| *p == path && why.contains("block 0")), "{:?}", store.open_report());
+        assert!(
+            store
+                .open_report()
+                .rebuilt_indexes
+                .iter()
+                .any(|(p, why)| *p == path && why.contains("block 0")),
+            "{:?}",
+            store.open_report()
+        );
         drop(store);
         crate::verify::verify(dir.path(), |_, _| {}).unwrap();
 
@@ -1071,10 +1392,17 @@ mod tests {
         let mut bad = std::fs::read(&path).unwrap();
         bad[20] ^= 1;
         std::fs::write(&path, &bad).unwrap();
-        assert!(crate::verify::verify(dir.path(), |_, _| {}).is_err(), "verify names the damaged table");
+        assert!(
+            crate::verify::verify(dir.path(), |_, _| {}).is_err(),
+            "verify names the damaged table"
+        );
         let store = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
         assert!(!store.open_report().from_snapshot);
-        assert!(store.open_report().rebuilt_indexes.iter().any(|(p, _)| *p == path), "{:?}", store.open_report());
+        assert!(
+            store.open_report().rebuilt_indexes.iter().any(|(p, _)| *p == path),
+            "{:?}",
+            store.open_report()
+        );
         assert_eq!(store.read_stream("s-0", ReadStreamOptions::forward()).await.unwrap().len(), 31);
         drop(store);
 
@@ -1085,8 +1413,11 @@ mod tests {
             o.append("x", ExpectedVersion::Any, vec![ev(i)]).await.unwrap();
         }
         drop(o);
-        let foreign: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(crate::table::dir(other.path())).unwrap().map(|e| e.unwrap().path())
-            .map(|p| (tables.join(p.file_name().unwrap()), std::fs::read(&p).unwrap())).collect();
+        let foreign: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(crate::table::dir(other.path()))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| (tables.join(p.file_name().unwrap()), std::fs::read(&p).unwrap()))
+            .collect();
         restore(&foreign);
         let store = EmbeddedStore::open_with(dir.path(), options).unwrap();
         assert!(!store.open_report().from_snapshot);

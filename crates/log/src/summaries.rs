@@ -11,8 +11,8 @@
 
 use std::borrow::Cow;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use cairn_core::StoreError;
 
@@ -43,7 +43,10 @@ pub fn table_error(d: Damaged) -> StoreError {
     StoreError::Corrupt {
         file: d.file.display().to_string(),
         offset: d.offset,
-        reason: format!("the stream table is damaged ({}); it is not used again, and the next open rebuilds it from the log", d.reason),
+        reason: format!(
+            "the stream table is damaged ({}); it is not used again, and the next open rebuilds it from the log",
+            d.reason
+        ),
     }
 }
 
@@ -86,7 +89,11 @@ impl Streams {
 
     /// Calls `f` with every stream whose name starts with `prefix`, in name
     /// order, with its newest summary, until `f` returns false.
-    pub fn walk(&self, prefix: &str, f: impl FnMut(&str, Cow<'_, StreamEntry>) -> Result<bool, StoreError>) -> Result<(), StoreError> {
+    pub fn walk(
+        &self,
+        prefix: &str,
+        f: impl FnMut(&str, Cow<'_, StreamEntry>) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
         let mut mems: Vec<&FastMap<String, StreamEntry>> = Vec::new();
         if let Some(frozen) = &self.frozen {
             mems.push(&frozen.entries);
@@ -103,27 +110,37 @@ enum Layer<'a> {
 
 /// Walks `tables` (oldest first) and then `mems` (oldest first) at once in
 /// name order, the newest layer's summary winning; see [`Streams::walk`].
-fn walk<'a>(tables: &'a [Arc<Table>], mems: &[&'a FastMap<String, StreamEntry>], prefix: &str, mut f: impl FnMut(&str, Cow<'_, StreamEntry>) -> Result<bool, StoreError>) -> Result<(), StoreError> {
+fn walk<'a>(
+    tables: &'a [Arc<Table>],
+    mems: &[&'a FastMap<String, StreamEntry>],
+    prefix: &str,
+    mut f: impl FnMut(&str, Cow<'_, StreamEntry>) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
     let mut layers: Vec<(Layer<'a>, usize)> = Vec::with_capacity(tables.len() + mems.len());
     for t in tables {
         layers.push((Layer::Table(t), t.lower_bound(prefix).map_err(table_error)?));
     }
     for m in mems {
-        let mut v: Vec<(&str, &StreamEntry)> = m.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, e)| (k.as_str(), e)).collect();
+        let mut v: Vec<(&str, &StreamEntry)> =
+            m.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, e)| (k.as_str(), e)).collect();
         v.sort_unstable_by(|a, b| a.0.cmp(b.0));
         layers.push((Layer::Mem(v), 0));
     }
     let name = |layer: &(Layer<'a>, usize)| -> Result<Option<&'a str>, StoreError> {
         match layer {
             (Layer::Mem(v), at) => Ok(v.get(*at).map(|(n, _)| *n)),
-            (Layer::Table(t), at) if *at < t.len() => Ok(Some(t.name_at(*at).map_err(table_error)?).filter(|n| n.starts_with(prefix))),
+            (Layer::Table(t), at) if *at < t.len() => {
+                Ok(Some(t.name_at(*at).map_err(table_error)?).filter(|n| n.starts_with(prefix)))
+            }
             _ => Ok(None),
         }
     };
     loop {
         let mut least: Option<&'a str> = None;
         for layer in &layers {
-            if let Some(n) = name(layer)? && least.is_none_or(|l| n < l) {
+            if let Some(n) = name(layer)?
+                && least.is_none_or(|l| n < l)
+            {
                 least = Some(n);
             }
         }
@@ -153,7 +170,10 @@ struct Layers<'a> {
 }
 
 impl Source for Layers<'_> {
-    fn each(&self, f: &mut dyn FnMut(&str, &StreamEntry) -> Result<(), MergeError>) -> Result<(), MergeError> {
+    fn each(
+        &self,
+        f: &mut dyn FnMut(&str, &StreamEntry) -> Result<(), MergeError>,
+    ) -> Result<(), MergeError> {
         let mut failed = None;
         walk(self.tables, &self.mems, "", |name, e| match f(name, &e) {
             Ok(()) => Ok(true),
@@ -181,14 +201,18 @@ pub fn flush(shared: &Shared, data_dir: &Path) -> Result<bool, StoreError> {
         let last_id = shared.last_id_before(head).unwrap_or(0);
         shared.flush_asked.store(false, Ordering::Release);
         let entries = std::mem::take(&mut index.streams.dirty);
-        let frozen = Arc::new(Frozen { entries, head: Head { from, to: head, events: index.events, last_id } });
+        let frozen = Arc::new(Frozen {
+            entries,
+            head: Head { from, to: head, events: index.events, last_id },
+        });
         index.streams.frozen = Some(frozen.clone());
         frozen
     };
     let never = AtomicBool::new(false);
     let storage = &*shared.options.storage;
     let source = Layers { tables: &[], mems: vec![&frozen.entries] };
-    let written = table::write(data_dir, frozen.head, frozen.entries.len(), &source, storage, &never);
+    let written =
+        table::write(data_dir, frozen.head, frozen.entries.len(), &source, storage, &never);
     {
         let mut index = shared.index.write().unwrap();
         let streams = &mut index.streams;
@@ -224,11 +248,20 @@ fn compact(shared: &Shared, data_dir: &Path) -> Result<(), StoreError> {
     let head = Head { from: 0, ..last.head() };
     let never = AtomicBool::new(false);
     let storage = &*shared.options.storage;
-    let merged = table::write(data_dir, head, base.len() + deltas, &Layers { tables: &tables, mems: Vec::new() }, storage, &never)?;
+    let merged = table::write(
+        data_dir,
+        head,
+        base.len() + deltas,
+        &Layers { tables: &tables, mems: Vec::new() },
+        storage,
+        &never,
+    )?;
     {
         let mut index = shared.index.write().unwrap();
         let current = &index.streams.tables;
-        if current.len() < tables.len() || !current.iter().zip(&tables).all(|(a, b)| Arc::ptr_eq(a, b)) {
+        if current.len() < tables.len()
+            || !current.iter().zip(&tables).all(|(a, b)| Arc::ptr_eq(a, b))
+        {
             // Not expected (only this thread changes the chain); keep what is in use.
             return Ok(());
         }
@@ -250,7 +283,9 @@ pub fn rebuild_table(shared: &Shared, data_dir: &Path, path: &Path) -> Result<bo
     let _one = shared.healing.lock().unwrap();
     let (damaged, older) = {
         let index = shared.index.read().unwrap();
-        let Some(k) = index.streams.tables.iter().position(|t| t.path() == path) else { return Ok(false) };
+        let Some(k) = index.streams.tables.iter().position(|t| t.path() == path) else {
+            return Ok(false);
+        };
         (index.streams.tables[k].clone(), index.streams.tables[..k].to_vec())
     };
     eprintln!("cairn: stream table {} is damaged; rebuilding it from the log", path.display());
@@ -261,13 +296,28 @@ pub fn rebuild_table(shared: &Shared, data_dir: &Path, path: &Path) -> Result<bo
     let newest = segments.last().map(|s| s.base);
     for seg in segments.iter().filter(|s| s.base + s.capacity() > from && s.base < to) {
         let start = from.saturating_sub(seg.base).max(crate::segment::SEGMENT_HEADER_BYTES);
-        let mut apply = |v: &crate::record::RecordView<'_>, p: u64| if p < to { replay.apply_summary(v, p) } else { Ok(()) };
-        crate::recovery::scan_segment(seg, start, start, Some(seg.base) == newest, Some(&mut apply))?;
+        let mut apply = |v: &crate::record::RecordView<'_>, p: u64| {
+            if p < to { replay.apply_summary(v, p) } else { Ok(()) }
+        };
+        crate::recovery::scan_segment(
+            seg,
+            start,
+            start,
+            Some(seg.base) == newest,
+            Some(&mut apply),
+        )?;
     }
     let never = AtomicBool::new(false);
     let storage = &*shared.options.storage;
     let source = Layers { tables: &[], mems: vec![&replay.streams.dirty] };
-    let rebuilt = Arc::new(table::write(data_dir, damaged.head(), replay.streams.dirty.len(), &source, storage, &never)?);
+    let rebuilt = Arc::new(table::write(
+        data_dir,
+        damaged.head(),
+        replay.streams.dirty.len(),
+        &source,
+        storage,
+        &never,
+    )?);
     {
         let mut index = shared.index.write().unwrap();
         if let Some(k) = index.streams.tables.iter().position(|t| Arc::ptr_eq(t, &damaged)) {

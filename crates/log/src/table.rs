@@ -30,7 +30,10 @@ use std::sync::atomic::AtomicBool;
 use cairn_core::{StoreError, StreamMetadata, StreamState};
 use memmap2::Mmap;
 
-use crate::idx::{bloom_block, bloom_blocks, bloom_mask, checked_blocks, map_checked, mapped_slice, name_hash, Blocks, Damaged, FENCE, HEADER};
+use crate::idx::{
+    Blocks, Damaged, FENCE, HEADER, bloom_block, bloom_blocks, bloom_mask, checked_blocks,
+    map_checked, mapped_slice, name_hash,
+};
 use crate::index::StreamEntry;
 use crate::merge::{MergeError, Out};
 use crate::storage::Storage;
@@ -89,7 +92,10 @@ pub fn parse_name(path: &Path) -> Option<(u64, u64)> {
     let name = path.file_name()?.to_str()?.strip_suffix(".tbl")?;
     let (a, b) = name.split_once('-')?;
     let digits = |s: &str| s.len() == 20 && s.bytes().all(|c| c.is_ascii_digit());
-    (digits(a) && digits(b)).then(|| Some((a.parse().ok()?, b.parse().ok()?))).flatten().filter(|(a, b)| a <= b)
+    (digits(a) && digits(b))
+        .then(|| Some((a.parse().ok()?, b.parse().ok()?)))
+        .flatten()
+        .filter(|(a, b)| a <= b)
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
@@ -109,7 +115,11 @@ fn state_code(s: StreamState) -> u32 {
 }
 
 fn metadata_bytes(m: &StreamMetadata) -> Vec<u8> {
-    if *m == StreamMetadata::default() { Vec::new() } else { serde_json::to_vec(m).expect("metadata serialises") }
+    if *m == StreamMetadata::default() {
+        Vec::new()
+    } else {
+        serde_json::to_vec(m).expect("metadata serialises")
+    }
 }
 
 /// A mapped table file.
@@ -134,14 +144,21 @@ impl Table {
     /// `Err` says why it cannot be used.
     pub fn open(path: &Path) -> Result<Table, String> {
         let path = path.to_path_buf();
-        let Some((from, to)) = parse_name(&path) else { return Err("not a table file name".into()) };
+        let Some((from, to)) = parse_name(&path) else {
+            return Err("not a table file name".into());
+        };
         let map = map_checked(&path, MAGIC)?;
         let h = &map[..HEADER];
         let version = u32_at(h, 8);
         if version != VERSION {
             return Err(format!("format version {version} (this build writes {VERSION})"));
         }
-        let head = Head { from: u64_at(h, 16), to: u64_at(h, 24), events: u64_at(h, 32), last_id: u128::from_le_bytes(h[48..64].try_into().unwrap()) };
+        let head = Head {
+            from: u64_at(h, 16),
+            to: u64_at(h, 24),
+            events: u64_at(h, 32),
+            last_id: u128::from_le_bytes(h[48..64].try_into().unwrap()),
+        };
         if (head.from, head.to) != (from, to) {
             return Err("its header and its name give different ranges".into());
         }
@@ -150,14 +167,26 @@ impl Table {
         for (i, s) in sections.iter_mut().enumerate() {
             *s = (u64_at(h, AT_SECTIONS + i * 16), u64_at(h, AT_SECTIONS + 8 + i * 16));
         }
-        let blocks = checked_blocks(&map, u64_at(h, AT_TABLE) as usize, u32_at(h, AT_TABLE + 8), &sections, |i| i >= S_FENCE_KEYS)?;
+        let blocks = checked_blocks(
+            &map,
+            u64_at(h, AT_TABLE) as usize,
+            u32_at(h, AT_TABLE + 8),
+            &sections,
+            |i| i >= S_FENCE_KEYS,
+        )?;
         let fences_n = count.div_ceil(FENCE);
-        if sections[S_ENTRIES].1 != (count * std::mem::size_of::<Entry>()) as u64 || sections[S_BLOOM].1 == 0 || !sections[S_BLOOM].1.is_multiple_of(32) || sections[S_FENCE_ENDS].1 != fences_n as u64 * 8 {
+        if sections[S_ENTRIES].1 != (count * std::mem::size_of::<Entry>()) as u64
+            || sections[S_BLOOM].1 == 0
+            || !sections[S_BLOOM].1.is_multiple_of(32)
+            || sections[S_FENCE_ENDS].1 != fences_n as u64 * 8
+        {
             return Err("a section does not hold what the header counts".into());
         }
         let mut t = Table { path, map, head, count, sections, fences: Vec::new(), blocks };
         let ends = t.slice::<u64>(S_FENCE_ENDS, 0, fences_n).map_err(|d| d.reason)?.to_vec();
-        let keys = t.slice::<u8>(S_FENCE_KEYS, 0, t.sections[S_FENCE_KEYS].1 as usize).map_err(|d| d.reason)?;
+        let keys = t
+            .slice::<u8>(S_FENCE_KEYS, 0, t.sections[S_FENCE_KEYS].1 as usize)
+            .map_err(|d| d.reason)?;
         let mut start = 0usize;
         let mut fences = Vec::with_capacity(fences_n);
         for end in ends {
@@ -193,7 +222,11 @@ impl Table {
     }
 
     fn damaged(&self, why: &str) -> Damaged {
-        Damaged { file: self.path.clone(), offset: self.sections[S_ENTRIES].0, reason: why.to_string() }
+        Damaged {
+            file: self.path.clone(),
+            offset: self.sections[S_ENTRIES].0,
+            reason: why.to_string(),
+        }
     }
 
     /// The name of entry `i`.
@@ -216,9 +249,16 @@ impl Table {
             StreamMetadata::default()
         } else {
             let bytes = self.slice::<u8>(S_META, e.meta_off as usize, e.meta_len as usize)?;
-            serde_json::from_slice(bytes).map_err(|err| self.damaged(&format!("stream metadata does not parse: {err}")))?
+            serde_json::from_slice(bytes)
+                .map_err(|err| self.damaged(&format!("stream metadata does not parse: {err}")))?
         };
-        Ok(StreamEntry { version: e.version, state, metadata, since: e.since, last_position: Some(e.last_position).filter(|p| *p != u64::MAX) })
+        Ok(StreamEntry {
+            version: e.version,
+            state,
+            metadata,
+            since: e.since,
+            last_position: Some(e.last_position).filter(|p| *p != u64::MAX),
+        })
     }
 
     /// The index of the first entry whose name is not below `key`.
@@ -258,12 +298,22 @@ impl Table {
 /// Something a table is written from: calls `f` with every summary, in name
 /// order, as often as the writer asks (once per section it writes).
 pub trait Source {
-    fn each(&self, f: &mut dyn FnMut(&str, &StreamEntry) -> Result<(), MergeError>) -> Result<(), MergeError>;
+    fn each(
+        &self,
+        f: &mut dyn FnMut(&str, &StreamEntry) -> Result<(), MergeError>,
+    ) -> Result<(), MergeError>;
 }
 
 /// Writes the table for `head` from `source` (at most `most` entries, to
 /// size the filter), syncs and renames it into place, and opens it.
-pub fn write(data_dir: &Path, head: Head, most: usize, source: &dyn Source, storage: &dyn Storage, stop: &AtomicBool) -> Result<Table, StoreError> {
+pub fn write(
+    data_dir: &Path,
+    head: Head,
+    most: usize,
+    source: &dyn Source,
+    storage: &dyn Storage,
+    stop: &AtomicBool,
+) -> Result<Table, StoreError> {
     let dir = dir(data_dir);
     if !dir.is_dir() {
         crate::store::create_private_dir(&dir)?;
@@ -274,7 +324,9 @@ pub fn write(data_dir: &Path, head: Head, most: usize, source: &dyn Source, stor
     let failed = |e: MergeError| match e {
         MergeError::Failed(e) => e,
         MergeError::Damaged(d) => crate::index::damaged_error(&d),
-        MergeError::Stopped => StoreError::Closed { reason: Some("the store closed while a stream table was written".into()) },
+        MergeError::Stopped => StoreError::Closed {
+            reason: Some("the store closed while a stream table was written".into()),
+        },
     };
     let file = storage.create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
     let mut out = Out::new(storage, file, tmp.clone(), stop);
@@ -285,7 +337,10 @@ pub fn write(data_dir: &Path, head: Head, most: usize, source: &dyn Source, stor
             return Err(failed(e));
         }
     };
-    let io = |p: &Path| { let p = p.to_path_buf(); move |e| StoreError::io(&p, e) };
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e| StoreError::io(&p, e)
+    };
     storage.write_at(out.file_ref(), &header, 0).map_err(io(&tmp))?;
     storage.sync_all(out.file_ref()).map_err(io(&tmp))?;
     storage.rename(&tmp, &path).map_err(io(&path))?;
@@ -297,8 +352,15 @@ fn out_path(head: Head) -> String {
     format!("{:020}-{:020}.tbl", head.from, head.to)
 }
 
-fn write_sections(out: &mut Out<'_>, head: Head, most: usize, source: &dyn Source) -> Result<Vec<u8>, MergeError> {
-    let bug = |why: String| MergeError::Failed(StoreError::Corrupt { file: out_path(head), offset: 0, reason: why });
+fn write_sections(
+    out: &mut Out<'_>,
+    head: Head,
+    most: usize,
+    source: &dyn Source,
+) -> Result<Vec<u8>, MergeError> {
+    let bug = |why: String| {
+        MergeError::Failed(StoreError::Corrupt { file: out_path(head), offset: 0, reason: why })
+    };
     let mut sections = [(0u64, 0u64); SECTIONS];
     let blocks = bloom_blocks(most);
     let mut bloom = vec![0u32; blocks * 8];
@@ -344,7 +406,9 @@ fn write_sections(out: &mut Out<'_>, head: Head, most: usize, source: &dyn Sourc
     })?;
     sections[S_ENTRIES] = (start, out.pos() - start);
     if count > most {
-        return Err(bug(format!("a stream table got {count} entries, more than the {most} it was sized for")));
+        return Err(bug(format!(
+            "a stream table got {count} entries, more than the {most} it was sized for"
+        )));
     }
     let start = out.pos();
     for w in &bloom {
@@ -399,7 +463,11 @@ fn write_sections(out: &mut Out<'_>, head: Head, most: usize, source: &dyn Sourc
 /// look like tables but cannot be used, with why.
 pub fn find(data_dir: &Path, rejected: &mut Vec<(PathBuf, String)>) -> Vec<Table> {
     let Ok(entries) = std::fs::read_dir(dir(data_dir)) else { return Vec::new() };
-    let mut ranges: Vec<(u64, u64, PathBuf)> = entries.flatten().map(|e| e.path()).filter_map(|p| parse_name(&p).map(|(a, b)| (a, b, p))).collect();
+    let mut ranges: Vec<(u64, u64, PathBuf)> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter_map(|p| parse_name(&p).map(|(a, b)| (a, b, p)))
+        .collect();
     // By start, widest first.
     ranges.sort_by_key(|r| (r.0, std::cmp::Reverse(r.1)));
     let mut chain: Vec<Table> = Vec::new();
@@ -428,7 +496,11 @@ pub fn find(data_dir: &Path, rejected: &mut Vec<(PathBuf, String)>) -> Vec<Table
 }
 
 /// Removes every file in the tables' directory that `keep` does not name.
-pub fn remove_strays(data_dir: &Path, keep: &[PathBuf], storage: &dyn Storage) -> Result<(), StoreError> {
+pub fn remove_strays(
+    data_dir: &Path,
+    keep: &[PathBuf],
+    storage: &dyn Storage,
+) -> Result<(), StoreError> {
     let dir = dir(data_dir);
     let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
     let mut removed = false;

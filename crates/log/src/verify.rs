@@ -2,19 +2,18 @@
 
 use std::path::{Path, PathBuf};
 
-
 use cairn_core::StoreError;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
 
-use crate::idx::{check_segment, check_totals, IdxFile, Totals};
+use crate::idx::{IdxFile, Totals, check_segment, check_totals};
 use crate::index::{FastMap, Index, IndexError, MemIndex, Part, StreamEntry};
-use crate::summaries::Streams;
-use crate::table::Table;
 use crate::recovery::scan_segment;
 use crate::segment;
+use crate::summaries::Streams;
+use crate::table::Table;
 
 #[derive(Debug, Clone, Default)]
 pub struct VerifyReport {
@@ -35,10 +34,16 @@ pub struct VerifyReport {
 /// Checks every record's checksum and every stream's version sequence, and
 /// that the log still holds every event the durable mark says was acknowledged.
 /// `progress` is called after each segment with (done, total).
-pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<VerifyReport, StoreError> {
+pub fn verify(
+    dir: &Path,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<VerifyReport, StoreError> {
     let log_dir = dir.join("log");
     if !log_dir.is_dir() {
-        return Err(StoreError::io(&log_dir, std::io::Error::new(std::io::ErrorKind::NotFound, "no Cairn log here")));
+        return Err(StoreError::io(
+            &log_dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no Cairn log here"),
+        ));
     }
     // Read before the log, so that it never claims more than the log holds.
     let mark = crate::checkpoint::read(dir)?;
@@ -51,7 +56,8 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
     let mut report = VerifyReport { segments: segments.len(), ..Default::default() };
     let mut last_end = 0;
     // A merged index file is checked segment by segment, then for its totals.
-    let sealed: Vec<&segment::Segment> = segments.iter().take(segments.len().saturating_sub(1)).collect();
+    let sealed: Vec<&segment::Segment> =
+        segments.iter().take(segments.len().saturating_sub(1)).collect();
     let merged = crate::merge::find(&log_dir, &sealed, &mut Vec::new());
     let mut covered: Vec<Option<usize>> = vec![None; segments.len()];
     for (k, (_, range)) in merged.iter().enumerate() {
@@ -60,12 +66,21 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
     let mut totals = Totals::default();
     // Each stream table must hold what the log says as of its end.
     let mut rejected = Vec::new();
-    let chain: Vec<Arc<Table>> = crate::table::find(dir, &mut rejected).into_iter().map(Arc::new).collect();
+    let chain: Vec<Arc<Table>> =
+        crate::table::find(dir, &mut rejected).into_iter().map(Arc::new).collect();
     if let Some((path, why)) = rejected.first() {
-        return Err(StoreError::Corrupt { file: path.display().to_string(), offset: 0, reason: format!("{why}; it is only a cache: `cairn reindex` rebuilds it") });
+        return Err(StoreError::Corrupt {
+            file: path.display().to_string(),
+            offset: 0,
+            reason: format!("{why}; it is only a cache: `cairn reindex` rebuilds it"),
+        });
     }
     for t in &chain {
-        t.check_all().map_err(|d| StoreError::Corrupt { file: d.file.display().to_string(), offset: d.offset, reason: format!("{}; it is only a cache: `cairn reindex` rebuilds it", d.reason) })?;
+        t.check_all().map_err(|d| StoreError::Corrupt {
+            file: d.file.display().to_string(),
+            offset: d.offset,
+            reason: format!("{}; it is only a cache: `cairn reindex` rebuilds it", d.reason),
+        })?;
     }
     let mut tables_checked = 0usize;
     for (i, seg) in segments.iter().enumerate() {
@@ -73,7 +88,8 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
         let mut mem = MemIndex::new(seg.base);
         let mut apply = |v: &crate::record::RecordView<'_>, p: u64| {
             while tables_checked < chain.len() && chain[tables_checked].head().to <= p {
-                check_tables(&chain[..=tables_checked], &index.streams.dirty).map_err(IndexError::from_store)?;
+                check_tables(&chain[..=tables_checked], &index.streams.dirty)
+                    .map_err(IndexError::from_store)?;
                 tables_checked += 1;
             }
             index.apply_summary(v, p)?;
@@ -91,7 +107,8 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
                 file.check_all().map_err(|d| cache_differs(file, (d.offset, d.reason)))?;
                 totals = Totals::default();
             }
-            check_segment(file, &mem, seg.base + seg.capacity()).map_err(|e| cache_differs(file, e))?;
+            check_segment(file, &mem, seg.base + seg.capacity())
+                .map_err(|e| cache_differs(file, e))?;
             totals.add(Totals::of(&mem));
             if range.end == i + 1 {
                 check_totals(file, &totals).map_err(|e| cache_differs(file, e))?;
@@ -106,7 +123,11 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
                     report.index_files += 1;
                     parts.push(Part::Disk(Arc::new(file)));
                 }
-                _ => parts.push(Part::Mem(Arc::new(MemIndex { base: seg.base, ids: mem.ids, ..Default::default() }))),
+                _ => parts.push(Part::Mem(Arc::new(MemIndex {
+                    base: seg.base,
+                    ids: mem.ids,
+                    ..Default::default()
+                }))),
             }
         }
         report.events += scan.events;
@@ -137,8 +158,16 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
             (None, Some(seg)) => (seg.path.clone(), last_end),
             (None, None) => (log_dir.clone(), 0),
         };
-        let torn = report.torn_tail.as_ref().map(|_| "damaged or cut short, with nothing valid after them");
-        crate::store::check_claim((&path, m.events, m.last_id), &index, (&end_file, end_offset), torn)?;
+        let torn = report
+            .torn_tail
+            .as_ref()
+            .map(|_| "damaged or cut short, with nothing valid after them");
+        crate::store::check_claim(
+            (&path, m.events, m.last_id),
+            &index,
+            (&end_file, end_offset),
+            torn,
+        )?;
         report.durable_events = Some(m.events);
     }
     index.streams.walk("", |name, _| {
@@ -150,9 +179,16 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(usize, usize)) -> Result<Veri
 
 /// Fails unless the stream tables `chain` (oldest first) hold exactly the
 /// summaries `log` that the log gives as of the newest one's end.
-fn check_tables(chain: &[Arc<Table>], log: &FastMap<String, StreamEntry>) -> Result<(), StoreError> {
+fn check_tables(
+    chain: &[Arc<Table>],
+    log: &FastMap<String, StreamEntry>,
+) -> Result<(), StoreError> {
     let newest = chain.last().expect("a chain to check");
-    let differs = |why: String| StoreError::Corrupt { file: newest.path().display().to_string(), offset: 0, reason: format!("{why}; it is only a cache: `cairn reindex` rebuilds it") };
+    let differs = |why: String| StoreError::Corrupt {
+        file: newest.path().display().to_string(),
+        offset: 0,
+        reason: format!("{why}; it is only a cache: `cairn reindex` rebuilds it"),
+    };
     let view = Streams { tables: chain.to_vec(), ..Default::default() };
     let mut n = 0usize;
     view.walk("", |name, e| {
@@ -164,7 +200,11 @@ fn check_tables(chain: &[Arc<Table>], log: &FastMap<String, StreamEntry>) -> Res
         }
     })?;
     if n != log.len() {
-        return Err(differs(format!("the stream tables hold {n} stream(s), the log {} as of position {}", log.len(), newest.head().to)));
+        return Err(differs(format!(
+            "the stream tables hold {n} stream(s), the log {} as of position {}",
+            log.len(),
+            newest.head().to
+        )));
     }
     Ok(())
 }
@@ -172,14 +212,17 @@ fn check_tables(chain: &[Arc<Table>], log: &FastMap<String, StreamEntry>) -> Res
 /// Fails naming the second use of any event id used in two segments. Walks
 /// every part's ids in order at once, so it holds one id per segment.
 fn check_unique_ids(parts: &[Part], segments: &[segment::Segment]) -> Result<(), StoreError> {
-    let damaged = |d: crate::idx::Damaged| StoreError::Corrupt { file: d.file.display().to_string(), offset: d.offset, reason: d.reason };
-    let mut sources: Vec<Box<dyn Iterator<Item = (u128, u64)> + '_>> = Vec::with_capacity(parts.len());
+    let damaged = |d: crate::idx::Damaged| StoreError::Corrupt {
+        file: d.file.display().to_string(),
+        offset: d.offset,
+        reason: d.reason,
+    };
+    let mut sources: Vec<Box<dyn Iterator<Item = (u128, u64)> + '_>> =
+        Vec::with_capacity(parts.len());
     for part in parts {
         sources.push(match part {
             Part::Disk(file) => Box::new(file.ids().map_err(damaged)?),
-            Part::Mem(mem) => {
-                Box::new(mem.ids.sorted().into_owned().into_iter())
-            }
+            Part::Mem(mem) => Box::new(mem.ids.sorted().into_owned().into_iter()),
         });
     }
     let mut heap = BinaryHeap::new();
@@ -192,11 +235,15 @@ fn check_unique_ids(parts: &[Part], segments: &[segment::Segment]) -> Result<(),
     while let Some(Reverse((id, p, i))) = heap.pop() {
         if let Some((_, first)) = last.filter(|(prev, _)| *prev == id) {
             let (later, earlier) = (p.max(first), p.min(first));
-            let seg = segments.iter().rev().find(|s| s.base <= later).expect("positions lie in segments");
+            let seg =
+                segments.iter().rev().find(|s| s.base <= later).expect("positions lie in segments");
             return Err(StoreError::Corrupt {
                 file: seg.path.display().to_string(),
                 offset: later - seg.base,
-                reason: format!("event id {} at position {later} was already used at position {earlier}", uuid::Uuid::from_u128(id)),
+                reason: format!(
+                    "event id {} at position {later} was already used at position {earlier}",
+                    uuid::Uuid::from_u128(id)
+                ),
             });
         }
         last = Some((id, p));
@@ -212,7 +259,7 @@ mod tests {
     use cairn_core::{NewEvent, Timestamp};
 
     use super::*;
-    use crate::segment::{Segment, SEGMENT_HEADER_BYTES};
+    use crate::segment::{SEGMENT_HEADER_BYTES, Segment};
     use crate::storage::{OsStorage, Storage};
 
     /// Writes a segment at `base` holding one event of `stream` with `event`'s id.
@@ -235,14 +282,20 @@ mod tests {
             let next = segment(&log, 0, "a", &event, 0);
             let end = segment(&log, next, "b", &event, 4096);
             if with_index_file {
-                let seg = Segment::open(&log.join(Segment::file_name(0)), false, &OsStorage).unwrap();
-                crate::idx::write(&seg, &crate::indexer::scan_into_mem(&seg).unwrap(), &OsStorage).unwrap();
+                let seg =
+                    Segment::open(&log.join(Segment::file_name(0)), false, &OsStorage).unwrap();
+                crate::idx::write(&seg, &crate::indexer::scan_into_mem(&seg).unwrap(), &OsStorage)
+                    .unwrap();
             }
             match verify(dir.path(), |_, _| {}) {
                 Err(StoreError::Corrupt { file, offset, reason }) => {
                     assert!(file.ends_with(&Segment::file_name(next)), "{file}");
                     assert_eq!(offset, SEGMENT_HEADER_BYTES);
-                    assert!(reason.contains(&event.id.to_string()) && reason.contains("already used at position"), "{reason}");
+                    assert!(
+                        reason.contains(&event.id.to_string())
+                            && reason.contains("already used at position"),
+                        "{reason}"
+                    );
                 }
                 other => panic!("with_index_file={with_index_file}: {other:?} (log ends at {end})"),
             }

@@ -12,18 +12,21 @@
 //! the durable mark (`checkpoint.rs`) up to date.
 
 use std::collections::HashMap;
-use std::sync::atomic::{fence, AtomicBool, AtomicIsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering, fence};
 use std::sync::{Arc, Mutex, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
-use cairn_core::{AppendCondition, AppendResult, ExpectedVersion, NewEvent, Position, StoreError, StreamState, Timestamp};
+use cairn_core::{
+    AppendCondition, AppendResult, ExpectedVersion, NewEvent, Position, StoreError, StreamState,
+    Timestamp,
+};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::index::{DELETED_EVENT, TOMBSTONE_EVENT};
 use crate::checkpoint::MarkFile;
+use crate::index::{DELETED_EVENT, TOMBSTONE_EVENT};
 use crate::record::{self, RECORD_OVERHEAD_BYTES};
-use crate::segment::{self, Segment, SEGMENT_HEADER_BYTES};
+use crate::segment::{self, SEGMENT_HEADER_BYTES, Segment};
 use crate::store::Shared;
 
 /// Most bytes gathered into one group commit before it is written.
@@ -32,9 +35,13 @@ const GROUP_BYTES_MAX: usize = 16 * 1024 * 1024;
 pub enum AppendKind {
     User,
     /// A `$metadata` event in `$$target`; `expected` applies to `$$target`.
-    Metadata { target: String },
+    Metadata {
+        target: String,
+    },
     /// A `$deleted`/`$tombstone` event in `$$target`; `expected` applies to `target`.
-    Delete { target: String },
+    Delete {
+        target: String,
+    },
 }
 
 pub struct AppendRequest {
@@ -142,7 +149,10 @@ enum Taken {
 }
 
 /// Takes a request from the queue, counting it.
-fn take(rx: &mut mpsc::Receiver<AppendRequest>, queued: &AtomicIsize) -> Result<AppendRequest, mpsc::error::TryRecvError> {
+fn take(
+    rx: &mut mpsc::Receiver<AppendRequest>,
+    queued: &AtomicIsize,
+) -> Result<AppendRequest, mpsc::error::TryRecvError> {
     let req = rx.try_recv();
     if req.is_ok() {
         queued.fetch_sub(1, Ordering::SeqCst);
@@ -151,14 +161,25 @@ fn take(rx: &mut mpsc::Receiver<AppendRequest>, queued: &AtomicIsize) -> Result<
 }
 
 impl Lead {
-    pub fn new(shared: Arc<Shared>, writer: Writer, rx: mpsc::Receiver<AppendRequest>) -> Arc<Lead> {
-        Arc::new(Lead { duty: Mutex::new(Duty { writer, rx, failed: None }), queued: AtomicIsize::new(0), lingering: AtomicBool::new(false), thread: OnceLock::new(), shared })
+    pub fn new(
+        shared: Arc<Shared>,
+        writer: Writer,
+        rx: mpsc::Receiver<AppendRequest>,
+    ) -> Arc<Lead> {
+        Arc::new(Lead {
+            duty: Mutex::new(Duty { writer, rx, failed: None }),
+            queued: AtomicIsize::new(0),
+            lingering: AtomicBool::new(false),
+            thread: OnceLock::new(),
+            shared,
+        })
     }
 
     /// Starts the writer thread.
     pub fn spawn(self: &Arc<Lead>) -> std::io::Result<std::thread::JoinHandle<()>> {
         let lead = self.clone();
-        let handle = std::thread::Builder::new().name("cairn-writer".into()).spawn(move || lead.run())?;
+        let handle =
+            std::thread::Builder::new().name("cairn-writer".into()).spawn(move || lead.run())?;
         let _ = self.thread.set(handle.thread().clone());
         Ok(handle)
     }
@@ -184,20 +205,26 @@ impl Lead {
         let mut duty = match self.duty.try_lock() {
             Ok(duty) => duty,
             Err(TryLockError::WouldBlock) => {
-                if self.lingering.load(Ordering::SeqCst) || self.shared.stats.unavailable.load(Ordering::Relaxed) != 0 {
+                if self.lingering.load(Ordering::SeqCst)
+                    || self.shared.stats.unavailable.load(Ordering::Relaxed) != 0
+                {
                     self.wake_thread();
                 }
                 return;
             }
             Err(TryLockError::Poisoned(_)) => {
-                self.shared.poison("the writer stopped on an internal error; restart the store".into());
+                self.shared
+                    .poison("the writer stopped on an internal error; restart the store".into());
                 self.wake_thread();
                 return;
             }
         };
         // Fewer waiting than the last group had: the others are probably on
         // their way, and the writer thread lingers for them (one fsync for all).
-        if (duty.writer.previous_group as isize) > self.queued.load(Ordering::SeqCst) && !duty.writer.linger.is_zero() && duty.failed.is_none() {
+        if (duty.writer.previous_group as isize) > self.queued.load(Ordering::SeqCst)
+            && !duty.writer.linger.is_zero()
+            && duty.failed.is_none()
+        {
             drop(duty);
             self.wake_thread();
             return;
@@ -230,9 +257,13 @@ impl Lead {
                 Err(poisoned) => {
                     // An appender panicked while writing: refuse everything from now on.
                     let mut duty = poisoned.into_inner();
-                    self.shared.poison("the writer stopped on an internal error; restart the store".into());
+                    self.shared.poison(
+                        "the writer stopped on an internal error; restart the store".into(),
+                    );
                     while let Ok(req) = duty.rx.try_recv() {
-                        let _ = req.reply.send(Err(StoreError::Closed { reason: self.shared.poisoned() }));
+                        let _ = req
+                            .reply
+                            .send(Err(StoreError::Closed { reason: self.shared.poisoned() }));
                     }
                     return;
                 }
@@ -264,7 +295,9 @@ impl Lead {
                     Taken::Closed => {
                         // Closing: the mark covers everything, so the next open checks it all.
                         if let Err(e) = writer.write_mark() {
-                            eprintln!("cairn: could not write the durable mark at close ({e}); the next open checks the log against an older one");
+                            eprintln!(
+                                "cairn: could not write the durable mark at close ({e}); the next open checks the log against an older one"
+                            );
                         }
                         return;
                     }
@@ -284,7 +317,16 @@ impl Lead {
 
 impl Writer {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(shared: Arc<Shared>, active: Arc<Segment>, offset: u64, last_timestamp: i64, linger: Duration, mark_file: MarkFile, last_id: u128, marked: Option<(u64, u128)>) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        active: Arc<Segment>,
+        offset: u64,
+        last_timestamp: i64,
+        linger: Duration,
+        mark_file: MarkFile,
+        last_id: u128,
+        marked: Option<(u64, u128)>,
+    ) -> Self {
         let group = Group {
             buf: Vec::with_capacity(1 << 20),
             streams: FastMap::default(),
@@ -292,7 +334,19 @@ impl Writer {
             user_events: Vec::new(),
             replies: Vec::new(),
         };
-        Writer { shared, active, offset, last_timestamp, group, linger, previous_group: 0, mark_file, last_id, marked, marked_at: Instant::now() }
+        Writer {
+            shared,
+            active,
+            offset,
+            last_timestamp,
+            group,
+            linger,
+            previous_group: 0,
+            mark_file,
+            last_id,
+            marked,
+            marked_at: Instant::now(),
+        }
     }
 
     /// (events, newest id) now durable. The count comes from the stats,
@@ -333,7 +387,12 @@ impl Writer {
     /// (parked) for the rest: the callers the last fsync released are
     /// usually just computing their next append, and one fsync for all of
     /// them beats one for the first alone and another for the others.
-    fn group(&mut self, rx: &mut mpsc::Receiver<AppendRequest>, queued: &AtomicIsize, linger: Option<&AtomicBool>) -> Taken {
+    fn group(
+        &mut self,
+        rx: &mut mpsc::Receiver<AppendRequest>,
+        queued: &AtomicIsize,
+        linger: Option<&AtomicBool>,
+    ) -> Taken {
         let first = match take(rx, queued) {
             Ok(req) => req,
             Err(mpsc::error::TryRecvError::Empty) => return Taken::Empty,
@@ -353,7 +412,9 @@ impl Writer {
                 break;
             }
             next = take(rx, queued).ok();
-            if let Some(flag) = linger.filter(|_| next.is_none() && requests < self.previous_group && !self.linger.is_zero()) {
+            if let Some(flag) = linger.filter(|_| {
+                next.is_none() && requests < self.previous_group && !self.linger.is_zero()
+            }) {
                 let since = *lingered.get_or_insert_with(Instant::now);
                 flag.store(true, Ordering::SeqCst);
                 while next.is_none() {
@@ -379,7 +440,12 @@ impl Writer {
     /// durable: "outcome unknown"), refuses appends, and retries with backoff
     /// until the log can be written again. Returns false if the store closed
     /// meanwhile.
-    fn recover(&mut self, e: StoreError, rx: &mut mpsc::Receiver<AppendRequest>, queued: &AtomicIsize) -> bool {
+    fn recover(
+        &mut self,
+        e: StoreError,
+        rx: &mut mpsc::Receiver<AppendRequest>,
+        queued: &AtomicIsize,
+    ) -> bool {
         let reason = self.fail(e);
         self.retry_until_repaired(&reason, rx, queued)
     }
@@ -388,7 +454,9 @@ impl Writer {
     /// refuses appends from now on; returns why.
     fn fail(&mut self, e: StoreError) -> String {
         let reason = format!("a write to the log failed ({e})");
-        eprintln!("cairn: {reason}; appends are refused until the disk takes writes again (retrying with backoff)");
+        eprintln!(
+            "cairn: {reason}; appends are refused until the disk takes writes again (retrying with backoff)"
+        );
         self.shared.poison(format!("{reason}; the store is recovering by itself"));
         self.shared.stats.write_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         for (reply, result) in self.group.replies.drain(..) {
@@ -405,14 +473,21 @@ impl Writer {
 
     /// Refuses what is queued and retries with backoff until the log can be
     /// written again. Returns false if the store closed meanwhile.
-    fn retry_until_repaired(&mut self, reason: &str, rx: &mut mpsc::Receiver<AppendRequest>, queued: &AtomicIsize) -> bool {
+    fn retry_until_repaired(
+        &mut self,
+        reason: &str,
+        rx: &mut mpsc::Receiver<AppendRequest>,
+        queued: &AtomicIsize,
+    ) -> bool {
         let mut backoff = RECOVERY_BACKOFF_MIN;
         let mut attempt_at = Instant::now() + backoff;
         loop {
             loop {
                 match take(rx, queued) {
                     Ok(req) => {
-                        let _ = req.reply.send(Err(StoreError::Closed { reason: self.shared.poisoned() }));
+                        let _ = req
+                            .reply
+                            .send(Err(StoreError::Closed { reason: self.shared.poisoned() }));
                     }
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => return false,
@@ -427,12 +502,15 @@ impl Writer {
                 Ok(()) => {
                     self.shared.recovered();
                     self.shared.stats.recoveries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    eprintln!("cairn: the log takes writes again; appends resumed (nothing acknowledged was lost)");
+                    eprintln!(
+                        "cairn: the log takes writes again; appends resumed (nothing acknowledged was lost)"
+                    );
                     return true;
                 }
                 Err(e) => {
                     self.shared.poison(format!("{reason}; recovery failed too ({e}), retrying; the store is recovering by itself"));
-                    backoff = (backoff * 2).min(self.shared.options.recovery_backoff_max.max(RECOVERY_BACKOFF_MIN));
+                    backoff = (backoff * 2)
+                        .min(self.shared.options.recovery_backoff_max.max(RECOVERY_BACKOFF_MIN));
                     attempt_at = Instant::now() + backoff;
                 }
             }
@@ -455,7 +533,10 @@ impl Writer {
         let seg = &self.active;
         let io = |e| StoreError::io(&seg.path, e);
         let capacity = seg.capacity();
-        storage.set_len(&seg.file, self.offset).and_then(|_| storage.set_len(&seg.file, capacity)).map_err(io)?;
+        storage
+            .set_len(&seg.file, self.offset)
+            .and_then(|_| storage.set_len(&seg.file, capacity))
+            .map_err(io)?;
         let probe = PROBE_BYTES.min(capacity - self.offset) as usize;
         storage.write_at(&seg.file, &vec![0u8; probe], self.offset).map_err(io)?;
         storage.sync_all(&seg.file).map_err(io)?;
@@ -473,7 +554,12 @@ impl Writer {
             && let Err(e) = self.commit().and_then(|()| self.roll(size))
         {
             // Nothing of this request was written.
-            self.group.replies.push((req.reply, Err(StoreError::Closed { reason: Some(format!("a write to the log failed ({e})")) })));
+            self.group.replies.push((
+                req.reply,
+                Err(StoreError::Closed {
+                    reason: Some(format!("a write to the log failed ({e})")),
+                }),
+            ));
             return Err(e);
         }
         let result = self.check_and_encode(&req);
@@ -504,7 +590,11 @@ impl Writer {
                     return Err(StoreError::StreamDeleted { stream: req.stream.clone() });
                 }
                 if !req.expected.accepts(version) {
-                    return Err(StoreError::WrongExpectedVersion { stream: req.stream.clone(), expected: req.expected, actual_version: version });
+                    return Err(StoreError::WrongExpectedVersion {
+                        stream: req.stream.clone(),
+                        expected: req.expected,
+                        actual_version: version,
+                    });
                 }
                 if let Some(condition) = &req.condition {
                     self.check_condition(condition)?;
@@ -514,13 +604,23 @@ impl Writer {
                 let (version, state) = self.current(target)?;
                 let hard = req.events[0].event_type == TOMBSTONE_EVENT;
                 match state {
-                    StreamState::Tombstoned => return Err(StoreError::StreamDeleted { stream: target.clone() }),
-                    StreamState::Deleted if !hard => return Err(StoreError::StreamNotFound { stream: target.clone() }),
-                    StreamState::Live if version == 0 && !hard => return Err(StoreError::StreamNotFound { stream: target.clone() }),
+                    StreamState::Tombstoned => {
+                        return Err(StoreError::StreamDeleted { stream: target.clone() });
+                    }
+                    StreamState::Deleted if !hard => {
+                        return Err(StoreError::StreamNotFound { stream: target.clone() });
+                    }
+                    StreamState::Live if version == 0 && !hard => {
+                        return Err(StoreError::StreamNotFound { stream: target.clone() });
+                    }
                     _ => {}
                 }
                 if !req.expected.accepts(version) {
-                    return Err(StoreError::WrongExpectedVersion { stream: target.clone(), expected: req.expected, actual_version: version });
+                    return Err(StoreError::WrongExpectedVersion {
+                        stream: target.clone(),
+                        expected: req.expected,
+                        actual_version: version,
+                    });
                 }
                 let new_state = if hard { StreamState::Tombstoned } else { StreamState::Deleted };
                 self.group.streams.insert(target.clone(), (0, new_state));
@@ -536,16 +636,22 @@ impl Writer {
     fn check_condition(&self, condition: &AppendCondition) -> Result<(), StoreError> {
         let query = &condition.fail_if_events_match;
         let after = condition.after.map(|p| p.0);
-        let durable = self.shared.indexed(|index| crate::query::first_match_after(index, query, after))?;
+        let durable =
+            self.shared.indexed(|index| crate::query::first_match_after(index, query, after))?;
         let first_conflict = durable.or_else(|| {
-            let start = self.group.user_events.partition_point(|(p, _)| after.is_some_and(|a| *p <= a));
+            let start =
+                self.group.user_events.partition_point(|(p, _)| after.is_some_and(|a| *p <= a));
             self.group.user_events[start..].iter().find_map(|&(position, at)| {
-                let view = record::decode_trusted(&self.group.buf[at..]).expect("the writer encodes valid records");
+                let view = record::decode_trusted(&self.group.buf[at..])
+                    .expect("the writer encodes valid records");
                 crate::query::matches_record(query, &view).then_some(position)
             })
         });
         match first_conflict {
-            Some(p) => Err(StoreError::AppendConditionFailed { first_conflict: Position(p), after: condition.after }),
+            Some(p) => Err(StoreError::AppendConditionFailed {
+                first_conflict: Position(p),
+                after: condition.after,
+            }),
             None => Ok(()),
         }
     }
@@ -567,8 +673,18 @@ impl Writer {
             if user {
                 self.group.user_events.push((position, at));
             }
-            record::encode(&mut self.group.buf, &req.stream, version, Timestamp(now), event, batch_end);
-            self.group.ids.insert(event.id, PendingId { stream: stream.clone(), at, version, position, batch_start, batch_end });
+            record::encode(
+                &mut self.group.buf,
+                &req.stream,
+                version,
+                Timestamp(now),
+                event,
+                batch_end,
+            );
+            self.group.ids.insert(
+                event.id,
+                PendingId { stream: stream.clone(), at, version, position, batch_start, batch_end },
+            );
         }
         self.group.streams.insert(req.stream.clone(), (version, StreamState::Live));
         Ok(AppendResult { next_version: version, position: Position(position) })
@@ -588,28 +704,60 @@ impl Writer {
         }
         // Positions of the ids the log holds already (not those of this group).
         let durable: Vec<Option<u64>> = self.shared.indexed(|index| {
-            req.events.iter().map(|e| if self.group.ids.contains_key(&e.id) { Ok(None) } else { index.id(e.id.as_u128()) }).collect()
+            req.events
+                .iter()
+                .map(|e| {
+                    if self.group.ids.contains_key(&e.id) {
+                        Ok(None)
+                    } else {
+                        index.id(e.id.as_u128())
+                    }
+                })
+                .collect()
         })?;
         let index = self.shared.index.read().unwrap();
-        let lookup = |(event, durable): (&NewEvent, &Option<u64>)| -> Result<Option<Hit>, StoreError> {
-            if let Some(p) = self.group.ids.get(&event.id) {
-                let view = record::decode_trusted(&self.group.buf[p.at..]).expect("the writer encodes valid records");
-                let same = view.same_content(event);
-                return Ok(Some(Hit { stream: p.stream.to_string(), version: p.version, position: p.position, batch_end: p.batch_end, same }));
-            }
-            let Some(position) = *durable else { return Ok(None) };
-            let found = self.shared.with_record(position, |v| (v.stream.to_string(), v.version, v.batch_end(), v.same_content(event)));
-            Ok(found.map(|(stream, version, batch_end, same)| Hit { stream, version, position, batch_end, same }))
-        };
-        let found: Vec<_> = req.events.iter().zip(&durable).map(lookup).collect::<Result<_, _>>()?;
-        let Some(first_found) = req.events.iter().zip(&found).find(|(_, h)| h.is_some()).map(|(e, _)| e.id) else {
+        let lookup =
+            |(event, durable): (&NewEvent, &Option<u64>)| -> Result<Option<Hit>, StoreError> {
+                if let Some(p) = self.group.ids.get(&event.id) {
+                    let view = record::decode_trusted(&self.group.buf[p.at..])
+                        .expect("the writer encodes valid records");
+                    let same = view.same_content(event);
+                    return Ok(Some(Hit {
+                        stream: p.stream.to_string(),
+                        version: p.version,
+                        position: p.position,
+                        batch_end: p.batch_end,
+                        same,
+                    }));
+                }
+                let Some(position) = *durable else { return Ok(None) };
+                let found = self.shared.with_record(position, |v| {
+                    (v.stream.to_string(), v.version, v.batch_end(), v.same_content(event))
+                });
+                Ok(found.map(|(stream, version, batch_end, same)| Hit {
+                    stream,
+                    version,
+                    position,
+                    batch_end,
+                    same,
+                }))
+            };
+        let found: Vec<_> =
+            req.events.iter().zip(&durable).map(lookup).collect::<Result<_, _>>()?;
+        let Some(first_found) =
+            req.events.iter().zip(&found).find(|(_, h)| h.is_some()).map(|(e, _)| e.id)
+        else {
             return Ok(None);
         };
-        let conflict = |id: Uuid, detail: String| Err(StoreError::IdempotencyConflict { id, detail });
+        let conflict =
+            |id: Uuid, detail: String| Err(StoreError::IdempotencyConflict { id, detail });
         let mut last = None;
         for (event, hit) in req.events.iter().zip(&found) {
             let Some(hit) = hit else {
-                return conflict(first_found, format!("but event {} of the same batch was not", event.id));
+                return conflict(
+                    first_found,
+                    format!("but event {} of the same batch was not", event.id),
+                );
             };
             if hit.stream != req.stream {
                 return conflict(event.id, format!("to stream '{}'", hit.stream));
@@ -624,9 +772,19 @@ impl Writer {
             }
             // Soft-deleted since: the event is no longer part of the stream.
             let pending = self.group.ids.contains_key(&event.id);
-            let current = pending || index.streams.get(&hit.stream)?.is_some_and(|s| hit.position >= s.since && hit.version <= s.version);
+            let current = pending
+                || index
+                    .streams
+                    .get(&hit.stream)?
+                    .is_some_and(|s| hit.position >= s.since && hit.version <= s.version);
             if !current {
-                return conflict(event.id, format!("to stream '{}', which was deleted since; send new ids to write it again", hit.stream));
+                return conflict(
+                    event.id,
+                    format!(
+                        "to stream '{}', which was deleted since; send new ids to write it again",
+                        hit.stream
+                    ),
+                );
             }
             last = Some((hit.version, hit.position, hit.batch_end));
         }
@@ -647,7 +805,9 @@ impl Writer {
         if !self.group.buf.is_empty() {
             let seg = &self.active;
             let storage = &*self.shared.options.storage;
-            storage.write_at(&seg.file, &self.group.buf, self.offset).map_err(|e| StoreError::io(&seg.path, e))?;
+            storage
+                .write_at(&seg.file, &self.group.buf, self.offset)
+                .map_err(|e| StoreError::io(&seg.path, e))?;
             let started = std::time::Instant::now();
             storage.sync_data(&seg.file).map_err(|e| StoreError::io(&seg.path, e))?;
             self.shared.stats.record_sync(started.elapsed(), self.group.buf.len());
@@ -671,7 +831,11 @@ impl Writer {
         storage.sync_all(&old.file).map_err(|e| StoreError::io(&old.path, e))?;
         let sealed = Arc::new(Segment::open(&old.path, false, storage)?);
         let base = old.base + self.offset;
-        let capacity = self.shared.options.segment_bytes.max(SEGMENT_HEADER_BYTES + (size + RECORD_OVERHEAD_BYTES) as u64);
+        let capacity = self
+            .shared
+            .options
+            .segment_bytes
+            .max(SEGMENT_HEADER_BYTES + (size + RECORD_OVERHEAD_BYTES) as u64);
         let fresh = Arc::new(Segment::create(&self.shared.log_dir, base, capacity, storage)?);
         self.shared.replace_active(sealed.clone(), fresh.clone());
         // Appends to the new segment go to a new memtable; the sealed one's
@@ -691,7 +855,9 @@ impl Writer {
 
 /// Id of the last record in a buffer of whole records.
 fn last_record_id(buf: &[u8]) -> u128 {
-    let body_len = u32::from_le_bytes(buf[buf.len() - 4..].try_into().expect("a record ends the buffer")) as usize;
+    let body_len =
+        u32::from_le_bytes(buf[buf.len() - 4..].try_into().expect("a record ends the buffer"))
+            as usize;
     let start = buf.len() - body_len - RECORD_OVERHEAD_BYTES;
     record::decode_trusted(&buf[start..]).expect("the writer encodes valid records").id.as_u128()
 }

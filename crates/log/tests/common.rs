@@ -29,7 +29,9 @@ pub struct Rng(pub u64);
 impl Rng {
     /// Seeded from the clock and the process id.
     pub fn from_entropy() -> Self {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+                as u64;
         Rng(nanos ^ ((std::process::id() as u64) << 32))
     }
 
@@ -49,7 +51,8 @@ impl Rng {
 
 /// The segment files of a data directory, by base position.
 pub fn segment_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files: Vec<_> = std::fs::read_dir(dir.join("log")).expect("log dir")
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("log"))
+        .expect("log dir")
         .map(|e| e.expect("dir entry").path())
         .filter(|p| p.extension().is_some_and(|x| x == "seg"))
         .collect();
@@ -85,7 +88,10 @@ pub fn walk_records(bytes: &[u8]) -> Vec<(u64, u64)> {
 /// open file description, the lock's included, until it execs; during that
 /// short window the directory still reads as locked. A lock that is really
 /// kept (a leaked store handle) still fails here, after the deadline.
-pub fn reopen(dir: &std::path::Path, options: Options) -> Result<EmbeddedStore, cairn_core::StoreError> {
+pub fn reopen(
+    dir: &std::path::Path,
+    options: Options,
+) -> Result<EmbeddedStore, cairn_core::StoreError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         match EmbeddedStore::open_with(dir, options.clone()) {
@@ -126,7 +132,9 @@ pub fn remove_stream_tables(dir: &std::path::Path) {
 
 /// The stream table files.
 pub fn stream_tables(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files: Vec<_> = std::fs::read_dir(dir.join("streams")).map(|d| d.map(|e| e.unwrap().path()).collect()).unwrap_or_default();
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("streams"))
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
     files.sort();
     files
 }

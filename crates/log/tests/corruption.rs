@@ -8,11 +8,14 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use cairn_core::{
-    EventStore, ExpectedVersion, NewEvent, ReadAllOptions, ReadStreamOptions, RecordedEvent, StoreError,
+    EventStore, ExpectedVersion, NewEvent, ReadAllOptions, ReadStreamOptions, RecordedEvent,
+    StoreError,
 };
-use cairn_log::{verify, EmbeddedStore, Options};
+use cairn_log::{EmbeddedStore, Options, verify};
 
-use crate::common::{as_if_crashed, reopen, save_mark, segment_files, walk_records, SEGMENT_HEADER};
+use crate::common::{
+    SEGMENT_HEADER, as_if_crashed, reopen, save_mark, segment_files, walk_records,
+};
 
 /// Small preallocated segments, so reading a whole segment file is cheap.
 const SEG_BYTES: u64 = 1 << 20;
@@ -85,15 +88,26 @@ fn disk(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
-fn assert_corrupt<T>(result: Result<T, StoreError>, file: &Path, offset: u64, what: &str) -> String {
+fn assert_corrupt<T>(
+    result: Result<T, StoreError>,
+    file: &Path,
+    offset: u64,
+    what: &str,
+) -> String {
     match result {
         Err(StoreError::Corrupt { file: f, offset: o, reason }) => {
-            assert_eq!(Path::new(&f), file, "{what}: the error names the damaged segment ({reason})");
+            assert_eq!(
+                Path::new(&f),
+                file,
+                "{what}: the error names the damaged segment ({reason})"
+            );
             assert_eq!(o, offset, "{what}: the error gives the damaged record's offset ({reason})");
             reason
         }
         Err(e) => panic!("{what}: expected Corrupt in {} at {offset}, got {e:?}", file.display()),
-        Ok(_) => panic!("{what}: expected Corrupt in {} at {offset}, but it succeeded", file.display()),
+        Ok(_) => {
+            panic!("{what}: expected Corrupt in {} at {offset}, but it succeeded", file.display())
+        }
     }
 }
 
@@ -160,7 +174,11 @@ async fn torn_tail_case(how: Cut, keep: fn(u64) -> u64) {
     // The tail is zeroed on disk, durably, up to the full segment capacity again.
     let fixed = fs::read(seg).unwrap();
     assert_eq!(fixed.len() as u64, SEG_BYTES);
-    assert_eq!(&fixed[..p as usize], &original[..p as usize], "bytes before the tail are untouched");
+    assert_eq!(
+        &fixed[..p as usize],
+        &original[..p as usize],
+        "bytes before the tail are untouched"
+    );
     assert!(fixed[p as usize..].iter().all(|b| *b == 0), "the torn tail is zeroed");
 
     // Appends work again; the next record goes where the torn one was.
@@ -175,20 +193,25 @@ async fn torn_tail_case(how: Cut, keep: fn(u64) -> u64) {
     assert_eq!(store.open_report().truncated_bytes, 0);
     assert_eq!(store.open_report().truncated_at, None);
     assert_eq!(all(&store).await, expected, "still there after another reopen");
-    assert_eq!(stream(&store, "a").await.iter().map(|e| e.version).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    assert_eq!(
+        stream(&store, "a").await.iter().map(|e| e.version).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
     assert_eq!(stream(&store, "b").await.len(), 2);
 }
 
 #[tokio::test]
 async fn torn_tail_zeroed_is_cut() {
-    for keep in [|_| 1, |_| 4, |_| 7, |_| 8, |l| l / 2, |l| l - 4, |l| l - 3] as [fn(u64) -> u64; 7] {
+    for keep in [|_| 1, |_| 4, |_| 7, |_| 8, |l| l / 2, |l| l - 4, |l| l - 3] as [fn(u64) -> u64; 7]
+    {
         torn_tail_case(Cut::Zero, keep).await;
     }
 }
 
 #[tokio::test]
 async fn torn_tail_truncated_file_is_cut() {
-    for keep in [|_| 1, |_| 4, |_| 7, |_| 8, |l| l / 2, |l| l - 4, |l| l - 3] as [fn(u64) -> u64; 7] {
+    for keep in [|_| 1, |_| 4, |_| 7, |_| 8, |l| l / 2, |l| l - 4, |l| l - 3] as [fn(u64) -> u64; 7]
+    {
         torn_tail_case(Cut::Truncate, keep).await;
     }
 }
@@ -248,7 +271,10 @@ async fn incomplete_batch_case(how: Cut, from_record: usize, keep: fn(u64) -> u6
     let retry = store.append("b", ExpectedVersion::Exact(1), batch.clone()).await.unwrap();
     assert_eq!(retry, result, "{what}");
     let b = stream(&store, "b").await;
-    assert_eq!(b.iter().map(|e| e.id).collect::<Vec<_>>()[1..], batch.iter().map(|e| e.id).collect::<Vec<_>>()[..]);
+    assert_eq!(
+        b.iter().map(|e| e.id).collect::<Vec<_>>()[1..],
+        batch.iter().map(|e| e.id).collect::<Vec<_>>()[..]
+    );
     drop(store);
     let store = open(dir.path());
     assert_eq!(store.open_report().truncated_bytes, 0);
@@ -280,7 +306,10 @@ async fn populate(store: &EmbeddedStore, events: u64, pad: usize) {
         appends += 1;
         let n = (1 + (i * 7) % 3).min(events - i);
         let batch = (0..n).map(|k| ev(i + k, pad + (i as usize * 7) % 50)).collect();
-        let r = store.append(&format!("s{s}"), ExpectedVersion::Exact(versions[s]), batch).await.unwrap();
+        let r = store
+            .append(&format!("s{s}"), ExpectedVersion::Exact(versions[s]), batch)
+            .await
+            .unwrap();
         versions[s] = r.next_version;
         i += n;
     }
@@ -331,9 +360,14 @@ async fn flipped_byte_skipped_by_open_without_verify_fails_the_read() {
     let records = walk_records(&fs::read(&seg).unwrap());
     let (at, len) = records[2];
     flip(&seg, at + len / 2);
-    let store = reopen(dir.path(), small).expect("without verify_on_open the records of indexed sealed segments are not checked");
+    let store = reopen(dir.path(), small)
+        .expect("without verify_on_open the records of indexed sealed segments are not checked");
     assert!(store.open_report().from_snapshot);
-    assert_eq!(store.open_report().rebuilt_indexes, vec![], "the damage is not near the segment's end, so its index file still fits");
+    assert_eq!(
+        store.open_report().rebuilt_indexes,
+        vec![],
+        "the damage is not near the segment's end, so its index file still fits"
+    );
     let victim = {
         // Find which stream the damaged record belongs to: the one whose read fails.
         let mut failed = vec![];
@@ -347,7 +381,12 @@ async fn flipped_byte_skipped_by_open_without_verify_fails_the_read() {
         failed.remove(0)
     };
     assert_corrupt(Err::<(), _>(victim.1), &seg, at, "read_stream of the damaged record");
-    assert_corrupt(store.read_all(ReadAllOptions::forward()).await, &seg, at, "read_all over the damaged record");
+    assert_corrupt(
+        store.read_all(ReadAllOptions::forward()).await,
+        &seg,
+        at,
+        "read_all over the damaged record",
+    );
     // Reads that avoid the record still work.
     let tail = store.read_all(ReadAllOptions::backward().limit(3)).await.unwrap();
     assert_eq!(tail.len(), 3);
@@ -373,7 +412,11 @@ async fn corruption_in_sealed_segment_refuses_to_open() {
     let bytes0 = fs::read(&seg0).unwrap();
     let records0 = walk_records(&bytes0);
     let (last_at, last_len) = *records0.last().unwrap();
-    assert_eq!(last_at + last_len, bytes0.len() as u64, "a sealed segment is trimmed to its records");
+    assert_eq!(
+        last_at + last_len,
+        bytes0.len() as u64,
+        "a sealed segment is trimmed to its records"
+    );
     let records1 = walk_records(&fs::read(&seg1).unwrap());
     // Open checks every record of sealed segments only when asked to;
     // otherwise `verify`, the scrubber and reads catch damage there.
@@ -383,9 +426,15 @@ async fn corruption_in_sealed_segment_refuses_to_open() {
     // segment this would look like a torn tail, here it is corruption.
     flip(&seg0, last_at + last_len / 2);
     let damaged = disk(dir.path());
-    let reason = assert_corrupt(open_small(), &seg0, last_at, "flip in the last record of sealed segment 0");
+    let reason =
+        assert_corrupt(open_small(), &seg0, last_at, "flip in the last record of sealed segment 0");
     assert!(reason.contains("sealed"), "{reason}");
-    assert_corrupt(verify(dir.path(), |_, _| {}), &seg0, last_at, "verify, flip in sealed segment 0");
+    assert_corrupt(
+        verify(dir.path(), |_, _| {}),
+        &seg0,
+        last_at,
+        "verify, flip in sealed segment 0",
+    );
     assert!(disk(dir.path()) == damaged, "a failed open must not change any file");
     flip(&seg0, last_at + last_len / 2);
 
@@ -393,7 +442,12 @@ async fn corruption_in_sealed_segment_refuses_to_open() {
     cut(&seg0, last_at + last_len / 2, last_at + last_len, Cut::Zero);
     let damaged = disk(dir.path());
     assert_corrupt(open_small(), &seg0, last_at, "zeroed end of sealed segment 0");
-    assert_corrupt(verify(dir.path(), |_, _| {}), &seg0, last_at, "verify, zeroed end of sealed segment 0");
+    assert_corrupt(
+        verify(dir.path(), |_, _| {}),
+        &seg0,
+        last_at,
+        "verify, zeroed end of sealed segment 0",
+    );
     assert!(disk(dir.path()) == damaged);
     fs::write(&seg0, &bytes0).unwrap();
 
@@ -401,25 +455,46 @@ async fn corruption_in_sealed_segment_refuses_to_open() {
     flip(&seg1, records1[0].0 + 30);
     let damaged = disk(dir.path());
     assert_corrupt(open_small(), &seg1, SEGMENT_HEADER, "flip in sealed segment 1");
-    assert_corrupt(verify(dir.path(), |_, _| {}), &seg1, SEGMENT_HEADER, "verify, flip in sealed segment 1");
+    assert_corrupt(
+        verify(dir.path(), |_, _| {}),
+        &seg1,
+        SEGMENT_HEADER,
+        "verify, flip in sealed segment 1",
+    );
     {
         // Without the full check, open trusts the segment's index file, and
         // a read of the damaged record fails, naming it.
         let store = reopen(dir.path(), small.clone()).expect("open without verify_on_open");
-        assert_corrupt(store.read_all(ReadAllOptions::forward()).await, &seg1, SEGMENT_HEADER, "read_all over sealed segment 1");
+        assert_corrupt(
+            store.read_all(ReadAllOptions::forward()).await,
+            &seg1,
+            SEGMENT_HEADER,
+            "read_all over sealed segment 1",
+        );
     }
-    let segments_of = |d: Vec<(PathBuf, Vec<u8>)>| d.into_iter().filter(|(p, _)| p.extension().is_some_and(|e| e == "seg")).collect::<Vec<_>>();
-    assert!(segments_of(disk(dir.path())) == segments_of(damaged), "neither open nor the failed read changed a segment");
+    let segments_of = |d: Vec<(PathBuf, Vec<u8>)>| {
+        d.into_iter().filter(|(p, _)| p.extension().is_some_and(|e| e == "seg")).collect::<Vec<_>>()
+    };
+    assert!(
+        segments_of(disk(dir.path())) == segments_of(damaged),
+        "neither open nor the failed read changed a segment"
+    );
     flip(&seg1, records1[0].0 + 30);
 
     // A sealed segment that lost its end, and one that is missing altogether.
     cut(&seg0, last_at + 5, bytes0.len() as u64, Cut::Truncate);
-    assert!(matches!(open_small(), Err(StoreError::Corrupt { .. })), "a shortened sealed segment must not open");
+    assert!(
+        matches!(open_small(), Err(StoreError::Corrupt { .. })),
+        "a shortened sealed segment must not open"
+    );
     assert!(matches!(verify(dir.path(), |_, _| {}), Err(StoreError::Corrupt { .. })));
     fs::write(&seg0, &bytes0).unwrap();
     let aside = seg1.with_extension("aside");
     fs::rename(&seg1, &aside).unwrap();
-    assert!(matches!(open_small(), Err(StoreError::Corrupt { .. })), "a missing segment must not open");
+    assert!(
+        matches!(open_small(), Err(StoreError::Corrupt { .. })),
+        "a missing segment must not open"
+    );
     assert!(matches!(verify(dir.path(), |_, _| {}), Err(StoreError::Corrupt { .. })));
     fs::rename(&aside, &seg1).unwrap();
 
@@ -441,10 +516,19 @@ async fn verify_clean_store() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     populate(&store, 30, 5).await;
-    store.set_stream_metadata("s1", cairn_core::StreamMetadata { max_count: Some(2), ..Default::default() }).await.unwrap();
+    store
+        .set_stream_metadata(
+            "s1",
+            cairn_core::StreamMetadata { max_count: Some(2), ..Default::default() },
+        )
+        .await
+        .unwrap();
     // verify needs no lock: it works while the store is open, and after.
     let report = verify(dir.path(), |_, _| {}).unwrap();
-    assert_eq!((report.segments, report.events, report.streams, report.torn_tail), (1, 31, 3, None));
+    assert_eq!(
+        (report.segments, report.events, report.streams, report.torn_tail),
+        (1, 31, 3, None)
+    );
     drop(store);
     let mut calls = vec![];
     let report = verify(dir.path(), |done, total| calls.push((done, total))).unwrap();
@@ -501,7 +585,8 @@ async fn crash_during_segment_roll_still_opens() {
         // And a roll that died before its rename.
         let tmp = dir.path().join("log").join(format!("{:020}.seg.tmp", at + len));
         fs::write(&tmp, b"CAIRNSEG").unwrap();
-        let report = cairn_log::verify(dir.path(), |_, _| {}).unwrap_or_else(|e| panic!("verify: {e}"));
+        let report =
+            cairn_log::verify(dir.path(), |_, _| {}).unwrap_or_else(|e| panic!("verify: {e}"));
         assert_eq!(report.events as usize, before.len());
         assert!(next.exists() && tmp.exists(), "verify changes nothing");
 
@@ -536,7 +621,10 @@ async fn damage_in_the_newest_acknowledged_append_refuses_to_open() {
         }
         let damaged = disk(dir.path());
         let reason = assert_corrupt(reopen(dir.path(), opts()), &seg, second, how);
-        assert!(reason.contains("acknowledged") && reason.contains("checkpoint"), "{how}: {reason}");
+        assert!(
+            reason.contains("acknowledged") && reason.contains("checkpoint"),
+            "{how}: {reason}"
+        );
         assert!(disk(dir.path()) == damaged, "{how}: a refused open changes nothing");
         assert_corrupt(verify(dir.path(), |_, _| {}), &seg, second, &format!("verify, {how}"));
         assert!(disk(dir.path()) == damaged, "{how}: verify changes nothing");
@@ -545,7 +633,11 @@ async fn damage_in_the_newest_acknowledged_append_refuses_to_open() {
         if how == "flip" {
             flip(&seg, second + 20);
             let store = open(dir.path());
-            assert_eq!(stream(&store, "acct-1").await.len(), 2, "with the byte restored, both events are there");
+            assert_eq!(
+                stream(&store, "acct-1").await.len(),
+                2,
+                "with the byte restored, both events are there"
+            );
         }
     }
 }
@@ -572,7 +664,8 @@ async fn a_missing_log_end_refuses_to_open_and_the_files_can_be_put_back() {
     let (at, _) = records[records.len() - 3];
     cut(&seg, at, 0, Cut::Truncate);
     let damaged = disk(dir.path());
-    let reason = assert_corrupt(reopen(dir.path(), opts()), &seg, at, "truncated at a record boundary");
+    let reason =
+        assert_corrupt(reopen(dir.path(), opts()), &seg, at, "truncated at a record boundary");
     assert!(reason.contains("ends early"), "{reason}");
     assert!(disk(dir.path()) == damaged, "nothing changed");
     assert!(verify(dir.path(), |_, _| {}).is_err(), "verify agrees");
@@ -597,13 +690,21 @@ async fn a_missing_log_end_refuses_to_open_and_the_files_can_be_put_back() {
     let previous_len = fs::metadata(previous).unwrap().len();
     match reopen(dir.path(), small.clone()) {
         Err(StoreError::Corrupt { file, reason, .. }) => {
-            assert_eq!(Path::new(&file), previous.as_path(), "names the segment the log now ends with");
+            assert_eq!(
+                Path::new(&file),
+                previous.as_path(),
+                "names the segment the log now ends with"
+            );
             assert!(reason.contains("ends early"), "{reason}");
         }
         other => panic!("expected Corrupt, got {:?}", other.map(|_| ())),
     }
     assert!(disk(dir.path()) == damaged, "nothing changed");
-    assert_eq!(fs::metadata(previous).unwrap().len(), previous_len, "the sealed segment is not re-extended");
+    assert_eq!(
+        fs::metadata(previous).unwrap().len(),
+        previous_len,
+        "the sealed segment is not re-extended"
+    );
     fs::rename(&aside, &newest).unwrap();
     let store = EmbeddedStore::open_with(dir.path(), small.clone()).unwrap();
     assert_eq!(all(&store).await, before, "with the segment back, every event is there");
@@ -619,7 +720,10 @@ async fn a_missing_log_end_refuses_to_open_and_the_files_can_be_put_back() {
     let bytes = fs::read(&seg).unwrap();
     fs::remove_file(&seg).unwrap();
     let damaged = disk(dir.path());
-    assert!(matches!(reopen(dir.path(), opts()), Err(StoreError::Corrupt { .. })), "a store whose only segment is gone must not open empty");
+    assert!(
+        matches!(reopen(dir.path(), opts()), Err(StoreError::Corrupt { .. })),
+        "a store whose only segment is gone must not open empty"
+    );
     assert!(disk(dir.path()) == damaged, "nothing changed");
     fs::write(&seg, &bytes).unwrap();
     assert_eq!(all(&open(dir.path())).await.len(), 5);
@@ -654,7 +758,8 @@ async fn a_new_store_is_readable_by_its_owner_only() {
     let parent = tempfile::tempdir().unwrap();
     let dir = parent.path().join("data");
     {
-        let store = EmbeddedStore::open_with(&dir, Options { segment_bytes: 8 * 1024, ..opts() }).unwrap();
+        let store =
+            EmbeddedStore::open_with(&dir, Options { segment_bytes: 8 * 1024, ..opts() }).unwrap();
         populate(&store, 40, 300).await;
     }
     let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;

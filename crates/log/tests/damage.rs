@@ -8,7 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use cairn_core::{EventStore, ExpectedVersion, NewEvent, ReadAllOptions, RecordedEvent, StoreError};
+use cairn_core::{
+    EventStore, ExpectedVersion, NewEvent, ReadAllOptions, RecordedEvent, StoreError,
+};
 use cairn_log::{EmbeddedStore, Options};
 use proptest::prelude::*;
 
@@ -96,7 +98,12 @@ fn apply(dir: &Path, d: &Damage) {
     let pick_segment = |i: usize| segments[i % segments.len()].clone();
     let used = |p: &Path| {
         let bytes = std::fs::read(p).unwrap();
-        bytes.iter().rposition(|b| *b != 0).map_or(1, |i| i as u64 + 64).min(bytes.len() as u64).max(1)
+        bytes
+            .iter()
+            .rposition(|b| *b != 0)
+            .map_or(1, |i| i as u64 + 64)
+            .min(bytes.len() as u64)
+            .max(1)
     };
     match d {
         Damage::Flip { file, at, bit } => {
@@ -112,7 +119,12 @@ fn apply(dir: &Path, d: &Damage) {
             let size = std::fs::metadata(&p).unwrap().len();
             let at = at % used(&p);
             let len = (*len).min(size - at);
-            std::fs::OpenOptions::new().write(true).open(&p).unwrap().write_all_at(&vec![0; len as usize], at).unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .write_all_at(&vec![0; len as usize], at)
+                .unwrap();
         }
         Damage::Truncate { file, at } => {
             let p = pick_segment(*file);
@@ -139,17 +151,41 @@ fn check(dir: &Path, verify_on_open: bool, what: &str) -> Result<(), TestCaseErr
     };
     match result {
         Ok(events) => {
-            if std::env::var_os("CAIRN_DAMAGE_TRACE").is_some() { eprintln!("outcome: opened"); }
-            prop_assert_eq!(events.len(), want.len(), "{}: opened with {} events instead of {}", what, events.len(), want.len());
+            if std::env::var_os("CAIRN_DAMAGE_TRACE").is_some() {
+                eprintln!("outcome: opened");
+            }
+            prop_assert_eq!(
+                events.len(),
+                want.len(),
+                "{}: opened with {} events instead of {}",
+                what,
+                events.len(),
+                want.len()
+            );
             for (got, want) in events.iter().zip(want) {
-                prop_assert_eq!((got.id, &got.data, got.position), (want.id, &want.data, want.position), "{}", what);
+                prop_assert_eq!(
+                    (got.id, &got.data, got.position),
+                    (want.id, &want.data, want.position),
+                    "{}",
+                    what
+                );
             }
         }
         Err(StoreError::Corrupt { file, reason, .. }) => {
-            if std::env::var_os("CAIRN_DAMAGE_TRACE").is_some() { eprintln!("outcome: refused {reason}"); }
-            prop_assert!(!file.is_empty() && !reason.is_empty(), "{}: a refusal names the file and why", what);
+            if std::env::var_os("CAIRN_DAMAGE_TRACE").is_some() {
+                eprintln!("outcome: refused {reason}");
+            }
+            prop_assert!(
+                !file.is_empty() && !reason.is_empty(),
+                "{}: a refusal names the file and why",
+                what
+            );
         }
-        Err(e) => return Err(TestCaseError::fail(format!("{what}: expected every event or Corrupt, got {e}"))),
+        Err(e) => {
+            return Err(TestCaseError::fail(format!(
+                "{what}: expected every event or Corrupt, got {e}"
+            )));
+        }
     }
     Ok(())
 }

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_core::{
-    AppendCondition, Direction, EventStore, ExpectedVersion, NewEvent, Position, Query, QueryItem, ReadAllOptions,
-    RecordedEvent, StartFrom, StoreError, StreamMetadata, SubscriptionTarget,
+    AppendCondition, Direction, EventStore, ExpectedVersion, NewEvent, Position, Query, QueryItem,
+    ReadAllOptions, RecordedEvent, StartFrom, StoreError, StreamMetadata, SubscriptionTarget,
 };
 use cairn_log::{EmbeddedStore, Options};
 use proptest::prelude::*;
@@ -22,7 +22,8 @@ use uuid::Uuid;
 
 /// Categories: `course` (three streams: the first `-` counts), `student`,
 /// `courses` (not `course`); `course` has none.
-const STREAMS: [&str; 6] = ["course-a", "course-b", "student-c", "course-a-b", "courses-x", "course"];
+const STREAMS: [&str; 6] =
+    ["course-a", "course-b", "student-c", "course-a-b", "courses-x", "course"];
 const CATEGORIES: [&str; 4] = ["course", "student", "courses", "nobody"];
 const TYPES: [&str; 3] = ["CourseDefined", "StudentSubscribed", "StudentUnsubscribed"];
 const TAGS: [&str; 5] = ["course:1", "course:2", "student:1", "student:2", "student:3"];
@@ -65,11 +66,29 @@ enum At {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append { s: usize, events: Vec<Ev> },
-    AppendIf { s: usize, events: Vec<Ev>, query: Vec<Item>, after: At },
-    Read { query: Vec<Item>, backward: bool, from: At, exclusive: bool, limit: Option<usize> },
-    SetMetadata { s: usize },
-    Delete { s: usize },
+    Append {
+        s: usize,
+        events: Vec<Ev>,
+    },
+    AppendIf {
+        s: usize,
+        events: Vec<Ev>,
+        query: Vec<Item>,
+        after: At,
+    },
+    Read {
+        query: Vec<Item>,
+        backward: bool,
+        from: At,
+        exclusive: bool,
+        limit: Option<usize>,
+    },
+    SetMetadata {
+        s: usize,
+    },
+    Delete {
+        s: usize,
+    },
     Reopen,
     /// Reopen without the stream tables: the summaries are rebuilt from the log.
     Rebuild,
@@ -84,7 +103,11 @@ fn ev() -> impl Strategy<Value = Ev> {
 
 fn item() -> impl Strategy<Value = Item> {
     let categories = prop_oneof![3 => Just(0u8), 1 => Just(1u8), 1 => 1u8..16];
-    (prop_oneof![2 => Just(0u8), 1 => 1u8..8], prop::collection::vec(0..TAGS.len(), 0..=2), categories)
+    (
+        prop_oneof![2 => Just(0u8), 1 => 1u8..8],
+        prop::collection::vec(0..TAGS.len(), 0..=2),
+        categories,
+    )
         .prop_map(|(types, tags, categories)| Item { types, tags, categories })
 }
 
@@ -118,8 +141,11 @@ fn op() -> impl Strategy<Value = Op> {
 fn to_query(items: &[Item]) -> Query {
     Query::new(items.iter().map(|i| {
         let types = (0..TYPES.len()).filter(|t| i.types & (1 << t) != 0).map(|t| TYPES[t]);
-        let categories = (0..CATEGORIES.len()).filter(|c| i.categories & (1 << c) != 0).map(|c| CATEGORIES[c]);
-        QueryItem::types(types).with_tags(i.tags.iter().map(|t| TAGS[*t])).with_categories(categories)
+        let categories =
+            (0..CATEGORIES.len()).filter(|c| i.categories & (1 << c) != 0).map(|c| CATEGORIES[c]);
+        QueryItem::types(types)
+            .with_tags(i.tags.iter().map(|t| TAGS[*t]))
+            .with_categories(categories)
     }))
 }
 
@@ -144,7 +170,13 @@ struct Logged {
 
 impl Logged {
     fn of(e: &RecordedEvent) -> Self {
-        Logged { position: e.position.0, id: e.id, stream: e.stream.clone(), event_type: e.event_type.clone(), tags: e.tags.clone() }
+        Logged {
+            position: e.position.0,
+            id: e.id,
+            stream: e.stream.clone(),
+            event_type: e.event_type.clone(),
+            tags: e.tags.clone(),
+        }
     }
     fn matches(&self, query: &Query) -> bool {
         query.matches(&self.stream, &self.event_type, &self.tags)
@@ -177,7 +209,11 @@ impl Model {
             (Direction::Backward, false) => p <= from,
             (Direction::Backward, true) => p < from,
         };
-        let matching = self.log.iter().filter(|e| e.matches(query) && in_range(e.position)).map(|e| e.position);
+        let matching = self
+            .log
+            .iter()
+            .filter(|e| e.matches(query) && in_range(e.position))
+            .map(|e| e.position);
         match options.direction {
             Direction::Forward => matching.take(options.limit).collect(),
             Direction::Backward => matching.rev().take(options.limit).collect(),
@@ -185,21 +221,39 @@ impl Model {
     }
 
     fn first_conflict(&self, condition: &AppendCondition) -> Option<u64> {
-        self.log.iter()
-            .find(|e| e.matches(&condition.fail_if_events_match) && condition.conflicts_at(Position(e.position)))
+        self.log
+            .iter()
+            .find(|e| {
+                e.matches(&condition.fail_if_events_match)
+                    && condition.conflicts_at(Position(e.position))
+            })
             .map(|e| e.position)
     }
 
     /// Takes the log from `$all`; the events before must be unchanged and the
     /// new ones must be `appended` (user events) or system events.
     async fn sync(&mut self, store: &EmbeddedStore, appended: &[NewEvent], step: &str) {
-        let all: Vec<Logged> = store.read_all(ReadAllOptions::forward()).await.unwrap().iter().map(Logged::of).collect();
-        assert_eq!(&all[..self.log.len()], &self.log[..], "{step}: the log changed under earlier events");
+        let all: Vec<Logged> = store
+            .read_all(ReadAllOptions::forward())
+            .await
+            .unwrap()
+            .iter()
+            .map(Logged::of)
+            .collect();
+        assert_eq!(
+            &all[..self.log.len()],
+            &self.log[..],
+            "{step}: the log changed under earlier events"
+        );
         let new = &all[self.log.len()..];
         let user: Vec<&Logged> = new.iter().filter(|e| !e.stream.starts_with('$')).collect();
         assert_eq!(user.len(), appended.len(), "{step}: new user events");
         for (got, want) in user.iter().zip(appended) {
-            assert_eq!((got.id, &got.event_type, &got.tags), (want.id, &want.event_type, &want.tags), "{step}");
+            assert_eq!(
+                (got.id, &got.event_type, &got.tags),
+                (want.id, &want.event_type, &want.tags),
+                "{step}"
+            );
         }
         self.log = all;
     }
@@ -212,24 +266,49 @@ fn probes() -> Vec<Query> {
     probes.extend(TYPES.iter().map(|t| Query::types([*t])));
     probes.extend(CATEGORIES.iter().map(|c| Query::category(*c)));
     probes.push(Query::all());
-    probes.push(Query::tags([TAGS[0], TAGS[2]]).or(QueryItem::types([TYPES[0]]).with_tags([TAGS[1]])));
-    probes.push(Query::from(QueryItem::categories([CATEGORIES[0]]).with_types([TYPES[1]])).or(QueryItem::categories(["student", "courses"]).with_tags([TAGS[2]])));
+    probes.push(
+        Query::tags([TAGS[0], TAGS[2]]).or(QueryItem::types([TYPES[0]]).with_tags([TAGS[1]])),
+    );
+    probes.push(
+        Query::from(QueryItem::categories([CATEGORIES[0]]).with_types([TYPES[1]]))
+            .or(QueryItem::categories(["student", "courses"]).with_tags([TAGS[2]])),
+    );
     probes
 }
 
 async fn check_probes(store: &EmbeddedStore, model: &Model, step: &str) {
     let last = store.last_position().await.unwrap().map(|p| p.0);
-    assert_eq!(last, model.log.last().map(|e| e.position), "{step}: last_position is the newest event's");
+    assert_eq!(
+        last,
+        model.log.last().map(|e| e.position),
+        "{step}: last_position is the newest event's"
+    );
     for q in probes() {
         for options in [ReadAllOptions::forward(), ReadAllOptions::backward()] {
-            let got: Vec<u64> = store.read_query(&q, options).await.unwrap().iter().map(|e| e.position.0).collect();
-            assert_eq!(got, model.read(&q, &options), "{step}: probe {q:?} {:?}", options.direction);
+            let got: Vec<u64> =
+                store.read_query(&q, options).await.unwrap().iter().map(|e| e.position.0).collect();
+            assert_eq!(
+                got,
+                model.read(&q, &options),
+                "{step}: probe {q:?} {:?}",
+                options.direction
+            );
         }
     }
     for c in CATEGORIES {
         for options in [ReadAllOptions::forward(), ReadAllOptions::backward().limit(3)] {
-            let got: Vec<u64> = store.read_category(c, options).await.unwrap().iter().map(|e| e.position.0).collect();
-            assert_eq!(got, model.read(&Query::category(c), &options), "{step}: category {c} {options:?}");
+            let got: Vec<u64> = store
+                .read_category(c, options)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.position.0)
+                .collect();
+            assert_eq!(
+                got,
+                model.read(&Query::category(c), &options),
+                "{step}: category {c} {options:?}"
+            );
         }
     }
 }
@@ -248,22 +327,37 @@ async fn run(dir: &Path, ops: Vec<Op>) {
             }
             Op::AppendIf { s, events, query, after } => {
                 let events: Vec<NewEvent> = events.iter().map(to_event).collect();
-                let condition = AppendCondition::new(to_query(query), model.position(after, head).map(Position));
-                let got = store.append_if(STREAMS[*s], ExpectedVersion::Any, events.clone(), condition.clone()).await;
+                let condition = AppendCondition::new(
+                    to_query(query),
+                    model.position(after, head).map(Position),
+                );
+                let got = store
+                    .append_if(STREAMS[*s], ExpectedVersion::Any, events.clone(), condition.clone())
+                    .await;
                 match (model.first_conflict(&condition), got) {
                     (None, Ok(_)) => model.sync(&store, &events, &step).await,
-                    (Some(want), Err(StoreError::AppendConditionFailed { first_conflict, after })) => {
+                    (
+                        Some(want),
+                        Err(StoreError::AppendConditionFailed { first_conflict, after }),
+                    ) => {
                         assert_eq!((first_conflict.0, after), (want, condition.after), "{step}");
                         model.sync(&store, &[], &step).await;
                     }
-                    (want, got) => panic!("{step}: the model expects first conflict {want:?}, the store said {got:?}"),
+                    (want, got) => panic!(
+                        "{step}: the model expects first conflict {want:?}, the store said {got:?}"
+                    ),
                 }
             }
             Op::Read { query, backward, from, exclusive, limit } => {
                 let q = to_query(query);
-                let mut options = if *backward { ReadAllOptions::backward() } else { ReadAllOptions::forward() };
+                let mut options =
+                    if *backward { ReadAllOptions::backward() } else { ReadAllOptions::forward() };
                 if let Some(p) = model.position(from, head) {
-                    options = if *exclusive { options.after(Position(p)) } else { options.from(Position(p)) };
+                    options = if *exclusive {
+                        options.after(Position(p))
+                    } else {
+                        options.from(Position(p))
+                    };
                 }
                 if let Some(limit) = limit {
                     options = options.limit(*limit);
@@ -272,7 +366,11 @@ async fn run(dir: &Path, ops: Vec<Op>) {
                 let positions: Vec<u64> = got.iter().map(|e| e.position.0).collect();
                 assert_eq!(positions, model.read(&q, &options), "{step}: {options:?}");
                 for e in &got {
-                    let logged = model.log.iter().find(|l| l.position == e.position.0).expect("a logged event");
+                    let logged = model
+                        .log
+                        .iter()
+                        .find(|l| l.position == e.position.0)
+                        .expect("a logged event");
                     assert_eq!(&Logged::of(e), logged, "{step}: the event read is the one logged");
                 }
             }
@@ -290,20 +388,28 @@ async fn run(dir: &Path, ops: Vec<Op>) {
                 drop(store);
                 match op {
                     Op::Rebuild => crate::common::remove_stream_tables(dir),
-                    Op::Reindex => assert!(!reindex(dir).from_snapshot, "{step}: reindex rebuilds from the log"),
+                    Op::Reindex => assert!(
+                        !reindex(dir).from_snapshot,
+                        "{step}: reindex rebuilds from the log"
+                    ),
                     _ => {}
                 }
                 store = crate::common::reopen(dir, options()).unwrap();
                 // An empty log has no stream table to start from.
                 let events = store.open_report().events;
-                assert_eq!(store.open_report().from_snapshot, !matches!(op, Op::Rebuild) && events > 0, "{step}");
+                assert_eq!(
+                    store.open_report().from_snapshot,
+                    !matches!(op, Op::Rebuild) && events > 0,
+                    "{step}"
+                );
             }
         }
         check_probes(&store, &model, &step).await;
     }
     // Subscriptions by query deliver the same events, then live ones.
     for q in probes() {
-        let mut sub = store.subscribe(SubscriptionTarget::Query(q.clone()), StartFrom::Start).await.unwrap();
+        let mut sub =
+            store.subscribe(SubscriptionTarget::Query(q.clone()), StartFrom::Start).await.unwrap();
         let want = model.read(&q, &ReadAllOptions::forward());
         let mut got = Vec::new();
         while got.len() < want.len() {
@@ -315,7 +421,11 @@ async fn run(dir: &Path, ops: Vec<Op>) {
         let r = store.append(STREAMS[0], ExpectedVersion::Any, vec![live.clone()]).await.unwrap();
         model.sync(&store, &[live], "live").await;
         if model.log.last().unwrap().matches(&q) {
-            assert_eq!(next(&mut sub).await.position, r.position, "subscription to {q:?}: then live");
+            assert_eq!(
+                next(&mut sub).await.position,
+                r.position,
+                "subscription to {q:?}: then live"
+            );
         }
     }
 }
@@ -326,14 +436,20 @@ fn reindex(dir: &Path) -> cairn_log::OpenReport {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         match EmbeddedStore::reindex(dir) {
-            Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
             other => return other.unwrap(),
         }
     }
 }
 
 async fn next(sub: &mut cairn_core::Subscription) -> RecordedEvent {
-    tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("an event within 10 s").expect("open").expect("ok")
+    tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("an event within 10 s")
+        .expect("open")
+        .expect("ok")
 }
 
 proptest! {
@@ -370,7 +486,10 @@ async fn subscribe_student(store: Arc<EmbeddedStore>, course: String, student: u
             .unwrap()
             .with_tags([course.clone(), format!("student:{student}")]);
         let condition = AppendCondition::after_read(q.clone(), last, &events);
-        match store.append_if(&format!("student-{student}"), ExpectedVersion::Any, vec![event], condition).await {
+        match store
+            .append_if(&format!("student-{student}"), ExpectedVersion::Any, vec![event], condition)
+            .await
+        {
             Ok(_) => return true,
             Err(StoreError::AppendConditionFailed { .. }) => continue,
             Err(e) => panic!("student {student}: {e}"),
@@ -384,8 +503,13 @@ async fn course_capacity_holds_under_racing_subscriptions() {
     let store = Arc::new(store);
     for round in 0..100 {
         let course = format!("course:{round}-{}", Uuid::new_v4().simple());
-        let defined = NewEvent::json("CourseDefined", &serde_json::json!({ "capacity": CAPACITY })).unwrap().with_tags([course.clone()]);
-        store.append(&format!("course-{round}"), ExpectedVersion::NoStream, vec![defined]).await.unwrap();
+        let defined = NewEvent::json("CourseDefined", &serde_json::json!({ "capacity": CAPACITY }))
+            .unwrap()
+            .with_tags([course.clone()]);
+        store
+            .append(&format!("course-{round}"), ExpectedVersion::NoStream, vec![defined])
+            .await
+            .unwrap();
         let barrier = Arc::new(tokio::sync::Barrier::new(STUDENTS));
         let tasks: Vec<_> = (0..STUDENTS)
             .map(|student| {
@@ -400,9 +524,22 @@ async fn course_capacity_holds_under_racing_subscriptions() {
         for t in tasks {
             succeeded += t.await.unwrap() as usize;
         }
-        assert_eq!(succeeded, CAPACITY, "round {round}: exactly {CAPACITY} of {STUDENTS} students get a seat");
-        let seats = store.read_query(&Query::from(QueryItem::types(["StudentSubscribed"]).with_tags([course.as_str()])), ReadAllOptions::forward()).await.unwrap();
-        assert_eq!(seats.len(), CAPACITY, "round {round}: the log holds exactly {CAPACITY} subscriptions");
+        assert_eq!(
+            succeeded, CAPACITY,
+            "round {round}: exactly {CAPACITY} of {STUDENTS} students get a seat"
+        );
+        let seats = store
+            .read_query(
+                &Query::from(QueryItem::types(["StudentSubscribed"]).with_tags([course.as_str()])),
+                ReadAllOptions::forward(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            seats.len(),
+            CAPACITY,
+            "round {round}: the log holds exactly {CAPACITY} subscriptions"
+        );
     }
 }
 
@@ -416,23 +553,40 @@ async fn conditions_see_the_events_of_their_own_group() {
         // Even rounds: a tag query; odd rounds: a category query.
         let tag = format!("seat:{round}");
         let category = format!("seat{round}");
-        let q = if round % 2 == 0 { Query::tags([tag.as_str()]) } else { Query::category(category.as_str()) };
+        let q = if round % 2 == 0 {
+            Query::tags([tag.as_str()])
+        } else {
+            Query::category(category.as_str())
+        };
         let last = store.last_position().await.unwrap();
         let condition = AppendCondition::new(q.clone(), last);
         // Sent together: they almost always share one group.
-        let seat = |n: u32| NewEvent::json("SeatTaken", &serde_json::json!({ "n": n })).unwrap().with_tags([tag.clone()]);
+        let seat = |n: u32| {
+            NewEvent::json("SeatTaken", &serde_json::json!({ "n": n }))
+                .unwrap()
+                .with_tags([tag.clone()])
+        };
         let (sa, sb) = (format!("{category}-a"), format!("{category}-b"));
         let (a, b, plain) = tokio::join!(
             store.append_if(&sa, ExpectedVersion::Any, vec![seat(1)], condition.clone()),
             store.append_if(&sb, ExpectedVersion::Any, vec![seat(2)], condition.clone()),
-            store.append("c", ExpectedVersion::Any, vec![NewEvent::json("Other", &serde_json::json!({})).unwrap()]),
+            store.append(
+                "c",
+                ExpectedVersion::Any,
+                vec![NewEvent::json("Other", &serde_json::json!({})).unwrap()]
+            ),
         );
         plain.expect("an unconditional append in the same group is unaffected");
         let (winner, loser) = match (a, b) {
             (Ok(w), Err(l)) | (Err(l), Ok(w)) => (w, l),
-            other => panic!("round {round}: exactly one of two conflicting conditional appends succeeds: {other:?}"),
+            other => panic!(
+                "round {round}: exactly one of two conflicting conditional appends succeeds: {other:?}"
+            ),
         };
-        assert!(matches!(loser, StoreError::AppendConditionFailed { first_conflict, .. } if first_conflict == winner.position), "{loser:?}");
+        assert!(
+            matches!(loser, StoreError::AppendConditionFailed { first_conflict, .. } if first_conflict == winner.position),
+            "{loser:?}"
+        );
         assert_eq!(store.read_query(&q, ReadAllOptions::forward()).await.unwrap().len(), 1);
     }
 }

@@ -5,8 +5,8 @@
 //! reopen.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use cairn_core::{EventStore, ExpectedVersion, NewEvent, ReadAllOptions, StoreError};
@@ -27,14 +27,24 @@ fn options(storage: &Arc<FaultyStorage>) -> Options {
 }
 
 async fn ids(store: &EmbeddedStore) -> Vec<Uuid> {
-    store.read_all(ReadAllOptions::forward()).await.unwrap().into_iter().filter(|e| !e.stream.starts_with('$')).map(|e| e.id).collect()
+    store
+        .read_all(ReadAllOptions::forward())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| !e.stream.starts_with('$'))
+        .map(|e| e.id)
+        .collect()
 }
 
 /// Waits (generously) until the store says it takes appends again.
 async fn until_ready(store: &EmbeddedStore) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while store.health().await.is_err() {
-        assert!(Instant::now() < deadline, "the store did not recover within 20 s of the fault clearing");
+        assert!(
+            Instant::now() < deadline,
+            "the store did not recover within 20 s of the fault clearing"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -43,7 +53,11 @@ async fn until_ready(store: &EmbeddedStore) {
 /// reached the page cache), EMFILE when a roll opens the next segment.
 #[tokio::test]
 async fn a_failed_write_sync_or_open_fails_stop_then_recovers_and_loses_nothing() {
-    for (op, errno, what) in [(FaultOp::Write, libc::ENOSPC, "ENOSPC on write"), (FaultOp::Sync, libc::EIO, "EIO on fsync"), (FaultOp::Open, libc::EMFILE, "EMFILE on open")] {
+    for (op, errno, what) in [
+        (FaultOp::Write, libc::ENOSPC, "ENOSPC on write"),
+        (FaultOp::Sync, libc::EIO, "EIO on fsync"),
+        (FaultOp::Open, libc::EMFILE, "EMFILE on open"),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let storage = FaultyStorage::new();
         let store = EmbeddedStore::open_with(dir.path(), options(&storage)).unwrap();
@@ -81,7 +95,11 @@ async fn a_failed_write_sync_or_open_fails_stop_then_recovers_and_loses_nothing(
         let refused = store.append("acct-1", ExpectedVersion::Any, vec![ev(7)]).await.unwrap_err();
         assert!(refused.is_retryable(), "{what}: {refused:?}");
         // Reads go on meanwhile.
-        assert_eq!(ids(&store).await, acknowledged, "{what}: reads still work and show every acknowledged event");
+        assert_eq!(
+            ids(&store).await,
+            acknowledged,
+            "{what}: reads still work and show every acknowledged event"
+        );
         // The retries keep failing while the fault lasts...
         let before = storage.failures();
         tokio::time::sleep(Duration::from_millis(400)).await;
@@ -106,7 +124,11 @@ async fn a_failed_write_sync_or_open_fails_stop_then_recovers_and_loses_nothing(
         }
         assert_eq!(ids(&store).await, acknowledged, "{what}");
         drop(store);
-        let store = EmbeddedStore::open_with(dir.path(), Options { segment_bytes: 64 * 1024, ..Options::default() }).unwrap();
+        let store = EmbeddedStore::open_with(
+            dir.path(),
+            Options { segment_bytes: 64 * 1024, ..Options::default() },
+        )
+        .unwrap();
         assert_eq!(ids(&store).await, acknowledged, "{what}: after a reopen");
         assert!(cairn_log::verify(dir.path(), |_, _| {}).is_ok());
     }
@@ -129,18 +151,23 @@ async fn racing_writers_through_repeated_faults_lose_nothing_acknowledged() {
             let mut i = 0;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
-                let batch: Vec<NewEvent> = (0..1 + i % 3).map(|k| ev(t * 1_000_000 + i * 10 + k)).collect();
+                let batch: Vec<NewEvent> =
+                    (0..1 + i % 3).map(|k| ev(t * 1_000_000 + i * 10 + k)).collect();
                 let batch_ids: Vec<Uuid> = batch.iter().map(|e| e.id).collect();
                 match store.append(&format!("acct-{t}"), ExpectedVersion::Any, batch).await {
                     Ok(_) => acknowledged.extend(batch_ids),
-                    Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(5)).await,
+                    Err(e) if e.is_retryable() => {
+                        tokio::time::sleep(Duration::from_millis(5)).await
+                    }
                     Err(e) => panic!("writer {t}: {e:?}"),
                 }
             }
             acknowledged
         }));
     }
-    for (round, op) in [FaultOp::Sync, FaultOp::Write, FaultOp::Any, FaultOp::Sync].into_iter().enumerate() {
+    for (round, op) in
+        [FaultOp::Sync, FaultOp::Write, FaultOp::Any, FaultOp::Sync].into_iter().enumerate()
+    {
         tokio::time::sleep(Duration::from_millis(150)).await;
         storage.fail_from(op, 3 + round as u64, libc::ENOSPC);
         tokio::time::sleep(Duration::from_millis(150)).await;
@@ -159,7 +186,12 @@ async fn racing_writers_through_repeated_faults_lose_nothing_acknowledged() {
         let set: HashSet<Uuid> = found.iter().copied().collect();
         assert_eq!(set.len(), found.len(), "no event is there twice");
         let missing = acknowledged.iter().filter(|id| !set.contains(id)).count();
-        assert_eq!(missing, 0, "{missing} of {} acknowledged events are missing", acknowledged.len());
+        assert_eq!(
+            missing,
+            0,
+            "{missing} of {} acknowledged events are missing",
+            acknowledged.len()
+        );
     };
     check(ids(&store).await);
     drop(store);
@@ -196,24 +228,44 @@ async fn index_files_refused_by_a_full_disk_are_written_once_it_has_room() {
     assert_eq!(ids(&store).await, acknowledged);
     let tagged = store.read_query(&Query::tags(["t:1"]), ReadAllOptions::forward()).await.unwrap();
     assert_eq!(tagged.len(), 500);
-    assert!(store.append("acct-1", ExpectedVersion::Exact(214), vec![ev(9_999)]).await.is_err(), "versions hold (acct-1 has 215 events)");
+    assert!(
+        store.append("acct-1", ExpectedVersion::Exact(214), vec![ev(9_999)]).await.is_err(),
+        "versions hold (acct-1 has 215 events)"
+    );
     // Room again: the files are written by the next try, without a new seal.
     storage.clear();
     let deadline = Instant::now() + Duration::from_secs(30);
     while segment_count(dir.path()) - 1 > idx_count(dir.path()) {
-        assert!(Instant::now() < deadline, "the index files were not written once the disk had room");
+        assert!(
+            Instant::now() < deadline,
+            "the index files were not written once the disk had room"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(ids(&store).await, acknowledged);
-    assert_eq!(store.read_query(&Query::tags(["t:1"]), ReadAllOptions::forward()).await.unwrap(), tagged);
+    assert_eq!(
+        store.read_query(&Query::tags(["t:1"]), ReadAllOptions::forward()).await.unwrap(),
+        tagged
+    );
     drop(store);
-    let store = EmbeddedStore::open_with(dir.path(), Options { segment_bytes: 64 * 1024, ..Options::default() }).unwrap();
-    assert!(store.open_report().rebuilt_indexes.is_empty(), "{:?}", store.open_report().rebuilt_indexes);
+    let store = EmbeddedStore::open_with(
+        dir.path(),
+        Options { segment_bytes: 64 * 1024, ..Options::default() },
+    )
+    .unwrap();
+    assert!(
+        store.open_report().rebuilt_indexes.is_empty(),
+        "{:?}",
+        store.open_report().rebuilt_indexes
+    );
     assert_eq!(ids(&store).await, acknowledged);
 }
 
 fn files_ending(dir: &std::path::Path, ext: &str) -> usize {
-    std::fs::read_dir(dir.join("log")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(ext)).count()
+    std::fs::read_dir(dir.join("log"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(ext))
+        .count()
 }
 
 fn segment_count(dir: &std::path::Path) -> usize {
@@ -247,20 +299,34 @@ async fn stream_tables_refused_by_a_full_disk_are_written_once_it_has_room() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(stats.index_failures.load(Ordering::Relaxed), 1);
     assert_eq!(stats.stream_tables_written.load(Ordering::Relaxed), 0);
-    assert!(store.health().await.is_ok(), "a stream table that cannot be written does not stop appends");
+    assert!(
+        store.health().await.is_ok(),
+        "a stream table that cannot be written does not stop appends"
+    );
     assert_eq!(store.summaries_layout(), (50, 0), "the summaries stay in memory");
     assert_eq!(store.stream_info("acct-7").await.unwrap().version, 6);
     // Room again: the next try writes the table.
     storage.clear();
     let deadline = Instant::now() + Duration::from_secs(30);
     while store.summaries_layout().1 == 0 {
-        assert!(Instant::now() < deadline, "the stream table was not written once the disk had room");
+        assert!(
+            Instant::now() < deadline,
+            "the stream table was not written once the disk had room"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(ids(&store).await, acknowledged);
     drop(store);
-    let store = EmbeddedStore::open_with(dir.path(), Options { summaries_in_memory: 10, ..Options::default() }).unwrap();
-    assert!(store.open_report().from_snapshot && store.open_report().scanned_events == 0, "{:?}", store.open_report());
+    let store = EmbeddedStore::open_with(
+        dir.path(),
+        Options { summaries_in_memory: 10, ..Options::default() },
+    )
+    .unwrap();
+    assert!(
+        store.open_report().from_snapshot && store.open_report().scanned_events == 0,
+        "{:?}",
+        store.open_report()
+    );
     assert_eq!(store.stream_info("acct-7").await.unwrap().version, 6);
     assert_eq!(ids(&store).await, acknowledged);
 }

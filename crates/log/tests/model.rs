@@ -8,8 +8,8 @@ use std::path::Path;
 
 use bytes::Bytes;
 use cairn_core::{
-    AppendResult, EventStore, ExpectedVersion, NewEvent, Position, ReadAllOptions, ReadStreamOptions, RecordedEvent,
-    StoreError, StreamMetadata, StreamState,
+    AppendResult, EventStore, ExpectedVersion, NewEvent, Position, ReadAllOptions,
+    ReadStreamOptions, RecordedEvent, StoreError, StreamMetadata, StreamState,
 };
 use cairn_log::{EmbeddedStore, Options};
 use proptest::prelude::*;
@@ -23,7 +23,12 @@ const SEGMENT_BYTES: u64 = 8 * 1024;
 fn options() -> Options {
     // Index files merged in pairs as soon as there are two: sequences read
     // through merged files, see merges between steps, and damage them.
-    Options { segment_bytes: SEGMENT_BYTES, merge: cairn_log::MergeOptions { fanout: 2, max_segments: 8 }, summaries_in_memory: 3, ..Options::default() }
+    Options {
+        segment_bytes: SEGMENT_BYTES,
+        merge: cairn_log::MergeOptions { fanout: 2, max_segments: 8 },
+        summaries_in_memory: 3,
+        ..Options::default()
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -57,21 +62,53 @@ enum From {
 #[derive(Debug, Clone)]
 enum Op {
     /// Append fresh events with these payload sizes.
-    Append { s: usize, exp: Exp, sizes: Vec<usize> },
+    Append {
+        s: usize,
+        exp: Exp,
+        sizes: Vec<usize>,
+    },
     /// Resend an earlier successful batch unchanged: the original result.
-    Retry { pick: usize, exp: Exp },
+    Retry {
+        pick: usize,
+        exp: Exp,
+    },
     /// Resend an earlier batch to another stream: a conflict (or the original
     /// result if it happens to be the same stream).
-    RetryElsewhere { pick: usize, s: usize },
+    RetryElsewhere {
+        pick: usize,
+        s: usize,
+    },
     /// An earlier batch's first id plus a fresh event: a conflict.
-    RetryMixed { pick: usize },
-    ReadStream { s: usize, backward: bool, from: Option<u64>, limit: Option<usize> },
-    ReadAll { backward: bool, from: From, limit: Option<usize> },
-    Delete { s: usize, exp: Exp, hard: bool },
-    SetMetadata { s: usize, max_count: Option<u64>, truncate_before: Option<u64> },
+    RetryMixed {
+        pick: usize,
+    },
+    ReadStream {
+        s: usize,
+        backward: bool,
+        from: Option<u64>,
+        limit: Option<usize>,
+    },
+    ReadAll {
+        backward: bool,
+        from: From,
+        limit: Option<usize>,
+    },
+    Delete {
+        s: usize,
+        exp: Exp,
+        hard: bool,
+    },
+    SetMetadata {
+        s: usize,
+        max_count: Option<u64>,
+        truncate_before: Option<u64>,
+    },
     Reopen,
     /// Close, then delete, damage or drop the snapshot or one index file, and reopen.
-    DamageIndex { pick: usize, how: u8 },
+    DamageIndex {
+        pick: usize,
+        how: u8,
+    },
 }
 
 fn exp() -> impl Strategy<Value = Exp> {
@@ -186,7 +223,9 @@ enum Out<T> {
 fn out<T>(r: Result<T, StoreError>) -> Out<T> {
     match r {
         Ok(v) => Out::Ok(v),
-        Err(StoreError::WrongExpectedVersion { actual_version, .. }) => Out::WrongExpectedVersion(actual_version),
+        Err(StoreError::WrongExpectedVersion { actual_version, .. }) => {
+            Out::WrongExpectedVersion(actual_version)
+        }
         Err(StoreError::StreamNotFound { .. }) => Out::StreamNotFound,
         Err(StoreError::StreamDeleted { .. }) => Out::StreamDeleted,
         Err(StoreError::InvalidArgument(_)) => Out::InvalidArgument,
@@ -231,7 +270,17 @@ fn expected(m: &MEvent) -> Seen {
 /// On-disk size of a user event of this test (no tags, no metadata), from the
 /// record layout in docs/design.md: 12 bytes of framing plus the body.
 fn record_len(stream: &str, e: &NewEvent) -> u64 {
-    let body = 1 + 1 + 8 + 8 + 16 + 4 + (2 + stream.len()) + (2 + e.event_type.len()) + 2 + 2 + (4 + e.data.len());
+    let body = 1
+        + 1
+        + 8
+        + 8
+        + 16
+        + 4
+        + (2 + stream.len())
+        + (2 + e.event_type.len())
+        + 2
+        + 2
+        + (4 + e.data.len());
     (body + 12) as u64
 }
 
@@ -256,7 +305,8 @@ impl Model {
 
     fn fresh_event(&mut self, size: usize) -> NewEvent {
         self.counter += 1;
-        NewEvent::json(EVENT_TYPE, &serde_json::json!({"k": self.counter, "pad": "y".repeat(size)})).unwrap()
+        NewEvent::json(EVENT_TYPE, &serde_json::json!({"k": self.counter, "pad": "y".repeat(size)}))
+            .unwrap()
     }
 
     /// Whether the append whose first event is `first` is still part of the
@@ -336,7 +386,11 @@ impl Model {
         let st = self.streams.entry(s.to_string()).or_default();
         st.events.clear();
         st.metadata = StreamMetadata::default();
-        if hard { st.tombstoned = true } else { st.deleted = true }
+        if hard {
+            st.tombstoned = true
+        } else {
+            st.deleted = true
+        }
         self.apply_system(s, if hard { "$tombstone" } else { "$deleted" }, result);
     }
 
@@ -386,14 +440,26 @@ impl Model {
         let from = options.from.0;
         let is_event = self.log.iter().any(|e| e.position == from);
         let was_head = self.heads.contains(&from);
-        let valid = from == 0 || options.from == Position::END || from == head || is_event || was_head;
+        let valid =
+            from == 0 || options.from == Position::END || from == head || is_event || was_head;
         if !valid {
             return Out::InvalidPosition;
         }
         let events: Vec<Seen> = if options.direction == cairn_core::Direction::Forward {
-            self.log.iter().filter(|e| e.position >= from).take(options.limit).map(expected).collect()
+            self.log
+                .iter()
+                .filter(|e| e.position >= from)
+                .take(options.limit)
+                .map(expected)
+                .collect()
         } else {
-            self.log.iter().rev().filter(|e| e.position <= from).take(options.limit).map(expected).collect()
+            self.log
+                .iter()
+                .rev()
+                .filter(|e| e.position <= from)
+                .take(options.limit)
+                .map(expected)
+                .collect()
         };
         Out::Ok(events)
     }
@@ -405,10 +471,16 @@ impl Model {
 fn compare(got: Out<Vec<RecordedEvent>>, want: Out<Vec<Seen>>, model: &Model, what: &str) {
     let by_position: HashMap<u64, &MEvent> = model.log.iter().map(|e| (e.position, e)).collect();
     let got = got.map(|events| {
-        events.iter().map(|e| match by_position.get(&e.position.0) {
-            Some(m) => seen(e, m),
-            None => panic!("{what}: the store returned an event at {} that the model does not know: {e:?}", e.position),
-        }).collect::<Vec<_>>()
+        events
+            .iter()
+            .map(|e| match by_position.get(&e.position.0) {
+                Some(m) => seen(e, m),
+                None => panic!(
+                    "{what}: the store returned an event at {} that the model does not know: {e:?}",
+                    e.position
+                ),
+            })
+            .collect::<Vec<_>>()
     });
     assert_eq!(got, want, "{what}");
 }
@@ -425,21 +497,57 @@ async fn check_state(store: &EmbeddedStore, model: &Model, step: &str) {
             assert_eq!(info.version, st.version(), "{step}: version of {s}");
             assert_eq!(info.state, st.state(), "{step}: state of {s}");
             assert_eq!(info.metadata, st.metadata, "{step}: metadata of {s}");
-            assert_eq!(info.last_position.map(|p| p.0), st.events.last().map(|i| model.log[*i].position), "{step}: last position of {s}");
+            assert_eq!(
+                info.last_position.map(|p| p.0),
+                st.events.last().map(|i| model.log[*i].position),
+                "{step}: last position of {s}"
+            );
         }
-        compare(out(store.read_stream(s, ReadStreamOptions::forward()).await), model.read_stream(s, ReadStreamOptions::forward()), model, &format!("{step}: read {s}"));
-        compare(out(store.read_stream(&format!("$${s}"), ReadStreamOptions::forward()).await), model.read_system(s), model, &format!("{step}: read $${s}"));
+        compare(
+            out(store.read_stream(s, ReadStreamOptions::forward()).await),
+            model.read_stream(s, ReadStreamOptions::forward()),
+            model,
+            &format!("{step}: read {s}"),
+        );
+        compare(
+            out(store.read_stream(&format!("$${s}"), ReadStreamOptions::forward()).await),
+            model.read_system(s),
+            model,
+            &format!("{step}: read $${s}"),
+        );
     }
-    let listed: BTreeMap<String, u64> = store.list_streams("", usize::MAX).await.unwrap().into_iter().map(|i| (i.stream, i.version)).collect();
-    let want: BTreeMap<String, u64> = model.streams.iter().filter(|(_, st)| st.exists).map(|(n, st)| (n.clone(), st.version())).collect();
+    let listed: BTreeMap<String, u64> = store
+        .list_streams("", usize::MAX)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| (i.stream, i.version))
+        .collect();
+    let want: BTreeMap<String, u64> = model
+        .streams
+        .iter()
+        .filter(|(_, st)| st.exists)
+        .map(|(n, st)| (n.clone(), st.version()))
+        .collect();
     assert_eq!(listed, want, "{step}: list_streams");
     let head = store.head_position().await.unwrap().0;
     assert!(head > model.last_position(), "{step}: the head is past every event");
     let all = store.read_all(ReadAllOptions::forward()).await.unwrap();
-    compare(Out::Ok(all.clone()), model.read_all(ReadAllOptions::forward(), head), model, &format!("{step}: read_all"));
-    assert!(all.windows(2).all(|w| w[0].timestamp <= w[1].timestamp), "{step}: timestamps never decrease in the log");
+    compare(
+        Out::Ok(all.clone()),
+        model.read_all(ReadAllOptions::forward(), head),
+        model,
+        &format!("{step}: read_all"),
+    );
+    assert!(
+        all.windows(2).all(|w| w[0].timestamp <= w[1].timestamp),
+        "{step}: timestamps never decrease in the log"
+    );
     let back = store.read_all(ReadAllOptions::backward()).await.unwrap();
-    assert!(back.iter().rev().map(|e| e.position).eq(all.iter().map(|e| e.position)), "{step}: backward $all is forward reversed");
+    assert!(
+        back.iter().rev().map(|e| e.position).eq(all.iter().map(|e| e.position)),
+        "{step}: backward $all is forward reversed"
+    );
 }
 
 async fn run(dir: &Path, ops: Vec<Op>) {
@@ -468,9 +576,17 @@ async fn run(dir: &Path, ops: Vec<Op>) {
                 let current = model.still_current(&s, events[0].id);
                 let got = out(store.append(&s, expected, events).await);
                 if current {
-                    assert_eq!(got, Out::Ok(original), "{step}: a retry returns the original result, whatever was appended since");
+                    assert_eq!(
+                        got,
+                        Out::Ok(original),
+                        "{step}: a retry returns the original result, whatever was appended since"
+                    );
                 } else {
-                    assert_eq!(got, Out::IdempotencyConflict, "{step}: a retry of an append the stream lost to a delete since");
+                    assert_eq!(
+                        got,
+                        Out::IdempotencyConflict,
+                        "{step}: a retry of an append the stream lost to a delete since"
+                    );
                 }
             }
             Op::RetryElsewhere { pick, s } => {
@@ -479,7 +595,11 @@ async fn run(dir: &Path, ops: Vec<Op>) {
                 }
                 let (orig, events, original) = model.appends[pick % model.appends.len()].clone();
                 let s = STREAMS[*s];
-                let want = if s == orig && model.still_current(s, events[0].id) { Out::Ok(original) } else { Out::IdempotencyConflict };
+                let want = if s == orig && model.still_current(s, events[0].id) {
+                    Out::Ok(original)
+                } else {
+                    Out::IdempotencyConflict
+                };
                 let got = out(store.append(s, ExpectedVersion::Any, events).await);
                 assert_eq!(got, want, "{step}");
             }
@@ -494,32 +614,53 @@ async fn run(dir: &Path, ops: Vec<Op>) {
             }
             Op::ReadStream { s, backward, from, limit } => {
                 let s = STREAMS[*s];
-                let mut options = if *backward { ReadStreamOptions::backward() } else { ReadStreamOptions::forward() };
+                let mut options = if *backward {
+                    ReadStreamOptions::backward()
+                } else {
+                    ReadStreamOptions::forward()
+                };
                 if let Some(from) = from {
                     options = options.from_version(*from);
                 }
                 if let Some(limit) = limit {
                     options = options.limit(*limit);
                 }
-                compare(out(store.read_stream(s, options).await), model.read_stream(s, options), &model, &step);
+                compare(
+                    out(store.read_stream(s, options).await),
+                    model.read_stream(s, options),
+                    &model,
+                    &step,
+                );
             }
             Op::ReadAll { backward, from, limit } => {
-                let mut options = if *backward { ReadAllOptions::backward() } else { ReadAllOptions::forward() };
+                let mut options =
+                    if *backward { ReadAllOptions::backward() } else { ReadAllOptions::forward() };
                 let n = model.log.len().max(1);
                 let position = match from {
                     From::Start => Position::START,
                     From::End => Position::END,
-                    From::Event(k) => model.log.get(k % n).map_or(Position::START, |e| Position(e.position)),
-                    From::Inside(k) => model.log.get(k % n).map_or(Position::START, |e| Position(e.position + 1)),
+                    From::Event(k) => {
+                        model.log.get(k % n).map_or(Position::START, |e| Position(e.position))
+                    }
+                    From::Inside(k) => {
+                        model.log.get(k % n).map_or(Position::START, |e| Position(e.position + 1))
+                    }
                     From::Head => store.head_position().await.unwrap(),
-                    From::SavedHead(k) => Position(model.heads.get(k % model.heads.len().max(1)).copied().unwrap_or(0)),
+                    From::SavedHead(k) => Position(
+                        model.heads.get(k % model.heads.len().max(1)).copied().unwrap_or(0),
+                    ),
                 };
                 options = options.from(position);
                 if let Some(limit) = limit {
                     options = options.limit(*limit);
                 }
                 let head = store.head_position().await.unwrap().0;
-                compare(out(store.read_all(options).await), model.read_all(options, head), &model, &format!("{step} at {position}"));
+                compare(
+                    out(store.read_all(options).await),
+                    model.read_all(options, head),
+                    &model,
+                    &format!("{step} at {position}"),
+                );
             }
             Op::Delete { s, exp, hard } => {
                 let s = STREAMS[*s];
@@ -533,7 +674,11 @@ async fn run(dir: &Path, ops: Vec<Op>) {
             }
             Op::SetMetadata { s, max_count, truncate_before } => {
                 let s = STREAMS[*s];
-                let metadata = StreamMetadata { max_count: *max_count, truncate_before: *truncate_before, max_age_secs: None };
+                let metadata = StreamMetadata {
+                    max_count: *max_count,
+                    truncate_before: *truncate_before,
+                    max_age_secs: None,
+                };
                 let want = model.predict_metadata(s, &metadata);
                 let got = out(store.set_stream_metadata(s, metadata.clone()).await);
                 assert_eq!(got.clone().map(|r| r.next_version), want, "{step}");
@@ -545,8 +690,11 @@ async fn run(dir: &Path, ops: Vec<Op>) {
             Op::DamageIndex { pick, how } => {
                 drop(store);
                 // Segments' own index files, merged ones, and stream tables.
-                let mut files: Vec<_> = std::fs::read_dir(dir.join("log")).unwrap().map(|e| e.unwrap().path())
-                    .filter(|p| p.extension().is_some_and(|x| x == "idx")).collect();
+                let mut files: Vec<_> = std::fs::read_dir(dir.join("log"))
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "idx"))
+                    .collect();
                 files.sort();
                 files.extend(crate::common::stream_tables(dir));
                 if let Some(file) = files.get(pick % files.len().max(1)) {
@@ -554,22 +702,39 @@ async fn run(dir: &Path, ops: Vec<Op>) {
                     let at = pick % bytes.len();
                     match how {
                         0 => std::fs::remove_file(file).unwrap(),
-                        1 => { bytes[at] ^= 1; std::fs::write(file, &bytes).unwrap() }
+                        1 => {
+                            bytes[at] ^= 1;
+                            std::fs::write(file, &bytes).unwrap()
+                        }
                         2 => std::fs::write(file, &bytes[..at]).unwrap(),
                         3 => crate::common::remove_stream_tables(dir),
-                        _ => { bytes[at.max(256)..].iter_mut().for_each(|b| *b = 0); std::fs::write(file, &bytes).unwrap() }
+                        _ => {
+                            bytes[at.max(256)..].iter_mut().for_each(|b| *b = 0);
+                            std::fs::write(file, &bytes).unwrap()
+                        }
                     }
                 }
                 store = crate::common::reopen(dir, options()).unwrap();
-                assert_eq!(store.open_report().events, model.log.len() as u64, "{step}: every event is found again");
+                assert_eq!(
+                    store.open_report().events,
+                    model.log.len() as u64,
+                    "{step}: every event is found again"
+                );
             }
             Op::Reopen => {
                 drop(store);
                 store = crate::common::reopen(dir, options()).unwrap();
                 let report = store.open_report();
-                assert_eq!(report.truncated_bytes, 0, "{step}: a clean close leaves nothing to cut");
+                assert_eq!(
+                    report.truncated_bytes, 0,
+                    "{step}: a clean close leaves nothing to cut"
+                );
                 assert_eq!(report.truncated_at, None, "{step}");
-                assert_eq!(report.events, model.log.len() as u64, "{step}: every event is found again");
+                assert_eq!(
+                    report.events,
+                    model.log.len() as u64,
+                    "{step}: every event is found again"
+                );
             }
         }
         check_state(&store, &model, &step).await;
@@ -613,9 +778,15 @@ async fn resending_part_of_a_batch_is_a_conflict() {
     for round in 0..2 {
         for part in [&batch[2..], &batch[1..], &batch[..2], &batch[..1], &batch[1..2]] {
             let got = store.append("a", ExpectedVersion::Any, part.to_vec()).await;
-            assert!(matches!(got, Err(StoreError::IdempotencyConflict { .. })), "round {round}: a part of a batch is not a retry of it: got {got:?}");
+            assert!(
+                matches!(got, Err(StoreError::IdempotencyConflict { .. })),
+                "round {round}: a part of a batch is not a retry of it: got {got:?}"
+            );
         }
-        assert_eq!(store.append("a", ExpectedVersion::Exact(7), batch.clone()).await.unwrap(), first);
+        assert_eq!(
+            store.append("a", ExpectedVersion::Exact(7), batch.clone()).await.unwrap(),
+            first
+        );
         assert_eq!(store.read_stream("a", ReadStreamOptions::forward()).await.unwrap().len(), 3);
         drop(store);
         store = crate::common::reopen(dir.path(), options()).unwrap();
@@ -636,7 +807,11 @@ async fn saved_head_stays_a_valid_read_position() {
     let store = EmbeddedStore::open_with(dir.path(), options()).unwrap();
     let mut version = 0;
     while store.head_position().await.unwrap().0 + 3000 < SEGMENT_BYTES {
-        version = store.append("a", ExpectedVersion::Exact(version), vec![sized(1000)]).await.unwrap().next_version;
+        version = store
+            .append("a", ExpectedVersion::Exact(version), vec![sized(1000)])
+            .await
+            .unwrap()
+            .next_version;
     }
     // Does not fit in the segment, and is rejected.
     let rejected = store.append("a", ExpectedVersion::Exact(version + 1), vec![sized(3000)]).await;
@@ -645,8 +820,13 @@ async fn saved_head_stays_a_valid_read_position() {
     assert!(store.read_all(ReadAllOptions::forward().from(head)).await.unwrap().is_empty());
     let r = store.append("a", ExpectedVersion::Exact(version), vec![sized(10)]).await.unwrap();
     let after = store.read_all(ReadAllOptions::forward().from(head)).await;
-    assert_eq!(after.map(|v| v.iter().map(|e| e.position).collect::<Vec<_>>()).ok(), Some(vec![r.position]),
-        "reading $all from a head saved before the append returns the append (head was {head})");
-    let sub = store.subscribe(cairn_core::SubscriptionTarget::All, cairn_core::StartFrom::After(head.0)).await;
+    assert_eq!(
+        after.map(|v| v.iter().map(|e| e.position).collect::<Vec<_>>()).ok(),
+        Some(vec![r.position]),
+        "reading $all from a head saved before the append returns the append (head was {head})"
+    );
+    let sub = store
+        .subscribe(cairn_core::SubscriptionTarget::All, cairn_core::StartFrom::After(head.0))
+        .await;
     assert!(sub.is_ok(), "subscribing after a saved head: {:?}", sub.err());
 }

@@ -19,16 +19,25 @@ fn event(n: u64) -> NewEvent {
 }
 
 fn race(linger: Duration) {
-    let options = Options { group_linger: linger, checkpoint_interval: Duration::from_secs(3600), segment_bytes: 256 * 1024, ..Options::default() };
+    let options = Options {
+        group_linger: linger,
+        checkpoint_interval: Duration::from_secs(3600),
+        segment_bytes: 256 * 1024,
+        ..Options::default()
+    };
     let (store, _dir) = fresh_with(options);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
     rt.block_on(async {
         let mut tasks = Vec::new();
         for t in 0..TASKS {
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
                 for n in 0..APPENDS {
-                    store.append(&format!("race-{t}"), ExpectedVersion::Exact(n), vec![event(n)]).await.unwrap();
+                    store
+                        .append(&format!("race-{t}"), ExpectedVersion::Exact(n), vec![event(n)])
+                        .await
+                        .unwrap();
                 }
             }));
         }
@@ -37,10 +46,19 @@ fn race(linger: Duration) {
             .map(|t| {
                 let store = store.clone();
                 std::thread::spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                    let rt =
+                        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
                     rt.block_on(async {
                         for n in (0..APPENDS).step_by(3) {
-                            let appends = (0..3).map(|i| Append::new(format!("batch-{t}"), ExpectedVersion::Exact(n + i), vec![event(n + i)])).collect();
+                            let appends = (0..3)
+                                .map(|i| {
+                                    Append::new(
+                                        format!("batch-{t}"),
+                                        ExpectedVersion::Exact(n + i),
+                                        vec![event(n + i)],
+                                    )
+                                })
+                                .collect();
                             for r in store.append_each(appends).await {
                                 r.unwrap();
                             }
@@ -53,16 +71,32 @@ fn race(linger: Duration) {
             for task in tasks {
                 task.await.unwrap();
             }
-            tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| t.join().unwrap())).await.unwrap();
+            tokio::task::spawn_blocking(move || {
+                threads.into_iter().for_each(|t| t.join().unwrap())
+            })
+            .await
+            .unwrap();
         };
-        tokio::time::timeout(Duration::from_secs(120), all).await.expect("an append was left in the queue with no one to write it");
+        tokio::time::timeout(Duration::from_secs(120), all)
+            .await
+            .expect("an append was left in the queue with no one to write it");
     });
     for t in 0..TASKS {
-        let events = rt.block_on(store.read_stream(&format!("race-{t}"), ReadStreamOptions::forward())).unwrap();
-        assert_eq!(events.iter().map(|e| e.version).collect::<Vec<_>>(), (1..=APPENDS).collect::<Vec<_>>());
+        let events = rt
+            .block_on(store.read_stream(&format!("race-{t}"), ReadStreamOptions::forward()))
+            .unwrap();
+        assert_eq!(
+            events.iter().map(|e| e.version).collect::<Vec<_>>(),
+            (1..=APPENDS).collect::<Vec<_>>()
+        );
     }
     for t in 0..THREADS {
-        assert_eq!(rt.block_on(store.read_stream(&format!("batch-{t}"), ReadStreamOptions::forward())).unwrap().len() as u64, APPENDS);
+        assert_eq!(
+            rt.block_on(store.read_stream(&format!("batch-{t}"), ReadStreamOptions::forward()))
+                .unwrap()
+                .len() as u64,
+            APPENDS
+        );
     }
 }
 
@@ -83,18 +117,29 @@ fn racing_appenders_are_all_answered_when_appenders_write_every_group() {
 fn appends_joined_in_one_task_share_one_group() {
     use std::sync::atomic::Ordering;
     let (store, _dir) = fresh_with(Options::default());
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         store.append("warm", ExpectedVersion::Any, vec![event(0)]).await.unwrap();
         let syncs = store.stats().syncs.load(Ordering::Acquire);
         let names: Vec<String> = (0..8).map(|n| format!("joined-{n}")).collect();
-        let appends = names.iter().zip(0..).map(|(name, n)| store.append(name, ExpectedVersion::NoStream, vec![event(n)]));
+        let appends = names
+            .iter()
+            .zip(0..)
+            .map(|(name, n)| store.append(name, ExpectedVersion::NoStream, vec![event(n)]));
         for r in futures_util::future::join_all(appends).await {
             r.unwrap();
         }
-        assert_eq!(store.stats().syncs.load(Ordering::Acquire) - syncs, 1, "the eight appends took more than one fsync");
+        assert_eq!(
+            store.stats().syncs.load(Ordering::Acquire) - syncs,
+            1,
+            "the eight appends took more than one fsync"
+        );
         // Two that expect the same version: decided in one group, one wins.
-        let (a, b) = tokio::join!(store.append("same", ExpectedVersion::NoStream, vec![event(1)]), store.append("same", ExpectedVersion::NoStream, vec![event(2)]));
+        let (a, b) = tokio::join!(
+            store.append("same", ExpectedVersion::NoStream, vec![event(1)]),
+            store.append("same", ExpectedVersion::NoStream, vec![event(2)])
+        );
         assert!(a.is_ok() != b.is_ok(), "{a:?} {b:?}");
     });
 }
@@ -111,13 +156,24 @@ fn an_append_dropped_after_it_was_queued_is_still_written() {
         // The writer thread is parked by now.
         tokio::time::sleep(Duration::from_millis(200)).await;
         // Polled once (it queues its request), then dropped.
-        let mut append = Box::pin(store.append("dropped", ExpectedVersion::NoStream, vec![event(1)]));
-        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(append.as_mut().poll(cx))).await;
+        let mut append =
+            Box::pin(store.append("dropped", ExpectedVersion::NoStream, vec![event(1)]));
+        let first =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(append.as_mut().poll(cx))).await;
         assert!(first.is_pending(), "the append finished in one poll: {first:?}");
         drop(append);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while store.read_stream("dropped", ReadStreamOptions::forward()).await.map(|e| e.len()).unwrap_or(0) == 0 {
-            assert!(std::time::Instant::now() < deadline, "the dropped append's request stayed in the queue");
+        while store
+            .read_stream("dropped", ReadStreamOptions::forward())
+            .await
+            .map(|e| e.len())
+            .unwrap_or(0)
+            == 0
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the dropped append's request stayed in the queue"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
@@ -130,9 +186,14 @@ fn an_append_dropped_after_it_was_queued_is_still_written() {
 fn pipelined_append_each_calls_keep_their_order_through_a_full_queue() {
     let (store, _dir) = fresh_with(Options { queue_depth: 4, ..Options::default() });
     assert!(store.append_each_pipelines());
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
-        let chain = |from: u64| (from..from + 50).map(|v| Append::new("chain", ExpectedVersion::Exact(v), vec![event(v)])).collect::<Vec<_>>();
+        let chain = |from: u64| {
+            (from..from + 50)
+                .map(|v| Append::new("chain", ExpectedVersion::Exact(v), vec![event(v)]))
+                .collect::<Vec<_>>()
+        };
         let mut calls = Vec::new();
         for k in 0..4 {
             let store = store.clone();
@@ -154,5 +215,9 @@ fn pipelined_append_each_calls_keep_their_order_through_a_full_queue() {
 
 fn rt_read(store: &cairn_log::EmbeddedStore, stream: &str) -> Vec<u64> {
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    rt.block_on(store.read_stream(stream, ReadStreamOptions::forward())).unwrap().iter().map(|e| e.version).collect()
+    rt.block_on(store.read_stream(stream, ReadStreamOptions::forward()))
+        .unwrap()
+        .iter()
+        .map(|e| e.version)
+        .collect()
 }

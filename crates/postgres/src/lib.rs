@@ -19,18 +19,19 @@ mod query;
 mod read;
 pub mod schema;
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use cairn_core::{
-    metadata_stream_name, stream_category, validate_stream_name, AppendCondition, AppendResult, EventStore, ExpectedVersion,
-    Limits, NewEvent, Position, Query, ReadAllOptions, ReadStreamOptions, RecordedEvent, Result, StartFrom, StoreError,
-    StreamInfo, StreamMetadata, Subscription, SubscriptionTarget,
+    AppendCondition, AppendResult, EventStore, ExpectedVersion, Limits, NewEvent, Position, Query,
+    ReadAllOptions, ReadStreamOptions, RecordedEvent, Result, StartFrom, StoreError, StreamInfo,
+    StreamMetadata, Subscription, SubscriptionTarget, metadata_stream_name, stream_category,
+    validate_stream_name,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{Notify, watch};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, NoTls};
 use uuid::Uuid;
@@ -125,7 +126,10 @@ fn lock_key(schema: &str) -> i64 {
 }
 
 pub(crate) fn db_error(place: &str, e: impl DbErrorDetail) -> StoreError {
-    StoreError::Io { path: format!("PostgreSQL at {place}"), source: std::io::Error::other(e.detail()) }
+    StoreError::Io {
+        path: format!("PostgreSQL at {place}"),
+        source: std::io::Error::other(e.detail()),
+    }
 }
 
 /// Whether an append that failed with `e` may still have committed: the
@@ -133,7 +137,9 @@ pub(crate) fn db_error(place: &str, e: impl DbErrorDetail) -> StoreError {
 /// ended the session (class 57, operator intervention; class 08, connection).
 fn outcome_unknown(e: &tokio_postgres::Error) -> bool {
     match e.as_db_error() {
-        None => e.is_closed() || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()),
+        None => {
+            e.is_closed() || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+        }
         Some(db) => matches!(&db.code().code()[..2], "57" | "08"),
     }
 }
@@ -180,7 +186,10 @@ impl PgStore {
     }
 
     pub async fn connect_with(url: &str, options: PgOptions) -> Result<PgStore> {
-        if options.schema.is_empty() || !options.schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || options.schema.len() > 40 {
+        if options.schema.is_empty()
+            || !options.schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || options.schema.len() > 40
+        {
             return Err(StoreError::InvalidArgument(format!(
                 "schema {:?}: use 1 to 40 letters, digits and '_'",
                 options.schema
@@ -190,7 +199,11 @@ impl PgStore {
             .parse()
             .map_err(|e| StoreError::InvalidArgument(format!("database URL {url:?}: {e}")))?;
         let place = describe(&config);
-        let manager = Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
         let pool = Pool::builder(manager)
             .max_size(options.pool_size.max(2))
             .build()
@@ -198,7 +211,9 @@ impl PgStore {
         let key = lock_key(&options.schema);
         {
             let mut client = pool.get().await.map_err(|e| db_error(&place, e))?;
-            if let Some(v) = schema::applied_version(&client, &options.schema).await.map_err(|e| db_error(&place, e))?
+            if let Some(v) = schema::applied_version(&client, &options.schema)
+                .await
+                .map_err(|e| db_error(&place, e))?
                 && v > SCHEMA_VERSION
             {
                 return Err(StoreError::InvalidArgument(format!(
@@ -245,7 +260,13 @@ impl PgStore {
     /// open, so keep it short, and do not read `$all` from inside it.
     /// On a failed check (a `WrongExpectedVersion`, say) nothing was written
     /// and `tx` is still usable.
-    pub async fn append_in<C: GenericClient + Sync>(&self, tx: &C, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>) -> Result<AppendResult> {
+    pub async fn append_in<C: GenericClient + Sync>(
+        &self,
+        tx: &C,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
         self.append_in_if(tx, stream, expected, events, None).await
     }
 
@@ -323,12 +344,27 @@ struct Write {
 
 /// An event's size as PostgreSQL stores it, near enough for the limits.
 fn stored_size(stream: &str, e: &NewEvent) -> usize {
-    let metadata = if e.metadata.is_empty() { 0 } else { 80 + e.metadata.extra.iter().map(|(k, v)| k.len() + v.len() + 8).sum::<usize>() };
-    96 + stream.len() + e.event_type.len() + e.data.len() + e.tags.iter().map(|t| t.len() + 4).sum::<usize>() + metadata
+    let metadata = if e.metadata.is_empty() {
+        0
+    } else {
+        80 + e.metadata.extra.iter().map(|(k, v)| k.len() + v.len() + 8).sum::<usize>()
+    };
+    96 + stream.len()
+        + e.event_type.len()
+        + e.data.len()
+        + e.tags.iter().map(|t| t.len() + 4).sum::<usize>()
+        + metadata
 }
 
 impl Inner {
-    fn check(&self, stream: &str, kind: Kind, expected: ExpectedVersion, events: Vec<NewEvent>, condition: Option<AppendCondition>) -> Result<Write> {
+    fn check(
+        &self,
+        stream: &str,
+        kind: Kind,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        condition: Option<AppendCondition>,
+    ) -> Result<Write> {
         self.options.limits.check_batch(stream, &events, |e| stored_size(stream, e))?;
         let mut w = Write {
             stream: stream.to_string(),
@@ -375,7 +411,11 @@ impl Inner {
             w.ids.push(e.id);
             w.correlation.push(e.metadata.correlation_id);
             w.causation.push(e.metadata.causation_id);
-            w.extra.push((!e.metadata.extra.is_empty()).then(|| serde_json::to_string(&e.metadata.extra).expect("metadata serialises")));
+            w.extra.push(
+                (!e.metadata.extra.is_empty()).then(|| {
+                    serde_json::to_string(&e.metadata.extra).expect("metadata serialises")
+                }),
+            );
             w.tag_lo.push(w.tags.len() as i32 + 1);
             w.tags.extend(e.tags);
             w.tag_hi.push(w.tags.len() as i32);
@@ -394,7 +434,8 @@ impl Inner {
     /// Runs a checked append on a pooled connection (its own transaction).
     async fn write(&self, mut w: Write) -> Result<AppendResult> {
         let client = self.pool.get().await.map_err(|e| db_error(&self.place, e))?;
-        let statement = client.prepare_cached(&self.sql.append).await.map_err(|e| db_error(&self.place, e))?;
+        let statement =
+            client.prepare_cached(&self.sql.append).await.map_err(|e| db_error(&self.place, e))?;
         let mut rows = client.query(&statement, &w.params_plain()).await;
         if matches!(&rows, Err(e) if e.code().is_some_and(|c| c.code() == "CA410")) {
             // An id of the batch exists: a retry, or a conflict. Ask again, looking first.
@@ -419,8 +460,11 @@ impl Write {
     /// Sets what a metadata change writes into the stream's row.
     fn with_metadata(mut self, target: &str, metadata: &StreamMetadata) -> Write {
         self.target = Some(target.to_string());
-        (self.max_age, self.max_count, self.truncate) =
-            (metadata.max_age_secs.map(clamp), metadata.max_count.map(clamp), metadata.truncate_before.map(clamp));
+        (self.max_age, self.max_count, self.truncate) = (
+            metadata.max_age_secs.map(clamp),
+            metadata.max_count.map(clamp),
+            metadata.truncate_before.map(clamp),
+        );
         self
     }
 
@@ -460,22 +504,39 @@ impl Write {
         p
     }
 
-    fn result(&self, place: &str, rows: std::result::Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>) -> Result<AppendResult> {
+    fn result(
+        &self,
+        place: &str,
+        rows: std::result::Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>,
+    ) -> Result<AppendResult> {
         let rows = match rows {
             Ok(rows) => rows,
             Err(e) if e.code().is_some_and(|c| c.code() == "CA409") => {
-                return Err(StoreError::IdempotencyConflict { id: self.ids[0], detail: "by a concurrent append".into() });
+                return Err(StoreError::IdempotencyConflict {
+                    id: self.ids[0],
+                    detail: "by a concurrent append".into(),
+                });
             }
             Err(e) if outcome_unknown(&e) => {
-                return Err(StoreError::OutcomeUnknown { reason: format!("the connection to PostgreSQL at {place} broke during the append ({})", e.detail()) });
+                return Err(StoreError::OutcomeUnknown {
+                    reason: format!(
+                        "the connection to PostgreSQL at {place} broke during the append ({})",
+                        e.detail()
+                    ),
+                });
             }
             Err(e) => return Err(db_error(place, e)),
         };
-        let row = rows.first().ok_or_else(|| db_error(place, "cairn_append returned no row".to_string()))?;
+        let row = rows
+            .first()
+            .ok_or_else(|| db_error(place, "cairn_append returned no row".to_string()))?;
         let (code, version, position): (i32, i64, i64) = (row.get(0), row.get(1), row.get(2));
         let named = |d: Option<String>| d.unwrap_or_else(|| self.stream.clone());
         match code {
-            0 => Ok(AppendResult { next_version: version as u64, position: Position(position as u64) }),
+            0 => Ok(AppendResult {
+                next_version: version as u64,
+                position: Position(position as u64),
+            }),
             1 => Err(StoreError::WrongExpectedVersion {
                 stream: match self.kind {
                     Kind::Delete => self.target.clone().unwrap_or_default(),
@@ -486,36 +547,63 @@ impl Write {
             }),
             2 => Err(StoreError::StreamDeleted { stream: named(row.get(4)) }),
             3 => Err(StoreError::StreamNotFound { stream: named(row.get(4)) }),
-            4 => Err(StoreError::IdempotencyConflict { id: row.get::<_, Option<Uuid>>(3).unwrap_or(self.ids[0]), detail: row.get::<_, Option<String>>(4).unwrap_or_default() }),
+            4 => Err(StoreError::IdempotencyConflict {
+                id: row.get::<_, Option<Uuid>>(3).unwrap_or(self.ids[0]),
+                detail: row.get::<_, Option<String>>(4).unwrap_or_default(),
+            }),
             5 => Err(StoreError::AppendConditionFailed {
                 first_conflict: Position(position as u64),
                 after: self.cond_after.map(|p| Position(p as u64)),
             }),
-            other => Err(db_error(place, format!("cairn_append returned unknown code {other}; is the schema newer than this Cairn?"))),
+            other => Err(db_error(
+                place,
+                format!(
+                    "cairn_append returned unknown code {other}; is the schema newer than this Cairn?"
+                ),
+            )),
         }
     }
 }
 
 #[async_trait]
 impl EventStore for PgStore {
-    async fn append(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>) -> Result<AppendResult> {
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
         validate_stream_name(stream)?;
         let w = self.inner.check(stream, Kind::User, expected, events, None)?;
         self.inner.write(w).await
     }
 
-    async fn append_if(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>, condition: AppendCondition) -> Result<AppendResult> {
+    async fn append_if(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        condition: AppendCondition,
+    ) -> Result<AppendResult> {
         validate_stream_name(stream)?;
         let w = self.inner.check(stream, Kind::User, expected, events, Some(condition))?;
         self.inner.write(w).await
     }
 
-    async fn read_query(&self, query: &Query, options: ReadAllOptions) -> Result<Vec<RecordedEvent>> {
+    async fn read_query(
+        &self,
+        query: &Query,
+        options: ReadAllOptions,
+    ) -> Result<Vec<RecordedEvent>> {
         self.inner.options.limits.check_query(query)?;
         read::read_query(&self.inner, query, options).await
     }
 
-    async fn read_stream(&self, stream: &str, options: ReadStreamOptions) -> Result<Vec<RecordedEvent>> {
+    async fn read_stream(
+        &self,
+        stream: &str,
+        options: ReadStreamOptions,
+    ) -> Result<Vec<RecordedEvent>> {
         read::check_read_name(stream)?;
         read::read_stream(&self.inner, stream, options).await
     }
@@ -526,27 +614,53 @@ impl EventStore for PgStore {
 
     async fn stream_info(&self, stream: &str) -> Result<StreamInfo> {
         read::check_read_name(stream)?;
-        read::stream_info(&self.inner, stream).await?.ok_or_else(|| StoreError::StreamNotFound { stream: stream.to_string() })
+        read::stream_info(&self.inner, stream)
+            .await?
+            .ok_or_else(|| StoreError::StreamNotFound { stream: stream.to_string() })
     }
 
     async fn list_streams(&self, prefix: &str, limit: usize) -> Result<Vec<StreamInfo>> {
         read::list_streams(&self.inner, prefix, limit).await
     }
 
-    async fn set_stream_metadata(&self, stream: &str, metadata: StreamMetadata) -> Result<AppendResult> {
+    async fn set_stream_metadata(
+        &self,
+        stream: &str,
+        metadata: StreamMetadata,
+    ) -> Result<AppendResult> {
         validate_stream_name(stream)?;
         if metadata.max_count == Some(0) {
-            return Err(StoreError::InvalidArgument("max_count must be at least 1 (delete the stream to hide all of it)".into()));
+            return Err(StoreError::InvalidArgument(
+                "max_count must be at least 1 (delete the stream to hide all of it)".into(),
+            ));
         }
-        let event = NewEvent::json("$metadata", &metadata).map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
-        let w = self.inner.check(&metadata_stream_name(stream), Kind::Metadata, ExpectedVersion::Any, vec![event], None)?;
+        let event = NewEvent::json("$metadata", &metadata)
+            .map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
+        let w = self.inner.check(
+            &metadata_stream_name(stream),
+            Kind::Metadata,
+            ExpectedVersion::Any,
+            vec![event],
+            None,
+        )?;
         self.inner.write(w.with_metadata(stream, &metadata)).await
     }
 
-    async fn delete_stream(&self, stream: &str, expected: ExpectedVersion, hard: bool) -> Result<AppendResult> {
+    async fn delete_stream(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        hard: bool,
+    ) -> Result<AppendResult> {
         validate_stream_name(stream)?;
         let event = NewEvent::json_bytes(if hard { "$tombstone" } else { "$deleted" }, "{}");
-        let mut w = self.inner.check(&metadata_stream_name(stream), Kind::Delete, expected, vec![event], None)?;
+        let mut w = self.inner.check(
+            &metadata_stream_name(stream),
+            Kind::Delete,
+            expected,
+            vec![event],
+            None,
+        )?;
         w.target = Some(stream.to_string());
         self.inner.write(w).await
     }

@@ -9,14 +9,16 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use cairn_core::{Position, RecordedEvent, Result, StartFrom, StoreError, Subscription, SubscriptionTarget};
+use cairn_core::{
+    Position, RecordedEvent, Result, StartFrom, StoreError, Subscription, SubscriptionTarget,
+};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::query::QuerySql;
 use crate::read::{self, check_read_name};
-use crate::{db_error, Inner};
+use crate::{Inner, db_error};
 
 const PAGE: usize = 512;
 
@@ -47,7 +49,12 @@ pub fn spawn(inner: Weak<Inner>, config: tokio_postgres::Config) {
 }
 
 /// One LISTEN connection, until it fails or the store closes.
-async fn listen(inner: &Weak<Inner>, config: &tokio_postgres::Config, channel: &str, closed: &mut tokio::sync::watch::Receiver<bool>) -> std::result::Result<(), tokio_postgres::Error> {
+async fn listen(
+    inner: &Weak<Inner>,
+    config: &tokio_postgres::Config,
+    channel: &str,
+    closed: &mut tokio::sync::watch::Receiver<bool>,
+) -> std::result::Result<(), tokio_postgres::Error> {
     let (client, mut connection) = config.connect(NoTls).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -102,14 +109,20 @@ enum Cursor {
     Query(Box<QuerySql>, u64),
 }
 
-pub async fn subscribe(inner: Arc<Inner>, target: SubscriptionTarget, from: StartFrom) -> Result<Subscription> {
+pub async fn subscribe(
+    inner: Arc<Inner>,
+    target: SubscriptionTarget,
+    from: StartFrom,
+) -> Result<Subscription> {
     let cursor = match target {
         SubscriptionTarget::Stream(stream) => {
             check_read_name(&stream)?;
             let after = match from {
                 StartFrom::Start => 0,
                 StartFrom::After(v) => v,
-                StartFrom::End => read::stream_info(&inner, &stream).await?.map_or(0, |i| i.version),
+                StartFrom::End => {
+                    read::stream_info(&inner, &stream).await?.map_or(0, |i| i.version)
+                }
             };
             Cursor::Stream(stream, after)
         }
@@ -119,11 +132,17 @@ pub async fn subscribe(inner: Arc<Inner>, target: SubscriptionTarget, from: Star
             let after = start_position(&inner, from).await?;
             Cursor::Query(Box::new(QuerySql::new(&query, 1)), after)
         }
-        other => return Err(StoreError::InvalidArgument(format!("subscriptions to {other:?} are not supported"))),
+        other => {
+            return Err(StoreError::InvalidArgument(format!(
+                "subscriptions to {other:?} are not supported"
+            )));
+        }
     };
     let (tx, rx) = mpsc::channel(PAGE);
     tokio::spawn(follow(inner, cursor, tx));
-    Ok(Subscription::new(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) })))
+    Ok(Subscription::new(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|e| (e, rx))
+    })))
 }
 
 async fn start_position(inner: &Inner, from: StartFrom) -> Result<u64> {
@@ -194,7 +213,13 @@ async fn page(inner: &Inner, cursor: &Cursor) -> Result<Vec<RecordedEvent>> {
         Cursor::Query(q, after) => read::read_query_forward(inner, q, *after, PAGE).await,
         Cursor::Stream(stream, after) => {
             let client = inner.pool.get().await.map_err(|e| db_error(&inner.place, e))?;
-            let rows = read::rows(inner, &client, &inner.sql.stream_page, &[stream, &crate::clamp(*after), &(PAGE as i64)]).await?;
+            let rows = read::rows(
+                inner,
+                &client,
+                &inner.sql.stream_page,
+                &[stream, &crate::clamp(*after), &(PAGE as i64)],
+            )
+            .await?;
             rows.iter().map(|r| read::event(r, 0)).collect()
         }
     }

@@ -18,17 +18,18 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cairn_core::{
-    ContentType, Direction, Metadata, Position, Query, ReadAllOptions, ReadStreamOptions, RecordedEvent, Result, StoreError,
-    StreamInfo, StreamMetadata, StreamState, Timestamp, STREAM_NAME_BYTES_MAX,
+    ContentType, Direction, Metadata, Position, Query, ReadAllOptions, ReadStreamOptions,
+    RecordedEvent, Result, STREAM_NAME_BYTES_MAX, StoreError, StreamInfo, StreamMetadata,
+    StreamState, Timestamp,
 };
-use tokio_postgres::types::ToSql;
 use futures_util::TryStreamExt;
 use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 
 type Client = deadpool_postgres::Client;
 
 use crate::query::QuerySql;
-use crate::{clamp, db_error, Inner};
+use crate::{Inner, clamp, db_error};
 
 /// The columns of an event, in the order [`event`] decodes them.
 const COLS: &str = "e.position, e.id, e.stream, e.version, e.event_type, e.data, e.is_binary, e.schema_version, e.tags, e.created_at, e.correlation_id, e.causation_id, e.metadata_extra";
@@ -99,7 +100,10 @@ impl Sql {
 /// Names as reads accept them: system streams (`$$x`) included.
 pub fn check_read_name(stream: &str) -> Result<()> {
     if stream.is_empty() || stream.len() > STREAM_NAME_BYTES_MAX + 2 {
-        return Err(StoreError::InvalidStreamName { name: stream.to_string(), reason: "empty or too long".into() });
+        return Err(StoreError::InvalidStreamName {
+            name: stream.to_string(),
+            reason: "empty or too long".into(),
+        });
     }
     Ok(())
 }
@@ -107,7 +111,6 @@ pub fn check_read_name(stream: &str) -> Result<()> {
 fn limit(n: usize) -> i64 {
     n.min(i64::MAX as usize) as i64
 }
-
 
 /// Decodes an event from [`COLS`] starting at column `at`.
 pub fn event(row: &Row, at: usize) -> Result<RecordedEvent> {
@@ -128,7 +131,11 @@ pub fn event(row: &Row, at: usize) -> Result<RecordedEvent> {
         event_type: row.get(at + 4),
         data: Bytes::copy_from_slice(row.get::<_, &[u8]>(at + 5)),
         content_type: if row.get(at + 6) { ContentType::Binary } else { ContentType::Json },
-        metadata: Metadata { correlation_id: row.get(at + 10), causation_id: row.get(at + 11), extra },
+        metadata: Metadata {
+            correlation_id: row.get(at + 10),
+            causation_id: row.get(at + 11),
+            extra,
+        },
         schema_version: row.get::<_, i32>(at + 7) as u32,
         tags: row.get(at + 8),
         timestamp: Timestamp(row.get(at + 9)),
@@ -137,9 +144,18 @@ pub fn event(row: &Row, at: usize) -> Result<RecordedEvent> {
 
 /// Runs `sql` and decodes each row's event (from column `at`) as it
 /// arrives, rather than holding every row first.
-pub(crate) async fn query_events(inner: &Inner, client: &Client, sql: &str, params: &[&(dyn ToSql + Sync)], at: usize) -> Result<Vec<RecordedEvent>> {
+pub(crate) async fn query_events(
+    inner: &Inner,
+    client: &Client,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+    at: usize,
+) -> Result<Vec<RecordedEvent>> {
     let statement = client.prepare_cached(sql).await.map_err(|e| db_error(&inner.place, e))?;
-    let stream = client.query_raw(&statement, params.iter().copied()).await.map_err(|e| db_error(&inner.place, e))?;
+    let stream = client
+        .query_raw(&statement, params.iter().copied())
+        .await
+        .map_err(|e| db_error(&inner.place, e))?;
     let mut stream = std::pin::pin!(stream);
     let mut out = Vec::new();
     while let Some(row) = stream.try_next().await.map_err(|e| db_error(&inner.place, e))? {
@@ -157,7 +173,12 @@ async fn client(inner: &Inner) -> Result<Client> {
 }
 
 /// Runs `sql` as a statement prepared once per connection.
-pub(crate) async fn rows(inner: &Inner, client: &Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+pub(crate) async fn rows(
+    inner: &Inner,
+    client: &Client,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<Row>> {
     let statement = client.prepare_cached(sql).await.map_err(|e| db_error(&inner.place, e))?;
     client.query(&statement, params).await.map_err(|e| db_error(&inner.place, e))
 }
@@ -174,7 +195,13 @@ async fn wait_for_running(inner: &Inner, running: Vec<String>) -> Result<()> {
     let mut running = running;
     loop {
         let client = client(inner).await?;
-        let rows = rows(inner, &client, "SELECT x FROM unnest($1::text[]) x WHERE pg_xact_status(x::xid8) = 'in progress'", &[&running]).await?;
+        let rows = rows(
+            inner,
+            &client,
+            "SELECT x FROM unnest($1::text[]) x WHERE pg_xact_status(x::xid8) = 'in progress'",
+            &[&running],
+        )
+        .await?;
         drop(client);
         running = rows.iter().map(|r| r.get(0)).collect();
         if running.is_empty() {
@@ -196,7 +223,14 @@ async fn wait_for_running(inner: &Inner, running: Vec<String>) -> Result<()> {
 /// to `seen` (a position that was visible before this call) is final.
 async fn settle(inner: &Inner, seen: u64) -> Result<()> {
     let client = client(inner).await?;
-    let row = rows(inner, &client, "SELECT ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot())::text)", &[]).await?.remove(0);
+    let row = rows(
+        inner,
+        &client,
+        "SELECT ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot())::text)",
+        &[],
+    )
+    .await?
+    .remove(0);
     drop(client);
     wait_for_running(inner, row.get(0)).await?;
     inner.horizon.fetch_max(seen, Ordering::AcqRel);
@@ -242,7 +276,14 @@ pub async fn read_all(inner: &Inner, options: ReadAllOptions) -> Result<Vec<Reco
                 p => p.0.saturating_add(1).min(head + 1),
             };
             let client = self::client(inner).await?;
-            query_events(inner, &client, &inner.sql.all_backward, &[&clamp(below), &limit(options.limit)], 0).await
+            query_events(
+                inner,
+                &client,
+                &inner.sql.all_backward,
+                &[&clamp(below), &limit(options.limit)],
+                0,
+            )
+            .await
         }
     }
 }
@@ -251,7 +292,9 @@ pub async fn read_all(inner: &Inner, options: ReadAllOptions) -> Result<Vec<Reco
 pub async fn read_all_forward(inner: &Inner, floor: u64, n: usize) -> Result<Vec<RecordedEvent>> {
     loop {
         let client = client(inner).await?;
-        let events = query_events(inner, &client, &inner.sql.all_forward, &[&clamp(floor), &limit(n)], 0).await?;
+        let events =
+            query_events(inner, &client, &inner.sql.all_forward, &[&clamp(floor), &limit(n)], 0)
+                .await?;
         drop(client);
         let horizon = inner.horizon.load(Ordering::Acquire);
         let mut previous = floor;
@@ -276,7 +319,11 @@ pub async fn read_all_forward(inner: &Inner, floor: u64, n: usize) -> Result<Vec
     }
 }
 
-pub async fn read_query(inner: &Inner, query: &Query, options: ReadAllOptions) -> Result<Vec<RecordedEvent>> {
+pub async fn read_query(
+    inner: &Inner,
+    query: &Query,
+    options: ReadAllOptions,
+) -> Result<Vec<RecordedEvent>> {
     if options.limit == 0 {
         return Ok(Vec::new());
     }
@@ -299,7 +346,14 @@ pub async fn read_query(inner: &Inner, query: &Query, options: ReadAllOptions) -
                 s = inner.sql.schema,
                 c = q.condition
             );
-            query_events(inner, &client, &sql, &[&q.types, &q.tags, &q.categories, &clamp(below), &limit(options.limit)], 0).await
+            query_events(
+                inner,
+                &client,
+                &sql,
+                &[&q.types, &q.tags, &q.categories, &clamp(below), &limit(options.limit)],
+                0,
+            )
+            .await
         }
     }
 }
@@ -307,7 +361,12 @@ pub async fn read_query(inner: &Inner, query: &Query, options: ReadAllOptions) -
 /// Up to `n` matching events after `floor`, none past a position that is
 /// not final. The count of all events in the range, taken in the same
 /// snapshot as the matches, tells whether anything could be missing.
-pub async fn read_query_forward(inner: &Inner, q: &QuerySql, floor: u64, n: usize) -> Result<Vec<RecordedEvent>> {
+pub async fn read_query_forward(
+    inner: &Inner,
+    q: &QuerySql,
+    floor: u64,
+    n: usize,
+) -> Result<Vec<RecordedEvent>> {
     let sql = format!(
         "WITH m AS (SELECT {COLS} FROM {s}.cairn_events e WHERE e.position > $4 AND {c} ORDER BY e.position LIMIT $5)
          SELECT m.*, (SELECT count(*) FROM {s}.cairn_events x WHERE x.position > $6 AND x.position <= (SELECT max(position) FROM m)) FROM m",
@@ -318,7 +377,13 @@ pub async fn read_query_forward(inner: &Inner, q: &QuerySql, floor: u64, n: usiz
         let horizon = inner.horizon.load(Ordering::Acquire);
         let check_from = floor.max(horizon);
         let client = client(inner).await?;
-        let rows = rows(inner, &client, &sql, &[&q.types, &q.tags, &q.categories, &clamp(floor), &limit(n), &clamp(check_from)]).await?;
+        let rows = rows(
+            inner,
+            &client,
+            &sql,
+            &[&q.types, &q.tags, &q.categories, &clamp(floor), &limit(n), &clamp(check_from)],
+        )
+        .await?;
         drop(client);
         let Some(last) = rows.last() else { return Ok(Vec::new()) };
         let newest = last.get::<_, i64>(0) as u64;
@@ -341,7 +406,11 @@ fn state(code: i16) -> StreamState {
     }
 }
 
-pub async fn read_stream(inner: &Inner, stream: &str, options: ReadStreamOptions) -> Result<Vec<RecordedEvent>> {
+pub async fn read_stream(
+    inner: &Inner,
+    stream: &str,
+    options: ReadStreamOptions,
+) -> Result<Vec<RecordedEvent>> {
     let client = client(inner).await?;
     let (sql, from) = match options.direction {
         Direction::Forward => (&inner.sql.stream_forward, options.from_version.max(1)),
@@ -351,7 +420,9 @@ pub async fn read_stream(inner: &Inner, stream: &str, options: ReadStreamOptions
     let not_found = || StoreError::StreamNotFound { stream: stream.to_string() };
     let first = rows.first().ok_or_else(not_found)?;
     match state(first.get(0)) {
-        StreamState::Tombstoned => return Err(StoreError::StreamDeleted { stream: stream.to_string() }),
+        StreamState::Tombstoned => {
+            return Err(StoreError::StreamDeleted { stream: stream.to_string() });
+        }
         StreamState::Deleted => return Err(not_found()),
         StreamState::Live => {}
     }

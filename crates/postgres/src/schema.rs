@@ -304,7 +304,11 @@ fn v2() -> String {
 
 /// Brings the schema up to [`SCHEMA_VERSION`]; returns the migrations applied.
 /// Refuses a database that a newer Cairn has migrated past this build.
-pub async fn migrate(client: &mut Client, schema: &str, key: i64) -> Result<Vec<i32>, tokio_postgres::Error> {
+pub async fn migrate(
+    client: &mut Client,
+    schema: &str,
+    key: i64,
+) -> Result<Vec<i32>, tokio_postgres::Error> {
     let schema_ident = ident(schema);
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&(key ^ 0x6d69_6772)]).await?;
@@ -315,7 +319,10 @@ pub async fn migrate(client: &mut Client, schema: &str, key: i64) -> Result<Vec<
     ))
     .await?;
     let applied: Vec<i32> = tx
-        .query(&format!("SELECT version FROM {schema_ident}.cairn_migrations ORDER BY version"), &[])
+        .query(
+            &format!("SELECT version FROM {schema_ident}.cairn_migrations ORDER BY version"),
+            &[],
+        )
         .await?
         .iter()
         .map(|r| r.get(0))
@@ -325,10 +332,15 @@ pub async fn migrate(client: &mut Client, schema: &str, key: i64) -> Result<Vec<
         if applied.contains(version) {
             continue;
         }
-        tx.batch_execute(&format!("SET LOCAL search_path TO {schema_ident}; {}", sql().replace("{key}", &key.to_string())))
-            .await?;
+        tx.batch_execute(&format!(
+            "SET LOCAL search_path TO {schema_ident}; {}",
+            sql().replace("{key}", &key.to_string())
+        ))
+        .await?;
         tx.execute(
-            &format!("INSERT INTO {schema_ident}.cairn_migrations (version, description) VALUES ($1, $2)"),
+            &format!(
+                "INSERT INTO {schema_ident}.cairn_migrations (version, description) VALUES ($1, $2)"
+            ),
             &[version, description],
         )
         .await?;
@@ -339,15 +351,24 @@ pub async fn migrate(client: &mut Client, schema: &str, key: i64) -> Result<Vec<
 }
 
 /// The newest migration applied to `schema`, if any.
-pub async fn applied_version(client: &Client, schema: &str) -> Result<Option<i32>, tokio_postgres::Error> {
+pub async fn applied_version(
+    client: &Client,
+    schema: &str,
+) -> Result<Option<i32>, tokio_postgres::Error> {
     let exists: bool = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&format!("{}.cairn_migrations", ident(schema))])
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&format!("{}.cairn_migrations", ident(schema))],
+        )
         .await?
         .get(0);
     if !exists {
         return Ok(None);
     }
-    client.query_one(&format!("SELECT max(version) FROM {}.cairn_migrations", ident(schema)), &[]).await.map(|r| r.get(0))
+    client
+        .query_one(&format!("SELECT max(version) FROM {}.cairn_migrations", ident(schema)), &[])
+        .await
+        .map(|r| r.get(0))
 }
 
 /// A quoted SQL identifier.

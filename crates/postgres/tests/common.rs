@@ -17,9 +17,13 @@ impl Drop for Schema {
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
-                if let Ok((client, conn)) = tokio_postgres::connect(URL, tokio_postgres::NoTls).await {
+                if let Ok((client, conn)) =
+                    tokio_postgres::connect(URL, tokio_postgres::NoTls).await
+                {
                     tokio::spawn(conn);
-                    let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE")).await;
+                    let _ = client
+                        .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                        .await;
                 }
             });
         })
@@ -37,7 +41,9 @@ pub async fn store() -> Option<(PgStore, Schema)> {
         return None;
     }
     let name = schema_name();
-    let store = PgStore::connect_with(URL, PgOptions::default().schema(&name)).await.expect("connect to PostgreSQL");
+    let store = PgStore::connect_with(URL, PgOptions::default().schema(&name))
+        .await
+        .expect("connect to PostgreSQL");
     Some((store, Schema(name)))
 }
 

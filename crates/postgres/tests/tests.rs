@@ -7,5 +7,5 @@ mod common;
 mod conformance;
 mod gaps;
 mod notify;
-mod outcome;
 mod outbox;
+mod outcome;

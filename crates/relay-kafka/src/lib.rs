@@ -17,12 +17,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cairn_core::{stream_category, ContentType, RecordedEvent};
+use cairn_core::{ContentType, RecordedEvent, stream_category};
 use cairn_relay::{Confirm, Sink, SinkError};
+use rdkafka::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
-use rdkafka::ClientConfig;
 
 /// Which topic an event goes to.
 #[derive(Debug, Clone)]
@@ -77,7 +77,13 @@ impl KafkaSink {
                 let category: String = stream_category(&e.stream)
                     .unwrap_or("none")
                     .chars()
-                    .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                            c
+                        } else {
+                            '_'
+                        }
+                    })
                     .collect();
                 format!("{prefix}{category}")
             }
@@ -99,7 +105,9 @@ fn headers(e: &RecordedEvent) -> OwnedHeaders {
         ("content-type", content_type.to_string()),
     ]
     .into_iter()
-    .fold(OwnedHeaders::new_with_capacity(6), |h, (key, value)| h.insert(Header { key, value: Some(value.as_str()) }))
+    .fold(OwnedHeaders::new_with_capacity(6), |h, (key, value)| {
+        h.insert(Header { key, value: Some(value.as_str()) })
+    })
 }
 
 #[async_trait]
@@ -119,7 +127,10 @@ impl Sink for KafkaSink {
                 .payload(&e.data[..])
                 .timestamp(e.timestamp.0 / 1000)
                 .headers(headers(e));
-            let delivery = self.producer.send_result(record).map_err(|(err, _)| SinkError(format!("Kafka enqueue: {err}")))?;
+            let delivery = self
+                .producer
+                .send_result(record)
+                .map_err(|(err, _)| SinkError(format!("Kafka enqueue: {err}")))?;
             deliveries.push(delivery);
         }
         let (producer, failed) = (self.producer.clone(), self.failed.clone());
@@ -130,9 +141,10 @@ impl Sink for KafkaSink {
             for delivery in deliveries {
                 let (error, purged) = match delivery.await {
                     Ok(Ok(_)) => continue,
-                    Ok(Err((err, _))) => {
-                        (format!("Kafka did not confirm: {err}"), err.rdkafka_error_code() == Some(RDKafkaErrorCode::PurgeQueue))
-                    }
+                    Ok(Err((err, _))) => (
+                        format!("Kafka did not confirm: {err}"),
+                        err.rdkafka_error_code() == Some(RDKafkaErrorCode::PurgeQueue),
+                    ),
                     Err(_) => ("the Kafka producer dropped a delivery".to_string(), false),
                 };
                 if first_error.is_none() {

@@ -1,6 +1,6 @@
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -21,18 +21,31 @@ const PARTITIONS: i32 = 4;
 async fn write(store: &dyn EventStore, category: &str, streams: u64, from: u64, n: u64) {
     for i in from..from + n {
         let e = NewEvent::json("ItemShipped", &serde_json::json!({"i": i})).unwrap();
-        store.append(&format!("{category}-{}", i % streams), ExpectedVersion::Any, vec![e]).await.unwrap();
+        store
+            .append(&format!("{category}-{}", i % streams), ExpectedVersion::Any, vec![e])
+            .await
+            .unwrap();
     }
 }
 
 async fn user_events(store: &dyn EventStore) -> Vec<RecordedEvent> {
-    store.read_all(ReadAllOptions::forward()).await.unwrap().into_iter().filter(|e| !e.is_system()).collect()
+    store
+        .read_all(ReadAllOptions::forward())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| !e.is_system())
+        .collect()
 }
 
 async fn wait_until_relayed(relay: &RelayHandle, last: Position) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while relay.status().checkpoint < Some(last) {
-        assert!(Instant::now() < deadline, "the relay did not reach position {last} within 30 s: {:?}", relay.status());
+        assert!(
+            Instant::now() < deadline,
+            "the relay did not reach position {last} within 30 s: {:?}",
+            relay.status()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -94,11 +107,20 @@ fn consume(bootstrap: &str, topic: &str) -> Vec<Msg> {
             assert!(Instant::now() < deadline, "partition {p} of {topic}: read {next} of {high}");
             let Some(m) = consumer.poll(Duration::from_millis(100)) else { continue };
             let m = m.unwrap();
-            assert_eq!((m.partition(), m.offset()), (p, next), "offsets are contiguous (no transactions)");
+            assert_eq!(
+                (m.partition(), m.offset()),
+                (p, next),
+                "offsets are contiguous (no transactions)"
+            );
             next += 1;
             let headers = m.headers().map_or_else(HashMap::new, |hs| {
                 hs.iter()
-                    .map(|h| (h.key.to_string(), String::from_utf8(h.value.unwrap_or_default().to_vec()).unwrap()))
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            String::from_utf8(h.value.unwrap_or_default().to_vec()).unwrap(),
+                        )
+                    })
                     .collect()
             });
             out.push(Msg {
@@ -129,12 +151,17 @@ fn apply_once(messages: &[Msg]) -> HashMap<String, Vec<u64>> {
 fn assert_in_order(applied: &HashMap<String, Vec<u64>>, streams: usize, per_stream: u64) {
     assert_eq!(applied.len(), streams);
     for (stream, versions) in applied {
-        assert_eq!(versions, &(1..=per_stream).collect::<Vec<_>>(), "{stream} arrived out of order or with gaps");
+        assert_eq!(
+            versions,
+            &(1..=per_stream).collect::<Vec<_>>(),
+            "{stream} arrived out of order or with gaps"
+        );
     }
 }
 
 fn sink(cluster: &MockCluster<'static, DefaultProducerContext>, topics: Topics) -> KafkaSink {
-    KafkaSink::new(&cluster.bootstrap_servers(), topics, [("reconnect.backoff.max.ms", "500")]).unwrap()
+    KafkaSink::new(&cluster.bootstrap_servers(), topics, [("reconnect.backoff.max.ms", "500")])
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,7 +169,12 @@ async fn every_event_arrives_keyed_by_stream_in_version_order_with_its_id() {
     let Fixture { store, cluster, _dir } = fixture();
     cluster.create_topic("events", PARTITIONS, 3).unwrap();
     write(store.as_ref(), "shop", 6, 0, 300).await;
-    let relay = Relay::new(store.clone(), RelayConfig::new("kafka"), sink(&cluster, Topics::One("events".into()))).spawn();
+    let relay = Relay::new(
+        store.clone(),
+        RelayConfig::new("kafka"),
+        sink(&cluster, Topics::One("events".into())),
+    )
+    .spawn();
     let events = user_events(store.as_ref()).await;
     wait_until_relayed(&relay, events.last().unwrap().position).await;
     let status = relay.status();
@@ -151,7 +183,8 @@ async fn every_event_arrives_keyed_by_stream_in_version_order_with_its_id() {
 
     let got = consume(&cluster.bootstrap_servers(), "events");
     assert_eq!(got.len(), 300, "every event once");
-    let by_id: HashMap<String, &RecordedEvent> = events.iter().map(|e| (e.id.to_string(), e)).collect();
+    let by_id: HashMap<String, &RecordedEvent> =
+        events.iter().map(|e| (e.id.to_string(), e)).collect();
     let mut partition_of: HashMap<&str, i32> = HashMap::new();
     let mut versions: HashMap<&str, Vec<u64>> = HashMap::new();
     for m in &got {
@@ -164,11 +197,19 @@ async fn every_event_arrives_keyed_by_stream_in_version_order_with_its_id() {
         assert_eq!(m.h("content-type"), "application/json");
         assert_eq!(m.payload, e.data.to_vec());
         assert_eq!(m.timestamp, Some(e.timestamp.0 / 1000), "the message time is the event's");
-        assert_eq!(*partition_of.entry(&e.stream).or_insert(m.partition), m.partition, "{} is in one partition", e.stream);
+        assert_eq!(
+            *partition_of.entry(&e.stream).or_insert(m.partition),
+            m.partition,
+            "{} is in one partition",
+            e.stream
+        );
         versions.entry(&e.stream).or_default().push(m.version());
     }
     let used: HashSet<i32> = partition_of.values().copied().collect();
-    assert!(used.len() > 1, "6 streams over {PARTITIONS} partitions use more than one: {partition_of:?}");
+    assert!(
+        used.len() > 1,
+        "6 streams over {PARTITIONS} partitions use more than one: {partition_of:?}"
+    );
     for (stream, v) in versions {
         assert_eq!(v, (1..=50).collect::<Vec<_>>(), "{stream} in version order");
     }
@@ -181,14 +222,24 @@ async fn a_replay_sends_the_same_ids_and_a_deduplicating_consumer_applies_each_o
     write(store.as_ref(), "shop", 6, 0, 300).await;
     let events = user_events(store.as_ref()).await;
     let last = events.last().unwrap().position;
-    let relay = Relay::new(store.clone(), RelayConfig::new("kafka"), sink(&cluster, Topics::One("events".into()))).spawn();
+    let relay = Relay::new(
+        store.clone(),
+        RelayConfig::new("kafka"),
+        sink(&cluster, Topics::One("events".into())),
+    )
+    .spawn();
     wait_until_relayed(&relay, last).await;
     relay.stop().await.unwrap();
 
     // The checkpoint is lost back to event 100 (as if the relay died before
     // recording what it had published): the rest goes out again.
     cairn_relay::store_checkpoint(store.as_ref(), "kafka", events[99].position).await.unwrap();
-    let relay = Relay::new(store.clone(), RelayConfig::new("kafka"), sink(&cluster, Topics::One("events".into()))).spawn();
+    let relay = Relay::new(
+        store.clone(),
+        RelayConfig::new("kafka"),
+        sink(&cluster, Topics::One("events".into())),
+    )
+    .spawn();
     wait_until_relayed(&relay, last).await;
     assert_eq!(relay.status().published, 200, "published again after the lost checkpoint");
     relay.stop().await.unwrap();
@@ -202,7 +253,10 @@ async fn a_replay_sends_the_same_ids_and_a_deduplicating_consumer_applies_each_o
     for (i, e) in events.iter().enumerate() {
         let c = &copies[e.id.to_string().as_str()];
         assert_eq!(c.len(), if i < 100 { 1 } else { 2 }, "event {i}");
-        assert!(c.iter().all(|m| *m == c[0]), "a repeat is the same message, in the same partition: {c:?}");
+        assert!(
+            c.iter().all(|m| *m == c[0]),
+            "a repeat is the same message, in the same partition: {c:?}"
+        );
     }
     assert_in_order(&apply_once(&got), 6, 50);
 }
@@ -217,7 +271,8 @@ async fn the_relay_waits_out_a_broker_outage_and_loses_nothing() {
         [("message.timeout.ms", "1000"), ("reconnect.backoff.max.ms", "500")],
     )
     .unwrap();
-    let config = RelayConfig::new("kafka").backoff(Duration::from_millis(20), Duration::from_millis(200));
+    let config =
+        RelayConfig::new("kafka").backoff(Duration::from_millis(20), Duration::from_millis(200));
     let relay = Relay::new(store.clone(), config, sink).spawn();
 
     write(store.as_ref(), "shop", 4, 0, 100).await;
@@ -227,12 +282,20 @@ async fn the_relay_waits_out_a_broker_outage_and_loses_nothing() {
     // Wait for the relay to notice (each try fails after message.timeout.ms).
     let deadline = Instant::now() + Duration::from_secs(30);
     while relay.status().retries < 2 {
-        assert!(Instant::now() < deadline, "no failed publish while every broker is down: {:?}", relay.status());
+        assert!(
+            Instant::now() < deadline,
+            "no failed publish while every broker is down: {:?}",
+            relay.status()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let status = relay.status();
     assert!(status.error.as_deref().is_some_and(|e| e.contains("Kafka")), "{status:?}");
-    assert_eq!(relay.pending().await.unwrap().0, 100, "nothing confirmed while the brokers are down");
+    assert_eq!(
+        relay.pending().await.unwrap().0,
+        100,
+        "nothing confirmed while the brokers are down"
+    );
     cluster.broker_up(-1).unwrap();
     wait_until_relayed(&relay, user_events(store.as_ref()).await.last().unwrap().position).await;
     assert_eq!(relay.status().error, None);
@@ -278,8 +341,10 @@ async fn a_batch_that_timed_out_is_not_overtaken_by_the_batches_sent_after_it() 
     )
     .unwrap();
     let failures = Arc::new(AtomicUsize::new(0));
-    let config = RelayConfig::new("kafka").backoff(Duration::from_millis(20), Duration::from_millis(200));
-    let relay = Relay::new(store.clone(), config, Probe { sink, failures: failures.clone() }).spawn();
+    let config =
+        RelayConfig::new("kafka").backoff(Duration::from_millis(20), Duration::from_millis(200));
+    let relay =
+        Relay::new(store.clone(), config, Probe { sink, failures: failures.clone() }).spawn();
     write(store.as_ref(), "shop", 4, 0, 4).await;
     wait_until_relayed(&relay, user_events(store.as_ref()).await.last().unwrap().position).await;
 
@@ -294,7 +359,11 @@ async fn a_batch_that_timed_out_is_not_overtaken_by_the_batches_sent_after_it() 
     write(store.as_ref(), "shop", 4, 8, 4).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while failures.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "no failure while every broker is down: {:?}", relay.status());
+        assert!(
+            Instant::now() < deadline,
+            "no failure while every broker is down: {:?}",
+            relay.status()
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     cluster.broker_up(-1).unwrap();
@@ -315,7 +384,12 @@ async fn per_category_topics_hold_their_category() {
     write(store.as_ref(), "user", 2, 0, 10).await;
     let e = NewEvent::json("Ping", &serde_json::json!({})).unwrap();
     store.append("singleton", ExpectedVersion::Any, vec![e]).await.unwrap();
-    let relay = Relay::new(store.clone(), RelayConfig::new("kafka"), sink(&cluster, Topics::PerCategory("cairn.".into()))).spawn();
+    let relay = Relay::new(
+        store.clone(),
+        RelayConfig::new("kafka"),
+        sink(&cluster, Topics::PerCategory("cairn.".into())),
+    )
+    .spawn();
     wait_until_relayed(&relay, user_events(store.as_ref()).await.last().unwrap().position).await;
     relay.stop().await.unwrap();
 
@@ -324,7 +398,10 @@ async fn per_category_topics_hold_their_category() {
     let user = consume(&bootstrap, "cairn.user");
     let none = consume(&bootstrap, "cairn.none");
     assert_eq!((order.len(), user.len(), none.len()), (30, 10, 1));
-    assert!(order.iter().all(|m| m.key.starts_with("order-")) && user.iter().all(|m| m.key.starts_with("user-")));
+    assert!(
+        order.iter().all(|m| m.key.starts_with("order-"))
+            && user.iter().all(|m| m.key.starts_with("user-"))
+    );
     assert_eq!(none[0].key, "singleton");
     assert_in_order(&apply_once(&order), 3, 10);
 }
@@ -333,7 +410,12 @@ async fn per_category_topics_hold_their_category() {
 async fn write_backlog(store: &dyn EventStore, category: &str, streams: u64, per_stream: u64) {
     for round in 0..per_stream / 50 {
         for s in 0..streams {
-            let batch = (0..50).map(|i| NewEvent::json("ItemShipped", &serde_json::json!({"round": round, "i": i})).unwrap()).collect();
+            let batch = (0..50)
+                .map(|i| {
+                    NewEvent::json("ItemShipped", &serde_json::json!({"round": round, "i": i}))
+                        .unwrap()
+                })
+                .collect();
             store.append(&format!("{category}-{s}"), ExpectedVersion::Any, batch).await.unwrap();
         }
     }
@@ -352,7 +434,10 @@ async fn brokers_lost_with_batches_in_flight_lose_nothing_and_skip_nothing_in_a_
         [("message.timeout.ms", "1000"), ("reconnect.backoff.max.ms", "500")],
     )
     .unwrap();
-    let config = RelayConfig::new("kafka").batch(50).max_in_flight(8).backoff(Duration::from_millis(20), Duration::from_millis(200));
+    let config = RelayConfig::new("kafka")
+        .batch(50)
+        .max_in_flight(8)
+        .backoff(Duration::from_millis(20), Duration::from_millis(200));
     let relay = Relay::new(store.clone(), config, sink).spawn();
 
     // Every broker goes while a part is confirmed and at least three batches are out.
@@ -368,7 +453,11 @@ async fn brokers_lost_with_batches_in_flight_lose_nothing_and_skip_nothing_in_a_
     cluster.broker_down(-1).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while relay.status().retries < 1 {
-        assert!(Instant::now() < deadline, "no failure while every broker is down: {:?}", relay.status());
+        assert!(
+            Instant::now() < deadline,
+            "no failure while every broker is down: {:?}",
+            relay.status()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(relay.status().checkpoint < Some(last), "{:?}", relay.status());
@@ -396,14 +485,19 @@ async fn a_refused_batch_is_not_overtaken_by_the_batches_sent_after_it() {
     write(store.as_ref(), "shop", 2, 0, 100).await;
     // The first Produce request is refused for good; the relay has 8
     // batches of 5 out by then, each in a request of its own.
-    cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD]);
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
+    );
     let sink = KafkaSink::new(
         &cluster.bootstrap_servers(),
         Topics::One("events".into()),
         [("batch.num.messages", "5"), ("reconnect.backoff.max.ms", "500")],
     )
     .unwrap();
-    let config = RelayConfig::new("kafka").batch(5).backoff(Duration::from_millis(20), Duration::from_millis(200));
+    let config = RelayConfig::new("kafka")
+        .batch(5)
+        .backoff(Duration::from_millis(20), Duration::from_millis(200));
     let relay = Relay::new(store.clone(), config, sink).spawn();
     wait_until_relayed(&relay, user_events(store.as_ref()).await.last().unwrap().position).await;
     let status = relay.status();

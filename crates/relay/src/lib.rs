@@ -51,8 +51,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cairn_core::{
-    EventStore, ExpectedVersion, NewEvent, Position, ReadAllOptions, ReadStreamOptions, RecordedEvent, StartFrom,
-    StoreError, SubscriptionTarget, Timestamp, RELAY_STREAM_PREFIX,
+    EventStore, ExpectedVersion, NewEvent, Position, RELAY_STREAM_PREFIX, ReadAllOptions,
+    ReadStreamOptions, RecordedEvent, StartFrom, StoreError, SubscriptionTarget, Timestamp,
 };
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
@@ -196,7 +196,10 @@ pub fn checkpoint_stream(name: &str) -> String {
 }
 
 /// The position a relay has confirmed up to (`None`: nothing yet).
-pub async fn stored_checkpoint(store: &dyn EventStore, name: &str) -> Result<Option<Position>, RelayError> {
+pub async fn stored_checkpoint(
+    store: &dyn EventStore,
+    name: &str,
+) -> Result<Option<Position>, RelayError> {
     let stream = checkpoint_stream(name);
     let last = match store.read_stream(&stream, ReadStreamOptions::backward().limit(1)).await {
         Ok(events) => events.into_iter().next(),
@@ -206,7 +209,9 @@ pub async fn stored_checkpoint(store: &dyn EventStore, name: &str) -> Result<Opt
     match last {
         None => Ok(None),
         Some(e) => {
-            let c: Checkpoint = e.json().map_err(|err| RelayError::Checkpoint { stream, reason: err.to_string() })?;
+            let c: Checkpoint = e
+                .json()
+                .map_err(|err| RelayError::Checkpoint { stream, reason: err.to_string() })?;
             Ok(Some(Position(c.position)))
         }
     }
@@ -214,8 +219,13 @@ pub async fn stored_checkpoint(store: &dyn EventStore, name: &str) -> Result<Opt
 
 /// Moves a relay's checkpoint (operators: to publish again from an earlier
 /// position; the relay must be stopped).
-pub async fn store_checkpoint(store: &dyn EventStore, name: &str, position: Position) -> Result<(), RelayError> {
-    let event = NewEvent::json("RelayCheckpoint", &Checkpoint { position: position.0 }).expect("a checkpoint serialises");
+pub async fn store_checkpoint(
+    store: &dyn EventStore,
+    name: &str,
+    position: Position,
+) -> Result<(), RelayError> {
+    let event = NewEvent::json("RelayCheckpoint", &Checkpoint { position: position.0 })
+        .expect("a checkpoint serialises");
     store.append(&checkpoint_stream(name), ExpectedVersion::Any, vec![event]).await?;
     Ok(())
 }
@@ -326,7 +336,11 @@ impl<S: Sink + 'static> Relay<S> {
         RelayHandle { status, stop, task, store }
     }
 
-    async fn run(mut self, status: Arc<Mutex<RelayStatus>>, mut stopped: watch::Receiver<bool>) -> Result<(), RelayError> {
+    async fn run(
+        mut self,
+        status: Arc<Mutex<RelayStatus>>,
+        mut stopped: watch::Receiver<bool>,
+    ) -> Result<(), RelayError> {
         let durable = stored_checkpoint(self.store.as_ref(), &self.config.name).await?;
         {
             let mut s = status.lock().unwrap();
@@ -458,11 +472,17 @@ impl<S: Sink + 'static> Relay<S> {
             // Write the checkpoint: at most every `interval` while busy, at
             // once when there is nothing left to do, and when stopping.
             let finishing = (stopping || closed) && pipeline.all_settled();
-            let quiet = idle && pipeline.entries.is_empty() && resend.is_empty() && carried.is_none();
-            if progress.dirty && writing.is_none() && (finishing || quiet || written_at.elapsed() >= interval) {
+            let quiet =
+                idle && pipeline.entries.is_empty() && resend.is_empty() && carried.is_none();
+            if progress.dirty
+                && writing.is_none()
+                && (finishing || quiet || written_at.elapsed() >= interval)
+            {
                 let (store, name) = (self.store.clone(), self.config.name.clone());
                 let position = progress.checkpoint.expect("a confirmed position");
-                writing = Some(Box::pin(async move { store_checkpoint(store.as_ref(), &name, position).await.map(|()| position) }));
+                writing = Some(Box::pin(async move {
+                    store_checkpoint(store.as_ref(), &name, position).await.map(|()| position)
+                }));
                 progress.dirty = false;
                 written_at = Instant::now();
             }
@@ -558,9 +578,14 @@ impl RelayHandle {
     /// and how long the oldest of them has waited.
     pub async fn pending(&self) -> Result<(u64, Duration), StoreError> {
         let checkpoint = self.status().checkpoint;
-        let options = checkpoint.map_or(ReadAllOptions::forward(), |p| ReadAllOptions::forward().after(p)).limit(100_000);
-        let events: Vec<RecordedEvent> = self.store.read_all(options).await?.into_iter().filter(|e| !e.is_system()).collect();
-        let age = events.first().map_or(Duration::ZERO, |e| Duration::from_micros((Timestamp::now().0 - e.timestamp.0).max(0) as u64));
+        let options = checkpoint
+            .map_or(ReadAllOptions::forward(), |p| ReadAllOptions::forward().after(p))
+            .limit(100_000);
+        let events: Vec<RecordedEvent> =
+            self.store.read_all(options).await?.into_iter().filter(|e| !e.is_system()).collect();
+        let age = events.first().map_or(Duration::ZERO, |e| {
+            Duration::from_micros((Timestamp::now().0 - e.timestamp.0).max(0) as u64)
+        });
         Ok((events.len() as u64, age))
     }
 

@@ -18,11 +18,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::connection::State;
-use async_nats::jetstream::{self, context::PublishAckFuture};
 use async_nats::header::HeaderName;
+use async_nats::jetstream::{self, context::PublishAckFuture};
 use async_nats::{HeaderMap, Subject};
 use async_trait::async_trait;
-use cairn_core::{stream_category, RecordedEvent};
+use cairn_core::{RecordedEvent, stream_category};
 use tokio::time::Instant;
 
 use crate::{Confirm, Sink, SinkError};
@@ -50,7 +50,10 @@ const EXPECTED_LAST: HeaderName = HeaderName::from_static("Nats-Expected-Last-Ms
 
 /// A subject token from free text: NATS tokens may not hold spaces, dots or wildcards.
 fn token(text: &str) -> String {
-    let t: String = text.chars().map(|c| if c.is_whitespace() || matches!(c, '.' | '*' | '>') { '_' } else { c }).collect();
+    let t: String = text
+        .chars()
+        .map(|c| if c.is_whitespace() || matches!(c, '.' | '*' | '>') { '_' } else { c })
+        .collect();
     if t.is_empty() { "_".into() } else { t }
 }
 
@@ -108,7 +111,8 @@ impl NatsSink {
         let subject = self.subject(e);
         let stream: Arc<str> = if self.chained {
             let name = self.js.stream_by_subject(subject.as_str()).await;
-            name.map_err(|err| SinkError(format!("no JetStream stream captures {subject}: {err}")))?.into()
+            name.map_err(|err| SinkError(format!("no JetStream stream captures {subject}: {err}")))?
+                .into()
         } else {
             Arc::from("")
         };
@@ -128,7 +132,11 @@ impl NatsSink {
             duplicate_window: Duration::from_secs(120),
             ..Default::default()
         };
-        self.js.get_or_create_stream(config).await.map(drop).map_err(|e| SinkError(format!("JetStream stream {name}: {e}")))
+        self.js
+            .get_or_create_stream(config)
+            .await
+            .map(drop)
+            .map_err(|e| SinkError(format!("JetStream stream {name}: {e}")))
     }
 }
 
@@ -144,9 +152,10 @@ impl Sink for NatsSink {
         // Queue the whole batch; its acks are awaited later, in order.
         let mut acks: Vec<PublishAckFuture> = Vec::with_capacity(events.len());
         for e in events {
-            let (subject, stream) = tokio::time::timeout_at(deadline, self.destination(e))
-                .await
-                .map_err(|_| SinkError(format!("JetStream did not answer within {timeout:?}")))??;
+            let (subject, stream) =
+                tokio::time::timeout_at(deadline, self.destination(e)).await.map_err(|_| {
+                    SinkError(format!("JetStream did not answer within {timeout:?}"))
+                })??;
             let id = e.id.to_string();
             let mut headers = HeaderMap::new();
             if self.chained
@@ -159,16 +168,20 @@ impl Sink for NatsSink {
             headers.insert(VERSION, e.version.to_string());
             headers.insert(POSITION, e.position.0.to_string());
             headers.insert(TYPE, e.event_type.clone());
-            let ack = tokio::time::timeout_at(deadline, self.js.publish_with_headers(subject, headers, e.data.clone()))
-                .await
-                .map_err(|_| SinkError(format!("NATS did not take the messages within {timeout:?}")))?
-                .map_err(|err| SinkError(format!("NATS publish: {err}")))?;
+            let ack = tokio::time::timeout_at(
+                deadline,
+                self.js.publish_with_headers(subject, headers, e.data.clone()),
+            )
+            .await
+            .map_err(|_| SinkError(format!("NATS did not take the messages within {timeout:?}")))?
+            .map_err(|err| SinkError(format!("NATS publish: {err}")))?;
             acks.push(ack);
         }
         Ok(Box::pin(async move {
             let all = async {
                 for ack in acks {
-                    ack.await.map_err(|err| SinkError(format!("JetStream did not confirm: {err}")))?;
+                    ack.await
+                        .map_err(|err| SinkError(format!("JetStream did not confirm: {err}")))?;
                 }
                 Ok(())
             };

@@ -19,10 +19,16 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cairn_core::{stream_category, ContentType, RecordedEvent};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use cairn_core::{ContentType, RecordedEvent, stream_category};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    PublisherConfirm,
+};
 use tokio::time::Instant;
 
 use crate::{Confirm, Sink, SinkError};
@@ -39,7 +45,10 @@ pub struct RabbitSink {
 
 /// A routing-key word from free text: dots separate words, `*` and `#` are wildcards.
 fn word(text: &str) -> String {
-    let w: String = text.chars().map(|c| if c.is_whitespace() || matches!(c, '.' | '*' | '#') { '_' } else { c }).collect();
+    let w: String = text
+        .chars()
+        .map(|c| if c.is_whitespace() || matches!(c, '.' | '*' | '#') { '_' } else { c })
+        .collect();
     if w.is_empty() { "_".into() } else { w }
 }
 
@@ -57,7 +66,12 @@ impl RabbitSink {
     /// (`amqps://` for TLS). Connects on first use.
     pub fn new(uri: impl Into<String>, exchange: &str) -> Result<Self, SinkError> {
         let exchange = short(exchange, "exchange name")?;
-        Ok(RabbitSink { uri: uri.into(), exchange, confirm_timeout: Duration::from_secs(5), link: None })
+        Ok(RabbitSink {
+            uri: uri.into(),
+            exchange,
+            confirm_timeout: Duration::from_secs(5),
+            link: None,
+        })
     }
 
     /// How long RabbitMQ may take to confirm a batch, from its sending
@@ -71,7 +85,11 @@ impl RabbitSink {
     /// The routing key of an event: `<category or "none">.<type>`, cut to
     /// AMQP's 255 bytes.
     pub fn routing_key(e: &RecordedEvent) -> String {
-        let mut key = format!("{}.{}", word(stream_category(&e.stream).unwrap_or("none")), word(&e.event_type));
+        let mut key = format!(
+            "{}.{}",
+            word(stream_category(&e.stream).unwrap_or("none")),
+            word(&e.event_type)
+        );
         if key.len() > 255 {
             let mut end = 255;
             while !key.is_char_boundary(end) {
@@ -91,14 +109,28 @@ impl RabbitSink {
 
     /// [`RabbitSink::bind_queue`] with queue arguments (`x-queue-type`,
     /// `x-max-length`...): a queue must be declared with the same ones each time.
-    pub async fn bind_queue_with(&mut self, queue: &str, pattern: &str, arguments: FieldTable) -> Result<(), SinkError> {
+    pub async fn bind_queue_with(
+        &mut self,
+        queue: &str,
+        pattern: &str,
+        arguments: FieldTable,
+    ) -> Result<(), SinkError> {
         let (queue, pattern) = (short(queue, "queue name")?, short(pattern, "binding pattern")?);
         let exchange = self.exchange.clone();
         let result = async {
             let channel = self.channel().await?;
-            channel.queue_declare(queue.clone(), QueueDeclareOptions::durable(), arguments).await.map_err(amqp("queue declare"))?;
             channel
-                .queue_bind(queue, exchange, pattern, QueueBindOptions::default(), FieldTable::default())
+                .queue_declare(queue.clone(), QueueDeclareOptions::durable(), arguments)
+                .await
+                .map_err(amqp("queue declare"))?;
+            channel
+                .queue_bind(
+                    queue,
+                    exchange,
+                    pattern,
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
                 .await
                 .map_err(amqp("queue bind"))
         }
@@ -120,12 +152,21 @@ impl RabbitSink {
         }
         self.link = None;
         let properties = ConnectionProperties::default().with_connection_name("cairn-relay".into());
-        let connection = Connection::connect(&self.uri, properties).await.map_err(amqp("connect"))?;
+        let connection =
+            Connection::connect(&self.uri, properties).await.map_err(amqp("connect"))?;
         let channel = connection.create_channel().await.map_err(amqp("channel"))?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(amqp("confirm select"))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(amqp("confirm select"))?;
         let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
         channel
-            .exchange_declare(self.exchange.clone(), ExchangeKind::Topic, durable, FieldTable::default())
+            .exchange_declare(
+                self.exchange.clone(),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
             .await
             .map_err(amqp("exchange declare"))?;
         self.link = Some((connection, channel.clone()));
@@ -134,7 +175,11 @@ impl RabbitSink {
 
     /// Queues the batch's messages on the channel, in order, and returns
     /// what awaits their confirms.
-    async fn queue(&mut self, events: &[RecordedEvent], deadline: Instant) -> Result<Confirm, SinkError> {
+    async fn queue(
+        &mut self,
+        events: &[RecordedEvent],
+        deadline: Instant,
+    ) -> Result<Confirm, SinkError> {
         // Never reconnect behind messages that may be unconfirmed on a lost
         // channel: fail, and the relay resets once everything settled.
         if let Some((connection, channel)) = &self.link
@@ -146,10 +191,14 @@ impl RabbitSink {
         let mut queued = Vec::with_capacity(events.len());
         let mut cx = Context::from_waker(Waker::noop());
         for e in events {
-            let (channel, exchange, data) = (channel.clone(), self.exchange.clone(), e.data.clone());
+            let (channel, exchange, data) =
+                (channel.clone(), self.exchange.clone(), e.data.clone());
             let (key, properties) = (short(&Self::routing_key(e), "routing key")?, properties(e));
-            let mut publish: Publishing =
-                Box::pin(async move { channel.basic_publish(exchange, key, BasicPublishOptions::default(), &data, properties).await });
+            let mut publish: Publishing = Box::pin(async move {
+                channel
+                    .basic_publish(exchange, key, BasicPublishOptions::default(), &data, properties)
+                    .await
+            });
             // The first poll puts the frames in the channel's queue (and
             // numbers the message for its confirm), so the messages go out
             // in this order; the write itself is awaited with the confirms.
@@ -170,8 +219,14 @@ impl RabbitSink {
                     };
                     match confirm.await.map_err(amqp("confirm"))? {
                         Confirmation::Ack(_) => {}
-                        Confirmation::Nack(_) => return Err(SinkError(format!("RabbitMQ refused event {id} (nack)"))),
-                        Confirmation::NotRequested => return Err(SinkError("RabbitMQ channel is not in confirm mode".into())),
+                        Confirmation::Nack(_) => {
+                            return Err(SinkError(format!("RabbitMQ refused event {id} (nack)")));
+                        }
+                        Confirmation::NotRequested => {
+                            return Err(SinkError(
+                                "RabbitMQ channel is not in confirm mode".into(),
+                            ));
+                        }
                     }
                 }
                 Ok(())
@@ -193,7 +248,8 @@ enum Queued {
 
 fn properties(e: &RecordedEvent) -> BasicProperties {
     let mut headers = FieldTable::default();
-    headers.insert("cairn-stream".into(), AMQPValue::LongString(LongString::from(e.stream.as_str())));
+    headers
+        .insert("cairn-stream".into(), AMQPValue::LongString(LongString::from(e.stream.as_str())));
     headers.insert("cairn-version".into(), AMQPValue::LongLongInt(e.version as i64));
     headers.insert("cairn-position".into(), AMQPValue::LongLongInt(e.position.0 as i64));
     let content_type = match e.content_type {
@@ -221,14 +277,20 @@ impl Sink for RabbitSink {
         let deadline = Instant::now() + timeout;
         match tokio::time::timeout_at(deadline, self.queue(events, deadline)).await {
             Ok(result) => result,
-            Err(_) => Err(SinkError(format!("RabbitMQ did not take the messages within {timeout:?}"))),
+            Err(_) => {
+                Err(SinkError(format!("RabbitMQ did not take the messages within {timeout:?}")))
+            }
         }
     }
 
     async fn reset(&mut self) {
         // Start afresh: the next batch connects again.
         if let Some((connection, _)) = self.link.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), connection.close(200, "cairn relay: reconnecting".into())).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                connection.close(200, "cairn relay: reconnecting".into()),
+            )
+            .await;
         }
     }
 }

@@ -16,13 +16,22 @@ use uuid::Uuid;
 pub async fn write(store: &dyn EventStore, category: &str, streams: u64, from: u64, n: u64) {
     for i in from..from + n {
         let e = NewEvent::json("ItemShipped", &serde_json::json!({"i": i})).unwrap();
-        store.append(&format!("{category}-{}", i % streams), ExpectedVersion::Any, vec![e]).await.unwrap();
+        store
+            .append(&format!("{category}-{}", i % streams), ExpectedVersion::Any, vec![e])
+            .await
+            .unwrap();
     }
 }
 
 /// Every user event of the store, in global order.
 pub async fn user_events(store: &dyn EventStore) -> Vec<RecordedEvent> {
-    store.read_all(ReadAllOptions::forward()).await.unwrap().into_iter().filter(|e| !e.is_system()).collect()
+    store
+        .read_all(ReadAllOptions::forward())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| !e.is_system())
+        .collect()
 }
 
 pub async fn wait_for_retries(relay: &RelayHandle, retries: u64) {
@@ -46,7 +55,9 @@ pub async fn wait_until_relayed(relay: &RelayHandle, last: Position) {
 }
 
 /// Per stream, the versions in the order the broker holds them.
-pub fn by_stream<'a>(messages: impl IntoIterator<Item = (&'a str, u64)>) -> HashMap<String, Vec<u64>> {
+pub fn by_stream<'a>(
+    messages: impl IntoIterator<Item = (&'a str, u64)>,
+) -> HashMap<String, Vec<u64>> {
     let mut out: HashMap<String, Vec<u64>> = HashMap::new();
     for (stream, version) in messages {
         out.entry(stream.to_string()).or_default().push(version);
@@ -56,7 +67,11 @@ pub fn by_stream<'a>(messages: impl IntoIterator<Item = (&'a str, u64)>) -> Hash
 
 pub fn in_order(streams: &HashMap<String, Vec<u64>>, per_stream: u64) {
     for (stream, versions) in streams {
-        assert_eq!(versions, &(1..=per_stream).collect::<Vec<_>>(), "{stream} arrived out of order or with gaps");
+        assert_eq!(
+            versions,
+            &(1..=per_stream).collect::<Vec<_>>(),
+            "{stream} arrived out of order or with gaps"
+        );
     }
 }
 
@@ -123,7 +138,12 @@ impl Proxy {
 pub async fn write_backlog(store: &dyn EventStore, category: &str, streams: u64, per_stream: u64) {
     for round in 0..per_stream / 50 {
         for s in 0..streams {
-            let batch = (0..50).map(|i| NewEvent::json("ItemShipped", &serde_json::json!({"round": round, "i": i})).unwrap()).collect();
+            let batch = (0..50)
+                .map(|i| {
+                    NewEvent::json("ItemShipped", &serde_json::json!({"round": round, "i": i}))
+                        .unwrap()
+                })
+                .collect();
             store.append(&format!("{category}-{s}"), ExpectedVersion::Any, batch).await.unwrap();
         }
     }
@@ -139,7 +159,10 @@ pub async fn wait_until_in_flight(relay: &RelayHandle, confirmed: Position, in_f
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    panic!("the relay never had {in_flight} events in flight after {confirmed}: {:?}", relay.status());
+    panic!(
+        "the relay never had {in_flight} events in flight after {confirmed}: {:?}",
+        relay.status()
+    );
 }
 
 /// What a broker holds, as indexes into `events` (by id), may repeat
@@ -148,13 +171,17 @@ pub async fn wait_until_in_flight(relay: &RelayHandle, confirmed: Position, in_f
 /// again from its oldest unconfirmed event). Every event is there. So a
 /// consumer that drops repeats by id applies all of them in global order.
 pub fn no_event_skipped(events: &[RecordedEvent], message_ids: &[String]) {
-    let index: HashMap<String, usize> = events.iter().enumerate().map(|(i, e)| (e.id.to_string(), i)).collect();
+    let index: HashMap<String, usize> =
+        events.iter().enumerate().map(|(i, e)| (e.id.to_string(), i)).collect();
     let mut next = 0; // the first event not yet delivered
     let mut previous: Option<usize> = None;
     for (k, id) in message_ids.iter().enumerate() {
         let i = *index.get(id).unwrap_or_else(|| panic!("message {k} has an unknown id {id}"));
         let expected = previous.map_or(0, |p| p + 1);
-        assert!(i <= expected, "message {k} is event {i}, right after event {previous:?}: events {expected}..{i} were skipped");
+        assert!(
+            i <= expected,
+            "message {k} is event {i}, right after event {previous:?}: events {expected}..{i} were skipped"
+        );
         next = next.max(i + 1);
         previous = Some(i);
     }
@@ -164,7 +191,10 @@ pub fn no_event_skipped(events: &[RecordedEvent], message_ids: &[String]) {
 /// The relay config of the mid-pipeline cut tests: small batches, 8 in
 /// flight, quick retries.
 pub fn pipelined_config(name: String) -> cairn_relay::RelayConfig {
-    cairn_relay::RelayConfig::new(name).batch(50).max_in_flight(8).backoff(std::time::Duration::from_millis(20), std::time::Duration::from_millis(200))
+    cairn_relay::RelayConfig::new(name)
+        .batch(50)
+        .max_in_flight(8)
+        .backoff(std::time::Duration::from_millis(20), std::time::Duration::from_millis(200))
 }
 
 /// Cuts the broker away while part of the backlog is confirmed and at least

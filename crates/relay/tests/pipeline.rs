@@ -6,12 +6,12 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::FutureExt;
 use cairn_core::{EventStore, Position, RecordedEvent};
-use cairn_relay::{stored_checkpoint, Confirm, Relay, RelayConfig, RelayHandle, Sink, SinkError};
+use cairn_relay::{Confirm, Relay, RelayConfig, RelayHandle, Sink, SinkError, stored_checkpoint};
+use futures_util::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::common::{fixture, user_events, wait_until_relayed, write, Fixture};
+use crate::common::{Fixture, fixture, user_events, wait_until_relayed, write};
 
 /// A batch the relay sent, and the broker's answer to give.
 struct Sent {
@@ -40,7 +40,9 @@ struct Scripted {
 impl Sink for Scripted {
     async fn send(&mut self, events: &[RecordedEvent]) -> Result<Confirm, SinkError> {
         let (answer, answered) = oneshot::channel();
-        self.sent.send(Sent { events: events.to_vec(), answer }).map_err(|_| SinkError("the test is gone".into()))?;
+        self.sent
+            .send(Sent { events: events.to_vec(), answer })
+            .map_err(|_| SinkError("the test is gone".into()))?;
         Ok(Box::pin(async move {
             match answered.await {
                 Ok(answer) => answer.map_err(SinkError),
@@ -56,7 +58,10 @@ fn scripted(f: &Fixture, config: RelayConfig) -> (RelayHandle, mpsc::UnboundedRe
 }
 
 async fn next(sent: &mut mpsc::UnboundedReceiver<Sent>) -> Sent {
-    tokio::time::timeout(Duration::from_secs(15), sent.recv()).await.expect("the relay sent nothing within 15 s").expect("the relay is gone")
+    tokio::time::timeout(Duration::from_secs(15), sent.recv())
+        .await
+        .expect("the relay sent nothing within 15 s")
+        .expect("the relay is gone")
 }
 
 fn ids(events: &[RecordedEvent]) -> Vec<String> {
@@ -73,7 +78,8 @@ fn config(name: &str) -> RelayConfig {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn several_batches_go_out_before_the_first_is_confirmed_and_the_checkpoint_follows_the_confirmed_prefix() {
+async fn several_batches_go_out_before_the_first_is_confirmed_and_the_checkpoint_follows_the_confirmed_prefix()
+ {
     let f = fixture();
     write(f.store.as_ref(), &f.category, 3, 0, 100).await;
     let events = user_events(f.store.as_ref()).await;
@@ -83,7 +89,11 @@ async fn several_batches_go_out_before_the_first_is_confirmed_and_the_checkpoint
     let mut batches = Vec::new();
     for i in 0..4 {
         let b = next(&mut sent).await;
-        assert_eq!(b.ids(), ids(&events[i * 10..i * 10 + 10]), "batch {i} holds the next ten events, in order");
+        assert_eq!(
+            b.ids(),
+            ids(&events[i * 10..i * 10 + 10]),
+            "batch {i} holds the next ten events, in order"
+        );
         batches.push(b);
     }
     eventually(|| relay.status().in_flight == 40, "40 events in flight").await;
@@ -92,7 +102,12 @@ async fn several_batches_go_out_before_the_first_is_confirmed_and_the_checkpoint
     // The broker confirms the 2nd and 3rd, then refuses the 1st: nothing was
     // confirmed in order, so all four go again, from the 1st, same ids.
     let mut batches = batches.into_iter();
-    let (b0, b1, b2, b3) = (batches.next().unwrap(), batches.next().unwrap(), batches.next().unwrap(), batches.next().unwrap());
+    let (b0, b1, b2, b3) = (
+        batches.next().unwrap(),
+        batches.next().unwrap(),
+        batches.next().unwrap(),
+        batches.next().unwrap(),
+    );
     b1.confirm();
     b2.confirm();
     b0.fail("refused");
@@ -120,7 +135,8 @@ async fn several_batches_go_out_before_the_first_is_confirmed_and_the_checkpoint
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failure_in_the_middle_of_the_pipeline_keeps_the_confirmed_prefix_and_sends_the_rest_again() {
+async fn a_failure_in_the_middle_of_the_pipeline_keeps_the_confirmed_prefix_and_sends_the_rest_again()
+ {
     let f = fixture();
     write(f.store.as_ref(), &f.category, 4, 0, 200).await;
     let events = user_events(f.store.as_ref()).await;
@@ -139,7 +155,11 @@ async fn a_failure_in_the_middle_of_the_pipeline_keeps_the_confirmed_prefix_and_
     let again = next(&mut sent).await;
     assert_eq!(again.ids(), ids(&events[20..30]), "the 3rd batch goes again, first");
     let status = relay.status();
-    assert_eq!(status.checkpoint, Some(events[19].position), "the confirmed prefix stands: {status:?}");
+    assert_eq!(
+        status.checkpoint,
+        Some(events[19].position),
+        "the confirmed prefix stands: {status:?}"
+    );
     assert_eq!((status.published, status.retries), (20, 1));
 
     // Confirm everything from here on; record every event sent.
@@ -150,7 +170,11 @@ async fn a_failure_in_the_middle_of_the_pipeline_keeps_the_confirmed_prefix_and_
         sent_after.extend(b.events.iter().cloned());
         b.confirm();
     }
-    assert_eq!(ids(&sent_after), ids(&events[20..]), "the 4th batch is repeated after the 3rd, then the rest, in order");
+    assert_eq!(
+        ids(&sent_after),
+        ids(&events[20..]),
+        "the 4th batch is repeated after the 3rd, then the rest, in order"
+    );
     wait_until_relayed(&relay, events.last().unwrap().position).await;
     assert_eq!(relay.status().published, 200, "each event confirmed once in order");
     relay.stop().await.unwrap();
@@ -163,7 +187,8 @@ async fn a_stop_writes_the_checkpoint_of_everything_confirmed_and_a_restart_resu
     write(f.store.as_ref(), &f.category, 3, 0, 100).await;
     let events = user_events(f.store.as_ref()).await;
     // A backoff of an hour: after the refusal below, nothing is sent again before the stop.
-    let (relay, mut sent) = scripted(&f, config("stop").backoff(Duration::from_secs(3600), Duration::from_secs(3600)));
+    let (relay, mut sent) =
+        scripted(&f, config("stop").backoff(Duration::from_secs(3600), Duration::from_secs(3600)));
 
     let b0 = next(&mut sent).await;
     let b1 = next(&mut sent).await;
@@ -178,8 +203,16 @@ async fn a_stop_writes_the_checkpoint_of_everything_confirmed_and_a_restart_resu
     let b5 = next(&mut sent).await;
     assert_eq!(b5.ids(), ids(&events[50..60]));
     let status = relay.status();
-    assert_eq!((status.checkpoint, status.durable_checkpoint), (Some(events[19].position), None), "{status:?}");
-    assert_eq!(stored_checkpoint(f.store.as_ref(), "stop").await.unwrap(), None, "no write per batch");
+    assert_eq!(
+        (status.checkpoint, status.durable_checkpoint),
+        (Some(events[19].position), None),
+        "{status:?}"
+    );
+    assert_eq!(
+        stored_checkpoint(f.store.as_ref(), "stop").await.unwrap(),
+        None,
+        "no write per batch"
+    );
 
     // Stop while four batches are in flight: it sends nothing more, waits
     // for their answers, and writes the checkpoint of the confirmed prefix.
@@ -228,13 +261,17 @@ async fn busy_the_relay_writes_its_checkpoint_every_interval_and_idle_at_once() 
     // Nothing left to send or confirm: the checkpoint is written at once,
     // although the interval is an hour.
     wait_for_durable(&relay, events[29].position).await;
-    assert_eq!(stored_checkpoint(f.store.as_ref(), "idle").await.unwrap(), Some(events[29].position));
+    assert_eq!(
+        stored_checkpoint(f.store.as_ref(), "idle").await.unwrap(),
+        Some(events[29].position)
+    );
     relay.stop().await.unwrap();
 
     // A short interval: written while batches are still in flight.
     write(f.store.as_ref(), &f.category, 3, 30, 60).await;
     let events = user_events(f.store.as_ref()).await;
-    let (relay, mut sent) = scripted(&f, config("idle").checkpoint_interval(Duration::from_millis(1)));
+    let (relay, mut sent) =
+        scripted(&f, config("idle").checkpoint_interval(Duration::from_millis(1)));
     let mut held = Vec::new();
     for i in 0..4 {
         let b = next(&mut sent).await;

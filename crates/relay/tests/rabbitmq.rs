@@ -3,12 +3,15 @@ use std::time::{Duration, Instant};
 
 use cairn_core::{ExpectedVersion, NewEvent, RecordedEvent};
 use cairn_relay::{RabbitSink, Relay, RelayConfig};
-use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties};
 
 use crate::common::{
-    by_stream, cut_mid_pipeline, fixture, in_order, pipelined_config, no_event_skipped, user_events, wait_for_retries, wait_until_relayed, write, write_backlog, Fixture, Proxy,
+    Fixture, Proxy, by_stream, cut_mid_pipeline, fixture, in_order, no_event_skipped,
+    pipelined_config, user_events, wait_for_retries, wait_until_relayed, write, write_backlog,
 };
 use crate::reachable;
 
@@ -39,15 +42,21 @@ async fn consumer() -> (Connection, Channel) {
 /// Takes every message waiting in `queue`, in queue order.
 async fn take_all(channel: &Channel, queue: &str) -> Vec<Message> {
     let mut out = Vec::new();
-    while let Some(m) = channel.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+    while let Some(m) =
+        channel.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap()
+    {
         let (d, p) = (&m.delivery, &m.delivery.properties);
         let headers = p.headers().clone().unwrap_or_default();
-        let header = |k: &str| headers.inner().get(k).cloned().unwrap_or_else(|| panic!("no {k} header: {p:?}"));
+        let header = |k: &str| {
+            headers.inner().get(k).cloned().unwrap_or_else(|| panic!("no {k} header: {p:?}"))
+        };
         let number = |k: &str| match header(k) {
             AMQPValue::LongLongInt(n) => n as u64,
             other => panic!("{k} is {other:?}"),
         };
-        let text = |s: &Option<lapin::types::ShortString>| s.as_ref().map(|s| s.to_string()).unwrap_or_default();
+        let text = |s: &Option<lapin::types::ShortString>| {
+            s.as_ref().map(|s| s.to_string()).unwrap_or_default()
+        };
         out.push(Message {
             id: text(p.message_id()),
             routing_key: d.routing_key.to_string(),
@@ -69,7 +78,15 @@ async fn take_all(channel: &Channel, queue: &str) -> Vec<Message> {
 
 /// How many messages `queue` holds.
 async fn waiting(channel: &Channel, queue: &str) -> u32 {
-    channel.queue_declare(queue.into(), QueueDeclareOptions::durable().passive(), FieldTable::default()).await.unwrap().message_count()
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::durable().passive(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count()
 }
 
 async fn clean_up(channel: &Channel, exchange: &str, queues: &[&str]) {
@@ -116,8 +133,14 @@ async fn every_event_arrives_once_in_stream_order_with_its_id_as_message_id() {
     in_order(&by_stream(streams(&got)), 50);
     for (m, e) in got.iter().zip(&events) {
         assert_eq!(m.routing_key, format!("{category}.ItemShipped"));
-        assert_eq!((m.kind.as_str(), m.content_type.as_str(), m.delivery_mode), ("ItemShipped", "application/json", 2));
-        assert_eq!((m.stream.as_str(), m.version, m.position), (e.stream.as_str(), e.version, e.position.0));
+        assert_eq!(
+            (m.kind.as_str(), m.content_type.as_str(), m.delivery_mode),
+            ("ItemShipped", "application/json", 2)
+        );
+        assert_eq!(
+            (m.stream.as_str(), m.version, m.position),
+            (e.stream.as_str(), e.version, e.position.0)
+        );
         assert_eq!(m.timestamp, (e.timestamp.0 / 1_000_000) as u64);
         assert_eq!(m.data, e.data.as_ref());
     }
@@ -139,7 +162,7 @@ async fn bindings_route_each_consuming_service_its_own_events() {
         ("order-1", NewEvent::json("OrderShipped", &4).unwrap()),
         ("payment-2", NewEvent::json("PaymentSettled", &5).unwrap()),
         ("inventory-1", NewEvent::json("StockCounted", &6).unwrap()), // no binding matches
-        ("order-2", NewEvent::json("PaymentFailed", &7).unwrap()), // both match: one copy each
+        ("order-2", NewEvent::json("PaymentFailed", &7).unwrap()),    // both match: one copy each
         // Dots and wildcards in a type stay inside its word: `order.Order_Cancelled_`.
         ("order-3", NewEvent::binary("Order.Cancelled*", &b"\x00\x01"[..])),
     ];
@@ -156,15 +179,30 @@ async fn bindings_route_each_consuming_service_its_own_events() {
     relay.stop().await.unwrap();
 
     let (_connection, channel) = consumer().await;
-    let to_shipping: Vec<RecordedEvent> = events.iter().filter(|e| e.stream.starts_with("order-")).cloned().collect();
-    let to_support: Vec<RecordedEvent> =
-        events.iter().filter(|e| e.event_type == "PaymentFailed" || e.stream.starts_with("customer-")).cloned().collect();
+    let to_shipping: Vec<RecordedEvent> =
+        events.iter().filter(|e| e.stream.starts_with("order-")).cloned().collect();
+    let to_support: Vec<RecordedEvent> = events
+        .iter()
+        .filter(|e| e.event_type == "PaymentFailed" || e.stream.starts_with("customer-"))
+        .cloned()
+        .collect();
     let got_shipping = take_all(&channel, &shipping).await;
     let got_support = take_all(&channel, &support).await;
-    assert_eq!(message_ids(&got_shipping), ids(&to_shipping), "shipping gets the order events, in order");
-    assert_eq!(message_ids(&got_support), ids(&to_support), "support gets failed payments and customers, in order");
+    assert_eq!(
+        message_ids(&got_shipping),
+        ids(&to_shipping),
+        "shipping gets the order events, in order"
+    );
+    assert_eq!(
+        message_ids(&got_support),
+        ids(&to_support),
+        "support gets failed payments and customers, in order"
+    );
     let cancelled = got_shipping.last().unwrap();
-    assert_eq!((cancelled.routing_key.as_str(), cancelled.kind.as_str()), ("order.Order_Cancelled_", "Order.Cancelled*"));
+    assert_eq!(
+        (cancelled.routing_key.as_str(), cancelled.kind.as_str()),
+        ("order.Order_Cancelled_", "Order.Cancelled*")
+    );
     assert_eq!(cancelled.content_type, "application/octet-stream");
     assert_eq!(cancelled.data, b"\x00\x01");
     clean_up(&channel, &exchange, &[&shipping, &support]).await;
@@ -182,8 +220,10 @@ async fn the_relay_reconnects_after_a_broker_outage_and_loses_nothing() {
     let proxy = Proxy::start("127.0.0.1:5672").await;
     let through_proxy = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
     // Long enough that a slow confirm before the cut is not taken for a failure (that would publish repeats).
-    let sink = RabbitSink::new(through_proxy, &exchange).unwrap().confirm_timeout(Duration::from_secs(5));
-    let config = RelayConfig::new(format!("rabbit-{id}")).backoff(Duration::from_millis(20), Duration::from_millis(200));
+    let sink =
+        RabbitSink::new(through_proxy, &exchange).unwrap().confirm_timeout(Duration::from_secs(5));
+    let config = RelayConfig::new(format!("rabbit-{id}"))
+        .backoff(Duration::from_millis(20), Duration::from_millis(200));
     let relay = Relay::new(store.clone(), config, sink).spawn();
 
     write(store.as_ref(), &category, 4, 0, 100).await;
@@ -195,13 +235,23 @@ async fn the_relay_reconnects_after_a_broker_outage_and_loses_nothing() {
     let since_written = written.elapsed();
     let (pending, oldest) = relay.pending().await.unwrap();
     assert_eq!(pending, 100, "nothing gets through while the broker is away");
-    assert!(oldest >= since_written, "the oldest unpublished event is at least as old as the wait: {oldest:?} < {since_written:?}");
+    assert!(
+        oldest >= since_written,
+        "the oldest unpublished event is at least as old as the wait: {oldest:?} < {since_written:?}"
+    );
     assert!(relay.status().error.is_some(), "{:?}", relay.status());
     let (_connection, channel) = consumer().await;
-    assert_eq!(waiting(&channel, &queue).await, 100, "the broker holds only what was confirmed before the cut");
+    assert_eq!(
+        waiting(&channel, &queue).await,
+        100,
+        "the broker holds only what was confirmed before the cut"
+    );
     wait_for_retries(&relay, relay.status().retries + 2).await;
     let (pending, later) = relay.pending().await.unwrap();
-    assert!(pending == 100 && later > oldest, "the lag grows while the outage lasts: {pending}, {later:?} after {oldest:?}");
+    assert!(
+        pending == 100 && later > oldest,
+        "the lag grows while the outage lasts: {pending}, {later:?} after {oldest:?}"
+    );
 
     proxy.restore();
     wait_until_relayed(&relay, user_events(store.as_ref()).await.last().unwrap().position).await;
@@ -210,13 +260,18 @@ async fn the_relay_reconnects_after_a_broker_outage_and_loses_nothing() {
     relay.stop().await.unwrap();
 
     let got = take_all(&channel, &queue).await;
-    assert_eq!(message_ids(&got), ids(&user_events(store.as_ref()).await), "every event arrived, once, in global order");
+    assert_eq!(
+        message_ids(&got),
+        ids(&user_events(store.as_ref()).await),
+        "every event arrived, once, in global order"
+    );
     in_order(&by_stream(streams(&got)), 50);
     clean_up(&channel, &exchange, &[&queue]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_lost_checkpoint_repeats_carry_the_same_ids_and_a_deduping_consumer_applies_each_once() {
+async fn after_a_lost_checkpoint_repeats_carry_the_same_ids_and_a_deduping_consumer_applies_each_once()
+ {
     if !reachable("127.0.0.1:5672", "RabbitMQ") {
         return;
     }
@@ -234,7 +289,12 @@ async fn after_a_lost_checkpoint_repeats_carry_the_same_ids_and_a_deduping_consu
     // The checkpoint goes back to event 20 (as if the relay died between
     // publishing and recording it): the rest goes out again.
     cairn_relay::store_checkpoint(store.as_ref(), &name, events[19].position).await.unwrap();
-    let relay = Relay::new(store.clone(), RelayConfig::new(&name), RabbitSink::new(RABBIT, &exchange).unwrap()).spawn();
+    let relay = Relay::new(
+        store.clone(),
+        RelayConfig::new(&name),
+        RabbitSink::new(RABBIT, &exchange).unwrap(),
+    )
+    .spawn();
     wait_until_relayed(&relay, events.last().unwrap().position).await;
     assert_eq!(relay.status().published, 40, "published again after the lost checkpoint");
     relay.stop().await.unwrap();
@@ -270,7 +330,9 @@ async fn a_nacked_batch_is_published_again_once_the_broker_has_room() {
 
     write(store.as_ref(), &category, 3, 0, 30).await;
     let events = user_events(store.as_ref()).await;
-    let config = RelayConfig::new(format!("rabbit-{id}")).batch(5).backoff(Duration::from_millis(20), Duration::from_millis(100));
+    let config = RelayConfig::new(format!("rabbit-{id}"))
+        .batch(5)
+        .backoff(Duration::from_millis(20), Duration::from_millis(100));
     let relay = Relay::new(store.clone(), config, sink).spawn();
     wait_for_retries(&relay, 1).await;
     let error = relay.status().error.unwrap_or_default();
@@ -325,7 +387,8 @@ async fn a_cut_with_batches_in_flight_loses_nothing_and_skips_nothing() {
     let proxy = Proxy::start("127.0.0.1:5672").await;
     let through_proxy = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
     // Long enough that a slow confirm before the cut is not taken for a failure (that would publish repeats).
-    let sink = RabbitSink::new(through_proxy, &exchange).unwrap().confirm_timeout(Duration::from_secs(5));
+    let sink =
+        RabbitSink::new(through_proxy, &exchange).unwrap().confirm_timeout(Duration::from_secs(5));
     let config = pipelined_config(format!("rabbit-{id}"));
     let relay = Relay::new(store.clone(), config, sink).spawn();
 
@@ -336,7 +399,11 @@ async fn a_cut_with_batches_in_flight_loses_nothing_and_skips_nothing() {
     no_event_skipped(&events, &message_ids(&got));
     let mut seen = HashSet::new();
     let applied: Vec<&Message> = got.iter().filter(|m| seen.insert(m.id.clone())).collect();
-    assert_eq!(applied.iter().map(|m| m.id.clone()).collect::<Vec<_>>(), ids(&events), "a deduping consumer applies each event once, in global order");
+    assert_eq!(
+        applied.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
+        ids(&events),
+        "a deduping consumer applies each event once, in global order"
+    );
     in_order(&by_stream(applied.iter().map(|m| (m.stream.as_str(), m.version))), 750);
     clean_up(&channel, &exchange, &[&queue]).await;
 }

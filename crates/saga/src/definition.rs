@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_core::Metadata;
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -84,13 +84,18 @@ pub struct StepContext {
 impl StepContext {
     /// The saga's input, as given to `start`.
     pub fn input<T: DeserializeOwned>(&self) -> Result<T, StepError> {
-        T::deserialize(self.input.as_ref()).map_err(|e| StepError(format!("the saga's input does not fit: {e}")))
+        T::deserialize(self.input.as_ref())
+            .map_err(|e| StepError(format!("the saga's input does not fit: {e}")))
     }
 
     /// What an earlier (completed) step returned.
     pub fn output<T: DeserializeOwned>(&self, step: &str) -> Result<T, StepError> {
-        let value = self.outputs.get(step).ok_or_else(|| StepError(format!("step {step} has no output (not completed)")))?;
-        T::deserialize(value).map_err(|e| StepError(format!("the output of {step} does not fit: {e}")))
+        let value = self
+            .outputs
+            .get(step)
+            .ok_or_else(|| StepError(format!("step {step} has no output (not completed)")))?;
+        T::deserialize(value)
+            .map_err(|e| StepError(format!("the output of {step} does not fit: {e}")))
     }
 
     /// An event id derived from the key: appending the step's event with it
@@ -101,7 +106,11 @@ impl StepContext {
 
     /// Metadata for what the step writes: the saga's correlation id, caused by this step.
     pub fn metadata(&self) -> Metadata {
-        Metadata { correlation_id: Some(self.correlation), causation_id: Some(self.event_id()), ..Metadata::default() }
+        Metadata {
+            correlation_id: Some(self.correlation),
+            causation_id: Some(self.event_id()),
+            ..Metadata::default()
+        }
     }
 }
 
@@ -202,7 +211,12 @@ impl Step {
 
     /// The wait after failed attempt number `attempt` (1-based).
     pub(crate) fn retry_delay(&self, attempt: u32) -> Duration {
-        RetryPolicy { attempts: 0, backoff: self.retry_backoff, max_backoff: Duration::from_secs(30) }.delay(attempt)
+        RetryPolicy {
+            attempts: 0,
+            backoff: self.retry_backoff,
+            max_backoff: Duration::from_secs(30),
+        }
+        .delay(attempt)
     }
 }
 
@@ -218,7 +232,11 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy { attempts: 8, backoff: Duration::from_millis(200), max_backoff: Duration::from_secs(30) }
+        RetryPolicy {
+            attempts: 8,
+            backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(30),
+        }
     }
 }
 
@@ -263,14 +281,18 @@ impl Saga {
 
     /// Refuses a saga that could not run or be undone as written.
     pub(crate) fn check(&self) -> Result<(), String> {
-        cairn_core::validate_category(&self.name).map_err(|e| format!("saga name {:?}: {e}", self.name))?;
+        cairn_core::validate_category(&self.name)
+            .map_err(|e| format!("saga name {:?}: {e}", self.name))?;
         if self.steps.is_empty() {
             return Err(format!("saga {} has no steps", self.name));
         }
         let mut seen = std::collections::HashSet::new();
         for step in &self.steps {
             if step.name.is_empty() || step.name.contains('/') {
-                return Err(format!("saga {}: step name {:?} must be non-empty and without '/'", self.name, step.name));
+                return Err(format!(
+                    "saga {}: step name {:?} must be non-empty and without '/'",
+                    self.name, step.name
+                ));
             }
             if !seen.insert(step.name.as_str()) {
                 return Err(format!("saga {}: two steps are named {}", self.name, step.name));

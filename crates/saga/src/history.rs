@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use cairn_core::{NewEvent, RecordedEvent, Timestamp, SAGA_STREAM_PREFIX};
+use cairn_core::{NewEvent, RecordedEvent, SAGA_STREAM_PREFIX, Timestamp};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
@@ -14,25 +14,58 @@ use uuid::Uuid;
 #[serde(tag = "type", content = "data")]
 pub enum SagaEvent {
     /// The saga exists and will run; `steps` are its step names in order.
-    SagaStarted { saga: String, input: Value, steps: Vec<String> },
-    StepCompleted { step: String, output: Value },
+    SagaStarted {
+        saga: String,
+        input: Value,
+        steps: Vec<String>,
+    },
+    StepCompleted {
+        step: String,
+        output: Value,
+    },
     /// One failed (or timed-out) attempt at an action that has retries left.
-    StepAttemptFailed { step: String, attempt: u32, error: String },
-    StepFailed { step: String, error: String },
-    StepTimedOut { step: String, after_ms: u64 },
+    StepAttemptFailed {
+        step: String,
+        attempt: u32,
+        error: String,
+    },
+    StepFailed {
+        step: String,
+        error: String,
+    },
+    StepTimedOut {
+        step: String,
+        after_ms: u64,
+    },
     /// Compensation begins: `undo` lists the steps whose compensations run, in
     /// that order (newest first); `not_undoable` the completed steps declared
     /// as impossible to undo, which are skipped.
-    Compensating { reason: String, undo: Vec<String>, not_undoable: Vec<String> },
-    StepCompensated { step: String },
+    Compensating {
+        reason: String,
+        undo: Vec<String>,
+        not_undoable: Vec<String>,
+    },
+    StepCompensated {
+        step: String,
+    },
     /// One failed attempt at a compensation; it is retried with backoff.
-    CompensationFailed { step: String, attempt: u32, error: String },
+    CompensationFailed {
+        step: String,
+        attempt: u32,
+        error: String,
+    },
     SagaCompleted {},
     SagaCompensated {},
     /// A compensation kept failing: the saga stops and needs an operator.
-    SagaParked { step: String, attempts: u32, error: String },
+    SagaParked {
+        step: String,
+        attempts: u32,
+        error: String,
+    },
     /// An operator asked a parked saga to try its compensations again.
-    SagaResumed { by: String },
+    SagaResumed {
+        by: String,
+    },
 }
 
 impl SagaEvent {
@@ -59,7 +92,11 @@ impl SagaEvent {
     /// different transition at the same version (another runner's) conflicts.
     pub fn to_new_event(&self, stream: &str, version: u64) -> NewEvent {
         let event = self.to_event();
-        let id = derived_id(&format!("{stream}@{version}:{}:{}", self.type_name(), String::from_utf8_lossy(&event.data)));
+        let id = derived_id(&format!(
+            "{stream}@{version}:{}:{}",
+            self.type_name(),
+            String::from_utf8_lossy(&event.data)
+        ));
         event.with_id(id)
     }
 
@@ -79,20 +116,34 @@ impl SagaEvent {
     /// A line for a timeline.
     pub fn describe(&self) -> String {
         match self {
-            SagaEvent::SagaStarted { saga, steps, .. } => format!("started {saga}: {}", steps.join(" → ")),
+            SagaEvent::SagaStarted { saga, steps, .. } => {
+                format!("started {saga}: {}", steps.join(" → "))
+            }
             SagaEvent::StepCompleted { step, .. } => format!("{step} done"),
-            SagaEvent::StepAttemptFailed { step, attempt, error } => format!("{step} failed (attempt {attempt}), will retry: {error}"),
+            SagaEvent::StepAttemptFailed { step, attempt, error } => {
+                format!("{step} failed (attempt {attempt}), will retry: {error}")
+            }
             SagaEvent::StepFailed { step, error } => format!("{step} failed: {error}"),
-            SagaEvent::StepTimedOut { step, after_ms } => format!("{step} timed out after {}", human_ms(*after_ms)),
+            SagaEvent::StepTimedOut { step, after_ms } => {
+                format!("{step} timed out after {}", human_ms(*after_ms))
+            }
             SagaEvent::Compensating { undo, not_undoable, .. } => {
-                let mut line = format!("compensating: {}", if undo.is_empty() { "nothing to undo".into() } else { undo.join(", ") });
+                let mut line = format!(
+                    "compensating: {}",
+                    if undo.is_empty() { "nothing to undo".into() } else { undo.join(", ") }
+                );
                 if !not_undoable.is_empty() {
-                    line.push_str(&format!(" (cannot be undone, skipped: {})", not_undoable.join(", ")));
+                    line.push_str(&format!(
+                        " (cannot be undone, skipped: {})",
+                        not_undoable.join(", ")
+                    ));
                 }
                 line
             }
             SagaEvent::StepCompensated { step } => format!("{step} undone"),
-            SagaEvent::CompensationFailed { step, attempt, error } => format!("undoing {step} failed (attempt {attempt}): {error}"),
+            SagaEvent::CompensationFailed { step, attempt, error } => {
+                format!("undoing {step} failed (attempt {attempt}): {error}")
+            }
             SagaEvent::SagaCompleted {} => "completed".into(),
             SagaEvent::SagaCompensated {} => "compensated".into(),
             SagaEvent::SagaParked { step, attempts, error } => {
@@ -104,7 +155,11 @@ impl SagaEvent {
 }
 
 fn human_ms(ms: u64) -> String {
-    if ms >= 1000 && ms.is_multiple_of(1000) { format!("{} s", ms / 1000) } else { format!("{ms} ms") }
+    if ms >= 1000 && ms.is_multiple_of(1000) {
+        format!("{} s", ms / 1000)
+    } else {
+        format!("{ms} ms")
+    }
 }
 
 /// A uuid that is always the same for the same text (UUID v5): idempotency
@@ -174,7 +229,9 @@ impl SagaState {
     /// Folds a saga's stream; `None` if it does not start with `SagaStarted`.
     pub fn fold(stream: &str, events: &[RecordedEvent]) -> Option<SagaState> {
         let first = events.first()?;
-        let SagaEvent::SagaStarted { saga, input, steps } = SagaEvent::from_recorded(first)? else { return None };
+        let SagaEvent::SagaStarted { saga, input, steps } = SagaEvent::from_recorded(first)? else {
+            return None;
+        };
         let mut state = SagaState::started(stream, saga, input, steps, first.timestamp)?;
         state.version = first.version;
         for event in &events[1..] {
@@ -189,14 +246,27 @@ impl SagaState {
 
     /// The state of a saga just started (version 1), without reading it back.
     pub fn fold_new(stream: &str, started: SagaEvent) -> SagaState {
-        let SagaEvent::SagaStarted { saga, input, steps } = started else { panic!("fold_new takes a SagaStarted") };
-        SagaState::started(stream, saga, input, steps, Timestamp::now()).expect("the stream is the saga's")
+        let SagaEvent::SagaStarted { saga, input, steps } = started else {
+            panic!("fold_new takes a SagaStarted")
+        };
+        SagaState::started(stream, saga, input, steps, Timestamp::now())
+            .expect("the stream is the saga's")
     }
 
     /// Version 1: started at `at`, nothing done yet. `None` if `stream` is
     /// not `$saga-<saga>-<id>`.
-    fn started(stream: &str, saga: String, input: Value, steps: Vec<String>, at: Timestamp) -> Option<SagaState> {
-        let id = stream.strip_prefix(SAGA_STREAM_PREFIX)?.strip_prefix(saga.as_str())?.strip_prefix('-')?.to_string();
+    fn started(
+        stream: &str,
+        saga: String,
+        input: Value,
+        steps: Vec<String>,
+        at: Timestamp,
+    ) -> Option<SagaState> {
+        let id = stream
+            .strip_prefix(SAGA_STREAM_PREFIX)?
+            .strip_prefix(saga.as_str())?
+            .strip_prefix('-')?
+            .to_string();
         Some(SagaState {
             stream: stream.to_string(),
             saga,
@@ -228,8 +298,12 @@ impl SagaState {
                 self.attempts = *attempt;
                 self.last_error = Some(error.clone());
             }
-            SagaEvent::StepFailed { step, error } => self.reason = Some(format!("{step} failed: {error}")),
-            SagaEvent::StepTimedOut { step, after_ms } => self.reason = Some(format!("{step} timed out after {}", human_ms(*after_ms))),
+            SagaEvent::StepFailed { step, error } => {
+                self.reason = Some(format!("{step} failed: {error}"))
+            }
+            SagaEvent::StepTimedOut { step, after_ms } => {
+                self.reason = Some(format!("{step} timed out after {}", human_ms(*after_ms)))
+            }
             SagaEvent::Compensating { undo, .. } => {
                 self.status = Status::Compensating;
                 self.undo = undo.clone();
@@ -258,12 +332,16 @@ impl SagaState {
 
     /// The step whose action runs next, while running.
     pub fn next_step(&self) -> Option<&str> {
-        (self.status == Status::Running).then(|| self.steps.get(self.completed.len()).map(String::as_str)).flatten()
+        (self.status == Status::Running)
+            .then(|| self.steps.get(self.completed.len()).map(String::as_str))
+            .flatten()
     }
 
     /// The compensation that runs next, while compensating.
     pub fn next_undo(&self) -> Option<&str> {
-        (self.status == Status::Compensating).then(|| self.undo.get(self.undone.len()).map(String::as_str)).flatten()
+        (self.status == Status::Compensating)
+            .then(|| self.undo.get(self.undone.len()).map(String::as_str))
+            .flatten()
     }
 
     pub fn output(&self, step: &str) -> Option<&Value> {

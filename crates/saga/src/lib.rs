@@ -30,11 +30,19 @@ mod process;
 mod runner;
 mod timer;
 
-pub use definition::{RetryPolicy, Saga, Step, StepContext, StepError, StepResult, DEFAULT_STEP_TIMEOUT};
-pub use history::{derived_id, saga_stream, SagaEvent, SagaState, Status};
-pub use runner::{list, load, read_history, resume, SagaError, SagaRunner, SagaRunnerBuilder, Started};
-pub use process::{
-    parked_stream, process_checkpoint_stream, resume_process, Command, Effect, Instance, Message, Parked, PendingDeadline, Process, ProcessError, ProcessManager,
-    ProcessManagerBuilder, Reaction, DEFAULT_COMMAND_ATTEMPTS, DEFAULT_COMMAND_TIMEOUT,
+pub use definition::{
+    DEFAULT_STEP_TIMEOUT, RetryPolicy, Saga, Step, StepContext, StepError, StepResult,
 };
-pub use timer::{timer_stream, Due, FiredTimer, Recovery, Scheduler, SchedulerBuilder, Timer, TimerAction, TimerError, TimerEvent, DEFAULT_SNAPSHOT_EVERY};
+pub use history::{SagaEvent, SagaState, Status, derived_id, saga_stream};
+pub use process::{
+    Command, DEFAULT_COMMAND_ATTEMPTS, DEFAULT_COMMAND_TIMEOUT, Effect, Instance, Message, Parked,
+    PendingDeadline, Process, ProcessError, ProcessManager, ProcessManagerBuilder, Reaction,
+    parked_stream, process_checkpoint_stream, resume_process,
+};
+pub use runner::{
+    SagaError, SagaRunner, SagaRunnerBuilder, Started, list, load, read_history, resume,
+};
+pub use timer::{
+    DEFAULT_SNAPSHOT_EVERY, Due, FiredTimer, Recovery, Scheduler, SchedulerBuilder, Timer,
+    TimerAction, TimerError, TimerEvent, timer_stream,
+};

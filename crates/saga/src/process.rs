@@ -44,8 +44,8 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use cairn_core::{
-    Direction, EventStore, ExpectedVersion, Metadata, NewEvent, Position, Query, ReadAllOptions, ReadStreamOptions, RecordedEvent, StartFrom, StoreError,
-    SubscriptionTarget,
+    Direction, EventStore, ExpectedVersion, Metadata, NewEvent, Position, Query, ReadAllOptions,
+    ReadStreamOptions, RecordedEvent, StartFrom, StoreError, SubscriptionTarget,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -62,7 +62,9 @@ use crate::timer::{FiredTimer, Scheduler, TimerAction, TimerError};
 pub enum Message {
     Event(RecordedEvent),
     /// A deadline set by an earlier [`Effect::Deadline`] came due.
-    Deadline { name: String },
+    Deadline {
+        name: String,
+    },
 }
 
 /// What a reaction asks for.
@@ -81,7 +83,10 @@ pub enum Effect {
 
 impl Effect {
     pub fn command(name: impl Into<String>, payload: impl Serialize) -> Effect {
-        Effect::Command { name: name.into(), payload: serde_json::to_value(payload).expect("command payloads serialise") }
+        Effect::Command {
+            name: name.into(),
+            payload: serde_json::to_value(payload).expect("command payloads serialise"),
+        }
     }
     pub fn deadline(name: impl Into<String>, after: Duration) -> Effect {
         Effect::Deadline { name: name.into(), after }
@@ -132,7 +137,11 @@ impl Command {
 
     /// The instance's correlation id (when it is a uuid), caused by this command.
     pub fn metadata(&self) -> Metadata {
-        Metadata { correlation_id: self.correlation.parse().ok(), causation_id: Some(self.event_id()), ..Metadata::default() }
+        Metadata {
+            correlation_id: self.correlation.parse().ok(),
+            causation_id: Some(self.event_id()),
+            ..Metadata::default()
+        }
     }
 }
 
@@ -212,7 +221,9 @@ pub struct Reaction {
 impl Reaction {
     /// Reads a `ProcessReacted` or `ProcessEnded` event back; `None` for any other.
     pub fn from_recorded(event: &RecordedEvent) -> Option<Reaction> {
-        (event.event_type == REACTED || event.event_type == ENDED).then(|| event.json().ok()).flatten()
+        (event.event_type == REACTED || event.event_type == ENDED)
+            .then(|| event.json().ok())
+            .flatten()
     }
 }
 
@@ -289,10 +300,16 @@ impl<P: Process> ProcessManagerBuilder<P> {
     /// its checkpoint.
     pub async fn start(self) -> Result<ProcessManager<P>, ProcessError> {
         let name = self.process.name().to_string();
-        cairn_core::validate_category(&name).map_err(|e| ProcessError::Invalid(format!("process name {name:?}: {e}")))?;
+        cairn_core::validate_category(&name)
+            .map_err(|e| ProcessError::Invalid(format!("process name {name:?}: {e}")))?;
         let checkpoint = process_checkpoint_stream(&name);
-        let from = newest(self.store.as_ref(), &checkpoint).await?.and_then(|e| e.json::<Position>().ok());
-        let parked = newest(self.store.as_ref(), &parked_stream(&name)).await?.and_then(|e| e.json::<ParkedSet>().ok()).map(|p| p.correlations).unwrap_or_default();
+        let from =
+            newest(self.store.as_ref(), &checkpoint).await?.and_then(|e| e.json::<Position>().ok());
+        let parked = newest(self.store.as_ref(), &parked_stream(&name))
+            .await?
+            .and_then(|e| e.json::<ParkedSet>().ok())
+            .map(|p| p.correlations)
+            .unwrap_or_default();
         let inner = Arc::new(Inner {
             store: self.store.clone(),
             process: self.process,
@@ -322,7 +339,10 @@ impl<P: Process> ProcessManagerBuilder<P> {
             })
             // A deadline's reaction may take every attempt at a command
             // (and wait for the lock): it must be allowed to, so that it parks.
-            .timeout((self.command_timeout + Duration::from_secs(5)) * self.attempts + Duration::from_secs(30))
+            .timeout(
+                (self.command_timeout + Duration::from_secs(5)) * self.attempts
+                    + Duration::from_secs(30),
+            )
             .start()
             .await?;
         let _ = inner.scheduler.set(scheduler);
@@ -344,7 +364,11 @@ pub struct ProcessManager<P: Process> {
 
 impl<P: Process> Clone for ProcessManager<P> {
     fn clone(&self) -> Self {
-        ProcessManager { inner: self.inner.clone(), life: self.life.clone(), started_from: self.started_from }
+        ProcessManager {
+            inner: self.inner.clone(),
+            life: self.life.clone(),
+            started_from: self.started_from,
+        }
     }
 }
 
@@ -417,7 +441,11 @@ impl<P: Process> ProcessManager<P> {
     /// backoff, and after [`ProcessManagerBuilder::command_attempts`] the
     /// instance is parked until resumed. A refusal is an outcome, best told
     /// to the process as an event.
-    pub fn builder<F, Fut, E>(store: Arc<dyn EventStore>, process: P, handler: F) -> ProcessManagerBuilder<P>
+    pub fn builder<F, Fut, E>(
+        store: Arc<dyn EventStore>,
+        process: P,
+        handler: F,
+    ) -> ProcessManagerBuilder<P>
     where
         F: Fn(Command) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), E>> + Send + 'static,
@@ -454,7 +482,10 @@ impl<P: Process> ProcessManager<P> {
     }
 
     /// An instance's state; `None` if it has recorded nothing.
-    pub async fn instance(&self, correlation: &str) -> Result<Option<Instance<P::State>>, ProcessError> {
+    pub async fn instance(
+        &self,
+        correlation: &str,
+    ) -> Result<Option<Instance<P::State>>, ProcessError> {
         let instance = self.inner.load(correlation).await?;
         Ok((instance.version > 0).then_some(instance))
     }
@@ -486,7 +517,11 @@ async fn follow<P: Process>(inner: Arc<Inner<P>>, from: Option<Position>, every:
     loop {
         let after = inner.position();
         let start = after.map_or(StartFrom::Start, |p| StartFrom::After(p.0));
-        let mut subscription = match inner.store.subscribe(SubscriptionTarget::Query(inner.process.query()), start).await {
+        let mut subscription = match inner
+            .store
+            .subscribe(SubscriptionTarget::Query(inner.process.query()), start)
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 inner.failed(e.to_string());
@@ -540,7 +575,11 @@ async fn newest(store: &dyn EventStore, stream: &str) -> Result<Option<RecordedE
 /// An instance as its stream says: the state from its newest reaction, and
 /// whether a park (or a resume) came after it. Reads back from the newest
 /// event to the newest reaction.
-async fn load_instance<S: DeserializeOwned + Default>(store: &dyn EventStore, stream: &str, correlation: &str) -> Result<Instance<S>, ProcessError> {
+async fn load_instance<S: DeserializeOwned + Default>(
+    store: &dyn EventStore,
+    stream: &str,
+    correlation: &str,
+) -> Result<Instance<S>, ProcessError> {
     let bad = |e: String| ProcessError::State(stream.to_string(), e);
     let mut instance = Instance {
         correlation: correlation.to_string(),
@@ -566,20 +605,25 @@ async fn load_instance<S: DeserializeOwned + Default>(store: &dyn EventStore, st
             match event.event_type.as_str() {
                 REACTED | ENDED => {
                     let reaction: Reaction = event.json().map_err(|e| bad(e.to_string()))?;
-                    instance.state = serde_json::from_value(reaction.state).map_err(|e| bad(e.to_string()))?;
+                    instance.state =
+                        serde_json::from_value(reaction.state).map_err(|e| bad(e.to_string()))?;
                     instance.position = reaction.position;
                     instance.deadlines = reaction.deadlines;
                     instance.ended = reaction.ended;
                     return Ok(settle(instance, park, resumed_after));
                 }
-                PARKED if park.is_none() => park = Some(event.json::<Parked>().map_err(|e| bad(e.to_string()))?),
+                PARKED if park.is_none() => {
+                    park = Some(event.json::<Parked>().map_err(|e| bad(e.to_string()))?)
+                }
                 RESUMED if park.is_none() => resumed_after = true,
                 PARKED | RESUMED => {}
                 other => return Err(bad(format!("it holds a {other}"))),
             }
         }
         match events.last() {
-            Some(oldest) if oldest.version > 1 => options = ReadStreamOptions::backward().from_version(oldest.version - 1).limit(64),
+            Some(oldest) if oldest.version > 1 => {
+                options = ReadStreamOptions::backward().from_version(oldest.version - 1).limit(64)
+            }
             _ => return Ok(settle(instance, park, resumed_after)),
         }
     }
@@ -610,7 +654,10 @@ impl<P: Process> Inner<P> {
 
     async fn write_checkpoint(&self, position: Position) -> Result<(), StoreError> {
         let event = NewEvent::json(CHECKPOINT, &position).expect("positions serialise");
-        self.store.append(&process_checkpoint_stream(&self.name), ExpectedVersion::Any, vec![event]).await.map(|_| ())
+        self.store
+            .append(&process_checkpoint_stream(&self.name), ExpectedVersion::Any, vec![event])
+            .await
+            .map(|_| ())
     }
 
     async fn load(&self, correlation: &str) -> Result<Instance<P::State>, ProcessError> {
@@ -620,7 +667,10 @@ impl<P: Process> Inner<P> {
     /// Handles one event, retrying until it is recorded (or skipped).
     async fn handle_event(&self, event: RecordedEvent) {
         let Some(correlation) = self.process.correlate(&event) else { return };
-        if correlation.is_empty() || correlation.starts_with('$') || cairn_core::validate_stream_name(&saga_stream(&self.name, &correlation)).is_err() {
+        if correlation.is_empty()
+            || correlation.starts_with('$')
+            || cairn_core::validate_stream_name(&saga_stream(&self.name, &correlation)).is_err()
+        {
             return;
         }
         let _guard = self.lock.lock().await;
@@ -638,12 +688,21 @@ impl<P: Process> Inner<P> {
         let payload: Payload = serde_json::from_value(timer.payload).map_err(|e| e.to_string())?;
         let _guard = self.lock.lock().await;
         let instance = self.load(&payload.correlation).await.map_err(|e| e.to_string())?;
-        if !instance.ended && !instance.deadlines.iter().any(|d| d.timer == timer.id) && instance.version < payload.version {
+        if !instance.ended
+            && !instance.deadlines.iter().any(|d| d.timer == timer.id)
+            && instance.version < payload.version
+        {
             // Set by a reaction not yet recorded (its process died in
             // between): the event comes again, and then the deadline counts.
-            return Err(format!("deadline {} waits for version {} of its instance", payload.name, payload.version));
+            return Err(format!(
+                "deadline {} waits for version {} of its instance",
+                payload.name, payload.version
+            ));
         }
-        self.handle(&payload.correlation, Key::Deadline(&timer.id), false).await.map(|_| ()).map_err(|e| e.to_string())
+        self.handle(&payload.correlation, Key::Deadline(&timer.id), false)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     async fn retry<F, Fut>(&self, mut attempt: F)
@@ -669,10 +728,19 @@ impl<P: Process> Inner<P> {
     /// instance moved meanwhile, try again.
     /// `replay`: from [`Inner::replay_resumed`]; otherwise a message for an
     /// instance that is parked, or resumed but not yet replayed, waits.
-    async fn handle(&self, correlation: &str, key: Key<'_>, replay: bool) -> Result<bool, ProcessError> {
+    async fn handle(
+        &self,
+        correlation: &str,
+        key: Key<'_>,
+        replay: bool,
+    ) -> Result<bool, ProcessError> {
         let instance = self.load(correlation).await?;
         let stream = saga_stream(&self.name, correlation);
-        if instance.parked.is_some() || (!replay && (instance.resumed.is_some() || self.parked.lock().unwrap().contains(correlation))) {
+        if instance.parked.is_some()
+            || (!replay
+                && (instance.resumed.is_some()
+                    || self.parked.lock().unwrap().contains(correlation)))
+        {
             self.watch(correlation).await?;
             return match key {
                 // Skipped now, replayed from the store once it is resumed.
@@ -685,15 +753,26 @@ impl<P: Process> Inner<P> {
                 if instance.ended || event.position <= instance.position {
                     return Ok(true);
                 }
-                let handled = format!("{} in {} at {}", event.event_type, event.stream, event.position);
+                let handled =
+                    format!("{} in {} at {}", event.event_type, event.stream, event.position);
                 (Message::Event(event.clone()), event.id.to_string(), event.position, handled)
             }
             Key::Deadline(timer) => {
-                let Some(deadline) = instance.deadlines.iter().find(|d| d.timer == timer).filter(|_| !instance.ended) else {
+                let Some(deadline) = instance
+                    .deadlines
+                    .iter()
+                    .find(|d| d.timer == timer)
+                    .filter(|_| !instance.ended)
+                else {
                     return Ok(true);
                 };
                 let message = Message::Deadline { name: deadline.name.clone() };
-                (message, format!("deadline/{timer}"), instance.position, format!("deadline {}", deadline.name))
+                (
+                    message,
+                    format!("deadline/{timer}"),
+                    instance.position,
+                    format!("deadline {}", deadline.name),
+                )
             }
         };
         let mut state = instance.state.clone();
@@ -712,11 +791,25 @@ impl<P: Process> Inner<P> {
             match effect {
                 Effect::Command { name, payload } => {
                     let key = format!("{stream}/{message_key}/{i}");
-                    let command = Command { name: name.clone(), payload, key: key.clone(), process: self.name.clone(), correlation: correlation.to_string() };
+                    let command = Command {
+                        name: name.clone(),
+                        payload,
+                        key: key.clone(),
+                        process: self.name.clone(),
+                        correlation: correlation.to_string(),
+                    };
                     if let Err((attempts, error)) = self.send(command).await {
                         let deadline = handled_deadline.map(str::to_string);
                         let at = if deadline.is_none() { Some(position) } else { None };
-                        let parked = Parked { handled, deadline, position: at, command: name, key, attempts, error };
+                        let parked = Parked {
+                            handled,
+                            deadline,
+                            position: at,
+                            command: name,
+                            key,
+                            attempts,
+                            error,
+                        };
                         return self.park(correlation, &instance, parked).await;
                     }
                     commands.push(key);
@@ -725,7 +818,9 @@ impl<P: Process> Inner<P> {
                 Effect::Deadline { name, after } => {
                     let timer = format!("{correlation}/{name}@{version}");
                     let payload = serde_json::json!({ "correlation": correlation, "name": name, "version": version });
-                    scheduler.schedule(&timer, after, TimerAction::callback(DEADLINE_KIND, payload)).await?;
+                    scheduler
+                        .schedule(&timer, after, TimerAction::callback(DEADLINE_KIND, payload))
+                        .await?;
                     if !deadlines.iter().any(|d| d.timer == timer) {
                         deadlines.push(PendingDeadline { timer, name });
                     }
@@ -744,11 +839,24 @@ impl<P: Process> Inner<P> {
                 scheduler.cancel(&d.timer).await?;
             }
         }
-        let reaction = Reaction { state: serde_json::to_value(&state).map_err(|e| ProcessError::State(stream.clone(), e.to_string()))?, position, handled, commands, command_names, deadlines, ended };
+        let reaction = Reaction {
+            state: serde_json::to_value(&state)
+                .map_err(|e| ProcessError::State(stream.clone(), e.to_string()))?,
+            position,
+            handled,
+            commands,
+            command_names,
+            deadlines,
+            ended,
+        };
         let event = NewEvent::json(if ended { ENDED } else { REACTED }, &reaction)
             .expect("reactions serialise")
             .with_id(derived_id(&format!("{stream}@{version}/{message_key}")));
-        match self.store.append(&stream, ExpectedVersion::Exact(instance.version), vec![event]).await {
+        match self
+            .store
+            .append(&stream, ExpectedVersion::Exact(instance.version), vec![event])
+            .await
+        {
             Ok(_) => Ok(true),
             Err(StoreError::WrongExpectedVersion { .. }) => Ok(false),
             Err(e) => Err(e.into()),
@@ -761,12 +869,18 @@ impl<P: Process> Inner<P> {
         let mut delay = Duration::from_millis(100);
         let mut attempt = 1;
         loop {
-            let error = match tokio::time::timeout(self.command_timeout, (self.handler)(command.clone())).await {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(e)) => e,
-                Err(_) => format!("no answer within {} ms", self.command_timeout.as_millis()),
-            };
-            self.failed(format!("command {} ({}), attempt {attempt}: {error}", command.name, command.key));
+            let error =
+                match tokio::time::timeout(self.command_timeout, (self.handler)(command.clone()))
+                    .await
+                {
+                    Ok(Ok(())) => return Ok(()),
+                    Ok(Err(e)) => e,
+                    Err(_) => format!("no answer within {} ms", self.command_timeout.as_millis()),
+                };
+            self.failed(format!(
+                "command {} ({}), attempt {attempt}: {error}",
+                command.name, command.key
+            ));
             if attempt >= self.attempts {
                 return Err((attempt, error));
             }
@@ -778,12 +892,21 @@ impl<P: Process> Inner<P> {
 
     /// Records that the instance waits for a person, and watches it for the
     /// resume. `Ok(true)`: the message is dealt with (for now).
-    async fn park(&self, correlation: &str, instance: &Instance<P::State>, parked: Parked) -> Result<bool, ProcessError> {
+    async fn park(
+        &self,
+        correlation: &str,
+        instance: &Instance<P::State>,
+        parked: Parked,
+    ) -> Result<bool, ProcessError> {
         let stream = saga_stream(&self.name, correlation);
         let event = NewEvent::json(PARKED, &parked)
             .expect("parks serialise")
             .with_id(derived_id(&format!("{stream}@{}/parked", instance.version + 1)));
-        match self.store.append(&stream, ExpectedVersion::Exact(instance.version), vec![event]).await {
+        match self
+            .store
+            .append(&stream, ExpectedVersion::Exact(instance.version), vec![event])
+            .await
+        {
             Ok(_) => {}
             Err(StoreError::WrongExpectedVersion { .. }) => return Ok(false),
             Err(e) => return Err(e.into()),
@@ -805,7 +928,8 @@ impl<P: Process> Inner<P> {
     }
 
     async fn write_parked(&self, correlations: BTreeSet<String>) -> Result<(), ProcessError> {
-        let event = NewEvent::json(PARKED_SET, &ParkedSet { correlations }).expect("sets serialise");
+        let event =
+            NewEvent::json(PARKED_SET, &ParkedSet { correlations }).expect("sets serialise");
         self.store.append(&parked_stream(&self.name), ExpectedVersion::Any, vec![event]).await?;
         Ok(())
     }
@@ -822,7 +946,9 @@ impl<P: Process> Inner<P> {
                 Ok(false) => continue,
                 Ok(true) => return,
                 // One instance's trouble does not hold back the others.
-                Err(e) => self.failed(format!("replaying {}: {e}", saga_stream(&self.name, &correlation))),
+                Err(e) => {
+                    self.failed(format!("replaying {}: {e}", saga_stream(&self.name, &correlation)))
+                }
             }
         }
     }
@@ -831,7 +957,10 @@ impl<P: Process> Inner<P> {
     /// still parked.
     async fn replay(&self, correlation: &str) -> Result<bool, ProcessError> {
         // Cheap first: still parked while its newest event is the park.
-        if newest(self.store.as_ref(), &saga_stream(&self.name, correlation)).await?.is_some_and(|e| e.event_type == PARKED) {
+        if newest(self.store.as_ref(), &saga_stream(&self.name, correlation))
+            .await?
+            .is_some_and(|e| e.event_type == PARKED)
+        {
             return Ok(false);
         }
         let instance = self.load(correlation).await?;
@@ -840,7 +969,8 @@ impl<P: Process> Inner<P> {
         }
         // A parked deadline first: it came before the events still to replay.
         if let Some(timer) = instance.resumed.as_ref().and_then(|p| p.deadline.as_deref())
-            && (!self.handle(correlation, Key::Deadline(timer), true).await? || self.load(correlation).await?.parked.is_some())
+            && (!self.handle(correlation, Key::Deadline(timer), true).await?
+                || self.load(correlation).await?.parked.is_some())
         {
             return Ok(true);
         }
@@ -853,7 +983,8 @@ impl<P: Process> Inner<P> {
         };
         let mut parked_again = false;
         'pages: while from <= upto {
-            let options = ReadAllOptions { from, exclusive, direction: Direction::Forward, limit: 256 };
+            let options =
+                ReadAllOptions { from, exclusive, direction: Direction::Forward, limit: 256 };
             let events = self.store.read_query(&self.process.query(), options).await?;
             if events.is_empty() {
                 break;
@@ -886,14 +1017,20 @@ impl<P: Process> Inner<P> {
 /// Lets a parked instance of `process` go on: appends `ProcessResumed`, and
 /// its manager (wherever it runs) handles the parked message again, then the
 /// events the instance skipped. Refused, with nothing written, unless parked.
-pub async fn resume_process(store: &dyn EventStore, process: &str, correlation: &str, by: &str) -> Result<Parked, ProcessError> {
+pub async fn resume_process(
+    store: &dyn EventStore,
+    process: &str,
+    correlation: &str,
+    by: &str,
+) -> Result<Parked, ProcessError> {
     let stream = saga_stream(process, correlation);
     let instance: Instance<Value> = load_instance(store, &stream, correlation).await?;
     if instance.version == 0 {
         return Err(ProcessError::NotFound(stream));
     }
     let Some(parked) = instance.parked else { return Err(ProcessError::NotParked(stream)) };
-    let event = NewEvent::json(RESUMED, &Resumed { by: by.to_string() }).expect("resumes serialise");
+    let event =
+        NewEvent::json(RESUMED, &Resumed { by: by.to_string() }).expect("resumes serialise");
     store.append(&stream, ExpectedVersion::Exact(instance.version), vec![event]).await?;
     Ok(parked)
 }

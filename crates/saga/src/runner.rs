@@ -15,15 +15,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_core::{
-    EventStore, ExpectedVersion, NewEvent, Position, ReadAllOptions, ReadStreamOptions, RecordedEvent, StartFrom, StoreError, SubscriptionTarget,
-    SAGA_STREAM_PREFIX,
+    EventStore, ExpectedVersion, NewEvent, Position, ReadAllOptions, ReadStreamOptions,
+    RecordedEvent, SAGA_STREAM_PREFIX, StartFrom, StoreError, SubscriptionTarget,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore, oneshot};
 
 use crate::definition::{Saga, StepContext, Undo};
-use crate::history::{derived_id, saga_stream, SagaEvent, SagaState, Status};
+use crate::history::{SagaEvent, SagaState, Status, derived_id, saga_stream};
 
 /// What went wrong starting or asking about a saga.
 #[derive(Debug, thiserror::Error)]
@@ -114,12 +114,15 @@ impl SagaRunnerBuilder {
     /// Checks the definitions, resumes every saga an earlier runner of this
     /// name left unfinished, and starts taking new ones.
     pub async fn run(self) -> Result<SagaRunner, SagaError> {
-        cairn_core::validate_category(&self.name).map_err(|e| SagaError::Definition(format!("runner name {:?}: {e}", self.name)))?;
+        cairn_core::validate_category(&self.name)
+            .map_err(|e| SagaError::Definition(format!("runner name {:?}: {e}", self.name)))?;
         let mut sagas = HashMap::new();
         for saga in self.sagas {
             saga.check().map_err(SagaError::Definition)?;
             if sagas.insert(saga.name.clone(), Arc::new(saga)).is_some() {
-                return Err(SagaError::Definition("two sagas with the same name are registered".into()));
+                return Err(SagaError::Definition(
+                    "two sagas with the same name are registered".into(),
+                ));
             }
         }
         let inner = Arc::new(Inner {
@@ -145,7 +148,9 @@ impl SagaRunnerBuilder {
                 if inner.stopping.load(Ordering::Acquire) {
                     return;
                 }
-                if inner.changed.swap(false, Ordering::AcqRel) && inner.write_checkpoint().await.is_err() {
+                if inner.changed.swap(false, Ordering::AcqRel)
+                    && inner.write_checkpoint().await.is_err()
+                {
                     inner.changed.store(true, Ordering::Release);
                 }
             }
@@ -173,7 +178,13 @@ impl SagaRunner {
     /// A runner named `name` (its checkpoint is `$saga-<name>`): one running
     /// runner per name. Add sagas, then [`SagaRunnerBuilder::run`].
     pub fn builder(store: Arc<dyn EventStore>, name: impl Into<String>) -> SagaRunnerBuilder {
-        SagaRunnerBuilder { store, name: name.into(), sagas: Vec::new(), max_running: 1024, checkpoint_every: Duration::from_secs(1) }
+        SagaRunnerBuilder {
+            store,
+            name: name.into(),
+            sagas: Vec::new(),
+            max_running: 1024,
+            checkpoint_every: Duration::from_secs(1),
+        }
     }
 
     /// Unfinished sagas found (and resumed) when the runner started.
@@ -184,18 +195,26 @@ impl SagaRunner {
     /// Starts saga `saga` with this id and input. When it returns, the saga is
     /// in the store and will run to its end, even if this process dies (the
     /// next runner resumes it). Starting an id that exists changes nothing.
-    pub async fn start(&self, saga: &str, id: &str, input: &impl Serialize) -> Result<Started, SagaError> {
+    pub async fn start(
+        &self,
+        saga: &str,
+        id: &str,
+        input: &impl Serialize,
+    ) -> Result<Started, SagaError> {
         let inner = &self.inner;
         if inner.stopping.load(Ordering::Acquire) {
             return Err(SagaError::Stopped);
         }
-        let definition = inner.sagas.get(saga).ok_or_else(|| SagaError::UnknownSaga(saga.to_string()))?.clone();
+        let definition =
+            inner.sagas.get(saga).ok_or_else(|| SagaError::UnknownSaga(saga.to_string()))?.clone();
         let stream = saga_stream(saga, id);
-        cairn_core::validate_stream_name(&stream).map_err(|e| SagaError::InvalidId(id.to_string(), e.to_string()))?;
+        cairn_core::validate_stream_name(&stream)
+            .map_err(|e| SagaError::InvalidId(id.to_string(), e.to_string()))?;
         if id.is_empty() {
             return Err(SagaError::InvalidId(id.to_string(), "it is empty".into()));
         }
-        let input = serde_json::to_value(input).map_err(|e| SagaError::InvalidInput(e.to_string()))?;
+        let input =
+            serde_json::to_value(input).map_err(|e| SagaError::InvalidInput(e.to_string()))?;
         let started = SagaEvent::SagaStarted {
             saga: saga.to_string(),
             input,
@@ -246,7 +265,9 @@ impl SagaRunner {
         };
         match receiver {
             Some(rx) => rx.await.map_err(|_| SagaError::Stopped),
-            None => load_stream(self.inner.store.as_ref(), &stream).await?.ok_or(SagaError::NotFound(stream)),
+            None => load_stream(self.inner.store.as_ref(), &stream)
+                .await?
+                .ok_or(SagaError::NotFound(stream)),
         }
     }
 
@@ -279,7 +300,10 @@ impl Inner {
         if open.contains_key(stream) {
             return false;
         }
-        open.insert(stream.to_string(), Open { floor, listed: false, parked: false, waiters: Vec::new() });
+        open.insert(
+            stream.to_string(),
+            Open { floor, listed: false, parked: false, waiters: Vec::new() },
+        );
         self.changed.store(true, Ordering::Release);
         true
     }
@@ -331,7 +355,9 @@ impl Inner {
             }
         };
         let event = NewEvent::json(CHECKPOINT_TYPE, &checkpoint).expect("checkpoints serialise");
-        self.store.append(&checkpoint_stream(&self.name), ExpectedVersion::Any, vec![event]).await?;
+        self.store
+            .append(&checkpoint_stream(&self.name), ExpectedVersion::Any, vec![event])
+            .await?;
         Ok(())
     }
 
@@ -339,10 +365,18 @@ impl Inner {
     /// passing store error with the same event ids (so a retry of a write
     /// that landed is recognised). `None`: the stream moved on without us.
     async fn record(&self, state: &SagaState, events: &[SagaEvent]) -> Option<()> {
-        let batch: Vec<NewEvent> = events.iter().enumerate().map(|(i, e)| e.to_new_event(&state.stream, state.version + 1 + i as u64)).collect();
+        let batch: Vec<NewEvent> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| e.to_new_event(&state.stream, state.version + 1 + i as u64))
+            .collect();
         let mut delay = Duration::from_millis(50);
         loop {
-            match self.store.append(&state.stream, ExpectedVersion::Exact(state.version), batch.clone()).await {
+            match self
+                .store
+                .append(&state.stream, ExpectedVersion::Exact(state.version), batch.clone())
+                .await
+            {
                 Ok(result) => {
                     self.saw(result.position);
                     return Some(());
@@ -363,11 +397,18 @@ fn checkpoint_stream(runner: &str) -> String {
 }
 
 /// Reads one saga's state; `None` if the saga does not exist.
-pub async fn load(store: &dyn EventStore, saga: &str, id: &str) -> Result<Option<SagaState>, StoreError> {
+pub async fn load(
+    store: &dyn EventStore,
+    saga: &str,
+    id: &str,
+) -> Result<Option<SagaState>, StoreError> {
     load_stream(store, &saga_stream(saga, id)).await
 }
 
-async fn load_stream(store: &dyn EventStore, stream: &str) -> Result<Option<SagaState>, StoreError> {
+async fn load_stream(
+    store: &dyn EventStore,
+    stream: &str,
+) -> Result<Option<SagaState>, StoreError> {
     match read_history(store, stream).await {
         Ok(events) => Ok(SagaState::fold(stream, &events)),
         Err(StoreError::StreamNotFound { .. }) => Ok(None),
@@ -377,12 +418,17 @@ async fn load_stream(store: &dyn EventStore, stream: &str) -> Result<Option<Saga
 
 /// Every event of a saga's (or any) stream, read in pages: a remote store
 /// caps one read.
-pub async fn read_history(store: &dyn EventStore, stream: &str) -> Result<Vec<RecordedEvent>, StoreError> {
+pub async fn read_history(
+    store: &dyn EventStore,
+    stream: &str,
+) -> Result<Vec<RecordedEvent>, StoreError> {
     const PAGE: usize = 1000;
     let mut events: Vec<RecordedEvent> = Vec::new();
     loop {
         let from = events.last().map_or(1, |e| e.version + 1);
-        let page = store.read_stream(stream, ReadStreamOptions::forward().from_version(from).limit(PAGE)).await?;
+        let page = store
+            .read_stream(stream, ReadStreamOptions::forward().from_version(from).limit(PAGE))
+            .await?;
         let full = page.len() == PAGE;
         events.extend(page);
         if !full {
@@ -410,16 +456,26 @@ pub async fn list(store: &dyn EventStore, limit: usize) -> Result<Vec<SagaState>
 
 async fn recover(inner: &Arc<Inner>) -> Result<usize, SagaError> {
     let store = inner.store.as_ref();
-    let checkpoint = match store.read_stream(&checkpoint_stream(&inner.name), ReadStreamOptions::backward().limit(1)).await {
+    let checkpoint = match store
+        .read_stream(&checkpoint_stream(&inner.name), ReadStreamOptions::backward().limit(1))
+        .await
+    {
         Ok(events) => events.first().and_then(|e| e.json::<Checkpoint>().ok()).unwrap_or_default(),
         // A runner writes its first checkpoint before it takes any saga: without
         // one there is nothing of ours to find, and no reason to read `$all`.
-        Err(StoreError::StreamNotFound { .. }) => Checkpoint { after: store.last_position().await?.map_or(0, |p| p.0), parked: Vec::new() },
+        Err(StoreError::StreamNotFound { .. }) => Checkpoint {
+            after: store.last_position().await?.map_or(0, |p| p.0),
+            parked: Vec::new(),
+        },
         Err(e) => return Err(e.into()),
     };
     let listed: std::collections::HashSet<String> = checkpoint.parked.iter().cloned().collect();
     let mut candidates: Vec<String> = checkpoint.parked;
-    let mut options = if checkpoint.after == 0 { ReadAllOptions::forward() } else { ReadAllOptions::forward().after(Position(checkpoint.after)) };
+    let mut options = if checkpoint.after == 0 {
+        ReadAllOptions::forward()
+    } else {
+        ReadAllOptions::forward().after(Position(checkpoint.after))
+    };
     let mut newest = checkpoint.after;
     loop {
         let page = store.read_all(options.limit(4096)).await?;
@@ -471,7 +527,12 @@ fn context(saga: &Saga, state: &SagaState, step: &str, suffix: &str, attempt: u3
 
 /// The compensation plan: completed steps newest first (after the timed-out
 /// one, whose effect is unknown), split by whether they can be undone.
-fn compensating(saga: &Saga, state: &SagaState, reason: String, timed_out: Option<&str>) -> SagaEvent {
+fn compensating(
+    saga: &Saga,
+    state: &SagaState,
+    reason: String,
+    timed_out: Option<&str>,
+) -> SagaEvent {
     let mut undo = Vec::new();
     let mut not_undoable = Vec::new();
     let done = state.completed.iter().rev().map(|(s, _)| s.as_str());
@@ -531,8 +592,14 @@ async fn drive(inner: Arc<Inner>, saga: Arc<Saga>, mut state: SagaState) {
         }
         state.version += events.len() as u64;
         let backoff = match events.first() {
-            Some(SagaEvent::CompensationFailed { attempt, .. }) if state.status == Status::Compensating => Some(saga.retry.delay(*attempt)),
-            Some(SagaEvent::StepAttemptFailed { step, attempt, .. }) => saga.find(step).map(|s| s.retry_delay(*attempt)),
+            Some(SagaEvent::CompensationFailed { attempt, .. })
+                if state.status == Status::Compensating =>
+            {
+                Some(saga.retry.delay(*attempt))
+            }
+            Some(SagaEvent::StepAttemptFailed { step, attempt, .. }) => {
+                saga.find(step).map(|s| s.retry_delay(*attempt))
+            }
             _ => None,
         };
         if let Some(wait) = backoff {
@@ -547,7 +614,10 @@ async fn drive(inner: Arc<Inner>, saga: Arc<Saga>, mut state: SagaState) {
 async fn run_action(saga: &Saga, state: &SagaState, name: &str) -> Vec<SagaEvent> {
     let Some(step) = saga.find(name) else {
         let error = format!("step {name} is not in this version of saga {}", saga.name);
-        return vec![SagaEvent::StepFailed { step: name.into(), error: error.clone() }, compensating(saga, state, error, None)];
+        return vec![
+            SagaEvent::StepFailed { step: name.into(), error: error.clone() },
+            compensating(saga, state, error, None),
+        ];
     };
     let attempt = state.attempts + 1;
     let ctx = context(saga, state, name, "", attempt);
@@ -572,12 +642,18 @@ async fn run_action(saga: &Saga, state: &SagaState, name: &str) -> Vec<SagaEvent
         }
         Ok(Err(error)) => {
             let reason = format!("{name} failed: {error}");
-            vec![SagaEvent::StepFailed { step: name.into(), error: error.0 }, compensating(saga, state, reason, None)]
+            vec![
+                SagaEvent::StepFailed { step: name.into(), error: error.0 },
+                compensating(saga, state, reason, None),
+            ]
         }
         Err(_) => {
             let after_ms = step.timeout.as_millis() as u64;
             let reason = format!("{name} timed out after {after_ms} ms");
-            vec![SagaEvent::StepTimedOut { step: name.into(), after_ms }, compensating(saga, state, reason, Some(name))]
+            vec![
+                SagaEvent::StepTimedOut { step: name.into(), after_ms },
+                compensating(saga, state, reason, Some(name)),
+            ]
         }
     }
 }
@@ -613,8 +689,14 @@ async fn run_compensation(saga: &Saga, state: &SagaState, name: &str) -> Vec<Sag
 
 /// Follows a parked saga's stream until an operator resumes it.
 async fn wait_for_resume(inner: &Inner, state: &SagaState) -> Option<SagaState> {
-    let mut subscription =
-        inner.store.subscribe(SubscriptionTarget::Stream(state.stream.clone()), StartFrom::After(state.version)).await.ok()?;
+    let mut subscription = inner
+        .store
+        .subscribe(
+            SubscriptionTarget::Stream(state.stream.clone()),
+            StartFrom::After(state.version),
+        )
+        .await
+        .ok()?;
     loop {
         tokio::select! {
             next = subscription.next() => match next {
@@ -631,14 +713,26 @@ async fn wait_for_resume(inner: &Inner, state: &SagaState) -> Option<SagaState> 
 
 /// Asks a parked saga to try its compensations again (what `cairn sagas
 /// resume` does): its runner, wherever it runs, picks it up.
-pub async fn resume(store: &dyn EventStore, saga: &str, id: &str, by: &str) -> Result<SagaState, SagaError> {
+pub async fn resume(
+    store: &dyn EventStore,
+    saga: &str,
+    id: &str,
+    by: &str,
+) -> Result<SagaState, SagaError> {
     let stream = saga_stream(saga, id);
-    let mut state = load_stream(store, &stream).await?.ok_or_else(|| SagaError::NotFound(stream.clone()))?;
+    let mut state =
+        load_stream(store, &stream).await?.ok_or_else(|| SagaError::NotFound(stream.clone()))?;
     if state.status != Status::NeedsAttention {
         return Err(SagaError::NotParked(stream, state.status.as_str()));
     }
     let event = SagaEvent::SagaResumed { by: by.to_string() };
-    store.append(&stream, ExpectedVersion::Exact(state.version), vec![event.to_new_event(&stream, state.version + 1)]).await?;
+    store
+        .append(
+            &stream,
+            ExpectedVersion::Exact(state.version),
+            vec![event.to_new_event(&stream, state.version + 1)],
+        )
+        .await?;
     state.apply(&event);
     state.version += 1;
     Ok(state)

@@ -21,12 +21,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use cairn_core::{
-    EventStore, ExpectedVersion, Metadata, NewEvent, Position, ReadStreamOptions, RecordedEvent, StoreError, Timestamp, TIMER_STREAM_PREFIX,
+    EventStore, ExpectedVersion, Metadata, NewEvent, Position, ReadStreamOptions, RecordedEvent,
+    StoreError, TIMER_STREAM_PREFIX, Timestamp,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -62,7 +63,12 @@ pub enum TimerAction {
 
 impl TimerAction {
     pub fn append(stream: impl Into<String>, event_type: impl Into<String>, data: Value) -> Self {
-        TimerAction::Append { stream: stream.into(), event_type: event_type.into(), data, metadata: Metadata::default() }
+        TimerAction::Append {
+            stream: stream.into(),
+            event_type: event_type.into(),
+            data,
+            metadata: Metadata::default(),
+        }
     }
 
     pub fn callback(kind: impl Into<String>, payload: Value) -> Self {
@@ -134,13 +140,29 @@ pub struct FiredTimer {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data")]
 pub enum TimerEvent {
-    TimerScheduled { id: String, due: Timestamp, action: TimerAction },
-    TimerCancelled { id: String },
+    TimerScheduled {
+        id: String,
+        due: Timestamp,
+        action: TimerAction,
+    },
+    TimerCancelled {
+        id: String,
+    },
     /// One failed attempt; the timer fires again at `retry_at`.
-    TimerFailed { id: String, attempt: u32, error: String, retry_at: Timestamp },
-    TimerFired { id: String, attempt: u32 },
+    TimerFailed {
+        id: String,
+        attempt: u32,
+        error: String,
+        retry_at: Timestamp,
+    },
+    TimerFired {
+        id: String,
+        attempt: u32,
+    },
     /// Every pending timer at this point: recovery starts here.
-    TimersPending { timers: Vec<Timer> },
+    TimersPending {
+        timers: Vec<Timer>,
+    },
 }
 
 impl TimerEvent {
@@ -164,9 +186,13 @@ impl TimerEvent {
         let body = serde_json::to_value(self).expect("timer events serialise");
         let data = body.get("data").cloned().unwrap_or(Value::Null);
         let id = match self {
-            TimerEvent::TimerScheduled { id, .. } => derived_id(&format!("{stream}/{id}/scheduled")),
+            TimerEvent::TimerScheduled { id, .. } => {
+                derived_id(&format!("{stream}/{id}/scheduled"))
+            }
             TimerEvent::TimerCancelled { id } => derived_id(&format!("{stream}/{id}/cancelled")),
-            TimerEvent::TimerFailed { id, attempt, .. } => derived_id(&format!("{stream}/{id}/failed/{attempt}")),
+            TimerEvent::TimerFailed { id, attempt, .. } => {
+                derived_id(&format!("{stream}/{id}/failed/{attempt}"))
+            }
             TimerEvent::TimerFired { id, .. } => derived_id(&format!("{stream}/{id}/fired")),
             TimerEvent::TimersPending { .. } => Uuid::now_v7(),
         };
@@ -253,7 +279,8 @@ impl SchedulerBuilder {
     /// on), arms them and starts firing.
     pub async fn start(self) -> Result<Scheduler, TimerError> {
         let stream = timer_stream(&self.name);
-        cairn_core::validate_stream_name(&stream).map_err(|e| TimerError::Invalid(e.to_string()))?;
+        cairn_core::validate_stream_name(&stream)
+            .map_err(|e| TimerError::Invalid(e.to_string()))?;
         let (state, recovery) = recover(self.store.as_ref(), &stream).await?;
         let inner = Arc::new(Inner {
             store: self.store,
@@ -269,7 +296,11 @@ impl SchedulerBuilder {
             firings: std::sync::Mutex::new(JoinSet::new()),
         });
         let main = tokio::spawn(run(inner.clone()));
-        Ok(Scheduler { life: Arc::new(Life { inner: inner.clone(), main: std::sync::Mutex::new(Some(main)) }), inner, recovery })
+        Ok(Scheduler {
+            life: Arc::new(Life { inner: inner.clone(), main: std::sync::Mutex::new(Some(main)) }),
+            inner,
+            recovery,
+        })
     }
 }
 
@@ -352,7 +383,9 @@ impl State {
                     self.queue.remove(&(t.due, id));
                 }
             }
-            TimerEvent::TimerFailed { id, attempt, retry_at, .. } => self.requeue(&id, retry_at, Some(attempt)),
+            TimerEvent::TimerFailed { id, attempt, retry_at, .. } => {
+                self.requeue(&id, retry_at, Some(attempt))
+            }
             TimerEvent::TimersPending { timers } => {
                 self.queue = timers.iter().map(|t| (t.due, t.id.clone())).collect();
                 self.pending = timers.into_iter().map(|t| (t.id.clone(), t)).collect();
@@ -378,7 +411,10 @@ async fn recover(store: &dyn EventStore, stream: &str) -> Result<(State, Recover
     let mut last = Position::START;
     let mut from = u64::MAX;
     'pages: loop {
-        let page = match store.read_stream(stream, ReadStreamOptions::backward().from_version(from).limit(PAGE)).await {
+        let page = match store
+            .read_stream(stream, ReadStreamOptions::backward().from_version(from).limit(PAGE))
+            .await
+        {
             Ok(page) => page,
             Err(StoreError::StreamNotFound { .. }) => Vec::new(),
             Err(e) => return Err(e),
@@ -405,7 +441,8 @@ async fn recover(store: &dyn EventStore, stream: &str) -> Result<(State, Recover
     for event in snapshot.into_iter().chain(tail.into_iter().rev()) {
         state.apply(event);
     }
-    let recovery = Recovery { pending: state.pending.len(), events_read: recovery_read, from_snapshot };
+    let recovery =
+        Recovery { pending: state.pending.len(), events_read: recovery_read, from_snapshot };
     Ok((state, recovery))
 }
 
@@ -427,7 +464,12 @@ impl Scheduler {
     /// store and will fire even if this process dies; `Ok(false)`: a timer
     /// with this id exists or existed (pending, fired or cancelled), and
     /// nothing changed.
-    pub async fn schedule(&self, id: &str, due: impl Into<Due>, action: TimerAction) -> Result<bool, TimerError> {
+    pub async fn schedule(
+        &self,
+        id: &str,
+        due: impl Into<Due>,
+        action: TimerAction,
+    ) -> Result<bool, TimerError> {
         if let TimerAction::Callback { kind, .. } = &action
             && !self.inner.callbacks.contains_key(kind)
         {
@@ -441,7 +483,10 @@ impl Scheduler {
             return Ok(false);
         }
         let due = due.into().timestamp();
-        let new = self.inner.write(&mut state, TimerEvent::TimerScheduled { id: id.to_string(), due, action }).await?;
+        let new = self
+            .inner
+            .write(&mut state, TimerEvent::TimerScheduled { id: id.to_string(), due, action })
+            .await?;
         drop(state);
         self.inner.wake.notify_one();
         Ok(new)
@@ -502,7 +547,11 @@ impl Inner {
     /// Appends one event and applies it; false if the store had it already.
     /// Writes the snapshot when it is time.
     async fn write(&self, state: &mut State, event: TimerEvent) -> Result<bool, StoreError> {
-        let result = match self.store.append(&self.stream, ExpectedVersion::Any, vec![event.to_new_event(&self.stream)]).await {
+        let result = match self
+            .store
+            .append(&self.stream, ExpectedVersion::Any, vec![event.to_new_event(&self.stream)])
+            .await
+        {
             Ok(result) => result,
             // The event's id comes from the timer's: this step of this timer
             // was written before (scheduled again with another due time, say),
@@ -517,9 +566,18 @@ impl Inner {
         state.apply(event);
         state.since_snapshot += 1;
         if state.since_snapshot >= self.snapshot_every {
-            let snapshot = TimerEvent::TimersPending { timers: state.pending.values().cloned().collect() };
+            let snapshot =
+                TimerEvent::TimersPending { timers: state.pending.values().cloned().collect() };
             // A snapshot that fails (too large, store busy) only makes the next recovery longer.
-            if let Ok(r) = self.store.append(&self.stream, ExpectedVersion::Any, vec![snapshot.to_new_event(&self.stream)]).await {
+            if let Ok(r) = self
+                .store
+                .append(
+                    &self.stream,
+                    ExpectedVersion::Any,
+                    vec![snapshot.to_new_event(&self.stream)],
+                )
+                .await
+            {
                 state.last = r.position;
                 state.since_snapshot = 0;
             }
@@ -534,11 +592,24 @@ impl Inner {
                     .map_err(|e| e.to_string())?
                     .with_id(derived_id(&format!("{}/{}", self.stream, timer.id)))
                     .with_metadata(metadata.clone());
-                self.store.append(stream, ExpectedVersion::Any, vec![event]).await.map(|_| ()).map_err(|e| e.to_string())
+                self.store
+                    .append(stream, ExpectedVersion::Any, vec![event])
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
             }
             TimerAction::Callback { kind, payload } => {
-                let callback = self.callbacks.get(kind).ok_or_else(|| format!("no callback is registered for timer kind {kind:?}"))?;
-                let fired = FiredTimer { id: timer.id.clone(), kind: kind.clone(), payload: payload.clone(), due: timer.due.to_system_time(), attempt };
+                let callback = self
+                    .callbacks
+                    .get(kind)
+                    .ok_or_else(|| format!("no callback is registered for timer kind {kind:?}"))?;
+                let fired = FiredTimer {
+                    id: timer.id.clone(),
+                    kind: kind.clone(),
+                    payload: payload.clone(),
+                    due: timer.due.to_system_time(),
+                    attempt,
+                };
                 callback(fired).await
             }
         }
@@ -574,7 +645,9 @@ async fn run(inner: Arc<Inner>) {
                 drop(permit);
                 // Woken by a new schedule or a retry; wake at least once a
                 // minute in case the wall clock jumped.
-                let wait = due.map_or(Duration::from_secs(60), |d| Duration::from_micros((d.0 - now.0).max(0) as u64).min(Duration::from_secs(60)));
+                let wait = due.map_or(Duration::from_secs(60), |d| {
+                    Duration::from_micros((d.0 - now.0).max(0) as u64).min(Duration::from_secs(60))
+                });
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = inner.wake.notified() => {}

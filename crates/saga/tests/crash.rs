@@ -49,15 +49,29 @@ fn failing_step(id: usize) -> Option<&'static str> {
 
 /// Logs the call, waits a little (so kills land mid-step), then writes the
 /// effect once, keyed by the step's key.
-async fn call(store: Arc<dyn EventStore>, ctx: StepContext, effect: String, fail: bool) -> Result<(), StepError> {
+async fn call(
+    store: Arc<dyn EventStore>,
+    ctx: StepContext,
+    effect: String,
+    fail: bool,
+) -> Result<(), StepError> {
     let calls = format!("calls-{}", ctx.saga_id);
-    store.append(&calls, ExpectedVersion::Any, vec![NewEvent::json("Called", &json!({ "effect": effect })).unwrap()]).await?;
+    store
+        .append(
+            &calls,
+            ExpectedVersion::Any,
+            vec![NewEvent::json("Called", &json!({ "effect": effect })).unwrap()],
+        )
+        .await?;
     let pause = 20 + ctx.event_id().as_u128() as u64 % 60;
     tokio::time::sleep(Duration::from_millis(pause)).await;
     if fail {
         return Err(StepError::new(format!("{effect} refused")));
     }
-    let event = NewEvent::json(effect.as_str(), &json!({})).unwrap().with_id(ctx.event_id()).with_metadata(ctx.metadata());
+    let event = NewEvent::json(effect.as_str(), &json!({}))
+        .unwrap()
+        .with_id(ctx.event_id())
+        .with_metadata(ctx.metadata());
     store.append(&format!("effects-{}", ctx.saga_id), ExpectedVersion::Any, vec![event]).await?;
     Ok(())
 }
@@ -74,7 +88,9 @@ fn order_saga(store: &Arc<dyn EventStore>) -> Saga {
                     call(store, ctx, name.to_string(), fail).await
                 }
             })
-            .compensate(move |ctx: StepContext| call(s2.clone(), ctx, format!("undo:{name}"), false)),
+            .compensate(move |ctx: StepContext| {
+                call(s2.clone(), ctx, format!("undo:{name}"), false)
+            }),
         );
     }
     saga
@@ -93,8 +109,12 @@ async fn run_all(store: Arc<dyn EventStore>, checkpoint_ms: u64, ready: bool) ->
     }
     // Only the sagas never started: the others must be found by recovery.
     for id in 0..SAGAS {
-        if cairn_saga::load(store.as_ref(), "order", &id.to_string()).await.expect("load").is_none() {
-            runner.start("order", &id.to_string(), &json!({ "fail": failing_step(id) })).await.expect("start");
+        if cairn_saga::load(store.as_ref(), "order", &id.to_string()).await.expect("load").is_none()
+        {
+            runner
+                .start("order", &id.to_string(), &json!({ "fail": failing_step(id) }))
+                .await
+                .expect("start");
         }
     }
     runner
@@ -105,7 +125,8 @@ async fn run_all(store: Arc<dyn EventStore>, checkpoint_ms: u64, ready: bool) ->
 fn child_runner() {
     let Some(dir) = std::env::var_os(DIR_VAR) else { return };
     let seed: u64 = std::env::var(SEED_VAR).ok().and_then(|s| s.parse().ok()).unwrap_or(1);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async move {
         let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(&dir).expect("open store"));
         let runner = run_all(store, Rng(seed | 1).range(5, 200), true).await;
@@ -121,7 +142,10 @@ fn child_runner() {
 async fn types(store: &dyn EventStore, stream: &str) -> Vec<String> {
     match store.read_stream(stream, ReadStreamOptions::forward()).await {
         // A call's line is the effect it was for; an effect's, its type.
-        Ok(events) => events.into_iter().map(|e| if e.event_type == "Called" { called_effect(&e) } else { e.event_type }).collect(),
+        Ok(events) => events
+            .into_iter()
+            .map(|e| if e.event_type == "Called" { called_effect(&e) } else { e.event_type })
+            .collect(),
         Err(cairn_core::StoreError::StreamNotFound { .. }) => Vec::new(),
         Err(e) => panic!("{e}"),
     }
@@ -134,14 +158,17 @@ fn called_effect(call: &cairn_core::RecordedEvent) -> String {
 #[test]
 fn kill_runner_at_random_points() {
     let seed = std::env::var(SEED_VAR).ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+            as u64
+            | 1
     });
     eprintln!("crash::kill_runner_at_random_points seed {seed} (set {SEED_VAR} to replay)");
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
     let mut kills = 0;
     for round in 0..10 {
-        let envs = [(DIR_VAR, dir.path().display().to_string()), (SEED_VAR, (rng.next() | 1).to_string())];
+        let envs =
+            [(DIR_VAR, dir.path().display().to_string()), (SEED_VAR, (rng.next() | 1).to_string())];
         let mut child = spawn_ready_child("child_runner", &envs);
         std::thread::sleep(Duration::from_millis(rng.range(5, 120)));
         child.kill().unwrap();
@@ -153,18 +180,30 @@ fn kill_runner_at_random_points() {
         }
     }
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async move {
-        let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).expect("open store"));
+        let store: Arc<dyn EventStore> =
+            Arc::new(EmbeddedStore::open(dir.path()).expect("open store"));
         let runner = run_all(store.clone(), 50, false).await;
         eprintln!("after {kills} kills, the last runner resumed {} sagas", runner.recovered());
         // The rounds are too short for all the work: the kills landed mid-way.
-        assert!(runner.recovered() > 0, "nothing was left to resume: the test did not test recovery");
+        assert!(
+            runner.recovered() > 0,
+            "nothing was left to resume: the test did not test recovery"
+        );
         let mut repeats = 0;
         for id in 0..SAGAS {
-            let state = tokio::time::timeout(Duration::from_secs(30), runner.wait("order", &id.to_string())).await.expect("finishes").unwrap();
+            let state = tokio::time::timeout(
+                Duration::from_secs(30),
+                runner.wait("order", &id.to_string()),
+            )
+            .await
+            .expect("finishes")
+            .unwrap();
             let fail = failing_step(id);
-            let expected_status = if fail.is_some() { Status::Compensated } else { Status::Completed };
+            let expected_status =
+                if fail.is_some() { Status::Compensated } else { Status::Completed };
             assert_eq!(state.status, expected_status, "saga {id}");
             // Each effect once; the completed steps undone newest first.
             let done: Vec<&str> = STEPS.iter().copied().take_while(|s| Some(*s) != fail).collect();
@@ -172,7 +211,11 @@ fn kill_runner_at_random_points() {
             if fail.is_some() {
                 expected.extend(done.iter().rev().map(|s| format!("undo:{s}")));
             }
-            assert_eq!(types(store.as_ref(), &format!("effects-{id}")).await, expected, "saga {id} (seed {seed})");
+            assert_eq!(
+                types(store.as_ref(), &format!("effects-{id}")).await,
+                expected,
+                "saga {id} (seed {seed})"
+            );
             // Called again only if a kill caught it in flight.
             let calls = types(store.as_ref(), &format!("calls-{id}")).await;
             let needed = expected.len() + usize::from(fail.is_some());
@@ -180,7 +223,10 @@ fn kill_runner_at_random_points() {
             repeats += calls.len() - needed;
         }
         eprintln!("{repeats} calls repeated after kills");
-        assert!(repeats <= kills * MAX_RUNNING, "{repeats} repeated calls after {kills} kills: completed steps ran again (seed {seed})");
+        assert!(
+            repeats <= kills * MAX_RUNNING,
+            "{repeats} repeated calls after {kills} kills: completed steps ran again (seed {seed})"
+        );
         runner.shutdown().await;
     });
 }

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use cairn_core::{EventStore, ReadStreamOptions};
 use cairn_log::EmbeddedStore;
-use cairn_saga::{load, resume, RetryPolicy, Saga, SagaError, SagaEvent, SagaRunner, SagaState, Status, Step, StepError};
+use cairn_saga::{
+    RetryPolicy, Saga, SagaError, SagaEvent, SagaRunner, SagaState, Status, Step, StepError, load,
+    resume,
+};
 use serde_json::json;
 
 type Log = Arc<Mutex<Vec<String>>>;
@@ -55,7 +58,10 @@ async fn until_stored(store: &dyn EventStore, id: &str, done: impl Fn(&SagaState
 }
 
 fn order_saga(log: &Log) -> Saga {
-    Saga::new("order").step(step("create", log)).step(step("charge", log)).step(step("reserve", log))
+    Saga::new("order")
+        .step(step("create", log))
+        .step(step("charge", log))
+        .step(step("reserve", log))
 }
 
 fn history(events: &[cairn_core::RecordedEvent]) -> Vec<String> {
@@ -67,7 +73,8 @@ async fn all_steps_complete_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir);
     let log = Log::default();
-    let runner = SagaRunner::builder(store.clone(), "shop").saga(order_saga(&log)).run().await.unwrap();
+    let runner =
+        SagaRunner::builder(store.clone(), "shop").saga(order_saga(&log)).run().await.unwrap();
     let started = runner.start("order", "1", &json!({})).await.unwrap();
     assert!(!started.existed);
     let state = runner.wait("order", "1").await.unwrap();
@@ -76,7 +83,10 @@ async fn all_steps_complete_in_order() {
     // Later steps see earlier outputs; the history is in the saga's own stream.
     assert_eq!(state.output("charge").unwrap()["key"], "$saga-order-1/charge");
     let events = store.read_stream("$saga-order-1", ReadStreamOptions::forward()).await.unwrap();
-    assert_eq!(history(&events), ["SagaStarted", "StepCompleted", "StepCompleted", "StepCompleted", "SagaCompleted"]);
+    assert_eq!(
+        history(&events),
+        ["SagaStarted", "StepCompleted", "StepCompleted", "StepCompleted", "SagaCompleted"]
+    );
     // What the runner knew equals what the stream says (up to the clock).
     let mut stored = load(store.as_ref(), "order", "1").await.unwrap().unwrap();
     (stored.started_at, stored.updated_at) = (state.started_at, state.updated_at);
@@ -90,7 +100,8 @@ async fn a_failure_at_each_step_undoes_exactly_the_completed_steps_in_reverse() 
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir);
         let log = Log::default();
-        let runner = SagaRunner::builder(store.clone(), "shop").saga(order_saga(&log)).run().await.unwrap();
+        let runner =
+            SagaRunner::builder(store.clone(), "shop").saga(order_saga(&log)).run().await.unwrap();
         runner.start("order", "7", &json!({ "fail": failing })).await.unwrap();
         let state = runner.wait("order", "7").await.unwrap();
         assert_eq!(state.status, Status::Compensated, "failing at {failing}");
@@ -98,8 +109,12 @@ async fn a_failure_at_each_step_undoes_exactly_the_completed_steps_in_reverse() 
         expected.push(format!("fail:{failing}"));
         expected.extend(names[..at].iter().rev().map(|n| format!("undo:{n}")));
         assert_eq!(*log.lock().unwrap(), expected, "failing at {failing}");
-        assert_eq!(state.reason.as_deref(), Some(format!("{failing} failed: {failing} refused").as_str()));
-        let events = store.read_stream("$saga-order-7", ReadStreamOptions::forward()).await.unwrap();
+        assert_eq!(
+            state.reason.as_deref(),
+            Some(format!("{failing} failed: {failing} refused").as_str())
+        );
+        let events =
+            store.read_stream("$saga-order-7", ReadStreamOptions::forward()).await.unwrap();
         let kinds = history(&events);
         assert_eq!(kinds.iter().filter(|k| *k == "StepCompensated").count(), at);
         assert_eq!(kinds.last().unwrap(), "SagaCompensated");
@@ -174,14 +189,22 @@ async fn a_failing_compensation_is_retried_then_parked_until_resumed() {
         async move {
             attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             assert_eq!(ctx.output::<String>("charge")?, "ch_1");
-            if healed.load(std::sync::atomic::Ordering::SeqCst) { Ok(()) } else { Err(StepError::new("payment service unavailable")) }
+            if healed.load(std::sync::atomic::Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err(StepError::new("payment service unavailable"))
+            }
         }
     });
     let saga = Saga::new("order")
         .step(step("create", &log))
         .step(charge)
         .step(step("reserve", &log))
-        .retry(RetryPolicy { attempts: 3, backoff: Duration::from_millis(20), max_backoff: Duration::from_millis(50) });
+        .retry(RetryPolicy {
+            attempts: 3,
+            backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(50),
+        });
     let runner = SagaRunner::builder(store.clone(), "shop").saga(saga).run().await.unwrap();
     runner.start("order", "p", &json!({ "fail": "reserve" })).await.unwrap();
     let state = runner.wait("order", "p").await.unwrap();
@@ -219,7 +242,8 @@ async fn starting_an_existing_saga_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir);
     let log = Log::default();
-    let runner = SagaRunner::builder(store.clone(), "shop").saga(order_saga(&log)).run().await.unwrap();
+    let runner =
+        SagaRunner::builder(store.clone(), "shop").saga(order_saga(&log)).run().await.unwrap();
     runner.start("order", "1", &json!({})).await.unwrap();
     runner.wait("order", "1").await.unwrap();
     let again = runner.start("order", "1", &json!({ "fail": "create" })).await.unwrap();
@@ -233,19 +257,33 @@ async fn bad_definitions_and_arguments_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(&dir);
     let undeclared = Saga::new("order").step(Step::new("charge", |_| async { Ok(()) }));
-    let err = SagaRunner::builder(store.clone(), "shop").saga(undeclared).run().await.err().unwrap();
+    let err =
+        SagaRunner::builder(store.clone(), "shop").saga(undeclared).run().await.err().unwrap();
     assert!(err.to_string().contains("neither how to undo it"), "{err}");
-    let twice = Saga::new("order").step(Step::new("a", |_| async { Ok(()) }).cannot_be_undone()).step(Step::new("a", |_| async { Ok(()) }).cannot_be_undone());
+    let twice = Saga::new("order")
+        .step(Step::new("a", |_| async { Ok(()) }).cannot_be_undone())
+        .step(Step::new("a", |_| async { Ok(()) }).cannot_be_undone());
     let err = SagaRunner::builder(store.clone(), "shop").saga(twice).run().await.err().unwrap();
     assert!(err.to_string().contains("two steps are named a"), "{err}");
-    let dashed = Saga::new("my-order").step(Step::new("a", |_| async { Ok(()) }).cannot_be_undone());
-    assert!(matches!(SagaRunner::builder(store.clone(), "shop").saga(dashed).run().await, Err(SagaError::Definition(_))));
+    let dashed =
+        Saga::new("my-order").step(Step::new("a", |_| async { Ok(()) }).cannot_be_undone());
+    assert!(matches!(
+        SagaRunner::builder(store.clone(), "shop").saga(dashed).run().await,
+        Err(SagaError::Definition(_))
+    ));
 
     let log = Log::default();
-    let runner = SagaRunner::builder(store.clone(), "shop").saga(order_saga(&log)).run().await.unwrap();
-    assert!(matches!(runner.start("refund", "1", &json!({})).await, Err(SagaError::UnknownSaga(_))));
+    let runner =
+        SagaRunner::builder(store.clone(), "shop").saga(order_saga(&log)).run().await.unwrap();
+    assert!(matches!(
+        runner.start("refund", "1", &json!({})).await,
+        Err(SagaError::UnknownSaga(_))
+    ));
     assert!(matches!(runner.start("order", "", &json!({})).await, Err(SagaError::InvalidId(..))));
-    assert!(matches!(runner.start("order", "bad\nid", &json!({})).await, Err(SagaError::InvalidId(..))));
+    assert!(matches!(
+        runner.start("order", "bad\nid", &json!({})).await,
+        Err(SagaError::InvalidId(..))
+    ));
     assert!(matches!(runner.wait("order", "nope").await, Err(SagaError::NotFound(_))));
     let unkeyed: std::collections::HashMap<(u8, u8), u8> = [((1, 2), 3)].into();
     assert!(matches!(runner.start("order", "k", &unkeyed).await, Err(SagaError::InvalidInput(_))));
@@ -265,15 +303,23 @@ async fn a_new_runner_resumes_what_the_last_one_left() {
     let g = gate.clone();
     let slow = Saga::new("order")
         .step(step("create", &log))
-        .step(Step::new("charge", move |_| {
-            let gate = g.clone();
-            async move {
-                let _ = gate.acquire().await.map_err(|_| StepError::new("closed"))?;
-                Ok(())
-            }
-        }).cannot_be_undone())
+        .step(
+            Step::new("charge", move |_| {
+                let gate = g.clone();
+                async move {
+                    let _ = gate.acquire().await.map_err(|_| StepError::new("closed"))?;
+                    Ok(())
+                }
+            })
+            .cannot_be_undone(),
+        )
         .step(step("reserve", &log));
-    let first = SagaRunner::builder(store.clone(), "shop").saga(slow).checkpoint_every(Duration::from_millis(20)).run().await.unwrap();
+    let first = SagaRunner::builder(store.clone(), "shop")
+        .saga(slow)
+        .checkpoint_every(Duration::from_millis(20))
+        .run()
+        .await
+        .unwrap();
     for id in 0..5 {
         first.start("order", &id.to_string(), &json!({})).await.unwrap();
     }
@@ -286,11 +332,19 @@ async fn a_new_runner_resumes_what_the_last_one_left() {
     });
     tokio::time::sleep(Duration::from_millis(20)).await;
     first.shutdown().await;
-    assert!(matches!(waiting.await.unwrap(), Err(SagaError::Stopped)), "a waiter is told the runner stopped");
-    assert_eq!(first.wait("order", "1").await.unwrap().status, Status::Running, "after the stop: what the stream says");
+    assert!(
+        matches!(waiting.await.unwrap(), Err(SagaError::Stopped)),
+        "a waiter is told the runner stopped"
+    );
+    assert_eq!(
+        first.wait("order", "1").await.unwrap().status,
+        Status::Running,
+        "after the stop: what the stream says"
+    );
     assert_eq!(log.lock().unwrap().len(), 5, "every saga did create, then stopped at charge");
 
-    let second = SagaRunner::builder(store.clone(), "shop").saga(order_saga(&log)).run().await.unwrap();
+    let second =
+        SagaRunner::builder(store.clone(), "shop").saga(order_saga(&log)).run().await.unwrap();
     assert_eq!(second.recovered(), 5);
     for id in 0..5 {
         assert_eq!(second.wait("order", &id.to_string()).await.unwrap().status, Status::Completed);
@@ -300,7 +354,11 @@ async fn a_new_runner_resumes_what_the_last_one_left() {
     assert_eq!(count("do:charge"), 5);
     // A third runner finds nothing left to do.
     second.shutdown().await;
-    let third = SagaRunner::builder(store.clone(), "shop").saga(order_saga(&Log::default())).run().await.unwrap();
+    let third = SagaRunner::builder(store.clone(), "shop")
+        .saga(order_saga(&Log::default()))
+        .run()
+        .await
+        .unwrap();
     assert_eq!(third.recovered(), 0);
 }
 
@@ -327,7 +385,11 @@ fn flaky_charge(bad: u32, hang: bool, calls: Arc<std::sync::atomic::AtomicU32>) 
 
 #[tokio::test]
 async fn a_step_with_retries_gets_them_before_compensation_starts() {
-    for (bad, retries, hang, expected) in [(2, 2, false, Status::Completed), (2, 1, false, Status::Compensated), (1, 1, true, Status::Completed)] {
+    for (bad, retries, hang, expected) in [
+        (2, 2, false, Status::Completed),
+        (2, 1, false, Status::Compensated),
+        (1, 1, true, Status::Completed),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir);
         let log = Log::default();
@@ -341,8 +403,13 @@ async fn a_step_with_retries_gets_them_before_compensation_starts() {
         let state = runner.wait("order", "r").await.unwrap();
         let case = format!("{bad} bad attempts, {retries} retries, hang {hang}");
         assert_eq!(state.status, expected, "{case}");
-        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), (retries + 1).min(bad + 1), "{case}");
-        let events = store.read_stream("$saga-order-r", ReadStreamOptions::forward()).await.unwrap();
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::SeqCst),
+            (retries + 1).min(bad + 1),
+            "{case}"
+        );
+        let events =
+            store.read_stream("$saga-order-r", ReadStreamOptions::forward()).await.unwrap();
         let retried: Vec<u32> = events
             .iter()
             .filter_map(|e| match SagaEvent::from_recorded(e) {
@@ -368,8 +435,13 @@ async fn the_attempts_already_made_survive_a_restart() {
     let log = Log::default();
     let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
     // Two failures, then a long wait before the third attempt: stop the runner there.
-    let saga = |calls| Saga::new("order").step(step("create", &log)).step(flaky_charge(5, false, calls).retry(2, Duration::from_secs(60)));
-    let first = SagaRunner::builder(store.clone(), "shop").saga(saga(calls.clone())).run().await.unwrap();
+    let saga = |calls| {
+        Saga::new("order")
+            .step(step("create", &log))
+            .step(flaky_charge(5, false, calls).retry(2, Duration::from_secs(60)))
+    };
+    let first =
+        SagaRunner::builder(store.clone(), "shop").saga(saga(calls.clone())).run().await.unwrap();
     first.start("order", "r", &json!({})).await.unwrap();
     until_stored(store.as_ref(), "r", |s| s.attempts == 1).await;
     first.shutdown().await;
@@ -378,9 +450,15 @@ async fn the_attempts_already_made_survive_a_restart() {
     // The next runner makes attempt 2 (of 3) after its backoff... here at once: a
     // new definition with a short backoff, as after a deploy.
     let calls2 = Arc::new(std::sync::atomic::AtomicU32::new(1));
-    let quick = Saga::new("order").step(step("create", &log)).step(flaky_charge(5, false, calls2.clone()).retry(2, Duration::from_millis(5)));
+    let quick = Saga::new("order")
+        .step(step("create", &log))
+        .step(flaky_charge(5, false, calls2.clone()).retry(2, Duration::from_millis(5)));
     let second = SagaRunner::builder(store.clone(), "shop").saga(quick).run().await.unwrap();
     let state = second.wait("order", "r").await.unwrap();
     assert_eq!(state.status, Status::Compensated);
-    assert_eq!(calls2.load(std::sync::atomic::Ordering::SeqCst), 3, "attempts 2 and 3 only: the first was not made again");
+    assert_eq!(
+        calls2.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "attempts 2 and 3 only: the first was not made again"
+    );
 }

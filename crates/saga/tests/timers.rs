@@ -12,7 +12,9 @@ use std::time::{Duration, Instant, SystemTime};
 use cairn_core::conformance::spawn_ready_child;
 use cairn_core::{EventStore, NewEvent, ReadStreamOptions, RecordedEvent, StoreError};
 use cairn_log::EmbeddedStore;
-use cairn_saga::{derived_id, timer_stream, FiredTimer, Scheduler, TimerAction, TimerError, TimerEvent};
+use cairn_saga::{
+    FiredTimer, Scheduler, TimerAction, TimerError, TimerEvent, derived_id, timer_stream,
+};
 use serde_json::json;
 
 fn store_in(dir: &Path) -> Arc<dyn EventStore> {
@@ -28,11 +30,20 @@ async fn events(store: &dyn EventStore, stream: &str) -> Vec<RecordedEvent> {
 }
 
 async fn history(store: &dyn EventStore, scheduler: &str) -> Vec<TimerEvent> {
-    events(store, &timer_stream(scheduler)).await.iter().map(|e| TimerEvent::from_recorded(e).expect("a timer event")).collect()
+    events(store, &timer_stream(scheduler))
+        .await
+        .iter()
+        .map(|e| TimerEvent::from_recorded(e).expect("a timer event"))
+        .collect()
 }
 
 fn fired_ids(history: &[TimerEvent]) -> Vec<String> {
-    history.iter().filter_map(|e| if let TimerEvent::TimerFired { id, .. } = e { Some(id.clone()) } else { None }).collect()
+    history
+        .iter()
+        .filter_map(
+            |e| if let TimerEvent::TimerFired { id, .. } = e { Some(id.clone()) } else { None },
+        )
+        .collect()
 }
 
 async fn eventually(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
@@ -70,17 +81,34 @@ async fn due_timers_fire_once_and_not_before() {
     let start = Instant::now();
     let unpaid = TimerAction::callback("cancel-order", json!({ "order": "order-1" }));
     assert!(scheduler.schedule("order-1/unpaid", due, unpaid.clone()).await.unwrap());
-    assert!(!scheduler.schedule("order-1/unpaid", Duration::from_millis(50), unpaid.clone()).await.unwrap(), "the same timer again: a no-op");
-    let remind = TimerAction::append("order-2", "PaymentReminderDue", json!({ "order": "order-2" }));
+    assert!(
+        !scheduler
+            .schedule("order-1/unpaid", Duration::from_millis(50), unpaid.clone())
+            .await
+            .unwrap(),
+        "the same timer again: a no-op"
+    );
+    let remind =
+        TimerAction::append("order-2", "PaymentReminderDue", json!({ "order": "order-2" }));
     assert!(scheduler.schedule("order-2/remind", SystemTime::now() + due, remind).await.unwrap());
     let late = TimerAction::callback("cancel-order", json!({}));
-    assert!(scheduler.schedule("order-0/unpaid", SystemTime::now() - Duration::from_secs(5), late).await.unwrap());
+    assert!(
+        scheduler
+            .schedule("order-0/unpaid", SystemTime::now() - Duration::from_secs(5), late)
+            .await
+            .unwrap()
+    );
     assert!(matches!(
-        scheduler.schedule("x", Duration::ZERO, TimerAction::callback("no-such-kind", json!({}))).await,
+        scheduler
+            .schedule("x", Duration::ZERO, TimerAction::callback("no-such-kind", json!({})))
+            .await,
         Err(TimerError::UnknownKind(_))
     ));
 
-    eventually("the past-due timer", Duration::from_secs(5), async || calls.lock().unwrap().len() == 1).await;
+    eventually("the past-due timer", Duration::from_secs(5), async || {
+        calls.lock().unwrap().len() == 1
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(150).saturating_sub(start.elapsed())).await;
     assert_eq!(calls.lock().unwrap().len(), 1, "the others are not due yet");
     assert!(events(store.as_ref(), "order-2").await.is_empty());
@@ -92,10 +120,18 @@ async fn due_timers_fire_once_and_not_before() {
     .await;
     let (id, attempt, at) = calls.lock().unwrap()[1].clone();
     assert_eq!((id.as_str(), attempt), ("order-1/unpaid", 1));
-    assert!(at.duration_since(start) >= due, "fired after {:?}, due after {due:?}", at.duration_since(start));
+    assert!(
+        at.duration_since(start) >= due,
+        "fired after {:?}, due after {due:?}",
+        at.duration_since(start)
+    );
     let appended = events(store.as_ref(), "order-2").await;
     assert_eq!(appended[0].event_type, "PaymentReminderDue");
-    assert_eq!(appended[0].id, derived_id("$timer-orders/order-2/remind"), "the event id comes from the timer id");
+    assert_eq!(
+        appended[0].id,
+        derived_id("$timer-orders/order-2/remind"),
+        "the event id comes from the timer id"
+    );
 
     // Once: not again, not when scheduled again after firing.
     assert!(!scheduler.schedule("order-1/unpaid", Duration::ZERO, unpaid).await.unwrap());
@@ -124,7 +160,10 @@ async fn cancelled_timers_do_not_fire() {
     assert!(scheduler.cancel("order-7/unpaid").await.unwrap(), "paid in time");
     assert!(!scheduler.cancel("order-7/unpaid").await.unwrap(), "cancelled already");
     assert!(!scheduler.cancel("never-scheduled").await.unwrap());
-    eventually("the other timer", Duration::from_secs(10), async || calls.lock().unwrap().len() == 1).await;
+    eventually("the other timer", Duration::from_secs(10), async || {
+        calls.lock().unwrap().len() == 1
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(calls.lock().unwrap()[0].0, "order-8/unpaid");
     assert_eq!(calls.lock().unwrap().len(), 1);
@@ -146,23 +185,41 @@ async fn a_failing_callback_is_retried_with_backoff() {
     let store = store_in(dir.path());
     let calls: Calls = Arc::default();
     let seen = calls.clone();
-    let scheduler = Scheduler::builder(store.clone(), "payments")
-        .backoff(Duration::from_millis(100), Duration::from_secs(1))
-        .on("charge", move |timer: FiredTimer| {
-            seen.lock().unwrap().push((timer.id, timer.attempt, Instant::now()));
-            async move { if timer.attempt < 3 { Err("payment service unavailable") } else { Ok(()) } }
-        })
-        .start()
+    let scheduler =
+        Scheduler::builder(store.clone(), "payments")
+            .backoff(Duration::from_millis(100), Duration::from_secs(1))
+            .on("charge", move |timer: FiredTimer| {
+                seen.lock().unwrap().push((timer.id, timer.attempt, Instant::now()));
+                async move {
+                    if timer.attempt < 3 { Err("payment service unavailable") } else { Ok(()) }
+                }
+            })
+            .start()
+            .await
+            .unwrap();
+    scheduler
+        .schedule("charge-1", Duration::ZERO, TimerAction::callback("charge", json!({})))
         .await
         .unwrap();
-    scheduler.schedule("charge-1", Duration::ZERO, TimerAction::callback("charge", json!({}))).await.unwrap();
-    eventually("the third attempt", Duration::from_secs(5), async || fired_ids(&history(store.as_ref(), "payments").await).len() == 1).await;
+    eventually("the third attempt", Duration::from_secs(5), async || {
+        fired_ids(&history(store.as_ref(), "payments").await).len() == 1
+    })
+    .await;
     let calls = calls.lock().unwrap().clone();
     assert_eq!(calls.iter().map(|c| c.1).collect::<Vec<_>>(), [1, 2, 3]);
     assert!(calls[1].2 - calls[0].2 >= Duration::from_millis(100), "first backoff");
     assert!(calls[2].2 - calls[1].2 >= Duration::from_millis(200), "doubled");
     let history = history(store.as_ref(), "payments").await;
-    let failures: Vec<_> = history.iter().filter_map(|e| if let TimerEvent::TimerFailed { attempt, error, .. } = e { Some((*attempt, error.as_str())) } else { None }).collect();
+    let failures: Vec<_> = history
+        .iter()
+        .filter_map(|e| {
+            if let TimerEvent::TimerFailed { attempt, error, .. } = e {
+                Some((*attempt, error.as_str()))
+            } else {
+                None
+            }
+        })
+        .collect();
     assert_eq!(failures, [(1, "payment service unavailable"), (2, "payment service unavailable")]);
     assert_eq!(history.last(), Some(&TimerEvent::TimerFired { id: "charge-1".into(), attempt: 3 }));
 }
@@ -186,7 +243,10 @@ async fn recovery_starts_at_the_newest_snapshot() {
     let scheduler = start(store.clone(), calls.clone()).await;
     let action = TimerAction::callback("cancel-order", json!({}));
     for i in 0..40 {
-        scheduler.schedule(&format!("later-{i}"), Duration::from_secs(3600), action.clone()).await.unwrap();
+        scheduler
+            .schedule(&format!("later-{i}"), Duration::from_secs(3600), action.clone())
+            .await
+            .unwrap();
     }
     for i in 0..15 {
         scheduler.cancel(&format!("later-{i}")).await.unwrap();
@@ -194,7 +254,11 @@ async fn recovery_starts_at_the_newest_snapshot() {
     scheduler.schedule("soon", Duration::from_millis(300), action).await.unwrap();
     scheduler.shutdown().await;
     drop(scheduler);
-    let snapshots = history(store.as_ref(), "orders").await.iter().filter(|e| e.type_name() == "TimersPending").count();
+    let snapshots = history(store.as_ref(), "orders")
+        .await
+        .iter()
+        .filter(|e| e.type_name() == "TimersPending")
+        .count();
     assert_eq!(snapshots, 5, "56 timer events, a snapshot after every 10");
 
     let again = start(store.clone(), calls.clone()).await;
@@ -202,7 +266,10 @@ async fn recovery_starts_at_the_newest_snapshot() {
     assert!(recovery.from_snapshot);
     assert!(recovery.events_read < 10, "{recovery:?}");
     assert_eq!(recovery.pending, 26, "25 later, 1 soon");
-    eventually("the timer due soon", Duration::from_secs(5), async || calls.lock().unwrap().len() == 1).await;
+    eventually("the timer due soon", Duration::from_secs(5), async || {
+        calls.lock().unwrap().len() == 1
+    })
+    .await;
     let pending = again.pending().await;
     assert_eq!(pending.len(), 25);
     assert_eq!(pending[0].id, "later-15", "{:?}", pending[0]);
@@ -229,8 +296,15 @@ async fn start_ticking(store: Arc<dyn EventStore>) -> Scheduler {
         .on("tick", move |timer: FiredTimer| {
             let store = target.clone();
             async move {
-                let event = NewEvent::json("Called", &json!({ "timer": timer.id, "attempt": timer.attempt })).unwrap();
-                store.append(&trace_stream(&timer.id), cairn_core::ExpectedVersion::Any, vec![event]).await.map(|_| ())
+                let event = NewEvent::json(
+                    "Called",
+                    &json!({ "timer": timer.id, "attempt": timer.attempt }),
+                )
+                .unwrap();
+                store
+                    .append(&trace_stream(&timer.id), cairn_core::ExpectedVersion::Any, vec![event])
+                    .await
+                    .map(|_| ())
             }
         })
         .start()
@@ -243,13 +317,21 @@ async fn start_ticking(store: Arc<dyn EventStore>) -> Scheduler {
 fn child_scheduler() {
     let Some(dir) = std::env::var_os(DIR_VAR) else { return };
     let cycle: usize = std::env::var(CYCLE_VAR).unwrap().parse().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async move {
         let store = store_in(Path::new(&dir));
         let scheduler = start_ticking(store).await;
         for (i, id) in timer_ids(cycle).iter().enumerate() {
-            let action = if i.is_multiple_of(2) { TimerAction::append(trace_stream(id), "Appended", json!({ "timer": id })) } else { TimerAction::callback("tick", json!({})) };
-            scheduler.schedule(id, Duration::from_millis(100 + 25 * i as u64), action).await.unwrap();
+            let action = if i.is_multiple_of(2) {
+                TimerAction::append(trace_stream(id), "Appended", json!({ "timer": id }))
+            } else {
+                TimerAction::callback("tick", json!({}))
+            };
+            scheduler
+                .schedule(id, Duration::from_millis(100 + 25 * i as u64), action)
+                .await
+                .unwrap();
         }
         println!("\nready");
         std::future::pending::<()>().await;
@@ -269,11 +351,15 @@ async fn traces(store: &dyn EventStore, cycle: usize) -> Vec<(usize, bool)> {
 #[test]
 fn timers_fire_once_after_a_kill() {
     let dir = tempfile::tempdir().unwrap();
-    let mut seed = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    let mut seed =
+        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
     eprintln!("timers_fire_once_after_a_kill: seed {seed}");
     let mut in_flight = 0;
     for cycle in 0..3 {
-        let mut child = spawn_ready_child("child_scheduler", &[(DIR_VAR, dir.path().display().to_string()), (CYCLE_VAR, cycle.to_string())]);
+        let mut child = spawn_ready_child(
+            "child_scheduler",
+            &[(DIR_VAR, dir.path().display().to_string()), (CYCLE_VAR, cycle.to_string())],
+        );
         // Timers are due 100..700 ms after they were scheduled: kill while some have fired and some not.
         seed ^= seed << 13;
         seed ^= seed >> 7;
@@ -282,7 +368,11 @@ fn timers_fire_once_after_a_kill() {
         child.kill().unwrap(); // SIGKILL
         assert_eq!(child.wait().unwrap().signal(), Some(9));
 
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let store = store_in(dir.path());
             let before = traces(store.as_ref(), cycle).await;
@@ -313,7 +403,8 @@ fn timers_fire_once_after_a_kill() {
     eprintln!("callbacks caught between their effect and TimerFired: {in_flight}");
 
     // Started again later: nothing is pending, nothing fires.
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         let store = store_in(dir.path());
         let before: Vec<_> = all_traces(store.as_ref()).await;
@@ -359,7 +450,10 @@ async fn shutdown_lets_a_running_action_finish_and_records_it() {
             .start()
             .await
             .unwrap();
-        scheduler.schedule("t", Duration::from_millis(50), TimerAction::callback("slow", json!({}))).await.unwrap();
+        scheduler
+            .schedule("t", Duration::from_millis(50), TimerAction::callback("slow", json!({})))
+            .await
+            .unwrap();
         started.notified().await;
         if graceful {
             scheduler.shutdown().await;

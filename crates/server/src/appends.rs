@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use cairn_core::{Append, AppendResult, StoreError};
 
-use crate::auth::Principal;
 use crate::App;
+use crate::auth::Principal;
 
 /// Most appends taken into one batch, and most appends in one NDJSON body.
 pub const BATCH_MAX: usize = cairn_client::wire::APPENDS_MAX;
@@ -19,7 +19,11 @@ pub const BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 /// Appends `appends` (those already refused stay refused) in order; the
 /// answers in the same order.
-pub async fn run(app: &App, who: &Principal, appends: Vec<Result<Append, StoreError>>) -> Vec<Result<AppendResult, StoreError>> {
+pub async fn run(
+    app: &App,
+    who: &Principal,
+    appends: Vec<Result<Append, StoreError>>,
+) -> Vec<Result<AppendResult, StoreError>> {
     let (checked, taken) = Checked::new(who, appends);
     let started = Instant::now();
     let done = app.store.append_each(taken).await;
@@ -35,17 +39,30 @@ pub struct Checked {
 
 impl Checked {
     /// The check, and the appends to hand to the store.
-    pub fn new(who: &Principal, appends: Vec<Result<Append, StoreError>>) -> (Checked, Vec<Append>) {
+    pub fn new(
+        who: &Principal,
+        appends: Vec<Result<Append, StoreError>>,
+    ) -> (Checked, Vec<Append>) {
         let mut checked = Checked { refused: Vec::with_capacity(appends.len()), sizes: Vec::new() };
         let mut taken = Vec::new();
         for a in appends {
-            let refused = a.and_then(|a| match who.denies_stream(&a.stream, true).or_else(|| a.condition.as_ref().and_then(|c| who.denies_condition(c))) {
-                Some(reason) => Err(StoreError::AccessDenied { code: "forbidden".into(), reason }),
-                None => Ok(a),
+            let refused = a.and_then(|a| {
+                match who
+                    .denies_stream(&a.stream, true)
+                    .or_else(|| a.condition.as_ref().and_then(|c| who.denies_condition(c)))
+                {
+                    Some(reason) => {
+                        Err(StoreError::AccessDenied { code: "forbidden".into(), reason })
+                    }
+                    None => Ok(a),
+                }
             });
             match refused {
                 Ok(a) => {
-                    checked.sizes.push((a.events.len(), a.events.iter().map(|e| e.data.len()).sum::<usize>()));
+                    checked.sizes.push((
+                        a.events.len(),
+                        a.events.iter().map(|e| e.data.len()).sum::<usize>(),
+                    ));
                     taken.push(a);
                     checked.refused.push(None);
                 }
@@ -57,7 +74,12 @@ impl Checked {
 
     /// All the answers in order: the store's `done` (one per taken append)
     /// with the refusals put back in their places; counted in the metrics.
-    pub fn finish(self, app: &App, done: Vec<Result<AppendResult, StoreError>>, elapsed: std::time::Duration) -> Vec<Result<AppendResult, StoreError>> {
+    pub fn finish(
+        self,
+        app: &App,
+        done: Vec<Result<AppendResult, StoreError>>,
+        elapsed: std::time::Duration,
+    ) -> Vec<Result<AppendResult, StoreError>> {
         let mut done = done.into_iter().zip(self.sizes);
         self.refused
             .into_iter()
@@ -65,8 +87,11 @@ impl Checked {
                 let result = match slot {
                     Some(refused) => Err(refused),
                     None => {
-                        let (result, (count, bytes)) = done.next().expect("an answer for each append taken");
-                        if result.is_ok() { app.metrics.append_ok(count, bytes, elapsed) }
+                        let (result, (count, bytes)) =
+                            done.next().expect("an answer for each append taken");
+                        if result.is_ok() {
+                            app.metrics.append_ok(count, bytes, elapsed)
+                        }
                         result
                     }
                 };

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use cairn_core::{AppendCondition, QueryItem};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -75,10 +75,19 @@ impl Principal {
     /// Why this principal may not touch `stream` (to write it, if `write`).
     pub fn denies_stream(&self, stream: &str, write: bool) -> Option<String> {
         if write && self.role == Role::Reader {
-            return Some(format!("key '{}' is a reader; writing needs a writer or admin key", self.name));
+            return Some(format!(
+                "key '{}' is a reader; writing needs a writer or admin key",
+                self.name
+            ));
         }
-        if !self.prefixes.is_empty() && !self.prefixes.iter().any(|p| stream.starts_with(p.as_str())) {
-            return Some(format!("key '{}' may only touch streams starting with {}", self.name, self.prefixes.join(", ")));
+        if !self.prefixes.is_empty()
+            && !self.prefixes.iter().any(|p| stream.starts_with(p.as_str()))
+        {
+            return Some(format!(
+                "key '{}' may only touch streams starting with {}",
+                self.name,
+                self.prefixes.join(", ")
+            ));
         }
         None
     }
@@ -138,7 +147,8 @@ impl KeyFile {
     /// The keys in `path`; none if the file does not exist.
     pub fn load(path: &Path) -> Result<KeyFile, String> {
         match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{} is not a key file: {e}", path.display())),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| format!("{} is not a key file: {e}", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(KeyFile::default()),
             Err(e) => Err(format!("cannot read {}: {e}", path.display())),
         }
@@ -196,7 +206,10 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
     if !digits.len().is_multiple_of(2) {
         return None;
     }
-    digits.chunks(2).map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()).collect()
+    digits
+        .chunks(2)
+        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+        .collect()
 }
 
 /// Whether `secret` matches `hash`; `None` if the hash is damaged.
@@ -247,8 +260,20 @@ pub enum Refusal {
 
 impl Auth {
     pub fn new(keys: KeyFile) -> Auth {
-        let dummy = keys.keys.iter().find(|k| is_slow(&k.hash)).or(keys.keys.first()).map(|k| k.hash.clone()).unwrap_or_default();
-        Auth { keys: keys.keys, verified: Mutex::default(), failures: Mutex::default(), slow: Arc::new(Semaphore::new(SLOW_CHECKS)), dummy }
+        let dummy = keys
+            .keys
+            .iter()
+            .find(|k| is_slow(&k.hash))
+            .or(keys.keys.first())
+            .map(|k| k.hash.clone())
+            .unwrap_or_default();
+        Auth {
+            keys: keys.keys,
+            verified: Mutex::default(),
+            failures: Mutex::default(),
+            slow: Arc::new(Semaphore::new(SLOW_CHECKS)),
+            dummy,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -262,13 +287,26 @@ impl Auth {
     /// verified before are refused unchecked: checking them would give
     /// guesses past the limit.
     pub async fn check(&self, header: Option<&str>, from: IpAddr) -> Result<Principal, Refusal> {
-        let header = header.ok_or_else(|| Refusal::Unauthorized("this server needs an API key: send `Authorization: Bearer <key>`".into()))?;
-        let token = header.strip_prefix("Bearer ").ok_or_else(|| Refusal::Unauthorized("the Authorization header must be `Bearer <key>`".into()))?.trim();
+        let header = header.ok_or_else(|| {
+            Refusal::Unauthorized(
+                "this server needs an API key: send `Authorization: Bearer <key>`".into(),
+            )
+        })?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| {
+                Refusal::Unauthorized("the Authorization header must be `Bearer <key>`".into())
+            })?
+            .trim();
         let seen: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(&i) = self.verified.lock().unwrap().get(&seen) {
             return Ok(self.principal(i));
         }
-        let not_a_key = || Refusal::Unauthorized("not a Cairn API key (they look like cairn_<name>_<secret>)".into());
+        let not_a_key = || {
+            Refusal::Unauthorized(
+                "not a Cairn API key (they look like cairn_<name>_<secret>)".into(),
+            )
+        };
         let rest = token.strip_prefix("cairn_").ok_or_else(not_a_key)?;
         let (name, secret) = rest.rsplit_once('_').ok_or_else(not_a_key)?;
         self.count_failure(from)?;
@@ -347,7 +385,11 @@ mod tests {
     use cairn_core::Query;
 
     fn limited(prefixes: &[&str]) -> Principal {
-        Principal { name: "k".into(), role: Role::Writer, prefixes: prefixes.iter().map(|p| p.to_string()).collect() }
+        Principal {
+            name: "k".into(),
+            role: Role::Writer,
+            prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
+        }
     }
 
     fn condition(items: Vec<QueryItem>) -> AppendCondition {
@@ -361,10 +403,17 @@ mod tests {
             (&["orders-"][..], vec![orders()]),
             (&["ord"], vec![orders().with_types(["Placed"])]),
             (&["orders"], vec![orders()]),
-            (&["account-", "orders-"], vec![orders(), QueryItem::categories(["account", "orders"])]),
+            (
+                &["account-", "orders-"],
+                vec![orders(), QueryItem::categories(["account", "orders"])],
+            ),
         ];
         for (prefixes, items) in allowed {
-            assert_eq!(limited(prefixes).denies_condition(&condition(items.clone())), None, "{prefixes:?} {items:?}");
+            assert_eq!(
+                limited(prefixes).denies_condition(&condition(items.clone())),
+                None,
+                "{prefixes:?} {items:?}"
+            );
         }
         let refused = [
             // orders-us-1 is in category orders but not under the prefix.
@@ -375,7 +424,8 @@ mod tests {
             (&["orders-"], vec![QueryItem::categories(["ordersx"])]),
         ];
         for (prefixes, items) in refused {
-            let reason = limited(prefixes).denies_condition(&condition(items.clone())).expect("refused");
+            let reason =
+                limited(prefixes).denies_condition(&condition(items.clone())).expect("refused");
             assert!(reason.contains("append condition"), "{reason}");
         }
         assert_eq!(limited(&[]).denies_condition(&condition(vec![QueryItem::any()])), None);
@@ -392,7 +442,11 @@ mod tests {
         assert_eq!(matches(hash, &format!("{secret}x")), Some(false));
         assert_eq!(matches("sha256$zz$00", secret), None);
         let again = file.add("ci2", Role::Reader, vec![]).unwrap();
-        assert_ne!(file.keys[0].hash.split('$').nth(1), file.keys[1].hash.split('$').nth(1), "each key has its own salt");
+        assert_ne!(
+            file.keys[0].hash.split('$').nth(1),
+            file.keys[1].hash.split('$').nth(1),
+            "each key has its own salt"
+        );
         assert_ne!(token, again);
     }
 
@@ -414,9 +468,18 @@ mod tests {
             assert!(auth.check(Some(&bearer), from).await.is_ok());
         }
         for _ in 0..FAILURES_MAX {
-            assert!(matches!(auth.check(Some("Bearer cairn_ops_wrong"), from).await, Err(Refusal::Unauthorized(_))));
+            assert!(matches!(
+                auth.check(Some("Bearer cairn_ops_wrong"), from).await,
+                Err(Refusal::Unauthorized(_))
+            ));
         }
-        assert!(matches!(auth.check(Some("Bearer cairn_nobody_wrong"), from).await, Err(Refusal::TooManyFailures)));
-        assert!(auth.check(Some(&bearer), from).await.is_ok(), "a key verified before still gets in");
+        assert!(matches!(
+            auth.check(Some("Bearer cairn_nobody_wrong"), from).await,
+            Err(Refusal::TooManyFailures)
+        ));
+        assert!(
+            auth.check(Some(&bearer), from).await.is_ok(),
+            "a key verified before still gets in"
+        );
     }
 }

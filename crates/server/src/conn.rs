@@ -7,7 +7,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 /// After the server closes its side, how long it goes on reading (and
@@ -41,12 +41,21 @@ struct Shared {
 
 /// Accepts until `stop`, then waits up to `limits.grace` for the
 /// connections (each told to finish) and drops the rest.
-pub async fn serve(listener: TcpListener, router: axum::Router, tls: Option<tokio_rustls::TlsAcceptor>, limits: Limits, mut stop: watch::Receiver<bool>) -> io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+) -> io::Result<()> {
     let mut http = auto::Builder::new(TokioExecutor::new());
     // Heads are timed by `Activity` (hyper's own timer would also cut idle keep-alive at the head timeout).
     http.http1().header_read_timeout(None);
     let ping = Some(limits.idle / 2).filter(|p| !p.is_zero());
-    http.http2().timer(TokioTimer::new()).keep_alive_interval(ping).keep_alive_timeout(limits.header_read);
+    http.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(ping)
+        .keep_alive_timeout(limits.header_read);
     let slots = Arc::new(Semaphore::new(limits.max));
     let grace = limits.grace;
     let shared = Arc::new(Shared { router, http, tls, limits });
@@ -79,7 +88,9 @@ pub async fn serve(listener: TcpListener, router: axum::Router, tls: Option<toki
         });
     }
     drop(listener);
-    let finished = tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} }).await;
+    let finished =
+        tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} })
+            .await;
     if finished.is_err() {
         connections.shutdown().await;
     }
@@ -94,12 +105,22 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// client's loss; anything else (out of file descriptors) passes with
 /// time, so wait a little rather than spin.
 async fn accept_failed(e: io::Error) {
-    if !matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionRefused) {
+    if !matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+    ) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-async fn connection(tcp: TcpStream, peer: SocketAddr, shared: &Shared, mut stop: watch::Receiver<bool>) {
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    mut stop: watch::Receiver<bool>,
+) {
     let activity = Arc::new(Activity::new());
     let socket = Socket { tcp, activity: activity.clone(), linger: None };
     let Some(acceptor) = &shared.tls else {
@@ -118,8 +139,13 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, shared: &Shared, mut stop:
 
 /// HTTP/1.1 or HTTP/2 (sniffed) on one connection until it ends, times
 /// out or the server stops.
-async fn http<I>(io: I, peer: SocketAddr, activity: Arc<Activity>, shared: &Shared, mut stop: watch::Receiver<bool>)
-where
+async fn http<I>(
+    io: I,
+    peer: SocketAddr,
+    activity: Arc<Activity>,
+    shared: &Shared,
+    mut stop: watch::Receiver<bool>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (router, tracker) = (shared.router.clone(), activity.clone());
@@ -176,7 +202,16 @@ struct Doing {
 impl Activity {
     fn new() -> Activity {
         let now = Instant::now();
-        Activity { accepted: now, doing: Mutex::new(Doing { in_flight: 0, requests: 0, http2: false, idle_since: now, head_since: None }) }
+        Activity {
+            accepted: now,
+            doing: Mutex::new(Doing {
+                in_flight: 0,
+                requests: 0,
+                http2: false,
+                idle_since: now,
+                head_since: None,
+            }),
+        }
     }
 
     fn doing(&self) -> std::sync::MutexGuard<'_, Doing> {
@@ -211,7 +246,9 @@ impl Activity {
         let idle_end = doing.idle_since + idle;
         // HTTP/2 reads control frames between requests; only HTTP/1.1 bytes start a head.
         match doing.head_since {
-            Some(head) if !doing.http2 && head + header_read < idle_end => Some((head + header_read, Expiry::Head)),
+            Some(head) if !doing.http2 && head + header_read < idle_end => {
+                Some((head + header_read, Expiry::Head))
+            }
             _ => Some((idle_end, Expiry::Idle)),
         }
     }
@@ -256,7 +293,10 @@ impl http_body::Body for Busy {
     type Data = Bytes;
     type Error = axum::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         Pin::new(&mut self.get_mut().body).poll_frame(cx)
     }
 
@@ -278,7 +318,11 @@ struct Socket {
 }
 
 impl AsyncRead for Socket {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let read = Pin::new(&mut this.tcp).poll_read(cx, buf);
@@ -290,11 +334,19 @@ impl AsyncRead for Socket {
 }
 
 impl AsyncWrite for Socket {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
     }
 
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
     }
 

@@ -92,7 +92,10 @@ fn tls_config(files: &TlsFiles) -> std::io::Result<rustls::ServerConfig> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let bad = |what: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("TLS {what} {}: {e}", path.display()))
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("TLS {what} {}: {e}", path.display()),
+        )
     };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .map_err(|e| bad("certificate", &files.cert, &e))?
@@ -101,7 +104,8 @@ fn tls_config(files: &TlsFiles) -> std::io::Result<rustls::ServerConfig> {
     if certs.is_empty() {
         return Err(bad("certificate", &files.cert, &"no CERTIFICATE block in the file"));
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| bad("private key", &files.key, &e))?;
+    let key =
+        PrivateKeyDer::from_pem_file(&files.key).map_err(|e| bad("private key", &files.key, &e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -169,8 +173,20 @@ pub fn start(store: Arc<dyn EventStore>, config: ServerConfig) -> std::io::Resul
     let (stop, shutdown) = watch::channel(false);
     let mut config = config;
     let auth = config.keys.take().map(auth::Auth::new).filter(|a| !a.is_empty());
-    let limits = conn::Limits { header_read: config.header_read_timeout, idle: config.idle_timeout, grace: config.shutdown_grace, max: max_connections };
-    let app = Arc::new(App { store, metrics: Arc::new(Metrics::default()), config, auth, shutdown: shutdown.clone(), started: Instant::now() });
+    let limits = conn::Limits {
+        header_read: config.header_read_timeout,
+        idle: config.idle_timeout,
+        grace: config.shutdown_grace,
+        max: max_connections,
+    };
+    let app = Arc::new(App {
+        store,
+        metrics: Arc::new(Metrics::default()),
+        config,
+        auth,
+        shutdown: shutdown.clone(),
+        started: Instant::now(),
+    });
     let router = api::router(app);
     let tls = tls.map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
     let task = tokio::spawn(conn::serve(listener, router, tls, limits, shutdown));
@@ -208,7 +224,13 @@ fn raise_nofile() -> Option<FdLimit> {
     let was = limit.rlim_cur as u64;
     let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
     // This fails where the hard limit is "unlimited" but the kernel caps it (macOS): keep the soft one then.
-    let now = if limit.rlim_cur < limit.rlim_max && unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 { limit.rlim_max as u64 } else { was };
+    let now = if limit.rlim_cur < limit.rlim_max
+        && unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0
+    {
+        limit.rlim_max as u64
+    } else {
+        was
+    };
     Some(FdLimit { was, now })
 }
 
@@ -219,7 +241,8 @@ fn raise_nofile() -> Option<FdLimit> {
 
 /// `wanted`, lowered so that connections leave [`FD_RESERVE`] files for the store.
 fn connection_cap(wanted: usize, files: Option<FdLimit>) -> usize {
-    let fit = files.map_or(usize::MAX, |f| usize::try_from(f.now.saturating_sub(FD_RESERVE)).unwrap_or(usize::MAX));
+    let fit = files.map_or(usize::MAX, |f| {
+        usize::try_from(f.now.saturating_sub(FD_RESERVE)).unwrap_or(usize::MAX)
+    });
     wanted.min(fit).max(1)
 }
-

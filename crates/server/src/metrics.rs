@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Upper bounds of the append latency histogram, in microseconds.
-const APPEND_BUCKETS_US: [u64; 10] = [250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000];
+const APPEND_BUCKETS_US: [u64; 10] =
+    [250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000];
 
 #[derive(Default)]
 pub struct Metrics {
@@ -59,26 +60,68 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
         };
         counter("cairn_appends_total", "Appends acknowledged.", get(&self.appends));
-        counter("cairn_append_failures_total", "Appends refused or failed.", get(&self.append_failures));
-        counter("cairn_appended_events_total", "Events in acknowledged appends.", get(&self.events));
-        counter("cairn_appended_bytes_total", "Payload and metadata bytes in acknowledged appends.", get(&self.bytes));
-        counter("cairn_subscriptions_total", "Subscriptions opened.", get(&self.subscriptions_total));
-        counter("cairn_http_client_errors_total", "Requests answered with a 4xx status.", get(&self.requests_4xx));
-        counter("cairn_http_server_errors_total", "Requests answered with a 5xx status.", get(&self.requests_5xx));
-        let _ = writeln!(out, "# HELP cairn_subscriptions_active Live subscriptions (Server-Sent Events streams).");
+        counter(
+            "cairn_append_failures_total",
+            "Appends refused or failed.",
+            get(&self.append_failures),
+        );
+        counter(
+            "cairn_appended_events_total",
+            "Events in acknowledged appends.",
+            get(&self.events),
+        );
+        counter(
+            "cairn_appended_bytes_total",
+            "Payload and metadata bytes in acknowledged appends.",
+            get(&self.bytes),
+        );
+        counter(
+            "cairn_subscriptions_total",
+            "Subscriptions opened.",
+            get(&self.subscriptions_total),
+        );
+        counter(
+            "cairn_http_client_errors_total",
+            "Requests answered with a 4xx status.",
+            get(&self.requests_4xx),
+        );
+        counter(
+            "cairn_http_server_errors_total",
+            "Requests answered with a 5xx status.",
+            get(&self.requests_5xx),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP cairn_subscriptions_active Live subscriptions (Server-Sent Events streams)."
+        );
         let _ = writeln!(out, "# TYPE cairn_subscriptions_active gauge");
-        let _ = writeln!(out, "cairn_subscriptions_active {}", self.subscriptions.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# HELP cairn_append_seconds Time from receiving an append to its acknowledgement (durable).");
+        let _ = writeln!(
+            out,
+            "cairn_subscriptions_active {}",
+            self.subscriptions.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP cairn_append_seconds Time from receiving an append to its acknowledgement (durable)."
+        );
         let _ = writeln!(out, "# TYPE cairn_append_seconds histogram");
         let mut cumulative = 0;
         for (bound, count) in APPEND_BUCKETS_US.iter().zip(&self.latency_buckets) {
             cumulative += get(count);
-            let _ = writeln!(out, "cairn_append_seconds_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+            let _ = writeln!(
+                out,
+                "cairn_append_seconds_bucket{{le=\"{}\"}} {cumulative}",
+                *bound as f64 / 1e6
+            );
         }
         let _ = writeln!(out, "cairn_append_seconds_bucket{{le=\"+Inf\"}} {}", get(&self.appends));
-        let _ = writeln!(out, "cairn_append_seconds_sum {}", get(&self.latency_sum_us) as f64 / 1e6);
+        let _ =
+            writeln!(out, "cairn_append_seconds_sum {}", get(&self.latency_sum_us) as f64 / 1e6);
         let _ = writeln!(out, "cairn_append_seconds_count {}", get(&self.appends));
-        let _ = writeln!(out, "# HELP cairn_uptime_seconds Seconds since the server started.\n# TYPE cairn_uptime_seconds gauge");
+        let _ = writeln!(
+            out,
+            "# HELP cairn_uptime_seconds Seconds since the server started.\n# TYPE cairn_uptime_seconds gauge"
+        );
         let _ = writeln!(out, "cairn_uptime_seconds {}", uptime.as_secs());
         out
     }

@@ -6,8 +6,10 @@
 //! counted in characters here and in UTF-8 bytes by the server.
 
 use cairn_client::wire::{EVENTS_PAGE_MAX, STREAMS_PAGE_MAX};
-use cairn_core::{Limits, QUERY_ITEMS_MAX, QUERY_ITEM_TERMS_MAX, STREAM_NAME_BYTES_MAX, TAG_BYTES_MAX};
-use serde_json::{json, Value};
+use cairn_core::{
+    Limits, QUERY_ITEM_TERMS_MAX, QUERY_ITEMS_MAX, STREAM_NAME_BYTES_MAX, TAG_BYTES_MAX,
+};
+use serde_json::{Value, json};
 
 fn param(name: &str, place: &str, description: &str, schema: Value) -> Value {
     json!({"name": name, "in": place, "required": place == "path", "description": description, "schema": schema})
@@ -42,16 +44,28 @@ fn errors(codes: &[&str]) -> serde_json::Map<String, Value> {
     let mut out = serde_json::Map::new();
     for code in ["400", "401", "403", "413", "429", "500", "503"].iter().chain(codes) {
         let what = match *code {
-            "400" => "invalid input (`invalid_request`, `invalid_event`, `invalid_stream_name`, `invalid_argument`); `message` names the field",
-            "401" => "`unauthorized`: no key, or not a key this server knows (with `WWW-Authenticate: Bearer`)",
-            "403" => "`forbidden`: the key does not allow this (a read-only key, or another stream prefix)",
+            "400" => {
+                "invalid input (`invalid_request`, `invalid_event`, `invalid_stream_name`, `invalid_argument`); `message` names the field"
+            }
+            "401" => {
+                "`unauthorized`: no key, or not a key this server knows (with `WWW-Authenticate: Bearer`)"
+            }
+            "403" => {
+                "`forbidden`: the key does not allow this (a read-only key, or another stream prefix)"
+            }
             "404" => "`stream_not_found`, or `invalid_position`: no event at that position",
-            "409" => "`wrong_expected_version` (with `actual_version`), `append_condition_failed` (with `first_conflict`) or `idempotency_conflict`",
+            "409" => {
+                "`wrong_expected_version` (with `actual_version`), `append_condition_failed` (with `first_conflict`) or `idempotency_conflict`"
+            }
             "410" => "`stream_deleted`: the stream was deleted for good (tombstoned)",
-            "413" => "`event_too_large`, `append_too_large`, or `body_too_large` (the request body is over the server's limit)",
+            "413" => {
+                "`event_too_large`, `append_too_large`, or `body_too_large` (the request body is over the server's limit)"
+            }
             "429" => "`too_many_failed_logins` from this address; wait a minute",
             "500" => "`corrupt`, `io` or `locked`: the store failed",
-            "503" => "`busy`, `closed` or `outcome_unknown` (the append may have been written: retry with the same event ids); `retryable: true`",
+            "503" => {
+                "`busy`, `closed` or `outcome_unknown` (the append may have been written: retry with the same event ids); `retryable: true`"
+            }
             _ => "error",
         };
         let mut response = error_response(what);
@@ -87,7 +101,8 @@ fn responses(success: Value, codes: &[&str]) -> Value {
 /// metadata: those still answer once the stream is deleted (its state says
 /// so), which a fuzzer would take for a deleted resource still served.
 fn stream_links() -> Value {
-    let to = |op: &str| json!({"operationId": op, "parameters": {"stream": "$request.path.stream"}});
+    let to =
+        |op: &str| json!({"operationId": op, "parameters": {"stream": "$request.path.stream"}});
     json!({"ReadStream": to("readStream"), "SetMetadata": to("setMetadata"), "DeleteStream": to("deleteStream"), "AppendAgain": to("append")})
 }
 
@@ -96,19 +111,46 @@ fn body(schema: &str) -> Value {
 }
 
 pub fn document() -> Value {
-    let prefixes: Vec<&str> = cairn_core::WRITABLE_SYSTEM_PREFIXES.iter().map(|p| p.trim_start_matches('$').trim_end_matches('-')).collect();
+    let prefixes: Vec<&str> = cairn_core::WRITABLE_SYSTEM_PREFIXES
+        .iter()
+        .map(|p| p.trim_start_matches('$').trim_end_matches('-'))
+        .collect();
     // Writes: a user name, or a writable system family's prefix(es) before one.
-    let write_name = format!("^(?:\\$(?:{})-)*{}", prefixes.join("|"), &name_pattern("$", "", STREAM_NAME_BYTES_MAX)[1..]);
+    let write_name = format!(
+        "^(?:\\$(?:{})-)*{}",
+        prefixes.join("|"),
+        &name_pattern("$", "", STREAM_NAME_BYTES_MAX)[1..]
+    );
     let stream_write = param(
         "stream",
         "path",
-        &format!("stream name: 1 to {STREAM_NAME_BYTES_MAX} bytes, no control, invisible or bidi-control characters, not starting with '$' except after the prefix of a writable system family ({})", cairn_core::WRITABLE_SYSTEM_PREFIXES.join(", ")),
+        &format!(
+            "stream name: 1 to {STREAM_NAME_BYTES_MAX} bytes, no control, invisible or bidi-control characters, not starting with '$' except after the prefix of a writable system family ({})",
+            cairn_core::WRITABLE_SYSTEM_PREFIXES.join(", ")
+        ),
         json!({"type": "string", "pattern": write_name}),
     );
     // Reads take any name (system streams too); one that was never written is a 404.
-    let stream_read = param("stream", "path", "stream name, system streams ($…) too", json!({"type": "string", "minLength": 1, "maxLength": STREAM_NAME_BYTES_MAX + 2}));
-    let limit = |max: usize, what: &str| param("limit", "query", &format!("most {what} returned (default 1000; a larger limit is lowered to {max})"), json!({"type": "integer", "minimum": 0}));
-    let direction = param("direction", "query", "forward (default) or backward", json!({"enum": ["forward", "backward"]}));
+    let stream_read = param(
+        "stream",
+        "path",
+        "stream name, system streams ($…) too",
+        json!({"type": "string", "minLength": 1, "maxLength": STREAM_NAME_BYTES_MAX + 2}),
+    );
+    let limit = |max: usize, what: &str| {
+        param(
+            "limit",
+            "query",
+            &format!("most {what} returned (default 1000; a larger limit is lowered to {max})"),
+            json!({"type": "integer", "minimum": 0}),
+        )
+    };
+    let direction = param(
+        "direction",
+        "query",
+        "forward (default) or backward",
+        json!({"enum": ["forward", "backward"]}),
+    );
     // `from` (inclusive) or `after` (exclusive), not both: one object parameter so the schema can say so.
     let position_window = json!({
         "name": "window", "in": "query", "style": "form", "explode": true,
@@ -117,10 +159,30 @@ pub fn document() -> Value {
                    "properties": {"from": u64_schema(), "after": u64_schema()},
                    "not": {"required": ["from", "after"]}}
     });
-    let sub_from = param("from", "query", "start (the default) or end (only new events)", json!({"enum": ["start", "end"]}));
-    let sub_after = param("after", "query", "deliver events strictly after this version (stream) or position ($all); the Last-Event-ID header wins; not with from", u64_schema());
-    let last_id = param("Last-Event-ID", "header", "the id of the last event seen (a reconnecting EventSource sends it)", u64_schema());
-    let token = param("access_token", "query", "the API key, for clients that cannot send headers (EventSource); refused on other endpoints", json!({"type": "string"}));
+    let sub_from = param(
+        "from",
+        "query",
+        "start (the default) or end (only new events)",
+        json!({"enum": ["start", "end"]}),
+    );
+    let sub_after = param(
+        "after",
+        "query",
+        "deliver events strictly after this version (stream) or position ($all); the Last-Event-ID header wins; not with from",
+        u64_schema(),
+    );
+    let last_id = param(
+        "Last-Event-ID",
+        "header",
+        "the id of the last event seen (a reconnecting EventSource sends it)",
+        u64_schema(),
+    );
+    let token = param(
+        "access_token",
+        "query",
+        "the API key, for clients that cannot send headers (EventSource); refused on other endpoints",
+        json!({"type": "string"}),
+    );
     let sse = json!({"description": "Server-Sent Events: `event: event` frames (data: an Event, id: version or position), `event: error` then the end if the store fails", "content": {"text/event-stream": {"schema": {"type": "string"}}}});
     let expected = json!({"anyOf": [
         {"enum": ["any", "no_stream", "no-stream", "exists", "stream_exists"]},
@@ -132,9 +194,11 @@ pub fn document() -> Value {
     let meta_id = json!({"type": ["string", "null"], "format": "uuid"});
     let tag = json!({"type": "string", "pattern": name_pattern("", "", TAG_BYTES_MAX)});
     let event_type_max = Limits::default().event_type_bytes_max;
-    let terms = |item: Value| json!({"type": "array", "maxItems": QUERY_ITEM_TERMS_MAX, "items": item});
+    let terms =
+        |item: Value| json!({"type": "array", "maxItems": QUERY_ITEM_TERMS_MAX, "items": item});
     // The standard alphabet with padding, and the unused bits of the last symbol zero.
-    let base64 = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?$";
+    let base64 =
+        "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?$";
     let limits = Limits::default();
     json!({
         "openapi": "3.1.0",

@@ -13,7 +13,10 @@ impl Params {
     /// The parameters, or why not: one this endpoint does not take.
     pub fn new(map: HashMap<String, String>, allowed: &[&str]) -> Result<Params, String> {
         if let Some(bad) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
-            return Err(format!("unknown parameter '{bad}'; this endpoint takes: {}", allowed.join(", ")));
+            return Err(format!(
+                "unknown parameter '{bad}'; this endpoint takes: {}",
+                allowed.join(", ")
+            ));
         }
         Ok(Params { map })
     }
@@ -25,7 +28,11 @@ impl Params {
     pub fn u64(&self, name: &str) -> Result<Option<u64>, String> {
         self.map
             .get(name)
-            .map(|v| v.parse().map_err(|_| format!("{name}: {v:?} is not a whole number from 0 to {}", u64::MAX)))
+            .map(|v| {
+                v.parse().map_err(|_| {
+                    format!("{name}: {v:?} is not a whole number from 0 to {}", u64::MAX)
+                })
+            })
             .transpose()
     }
 
@@ -34,7 +41,9 @@ impl Params {
     pub fn limit(&self, default: usize) -> Result<usize, String> {
         match self.map.get("limit") {
             None => Ok(default),
-            Some(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => Ok(v.parse().unwrap_or(usize::MAX)),
+            Some(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => {
+                Ok(v.parse().unwrap_or(usize::MAX))
+            }
             Some(v) => Err(format!("limit: {v:?} is not a whole number from 0")),
         }
     }

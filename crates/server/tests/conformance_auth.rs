@@ -7,7 +7,8 @@ use cairn_core::EventStore;
 
 fn admin_store() -> (Arc<dyn EventStore>, crate::auth::Secured) {
     let s = crate::auth::secured();
-    let client: Arc<dyn EventStore> = Arc::new(HttpStore::new(&s.url).unwrap().with_api_key(&s.admin));
+    let client: Arc<dyn EventStore> =
+        Arc::new(HttpStore::new(&s.url).unwrap().with_api_key(&s.admin));
     (client, s)
 }
 

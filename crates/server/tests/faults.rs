@@ -23,8 +23,13 @@ struct Faulty {
 fn faulty_server() -> Faulty {
     let dir = tempfile::tempdir().unwrap();
     let storage = FaultyStorage::new();
-    let options = Options { storage: storage.clone(), recovery_backoff_max: Duration::from_millis(100), ..Options::default() };
-    let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open_with(dir.path(), options).unwrap());
+    let options = Options {
+        storage: storage.clone(),
+        recovery_backoff_max: Duration::from_millis(100),
+        ..Options::default()
+    };
+    let store: Arc<dyn EventStore> =
+        Arc::new(EmbeddedStore::open_with(dir.path(), options).unwrap());
     let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
     let running = cairn_server::start(store, config).unwrap();
     let url = format!("http://{}", running.addr);
@@ -43,7 +48,10 @@ async fn health_is_unready_while_the_disk_fails_and_ready_once_the_store_recover
     assert_eq!(health(url).await.0, 200);
     let http = reqwest::Client::new();
     let body = serde_json::json!({"events": [{"type": "MoneyDeposited", "data": {"amount": 1}}]});
-    assert_eq!(http.post(format!("{url}/streams/acct-1")).json(&body).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.post(format!("{url}/streams/acct-1")).json(&body).send().await.unwrap().status(),
+        200
+    );
     server.storage.fail_from(FaultOp::Write, 1, libc::ENOSPC);
     let r = http.post(format!("{url}/streams/acct-1")).json(&body).send().await.unwrap();
     assert_eq!(r.status(), 503);
@@ -61,7 +69,10 @@ async fn health_is_unready_while_the_disk_fails_and_ready_once_the_store_recover
         assert!(Instant::now() < deadline, "never ready again");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(http.post(format!("{url}/streams/acct-1")).json(&body).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.post(format!("{url}/streams/acct-1")).json(&body).send().await.unwrap().status(),
+        200
+    );
     server.running.shutdown().await.unwrap();
 }
 
@@ -74,7 +85,10 @@ async fn the_clients_resend_an_append_caught_by_a_fault_and_it_is_written_once()
     ];
     for (name, client) in clients {
         let stream = format!("acct-{name}");
-        client.append(&stream, ExpectedVersion::NoStream, vec![NewEvent::json_bytes("Opened", "{}")]).await.unwrap();
+        client
+            .append(&stream, ExpectedVersion::NoStream, vec![NewEvent::json_bytes("Opened", "{}")])
+            .await
+            .unwrap();
         // The sync fails (the bytes reached the page cache, then were discarded): the first answer is outcome_unknown.
         server.storage.fail_from(FaultOp::Sync, 1, libc::EIO);
         let storage = server.storage.clone();
@@ -85,11 +99,17 @@ async fn the_clients_resend_an_append_caught_by_a_fault_and_it_is_written_once()
         let event = NewEvent::json_bytes("MoneyDeposited", r#"{"amount": 7}"#);
         let done = client.append(&stream, ExpectedVersion::Exact(1), vec![event.clone()]).await;
         clear.await.unwrap();
-        let done = done.unwrap_or_else(|e| panic!("{name}: the client should have retried until the store recovered: {e}"));
+        let done = done.unwrap_or_else(|e| {
+            panic!("{name}: the client should have retried until the store recovered: {e}")
+        });
         assert_eq!(done.next_version, 2, "{name}");
         assert!(server.storage.failures() > 0, "{name}: the fault was hit");
         let events = client.read_stream(&stream, ReadStreamOptions::forward()).await.unwrap();
-        assert_eq!(events.iter().map(|e| e.id).collect::<Vec<_>>()[1..], [event.id], "{name}: written once");
+        assert_eq!(
+            events.iter().map(|e| e.id).collect::<Vec<_>>()[1..],
+            [event.id],
+            "{name}: written once"
+        );
     }
     server.running.shutdown().await.unwrap();
 }

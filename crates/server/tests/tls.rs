@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use cairn_client::HttpStore;
-use cairn_core::{EventStore, ExpectedVersion, NewEvent, ReadStreamOptions, StartFrom, SubscriptionTarget};
+use cairn_core::{
+    EventStore, ExpectedVersion, NewEvent, ReadStreamOptions, StartFrom, SubscriptionTarget,
+};
 use cairn_log::EmbeddedStore;
 use cairn_server::{ServerConfig, TlsFiles};
 use serde_json::json;
@@ -20,22 +22,46 @@ async fn https_with_a_trusted_ca_and_refusals_without() {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
     let tls = TlsFiles { cert: fixture("server.pem"), key: fixture("server.key") };
-    let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), tls: Some(tls), ..ServerConfig::default() };
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tls: Some(tls),
+        ..ServerConfig::default()
+    };
     let running = cairn_server::start(store, config).unwrap();
     assert!(running.url.starts_with("https://"), "{}", running.url);
 
     let ca = std::fs::read(fixture("ca.pem")).unwrap();
     let client = HttpStore::with_tls_root(&running.url, Some(&ca)).unwrap();
-    client.append("secure-1", ExpectedVersion::NoStream, vec![NewEvent::json("Sealed", &json!({"n": 1})).unwrap()]).await.unwrap();
-    assert_eq!(client.read_stream("secure-1", ReadStreamOptions::forward()).await.unwrap().len(), 1);
-    let mut live = client.subscribe(SubscriptionTarget::Stream("secure-1".into()), StartFrom::Start).await.unwrap();
+    client
+        .append(
+            "secure-1",
+            ExpectedVersion::NoStream,
+            vec![NewEvent::json("Sealed", &json!({"n": 1})).unwrap()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        client.read_stream("secure-1", ReadStreamOptions::forward()).await.unwrap().len(),
+        1
+    );
+    let mut live = client
+        .subscribe(SubscriptionTarget::Stream("secure-1".into()), StartFrom::Start)
+        .await
+        .unwrap();
     assert_eq!(live.next().await.unwrap().unwrap().event_type, "Sealed");
 
     let untrusting = HttpStore::new(&running.url).unwrap();
-    let refused = untrusting.read_stream("secure-1", ReadStreamOptions::forward()).await.unwrap_err().to_string();
+    let refused = untrusting
+        .read_stream("secure-1", ReadStreamOptions::forward())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(refused.contains("cannot reach the server"), "{refused}");
     let plain = HttpStore::new(&format!("http://{}", running.addr)).unwrap();
-    assert!(plain.read_stream("secure-1", ReadStreamOptions::forward()).await.is_err(), "plain HTTP to the TLS port fails");
+    assert!(
+        plain.read_stream("secure-1", ReadStreamOptions::forward()).await.is_err(),
+        "plain HTTP to the TLS port fails"
+    );
     running.shutdown().await.unwrap();
 }
 
@@ -46,10 +72,15 @@ async fn grpc_over_tls_with_a_private_ca() {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
     let tls = TlsFiles { cert: fixture("server.pem"), key: fixture("server.key") };
-    let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), tls: Some(tls), ..ServerConfig::default() };
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tls: Some(tls),
+        ..ServerConfig::default()
+    };
     let running = cairn_server::start(store, config).unwrap();
     let ca = std::fs::read(fixture("ca.pem")).unwrap();
-    let client: Arc<dyn EventStore> = Arc::new(cairn_grpc::GrpcStore::with_tls_root(&running.url, Some(&ca)).unwrap());
+    let client: Arc<dyn EventStore> =
+        Arc::new(cairn_grpc::GrpcStore::with_tls_root(&running.url, Some(&ca)).unwrap());
     conformance::versions_count_events(client.clone()).await;
     conformance::expected_version_rules(client.clone()).await;
     conformance::event_fields_round_trip(client.clone()).await;
@@ -59,7 +90,11 @@ async fn grpc_over_tls_with_a_private_ca() {
 
     let untrusting = cairn_grpc::GrpcStore::new(&running.url).unwrap();
     assert!(untrusting.head_position().await.is_err(), "a client without the CA is refused");
-    let plain = cairn_grpc::GrpcStore::with_tls_root(&format!("http://{}", running.addr), Some(&ca)).err().expect("a CA for http:// is refused").to_string();
+    let plain =
+        cairn_grpc::GrpcStore::with_tls_root(&format!("http://{}", running.addr), Some(&ca))
+            .err()
+            .expect("a CA for http:// is refused")
+            .to_string();
     assert!(plain.contains("https://"), "{plain}");
     running.shutdown().await.unwrap();
 }
@@ -71,7 +106,11 @@ fn bad_pem_files_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
     let tls = TlsFiles { cert: fixture("ca.pem"), key: fixture("missing.key") };
-    let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), tls: Some(tls), ..ServerConfig::default() };
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tls: Some(tls),
+        ..ServerConfig::default()
+    };
     let err = cairn_server::start(store, config).err().expect("refused").to_string();
     assert!(err.contains("private key") && err.contains("missing.key"), "{err}");
 }

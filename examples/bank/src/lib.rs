@@ -17,7 +17,10 @@ pub enum Command {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
-    AccountOpened { owner: String, currency: String },
+    AccountOpened {
+        owner: String,
+        currency: String,
+    },
     MoneyDeposited {
         amount: u64,
         currency: String,
@@ -25,7 +28,9 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         note: Option<String>,
     },
-    MoneyWithdrawn { amount: u64 },
+    MoneyWithdrawn {
+        amount: u64,
+    },
     AccountClosed,
 }
 
@@ -100,7 +105,10 @@ impl Aggregate for Account {
     fn decide(&self, command: &Command) -> Result<Vec<Event>, Error> {
         match command {
             Command::Open { owner, currency } => match self.status {
-                Status::New => Ok(vec![Event::AccountOpened { owner: owner.clone(), currency: currency.clone() }]),
+                Status::New => Ok(vec![Event::AccountOpened {
+                    owner: owner.clone(),
+                    currency: currency.clone(),
+                }]),
                 _ => Err(Error::AlreadyOpen),
             },
             Command::Deposit { amount, currency, note } => {
@@ -109,9 +117,16 @@ impl Aggregate for Account {
                     return Err(Error::ZeroAmount);
                 }
                 if *currency != self.currency {
-                    return Err(Error::CurrencyMismatch { account: self.currency.clone(), given: currency.clone() });
+                    return Err(Error::CurrencyMismatch {
+                        account: self.currency.clone(),
+                        given: currency.clone(),
+                    });
                 }
-                Ok(vec![Event::MoneyDeposited { amount: *amount, currency: currency.clone(), note: note.clone() }])
+                Ok(vec![Event::MoneyDeposited {
+                    amount: *amount,
+                    currency: currency.clone(),
+                    note: note.clone(),
+                }])
             }
             Command::Withdraw { amount } => {
                 self.check_open()?;
@@ -119,7 +134,10 @@ impl Aggregate for Account {
                     return Err(Error::ZeroAmount);
                 }
                 if *amount > self.balance {
-                    return Err(Error::InsufficientFunds { balance: self.balance, requested: *amount });
+                    return Err(Error::InsufficientFunds {
+                        balance: self.balance,
+                        requested: *amount,
+                    });
                 }
                 Ok(vec![Event::MoneyWithdrawn { amount: *amount }])
             }
@@ -167,7 +185,10 @@ impl cairn_domain::Validate for Command {
             if c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase()) {
                 Ok(())
             } else {
-                Err(Invalid::new("currency", format!("{c:?} is not a three-letter ISO 4217 code such as EUR")))
+                Err(Invalid::new(
+                    "currency",
+                    format!("{c:?} is not a three-letter ISO 4217 code such as EUR"),
+                ))
             }
         };
         match self {
@@ -183,7 +204,9 @@ impl cairn_domain::Validate for Command {
                 }
                 currency(c)
             }
-            Command::Withdraw { amount } if *amount == 0 => Err(Invalid::new("amount", "must be greater than zero")),
+            Command::Withdraw { amount } if *amount == 0 => {
+                Err(Invalid::new("amount", "must be greater than zero"))
+            }
             Command::Withdraw { .. } | Command::Close => Ok(()),
         }
     }

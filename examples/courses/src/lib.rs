@@ -10,7 +10,10 @@
 use std::sync::Arc;
 
 use cairn_core::{EventStore, Query, QueryItem};
-use cairn_domain::{CommandContext, Decider, DecisionModel, DecisionOutcome, DomainEvent, RepositoryError, RetryPolicy};
+use cairn_domain::{
+    CommandContext, Decider, DecisionModel, DecisionOutcome, DomainEvent, RepositoryError,
+    RetryPolicy,
+};
 use serde::{Deserialize, Serialize};
 
 /// The most courses one student may take.
@@ -26,7 +29,9 @@ impl DomainEvent for Event {
     fn tags(&self) -> Vec<String> {
         match self {
             Event::CourseDefined { course, .. } => vec![course_tag(course)],
-            Event::StudentSubscribed { student, course } => vec![course_tag(course), student_tag(student)],
+            Event::StudentSubscribed { student, course } => {
+                vec![course_tag(course), student_tag(student)]
+            }
         }
     }
 }
@@ -66,7 +71,9 @@ pub struct CourseModel(pub String);
 impl DecisionModel<Event> for CourseModel {
     type State = Course;
     fn query(&self) -> Query {
-        QueryItem::types(["CourseDefined", "StudentSubscribed"]).with_tags([course_tag(&self.0)]).into()
+        QueryItem::types(["CourseDefined", "StudentSubscribed"])
+            .with_tags([course_tag(&self.0)])
+            .into()
     }
     fn initial_state(&self) -> Course {
         Course::default()
@@ -120,7 +127,11 @@ impl Courses {
         &self.decider
     }
 
-    pub async fn define(&self, course: &str, capacity: u32) -> Result<DecisionOutcome<Event>, RepositoryError<Error>> {
+    pub async fn define(
+        &self,
+        course: &str,
+        capacity: u32,
+    ) -> Result<DecisionOutcome<Event>, RepositoryError<Error>> {
         let models = (CourseModel(course.to_string()),);
         self.decider
             .execute(&models, &format!("course-{course}"), &CommandContext::new(), |(existing,)| {
@@ -133,32 +144,55 @@ impl Courses {
     }
 
     /// Subscribes `student` to `course` if every rule allows it.
-    pub async fn subscribe(&self, student: &str, course: &str) -> Result<DecisionOutcome<Event>, RepositoryError<Error>> {
+    pub async fn subscribe(
+        &self,
+        student: &str,
+        course: &str,
+    ) -> Result<DecisionOutcome<Event>, RepositoryError<Error>> {
         let models = (CourseModel(course.to_string()), StudentModel(student.to_string()));
         self.decider
-            .execute(&models, &format!("course-{course}"), &CommandContext::new(), |(state, taken)| {
-                let Some(capacity) = state.capacity else { return Err(Error::NoSuchCourse(course.to_string())) };
-                if taken.iter().any(|c| c == course) {
-                    return Err(Error::AlreadySubscribed { student: student.to_string(), course: course.to_string() });
-                }
-                if state.students >= capacity {
-                    return Err(Error::CourseFull { course: course.to_string(), capacity });
-                }
-                if taken.len() >= COURSES_PER_STUDENT {
-                    return Err(Error::StudentAtLimit { student: student.to_string() });
-                }
-                Ok(vec![Event::StudentSubscribed { student: student.to_string(), course: course.to_string() }])
-            })
+            .execute(
+                &models,
+                &format!("course-{course}"),
+                &CommandContext::new(),
+                |(state, taken)| {
+                    let Some(capacity) = state.capacity else {
+                        return Err(Error::NoSuchCourse(course.to_string()));
+                    };
+                    if taken.iter().any(|c| c == course) {
+                        return Err(Error::AlreadySubscribed {
+                            student: student.to_string(),
+                            course: course.to_string(),
+                        });
+                    }
+                    if state.students >= capacity {
+                        return Err(Error::CourseFull { course: course.to_string(), capacity });
+                    }
+                    if taken.len() >= COURSES_PER_STUDENT {
+                        return Err(Error::StudentAtLimit { student: student.to_string() });
+                    }
+                    Ok(vec![Event::StudentSubscribed {
+                        student: student.to_string(),
+                        course: course.to_string(),
+                    }])
+                },
+            )
             .await
     }
 
     /// The course as the rules see it now.
-    pub async fn course(&self, course: &str) -> Result<Course, RepositoryError<std::convert::Infallible>> {
+    pub async fn course(
+        &self,
+        course: &str,
+    ) -> Result<Course, RepositoryError<std::convert::Infallible>> {
         Ok(self.decider.load(&(CourseModel(course.to_string()),)).await?.states.0)
     }
 
     /// The courses a student takes now.
-    pub async fn courses_of(&self, student: &str) -> Result<Vec<String>, RepositoryError<std::convert::Infallible>> {
+    pub async fn courses_of(
+        &self,
+        student: &str,
+    ) -> Result<Vec<String>, RepositoryError<std::convert::Infallible>> {
         Ok(self.decider.load(&(StudentModel(student.to_string()),)).await?.states.0)
     }
 }
