@@ -353,7 +353,8 @@ pub async fn query(ctx: &Context, a: QueryArgs) -> Result<()> {
 pub struct TailArgs {
     /// Stream to follow; $all when omitted.
     pub stream: Option<String>,
-    /// Deliver history after this version (stream) or position ($all) first; default: only new events.
+    /// Deliver history first, from this version (stream) or position ($all)
+    /// on, inclusive as for `read --from`; default: only new events.
     #[arg(long)]
     pub from: Option<u64>,
     /// Stop after this many events.
@@ -368,7 +369,8 @@ pub async fn tail(ctx: &Context, a: TailArgs) -> Result<()> {
         None => SubscriptionTarget::All,
     };
     let from = match a.from {
-        Some(n) => StartFrom::After(n),
+        Some(0) => StartFrom::Start,
+        Some(n) => StartFrom::After(n - 1),
         None => StartFrom::End,
     };
     let mut sub = store.subscribe(target, from).await?;
@@ -409,8 +411,8 @@ pub async fn streams(ctx: &Context, a: StreamsArgs) -> Result<()> {
 #[derive(Args)]
 pub struct MetadataArgs {
     pub stream: String,
-    /// Hide events older than this many seconds.
-    #[arg(long)]
+    /// Hide events older than this: seconds, or a duration such as 90s, 12h, 7d, 2w.
+    #[arg(long, value_name = "AGE", value_parser = parse_age)]
     pub max_age: Option<u64>,
     /// Show only the newest N events.
     #[arg(long)]
@@ -421,6 +423,16 @@ pub struct MetadataArgs {
     /// Remove all settings.
     #[arg(long, conflicts_with_all = ["max_age", "max_count", "truncate_before"])]
     pub clear: bool,
+}
+
+/// An age in whole seconds: a bare number, or a duration (`7d`, `1h 30m`).
+fn parse_age(s: &str) -> Result<u64, String> {
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(secs);
+    }
+    humantime::parse_duration(s)
+        .map(|d| d.as_secs())
+        .map_err(|e| format!("{e}: give seconds, or a duration such as 90s, 12h, 7d or 2w"))
 }
 
 pub async fn metadata(ctx: &Context, a: MetadataArgs) -> Result<()> {

@@ -878,3 +878,83 @@ fn serve_raises_a_low_open_file_limit_and_caps_connections_below_it() {
         .unwrap();
     assert!(cap > 0 && cap < hard, "{line}");
 }
+
+/// The code blocks of one README section, of one language, joined.
+fn readme_blocks(section: &str, language: &str) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let heading = format!("\n## {section}\n");
+    let body = readme.split(&heading).nth(1).unwrap_or_else(|| panic!("no section {section:?}"));
+    let body = body.split("\n## ").next().unwrap();
+    let fence = format!("```{language}\n");
+    body.split(&fence).skip(1).map(|b| b.split("```").next().unwrap()).collect()
+}
+
+/// "Use Cairn in your service" as a newcomer follows it: a new project
+/// outside this workspace, the README's dependency lines and main.rs, then
+/// `cargo run`, twice (the data directory stays between runs).
+#[test]
+fn the_readme_way_in_builds_and_runs_in_a_project_of_its_own() {
+    let root =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap();
+    let project = tempfile::tempdir().unwrap();
+    let dependencies = readme_blocks("Use Cairn in your service", "toml")
+        .replace("/path/to/cairn", root.to_str().unwrap());
+    let manifest = format!(
+        "[package]\nname = \"my-service\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n{dependencies}\n[workspace]\n"
+    );
+    std::fs::write(project.path().join("Cargo.toml"), manifest).unwrap();
+    std::fs::create_dir(project.path().join("src")).unwrap();
+    std::fs::write(
+        project.path().join("src/main.rs"),
+        readme_blocks("Use Cairn in your service", "rust"),
+    )
+    .unwrap();
+    // The workspace's versions of everything, so that nothing new is fetched.
+    std::fs::copy(root.join("Cargo.lock"), project.path().join("Cargo.lock")).unwrap();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // A target directory of its own (this run's holds cargo's lock), kept for the next run.
+    let target = root.join("target/readme-way-in");
+    for run in 1..=2 {
+        let o = Command::new(&cargo)
+            .args(["run", "--quiet"])
+            .current_dir(project.path())
+            .env("CARGO_TARGET_DIR", &target)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "run {run}: {}", stderr(&o));
+        let out = stdout(&o);
+        assert!(out.contains(&format!("appended: version {run} at position")), "run {run}: {out}");
+        assert_eq!(out.matches("MoneyDeposited {\"amount\":125}").count(), run, "run {run}: {out}");
+    }
+}
+
+/// `tail --from N` starts where `read --from N` does (inclusive), and
+/// `metadata --max-age` takes a duration as well as seconds.
+#[test]
+fn tail_from_is_inclusive_like_read_and_max_age_takes_durations() {
+    let dir = tempfile::tempdir().unwrap();
+    for n in 1..=3 {
+        let o = cairn(dir.path(), &["append", "acc-1", "Counted", &format!("{{\"n\": {n}}}")]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let versions = |o: &Output| -> Vec<u64> {
+        stdout(o)
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["version"].as_u64().unwrap()
+            })
+            .collect()
+    };
+    let read = cairn(dir.path(), &["--json", "read", "acc-1", "--from", "2"]);
+    let tail = cairn(dir.path(), &["--json", "tail", "acc-1", "--from", "2", "-n", "2"]);
+    assert!(tail.status.success(), "{}", stderr(&tail));
+    assert_eq!(versions(&read), vec![2, 3]);
+    assert_eq!(versions(&tail), versions(&read));
+
+    let o = cairn(dir.path(), &["--json", "metadata", "acc-1", "--max-age", "7d"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("604800"), "{}", stdout(&o));
+    let o = cairn(dir.path(), &["metadata", "acc-1", "--max-age", "a week"]);
+    assert!(!o.status.success() && stderr(&o).contains("such as 90s, 12h, 7d"), "{}", stderr(&o));
+}
