@@ -94,8 +94,11 @@ impl Segment {
 
     fn map(base: u64, path: PathBuf, file: File) -> Result<Segment, StoreError> {
         // SAFETY: the file is only ever appended to by this process's writer
-        // (the data directory lock keeps other processes out), and readers only
-        // look at bytes below the durable end, which never change again.
+        // (the data directory lock keeps other writers out), readers only
+        // look at bytes below the durable end, which never change again, and
+        // no file is ever made shorter (recovery zeroes a torn tail in
+        // place), so a map held by `cairn verify` in another process never
+        // loses a page under it.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| StoreError::io(&path, e))?;
         Ok(Segment { base, path, file, map: Bytes::from_owner(map) })
     }

@@ -1075,11 +1075,19 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
     let mut segments: Vec<Arc<Segment>> = segments.into_iter().map(Arc::new).collect();
     let io = |e| StoreError::io(&newest.path, e);
     if let Some(at) = newest_scan.torn_at {
-        // Zero everything after the last whole append, durably.
+        // Zero everything after the last whole append, durably. Written
+        // over, never cut off: a segment never shrinks, so a map of it (as
+        // `cairn verify` holds of a store another process opens) never
+        // loses a page under it (SIGBUS).
         let capacity = newest.capacity().max(options.segment_bytes);
-        storage
-            .set_len(&newest.file, at)
-            .and_then(|_| storage.set_len(&newest.file, capacity))
+        zero(storage, &newest.file, at, newest_scan.torn_bytes)
+            .and_then(|_| {
+                if newest.capacity() < capacity {
+                    storage.set_len(&newest.file, capacity)
+                } else {
+                    Ok(())
+                }
+            })
             .and_then(|_| storage.sync_all(&newest.file))
             .map_err(io)?;
         report.truncated_bytes = newest_scan.torn_bytes;
@@ -1108,6 +1116,24 @@ fn recover(data_dir: &Path, log_dir: &Path, options: &Options) -> Result<Recover
     report.segments = segments.len();
     report.events = index.events;
     Ok(Recovered { segments, index, head, report, mark, last_id })
+}
+
+/// Writes `len` zero bytes into `file` from `offset`, a MiB at a time.
+fn zero(
+    storage: &dyn crate::storage::Storage,
+    file: &File,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done);
+        storage.write_at(file, &zeros[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
 }
 
 /// Writes the index file of a sealed segment whose part is a memtable and

@@ -6,6 +6,7 @@
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use cairn_core::{
     EventStore, ExpectedVersion, NewEvent, ReadAllOptions, ReadStreamOptions, RecordedEvent,
@@ -114,6 +115,24 @@ fn assert_corrupt<T>(
 // ---------------------------------------------------------------------------
 // (a) torn tail
 
+/// The real disk, noting every `set_len` that would make a file shorter:
+/// a map of it in another process (`cairn verify` of an open store) would
+/// lose those pages and die of SIGBUS.
+#[derive(Debug, Default)]
+struct NoShrink {
+    shrunk: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+impl cairn_log::Storage for NoShrink {
+    fn set_len(&self, file: &fs::File, len: u64) -> std::io::Result<()> {
+        let was = file.metadata()?.len();
+        if len < was {
+            self.shrunk.lock().unwrap().push((was, len));
+        }
+        file.set_len(len)
+    }
+}
+
 /// Appends a few events, then one last event; cuts that last record at
 /// `keep` bytes into it; checks what `verify` and `open` make of it.
 async fn torn_tail_case(how: Cut, keep: fn(u64) -> u64) {
@@ -161,7 +180,10 @@ async fn torn_tail_case(how: Cut, keep: fn(u64) -> u64) {
     assert_eq!(report.events, 6);
     assert_eq!(fs::read(seg).unwrap(), cut_bytes, "verify must not modify the segment");
 
-    let store = open(dir.path());
+    let watch = Arc::new(NoShrink::default());
+    let store =
+        reopen(dir.path(), Options { storage: watch.clone(), ..opts() }).expect("open store");
+    assert_eq!(*watch.shrunk.lock().unwrap(), vec![], "the repair cut a file short");
     let r = store.open_report().clone();
     assert!(r.truncated_bytes > 0);
     assert_eq!(r.truncated_bytes, torn, "{how:?} keep {k}/{len}");
@@ -523,7 +545,8 @@ async fn verify_clean_store() {
         )
         .await
         .unwrap();
-    // verify needs no lock: it works while the store is open, and after.
+    // verify needs no lock: it works while the store is open, and after
+    // (no file is ever made shorter, so its maps stay whole).
     let report = verify(dir.path(), |_, _| {}).unwrap();
     assert_eq!(
         (report.segments, report.events, report.streams, report.torn_tail),
