@@ -32,8 +32,13 @@ pub struct HttpStore {
 
 /// Attempts of an append whose answer was busy, closed or outcome unknown.
 const APPEND_ATTEMPTS_DEFAULT: u32 = 5;
-const APPEND_RETRY_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(100);
-const APPEND_RETRY_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+/// Waits between resends of an append (jittered: clients cut off by one
+/// server restart do not all come back at once).
+const APPEND_RETRY: cairn_core::Backoff = cairn_core::Backoff::new(
+    std::time::Duration::from_millis(100),
+    std::time::Duration::from_secs(2),
+)
+.with_jitter(0.3);
 
 impl HttpStore {
     /// A client for the server at `url`; nothing is sent until the first call.
@@ -222,7 +227,6 @@ impl HttpStore {
         content_type: &str,
         body: bytes::Bytes,
     ) -> Result<bytes::Bytes> {
-        let mut backoff = APPEND_RETRY_BACKOFF_MIN;
         let mut attempt = 1;
         loop {
             let request = self
@@ -238,8 +242,7 @@ impl HttpStore {
             .await;
             match result {
                 Err(e) if e.is_retryable() && attempt < self.append_attempts => {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(APPEND_RETRY_BACKOFF_MAX);
+                    tokio::time::sleep(APPEND_RETRY.delay(attempt - 1)).await;
                     attempt += 1;
                 }
                 other => return other,

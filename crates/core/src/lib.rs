@@ -5,6 +5,7 @@
 //! `conformance`), so code written against the trait behaves the same on the
 //! embedded engine, PostgreSQL or a remote server.
 
+mod backoff;
 mod error;
 mod event;
 mod limits;
@@ -15,6 +16,7 @@ mod store;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use backoff::Backoff;
 pub use error::{Result, StoreError};
 pub use event::{ContentType, Metadata, NewEvent, RecordedEvent, Timestamp};
 pub use limits::{

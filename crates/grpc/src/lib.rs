@@ -43,8 +43,13 @@ pub const MESSAGE_BYTES_MAX: usize = 128 * 1024 * 1024;
 /// Attempts of an append whose answer was busy, closed or outcome unknown,
 /// backing off from 100 ms to 2 s.
 const APPEND_ATTEMPTS: u32 = 5;
-const APPEND_RETRY_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(100);
-const APPEND_RETRY_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+/// Waits between resends of an append (jittered: clients cut off by one
+/// server restart do not all come back at once).
+const APPEND_RETRY: cairn_core::Backoff = cairn_core::Backoff::new(
+    std::time::Duration::from_millis(100),
+    std::time::Duration::from_secs(2),
+)
+.with_jitter(0.3);
 
 /// An event store reached over gRPC (`http://127.0.0.1:8720`: the HTTP port serves both).
 #[derive(Clone)]
@@ -116,7 +121,6 @@ impl GrpcStore {
         };
         // The batch carries its ids, so resending it is safe: the server
         // writes it once and answers a retry with the first result.
-        let mut backoff = APPEND_RETRY_BACKOFF_MIN;
         for attempt in 1.. {
             let error = match self.client.clone().append(self.request(message.clone())).await {
                 Ok(reply) => {
@@ -131,8 +135,7 @@ impl GrpcStore {
             if !error.is_retryable() || attempt >= APPEND_ATTEMPTS {
                 return Err(error);
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(APPEND_RETRY_BACKOFF_MAX);
+            tokio::time::sleep(APPEND_RETRY.delay(attempt - 1)).await;
         }
         unreachable!("the loop returns")
     }

@@ -479,8 +479,12 @@ impl Writer {
         rx: &mut mpsc::Receiver<AppendRequest>,
         queued: &AtomicIsize,
     ) -> bool {
-        let mut backoff = RECOVERY_BACKOFF_MIN;
-        let mut attempt_at = Instant::now() + backoff;
+        let backoff = cairn_core::Backoff::new(
+            RECOVERY_BACKOFF_MIN,
+            self.shared.options.recovery_backoff_max.max(RECOVERY_BACKOFF_MIN),
+        );
+        let mut failed = 0;
+        let mut attempt_at = Instant::now() + backoff.delay(0);
         loop {
             loop {
                 match take(rx, queued) {
@@ -509,9 +513,8 @@ impl Writer {
                 }
                 Err(e) => {
                     self.shared.poison(format!("{reason}; recovery failed too ({e}), retrying; the store is recovering by itself"));
-                    backoff = (backoff * 2)
-                        .min(self.shared.options.recovery_backoff_max.max(RECOVERY_BACKOFF_MIN));
-                    attempt_at = Instant::now() + backoff;
+                    failed += 1;
+                    attempt_at = Instant::now() + backoff.delay(failed);
                 }
             }
         }

@@ -30,7 +30,10 @@ pub fn spawn(inner: Weak<Inner>, config: tokio_postgres::Config) {
     drop(strong);
     let notifier = inner.clone();
     tokio::spawn(async move {
-        let mut pause = Duration::from_millis(100);
+        // Jittered: servers that lost the same database do not all reconnect at once.
+        let pause = cairn_core::Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
+            .with_jitter(0.3);
+        let mut failures = 0u32;
         loop {
             if let Err(e) = listen(&inner, &config, &channel, &mut closed).await {
                 let _ = e; // polling covers the outage; try again after a pause
@@ -39,10 +42,10 @@ pub fn spawn(inner: Weak<Inner>, config: tokio_postgres::Config) {
                 return;
             }
             tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
+                _ = tokio::time::sleep(pause.delay(failures)) => {}
                 _ = closed.wait_for(|c| *c) => return,
             }
-            pause = (pause * 2).min(Duration::from_secs(5));
+            failures = failures.saturating_add(1);
         }
     });
     tokio::spawn(async move { notify_loop(notifier).await });

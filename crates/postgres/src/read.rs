@@ -191,7 +191,9 @@ async fn wait_for_running(inner: &Inner, running: Vec<String>) -> Result<()> {
         return Ok(());
     }
     let started = Instant::now();
-    let mut pause = Duration::from_micros(200);
+    // Polls for the open transactions to end, more slowly the longer they take.
+    let pause = cairn_core::Backoff::new(Duration::from_micros(200), Duration::from_millis(20));
+    let mut polls = 0u32;
     let mut running = running;
     loop {
         let client = client(inner).await?;
@@ -214,8 +216,8 @@ async fn wait_for_running(inner: &Inner, running: Vec<String>) -> Result<()> {
                 inner.options.gap_timeout
             )));
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(20));
+        tokio::time::sleep(pause.delay(polls)).await;
+        polls = polls.saturating_add(1);
     }
 }
 

@@ -359,8 +359,9 @@ impl<S: Sink + 'static> Relay<S> {
             window: self.config.max_in_flight.max(1),
             max_window: self.config.max_in_flight.max(1),
             confirmed_in_window: 0,
-            backoff: self.config.first_backoff,
-            first_backoff: self.config.first_backoff,
+            backoff: cairn_core::Backoff::new(self.config.first_backoff, self.config.max_backoff)
+                .with_jitter(0.3),
+            failures: 0,
         };
         let mut pipeline = Pipeline::default();
         // Sent before and not confirmed, to send again first, in order.
@@ -400,8 +401,8 @@ impl<S: Sink + 'static> Relay<S> {
                 self.sink.reset().await;
                 progress.window = 1;
                 progress.confirmed_in_window = 0;
-                retry_at = Some(Instant::now() + progress.backoff);
-                progress.backoff = (progress.backoff * 2).min(self.config.max_backoff);
+                retry_at = Some(Instant::now() + progress.backoff.delay(progress.failures));
+                progress.failures = progress.failures.saturating_add(1);
             }
 
             // Send while the window has room: first what must go again, then
@@ -542,8 +543,9 @@ struct Progress {
     max_window: usize,
     /// Batches confirmed since the window last grew.
     confirmed_in_window: usize,
-    backoff: Duration,
-    first_backoff: Duration,
+    backoff: cairn_core::Backoff,
+    /// Failures in a row, since a batch was last confirmed.
+    failures: u32,
 }
 
 impl Progress {
@@ -555,7 +557,7 @@ impl Progress {
             s.checkpoint = self.checkpoint;
             if !batch.events.is_empty() {
                 self.dirty = true;
-                self.backoff = self.first_backoff;
+                self.failures = 0;
                 self.confirmed_in_window += 1;
                 if self.confirmed_in_window >= self.max_window && self.window < self.max_window {
                     self.window += 1;

@@ -241,10 +241,11 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The wait after failed attempt number `attempt` (1-based).
+    /// The wait after failed attempt number `attempt` (1-based). Without
+    /// jitter: the runner computes it again from the saga's history, and
+    /// must find the same time.
     pub fn delay(&self, attempt: u32) -> Duration {
-        let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
-        self.backoff.saturating_mul(factor).min(self.max_backoff)
+        cairn_core::Backoff::new(self.backoff, self.max_backoff).base(attempt.saturating_sub(1))
     }
 }
 

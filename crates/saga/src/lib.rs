@@ -26,6 +26,15 @@
 
 mod definition;
 mod history;
+
+/// Waits between attempts at the store (a subscription that broke, an
+/// append that failed for a passing reason), jittered so that runners that
+/// lost the same server do not come back together.
+pub(crate) const STORE_RETRY: cairn_core::Backoff = cairn_core::Backoff::new(
+    std::time::Duration::from_millis(100),
+    std::time::Duration::from_secs(5),
+)
+.with_jitter(0.3);
 mod process;
 mod runner;
 mod timer;

@@ -513,7 +513,7 @@ async fn follow<P: Process>(inner: Arc<Inner<P>>, from: Option<Position>, every:
     // Parked instances are looked at this often for a resume.
     let mut parked_tick = tokio::time::interval(PARKED_POLL);
     parked_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut delay = Duration::from_millis(100);
+    let mut failures = 0u32;
     loop {
         let after = inner.position();
         let start = after.map_or(StartFrom::Start, |p| StartFrom::After(p.0));
@@ -525,8 +525,8 @@ async fn follow<P: Process>(inner: Arc<Inner<P>>, from: Option<Position>, every:
             Ok(s) => s,
             Err(e) => {
                 inner.failed(e.to_string());
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(crate::STORE_RETRY.delay(failures)).await;
+                failures = failures.saturating_add(1);
                 continue;
             }
         };
@@ -537,11 +537,12 @@ async fn follow<P: Process>(inner: Arc<Inner<P>>, from: Option<Position>, every:
                         let position = event.position;
                         inner.handle_event(event).await;
                         inner.position.store(position.0, Ordering::Release);
-                        delay = Duration::from_millis(100);
+                        failures = 0;
                     }
                     Some(Err(e)) => {
                         inner.failed(e.to_string());
-                        tokio::time::sleep(delay).await;
+                        tokio::time::sleep(crate::STORE_RETRY.delay(failures)).await;
+                        failures = failures.saturating_add(1);
                         break;
                     }
                     None => return,
@@ -710,15 +711,15 @@ impl<P: Process> Inner<P> {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<bool, ProcessError>>,
     {
-        let mut delay = Duration::from_millis(100);
+        let mut failures = 0u32;
         loop {
             match attempt().await {
                 Ok(true) => return,
-                Ok(false) => delay = Duration::from_millis(100),
+                Ok(false) => failures = 0,
                 Err(e) => {
                     self.failed(e.to_string());
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    tokio::time::sleep(crate::STORE_RETRY.delay(failures)).await;
+                    failures = failures.saturating_add(1);
                 }
             }
         }
@@ -866,7 +867,6 @@ impl<P: Process> Inner<P> {
     /// Sends a command until the handler accepts it, or has failed (or
     /// timed out) on every attempt: then the attempts and the last error.
     async fn send(&self, command: Command) -> Result<(), (u32, String)> {
-        let mut delay = Duration::from_millis(100);
         let mut attempt = 1;
         loop {
             let error =
@@ -884,9 +884,8 @@ impl<P: Process> Inner<P> {
             if attempt >= self.attempts {
                 return Err((attempt, error));
             }
+            tokio::time::sleep(crate::STORE_RETRY.delay(attempt - 1)).await;
             attempt += 1;
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
 

@@ -370,7 +370,7 @@ impl Inner {
             .enumerate()
             .map(|(i, e)| e.to_new_event(&state.stream, state.version + 1 + i as u64))
             .collect();
-        let mut delay = Duration::from_millis(50);
+        let mut failures = 0u32;
         loop {
             match self
                 .store
@@ -383,8 +383,8 @@ impl Inner {
                 }
                 Err(StoreError::WrongExpectedVersion { .. }) => return None,
                 Err(_) if !self.stopping.load(Ordering::Acquire) => {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    tokio::time::sleep(crate::STORE_RETRY.delay(failures)).await;
+                    failures = failures.saturating_add(1);
                 }
                 Err(_) => return None,
             }

@@ -539,9 +539,10 @@ impl Scheduler {
 }
 
 impl Inner {
+    /// The wait after failed attempt `attempt` (1-based), without jitter
+    /// (it is recomputed from the timer's history).
     fn delay(&self, attempt: u32) -> Duration {
-        let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
-        self.backoff.0.saturating_mul(factor).min(self.backoff.1)
+        cairn_core::Backoff::new(self.backoff.0, self.backoff.1).base(attempt.saturating_sub(1))
     }
 
     /// Appends one event and applies it; false if the store had it already.
