@@ -15,7 +15,6 @@ use std::time::Duration;
 use anyhow::Result;
 use cairn_core::{
     EventStore, ExpectedVersion, Metadata, NewEvent, Query, QueryItem, ReadStreamOptions,
-    StoreError,
 };
 use cairn_log::EmbeddedStore;
 use cairn_saga::{
@@ -69,11 +68,8 @@ async fn record(
 }
 
 async fn has(store: &dyn EventStore, stream: &str, event_type: &str) -> Result<bool, StepError> {
-    match store.read_stream(stream, ReadStreamOptions::forward()).await {
-        Ok(events) => Ok(events.iter().any(|e| e.event_type == event_type)),
-        Err(StoreError::StreamNotFound { .. }) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
+    let events = store.read_stream_or_empty(stream, ReadStreamOptions::forward()).await?;
+    Ok(events.iter().any(|e| e.event_type == event_type))
 }
 
 /// The three services as saga steps, each with its compensation.

@@ -381,6 +381,21 @@ pub trait EventStore: Send + Sync {
         options: ReadStreamOptions,
     ) -> Result<Vec<RecordedEvent>>;
 
+    /// [`EventStore::read_stream`], with a stream that does not exist (or
+    /// was soft-deleted) read as no events: for bookkeeping streams
+    /// (checkpoints, snapshots, saga histories) that are missing until the
+    /// first write. A tombstoned stream is still `StreamDeleted`.
+    async fn read_stream_or_empty(
+        &self,
+        stream: &str,
+        options: ReadStreamOptions,
+    ) -> Result<Vec<RecordedEvent>> {
+        match self.read_stream(stream, options).await {
+            Err(crate::StoreError::StreamNotFound { .. }) => Ok(Vec::new()),
+            other => other,
+        }
+    }
+
     /// Reads the global order: every event of every stream, system events included.
     async fn read_all(&self, options: ReadAllOptions) -> Result<Vec<RecordedEvent>>;
 

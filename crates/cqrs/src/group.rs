@@ -437,11 +437,11 @@ impl Group {
 /// The newest saved state of a group and the version of its stream (0: none).
 async fn load_saved(store: &dyn EventStore, group: &str) -> Result<(Saved, u64), GroupError> {
     let stream = group_stream_name(group);
-    let last = match store.read_stream(&stream, ReadStreamOptions::backward().limit(1)).await {
-        Ok(events) => events.into_iter().next(),
-        Err(StoreError::StreamNotFound { .. }) => None,
-        Err(e) => return Err(e.into()),
-    };
+    let last = store
+        .read_stream_or_empty(&stream, ReadStreamOptions::backward().limit(1))
+        .await?
+        .into_iter()
+        .next();
     match last {
         Some(e) => {
             let saved = e.json().map_err(|err| GroupError::Corrupt {
@@ -540,14 +540,12 @@ pub async fn read_parked(store: &dyn EventStore, group: &str) -> Result<Vec<Park
     let mut out = Vec::new();
     let mut from = 1;
     loop {
-        let page = match store
-            .read_stream(&stream, ReadStreamOptions::forward().from_version(from).limit(1000))
-            .await
-        {
-            Ok(page) => page,
-            Err(StoreError::StreamNotFound { .. }) => return Ok(out),
-            Err(e) => return Err(e.into()),
-        };
+        let page = store
+            .read_stream_or_empty(
+                &stream,
+                ReadStreamOptions::forward().from_version(from).limit(1000),
+            )
+            .await?;
         let full = page.len() == 1000;
         for e in page {
             let mut parked: Parked = e.json().map_err(|err| GroupError::Corrupt {

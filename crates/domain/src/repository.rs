@@ -422,15 +422,13 @@ impl<A: Aggregate> Repository<A> {
 
     /// The newest snapshot, if there is one this code can use.
     async fn newest_snapshot(&self, stream: &str) -> Result<Snapshot<A>, StoreError> {
-        let found = match self
+        let found = self
             .store
-            .read_stream(&snapshot_stream_name(stream), ReadStreamOptions::backward().limit(1))
-            .await
-        {
-            Ok(found) => found,
-            Err(StoreError::StreamNotFound { .. }) => return Ok(Snapshot::Missing),
-            Err(e) => return Err(e),
-        };
+            .read_stream_or_empty(
+                &snapshot_stream_name(stream),
+                ReadStreamOptions::backward().limit(1),
+            )
+            .await?;
         let Some(event) = found.into_iter().next() else { return Ok(Snapshot::Missing) };
         // A snapshot of an older (or newer) state shape is never trusted.
         if event.event_type != SNAPSHOT_EVENT_TYPE || event.schema_version != A::SNAPSHOT_VERSION {
@@ -550,14 +548,11 @@ impl<A: Aggregate> Repository<A> {
         from: u64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        match self
-            .store
-            .read_stream(stream, ReadStreamOptions::forward().from_version(from).limit(limit))
+        self.store
+            .read_stream_or_empty(
+                stream,
+                ReadStreamOptions::forward().from_version(from).limit(limit),
+            )
             .await
-        {
-            Ok(events) => Ok(events),
-            Err(StoreError::StreamNotFound { .. }) => Ok(Vec::new()),
-            Err(e) => Err(e),
-        }
     }
 }

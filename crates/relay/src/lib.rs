@@ -201,11 +201,11 @@ pub async fn stored_checkpoint(
     name: &str,
 ) -> Result<Option<Position>, RelayError> {
     let stream = checkpoint_stream(name);
-    let last = match store.read_stream(&stream, ReadStreamOptions::backward().limit(1)).await {
-        Ok(events) => events.into_iter().next(),
-        Err(StoreError::StreamNotFound { .. }) => None,
-        Err(e) => return Err(e.into()),
-    };
+    let last = store
+        .read_stream_or_empty(&stream, ReadStreamOptions::backward().limit(1))
+        .await?
+        .into_iter()
+        .next();
     match last {
         None => Ok(None),
         Some(e) => {

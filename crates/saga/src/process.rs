@@ -566,11 +566,11 @@ async fn follow<P: Process>(inner: Arc<Inner<P>>, from: Option<Position>, every:
 
 /// A stream's newest event (none if the stream does not exist).
 async fn newest(store: &dyn EventStore, stream: &str) -> Result<Option<RecordedEvent>, StoreError> {
-    match store.read_stream(stream, ReadStreamOptions::backward().limit(1)).await {
-        Ok(events) => Ok(events.into_iter().next()),
-        Err(StoreError::StreamNotFound { .. }) => Ok(None),
-        Err(e) => Err(e),
-    }
+    Ok(store
+        .read_stream_or_empty(stream, ReadStreamOptions::backward().limit(1))
+        .await?
+        .into_iter()
+        .next())
 }
 
 /// An instance as its stream says: the state from its newest reaction, and
@@ -596,11 +596,10 @@ async fn load_instance<S: DeserializeOwned + Default>(
     let (mut park, mut resumed_after) = (None, false);
     let mut options = ReadStreamOptions::backward().limit(64);
     loop {
-        let events = match store.read_stream(stream, options).await {
-            Ok(events) => events,
-            Err(StoreError::StreamNotFound { .. }) => return Ok(instance),
-            Err(e) => return Err(e.into()),
-        };
+        let events = store.read_stream_or_empty(stream, options).await?;
+        if events.is_empty() && instance.version == 0 {
+            return Ok(instance);
+        }
         for event in &events {
             instance.version = instance.version.max(event.version);
             match event.event_type.as_str() {

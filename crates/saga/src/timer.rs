@@ -411,14 +411,12 @@ async fn recover(store: &dyn EventStore, stream: &str) -> Result<(State, Recover
     let mut last = Position::START;
     let mut from = u64::MAX;
     'pages: loop {
-        let page = match store
-            .read_stream(stream, ReadStreamOptions::backward().from_version(from).limit(PAGE))
-            .await
-        {
-            Ok(page) => page,
-            Err(StoreError::StreamNotFound { .. }) => Vec::new(),
-            Err(e) => return Err(e),
-        };
+        let page = store
+            .read_stream_or_empty(
+                stream,
+                ReadStreamOptions::backward().from_version(from).limit(PAGE),
+            )
+            .await?;
         for event in &page {
             last = last.max(event.position);
             match TimerEvent::from_recorded(event) {
