@@ -19,7 +19,7 @@ use uuid::Uuid;
 const ALL: [&str; 7] = ["W1", "W1c", "W2", "W3", "W4", "W5", "W6"];
 
 #[derive(Args)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// Workloads to run, in order (default: W1 W1c W2 W3 W4 W5 W6; also D1 D2, G1 for consumer groups, W7 for the HTTP server, W8 sagas, W9 the relay; S1, alone, the engine filled with --events N). W4 reads what the others wrote.
     pub workloads: Vec<String>,
     /// Scale the event counts by this factor (1.0 = the sizes in docs/WORKLOADS.md).
@@ -61,7 +61,7 @@ pub struct BenchArgs {
 }
 
 /// A `MoneyDeposited` event of about 150 bytes with ordinary metadata.
-pub fn deposit(amount: u64, correlation: Uuid) -> NewEvent {
+pub(crate) fn deposit(amount: u64, correlation: Uuid) -> NewEvent {
     let data = serde_json::json!({"amount": amount, "currency": "EUR", "note": "salary for November, paid by ACME Widgets Ltd, ref 2026-11"});
     let metadata = Metadata {
         correlation_id: Some(correlation),
@@ -71,7 +71,7 @@ pub fn deposit(amount: u64, correlation: Uuid) -> NewEvent {
     NewEvent::json("MoneyDeposited", &data).expect("serialisable").with_metadata(metadata)
 }
 
-pub fn percentile(sorted: &[Duration], p: f64) -> u128 {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> u128 {
     if sorted.is_empty() {
         return 0;
     }
@@ -122,7 +122,7 @@ async fn open_accounts(
 /// The store under test. Engine counters (fsyncs, bytes) exist only for
 /// the embedded engine.
 #[derive(Clone)]
-pub struct Target {
+pub(crate) struct Target {
     pub store: Arc<dyn EventStore>,
     pub backend: &'static str,
     pub embedded: Option<EmbeddedStore>,
@@ -147,7 +147,7 @@ fn spinner(what: &str) -> indicatif::ProgressBar {
     bar
 }
 
-pub async fn run(ctx: &crate::commands::Context, args: BenchArgs) -> Result<()> {
+pub(crate) async fn run(ctx: &crate::commands::Context, args: BenchArgs) -> Result<()> {
     use crate::bench_scale::{CHILD_APPEND, CHILD_OPEN};
     // S1 and its children manage their own stores.
     match args.workloads.iter().map(String::as_str).collect::<Vec<_>>()[..] {

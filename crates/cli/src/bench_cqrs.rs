@@ -155,7 +155,11 @@ async fn timed_rebuild(
     Ok((line, done.events))
 }
 
-pub async fn w6(store: &EmbeddedStore, events: u64, dir: &std::path::Path) -> Result<String> {
+pub(crate) async fn w6(
+    store: &EmbeddedStore,
+    events: u64,
+    dir: &std::path::Path,
+) -> Result<String> {
     fill(store, "w6acct", events).await?;
     let expected: i64 = (0..events).map(|i| (100 + i % 900) as i64).sum();
 
@@ -182,7 +186,7 @@ pub async fn w6(store: &EmbeddedStore, events: u64, dir: &std::path::Path) -> Re
 }
 
 /// W5's second line: append call → event applied by a live in-memory projection.
-pub async fn w5_projection(store: &EmbeddedStore, seconds: u64) -> Result<String> {
+pub(crate) async fn w5_projection(store: &EmbeddedStore, seconds: u64) -> Result<String> {
     let shared: Arc<dyn EventStore> = Arc::new(store.clone());
     let model = MemoryModel::new(Balances);
     let runner = Runner::new(shared, Source::category("w5proj"), model.clone()).spawn();
@@ -213,7 +217,7 @@ pub async fn w5_projection(store: &EmbeddedStore, seconds: u64) -> Result<String
 }
 
 /// G1: every event through a 4-worker consumer group, each acked durably.
-pub async fn g1(store: &EmbeddedStore, events: u64) -> Result<String> {
+pub(crate) async fn g1(store: &EmbeddedStore, events: u64) -> Result<String> {
     fill(store, "g1acct", events).await?;
     let shared: Arc<dyn EventStore> = Arc::new(store.clone());
     let started = Instant::now();

@@ -19,11 +19,11 @@ use cairn_core::{
 use cairn_log::EmbeddedStore;
 use uuid::Uuid;
 
-pub const WORKLOADS: [&str; 2] = ["D1", "D2"];
+pub(crate) const WORKLOADS: [&str; 2] = ["D1", "D2"];
 
 const CLIENTS: u64 = 16;
 
-pub async fn run(store: &EmbeddedStore, workload: &str, scale: f64) -> Result<String> {
+pub(crate) async fn run(store: &EmbeddedStore, workload: &str, scale: f64) -> Result<String> {
     let scaled = |n: u64| ((n as f64 * scale) as u64).max(1);
     match workload {
         "D1" => d1(store, scaled(20_000)).await,

@@ -15,7 +15,7 @@ use cairn_grpc::proto;
 use uuid::Uuid;
 
 /// The hidden workload name of the child.
-pub const CHILD: &str = "W7-client";
+pub(crate) const CHILD: &str = "W7-client";
 
 /// Streams the readers read, of `READ_STREAM_LEN` events each.
 const READ_STREAMS: u64 = 1_000;
@@ -49,7 +49,7 @@ impl Mode {
 }
 
 /// The lines of W7 measured from a child process.
-pub async fn w7(target: &crate::bench::Target, seconds: f64) -> Result<String> {
+pub(crate) async fn w7(target: &crate::bench::Target, seconds: f64) -> Result<String> {
     let config = cairn_server::ServerConfig {
         listen: "127.0.0.1:0".parse()?,
         ..cairn_server::ServerConfig::default()
@@ -154,7 +154,7 @@ async fn run_child(
 }
 
 /// The child: `spec` is "API MODE TASKS SECONDS ADDR"; prints one line.
-pub async fn child(spec: &str) -> Result<String> {
+pub(crate) async fn child(spec: &str) -> Result<String> {
     let parts: Vec<&str> = spec.split_whitespace().collect();
     let [api, mode, tasks, seconds, addr] = parts[..] else {
         bail!("W7-client: --client-spec wants \"API MODE TASKS SECONDS ADDR\", got {spec:?}")

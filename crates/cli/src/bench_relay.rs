@@ -17,18 +17,18 @@ use uuid::Uuid;
 
 use crate::bench::{Target, deposit, percentile};
 
-pub const NATS_URL: &str = "127.0.0.1:4222";
+pub(crate) const NATS_URL: &str = "127.0.0.1:4222";
 /// Scales the live part with the backlog (at least 100 events).
-pub fn live_events(scale: f64) -> usize {
+pub(crate) fn live_events(scale: f64) -> usize {
     ((LIVE as f64 * scale) as usize).max(100)
 }
 
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub(crate) const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// Live events timed end to end at full scale.
 const LIVE: usize = 2_000;
 
-pub async fn w9(t: &Target, events: u64, live: usize, sinks: &[String]) -> Result<String> {
+pub(crate) async fn w9(t: &Target, events: u64, live: usize, sinks: &[String]) -> Result<String> {
     // The backlog: as W2 writes it (batches of 100 over 1,000 streams).
     let mut handles = Vec::new();
     for task in 0..16u64 {

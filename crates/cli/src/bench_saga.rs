@@ -41,14 +41,14 @@ fn service_step(
     .compensate(|_| async { Ok(()) })
 }
 
-pub fn order_saga(store: &Arc<dyn EventStore>) -> Saga {
+pub(crate) fn order_saga(store: &Arc<dyn EventStore>) -> Saga {
     Saga::new("order")
         .step(service_step(store, "create-order", "order", "OrderCreated"))
         .step(service_step(store, "charge-card", "payment", "CardCharged"))
         .step(service_step(store, "reserve-items", "inventory", "ItemsReserved"))
 }
 
-pub async fn w8(t: &Target, sagas: u64) -> Result<String> {
+pub(crate) async fn w8(t: &Target, sagas: u64) -> Result<String> {
     let runner = SagaRunner::builder(t.store.clone(), "bench")
         .saga(order_saga(&t.store))
         .max_running(TASKS * 2)

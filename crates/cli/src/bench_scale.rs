@@ -20,8 +20,8 @@ use cairn_log::EmbeddedStore;
 
 use crate::bench::Target;
 
-pub const DEFAULT_EVENTS: u64 = 100_000_000;
-pub const DEFAULT_STREAMS: u64 = 10_000;
+pub(crate) const DEFAULT_EVENTS: u64 = 100_000_000;
+pub(crate) const DEFAULT_STREAMS: u64 = 10_000;
 /// Events an append of the fill carries at most.
 const BATCH: u64 = 1_000;
 /// Events per tag: one event in 100 carries a tag, each tag on this many.
@@ -31,8 +31,8 @@ const WRITERS: u64 = 16;
 const ROUNDS: usize = 3;
 
 /// The hidden child roles S1 starts itself.
-pub const CHILD_OPEN: &str = "S1-open";
-pub const CHILD_APPEND: &str = "S1-append";
+pub(crate) const CHILD_OPEN: &str = "S1-open";
+pub(crate) const CHILD_APPEND: &str = "S1-append";
 
 fn tags(events: u64) -> u64 {
     (events / 100 / PER_TAG).max(1)
@@ -101,7 +101,7 @@ fn rss_anon_kib() -> u64 {
 
 /// The child that opens the store, says how long that took and how much
 /// anonymous memory it holds, and exits.
-pub fn child_open(dir: &Path) -> Result<String> {
+pub(crate) fn child_open(dir: &Path) -> Result<String> {
     let t0 = Instant::now();
     let store = EmbeddedStore::open(dir)?;
     let secs = t0.elapsed().as_secs_f64();
@@ -117,7 +117,7 @@ pub fn child_open(dir: &Path) -> Result<String> {
 }
 
 /// The child that appends until it is killed; prints `ready` after its first acknowledgement.
-pub async fn child_append(dir: &Path) -> Result<String> {
+pub(crate) async fn child_append(dir: &Path) -> Result<String> {
     use std::io::Write as _;
     let store = EmbeddedStore::open(dir)?;
     let mut i = 0u64;
@@ -329,7 +329,12 @@ async fn settle(store: &EmbeddedStore, when: &str) -> String {
 }
 
 /// `cairn bench S1`.
-pub async fn s1(events: u64, streams: u64, keep: Option<&Path>, tmp: &Path) -> Result<String> {
+pub(crate) async fn s1(
+    events: u64,
+    streams: u64,
+    keep: Option<&Path>,
+    tmp: &Path,
+) -> Result<String> {
     let dir: PathBuf = match keep {
         Some(d) => d.to_path_buf(),
         None => tmp.join("s1"),

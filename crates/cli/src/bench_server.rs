@@ -18,7 +18,7 @@ use uuid::Uuid;
 /// W7 over HTTP with a lean client (raw HTTP/1.1 connections, so that the
 /// figure is the server's), then through the Rust clients: `HttpStore` and
 /// `GrpcStore` (a connection per client).
-pub async fn w7(target: &crate::bench::Target, seconds: f64) -> Result<String> {
+pub(crate) async fn w7(target: &crate::bench::Target, seconds: f64) -> Result<String> {
     let one = [target.store.clone()];
     let mut lines = Vec::new();
     for api in ["http", "http-client", "grpc"] {

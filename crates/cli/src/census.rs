@@ -7,7 +7,7 @@ use serde_json::json;
 use crate::commands::Context;
 use crate::output::count;
 
-pub async fn run(ctx: &Context) -> Result<()> {
+pub(crate) async fn run(ctx: &Context) -> Result<()> {
     let store = ctx.store(false).await?;
     let head = store.head_position().await?.0.max(1);
     let bar = indicatif::ProgressBar::new(head);

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::output;
 
 #[derive(Clone)]
-pub struct Context {
+pub(crate) struct Context {
     pub data: PathBuf,
     /// `--data` was not given (so a config file may choose it).
     pub data_is_default: bool,
@@ -32,7 +32,7 @@ pub struct Context {
 
 /// Where the data verbs, `serve` and `relay` keep events.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
-pub enum Backend {
+pub(crate) enum Backend {
     /// The embedded engine in --data (nothing else to run).
     Embedded,
     /// A PostgreSQL database (--database-url), in the schema --pg-schema.
@@ -143,7 +143,7 @@ fn parse_expected(s: &str) -> Result<ExpectedVersion, String> {
 }
 
 #[derive(Args)]
-pub struct AppendArgs {
+pub(crate) struct AppendArgs {
     pub stream: String,
     /// Event type; without it, events are read as JSON lines from stdin.
     #[arg(value_name = "TYPE")]
@@ -211,7 +211,7 @@ fn events_from_stdin() -> Result<Vec<NewEvent>> {
     Ok(events)
 }
 
-pub async fn append(ctx: &Context, a: AppendArgs) -> Result<()> {
+pub(crate) async fn append(ctx: &Context, a: AppendArgs) -> Result<()> {
     let events = match &a.event_type {
         Some(t) => {
             let Some(payload) = &a.payload else {
@@ -263,7 +263,7 @@ pub async fn append(ctx: &Context, a: AppendArgs) -> Result<()> {
 
 /// Which part of a stream or of $all to show.
 #[derive(Args)]
-pub struct Window {
+pub(crate) struct Window {
     /// Where to start, inclusive: a version for a stream, an event's position for $all
     /// (default: the start, or the newest with --backward).
     #[arg(long)]
@@ -277,13 +277,13 @@ pub struct Window {
 }
 
 #[derive(Args)]
-pub struct ReadArgs {
+pub(crate) struct ReadArgs {
     pub stream: String,
     #[command(flatten)]
     pub window: Window,
 }
 
-pub async fn read(ctx: &Context, a: ReadArgs) -> Result<()> {
+pub(crate) async fn read(ctx: &Context, a: ReadArgs) -> Result<()> {
     let store = ctx.store(false).await?;
     let w = a.window;
     let mut options =
@@ -297,7 +297,7 @@ pub async fn read(ctx: &Context, a: ReadArgs) -> Result<()> {
 }
 
 #[derive(Args)]
-pub struct ReadAllArgs {
+pub(crate) struct ReadAllArgs {
     #[command(flatten)]
     pub window: Window,
     /// Include system events ($metadata, deletions).
@@ -305,7 +305,7 @@ pub struct ReadAllArgs {
     pub system: bool,
 }
 
-pub async fn read_all(ctx: &Context, a: ReadAllArgs) -> Result<()> {
+pub(crate) async fn read_all(ctx: &Context, a: ReadAllArgs) -> Result<()> {
     let store = ctx.store(false).await?;
     let w = a.window;
     let mut options =
@@ -322,7 +322,7 @@ pub async fn read_all(ctx: &Context, a: ReadAllArgs) -> Result<()> {
 }
 
 #[derive(Args)]
-pub struct QueryArgs {
+pub(crate) struct QueryArgs {
     /// Only events of this type (repeatable: any of them); any type if omitted.
     #[arg(long = "type", value_name = "TYPE")]
     pub types: Vec<String>,
@@ -335,7 +335,7 @@ pub struct QueryArgs {
 
 /// `cairn query`: the events matching one query item (types OR'ed, tags AND'ed)
 /// in global order; events of `$` streams never match.
-pub async fn query(ctx: &Context, a: QueryArgs) -> Result<()> {
+pub(crate) async fn query(ctx: &Context, a: QueryArgs) -> Result<()> {
     let store = ctx.store(false).await?;
     let q = Query::from(QueryItem::types(a.types).with_tags(a.tags));
     let w = a.window;
@@ -350,7 +350,7 @@ pub async fn query(ctx: &Context, a: QueryArgs) -> Result<()> {
 }
 
 #[derive(Args)]
-pub struct TailArgs {
+pub(crate) struct TailArgs {
     /// Stream to follow; $all when omitted.
     pub stream: Option<String>,
     /// Deliver history first, from this version (stream) or position ($all)
@@ -362,7 +362,7 @@ pub struct TailArgs {
     pub count: Option<usize>,
 }
 
-pub async fn tail(ctx: &Context, a: TailArgs) -> Result<()> {
+pub(crate) async fn tail(ctx: &Context, a: TailArgs) -> Result<()> {
     let store = ctx.store(true).await?;
     let target = match &a.stream {
         Some(s) => SubscriptionTarget::Stream(s.clone()),
@@ -394,7 +394,7 @@ pub async fn tail(ctx: &Context, a: TailArgs) -> Result<()> {
 }
 
 #[derive(Args)]
-pub struct StreamsArgs {
+pub(crate) struct StreamsArgs {
     /// Only streams whose name starts with this ('$$' for metadata streams).
     #[arg(long, default_value = "")]
     pub prefix: String,
@@ -402,14 +402,14 @@ pub struct StreamsArgs {
     pub limit: usize,
 }
 
-pub async fn streams(ctx: &Context, a: StreamsArgs) -> Result<()> {
+pub(crate) async fn streams(ctx: &Context, a: StreamsArgs) -> Result<()> {
     let store = ctx.store(false).await?;
     output::print_streams(&store.list_streams(&a.prefix, a.limit).await?, ctx.json);
     Ok(())
 }
 
 #[derive(Args)]
-pub struct MetadataArgs {
+pub(crate) struct MetadataArgs {
     pub stream: String,
     /// Hide events older than this: seconds, or a duration such as 90s, 12h, 7d, 2w.
     #[arg(long, value_name = "AGE", value_parser = parse_age)]
@@ -435,7 +435,7 @@ fn parse_age(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("{e}: give seconds, or a duration such as 90s, 12h, 7d or 2w"))
 }
 
-pub async fn metadata(ctx: &Context, a: MetadataArgs) -> Result<()> {
+pub(crate) async fn metadata(ctx: &Context, a: MetadataArgs) -> Result<()> {
     let store = ctx.store(false).await?;
     let changing =
         a.clear || a.max_age.is_some() || a.max_count.is_some() || a.truncate_before.is_some();
@@ -457,7 +457,7 @@ pub async fn metadata(ctx: &Context, a: MetadataArgs) -> Result<()> {
 }
 
 #[derive(Args)]
-pub struct DeleteArgs {
+pub(crate) struct DeleteArgs {
     pub stream: String,
     /// Tombstone the stream: its name can never be written again.
     #[arg(long)]
@@ -466,7 +466,7 @@ pub struct DeleteArgs {
     pub expected_version: ExpectedVersion,
 }
 
-pub async fn delete(ctx: &Context, a: DeleteArgs) -> Result<()> {
+pub(crate) async fn delete(ctx: &Context, a: DeleteArgs) -> Result<()> {
     let store = ctx.store(false).await?;
     store.delete_stream(&a.stream, a.expected_version, a.hard).await?;
     println!("{} {}", if a.hard { "tombstoned" } else { "deleted" }, a.stream);
@@ -484,7 +484,7 @@ fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
     bar
 }
 
-pub fn verify(ctx: &Context) -> Result<()> {
+pub(crate) fn verify(ctx: &Context) -> Result<()> {
     ctx.local_only("verify")?;
     let mut bar: Option<indicatif::ProgressBar> = None;
     let report = cairn_log::verify(&ctx.data, |done, total| {
@@ -531,7 +531,7 @@ pub fn verify(ctx: &Context) -> Result<()> {
     Ok(())
 }
 
-pub fn reindex(ctx: &Context) -> Result<()> {
+pub(crate) fn reindex(ctx: &Context) -> Result<()> {
     ctx.local_only("reindex")?;
     if !ctx.data.join("log").is_dir() {
         bail!("no Cairn data in {} — pass --data DIR", ctx.data.display());

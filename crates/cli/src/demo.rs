@@ -54,7 +54,7 @@ fn describe(e: &Event) -> String {
 }
 
 /// `cairn demo bank` on a fresh temporary store.
-pub async fn run_bank() -> Result<()> {
+pub(crate) async fn run_bank() -> Result<()> {
     let dir = tempfile::Builder::new().prefix("cairn-demo-").tempdir()?;
     println!(
         "Cairn demo: a bank account as an event-sourced aggregate (store in {})",
@@ -68,7 +68,7 @@ pub async fn run_bank() -> Result<()> {
 }
 
 /// Runs the bank demo on `store`, numbering its steps from `first`.
-pub async fn bank(store: EmbeddedStore, first: usize) -> Result<()> {
+pub(crate) async fn bank(store: EmbeddedStore, first: usize) -> Result<()> {
     let store: Arc<dyn EventStore> = Arc::new(store);
     let repo = Repository::<Account>::new(store.clone()).with_snapshots(SnapshotPolicy::every(10));
     let mut n = first;
@@ -248,7 +248,7 @@ pub async fn bank(store: EmbeddedStore, first: usize) -> Result<()> {
 }
 
 /// `cairn demo courses` on a fresh temporary store.
-pub async fn run_courses() -> Result<()> {
+pub(crate) async fn run_courses() -> Result<()> {
     let dir = tempfile::Builder::new().prefix("cairn-demo-").tempdir()?;
     println!(
         "Cairn demo: rules across entities with tags and conditional appends (store in {})",
@@ -262,7 +262,7 @@ pub async fn run_courses() -> Result<()> {
 }
 
 /// Races subscriptions against the course rules on `store`, numbering steps from `first`.
-pub async fn courses(store: EmbeddedStore, first: usize) -> Result<()> {
+pub(crate) async fn courses(store: EmbeddedStore, first: usize) -> Result<()> {
     use cairn_core::{Query, ReadAllOptions};
     use cairn_example_courses::{COURSES_PER_STUDENT, Courses, Error as CourseError};
 

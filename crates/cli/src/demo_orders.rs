@@ -230,7 +230,7 @@ pub(crate) async fn status_table(runners: &[&RunnerHandle]) -> Result<Table> {
 /// `cairn demo orders` on a fresh store: a temporary one, or `keep` (which must
 /// not hold one yet), so that `cairn projections status` and `cairn groups
 /// status` can look at it afterwards.
-pub async fn run(keep: Option<PathBuf>) -> Result<()> {
+pub(crate) async fn run(keep: Option<PathBuf>) -> Result<()> {
     let temp = tempfile::Builder::new().prefix("cairn-demo-").tempdir()?;
     let dir = match &keep {
         Some(dir) => {
@@ -262,12 +262,12 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
 }
 
 /// Where read model files go in a data directory, by convention (`cairn projections` looks there).
-pub fn models_dir(data: &Path) -> PathBuf {
+pub(crate) fn models_dir(data: &Path) -> PathBuf {
     data.join("read-models")
 }
 
 /// The orders demo then the insurance one on `store` (data in `dir`), steps numbered from `first`.
-pub async fn all(store: Arc<dyn EventStore>, dir: &Path, first: usize) -> Result<()> {
+pub(crate) async fn all(store: Arc<dyn EventStore>, dir: &Path, first: usize) -> Result<()> {
     orders(store.clone(), dir, first).await?;
     shipping_group(store.clone(), first + 4).await?;
     insurance(store, first + 5).await

@@ -29,7 +29,7 @@ use crate::tour::step;
 /// How the payment service behaves for an order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
-pub enum Payment {
+pub(crate) enum Payment {
     /// The card is charged.
     Ok,
     /// The card is declined: the order is cancelled.
@@ -73,7 +73,7 @@ async fn has(store: &dyn EventStore, stream: &str, event_type: &str) -> Result<b
 }
 
 /// The three services as saga steps, each with its compensation.
-pub fn order_saga(store: Arc<dyn EventStore>) -> Saga {
+pub(crate) fn order_saga(store: Arc<dyn EventStore>) -> Saga {
     let s = store.clone();
     let create = Step::new("create-order", move |ctx: StepContext| {
         let store = s.clone();
@@ -230,7 +230,7 @@ async fn run_one(
 }
 
 /// The seven scenarios on `store`, steps numbered from `first` (the tour runs them too).
-pub async fn all(store: Arc<dyn EventStore>, first: usize) -> Result<()> {
+pub(crate) async fn all(store: Arc<dyn EventStore>, first: usize) -> Result<()> {
     let runner =
         SagaRunner::builder(store.clone(), "shop").saga(order_saga(store.clone())).run().await?;
     step(&format!("{first}. All goes well: CreateOrder → ChargeCard → ReserveItems"));
@@ -431,7 +431,7 @@ async fn shipping(store: Arc<dyn EventStore>) -> Result<()> {
     Ok(())
 }
 
-pub async fn run(keep: Option<PathBuf>, payment: Option<Payment>) -> Result<()> {
+pub(crate) async fn run(keep: Option<PathBuf>, payment: Option<Payment>) -> Result<()> {
     let temp = tempfile::Builder::new().prefix("cairn-demo-").tempdir()?;
     let dir = match &keep {
         Some(dir) if dir.join("log").exists() => {

@@ -16,7 +16,7 @@ use crate::commands::Context;
 use crate::output::count;
 
 #[derive(Args)]
-pub struct ProjectionsArgs {
+pub(crate) struct ProjectionsArgs {
     /// Directory of the SQLite read model files [default: DATA/read-models].
     #[arg(long, global = true, value_name = "DIR")]
     models: Option<PathBuf>,
@@ -43,7 +43,7 @@ enum ProjectionsAction {
 }
 
 #[derive(Args)]
-pub struct GroupsArgs {
+pub(crate) struct GroupsArgs {
     #[command(subcommand)]
     action: GroupsAction,
 }
@@ -177,7 +177,7 @@ fn checkpoints(file: &Path) -> Result<Vec<StoredCheckpoint>> {
         .with_context(|| format!("{} is not a Cairn read model", file.display()))
 }
 
-pub async fn projections(ctx: &Context, args: ProjectionsArgs) -> Result<()> {
+pub(crate) async fn projections(ctx: &Context, args: ProjectionsArgs) -> Result<()> {
     let (name, paused, reset) = match args.action {
         ProjectionsAction::Status { files, alert: seconds } => {
             return projections_status(
@@ -296,7 +296,7 @@ async fn projections_status(ctx: &Context, files: Vec<PathBuf>, alert: Duration)
     Ok(())
 }
 
-pub async fn groups(ctx: &Context, args: GroupsArgs) -> Result<()> {
+pub(crate) async fn groups(ctx: &Context, args: GroupsArgs) -> Result<()> {
     let store = ctx.store(false).await?;
     let store = store.as_ref();
     match args.action {

@@ -5,7 +5,7 @@ use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use serde_json::Value;
 
 /// An event as JSON, in the shape the HTTP API uses (the same code makes both).
-pub fn event_json(e: &RecordedEvent) -> Value {
+pub(crate) fn event_json(e: &RecordedEvent) -> Value {
     serde_json::to_value(cairn_client::wire::EventOut::from_recorded(e)).unwrap_or(Value::Null)
 }
 
@@ -21,7 +21,7 @@ fn data_preview(e: &RecordedEvent) -> String {
     }
 }
 
-pub fn print_events(events: &[RecordedEvent], json: bool) {
+pub(crate) fn print_events(events: &[RecordedEvent], json: bool) {
     if json {
         for e in events {
             println!("{}", event_json(e));
@@ -55,7 +55,7 @@ pub fn print_events(events: &[RecordedEvent], json: bool) {
     println!("{}", count(events.len() as u64, "event"));
 }
 
-pub fn print_event_line(e: &RecordedEvent, json: bool) {
+pub(crate) fn print_event_line(e: &RecordedEvent, json: bool) {
     if json {
         println!("{}", event_json(e));
     } else {
@@ -72,7 +72,7 @@ pub fn print_event_line(e: &RecordedEvent, json: bool) {
     }
 }
 
-pub fn print_streams(streams: &[StreamInfo], json: bool) {
+pub(crate) fn print_streams(streams: &[StreamInfo], json: bool) {
     if json {
         for s in streams {
             println!("{}", serde_json::to_string(s).unwrap_or_default());
@@ -101,12 +101,12 @@ pub fn print_streams(streams: &[StreamInfo], json: bool) {
 }
 
 /// "1 event", "3 events".
-pub fn count(n: u64, what: &str) -> String {
+pub(crate) fn count(n: u64, what: &str) -> String {
     format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
 /// What to do next, for errors a person can fix.
-pub fn hint(e: &StoreError) -> Option<&'static str> {
+pub(crate) fn hint(e: &StoreError) -> Option<&'static str> {
     Some(match e {
         StoreError::Locked { .. } => {
             "another cairn process (a server, `cairn tail`, or a bench) has this data directory open; stop it, or pass --data to use another directory"

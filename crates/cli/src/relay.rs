@@ -13,7 +13,7 @@ use clap::Args;
 use crate::commands::Context;
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum SinkKind {
+pub(crate) enum SinkKind {
     /// NATS JetStream: subjects `<prefix>.<category>.<type>`, Nats-Msg-Id = event id (JetStream drops repeats).
     Nats,
     /// RabbitMQ: a durable topic exchange, routing key `<category>.<type>`, message_id = event id, publisher confirms.
@@ -21,7 +21,7 @@ pub enum SinkKind {
 }
 
 #[derive(Args)]
-pub struct RelayArgs {
+pub(crate) struct RelayArgs {
     /// Where events go.
     #[arg(long, value_enum)]
     sink: SinkKind,
@@ -60,7 +60,7 @@ pub struct RelayArgs {
     status_every: u64,
 }
 
-pub async fn run(ctx: &Context, args: RelayArgs) -> Result<()> {
+pub(crate) async fn run(ctx: &Context, args: RelayArgs) -> Result<()> {
     let store = ctx.store(true).await?;
     let kind = match args.sink {
         SinkKind::Nats => "nats",

@@ -42,7 +42,7 @@ fn emit(out: String) {
 }
 
 #[derive(Args)]
-pub struct SagasArgs {
+pub(crate) struct SagasArgs {
     #[command(subcommand)]
     action: SagasAction,
 }
@@ -128,7 +128,7 @@ impl StatusFilter {
     }
 }
 
-pub async fn run(ctx: &Context, args: SagasArgs) -> Result<()> {
+pub(crate) async fn run(ctx: &Context, args: SagasArgs) -> Result<()> {
     let store = ctx.store(false).await?;
     let store = store.as_ref();
     let mut out = String::new();

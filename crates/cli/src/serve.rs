@@ -14,7 +14,7 @@ use clap::Args;
 use crate::commands::{Backend, Context};
 
 #[derive(Args)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// A TOML file with any of: listen, data, body_limit, keys, tls_cert, tls_key
     /// (paths relative to the file). Flags and CAIRN_* variables win over it.
     #[arg(long, env = "CAIRN_CONFIG", value_name = "FILE")]
@@ -95,7 +95,7 @@ macro_rules! say_err {
     }};
 }
 
-pub async fn run(ctx: &Context, args: ServeArgs) -> Result<()> {
+pub(crate) async fn run(ctx: &Context, args: ServeArgs) -> Result<()> {
     let file = match &args.config {
         Some(path) => ConfigFile::load(path)?,
         None => ConfigFile::default(),
@@ -231,7 +231,7 @@ pub(crate) async fn shutdown_signal() {
 }
 
 #[derive(Args)]
-pub struct KeysArgs {
+pub(crate) struct KeysArgs {
     /// The key file [default: DATA/keys.json].
     #[arg(long, global = true, env = "CAIRN_KEYS", value_name = "FILE")]
     file: Option<std::path::PathBuf>,
@@ -257,7 +257,7 @@ enum KeysAction {
     Remove { name: String },
 }
 
-pub fn keys(ctx: &Context, args: KeysArgs) -> Result<()> {
+pub(crate) fn keys(ctx: &Context, args: KeysArgs) -> Result<()> {
     let path = args.file.unwrap_or_else(|| KeyFile::default_path(&ctx.data));
     let mut file = KeyFile::load(&path).map_err(anyhow::Error::msg)?;
     match args.action {

@@ -39,7 +39,7 @@ fn balance(events: &[cairn_core::RecordedEvent]) -> i64 {
         .sum()
 }
 
-pub async fn run(keep: Option<PathBuf>) -> Result<()> {
+pub(crate) async fn run(keep: Option<PathBuf>) -> Result<()> {
     let tmp = tempfile::Builder::new().prefix("cairn-tour-").tempdir()?;
     let dir = keep.unwrap_or_else(|| tmp.path().to_path_buf());
     println!("Cairn tour — an embedded event store in {}", dir.display());

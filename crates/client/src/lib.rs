@@ -538,20 +538,20 @@ impl EventStore for HttpStore {
 mod sse {
     use bytes::BytesMut;
 
-    pub enum Frame {
+    pub(crate) enum Frame {
         Event(String),
         Error(String),
         Other,
     }
 
     /// Cuts the first complete frame off `buffer`.
-    pub fn take_frame(buffer: &mut BytesMut) -> Option<String> {
+    pub(crate) fn take_frame(buffer: &mut BytesMut) -> Option<String> {
         let end = buffer.windows(2).position(|w| w == b"\n\n")?;
         let frame = buffer.split_to(end + 2);
         Some(String::from_utf8_lossy(&frame[..end]).into_owned())
     }
 
-    pub fn parse(frame: &str) -> Frame {
+    pub(crate) fn parse(frame: &str) -> Frame {
         let (mut kind, mut data) = ("message", String::new());
         for line in frame.lines() {
             if let Some(v) = line.strip_prefix("event:") {

@@ -286,7 +286,7 @@ impl RunnerHandle {
 }
 
 /// Most events counted behind a projection (a count past it says "at least").
-pub const LAG_COUNT_MAX: usize = 100_000;
+pub(crate) const LAG_COUNT_MAX: usize = 100_000;
 
 /// The lag of a projection of `source` at `position` (whose last event was
 /// appended at `time`).

@@ -7,17 +7,17 @@ use cairn_log::EmbeddedStore;
 use rusqlite::{Transaction, params};
 use tempfile::TempDir;
 
-pub fn store_in(dir: &std::path::Path) -> Arc<dyn EventStore> {
+pub(crate) fn store_in(dir: &std::path::Path) -> Arc<dyn EventStore> {
     Arc::new(EmbeddedStore::open(dir).expect("open store"))
 }
 
-pub fn store() -> (Arc<dyn EventStore>, TempDir) {
+pub(crate) fn store() -> (Arc<dyn EventStore>, TempDir) {
     let dir = tempfile::tempdir().unwrap();
     (store_in(dir.path()), dir)
 }
 
 /// `n` deposits and withdrawals spread over `accounts` accounts, in batches.
-pub async fn write_history(store: &dyn EventStore, accounts: u64, n: u64, seed: u64) {
+pub(crate) async fn write_history(store: &dyn EventStore, accounts: u64, n: u64, seed: u64) {
     let mut batch = Vec::new();
     for i in 0..n {
         let account = (i * 7 + seed) % accounts;
@@ -35,7 +35,7 @@ pub async fn write_history(store: &dyn EventStore, accounts: u64, n: u64, seed: 
     }
 }
 
-pub fn signed_amount(e: &RecordedEvent) -> Option<i64> {
+pub(crate) fn signed_amount(e: &RecordedEvent) -> Option<i64> {
     let amount = e.json::<serde_json::Value>().ok()?["amount"].as_i64()?;
     match e.event_type.as_str() {
         "MoneyDeposited" => Some(amount),
@@ -45,10 +45,10 @@ pub fn signed_amount(e: &RecordedEvent) -> Option<i64> {
 }
 
 /// Account → (balance, events applied): the events count catches double applies.
-pub type Balances = HashMap<String, (i64, u64)>;
+pub(crate) type Balances = HashMap<String, (i64, u64)>;
 
 /// What a correct projection must hold: computed straight from `$all`.
-pub async fn expected(store: &dyn EventStore) -> Balances {
+pub(crate) async fn expected(store: &dyn EventStore) -> Balances {
     let mut out = Balances::new();
     for e in store.read_all(cairn_core::ReadAllOptions::forward()).await.unwrap() {
         if let Some(a) = signed_amount(&e) {
@@ -60,7 +60,7 @@ pub async fn expected(store: &dyn EventStore) -> Balances {
     out
 }
 
-pub struct MemoryBalances;
+pub(crate) struct MemoryBalances;
 
 impl MemoryProjection for MemoryBalances {
     type State = Balances;
@@ -84,7 +84,7 @@ impl MemoryProjection for MemoryBalances {
     }
 }
 
-pub struct SqlBalances;
+pub(crate) struct SqlBalances;
 
 impl SqliteProjection for SqlBalances {
     fn name(&self) -> &str {
@@ -112,7 +112,7 @@ impl SqliteProjection for SqlBalances {
     }
 }
 
-pub fn sql_balances(conn: &rusqlite::Connection) -> Balances {
+pub(crate) fn sql_balances(conn: &rusqlite::Connection) -> Balances {
     let mut stmt = conn.prepare("SELECT account, balance, events FROM balances").unwrap();
     let rows = stmt
         .query_map([], |r| {
@@ -123,7 +123,7 @@ pub fn sql_balances(conn: &rusqlite::Connection) -> Balances {
 }
 
 /// [`expected`] over the events up to `position` only (nothing for `None`).
-pub async fn expected_upto(
+pub(crate) async fn expected_upto(
     store: &dyn EventStore,
     position: Option<cairn_core::Position>,
 ) -> Balances {
@@ -143,31 +143,31 @@ pub async fn expected_upto(
 }
 
 /// A small seeded generator (xorshift64*), so a failing run can be replayed.
-pub struct Rng(pub u64);
+pub(crate) struct Rng(pub u64);
 
 impl Rng {
-    pub fn from_time() -> Self {
+    pub(crate) fn from_time() -> Self {
         Rng(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
             as u64
             | 1)
     }
-    pub fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+    pub(crate) fn range(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.next_u64() % (hi - lo)
     }
 }
 
-pub use cairn_core::conformance::spawn_ready_child;
+pub(crate) use cairn_core::conformance::spawn_ready_child;
 
 /// The body of a child projector that the parent SIGKILLs: keeps appending
 /// to the store while `runner` projects it, and says "ready" only once the
 /// runner has applied something, so that every kill lands after progress.
-pub async fn write_while_projecting(
+pub(crate) async fn write_while_projecting(
     store: Arc<dyn EventStore>,
     runner: &cairn_cqrs::RunnerHandle,
     seed: u64,

@@ -14,7 +14,7 @@ pub(crate) const SNAPSHOT_EVENT_TYPE: &str = "Snapshot";
 /// only later events; deleting them all changes nothing but speed.
 /// The predicate of [`SnapshotPolicy::When`]: the new state and the
 /// stream's versions before and after the command.
-pub type SnapshotWhen<A> = dyn Fn(&A, u64, u64) -> bool + Send + Sync;
+pub(crate) type SnapshotWhen<A> = dyn Fn(&A, u64, u64) -> bool + Send + Sync;
 
 pub enum SnapshotPolicy<A> {
     Never,

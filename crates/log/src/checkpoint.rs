@@ -18,14 +18,14 @@ use cairn_core::StoreError;
 
 use crate::storage::Storage;
 
-pub const FILE: &str = "checkpoint";
+pub(crate) const FILE: &str = "checkpoint";
 const MAGIC: &[u8; 8] = b"CAIRNCKP";
 const VERSION: u32 = 1;
 const SLOT_BYTES: usize = 64;
 
 /// What was durable when the mark was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Mark {
+pub(crate) struct Mark {
     pub seq: u64,
     /// The durable head then (for messages: positions move when segments roll).
     pub head: u64,
@@ -70,13 +70,13 @@ fn decode(b: &[u8]) -> Result<Option<Mark>, String> {
     Ok(Some(Mark { seq: u64_at(16), head: u64_at(24), events: u64_at(32), last_id }))
 }
 
-pub fn path(dir: &Path) -> PathBuf {
+pub(crate) fn path(dir: &Path) -> PathBuf {
     dir.join(FILE)
 }
 
 /// The newest intact mark; `None` if there is no file (a new store, or one
 /// written before marks existed). Both slots damaged is corruption.
-pub fn read(dir: &Path) -> Result<Option<Mark>, StoreError> {
+pub(crate) fn read(dir: &Path) -> Result<Option<Mark>, StoreError> {
     let path = path(dir);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -112,7 +112,7 @@ pub fn read(dir: &Path) -> Result<Option<Mark>, StoreError> {
 }
 
 /// The open mark file, for the writer.
-pub struct MarkFile {
+pub(crate) struct MarkFile {
     file: File,
     path: PathBuf,
     next_seq: u64,
@@ -120,7 +120,7 @@ pub struct MarkFile {
 
 impl MarkFile {
     /// Opens (or creates, durably) the mark file; `last` is the mark read at open.
-    pub fn open(
+    pub(crate) fn open(
         dir: &Path,
         last: Option<Mark>,
         storage: &dyn Storage,
@@ -144,7 +144,7 @@ impl MarkFile {
     /// torn write leaves the other slot whole, and damage to one slot later
     /// leaves the same mark in the other. About once a second, so two syncs
     /// cost nothing that matters.
-    pub fn write(
+    pub(crate) fn write(
         &mut self,
         storage: &dyn Storage,
         head: u64,

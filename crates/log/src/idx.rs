@@ -41,7 +41,7 @@ use crate::storage::Storage;
 compile_error!("index files are mapped as little-endian arrays");
 
 const MAGIC: &[u8; 8] = b"CAIRNSIX";
-pub const VERSION: u32 = 2;
+pub(crate) const VERSION: u32 = 2;
 pub(crate) const HEADER: usize = 512;
 pub(crate) const BLOCK: usize = 4096;
 const TAIL: u64 = 4096;
@@ -73,7 +73,7 @@ pub(crate) const S_COVERS: usize = 11;
 
 /// What a term is: the first byte of its key in the term directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     Tag = 1,
     Type = 2,
     Category = 3,
@@ -108,25 +108,25 @@ struct Cover {
 
 /// An index file block whose checksum does not match.
 #[derive(Debug, Clone)]
-pub struct Damaged {
+pub(crate) struct Damaged {
     pub file: PathBuf,
     pub offset: u64,
     pub reason: String,
 }
 
-pub fn path_for(seg: &Segment) -> PathBuf {
+pub(crate) fn path_for(seg: &Segment) -> PathBuf {
     let mut name = seg.path.file_name().expect("segments have names").to_os_string();
     name.push(".idx");
     seg.path.with_file_name(name)
 }
 
 /// The merged file covering the segments from position `start` to `end`.
-pub fn merged_path(log_dir: &Path, start: u64, end: u64) -> PathBuf {
+pub(crate) fn merged_path(log_dir: &Path, start: u64, end: u64) -> PathBuf {
     log_dir.join(format!("{start:020}-{end:020}.idx"))
 }
 
 /// The range a merged file's name gives, if it is one.
-pub fn parse_merged(path: &Path) -> Option<(u64, u64)> {
+pub(crate) fn parse_merged(path: &Path) -> Option<(u64, u64)> {
     let name = path.file_name()?.to_str()?.strip_suffix(".idx")?;
     let (a, b) = name.split_once('-')?;
     let digits = |s: &str| s.len() == 20 && s.bytes().all(|c| c.is_ascii_digit());
@@ -182,7 +182,11 @@ pub(crate) fn bloom_mask(hash: u64) -> [u32; 8] {
 }
 
 /// Writes the index file of the sealed segment `seg` from its memtable `mem`.
-pub fn write(seg: &Segment, mem: &MemIndex, storage: &dyn Storage) -> Result<PathBuf, StoreError> {
+pub(crate) fn write(
+    seg: &Segment,
+    mem: &MemIndex,
+    storage: &dyn Storage,
+) -> Result<PathBuf, StoreError> {
     let path = path_for(seg);
     let tmp = path.with_extension("idx.tmp");
     let bytes = encode(seg, mem);
@@ -399,7 +403,7 @@ pub(crate) struct Header {
 }
 
 impl Header {
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut h = Vec::with_capacity(HEADER);
         h.extend_from_slice(MAGIC);
         h.extend_from_slice(&VERSION.to_le_bytes());
@@ -427,7 +431,7 @@ impl Header {
 }
 
 /// A mapped index file, checked against its segment.
-pub struct IdxFile {
+pub(crate) struct IdxFile {
     path: PathBuf,
     map: Mmap,
     base: u64,
@@ -455,7 +459,7 @@ pub(crate) struct Blocks {
 
 impl Blocks {
     /// From the table of little-endian CRCs at the file's end.
-    pub fn new(table: &[u8]) -> Blocks {
+    pub(crate) fn new(table: &[u8]) -> Blocks {
         let crcs: Vec<u32> =
             table.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
         let checked = (0..crcs.len().div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
@@ -468,7 +472,13 @@ impl Blocks {
     }
 
     /// Checks the blocks under `off..off+len` (file offsets), once each.
-    pub fn check(&self, map: &[u8], path: &Path, off: usize, len: usize) -> Result<(), Damaged> {
+    pub(crate) fn check(
+        &self,
+        map: &[u8],
+        path: &Path,
+        off: usize,
+        len: usize,
+    ) -> Result<(), Damaged> {
         if len == 0 {
             return Ok(());
         }
@@ -494,7 +504,7 @@ impl Blocks {
     }
 
     /// Checks every block again, also those checked before.
-    pub fn check_all(&self, map: &[u8], path: &Path) -> Result<(), Damaged> {
+    pub(crate) fn check_all(&self, map: &[u8], path: &Path) -> Result<(), Damaged> {
         for word in &self.checked {
             word.store(0, Ordering::Relaxed);
         }
@@ -600,13 +610,13 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 impl IdxFile {
     /// Opens the index file of `seg`; `Err` says why it cannot be used
     /// (missing, damaged header, or made for another segment).
-    pub fn open(seg: &Segment) -> Result<IdxFile, String> {
+    pub(crate) fn open(seg: &Segment) -> Result<IdxFile, String> {
         Self::open_covering(&path_for(seg), &[seg])
     }
 
     /// Opens the index file at `path`, which must cover exactly `segs`
     /// (consecutive, in log order); `Err` says why it cannot be used.
-    pub fn open_covering(path: &Path, segs: &[&Segment]) -> Result<IdxFile, String> {
+    pub(crate) fn open_covering(path: &Path, segs: &[&Segment]) -> Result<IdxFile, String> {
         let path = path.to_path_buf();
         let map = map_checked(&path, MAGIC)?;
         let h = &map[..HEADER];
@@ -735,17 +745,17 @@ impl IdxFile {
         (below.saturating_sub(1) * FENCE, (at_or_below * FENCE).min(n))
     }
 
-    pub fn base(&self) -> u64 {
+    pub(crate) fn base(&self) -> u64 {
         self.base
     }
 
     /// (base, length) of the segments it covers, in log order.
-    pub fn covers(&self) -> &[(u64, u64)] {
+    pub(crate) fn covers(&self) -> &[(u64, u64)] {
         &self.covers
     }
 
     /// Where the last covered segment ends.
-    pub fn end(&self) -> u64 {
+    pub(crate) fn end(&self) -> u64 {
         self.covers.last().map_or(self.base, |(b, l)| b + l)
     }
 
@@ -753,21 +763,21 @@ impl IdxFile {
         self.v7
     }
 
-    pub fn events(&self) -> u64 {
+    pub(crate) fn events(&self) -> u64 {
         self.events
     }
 
-    pub fn last_position(&self) -> Option<u64> {
+    pub(crate) fn last_position(&self) -> Option<u64> {
         (self.events > 0).then_some(self.last_position)
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Checks every block again, also those checked before: what the
     /// scrubber and `cairn verify` do (bit rot comes after the first read).
-    pub fn check_all(&self) -> Result<(), Damaged> {
+    pub(crate) fn check_all(&self) -> Result<(), Damaged> {
         self.blocks.check_all(&self.map, &self.path)
     }
 
@@ -817,7 +827,7 @@ impl IdxFile {
         Ok(None)
     }
 
-    pub fn stream(&self, name: &str) -> Result<Option<crate::index::RunRef<'_>>, Damaged> {
+    pub(crate) fn stream(&self, name: &str) -> Result<Option<crate::index::RunRef<'_>>, Damaged> {
         let Some(e) = self.find(S_STREAMS, name.as_bytes())? else { return Ok(None) };
         let positions = self.slice::<u64>(S_POSITIONS, e.first as usize, e.count as usize)?;
         let timestamps = self.slice::<i64>(S_TIMESTAMPS, e.first as usize, e.count as usize)?;
@@ -825,11 +835,11 @@ impl IdxFile {
     }
 
     /// The largest UUIDv7 among the file's ids (0 if none).
-    pub fn v7_max(&self) -> u128 {
+    pub(crate) fn v7_max(&self) -> u128 {
         self.v7.1
     }
 
-    pub fn id(&self, id: u128) -> Result<Option<u64>, Damaged> {
+    pub(crate) fn id(&self, id: u128) -> Result<Option<u64>, Damaged> {
         if is_v7(id) && (id < self.v7.0 || id > self.v7.1) {
             return Ok(None);
         }
@@ -858,7 +868,7 @@ impl IdxFile {
         Ok(None)
     }
 
-    pub fn term(&self, kind: Kind, name: &str) -> Result<&[u64], Damaged> {
+    pub(crate) fn term(&self, kind: Kind, name: &str) -> Result<&[u64], Damaged> {
         match self.find(S_TERMS, &term_key(kind, name))? {
             Some(e) => self.slice::<u64>(S_POSTINGS, e.first as usize, e.count as usize),
             None => Ok(&[]),
@@ -866,12 +876,12 @@ impl IdxFile {
     }
 
     /// Every event id in the file with its position, in id order.
-    pub fn ids(&self) -> Result<impl Iterator<Item = (u128, u64)> + '_, Damaged> {
+    pub(crate) fn ids(&self) -> Result<impl Iterator<Item = (u128, u64)> + '_, Damaged> {
         let all = self.slice::<IdEntry>(S_IDS, 0, self.count::<IdEntry>(S_IDS))?;
         Ok(all.iter().map(|e| ((e.hi as u128) << 64 | e.lo as u128, e.position)))
     }
 
-    pub fn all_terms(&self, kind: Kind) -> Result<Vec<&[u64]>, Damaged> {
+    pub(crate) fn all_terms(&self, kind: Kind) -> Result<Vec<&[u64]>, Damaged> {
         let n = self.count::<Entry>(S_TERMS);
         let entries = self.slice::<Entry>(S_TERMS, 0, n)?;
         let mut out = Vec::new();
@@ -886,7 +896,7 @@ impl IdxFile {
 
 /// Whether `file` says exactly what `mem` (built from its one segment) says;
 /// `Err` gives the offset (0 if none) and the first difference. Checks every block on the way.
-pub fn check_against(file: &IdxFile, mem: &MemIndex) -> Result<(), (u64, String)> {
+pub(crate) fn check_against(file: &IdxFile, mem: &MemIndex) -> Result<(), (u64, String)> {
     file.check_all().map_err(|d| (d.offset, d.reason))?;
     if file.count::<Entry>(S_STREAMS) != mem.streams.len() {
         return Err((
@@ -905,14 +915,14 @@ pub fn check_against(file: &IdxFile, mem: &MemIndex) -> Result<(), (u64, String)
 
 /// What the segments a file covers hold in all: events, ids and postings.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Totals {
+pub(crate) struct Totals {
     pub events: u64,
     pub ids: u64,
     pub postings: u64,
 }
 
 impl Totals {
-    pub fn of(mem: &MemIndex) -> Totals {
+    pub(crate) fn of(mem: &MemIndex) -> Totals {
         let postings = [&mem.tags, &mem.types, &mem.categories]
             .iter()
             .flat_map(|m| m.values())
@@ -921,7 +931,7 @@ impl Totals {
         Totals { events: mem.events, ids: mem.ids.len() as u64, postings }
     }
 
-    pub fn add(&mut self, other: Totals) {
+    pub(crate) fn add(&mut self, other: Totals) {
         self.events += other.events;
         self.ids += other.ids;
         self.postings += other.postings;
@@ -930,7 +940,7 @@ impl Totals {
 
 /// Once each covered segment passed [`check_segment`]: the file holds
 /// nothing more than they do.
-pub fn check_totals(file: &IdxFile, t: &Totals) -> Result<(), (u64, String)> {
+pub(crate) fn check_totals(file: &IdxFile, t: &Totals) -> Result<(), (u64, String)> {
     let found = Totals {
         events: file.events(),
         ids: file.count::<IdEntry>(S_IDS) as u64,
@@ -952,7 +962,7 @@ pub fn check_totals(file: &IdxFile, t: &Totals) -> Result<(), (u64, String)> {
 
 /// Whether `file` says of one segment it covers, the one that ends at
 /// `end`, exactly what `mem` (built from that segment) says.
-pub fn check_segment(file: &IdxFile, mem: &MemIndex, end: u64) -> Result<(), (u64, String)> {
+pub(crate) fn check_segment(file: &IdxFile, mem: &MemIndex, end: u64) -> Result<(), (u64, String)> {
     let damaged = |d: Damaged| (d.offset, d.reason);
     let within =
         |p: &[u64]| (p.partition_point(|x| *x < mem.base), p.partition_point(|x| *x < end));
@@ -999,7 +1009,7 @@ pub fn check_segment(file: &IdxFile, mem: &MemIndex, end: u64) -> Result<(), (u6
 }
 
 /// Removes index files (and unfinished ones) other than those in `keep`.
-pub fn remove_strays(
+pub(crate) fn remove_strays(
     log_dir: &Path,
     keep: &[PathBuf],
     storage: &dyn Storage,

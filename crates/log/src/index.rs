@@ -20,15 +20,15 @@ use cairn_core::{StoreError, StreamMetadata, StreamState, stream_category};
 use crate::idx::{Damaged, IdxFile, Kind};
 use crate::record::RecordView;
 
-pub const METADATA_EVENT: &str = "$metadata";
-pub const DELETED_EVENT: &str = "$deleted";
-pub const TOMBSTONE_EVENT: &str = "$tombstone";
+pub(crate) const METADATA_EVENT: &str = "$metadata";
+pub(crate) const DELETED_EVENT: &str = "$deleted";
+pub(crate) const TOMBSTONE_EVENT: &str = "$tombstone";
 
-pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// What the index keeps of a stream, whatever the length of its history.
 #[derive(Debug, Clone, PartialEq)]
-pub struct StreamEntry {
+pub(crate) struct StreamEntry {
     /// Events of the current incarnation (its last version).
     pub version: u64,
     pub state: StreamState,
@@ -52,13 +52,17 @@ impl Default for StreamEntry {
 }
 
 impl StreamEntry {
-    pub fn version(&self) -> u64 {
+    pub(crate) fn version(&self) -> u64 {
         self.version
     }
 
     /// First version reads may return, given the metadata and the time
     /// `now_us`; `older_than(t)` counts the incarnation's events before `t`.
-    pub fn first_visible_version(&self, now_us: i64, older_than: impl FnOnce(i64) -> u64) -> u64 {
+    pub(crate) fn first_visible_version(
+        &self,
+        now_us: i64,
+        older_than: impl FnOnce(i64) -> u64,
+    ) -> u64 {
         let version = self.version();
         let mut first = self.metadata.truncate_before.unwrap_or(1).max(1);
         if let Some(max_count) = self.metadata.max_count {
@@ -76,7 +80,7 @@ impl StreamEntry {
 
 /// One segment's events of one stream, in log order (all incarnations).
 #[derive(Debug, Clone, Default)]
-pub struct Run {
+pub(crate) struct Run {
     pub positions: Vec<u64>,
     /// Timestamp (µs) of each event, for max-age lookups.
     pub timestamps: Vec<i64>,
@@ -89,7 +93,7 @@ pub struct Run {
 
 /// The memtable: one segment's part of the index, in memory.
 #[derive(Debug, Default)]
-pub struct MemIndex {
+pub(crate) struct MemIndex {
     pub base: u64,
     pub streams: FastMap<String, Run>,
     /// Event id → global position, for idempotent retries and unique ids.
@@ -113,7 +117,7 @@ pub struct MemIndex {
 /// memtable while it is rebuilt, so that recovery applies a line per stream
 /// instead of reading every record again. Only for segments without a
 /// delete (a reset's place among the stream's events matters).
-pub struct Delta {
+pub(crate) struct Delta {
     streams: Vec<StreamDelta>,
     metadata: Vec<(String, u64, Vec<u8>)>,
     pub events: u64,
@@ -134,7 +138,7 @@ struct StreamDelta {
 /// index file stores anyway (a hash map of a million ids costs twice the
 /// memory and most of a rebuild's time).
 #[derive(Debug)]
-pub enum Ids {
+pub(crate) enum Ids {
     Hashed(FastMap<u128, u64>),
     /// In log order until [`Ids::sort`], then by id.
     Listed(Vec<(u128, u64)>, bool),
@@ -148,7 +152,7 @@ impl Default for Ids {
 
 impl Ids {
     /// A list for a rebuild, with room for about `n` ids.
-    pub fn listed(n: usize) -> Self {
+    pub(crate) fn listed(n: usize) -> Self {
         Ids::Listed(Vec::with_capacity(n), true)
     }
 
@@ -165,7 +169,7 @@ impl Ids {
     }
 
     /// Sorts a list by id; `Err` names an id used twice and its later position.
-    pub fn sort(&mut self) -> Result<(), (u128, u64)> {
+    pub(crate) fn sort(&mut self) -> Result<(), (u128, u64)> {
         if let Ids::Listed(list, sorted) = self {
             if !*sorted {
                 list.sort_unstable();
@@ -178,7 +182,7 @@ impl Ids {
         Ok(())
     }
 
-    pub fn get(&self, id: u128) -> Option<u64> {
+    pub(crate) fn get(&self, id: u128) -> Option<u64> {
         match self {
             Ids::Hashed(map) => map.get(&id).copied(),
             Ids::Listed(list, true) => {
@@ -188,7 +192,7 @@ impl Ids {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             Ids::Hashed(map) => map.len(),
             Ids::Listed(list, _) => list.len(),
@@ -196,7 +200,7 @@ impl Ids {
     }
 
     /// (id, position) pairs in no particular order.
-    pub fn iter(&self) -> Box<dyn Iterator<Item = (u128, u64)> + '_> {
+    pub(crate) fn iter(&self) -> Box<dyn Iterator<Item = (u128, u64)> + '_> {
         match self {
             Ids::Hashed(map) => Box::new(map.iter().map(|(id, p)| (*id, *p))),
             Ids::Listed(list, _) => Box::new(list.iter().copied()),
@@ -204,7 +208,7 @@ impl Ids {
     }
 
     /// (id, position) pairs sorted by id.
-    pub fn sorted(&self) -> std::borrow::Cow<'_, [(u128, u64)]> {
+    pub(crate) fn sorted(&self) -> std::borrow::Cow<'_, [(u128, u64)]> {
         match self {
             Ids::Listed(list, true) => std::borrow::Cow::Borrowed(list),
             Ids::Listed(list, false) => {
@@ -243,21 +247,21 @@ fn push_position(map: &mut FastMap<String, Vec<u64>>, key: &str, position: u64) 
 
 /// An index update that does not fit the log: a bug or undetected corruption.
 #[derive(Debug)]
-pub struct IndexError(pub String, Option<Box<StoreError>>);
+pub(crate) struct IndexError(pub String, Option<Box<StoreError>>);
 
 impl IndexError {
-    pub fn new(why: impl Into<String>) -> Self {
+    pub(crate) fn new(why: impl Into<String>) -> Self {
         IndexError(why.into(), None)
     }
 
     /// A lookup that failed (a damaged stream table): kept as it is, so
     /// that recovery knows which file to do without.
-    pub fn from_store(e: StoreError) -> Self {
+    pub(crate) fn from_store(e: StoreError) -> Self {
         IndexError(e.to_string(), Some(Box::new(e)))
     }
 
     /// As a store error: the failed lookup's own, or corruption of the log at `file`, `offset`.
-    pub fn into_store(self, file: &std::path::Path, offset: u64) -> StoreError {
+    pub(crate) fn into_store(self, file: &std::path::Path, offset: u64) -> StoreError {
         match self.1 {
             Some(e) => *e,
             None => {
@@ -274,11 +278,11 @@ fn out_of_order(position: u64, version: u64, stream: &str, expected: u64) -> Ind
 }
 
 impl MemIndex {
-    pub fn new(base: u64) -> Self {
+    pub(crate) fn new(base: u64) -> Self {
         MemIndex { base, ..Default::default() }
     }
 
-    pub fn apply(&mut self, r: &RecordView<'_>, position: u64) -> Result<(), IndexError> {
+    pub(crate) fn apply(&mut self, r: &RecordView<'_>, position: u64) -> Result<(), IndexError> {
         if !self.ids.insert(r.id.as_u128(), position) {
             return Err(IndexError::new(format!(
                 "event id {} at position {position} was already used",
@@ -322,7 +326,7 @@ impl MemIndex {
 
     /// The segment's change to the stream summaries, if it can be applied
     /// without its records (see [`Delta`]).
-    pub fn delta(&self) -> Option<Delta> {
+    pub(crate) fn delta(&self) -> Option<Delta> {
         if self.resets || self.streams.values().any(|r| !r.regular) {
             return None;
         }
@@ -350,30 +354,30 @@ impl MemIndex {
 }
 
 /// One segment's part of the index.
-pub enum Part {
+pub(crate) enum Part {
     Mem(Arc<MemIndex>),
     Disk(Arc<IdxFile>),
 }
 
 /// The events of one stream in one part: positions and timestamps.
-pub type RunRef<'a> = (&'a [u64], &'a [i64]);
+pub(crate) type RunRef<'a> = (&'a [u64], &'a [i64]);
 
 impl Part {
-    pub fn base(&self) -> u64 {
+    pub(crate) fn base(&self) -> u64 {
         match self {
             Part::Mem(m) => m.base,
             Part::Disk(f) => f.base(),
         }
     }
 
-    pub fn last_position(&self) -> Option<u64> {
+    pub(crate) fn last_position(&self) -> Option<u64> {
         match self {
             Part::Mem(m) => m.last_position,
             Part::Disk(f) => f.last_position(),
         }
     }
 
-    pub fn stream(&self, name: &str) -> Result<Option<RunRef<'_>>, Damaged> {
+    pub(crate) fn stream(&self, name: &str) -> Result<Option<RunRef<'_>>, Damaged> {
         match self {
             Part::Mem(m) => {
                 Ok(m.streams.get(name).map(|r| (r.positions.as_slice(), r.timestamps.as_slice())))
@@ -390,7 +394,7 @@ impl Part {
         }
     }
 
-    pub fn id(&self, id: u128) -> Result<Option<u64>, Damaged> {
+    pub(crate) fn id(&self, id: u128) -> Result<Option<u64>, Damaged> {
         match self {
             Part::Mem(m) => Ok(m.ids.get(id)),
             Part::Disk(f) => f.id(id),
@@ -398,7 +402,7 @@ impl Part {
     }
 
     /// Positions of the user events with this tag, type or category.
-    pub fn term(&self, kind: Kind, name: &str) -> Result<&[u64], Damaged> {
+    pub(crate) fn term(&self, kind: Kind, name: &str) -> Result<&[u64], Damaged> {
         match self {
             Part::Mem(m) => Ok(m.map(kind).get(name).map_or(&[][..], |l| l.as_slice())),
             Part::Disk(f) => f.term(kind, name),
@@ -406,7 +410,7 @@ impl Part {
     }
 
     /// The position lists of every term of `kind`.
-    pub fn all_terms(&self, kind: Kind) -> Result<Vec<&[u64]>, Damaged> {
+    pub(crate) fn all_terms(&self, kind: Kind) -> Result<Vec<&[u64]>, Damaged> {
         match self {
             Part::Mem(m) => Ok(m.map(kind).values().map(|l| l.as_slice()).collect()),
             Part::Disk(f) => f.all_terms(kind),
@@ -415,17 +419,17 @@ impl Part {
 }
 
 /// Where one stream's current incarnation lives: its runs, oldest first.
-pub struct StreamView<'a> {
+pub(crate) struct StreamView<'a> {
     runs: Vec<RunRef<'a>>,
 }
 
 impl StreamView<'_> {
-    pub fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         self.runs.iter().map(|r| r.0.len() as u64).sum()
     }
 
     /// Positions of versions `from..=to`, ascending.
-    pub fn positions(&self, from: u64, to: u64) -> Vec<u64> {
+    pub(crate) fn positions(&self, from: u64, to: u64) -> Vec<u64> {
         let mut out =
             Vec::with_capacity(to.saturating_sub(from).saturating_add(1).min(1 << 16) as usize);
         let mut first = from.saturating_sub(1) as usize;
@@ -448,7 +452,7 @@ impl StreamView<'_> {
 
     /// Events older than `t`: timestamps never decrease within the log, so
     /// a binary search in each run works.
-    pub fn older_than(&self, t: i64) -> u64 {
+    pub(crate) fn older_than(&self, t: i64) -> u64 {
         let mut n = 0;
         for (_, timestamps) in &self.runs {
             let k = timestamps.partition_point(|x| *x < t);
@@ -463,7 +467,7 @@ impl StreamView<'_> {
 
 /// The whole index: stream summaries and one part per segment.
 #[derive(Default)]
-pub struct Index {
+pub(crate) struct Index {
     pub streams: crate::summaries::Streams,
     /// One per segment, in log order; the last is the active segment's memtable.
     pub parts: Vec<Part>,
@@ -476,7 +480,7 @@ pub struct Index {
 }
 
 /// A damaged index file found while answering: it is not trusted, and is rebuilt.
-pub fn damaged_error(d: &Damaged) -> StoreError {
+pub(crate) fn damaged_error(d: &Damaged) -> StoreError {
     StoreError::Corrupt {
         file: d.file.display().to_string(),
         offset: d.offset,
@@ -486,7 +490,7 @@ pub fn damaged_error(d: &Damaged) -> StoreError {
 
 impl Index {
     /// An index whose only part is the memtable of the segment at `base`.
-    pub fn new(base: u64) -> Self {
+    pub(crate) fn new(base: u64) -> Self {
         let mut index =
             Index { parts: vec![Part::Mem(Arc::new(MemIndex::new(base)))], ..Default::default() };
         index.parts_changed();
@@ -494,7 +498,7 @@ impl Index {
     }
 
     /// Version and state a new append to `stream` sees.
-    pub fn current(&self, stream: &str) -> Result<(u64, StreamState), StoreError> {
+    pub(crate) fn current(&self, stream: &str) -> Result<(u64, StreamState), StoreError> {
         Ok(match self.streams.get(stream)? {
             Some(e) => (e.version, e.state),
             None => (0, StreamState::Live),
@@ -502,7 +506,7 @@ impl Index {
     }
 
     /// Applies a record to the summaries and to the newest part (a memtable).
-    pub fn apply(&mut self, r: &RecordView<'_>, position: u64) -> Result<(), IndexError> {
+    pub(crate) fn apply(&mut self, r: &RecordView<'_>, position: u64) -> Result<(), IndexError> {
         self.apply_summary(r, position)?;
         match self.parts.last_mut() {
             Some(Part::Mem(mem)) => {
@@ -513,7 +517,11 @@ impl Index {
     }
 
     /// Applies a record to the stream summaries only.
-    pub fn apply_summary(&mut self, r: &RecordView<'_>, position: u64) -> Result<(), IndexError> {
+    pub(crate) fn apply_summary(
+        &mut self,
+        r: &RecordView<'_>,
+        position: u64,
+    ) -> Result<(), IndexError> {
         // One hash lookup for a stream written lately (the common case).
         let entry = match self.streams.dirty.get_mut(r.stream) {
             Some(e) => e,
@@ -560,7 +568,7 @@ impl Index {
     /// Applies a sealed segment's [`Delta`]: the same summaries as
     /// [`Index::apply_summary`] of each of its records. `Err` gives the
     /// position of an event that does not fit.
-    pub fn apply_delta(&mut self, delta: &Delta) -> Result<(), (u64, IndexError)> {
+    pub(crate) fn apply_delta(&mut self, delta: &Delta) -> Result<(), (u64, IndexError)> {
         for d in &delta.streams {
             let entry = self
                 .streams
@@ -600,7 +608,7 @@ impl Index {
 
     /// Starts the memtable of a new active segment at `base`; returns the
     /// previous one, now sealed, for its index file to be written.
-    pub fn push_mem(&mut self, base: u64) -> Option<Arc<MemIndex>> {
+    pub(crate) fn push_mem(&mut self, base: u64) -> Option<Arc<MemIndex>> {
         let sealed = match self.parts.last() {
             Some(Part::Mem(m)) => Some(m.clone()),
             _ => None,
@@ -611,7 +619,7 @@ impl Index {
     }
 
     /// Call after changing `parts`: recomputes what id lookups skip by.
-    pub fn parts_changed(&mut self) {
+    pub(crate) fn parts_changed(&mut self) {
         let mut upto = 0u128;
         self.v7_upto = self
             .parts
@@ -624,7 +632,7 @@ impl Index {
     }
 
     /// Puts `part` in place of the part of the segment at its base.
-    pub fn replace_part(&mut self, part: Part) {
+    pub(crate) fn replace_part(&mut self, part: Part) {
         let base = part.base();
         if let Some(slot) = self.parts.iter_mut().find(|p| p.base() == base) {
             *slot = part;
@@ -633,18 +641,18 @@ impl Index {
     }
 
     /// Puts `new` in place of the parts at `range` (a merge, or a merged file split up again).
-    pub fn replace_parts(&mut self, range: std::ops::Range<usize>, new: Vec<Part>) {
+    pub(crate) fn replace_parts(&mut self, range: std::ops::Range<usize>, new: Vec<Part>) {
         self.parts.splice(range, new);
         self.parts_changed();
     }
 
     /// Where the part mapping `file` is, if it still is in the index.
-    pub fn position_of(&self, file: &Arc<IdxFile>) -> Option<usize> {
+    pub(crate) fn position_of(&self, file: &Arc<IdxFile>) -> Option<usize> {
         self.parts.iter().position(|p| matches!(p, Part::Disk(f) if Arc::ptr_eq(f, file)))
     }
 
     /// The position of the event with this id, if the log holds it.
-    pub fn id(&self, id: u128) -> Result<Option<u64>, StoreError> {
+    pub(crate) fn id(&self, id: u128) -> Result<Option<u64>, StoreError> {
         let skip = crate::idx::is_v7(id) && self.v7_upto.len() == self.parts.len();
         for (i, part) in self.parts.iter().enumerate().rev() {
             if let Some(p) = part.id(id).map_err(|d| damaged_error(&d))? {
@@ -657,12 +665,12 @@ impl Index {
         Ok(None)
     }
 
-    pub fn contains_id(&self, id: u128) -> Result<bool, StoreError> {
+    pub(crate) fn contains_id(&self, id: u128) -> Result<bool, StoreError> {
         self.id(id).map(|p| p.is_some())
     }
 
     /// The parts that may hold positions in `lo..=hi`.
-    pub fn parts_within(&self, lo: u64, hi: u64) -> impl Iterator<Item = &Part> {
+    pub(crate) fn parts_within(&self, lo: u64, hi: u64) -> impl Iterator<Item = &Part> {
         let start = self
             .parts
             .partition_point(|p| p.last_position().map_or(p.base() < lo, |last| last < lo));
@@ -671,7 +679,7 @@ impl Index {
 
     /// The runs of `entry`'s current incarnation. Fails if the parts do not
     /// hold as many events as the summary says (damage or a bug).
-    pub fn stream_view(
+    pub(crate) fn stream_view(
         &self,
         name: &str,
         entry: &StreamEntry,

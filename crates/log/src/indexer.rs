@@ -17,14 +17,14 @@ use crate::recovery::scan_segment;
 use crate::segment::{SEGMENT_HEADER_BYTES, Segment};
 use crate::store::Shared;
 
-pub enum Job {
+pub(crate) enum Job {
     /// A segment the writer sealed, with its memtable.
     Sealed(Arc<Segment>, Arc<MemIndex>),
     /// The stream summaries in memory grew past their bound.
     Flush,
 }
 
-pub fn spawn(
+pub(crate) fn spawn(
     shared: Arc<Shared>,
     data_dir: std::path::PathBuf,
 ) -> std::io::Result<(Sender<Job>, std::thread::JoinHandle<()>)> {
@@ -37,7 +37,7 @@ pub fn spawn(
 
 /// Lowers the calling thread's CPU priority (nice 10), so that appends and
 /// reads win the cores over background index work. Best effort.
-pub fn background_priority() {
+pub(crate) fn background_priority() {
     // SAFETY: plain system calls on the calling thread; on Linux the nice
     // value is per thread, and a failure only leaves the priority as it was.
     #[cfg(target_os = "linux")]
@@ -119,7 +119,7 @@ fn run(shared: &Shared, data_dir: &std::path::Path, rx: Receiver<Job>) {
 }
 
 /// Writes the index file of `seg` from `mem` and puts it in the memtable's place.
-pub fn install(shared: &Shared, seg: &Segment, mem: &MemIndex) -> Result<(), StoreError> {
+pub(crate) fn install(shared: &Shared, seg: &Segment, mem: &MemIndex) -> Result<(), StoreError> {
     idx::write(seg, mem, &*shared.options.storage)?;
     let file = IdxFile::open(seg)
         .map_err(|why| StoreError::io(idx::path_for(seg), std::io::Error::other(why)))?;
@@ -129,7 +129,7 @@ pub fn install(shared: &Shared, seg: &Segment, mem: &MemIndex) -> Result<(), Sto
 }
 
 /// Builds a sealed segment's memtable from its records.
-pub fn scan_into_mem(seg: &Segment) -> Result<MemIndex, StoreError> {
+pub(crate) fn scan_into_mem(seg: &Segment) -> Result<MemIndex, StoreError> {
     let mut mem = MemIndex::new(seg.base);
     // A guess at the number of events (records of ~200 bytes), to spare the regrowing.
     mem.ids = Ids::listed((seg.capacity() / 256) as usize);
@@ -145,7 +145,7 @@ pub fn scan_into_mem(seg: &Segment) -> Result<MemIndex, StoreError> {
 /// Parts for the segments `segs` rebuilt from their records, one index file
 /// each (written now; a segment whose file cannot be written keeps its
 /// memtable).
-pub fn rebuild_parts(
+pub(crate) fn rebuild_parts(
     segs: &[&Segment],
     storage: &dyn crate::storage::Storage,
 ) -> Result<Vec<Part>, StoreError> {
@@ -170,7 +170,7 @@ pub fn rebuild_parts(
 /// Rebuilds the index file at `path`, found damaged, from its segments: a
 /// segment's own file in its place, a merged file as one file per segment
 /// (merged again later). False if no part of the index maps that file.
-pub fn rebuild_file(shared: &Shared, path: &std::path::Path) -> Result<bool, StoreError> {
+pub(crate) fn rebuild_file(shared: &Shared, path: &std::path::Path) -> Result<bool, StoreError> {
     let file = shared.index.read().unwrap().parts.iter().find_map(|p| match p {
         Part::Disk(f) if f.path() == path => Some(f.clone()),
         _ => None,
@@ -206,7 +206,7 @@ pub fn rebuild_file(shared: &Shared, path: &std::path::Path) -> Result<bool, Sto
 /// segment's [`Delta`] to the stream summaries, so no record is read twice.
 /// Workers stay at most `LEAD` segments ahead of recovery, which bounds
 /// the memory to a few memtables and deltas however long the log is.
-pub struct Rebuild<'a> {
+pub(crate) struct Rebuild<'a> {
     /// Indexes (into the segments) of the ones to rebuild, ascending.
     which: &'a [usize],
     next: std::sync::atomic::AtomicUsize,
@@ -224,7 +224,7 @@ struct RebuildState {
 const LEAD: usize = 4;
 
 impl<'a> Rebuild<'a> {
-    pub fn new(which: &'a [usize]) -> Self {
+    pub(crate) fn new(which: &'a [usize]) -> Self {
         let state = RebuildState {
             done: (0..which.len()).map(|_| None).collect(),
             taken: 0,
@@ -239,12 +239,12 @@ impl<'a> Rebuild<'a> {
     }
 
     /// Worker threads worth starting on this machine.
-    pub fn workers(&self) -> usize {
+    pub(crate) fn workers(&self) -> usize {
         std::thread::available_parallelism().map_or(1, |n| n.get()).min(self.which.len()).min(4)
     }
 
     /// A worker's loop, until every segment is taken or recovery stops.
-    pub fn work(&self, segments: &[Segment], storage: &dyn crate::storage::Storage) {
+    pub(crate) fn work(&self, segments: &[Segment], storage: &dyn crate::storage::Storage) {
         loop {
             let k = self.next.fetch_add(1, Ordering::Relaxed);
             if k >= self.which.len() {
@@ -282,7 +282,7 @@ impl<'a> Rebuild<'a> {
 
     /// The result of the `k`-th segment to rebuild, once it is done: a
     /// damaged segment's error, or its delta (`None`: apply its records).
-    pub fn take(&self, k: usize) -> Result<Option<Delta>, StoreError> {
+    pub(crate) fn take(&self, k: usize) -> Result<Option<Delta>, StoreError> {
         let mut st = self.state.lock().unwrap();
         let result = loop {
             if let Some(r) = st.done[k].take() {
@@ -296,7 +296,7 @@ impl<'a> Rebuild<'a> {
     }
 
     /// Ends the workers' loops (recovery failed or is done).
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.state.lock().unwrap().stopped = true;
         self.changed.notify_all();
     }

@@ -48,7 +48,7 @@ const MAX_EVENTS: u64 = u32::MAX as u64 / 2;
 
 /// The parts to merge next: `fanout` neighbouring index files that cover the
 /// same number of segments, the smallest such first (oldest among equals).
-pub fn plan(parts: &[Part], options: MergeOptions) -> Option<Range<usize>> {
+pub(crate) fn plan(parts: &[Part], options: MergeOptions) -> Option<Range<usize>> {
     let n = options.fanout;
     if n < 2 {
         return None;
@@ -76,7 +76,7 @@ pub fn plan(parts: &[Part], options: MergeOptions) -> Option<Range<usize>> {
 
 /// Why a merge did not happen.
 #[derive(Debug)]
-pub enum MergeError {
+pub(crate) enum MergeError {
     /// A source file is damaged: it must be rebuilt first.
     Damaged(Damaged),
     Failed(StoreError),
@@ -104,7 +104,12 @@ pub(crate) struct Out<'a> {
 
 impl<'a> Out<'a> {
     /// Starts writing `file` (at `path`) after its header.
-    pub fn new(storage: &'a dyn Storage, file: File, path: PathBuf, stop: &'a AtomicBool) -> Self {
+    pub(crate) fn new(
+        storage: &'a dyn Storage,
+        file: File,
+        path: PathBuf,
+        stop: &'a AtomicBool,
+    ) -> Self {
         Out {
             storage,
             file,
@@ -116,15 +121,15 @@ impl<'a> Out<'a> {
         }
     }
 
-    pub fn file_ref(&self) -> &File {
+    pub(crate) fn file_ref(&self) -> &File {
         &self.file
     }
 
-    pub fn pos(&self) -> u64 {
+    pub(crate) fn pos(&self) -> u64 {
         self.at + self.buf.len() as u64
     }
 
-    pub fn put(&mut self, bytes: &[u8]) -> Result<(), MergeError> {
+    pub(crate) fn put(&mut self, bytes: &[u8]) -> Result<(), MergeError> {
         self.buf.extend_from_slice(bytes);
         if self.buf.len() >= 1 << 20 {
             self.flush(false)?;
@@ -132,7 +137,7 @@ impl<'a> Out<'a> {
         Ok(())
     }
 
-    pub fn pad8(&mut self) -> Result<(), MergeError> {
+    pub(crate) fn pad8(&mut self) -> Result<(), MergeError> {
         while !self.pos().is_multiple_of(8) {
             self.put(&[0])?;
         }
@@ -141,7 +146,7 @@ impl<'a> Out<'a> {
 
     /// Writes what is left and the block checksum table after it; returns
     /// the table's offset and CRC, for the header.
-    pub fn finish(&mut self) -> Result<(usize, u32), MergeError> {
+    pub(crate) fn finish(&mut self) -> Result<(usize, u32), MergeError> {
         self.pad8()?;
         self.flush(true)?;
         let table_off = self.pos() as usize;
@@ -209,7 +214,7 @@ fn groups<'a>(
 
 /// Writes the merged index file of `sources` (neighbouring files, in log
 /// order) covering `segs`, the segments they cover, and opens it.
-pub fn merge(
+pub(crate) fn merge(
     sources: &[&IdxFile],
     segs: &[&Segment],
     log_dir: &Path,
@@ -448,7 +453,7 @@ fn put_u64s<T: Copy + Into<u64>>(out: &mut Out<'_>, values: &[T]) -> Result<(), 
 /// order), chosen widest first and never two over one segment: each with the
 /// range of segments it covers. `rejected` gets those that name segments
 /// of this log but cannot be used, with why.
-pub fn find(
+pub(crate) fn find(
     log_dir: &Path,
     sealed: &[&Segment],
     rejected: &mut Vec<(PathBuf, String)>,
@@ -482,7 +487,7 @@ pub fn find(
 }
 
 /// Starts the merger thread; it ends once `stop` is set (and it is unparked).
-pub fn spawn(
+pub(crate) fn spawn(
     shared: Arc<crate::store::Shared>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
@@ -530,7 +535,10 @@ fn run(shared: &crate::store::Shared, stop: &AtomicBool) {
 }
 
 /// Does the next merge that is due; false if none is.
-pub fn merge_once(shared: &crate::store::Shared, stop: &AtomicBool) -> Result<bool, MergeError> {
+pub(crate) fn merge_once(
+    shared: &crate::store::Shared,
+    stop: &AtomicBool,
+) -> Result<bool, MergeError> {
     let sources: Vec<Arc<IdxFile>> = {
         let index = shared.index.read().unwrap();
         let Some(range) = plan(&index.parts, shared.options.merge) else { return Ok(false) };

@@ -23,7 +23,7 @@ use crate::record::RecordView;
 
 /// Positions of the events matching `query` with `lo <= position <= hi`, in
 /// `direction`, at most `limit` of them.
-pub fn positions(
+pub(crate) fn positions(
     index: &Index,
     query: &Query,
     lo: u64,
@@ -42,7 +42,7 @@ pub fn positions(
 }
 
 /// The first position after `after` (anywhere if `None`) of an event matching `query`.
-pub fn first_match_after(
+pub(crate) fn first_match_after(
     index: &Index,
     query: &Query,
     after: Option<u64>,
@@ -59,7 +59,7 @@ pub fn first_match_after(
 
 /// Whether a record (of a user stream) matches `query`; for the events of
 /// the writer's group, which the index does not hold yet.
-pub fn matches_record(query: &Query, view: &RecordView<'_>) -> bool {
+pub(crate) fn matches_record(query: &Query, view: &RecordView<'_>) -> bool {
     let category = stream_category(view.stream);
     query.items.iter().any(|item| {
         (item.types.is_empty() || item.types.iter().any(|t| t == view.event_type))

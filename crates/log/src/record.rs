@@ -7,22 +7,22 @@ use bytes::Bytes;
 use cairn_core::{ContentType, Metadata, NewEvent, Position, RecordedEvent, Timestamp};
 use uuid::Uuid;
 
-pub const RECORD_HEADER_BYTES: usize = 8;
-pub const RECORD_TRAILER_BYTES: usize = 4;
-pub const RECORD_OVERHEAD_BYTES: usize = RECORD_HEADER_BYTES + RECORD_TRAILER_BYTES;
+pub(crate) const RECORD_HEADER_BYTES: usize = 8;
+pub(crate) const RECORD_TRAILER_BYTES: usize = 4;
+pub(crate) const RECORD_OVERHEAD_BYTES: usize = RECORD_HEADER_BYTES + RECORD_TRAILER_BYTES;
 /// Largest body the decoder accepts; anything bigger is treated as damage.
-pub const RECORD_BODY_BYTES_MAX: usize = 1 << 30;
+pub(crate) const RECORD_BODY_BYTES_MAX: usize = 1 << 30;
 
 const KIND_EVENT: u8 = 1;
 const FLAG_BINARY: u8 = 1;
 /// Set on the last record of an append: recovery keeps only whole appends.
-pub const FLAG_BATCH_END: u8 = 2;
+pub(crate) const FLAG_BATCH_END: u8 = 2;
 const FLAG_CORRELATION: u8 = 4;
 const FLAG_CAUSATION: u8 = 8;
 
 /// Size of the encoded body of `event` in `stream`; used to check limits
 /// before anything is written.
-pub fn body_size(stream: &str, event: &NewEvent) -> usize {
+pub(crate) fn body_size(stream: &str, event: &NewEvent) -> usize {
     let m = &event.metadata;
     1 + 1
         + 8
@@ -45,7 +45,7 @@ pub fn body_size(stream: &str, event: &NewEvent) -> usize {
 
 /// Appends one encoded record to `buf`. Field lengths must already be checked
 /// against the limits (names ≤ u16, payload ≤ u32).
-pub fn encode(
+pub(crate) fn encode(
     buf: &mut Vec<u8>,
     stream: &str,
     version: u64,
@@ -111,7 +111,7 @@ fn put_str16(buf: &mut Vec<u8>, s: &str) {
 
 /// Why bytes are not a valid record.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DecodeError {
+pub(crate) enum DecodeError {
     /// Zero length: unwritten (preallocated) space, the normal end of a segment.
     Empty,
     /// The record runs past the end of the available bytes.
@@ -122,7 +122,7 @@ pub enum DecodeError {
 
 /// A record decoded without copying; borrows from the segment's bytes.
 #[derive(Debug, Clone)]
-pub struct RecordView<'a> {
+pub(crate) struct RecordView<'a> {
     pub flags: u8,
     pub version: u64,
     pub timestamp: Timestamp,
@@ -142,13 +142,13 @@ pub struct RecordView<'a> {
 }
 
 impl<'a> RecordView<'a> {
-    pub fn batch_end(&self) -> bool {
+    pub(crate) fn batch_end(&self) -> bool {
         self.flags & FLAG_BATCH_END != 0
     }
 
     /// Whether this record holds `event`'s content: type, payload, content
     /// type and tags (what a retry of the same append must resend).
-    pub fn same_content(&self, event: &NewEvent) -> bool {
+    pub(crate) fn same_content(&self, event: &NewEvent) -> bool {
         let binary = self.flags & FLAG_BINARY != 0;
         self.event_type == event.event_type
             && self.data == &event.data[..]
@@ -157,13 +157,13 @@ impl<'a> RecordView<'a> {
     }
 
     /// The event's tags, without copying.
-    pub fn tags(&self) -> impl Iterator<Item = &'a str> + use<'a> {
+    pub(crate) fn tags(&self) -> impl Iterator<Item = &'a str> + use<'a> {
         let mut r = Reader { bytes: self.tags };
         (0..self.tag_count).map_while(move |_| r.str16().ok())
     }
 
     /// The event, with `data` as its payload (a shared handle on `self.data`).
-    pub fn to_event_sharing(&self, position: Position, data: Bytes) -> RecordedEvent {
+    pub(crate) fn to_event_sharing(&self, position: Position, data: Bytes) -> RecordedEvent {
         let tags = self.tags().map(str::to_string).collect();
         let mut metadata = Metadata {
             correlation_id: self.correlation_id,
@@ -197,12 +197,12 @@ impl<'a> RecordView<'a> {
 }
 
 /// Decodes the record that starts at `bytes[0]`, checking length and CRC.
-pub fn decode(bytes: &[u8]) -> Result<RecordView<'_>, DecodeError> {
+pub(crate) fn decode(bytes: &[u8]) -> Result<RecordView<'_>, DecodeError> {
     decode_inner(bytes, true)
 }
 
 /// Decodes a record this process just encoded (the writer's own buffer).
-pub fn decode_trusted(bytes: &[u8]) -> Result<RecordView<'_>, DecodeError> {
+pub(crate) fn decode_trusted(bytes: &[u8]) -> Result<RecordView<'_>, DecodeError> {
     decode_inner(bytes, false)
 }
 

@@ -16,7 +16,7 @@ use crate::segment::{SEGMENT_HEADER_BYTES, Segment};
 
 /// What recovery found in one segment.
 #[derive(Debug, Clone, Default)]
-pub struct SegmentScan {
+pub(crate) struct SegmentScan {
     /// File offset just past the last complete append.
     pub valid_end: u64,
     pub events: u64,
@@ -31,13 +31,14 @@ fn corrupt(seg: &Segment, offset: u64, reason: impl Into<String>) -> StoreError 
 }
 
 /// What a scan hands each record of a whole append: the record and its position.
-pub type Sink<'s> = &'s mut dyn FnMut(&record::RecordView<'_>, u64) -> Result<(), IndexError>;
+pub(crate) type Sink<'s> =
+    &'s mut dyn FnMut(&record::RecordView<'_>, u64) -> Result<(), IndexError>;
 
 /// Scans `seg` from file offset `from` (a record boundary), checking every
 /// record and handing whole appends at or after `apply_from` to `sink` (if
 /// given); `events` counts those. `last` says whether it is the newest
 /// segment, where a torn tail is allowed.
-pub fn scan_segment(
+pub(crate) fn scan_segment(
     seg: &Segment,
     from: u64,
     apply_from: u64,
@@ -49,7 +50,7 @@ pub fn scan_segment(
 
 /// [`scan_segment`] of a sealed segment whose every record was checked a
 /// moment ago (its index file was just rebuilt from it): no CRCs again.
-pub fn scan_checked_segment(
+pub(crate) fn scan_checked_segment(
     seg: &Segment,
     from: u64,
     apply_from: u64,

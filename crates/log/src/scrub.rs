@@ -31,7 +31,7 @@ impl Default for ScrubOptions {
     }
 }
 
-pub fn spawn(
+pub(crate) fn spawn(
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {

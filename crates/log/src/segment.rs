@@ -19,11 +19,11 @@ use crate::storage::Storage;
 /// The page size the page cache works in, here.
 const PAGE: usize = 4096;
 
-pub const SEGMENT_MAGIC: &[u8; 8] = b"CAIRNSEG";
-pub const SEGMENT_FORMAT_VERSION: u32 = 1;
-pub const SEGMENT_HEADER_BYTES: u64 = 24;
+pub(crate) const SEGMENT_MAGIC: &[u8; 8] = b"CAIRNSEG";
+pub(crate) const SEGMENT_FORMAT_VERSION: u32 = 1;
+pub(crate) const SEGMENT_HEADER_BYTES: u64 = 24;
 
-pub struct Segment {
+pub(crate) struct Segment {
     /// Global position of the segment's first byte (its header).
     pub base: u64,
     pub path: PathBuf,
@@ -33,7 +33,7 @@ pub struct Segment {
 }
 
 impl Segment {
-    pub fn file_name(base: u64) -> String {
+    pub(crate) fn file_name(base: u64) -> String {
         format!("{base:020}.seg")
     }
 
@@ -41,7 +41,7 @@ impl Segment {
     /// file and its directory entry durable. The file is prepared under a
     /// temporary name and renamed into place, so a crash never leaves a
     /// segment without its header (a leftover `.tmp` is removed at open).
-    pub fn create(
+    pub(crate) fn create(
         dir: &Path,
         base: u64,
         capacity: u64,
@@ -66,7 +66,11 @@ impl Segment {
     }
 
     /// Opens an existing segment and checks its header.
-    pub fn open(path: &Path, writable: bool, storage: &dyn Storage) -> Result<Segment, StoreError> {
+    pub(crate) fn open(
+        path: &Path,
+        writable: bool,
+        storage: &dyn Storage,
+    ) -> Result<Segment, StoreError> {
         let file = storage.open(path, writable).map_err(|e| StoreError::io(path, e))?;
         let corrupt = |offset: u64, reason: String| StoreError::Corrupt {
             file: path.display().to_string(),
@@ -104,18 +108,18 @@ impl Segment {
     }
 
     /// Length of the file (and the map) in bytes.
-    pub fn capacity(&self) -> u64 {
+    pub(crate) fn capacity(&self) -> u64 {
         self.map.len() as u64
     }
 
     /// The file's bytes from `offset` up to `end` (file offsets).
-    pub fn bytes(&self, offset: u64, end: u64) -> &[u8] {
+    pub(crate) fn bytes(&self, offset: u64, end: u64) -> &[u8] {
         &self.map[offset as usize..end as usize]
     }
 
     /// Which of the file's 4 KiB pages are in the page cache now (one flag
     /// per page), or `None` if the kernel does not say.
-    pub fn resident_pages(&self) -> Option<Vec<bool>> {
+    pub(crate) fn resident_pages(&self) -> Option<Vec<bool>> {
         let pages = self.map.len().div_ceil(PAGE);
         let mut flags = vec![0u8; pages];
         // SAFETY: the mapping is live and page-aligned, and `flags` has one
@@ -134,7 +138,7 @@ impl Segment {
     /// [`Segment::resident_pages`]) says were not there, so that a pass over
     /// cold data (the scrubber's) does not push out what readers use. Only
     /// a hint; sealed segments' pages are clean, so nothing is written.
-    pub fn uncache_except(&self, before: &[bool]) {
+    pub(crate) fn uncache_except(&self, before: &[bool]) {
         let mut page = 0;
         while page < before.len() {
             if before[page] {
@@ -171,7 +175,7 @@ impl Segment {
     /// into the page cache now, without waiting: a long forward read then
     /// finds its next pages in memory instead of faulting on each in turn.
     /// Only a hint; cached pages cost a system call.
-    pub fn will_need(&self, offset: u64, len: u64) {
+    pub(crate) fn will_need(&self, offset: u64, len: u64) {
         let start = (offset as usize / PAGE) * PAGE;
         let end = ((offset + len) as usize).min(self.map.len());
         if end <= start {
@@ -204,17 +208,17 @@ impl Segment {
     }
 
     /// A shared handle on `sub`, which must lie inside this segment's bytes.
-    pub fn share(&self, sub: &[u8]) -> Bytes {
+    pub(crate) fn share(&self, sub: &[u8]) -> Bytes {
         self.map.slice_ref(sub)
     }
 }
 
-pub fn sync_dir(dir: &Path, storage: &dyn Storage) -> Result<(), StoreError> {
+pub(crate) fn sync_dir(dir: &Path, storage: &dyn Storage) -> Result<(), StoreError> {
     storage.sync_dir(dir).map_err(|e| StoreError::io(dir, e))
 }
 
 /// Removes segments whose creation a crash interrupted (`*.seg.tmp`): they never held data.
-pub fn remove_leftovers(dir: &Path, storage: &dyn Storage) -> Result<(), StoreError> {
+pub(crate) fn remove_leftovers(dir: &Path, storage: &dyn Storage) -> Result<(), StoreError> {
     for entry in std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))? {
         let entry = entry.map_err(|e| StoreError::io(dir, e))?;
         if entry.file_name().to_str().is_some_and(|n| n.ends_with(".seg.tmp")) {
@@ -226,7 +230,7 @@ pub fn remove_leftovers(dir: &Path, storage: &dyn Storage) -> Result<(), StoreEr
 
 /// Whether a segment file is empty or all zeros, header included: a roll a
 /// crash cut short, on a filesystem that reordered the rename. No event was in it.
-pub fn never_written(path: &Path) -> Result<bool, StoreError> {
+pub(crate) fn never_written(path: &Path) -> Result<bool, StoreError> {
     use std::io::Read;
     let mut file = File::open(path).map_err(|e| StoreError::io(path, e))?;
     let mut buf = vec![0u8; 1 << 16];
@@ -244,7 +248,7 @@ pub fn never_written(path: &Path) -> Result<bool, StoreError> {
 /// The log's segments, opened in order, each checked to start where the one
 /// before ended. An all-zero newest segment (an unfinished roll) is left out
 /// and returned apart, for the caller to remove or ignore.
-pub fn open_chain(
+pub(crate) fn open_chain(
     dir: &Path,
     writable_last: bool,
     storage: &dyn Storage,
@@ -276,7 +280,7 @@ pub fn open_chain(
 }
 
 /// Segment files in `dir`, sorted by base position.
-pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
+pub(crate) fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))? {
         let entry = entry.map_err(|e| StoreError::io(dir, e))?;

@@ -19,12 +19,12 @@ const MAGIC: &[u8; 8] = b"CAIRNIDX";
 /// 2 added the tag and event-type indexes, 3 the category index, 4 keeps
 /// only the stream summaries (the rest is in the index files). A snapshot of
 /// another version is ignored (rebuilt from the log), never misread.
-pub const VERSION: u32 = 4;
-pub const FILE: &str = "index.snap";
+pub(crate) const VERSION: u32 = 4;
+pub(crate) const FILE: &str = "index.snap";
 
 /// What a snapshot holds: the summaries, the events, and the head they
 /// cover with the id of the record that ends there (0 if none).
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     pub streams: FastMap<String, StreamEntry>,
     pub events: u64,
     pub head: u64,
@@ -33,7 +33,7 @@ pub struct Snapshot {
 
 /// A snapshot's bytes, as stores before stream tables wrote them.
 #[cfg(test)]
-pub fn encode(
+pub(crate) fn encode(
     streams: &FastMap<String, StreamEntry>,
     events: u64,
     head: u64,
@@ -67,7 +67,7 @@ pub fn encode(
 }
 
 /// The snapshot, or `None` if there is none or it is damaged.
-pub fn read(dir: &Path) -> Option<Snapshot> {
+pub(crate) fn read(dir: &Path) -> Option<Snapshot> {
     let bytes = std::fs::read(dir.join(FILE)).ok()?;
     if bytes.len() < 4 {
         return None;
@@ -121,7 +121,7 @@ pub fn read(dir: &Path) -> Option<Snapshot> {
     Some(Snapshot { streams, events, head, last_id })
 }
 
-pub fn remove(dir: &Path) -> Result<(), StoreError> {
+pub(crate) fn remove(dir: &Path) -> Result<(), StoreError> {
     let path = dir.join(FILE);
     match std::fs::remove_file(&path) {
         Ok(()) => sync_dir(dir),

@@ -50,7 +50,7 @@ pub struct OsStorage;
 impl Storage for OsStorage {}
 
 /// The default storage, shared.
-pub fn os() -> Arc<dyn Storage> {
+pub(crate) fn os() -> Arc<dyn Storage> {
     Arc::new(OsStorage)
 }
 

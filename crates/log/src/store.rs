@@ -101,7 +101,7 @@ pub struct OpenReport {
 }
 
 /// State shared by the store handles, the writer and the subscriptions.
-pub struct Shared {
+pub(crate) struct Shared {
     pub options: Options,
     pub log_dir: PathBuf,
     pub segments: RwLock<Vec<Arc<Segment>>>,
@@ -123,23 +123,23 @@ pub struct Shared {
 
 impl Shared {
     /// Appends are refused with `reason` until [`Shared::recovered`].
-    pub fn poison(&self, reason: String) {
+    pub(crate) fn poison(&self, reason: String) {
         *self.poisoned.lock().unwrap() = Some(reason);
         self.stats.unavailable.store(1, Ordering::Relaxed);
     }
 
-    pub fn recovered(&self) {
+    pub(crate) fn recovered(&self) {
         *self.poisoned.lock().unwrap() = None;
         self.stats.unavailable.store(0, Ordering::Relaxed);
     }
 
     /// Why appends are refused now, if they are.
-    pub fn poisoned(&self) -> Option<String> {
+    pub(crate) fn poisoned(&self) -> Option<String> {
         self.poisoned.lock().unwrap().clone()
     }
 
     /// Applies a durable group to the index, then moves the head and wakes subscribers.
-    pub fn publish(&self, seg: &Segment, file_offset: u64, buf: &[u8]) {
+    pub(crate) fn publish(&self, seg: &Segment, file_offset: u64, buf: &[u8]) {
         let mut index = self.index.write().unwrap();
         let mut at = 0usize;
         while at < buf.len() {
@@ -179,7 +179,7 @@ impl Shared {
     }
 
     /// Hands a sealed segment and its memtable to the indexer.
-    pub fn sealed(&self, seg: Arc<Segment>, mem: Arc<MemIndex>) {
+    pub(crate) fn sealed(&self, seg: Arc<Segment>, mem: Arc<MemIndex>) {
         if let Some(tx) = self.indexer.lock().unwrap().as_ref() {
             let _ = tx.send(indexer::Job::Sealed(seg, mem));
         }
@@ -187,7 +187,10 @@ impl Shared {
 
     /// Runs `f` on the index. If it fails on a damaged index file, the file
     /// is rebuilt from its segment (never trusted) and `f` runs once more.
-    pub fn indexed<T>(&self, f: impl Fn(&Index) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    pub(crate) fn indexed<T>(
+        &self,
+        f: impl Fn(&Index) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let first = f(&self.index.read().unwrap());
         match &first {
             Err(StoreError::Corrupt { file, .. })
@@ -206,31 +209,31 @@ impl Shared {
     }
 
     /// The id of the event that ends at `head`, if any.
-    pub fn last_id_before(&self, head: u64) -> Option<u128> {
+    pub(crate) fn last_id_before(&self, head: u64) -> Option<u128> {
         let segments = self.segments.read().unwrap();
         last_event(&segments, head).map(|(id, _)| id)
     }
 
     /// A receiver that sees every head move; `None` once the store is closed.
-    pub fn watch_head(&self) -> Option<watch::Receiver<u64>> {
+    pub(crate) fn watch_head(&self) -> Option<watch::Receiver<u64>> {
         self.head_tx.lock().unwrap().as_ref().map(|tx| tx.subscribe())
     }
 
-    pub fn replace_active(&self, sealed: Arc<Segment>, fresh: Arc<Segment>) {
+    pub(crate) fn replace_active(&self, sealed: Arc<Segment>, fresh: Arc<Segment>) {
         let mut segments = self.segments.write().unwrap();
         let last = segments.len() - 1;
         segments[last] = sealed;
         segments.push(fresh);
     }
 
-    pub fn segment_for(&self, position: u64) -> Option<Arc<Segment>> {
+    pub(crate) fn segment_for(&self, position: u64) -> Option<Arc<Segment>> {
         let segments = self.segments.read().unwrap();
         let i = segments.partition_point(|s| s.base <= position);
         if i == 0 { None } else { Some(segments[i - 1].clone()) }
     }
 
     /// The durable bytes of the record at `position`, or `None` if no record fits there.
-    pub fn with_record<T>(
+    pub(crate) fn with_record<T>(
         &self,
         position: u64,
         f: impl FnOnce(record::RecordView<'_>) -> T,
@@ -248,7 +251,7 @@ impl Shared {
     /// Whether the durable record at `position` is the first of its append:
     /// appends are contiguous in the log and never cross a segment, so it is
     /// if the record before it ends an append or it opens its segment.
-    pub fn starts_append(&self, position: u64) -> bool {
+    pub(crate) fn starts_append(&self, position: u64) -> bool {
         let Some(seg) = self.segment_for(position) else { return false };
         let offset = position - seg.base;
         if offset == SEGMENT_HEADER_BYTES {

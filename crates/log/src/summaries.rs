@@ -26,20 +26,20 @@ use crate::table::{self, Head, Source, Table};
 const MAX_DELTAS: usize = 8;
 
 /// Summaries being written to a table, with where in the log they stand.
-pub struct Frozen {
+pub(crate) struct Frozen {
     pub entries: FastMap<String, StreamEntry>,
     pub head: Head,
 }
 
 #[derive(Default)]
-pub struct Streams {
+pub(crate) struct Streams {
     pub dirty: FastMap<String, StreamEntry>,
     pub frozen: Option<Arc<Frozen>>,
     /// The chain, oldest (the base) first.
     pub tables: Vec<Arc<Table>>,
 }
 
-pub fn table_error(d: Damaged) -> StoreError {
+pub(crate) fn table_error(d: Damaged) -> StoreError {
     StoreError::Corrupt {
         file: d.file.display().to_string(),
         offset: d.offset,
@@ -52,7 +52,7 @@ pub fn table_error(d: Damaged) -> StoreError {
 
 impl Streams {
     /// The newest summary of `name`, if the store has the stream.
-    pub fn get(&self, name: &str) -> Result<Option<Cow<'_, StreamEntry>>, StoreError> {
+    pub(crate) fn get(&self, name: &str) -> Result<Option<Cow<'_, StreamEntry>>, StoreError> {
         if let Some(e) = self.dirty.get(name) {
             return Ok(Some(Cow::Borrowed(e)));
         }
@@ -68,7 +68,7 @@ impl Streams {
     }
 
     /// The summary of `name` to change (a new stream's is the default).
-    pub fn get_mut(&mut self, name: &str) -> Result<&mut StreamEntry, StoreError> {
+    pub(crate) fn get_mut(&mut self, name: &str) -> Result<&mut StreamEntry, StoreError> {
         if self.dirty.contains_key(name) {
             return Ok(self.dirty.get_mut(name).expect("just found"));
         }
@@ -77,19 +77,19 @@ impl Streams {
 
     /// [`Streams::get_mut`] of a stream not in `dirty`: copies it there from
     /// the layer that has it.
-    pub fn load(&mut self, name: &str) -> Result<&mut StreamEntry, StoreError> {
+    pub(crate) fn load(&mut self, name: &str) -> Result<&mut StreamEntry, StoreError> {
         let e = self.get(name)?.map(Cow::into_owned).unwrap_or_default();
         Ok(self.dirty.entry(name.to_string()).or_insert(e))
     }
 
     /// Summaries held in memory.
-    pub fn in_memory(&self) -> usize {
+    pub(crate) fn in_memory(&self) -> usize {
         self.dirty.len() + self.frozen.as_ref().map_or(0, |f| f.entries.len())
     }
 
     /// Calls `f` with every stream whose name starts with `prefix`, in name
     /// order, with its newest summary, until `f` returns false.
-    pub fn walk(
+    pub(crate) fn walk(
         &self,
         prefix: &str,
         f: impl FnMut(&str, Cow<'_, StreamEntry>) -> Result<bool, StoreError>,
@@ -190,7 +190,7 @@ impl Source for Layers<'_> {
 /// Writes the summaries changed since the last table to a new one (merging
 /// the chain into a new base when its deltas grew), off the append path:
 /// appends go on into a fresh `dirty` meanwhile. True if a table was written.
-pub fn flush(shared: &Shared, data_dir: &Path) -> Result<bool, StoreError> {
+pub(crate) fn flush(shared: &Shared, data_dir: &Path) -> Result<bool, StoreError> {
     let frozen = {
         let mut index = shared.index.write().unwrap();
         let from = index.streams.tables.last().map_or(0, |t| t.head().to);
@@ -279,7 +279,11 @@ fn compact(shared: &Shared, data_dir: &Path) -> Result<(), StoreError> {
 /// Rebuilds the damaged table at `path` from the log: the records of its
 /// range replayed on top of the tables before it give exactly what it held.
 /// It then takes its place. False if the chain holds no table at `path`.
-pub fn rebuild_table(shared: &Shared, data_dir: &Path, path: &Path) -> Result<bool, StoreError> {
+pub(crate) fn rebuild_table(
+    shared: &Shared,
+    data_dir: &Path,
+    path: &Path,
+) -> Result<bool, StoreError> {
     let _one = shared.healing.lock().unwrap();
     let (damaged, older) = {
         let index = shared.index.read().unwrap();

@@ -38,7 +38,7 @@ use crate::index::StreamEntry;
 use crate::merge::{MergeError, Out};
 use crate::storage::Storage;
 
-pub const DIR: &str = "streams";
+pub(crate) const DIR: &str = "streams";
 const MAGIC: &[u8; 8] = b"CAIRNSTB";
 const VERSION: u32 = 1;
 const SECTIONS: usize = 6;
@@ -72,23 +72,23 @@ struct Entry {
 /// `from..to`, and are as of `to`, when the log held `events` events and
 /// the record ending at `to` had the id `last_id` (0 if none).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Head {
+pub(crate) struct Head {
     pub from: u64,
     pub to: u64,
     pub events: u64,
     pub last_id: u128,
 }
 
-pub fn dir(data_dir: &Path) -> PathBuf {
+pub(crate) fn dir(data_dir: &Path) -> PathBuf {
     data_dir.join(DIR)
 }
 
-pub fn path(data_dir: &Path, from: u64, to: u64) -> PathBuf {
+pub(crate) fn path(data_dir: &Path, from: u64, to: u64) -> PathBuf {
     dir(data_dir).join(format!("{from:020}-{to:020}.tbl"))
 }
 
 /// The range a table file's name gives, if it is one.
-pub fn parse_name(path: &Path) -> Option<(u64, u64)> {
+pub(crate) fn parse_name(path: &Path) -> Option<(u64, u64)> {
     let name = path.file_name()?.to_str()?.strip_suffix(".tbl")?;
     let (a, b) = name.split_once('-')?;
     let digits = |s: &str| s.len() == 20 && s.bytes().all(|c| c.is_ascii_digit());
@@ -123,7 +123,7 @@ fn metadata_bytes(m: &StreamMetadata) -> Vec<u8> {
 }
 
 /// A mapped table file.
-pub struct Table {
+pub(crate) struct Table {
     path: PathBuf,
     map: Mmap,
     head: Head,
@@ -142,7 +142,7 @@ impl std::fmt::Debug for Table {
 impl Table {
     /// Opens and checks the header, lengths and fences of a table file;
     /// `Err` says why it cannot be used.
-    pub fn open(path: &Path) -> Result<Table, String> {
+    pub(crate) fn open(path: &Path) -> Result<Table, String> {
         let path = path.to_path_buf();
         let Some((from, to)) = parse_name(&path) else {
             return Err("not a table file name".into());
@@ -201,15 +201,15 @@ impl Table {
         Ok(t)
     }
 
-    pub fn head(&self) -> Head {
+    pub(crate) fn head(&self) -> Head {
         self.head
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.count
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
@@ -230,14 +230,14 @@ impl Table {
     }
 
     /// The name of entry `i`.
-    pub fn name_at(&self, i: usize) -> Result<&str, Damaged> {
+    pub(crate) fn name_at(&self, i: usize) -> Result<&str, Damaged> {
         let e = self.entry(i)?;
         let bytes = self.slice::<u8>(S_NAMES, e.name_off as usize, e.name_len as usize)?;
         std::str::from_utf8(bytes).map_err(|_| self.damaged("a stream name is not UTF-8"))
     }
 
     /// The summary of entry `i`.
-    pub fn entry_at(&self, i: usize) -> Result<StreamEntry, Damaged> {
+    pub(crate) fn entry_at(&self, i: usize) -> Result<StreamEntry, Damaged> {
         let e = self.entry(i)?;
         let state = match e.state {
             0 => StreamState::Live,
@@ -262,7 +262,7 @@ impl Table {
     }
 
     /// The index of the first entry whose name is not below `key`.
-    pub fn lower_bound(&self, key: &str) -> Result<usize, Damaged> {
+    pub(crate) fn lower_bound(&self, key: &str) -> Result<usize, Damaged> {
         let k = key.as_bytes();
         let group = self.fences.partition_point(|f| &**f <= k);
         // Entries of fence group `group - 1` are the first that may be >= key.
@@ -275,7 +275,7 @@ impl Table {
     }
 
     /// The summary of `name`, if this table holds it.
-    pub fn get(&self, name: &str) -> Result<Option<StreamEntry>, Damaged> {
+    pub(crate) fn get(&self, name: &str) -> Result<Option<StreamEntry>, Damaged> {
         let h = name_hash(name.as_bytes());
         let blocks = (self.sections[S_BLOOM].1 / 32) as usize;
         let block = self.slice::<[u32; 8]>(S_BLOOM, bloom_block(h, blocks), 1)?[0];
@@ -290,14 +290,14 @@ impl Table {
     }
 
     /// Checks every block again: what the scrubber and `cairn verify` do.
-    pub fn check_all(&self) -> Result<(), Damaged> {
+    pub(crate) fn check_all(&self) -> Result<(), Damaged> {
         self.blocks.check_all(&self.map, &self.path)
     }
 }
 
 /// Something a table is written from: calls `f` with every summary, in name
 /// order, as often as the writer asks (once per section it writes).
-pub trait Source {
+pub(crate) trait Source {
     fn each(
         &self,
         f: &mut dyn FnMut(&str, &StreamEntry) -> Result<(), MergeError>,
@@ -306,7 +306,7 @@ pub trait Source {
 
 /// Writes the table for `head` from `source` (at most `most` entries, to
 /// size the filter), syncs and renames it into place, and opens it.
-pub fn write(
+pub(crate) fn write(
     data_dir: &Path,
     head: Head,
     most: usize,
@@ -461,7 +461,7 @@ fn write_sections(
 /// The chain of tables in `data_dir` from position 0, each chosen the widest
 /// that starts where the previous one ends. `rejected` gets the files that
 /// look like tables but cannot be used, with why.
-pub fn find(data_dir: &Path, rejected: &mut Vec<(PathBuf, String)>) -> Vec<Table> {
+pub(crate) fn find(data_dir: &Path, rejected: &mut Vec<(PathBuf, String)>) -> Vec<Table> {
     let Ok(entries) = std::fs::read_dir(dir(data_dir)) else { return Vec::new() };
     let mut ranges: Vec<(u64, u64, PathBuf)> = entries
         .flatten()
@@ -496,7 +496,7 @@ pub fn find(data_dir: &Path, rejected: &mut Vec<(PathBuf, String)>) -> Vec<Table
 }
 
 /// Removes every file in the tables' directory that `keep` does not name.
-pub fn remove_strays(
+pub(crate) fn remove_strays(
     data_dir: &Path,
     keep: &[PathBuf],
     storage: &dyn Storage,

@@ -32,7 +32,7 @@ use crate::store::Shared;
 /// Most bytes gathered into one group commit before it is written.
 const GROUP_BYTES_MAX: usize = 16 * 1024 * 1024;
 
-pub enum AppendKind {
+pub(crate) enum AppendKind {
     User,
     /// A `$metadata` event in `$$target`; `expected` applies to `$$target`.
     Metadata {
@@ -44,7 +44,7 @@ pub enum AppendKind {
     },
 }
 
-pub struct AppendRequest {
+pub(crate) struct AppendRequest {
     pub stream: String,
     pub expected: ExpectedVersion,
     pub events: Vec<NewEvent>,
@@ -93,7 +93,7 @@ impl Group {
     }
 }
 
-pub struct Writer {
+pub(crate) struct Writer {
     shared: Arc<Shared>,
     active: Arc<Segment>,
     /// File offset in `active` where the next group goes.
@@ -124,7 +124,7 @@ const RECOVERY_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// the request with its own group or hands it to the writer thread, which
 /// also lingers for fuller groups, keeps the durable mark up to date and
 /// recovers after a failed write.
-pub struct Lead {
+pub(crate) struct Lead {
     duty: Mutex<Duty>,
     /// Requests sent and not yet taken from the queue (below zero for a
     /// moment when one is taken before its sender counted it).
@@ -161,7 +161,7 @@ fn take(
 }
 
 impl Lead {
-    pub fn new(
+    pub(crate) fn new(
         shared: Arc<Shared>,
         writer: Writer,
         rx: mpsc::Receiver<AppendRequest>,
@@ -176,7 +176,7 @@ impl Lead {
     }
 
     /// Starts the writer thread.
-    pub fn spawn(self: &Arc<Lead>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    pub(crate) fn spawn(self: &Arc<Lead>) -> std::io::Result<std::thread::JoinHandle<()>> {
         let lead = self.clone();
         let handle =
             std::thread::Builder::new().name("cairn-writer".into()).spawn(move || lead.run())?;
@@ -184,14 +184,14 @@ impl Lead {
         Ok(handle)
     }
 
-    pub fn wake_thread(&self) {
+    pub(crate) fn wake_thread(&self) {
         if let Some(t) = self.thread.get() {
             t.unpark();
         }
     }
 
     /// Counts a request just sent to the queue.
-    pub fn sent(&self) {
+    pub(crate) fn sent(&self) {
         self.queued.fetch_add(1, Ordering::SeqCst);
     }
 
@@ -200,7 +200,7 @@ impl Lead {
     /// other thread. Otherwise the holder
     /// sees the requests when it lets go (the fences make sure that either
     /// this `try_lock` or the holder's check of `queued` sees the other).
-    pub fn lead(&self) {
+    pub(crate) fn lead(&self) {
         fence(Ordering::SeqCst);
         let mut duty = match self.duty.try_lock() {
             Ok(duty) => duty,
@@ -317,7 +317,7 @@ impl Lead {
 
 impl Writer {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         shared: Arc<Shared>,
         active: Arc<Segment>,
         offset: u64,
@@ -866,6 +866,6 @@ fn last_record_id(buf: &[u8]) -> u128 {
 }
 
 /// The event written by a delete.
-pub fn delete_event(hard: bool) -> NewEvent {
+pub(crate) fn delete_event(hard: bool) -> NewEvent {
     NewEvent::json_bytes(if hard { TOMBSTONE_EVENT } else { DELETED_EVENT }, "{}")
 }

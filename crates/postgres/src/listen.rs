@@ -23,7 +23,7 @@ use crate::{Inner, db_error};
 const PAGE: usize = 512;
 
 /// Starts the LISTEN connection and the notifier for a store.
-pub fn spawn(inner: Weak<Inner>, config: tokio_postgres::Config) {
+pub(crate) fn spawn(inner: Weak<Inner>, config: tokio_postgres::Config) {
     let Some(strong) = inner.upgrade() else { return };
     let channel = strong.listen_channel();
     let mut closed = strong.closed.subscribe();
@@ -112,7 +112,7 @@ enum Cursor {
     Query(Box<QuerySql>, u64),
 }
 
-pub async fn subscribe(
+pub(crate) async fn subscribe(
     inner: Arc<Inner>,
     target: SubscriptionTarget,
     from: StartFrom,

@@ -7,7 +7,7 @@ use cairn_core::Query;
 
 /// A query's `WHERE` condition on `cairn_events e` and its three arrays,
 /// which the SQL names `$<first>`, `$<first+1>` and `$<first+2>`.
-pub struct QuerySql {
+pub(crate) struct QuerySql {
     pub condition: String,
     pub types: Vec<String>,
     pub tags: Vec<String>,
@@ -15,7 +15,7 @@ pub struct QuerySql {
 }
 
 impl QuerySql {
-    pub fn new(query: &Query, first: usize) -> Self {
+    pub(crate) fn new(query: &Query, first: usize) -> Self {
         let (tp, gp, cp) = (first, first + 1, first + 2);
         let mut out = QuerySql {
             condition: String::new(),
@@ -63,7 +63,7 @@ impl QuerySql {
 
 /// The SQL that an append condition runs inside `cairn_append`: the first
 /// matching event after `$4` (all of them when `$4` is null).
-pub fn condition_sql(query: &Query) -> QuerySql {
+pub(crate) fn condition_sql(query: &Query) -> QuerySql {
     let mut q = QuerySql::new(query, 1);
     q.condition = format!(
         "SELECT e.position FROM cairn_events e WHERE ($4::bigint IS NULL OR e.position > $4::bigint) AND {} ORDER BY e.position LIMIT 1",

@@ -35,7 +35,7 @@ use crate::{Inner, clamp, db_error};
 const COLS: &str = "e.position, e.id, e.stream, e.version, e.event_type, e.data, e.is_binary, e.schema_version, e.tags, e.created_at, e.correlation_id, e.causation_id, e.metadata_extra";
 
 /// The schema's SQL, qualified with its name once.
-pub struct Sql {
+pub(crate) struct Sql {
     pub schema: String,
     pub append: String,
     pub append_notify: String,
@@ -54,7 +54,7 @@ const APPEND_ARGS: &str = "$1::text, $2::int, $3::text, $4::bigint, $5::text, $6
     $20::text[], $21::bigint, $22::bigint, $23::bigint, $24::bigint, $25::boolean";
 
 impl Sql {
-    pub fn new(s: &str) -> Sql {
+    pub(crate) fn new(s: &str) -> Sql {
         let stream_read = |order: &str, bound: &str| {
             format!(
                 "SELECT s.state, s.version, {COLS} FROM {s}.cairn_streams s LEFT JOIN LATERAL (
@@ -98,7 +98,7 @@ impl Sql {
 }
 
 /// Names as reads accept them: system streams (`$$x`) included.
-pub fn check_read_name(stream: &str) -> Result<()> {
+pub(crate) fn check_read_name(stream: &str) -> Result<()> {
     if stream.is_empty() || stream.len() > STREAM_NAME_BYTES_MAX + 2 {
         return Err(StoreError::InvalidStreamName {
             name: stream.to_string(),
@@ -113,7 +113,7 @@ fn limit(n: usize) -> i64 {
 }
 
 /// Decodes an event from [`COLS`] starting at column `at`.
-pub fn event(row: &Row, at: usize) -> Result<RecordedEvent> {
+pub(crate) fn event(row: &Row, at: usize) -> Result<RecordedEvent> {
     let extra: Option<&str> = row.get(at + 12);
     let extra = match extra {
         Some(json) => serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
@@ -241,7 +241,7 @@ async fn settle(inner: &Inner, seen: u64) -> Result<()> {
 
 /// The newest position at or below which every position is final (0 when
 /// the store is empty).
-pub async fn final_head(inner: &Inner) -> Result<u64> {
+pub(crate) async fn final_head(inner: &Inner) -> Result<u64> {
     let client = client(inner).await?;
     let row = rows(inner, &client, &inner.sql.head, &[]).await?.remove(0);
     drop(client);
@@ -261,7 +261,7 @@ fn forward_floor(options: &ReadAllOptions) -> Option<u64> {
     Some(if options.exclusive { options.from.0 } else { options.from.0.saturating_sub(1) })
 }
 
-pub async fn read_all(inner: &Inner, options: ReadAllOptions) -> Result<Vec<RecordedEvent>> {
+pub(crate) async fn read_all(inner: &Inner, options: ReadAllOptions) -> Result<Vec<RecordedEvent>> {
     if options.limit == 0 {
         return Ok(Vec::new());
     }
@@ -291,7 +291,11 @@ pub async fn read_all(inner: &Inner, options: ReadAllOptions) -> Result<Vec<Reco
 }
 
 /// Up to `n` events after `floor`, none past a position that is not final.
-pub async fn read_all_forward(inner: &Inner, floor: u64, n: usize) -> Result<Vec<RecordedEvent>> {
+pub(crate) async fn read_all_forward(
+    inner: &Inner,
+    floor: u64,
+    n: usize,
+) -> Result<Vec<RecordedEvent>> {
     loop {
         let client = client(inner).await?;
         let events =
@@ -321,7 +325,7 @@ pub async fn read_all_forward(inner: &Inner, floor: u64, n: usize) -> Result<Vec
     }
 }
 
-pub async fn read_query(
+pub(crate) async fn read_query(
     inner: &Inner,
     query: &Query,
     options: ReadAllOptions,
@@ -363,7 +367,7 @@ pub async fn read_query(
 /// Up to `n` matching events after `floor`, none past a position that is
 /// not final. The count of all events in the range, taken in the same
 /// snapshot as the matches, tells whether anything could be missing.
-pub async fn read_query_forward(
+pub(crate) async fn read_query_forward(
     inner: &Inner,
     q: &QuerySql,
     floor: u64,
@@ -408,7 +412,7 @@ fn state(code: i16) -> StreamState {
     }
 }
 
-pub async fn read_stream(
+pub(crate) async fn read_stream(
     inner: &Inner,
     stream: &str,
     options: ReadStreamOptions,
@@ -449,13 +453,13 @@ fn info(row: &Row) -> StreamInfo {
 }
 
 /// A stream's row, unless it is only a name (version 0, live).
-pub async fn stream_info(inner: &Inner, stream: &str) -> Result<Option<StreamInfo>> {
+pub(crate) async fn stream_info(inner: &Inner, stream: &str) -> Result<Option<StreamInfo>> {
     let client = client(inner).await?;
     let row = rows(inner, &client, &inner.sql.stream_info, &[&stream]).await?.into_iter().next();
     Ok(row.map(|r| info(&r)).filter(|i| !(i.state == StreamState::Live && i.version == 0)))
 }
 
-pub async fn list_streams(inner: &Inner, prefix: &str, n: usize) -> Result<Vec<StreamInfo>> {
+pub(crate) async fn list_streams(inner: &Inner, prefix: &str, n: usize) -> Result<Vec<StreamInfo>> {
     let client = client(inner).await?;
     let system = prefix.starts_with('$');
     let rows = rows(inner, &client, &inner.sql.list, &[&prefix, &system, &limit(n)]).await?;

@@ -3,12 +3,12 @@ use std::sync::Arc;
 use cairn_core::EventStore;
 use cairn_postgres::{PgOptions, PgStore};
 
-pub use cairn_core::conformance::reachable;
+pub(crate) use cairn_core::conformance::reachable;
 
-pub const URL: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
+pub(crate) const URL: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
 
 /// Drops its schema when the test ends.
-pub struct Schema(pub String);
+pub(crate) struct Schema(pub String);
 
 impl Drop for Schema {
     fn drop(&mut self) {
@@ -31,12 +31,12 @@ impl Drop for Schema {
     }
 }
 
-pub fn schema_name() -> String {
+pub(crate) fn schema_name() -> String {
     format!("cairn_t_{}", &uuid::Uuid::new_v4().simple().to_string()[..16])
 }
 
 /// A store in a fresh schema, or `None` (skipped) when PostgreSQL is down.
-pub async fn store() -> Option<(PgStore, Schema)> {
+pub(crate) async fn store() -> Option<(PgStore, Schema)> {
     if !reachable("127.0.0.1:5432", "PostgreSQL") {
         return None;
     }
@@ -48,12 +48,12 @@ pub async fn store() -> Option<(PgStore, Schema)> {
 }
 
 /// A plain connection, for the tests' own transactions.
-pub async fn connect() -> tokio_postgres::Client {
+pub(crate) async fn connect() -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(URL, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     client
 }
 
-pub async fn dyn_store() -> Option<(Arc<dyn EventStore>, Schema)> {
+pub(crate) async fn dyn_store() -> Option<(Arc<dyn EventStore>, Schema)> {
     store().await.map(|(s, g)| (Arc::new(s) as Arc<dyn EventStore>, g))
 }

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 /// Appends events `from..from + n` (`ItemShipped`, `{"i": i}`), event `i`
 /// to stream `<category>-<i % streams>`.
-pub async fn write(store: &dyn EventStore, category: &str, streams: u64, from: u64, n: u64) {
+pub(crate) async fn write(store: &dyn EventStore, category: &str, streams: u64, from: u64, n: u64) {
     for i in from..from + n {
         let e = NewEvent::json("ItemShipped", &serde_json::json!({"i": i})).unwrap();
         store
@@ -24,7 +24,7 @@ pub async fn write(store: &dyn EventStore, category: &str, streams: u64, from: u
 }
 
 /// Every user event of the store, in global order.
-pub async fn user_events(store: &dyn EventStore) -> Vec<RecordedEvent> {
+pub(crate) async fn user_events(store: &dyn EventStore) -> Vec<RecordedEvent> {
     store
         .read_all(ReadAllOptions::forward())
         .await
@@ -34,7 +34,7 @@ pub async fn user_events(store: &dyn EventStore) -> Vec<RecordedEvent> {
         .collect()
 }
 
-pub async fn wait_for_retries(relay: &RelayHandle, retries: u64) {
+pub(crate) async fn wait_for_retries(relay: &RelayHandle, retries: u64) {
     for _ in 0..1500 {
         if relay.status().retries >= retries {
             return;
@@ -44,7 +44,7 @@ pub async fn wait_for_retries(relay: &RelayHandle, retries: u64) {
     panic!("the relay did not retry {retries} times within 15 s: {:?}", relay.status());
 }
 
-pub async fn wait_until_relayed(relay: &RelayHandle, last: Position) {
+pub(crate) async fn wait_until_relayed(relay: &RelayHandle, last: Position) {
     for _ in 0..1500 {
         if relay.status().checkpoint >= Some(last) {
             return;
@@ -55,7 +55,7 @@ pub async fn wait_until_relayed(relay: &RelayHandle, last: Position) {
 }
 
 /// Per stream, the versions in the order the broker holds them.
-pub fn by_stream<'a>(
+pub(crate) fn by_stream<'a>(
     messages: impl IntoIterator<Item = (&'a str, u64)>,
 ) -> HashMap<String, Vec<u64>> {
     let mut out: HashMap<String, Vec<u64>> = HashMap::new();
@@ -65,7 +65,7 @@ pub fn by_stream<'a>(
     out
 }
 
-pub fn in_order(streams: &HashMap<String, Vec<u64>>, per_stream: u64) {
+pub(crate) fn in_order(streams: &HashMap<String, Vec<u64>>, per_stream: u64) {
     for (stream, versions) in streams {
         assert_eq!(
             versions,
@@ -77,14 +77,14 @@ pub fn in_order(streams: &HashMap<String, Vec<u64>>, per_stream: u64) {
 
 /// A fresh store, and an id no other test uses (for broker-side names) with
 /// a category made from it.
-pub struct Fixture {
+pub(crate) struct Fixture {
     pub store: Arc<dyn EventStore>,
     pub id: String,
     pub category: String,
     pub _dir: tempfile::TempDir,
 }
 
-pub fn fixture() -> Fixture {
+pub(crate) fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
     let id = Uuid::new_v4().simple().to_string();
@@ -93,14 +93,14 @@ pub fn fixture() -> Fixture {
 
 /// A TCP proxy that can cut every connection and refuse new ones, to take
 /// the broker away from the relay and give it back.
-pub struct Proxy {
+pub(crate) struct Proxy {
     pub port: u16,
     open: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 impl Proxy {
-    pub async fn start(target: &'static str) -> Proxy {
+    pub(crate) async fn start(target: &'static str) -> Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let open = Arc::new(AtomicBool::new(true));
@@ -121,21 +121,26 @@ impl Proxy {
         Proxy { port, open, conns }
     }
 
-    pub fn cut(&self) {
+    pub(crate) fn cut(&self) {
         self.open.store(false, Ordering::SeqCst);
         for c in self.conns.lock().unwrap().drain(..) {
             c.abort();
         }
     }
 
-    pub fn restore(&self) {
+    pub(crate) fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
     }
 }
 
 /// Appends `streams × per_stream` events in appends of 50 to one stream,
 /// going round the streams `<category>-0..`: a backlog written fast.
-pub async fn write_backlog(store: &dyn EventStore, category: &str, streams: u64, per_stream: u64) {
+pub(crate) async fn write_backlog(
+    store: &dyn EventStore,
+    category: &str,
+    streams: u64,
+    per_stream: u64,
+) {
     for round in 0..per_stream / 50 {
         for s in 0..streams {
             let batch = (0..50)
@@ -151,7 +156,7 @@ pub async fn write_backlog(store: &dyn EventStore, category: &str, streams: u64,
 
 /// Waits until the relay has confirmed at least `confirmed` events and has
 /// at least `in_flight` events sent and not yet confirmed.
-pub async fn wait_until_in_flight(relay: &RelayHandle, confirmed: Position, in_flight: u64) {
+pub(crate) async fn wait_until_in_flight(relay: &RelayHandle, confirmed: Position, in_flight: u64) {
     for _ in 0..15_000 {
         let s = relay.status();
         if s.checkpoint >= Some(confirmed) && s.in_flight >= in_flight {
@@ -170,7 +175,7 @@ pub async fn wait_until_in_flight(relay: &RelayHandle, confirmed: Position, in_f
 /// right after the previous message's, or an earlier one (the relay sending
 /// again from its oldest unconfirmed event). Every event is there. So a
 /// consumer that drops repeats by id applies all of them in global order.
-pub fn no_event_skipped(events: &[RecordedEvent], message_ids: &[String]) {
+pub(crate) fn no_event_skipped(events: &[RecordedEvent], message_ids: &[String]) {
     let index: HashMap<String, usize> =
         events.iter().enumerate().map(|(i, e)| (e.id.to_string(), i)).collect();
     let mut next = 0; // the first event not yet delivered
@@ -190,7 +195,7 @@ pub fn no_event_skipped(events: &[RecordedEvent], message_ids: &[String]) {
 
 /// The relay config of the mid-pipeline cut tests: small batches, 8 in
 /// flight, quick retries.
-pub fn pipelined_config(name: String) -> cairn_relay::RelayConfig {
+pub(crate) fn pipelined_config(name: String) -> cairn_relay::RelayConfig {
     cairn_relay::RelayConfig::new(name)
         .batch(50)
         .max_in_flight(8)
@@ -200,7 +205,7 @@ pub fn pipelined_config(name: String) -> cairn_relay::RelayConfig {
 /// Cuts the broker away while part of the backlog is confirmed and at least
 /// three batches are out, checks that the relay notices, restores it, and
 /// stops the relay once it has caught up with `events`.
-pub async fn cut_mid_pipeline(relay: RelayHandle, proxy: &Proxy, events: &[RecordedEvent]) {
+pub(crate) async fn cut_mid_pipeline(relay: RelayHandle, proxy: &Proxy, events: &[RecordedEvent]) {
     let last = events.last().unwrap().position;
     wait_until_in_flight(&relay, events[500].position, 150).await;
     proxy.cut();

@@ -45,7 +45,7 @@ fn forbidden(reason: Option<String>) -> ApiResult<()> {
 type Shared = State<Arc<App>>;
 
 /// What a request gets instead of its answer.
-pub enum ApiError {
+pub(crate) enum ApiError {
     Store(StoreError),
     /// The request itself is malformed (400), with what is wrong.
     Request(String),
@@ -76,7 +76,7 @@ fn params(map: HashMap<String, String>, allowed: &[&str]) -> ApiResult<Params> {
     Params::new(map, allowed).map_err(ApiError::Request)
 }
 
-pub fn router(app: Arc<App>) -> Router {
+pub(crate) fn router(app: Arc<App>) -> Router {
     let limit = app.config.body_limit;
     let api = Router::new()
         .route("/streams", get(list_streams))

@@ -10,16 +10,16 @@ use crate::App;
 use crate::auth::Principal;
 
 /// Most appends taken into one batch, and most appends in one NDJSON body.
-pub const BATCH_MAX: usize = cairn_client::wire::APPENDS_MAX;
+pub(crate) const BATCH_MAX: usize = cairn_client::wire::APPENDS_MAX;
 
 /// A gRPC batch stops taking messages past this many bytes, so that what
 /// waits in memory stays bounded (a body of `POST /appends` is bounded by
 /// the body limit).
-pub const BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+pub(crate) const BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 /// Appends `appends` (those already refused stay refused) in order; the
 /// answers in the same order.
-pub async fn run(
+pub(crate) async fn run(
     app: &App,
     who: &Principal,
     appends: Vec<Result<Append, StoreError>>,
@@ -32,14 +32,14 @@ pub async fn run(
 
 /// A batch checked against the caller's key: where the refused ones go
 /// among the answers, and what the taken ones weigh (for the metrics).
-pub struct Checked {
+pub(crate) struct Checked {
     refused: Vec<Option<StoreError>>,
     sizes: Vec<(usize, usize)>,
 }
 
 impl Checked {
     /// The check, and the appends to hand to the store.
-    pub fn new(
+    pub(crate) fn new(
         who: &Principal,
         appends: Vec<Result<Append, StoreError>>,
     ) -> (Checked, Vec<Append>) {
@@ -74,7 +74,7 @@ impl Checked {
 
     /// All the answers in order: the store's `done` (one per taken append)
     /// with the refusals put back in their places; counted in the metrics.
-    pub fn finish(
+    pub(crate) fn finish(
         self,
         app: &App,
         done: Vec<Result<AppendResult, StoreError>>,

@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 /// a reset, which can destroy an answer (a 413) the client has not read.
 const LINGER: Duration = Duration::from_secs(2);
 
-pub struct Limits {
+pub(crate) struct Limits {
     pub header_read: Duration,
     pub idle: Duration,
     pub grace: Duration,
@@ -41,7 +41,7 @@ struct Shared {
 
 /// Accepts until `stop`, then waits up to `limits.grace` for the
 /// connections (each told to finish) and drops the rest.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     router: axum::Router,
     tls: Option<tokio_rustls::TlsAcceptor>,

@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 use crate::App;
 use crate::auth::{Principal, Refusal};
 
-pub struct GrpcService {
+pub(crate) struct GrpcService {
     pub app: Arc<App>,
 }
 
@@ -479,7 +479,7 @@ impl proto::event_store_server::EventStore for GrpcService {
 }
 
 /// The gRPC routes, ready to merge into the HTTP router.
-pub fn routes(app: Arc<App>) -> axum::Router {
+pub(crate) fn routes(app: Arc<App>) -> axum::Router {
     let limit = app.config.body_limit;
     let service = proto::event_store_server::EventStoreServer::new(GrpcService { app })
         .max_decoding_message_size(limit)

@@ -110,7 +110,7 @@ fn body(schema: &str) -> Value {
     json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}})
 }
 
-pub fn document() -> Value {
+pub(crate) fn document() -> Value {
     let prefixes: Vec<&str> = cairn_core::WRITABLE_SYSTEM_PREFIXES
         .iter()
         .map(|p| p.trim_start_matches('$').trim_end_matches('-'))

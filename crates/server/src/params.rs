@@ -5,13 +5,13 @@ use std::collections::HashMap;
 
 use cairn_core::Direction;
 
-pub struct Params {
+pub(crate) struct Params {
     map: HashMap<String, String>,
 }
 
 impl Params {
     /// The parameters, or why not: one this endpoint does not take.
-    pub fn new(map: HashMap<String, String>, allowed: &[&str]) -> Result<Params, String> {
+    pub(crate) fn new(map: HashMap<String, String>, allowed: &[&str]) -> Result<Params, String> {
         if let Some(bad) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
             return Err(format!(
                 "unknown parameter '{bad}'; this endpoint takes: {}",
@@ -21,11 +21,11 @@ impl Params {
         Ok(Params { map })
     }
 
-    pub fn str(&self, name: &str) -> Option<&str> {
+    pub(crate) fn str(&self, name: &str) -> Option<&str> {
         self.map.get(name).map(String::as_str)
     }
 
-    pub fn u64(&self, name: &str) -> Result<Option<u64>, String> {
+    pub(crate) fn u64(&self, name: &str) -> Result<Option<u64>, String> {
         self.map
             .get(name)
             .map(|v| {
@@ -38,7 +38,7 @@ impl Params {
 
     /// `limit`, or `default`; a whole number too large for a `usize` is
     /// the largest (the caller lowers it to its page size anyway).
-    pub fn limit(&self, default: usize) -> Result<usize, String> {
+    pub(crate) fn limit(&self, default: usize) -> Result<usize, String> {
         match self.map.get("limit") {
             None => Ok(default),
             Some(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => {
@@ -50,7 +50,7 @@ impl Params {
 
     /// Only `true` or `false`: a bare `?hard` or `?hard=` is refused, since
     /// guessing "true" there would tombstone a stream for good.
-    pub fn bool(&self, name: &str) -> Result<bool, String> {
+    pub(crate) fn bool(&self, name: &str) -> Result<bool, String> {
         match self.map.get(name).map(String::as_str) {
             None | Some("false") => Ok(false),
             Some("true") => Ok(true),
@@ -58,7 +58,7 @@ impl Params {
         }
     }
 
-    pub fn direction(&self) -> Result<Direction, String> {
+    pub(crate) fn direction(&self) -> Result<Direction, String> {
         match self.map.get("direction").map(String::as_str) {
             None | Some("forward") => Ok(Direction::Forward),
             Some("backward") => Ok(Direction::Backward),

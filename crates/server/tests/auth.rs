@@ -12,7 +12,7 @@ use cairn_server::auth::{Key, KeyFile, Role};
 use serde_json::json;
 use tempfile::TempDir;
 
-pub struct Secured {
+pub(crate) struct Secured {
     pub url: String,
     pub admin: String,
     pub orders: String,
@@ -21,7 +21,7 @@ pub struct Secured {
     _running: cairn_server::Running,
 }
 
-pub fn secured() -> Secured {
+pub(crate) fn secured() -> Secured {
     secured_with(vec![])
 }
 

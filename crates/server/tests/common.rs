@@ -7,14 +7,14 @@ use cairn_server::{Running, ServerConfig};
 use tempfile::TempDir;
 
 /// A server on a free loopback port over a fresh embedded store.
-pub struct TestServer {
+pub(crate) struct TestServer {
     pub running: Running,
     pub store: Arc<dyn EventStore>,
     pub url: String,
     _dir: TempDir,
 }
 
-pub fn server() -> TestServer {
+pub(crate) fn server() -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
     let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
@@ -24,7 +24,7 @@ pub fn server() -> TestServer {
 }
 
 /// A fresh server and an HTTP client of it, as the conformance suite wants them.
-pub fn http_store() -> (Arc<dyn EventStore>, TestServer) {
+pub(crate) fn http_store() -> (Arc<dyn EventStore>, TestServer) {
     let server = server();
     let client: Arc<dyn EventStore> = Arc::new(HttpStore::new(&server.url).unwrap());
     (client, server)
