@@ -139,6 +139,11 @@ enum Command {
     Sagas(sagas::SagasArgs),
     /// Run benchmark workloads (W1 W1c W2 W3 W4 W5 W6, see docs/WORKLOADS.md; D1 D2 tags and conditions, G1 consumer groups, W7 the server, W8 sagas, W9 the relay to NATS and RabbitMQ; S1 the engine at scale, `--events N`) on a fresh store; --backend postgres runs W1–W5, W8 and W9 in a fresh schema.
     Bench(bench::BenchArgs),
+    /// Print a completion script for your shell: `cairn completions bash > ~/.local/share/bash-completion/completions/cairn`, or zsh, fish, elvish, powershell.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -206,6 +211,11 @@ fn main() -> ExitCode {
             Command::Groups(a) => operate::groups(&ctx, a).await,
             Command::Sagas(a) => sagas::run(&ctx, a).await,
             Command::Bench(a) => bench::run(&ctx, a).await,
+            Command::Completions { shell } => {
+                let mut command = <Cli as clap::CommandFactory>::command();
+                clap_complete::generate(shell, &mut command, "cairn", &mut std::io::stdout());
+                Ok(())
+            }
         }
     });
     match result {

@@ -958,3 +958,18 @@ fn tail_from_is_inclusive_like_read_and_max_age_takes_durations() {
     let o = cairn(dir.path(), &["metadata", "acc-1", "--max-age", "a week"]);
     assert!(!o.status.success() && stderr(&o).contains("such as 90s, 12h, 7d"), "{}", stderr(&o));
 }
+
+#[test]
+fn completions_are_printed_for_each_shell() {
+    let dir = tempfile::tempdir().unwrap();
+    for (shell, mark) in
+        [("bash", "_cairn()"), ("zsh", "#compdef cairn"), ("fish", "complete -c cairn")]
+    {
+        let o = cairn(dir.path(), &["completions", shell]);
+        assert!(o.status.success(), "{shell}: {}", stderr(&o));
+        let script = stdout(&o);
+        assert!(script.contains(mark) && script.contains("read-all"), "{shell}: {script}");
+    }
+    let o = cairn(dir.path(), &["completions", "tcsh"]);
+    assert!(!o.status.success() && stderr(&o).contains("possible values"), "{}", stderr(&o));
+}
