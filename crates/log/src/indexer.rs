@@ -15,7 +15,7 @@ use crate::idx::{self, IdxFile};
 use crate::index::{Delta, Ids, MemIndex, Part};
 use crate::recovery::scan_segment;
 use crate::segment::{SEGMENT_HEADER_BYTES, Segment};
-use crate::store::Shared;
+use crate::shared::Shared;
 
 pub(crate) enum Job {
     /// A segment the writer sealed, with its memtable.

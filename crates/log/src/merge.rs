@@ -488,7 +488,7 @@ pub(crate) fn find(
 
 /// Starts the merger thread; it ends once `stop` is set (and it is unparked).
 pub(crate) fn spawn(
-    shared: Arc<crate::store::Shared>,
+    shared: Arc<crate::shared::Shared>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
     if shared.options.merge.fanout < 2 {
@@ -504,7 +504,7 @@ pub(crate) fn spawn(
 const IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 const AFTER_FAILURE: std::time::Duration = std::time::Duration::from_secs(30);
 
-fn run(shared: &crate::store::Shared, stop: &AtomicBool) {
+fn run(shared: &crate::shared::Shared, stop: &AtomicBool) {
     crate::indexer::background_priority();
     while !stop.load(Ordering::Acquire) {
         let wait = match merge_once(shared, stop) {
@@ -536,7 +536,7 @@ fn run(shared: &crate::store::Shared, stop: &AtomicBool) {
 
 /// Does the next merge that is due; false if none is.
 pub(crate) fn merge_once(
-    shared: &crate::store::Shared,
+    shared: &crate::shared::Shared,
     stop: &AtomicBool,
 ) -> Result<bool, MergeError> {
     let sources: Vec<Arc<IdxFile>> = {

@@ -16,7 +16,8 @@ use cairn_core::{
 
 use crate::record::{self, RECORD_OVERHEAD_BYTES};
 use crate::segment::SEGMENT_HEADER_BYTES;
-use crate::store::{EmbeddedStore, Shared};
+use crate::shared::Shared;
+use crate::store::EmbeddedStore;
 
 /// Events a subscription reads from the log at a time.
 const SUBSCRIPTION_PAGE_EVENTS: usize = 512;

@@ -13,7 +13,7 @@ use crate::index::Part;
 use crate::indexer;
 use crate::recovery::scan_segment;
 use crate::segment::SEGMENT_HEADER_BYTES;
-use crate::store::Shared;
+use crate::shared::Shared;
 
 /// How the scrubber paces itself.
 #[derive(Debug, Clone)]

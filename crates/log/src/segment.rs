@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd as _;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -211,6 +211,19 @@ impl Segment {
     pub(crate) fn share(&self, sub: &[u8]) -> Bytes {
         self.map.slice_ref(sub)
     }
+}
+
+/// Creates `dir` (and missing parents) readable by its owner only: events
+/// are nobody else's business. An existing directory is left as it is.
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| StoreError::io(dir, e))
 }
 
 pub(crate) fn sync_dir(dir: &Path, storage: &dyn Storage) -> Result<(), StoreError> {

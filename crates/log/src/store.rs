@@ -1,12 +1,12 @@
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use cairn_core::{
-    AppendCondition, Limits, NewEvent, StoreError, StreamMetadata, metadata_stream_name,
+    AppendCondition, NewEvent, StoreError, StreamMetadata, metadata_stream_name,
     validate_stream_name,
 };
 use tokio::sync::{mpsc, oneshot, watch};
@@ -15,68 +15,14 @@ use crate::checkpoint::{self, Mark};
 use crate::idx::{self, IdxFile};
 use crate::index::{Index, METADATA_EVENT, MemIndex, Part};
 use crate::indexer;
+use crate::options::Options;
 use crate::record::{self, RECORD_OVERHEAD_BYTES};
 use crate::recovery::{SegmentScan, scan_segment};
-use crate::segment::{self, SEGMENT_HEADER_BYTES, Segment};
+use crate::segment::{self, SEGMENT_HEADER_BYTES, Segment, create_private_dir};
+use crate::shared::{Shared, last_event};
 use crate::snapshot;
 use crate::stats::Stats;
-use crate::storage::Storage;
 use crate::writer::{self, AppendKind, AppendRequest, Writer};
-
-/// Settings of an embedded store.
-#[derive(Debug, Clone)]
-pub struct Options {
-    /// Size at which a segment is sealed and a new one started.
-    pub segment_bytes: u64,
-    pub limits: Limits,
-    /// Most append requests waiting for the writer; callers wait beyond that.
-    pub queue_depth: usize,
-    /// How long an append waits for room in a full queue before failing with `Busy`.
-    pub busy_timeout: std::time::Duration,
-    /// Check the checksum of every record of every sealed segment at open.
-    /// Off (the default), open checks only the segments it scans (the newest,
-    /// and any without an index file); `cairn verify` checks them all, and a
-    /// damaged old record is still caught when read.
-    pub verify_on_open: bool,
-    /// Longest a group commit waits for more of the concurrent appenders that
-    /// the previous group had (zero: never wait). A lone appender never waits.
-    pub group_linger: std::time::Duration,
-    /// Longest time between rewrites of the durable mark (`DATA/checkpoint`)
-    /// while appends come in. Acknowledged events older than this that go
-    /// missing from the log's end are detected at open rather than cut.
-    pub checkpoint_interval: std::time::Duration,
-    /// Longest wait between attempts to recover from a failed write.
-    pub recovery_backoff_max: std::time::Duration,
-    /// Where file operations go; a test puts a [`crate::FaultyStorage`] here.
-    pub storage: Arc<dyn Storage>,
-    /// The background check of sealed segments and index files.
-    pub scrub: crate::scrub::ScrubOptions,
-    /// When neighbouring index files are merged in the background.
-    pub merge: crate::merge::MergeOptions,
-    /// Stream summaries changed since the last stream table that are kept
-    /// in memory before they are flushed to a new one (they are flushed
-    /// after every sealed segment too). About 300 bytes each.
-    pub summaries_in_memory: usize,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            segment_bytes: 256 * 1024 * 1024,
-            limits: Limits::default(),
-            queue_depth: 4096,
-            busy_timeout: std::time::Duration::from_secs(10),
-            verify_on_open: false,
-            group_linger: std::time::Duration::from_micros(100),
-            checkpoint_interval: std::time::Duration::from_secs(1),
-            recovery_backoff_max: std::time::Duration::from_secs(2),
-            storage: crate::storage::os(),
-            scrub: crate::scrub::ScrubOptions::default(),
-            merge: crate::merge::MergeOptions::default(),
-            summaries_in_memory: 131_072,
-        }
-    }
-}
 
 /// What opening the store found and did.
 #[derive(Debug, Clone, Default)]
@@ -98,174 +44,6 @@ pub struct OpenReport {
     /// Index files that were missing, damaged or did not fit their segment,
     /// and were rebuilt from it: the file and why.
     pub rebuilt_indexes: Vec<(PathBuf, String)>,
-}
-
-/// State shared by the store handles, the writer and the subscriptions.
-pub(crate) struct Shared {
-    pub options: Options,
-    pub log_dir: PathBuf,
-    pub segments: RwLock<Vec<Arc<Segment>>>,
-    pub index: RwLock<Index>,
-    /// Position just past the newest durable record.
-    pub head: AtomicU64,
-    /// Wakes subscriptions when the head moves; taken (dropped) on close so they end.
-    head_tx: Mutex<Option<watch::Sender<u64>>>,
-    poisoned: Mutex<Option<String>>,
-    pub stats: Stats,
-    /// Jobs for the indexer thread; taken (dropped) on close so it ends.
-    indexer: Mutex<Option<std::sync::mpsc::Sender<indexer::Job>>>,
-    /// A flush of the stream summaries was asked for and has not started yet.
-    pub flush_asked: AtomicBool,
-    /// Held while a damaged stream table is rebuilt, so that it is rebuilt once.
-    pub healing: Mutex<()>,
-    pub data_dir: PathBuf,
-}
-
-impl Shared {
-    /// Appends are refused with `reason` until [`Shared::recovered`].
-    pub(crate) fn poison(&self, reason: String) {
-        *self.poisoned.lock().unwrap() = Some(reason);
-        self.stats.unavailable.store(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn recovered(&self) {
-        *self.poisoned.lock().unwrap() = None;
-        self.stats.unavailable.store(0, Ordering::Relaxed);
-    }
-
-    /// Why appends are refused now, if they are.
-    pub(crate) fn poisoned(&self) -> Option<String> {
-        self.poisoned.lock().unwrap().clone()
-    }
-
-    /// Applies a durable group to the index, then moves the head and wakes subscribers.
-    pub(crate) fn publish(&self, seg: &Segment, file_offset: u64, buf: &[u8]) {
-        let mut index = self.index.write().unwrap();
-        let mut at = 0usize;
-        while at < buf.len() {
-            let view =
-                record::decode_trusted(&buf[at..]).expect("the writer encodes valid records");
-            // The writer checked the append against the index; only a stream
-            // table found damaged since can fail here. The events are durable,
-            // the index no longer says so: no more appends until a reopen.
-            if let Err(e) = index.apply(&view, seg.base + file_offset + at as u64) {
-                eprintln!(
-                    "cairn: the index could not take a written event ({}); appends are refused until the store is reopened",
-                    e.0
-                );
-                self.poison(format!(
-                    "the index could not take a written event ({}); reopen the store",
-                    e.0
-                ));
-                break;
-            }
-            at += view.len;
-        }
-        if index.streams.dirty.len() >= self.options.summaries_in_memory
-            && !self.flush_asked.swap(true, Ordering::AcqRel)
-            && let Some(tx) = self.indexer.lock().unwrap().as_ref()
-        {
-            let _ = tx.send(indexer::Job::Flush);
-        }
-        let head = seg.base + file_offset + buf.len() as u64;
-        debug_assert!(head > self.head.load(Ordering::Relaxed), "positions strictly increase");
-        // Inside the lock: whoever sees the new index entries also sees the head that covers them.
-        self.head.store(head, Ordering::Release);
-        self.stats.events_written.store(index.events, Ordering::Release);
-        drop(index);
-        if let Some(tx) = self.head_tx.lock().unwrap().as_ref() {
-            tx.send_replace(head);
-        }
-    }
-
-    /// Hands a sealed segment and its memtable to the indexer.
-    pub(crate) fn sealed(&self, seg: Arc<Segment>, mem: Arc<MemIndex>) {
-        if let Some(tx) = self.indexer.lock().unwrap().as_ref() {
-            let _ = tx.send(indexer::Job::Sealed(seg, mem));
-        }
-    }
-
-    /// Runs `f` on the index. If it fails on a damaged index file, the file
-    /// is rebuilt from its segment (never trusted) and `f` runs once more.
-    pub(crate) fn indexed<T>(
-        &self,
-        f: impl Fn(&Index) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let first = f(&self.index.read().unwrap());
-        match &first {
-            Err(StoreError::Corrupt { file, .. })
-                if file.ends_with(".idx") && indexer::rebuild_file(self, Path::new(file))? =>
-            {
-                f(&self.index.read().unwrap())
-            }
-            Err(StoreError::Corrupt { file, .. })
-                if file.ends_with(".tbl")
-                    && crate::summaries::rebuild_table(self, &self.data_dir, Path::new(file))? =>
-            {
-                f(&self.index.read().unwrap())
-            }
-            _ => first,
-        }
-    }
-
-    /// The id of the event that ends at `head`, if any.
-    pub(crate) fn last_id_before(&self, head: u64) -> Option<u128> {
-        let segments = self.segments.read().unwrap();
-        last_event(&segments, head).map(|(id, _)| id)
-    }
-
-    /// A receiver that sees every head move; `None` once the store is closed.
-    pub(crate) fn watch_head(&self) -> Option<watch::Receiver<u64>> {
-        self.head_tx.lock().unwrap().as_ref().map(|tx| tx.subscribe())
-    }
-
-    pub(crate) fn replace_active(&self, sealed: Arc<Segment>, fresh: Arc<Segment>) {
-        let mut segments = self.segments.write().unwrap();
-        let last = segments.len() - 1;
-        segments[last] = sealed;
-        segments.push(fresh);
-    }
-
-    pub(crate) fn segment_for(&self, position: u64) -> Option<Arc<Segment>> {
-        let segments = self.segments.read().unwrap();
-        let i = segments.partition_point(|s| s.base <= position);
-        if i == 0 { None } else { Some(segments[i - 1].clone()) }
-    }
-
-    /// The durable bytes of the record at `position`, or `None` if no record fits there.
-    pub(crate) fn with_record<T>(
-        &self,
-        position: u64,
-        f: impl FnOnce(record::RecordView<'_>) -> T,
-    ) -> Option<T> {
-        let seg = self.segment_for(position)?;
-        let head = self.head.load(Ordering::Acquire);
-        let end = seg.capacity().min(head.saturating_sub(seg.base));
-        let offset = position - seg.base;
-        if offset < SEGMENT_HEADER_BYTES || offset >= end {
-            return None;
-        }
-        record::decode(seg.bytes(offset, end)).ok().map(f)
-    }
-
-    /// Whether the durable record at `position` is the first of its append:
-    /// appends are contiguous in the log and never cross a segment, so it is
-    /// if the record before it ends an append or it opens its segment.
-    pub(crate) fn starts_append(&self, position: u64) -> bool {
-        let Some(seg) = self.segment_for(position) else { return false };
-        let offset = position - seg.base;
-        if offset == SEGMENT_HEADER_BYTES {
-            return true;
-        }
-        if offset < SEGMENT_HEADER_BYTES + RECORD_OVERHEAD_BYTES as u64 || offset > seg.capacity() {
-            return false;
-        }
-        let body_len = u32::from_le_bytes(seg.bytes(offset - 4, offset).try_into().unwrap()) as u64;
-        offset
-            .checked_sub(body_len + RECORD_OVERHEAD_BYTES as u64)
-            .and_then(|start| self.with_record(seg.base + start, |v| v.batch_end()))
-            .unwrap_or(false)
-    }
 }
 
 /// Wakes the writer thread when dropped.
@@ -646,19 +424,6 @@ impl EmbeddedStore {
     }
 }
 
-/// Creates `dir` (and missing parents) readable by its owner only: events
-/// are nobody else's business. An existing directory is left as it is.
-pub(crate) fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| StoreError::io(dir, e))
-}
-
 /// Takes the data directory's lock. A child process that another thread is
 /// spawning shares the lock's file until it execs, so a held lock is retried
 /// for a moment before it counts as another process's.
@@ -700,31 +465,6 @@ struct Recovered {
     mark: Option<Mark>,
     /// Id of the newest event in the log (0 if none).
     last_id: u128,
-}
-
-/// The record that ends at `head`, walking back over empty segments: the
-/// newest event of a log whose durable end is `head`; its id and timestamp.
-fn last_event<S: std::borrow::Borrow<Segment>>(segments: &[S], head: u64) -> Option<(u128, i64)> {
-    let seg: &Segment = segments
-        .iter()
-        .map(|s| s.borrow())
-        .rev()
-        .find(|s| s.base < head && head <= s.base + s.capacity())?;
-    let offset = head - seg.base;
-    if offset <= SEGMENT_HEADER_BYTES {
-        return if seg.base == 0 { None } else { last_event(segments, seg.base) };
-    }
-    if offset < SEGMENT_HEADER_BYTES + RECORD_OVERHEAD_BYTES as u64 {
-        return None;
-    }
-    let body_len = u32::from_le_bytes(seg.bytes(offset - 4, offset).try_into().unwrap()) as u64;
-    let start = offset
-        .checked_sub(body_len + RECORD_OVERHEAD_BYTES as u64)
-        .filter(|s| *s >= SEGMENT_HEADER_BYTES)?;
-    record::decode(seg.bytes(start, offset))
-        .ok()
-        .filter(|v| v.batch_end())
-        .map(|v| (v.id.as_u128(), v.timestamp.0))
 }
 
 fn segments_last_timestamp(segments: &[Arc<Segment>], head: u64) -> i64 {

@@ -19,7 +19,7 @@ use cairn_core::StoreError;
 use crate::idx::Damaged;
 use crate::index::{FastMap, StreamEntry};
 use crate::merge::MergeError;
-use crate::store::Shared;
+use crate::shared::Shared;
 use crate::table::{self, Head, Source, Table};
 
 /// Deltas the chain holds at most before they are merged into a new base.

@@ -316,7 +316,7 @@ pub(crate) fn write(
 ) -> Result<Table, StoreError> {
     let dir = dir(data_dir);
     if !dir.is_dir() {
-        crate::store::create_private_dir(&dir)?;
+        crate::segment::create_private_dir(&dir)?;
         crate::segment::sync_dir(data_dir, storage)?;
     }
     let path = path(data_dir, head.from, head.to);

@@ -27,7 +27,7 @@ use crate::checkpoint::MarkFile;
 use crate::index::{DELETED_EVENT, TOMBSTONE_EVENT};
 use crate::record::{self, RECORD_OVERHEAD_BYTES};
 use crate::segment::{self, SEGMENT_HEADER_BYTES, Segment};
-use crate::store::Shared;
+use crate::shared::Shared;
 
 /// Most bytes gathered into one group commit before it is written.
 const GROUP_BYTES_MAX: usize = 16 * 1024 * 1024;
