@@ -8,6 +8,17 @@ use std::time::Duration;
 /// With `jitter` (0.0 to 1.0), each wait is shortened by up to that share
 /// of itself, at random, so that clients that failed together (a server
 /// restart) do not all come back in the same millisecond.
+///
+/// ```
+/// use std::time::Duration;
+/// use cairn_core::Backoff;
+///
+/// let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1)).with_jitter(0.2);
+/// for retry in 0..6 {
+///     let wait = backoff.delay(retry); // 100, 200, 400, 800, 1000, 1000 ms, each up to 20% less
+///     assert!(wait <= backoff.base(retry) && wait >= backoff.base(retry).mul_f64(0.8));
+/// }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Backoff {
     pub first: Duration,

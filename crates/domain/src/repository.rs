@@ -215,6 +215,57 @@ enum Snapshot<A> {
 }
 
 /// Loads aggregates of type `A` and runs commands against them.
+///
+/// ```
+/// use std::sync::Arc;
+/// use cairn_domain::{Aggregate, DomainEvent, Repository, RepositoryError};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Clone, Default, Serialize, Deserialize)]
+/// struct Account { balance: u64 }
+///
+/// #[derive(Serialize, Deserialize)] // the variant name is the stored event type
+/// enum Event { Deposited { amount: u64 }, Withdrawn { amount: u64 } }
+/// impl DomainEvent for Event {}
+///
+/// enum Command { Deposit(u64), Withdraw(u64) }
+///
+/// #[derive(Debug, thiserror::Error)]
+/// #[error("insufficient funds: the balance is {0}")]
+/// struct Refused(u64);
+///
+/// impl Aggregate for Account {
+///     const CATEGORY: &'static str = "account"; // streams account-<id>
+///     type Command = Command;
+///     type Event = Event;
+///     type Error = Refused;
+///     fn decide(&self, command: &Command) -> Result<Vec<Event>, Refused> {
+///         match *command {
+///             Command::Deposit(amount) => Ok(vec![Event::Deposited { amount }]),
+///             Command::Withdraw(amount) if amount > self.balance => Err(Refused(self.balance)),
+///             Command::Withdraw(amount) => Ok(vec![Event::Withdrawn { amount }]),
+///         }
+///     }
+///     fn evolve(self, event: &Event) -> Self {
+///         match event {
+///             Event::Deposited { amount } => Account { balance: self.balance + amount },
+///             Event::Withdrawn { amount } => Account { balance: self.balance - amount },
+///         }
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// let store = Arc::new(cairn_log::EmbeddedStore::open(dir.path())?);
+/// let accounts = Repository::<Account>::new(store);
+/// accounts.execute("42", &Command::Deposit(100)).await?;
+/// let refused = accounts.execute("42", &Command::Withdraw(250)).await;
+/// assert!(matches!(refused, Err(RepositoryError::Rejected(Refused(100)))));
+/// assert_eq!(accounts.load("42").await?.state.balance, 100); // replayed from account-42
+/// # Ok(())
+/// # }
+/// ```
 pub struct Repository<A: Aggregate> {
     pub(crate) store: Arc<dyn EventStore>,
     pub(crate) codec: Arc<EventCodec<A::Event>>,

@@ -98,6 +98,29 @@ impl Drop for CloseGuard {
 
 /// An embedded event store on a local data directory. Cheap to clone; the
 /// store closes when the last clone is dropped.
+///
+/// ```
+/// use cairn_core::{EventStore, ExpectedVersion, NewEvent, ReadStreamOptions, StoreError};
+/// use cairn_log::EmbeddedStore;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// let store = EmbeddedStore::open(dir.path())?;
+/// let opened = NewEvent::json("AccountOpened", &serde_json::json!({"owner": "Ada"}))?;
+/// store.append("account-1", ExpectedVersion::NoStream, vec![opened]).await?;
+///
+/// // Two tellers decided on version 1; the second is told the actual version.
+/// let deposit = || NewEvent::json("MoneyDeposited", &serde_json::json!({"amount": 125}));
+/// store.append("account-1", ExpectedVersion::Exact(1), vec![deposit()?]).await?;
+/// let late = store.append("account-1", ExpectedVersion::Exact(1), vec![deposit()?]).await;
+/// assert!(matches!(late, Err(StoreError::WrongExpectedVersion { actual_version: 2, .. })));
+///
+/// let events = store.read_stream("account-1", ReadStreamOptions::forward()).await?;
+/// assert_eq!(events.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>(), ["AccountOpened", "MoneyDeposited"]);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct EmbeddedStore {
     pub(crate) shared: Arc<Shared>,
