@@ -65,6 +65,40 @@ async fn https_with_a_trusted_ca_and_refusals_without() {
     running.shutdown().await.unwrap();
 }
 
+/// A self-signed certificate works when the client trusts the certificate
+/// itself; one that says it is a CA (what `openssl req -x509` makes by
+/// default) is refused with a hint that says how to make one that works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_self_signed_certificate_is_trusted_as_itself_and_a_ca_one_gets_a_hint() {
+    for (name, works) in [("self-signed", true), ("self-signed-ca", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let tls = TlsFiles {
+            cert: fixture(&format!("{name}.pem")),
+            key: fixture(&format!("{name}.key")),
+        };
+        let config = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls: Some(tls),
+            ..ServerConfig::default()
+        };
+        let running = cairn_server::start(store, config).unwrap();
+        let cert = std::fs::read(fixture(&format!("{name}.pem"))).unwrap();
+        let client = HttpStore::with_tls_root(&running.url, Some(&cert)).unwrap();
+        let read = client.read_stream("none-1", ReadStreamOptions::forward()).await;
+        if works {
+            assert!(
+                matches!(read, Err(cairn_core::StoreError::StreamNotFound { .. })),
+                "{name}: {read:?}"
+            );
+        } else {
+            let e = read.unwrap_err().to_string();
+            assert!(e.contains("basicConstraints=critical,CA:FALSE"), "{name}: {e}");
+        }
+        running.shutdown().await.unwrap();
+    }
+}
+
 /// Conformance checks through `GrpcStore` over TLS with the private CA.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_over_tls_with_a_private_ca() {
