@@ -62,6 +62,11 @@ impl GrpcService {
     }
 }
 
+/// What an append's answer says over gRPC.
+fn answer(done: &cairn_core::AppendResult) -> proto::AppendResponse {
+    proto::AppendResponse { next_version: done.next_version, position: done.position.0 }
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send>>;
 
 type AppendEach = Pin<
@@ -152,10 +157,7 @@ impl proto::event_store_server::EventStore for GrpcService {
         match result {
             Ok(done) => {
                 self.app.metrics.append_ok(count, bytes, started.elapsed());
-                Ok(Response::new(proto::AppendResponse {
-                    next_version: done.next_version,
-                    position: done.position.0,
-                }))
+                Ok(Response::new(answer(&done)))
             }
             Err(e) => {
                 self.app.metrics.append_failed();
@@ -261,12 +263,7 @@ impl proto::event_store_server::EventStore for GrpcService {
                 let results = done.as_mut().take_output().expect("awaited");
                 for result in checked.finish(&app, results, at.elapsed()) {
                     let outcome = match result {
-                        Ok(done) => {
-                            proto::append_stream_reply::Outcome::Done(proto::AppendResponse {
-                                next_version: done.next_version,
-                                position: done.position.0,
-                            })
-                        }
+                        Ok(done) => proto::append_stream_reply::Outcome::Done(answer(&done)),
                         Err(e) => proto::append_stream_reply::Outcome::ErrorJson(
                             cairn_client::wire::error_body(&e).1.to_string(),
                         ),
@@ -392,10 +389,7 @@ impl proto::event_store_server::EventStore for GrpcService {
             .set_stream_metadata(&r.stream, metadata)
             .await
             .map_err(|e| error_to_status(&e))?;
-        Ok(Response::new(proto::AppendResponse {
-            next_version: done.next_version,
-            position: done.position.0,
-        }))
+        Ok(Response::new(answer(&done)))
     }
 
     async fn delete_stream(
@@ -411,10 +405,7 @@ impl proto::event_store_server::EventStore for GrpcService {
             .delete_stream(&r.stream, expected_from(r.expected), r.hard)
             .await
             .map_err(|e| error_to_status(&e))?;
-        Ok(Response::new(proto::AppendResponse {
-            next_version: done.next_version,
-            position: done.position.0,
-        }))
+        Ok(Response::new(answer(&done)))
     }
 
     async fn head(
