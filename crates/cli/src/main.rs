@@ -1,13 +1,5 @@
 //! `cairn`: the command-line tool. It parses arguments and calls the libraries.
 
-mod bench;
-mod bench_cqrs;
-mod bench_dcb;
-mod bench_outside;
-mod bench_relay;
-mod bench_saga;
-mod bench_scale;
-mod bench_server;
 mod census;
 mod commands;
 mod demo;
@@ -138,7 +130,7 @@ enum Command {
     /// Sagas in the store: list them with their status, show one's steps and timeline, resume one that needs attention; the instances of process managers (processes, show).
     Sagas(sagas::SagasArgs),
     /// Run benchmark workloads (W1 W1c W2 W3 W4 W5 W6, see docs/WORKLOADS.md; D1 D2 tags and conditions, G1 consumer groups, W7 the server, W8 sagas, W9 the relay to NATS and RabbitMQ; S1 the engine at scale, `--events N`) on a fresh store; --backend postgres runs W1–W5, W8 and W9 in a fresh schema.
-    Bench(bench::BenchArgs),
+    Bench(cairn_bench::BenchArgs),
     /// Print a completion script for your shell: `cairn completions bash > ~/.local/share/bash-completion/completions/cairn`, or zsh, fish, elvish, powershell.
     Completions {
         #[arg(value_enum)]
@@ -210,7 +202,7 @@ fn main() -> ExitCode {
             Command::Projections(a) => operate::projections(&ctx, a).await,
             Command::Groups(a) => operate::groups(&ctx, a).await,
             Command::Sagas(a) => sagas::run(&ctx, a).await,
-            Command::Bench(a) => bench::run(&ctx, a).await,
+            Command::Bench(a) => cairn_bench::run(&ctx.bench_backend()?, a).await,
             Command::Completions { shell } => {
                 let mut command = <Cli as clap::CommandFactory>::command();
                 clap_complete::generate(shell, &mut command, "cairn", &mut std::io::stdout());

@@ -49,7 +49,7 @@ impl Mode {
 }
 
 /// The lines of W7 measured from a child process.
-pub(crate) async fn w7(target: &crate::bench::Target, seconds: f64) -> Result<String> {
+pub(crate) async fn w7(target: &crate::measure::Target, seconds: f64) -> Result<String> {
     let config = cairn_server::ServerConfig {
         listen: "127.0.0.1:0".parse()?,
         ..cairn_server::ServerConfig::default()
@@ -80,10 +80,10 @@ pub(crate) async fn w7(target: &crate::bench::Target, seconds: f64) -> Result<St
 }
 
 /// The streams the readers read.
-async fn fill_read_streams(target: &crate::bench::Target) -> Result<()> {
+async fn fill_read_streams(target: &crate::measure::Target) -> Result<()> {
     for s in 0..READ_STREAMS {
         let events =
-            (0..READ_STREAM_LEN).map(|i| crate::bench::deposit(i, Uuid::now_v7())).collect();
+            (0..READ_STREAM_LEN).map(|i| crate::measure::deposit(i, Uuid::now_v7())).collect();
         target
             .store
             .append(&format!("w7-read-{s}"), cairn_core::ExpectedVersion::NoStream, events)
@@ -106,7 +106,7 @@ fn cpu_time_of(who: libc::c_int) -> Duration {
 }
 
 async fn run_child(
-    target: &crate::bench::Target,
+    target: &crate::measure::Target,
     addr: SocketAddr,
     api: &str,
     mode: Mode,
@@ -133,8 +133,8 @@ async fn run_child(
             String::from_utf8_lossy(&out.stderr).trim()
         );
     };
-    let events = crate::bench_scale::field(line, "events").unwrap_or(0.0);
-    let requests = crate::bench_scale::field(line, "requests").unwrap_or(events);
+    let events = crate::scale::field(line, "events").unwrap_or(0.0);
+    let requests = crate::scale::field(line, "requests").unwrap_or(events);
     let mut out = format!(
         "bench W7 backend={} client=process api={api} mode={} tasks={tasks} {line}",
         target.backend,
@@ -192,7 +192,7 @@ pub(crate) async fn child(spec: &str) -> Result<String> {
     }
     let secs = started.elapsed().as_secs_f64();
     latencies.sort();
-    let p = |q| crate::bench::percentile(&latencies, q);
+    let p = |q| crate::measure::percentile(&latencies, q);
     Ok(format!(
         "events={events} requests={} secs={secs:.1} events_per_s={:.0} p50_us={} p99_us={} p999_us={}",
         latencies.len(),
@@ -207,7 +207,7 @@ pub(crate) async fn child(spec: &str) -> Result<String> {
 type Measured = Result<(Vec<Duration>, u64)>;
 
 fn grpc_event() -> proto::NewEvent {
-    cairn_grpc::convert::new_event_to(&crate::bench::deposit(100, Uuid::now_v7()))
+    cairn_grpc::convert::new_event_to(&crate::measure::deposit(100, Uuid::now_v7()))
 }
 
 type GrpcClient = proto::event_store_client::EventStoreClient<tonic::transport::Channel>;
@@ -380,7 +380,7 @@ async fn http_writer(
     let (mut latencies, mut version) = (Vec::new(), 0u64);
     while started.elapsed() < run_for {
         let event =
-            cairn_client::wire::EventIn::from_new(&crate::bench::deposit(100, Uuid::now_v7()))?;
+            cairn_client::wire::EventIn::from_new(&crate::measure::deposit(100, Uuid::now_v7()))?;
         let body = serde_json::to_vec(&cairn_client::wire::AppendRequest {
             expected_version: Some(version.into()),
             events: vec![event],

@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::bench::{Target, deposit, percentile};
+use crate::measure::{Target, deposit, percentile};
 
 pub(crate) const NATS_URL: &str = "127.0.0.1:4222";
 /// Scales the live part with the backlog (at least 100 events).

@@ -18,7 +18,7 @@ use anyhow::{Context as _, Result, bail};
 use cairn_core::{EventStore, ExpectedVersion, Query, ReadAllOptions};
 use cairn_log::EmbeddedStore;
 
-use crate::bench::Target;
+use crate::measure::Target;
 
 pub(crate) const DEFAULT_EVENTS: u64 = 100_000_000;
 pub(crate) const DEFAULT_STREAMS: u64 = 10_000;
@@ -44,7 +44,7 @@ fn tag(k: u64) -> String {
 
 /// Event `i` of the fill: a deposit, tagged if `i` is a multiple of 100.
 fn fill_event(i: u64, tags: u64) -> cairn_core::NewEvent {
-    let e = crate::bench::deposit(i, uuid::Uuid::now_v7());
+    let e = crate::measure::deposit(i, uuid::Uuid::now_v7());
     if i.is_multiple_of(100) { e.with_tags([tag((i / 100) % tags)]) } else { e }
 }
 
@@ -124,7 +124,7 @@ pub(crate) async fn child_append(dir: &Path) -> Result<String> {
     loop {
         // Untagged, so that S1's D2 reads only the fill's tags.
         let batch =
-            (0..100).map(|k| crate::bench::deposit(i * 100 + k, uuid::Uuid::now_v7())).collect();
+            (0..100).map(|k| crate::measure::deposit(i * 100 + k, uuid::Uuid::now_v7())).collect();
         store.append(&format!("s1-killed-{}", i % 100), ExpectedVersion::Any, batch).await?;
         if i == 0 {
             let _ = writeln!(std::io::stdout(), "ready");
@@ -272,28 +272,28 @@ async fn pairs(full: &EmbeddedStore, empty: &EmbeddedStore, events: u64) -> Resu
     let (f, e) = (target(full), target(empty));
     let mut out = Vec::new();
     let (a, b) = median_pair(&f, &e, "events_per_s", |t, r| async move {
-        crate::bench::w1(&t, &format!("s1w1{r}"), 1, 5_000, 0).await
+        crate::engine::w1(&t, &format!("s1w1{r}"), 1, 5_000, 0).await
     })
     .await?;
     out.push(Pair("W1", "events_per_s", a, b, true));
     let (a, b) = median_pair(&f, &e, "events_per_s", |t, r| async move {
-        crate::bench::w1(&t, &format!("s1w1c{r}"), 16, 20_000, 0).await
+        crate::engine::w1(&t, &format!("s1w1c{r}"), 16, 20_000, 0).await
     })
     .await?;
     out.push(Pair("W1c", "events_per_s", a, b, true));
     let (a, b) = median_pair(&f, &e, "events_per_s", |t, _| async move {
-        crate::bench::w2(&t, 100_000, 16).await
+        crate::engine::w2(&t, 100_000, 16).await
     })
     .await?;
     out.push(Pair("W2", "events_per_s", a, b, true));
     let (a, b) =
-        median_pair(&f, &e, "read_ms", |t, _| async move { crate::bench::w3(&t, 10_000).await })
+        median_pair(&f, &e, "read_ms", |t, _| async move { crate::engine::w3(&t, 10_000).await })
             .await?;
     out.push(Pair("W3", "read_ms", a, b, false));
     let middle = 1_000_000.min(events / 2).max(1);
     let (_, w4f) = w4_middle(full, middle).await?;
     // The empty store gets the same number of events to read, written first.
-    crate::bench::w2(&e, middle.div_ceil(100) * 100 * 2, 16).await?;
+    crate::engine::w2(&e, middle.div_ceil(100) * 100 * 2, 16).await?;
     let (_, w4e) = w4_middle(empty, middle).await?;
     out.push(Pair("W4", "events_per_s", w4f, w4e, true));
     let d2f = d2_tag(full, tags(events)).await?;

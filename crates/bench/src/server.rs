@@ -18,7 +18,7 @@ use uuid::Uuid;
 /// W7 over HTTP with a lean client (raw HTTP/1.1 connections, so that the
 /// figure is the server's), then through the Rust clients: `HttpStore` and
 /// `GrpcStore` (a connection per client).
-pub(crate) async fn w7(target: &crate::bench::Target, seconds: f64) -> Result<String> {
+pub(crate) async fn w7(target: &crate::measure::Target, seconds: f64) -> Result<String> {
     let one = [target.store.clone()];
     let mut lines = Vec::new();
     for api in ["http", "http-client", "grpc"] {
@@ -48,7 +48,7 @@ impl RawHttp {
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
         tokio::spawn(connection);
         let event =
-            cairn_client::wire::EventIn::from_new(&crate::bench::deposit(100, Uuid::now_v7()))?;
+            cairn_client::wire::EventIn::from_new(&crate::measure::deposit(100, Uuid::now_v7()))?;
         // No id: the server gives each event its own.
         let event = cairn_client::wire::EventIn { id: None, ..event };
         let body = serde_json::to_vec(&cairn_client::wire::AppendRequest {
@@ -134,7 +134,7 @@ async fn w7_api(
                             .append(
                                 &stream,
                                 ExpectedVersion::Any,
-                                vec![crate::bench::deposit(100, Uuid::now_v7())],
+                                vec![crate::measure::deposit(100, Uuid::now_v7())],
                             )
                             .await?
                             .position
@@ -182,8 +182,8 @@ async fn w7_api(
         stores.len(),
         elapsed.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64(),
-        crate::bench::percentile(&latencies, 0.50),
-        crate::bench::percentile(&latencies, 0.99),
+        crate::measure::percentile(&latencies, 0.50),
+        crate::measure::percentile(&latencies, 0.99),
         sse_lag.as_millis(),
     ))
 }

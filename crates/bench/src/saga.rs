@@ -10,7 +10,7 @@ use anyhow::Result;
 use cairn_core::{EventStore, ExpectedVersion, NewEvent};
 use cairn_saga::{Saga, SagaRunner, Status, Step, StepContext, StepError};
 
-use crate::bench::{Target, fsyncs, percentile};
+use crate::measure::{Target, fsyncs, percentile};
 
 /// Sagas in flight at once (each task starts one and waits for its end).
 const TASKS: usize = 256;

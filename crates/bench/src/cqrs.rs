@@ -100,7 +100,7 @@ async fn fill(store: &EmbeddedStore, category: &'static str, events: u64) -> Res
             while i < end {
                 let n = (end - i).min(100);
                 let batch = (0..n)
-                    .map(|k| crate::bench::deposit(100 + (i + k) % 900, Uuid::now_v7()))
+                    .map(|k| crate::measure::deposit(100 + (i + k) % 900, Uuid::now_v7()))
                     .collect();
                 store
                     .append(
@@ -200,7 +200,7 @@ pub(crate) async fn w5_projection(store: &EmbeddedStore, seconds: u64) -> Result
             .append(
                 "w5proj-1",
                 ExpectedVersion::Any,
-                vec![crate::bench::deposit(i, Uuid::now_v7())],
+                vec![crate::measure::deposit(i, Uuid::now_v7())],
             )
             .await?;
         runner.wait_for(done.position).await?;
@@ -211,8 +211,8 @@ pub(crate) async fn w5_projection(store: &EmbeddedStore, seconds: u64) -> Result
     latencies.sort();
     Ok(format!(
         "bench W5 backend=embedded target=projection model=memory events={total} rate_per_s=1000 p50_us={} p99_us={}",
-        crate::bench::percentile(&latencies, 0.5),
-        crate::bench::percentile(&latencies, 0.99)
+        crate::measure::percentile(&latencies, 0.5),
+        crate::measure::percentile(&latencies, 0.99)
     ))
 }
 
@@ -255,7 +255,7 @@ pub(crate) async fn g1(store: &EmbeddedStore, events: u64) -> Result<String> {
     Ok(format!(
         "bench G1 backend=embedded workers=4 events={events} events_per_s={:.0} ack_p50_us={} ack_p99_us={}",
         events as f64 / elapsed.as_secs_f64(),
-        crate::bench::percentile(&latencies, 0.50),
-        crate::bench::percentile(&latencies, 0.99),
+        crate::measure::percentile(&latencies, 0.50),
+        crate::measure::percentile(&latencies, 0.99),
     ))
 }
