@@ -36,8 +36,9 @@ pub enum Backend {
     Embedded,
     /// A fresh schema in this PostgreSQL database, dropped afterwards.
     Postgres {
-        /// e.g. `postgres://postgres@127.0.0.1:5432/test`
-        database_url: String,
+        /// e.g. `postgres://postgres@127.0.0.1:5432/test` (`None`: not given,
+        /// which is an error once a workload needs it).
+        database_url: Option<String>,
     },
 }
 
@@ -186,6 +187,11 @@ pub async fn run(backend: &Backend, args: BenchArgs) -> Result<()> {
     };
     let mut pg_schema = None;
     let target = if let Backend::Postgres { database_url } = backend {
+        let Some(database_url) = database_url else {
+            bail!(
+                "--backend postgres needs --database-url (or CAIRN_DATABASE_URL), e.g. postgres://postgres@127.0.0.1:5432/test"
+            );
+        };
         let schema = format!("cairn_bench_{}", &Uuid::new_v4().simple().to_string()[..12]);
         let connect = || async {
             let options = cairn_postgres::PgOptions::default().schema(&schema);

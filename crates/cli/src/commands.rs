@@ -104,17 +104,13 @@ impl Context {
     }
 
     /// Where `cairn bench` runs its workloads.
-    pub(crate) fn bench_backend(&self) -> Result<cairn_bench::Backend> {
-        Ok(match self.backend {
+    pub(crate) fn bench_backend(&self) -> cairn_bench::Backend {
+        match self.backend {
             Backend::Embedded => cairn_bench::Backend::Embedded,
-            Backend::Postgres => cairn_bench::Backend::Postgres {
-                database_url: self.database_url.clone().ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "--backend postgres needs --database-url (or CAIRN_DATABASE_URL), e.g. postgres://postgres@127.0.0.1:5432/test"
-                    )
-                })?,
-            },
-        })
+            Backend::Postgres => {
+                cairn_bench::Backend::Postgres { database_url: self.database_url.clone() }
+            }
+        }
     }
 
     /// For verbs that work on the files themselves.

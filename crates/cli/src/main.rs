@@ -2,9 +2,6 @@
 
 mod census;
 mod commands;
-mod demo;
-mod demo_orders;
-mod demo_sagas;
 mod operate;
 mod output;
 mod relay;
@@ -91,7 +88,7 @@ enum Command {
         keep: Option<PathBuf>,
         /// Sagas only: run one order whose payment is charged (ok), declined, or hangs until the step times out.
         #[arg(long, value_enum)]
-        payment: Option<demo_sagas::Payment>,
+        payment: Option<cairn_example_sagas::Payment>,
     },
     /// Serve the store (--data, or PostgreSQL with --backend postgres) over HTTP and gRPC (default http://127.0.0.1:8720; the API at /openapi.json).
     Serve(serve::ServeArgs),
@@ -179,12 +176,12 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Tour { keep } => tour::run(keep).await,
-            Command::Demo { which: Demo::Sagas, keep, payment } => demo_sagas::run(keep, payment).await,
+            Command::Demo { which: Demo::Sagas, keep, payment } => cairn_example_sagas::run(keep, payment).await,
             Command::Demo { payment: Some(_), .. } => Err(anyhow::anyhow!("--payment belongs to `cairn demo sagas`; run the others without it")),
-            Command::Demo { which: Demo::Orders, keep, .. } => demo_orders::run(keep).await,
+            Command::Demo { which: Demo::Orders, keep, .. } => cairn_example_orders::run(keep).await,
             Command::Demo { keep: Some(_), .. } => Err(anyhow::anyhow!("--keep works with `cairn demo orders` and `cairn demo sagas` only for now; run the others without it")),
-            Command::Demo { which: Demo::Bank, .. } => demo::run_bank().await,
-            Command::Demo { which: Demo::Courses, .. } => demo::run_courses().await,
+            Command::Demo { which: Demo::Bank, .. } => cairn_example_bank::demo::run().await,
+            Command::Demo { which: Demo::Courses, .. } => cairn_example_courses::demo::run().await,
             Command::Serve(a) => serve::run(&ctx, a).await,
             Command::Keys(a) => serve::keys(&ctx, a),
             Command::Relay(a) => relay::run(&ctx, a).await,
@@ -202,7 +199,7 @@ fn main() -> ExitCode {
             Command::Projections(a) => operate::projections(&ctx, a).await,
             Command::Groups(a) => operate::groups(&ctx, a).await,
             Command::Sagas(a) => sagas::run(&ctx, a).await,
-            Command::Bench(a) => cairn_bench::run(&ctx.bench_backend()?, a).await,
+            Command::Bench(a) => cairn_bench::run(&ctx.bench_backend(), a).await,
             Command::Completions { shell } => {
                 let mut command = <Cli as clap::CommandFactory>::command();
                 clap_complete::generate(shell, &mut command, "cairn", &mut std::io::stdout());

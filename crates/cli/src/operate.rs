@@ -157,7 +157,7 @@ fn model_files(ctx: &Context, dir: &Option<PathBuf>, given: Vec<PathBuf>) -> Res
     if !given.is_empty() {
         return Ok(given);
     }
-    let dir = dir.clone().unwrap_or_else(|| crate::demo_orders::models_dir(&ctx.data));
+    let dir = dir.clone().unwrap_or_else(|| cairn_cqrs::read_models_dir(&ctx.data));
     let entries = std::fs::read_dir(&dir).with_context(|| {
         format!("no read models in {}: pass their files, or --models DIR", dir.display())
     })?;

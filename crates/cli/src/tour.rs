@@ -155,13 +155,13 @@ pub(crate) async fn run(keep: Option<PathBuf>) -> Result<()> {
         "\n{}",
         bold("Now the same bank account as application code: an aggregate behind a repository.")
     );
-    crate::demo::bank(store.clone(), 8).await?;
+    cairn_example_bank::demo::walk(std::sync::Arc::new(store.clone()), 8).await?;
 
     println!(
         "\n{}",
         bold("And rules that no single stream can guard: tags and conditional appends.")
     );
-    crate::demo::courses(store.clone(), 18).await?;
+    cairn_example_courses::demo::walk(std::sync::Arc::new(store.clone()), 18).await?;
 
     println!(
         "\n{}",
@@ -170,7 +170,7 @@ pub(crate) async fn run(keep: Option<PathBuf>) -> Result<()> {
         )
     );
     let store: std::sync::Arc<dyn EventStore> = std::sync::Arc::new(store);
-    crate::demo_orders::all(store.clone(), &dir, 23).await?;
+    cairn_example_orders::walk(store.clone(), &dir, 23).await?;
 
     println!(
         "\n{}",
@@ -178,7 +178,7 @@ pub(crate) async fn run(keep: Option<PathBuf>) -> Result<()> {
             "Transactions across services: the order saga, with compensation, timeouts, restarts and deadlines."
         )
     );
-    crate::demo_sagas::all(store, 30).await?;
+    cairn_example_sagas::walk(store, 30).await?;
 
     println!(
         "\nNext: `cairn --help`, `cairn demo bank|courses|orders|sagas`, `cairn sagas list`, `cairn bench`, and the README."

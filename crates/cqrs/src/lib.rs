@@ -31,3 +31,9 @@ pub use runner::{Lag, Progress, Runner, RunnerHandle, State, Status, lag, rebuil
 pub use sink::{Requested, Sink};
 pub use source::Source;
 pub use sqlite::{SqliteModel, SqliteProjection, StoredCheckpoint, request, stored_checkpoints};
+
+/// Where SQLite read model files go in a data directory, by convention:
+/// `cairn projections` looks there unless told otherwise.
+pub fn read_models_dir(data: &std::path::Path) -> std::path::PathBuf {
+    data.join("read-models")
+}

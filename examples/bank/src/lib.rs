@@ -4,6 +4,8 @@
 //! `MoneyDeposited` is at schema version 2: version 1 had no currency, and its
 //! upcaster fills in the one old deposits were made in (`USD`).
 
+pub mod demo;
+
 use cairn_domain::{Aggregate, DomainEvent, Upcasters};
 use serde::{Deserialize, Serialize};
 

@@ -7,6 +7,8 @@
 //! events (`course:<id>`, `student:<id>`), and the subscription is appended on
 //! the condition that none of the events the decision read has changed.
 
+pub mod demo;
+
 use std::sync::Arc;
 
 use cairn_core::{EventStore, Query, QueryItem};

@@ -1,4 +1,4 @@
-//! `cairn demo orders`: CQRS and event-driven integration, narrated.
+//! The order flow: CQRS and event-driven integration, narrated.
 //!
 //! Placing an order appends `OrderCreated` through the command side and returns
 //! at once; payment, email, inventory, shipping and analytics each follow the
@@ -20,7 +20,7 @@ use anyhow::Result;
 use cairn_core::{EventStore, ExpectedVersion, NewEvent, RecordedEvent};
 use cairn_cqrs::{
     Group, GroupConfig, MemoryModel, MemoryProjection, Runner, RunnerHandle, Source, SqliteModel,
-    SqliteProjection,
+    SqliteProjection, read_models_dir as models_dir,
 };
 use cairn_domain::{Aggregate, Dispatcher, DomainEvent, Invalid, Repository, Validate};
 use cairn_log::EmbeddedStore;
@@ -29,7 +29,10 @@ use rusqlite::{Transaction, params};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::tour::step;
+/// A numbered step's title, set apart from what the step prints.
+fn step(title: &str) {
+    println!("\n▸ {title}");
+}
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
 
@@ -230,7 +233,7 @@ pub(crate) async fn status_table(runners: &[&RunnerHandle]) -> Result<Table> {
 /// `cairn demo orders` on a fresh store: a temporary one, or `keep` (which must
 /// not hold one yet), so that `cairn projections status` and `cairn groups
 /// status` can look at it afterwards.
-pub(crate) async fn run(keep: Option<PathBuf>) -> Result<()> {
+pub async fn run(keep: Option<PathBuf>) -> Result<()> {
     let temp = tempfile::Builder::new().prefix("cairn-demo-").tempdir()?;
     let dir = match &keep {
         Some(dir) => {
@@ -248,9 +251,9 @@ pub(crate) async fn run(keep: Option<PathBuf>) -> Result<()> {
         "Cairn demo: the order flow with CQRS, and notification vs event-carried state (store in {})",
         dir.display()
     );
-    all(Arc::new(EmbeddedStore::open(&dir)?), &dir, 1).await?;
+    walk(Arc::new(EmbeddedStore::open(&dir)?), &dir, 1).await?;
     println!(
-        "\nThe code: crates/cli/src/demo_orders.rs; the library: crates/cqrs (projections, consumer groups) and crates/domain (Dispatcher)."
+        "\nThe code: examples/orders/src/lib.rs; the library: crates/cqrs (projections, consumer groups) and crates/domain (Dispatcher)."
     );
     if keep.is_some() {
         println!(
@@ -261,13 +264,8 @@ pub(crate) async fn run(keep: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Where read model files go in a data directory, by convention (`cairn projections` looks there).
-pub(crate) fn models_dir(data: &Path) -> PathBuf {
-    data.join("read-models")
-}
-
 /// The orders demo then the insurance one on `store` (data in `dir`), steps numbered from `first`.
-pub(crate) async fn all(store: Arc<dyn EventStore>, dir: &Path, first: usize) -> Result<()> {
+pub async fn walk(store: Arc<dyn EventStore>, dir: &Path, first: usize) -> Result<()> {
     orders(store.clone(), dir, first).await?;
     shipping_group(store.clone(), first + 4).await?;
     insurance(store, first + 5).await
@@ -632,4 +630,36 @@ async fn insurance(store: Arc<dyn EventStore>, first: usize) -> Result<()> {
     println!("   the email service, following QuoteGenerated, would send e.g. \"{email}\"");
     runner.stop().await.1?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use cairn_core::ReadAllOptions;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_read_models_agree_with_the_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        walk(store.clone(), dir.path(), 1).await.unwrap();
+        let created: Vec<_> = store
+            .read_all(ReadAllOptions::forward())
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.event_type == "OrderCreated")
+            .collect();
+        assert!(!created.is_empty());
+        let db = rusqlite::Connection::open(models_dir(dir.path()).join("orders.db")).unwrap();
+        let rows: i64 = db.query_row("SELECT count(*) FROM orders", [], |r| r.get(0)).unwrap();
+        assert_eq!(rows, created.len() as i64, "one row per OrderCreated, none twice");
+        let db = rusqlite::Connection::open(models_dir(dir.path()).join("balances.db")).unwrap();
+        let ada: i64 = db
+            .query_row("SELECT cents FROM balances WHERE account = 'account-shop-ada'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(ada, 1200_00);
+    }
 }

@@ -1,4 +1,4 @@
-//! `cairn demo sagas`: the order saga — CreateOrder/CancelOrder,
+//! The order saga — CreateOrder/CancelOrder,
 //! ChargeCard/RefundCard, ReserveItems/ReleaseItems — run by a `SagaRunner`
 //! on a fresh store: all goes well; the card is declined; the items are out
 //! of stock; the payment service hangs and the step times out; the runner
@@ -24,12 +24,15 @@ use cairn_saga::{
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::tour::step;
+/// A numbered step's title, set apart from what the step prints.
+fn step(title: &str) {
+    println!("\n▸ {title}");
+}
 
 /// How the payment service behaves for an order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
-pub(crate) enum Payment {
+pub enum Payment {
     /// The card is charged.
     Ok,
     /// The card is declined: the order is cancelled.
@@ -73,7 +76,7 @@ async fn has(store: &dyn EventStore, stream: &str, event_type: &str) -> Result<b
 }
 
 /// The three services as saga steps, each with its compensation.
-pub(crate) fn order_saga(store: Arc<dyn EventStore>) -> Saga {
+pub fn order_saga(store: Arc<dyn EventStore>) -> Saga {
     let s = store.clone();
     let create = Step::new("create-order", move |ctx: StepContext| {
         let store = s.clone();
@@ -230,7 +233,7 @@ async fn run_one(
 }
 
 /// The seven scenarios on `store`, steps numbered from `first` (the tour runs them too).
-pub(crate) async fn all(store: Arc<dyn EventStore>, first: usize) -> Result<()> {
+pub async fn walk(store: Arc<dyn EventStore>, first: usize) -> Result<()> {
     let runner =
         SagaRunner::builder(store.clone(), "shop").saga(order_saga(store.clone())).run().await?;
     step(&format!("{first}. All goes well: CreateOrder → ChargeCard → ReserveItems"));
@@ -431,7 +434,7 @@ async fn shipping(store: Arc<dyn EventStore>) -> Result<()> {
     Ok(())
 }
 
-pub(crate) async fn run(keep: Option<PathBuf>, payment: Option<Payment>) -> Result<()> {
+pub async fn run(keep: Option<PathBuf>, payment: Option<Payment>) -> Result<()> {
     let temp = tempfile::Builder::new().prefix("cairn-demo-").tempdir()?;
     let dir = match &keep {
         Some(dir) if dir.join("log").exists() => {
@@ -460,10 +463,10 @@ pub(crate) async fn run(keep: Option<PathBuf>, payment: Option<Payment>) -> Resu
         run_one(&runner, store.as_ref(), 1, order(1, 2, payment)).await?;
         runner.shutdown().await;
     } else {
-        all(store, 1).await?;
+        walk(store, 1).await?;
     }
     println!(
-        "\nThe code: crates/cli/src/demo_sagas.rs; the library: crates/saga (SagaRunner, Scheduler, ProcessManager)."
+        "\nThe code: examples/sagas/src/lib.rs; the library: crates/saga (SagaRunner, Scheduler, ProcessManager)."
     );
     match keep {
         Some(dir) => println!(
@@ -475,4 +478,31 @@ pub(crate) async fn run(keep: Option<PathBuf>, payment: Option<Payment>) -> Resu
         ),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use cairn_saga::{SagaState, Status, saga_stream};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn every_order_of_the_walk_ends_as_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        walk(store.clone(), 1).await.unwrap();
+        let mut ended = Vec::new();
+        for id in 1..=5 {
+            let stream = saga_stream("order", &id.to_string());
+            let events = store.read_stream(&stream, ReadStreamOptions::forward()).await.unwrap();
+            ended.push(SagaState::fold(&stream, &events).map(|s| s.status));
+        }
+        assert_eq!(ended[0], Some(Status::Completed));
+        // Declined, out of stock, timed out, and timed out again after a new
+        // runner took it over: every step done is undone.
+        assert_eq!(ended[1..], [Some(Status::Compensated); 4]);
+        // The deadline fired although its scheduler stopped before it was due.
+        let six = store.read_stream("order-6", ReadStreamOptions::forward()).await.unwrap();
+        assert_eq!(six.last().unwrap().event_type, "OrderCancelled");
+    }
 }
