@@ -1,4 +1,4 @@
-//! The Cairn event store over gRPC (`proto/cairn/v1/store.proto`): the
+//! The Cairn event store over gRPC (`crates/grpc/proto/cairn/v1/store.proto`): the
 //! generated types, conversions to and from the core's, errors as statuses
 //! that carry the HTTP API's error body, and [`GrpcStore`], a client that is
 //! an [`EventStore`] so the conformance suite runs through it.

@@ -1,4 +1,4 @@
-//! The gRPC service (`proto/cairn/v1/store.proto`) on the same port as the
+//! The gRPC service (`crates/grpc/proto/cairn/v1/store.proto`) on the same port as the
 //! HTTP API, with the same keys, checks and metrics.
 
 use std::pin::Pin;
