@@ -26,6 +26,7 @@
 
 mod definition;
 mod history;
+pub mod inspect;
 
 /// Waits between attempts at the store (a subscription that broke, an
 /// append that failed for a passing reason), jittered so that runners that
