@@ -31,9 +31,9 @@ use crate::App;
 use crate::auth::{Principal, Refusal};
 use crate::params::Params;
 
-type Who = Extension<Principal>;
+pub(crate) type Who = Extension<Principal>;
 
-fn forbidden(reason: Option<String>) -> ApiResult<()> {
+pub(crate) fn forbidden(reason: Option<String>) -> ApiResult<()> {
     match reason {
         Some(reason) => {
             Err(ApiError::Store(StoreError::AccessDenied { code: "forbidden".into(), reason }))
@@ -42,13 +42,15 @@ fn forbidden(reason: Option<String>) -> ApiResult<()> {
     }
 }
 
-type Shared = State<Arc<App>>;
+pub(crate) type Shared = State<Arc<App>>;
 
 /// What a request gets instead of its answer.
 pub(crate) enum ApiError {
     Store(StoreError),
     /// The request itself is malformed (400), with what is wrong.
     Request(String),
+    /// What the request names is not there (404), with what is missing.
+    NotFound(String),
 }
 
 impl From<StoreError> for ApiError {
@@ -64,15 +66,16 @@ impl IntoResponse for ApiError {
             ApiError::Request(message) => {
                 (400, json!({"error": "invalid_request", "message": message}))
             }
+            ApiError::NotFound(message) => (404, json!({"error": "not_found", "message": message})),
         };
         (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), Json(body))
             .into_response()
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
-fn params(map: HashMap<String, String>, allowed: &[&str]) -> ApiResult<Params> {
+pub(crate) fn params(map: HashMap<String, String>, allowed: &[&str]) -> ApiResult<Params> {
     Params::new(map, allowed).map_err(ApiError::Request)
 }
 
@@ -95,6 +98,9 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/query", post(read_query))
         .route("/head", get(head))
         .route("/groups", get(groups))
+        .route("/sagas", get(crate::sagas::list))
+        .route("/sagas/{name}/{id}", get(crate::sagas::show))
+        .route("/processes", get(crate::sagas::processes))
         .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
     let http = Router::new()
         .merge(api)

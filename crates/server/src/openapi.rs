@@ -53,7 +53,9 @@ fn errors(codes: &[&str]) -> serde_json::Map<String, Value> {
             "403" => {
                 "`forbidden`: the key does not allow this (a read-only key, or another stream prefix)"
             }
-            "404" => "`stream_not_found`, or `invalid_position`: no event at that position",
+            "404" => {
+                "`stream_not_found`, `invalid_position` (no event at that position), or `not_found` (no such saga or process instance)"
+            }
             "409" => {
                 "`wrong_expected_version` (with `actual_version`), `append_condition_failed` (with `first_conflict`) or `idempotency_conflict`"
             }
@@ -244,6 +246,19 @@ pub(crate) fn document() -> Value {
             "/query": {"post": {"operationId": "readQuery", "summary": "Read the events matching a query (tags, types, categories)", "requestBody": body("QueryRequest"),
                                 "responses": responses(ok("the events; `next` is {\"after\": position} when the page is full", "Events"), &["404"])}},
             "/groups": {"get": {"operationId": "groups", "summary": "Consumer groups stored in the store, with checkpoint, lag and parked count", "responses": responses(ok("the groups", "Groups"), &[])}},
+            "/sagas": {"get": {"operationId": "sagas", "summary": "The sagas in the store, newest first: status, step, progress, why it failed (as `cairn sagas list --json`)",
+                "parameters": [param("saga", "query", "only sagas of this type", json!({"type": "string"})),
+                               param("status", "query", "only sagas in this state", json!({"type": "string", "enum": ["running", "compensating", "completed", "compensated", "needs_attention"]})),
+                               param("limit", "query", "most `$saga-` streams to look at, by name (default 1000, at most 10000)", json!({"type": "integer", "minimum": 0}))],
+                "responses": responses(ok("the sagas; `truncated` when there may be more", "Sagas"), &[])}},
+            "/sagas/{name}/{id}": {"get": {"operationId": "saga", "summary": "One saga (steps and timeline) or process instance (state, deadlines, reactions); `kind` says which",
+                "parameters": [param("name", "path", "the saga's type or the process's name", json!({"type": "string"})), param("id", "path", "the saga's id or the instance's correlation id", json!({"type": "string"}))],
+                "responses": responses(ok("the saga or process instance", "Saga"), &["404"])}},
+            "/processes": {"get": {"operationId": "processes", "summary": "The process-manager instances, latest change first (as `cairn sagas processes --json`)",
+                "parameters": [param("process", "query", "only instances of this process", json!({"type": "string"})),
+                               param("status", "query", "only instances in this state", json!({"type": "string", "enum": ["running", "parked", "ended"]})),
+                               param("limit", "query", "most `$saga-` streams to look at, by name (default 1000, at most 10000)", json!({"type": "integer", "minimum": 0}))],
+                "responses": responses(ok("the instances; `truncated` when there may be more", "Processes"), &[])}},
             "/head": {"get": {"operationId": "head", "summary": "Where the next event goes, and the newest event's position", "responses": responses(ok("the head", "Head"), &[])}},
             "/health": {"get": {"operationId": "health", "summary": "Liveness and readiness", "security": [{}], "responses": {
                 "200": ok("ready", "Health"), "503": ok("not ready: the store cannot take appends now", "Health"), "413": error_response("`body_too_large`")}}},
@@ -305,6 +320,9 @@ pub(crate) fn document() -> Value {
                     "limit": {"type": ["integer", "null"], "minimum": 0, "maximum": u64::MAX, "description": format!("default 1000; a larger limit is lowered to {EVENTS_PAGE_MAX}")},
                     "direction": {"enum": ["forward", "backward"]}}},
             "Head": {"type": "object", "required": ["head", "last"], "properties": {"head": {"type": "integer", "minimum": 0}, "last": {"type": ["integer", "null"], "minimum": 0}}},
+            "Sagas": {"type": "object", "required": ["sagas", "looked_at", "truncated"], "properties": {"sagas": {"type": "array", "items": {"type": "object", "required": ["stream", "saga", "id", "status"]}}, "looked_at": {"type": "integer"}, "truncated": {"type": "boolean"}}},
+            "Saga": {"type": "object", "required": ["kind", "stream", "status", "timeline"], "properties": {"kind": {"type": "string", "enum": ["saga", "process"]}}},
+            "Processes": {"type": "object", "required": ["processes", "looked_at", "truncated"], "properties": {"processes": {"type": "array", "items": {"type": "object", "required": ["stream", "process", "correlation", "status"]}}, "looked_at": {"type": "integer"}, "truncated": {"type": "boolean"}}},
             "Groups": {"type": "object", "required": ["groups"], "properties": {"groups": {"type": "array", "items": {"type": "object", "required": ["group", "parked", "replay_pending"]}}}},
             "Health": {"type": "object", "required": ["status", "live", "ready"], "properties": {"status": {"enum": ["ok", "unavailable"]}, "live": {"type": "boolean"}, "ready": {"type": "boolean"}}},
             "Error": {"type": "object", "required": ["error", "message"], "properties": {"error": {"type": "string"}, "message": {"type": "string"}}}

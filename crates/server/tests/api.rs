@@ -596,6 +596,9 @@ async fn the_openapi_document_describes_every_route() {
         "/all/subscribe",
         "/query",
         "/groups",
+        "/sagas",
+        "/sagas/{name}/{id}",
+        "/processes",
         "/head",
         "/health",
         "/metrics",
@@ -1274,4 +1277,72 @@ async fn schemathesis_finds_no_difference_between_the_server_and_its_openapi_doc
             "schemathesis found differences between a server with keys and /openapi.json:\n{report}"
         );
     }
+}
+
+/// `/sagas`, `/sagas/{name}/{id}` and `/processes` answer from the sagas'
+/// own streams, with the views `cairn sagas --json` prints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_are_listed_and_shown_as_json() {
+    use cairn_saga::SagaEvent;
+    let s = server();
+    let steps = vec!["charge".to_string(), "reserve".to_string()];
+    let started = SagaEvent::SagaStarted {
+        saga: "order".into(),
+        input: serde_json::json!({"order": 1}),
+        steps: steps.clone(),
+    };
+    let ok = vec![
+        started.clone(),
+        SagaEvent::StepCompleted { step: "charge".into(), output: serde_json::json!({"paid": 12}) },
+        SagaEvent::StepCompleted { step: "reserve".into(), output: Value::Null },
+        SagaEvent::SagaCompleted {},
+    ];
+    let failed = vec![
+        started,
+        SagaEvent::StepFailed { step: "charge".into(), error: "card declined".into() },
+        SagaEvent::Compensating {
+            reason: "card declined".into(),
+            undo: vec![],
+            not_undoable: vec![],
+        },
+        SagaEvent::SagaCompensated {},
+    ];
+    for (id, events) in [("1", ok), ("2", failed)] {
+        let stream = cairn_saga::saga_stream("order", id);
+        let events =
+            events.iter().enumerate().map(|(i, e)| e.to_new_event(&stream, i as u64)).collect();
+        s.store.append(&stream, ExpectedVersion::NoStream, events).await.unwrap();
+    }
+    let get = |path: &str| {
+        let url = format!("{}{path}", s.url);
+        async move {
+            let r = reqwest::get(url).await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (code, list) = get("/sagas").await;
+    assert_eq!(code, 200, "{list}");
+    let statuses: HashMap<String, String> = list["sagas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["id"].as_str().unwrap().into(), s["status"].as_str().unwrap().into()))
+        .collect();
+    assert_eq!(statuses["1"], "completed");
+    assert_eq!(statuses["2"], "compensated");
+    let (_, only) = get("/sagas?status=compensated").await;
+    assert_eq!(only["sagas"].as_array().unwrap().len(), 1, "{only}");
+    let (code, bad) = get("/sagas?status=sideways").await;
+    assert!(code == 400 && bad["message"].as_str().unwrap().contains("sideways"), "{bad}");
+
+    let (code, one) = get("/sagas/order/2").await;
+    assert_eq!((code, one["kind"].as_str()), (200, Some("saga")), "{one}");
+    assert_eq!(one["pipeline"][0], serde_json::json!({"step": "charge", "mark": "✗"}), "{one}");
+    assert_eq!(one["timeline"].as_array().unwrap().len(), 4, "{one}");
+    let (code, missing) = get("/sagas/order/9").await;
+    assert_eq!((code, missing["error"].as_str()), (404, Some("not_found")), "{missing}");
+    assert!(missing["message"].as_str().unwrap().contains("no saga 'order' with id '9'"));
+
+    let (code, none) = get("/processes").await;
+    assert_eq!((code, none["processes"].as_array().map(Vec::len)), (200, Some(0)), "{none}");
 }
