@@ -17,7 +17,7 @@ use anyhow::{Result, bail};
 use cairn_core::{EventStore, StoreError, Timestamp};
 use cairn_saga::inspect::{
     self, Found, InspectError, InstanceFilter, Instances, Kind, NEEDS_ATTENTION, ProcessHistory,
-    ProcessView, SagaList, current_step, elapsed, find, kind_of, park_line, pending_undo, pipeline,
+    ProcessView, SagaList, current_step, elapsed, find, kind_of, now_line, park_line, pipeline,
     problem, progress, saga_detail_json, saga_json, shorten, status_rank, stream_prefix,
     timeline_line, timeline_mark,
 };
@@ -294,32 +294,8 @@ async fn show(
     if let Some(reason) = &state.reason {
         field(out, "reason", reason.clone());
     }
-    match state.status {
-        Status::Running => {
-            if let Some(step) = state.next_step() {
-                field(out, "now", format!("running {step}"));
-            }
-        }
-        Status::Compensating => {
-            if let Some(step) = state.next_undo() {
-                let retry = match (&state.last_error, state.attempts) {
-                    (Some(error), n) if n > 0 => {
-                        format!(" ({} failed, last: {error})", count(n as u64, "attempt"))
-                    }
-                    _ => String::new(),
-                };
-                field(out, "now", format!("undoing {step}{retry}"));
-            }
-        }
-        Status::NeedsAttention => {
-            let step = pending_undo(&state).unwrap_or("?");
-            field(
-                out,
-                "problem",
-                format!("undoing {step} failed: {}", state.last_error.as_deref().unwrap_or("?")),
-            );
-        }
-        Status::Completed | Status::Compensated => {}
+    if let Some((label, text)) = now_line(&state) {
+        field(out, label, text);
     }
 
     say!(out);
@@ -585,7 +561,7 @@ async fn processes(
             r.process.clone(),
             r.correlation.clone(),
             r.status().to_string(),
-            r.last.version.to_string(),
+            r.reactions.to_string(),
             shorten(&r.line(), 60),
             deadline_names(&r.reaction.deadlines),
             time(r.last.timestamp),

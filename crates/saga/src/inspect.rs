@@ -370,7 +370,34 @@ pub fn saga_json(s: &SagaState) -> Value {
         "input": s.input, "version": s.version,
         "started_at": s.started_at.map(Timestamp::to_rfc3339), "updated_at": s.updated_at.map(Timestamp::to_rfc3339),
         "elapsed_ms": elapsed(s).as_secs_f64() * 1000.0,
+        "progress": progress(s), "problem": problem(s),
     })
+}
+
+/// What a saga that is not over is doing, as (label, text): `now` running a
+/// step or undoing one, or the `problem` of a parked saga.
+pub fn now_line(s: &SagaState) -> Option<(&'static str, String)> {
+    match s.status {
+        Status::Running => s.next_step().map(|step| ("now", format!("running {step}"))),
+        Status::Compensating => s.next_undo().map(|step| {
+            let retry = match (&s.last_error, s.attempts) {
+                (Some(error), n) if n > 0 => {
+                    format!(" ({} failed, last: {error})", plural(n as u64, "attempt"))
+                }
+                _ => String::new(),
+            };
+            ("now", format!("undoing {step}{retry}"))
+        }),
+        Status::NeedsAttention => Some((
+            "problem",
+            format!(
+                "undoing {} failed: {}",
+                pending_undo(s).unwrap_or("?"),
+                s.last_error.as_deref().unwrap_or("?")
+            ),
+        )),
+        Status::Completed | Status::Compensated => None,
+    }
 }
 
 /// `$saga-<process>-<correlation>` split in two, for a stream that may hold a
@@ -395,6 +422,10 @@ pub struct InstanceRow {
     pub reaction: Reaction,
     pub before: Option<Reaction>,
     pub parked: Option<Parked>,
+    /// How many reactions it has: exact when its stream is no longer than
+    /// the events read for the row, else its version less the parks and
+    /// resumes among those (older ones are not read).
+    pub reactions: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -513,6 +544,14 @@ impl ReactionEffects {
 
     /// "OrderPlaced in order-1 at 312: set deadline payment".
     pub fn line(&self, reaction: &Reaction) -> String {
+        match self.did() {
+            None => format!("{} (state only)", reaction.handled),
+            Some(did) => format!("{}: {did}", reaction.handled),
+        }
+    }
+
+    /// "sent Ship; set deadline payment"; `None` when it only changed state.
+    pub fn did(&self) -> Option<String> {
         let mut parts = Vec::new();
         if !self.commands.is_empty() {
             parts.push(format!(
@@ -537,11 +576,7 @@ impl ReactionEffects {
         if self.ended {
             parts.push("ended".to_string());
         }
-        if parts.is_empty() {
-            format!("{} (state only)", reaction.handled)
-        } else {
-            format!("{}: {}", reaction.handled, parts.join("; "))
-        }
+        (!parts.is_empty()).then(|| parts.join("; "))
     }
 }
 
@@ -588,6 +623,10 @@ pub async fn sagas(
 pub fn saga_detail_json(state: &SagaState, events: &[RecordedEvent]) -> Value {
     let start = state.started_at.unwrap_or(Timestamp(0));
     let mut whole = saga_json(state);
+    whole["kind"] = json!("saga");
+    if let Some((label, text)) = now_line(state) {
+        whole["now"] = json!({"label": label, "text": text});
+    }
     whole["pipeline"] = json!(
         pipeline(state, events)
             .into_iter()
@@ -642,6 +681,9 @@ pub async fn instances(
             let mut reactions = events.iter().filter_map(Reaction::from_recorded);
             let reaction = reactions.next().unwrap_or_else(no_reaction_yet);
             let before = reactions.next();
+            let interventions =
+                events.iter().filter(|e| Reaction::from_recorded(e).is_none()).count();
+            let count = last.version.saturating_sub(interventions as u64);
             let (process, correlation) = instance_name(&stream).expect("filtered above");
             let (process, correlation) = (process.to_string(), correlation.to_string());
             Ok::<_, StoreError>(Some(InstanceRow {
@@ -652,6 +694,7 @@ pub async fn instances(
                 reaction,
                 before,
                 parked,
+                reactions: count,
             }))
         }))
         .buffered(8)
@@ -689,7 +732,7 @@ impl InstanceRow {
         json!({
             "kind": "process", "stream": self.stream, "process": self.process, "correlation": self.correlation, "status": self.status(),
             "parked": self.parked,
-            "reactions": self.last.version, "last_reaction": self.line(), "handled": self.reaction.handled,
+            "reactions": self.reactions, "last_reaction": self.line(), "handled": self.reaction.handled,
             "deadlines": self.reaction.deadlines.iter().map(|d| &d.name).collect::<Vec<_>>(),
             "position": self.reaction.position.0, "state": self.reaction.state, "updated_at": self.last.timestamp.to_rfc3339(),
         })
@@ -730,12 +773,10 @@ impl ProcessView {
                 (e.version, e.timestamp, format!("{} {}", fx.mark(i == 0), fx.line(r)))
             })
             .collect();
-        lines.extend(
-            self.history
-                .interventions
-                .iter()
-                .map(|e| (e.version, e.timestamp, intervention_line(e))),
-        );
+        lines.extend(self.history.interventions.iter().map(|e| {
+            let (mark, line) = intervention(e);
+            (e.version, e.timestamp, format!("{mark} {line}"))
+        }));
         lines.sort_by_key(|(version, ..)| *version);
         lines
     }
@@ -755,14 +796,17 @@ impl ProcessView {
                     "offset_ms": (e.timestamp.0 - start.0) as f64 / 1000.0, "type": e.event_type,
                     "handled": r.handled, "commands": fx.commands.iter().map(|(name, key)| json!({"name": name, "key": key})).collect::<Vec<_>>(),
                     "deadlines_set": fx.set, "deadlines_cancelled": fx.cancelled, "deadline_fired": fx.fired, "ended": r.ended,
-                    "state": r.state, "mark": fx.mark(i == 0), "line": fx.line(r),
+                    "state": r.state, "mark": fx.mark(i == 0), "line": fx.line(r), "did": fx.did(),
                 })
             })
             .collect();
         let interventions: Vec<Value> = h
             .interventions
             .iter()
-            .map(|e| json!({ "version": e.version, "time": e.timestamp.to_rfc3339(), "type": e.event_type, "line": intervention_line(e), "data": e.json::<Value>().ok() }))
+            .map(|e| {
+                let (mark, line) = intervention(e);
+                json!({ "version": e.version, "time": e.timestamp.to_rfc3339(), "offset_ms": (e.timestamp.0 - start.0) as f64 / 1000.0, "type": e.event_type, "mark": mark, "line": line, "data": e.json::<Value>().ok() })
+            })
             .collect();
         json!({
             "kind": "process", "stream": h.stream, "process": h.process, "correlation": h.correlation, "status": self.status, "parked": h.parked,
@@ -775,16 +819,19 @@ impl ProcessView {
     }
 }
 
-/// A park or a resume, as a timeline line.
-fn intervention_line(e: &RecordedEvent) -> String {
+/// A park (`✋`) or a resume (`↻`), as a timeline mark and line.
+fn intervention(e: &RecordedEvent) -> (&'static str, String) {
     match Parked::from_recorded(e) {
-        Some(p) => format!("✋ {}", park_line(&p)),
-        None => format!(
-            "↻ resumed by {}",
-            e.json::<Value>()
-                .ok()
-                .and_then(|v| v["by"].as_str().map(str::to_string))
-                .unwrap_or_else(|| "?".into())
+        Some(p) => ("✋", park_line(&p)),
+        None => (
+            "↻",
+            format!(
+                "resumed by {}",
+                e.json::<Value>()
+                    .ok()
+                    .and_then(|v| v["by"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| "?".into())
+            ),
         ),
     }
 }

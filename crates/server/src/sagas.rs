@@ -93,11 +93,7 @@ pub(crate) async fn show(
     forbidden(who.denies_stream(&cairn_saga::saga_stream(&name, &id), false))?;
     let store = app.store.as_ref();
     let body = match inspect::find(store, &name, &id).await.map_err(inspect_error)? {
-        Found::Saga(state, events) => {
-            let mut body = inspect::saga_detail_json(&state, &events);
-            body["kind"] = json!("saga");
-            body
-        }
+        Found::Saga(state, events) => inspect::saga_detail_json(&state, &events),
         Found::Process(history) => {
             inspect::process_view(store, *history).await.map_err(inspect_error)?.to_json()
         }

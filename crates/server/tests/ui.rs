@@ -210,10 +210,7 @@ fn the_sagas_view_lists_sagas_appended_through_the_api_and_shows_a_timeline() {
             && list.contains("2/3, 1/3 undone"),
         "{list}"
     );
-    assert!(
-        list.contains("href=\"#/saga/%24saga-order-1\""),
-        "each saga links to its timeline: {list}"
-    );
+    assert!(list.contains("href=\"#/saga/order/1\""), "each saga links to its timeline: {list}");
     assert!(!list.contains("shop"), "the checkpoint is not listed: {list}");
     assert!(
         list.contains("&lt;b&gt;payments&lt;/b&gt; down") && !list.contains("<b>payments"),
@@ -228,7 +225,7 @@ fn the_sagas_view_lists_sagas_appended_through_the_api_and_shows_a_timeline() {
         "{parked}"
     );
 
-    let one = dom(browser, &format!("{url}/#/saga/%24saga-order-1"));
+    let one = dom(browser, &format!("{url}/#/saga/order/1"));
     assert!(one.contains("Saga order 1") && one.contains("compensated"), "{one}");
     for step in ["create-order ✓↩", "charge-card ✗", "reserve-items ·"] {
         assert!(one.contains(step), "the pipeline shows {step:?}: {one}");
@@ -242,7 +239,7 @@ fn the_sagas_view_lists_sagas_appended_through_the_api_and_shows_a_timeline() {
     ] {
         assert!(one.contains(line), "the timeline has {line:?}: {one}");
     }
-    let two = dom(browser, &format!("{url}/#/saga/%24saga-order-2"));
+    let two = dom(browser, &format!("{url}/#/saga/order/2"));
     assert!(
         two.contains("charge-card ✓↩✗")
             && two.contains("reserve-items ✗↩")
@@ -348,7 +345,7 @@ fn the_sagas_view_lists_process_instances_and_shows_their_reactions() {
     );
     let ended = row(processes, &done_stream);
     assert!(
-        ended.contains(&format!("href=\"#/saga/%24saga-fulfilment-{done}\">{done}</a>")),
+        ended.contains(&format!("href=\"#/saga/fulfilment/{done}\">{done}</a>")),
         "the correlation id links to the instance: {ended}"
     );
     assert!(
@@ -375,7 +372,7 @@ fn the_sagas_view_lists_process_instances_and_shows_their_reactions() {
     );
     assert!(!list.contains("<img src=\"x\""), "no markup from event text: {list}");
 
-    let one = dom(browser, &format!("{url}/#/saga/%24saga-fulfilment-{done}"));
+    let one = dom(browser, &format!("{url}/#/saga/fulfilment/{done}"));
     assert!(
         one.contains(&format!("Process fulfilment {done}"))
             && one.contains("none (ended)")
@@ -397,7 +394,7 @@ fn the_sagas_view_lists_process_instances_and_shows_their_reactions() {
         assert!(timeline.contains(line), "the timeline has {line:?}: {timeline}");
     }
 
-    let two = dom(browser, &format!("{url}/#/saga/{}", open_stream.replace('$', "%24")));
+    let two = dom(browser, &format!("{url}/#/saga/fulfilment/{open}"));
     assert!(
         two.contains("class=\"status-running\">running<")
             && two.contains(&format!("payment (timer {open}/payment@2)")),
@@ -425,7 +422,7 @@ fn the_sagas_view_lists_process_instances_and_shows_their_reactions() {
         "event text is text: {two}"
     );
 
-    let parked = dom(browser, &format!("{url}/#/saga/{}", again_stream.replace('$', "%24")));
+    let parked = dom(browser, &format!("{url}/#/saga/fulfilment/{again}"));
     assert!(
         parked.contains("needs attention<")
             && parked.contains(&format!("`cairn sagas resume fulfilment {again}`")),
