@@ -2,7 +2,8 @@
 //! over the server's HTTP API, so code (and the conformance suite) runs
 //! unchanged against either. Subscriptions arrive as Server-Sent Events.
 
-pub mod wire;
+/// The API's JSON shapes (the `cairn-wire` crate).
+pub use cairn_wire as wire;
 
 use async_trait::async_trait;
 use bytes::BytesMut;

@@ -7,6 +7,7 @@ pub enum ProjectionError {
     #[error("projection '{projection}' failed on the event at position {position}: {reason}")]
     Handler { projection: String, position: Position, reason: String },
 
+    #[cfg(feature = "sqlite")]
     #[error("read model of '{projection}': {source}")]
     Sqlite {
         projection: String,
@@ -14,6 +15,7 @@ pub enum ProjectionError {
         source: rusqlite::Error,
     },
 
+    #[cfg(feature = "postgres")]
     #[error("PostgreSQL read model of '{projection}': {source}")]
     Postgres {
         projection: String,

@@ -10,14 +10,20 @@
 //! and lag, and can be paused, resumed and reset; [`rebuild`] replays a
 //! projection from the start into a fresh model. A [`Group`] shares one
 //! subscription among competing workers, with acks, retries and a dead-letter stream.
+//!
+//! Features (both on by default): `sqlite` for [`SqliteModel`] (bundled
+//! SQLite, which compiles C), `postgres` for [`PgModel`]. Without them the
+//! in-memory model, runners, rebuilds and consumer groups are all there.
 
 mod error;
 mod group;
 mod memory;
+#[cfg(feature = "postgres")]
 mod postgres;
 mod runner;
 mod sink;
 mod source;
+#[cfg(feature = "sqlite")]
 mod sqlite;
 
 pub use error::{GroupError, ProjectionError};
@@ -26,11 +32,13 @@ pub use group::{
     group_stream_name, parked_stream_name, read_parked, request_replay, stored_groups,
 };
 pub use memory::{MemoryModel, MemoryProjection};
+#[cfg(feature = "postgres")]
 pub use postgres::{PgModel, PgProjection, pg_request, pg_stored_checkpoints};
 pub use runner::{Lag, Progress, Runner, RunnerHandle, State, Status, lag, rebuild};
-pub use sink::{Requested, Sink};
+pub use sink::{Requested, Sink, StoredCheckpoint};
 pub use source::Source;
-pub use sqlite::{SqliteModel, SqliteProjection, StoredCheckpoint, request, stored_checkpoints};
+#[cfg(feature = "sqlite")]
+pub use sqlite::{SqliteModel, SqliteProjection, request, stored_checkpoints};
 
 /// Where SQLite read model files go in a data directory, by convention:
 /// `cairn projections` looks there unless told otherwise.

@@ -43,3 +43,18 @@ pub struct Requested {
     /// Empty the model and replay from the start (cleared by the reset).
     pub reset: bool,
 }
+
+/// A projection's checkpoint as a read model stores it (a row in a SQLite
+/// file or a PostgreSQL table), for operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCheckpoint {
+    pub projection: String,
+    pub position: Position,
+    /// Append time of the last event applied.
+    pub event_time: Timestamp,
+    /// When the checkpoint last moved.
+    pub updated_at: Timestamp,
+    pub requested: Requested,
+    /// Which events it follows, as its runner last recorded.
+    pub source: Option<Source>,
+}

@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 use cairn_core::{Position, RecordedEvent, Timestamp};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use crate::{ProjectionError, Requested, Sink, Source};
+use crate::{ProjectionError, Requested, Sink, Source, StoredCheckpoint};
 
 /// A projection into tables of a SQLite file: plain SQL, a schema the
 /// projection owns. Each batch of events and the checkpoint commit in one
@@ -188,20 +188,6 @@ impl<P: SqliteProjection> Sink for SqliteModel<P> {
         }
         Ok(())
     }
-}
-
-/// A projection's checkpoint row in a SQLite read model file, for operators.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredCheckpoint {
-    pub projection: String,
-    pub position: Position,
-    /// Append time of the last event applied.
-    pub event_time: Timestamp,
-    /// When the checkpoint last moved.
-    pub updated_at: Timestamp,
-    pub requested: Requested,
-    /// Which events it follows, as its runner last recorded.
-    pub source: Option<Source>,
 }
 
 fn open_existing(path: &Path) -> rusqlite::Result<Connection> {

@@ -2,11 +2,11 @@
 //! errors and gRPC statuses (which carry the HTTP API's JSON error body in
 //! `x-cairn-error-bin`, so no detail is lost either way).
 
-use cairn_client::wire::{error_body, error_from};
 use cairn_core::{
     ContentType, Direction, ExpectedVersion, Metadata, NewEvent, Position, ReadAllOptions,
     RecordedEvent, StoreError, Timestamp,
 };
+use cairn_wire::{error_body, error_from};
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 use uuid::Uuid;

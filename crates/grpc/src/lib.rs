@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
-use cairn_client::wire::{EVENTS_PAGE_MAX, Next};
+use cairn_wire::{EVENTS_PAGE_MAX, Next};
 
 use crate::convert::{
     NEXT_KEY, all_request, event_from, expected_to, new_event_to, status_to_error,
@@ -196,8 +196,8 @@ fn tls(_: Endpoint, url: &str, _: Option<&[u8]>) -> Result<Endpoint> {
 
 /// `n` errors like `e` (a store error is not `Clone`: its wire form is copied).
 fn copies(e: &StoreError, n: usize) -> Vec<StoreError> {
-    let (status, body) = cairn_client::wire::error_body(e);
-    (0..n).map(|_| cairn_client::wire::error_from(status, &body, "gRPC")).collect()
+    let (status, body) = cairn_wire::error_body(e);
+    (0..n).map(|_| cairn_wire::error_from(status, &body, "gRPC")).collect()
 }
 
 fn stream_info(json: &str) -> Result<StreamInfo> {
@@ -283,7 +283,7 @@ impl EventStore for GrpcStore {
                     }),
                     Some(proto::append_stream_reply::Outcome::ErrorJson(json)) => {
                         Err(serde_json::from_str(&json)
-                            .map(|body| cairn_client::wire::error_from(500, &body, "gRPC"))
+                            .map(|body| cairn_wire::error_from(500, &body, "gRPC"))
                             .unwrap_or_else(|_| {
                                 broke(format!("an answer the client cannot read: {json}"))
                             }))

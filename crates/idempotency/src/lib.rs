@@ -8,9 +8,16 @@
 //!   client may retry, with an idempotency key in Redis: the first call runs
 //!   the work and caches its result for a time to live (default 24 h); later
 //!   calls with the same key get the cached result without running it again.
+//!
+//! Features (both on by default): `postgres` for [`PgInbox`], `redis` for
+//! [`RedisKeys`].
 
+#[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "redis")]
 mod redis_keys;
 
+#[cfg(feature = "postgres")]
 pub use postgres::{Handled, INBOX_TABLE, PgInbox};
+#[cfg(feature = "redis")]
 pub use redis_keys::{IdempotencyError, Outcome, RedisKeys};

@@ -39,8 +39,13 @@
 //! idempotent producer keeps each partition in order across its retries,
 //! and after a failure `KafkaSink` fails what it still has queued (but for
 //! a narrow race after a message timeout: see `cairn-relay-kafka`).
+//!
+//! Features (both on by default): `nats` for [`NatsSink`], `rabbitmq` for
+//! [`RabbitSink`]; with neither, the relay runs any [`Sink`] of your own.
 
+#[cfg(feature = "nats")]
 mod nats;
+#[cfg(feature = "rabbitmq")]
 mod rabbitmq;
 
 use std::collections::VecDeque;
@@ -60,7 +65,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+#[cfg(feature = "nats")]
 pub use nats::NatsSink;
+#[cfg(feature = "rabbitmq")]
 pub use rabbitmq::RabbitSink;
 
 /// What [`Sink::send`] returns: resolves once the broker confirmed every

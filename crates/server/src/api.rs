@@ -16,13 +16,13 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cairn_client::wire::{
-    AppendRequest, EVENTS_PAGE_MAX, EventOut, Events, Head, Next as NextPage, QueryRequest,
-    STREAMS_PAGE_MAX, error_body, expected_from_wire, from_body, parse_expected, parse_query,
-};
 use cairn_core::{
     Direction, Position, Query, ReadAllOptions, ReadStreamOptions, StartFrom, StoreError,
     SubscriptionTarget,
+};
+use cairn_wire::{
+    AppendRequest, EVENTS_PAGE_MAX, EventOut, Events, Head, Next as NextPage, QueryRequest,
+    STREAMS_PAGE_MAX, error_body, expected_from_wire, from_body, parse_expected, parse_query,
 };
 use futures_util::StreamExt;
 use serde_json::json;
@@ -302,7 +302,7 @@ async fn append_lines(State(app): Shared, Extension(who): Who, body: Bytes) -> A
             )));
         }
         let bad = |e: String| ApiError::Request(format!("line {}: {e}", n + 1));
-        let request: cairn_client::wire::AppendLine =
+        let request: cairn_wire::AppendLine =
             from_body(line).map_err(|e| bad(format!("not a valid append: {e}")))?;
         let expected = match &request.expected_version {
             None => cairn_core::ExpectedVersion::Any,
@@ -331,7 +331,7 @@ async fn append_lines(State(app): Shared, Extension(who): Who, body: Bytes) -> A
         written.expect("JSON of plain values");
         out.push(b'\n');
     }
-    Ok(([(axum::http::header::CONTENT_TYPE, cairn_client::wire::NDJSON)], out).into_response())
+    Ok(([(axum::http::header::CONTENT_TYPE, cairn_wire::NDJSON)], out).into_response())
 }
 
 /// Events as `{"events": [...], "next": ...}`, serialised once with the
@@ -480,7 +480,7 @@ async fn set_metadata(
     body: Bytes,
 ) -> ApiResult<Response> {
     forbidden(who.denies_stream(&stream, true))?;
-    let metadata = cairn_client::wire::parse_metadata(&body)
+    let metadata = cairn_wire::parse_metadata(&body)
         .map_err(|e| ApiError::Request(format!("the body is not valid stream metadata: {e}")))?;
     Ok(Json(app.store.set_stream_metadata(&stream, metadata).await?).into_response())
 }

@@ -10,7 +10,7 @@ use crate::App;
 use crate::auth::Principal;
 
 /// Most appends taken into one batch, and most appends in one NDJSON body.
-pub(crate) const BATCH_MAX: usize = cairn_client::wire::APPENDS_MAX;
+pub(crate) const BATCH_MAX: usize = cairn_wire::APPENDS_MAX;
 
 /// A gRPC batch stops taking messages past this many bytes, so that what
 /// waits in memory stays bounded (a body of `POST /appends` is bounded by

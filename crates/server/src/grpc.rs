@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::ConnectInfo;
-use cairn_client::wire::{EVENTS_PAGE_MAX, Next, STREAMS_PAGE_MAX, parse_query};
 use cairn_core::{
     AppendCondition, Direction, Query, ReadStreamOptions, RecordedEvent, StartFrom, StoreError,
     StreamMetadata, SubscriptionTarget,
@@ -15,6 +14,7 @@ use cairn_grpc::convert::{
     all_options, error_to_status, event_to, expected_from, new_event_from, status_with_body,
 };
 use cairn_grpc::proto;
+use cairn_wire::{EVENTS_PAGE_MAX, Next, STREAMS_PAGE_MAX, parse_query};
 use futures_util::{Stream, StreamExt};
 use serde_json::json;
 use tonic::{Request, Response, Status};
@@ -126,7 +126,7 @@ fn append_from(r: proto::AppendRequest) -> Result<cairn_core::Append, String> {
         .collect::<Result<Vec<_>, _>>()?;
     let mut append = cairn_core::Append::new(r.stream, expected, events);
     if !r.condition_json.is_empty() {
-        let condition: AppendCondition = cairn_client::wire::parse_condition(&r.condition_json)
+        let condition: AppendCondition = cairn_wire::parse_condition(&r.condition_json)
             .map_err(|e| format!("condition_json: {e}"))?;
         append = append.with_condition(condition);
     }
@@ -265,7 +265,7 @@ impl proto::event_store_server::EventStore for GrpcService {
                     let outcome = match result {
                         Ok(done) => proto::append_stream_reply::Outcome::Done(answer(&done)),
                         Err(e) => proto::append_stream_reply::Outcome::ErrorJson(
-                            cairn_client::wire::error_body(&e).1.to_string(),
+                            cairn_wire::error_body(&e).1.to_string(),
                         ),
                     };
                     if tx
@@ -380,9 +380,8 @@ impl proto::event_store_server::EventStore for GrpcService {
         let who = self.who(&request).await?;
         let r = request.into_inner();
         check(who.denies_stream(&r.stream, true))?;
-        let metadata: StreamMetadata =
-            cairn_client::wire::parse_metadata(r.metadata_json.as_bytes())
-                .map_err(|e| invalid(format!("metadata_json: {e}")))?;
+        let metadata: StreamMetadata = cairn_wire::parse_metadata(r.metadata_json.as_bytes())
+            .map_err(|e| invalid(format!("metadata_json: {e}")))?;
         let done = self
             .app
             .store

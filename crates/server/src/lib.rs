@@ -1,6 +1,6 @@
 //! `cairn serve`: any [`EventStore`] behind an HTTP/JSON API with live
 //! subscriptions as Server-Sent Events, health, Prometheus metrics and an
-//! OpenAPI document. The JSON shapes are `cairn_client::wire`'s, so the Rust
+//! OpenAPI document. The JSON shapes are `cairn_wire`'s, so the Rust
 //! client and the server cannot drift apart.
 
 mod api;

@@ -5,10 +5,10 @@
 //! schemas allow is accepted, what they refuse is refused. Lengths are
 //! counted in characters here and in UTF-8 bytes by the server.
 
-use cairn_client::wire::{EVENTS_PAGE_MAX, STREAMS_PAGE_MAX};
 use cairn_core::{
     Limits, QUERY_ITEM_TERMS_MAX, QUERY_ITEMS_MAX, STREAM_NAME_BYTES_MAX, TAG_BYTES_MAX,
 };
+use cairn_wire::{EVENTS_PAGE_MAX, STREAMS_PAGE_MAX};
 use serde_json::{Value, json};
 
 fn param(name: &str, place: &str, description: &str, schema: Value) -> Value {
