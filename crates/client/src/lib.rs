@@ -134,16 +134,7 @@ impl HttpStore {
                 ),
             };
         }
-        let hint = if cause.contains("CaUsedAsEndEntity") {
-            // What `openssl req -x509` makes by default: trusting it does not help.
-            "the server's certificate says it is a CA (basicConstraints CA:TRUE), which a server's own certificate must not; \
-             make it with `-addext basicConstraints=critical,CA:FALSE` (a self-signed one then works with `--ca` set to it), or sign it with a CA of yours"
-        } else if cause.contains("certificate") {
-            "trust the CA that signed the server's certificate (`--ca FILE`, `HttpStore::with_tls_root`); \
-             for a self-signed certificate, `--ca` the certificate itself"
-        } else {
-            "is `cairn serve` running there?"
-        };
+        let hint = cairn_wire::connect_hint(&cause);
         self.io(format!("cannot reach the server ({cause}); {hint}"))
     }
 

@@ -293,6 +293,23 @@ impl Stream for Subscription {
 
 /// The event store. Every backend (embedded, PostgreSQL, remote server)
 /// implements this and passes the conformance suite.
+///
+/// Code that takes a `&dyn EventStore` runs on all of them:
+///
+/// ```
+/// use cairn_core::{EventStore, ExpectedVersion, NewEvent, ReadStreamOptions, StoreError};
+///
+/// /// Opens an account unless it exists, and returns its events.
+/// async fn open(store: &dyn EventStore, id: &str) -> Result<usize, StoreError> {
+///     let stream = format!("account-{id}");
+///     let opened = NewEvent::json_bytes("AccountOpened", format!(r#"{{"owner": "{id}"}}"#));
+///     match store.append(&stream, ExpectedVersion::NoStream, vec![opened]).await {
+///         Ok(_) | Err(StoreError::WrongExpectedVersion { .. }) => {}
+///         Err(e) => return Err(e),
+///     }
+///     Ok(store.read_stream(&stream, ReadStreamOptions::forward()).await?.len())
+/// }
+/// ```
 #[async_trait]
 pub trait EventStore: Send + Sync {
     /// Appends `events` to `stream` atomically (all or none) if the stream's

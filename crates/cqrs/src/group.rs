@@ -328,6 +328,35 @@ impl Shared {
     }
 }
 
+/// Two workers sharing one subscription; each event goes to one of them:
+///
+/// ```
+/// use std::sync::Arc;
+/// use cairn_core::{EventStore, ExpectedVersion, NewEvent};
+/// use cairn_cqrs::{Group, GroupConfig, Source};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let store: Arc<dyn EventStore> = Arc::new(cairn_log::EmbeddedStore::open(dir.path())?);
+/// for n in 0..4 {
+///     let placed = NewEvent::json("OrderPlaced", &serde_json::json!({"n": n}))?;
+///     store.append(&format!("order-{n}"), ExpectedVersion::NoStream, vec![placed]).await?;
+/// }
+/// let group = Group::start(store, GroupConfig::new("labels", Source::category("order"))).await?;
+/// let (a, b) = (group.worker(), group.worker());
+/// let mut handled = 0;
+/// while handled < 4 {
+///     let worker = if handled % 2 == 0 { &a } else { &b };
+///     let delivery = worker.next().await.expect("the group runs");
+///     assert_eq!(delivery.event().event_type, "OrderPlaced");
+///     delivery.ack().await?; // not delivered again, to anyone
+///     handled += 1;
+/// }
+/// group.stop().await?;
+/// # Ok(())
+/// # }
+/// ```
 /// A running consumer group. Workers come from [`Group::worker`].
 pub struct Group {
     shared: Arc<Shared>,

@@ -58,6 +58,39 @@ enum Control {
 /// How often a runner reads the requests stored with its read model.
 const REQUEST_POLL: Duration = Duration::from_millis(250);
 
+/// A projection counting deposits into memory:
+///
+/// ```
+/// use std::sync::Arc;
+/// use cairn_core::{EventStore, ExpectedVersion, NewEvent, RecordedEvent};
+/// use cairn_cqrs::{MemoryModel, MemoryProjection, Runner, Source};
+///
+/// struct Deposits;
+/// impl MemoryProjection for Deposits {
+///     type State = u64;
+///     fn name(&self) -> &str { "deposits" }
+///     fn apply(&self, n: &mut u64, e: &RecordedEvent) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+///         if e.event_type == "MoneyDeposited" { *n += 1 }
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let store: Arc<dyn EventStore> = Arc::new(cairn_log::EmbeddedStore::open(dir.path())?);
+/// let deposit = || NewEvent::json("MoneyDeposited", &serde_json::json!({"amount": 5}));
+/// store.append("account-1", ExpectedVersion::Any, vec![deposit()?, deposit()?]).await?;
+///
+/// let model = MemoryModel::new(Deposits);
+/// let runner = Runner::new(store.clone(), Source::All, model.clone()).spawn();
+/// let written = store.append("account-2", ExpectedVersion::Any, vec![deposit()?]).await?;
+/// runner.wait_for(written.position).await?; // catch-up, then live
+/// assert_eq!(model.read(|n| *n), 3);
+/// runner.stop().await.1?;
+/// # Ok(())
+/// # }
+/// ```
 /// Follows the store for one projection: from its checkpoint, catch-up then live.
 pub struct Runner {
     store: Arc<dyn EventStore>,

@@ -31,6 +31,46 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
 /// The aggregate type is its state. `decide` holds the business rules and never
 /// changes anything; `evolve` applies one event that already happened and so
 /// cannot fail. Streams are named `{CATEGORY}-{id}`.
+///
+/// ```
+/// use cairn_domain::{Aggregate, DomainEvent};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Clone, Serialize, Deserialize)]
+/// enum Event { Added { n: u32 } }
+/// impl DomainEvent for Event {}
+///
+/// #[derive(Debug)]
+/// struct TooMany;
+/// impl std::fmt::Display for TooMany {
+///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+///         f.write_str("a cart holds at most 10 items")
+///     }
+/// }
+/// impl std::error::Error for TooMany {}
+///
+/// /// A cart that holds at most 10 items.
+/// #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// struct Cart { items: u32 }
+///
+/// impl Aggregate for Cart {
+///     const CATEGORY: &'static str = "cart";
+///     type Command = u32; // items to add
+///     type Event = Event;
+///     type Error = TooMany;
+///     fn decide(&self, n: &u32) -> Result<Vec<Event>, TooMany> {
+///         if self.items + n > 10 { Err(TooMany) } else { Ok(vec![Event::Added { n: *n }]) }
+///     }
+///     fn evolve(self, Event::Added { n }: &Event) -> Self {
+///         Cart { items: self.items + n }
+///     }
+/// }
+///
+/// let cart = Cart::default().evolve(&Event::Added { n: 7 });
+/// assert!(cart.decide(&3).is_ok());
+/// assert!(cart.decide(&4).is_err());
+/// assert_eq!(Cart::stream_name("ada"), "cart-ada");
+/// ```
 pub trait Aggregate:
     Default + Clone + Serialize + DeserializeOwned + Send + Sync + 'static
 {

@@ -89,6 +89,65 @@ pub struct DecisionOutcome<E> {
 }
 
 /// Runs decisions over tag queries, for the events of domain type `E`.
+///
+/// A rule across streams: a course takes at most two students, whoever
+/// subscribes them. Every decision reads the course's events by tag and
+/// appends on the condition that none was added meanwhile.
+///
+/// ```
+/// use std::sync::Arc;
+/// use cairn_core::{Query, QueryItem};
+/// use cairn_domain::{CommandContext, DecisionModel, Decider, DomainEvent, RepositoryError};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Clone, Serialize, Deserialize)]
+/// enum Event { Subscribed { student: String, course: String } }
+/// impl DomainEvent for Event {
+///     fn tags(&self) -> Vec<String> {
+///         let Event::Subscribed { course, .. } = self;
+///         vec![format!("course:{course}")]
+///     }
+/// }
+///
+/// /// How many students a course has.
+/// struct Taken(&'static str);
+/// impl DecisionModel<Event> for Taken {
+///     type State = u32;
+///     fn query(&self) -> Query {
+///         QueryItem::types(["Subscribed"]).with_tags([format!("course:{}", self.0)]).into()
+///     }
+///     fn initial_state(&self) -> u32 { 0 }
+///     fn evolve(&self, taken: u32, _: &Event) -> u32 { taken + 1 }
+/// }
+///
+/// #[derive(Debug)]
+/// struct Full;
+/// impl std::fmt::Display for Full {
+///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str("full") }
+/// }
+/// impl std::error::Error for Full {}
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let decider = Decider::<Event>::new(Arc::new(cairn_log::EmbeddedStore::open(dir.path())?));
+/// let mut refused = 0;
+/// for student in ["ada", "alan", "grace"] {
+///     let subscribe = |(taken,): &(u32,)| match *taken {
+///         0 | 1 => Ok(vec![Event::Subscribed { student: student.into(), course: "cs101".into() }]),
+///         _ => Err(Full),
+///     };
+///     let ctx = CommandContext::new();
+///     match decider.execute(&(Taken("cs101"),), &format!("student-{student}"), &ctx, subscribe).await {
+///         Ok(_) => {}
+///         Err(RepositoryError::Rejected(Full)) => refused += 1,
+///         Err(e) => return Err(e.into()),
+///     }
+/// }
+/// assert_eq!(refused, 1);
+/// # Ok(())
+/// # }
+/// ```
 pub struct Decider<E: DomainEvent> {
     store: Arc<dyn EventStore>,
     codec: Arc<EventCodec<E>>,

@@ -249,10 +249,22 @@ pub fn status_to_error(s: &Status) -> StoreError {
     }
     let detail = format!("gRPC status {:?}: {}", s.code(), s.message());
     match s.code() {
-        Code::Unavailable => StoreError::Io {
-            path: "gRPC".into(),
-            source: std::io::Error::other(format!("cannot reach the server ({detail})")),
-        },
+        Code::Unavailable => {
+            // The transport's causes say why (a refused connection, a certificate).
+            let mut causes = String::new();
+            let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(s);
+            while let Some(c) = cause {
+                causes.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            let hint = cairn_wire::connect_hint(&format!("{detail}{causes}"));
+            StoreError::Io {
+                path: "gRPC".into(),
+                source: std::io::Error::other(format!(
+                    "cannot reach the server ({detail}{causes}); {hint}"
+                )),
+            }
+        }
         _ => StoreError::Io { path: "gRPC".into(), source: std::io::Error::other(detail) },
     }
 }

@@ -78,6 +78,23 @@ impl PgOptions {
 
 /// An event store in a PostgreSQL database. Cheap to clone; clones share
 /// the pool. Dropping the last clone ends its subscriptions.
+///
+/// ```no_run
+/// use cairn_core::{EventStore, ExpectedVersion, NewEvent};
+/// use cairn_postgres::{PgOptions, PgStore};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// // Creates (or migrates) the schema `shop` and its tables on first use.
+/// let store = PgStore::connect_with(
+///     "postgres://postgres@127.0.0.1:5432/test",
+///     PgOptions::default().schema("shop"),
+/// )
+/// .await?;
+/// let placed = NewEvent::json("OrderPlaced", &serde_json::json!({"total_cents": 4200}))?;
+/// store.append("order-1", ExpectedVersion::NoStream, vec![placed]).await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct PgStore {
     inner: Arc<Inner>,

@@ -237,6 +237,39 @@ pub async fn store_checkpoint(
     Ok(())
 }
 
+///
+/// With a sink of your own (here: a list in memory):
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use cairn_core::{EventStore, ExpectedVersion, NewEvent, RecordedEvent};
+/// use cairn_relay::{Confirm, Relay, RelayConfig, Sink, SinkError};
+///
+/// struct Collect(Arc<Mutex<Vec<String>>>);
+/// #[async_trait::async_trait]
+/// impl Sink for Collect {
+///     async fn send(&mut self, events: &[RecordedEvent]) -> Result<Confirm, SinkError> {
+///         self.0.lock().unwrap().extend(events.iter().map(|e| e.event_type.clone()));
+///         Ok(Box::pin(async { Ok(()) })) // confirmed at once
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let store: Arc<dyn EventStore> = Arc::new(cairn_log::EmbeddedStore::open(dir.path())?);
+/// let placed = NewEvent::json("OrderPlaced", &serde_json::json!({}))?;
+/// let written = store.append("order-1", ExpectedVersion::NoStream, vec![placed]).await?;
+/// let sent = Arc::new(Mutex::new(Vec::new()));
+/// let relay = Relay::new(store, RelayConfig::new("outbox"), Collect(sent.clone())).spawn();
+/// while relay.status().checkpoint < Some(written.position) {
+///     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+/// }
+/// assert_eq!(*sent.lock().unwrap(), ["OrderPlaced"]);
+/// relay.stop().await?;
+/// # Ok(())
+/// # }
+/// ```
 /// A relay from a store to a sink.
 pub struct Relay<S: Sink> {
     store: Arc<dyn EventStore>,

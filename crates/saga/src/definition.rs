@@ -249,6 +249,33 @@ impl RetryPolicy {
     }
 }
 
+/// A saga of two steps whose second fails: the first is undone.
+///
+/// ```
+/// use std::sync::Arc;
+/// use cairn_core::EventStore;
+/// use cairn_saga::{Saga, SagaRunner, Status, Step, StepContext, StepError};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let store: Arc<dyn EventStore> = Arc::new(cairn_log::EmbeddedStore::open(dir.path())?);
+/// let order = Saga::new("order")
+///     .step(Step::new("charge-card", |_: StepContext| async { Ok::<_, StepError>(42) })
+///         .compensate(|_| async { Ok(()) })) // refund
+///     .step(Step::new("reserve-items", |_: StepContext| async {
+///         Err::<(), _>(StepError::new("out of stock"))
+///     })
+///     .compensate(|_| async { Ok(()) })); // every step says how it is undone
+/// let runner = SagaRunner::builder(store, "shop").saga(order).run().await?;
+/// runner.start("order", "7", &serde_json::json!({"items": 3})).await?;
+/// let ended = runner.wait("order", "7").await?;
+/// assert_eq!(ended.status, Status::Compensated);
+/// assert_eq!(ended.undone, ["charge-card"]);
+/// runner.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
 /// A saga: a name (its type, the `order` in `$saga-order-42`) and steps.
 #[derive(Clone)]
 pub struct Saga {

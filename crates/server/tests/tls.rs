@@ -95,6 +95,18 @@ async fn a_self_signed_certificate_is_trusted_as_itself_and_a_ca_one_gets_a_hint
             let e = read.unwrap_err().to_string();
             assert!(e.contains("basicConstraints=critical,CA:FALSE"), "{name}: {e}");
         }
+        // The gRPC client says the same.
+        let grpc = cairn_grpc::GrpcStore::with_tls_root(&running.url, Some(&cert)).unwrap();
+        let read = grpc.read_stream("none-1", ReadStreamOptions::forward()).await;
+        if works {
+            assert!(
+                matches!(read, Err(cairn_core::StoreError::StreamNotFound { .. })),
+                "{name} over gRPC: {read:?}"
+            );
+        } else {
+            let e = read.unwrap_err().to_string();
+            assert!(e.contains("basicConstraints=critical,CA:FALSE"), "{name} over gRPC: {e}");
+        }
         running.shutdown().await.unwrap();
     }
 }

@@ -621,6 +621,21 @@ pub fn error_from(status: u16, body: &Value, where_: &str) -> StoreError {
     }
 }
 
+/// What to do when a client cannot reach the server, from the innermost
+/// cause of the failure (for HTTP and gRPC alike).
+pub fn connect_hint(cause: &str) -> &'static str {
+    if cause.contains("CaUsedAsEndEntity") {
+        // What `openssl req -x509` makes by default: trusting it does not help.
+        "the server's certificate says it is a CA (basicConstraints CA:TRUE), which a server's own certificate must not; \
+         make it with `-addext basicConstraints=critical,CA:FALSE` (a self-signed one then works with `--ca` set to it), or sign it with a CA of yours"
+    } else if cause.contains("certificate") {
+        "trust the CA that signed the server's certificate (`--ca FILE`, `with_tls_root`); \
+         for a self-signed certificate, `--ca` the certificate itself"
+    } else {
+        "is `cairn serve` running there?"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
