@@ -116,6 +116,8 @@ pub(crate) struct MarkFile {
     file: File,
     path: PathBuf,
     next_seq: u64,
+    /// The last mark written or read: a mark never moves back (the log only grows).
+    last: Option<(u64, u64)>,
 }
 
 impl MarkFile {
@@ -137,7 +139,12 @@ impl MarkFile {
             }
             Err(e) => return Err(StoreError::io(&path, e)),
         };
-        Ok(MarkFile { file, path, next_seq: last.map_or(1, |m| m.seq + 1) })
+        Ok(MarkFile {
+            file,
+            path,
+            next_seq: last.map_or(1, |m| m.seq + 1),
+            last: last.map(|m| (m.head, m.events)),
+        })
     }
 
     /// Writes the mark into both slots, one after the other, each synced: a
@@ -151,6 +158,11 @@ impl MarkFile {
         events: u64,
         last_id: u128,
     ) -> Result<Mark, StoreError> {
+        debug_assert!(
+            self.last.is_none_or(|(h, n)| head >= h && events >= n),
+            "the durable mark moves forward only: {:?} then ({head}, {events})",
+            self.last
+        );
         let mark = Mark { seq: self.next_seq, head, events, last_id };
         let io = |e| StoreError::io(&self.path, e);
         for slot in [mark.seq % 2, (mark.seq + 1) % 2] {
@@ -158,6 +170,7 @@ impl MarkFile {
             storage.sync_data(&self.file).map_err(io)?;
         }
         self.next_seq += 1;
+        self.last = Some((head, events));
         Ok(mark)
     }
 }

@@ -283,6 +283,16 @@ impl MemIndex {
     }
 
     pub(crate) fn apply(&mut self, r: &RecordView<'_>, position: u64) -> Result<(), IndexError> {
+        debug_assert!(
+            position >= self.base,
+            "an event at {position} before its segment at {}",
+            self.base
+        );
+        debug_assert!(
+            self.last_position.is_none_or(|last| position > last),
+            "positions strictly increase: {position} after {:?}",
+            self.last_position
+        );
         if !self.ids.insert(r.id.as_u128(), position) {
             return Err(IndexError::new(format!(
                 "event id {} at position {position} was already used",
@@ -527,6 +537,12 @@ impl Index {
             Some(e) => e,
             None => self.streams.load(r.stream).map_err(IndexError::from_store)?,
         };
+        debug_assert!(
+            entry.last_position.is_none_or(|last| position > last),
+            "a stream's events are in position order ('{}': {position} after {:?})",
+            r.stream,
+            entry.last_position
+        );
         let expected = entry.version + 1;
         if r.version != expected {
             return Err(out_of_order(position, r.version, r.stream, expected));
