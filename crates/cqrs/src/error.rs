@@ -30,7 +30,7 @@ pub enum ProjectionError {
     )]
     CheckpointMoved { projection: String, expected: Option<Position> },
 
-    /// The read model cannot work where it was called (e.g. a PostgreSQL model on a current-thread runtime).
+    /// The read model cannot work where it was called.
     #[error("read model of '{projection}': {reason}")]
     Runtime { projection: String, reason: String },
 

@@ -35,7 +35,7 @@ pub use memory::{MemoryModel, MemoryProjection};
 #[cfg(feature = "postgres")]
 pub use postgres::{PgModel, PgProjection, pg_request, pg_stored_checkpoints};
 pub use runner::{Lag, Progress, Runner, RunnerHandle, State, Status, lag, rebuild};
-pub use sink::{Requested, Sink, StoredCheckpoint};
+pub use sink::{Requested, Sink, StoredCheckpoint, blocking};
 pub use source::Source;
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteModel, SqliteProjection, request, stored_checkpoints};

@@ -60,16 +60,17 @@ impl<P: MemoryProjection> MemoryModel<P> {
     }
 }
 
+#[async_trait::async_trait]
 impl<P: MemoryProjection> Sink for MemoryModel<P> {
     fn name(&self) -> &str {
         self.projection.name()
     }
 
-    fn checkpoint(&mut self) -> Result<Option<(Position, Timestamp)>, ProjectionError> {
+    async fn checkpoint(&mut self) -> Result<Option<(Position, Timestamp)>, ProjectionError> {
         Ok(self.inner.read().unwrap().checkpoint)
     }
 
-    fn apply(
+    async fn apply(
         &mut self,
         events: &[RecordedEvent],
         checkpoint: (Position, Timestamp),
@@ -90,7 +91,7 @@ impl<P: MemoryProjection> Sink for MemoryModel<P> {
         Ok(())
     }
 
-    fn reset(&mut self) -> Result<(), ProjectionError> {
+    async fn reset(&mut self) -> Result<(), ProjectionError> {
         *self.inner.write().unwrap() = Inner { state: P::State::default(), checkpoint: None };
         Ok(())
     }

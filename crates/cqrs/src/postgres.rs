@@ -1,26 +1,18 @@
 //! Read models in PostgreSQL.
 //!
-//! `Sink` is synchronous and the runner calls it from an async task, while
-//! tokio-postgres is async. Each `Sink` method therefore runs its queries with
-//! `block_in_place(|| handle.block_on(..))`: the worker thread hands its other
-//! tasks to another thread while it waits, so nothing else stalls (the
-//! connection task keeps running elsewhere). `block_in_place` panics on a
-//! current-thread runtime, so there the model returns
-//! [`ProjectionError::Runtime`] instead: open it and run it on a
-//! multi-thread runtime. Called from a thread outside any runtime, it simply
-//! blocks on the runtime it was opened on.
+//! The model runs its queries on the client it was given, inside the
+//! runner's task: any tokio runtime will do.
 
 use std::future::Future;
 
 use cairn_core::{Position, RecordedEvent, Timestamp};
-use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio_postgres::{Client, Transaction};
 
 use crate::{ProjectionError, Requested, Sink, Source, StoredCheckpoint};
 
 /// A projection into PostgreSQL tables the application owns. Each batch of
 /// events and the checkpoint commit in one transaction.
-pub trait PgProjection: Send + 'static {
+pub trait PgProjection: Send + Sync + 'static {
     fn name(&self) -> &str;
 
     /// Creates the projection's tables (`CREATE TABLE IF NOT EXISTS ...`),
@@ -51,7 +43,6 @@ pub trait PgProjection: Send + 'static {
 pub struct PgModel<P: PgProjection> {
     client: Client,
     projection: P,
-    handle: Handle,
     /// The stored checkpoint as this model last read or wrote it: a batch
     /// commits only if it is still that, so two runners cannot both apply.
     last: Option<Position>,
@@ -88,37 +79,10 @@ fn pg_error(projection: &str) -> impl Fn(tokio_postgres::Error) -> ProjectionErr
     move |source| ProjectionError::Postgres { projection: projection.to_string(), source }
 }
 
-/// Runs `work` to completion from synchronous code (see the module's note).
-fn block_on<F: Future>(
-    handle: &Handle,
-    projection: &str,
-    work: F,
-) -> Result<F::Output, ProjectionError> {
-    match Handle::try_current() {
-        Err(_) => Ok(handle.block_on(work)),
-        Ok(current) if current.runtime_flavor() == RuntimeFlavor::CurrentThread => {
-            Err(current_thread(projection))
-        }
-        Ok(_) => Ok(tokio::task::block_in_place(|| handle.block_on(work))),
-    }
-}
-
-fn current_thread(projection: &str) -> ProjectionError {
-    ProjectionError::Runtime {
-        projection: projection.to_string(),
-        reason: "a PostgreSQL read model needs a multi-thread tokio runtime (it blocks on its queries with block_in_place)".into(),
-    }
-}
-
 impl<P: PgProjection> PgModel<P> {
     /// Sets up the tables (the model's and the projection's) and keeps
-    /// `client`, whose connection must keep running on this runtime. Call it
-    /// on a multi-thread tokio runtime.
+    /// `client`, whose connection must keep running.
     pub async fn open(mut client: Client, projection: P) -> Result<Self, ProjectionError> {
-        let handle = match Handle::try_current() {
-            Ok(h) if h.runtime_flavor() != RuntimeFlavor::CurrentThread => h,
-            _ => return Err(current_thread(projection.name())),
-        };
         let name = projection.name().to_string();
         let pg = pg_error(&name);
         let tx = client.transaction().await.map_err(&pg)?;
@@ -129,47 +93,50 @@ impl<P: PgProjection> PgModel<P> {
             .await
             .map_err(&pg)?;
         let last = row.map(|r| Position(r.get::<_, i64>(0) as u64));
-        Ok(PgModel { client, projection, handle, last })
+        Ok(PgModel { client, projection, last })
     }
 
     /// Runs one query's worth of work on the client and waits for it.
-    fn run<T>(
+    async fn run<T>(
         &mut self,
         work: impl AsyncFnOnce(&mut Client, &str) -> Result<T, tokio_postgres::Error>,
     ) -> Result<T, ProjectionError> {
         let name = self.projection.name();
-        block_on(&self.handle, name, work(&mut self.client, name))?.map_err(pg_error(name))
+        work(&mut self.client, name).await.map_err(pg_error(name))
     }
 }
 
+#[async_trait::async_trait]
 impl<P: PgProjection> Sink for PgModel<P> {
     fn name(&self) -> &str {
         self.projection.name()
     }
 
-    fn checkpoint(&mut self) -> Result<Option<(Position, Timestamp)>, ProjectionError> {
-        let row = self.run(async |c, name| {
-            c.query_opt(
-                "SELECT position, event_time FROM cairn_checkpoints WHERE projection = $1",
-                &[&name],
-            )
-            .await
-        })?;
+    async fn checkpoint(&mut self) -> Result<Option<(Position, Timestamp)>, ProjectionError> {
+        let row = self
+            .run(async |c, name| {
+                c.query_opt(
+                    "SELECT position, event_time FROM cairn_checkpoints WHERE projection = $1",
+                    &[&name],
+                )
+                .await
+            })
+            .await?;
         let checkpoint = row.map(|r| (Position(r.get::<_, i64>(0) as u64), Timestamp(r.get(1))));
         self.last = checkpoint.map(|c| c.0);
         Ok(checkpoint)
     }
 
-    fn apply(
+    async fn apply(
         &mut self,
         events: &[RecordedEvent],
         checkpoint: (Position, Timestamp),
     ) -> Result<(), ProjectionError> {
-        let PgModel { client, projection, handle, last } = self;
+        let PgModel { client, projection, last } = self;
         let name = projection.name();
         let pg = pg_error(name);
         let expected = *last;
-        block_on(handle, name, async {
+        let applied: Result<(), ProjectionError> = async {
             let tx = client.transaction().await.map_err(&pg)?;
             for e in events {
                 projection.apply(&tx, e).await.map_err(|reason| ProjectionError::Handler {
@@ -208,12 +175,14 @@ impl<P: PgProjection> Sink for PgModel<P> {
             }
             // An error above drops `tx`, which rolls back the whole batch.
             tx.commit().await.map_err(&pg)
-        })??;
+        }
+        .await;
+        applied?;
         *last = Some(checkpoint.0);
         Ok(())
     }
 
-    fn follows(&mut self, source: &Source) -> Result<(), ProjectionError> {
+    async fn follows(&mut self, source: &Source) -> Result<(), ProjectionError> {
         let source = serde_json::to_string(source).expect("a source serialises");
         self.run(async |c, name| {
             c.execute(
@@ -222,24 +191,30 @@ impl<P: PgProjection> Sink for PgModel<P> {
             )
             .await
         })
+        .await
         .map(drop)
     }
 
-    fn requested(&mut self) -> Result<Requested, ProjectionError> {
-        let row = self.run(async |c, name| {
-            c.query_opt("SELECT paused, reset FROM cairn_control WHERE projection = $1", &[&name])
+    async fn requested(&mut self) -> Result<Requested, ProjectionError> {
+        let row = self
+            .run(async |c, name| {
+                c.query_opt(
+                    "SELECT paused, reset FROM cairn_control WHERE projection = $1",
+                    &[&name],
+                )
                 .await
-        })?;
+            })
+            .await?;
         Ok(row.map_or_else(Requested::default, |r| Requested { paused: r.get(0), reset: r.get(1) }))
     }
 
     /// Lets the projection empty its tables, sets them up again, forgets the
     /// checkpoint and clears a reset request, in one transaction. A pause
     /// request stays.
-    fn reset(&mut self) -> Result<(), ProjectionError> {
-        let PgModel { client, projection, handle, last } = self;
+    async fn reset(&mut self) -> Result<(), ProjectionError> {
+        let PgModel { client, projection, last } = self;
         let name = projection.name();
-        block_on(handle, name, async {
+        let reset: Result<(), tokio_postgres::Error> = async {
             let tx = client.transaction().await?;
             projection.reset(&tx).await?;
             setup(&tx, projection).await?;
@@ -247,8 +222,9 @@ impl<P: PgProjection> Sink for PgModel<P> {
             tx.execute("UPDATE cairn_control SET reset = false WHERE projection = $1", &[&name])
                 .await?;
             tx.commit().await
-        })?
-        .map_err(pg_error(name))?;
+        }
+        .await;
+        reset.map_err(pg_error(name))?;
         *last = None;
         Ok(())
     }

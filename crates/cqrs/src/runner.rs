@@ -171,8 +171,8 @@ impl Runner {
         let mut poll = tokio::time::interval(REQUEST_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         'subscribe: loop {
-            self.sink.follows(&self.source)?;
-            let checkpoint = self.sink.checkpoint()?;
+            self.sink.follows(&self.source).await?;
+            let checkpoint = self.sink.checkpoint().await?;
             {
                 let mut s = status.lock().unwrap();
                 s.position = checkpoint.map(|c| c.0);
@@ -187,9 +187,9 @@ impl Runner {
                 if wanted == Control::Stop {
                     return Ok(());
                 }
-                let requested = self.sink.requested()?;
+                let requested = self.sink.requested().await?;
                 if requested.reset {
-                    self.sink.reset()?;
+                    self.sink.reset().await?;
                     continue 'subscribe;
                 }
                 if wanted == Control::Pause || requested.paused {
@@ -244,7 +244,7 @@ impl Runner {
                         }
                     }
                 }
-                self.sink.apply(&batch, checkpoint)?;
+                self.sink.apply(&batch, checkpoint).await?;
                 let mut s = status.lock().unwrap();
                 s.position = Some(checkpoint.0);
                 s.last_event_time = Some(checkpoint.1);
@@ -402,7 +402,7 @@ pub async fn rebuild(
 ) -> Result<Progress, ProjectionError> {
     let started = Instant::now();
     let target = store.last_position().await?.unwrap_or(Position::START);
-    let at = sink.checkpoint()?;
+    let at = sink.checkpoint().await?;
     let mut report = Progress {
         events: 0,
         position: at.map_or(Position::START, |c| c.0),
@@ -432,7 +432,7 @@ pub async fn rebuild(
             let Some(last) = page.last() else { break };
             let checkpoint = (last.position, last.timestamp);
             let wanted: Vec<RecordedEvent> = page.into_iter().filter(|e| source.wants(e)).collect();
-            sink.apply(&wanted, checkpoint)?;
+            sink.apply(&wanted, checkpoint).await?;
             report.events += wanted.len() as u64;
             report.position = checkpoint.0;
             report.elapsed = started.elapsed();

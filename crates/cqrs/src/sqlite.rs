@@ -101,92 +101,103 @@ impl<P: SqliteProjection> SqliteModel<P> {
     }
 }
 
+#[async_trait::async_trait]
 impl<P: SqliteProjection> Sink for SqliteModel<P> {
     fn name(&self) -> &str {
         self.projection.name()
     }
 
-    fn checkpoint(&mut self) -> Result<Option<(Position, Timestamp)>, ProjectionError> {
-        self.conn
-            .query_row(
-                "SELECT position, event_time FROM cairn_checkpoints WHERE projection = ?1",
-                params![self.projection.name()],
-                |row| Ok((Position(row.get::<_, i64>(0)? as u64), Timestamp(row.get(1)?))),
-            )
-            .optional()
-            .map_err(|source| self.sql(source))
+    async fn checkpoint(&mut self) -> Result<Option<(Position, Timestamp)>, ProjectionError> {
+        crate::blocking(|| {
+            self.conn
+                .query_row(
+                    "SELECT position, event_time FROM cairn_checkpoints WHERE projection = ?1",
+                    params![self.projection.name()],
+                    |row| Ok((Position(row.get::<_, i64>(0)? as u64), Timestamp(row.get(1)?))),
+                )
+                .optional()
+                .map_err(|source| self.sql(source))
+        })
     }
 
-    fn apply(
+    async fn apply(
         &mut self,
         events: &[RecordedEvent],
         checkpoint: (Position, Timestamp),
     ) -> Result<(), ProjectionError> {
-        let name = self.projection.name().to_string();
-        let sql = |source| ProjectionError::Sqlite { projection: name.clone(), source };
-        let tx = self.conn.transaction().map_err(sql)?;
-        for e in events {
-            self.projection.apply(&tx, e).map_err(|reason| ProjectionError::Handler {
-                projection: name.clone(),
-                position: e.position,
-                reason: reason.to_string(),
-            })?;
-        }
-        tx.prepare_cached(
-            "INSERT INTO cairn_checkpoints (projection, position, event_time, updated_at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (projection) DO UPDATE SET position = ?2, event_time = ?3, updated_at = ?4",
-        )
-        .and_then(|mut s| s.execute(params![name, checkpoint.0 .0 as i64, checkpoint.1 .0, Timestamp::now().0]))
-        .map_err(sql)?;
-        tx.commit().map_err(sql)
-    }
-
-    fn follows(&mut self, source: &Source) -> Result<(), ProjectionError> {
-        let source = serde_json::to_string(source).expect("a source serialises");
-        self.conn
-            .execute(
-                "INSERT INTO cairn_sources (projection, source) VALUES (?1, ?2)
-                 ON CONFLICT (projection) DO UPDATE SET source = ?2",
-                params![self.projection.name(), source],
+        crate::blocking(|| {
+            let name = self.projection.name().to_string();
+            let sql = |source| ProjectionError::Sqlite { projection: name.clone(), source };
+            let tx = self.conn.transaction().map_err(sql)?;
+            for e in events {
+                self.projection.apply(&tx, e).map_err(|reason| ProjectionError::Handler {
+                    projection: name.clone(),
+                    position: e.position,
+                    reason: reason.to_string(),
+                })?;
+            }
+            tx.prepare_cached(
+                "INSERT INTO cairn_checkpoints (projection, position, event_time, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (projection) DO UPDATE SET position = ?2, event_time = ?3, updated_at = ?4",
             )
-            .map(drop)
-            .map_err(|source| self.sql(source))
+            .and_then(|mut s| s.execute(params![name, checkpoint.0 .0 as i64, checkpoint.1 .0, Timestamp::now().0]))
+            .map_err(sql)?;
+            tx.commit().map_err(sql)
+        })
     }
 
-    fn requested(&mut self) -> Result<Requested, ProjectionError> {
-        self.conn
-            .prepare_cached("SELECT paused, reset FROM cairn_control WHERE projection = ?1")
-            .and_then(|mut s| {
-                s.query_row(params![self.projection.name()], |r| {
-                    Ok(Requested { paused: r.get(0)?, reset: r.get(1)? })
+    async fn follows(&mut self, source: &Source) -> Result<(), ProjectionError> {
+        crate::blocking(|| {
+            let source = serde_json::to_string(source).expect("a source serialises");
+            self.conn
+                .execute(
+                    "INSERT INTO cairn_sources (projection, source) VALUES (?1, ?2)
+                     ON CONFLICT (projection) DO UPDATE SET source = ?2",
+                    params![self.projection.name(), source],
+                )
+                .map(drop)
+                .map_err(|source| self.sql(source))
+        })
+    }
+
+    async fn requested(&mut self) -> Result<Requested, ProjectionError> {
+        crate::blocking(|| {
+            self.conn
+                .prepare_cached("SELECT paused, reset FROM cairn_control WHERE projection = ?1")
+                .and_then(|mut s| {
+                    s.query_row(params![self.projection.name()], |r| {
+                        Ok(Requested { paused: r.get(0)?, reset: r.get(1)? })
+                    })
+                    .optional()
                 })
-                .optional()
-            })
-            .map(Option::unwrap_or_default)
-            .map_err(|source| self.sql(source))
+                .map(Option::unwrap_or_default)
+                .map_err(|source| self.sql(source))
+        })
     }
 
-    fn reset(&mut self) -> Result<(), ProjectionError> {
-        // The projection owns its schema, so a reset starts from an empty file.
-        let fresh =
-            open(&self.path.with_extension("resetting")).map_err(|source| self.sql(source))?;
-        drop(std::mem::replace(&mut self.conn, fresh));
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.path.display()));
-        }
-        let mut conn = open(&self.path).map_err(|source| self.sql(source))?;
-        let tx = conn.transaction().map_err(|source| self.sql(source))?;
-        self.projection.setup(&tx).map_err(|source| self.sql(source))?;
-        tx.commit().map_err(|source| self.sql(source))?;
-        let scratch = std::mem::replace(&mut self.conn, conn);
-        drop(scratch);
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!(
-                "{}{suffix}",
-                self.path.with_extension("resetting").display()
-            ));
-        }
-        Ok(())
+    async fn reset(&mut self) -> Result<(), ProjectionError> {
+        crate::blocking(|| {
+            // The projection owns its schema, so a reset starts from an empty file.
+            let fresh =
+                open(&self.path.with_extension("resetting")).map_err(|source| self.sql(source))?;
+            drop(std::mem::replace(&mut self.conn, fresh));
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", self.path.display()));
+            }
+            let mut conn = open(&self.path).map_err(|source| self.sql(source))?;
+            let tx = conn.transaction().map_err(|source| self.sql(source))?;
+            self.projection.setup(&tx).map_err(|source| self.sql(source))?;
+            tx.commit().map_err(|source| self.sql(source))?;
+            let scratch = std::mem::replace(&mut self.conn, conn);
+            drop(scratch);
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!(
+                    "{}{suffix}",
+                    self.path.with_extension("resetting").display()
+                ));
+            }
+            Ok(())
+        })
     }
 }
 

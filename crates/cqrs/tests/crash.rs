@@ -70,7 +70,7 @@ fn kill_projection_and_resume() {
         rt.block_on(async {
             let store = store_in(dir.path());
             let mut model = SqliteModel::open(dir.path().join("balances.db"), SqlBalances).unwrap();
-            let checkpoint = model.checkpoint().unwrap().map(|c| c.0);
+            let checkpoint = model.checkpoint().await.unwrap().map(|c| c.0);
             let held = sql_balances(&model.reader().unwrap());
             assert_eq!(
                 held,

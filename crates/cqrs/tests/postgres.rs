@@ -1,8 +1,8 @@
 //! `PgModel` against the real PostgreSQL at 127.0.0.1:5432. Each test works
 //! in a schema of its own (a fresh UUID, through the connection's
 //! search_path), so the model's and the projection's tables never collide.
-//! The models run on multi-thread runtimes: they block on their queries with
-//! `block_in_place`.
+//! The model awaits its queries, so it runs on any runtime (one test runs it
+//! on a current-thread one).
 
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
@@ -166,7 +166,7 @@ async fn a_balance_projection_equals_the_events_and_checkpoints_the_last_one() {
 
     let last = last_event(store.as_ref()).await;
     assert_eq!(
-        sink.checkpoint().unwrap(),
+        sink.checkpoint().await.unwrap(),
         Some((last.position, last.timestamp)),
         "the last applied event, with its append time"
     );
@@ -193,7 +193,7 @@ async fn a_handler_failing_mid_batch_rolls_back_its_rows_and_the_checkpoint() {
     runner.wait_for(store.last_position().await.unwrap().unwrap()).await.unwrap();
     let (mut sink, result) = runner.stop().await;
     result.unwrap();
-    let committed = sink.checkpoint().unwrap();
+    let committed = sink.checkpoint().await.unwrap();
     drop(sink);
 
     // The next batch: 20 good events, the poison, 10 more.
@@ -218,7 +218,7 @@ async fn a_handler_failing_mid_batch_rolls_back_its_rows_and_the_checkpoint() {
     );
 
     // The 20 events before the poison were written in the batch's transaction: none of them is visible.
-    assert_eq!(sink.checkpoint().unwrap(), committed, "the checkpoint did not move");
+    assert_eq!(sink.checkpoint().await.unwrap(), committed, "the checkpoint did not move");
     let committed = committed.map(|c| c.0);
     assert_eq!(pg_balances(&reader).await, expected_upto(store.as_ref(), committed).await);
     assert_eq!(applied(&reader).await, user_positions(store.as_ref(), committed).await);
@@ -242,7 +242,7 @@ async fn a_restarted_projection_resumes_from_its_checkpoint_without_double_apply
     runner.wait_for(middle).await.unwrap();
     let (mut sink, result) = runner.stop().await;
     result.unwrap();
-    let stopped_at = sink.checkpoint().unwrap().map(|c| c.0);
+    let stopped_at = sink.checkpoint().await.unwrap().map(|c| c.0);
     drop(sink);
     assert!(stopped_at >= Some(middle));
     assert_eq!(applied(&reader).await, user_positions(store.as_ref(), stopped_at).await);
@@ -277,10 +277,10 @@ async fn a_second_model_on_a_stale_checkpoint_commits_nothing_and_a_reset_emptie
 
     // Two runners of one projection (a rolling deploy): both start from nothing.
     let (mut a, mut b) = (db.model().await, db.model().await);
-    a.apply(&events[..20], at(19)).unwrap();
-    let err = b.apply(&events[..20], at(19)).unwrap_err();
+    a.apply(&events[..20], at(19)).await.unwrap();
+    let err = b.apply(&events[..20], at(19)).await.unwrap_err();
     assert!(matches!(err, ProjectionError::CheckpointMoved { expected: None, .. }), "{err}");
-    a.apply(&events[20..30], at(29)).unwrap();
+    a.apply(&events[20..30], at(29)).await.unwrap();
     assert_eq!(
         applied(&reader).await,
         user_positions(store.as_ref(), Some(events[29].position)).await,
@@ -288,14 +288,17 @@ async fn a_second_model_on_a_stale_checkpoint_commits_nothing_and_a_reset_emptie
     );
 
     // Once it reads the checkpoint again, b carries on from there.
-    assert_eq!(b.checkpoint().unwrap(), Some(at(29)));
-    b.apply(&events[30..], at(39)).unwrap();
-    assert!(matches!(a.apply(&events[30..], at(39)), Err(ProjectionError::CheckpointMoved { .. })));
+    assert_eq!(b.checkpoint().await.unwrap(), Some(at(29)));
+    b.apply(&events[30..], at(39)).await.unwrap();
+    assert!(matches!(
+        a.apply(&events[30..], at(39)).await,
+        Err(ProjectionError::CheckpointMoved { .. })
+    ));
     assert_eq!(pg_balances(&reader).await, expected(store.as_ref()).await);
 
     // The reset hook drops the tables, setup recreates them, the checkpoint is gone.
-    b.reset().unwrap();
-    assert_eq!(b.checkpoint().unwrap(), None);
+    b.reset().await.unwrap();
+    assert_eq!(b.checkpoint().await.unwrap(), None);
     assert!(pg_balances(&reader).await.is_empty() && applied(&reader).await.is_empty());
     assert!(pg_stored_checkpoints(&reader).await.unwrap().is_empty());
     db.drop().await;
@@ -320,26 +323,25 @@ async fn models_opened_at_once_set_up_their_tables_without_racing() {
     db.drop().await;
 }
 
-#[test]
-fn on_a_current_thread_runtime_the_model_returns_an_error_instead_of_panicking() {
+/// The model is async (no `block_in_place`): it runs under a runner on a
+/// current-thread runtime too, and its batches commit with the checkpoint.
+#[tokio::test(flavor = "current_thread")]
+async fn the_model_runs_on_a_current_thread_runtime() {
     if !reachable("127.0.0.1:5432", "PostgreSQL") {
         return;
     }
-    let single = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let multi =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let db = multi.block_on(Db::new());
-    let err = single.block_on(async {
-        PgModel::open(connect_in(&db.schema).await, PgBalances).await.err().unwrap()
-    });
-    assert!(err.to_string().contains("multi-thread tokio runtime"), "{err}");
-
-    let mut model = multi.block_on(db.model());
-    let err = single.block_on(async { model.checkpoint().unwrap_err() });
-    assert!(matches!(err, ProjectionError::Runtime { .. }), "{err}");
-    // Outside any runtime it blocks on the one it was opened on.
-    assert_eq!(model.checkpoint().unwrap(), None);
-    multi.block_on(db.drop());
+    let db = Db::new().await;
+    let reader = db.connect().await;
+    let (store, _dir) = store();
+    write_history(store.as_ref(), 3, 12, 7).await;
+    let last = store.last_position().await.unwrap().unwrap();
+    let runner = Runner::new(store.clone(), Source::All, db.model().await).spawn();
+    runner.wait_for(last).await.unwrap();
+    let (mut model, stopped) = runner.stop().await;
+    stopped.unwrap();
+    assert_eq!(model.checkpoint().await.unwrap().map(|c| c.0), Some(last));
+    assert_eq!(pg_balances(&reader).await, expected(store.as_ref()).await);
+    db.drop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,7 +35,7 @@ async fn a_sqlite_projection_resumes_from_its_checkpoint_without_double_applying
     runner.wait_for(store.last_position().await.unwrap().unwrap()).await.unwrap();
     let (mut sink, result) = runner.stop().await;
     result.unwrap();
-    let checkpoint = sink.checkpoint().unwrap().unwrap();
+    let checkpoint = sink.checkpoint().await.unwrap().unwrap();
     drop(sink);
 
     // More events while no runner runs; a new runner on the same file resumes.
@@ -107,7 +107,7 @@ async fn a_failing_handler_stops_the_projection_at_the_event_and_applies_nothing
     // One batch held everything: rolled back whole, checkpoint untouched.
     let (mut sink, result) = runner.stop().await;
     assert!(matches!(result, Err(ProjectionError::Handler { .. })));
-    assert_eq!(sink.checkpoint().unwrap(), None);
+    assert_eq!(sink.checkpoint().await.unwrap(), None);
     assert!(sql_balances(&reader).is_empty());
 
     // In memory the events before the poison stay, and the checkpoint says so.
@@ -148,8 +148,8 @@ async fn a_rebuild_builds_a_fresh_model_beside_the_live_one_then_swaps() {
     assert!(!dir.path().join("rebuilding.db").exists());
 
     // A reset empties the model and its checkpoint.
-    swapped.reset().unwrap();
-    assert_eq!(swapped.checkpoint().unwrap(), None);
+    swapped.reset().await.unwrap();
+    assert_eq!(swapped.checkpoint().await.unwrap(), None);
     assert!(sql_balances(&swapped.reader().unwrap()).is_empty());
 }
 
