@@ -1822,6 +1822,25 @@ pub async fn huge_max_age_hides_nothing(store: Store) {
     }
 }
 
+/// A checkpoint stream shows its newest checkpoint and at most
+/// [`CHECKPOINTS_KEPT`] events, however often it is saved.
+pub async fn checkpoint_streams_stay_bounded(store: Store) {
+    let checkpoints: CheckpointStream<u64> = CheckpointStream::new(
+        format!("{RELAY_STREAM_PREFIX}c{}", Uuid::new_v4().simple()),
+        "Checkpoint",
+    );
+    assert!(checkpoints.load(store.as_ref()).await.unwrap().is_none(), "none before the first");
+    for n in 1..=40u64 {
+        checkpoints.save(store.as_ref(), &n).await.unwrap();
+    }
+    let (newest, event) = checkpoints.load(store.as_ref()).await.unwrap().unwrap();
+    assert_eq!((newest, event.version), (40, 40));
+    let shown =
+        store.read_stream(checkpoints.stream(), ReadStreamOptions::forward()).await.unwrap();
+    assert_eq!(shown.len() as u64, CHECKPOINTS_KEPT, "older checkpoints are hidden");
+    assert_eq!(shown.last().unwrap().json::<u64>().unwrap(), 40);
+}
+
 pub async fn append_each_applies_in_order_each_on_its_own(store: Store) {
     let (a, b) = (unique("account"), unique("account"));
     let retried = deposit(9);
@@ -1976,7 +1995,7 @@ macro_rules! conformance_suite {
             subscription_filter_applies_a_predicate, json_payloads_readers_cannot_parse_rejected,
             names_with_control_or_invisible_characters_rejected, subscribe_stream_after_the_largest_version_delivers_nothing,
             reused_id_with_other_content_conflicts, retry_after_soft_delete_conflicts, huge_max_age_hides_nothing,
-            append_each_applies_in_order_each_on_its_own);
+            append_each_applies_in_order_each_on_its_own, checkpoint_streams_stay_bounded);
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
         $(

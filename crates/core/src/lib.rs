@@ -6,6 +6,7 @@
 //! embedded engine, PostgreSQL or a remote server.
 
 mod backoff;
+mod checkpoint;
 mod error;
 mod event;
 mod limits;
@@ -17,6 +18,7 @@ mod store;
 pub mod conformance;
 
 pub use backoff::Backoff;
+pub use checkpoint::{CHECKPOINTS_KEPT, CheckpointStream};
 pub use error::{Result, StoreError};
 pub use event::{ContentType, Metadata, NewEvent, RecordedEvent, Timestamp};
 pub use limits::{

@@ -56,8 +56,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cairn_core::{
-    EventStore, ExpectedVersion, NewEvent, Position, RELAY_STREAM_PREFIX, ReadAllOptions,
-    ReadStreamOptions, RecordedEvent, StartFrom, StoreError, SubscriptionTarget, Timestamp,
+    CheckpointStream, EventStore, Position, RELAY_STREAM_PREFIX, ReadAllOptions, RecordedEvent,
+    StartFrom, StoreError, SubscriptionTarget, Timestamp,
 };
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
@@ -202,25 +202,23 @@ pub fn checkpoint_stream(name: &str) -> String {
     format!("{RELAY_STREAM_PREFIX}{name}")
 }
 
+/// A relay's checkpoints (bounded: see [`CheckpointStream`]).
+fn checkpoints(name: &str) -> CheckpointStream<Checkpoint> {
+    CheckpointStream::new(checkpoint_stream(name), "RelayCheckpoint")
+}
+
 /// The position a relay has confirmed up to (`None`: nothing yet).
 pub async fn stored_checkpoint(
     store: &dyn EventStore,
     name: &str,
 ) -> Result<Option<Position>, RelayError> {
-    let stream = checkpoint_stream(name);
-    let last = store
-        .read_stream_or_empty(&stream, ReadStreamOptions::backward().limit(1))
-        .await?
-        .into_iter()
-        .next();
-    match last {
-        None => Ok(None),
-        Some(e) => {
-            let c: Checkpoint = e
-                .json()
-                .map_err(|err| RelayError::Checkpoint { stream, reason: err.to_string() })?;
-            Ok(Some(Position(c.position)))
+    let stream = checkpoints(name);
+    match stream.load(store).await {
+        Ok(c) => Ok(c.map(|(c, _)| Position(c.position))),
+        Err(StoreError::Corrupt { reason, .. }) => {
+            Err(RelayError::Checkpoint { stream: stream.stream().to_string(), reason })
         }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -231,9 +229,7 @@ pub async fn store_checkpoint(
     name: &str,
     position: Position,
 ) -> Result<(), RelayError> {
-    let event = NewEvent::json("RelayCheckpoint", &Checkpoint { position: position.0 })
-        .expect("a checkpoint serialises");
-    store.append(&checkpoint_stream(name), ExpectedVersion::Any, vec![event]).await?;
+    checkpoints(name).save(store, &Checkpoint { position: position.0 }).await?;
     Ok(())
 }
 

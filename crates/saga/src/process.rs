@@ -44,8 +44,8 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use cairn_core::{
-    Direction, EventStore, ExpectedVersion, Metadata, NewEvent, Position, Query, ReadAllOptions,
-    ReadStreamOptions, RecordedEvent, StartFrom, StoreError, SubscriptionTarget,
+    CheckpointStream, Direction, EventStore, ExpectedVersion, Metadata, NewEvent, Position, Query,
+    ReadAllOptions, ReadStreamOptions, RecordedEvent, StartFrom, StoreError, SubscriptionTarget,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -302,9 +302,8 @@ impl<P: Process> ProcessManagerBuilder<P> {
         let name = self.process.name().to_string();
         cairn_core::validate_category(&name)
             .map_err(|e| ProcessError::Invalid(format!("process name {name:?}: {e}")))?;
-        let checkpoint = process_checkpoint_stream(&name);
         let from =
-            newest(self.store.as_ref(), &checkpoint).await?.and_then(|e| e.json::<Position>().ok());
+            checkpoints(&name).load(self.store.as_ref()).await.ok().flatten().map(|(p, _)| p);
         let parked = newest(self.store.as_ref(), &parked_stream(&name))
             .await?
             .and_then(|e| e.json::<ParkedSet>().ok())
@@ -431,6 +430,10 @@ struct Resumed {
 
 /// `$saga-<process>-$checkpoint`: the position its manager's subscription
 /// has reached, as `ProcessCheckpoint` events holding a position.
+fn checkpoints(process: &str) -> CheckpointStream<Position> {
+    CheckpointStream::new(process_checkpoint_stream(process), CHECKPOINT)
+}
+
 pub fn process_checkpoint_stream(process: &str) -> String {
     saga_stream(process, "$checkpoint")
 }
@@ -653,11 +656,7 @@ impl<P: Process> Inner<P> {
     }
 
     async fn write_checkpoint(&self, position: Position) -> Result<(), StoreError> {
-        let event = NewEvent::json(CHECKPOINT, &position).expect("positions serialise");
-        self.store
-            .append(&process_checkpoint_stream(&self.name), ExpectedVersion::Any, vec![event])
-            .await
-            .map(|_| ())
+        checkpoints(&self.name).save(self.store.as_ref(), &position).await.map(|_| ())
     }
 
     async fn load(&self, correlation: &str) -> Result<Instance<P::State>, ProcessError> {

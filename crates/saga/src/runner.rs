@@ -15,8 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_core::{
-    EventStore, ExpectedVersion, NewEvent, Position, ReadAllOptions, ReadStreamOptions,
-    RecordedEvent, SAGA_STREAM_PREFIX, StartFrom, StoreError, SubscriptionTarget,
+    CheckpointStream, EventStore, ExpectedVersion, NewEvent, Position, ReadAllOptions,
+    ReadStreamOptions, RecordedEvent, SAGA_STREAM_PREFIX, StartFrom, StoreError,
+    SubscriptionTarget,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -354,10 +355,7 @@ impl Inner {
                 parked: open.iter().filter(|(_, o)| o.listed).map(|(s, _)| s.clone()).collect(),
             }
         };
-        let event = NewEvent::json(CHECKPOINT_TYPE, &checkpoint).expect("checkpoints serialise");
-        self.store
-            .append(&checkpoint_stream(&self.name), ExpectedVersion::Any, vec![event])
-            .await?;
+        checkpoints(&self.name).save(self.store.as_ref(), &checkpoint).await?;
         Ok(())
     }
 
@@ -390,6 +388,11 @@ impl Inner {
             }
         }
     }
+}
+
+/// A runner's checkpoints (bounded: see [`CheckpointStream`]).
+fn checkpoints(runner: &str) -> CheckpointStream<Checkpoint> {
+    CheckpointStream::new(checkpoint_stream(runner), CHECKPOINT_TYPE)
 }
 
 fn checkpoint_stream(runner: &str) -> String {
