@@ -11,6 +11,7 @@ mod grpc;
 mod metrics;
 mod openapi;
 mod params;
+mod reply;
 mod sagas;
 
 use std::net::SocketAddr;

@@ -12,7 +12,7 @@ use cairn_saga::Status;
 use cairn_saga::inspect::{self, Found, InspectError, InstanceFilter};
 use serde_json::json;
 
-use crate::api::{ApiError, ApiResult, Shared, Who, forbidden, params};
+use crate::reply::{ApiError, ApiResult, Shared, Who, forbidden, params};
 
 /// Most `$saga-` streams one request looks at.
 const LOOK_AT_MAX: usize = 10_000;
