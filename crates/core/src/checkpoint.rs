@@ -77,8 +77,19 @@ impl<T: Serialize + DeserializeOwned> CheckpointStream<T> {
         store: &dyn EventStore,
         value: &T,
     ) -> Result<AppendResult, StoreError> {
+        self.save_expecting(store, value, ExpectedVersion::Any).await
+    }
+
+    /// Appends `value` if the stream is at `expected` (a read-modify-write
+    /// of the checkpoint that must not lose a concurrent save).
+    pub async fn save_expecting(
+        &self,
+        store: &dyn EventStore,
+        value: &T,
+        expected: ExpectedVersion,
+    ) -> Result<AppendResult, StoreError> {
         let event = NewEvent::json(&self.event_type, value).expect("a checkpoint serialises");
-        let written = store.append(&self.stream, ExpectedVersion::Any, vec![event]).await?;
+        let written = store.append(&self.stream, expected, vec![event]).await?;
         if written.next_version % RENEW_EVERY == 1 {
             let bound = StreamMetadata { max_count: Some(CHECKPOINTS_KEPT), ..Default::default() };
             store.set_stream_metadata(&self.stream, bound).await?;

@@ -19,8 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_core::{
-    EventStore, ExpectedVersion, GROUP_STREAM_PREFIX, NewEvent, PARKED_STREAM_PREFIX, Position,
-    ReadStreamOptions, RecordedEvent, StartFrom, StoreError, Timestamp,
+    CheckpointStream, EventStore, ExpectedVersion, GROUP_STREAM_PREFIX, NewEvent,
+    PARKED_STREAM_PREFIX, Position, ReadStreamOptions, RecordedEvent, StartFrom, StoreError,
+    Timestamp,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
@@ -104,6 +105,11 @@ impl GroupConfig {
 }
 
 /// Stream of a group's stored progress.
+/// A group's saved progress (bounded: see [`CheckpointStream`]).
+fn checkpoints(group: &str) -> CheckpointStream<Saved> {
+    CheckpointStream::new(group_stream_name(group), CHECKPOINT_TYPE)
+}
+
 pub fn group_stream_name(group: &str) -> String {
     format!("{GROUP_STREAM_PREFIX}{group}")
 }
@@ -465,22 +471,15 @@ impl Group {
 
 /// The newest saved state of a group and the version of its stream (0: none).
 async fn load_saved(store: &dyn EventStore, group: &str) -> Result<(Saved, u64), GroupError> {
-    let stream = group_stream_name(group);
-    let last = store
-        .read_stream_or_empty(&stream, ReadStreamOptions::backward().limit(1))
-        .await?
-        .into_iter()
-        .next();
-    match last {
-        Some(e) => {
-            let saved = e.json().map_err(|err| GroupError::Corrupt {
-                group: group.to_string(),
-                stream,
-                reason: format!("{err}"),
-            })?;
-            Ok((saved, e.version))
-        }
-        None => Ok((Saved::default(), 0)),
+    match checkpoints(group).load(store).await {
+        Ok(Some((saved, e))) => Ok((saved, e.version)),
+        Ok(None) => Ok((Saved::default(), 0)),
+        Err(StoreError::Corrupt { reason, .. }) => Err(GroupError::Corrupt {
+            group: group.to_string(),
+            stream: group_stream_name(group),
+            reason,
+        }),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -558,8 +557,7 @@ pub async fn request_replay(store: &dyn EventStore, group: &str) -> Result<usize
     saved.replay_through = saved.replay_through.max(last);
     let expected =
         if version == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(version) };
-    let event = NewEvent::json(CHECKPOINT_TYPE, &saved).expect("group state serialises");
-    store.append(&group_stream_name(group), expected, vec![event]).await?;
+    checkpoints(group).save_expecting(store, &saved, expected).await?;
     Ok(state.parked.len())
 }
 
@@ -680,7 +678,7 @@ async fn feed(shared: Arc<Shared>, mut subscription: cairn_core::Subscription) {
 
 /// Writes the group's state whenever it changed; after a stop, once more and ends.
 async fn write(shared: Arc<Shared>, flushed: watch::Sender<u64>) {
-    let stream = group_stream_name(&shared.config.name);
+    let checkpoints = checkpoints(&shared.config.name);
     loop {
         let dirty = shared.dirty.notified();
         tokio::pin!(dirty);
@@ -694,14 +692,13 @@ async fn write(shared: Arc<Shared>, flushed: watch::Sender<u64>) {
             )
         };
         if change > *flushed.borrow() {
-            let event = NewEvent::json(CHECKPOINT_TYPE, &saved).expect("group state serialises");
-            match shared.store.append(&stream, ExpectedVersion::Any, vec![event]).await {
+            match checkpoints.save(shared.store.as_ref(), &saved).await {
                 Ok(_) => {
                     flushed.send_replace(change);
                     shared.set_error(None);
                 }
                 Err(e) => {
-                    shared.set_error(Some(format!("writing {stream}: {e}")));
+                    shared.set_error(Some(format!("writing {}: {e}", checkpoints.stream())));
                     if stopped {
                         return;
                     }
