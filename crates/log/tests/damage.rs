@@ -108,6 +108,10 @@ fn apply(dir: &Path, d: &Damage) {
     match d {
         Damage::Flip { file, at, bit } => {
             let p = pick(*file);
+            // An earlier truncation may have emptied it: nothing left to hit.
+            if std::fs::metadata(&p).unwrap().len() == 0 {
+                return;
+            }
             let at = at % used(&p);
             let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
             let mut b = [0u8];
@@ -117,6 +121,9 @@ fn apply(dir: &Path, d: &Damage) {
         Damage::Zero { file, at, len } => {
             let p = pick(*file);
             let size = std::fs::metadata(&p).unwrap().len();
+            if size == 0 {
+                return;
+            }
             let at = at % used(&p);
             let len = (*len).min(size - at);
             std::fs::OpenOptions::new()
