@@ -17,6 +17,13 @@ use crate::reply::{ApiError, ApiResult, Shared, Who, forbidden, params};
 /// Most `$saga-` streams one request looks at.
 const LOOK_AT_MAX: usize = 10_000;
 
+/// `{key: rows, looked_at, truncated}`: truncated when the streams looked
+/// at reached the limit, so there may be more.
+fn page(key: &str, rows: Vec<serde_json::Value>, looked_at: usize, limit: usize) -> Response {
+    let truncated = limit > 0 && looked_at >= limit;
+    Json(json!({ key: rows, "looked_at": looked_at, "truncated": truncated })).into_response()
+}
+
 fn inspect_error(e: InspectError) -> ApiError {
     match e {
         InspectError::Store(e) => ApiError::Store(e),
@@ -48,10 +55,8 @@ pub(crate) async fn list(
     let status = p.str("status").map(saga_status).transpose()?;
     let limit = p.limit(1000).map_err(ApiError::Request)?.min(LOOK_AT_MAX);
     let found = inspect::sagas(app.store.as_ref(), saga, status, limit).await?;
-    let sagas: Vec<_> = found.sagas.iter().map(inspect::saga_json).collect();
-    let truncated = limit > 0 && found.looked_at >= limit;
-    Ok(Json(json!({ "sagas": sagas, "looked_at": found.looked_at, "truncated": truncated }))
-        .into_response())
+    let sagas = found.sagas.iter().map(inspect::saga_json).collect();
+    Ok(page("sagas", sagas, found.looked_at, limit))
 }
 
 /// `GET /processes?process=NAME&status=running|parked|ended&limit=N`: the
@@ -77,10 +82,8 @@ pub(crate) async fn processes(
     };
     let limit = p.limit(1000).map_err(ApiError::Request)?.min(LOOK_AT_MAX);
     let found = inspect::instances(app.store.as_ref(), process, only, limit).await?;
-    let rows: Vec<_> = found.rows.iter().map(|r| r.to_json()).collect();
-    let truncated = limit > 0 && found.looked_at >= limit;
-    Ok(Json(json!({ "processes": rows, "looked_at": found.looked_at, "truncated": truncated }))
-        .into_response())
+    let rows = found.rows.iter().map(|r| r.to_json()).collect();
+    Ok(page("processes", rows, found.looked_at, limit))
 }
 
 /// `GET /sagas/{name}/{id}`: one saga (steps, timeline) or one process
